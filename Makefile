@@ -1,0 +1,36 @@
+# Lazarus: `make demo` and `make test` do all set-up on a fresh Debian 12 machine (as root).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEB_PACKAGES := gcc libc6-dev make python3-venv
+
+.PHONY: demo test install deb-deps lint bench clean
+
+$(STAMP): pyproject.toml
+	@command -v gcc >/dev/null && $(PYTHON) -m venv --help >/dev/null 2>&1 || $(MAKE) deb-deps
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+deb-deps:
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_PACKAGES)
+
+demo: install
+	$(PY) demo/demo.py
+
+test: install
+	$(VENV)/bin/ruff check lazarus tests benchmarks demo
+	$(VENV)/bin/pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check lazarus tests benchmarks demo
+
+bench: install
+	$(PY) benchmarks/dump_restore.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

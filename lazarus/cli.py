@@ -1,0 +1,223 @@
+"""Command line front end; the only module that reads options."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from lazarus import __version__
+from lazarus.errors import LazarusError
+
+log = logging.getLogger("lazarus")
+
+
+class _PidFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.pid_ = os.getpid()
+        return True
+
+
+def _setup_logging(verbose: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_PidFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(pid_)d] %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lazarus", description="Checkpoint/restore of Linux processes, "
+                                "with lazy restore through userfaultfd.")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log what happens")
+    p.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    p.add_argument("--version", action="version", version=f"lazarus {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("check", help="probe the kernel for every feature lazarus uses")
+
+    d = sub.add_parser("dump", help="checkpoint a running process into an image directory")
+    d.add_argument("-t", "--tree", dest="pid", type=int, required=True, metavar="PID", help="process to dump")
+    d.add_argument("-D", "--images-dir", dest="dir", type=Path, required=True, metavar="DIR",
+                   help="image directory to create (must not exist)")
+    d.add_argument("--leave-running", action="store_true", help="resume the process after the dump")
+
+    r = sub.add_parser("restore", help="restore a process from an image directory")
+    r.add_argument("-D", "--images-dir", dest="dir", type=Path, required=True, metavar="DIR")
+    r.add_argument("-d", "--detach", action="store_true", help="return once the process runs")
+    r.add_argument("--pidfile", type=Path, metavar="FILE", help="write the restored pid here")
+    r.add_argument("--lazy", action="store_true", help="serve anonymous memory on demand (userfaultfd)")
+    r.add_argument("--no-background", action="store_true", help="with --lazy: serve faults only")
+    r.add_argument("--stats", type=Path, metavar="FILE", help="with --lazy: write transfer statistics (JSON)")
+
+    s = sub.add_parser("show", help="summarize an image directory")
+    s.add_argument("dir", type=Path, metavar="DIR")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("lazarus: interrupted", file=sys.stderr)
+        return 130
+    except LazarusError as e:
+        if args.debug:
+            raise
+        print(f"lazarus: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if args.debug:
+            raise
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"lazarus: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "check":
+        return cmd_check()
+    if args.command == "dump":
+        return cmd_dump(args)
+    if args.command == "restore":
+        return cmd_restore(args)
+    if args.command == "show":
+        return cmd_show(args)
+    raise AssertionError(args.command)
+
+
+def _console() -> Any:
+    from rich.console import Console
+    return Console(highlight=False, soft_wrap=True)
+
+
+def cmd_check() -> int:
+    from rich.table import Table
+
+    from lazarus.kernel import features
+    feats = features.report()
+    table = Table(title="lazarus check")
+    table.add_column("feature")
+    table.add_column("available")
+    table.add_column("needed for")
+    table.add_column("detail")
+    for f in feats:
+        table.add_row(f.name, "yes" if f.available else "NO", f.required_for, f.detail)
+    con = _console()
+    con.print(table)
+    code = features.check_exit_code(feats)
+    if code:
+        missing = [f.name for f in feats if not f.available and f.required_for in ("dump", "restore")]
+        con.print(f"dump/restore cannot work here: missing {', '.join(missing)}")
+    else:
+        con.print("dump and restore can work on this machine")
+    return code
+
+
+def cmd_dump(args: argparse.Namespace) -> int:
+    from lazarus.dump import dump
+    res = dump(args.pid, args.dir, leave_running=args.leave_running)
+    fate = "left running" if res.left_running else "killed"
+    print(f"dumped pid {res.pid} to {res.directory}: {res.pages} pages "
+          f"({res.pages * 4096 / 2**20:.1f} MiB) in {res.seconds * 1000:.0f} ms; original {fate}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from lazarus.kernel.ptrace import wait
+    from lazarus.restore import restore
+    if args.lazy:
+        from lazarus.errors import FeatureMissing
+        raise FeatureMissing("lazy restore is not available in this build yet")
+    res = restore(args.dir, lazy=args.lazy)
+    if args.pidfile:
+        args.pidfile.write_text(f"{res.pid}\n")
+    print(f"restored pid {res.pid} in {res.seconds * 1000:.0f} ms ({res.pages_written} pages written)",
+          file=sys.stderr if not args.detach else sys.stdout)
+    sys.stdout.flush()
+    if args.detach:
+        return 0
+    st = wait(res.pid, timeout=float("inf"))
+    while st.stopped:
+        st = wait(res.pid, timeout=float("inf"))
+    return st.exit_code if st.exited else 128 + st.term_sig
+
+
+def _summary(img: Any) -> dict[str, Any]:
+    inv = img.inventory
+    out: dict[str, Any] = {"directory": str(img.path), "format": inv.get("format"), "version": inv.get("version"),
+                           "kernel_release": inv.get("kernel_release"), "cpu": inv.get("cpu"),
+                           "created": inv.get("created"), "tasks": []}
+    from lazarus.kernel import abi
+    from lazarus.restore.memory import is_lazy
+    for pid in img.tasks:
+        t = img.task(pid)
+        regs = abi.user_regs_struct.from_buffer_copy(bytes.fromhex(t["core"]["regs"]))
+        vmas = []
+        for v in t["mm"]["vmas"]:
+            prot = "".join(c if v["prot"] & b else "-" for c, b in (("r", 1), ("w", 2), ("x", 4)))
+            vmas.append({"start": f"{v['start']:#x}", "end": f"{v['end']:#x}",
+                         "prot": prot + ("s" if v["shared"] else "p"), "kind": v["kind"], "path": v["path"],
+                         "pages": sum(n for _, n, _ in v["pages"]), "lazy": is_lazy(v),
+                         "vmflags": " ".join(v["vmflags"])})
+        fds = [{"fd": f["fd"], "type": f["type"], "target": f.get("path") or f"pipe:[{f.get('pipe')}]",
+                "flags": f"{f['flags']:o}", "pos": f["pos"], "cloexec": f["cloexec"]} for f in t["files"]]
+        files = {n: m["size"] for n, m in inv["files"].items()}
+        out["tasks"].append({
+            "pid": pid, "comm": t["comm"], "exe": t["mm"]["exe"],
+            "registers": {"rip": f"{regs.rip:#x}", "rsp": f"{regs.rsp:#x}", "rax": f"{regs.rax:#x}",
+                          "orig_rax": f"{regs.orig_rax:#x}", "fs_base": f"{regs.fs_base:#x}",
+                          "xstate_bytes": len(t["core"]["xstate"]) // 2},
+            "vmas": vmas, "fds": fds,
+            "pages": sum(v["pages"] for v in vmas), "lazy_pages": sum(v["pages"] for v in vmas if v["lazy"]),
+            "signals": {"blocked": f"{t['signals']['blocked']:#x}",
+                        "pending": len(t["signals"]["pending_thread"]) + len(t["signals"]["pending_shared"]),
+                        "handlers": sum(1 for a in t["signals"]["actions"] if a[0] > 1)},
+        })
+        out["files"] = files
+        out["total_bytes"] = sum(files.values())
+    return out
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from lazarus.images import Image
+    img = Image.open(args.dir)
+    summary = _summary(img)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    from rich.table import Table
+    con = _console()
+    con.print(f"image {summary['directory']}: {summary['format']} v{summary['version']}, kernel "
+              f"{summary['kernel_release']}, {summary['total_bytes'] / 2**20:.1f} MiB in {len(summary['files'])} files")
+    for t in summary["tasks"]:
+        r = t["registers"]
+        con.print(f"pid {t['pid']} ({t['comm']}) {t['exe']}")
+        con.print(f"  registers: rip {r['rip']} rsp {r['rsp']} rax {r['rax']} orig_rax {r['orig_rax']} "
+                  f"fs_base {r['fs_base']}, xstate {r['xstate_bytes']} bytes")
+        s = t["signals"]
+        con.print(f"  signals: {s['handlers']} handlers, blocked {s['blocked']}, {s['pending']} pending")
+        con.print(f"  memory: {t['pages']} pages saved, {t['lazy_pages']} of them served lazily by --lazy")
+        vt = Table(show_edge=False)
+        for col in ("start", "end", "prot", "kind", "pages", "lazy", "path"):
+            vt.add_column(col)
+        for v in t["vmas"]:
+            vt.add_row(v["start"], v["end"], v["prot"], v["kind"], str(v["pages"]), "lazy" if v["lazy"] else "",
+                       v["path"])
+        con.print(vt)
+        ft = Table(show_edge=False)
+        for col in ("fd", "type", "target", "flags", "pos", "cloexec"):
+            ft.add_column(col)
+        for f in t["fds"]:
+            ft.add_row(str(f["fd"]), f["type"], f["target"], f["flags"], str(f["pos"]), "yes" if f["cloexec"] else "")
+        con.print(ft)
+    return 0

@@ -1,0 +1,144 @@
+"""The address space: mappings, the pages that hold data, and shared-memory objects.
+
+    vma kinds          what the image keeps                         restored by
+    ---------          -------------------                          -----------
+    anon   private     present pages (pages-PID.img)                mmap anon + copy (eager) / uffd (lazy)
+    file   private     file identity + pages the process modified   mmap file + write modified pages
+    file   shared      file identity only (the file holds the data) mmap file
+    shmem/memfd        one blob per object (its whole content)      new object, mapped at each vma
+    vdso/vvar          position only                                the restorer's vdso moved there
+"""
+
+from __future__ import annotations
+
+import os
+import stat as statmod
+from typing import Any
+
+from lazarus.errors import Unsupported
+from lazarus.kernel import abi
+from lazarus.kernel.pagemap import present_pages
+from lazarus.kernel.procfs import Vma
+
+SPECIAL = {"[vdso]": "vdso", "[vvar]": "vvar", "[vvar_vclock]": "vvar_vclock"}
+_READ_CHUNK = 32 << 20
+
+
+def vma_kind(vma: Vma) -> str:
+    """Classify a mapping, or raise Unsupported naming it."""
+    path = vma.path
+    where = f"mapping {vma.start:#x}-{vma.end:#x} {path or '[anon]'}"
+    if path in SPECIAL:
+        return SPECIAL[path]
+    if path == "[vsyscall]":
+        return "vsyscall"
+    if path.startswith("/memfd:"):
+        return "memfd"
+    if vma.shared and (path == "/dev/zero" or path == "") and (vma.deleted or path == ""):
+        return "shmem"
+    if path.startswith("/SYSV"):
+        raise Unsupported(f"{where}: System V shared memory is not supported")
+    if path == "" or path.startswith("[heap]") or path.startswith("[stack]") or path.startswith("[anon"):
+        if vma.shared:
+            return "shmem"
+        return "anon"
+    if vma.deleted:
+        raise Unsupported(f"{where}: mapping of a deleted file is not supported")
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise Unsupported(f"{where}: cannot stat the mapped file: {e.strerror}") from e
+    if not statmod.S_ISREG(st.st_mode):
+        if path == "/dev/zero" and not vma.shared:
+            return "anon"
+        raise Unsupported(f"{where}: mapping of a non-regular file is not supported")
+    return "file"
+
+
+def file_identity(pid: int, vma: Vma) -> dict[str, Any]:
+    """Identity of the file behind a mapping, to refuse a restore if it changed."""
+    st = os.stat(f"/proc/{pid}/map_files/{vma.start:x}-{vma.end:x}")
+    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+class MemoryDumper:
+    """Reads every mapping of a stopped task into the image."""
+
+    def __init__(self, pid: int, pages_writer: Any, write_blob: Any) -> None:
+        self.pid = pid
+        self.pages = pages_writer
+        self.write_blob = write_blob
+        self.mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+        self.buf = bytearray(_READ_CHUNK)
+        self.total_pages = 0
+
+    def close(self) -> None:
+        os.close(self.mem)
+
+    def dump(self, vmas: list[Vma]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        out: list[dict[str, Any]] = []
+        objects: dict[tuple[int, int, str], dict[str, Any]] = {}
+        for vma in vmas:
+            kind = vma_kind(vma)
+            if kind == "vsyscall":
+                continue
+            rec: dict[str, Any] = {
+                "start": vma.start, "end": vma.end, "prot": vma.prot, "shared": vma.shared,
+                "offset": vma.offset, "path": vma.path, "kind": kind, "vmflags": sorted(vma.vmflags),
+                "pages": [],
+            }
+            if kind in ("anon", "file"):
+                if kind == "file":
+                    rec["file"] = file_identity(self.pid, vma)
+                if not vma.shared:
+                    runs = present_pages(self.pid, vma.start, vma.end, anon_only=(kind == "file"))
+                    rec["pages"] = self._read_runs(runs)
+            elif kind in ("shmem", "memfd"):
+                key = (vma.dev[0] if isinstance(vma.dev, tuple) else 0, vma.inode, kind)
+                obj = objects.get(key)
+                if obj is None:
+                    obj = self._dump_object(vma, kind, len(objects))
+                    objects[key] = obj
+                rec["object"] = obj["id"]
+            out.append(rec)
+        return out, list(objects.values())
+
+    def _dump_object(self, vma: Vma, kind: str, index: int) -> dict[str, Any]:
+        """Save the whole content of a shared-memory object (shared anonymous or memfd)."""
+        path = f"/proc/{self.pid}/map_files/{vma.start:x}-{vma.end:x}"
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            data = bytearray()
+            while len(data) < size:
+                chunk = os.read(fd, min(size - len(data), _READ_CHUNK))
+                if not chunk:
+                    break
+                data += chunk
+        finally:
+            os.close(fd)
+        name = vma.path[len("/memfd:"):] if kind == "memfd" else ""
+        blob = self.write_blob(f"shm-{index}", bytes(data))
+        return {"id": index, "kind": kind, "name": name, "size": size, "blob": blob, "inode": vma.inode}
+
+    def _read_runs(self, runs: list[tuple[int, int]]) -> list[list[int]]:
+        """Copy the pages of `runs` ([start, end) byte ranges) into the page file; returns [vaddr, n, index]."""
+        out: list[list[int]] = []
+        buf = self.buf
+        view = memoryview(buf)
+        for start, end in runs:
+            first_index = None
+            addr = start
+            while addr < end:
+                n = min(end - addr, len(buf))
+                got = os.preadv(self.mem, [view[:n]], addr)
+                if got != n:
+                    raise OSError(5, f"short read of memory at {addr + got:#x}")
+                idx = self.pages.append(view[:n])
+                if first_index is None:
+                    first_index = idx
+                addr += n
+            npages = (end - start) // abi.PAGE_SIZE
+            out.append([start, npages, first_index])
+            self.total_pages += npages
+        return out

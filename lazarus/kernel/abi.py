@@ -1,0 +1,476 @@
+"""Kernel ABI for x86_64: syscall numbers, constants and structs, with the header each comes from.
+
+Only the kernel layer imports ctypes; everything above it uses the names defined here.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+
+# ---------------------------------------------------------------------------------------------
+# ioctl number helpers (include/uapi/asm-generic/ioctl.h)
+_IOC_NRBITS, _IOC_TYPEBITS, _IOC_SIZEBITS = 8, 8, 14
+_IOC_NRSHIFT = 0
+_IOC_TYPESHIFT = _IOC_NRSHIFT + _IOC_NRBITS
+_IOC_SIZESHIFT = _IOC_TYPESHIFT + _IOC_TYPEBITS
+_IOC_DIRSHIFT = _IOC_SIZESHIFT + _IOC_SIZEBITS
+_IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
+
+
+def _IOC(direction: int, typ: int, nr: int, size: int) -> int:  # noqa: N802 - kernel name
+    return (direction << _IOC_DIRSHIFT) | (typ << _IOC_TYPESHIFT) | (nr << _IOC_NRSHIFT) | (size << _IOC_SIZESHIFT)
+
+
+def _IOR(typ: int, nr: int, struct: type) -> int:  # noqa: N802
+    return _IOC(_IOC_READ, typ, nr, C.sizeof(struct))
+
+
+def _IOW(typ: int, nr: int, struct: type) -> int:  # noqa: N802
+    return _IOC(_IOC_WRITE, typ, nr, C.sizeof(struct))
+
+
+def _IOWR(typ: int, nr: int, struct: type) -> int:  # noqa: N802
+    return _IOC(_IOC_READ | _IOC_WRITE, typ, nr, C.sizeof(struct))
+
+
+PAGE_SIZE = 4096
+
+
+def sizeof(struct: type) -> int:
+    """ctypes.sizeof for layers that must not import ctypes."""
+    return C.sizeof(struct)
+
+# ---------------------------------------------------------------------------------------------
+# syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl)
+class SYS:
+    read = 0
+    write = 1
+    open = 2
+    close = 3
+    poll = 7
+    lseek = 8
+    mmap = 9
+    mprotect = 10
+    munmap = 11
+    brk = 12
+    rt_sigaction = 13
+    rt_sigprocmask = 14
+    ioctl = 16
+    pread64 = 17
+    pwrite64 = 18
+    mremap = 25
+    madvise = 28
+    dup = 32
+    dup2 = 33
+    pause = 34
+    nanosleep = 35
+    getitimer = 36
+    setitimer = 38
+    getpid = 39
+    exit = 60
+    wait4 = 61
+    kill = 62
+    fcntl = 72
+    ftruncate = 77
+    getcwd = 79
+    chdir = 80
+    fchdir = 81
+    umask = 95
+    setgroups = 116
+    setresuid = 117
+    setresgid = 119
+    rt_sigqueueinfo = 129
+    sigaltstack = 131
+    personality = 135
+    prctl = 157
+    arch_prctl = 158
+    gettid = 186
+    tkill = 200
+    set_tid_address = 218
+    clock_nanosleep = 230
+    exit_group = 231
+    openat = 257
+    ppoll = 271
+    set_robust_list = 273
+    get_robust_list = 274
+    tee = 276
+    dup3 = 292
+    pipe2 = 293
+    rt_tgsigqueueinfo = 297
+    prlimit64 = 302
+    process_vm_readv = 310
+    process_vm_writev = 311
+    memfd_create = 319
+    userfaultfd = 323
+    rseq = 334
+    pidfd_open = 434
+    clone3 = 435
+    close_range = 436
+    pidfd_getfd = 438
+
+
+# Syscall restart return values (include/linux/errno.h, kernel-internal)
+ERESTARTSYS = 512
+ERESTARTNOINTR = 513
+ERESTARTNOHAND = 514
+ERESTART_RESTARTBLOCK = 516
+RESTART_ERRNOS = (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK)
+
+# ---------------------------------------------------------------------------------------------
+# mmap (include/uapi/asm-generic/mman-common.h, mman.h)
+PROT_NONE, PROT_READ, PROT_WRITE, PROT_EXEC = 0, 1, 2, 4
+MAP_SHARED, MAP_PRIVATE = 0x01, 0x02
+MAP_FIXED = 0x10
+MAP_ANONYMOUS = 0x20
+MAP_GROWSDOWN = 0x0100
+MAP_NORESERVE = 0x4000
+MAP_FIXED_NOREPLACE = 0x100000
+MREMAP_MAYMOVE, MREMAP_FIXED, MREMAP_DONTUNMAP = 1, 2, 4
+MADV_DONTNEED = 4
+MADV_REMOVE = 9
+MADV_DONTFORK = 10
+MADV_DOFORK = 11
+MADV_MERGEABLE = 12
+MADV_HUGEPAGE = 14
+MADV_NOHUGEPAGE = 15
+MADV_DONTDUMP = 16
+MADV_WIPEONFORK = 18
+
+# fcntl / open (include/uapi/asm-generic/fcntl.h)
+O_RDONLY, O_WRONLY, O_RDWR = 0, 1, 2
+O_ACCMODE = 3
+O_CREAT = 0o100
+O_NONBLOCK = 0o4000
+O_APPEND = 0o2000
+O_LARGEFILE = 0o100000
+O_CLOEXEC = 0o2000000
+O_PATH = 0o10000000
+F_DUPFD, F_GETFD, F_SETFD, F_GETFL, F_SETFL = 0, 1, 2, 3, 4
+F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
+FD_CLOEXEC = 1
+AT_FDCWD = -100
+
+# prctl (include/uapi/linux/prctl.h)
+PR_SET_PDEATHSIG = 1
+PR_GET_DUMPABLE = 3
+PR_SET_NAME = 15
+PR_GET_NAME = 16
+PR_GET_SECCOMP = 21
+PR_SET_MM = 35
+PR_SET_MM_MAP = 14
+PR_SET_MM_MAP_SIZE = 15
+PR_GET_TID_ADDRESS = 40
+PR_GET_NO_NEW_PRIVS = 39
+PR_SET_NO_NEW_PRIVS = 38
+
+# arch_prctl (arch/x86/include/uapi/asm/prctl.h)
+ARCH_MAP_VDSO_64 = 0x2003
+
+# rseq (include/uapi/linux/rseq.h)
+RSEQ_FLAG_UNREGISTER = 1
+
+# ---------------------------------------------------------------------------------------------
+# ptrace (include/uapi/linux/ptrace.h)
+PTRACE_TRACEME = 0
+PTRACE_PEEKDATA = 2
+PTRACE_POKEDATA = 5
+PTRACE_CONT = 7
+PTRACE_KILL = 8
+PTRACE_GETREGS = 12
+PTRACE_SETREGS = 13
+PTRACE_ATTACH = 16
+PTRACE_DETACH = 17
+PTRACE_SYSCALL = 24
+PTRACE_SETOPTIONS = 0x4200
+PTRACE_GETEVENTMSG = 0x4201
+PTRACE_GETSIGINFO = 0x4202
+PTRACE_SETSIGINFO = 0x4203
+PTRACE_GETREGSET = 0x4204
+PTRACE_SETREGSET = 0x4205
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+PTRACE_LISTEN = 0x4208
+PTRACE_PEEKSIGINFO = 0x4209
+PTRACE_GETSIGMASK = 0x420A
+PTRACE_SETSIGMASK = 0x420B
+PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
+
+PTRACE_O_TRACESYSGOOD = 1
+PTRACE_O_TRACEFORK = 2
+PTRACE_O_TRACEEXIT = 0x40
+PTRACE_O_EXITKILL = 0x100000
+
+PTRACE_EVENT_EXIT = 6
+PTRACE_EVENT_STOP = 128
+PTRACE_PEEKSIGINFO_SHARED = 1
+
+# elf note types (include/uapi/linux/elf.h)
+NT_PRSTATUS = 1
+NT_PRFPREG = 2
+NT_X86_XSTATE = 0x202
+
+# ---------------------------------------------------------------------------------------------
+# signals (arch/x86/include/uapi/asm/signal.h)
+NSIG = 64
+SIGHUP, SIGINT, SIGQUIT, SIGILL, SIGTRAP, SIGABRT, SIGBUS, SIGFPE = 1, 2, 3, 4, 5, 6, 7, 8
+SIGKILL, SIGUSR1, SIGSEGV, SIGUSR2, SIGPIPE, SIGALRM, SIGTERM = 9, 10, 11, 12, 13, 14, 15
+SIGCHLD, SIGCONT, SIGSTOP = 17, 18, 19
+SA_RESTORER = 0x04000000
+SS_DISABLE = 2
+SIG_DFL, SIG_IGN = 0, 1
+ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF = 0, 1, 2
+
+# ---------------------------------------------------------------------------------------------
+# structs
+
+
+class user_regs_struct(C.Structure):  # arch/x86/include/asm/user_64.h
+    _fields_ = [(n, C.c_uint64) for n in (
+        "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx", "rdx",
+        "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base", "gs_base",
+        "ds", "es", "fs", "gs")]
+
+
+USER_REGS_SIZE = 216
+FPREGS_SIZE = 512
+
+
+class iovec(C.Structure):  # include/uapi/linux/uio.h
+    _fields_ = [("iov_base", C.c_void_p), ("iov_len", C.c_size_t)]
+
+
+class peeksiginfo_args(C.Structure):  # include/uapi/linux/ptrace.h
+    _fields_ = [("off", C.c_uint64), ("flags", C.c_uint32), ("nr", C.c_int32)]
+
+
+SIGINFO_SIZE = 128
+
+
+class ptrace_rseq_configuration(C.Structure):  # include/uapi/linux/ptrace.h
+    _fields_ = [("rseq_abi_pointer", C.c_uint64), ("rseq_abi_size", C.c_uint32),
+                ("signature", C.c_uint32), ("flags", C.c_uint32), ("pad", C.c_uint32)]
+
+
+class kernel_sigaction(C.Structure):  # arch/x86/include/asm/signal.h (struct sigaction, kernel view)
+    _fields_ = [("sa_handler", C.c_uint64), ("sa_flags", C.c_uint64), ("sa_restorer", C.c_uint64),
+                ("sa_mask", C.c_uint64)]
+
+
+class stack_t(C.Structure):  # include/uapi/asm-generic/signal.h
+    _fields_ = [("ss_sp", C.c_uint64), ("ss_flags", C.c_int32), ("_pad", C.c_int32),
+                ("ss_size", C.c_uint64)]
+
+
+class timeval(C.Structure):  # include/uapi/linux/time_types.h (__kernel_old_timeval)
+    _fields_ = [("tv_sec", C.c_int64), ("tv_usec", C.c_int64)]
+
+
+class itimerval(C.Structure):  # include/uapi/linux/time.h
+    _fields_ = [("it_interval", timeval), ("it_value", timeval)]
+
+
+class rlimit64(C.Structure):  # include/uapi/linux/resource.h
+    _fields_ = [("rlim_cur", C.c_uint64), ("rlim_max", C.c_uint64)]
+
+
+class prctl_mm_map(C.Structure):  # include/uapi/linux/prctl.h
+    _fields_ = [(n, C.c_uint64) for n in (
+        "start_code", "end_code", "start_data", "end_data", "start_brk", "brk", "start_stack",
+        "arg_start", "arg_end", "env_start", "env_end", "auxv")] + [
+        ("auxv_size", C.c_uint32), ("exe_fd", C.c_uint32)]
+
+
+class clone_args(C.Structure):  # include/uapi/linux/sched.h
+    _fields_ = [(n, C.c_uint64) for n in (
+        "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack", "stack_size", "tls",
+        "set_tid", "set_tid_size", "cgroup")]
+
+
+# ---------------------------------------------------------------------------------------------
+# PAGEMAP_SCAN (include/uapi/linux/fs.h)
+class page_region(C.Structure):
+    _fields_ = [("start", C.c_uint64), ("end", C.c_uint64), ("categories", C.c_uint64)]
+
+
+class pm_scan_arg(C.Structure):
+    _fields_ = [(n, C.c_uint64) for n in (
+        "size", "flags", "start", "end", "walk_end", "vec", "vec_len", "max_pages",
+        "category_inverted", "category_mask", "category_anyof_mask", "return_mask")]
+
+
+PAGE_IS_WPALLOWED = 1 << 0
+PAGE_IS_WRITTEN = 1 << 1
+PAGE_IS_FILE = 1 << 2
+PAGE_IS_PRESENT = 1 << 3
+PAGE_IS_SWAPPED = 1 << 4
+PAGE_IS_PFNZERO = 1 << 5
+PAGE_IS_HUGE = 1 << 6
+PAGE_IS_SOFT_DIRTY = 1 << 7
+PM_SCAN_WP_MATCHING = 1 << 0
+PM_SCAN_CHECK_WPASYNC = 1 << 1
+PAGEMAP_SCAN = _IOWR(ord("f"), 16, pm_scan_arg)
+
+# ---------------------------------------------------------------------------------------------
+# userfaultfd (include/uapi/linux/userfaultfd.h)
+UFFD_API = 0xAA
+UFFDIO = 0xAA
+UFFD_USER_MODE_ONLY = 1
+USERFAULTFD_IOC = 0xAA
+
+
+class uffdio_api(C.Structure):
+    _fields_ = [("api", C.c_uint64), ("features", C.c_uint64), ("ioctls", C.c_uint64)]
+
+
+class uffdio_range(C.Structure):
+    _fields_ = [("start", C.c_uint64), ("len", C.c_uint64)]
+
+
+class uffdio_register(C.Structure):
+    _fields_ = [("range", uffdio_range), ("mode", C.c_uint64), ("ioctls", C.c_uint64)]
+
+
+class uffdio_copy(C.Structure):
+    _fields_ = [("dst", C.c_uint64), ("src", C.c_uint64), ("len", C.c_uint64), ("mode", C.c_uint64),
+                ("copy", C.c_int64)]
+
+
+class uffdio_zeropage(C.Structure):
+    _fields_ = [("range", uffdio_range), ("mode", C.c_uint64), ("zeropage", C.c_int64)]
+
+
+class uffdio_writeprotect(C.Structure):
+    _fields_ = [("range", uffdio_range), ("mode", C.c_uint64)]
+
+
+class uffdio_continue(C.Structure):
+    _fields_ = [("range", uffdio_range), ("mode", C.c_uint64), ("mapped", C.c_int64)]
+
+
+class uffdio_poison(C.Structure):
+    _fields_ = [("range", uffdio_range), ("mode", C.c_uint64), ("updated", C.c_int64)]
+
+
+class uffdio_move(C.Structure):
+    _fields_ = [("dst", C.c_uint64), ("src", C.c_uint64), ("len", C.c_uint64), ("mode", C.c_uint64),
+                ("move", C.c_int64)]
+
+
+class _uffd_pagefault(C.Structure):
+    _fields_ = [("flags", C.c_uint64), ("address", C.c_uint64), ("ptid", C.c_uint32), ("_pad", C.c_uint32)]
+
+
+class _uffd_fork(C.Structure):
+    _fields_ = [("ufd", C.c_uint32)]
+
+
+class _uffd_remap(C.Structure):
+    _fields_ = [("from_", C.c_uint64), ("to", C.c_uint64), ("len", C.c_uint64)]
+
+
+class _uffd_remove(C.Structure):
+    _fields_ = [("start", C.c_uint64), ("end", C.c_uint64)]
+
+
+class _uffd_reserved(C.Structure):
+    _fields_ = [("reserved1", C.c_uint64), ("reserved2", C.c_uint64), ("reserved3", C.c_uint64)]
+
+
+class _uffd_arg(C.Union):
+    _fields_ = [("pagefault", _uffd_pagefault), ("fork", _uffd_fork), ("remap", _uffd_remap),
+                ("remove", _uffd_remove), ("reserved", _uffd_reserved)]
+
+
+class uffd_msg(C.Structure):
+    _fields_ = [("event", C.c_uint8), ("reserved1", C.c_uint8), ("reserved2", C.c_uint16),
+                ("reserved3", C.c_uint32), ("arg", _uffd_arg)]
+
+
+UFFD_EVENT_PAGEFAULT = 0x12
+UFFD_EVENT_FORK = 0x13
+UFFD_EVENT_REMAP = 0x14
+UFFD_EVENT_REMOVE = 0x15
+UFFD_EVENT_UNMAP = 0x16
+
+UFFD_PAGEFAULT_FLAG_WRITE = 1 << 0
+UFFD_PAGEFAULT_FLAG_WP = 1 << 1
+UFFD_PAGEFAULT_FLAG_MINOR = 1 << 2
+
+UFFD_FEATURES = {
+    "PAGEFAULT_FLAG_WP": 1 << 0,
+    "EVENT_FORK": 1 << 1,
+    "EVENT_REMAP": 1 << 2,
+    "EVENT_REMOVE": 1 << 3,
+    "MISSING_HUGETLBFS": 1 << 4,
+    "MISSING_SHMEM": 1 << 5,
+    "EVENT_UNMAP": 1 << 6,
+    "SIGBUS": 1 << 7,
+    "THREAD_ID": 1 << 8,
+    "MINOR_HUGETLBFS": 1 << 9,
+    "MINOR_SHMEM": 1 << 10,
+    "EXACT_ADDRESS": 1 << 11,
+    "WP_HUGETLBFS_SHMEM": 1 << 12,
+    "WP_UNPOPULATED": 1 << 13,
+    "POISON": 1 << 14,
+    "WP_ASYNC": 1 << 15,
+    "MOVE": 1 << 16,
+}
+UFFD_FEATURE_EVENT_FORK = UFFD_FEATURES["EVENT_FORK"]
+UFFD_FEATURE_EVENT_REMAP = UFFD_FEATURES["EVENT_REMAP"]
+UFFD_FEATURE_EVENT_REMOVE = UFFD_FEATURES["EVENT_REMOVE"]
+UFFD_FEATURE_EVENT_UNMAP = UFFD_FEATURES["EVENT_UNMAP"]
+UFFD_FEATURE_MISSING_SHMEM = UFFD_FEATURES["MISSING_SHMEM"]
+UFFD_FEATURE_WP_ASYNC = UFFD_FEATURES["WP_ASYNC"]
+
+UFFDIO_REGISTER_MODE_MISSING = 1
+UFFDIO_REGISTER_MODE_WP = 2
+UFFDIO_REGISTER_MODE_MINOR = 4
+UFFDIO_COPY_MODE_DONTWAKE = 1
+UFFDIO_COPY_MODE_WP = 2
+UFFDIO_ZEROPAGE_MODE_DONTWAKE = 1
+
+UFFDIO_API = _IOWR(UFFDIO, 0x3F, uffdio_api)
+UFFDIO_REGISTER = _IOWR(UFFDIO, 0x00, uffdio_register)
+UFFDIO_UNREGISTER = _IOR(UFFDIO, 0x01, uffdio_range)
+UFFDIO_WAKE = _IOR(UFFDIO, 0x02, uffdio_range)
+UFFDIO_COPY = _IOWR(UFFDIO, 0x03, uffdio_copy)
+UFFDIO_ZEROPAGE = _IOWR(UFFDIO, 0x04, uffdio_zeropage)
+UFFDIO_MOVE = _IOWR(UFFDIO, 0x05, uffdio_move)
+UFFDIO_WRITEPROTECT = _IOWR(UFFDIO, 0x06, uffdio_writeprotect)
+UFFDIO_CONTINUE = _IOWR(UFFDIO, 0x07, uffdio_continue)
+UFFDIO_POISON = _IOWR(UFFDIO, 0x08, uffdio_poison)
+USERFAULTFD_IOC_NEW = _IOC(_IOC_NONE, USERFAULTFD_IOC, 0x00, 0)
+
+# Sizes the kernel expects; checked by tests/unit/test_abi.py.
+STRUCT_SIZES: dict[type, int] = {
+    user_regs_struct: 216, iovec: 16, peeksiginfo_args: 16, ptrace_rseq_configuration: 24,
+    kernel_sigaction: 32, stack_t: 24, itimerval: 32, rlimit64: 16, prctl_mm_map: 104,
+    clone_args: 88, page_region: 24, pm_scan_arg: 96, uffdio_api: 24, uffdio_range: 16,
+    uffdio_register: 32, uffdio_copy: 40, uffdio_zeropage: 32, uffdio_writeprotect: 24,
+    uffdio_continue: 32, uffdio_poison: 32, uffdio_move: 40, uffd_msg: 32,
+}
+
+# ---------------------------------------------------------------------------------------------
+# [lazy helper: uffd/pidfd/vm] additions
+SYS.pidfd_send_signal = 424  # type: ignore[attr-defined]  # syscall_64.tbl
+PIDFD_NONBLOCK = O_NONBLOCK  # include/uapi/linux/pidfd.h
+IOV_MAX = 1024  # include/uapi/linux/uio.h (UIO_MAXIOV)
+UFFD_FEATURE_THREAD_ID = UFFD_FEATURES["THREAD_ID"]
+UFFD_FEATURE_INITIALIZED = 1 << 31  # fs/userfaultfd.c, kernel-internal: shown on the fdinfo API: line
+# [end lazy helper additions]
+
+# ---------------------------------------------------------------------------------------------
+# [procfs/pagemap/features helper] additions
+SYS.ptrace = 101  # type: ignore[attr-defined]  # syscall_64.tbl
+PF_KTHREAD = 0x00200000  # include/linux/sched.h: stat field 9 of kernel threads
+PM_SOFT_DIRTY_BIT = 55  # Documentation/admin-guide/mm/pagemap.rst: /proc/pid/pagemap entry bit
+CLEAR_REFS_SOFT_DIRTY = 4  # fs/proc/task_mmu.c: value written to /proc/pid/clear_refs
+CAP_SYS_PTRACE = 19  # include/uapi/linux/capability.h
+CAP_SYS_ADMIN = 21
+CAP_SYS_RESOURCE = 24
+CAP_CHECKPOINT_RESTORE = 40
+# arch/x86/include/asm/user.h: the XSTATE regset's sw_usable_bytes start with XCR0 as the OS enabled it
+# (the kernel's xstate_fx_sw_bytes[USER_XSTATE_XCR0_WORD]); the rest of those 48 bytes are zero.
+USER_XSTATE_XCR0_OFFSET = 464
+XSAVE_HEADER_OFFSET = 512  # u64 XSTATE_BV, then u64 XCOMP_BV (0 in the standard, uncompacted regset format)
+# [end procfs/pagemap/features helper additions]

@@ -1,0 +1,105 @@
+"""The one checked way to call into libc and raw syscalls; errno is translated here, nowhere else."""
+
+from __future__ import annotations
+
+import ctypes as C
+import errno
+import os
+
+from lazarus.errors import KernelError, NoSuchTask
+
+libc = C.CDLL(None, use_errno=True)
+_syscall = libc.syscall
+_syscall.restype = C.c_long
+_ioctl = libc.ioctl
+_ioctl.restype = C.c_int
+_ioctl.argtypes = [C.c_int, C.c_ulong, C.c_void_p]
+
+
+def _arg(a: object) -> object:
+    if isinstance(a, int):
+        return C.c_long(a) if a < (1 << 63) else C.c_ulong(a)
+    return a
+
+
+def raw_syscall(nr: int, *args: object) -> tuple[int, int]:
+    """Run syscall `nr`; returns (result, errno) without raising. For expected failures."""
+    C.set_errno(0)
+    ret = _syscall(C.c_long(nr), *(_arg(a) for a in args))
+    return ret, (C.get_errno() if ret == -1 else 0)
+
+
+def syscall(nr: int, *args: object, what: str = "", pid: int | None = None, path: str | None = None) -> int:
+    """Run syscall `nr`, raising KernelError (NoSuchTask for ESRCH with a pid) on failure."""
+    ret, err = raw_syscall(nr, *args)
+    if ret == -1:
+        raise error(what or f"syscall {nr}", err, pid=pid, path=path)
+    return ret
+
+
+def error(what: str, err: int, *, pid: int | None = None, path: str | None = None) -> KernelError:
+    if err == errno.ESRCH and pid is not None:
+        return NoSuchTask(f"no such process {pid}", pid=pid)  # type: ignore[return-value]
+    return KernelError(what, err, pid=pid, path=path)
+
+
+def ioctl(fd: int, request: int, arg: object, *, what: str = "") -> int:
+    """ioctl(fd, request, &arg); raises KernelError."""
+    C.set_errno(0)
+    ptr = C.byref(arg) if isinstance(arg, C.Structure | C.Union | C.Array) else arg
+    ret = _ioctl(fd, request, ptr)
+    if ret == -1:
+        raise KernelError(what or f"ioctl {request:#x}", C.get_errno())
+    return ret
+
+
+def ioctl_raw(fd: int, request: int, arg: object) -> tuple[int, int]:
+    """ioctl returning (result, errno) without raising; for expected outcomes such as EAGAIN."""
+    C.set_errno(0)
+    ptr = C.byref(arg) if isinstance(arg, C.Structure | C.Union | C.Array) else arg
+    ret = _ioctl(fd, request, ptr)
+    return ret, (C.get_errno() if ret == -1 else 0)
+
+
+def addressof(obj: object) -> int:
+    return C.addressof(obj)  # type: ignore[arg-type]
+
+
+def buffer_address(buf: object) -> int:
+    """Address of a writable buffer (bytearray, mmap) without copying it."""
+    return C.addressof(C.c_char.from_buffer(buf))  # type: ignore[arg-type]
+
+
+def os_error(e: OSError, what: str, *, pid: int | None = None, path: str | None = None) -> KernelError:
+    return error(what, e.errno or errno.EIO, pid=pid, path=path)
+
+
+__all__ = ["raw_syscall", "syscall", "ioctl", "ioctl_raw", "error", "os_error", "libc", "os"]
+
+
+def get_robust_list(pid: int) -> tuple[int, int]:
+    """The robust futex list head and length registered by task `pid`."""
+    from lazarus.kernel import abi
+    head, length = C.c_uint64(), C.c_size_t()
+    syscall(abi.SYS.get_robust_list, pid, C.byref(head), C.byref(length), what="get_robust_list", pid=pid)
+    return head.value, length.value
+
+
+def prlimit(pid: int, resource: int, new: tuple[int, int] | None = None) -> tuple[int, int]:
+    """prlimit64(pid, resource, new, &old) -> old (cur, max)."""
+    from lazarus.kernel import abi
+    old = abi.rlimit64()
+    newp = C.byref(abi.rlimit64(*new)) if new is not None else None
+    syscall(abi.SYS.prlimit64, pid, resource, newp, C.byref(old), what=f"prlimit64 resource {resource}", pid=pid)
+    return old.rlim_cur, old.rlim_max
+
+
+def tee(fd_in: int, fd_out: int, length: int, flags: int = 0) -> int:
+    """tee(2): duplicate up to `length` bytes of pipe fd_in into pipe fd_out without consuming them."""
+    from lazarus.kernel import abi
+    ret, err = raw_syscall(abi.SYS.tee, fd_in, fd_out, length, flags)
+    if ret == -1:
+        if err == errno.EAGAIN:
+            return 0
+        raise KernelError("tee", err)
+    return ret

@@ -1,0 +1,186 @@
+"""RemoteTask: run system calls inside a ptrace-stopped task, without a parasite.
+
+    tracer                                   stopped task
+    ------                                   ------------
+    set regs: rip = a `syscall` insn,  --->  executes `syscall`
+      rax = nr, args, orig_rax = -1          (syscall-enter stop)
+    PTRACE_SYSCALL x2                  <---  (syscall-exit stop) rax = result
+    read rax; next call ...
+
+The `syscall` instruction is found in the task's vdso (or in a page we placed there). The task never runs a
+user instruction beyond it, so its own code is never executed while we inject. All signals but SIGKILL and
+SIGSTOP are blocked for the duration (KERNEL-NOTES pitfall 6) and the mask is put back at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+
+from lazarus.errors import KernelError, LazarusError, NoSuchTask
+from lazarus.kernel import abi, ptrace
+
+log = logging.getLogger(__name__)
+
+_ALL_SIGNALS = (1 << 64) - 1 & ~((1 << (abi.SIGKILL - 1)) | (1 << (abi.SIGSTOP - 1)))
+_NEG1 = (1 << 64) - 1
+
+
+def find_syscall_insn(pid: int, start: int, end: int) -> int | None:
+    """Address of a `syscall` instruction (0f 05) in [start, end) of the task, or None."""
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        try:
+            data = os.pread(mem.fileno(), end - start, start)
+        except OSError:
+            return None
+    off = data.find(b"\x0f\x05")
+    return None if off < 0 else start + off
+
+
+class RemoteTask:
+    """A stopped, traced task into which system calls are injected.
+
+    Parameters: pid of a task in a ptrace stop we own; syscall_ip, the address of a `syscall` instruction
+    in its address space. Use as a context manager: on exit the registers and the signal mask are put back
+    as they were (unless `keep_state()` was called, as a restore does).
+    """
+
+    def __init__(self, pid: int, syscall_ip: int) -> None:
+        self.pid = pid
+        self.syscall_ip = syscall_ip
+        self.saved_regs = ptrace.get_regs(pid)
+        self.saved_mask = ptrace.get_sigmask(pid)
+        self._restore_on_exit = True
+        self.scratch = 0
+        self.scratch_size = 0
+        self._mem = os.open(f"/proc/{pid}/mem", os.O_RDWR)
+        ptrace.set_sigmask(pid, _ALL_SIGNALS)
+        self.calls = 0
+
+    # -- context management -------------------------------------------------------------------------
+    def __enter__(self) -> RemoteTask:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def keep_state(self) -> None:
+        """Do not put the original registers and mask back on close (the caller sets final ones)."""
+        self._restore_on_exit = False
+
+    def close(self) -> None:
+        try:
+            if self._restore_on_exit:
+                with contextlib.suppress(NoSuchTask):
+                    if self.scratch:
+                        self.syscall(abi.SYS.munmap, self.scratch, self.scratch_size)
+                        self.scratch = 0
+                    ptrace.set_regs(self.pid, self.saved_regs)
+                    ptrace.set_sigmask(self.pid, self.saved_mask)
+                    self.stop_in_signal_context()
+        finally:
+            if self._mem >= 0:
+                os.close(self._mem)
+                self._mem = -1
+
+    def stop_in_signal_context(self) -> None:
+        """Move the task from a syscall stop to a PTRACE_EVENT_STOP.
+
+        The kernel restarts an interrupted system call (rax = -ERESTART*, orig_rax = nr) only on the way out
+        of signal handling. From a syscall-exit stop it would hand -512 to the program; from an event stop
+        (taken inside get_signal) a later detach runs the kernel's own restart logic, as if never stopped.
+        """
+        ptrace.interrupt(self.pid)
+        ptrace.cont(self.pid)
+        while True:
+            st = ptrace.wait(self.pid)
+            if st.exited or st.signaled:
+                raise NoSuchTask(f"task {self.pid} {st}", pid=self.pid)
+            if st.stopped and st.event == abi.PTRACE_EVENT_STOP:
+                return
+            # Anything else (a signal stop): pass it on later by leaving it queued; keep waiting.
+            ptrace.cont(self.pid, 0 if st.syscall_stop else st.stop_sig)
+
+    # -- syscalls -----------------------------------------------------------------------------------
+    def raw(self, nr: int, *args: int) -> int:
+        """Run syscall `nr` in the task; returns the kernel's return value (negative errno on failure)."""
+        regs = abi.user_regs_struct.from_buffer_copy(self.saved_regs)
+        regs.rax = nr
+        regs.orig_rax = _NEG1
+        regs.rip = self.syscall_ip
+        vals = [a & _NEG1 for a in args] + [0] * (6 - len(args))
+        regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9 = vals
+        pid = self.pid
+        ptrace.set_regs(pid, regs)
+        for stage in ("enter", "exit"):
+            ptrace.syscall_step(pid)
+            st = ptrace.wait(pid)
+            if not st.syscall_stop:
+                if st.exited or st.signaled:
+                    raise NoSuchTask(f"task {pid} {st} during injected syscall {nr}", pid=pid)
+                raise LazarusError(f"task {pid} {st} instead of syscall-{stage} stop for syscall {nr}",
+                                   pid=pid)
+        self.calls += 1
+        out = ptrace.get_regs(pid)
+        ret = out.rax
+        return ret - (1 << 64) if ret >= (1 << 63) else ret
+
+    def syscall(self, nr: int, *args: int, what: str = "") -> int:
+        """Like raw(), raising KernelError on a negative return."""
+        ret = self.raw(nr, *args)
+        if -4096 < ret < 0:
+            name = what or next((k for k, v in vars(abi.SYS).items() if v == nr), str(nr))
+            raise KernelError(f"{name} in task {self.pid}", -ret, pid=self.pid)
+        return ret
+
+    # -- memory ---------------------------------------------------------------------------------------
+    def alloc_scratch(self, size: int = 4 * abi.PAGE_SIZE) -> int:
+        """Map a private scratch area in the task for passing structures and strings."""
+        if not self.scratch:
+            self.scratch = self.syscall(abi.SYS.mmap, 0, size, abi.PROT_READ | abi.PROT_WRITE,
+                                        abi.MAP_PRIVATE | abi.MAP_ANONYMOUS, _NEG1, 0)
+            self.scratch_size = size
+        return self.scratch
+
+    def use_scratch(self, addr: int, size: int) -> None:
+        """Use an existing writable area of the task as scratch (restore: the injection page)."""
+        self.scratch, self.scratch_size = addr, size
+
+    def write(self, addr: int, data: bytes) -> None:
+        try:
+            n = os.pwrite(self._mem, data, addr)
+        except OSError as e:
+            raise KernelError(f"write task {self.pid} memory at {addr:#x}", e.errno or errno.EIO,
+                              pid=self.pid) from e
+        if n != len(data):
+            raise KernelError(f"short write to task {self.pid} memory at {addr:#x}", errno.EIO, pid=self.pid)
+
+    def read(self, addr: int, size: int) -> bytes:
+        try:
+            data = os.pread(self._mem, size, addr)
+        except OSError as e:
+            raise KernelError(f"read task {self.pid} memory at {addr:#x}", e.errno or errno.EIO,
+                              pid=self.pid) from e
+        if len(data) != size:
+            raise KernelError(f"short read of task {self.pid} memory at {addr:#x}", errno.EIO, pid=self.pid)
+        return data
+
+    def put(self, data: bytes, offset: int = 0) -> int:
+        """Copy `data` into scratch at `offset`; returns its address in the task."""
+        if offset + len(data) > self.scratch_size:
+            raise LazarusError(f"scratch area too small for {len(data)} bytes")
+        addr = self.scratch + offset
+        self.write(addr, data)
+        return addr
+
+    def put_struct(self, obj: object, offset: int = 0) -> int:
+        return self.put(bytes(obj), offset)  # type: ignore[call-overload]
+
+    def get_struct(self, cls: type, addr: int):  # type: ignore[no-untyped-def]
+        return cls.from_buffer_copy(self.read(addr, abi.sizeof(cls)))
+
+    def cstring(self, s: str | bytes, offset: int = 0) -> int:
+        b = s.encode() if isinstance(s, str) else s
+        return self.put(b + b"\0", offset)

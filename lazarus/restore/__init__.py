@@ -1,0 +1,201 @@
+"""Restore: validate images -> create the task with its PID -> rebuild its address space by injected syscalls
+-> pages (eager copy | lazy uffd) -> fds, signals, misc, creds -> registers -> detach, run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lazarus.errors import KernelError, LazarusError, RestoreError
+from lazarus.images import Image
+from lazarus.kernel import abi, ptrace
+from lazarus.kernel.clone import Trampoline
+
+from lazarus.remote import RemoteTask
+from lazarus.restore import core as rcore
+from lazarus.restore.files import FdRestorer, check_files
+from lazarus.restore.memory import (
+    SpaceBuilder,
+    clear_address_space,
+    close_inherited_fds,
+    move_vdso,
+    trampoline_candidates,
+)
+
+log = logging.getLogger(__name__)
+TRAMPOLINE_SIZE = 4 * abi.PAGE_SIZE
+_NEG1 = (1 << 64) - 1
+
+
+@dataclass
+class Restored:
+    pid: int
+    seconds: float  # from the start of the restore until the task runs
+    pages_written: int
+    lazy: Any = None  # handed to the lazy-pages server: uffd and what it must serve
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def open_image(directory: Path, *, verify_pages: bool) -> Image:
+    from lazarus.kernel.features import cpu_xstate
+    img = Image.open(directory)
+    xcr0, xsize = cpu_xstate()
+    img.check_machine(os.uname().release, xcr0, xsize)
+    for pid in img.tasks:
+        if verify_pages:
+            img.verify_pages(pid)
+    return img
+
+
+def validate(img: Image, pid: int, task: dict[str, Any]) -> None:
+    """Everything checkable before creating anything."""
+    deadline = time.monotonic() + 2.0
+    while os.path.exists(f"/proc/{pid}"):
+        # A just-killed original may still be a zombie for a moment, until its parent reaps it.
+        if not _is_zombie(pid) or time.monotonic() > deadline:
+            raise RestoreError(f"pid {pid} is already in use", stage="validate", pid=pid)
+        time.sleep(0.01)
+    for v in task["mm"]["vmas"]:
+        if v["kind"] != "file":
+            continue
+        path, want = v["path"], v["file"]
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise RestoreError(f"mapped file {path} is gone: {e.strerror}", stage="validate", path=path) from e
+        if (st.st_ino, st.st_size, st.st_mtime_ns) != (want["ino"], want["size"], want["mtime_ns"]):
+            raise RestoreError(f"mapped file {path} changed since the dump (inode, size or mtime differ)",
+                               stage="validate", path=path)
+    exe = task["mm"]["exe"]
+    if not os.path.exists(exe):
+        raise RestoreError(f"executable {exe} is gone", stage="validate", path=exe)
+    check_files(task["files"])
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return False
+
+
+def restore_task(img: Image, pid: int, *, lazy: bool = False) -> Restored:
+    """Create task `pid` from the image and leave it running (detached). Kills it on any failure."""
+    t0 = time.monotonic()
+    task = img.task(pid)
+    validate(img, pid, task)
+    mm = task["mm"]
+    tramp = Trampoline.map_at(trampoline_candidates(mm["vmas"], TRAMPOLINE_SIZE), TRAMPOLINE_SIZE)
+    child = 0
+    fdr: FdRestorer | None = None
+    timings: dict[str, float] = {}
+    try:
+        try:
+            child = tramp.clone_with_pid(pid)
+        except KernelError as e:
+            if e.errno == errno.EEXIST:
+                raise RestoreError(f"pid {pid} is already in use", stage="create", pid=pid) from e
+            raise
+        finally:
+            tramp.unmap()
+        ptrace.seize(child, abi.PTRACE_O_TRACESYSGOOD | abi.PTRACE_O_EXITKILL)
+        ptrace.interrupt(child)
+        st = ptrace.wait(child)
+        if not (st.stopped and st.event == abi.PTRACE_EVENT_STOP):
+            raise RestoreError(f"new task {child} {st}", stage="create", pid=pid)
+        remote = RemoteTask(child, tramp.syscall_ip)
+        remote.keep_state()
+        remote.use_scratch(tramp.addr + abi.PAGE_SIZE, TRAMPOLINE_SIZE - abi.PAGE_SIZE)
+        timings["create"] = time.monotonic() - t0
+
+        rcore.reset_inherited(remote)
+        close_inherited_fds(remote)
+        specials = clear_address_space(remote, (tramp.addr, tramp.addr + TRAMPOLINE_SIZE))
+        gaps = trampoline_candidates(mm["vmas"] + [{"start": tramp.addr, "end": tramp.addr + TRAMPOLINE_SIZE}],
+                                     1 << 20)
+        move_vdso(remote, specials, mm["vmas"], gaps[0])
+        rcore.restore_rlimits(child, task["misc"]["rlimits"])
+        fds = task["files"]
+        high_base = max([f["fd"] for f in fds], default=2) + 1
+        space = SpaceBuilder(remote, img, child)
+        space.create_objects(mm["objects"], high_base)
+        space.map_vmas(mm["vmas"])
+        timings["map"] = time.monotonic() - t0
+        page_file = img.page_file(pid) if img.has_pages(pid) else None
+        written = 0
+        if page_file is not None:
+            written = space.write_pages(mm["vmas"], page_file, skip_lazy=lazy)
+        timings["pages"] = time.monotonic() - t0
+
+        set_mm(remote, space, mm)
+        space.close_cached()
+        fdr = FdRestorer(remote, img, child, space.state.object_fds, high_base)
+        fdr.restore(fds)
+        for ofd in space.state.object_fds.values():
+            remote.syscall(abi.SYS.close, ofd)
+        rcore.restore_signals(remote, task["signals"])
+        rcore.restore_misc(remote, task["misc"])
+        rcore.restore_creds(remote, task["misc"]["creds"])
+        # Last injected call: remove the trampoline. We stop at its syscall exit (pitfall 16).
+        remote.syscall(abi.SYS.munmap, tramp.addr, TRAMPOLINE_SIZE)
+        rcore.set_final_state(remote, task["core"], task["signals"]["blocked"])
+        remote.close()
+        ptrace.detach(child)
+        timings["running"] = time.monotonic() - t0
+        if page_file is not None:
+            page_file.close()
+        return Restored(child, time.monotonic() - t0, written, timings=timings)
+    except BaseException as e:
+        if child:
+            rcore.kill_quietly(child)
+            with contextlib.suppress(LazarusError, OSError):
+                for _ in range(100):
+                    s = ptrace.wait(child, timeout=5)
+                    if s.exited or s.signaled:
+                        break
+        if fdr is not None:
+            fdr.cleanup()
+        if isinstance(e, RestoreError):
+            raise
+        if isinstance(e, LazarusError):
+            raise RestoreError(str(e), stage="restore", pid=pid) from e
+        if isinstance(e, OSError):
+            raise RestoreError(f"{e.strerror or e}", stage="restore", pid=pid) from e
+        raise
+
+
+def set_mm(remote: RemoteTask, space: SpaceBuilder, mm: dict[str, Any]) -> None:
+    """PR_SET_MM_MAP: code/data/brk/stack/args/env boundaries, auxv and the executable link."""
+    auxv = bytes.fromhex(mm["auxv"])
+    exe_fd = remote.syscall(abi.SYS.openat, abi.AT_FDCWD & _NEG1, remote.cstring(mm["exe"]),
+                            abi.O_RDONLY | abi.O_CLOEXEC, 0, what=f"open {mm['exe']}")
+    auxv_addr = remote.put(auxv, 1024)
+    m = abi.prctl_mm_map(
+        mm["start_code"], mm["end_code"], mm["start_data"], mm["end_data"], mm["start_brk"], mm["brk"],
+        mm["start_stack"], mm["arg_start"], mm["arg_end"], mm["env_start"], mm["env_end"], auxv_addr,
+        len(auxv), exe_fd)
+    addr = remote.put_struct(m, 0)
+    try:
+        remote.syscall(abi.SYS.prctl, abi.PR_SET_MM, abi.PR_SET_MM_MAP, addr, abi.sizeof(abi.prctl_mm_map), 0,
+                       what="prctl(PR_SET_MM_MAP)")
+    finally:
+        remote.syscall(abi.SYS.close, exe_fd)
+
+
+def restore(directory: Path, *, lazy: bool = False) -> Restored:
+    img = open_image(directory, verify_pages=not lazy)
+    try:
+        if len(img.tasks) != 1:
+            raise RestoreError(f"image holds {len(img.tasks)} tasks; only single processes are supported")
+        return restore_task(img, img.tasks[0], lazy=lazy)
+    finally:
+        if not lazy:
+            img.close()
