@@ -96,7 +96,7 @@ def dump_files(pid: int, write_blob: Any, objects: list[dict[str, Any]]) -> list
             rec.update(type="memfd", object=obj["id"])
         elif statmod.S_ISCHR(st.st_mode):
             dev = (os.major(st.st_rdev), os.minor(st.st_rdev))
-            if dev in (STATELESS_DEVICES.keys()):
+            if dev in (STATELESS_DEVICES):
                 rec.update(type="dev", path=STATELESS_DEVICES[dev])
             elif os.major(st.st_rdev) in (4, 5, 136) or link.startswith("/dev/pts") or link.startswith("/dev/tty"):
                 raise Unsupported(f"{where}: terminals are not supported")

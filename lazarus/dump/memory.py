@@ -11,17 +11,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat as statmod
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from lazarus.errors import Unsupported
-from lazarus.kernel import abi
+from lazarus.kernel import abi, vm
 from lazarus.kernel.pagemap import present_pages
 from lazarus.kernel.procfs import Vma
 
 SPECIAL = {"[vdso]": "vdso", "[vvar]": "vvar", "[vvar_vclock]": "vvar_vclock"}
-_READ_CHUNK = 32 << 20
+_READ_CHUNK = 16 << 20
 
 
 def vma_kind(vma: Vma) -> str:
@@ -69,10 +71,17 @@ class MemoryDumper:
         self.pages = pages_writer
         self.write_blob = write_blob
         self.mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
-        self.buf = bytearray(_READ_CHUNK)
+        self.bufs = (bytearray(_READ_CHUNK), bytearray(_READ_CHUNK))
+        self.cur = 0
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="pages-writer")
+        self.busy: list[Future[int] | None] = [None, None]
+        self.next_index = pages_writer.npages
         self.total_pages = 0
 
     def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.finish()
+        self.pool.shutdown(wait=True)
         os.close(self.mem)
 
     def dump(self, vmas: list[Vma]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -92,7 +101,7 @@ class MemoryDumper:
                     rec["file"] = file_identity(self.pid, vma)
                 if not vma.shared:
                     runs = present_pages(self.pid, vma.start, vma.end, anon_only=(kind == "file"))
-                    rec["pages"] = self._read_runs(runs)
+                    rec["pages"] = self._read_runs(runs, readable=bool(vma.prot & abi.PROT_READ))
             elif kind in ("shmem", "memfd"):
                 key = (vma.dev[0] if isinstance(vma.dev, tuple) else 0, vma.inode, kind)
                 obj = objects.get(key)
@@ -101,6 +110,7 @@ class MemoryDumper:
                     objects[key] = obj
                 rec["object"] = obj["id"]
             out.append(rec)
+        self.finish()
         return out, list(objects.values())
 
     def _dump_object(self, vma: Vma, kind: str, index: int) -> dict[str, Any]:
@@ -121,24 +131,56 @@ class MemoryDumper:
         blob = self.write_blob(f"shm-{index}", bytes(data))
         return {"id": index, "kind": kind, "name": name, "size": size, "blob": blob, "inode": vma.inode}
 
-    def _read_runs(self, runs: list[tuple[int, int]]) -> list[list[int]]:
-        """Copy the pages of `runs` ([start, end) byte ranges) into the page file; returns [vaddr, n, index]."""
+    def _read_runs(self, runs: list[tuple[int, int]], readable: bool) -> list[list[int]]:
+        """Copy the pages of `runs` ([start, end) byte ranges) into the page file; returns [vaddr, n, index].
+
+        Runs are gathered into buffer-sized batches read with one process_vm_readv each (or /proc/pid/mem
+        for mappings the task cannot read itself); a writer thread appends one buffer to the page file while
+        the next is being read.
+        """
         out: list[list[int]] = []
-        buf = self.buf
-        view = memoryview(buf)
+        batch: list[tuple[int, int]] = []
+        filled = 0
         for start, end in runs:
-            first_index = None
             addr = start
+            out.append([start, (end - start) // abi.PAGE_SIZE, self.next_index])
+            self.next_index += (end - start) // abi.PAGE_SIZE
             while addr < end:
-                n = min(end - addr, len(buf))
-                got = os.preadv(self.mem, [view[:n]], addr)
+                n = min(end - addr, _READ_CHUNK - filled)
+                batch.append((addr, n))
+                filled += n
+                addr += n
+                if filled == _READ_CHUNK:
+                    self._flush(batch, filled, readable)
+                    batch, filled = [], 0
+        if batch:
+            self._flush(batch, filled, readable)
+        self.total_pages += sum(n for _, n, _ in out)
+        return out
+
+    def _flush(self, batch: list[tuple[int, int]], nbytes: int, readable: bool) -> None:
+        buf = self.bufs[self.cur]
+        busy = self.busy[self.cur]
+        if busy is not None:
+            busy.result()  # the writer is done with this buffer: it may be filled again
+        view = memoryview(buf)[:nbytes]
+        if readable:
+            vm.read_into(self.pid, batch, buf)
+        else:
+            off = 0
+            for addr, n in batch:
+                got = os.preadv(self.mem, [view[off:off + n]], addr)
                 if got != n:
                     raise OSError(5, f"short read of memory at {addr + got:#x}")
-                idx = self.pages.append(view[:n])
-                if first_index is None:
-                    first_index = idx
-                addr += n
-            npages = (end - start) // abi.PAGE_SIZE
-            out.append([start, npages, first_index])
-            self.total_pages += npages
-        return out
+                off += n
+        # Appends stay in order: the pool has a single thread.
+        self.busy[self.cur] = self.pool.submit(self.pages.append, view)
+        self.cur ^= 1
+
+    def finish(self) -> None:
+        for i, fut in enumerate(self.busy):
+            if fut is not None:
+                fut.result()
+                self.busy[i] = None
+        if self.pages.npages != self.next_index:
+            raise OSError(5, f"page file holds {self.pages.npages} pages, expected {self.next_index}")

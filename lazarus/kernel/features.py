@@ -20,17 +20,27 @@ from lazarus.errors import FeatureMissing
 from lazarus.kernel import abi, procfs
 from lazarus.kernel.syscall import ioctl_raw, libc, raw_syscall
 
-PURPOSES = ("dump", "restore", "lazy", "pre-copy", "info")
+PURPOSES = "dump", also_for=("restore", "lazy", "pre-copy", "info",)
 
 
 @dataclass(frozen=True, slots=True)
 class Feature:
-    """One probed kernel feature. `required_for` lists the PURPOSES that cannot work without it."""
+    """One probed kernel feature.
+
+    `required_for` is the main purpose (one of PURPOSES) that cannot work without it; `also_for` lists any
+    other purposes that need it too ("ptrace" is required for "dump" and also for "restore"). `purposes` is
+    both together; missing_for and check_exit_code look at all of them.
+    """
 
     name: str
     available: bool
     detail: str
-    required_for: tuple[str, ...]
+    required_for: str
+    also_for: tuple[str, ...] = ()
+
+    @property
+    def purposes(self) -> tuple[str, ...]:
+        return (self.required_for, *self.also_for)
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,8 +290,8 @@ def vdso_layout() -> VdsoLayout:
 def _probe_pidfd() -> list[Feature]:
     pidfd, err = raw_syscall(abi.SYS.pidfd_open, os.getpid(), 0)
     if pidfd < 0:
-        return [Feature("pidfd_open", False, f"pidfd_open: {_strerror(err)}", ("dump", "restore")),
-                Feature("pidfd_getfd", False, "needs pidfd_open", ("dump", "lazy"))]
+        return [Feature("pidfd_open", False, f"pidfd_open: {_strerror(err)}", "dump", also_for=("restore",)),
+                Feature("pidfd_getfd", False, "needs pidfd_open", "dump", also_for=("lazy",))]
     try:
         # Take a duplicate of our own pidfd through pidfd_getfd: the same path used on other tasks.
         fd, gerr = raw_syscall(abi.SYS.pidfd_getfd, pidfd, pidfd, 0)
@@ -289,9 +299,9 @@ def _probe_pidfd() -> list[Feature]:
             os.close(fd)
     finally:
         os.close(pidfd)
-    return [Feature("pidfd_open", True, "works", ("dump", "restore")),
+    return [Feature("pidfd_open", True, "works", "dump", also_for=("restore",)),
             Feature("pidfd_getfd", fd >= 0, "works" if fd >= 0 else f"pidfd_getfd: {_strerror(gerr)}",
-                    ("dump", "lazy"))]
+                    "dump", also_for=("lazy",))]
 
 
 def _probe_clone3_set_tid() -> Feature:
@@ -306,18 +316,18 @@ def _probe_clone3_set_tid() -> Feature:
         os._exit(0)
     if ret > 0:
         os.waitpid(ret, 0)
-        return Feature("clone3 set_tid", False, f"set_tid ignored: a child got pid {ret}", ("restore",))
+        return Feature("clone3 set_tid", False, f"set_tid ignored: a child got pid {ret}", "restore")
     if err == errno.EEXIST:
-        return Feature("clone3 set_tid", True, "pid in use -> EEXIST, as expected", ("restore",))
+        return Feature("clone3 set_tid", True, "pid in use -> EEXIST, as expected", "restore")
     hint = " (needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN)" if err == errno.EPERM else ""
-    return Feature("clone3 set_tid", False, f"clone3: {_strerror(err)}{hint}", ("restore",))
+    return Feature("clone3 set_tid", False, f"clone3: {_strerror(err)}{hint}", "restore")
 
 
 def _probe_pagemap_scan() -> Feature:
     try:
         fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
-        return Feature("PAGEMAP_SCAN", False, f"/proc/self/pagemap: {e.strerror}", ("dump",))
+        return Feature("PAGEMAP_SCAN", False, f"/proc/self/pagemap: {e.strerror}", "dump")
     try:
         vec = (abi.page_region * 4)()
         page = C.create_string_buffer(abi.PAGE_SIZE * 2)
@@ -329,14 +339,14 @@ def _probe_pagemap_scan() -> Feature:
     finally:
         os.close(fd)
     if n < 0:
-        return Feature("PAGEMAP_SCAN", False, f"ioctl: {_strerror(err)}", ("dump",))
-    return Feature("PAGEMAP_SCAN", True, "ioctl on /proc/PID/pagemap works", ("dump",))
+        return Feature("PAGEMAP_SCAN", False, f"ioctl: {_strerror(err)}", "dump")
+    return Feature("PAGEMAP_SCAN", True, "ioctl on /proc/PID/pagemap works", "dump")
 
 
 def _probe_soft_dirty() -> Feature:
     import mmap  # only this probe needs it
 
-    name, purpose = "soft-dirty", ("info",)
+    name, purpose = "soft-dirty", "info"
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write(str(abi.CLEAR_REFS_SOFT_DIRTY))
@@ -376,7 +386,7 @@ def _cgroup_mounts() -> tuple[list[str], list[str]]:
 
 
 def _probe_freezer() -> Feature:
-    name, purpose = "cgroup freezer", ("info",)
+    name, purpose = "cgroup freezer", "info"
     try:
         v2, v1 = _cgroup_mounts()
     except OSError as e:
@@ -402,18 +412,18 @@ def _probe_freezer() -> Feature:
 def _probe_ptrace() -> list[Feature]:
     c = _child()
     if c.error:
-        return [Feature("ptrace", False, c.error, ("dump", "restore")),
-                Feature("PTRACE_GET_RSEQ_CONFIGURATION", False, c.error, ("dump",))]
+        return [Feature("ptrace", False, c.error, "dump", also_for=("restore",)),
+                Feature("PTRACE_GET_RSEQ_CONFIGURATION", False, c.error, "dump")]
     out = [Feature("ptrace", c.exitkill == 0,
                    "traced child stopped; PTRACE_O_EXITKILL accepted" if c.exitkill == 0
-                   else f"PTRACE_O_EXITKILL: {_strerror(c.exitkill)}", ("dump", "restore"))]
+                   else f"PTRACE_O_EXITKILL: {_strerror(c.exitkill)}", "dump", also_for=("restore",))]
     if c.rseq is not None:
         ptr, size, sig, _ = c.rseq
         detail = (f"child's rseq: size {size}, signature {sig:#x}" if ptr
                   else "works (child has no rseq registered)")
-        out.append(Feature("PTRACE_GET_RSEQ_CONFIGURATION", True, detail, ("dump",)))
+        out.append(Feature("PTRACE_GET_RSEQ_CONFIGURATION", True, detail, "dump"))
     else:
-        out.append(Feature("PTRACE_GET_RSEQ_CONFIGURATION", False, _strerror(c.rseq_err), ("dump",)))
+        out.append(Feature("PTRACE_GET_RSEQ_CONFIGURATION", False, _strerror(c.rseq_err), "dump"))
     return out
 
 
@@ -421,8 +431,8 @@ def _probe_cpu_xstate() -> Feature:
     try:
         xcr0, size = cpu_xstate()
     except FeatureMissing as e:
-        return Feature("cpu xstate", False, str(e), ("dump", "restore"))
-    return Feature("cpu xstate", True, f"xcr0 {xcr0:#x}, XSTATE regset {size} bytes", ("dump", "restore"))
+        return Feature("cpu xstate", False, str(e), "dump", also_for=("restore",))
+    return Feature("cpu xstate", True, f"xcr0 {xcr0:#x}, XSTATE regset {size} bytes", "dump", also_for=("restore",))
 
 
 def _probe_process_vm() -> list[Feature]:
@@ -432,7 +442,7 @@ def _probe_process_vm() -> list[Feature]:
     remote = abi.iovec(C.cast(src, C.c_void_p), 8)
     n, err = raw_syscall(abi.SYS.process_vm_readv, os.getpid(), C.byref(local), 1, C.byref(remote), 1, 0)
     ok = n == 8 and dst.raw == b"lazarus!"
-    read = Feature("process_vm_readv", ok, "works" if ok else f"process_vm_readv: {_strerror(err)}", ("dump",))
+    read = Feature("process_vm_readv", ok, "works" if ok else f"process_vm_readv: {_strerror(err)}", "dump")
     src2 = C.create_string_buffer(b"restored", 8)
     target = C.create_string_buffer(8)
     local = abi.iovec(C.cast(src2, C.c_void_p), 8)
@@ -440,7 +450,7 @@ def _probe_process_vm() -> list[Feature]:
     n, err = raw_syscall(abi.SYS.process_vm_writev, os.getpid(), C.byref(local), 1, C.byref(remote), 1, 0)
     ok = n == 8 and target.raw == b"restored"
     write = Feature("process_vm_writev", ok, "works" if ok else f"process_vm_writev: {_strerror(err)}",
-                    ("restore",))
+                    "restore")
     return [read, write]
 
 
@@ -452,15 +462,15 @@ def _probe_prctl_mm_map() -> Feature:
     size = C.c_uint32(0)
     ret, err = raw_syscall(abi.SYS.prctl, abi.PR_SET_MM, abi.PR_SET_MM_MAP_SIZE, C.byref(size), 0, 0)
     if ret < 0:
-        return Feature("PR_SET_MM_MAP", False, f"prctl: {_strerror(err)}", ("restore",))
+        return Feature("PR_SET_MM_MAP", False, f"prctl: {_strerror(err)}", "restore")
     if size.value != C.sizeof(abi.prctl_mm_map):
         return Feature("PR_SET_MM_MAP", False,
                        f"kernel's prctl_mm_map is {size.value} bytes, Lazarus knows {C.sizeof(abi.prctl_mm_map)}",
-                       ("restore",))
+                       "restore")
     caps = _cap_eff()
     if not caps & (1 << abi.CAP_CHECKPOINT_RESTORE | 1 << abi.CAP_SYS_RESOURCE):
-        return Feature("PR_SET_MM_MAP", False, "needs CAP_CHECKPOINT_RESTORE or CAP_SYS_RESOURCE", ("restore",))
-    return Feature("PR_SET_MM_MAP", True, f"struct size {size.value}", ("restore",))
+        return Feature("PR_SET_MM_MAP", False, "needs CAP_CHECKPOINT_RESTORE or CAP_SYS_RESOURCE", "restore")
+    return Feature("PR_SET_MM_MAP", True, f"struct size {size.value}", "restore")
 
 
 def _probe_proc() -> list[Feature]:
@@ -473,8 +483,8 @@ def _probe_proc() -> list[Feature]:
         map_files = (False, f"/proc/PID/map_files: {e.strerror}")
     return [
         Feature("/proc/PID/task/TID/children", children_ok,
-                "present" if children_ok else "missing (CONFIG_PROC_CHILDREN off)", ("dump",)),
-        Feature("/proc/PID/map_files", map_files[0], map_files[1], ("dump",)),
+                "present" if children_ok else "missing (CONFIG_PROC_CHILDREN off)", "dump"),
+        Feature("/proc/PID/map_files", map_files[0], map_files[1], "dump"),
     ]
 
 
@@ -487,7 +497,7 @@ def _probe_capabilities() -> Feature:
     detail = f"euid {os.geteuid()}; has {', '.join(have) or 'none'}"
     if lack:
         detail += f"; lacks {', '.join(lack)}"
-    return Feature("capabilities", True, detail, ("info",))
+    return Feature("capabilities", True, detail, "info")
 
 
 def _uffd_features_rows() -> list[Feature]:
@@ -501,28 +511,28 @@ def _uffd_features_rows() -> list[Feature]:
             except OSError:
                 pass
         rows = [Feature("userfaultfd", False, f"userfaultfd(2): {_strerror(u.syscall_err)}{hint}",
-                        ("lazy", "pre-copy"))]
+                        "lazy", also_for=("pre-copy",))]
     elif u.user_mode_only:
         rows = [Feature("userfaultfd", False,
                         "only UFFD_USER_MODE_ONLY: faults from read(2) etc. inside the kernel would fail",
-                        ("lazy", "pre-copy"))]
+                        "lazy", also_for=("pre-copy",))]
     else:
         rows = [Feature("userfaultfd", True, f"userfaultfd(2) works, ioctls {u.ioctls:#x}",
-                        ("lazy", "pre-copy"))]
+                        "lazy", also_for=("pre-copy",))]
     if u.dev_err == 0:
-        rows.append(Feature("/dev/userfaultfd", True, "USERFAULTFD_IOC_NEW works", ("info",)))
+        rows.append(Feature("/dev/userfaultfd", True, "USERFAULTFD_IOC_NEW works", "info"))
     elif u.dev_err < 0:
-        rows.append(Feature("/dev/userfaultfd", False, "no such device node", ("info",)))
+        rows.append(Feature("/dev/userfaultfd", False, "no such device node", "info"))
     else:
-        rows.append(Feature("/dev/userfaultfd", False, _strerror(u.dev_err), ("info",)))
+        rows.append(Feature("/dev/userfaultfd", False, _strerror(u.dev_err), "info"))
 
     names = [n for n, b in abi.UFFD_FEATURES.items() if u.accepted & b]
     rows.append(Feature("uffd features", bool(u.accepted),
                         f"{len(names)}/{len(abi.UFFD_FEATURES)}: {' '.join(names)}" if names else "none",
-                        ("info",)))
-    needed = {"EVENT_FORK": ("lazy",), "EVENT_REMAP": ("lazy",), "EVENT_REMOVE": ("lazy",),
-              "EVENT_UNMAP": ("lazy",), "MISSING_SHMEM": ("lazy",), "WP_ASYNC": ("pre-copy",),
-              "WP_UNPOPULATED": ("pre-copy",)}
+                        "info"))
+    needed = {"EVENT_FORK": "lazy", "EVENT_REMAP": "lazy", "EVENT_REMOVE": "lazy",
+              "EVENT_UNMAP": "lazy", "MISSING_SHMEM": "lazy", "WP_ASYNC": "pre-copy",
+              "WP_UNPOPULATED": "pre-copy"}
     for feat, purpose in needed.items():
         bit = abi.UFFD_FEATURES[feat]
         ok = bool(u.accepted & bit)
@@ -536,19 +546,19 @@ def _probe_vdso() -> Feature:
     try:
         v = vdso_layout()
     except Exception as e:  # noqa: BLE001 - any failure to read our own maps is a probe result
-        return Feature("vdso", False, f"maps: {e}", ("restore",))
+        return Feature("vdso", False, f"maps: {e}", "restore")
     if not v.vdso_pages:
-        return Feature("vdso", False, "no [vdso] mapping", ("restore",))
+        return Feature("vdso", False, "no [vdso] mapping", "restore")
     detail = (f"[vvar] {v.vvar_pages} + [vvar_vclock] {v.vvar_vclock_pages} + [vdso] {v.vdso_pages} pages, "
               f"{'back to back' if v.contiguous else 'NOT contiguous'}")
-    return Feature("vdso", True, detail, ("restore",))
+    return Feature("vdso", True, detail, "restore")
 
 
 def probe() -> list[Feature]:
     """Run every probe now (uncached). Takes a few milliseconds and forks one short-lived traced child."""
-    rows: list[Feature] = [Feature("kernel", True, f"Linux {kernel_release()} {os.uname().machine}", ("info",))]
+    rows: list[Feature] = [Feature("kernel", True, f"Linux {kernel_release()} {os.uname().machine}", "info")]
     if os.uname().machine != "x86_64":
-        rows.append(Feature("architecture", False, "only x86_64 is supported", ("dump", "restore")))
+        rows.append(Feature("architecture", False, "only x86_64 is supported", "dump", also_for=("restore",)))
     rows.append(_probe_capabilities())
     rows += _probe_ptrace()
     rows.append(_probe_cpu_xstate())
@@ -588,11 +598,11 @@ def get(name: str, features: list[Feature] | None = None) -> Feature | None:
 
 
 def missing_for(purpose: str, features: list[Feature] | None = None) -> list[Feature]:
-    """Features `purpose` ("dump", "restore", "lazy", "pre-copy") needs but this kernel lacks."""
+    """Features `purpose` "dump", also_for=("restore", "lazy", "pre-copy",) needs but this kernel lacks."""
     if purpose not in PURPOSES:
         raise ValueError(f"unknown purpose {purpose!r}; one of {', '.join(PURPOSES)}")
     return [f for f in (features if features is not None else report())
-            if purpose in f.required_for and not f.available]
+            if purpose in f.purposes and not f.available]
 
 
 def require(purpose: str) -> None:

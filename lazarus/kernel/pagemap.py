@@ -7,8 +7,9 @@
     present_pages(anon_only=True) -> [P P P) [S S) [P P)     (F = file page: unmodified, not saved)
 
 The kernel fills a caller-provided vector of `page_region` (start, end, categories) with runs of pages whose
-categories match the masks, merging neighbours with equal returned categories. When the vector fills up it stops
-early and reports where in `walk_end`; `scan` carries on from there until the whole range is covered.
+categories match the masks, merging neighbours with equal returned categories. It walks the whole range unless
+the vector fills up (or max_pages is reached); then `scan` carries on from where it stopped (`walk_end`, or the end
+of the last region) and joins the run that straddles the two calls.
 """
 
 from __future__ import annotations
@@ -116,18 +117,30 @@ class Pagemap:
             regions, walk_end = self.scan_once(
                 pos, end, category_mask, category_anyof_mask=category_anyof_mask,
                 category_inverted=category_inverted, return_mask=return_mask, flags=flags, max_pages=left)
-            if regions and out and out[-1][1] == regions[0][0] and out[-1][2] == regions[0][2]:
-                # the kernel cannot merge across two calls
-                out[-1] = (out[-1][0], regions[0][1], out[-1][2])
-                regions = regions[1:]
+            full = len(regions) == self._vec_len
+            if out and regions:
+                # Neither overlap nor a split run may survive the seam between two calls.
+                last_end = out[-1][1]
+                while regions and regions[0][0] < last_end:
+                    s, e, c = regions[0]
+                    regions = regions[1:] if e <= last_end else [(last_end, e, c), *regions[1:]]
+                if regions and regions[0][0] == last_end and regions[0][2] == out[-1][2]:
+                    out[-1] = (out[-1][0], regions[0][1], out[-1][2])
+                    regions = regions[1:]
             out.extend(regions)
             if max_pages:
                 left -= sum((e - s) // abi.PAGE_SIZE for s, e, _ in regions)
                 if left <= 0:
                     break
-            if walk_end <= pos:  # no progress; never expected, but never loop forever
+            # The kernel walks on by itself until `end` unless our vector filled up, and its walk_end is
+            # stale after a walk that completed in a later internal round (6.18 reports the start of that
+            # round), so only a full vector means "call again".
+            if not full:
                 break
-            pos = walk_end
+            nxt = max(walk_end, out[-1][1] if out else pos)
+            if nxt <= pos:  # no progress; never expected, but never loop forever
+                break
+            pos = nxt
         return out
 
     def present_pages(self, start: int, end: int, anon_only: bool = False,

@@ -166,10 +166,10 @@ class PendingPages:
 
         Unaligned bounds are widened to whole pages.
         """
-        start &= ~_MASK
-        end = (end + _MASK) & ~_MASK
         if end <= start or not self._pages:
             return 0
+        start &= ~_MASK
+        end = (end + _MASK) & ~_MASK
         s_, e_, f_ = self._s, self._e, self._f
         i = bisect_right(s_, start) - 1
         if i < 0:

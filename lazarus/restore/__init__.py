@@ -17,10 +17,10 @@ from lazarus.errors import KernelError, LazarusError, RestoreError
 from lazarus.images import Image
 from lazarus.kernel import abi, ptrace
 from lazarus.kernel.clone import Trampoline
-
 from lazarus.remote import RemoteTask
 from lazarus.restore import core as rcore
 from lazarus.restore.files import FdRestorer, check_files
+from lazarus.restore.uffd import LAZY_FEATURES, copy_all, lazy_ranges, uffd_in_task
 from lazarus.restore.memory import (
     SpaceBuilder,
     clear_address_space,
@@ -131,8 +131,21 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False) -> Restored:
         timings["map"] = time.monotonic() - t0
         page_file = img.page_file(pid) if img.has_pages(pid) else None
         written = 0
+        handover = None
         if page_file is not None:
-            written = space.write_pages(mm["vmas"], page_file, skip_lazy=lazy)
+            # Private file pages go through /proc/pid/mem; anonymous memory through a uffd made inside
+            # the task: filled now by large UFFDIO_COPYs (eager) or served on demand (lazy).
+            written = space.write_pages(mm["vmas"], page_file, skip_lazy=True)
+            ranges = lazy_ranges(mm["vmas"])
+            if ranges:
+                uffd = uffd_in_task(remote, ranges, LAZY_FEATURES if lazy else 0)
+                if lazy:
+                    handover = uffd
+                else:
+                    try:
+                        written += copy_all(uffd, mm["vmas"], page_file)
+                    finally:
+                        uffd.close()
         timings["pages"] = time.monotonic() - t0
 
         set_mm(remote, space, mm)
@@ -150,9 +163,10 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False) -> Restored:
         remote.close()
         ptrace.detach(child)
         timings["running"] = time.monotonic() - t0
-        if page_file is not None:
+        if page_file is not None and not lazy:
             page_file.close()
-        return Restored(child, time.monotonic() - t0, written, timings=timings)
+        return Restored(child, time.monotonic() - t0, written, timings=timings,
+                        lazy=(handover, page_file) if handover is not None else None)
     except BaseException as e:
         if child:
             rcore.kill_quietly(child)
