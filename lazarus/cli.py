@@ -101,6 +101,7 @@ def _console() -> Any:
 
 
 def cmd_check() -> int:
+    from rich.markup import escape
     from rich.table import Table
 
     from lazarus.kernel import features
@@ -111,7 +112,7 @@ def cmd_check() -> int:
     table.add_column("needed for")
     table.add_column("detail")
     for f in feats:
-        table.add_row(f.name, "yes" if f.available else "NO", f.required_for, f.detail)
+        table.add_row(escape(f.name), "yes" if f.available else "NO", ", ".join(f.purposes), escape(f.detail))
     con = _console()
     con.print(table)
     code = features.check_exit_code(feats)

@@ -18,7 +18,7 @@ from lazarus.dump.memory import MemoryDumper
 from lazarus.errors import DumpError, KernelError, LazarusError, NoSuchTask, Unsupported
 from lazarus.images import ImageWriter
 from lazarus.kernel import abi, procfs, ptrace
-from lazarus.kernel.ptrace import xstate_layout as cpu_xstate_of
+from lazarus.kernel.features import parse_xstate
 from lazarus.remote import RemoteTask, find_syscall_insn
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False) -> DumpResul
             task: dict[str, Any] = {"pid": pid, "comm": misc["comm"], "core": core, "mm": mm,
                                     "files": files, "signals": signals, "misc": misc}
             writer.write_json(f"task-{pid}.json", task)
-            xcr0, xsize = cpu_xstate_of(bytes.fromhex(core["xstate"]))
+            xcr0, xsize, _ = parse_xstate(bytes.fromhex(core["xstate"]))
             writer.commit({
                 "root_pid": pid, "tasks": [pid], "kernel_release": os.uname().release,
                 "arch": os.uname().machine, "cpu": {"xcr0": xcr0, "xstate_size": xsize},

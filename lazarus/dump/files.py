@@ -12,7 +12,7 @@ from typing import Any
 from lazarus.errors import Unsupported
 from lazarus.kernel import abi
 from lazarus.kernel.procfs import read_fdinfo
-from lazarus.kernel.syscall import tee
+from lazarus.kernel.syscall import same_file_description, tee
 
 # (major, minor) of character devices whose open file carries no state worth saving.
 STATELESS_DEVICES = {(1, 3): "/dev/null", (1, 5): "/dev/zero", (1, 7): "/dev/full",
@@ -59,6 +59,19 @@ def peek_pipe(path: str) -> bytes:
         os.close(r)
         if w >= 0:
             os.close(w)
+
+
+def _mark_dups(pid: int, fds: list[dict[str, Any]]) -> None:
+    """Record fds that share an open file description (dup'ed), so a restore dups them again."""
+    seen: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for rec in fds:
+        key = (rec["type"], rec.get("pipe") or rec.get("ino") or rec.get("path") or rec.get("object"))
+        for first in seen.get(key, []):
+            if same_file_description(pid, first["fd"], rec["fd"]):
+                rec["dup_of"] = first["fd"]
+                break
+        else:
+            seen.setdefault(key, []).append(rec)
 
 
 def dump_files(pid: int, write_blob: Any, objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -117,6 +130,7 @@ def dump_files(pid: int, write_blob: Any, objects: list[dict[str, Any]]) -> list
             raise Unsupported(f"{where}: this kind of file is not supported")
         fds.append(rec)
 
+    _mark_dups(pid, fds)
     for ino, ends in pipes.items():
         modes = {e["flags"] & abi.O_ACCMODE for e in ends}
         if abi.O_RDONLY not in modes or abi.O_WRONLY not in modes:

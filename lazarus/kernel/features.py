@@ -20,7 +20,7 @@ from lazarus.errors import FeatureMissing
 from lazarus.kernel import abi, procfs
 from lazarus.kernel.syscall import ioctl_raw, libc, raw_syscall
 
-PURPOSES = "dump", also_for=("restore", "lazy", "pre-copy", "info",)
+PURPOSES = ("dump", "restore", "lazy", "pre-copy", "info")
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +290,8 @@ def vdso_layout() -> VdsoLayout:
 def _probe_pidfd() -> list[Feature]:
     pidfd, err = raw_syscall(abi.SYS.pidfd_open, os.getpid(), 0)
     if pidfd < 0:
-        return [Feature("pidfd_open", False, f"pidfd_open: {_strerror(err)}", "dump", also_for=("restore",)),
+        return [Feature("pidfd_open", False, f"pidfd_open: {_strerror(err)}", "dump",
+                        also_for=("restore",)),
                 Feature("pidfd_getfd", False, "needs pidfd_open", "dump", also_for=("lazy",))]
     try:
         # Take a duplicate of our own pidfd through pidfd_getfd: the same path used on other tasks.
@@ -432,7 +433,8 @@ def _probe_cpu_xstate() -> Feature:
         xcr0, size = cpu_xstate()
     except FeatureMissing as e:
         return Feature("cpu xstate", False, str(e), "dump", also_for=("restore",))
-    return Feature("cpu xstate", True, f"xcr0 {xcr0:#x}, XSTATE regset {size} bytes", "dump", also_for=("restore",))
+    return Feature("cpu xstate", True, f"xcr0 {xcr0:#x}, XSTATE regset {size} bytes", "dump",
+                   also_for=("restore",))
 
 
 def _probe_process_vm() -> list[Feature]:
@@ -598,7 +600,7 @@ def get(name: str, features: list[Feature] | None = None) -> Feature | None:
 
 
 def missing_for(purpose: str, features: list[Feature] | None = None) -> list[Feature]:
-    """Features `purpose` "dump", also_for=("restore", "lazy", "pre-copy",) needs but this kernel lacks."""
+    """Features `purpose` ("dump", "restore", "lazy", "pre-copy") needs but this kernel lacks."""
     if purpose not in PURPOSES:
         raise ValueError(f"unknown purpose {purpose!r}; one of {', '.join(PURPOSES)}")
     return [f for f in (features if features is not None else report())

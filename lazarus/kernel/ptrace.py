@@ -207,11 +207,3 @@ def peek_word(pid: int, addr: int) -> int:
 def traceme() -> None:
     ptrace(abi.PTRACE_TRACEME, 0, what="PTRACE_TRACEME")
 
-
-def xstate_layout(xstate: bytes) -> tuple[int, int]:
-    """(xcr0, xstate size) from an NT_X86_XSTATE regset: the kernel fills the FXSAVE area's software
-    reserved bytes (offset 464) with struct _fpx_sw_bytes: magic1, extended_size, xfeatures, xstate_size."""
-    if len(xstate) < 512:
-        return 0, len(xstate)
-    xfeatures = int.from_bytes(xstate[472:480], "little")
-    return xfeatures, len(xstate)

@@ -103,3 +103,12 @@ def tee(fd_in: int, fd_out: int, length: int, flags: int = 0) -> int:
             return 0
         raise KernelError("tee", err)
     return ret
+
+
+KCMP_FILE = 0
+
+
+def same_file_description(pid: int, fd1: int, fd2: int) -> bool:
+    """kcmp(KCMP_FILE): whether two fds of `pid` share one open file description (dup'ed)."""
+    ret = syscall(312, pid, pid, KCMP_FILE, fd1, fd2, what="kcmp", pid=pid)  # SYS_kcmp
+    return ret == 0

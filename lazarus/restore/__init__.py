@@ -17,6 +17,7 @@ from lazarus.errors import KernelError, LazarusError, RestoreError
 from lazarus.images import Image
 from lazarus.kernel import abi, ptrace
 from lazarus.kernel.clone import Trampoline
+from lazarus.kernel.features import cpu_xstate
 from lazarus.remote import RemoteTask
 from lazarus.restore import core as rcore
 from lazarus.restore.files import FdRestorer, check_files
@@ -44,7 +45,6 @@ class Restored:
 
 
 def open_image(directory: Path, *, verify_pages: bool) -> Image:
-    from lazarus.kernel.features import cpu_xstate
     img = Image.open(directory)
     xcr0, xsize = cpu_xstate()
     img.check_machine(os.uname().release, xcr0, xsize)

@@ -48,8 +48,11 @@ class FdRestorer:
     def restore(self, fds: list[dict[str, Any]]) -> None:
         t = self.task
         pipes: dict[int, list[dict[str, Any]]] = {}
+        dups = [rec for rec in fds if "dup_of" in rec]
         for rec in fds:
             kind = rec["type"]
+            if "dup_of" in rec:
+                continue
             if kind in ("file", "dev"):
                 tmp = self._open(rec["path"], rec["flags"])
                 if rec["pos"]:
@@ -70,6 +73,10 @@ class FdRestorer:
                 raise RestoreError(f"fd {rec['fd']}: unknown type {kind!r}", stage="files")
         for ends in pipes.values():
             self._pipe(ends)
+        for rec in dups:
+            t.syscall(abi.SYS.dup2, rec["dup_of"], rec["fd"])
+            if rec["cloexec"]:
+                t.syscall(abi.SYS.fcntl, rec["fd"], abi.F_SETFD, abi.FD_CLOEXEC)
 
     def _ghost(self, rec: dict[str, Any]) -> None:
         """An unlinked-but-open file: recreate it with its content, open it, unlink it again."""

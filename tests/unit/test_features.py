@@ -27,13 +27,14 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 
 def F(name: str, ok: bool, *purposes: str) -> features.Feature:  # noqa: N802 - reads like a row
-    return features.Feature(name, ok, "", purposes)
+    return features.Feature(name, ok, "", purposes[0], purposes[1:])
 
 
 def test_missing_for_and_exit_code() -> None:
     rows = [F("a", True, "dump", "restore"), F("b", False, "lazy"), F("soft-dirty", False, "info"),
             F("c", False, "pre-copy")]
     assert features.missing_for("dump", rows) == []
+    assert rows[0].purposes == ("dump", "restore")
     assert [f.name for f in features.missing_for("lazy", rows)] == ["b"]
     assert features.check_exit_code(rows) == 0  # lazy/pre-copy/info gaps never fail `check`
     rows.append(F("d", False, "restore"))
@@ -79,10 +80,10 @@ def test_probe_is_clean_and_well_formed() -> None:
     names = [f.name for f in rows]
     assert len(names) == len(set(names))
     for f in rows:
-        assert f.required_for and set(f.required_for) <= set(features.PURPOSES), f
+        assert isinstance(f.required_for, str) and set(f.purposes) <= set(features.PURPOSES), f
         assert f.detail, f
     sd = features.get("soft-dirty", rows)
-    assert sd is not None and sd.required_for == ("info",)
+    assert sd is not None and sd.purposes == ("info",)
     assert features.report() == features.report()  # cached
 
 

@@ -1,0 +1,618 @@
+"""The lazy page server: one event loop serving the userfaultfds of lazily restored processes.
+
+    loop:
+      select(uffds + pidfds; timeout 0 while there is background work)
+      read ALL pending messages of every ready uffd         (a process waits in fork/mremap/madvise/munmap
+        FORK/REMAP/REMOVE/UNMAP applied at once, in order     until its event is read: read them promptly)
+        faults collected
+      serve the faults: UFFDIO_COPY of the faulting page and the pending pages next to it (an aligned window
+        of `fault_batch` pages), or UFFDIO_ZEROPAGE where the image holds nothing
+      only if nothing was ready: one background step (>= `chunk_size` bytes, continuing from the last fault)
+      a process with nothing pending any more: close its uffd (the kernel takes over), report it complete
+
+Outcomes of a fill (kernel/uffd.Outcome) and what is done about them:
+    PARTIAL  keep the bytes done, skip the page found present, continue after it
+    EXISTS   the page is there (a race with the process, or a fork child sharing it): treat it as done
+    RETRY    the layout is changing: an event is queued; read events, then retry (faults are deferred)
+    NOENT    no registered vma across the range: split it; a single page without a vma is dropped
+    GONE     the process exited (or exec'd): drop it
+    EFAULT / EIO from the page file, a checksum mismatch (PageSourceLost): kill the process and report it,
+             never let it run on zeros (see guard.py for when the server itself dies)
+
+Fork children. The FORK event puts a new uffd in OUR fd table; the child's pending set is a copy of the parent's
+at that moment (the kernel blocks copies into the parent between duplicating its page tables and our reading the
+event: mmap_changing, so both agree on what is present). The child's pid is not in the event. The parent is
+still inside fork() when the event is read and links the child into /proc/PARENT/task/*/children right after,
+so the server learns it by looking there for a child it has not attributed yet (FIFO per parent, bounded
+wait); with UFFD_FEATURE_THREAD_ID a fault in the child gives its tid directly, which settles any ambiguity (two
+threads of one parent forking at once). Until then the child is served anonymously, keyed by its uffd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import selectors
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lazarus.errors import KernelError, LazarusError, NoSuchTask, PageSourceLost
+from lazarus.kernel import abi
+from lazarus.kernel.pidfd import PidFd
+from lazarus.kernel.uffd import (
+    Fork,
+    Outcome,
+    PageFault,
+    Remap,
+    Remove,
+    TaskDone,
+    Uffd,
+    Unmap,
+)
+from lazarus.lazy.ranges import PAGE_SIZE, PendingPages
+from lazarus.lazy.sources import PageSource
+
+log = logging.getLogger("lazarus.lazy")
+
+_MASK = PAGE_SIZE - 1
+FORK_RESOLVE_TIMEOUT = 2.0
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class _Proc:
+    key: int                      # the uffd fd number: stable while served
+    uffd: Uffd
+    source: PageSource
+    pending: PendingPages
+    pid: int | None
+    pidfd: PidFd | None = None
+    parent_pid: int | None = None
+    total_pages: int = 0
+    cursor: int = 0
+    started: float = 0.0
+    ended: float | None = None
+    state: str = "serving"       # serving | complete | exited | gone | lost
+    reason: str = ""
+    faults: int = 0
+    pages_fault: int = 0
+    pages_background: int = 0
+    zero_pages: int = 0
+    dropped_pages: int = 0        # removed/unmapped before being filled
+    deferred: list[tuple[PageFault, int]] = field(default_factory=list)
+    fork_time: float | None = None
+    seen_children: set[int] = field(default_factory=set)
+    unresolved: deque = field(default_factory=deque)   # fork children (_Proc) still without a pid
+
+    @property
+    def label(self) -> str:
+        return f"pid {self.pid}" if self.pid is not None else f"uffd {self.key} (fork child of pid {self.parent_pid})"
+
+
+class LazyServer:
+    """Serve the page faults of lazily restored processes from their page sources, and push the rest in the
+    background. One thread, one loop; never touches the served memory itself (KERNEL-NOTES pitfall 1).
+
+    Parameters:
+        background: also transfer pages nobody asked for yet (otherwise only faults are served, and a process
+            completes only when it has touched every page).
+        stats_path: write the stats JSON there when run() returns.
+        progress: called as progress(bytes_done, bytes_total) at most every 0.1 s and at the end.
+        guard: a Guard (guard.py) to hand every served uffd to; strongly advised outside tests.
+        fault_batch: pages filled per fault: the aligned window of this many pages around the fault
+            (power of two; 1 = just the page).
+        chunk_size: bytes per background step.
+    """
+
+    def __init__(self, background: bool = True, stats_path: str | Path | None = None,
+                 progress: ProgressCallback | None = None, *, guard=None, fault_batch: int = 16,
+                 chunk_size: int = 2 << 20) -> None:
+        if fault_batch < 1 or fault_batch & (fault_batch - 1):
+            raise ValueError("fault_batch must be a power of two")
+        self.background = background
+        self.stats_path = Path(stats_path) if stats_path else None
+        self.progress = progress
+        self.guard = guard
+        self.fault_batch = fault_batch
+        self.chunk_size = max(PAGE_SIZE, chunk_size & ~_MASK)
+        self._sel = selectors.DefaultSelector()
+        self._procs: dict[int, _Proc] = {}
+        self._done: list[_Proc] = []
+        self._latencies: list[int] = []
+        self._bg_bytes = 0
+        self._bg_ns = 0
+        self._t0: float | None = None
+        self._t_end: float | None = None
+        self._rr: deque[int] = deque()
+        self._last_progress = 0.0
+        self._total_bytes = 0
+        self._done_bytes = 0
+        self._our_ns = os.stat("/proc/self/ns/pid").st_ino
+
+    # -- setup ---------------------------------------------------------------------------------------------
+
+    def add_process(self, pid: int | None, uffd: Uffd, source: PageSource) -> None:
+        """Serve `uffd` (owned by the server from now on) of process `pid` from `source`.
+
+        Raises:
+            NoSuchTask if pid is given and already gone.
+        """
+        pidfd = PidFd.open(pid) if pid is not None else None
+        p = _Proc(key=uffd.fd, uffd=uffd, source=source, pending=source.pending(), pid=pid, pidfd=pidfd)
+        if pid is not None:
+            with contextlib.suppress(LazarusError, OSError):
+                p.seen_children = set(_children(pid))
+        self._register(p)
+        if self.guard is not None:
+            self.guard.add(p.key, uffd.fd, pid=pid, pidfd=pidfd.fd if pidfd else None)
+
+    def _register(self, p: _Proc) -> None:
+        p.total_pages = p.pending.pages
+        p.started = time.monotonic()
+        self._total_bytes += p.total_pages * PAGE_SIZE
+        self._procs[p.key] = p
+        self._rr.append(p.key)
+        self._sel.register(p.uffd.fd, selectors.EVENT_READ, ("uffd", p))
+        if p.pidfd is not None:
+            self._sel.register(p.pidfd.fd, selectors.EVENT_READ, ("pidfd", p))
+        log.debug("%s: serving %d pages", p.label, p.total_pages)
+
+    # -- the loop ------------------------------------------------------------------------------------------
+
+    def run(self, timeout: float | None = None) -> dict:
+        """Serve until no process is left (each one complete, exited, or killed for a lost page source).
+
+        Returns:
+            the stats (see stats()).
+        Raises:
+            TimeoutError after `timeout` seconds with processes still served (they stay served; close()).
+        """
+        now = time.monotonic()
+        if self._t0 is None:
+            self._t0 = now
+        deadline = None if timeout is None else now + timeout
+        for p in list(self._procs.values()):
+            if not p.pending:
+                self._finish(p, "complete")
+        while self._procs:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"lazy server: {len(self._procs)} process(es) still served after {timeout}s")
+            deferred = any(p.deferred for p in self._procs.values())
+            unresolved = any(p.unresolved for p in self._procs.values())
+            if deferred:
+                wait: float | None = 0.001
+            elif self.background and any(p.pending for p in self._procs.values()):
+                wait = 0
+            elif unresolved:
+                wait = 0.005
+            else:
+                wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+            ready = self._sel.select(wait)
+            faults: list[tuple[_Proc, PageFault, int]] = []
+            exited: list[_Proc] = []
+            for key, _mask in ready:
+                kind, p = key.data
+                if p.key not in self._procs:
+                    continue
+                if kind == "uffd":
+                    self._read(p, faults)
+                else:
+                    exited.append(p)
+            if unresolved:
+                self._resolve_forks()
+            if deferred:
+                for p in list(self._procs.values()):
+                    if p.deferred:
+                        items, p.deferred = p.deferred, []
+                        for ev, t in items:
+                            if p.key in self._procs:
+                                self._serve_fault(p, ev, t)
+            for p, ev, t in faults:
+                if p.key in self._procs:
+                    self._serve_fault(p, ev, t)
+            for p in exited:
+                if p.key in self._procs:
+                    self._finish(p, "exited")
+            if not ready and not deferred and self.background:
+                self._background_step()
+            if not ready and not self.background:
+                self._check_idle()
+            self._report_progress()
+        self._t_end = time.monotonic()
+        self._report_progress(final=True)
+        stats = self.stats()
+        if self.stats_path is not None:
+            self.write_stats(self.stats_path)
+        return stats
+
+    def _read(self, p: _Proc, faults: list) -> None:
+        """Read everything pending on p's uffd; apply non-fault events now, in order; collect faults."""
+        for _ in range(16):
+            events = p.uffd.read_events()
+            if not events:
+                return
+            t = time.perf_counter_ns()
+            for ev in events:
+                if isinstance(ev, PageFault):
+                    faults.append((p, ev, t))
+                elif isinstance(ev, Remove | Unmap):
+                    p.dropped_pages += p.pending.remove(ev.start, ev.end)
+                elif isinstance(ev, Remap):
+                    moved = p.pending.remap(ev.from_, ev.to, ev.len)
+                    log.debug("%s: mremap %#x -> %#x (%d bytes): %d pending pages moved",
+                              p.label, ev.from_, ev.to, ev.len, moved)
+                elif isinstance(ev, Fork):
+                    self._on_fork(p, ev)
+                elif isinstance(ev, TaskDone):
+                    self._finish(p, "gone")
+                    return
+
+    # -- faults --------------------------------------------------------------------------------------------
+
+    def _serve_fault(self, p: _Proc, ev: PageFault, t_read: int) -> None:
+        addr = ev.address & ~_MASK
+        if ev.tid and p.pid is None:
+            self._pid_from_tid(p, ev.tid)
+        w = p.pending.window(addr, self.fault_batch)
+        if w is None:
+            n, out = p.uffd.zeropage(addr, PAGE_SIZE)
+            if out is Outcome.DONE:
+                p.zero_pages += 1
+            elif out is Outcome.RETRY:
+                p.deferred.append((ev, t_read))
+                return
+            elif out is Outcome.GONE:
+                self._finish(p, "gone")
+                return
+            else:  # EXISTS: already there; NOENT: unmapped meanwhile. Either way let the thread retry.
+                p.uffd.wake(addr, PAGE_SIZE)
+        else:
+            start, npages, fidx = w
+            res = self._fill(p, start, npages, fidx)
+            if res is Outcome.RETRY:
+                p.deferred.append((ev, t_read))
+                return
+            if res is not Outcome.DONE:
+                return  # gone or lost: already handled
+            p.pages_fault += 0  # accounted in _fill
+            if addr in p.pending:  # not filled (vma split under it...): make sure the thread is not stuck
+                p.uffd.wake(addr, PAGE_SIZE)
+        p.faults += 1
+        p.cursor = addr
+        self._latencies.append(time.perf_counter_ns() - t_read)
+        if not p.pending and p.key in self._procs:
+            self._finish(p, "complete")
+
+    def _fill(self, p: _Proc, start: int, npages: int, fidx: int, *, background: bool = False) -> Outcome:
+        """Copy pending run [start, +npages) from file page fidx. Returns DONE (whatever could be filled was),
+        RETRY (nothing more done: read events first), GONE or the process was lost (p no longer served)."""
+        stack = [(start, npages, fidx)]
+        woke_needed = False
+        while stack:
+            start, npages, fidx = stack.pop()
+            while npages > 0:
+                try:
+                    src = p.source.address(fidx, npages)
+                    n, out = p.uffd.copy(start, src, npages * PAGE_SIZE)
+                except PageSourceLost as e:
+                    self._lose(p, str(e))
+                    return Outcome.GONE
+                except KernelError as e:
+                    self._lose(p, f"{p.source.name}: UFFDIO_COPY failed: {e}")
+                    return Outcome.GONE
+                if n:
+                    p.pending.take(start, n)
+                    pages = n // PAGE_SIZE
+                    self._done_bytes += n
+                    if background:
+                        p.pages_background += pages
+                    else:
+                        p.pages_fault += pages
+                if out is Outcome.DONE:
+                    break
+                if out is Outcome.PARTIAL or out is Outcome.EXISTS:
+                    # skip the page found present (the process or a sibling has it)
+                    skip = n + PAGE_SIZE
+                    p.pending.take(start + n, PAGE_SIZE)
+                    woke_needed = True
+                    start += skip
+                    npages -= skip // PAGE_SIZE
+                    fidx += skip // PAGE_SIZE
+                    continue
+                if out is Outcome.RETRY:
+                    return Outcome.RETRY
+                if out is Outcome.GONE:
+                    self._finish(p, "gone")
+                    return Outcome.GONE
+                # NOENT: the range is not one registered vma (any more)
+                if npages == 1:
+                    p.dropped_pages += p.pending.take(start, PAGE_SIZE)
+                    log.debug("%s: page %#x has no registered vma: dropped", p.label, start)
+                    break
+                half = npages // 2
+                stack.append((start + half * PAGE_SIZE, npages - half, fidx + half))
+                npages = half
+        if woke_needed and not background:
+            with contextlib.suppress(KernelError):
+                p.uffd.wake(start & ~(self.fault_batch * PAGE_SIZE - 1), self.fault_batch * PAGE_SIZE)
+        return Outcome.DONE
+
+    # -- background ----------------------------------------------------------------------------------------
+
+    def _background_step(self) -> None:
+        """Fill at least chunk_size bytes (or 1 ms worth of small runs) of one process."""
+        while self._rr:
+            key = self._rr[0]
+            p = self._procs.get(key)
+            if p is None:
+                self._rr.popleft()
+                continue
+            if not p.pending:
+                self._rr.rotate(-1)
+                if all(not q.pending for q in self._procs.values()):
+                    return
+                continue
+            break
+        else:
+            return
+        t0 = time.perf_counter_ns()
+        budget = self.chunk_size
+        while budget > 0 and p.key in self._procs:
+            c = p.pending.next_chunk(p.cursor, budget)
+            if c is None:
+                break
+            start, npages, fidx = c
+            before = self._done_bytes
+            res = self._fill(p, start, npages, fidx, background=True)
+            budget -= max(npages * PAGE_SIZE, 1)
+            self._bg_bytes += self._done_bytes - before
+            if res is not Outcome.DONE:
+                break
+            p.cursor = start + npages * PAGE_SIZE
+            if time.perf_counter_ns() - t0 > 1_000_000:
+                break
+        self._bg_ns += time.perf_counter_ns() - t0
+        if p.key in self._procs:
+            if not p.pending:
+                self._finish(p, "complete")
+            else:
+                self._rr.rotate(-1)
+
+    def _check_idle(self) -> None:
+        """Without background transfer, a process whose pid is unknown can exit unnoticed: probe such ones by
+        filling one page they need anyway (ESRCH then tells they are gone)."""
+        for p in list(self._procs.values()):
+            if p.pidfd is None and p.pending and not p.unresolved:
+                c = p.pending.next_chunk(p.cursor, PAGE_SIZE)
+                if c is not None:
+                    self._fill(p, *c, background=True)
+
+    # -- fork ----------------------------------------------------------------------------------------------
+
+    def _on_fork(self, parent: _Proc, ev: Fork) -> None:
+        try:
+            uffd = Uffd.adopt(ev.ufd)
+        except LazarusError as e:  # a child that died at once can leave an unusable fd (pitfall 14)
+            log.debug("%s: fork child's uffd %d unusable: %s", parent.label, ev.ufd, e)
+            with contextlib.suppress(OSError):
+                os.close(ev.ufd)
+            return
+        child = _Proc(key=uffd.fd, uffd=uffd, source=parent.source, pending=parent.pending.copy(), pid=None,
+                      parent_pid=parent.pid, cursor=parent.cursor, fork_time=time.monotonic())
+        self._register(child)
+        if self.guard is not None:
+            self.guard.add(child.key, uffd.fd, pid=None, parent=parent.key)
+        if parent.pid is not None:
+            if parent.unresolved:
+                # a single-threaded parent is out of its previous fork: that child is linked by now
+                self._resolve_parent(parent)
+            parent.unresolved.append(child)
+            self._resolve_parent(parent)
+        log.debug("%s: fork: child served on uffd %d with %d pending pages", parent.label, child.key,
+                  child.pending.pages)
+
+    def _resolve_forks(self) -> None:
+        for p in list(self._procs.values()):
+            if p.unresolved:
+                self._resolve_parent(p)
+
+    def _resolve_parent(self, parent: _Proc) -> None:
+        if parent.pid is None:
+            return
+        try:
+            kids = _children(parent.pid)
+        except (LazarusError, OSError):
+            kids = []
+        new = sorted(k for k in kids if k not in parent.seen_children and k not in self._served_pids())
+        while parent.unresolved and new:
+            child = parent.unresolved.popleft()
+            if child.key not in self._procs or child.pid is not None:
+                continue
+            self._set_pid(child, new.pop(0))
+            parent.seen_children.add(child.pid)  # type: ignore[arg-type]
+        now = time.monotonic()
+        while parent.unresolved and now - (parent.unresolved[0].fork_time or now) > FORK_RESOLVE_TIMEOUT:
+            child = parent.unresolved.popleft()
+            log.debug("%s: pid of fork child on uffd %d not found", parent.label, child.key)
+
+    def _served_pids(self) -> set[int]:
+        return {p.pid for p in self._procs.values() if p.pid is not None}
+
+    def _set_pid(self, child: _Proc, pid: int) -> None:
+        try:
+            pidfd = PidFd.open(pid)
+        except NoSuchTask:
+            pidfd = None
+        child.pid = pid
+        child.pidfd = pidfd
+        if pidfd is not None:
+            self._sel.register(pidfd.fd, selectors.EVENT_READ, ("pidfd", child))
+        if self.guard is not None:
+            self.guard.set_pid(child.key, pid, pidfd.fd if pidfd else None)
+        log.debug("uffd %d: fork child is pid %d", child.key, pid)
+        if pidfd is None:
+            self._finish(child, "exited")
+
+    def _pid_from_tid(self, p: _Proc, tid: int) -> None:
+        """THREAD_ID: the faulting thread's id, in the child's pid namespace; usable when that is ours."""
+        try:
+            if p.parent_pid is None or os.stat(f"/proc/{p.parent_pid}/ns/pid").st_ino != self._our_ns:
+                return
+            with open(f"/proc/{tid}/status") as f:
+                tgid = next(int(line.split()[1]) for line in f if line.startswith("Tgid:"))
+        except (OSError, StopIteration, ValueError):
+            return
+        for q in self._procs.values():
+            if p in q.unresolved:
+                q.unresolved.remove(p)
+                q.seen_children.add(tgid)
+        self._set_pid(p, tgid)
+
+    # -- endings -------------------------------------------------------------------------------------------
+
+    def _finish(self, p: _Proc, state: str, reason: str = "") -> None:
+        if p.key not in self._procs:
+            return
+        del self._procs[p.key]
+        p.state, p.reason, p.ended = state, reason, time.monotonic()
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(p.uffd.fd)
+        if p.pidfd is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(p.pidfd.fd)
+        if self.guard is not None and state != "lost":
+            self.guard.complete(p.key)
+        p.uffd.close()
+        if p.pidfd is not None:
+            p.pidfd.close()
+        self._done.append(p)
+        if state == "complete":
+            log.debug("%s: complete: %d pages (%d by fault, %d in background) in %.3fs", p.label,
+                      p.total_pages, p.pages_fault, p.pages_background, p.ended - p.started)
+        else:
+            log.debug("%s: %s %s", p.label, state, reason)
+
+    def _lose(self, p: _Proc, reason: str) -> None:
+        """The page source failed for p: kill it (and wait, bounded, for it to be gone) before its uffd is
+        closed, so that it never runs on zeros; report it."""
+        log.error("pid %s killed: its page source was lost (%s)", p.pid if p.pid is not None else "?", reason)
+        if self.guard is not None:
+            self.guard.lost(p.key, reason)
+        if p.pidfd is not None:
+            with contextlib.suppress(LazarusError, OSError):
+                p.pidfd.send_signal(signal.SIGKILL)
+            p.pidfd.wait(5.0)
+        elif p.pid is not None:
+            with contextlib.suppress(OSError):
+                os.kill(p.pid, signal.SIGKILL)
+        self._finish(p, "lost", reason)
+
+    def close(self) -> None:
+        """Stop serving. Processes still incomplete are killed (they cannot go on without their pages); the
+        guard, if any, is told we are done."""
+        for p in list(self._procs.values()):
+            if p.pending:
+                self._lose(p, "the lazy server stopped before the restore completed")
+            else:
+                self._finish(p, "complete")
+        self._sel.close()
+        if self.guard is not None:
+            self.guard.close()
+
+    def __enter__(self) -> LazyServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reporting -----------------------------------------------------------------------------------------
+
+    @property
+    def processes(self) -> list[dict]:
+        """Every process served so far (current and finished), as dicts."""
+        out = []
+        for p in self._done + list(self._procs.values()):
+            out.append({
+                "key": p.key, "pid": p.pid, "parent_pid": p.parent_pid, "state": p.state, "reason": p.reason,
+                "pages_total": p.total_pages, "pages_fault": p.pages_fault,
+                "pages_background": p.pages_background, "zero_pages": p.zero_pages,
+                "dropped_pages": p.dropped_pages, "faults": p.faults,
+                "seconds": None if p.ended is None else round(p.ended - p.started, 6),
+            })
+        return out
+
+    def stats(self) -> dict:
+        lat = sorted(self._latencies)
+
+        def pct(q: float) -> float | None:
+            if not lat:
+                return None
+            return round(lat[min(len(lat) - 1, int(q * (len(lat) - 1) + 0.5))] / 1000, 2)
+
+        procs = self.processes
+        end = self._t_end if self._t_end is not None else time.monotonic()
+        return {
+            "processes": procs,
+            "faults": sum(p["faults"] for p in procs),
+            "pages_fault": sum(p["pages_fault"] for p in procs),
+            "pages_background": sum(p["pages_background"] for p in procs),
+            "zero_pages": sum(p["zero_pages"] for p in procs),
+            "fault_latency_us": {"median": pct(0.5), "p99": pct(0.99), "max": pct(1.0),
+                                 "mean": round(sum(lat) / len(lat) / 1000, 2) if lat else None},
+            "time_to_complete_s": None if self._t0 is None else round(end - self._t0, 6),
+            "background_bytes": self._bg_bytes,
+            "background_seconds": round(self._bg_ns / 1e9, 6),
+            "background_rate_gbps": round(self._bg_bytes / self._bg_ns, 3) if self._bg_ns else None,
+            "lost": [{"pid": p["pid"], "reason": p["reason"]} for p in procs if p["state"] == "lost"],
+        }
+
+    @property
+    def fault_latencies_ns(self) -> list[int]:
+        return list(self._latencies)
+
+    def write_stats(self, path: str | Path) -> None:
+        """Write stats() as JSON (atomically: temp file + rename)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.stats(), indent=2) + "\n")
+        os.replace(tmp, path)
+
+    def _report_progress(self, final: bool = False) -> None:
+        if self.progress is None:
+            return
+        now = time.monotonic()
+        if final or now - self._last_progress >= 0.1:
+            self._last_progress = now
+            try:
+                self.progress(self._done_bytes, self._total_bytes)
+            except Exception:  # a display problem must never stop the server
+                log.debug("progress callback failed", exc_info=True)
+
+
+def _children(pid: int) -> list[int]:
+    """Children of every thread of pid (from /proc/PID/task/TID/children)."""
+    out: list[int] = []
+    base = f"/proc/{pid}/task"
+    try:
+        tids = os.listdir(base)
+    except FileNotFoundError:
+        raise NoSuchTask(f"no such process {pid}", pid=pid) from None
+    for tid in tids:
+        try:
+            with open(f"{base}/{tid}/children", "rb") as f:
+                out += [int(x) for x in f.read().split()]
+        except OSError:
+            continue
+    return out
+
+
+__all__ = ["LazyServer", "ProgressCallback"]
+
+_ = abi  # the ABI module is the reference for the constants used through kernel.uffd
