@@ -28,6 +28,21 @@ _ALL_SIGNALS = (1 << 64) - 1 & ~((1 << (abi.SIGKILL - 1)) | (1 << (abi.SIGSTOP -
 _NEG1 = (1 << 64) - 1
 
 
+def restart_after_freeze(regs: abi.user_regs_struct) -> bool:
+    """Make a call that our freeze cut short with a plain -EINTR run again; returns whether it did.
+
+    rt_sigtimedwait answers any wakeup, our PTRACE_INTERRUPT included, with -EINTR rather than a restart
+    code, so a process caught in sigtimedwait would see a failure it never had. Nothing else can have
+    interrupted it here: a signal handler would have moved rip into the handler.
+    """
+    if regs.orig_rax == abi.SYS.rt_sigtimedwait and regs.rax == (-errno.EINTR) & _NEG1:
+        regs.rax = regs.orig_rax
+        regs.rip -= 2
+        regs.orig_rax = _NEG1
+        return True
+    return False
+
+
 def find_syscall_insn(pid: int, start: int, end: int) -> int | None:
     """Address of a `syscall` instruction (0f 05) in [start, end) of the task, or None."""
     with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:

@@ -19,7 +19,7 @@ from lazarus.errors import DumpError, KernelError, LazarusError, NoSuchTask, Uns
 from lazarus.images import ImageWriter
 from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.features import parse_xstate
-from lazarus.remote import RemoteTask, find_syscall_insn
+from lazarus.remote import RemoteTask, find_syscall_insn, restart_after_freeze
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False) -> DumpResul
                 raise DumpError(f"pid {pid}: no syscall instruction found to inject through")
             core = dump_registers(pid)
             remote = RemoteTask(pid, sys_ip)
+            restart_after_freeze(remote.saved_regs)  # for the original, should it resume
             signals = dump_signals(remote)
             misc = dump_misc(remote)
             brk = remote.syscall(abi.SYS.brk, 0)

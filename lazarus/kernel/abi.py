@@ -79,6 +79,7 @@ class SYS:
     setgroups = 116
     setresuid = 117
     setresgid = 119
+    rt_sigtimedwait = 128
     rt_sigqueueinfo = 129
     sigaltstack = 131
     personality = 135

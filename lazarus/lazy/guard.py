@@ -231,9 +231,7 @@ class _GuardState:
             if e is not None:
                 self.kill([e], msg.get("reason") or "page source failed")
             return True
-        if op == "done":
-            return False
-        return True
+        return op != "done"
 
     def _kill_one(self, e: _Entry) -> list[int]:
         """SIGKILL the process of e; returns pidfds to wait on (owned by the caller if not e.pidfd)."""

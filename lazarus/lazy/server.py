@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lazarus.errors import KernelError, LazarusError, NoSuchTask, PageSourceLost
-from lazarus.kernel import abi
 from lazarus.kernel.pidfd import PidFd
 from lazarus.kernel.uffd import (
     Fork,
@@ -135,6 +134,7 @@ class LazyServer:
         self._total_bytes = 0
         self._done_bytes = 0
         self._our_ns = os.stat("/proc/self/ns/pid").st_ino
+        self._skipped = False
 
     # -- setup ---------------------------------------------------------------------------------------------
 
@@ -257,6 +257,8 @@ class LazyServer:
     # -- faults --------------------------------------------------------------------------------------------
 
     def _serve_fault(self, p: _Proc, ev: PageFault, t_read: int) -> None:
+        if p.key not in self._procs:
+            return
         addr = ev.address & ~_MASK
         if ev.tid and p.pid is None:
             self._pid_from_tid(p, ev.tid)
@@ -281,8 +283,7 @@ class LazyServer:
                 return
             if res is not Outcome.DONE:
                 return  # gone or lost: already handled
-            p.pages_fault += 0  # accounted in _fill
-            if addr in p.pending:  # not filled (vma split under it...): make sure the thread is not stuck
+            if self._skipped:  # the faulting page may have been found present: make sure the thread runs
                 p.uffd.wake(addr, PAGE_SIZE)
         p.faults += 1
         p.cursor = addr
@@ -294,7 +295,7 @@ class LazyServer:
         """Copy pending run [start, +npages) from file page fidx. Returns DONE (whatever could be filled was),
         RETRY (nothing more done: read events first), GONE or the process was lost (p no longer served)."""
         stack = [(start, npages, fidx)]
-        woke_needed = False
+        self._skipped = False
         while stack:
             start, npages, fidx = stack.pop()
             while npages > 0:
@@ -321,7 +322,7 @@ class LazyServer:
                     # skip the page found present (the process or a sibling has it)
                     skip = n + PAGE_SIZE
                     p.pending.take(start + n, PAGE_SIZE)
-                    woke_needed = True
+                    self._skipped = True
                     start += skip
                     npages -= skip // PAGE_SIZE
                     fidx += skip // PAGE_SIZE
@@ -339,9 +340,6 @@ class LazyServer:
                 half = npages // 2
                 stack.append((start + half * PAGE_SIZE, npages - half, fidx + half))
                 npages = half
-        if woke_needed and not background:
-            with contextlib.suppress(KernelError):
-                p.uffd.wake(start & ~(self.fault_batch * PAGE_SIZE - 1), self.fault_batch * PAGE_SIZE)
         return Outcome.DONE
 
     # -- background ----------------------------------------------------------------------------------------
@@ -614,5 +612,3 @@ def _children(pid: int) -> list[int]:
 
 
 __all__ = ["LazyServer", "ProgressCallback"]
-
-_ = abi  # the ABI module is the reference for the constants used through kernel.uffd

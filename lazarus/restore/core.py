@@ -8,7 +8,7 @@ from typing import Any
 from lazarus.errors import KernelError, RestoreError
 from lazarus.kernel import abi, ptrace
 from lazarus.kernel.syscall import prlimit
-from lazarus.remote import RemoteTask
+from lazarus.remote import RemoteTask, restart_after_freeze
 
 _NEG1 = (1 << 64) - 1
 RLIMIT_NOFILE = 7
@@ -114,6 +114,8 @@ def final_registers(core: dict[str, Any]) -> tuple[abi.user_regs_struct, bool]:
     glibc's sleep) we sleep only the remaining time.
     """
     regs = ptrace.regs_from_bytes(bytes.fromhex(core["regs"]))
+    if restart_after_freeze(regs):
+        return regs, False
     orig = regs.orig_rax
     ret = regs.rax - (1 << 64) if regs.rax >= (1 << 63) else regs.rax
     if orig >= (1 << 63) or -ret not in abi.RESTART_ERRNOS:

@@ -170,12 +170,13 @@ static void verify(const char *mode)
 		LAZ_CHECK(m == (corrupt ? 1 : 2), "seccomp: mode %d, expected 2", m);
 	} else if (!strcmp(mode, "uffd")) {
 		struct uffdio_zeropage zp = { .range = { (uintptr_t)uffd_area, LAZ_PAGE } };
+		struct uffd_msg msg;
 		ssize_t n;
 
 		if (corrupt)
 			close(fds[0]);
 		errno = 0;
-		n = read(fds[0], buf, sizeof(buf));
+		n = read(fds[0], &msg, sizeof(msg));
 		LAZ_CHECK(n < 0 && errno == EAGAIN, "uffd: read gave %zd errno %d, expected EAGAIN", n, errno);
 		LAZ_CHECK(ioctl(fds[0], UFFDIO_ZEROPAGE, &zp) == 0 && uffd_area[100] == 0, "uffd: UFFDIO_ZEROPAGE failed");
 	} else if (corrupt) {
