@@ -137,20 +137,65 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from lazarus.kernel.ptrace import wait
     from lazarus.restore import restore
     if args.lazy:
-        from lazarus.errors import FeatureMissing
-        raise FeatureMissing("lazy restore is not available in this build yet")
+        from lazarus.kernel import features
+        features.require("lazy")
     res = restore(args.dir, lazy=args.lazy)
     if args.pidfile:
         args.pidfile.write_text(f"{res.pid}\n")
     print(f"restored pid {res.pid} in {res.seconds * 1000:.0f} ms ({res.pages_written} pages written)",
           file=sys.stderr if not args.detach else sys.stdout)
     sys.stdout.flush()
-    if args.detach:
+    if res.lazy is not None:
+        uffd, source = res.lazy
+        if args.detach:
+            if os.fork():
+                uffd.close()
+                return 0
+            # The daemon serving the pages: its own session, so the caller's terminal going away or
+            # the caller waiting for its children does not involve it.
+            os.setsid()
+            code = 0
+            try:
+                serve_lazy(args, res.pid, uffd, source, progress=False)
+            except BaseException as e:  # noqa: BLE001 - a daemon reports and exits
+                print(f"lazarus: lazy-pages: error: {e}", file=sys.stderr)
+                code = 1
+            finally:
+                os._exit(code)
+        serve_lazy(args, res.pid, uffd, source, progress=sys.stderr.isatty())
+    elif args.detach:
         return 0
     st = wait(res.pid, timeout=float("inf"))
     while st.stopped:
         st = wait(res.pid, timeout=float("inf"))
     return st.exit_code if st.exited else 128 + st.term_sig
+
+
+def serve_lazy(args: argparse.Namespace, pid: int, uffd: Any, source: Any, *, progress: bool) -> dict:
+    """Run the lazy-pages server for one restored process, with a guard that kills it if we die."""
+    from lazarus.lazy.guard import Guard
+    from lazarus.lazy.server import LazyServer
+    guard = Guard.start()
+    bar = None
+    cb = None
+    if progress:
+        from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+        bar = Progress("lazy pages", BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True)
+        task = bar.add_task("pages", total=None)
+        bar.start()
+
+        def cb(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+    try:
+        server = LazyServer(background=not args.no_background, stats_path=args.stats, progress=cb, guard=guard)
+        server.add_process(pid, uffd, source)
+        stats = server.run()
+    finally:
+        if bar is not None:
+            bar.stop()
+        guard.close()
+    log.info("lazy pages done: %s", stats)
+    return stats
 
 
 def _summary(img: Any) -> dict[str, Any]:

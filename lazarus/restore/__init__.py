@@ -22,8 +22,10 @@ from lazarus.remote import RemoteTask
 from lazarus.restore import core as rcore
 from lazarus.restore.files import FdRestorer, check_files
 from lazarus.restore.uffd import LAZY_FEATURES, copy_all, lazy_ranges, uffd_in_task
+from lazarus.lazy.sources import ImagePageSource
 from lazarus.restore.memory import (
     SpaceBuilder,
+    is_lazy,
     clear_address_space,
     close_inherited_fds,
     move_vdso,
@@ -132,20 +134,17 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False) -> Restored:
         page_file = img.page_file(pid) if img.has_pages(pid) else None
         written = 0
         handover = None
+        ranges = lazy_ranges(mm["vmas"]) if page_file is not None else []
         if page_file is not None:
             # Private file pages go through /proc/pid/mem; anonymous memory through a uffd made inside
             # the task: filled now by large UFFDIO_COPYs (eager) or served on demand (lazy).
             written = space.write_pages(mm["vmas"], page_file, skip_lazy=True)
-            ranges = lazy_ranges(mm["vmas"])
-            if ranges:
-                uffd = uffd_in_task(remote, ranges, LAZY_FEATURES if lazy else 0)
-                if lazy:
-                    handover = uffd
-                else:
-                    try:
-                        written += copy_all(uffd, mm["vmas"], page_file)
-                    finally:
-                        uffd.close()
+            if ranges and not lazy:
+                uffd = uffd_in_task(remote, ranges, 0)
+                try:
+                    written += copy_all(uffd, mm["vmas"], page_file)
+                finally:
+                    uffd.close()
         timings["pages"] = time.monotonic() - t0
 
         set_mm(remote, space, mm)
@@ -155,7 +154,15 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False) -> Restored:
         for ofd in space.state.object_fds.values():
             remote.syscall(abi.SYS.close, ofd)
         rcore.restore_signals(remote, task["signals"])
+        if lazy and ranges:
+            # The kernel writes the rseq area when it is registered: that page must be in before the
+            # range is handed to userfaultfd, or the injected call would wait on a fault nobody serves.
+            rseq = task["misc"].get("rseq")
+            if rseq:
+                written += space.write_range(mm["vmas"], page_file, rseq["addr"], rseq["addr"] + rseq["size"])
         rcore.restore_misc(remote, task["misc"])
+        if lazy and ranges:
+            handover = uffd_in_task(remote, ranges, LAZY_FEATURES)
         rcore.restore_creds(remote, task["misc"]["creds"])
         # Last injected call: remove the trampoline. We stop at its syscall exit (pitfall 16).
         remote.syscall(abi.SYS.munmap, tramp.addr, TRAMPOLINE_SIZE)
@@ -165,8 +172,12 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False) -> Restored:
         timings["running"] = time.monotonic() - t0
         if page_file is not None and not lazy:
             page_file.close()
+        source = None
+        if handover is not None:
+            source = ImagePageSource([v for v in mm["vmas"] if is_lazy(v)], page_file,
+                                     name=f"pages-{pid}.img")
         return Restored(child, time.monotonic() - t0, written, timings=timings,
-                        lazy=(handover, page_file) if handover is not None else None)
+                        lazy=(handover, source) if handover is not None else None)
     except BaseException as e:
         if child:
             rcore.kill_quietly(child)

@@ -210,6 +210,22 @@ class SpaceBuilder:
         return written
 
 
+    def write_range(self, vmas: list[dict[str, Any]], page_file: Any, start: int, end: int) -> int:
+        """Write the saved pages that overlap [start, end) now (pages the restore itself touches)."""
+        lo, hi = start & ~(abi.PAGE_SIZE - 1), (end + abi.PAGE_SIZE - 1) & ~(abi.PAGE_SIZE - 1)
+        picked = []
+        for v in vmas:
+            if v["end"] <= lo or v["start"] >= hi:
+                continue
+            for vaddr, n, idx in v["pages"]:
+                a, b = max(vaddr, lo), min(vaddr + n * abi.PAGE_SIZE, hi)
+                if a < b:
+                    first = idx + (a - vaddr) // abi.PAGE_SIZE
+                    picked.append({"kind": "file", "shared": False, "path": "", "start": a, "end": b,
+                                   "pages": [[a, (b - a) // abi.PAGE_SIZE, first]]})
+        return self.write_pages(picked, page_file, skip_lazy=False)
+
+
 def is_lazy(vma: dict[str, Any]) -> bool:
     """Whether a lazy restore serves this vma through userfaultfd (anonymous private memory)."""
     return vma["kind"] == "anon" and not vma["shared"]

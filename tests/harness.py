@@ -1,0 +1,733 @@
+"""Test harness for the self-verifying targets in tests/targets/ and the `lazarus` CLI.
+
+It knows nothing of what a target checks (the target does that itself, see
+tests/targets/common.h): it builds the targets, starts them, waits for READY, drives
+`lazarus dump`/`restore`, sends each target's trigger and waits for PASS or FAIL.
+
+Everything it starts is registered and killed by pid (identified by pid *and* start time, so a
+reused pid is never hit) at cleanup, including restored processes read from --pidfile and
+orphans reparented to pytest, which conftest.py makes a child subreaper for this purpose.
+
+Only test code may use ctypes outside lazarus/kernel/; here it is used for prctl() alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TARGETS_SRC = Path(__file__).resolve().parent / "targets"
+
+# C targets and the extra gcc flags each needs.
+C_TARGETS: dict[str, tuple[str, ...]] = {
+    "memory": (),
+    "regs": (),
+    "signals": (),
+    "fds": (),
+    "sleeper": (),
+    "misc": (),
+    "unsupported": ("-pthread",),
+}
+CFLAGS = ("-O1", "-g", "-Wall", "-Werror")
+
+# x86_64 system call numbers a target may be found sleeping in (asm/unistd_64.h).
+SYS_READ = 0
+SYS_POLL = 7
+SYS_PAUSE = 34
+SYS_NANOSLEEP = 35
+SYS_RT_SIGTIMEDWAIT = 128
+SYS_RT_SIGSUSPEND = 130
+SYS_FUTEX = 202
+SYS_CLOCK_NANOSLEEP = 230
+
+PR_SET_CHILD_SUBREAPER = 36
+WAKEUP = b"lazarus-wakeup\n"  # what the sleeper's read/poll modes expect on fd 21
+SLEEPER_WAKEUP_FD = 21
+
+DEFAULT_READY_TIMEOUT = 15.0
+DEFAULT_RESULT_TIMEOUT = 60.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Process bookkeeping
+
+
+def set_child_subreaper() -> None:
+    """Make this process adopt orphaned descendants (restored processes, daemons) so they can be reaped."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+
+
+def start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (clock ticks since boot), or None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(stat[stat.rindex(")") + 2 :].split()[19])
+
+
+def proc_state(pid: int) -> str | None:
+    """One-letter state from /proc/PID/stat (Z for a zombie), None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat[stat.rindex(")") + 2]
+
+
+def is_alive(pid: int) -> bool:
+    """True if the pid exists and is not a zombie."""
+    return proc_state(pid) not in (None, "Z", "X")
+
+
+def children_of(ppid: int) -> set[int]:
+    """Pids whose parent is ppid (any state, zombies included)."""
+    out: set[int] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(stat[stat.rindex(")") + 2 :].split()[1]) == ppid:
+            out.add(int(entry))
+    return out
+
+
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def in_syscall(pid: int) -> int | None:
+    """The syscall number the task is blocked in, or None when running/stopped/gone."""
+    if proc_state(pid) not in ("S", "D"):
+        return None
+    try:
+        first = Path(f"/proc/{pid}/syscall").read_text().split()[0]
+    except (OSError, IndexError):
+        return None
+    return int(first) if first.lstrip("-").isdigit() and int(first) >= 0 else None
+
+
+def wait_in_syscall(pid: int, nr: int, timeout: float = 10.0) -> bool:
+    """Wait until the task sleeps in syscall `nr`. Returns False on timeout or if it died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if in_syscall(pid) == nr:
+            return True
+        if not is_alive(pid):
+            return False
+        time.sleep(0.01)
+    return False
+
+
+def reap(pid: int, timeout: float) -> int | None:
+    """Wait for a child (or adopted orphan) to exit and reap it. Returns the exit code (-signal),
+    or None on timeout. A pid that is not our child is only waited for until it disappears."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            got, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            if not is_alive(pid):
+                return None
+        else:
+            if got == pid:
+                return os.waitstatus_to_exitcode(status)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.01)
+
+
+@dataclass
+class Proc:
+    """A process identified by pid and start time."""
+
+    pid: int
+    started: int | None
+    what: str
+
+    def same(self) -> bool:
+        return self.started is not None and start_time(self.pid) == self.started
+
+    def kill(self) -> None:
+        if self.same():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------------------------
+# Targets
+
+
+@dataclass
+class Target:
+    """A running (original or restored) target process."""
+
+    name: str
+    pid: int
+    log: Path
+    exe: Path
+    popen: subprocess.Popen | None = None
+    since: int = 0  # log offset from which wait_result() looks for a result
+    args: tuple[str, ...] = ()
+
+    def alive(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is None
+        return is_alive(self.pid)
+
+    def signal(self, sig: int = signal.SIGUSR2) -> None:
+        os.kill(self.pid, sig)
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def mark(self) -> int:
+        """Look for results only after what the log holds now; returns that offset."""
+        self.since = self.log.stat().st_size if self.log.exists() else 0
+        return self.since
+
+    def wait_result(self, timeout: float = DEFAULT_RESULT_TIMEOUT) -> str:
+        return wait_for_result(self.log, timeout, since=self.since, target=self)
+
+    def wait_exit(self, timeout: float = 10.0) -> int | None:
+        """Exit code (negative signal number if killed), None if still running after timeout."""
+        if self.popen is not None:
+            try:
+                return self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return None
+        return reap(self.pid, timeout)
+
+    def describe(self) -> str:
+        return f"{self.name}{list(self.args)} pid {self.pid}; log {self.log}:\n{self.log_text()}"
+
+
+def wait_for_result(log: Path, timeout: float, since: int = 0, target: Target | None = None) -> str:
+    """The first result line ("PASS" or "FAIL: ...") written to log after byte offset `since`.
+
+    Returns a "TIMEOUT: ..." or "EXITED: ..." line instead when none comes in time or the target
+    (if given) died without writing one.
+    """
+    deadline = time.monotonic() + timeout
+    gone_at: float | None = None
+    while True:
+        try:
+            data = log.read_bytes()[since:]
+        except FileNotFoundError:
+            data = b""
+        for line in data.decode(errors="replace").splitlines():
+            if line == "PASS" or line.startswith("FAIL"):
+                return line
+        now = time.monotonic()
+        if target is not None and not target.alive():
+            gone_at = gone_at or now
+            if now - gone_at > 0.5:  # let a last write land
+                return f"EXITED: pid {target.pid} ended without a result"
+        if now >= deadline:
+            return f"TIMEOUT: no result within {timeout:.0f} s"
+        time.sleep(0.02)
+
+
+def wait_for_line(log: Path, line: str, timeout: float, since: int = 0, proc: subprocess.Popen | None = None) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError):
+            if line in log.read_bytes()[since:].decode(errors="replace").splitlines():
+                return True
+        if proc is not None and proc.poll() is not None:
+            return False
+        time.sleep(0.01)
+    return False
+
+
+def corrupt_points(log: Path) -> list[str]:
+    """The names a target declared in its '# corrupt-points:' line."""
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("# corrupt-points:"):
+            return line.split(":", 1)[1].split()
+    return []
+
+
+@dataclass(frozen=True)
+class Case:
+    """How to drive one target run: its arguments, trigger and where it sleeps while waiting.
+
+    trigger: "usr2" (send SIGUSR2), "pipe" (write WAKEUP into /proc/PID/fd/21) or "none".
+    syscall: the system call the target waits in; the harness waits for it before a dump and
+    before the trigger (so that pause() cannot miss a signal). None: the target runs.
+    """
+
+    id: str
+    target: str
+    args: tuple[str, ...] = ()
+    trigger: str = "usr2"
+    syscall: int | None = SYS_RT_SIGSUSPEND
+    selftest_args: tuple[str, ...] | None = None  # args for the corruption self-test, if different
+    timeout: float = DEFAULT_RESULT_TIMEOUT
+
+
+# Every target run the dump/restore tests go through (the unsupported targets are separate).
+CASES: tuple[Case, ...] = (
+    Case("memory-keep", "memory", ("keep",)),
+    Case("memory-close", "memory", ("close",)),
+    Case("regs", "regs", syscall=None),
+    Case("signals", "signals"),
+    Case("fds", "fds"),
+    Case("misc", "misc"),
+    Case("sleeper-nanosleep", "sleeper", ("nanosleep", "3"), "none", SYS_NANOSLEEP, ("nanosleep", "1")),
+    Case("sleeper-sleep", "sleeper", ("sleep", "3"), "none", SYS_CLOCK_NANOSLEEP, ("sleep", "1")),
+    Case("sleeper-read", "sleeper", ("read",), "pipe", SYS_READ),
+    Case("sleeper-poll", "sleeper", ("poll",), "pipe", SYS_POLL),
+    Case("sleeper-sigwait", "sleeper", ("sigwait",), "usr2", SYS_RT_SIGTIMEDWAIT),
+    Case("sleeper-futex", "sleeper", ("futex",), "usr2", SYS_FUTEX),
+    Case("sleeper-pause", "sleeper", ("pause",), "usr2", SYS_PAUSE),
+)
+CASES_BY_ID = {c.id: c for c in CASES}
+
+UNSUPPORTED_MODES = ("tcp", "thread", "child", "pty", "seccomp", "uffd", "plain")
+
+
+def target_python() -> Path:
+    """A plain interpreter (not this venv) for tests/targets/pyscript.py.
+
+    LAZ_TEST_PYTHON overrides; otherwise the interpreter this venv was made from."""
+    override = os.environ.get("LAZ_TEST_PYTHON")
+    if override:
+        return Path(override)
+    base = getattr(sys, "_base_executable", None) or sys.executable
+    return Path(os.path.realpath(base))
+
+
+def build_targets(out_dir: Path) -> dict[str, Path]:
+    """Compile every C target into out_dir; returns name -> binary. Raises on a compiler error."""
+    cc = os.environ.get("CC", "gcc")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bins: dict[str, Path] = {}
+    for name, extra in C_TARGETS.items():
+        exe = out_dir / name
+        cmd = [cc, *CFLAGS, *extra, "-o", str(exe), str(TARGETS_SRC / f"{name}.c")]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        if res.returncode != 0:
+            raise RuntimeError(f"building {name} failed:\n{' '.join(cmd)}\n{res.stderr}")
+        bins[name] = exe
+    return bins
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-test harness
+
+
+@dataclass
+class Restored:
+    """The outcome of a restore: the command (finished, or running without -d) and the new process."""
+
+    proc: subprocess.CompletedProcess | subprocess.Popen
+    pid: int | None
+    target: Target | None
+    stdout_path: Path | None = None
+    stderr_path: Path | None = None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode if isinstance(self.proc, subprocess.CompletedProcess) else self.proc.poll()
+
+    @property
+    def stderr(self) -> str:
+        if isinstance(self.proc, subprocess.CompletedProcess):
+            return self.proc.stderr or ""
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path and self.stderr_path.exists() else ""
+
+
+@dataclass
+class Harness:
+    """Starts targets and lazarus commands for one test and cleans up after it."""
+
+    bins: dict[str, Path]
+    work: Path
+    procs: list[Proc] = field(default_factory=list)
+    popens: list[subprocess.Popen] = field(default_factory=list)
+    _counter: int = 0
+
+    # -- paths -------------------------------------------------------------------------------
+
+    def path(self, stem: str) -> Path:
+        """A fresh, not yet existing path in the work dir."""
+        self._counter += 1
+        return self.work / f"{stem}-{self._counter}"
+
+    def image_dir(self, stem: str = "img") -> Path:
+        return self.path(stem)
+
+    # -- targets -----------------------------------------------------------------------------
+
+    def register(self, pid: int, what: str) -> None:
+        self.procs.append(Proc(pid, start_time(pid), what))
+
+    def start_target(
+        self,
+        name: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        stdout: int | None = None,
+        ready_timeout: float = DEFAULT_READY_TIMEOUT,
+        wait_ready: bool = True,
+    ) -> Target:
+        """Start a target with stdio on /dev/null in a new session and wait for READY.
+
+        name is a C target or "pyscript". stdout=subprocess.PIPE gives the harness the other end
+        of the target's stdout (the "pipe to another process" unsupported case)."""
+        log = self.path(f"{name}.log")
+        if name == "pyscript":
+            exe = target_python()
+            argv = [str(exe), "-I", str(TARGETS_SRC / "pyscript.py"), str(log), *args]
+        else:
+            exe = self.bins[name]
+            argv = [str(exe), str(log), *args]
+        full_env = {k: v for k, v in os.environ.items() if k != "LAZ_SELFTEST_CORRUPT"}
+        full_env.update(env or {})
+        popen = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL if stdout is None else stdout,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+            env=full_env,
+            cwd=self.work,
+        )
+        self.popens.append(popen)
+        self.register(popen.pid, f"target {name}")
+        target = Target(name, popen.pid, log, exe, popen, 0, tuple(args))
+        if wait_ready and not wait_for_line(log, "READY", ready_timeout, proc=popen):
+            raise AssertionError(f"target did not get READY within {ready_timeout} s: {target.describe()}")
+        for line in target.log_text().splitlines():  # a target's own children (unsupported child)
+            if line.startswith("# child: "):
+                self.register(int(line.split()[-1]), f"child of {name}")
+        return target
+
+    def start_case(self, case: Case, env: dict[str, str] | None = None, selftest: bool = False) -> Target:
+        args = case.selftest_args if selftest and case.selftest_args is not None else case.args
+        target = self.start_target(case.target, *args, env=env)
+        self.settle(case, target)
+        return target
+
+    def settle(self, case: Case, target: Target, timeout: float = 10.0) -> None:
+        """Wait until the target sleeps where the case says it waits (no-op for running targets)."""
+        if case.syscall is not None and not wait_in_syscall(target.pid, case.syscall, timeout):
+            raise AssertionError(
+                f"{case.id}: pid {target.pid} not sleeping in syscall {case.syscall} "
+                f"(now: {in_syscall(target.pid)}, state {proc_state(target.pid)}): {target.describe()}"
+            )
+
+    def trigger(self, case: Case, target: Target) -> None:
+        """Send the case's trigger to the target (after the log mark: results come after it)."""
+        if case.trigger == "usr2":
+            target.signal(signal.SIGUSR2)
+        elif case.trigger == "pipe":
+            with open(f"/proc/{target.pid}/fd/{SLEEPER_WAKEUP_FD}", "wb", buffering=0) as f:
+                f.write(WAKEUP)
+        elif case.trigger != "none":
+            raise ValueError(f"unknown trigger {case.trigger}")
+
+    def run_case(self, case: Case, target: Target) -> str:
+        """Settle, trigger and wait for the result of a target (original or restored)."""
+        self.settle(case, target)
+        self.trigger(case, target)
+        return target.wait_result(case.timeout)
+
+    # -- lazarus -----------------------------------------------------------------------------
+
+    def lazarus(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        """Run `python -m lazarus ARGS` from the repository root and capture its output."""
+        return subprocess.run(
+            [sys.executable, "-m", "lazarus", *args],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def dump(
+        self, target: Target | int, image_dir: Path, *extra: str, timeout: float = 120.0, reap_original: bool = True
+    ) -> subprocess.CompletedProcess:
+        """`lazarus dump -t PID -D DIR EXTRA`. After a successful dump that did not
+        --leave-running, the original is waited for (and reaped) so its pid is free again."""
+        pid = target if isinstance(target, int) else target.pid
+        res = self.lazarus("dump", "-t", str(pid), "-D", str(image_dir), *extra, timeout=timeout)
+        if (
+            reap_original
+            and isinstance(target, Target)
+            and res.returncode == 0
+            and "--leave-running" not in extra
+        ):
+            target.wait_exit(10.0)
+        return res
+
+    def restore(
+        self,
+        image_dir: Path,
+        *extra: str,
+        detach: bool = True,
+        lazy: bool = False,
+        like: Target | None = None,
+        timeout: float = 120.0,
+    ) -> Restored:
+        """`lazarus restore -D DIR [-d] --pidfile F [--lazy] EXTRA`.
+
+        detach=True runs the command to completion; detach=False leaves it running (it exits
+        with the restored process) and waits for the pidfile. The restored pid is registered for
+        cleanup; with `like` (the original Target) a Target for the restored process is made."""
+        pidfile = self.path("restore.pid")
+        args = ["restore", "-D", str(image_dir), "--pidfile", str(pidfile)]
+        if detach:
+            args.append("-d")
+        if lazy:
+            args.append("--lazy")
+        args.extend(extra)
+        if detach:
+            cp = self.lazarus(*args, timeout=timeout)
+            pid = read_pidfile(pidfile) if cp.returncode == 0 else None
+            result = Restored(cp, pid, None)
+        else:
+            out, err = self.path("restore.stdout"), self.path("restore.stderr")
+            with open(out, "wb") as fo, open(err, "wb") as fe:
+                popen = subprocess.Popen(
+                    [sys.executable, "-m", "lazarus", *args],
+                    cwd=REPO_ROOT,
+                    stdin=subprocess.DEVNULL,
+                    stdout=fo,
+                    stderr=fe,
+                )
+            self.popens.append(popen)
+            self.register(popen.pid, "lazarus restore")
+            pid = None
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and popen.poll() is None:
+                pid = read_pidfile(pidfile)
+                if pid is not None:
+                    break
+                time.sleep(0.02)
+            result = Restored(popen, pid, None, out, err)
+        if result.pid is not None:
+            self.register(result.pid, "restored process")
+            if like is not None:
+                restored = Target(like.name, result.pid, like.log, like.exe, None, 0, like.args)
+                wait_restored(restored, timeout=30.0)
+                restored.mark()
+                result.target = restored
+        return result
+
+    # -- cleanup -----------------------------------------------------------------------------
+
+    def cleanup(self, grace: float = 5.0) -> list[str]:
+        """Kill by pid everything this harness started or adopted; returns descriptions of
+        processes that were left behind by someone else (orphans adopted by pytest)."""
+        for proc in self.procs:
+            proc.kill()
+        for popen in self.popens:
+            if popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    popen.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                popen.wait(5.0)
+        known = {p.pid for p in self.popens}
+        for proc in self.procs:
+            if proc.pid not in known:
+                reap(proc.pid, 2.0)
+        return reap_orphans(known, grace)
+
+
+def reap_orphans(known: Iterable[int] = (), grace: float = 5.0) -> list[str]:
+    """Wait up to `grace` for adopted children of this (subreaper) process to exit, then kill
+    and reap the rest. Returns a description of each one that had to be killed."""
+    known = set(known)
+    deadline = time.monotonic() + grace
+    leftovers: list[str] = []
+    while True:
+        orphans = {pid for pid in children_of(os.getpid()) if pid not in known}
+        live = [pid for pid in orphans if is_alive(pid)]
+        for pid in orphans - set(live):
+            reap(pid, 0.5)
+        if not live:
+            return leftovers
+        if time.monotonic() >= deadline:
+            for pid in live:
+                leftovers.append(f"pid {pid} ({comm(pid)})")
+                Proc(pid, start_time(pid), "orphan").kill()
+                reap(pid, 2.0)
+            return leftovers
+        time.sleep(0.05)
+
+
+def read_pidfile(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def wait_restored(target: Target, timeout: float = 30.0) -> None:
+    """Wait until the restored pid runs the target's executable untraced."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            exe = os.readlink(f"/proc/{target.pid}/exe")
+            status = Path(f"/proc/{target.pid}/status").read_text()
+        except OSError as e:
+            last = str(e)
+        else:
+            tracer = re.search(r"^TracerPid:\s*(\d+)", status, re.M)
+            state = re.search(r"^State:\s*(\S)", status, re.M)
+            if (
+                os.path.realpath(exe) == os.path.realpath(target.exe)
+                and tracer is not None
+                and tracer.group(1) == "0"
+                and state is not None
+                and state.group(1) not in ("t", "T", "Z", "X")
+            ):
+                return
+            last = f"exe {exe}, tracer {tracer and tracer.group(1)}, state {state and state.group(1)}"
+        time.sleep(0.02)
+    raise AssertionError(f"restored pid {target.pid} not running {target.exe} within {timeout} s ({last})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks shared by the tests
+
+
+def assert_clean_error(res: subprocess.CompletedProcess, *patterns: str) -> str:
+    """A failed lazarus command: exit status != 0, stderr exactly one line starting
+    "lazarus: error:", no traceback anywhere, and each regex pattern found in that line."""
+    out = f"exit {res.returncode}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    assert res.returncode != 0, f"expected failure: {out}"
+    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout, f"traceback: {out}"
+    lines = res.stderr.strip("\n").splitlines()
+    assert len(lines) == 1, f"stderr must be one line: {out}"
+    assert lines[0].startswith("lazarus: error:"), f"stderr must start 'lazarus: error:': {out}"
+    for pattern in patterns:
+        assert re.search(pattern, lines[0], re.I), f"error should match /{pattern}/: {out}"
+    return lines[0]
+
+
+def snapshot(pid: int) -> dict[str, object]:
+    """What a refused dump must leave unchanged: signal state, threads, seccomp, tracer,
+    mappings, fds (number -> target) and cwd."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    fields = {}
+    for key in ("SigQ", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt", "Threads", "Seccomp", "NoNewPrivs",
+                "TracerPid"):
+        m = re.search(rf"^{key}:\s*(.*)$", status, re.M)
+        fields[key] = m.group(1).strip() if m else None
+    fds = {}
+    for fd in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
+        with contextlib.suppress(OSError):
+            fds[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+    return {
+        "status": fields,
+        "maps": Path(f"/proc/{pid}/maps").read_text(),
+        "fds": fds,
+        "cwd": os.readlink(f"/proc/{pid}/cwd"),
+        "start": start_time(pid),
+    }
+
+
+def diff_snapshots(before: dict[str, object], after: dict[str, object]) -> list[str]:
+    out = []
+    for key in before:
+        if before[key] != after[key]:
+            out.append(f"{key}: {before[key]!r} -> {after[key]!r}")
+    return out
+
+
+def find_kernel_thread() -> int | None:
+    """A kernel thread's pid (PF_KTHREAD set in /proc/PID/stat flags), preferring kthreadd."""
+    pf_kthread = 0x00200000
+    pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2 :].split()[6]) & pf_kthread:
+            return pid
+    return None
+
+
+def unused_pid() -> int:
+    """A pid no process has now (from the top of the pid space, which the tests do not reach)."""
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    for pid in range(pid_max - 1, 300, -1):
+        if not os.path.exists(f"/proc/{pid}"):
+            return pid
+    raise RuntimeError("no free pid")
+
+
+def image_files(image_dir: Path) -> list[Path]:
+    return sorted(p for p in image_dir.iterdir() if p.is_file())
+
+
+def copy_image(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def flip_byte(path: Path, offset: int | None = None) -> None:
+    """XOR one byte (the middle one by default) of a file with 0x01."""
+    data = bytearray(path.read_bytes())
+    if not data:
+        raise ValueError(f"{path} is empty")
+    i = len(data) // 2 if offset is None else offset
+    data[i] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def sibling_leftovers(image_dir: Path) -> list[str]:
+    """Anything named like image_dir (DIR, DIR.tmp-*) next to it."""
+    return sorted(p.name for p in image_dir.parent.iterdir() if p.name.startswith(image_dir.name))
+
+
+def expect_pass(result: str, *context: str | Target | subprocess.CompletedProcess | Restored) -> None:
+    """Assert a result line is PASS, with everything useful in the message otherwise."""
+    if result == "PASS":
+        return
+    parts = [result]
+    for c in context:
+        if isinstance(c, Target):
+            parts.append(c.describe())
+        elif isinstance(c, subprocess.CompletedProcess):
+            parts.append(f"{' '.join(map(str, c.args))}: exit {c.returncode}\n{c.stdout}{c.stderr}")
+        elif isinstance(c, Restored):
+            parts.append(f"restore: exit {c.returncode}\n{c.stderr}")
+        else:
+            parts.append(str(c))
+    raise AssertionError("\n".join(parts))
+
+
+def argv_str(args: Sequence[object]) -> str:
+    return " ".join(str(a) for a in args)
