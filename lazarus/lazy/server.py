@@ -135,6 +135,7 @@ class LazyServer:
         self._done_bytes = 0
         self._our_ns = os.stat("/proc/self/ns/pid").st_ino
         self._skipped = False
+        self._waiting_parents: dict[int, _Proc] = {}
 
     # -- setup ---------------------------------------------------------------------------------------------
 
@@ -185,7 +186,7 @@ class LazyServer:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"lazy server: {len(self._procs)} process(es) still served after {timeout}s")
             deferred = any(p.deferred for p in self._procs.values())
-            unresolved = any(p.unresolved for p in self._procs.values())
+            unresolved = bool(self._waiting_parents)
             if deferred:
                 wait: float | None = 0.001
             elif self.background and any(p.pending for p in self._procs.values()):
@@ -226,6 +227,12 @@ class LazyServer:
                 self._check_idle()
             self._report_progress()
         self._t_end = time.monotonic()
+        # for the record: children that completed before their parent came out of fork() (bounded)
+        give_up = time.monotonic() + 0.2
+        while self._waiting_parents and time.monotonic() < give_up:
+            self._resolve_forks()
+            if self._waiting_parents:
+                time.sleep(0.002)
         self._report_progress(final=True)
         stats = self.stats()
         if self.stats_path is not None:
@@ -296,6 +303,7 @@ class LazyServer:
         RETRY (nothing more done: read events first), GONE or the process was lost (p no longer served)."""
         stack = [(start, npages, fidx)]
         self._skipped = False
+        self._waiting_parents: dict[int, _Proc] = {}
         while stack:
             start, npages, fidx = stack.pop()
             while npages > 0:
@@ -387,7 +395,8 @@ class LazyServer:
         """Without background transfer, a process whose pid is unknown can exit unnoticed: probe such ones by
         filling one page they need anyway (ESRCH then tells they are gone)."""
         for p in list(self._procs.values()):
-            if p.pidfd is None and p.pending and not p.unresolved:
+            resolving = p.fork_time is not None and time.monotonic() - p.fork_time < FORK_RESOLVE_TIMEOUT
+            if p.pidfd is None and p.pending and not (p.pid is None and resolving):
                 c = p.pending.next_chunk(p.cursor, PAGE_SIZE)
                 if c is not None:
                     self._fill(p, *c, background=True)
@@ -412,14 +421,16 @@ class LazyServer:
                 # a single-threaded parent is out of its previous fork: that child is linked by now
                 self._resolve_parent(parent)
             parent.unresolved.append(child)
+            self._waiting_parents[parent.key] = parent
             self._resolve_parent(parent)
         log.debug("%s: fork: child served on uffd %d with %d pending pages", parent.label, child.key,
                   child.pending.pages)
 
     def _resolve_forks(self) -> None:
-        for p in list(self._procs.values()):
-            if p.unresolved:
-                self._resolve_parent(p)
+        for p in list(self._waiting_parents.values()):
+            self._resolve_parent(p)
+            if not p.unresolved:
+                del self._waiting_parents[p.key]
 
     def _resolve_parent(self, parent: _Proc) -> None:
         if parent.pid is None:
@@ -428,22 +439,27 @@ class LazyServer:
             kids = _children(parent.pid)
         except (LazarusError, OSError):
             kids = []
-        new = sorted(k for k in kids if k not in parent.seen_children and k not in self._served_pids())
+        known = self._known_pids()
+        new = sorted(k for k in kids if k not in parent.seen_children and k not in known)
         while parent.unresolved and new:
             child = parent.unresolved.popleft()
-            if child.key not in self._procs or child.pid is not None:
+            if child.pid is not None:
                 continue
-            self._set_pid(child, new.pop(0))
-            parent.seen_children.add(child.pid)  # type: ignore[arg-type]
+            pid = new.pop(0)
+            parent.seen_children.add(pid)
+            self._set_pid(child, pid)
         now = time.monotonic()
         while parent.unresolved and now - (parent.unresolved[0].fork_time or now) > FORK_RESOLVE_TIMEOUT:
             child = parent.unresolved.popleft()
             log.debug("%s: pid of fork child on uffd %d not found", parent.label, child.key)
 
-    def _served_pids(self) -> set[int]:
-        return {p.pid for p in self._procs.values() if p.pid is not None}
+    def _known_pids(self) -> set[int]:
+        return {p.pid for p in (*self._procs.values(), *self._done) if p.pid is not None}
 
     def _set_pid(self, child: _Proc, pid: int) -> None:
+        if child.key not in self._procs or child.state != "serving":
+            child.pid = pid  # finished already (e.g. all its pages went in the background): for the record
+            return
         try:
             pidfd = PidFd.open(pid)
         except NoSuchTask:
@@ -467,7 +483,7 @@ class LazyServer:
                 tgid = next(int(line.split()[1]) for line in f if line.startswith("Tgid:"))
         except (OSError, StopIteration, ValueError):
             return
-        for q in self._procs.values():
+        for q in self._waiting_parents.values():
             if p in q.unresolved:
                 q.unresolved.remove(p)
                 q.seen_children.add(tgid)

@@ -52,17 +52,28 @@ def trampoline_candidates(vmas: list[dict[str, Any]], size: int) -> list[int]:
     return out
 
 
+TASK_SIZE = 0x7FFF_FFFF_F000
+
+
 def clear_address_space(task: RemoteTask, keep: tuple[int, int]) -> dict[str, procfs.Vma]:
-    """Unmap everything the task inherited from the restorer except `keep` and the vdso block."""
+    """Unmap everything the task inherited from the restorer except `keep` and the vdso block.
+
+    A few munmaps over the gaps between what stays (munmap accepts holes), instead of one per vma: the
+    restorer is a Python process with a hundred or more mappings.
+    """
     specials: dict[str, procfs.Vma] = {}
+    stay = [keep]
     for vma in procfs.read_maps(task.pid):
-        name = vma.path.strip("[]")
         if vma.path in ("[vdso]", "[vvar]", "[vvar_vclock]"):
-            specials[name] = vma
-            continue
-        if vma.path == "[vsyscall]" or (vma.start >= keep[0] and vma.end <= keep[1]):
-            continue
-        task.syscall(abi.SYS.munmap, vma.start, vma.end - vma.start)
+            specials[vma.path.strip("[]")] = vma
+            stay.append((vma.start, vma.end))
+    cur = 0
+    for start, end in sorted(stay):
+        if start > cur:
+            task.syscall(abi.SYS.munmap, cur, start - cur)
+        cur = max(cur, end)
+    if cur < TASK_SIZE:
+        task.syscall(abi.SYS.munmap, cur, TASK_SIZE - cur)
     return specials
 
 

@@ -1,6 +1,6 @@
 /*
- * unsupported.c - a process holding one resource that a dump must refuse (and leave the
- * process running and unchanged). One mode per run, given as argv[2]:
+ * unsupported.c - exercises the dump's refusals: a process holding one resource that a dump
+ * must refuse (leaving the process running and unchanged). One mode per run, given as argv[2]:
  *
  *   tcp       a listening TCP socket on 127.0.0.1 and a connected pair to it
  *   thread    a second thread (blocked in read() on a pipe)

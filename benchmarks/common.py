@@ -1,0 +1,473 @@
+"""Helpers shared by the benchmarks: targets, running lazarus, reaping, kernel-limit probes, reference figures.
+
+Every benchmark runs as root from any directory; paths are relative to the repository root. The benchmark
+process makes itself a child subreaper so that a restored process (whose parent, `lazarus restore`, exits
+after `-d`) is re-parented to it and can be reaped with its exit status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import mmap
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+TARGETS = REPO / "benchmarks" / "targets"
+REFERENCE = REPO.parent / "shared" / "guide" / "BENCHMARKS.md"   # ../shared/guide/BENCHMARKS.md
+LAZARUS = [sys.executable, "-m", "lazarus"]
+MiB = 1 << 20
+PR_SET_CHILD_SUBREAPER = 36  # include/uapi/linux/prctl.h
+
+
+class BenchError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------
+# process plumbing
+
+
+def set_child_subreaper() -> None:
+    from lazarus.kernel import abi
+    from lazarus.kernel.syscall import syscall
+    syscall(abi.SYS.prctl, PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0, what="prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def build(source: Path, outdir: Path, *extra: str) -> Path:
+    """gcc -O2 SOURCE into OUTDIR; returns the binary."""
+    out = outdir / source.stem
+    res = subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(out), str(source), *extra],
+                         capture_output=True, text=True, timeout=120)
+    if res.returncode:
+        raise BenchError(f"gcc {source.name} failed:\n{res.stderr}")
+    return out
+
+
+def reap(pid: int, timeout: float) -> int | None:
+    """Wait for our child `pid`; returns its wait status, or None (timeout, or not our child)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            got, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return None
+        if got == pid:
+            return status
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.005)
+
+
+def reap_leftovers(timeout: float) -> None:
+    """Reap whatever children were re-parented to us (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            time.sleep(0.05)
+
+
+def wait_for(what: str, predicate: Callable[[], Any], timeout: float, interval: float = 0.005) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = predicate()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Target:
+    """A target program started by us: `binary LOGFILE args...`, stdio on /dev/null, its own session.
+
+    Follows the test-target protocol: it logs READY when set up, and PASS/FAIL after SIGUSR2.
+    """
+
+    def __init__(self, binary: Path, log: Path, *args: str) -> None:
+        self.binary = binary
+        self.log = log
+        log.unlink(missing_ok=True)
+        self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+            [str(binary), str(log), *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True, cwd=log.parent)
+        self.pid = self.proc.pid
+        self.alive = True
+
+    def lines(self) -> list[str]:
+        try:
+            return self.log.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+
+    def wait_ready(self, timeout: float = 120) -> list[str]:
+        def ready() -> bool:
+            lines = self.lines()
+            if any(ln.startswith("FAIL") for ln in lines):
+                raise BenchError(f"target {self.pid}: {lines[-1]}")
+            if self.proc is not None and self.proc.poll() is not None:
+                raise BenchError(f"target {self.pid} exited during setup ({self.proc.returncode})")
+            return "READY" in lines
+        wait_for(f"target {self.pid} to be ready", ready, timeout)
+        return self.lines()
+
+    def original_gone(self, timeout: float = 30) -> None:
+        """After a dump killed the original: reap it so that its pid is free again."""
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired as e:
+                raise BenchError(f"target {self.pid} still runs after its dump") from e
+            self.proc = None
+        self.alive = False
+
+    def restored(self) -> None:
+        """The pid runs again (a restored process, re-parented to us)."""
+        self.alive = True
+
+    def is_ours(self) -> bool:
+        with contextlib.suppress(OSError):
+            return os.readlink(f"/proc/{self.pid}/exe") == str(self.binary)
+        return False
+
+    def check(self, timeout: float = 120) -> str:
+        """SIGUSR2, then wait for the result line and the exit; returns "PASS" or raises BenchError."""
+        n = len(self.lines())
+        os.kill(self.pid, signal.SIGUSR2)
+        result = wait_for(f"PASS/FAIL from {self.pid}", lambda: next(
+            (ln for ln in self.lines()[n:] if ln.startswith(("PASS", "FAIL"))), None), timeout, 0.02)
+        status = reap(self.pid, 30)
+        self.alive = False
+        if not result.startswith("PASS"):
+            raise BenchError(f"restored target {self.pid}: {result}")
+        if status is not None and not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+            raise BenchError(f"restored target {self.pid} logged PASS but ended with status {status:#x}")
+        return result
+
+    def kill(self) -> None:
+        """Kill the target if it (still) runs; only ever our own binary at our pid."""
+        if self.proc is not None:
+            self.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+            self.proc = None
+        elif self.alive and self.is_ours():
+            os.kill(self.pid, signal.SIGKILL)
+            reap(self.pid, 10)
+        self.alive = False
+
+
+def region_of(lines: Iterable[str]) -> tuple[int, int]:
+    """(address, length) from the target's "# region ADDR LEN ..." line."""
+    for ln in lines:
+        m = re.match(r"# region (0x[0-9a-f]+) (\d+)", ln)
+        if m:
+            return int(m.group(1), 16), int(m.group(2))
+    raise BenchError("target did not log its region")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# running lazarus
+
+
+@dataclass
+class Run:
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+    wall: float
+
+    def check(self) -> Run:
+        if self.returncode:
+            msg = (self.stderr.strip() or self.stdout.strip()).splitlines()
+            raise BenchError(f"{' '.join(self.argv)}: exit {self.returncode}: {msg[-1] if msg else ''}")
+        return self
+
+
+def run(argv: Sequence[str], timeout: float = 600) -> Run:
+    """Run a command, timing its wall clock (stdin /dev/null, output captured)."""
+    t0 = time.perf_counter()
+    try:
+        res = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                             cwd=REPO)
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"{' '.join(argv)}: no answer within {timeout:.0f} s") from e
+    return Run(list(argv), res.returncode, res.stdout, res.stderr, time.perf_counter() - t0)
+
+
+def lazarus(*args: str, timeout: float = 600) -> Run:
+    return run([*LAZARUS, *args], timeout)
+
+
+def reported_ms(text: str, pattern: str) -> float | None:
+    m = re.search(pattern, text)
+    return float(m.group(1)) if m else None
+
+
+def dump_reported_s(out: str) -> float | None:
+    """Seconds from `dumped pid P to DIR: ... in X ms; ...`."""
+    ms = reported_ms(out, r"dumped pid \d+ .* in (\d+(?:\.\d+)?) ms")
+    return None if ms is None else ms / 1000
+
+
+def restore_reported(out: str) -> tuple[int, float] | None:
+    """(pid, seconds) from `restored pid N in X ms ...`."""
+    m = re.search(r"restored pid (\d+) in (\d+(?:\.\d+)?) ms", out)
+    return (int(m.group(1)), float(m.group(2)) / 1000) if m else None
+
+
+def python_startup_s(repeat: int = 5) -> float:
+    """Median wall time of `python -m lazarus --version`: the interpreter's share of every wall figure."""
+    return statistics.median(lazarus("--version", timeout=60).wall for _ in range(repeat))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# kernel limits measured in the same run
+
+
+def _populated_buffer(length: int) -> mmap.mmap:
+    buf = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0))
+    for off in range(0, length, mmap.PAGESIZE):  # make sure every page is there (MAP_POPULATE is a hint)
+        buf[off] = 1
+    return buf
+
+
+def process_vm_readv_gbps(pid: int, address: int, length: int, chunk: int = 64 * MiB) -> float:
+    """Rate (GB/s) of reading [address, address+length) of `pid` with process_vm_readv into a reused, already
+    populated buffer of `chunk` bytes (lazarus.kernel.vm.read_into, one iovec per call)."""
+    from lazarus.kernel import vm
+    chunk = min(chunk, length)
+    buf = _populated_buffer(chunk)
+    try:
+        vm.read_into(pid, [(address, chunk)], buf)  # warm the path once
+        t0 = time.perf_counter()
+        for off in range(0, length, chunk):
+            n = min(chunk, length - off)
+            vm.read_into(pid, [(address + off, n)], buf)
+        return length / (time.perf_counter() - t0) / 1e9
+    finally:
+        buf.close()
+
+
+def uffdio_copy_gbps(source: Path, length: int, step: int = 2 * MiB) -> float:
+    """Rate (GB/s) of filling a fresh, registered anonymous region of `length` bytes here with UFFDIO_COPY ioctls of
+    `step` bytes, from `source` mmap'd MAP_PRIVATE and populated first (as a restore reads a page file that
+    its checksum pass has already brought in)."""
+    from lazarus.kernel.syscall import buffer_address
+    from lazarus.kernel.uffd import Outcome, Uffd
+    size = os.path.getsize(source)
+    if size < step:
+        raise BenchError(f"{source}: {size} bytes, too small for a UFFDIO_COPY probe")
+    length = min(length, size) // step * step
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        src = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0),
+                        prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    dst = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        s = 0
+        for off in range(0, length, mmap.PAGESIZE):  # fault the whole source in (reads only)
+            s += src[off]
+        src_addr, dst_addr = buffer_address(src), buffer_address(dst)
+        with Uffd.create() as uffd:
+            uffd.register(dst_addr, length)
+            t0 = time.perf_counter()
+            for off in range(0, length, step):
+                got, outcome = uffd.copy(dst_addr + off, src_addr + off, step)
+                if outcome is not Outcome.DONE:
+                    raise BenchError(f"UFFDIO_COPY probe at +{off:#x}: {outcome.name}")
+            elapsed = time.perf_counter() - t0
+        return length / elapsed / 1e9
+    finally:
+        dst.close()
+        src.close()
+
+
+def gbps(nbytes: int, seconds: float | None) -> float | None:
+    return None if not seconds else nbytes / seconds / 1e9
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CRIU
+
+
+def criu_binary(minimum: int = 4) -> tuple[str, str] | None:
+    """(path, version) of a `criu` on PATH whose major version is >= minimum, else None."""
+    path = shutil.which("criu")
+    if path is None:
+        return None
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"Version:\s*(\d+)\.(\d+)(?:\.(\d+))?", out)
+    if not m or int(m.group(1)) < minimum:
+        return None
+    return path, ".".join(g for g in m.groups() if g is not None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reference figures (../shared/guide/BENCHMARKS.md)
+
+
+@dataclass
+class Reference:
+    """Tables of the reference file: CRIU rows {label: {MiB: seconds}} and kernel limits {operation: text}."""
+
+    path: Path
+    criu_title: str = ""
+    criu: dict[str, dict[int, float]] = field(default_factory=dict)
+    kernel: dict[str, str] = field(default_factory=dict)
+
+    def criu_row(self, prefix: str) -> dict[int, float]:
+        for label, row in self.criu.items():
+            if label.lower().startswith(prefix.lower()):
+                return row
+        return {}
+
+    def kernel_gbps(self, prefix: str) -> float | None:
+        for label, text in self.kernel.items():
+            if label.replace("`", "").lower().startswith(prefix.lower()):
+                m = re.search(r"(\d+(?:\.\d+)?)\s*GB/s", text)
+                if m:
+                    return float(m.group(1))
+        return None
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def read_reference(path: Path = REFERENCE) -> Reference | None:
+    """Parse the reference figures; None if the file is not there."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    ref = Reference(path)
+    section = ""
+    header: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            section, header = line[3:].strip(), None
+            continue
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = _cells(line)
+        if header is None:
+            header = cells
+            continue
+        if all(set(c) <= set("-: ") for c in cells):
+            continue
+        if section.lower().startswith("criu"):
+            ref.criu_title = section
+            sizes = [re.match(r"(\d+)\s*MiB", h) for h in header]
+            row: dict[int, float] = {}
+            for m, c in zip(sizes, cells, strict=False):
+                if m:
+                    with contextlib.suppress(ValueError):
+                        row[int(m.group(1))] = float(c)
+            ref.criu[cells[0]] = row
+        elif section.lower().startswith("kernel"):
+            ref.kernel[cells[0]] = cells[1] if len(cells) > 1 else ""
+    return ref
+
+
+# ---------------------------------------------------------------------------------------------------------
+# machine, output
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem = 0
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+                break
+    thp = ""
+    with contextlib.suppress(OSError), open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        thp = f.read().strip()
+    return {"kernel": platform.release(), "arch": platform.machine(), "cpu": model, "cpus": os.cpu_count(),
+            "memory_gib": round(mem / 2**30, 1), "thp": thp, "python": platform.python_version(),
+            "loadavg": os.getloadavg()}
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def filesystem_of(path: Path) -> str:
+    """The filesystem type holding `path` (from /proc/self/mounts, longest matching mount point)."""
+    best, kind = "", "?"
+    with contextlib.suppress(OSError), open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            mnt = parts[1]
+            if (str(path) == mnt or str(path).startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                best, kind = mnt, parts[2]
+    return kind
+
+
+def fmt(v: float | None, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+class Out:
+    """rich when stdout is a terminal, plain lines otherwise; tables are rich tables either way."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        self.tty = sys.stdout.isatty()
+        self.console = Console(highlight=False, soft_wrap=not self.tty)
+
+    def say(self, text: str) -> None:
+        if self.tty:
+            self.console.print(text, markup=False)
+        else:
+            print(text, flush=True)
+
+    def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], caption: str = "") -> None:
+        from rich.table import Table
+        t = Table(title=title, caption=caption or None, title_justify="left", caption_justify="left")
+        for i, c in enumerate(columns):
+            t.add_column(c, justify="left" if i == 0 else "right")
+        for r in rows:
+            t.add_row(*r)
+        self.console.print(t)
+
+    @staticmethod
+    def markdown(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+        lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)

@@ -1,0 +1,253 @@
+"""Dump and eager-restore throughput, against the kernel's limits measured in the same run and CRIU.
+
+For each size N (MiB) a target (benchmarks/targets/memhog.c) fills N MiB of anonymous memory. Each run:
+  1. process_vm_readv of the target's region into a populated buffer (the kernel limit for a dump);
+  2. `lazarus dump` (wall time, and the time the tool reports); the original is killed and reaped;
+  3. `lazarus restore -d` (wall time until it returns with the process running, and the reported time);
+  4. SIGUSR2: the restored target checks every word of its memory and must log PASS;
+  5. UFFDIO_COPY of the same amount in 2 MiB ioctls, from the dump's page file, into a fresh registered
+     anonymous region here (the kernel limit for an eager restore).
+One untimed round per size first (the first touch of memory on a fresh VM is slow). Medians of --runs runs.
+A CRIU column is added when a `criu` of version >= 4 is on PATH. The CRIU reference figures are read from
+../shared/guide/BENCHMARKS.md (relative to the repository root) and printed beside ours.
+
+Run as root: .venv/bin/python benchmarks/dump_restore.py [--sizes 64 512 2048] [--runs 3] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import (
+    TARGETS,
+    BenchError,
+    MiB,
+    Out,
+    Target,
+    build,
+    criu_binary,
+    dump_reported_s,
+    filesystem_of,
+    fmt,
+    gbps,
+    lazarus,
+    machine,
+    median,
+    now_iso,
+    process_vm_readv_gbps,
+    python_startup_s,
+    read_reference,
+    reap_leftovers,
+    region_of,
+    restore_reported,
+    run,
+    set_child_subreaper,
+    uffdio_copy_gbps,
+)
+
+METRICS = ("dump_wall", "dump_tool", "restore_wall", "restore_tool", "pvm_gbps", "uffd_gbps",
+           "criu_dump", "criu_restore")
+
+
+def lazarus_round(binary: Path, work: Path, mib: int) -> dict[str, Any]:
+    """One dump + eager restore + check of an N MiB target, with the kernel-limit probes around it."""
+    target = Target(binary, work / f"memhog-{mib}.log", str(mib))
+    image = work / f"image-{mib}"
+    pidfile = work / "restored.pid"
+    try:
+        addr, length = region_of(target.wait_ready(timeout=300))
+        out: dict[str, Any] = {"pid": target.pid}
+        out["pvm_gbps"] = process_vm_readv_gbps(target.pid, addr, length)
+
+        d = lazarus("dump", "-t", str(target.pid), "-D", str(image)).check()
+        target.original_gone()
+        out["dump_wall"], out["dump_tool"] = d.wall, dump_reported_s(d.stdout)
+
+        pidfile.unlink(missing_ok=True)
+        r = lazarus("restore", "-D", str(image), "-d", "--pidfile", str(pidfile)).check()
+        target.restored()
+        rep = restore_reported(r.stdout + r.stderr)
+        restored_pid = int(pidfile.read_text())
+        if restored_pid != target.pid or (rep and rep[0] != target.pid):
+            raise BenchError(f"restored as pid {restored_pid}, expected {target.pid}")
+        out["restore_wall"], out["restore_tool"] = r.wall, rep[1] if rep else None
+        out["result"] = target.check()
+
+        out["uffd_gbps"] = uffdio_copy_gbps(image / f"pages-{target.pid}.img", length)
+        return out
+    finally:
+        target.kill()
+        shutil.rmtree(image, ignore_errors=True)
+
+
+def criu_round(criu: str, binary: Path, work: Path, mib: int) -> dict[str, Any]:
+    """The same dump + eager restore + check with CRIU."""
+    target = Target(binary, work / f"memhog-criu-{mib}.log", str(mib))
+    image = work / f"criu-image-{mib}"
+    try:
+        target.wait_ready(timeout=300)
+        image.mkdir()
+        d = run([criu, "dump", "-t", str(target.pid), "-D", str(image), "-o", "dump.log"]).check()
+        target.original_gone()
+        r = run([criu, "restore", "-D", str(image), "-d", "-o", "restore.log"]).check()
+        target.restored()
+        return {"criu_dump": d.wall, "criu_restore": r.wall, "criu_result": target.check()}
+    finally:
+        target.kill()
+        shutil.rmtree(image, ignore_errors=True)
+
+
+def bench_size(out: Out, binary: Path, work: Path, mib: int, runs: int, warmup: bool,
+               criu: str | None) -> dict[str, Any]:
+    if warmup:
+        out.say(f"{mib} MiB: warm-up round (untimed)")
+        lazarus_round(binary, work, mib)
+    rounds: list[dict[str, Any]] = []
+    for i in range(runs):
+        res = lazarus_round(binary, work, mib)
+        if criu:
+            res.update(criu_round(criu, binary, work, mib))
+        rounds.append(res)
+        out.say(f"{mib} MiB run {i + 1}/{runs}: dump {fmt(res['dump_wall'])} s "
+                f"(tool {fmt(res['dump_tool'])}), restore {fmt(res['restore_wall'])} s "
+                f"(tool {fmt(res['restore_tool'])}), {res['result']}; process_vm_readv "
+                f"{fmt(res['pvm_gbps'], 2)} GB/s, UFFDIO_COPY 2M {fmt(res['uffd_gbps'], 2)} GB/s"
+                + (f"; CRIU dump {fmt(res['criu_dump'])} s, restore {fmt(res['criu_restore'])} s" if criu else ""))
+    med = {k: median(r.get(k) for r in rounds) for k in METRICS}
+    nbytes = mib * MiB
+    rates = {
+        "dump_gbps_wall": gbps(nbytes, med["dump_wall"]), "dump_gbps_tool": gbps(nbytes, med["dump_tool"]),
+        "restore_gbps_wall": gbps(nbytes, med["restore_wall"]),
+        "restore_gbps_tool": gbps(nbytes, med["restore_tool"]),
+    }
+    ratios = {
+        "dump_vs_pvm_wall": _ratio(rates["dump_gbps_wall"], med["pvm_gbps"]),
+        "dump_vs_pvm_tool": _ratio(rates["dump_gbps_tool"], med["pvm_gbps"]),
+        "restore_vs_uffd_wall": _ratio(rates["restore_gbps_wall"], med["uffd_gbps"]),
+        "restore_vs_uffd_tool": _ratio(rates["restore_gbps_tool"], med["uffd_gbps"]),
+    }
+    return {"mib": mib, "runs": rounds, "median": med, "rates": rates, "ratios": ratios}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def report(out: Out, results: list[dict[str, Any]], ref: Any, criu: tuple[str, str] | None, startup: float,
+           markdown: bool) -> None:
+    ref_dump = ref.criu_row("dump") if ref else {}
+    ref_restore = ref.criu_row("eager restore") if ref else {}
+    ref_title = ref.criu_title if ref else "CRIU reference (not found)"
+    cols = ["size", "dump (wall)", "dump (tool)", f"dump {ref_title}", "CRIU/ours",
+            "restore (wall)", "restore (tool)", f"restore {ref_title}", "CRIU/ours"]
+    if criu:
+        cols += [f"CRIU {criu[1]} dump here", f"CRIU {criu[1]} restore here"]
+    rows = []
+    for r in results:
+        m, mib = r["median"], r["mib"]
+        rd, rr = ref_dump.get(mib), ref_restore.get(mib)
+        row = [f"{mib} MiB", fmt(m["dump_wall"]), fmt(m["dump_tool"]), fmt(rd), _x(rd, m["dump_wall"]),
+               fmt(m["restore_wall"]), fmt(m["restore_tool"]), fmt(rr), _x(rr, m["restore_wall"])]
+        if criu:
+            row += [fmt(m["criu_dump"]), fmt(m["criu_restore"])]
+        rows.append(row)
+    caption = (f"median seconds; wall = the whole `python -m lazarus` command (python start-up alone: "
+               f"{startup:.3f} s); tool = the time lazarus reports; CRIU/ours > 1: we are faster (wall)")
+    if not criu:
+        caption += "; no criu >= 4 on PATH: CRIU not measured here, reference figures only"
+    out.table("Lazarus vs CRIU: dump and eager restore", cols, rows, caption)
+    tables = [(cols, rows)]
+
+    ref_pvm = ref.kernel_gbps("process_vm_readv") if ref else None
+    ref_uffd = ref.kernel_gbps("UFFDIO_COPY, 2 MiB") if ref else None
+    cols2 = ["size", "dump GB/s (wall)", "dump GB/s (tool)", "process_vm_readv GB/s", "ratio (wall)",
+             "ratio (tool)", "restore GB/s (wall)", "restore GB/s (tool)", "UFFDIO_COPY 2M GB/s", "ratio (wall)",
+             "ratio (tool)"]
+    rows2 = []
+    for r in results:
+        m, q, x = r["median"], r["rates"], r["ratios"]
+        rows2.append([f"{r['mib']} MiB", fmt(q["dump_gbps_wall"], 2), fmt(q["dump_gbps_tool"], 2),
+                      fmt(m["pvm_gbps"], 2), fmt(x["dump_vs_pvm_wall"], 2), fmt(x["dump_vs_pvm_tool"], 2),
+                      fmt(q["restore_gbps_wall"], 2), fmt(q["restore_gbps_tool"], 2), fmt(m["uffd_gbps"], 2),
+                      fmt(x["restore_vs_uffd_wall"], 2), fmt(x["restore_vs_uffd_tool"], 2)])
+    out.table("Throughput against the kernel limits measured in this run", cols2, rows2,
+              f"GB = 1e9 bytes of the target's N MiB; reference machine figures: process_vm_readv "
+              f"{fmt(ref_pvm, 2)} GB/s, UFFDIO_COPY 2 MiB {fmt(ref_uffd, 2)} GB/s")
+    tables.append((cols2, rows2))
+    if markdown:
+        for c, rs in tables:
+            out.say("")
+            out.say(Out.markdown(c, rs))
+
+
+def _x(ref: float | None, ours: float | None) -> str:
+    return "-" if ref is None or not ours else f"{ref / ours:.2f}x"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Dump and eager restore throughput against kernel limits and CRIU.")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 512, 2048], metavar="MIB")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--json", type=Path, metavar="FILE", help="write the results here")
+    ap.add_argument("--workdir", type=Path, metavar="DIR",
+                    help="where images are written (a temporary directory is made inside; default: system temp)")
+    ap.add_argument("--no-warmup", action="store_true", help="skip the untimed round before each size")
+    ap.add_argument("--no-criu", action="store_true", help="do not run criu even if it is installed")
+    ap.add_argument("--markdown", action="store_true", help="also print the tables as markdown")
+    args = ap.parse_args(argv)
+    out = Out()
+    if os.geteuid() != 0:
+        out.say("dump_restore: needs root")
+        return 1
+    if args.runs < 1 or any(s < 1 for s in args.sizes):
+        ap.error("--runs and --sizes must be positive")
+    set_child_subreaper()
+    ref = read_reference()
+    criu = None if args.no_criu else criu_binary(4)
+    work = Path(tempfile.mkdtemp(prefix="lazarus-bench-", dir=args.workdir))
+    info: dict[str, Any] = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "date": now_iso(),
+                            "machine": machine(), "images_on": filesystem_of(work), "sizes": args.sizes,
+                            "runs": args.runs, "warmup": not args.no_warmup,
+                            "criu": {"path": criu[0], "version": criu[1]} if criu else None}
+    out.say(f"{info['date']}: kernel {info['machine']['kernel']}, {info['machine']['cpus']} CPUs "
+            f"({info['machine']['cpu']}), images on {info['images_on']} ({work}), load "
+            f"{' '.join(f'{x:.2f}' for x in info['machine']['loadavg'])}")
+    if not criu:
+        out.say("criu >= 4 not found on PATH: CRIU is not measured here; its reference figures are shown instead")
+    try:
+        binary = build(TARGETS / "memhog.c", work)
+        startup = python_startup_s()
+        t0 = time.monotonic()
+        results = [bench_size(out, binary, work, mib, args.runs, not args.no_warmup, criu[0] if criu else None)
+                   for mib in args.sizes]
+        info["seconds"] = round(time.monotonic() - t0, 1)
+    except BenchError as e:
+        out.say(f"dump_restore: {e}")
+        return 1
+    finally:
+        reap_leftovers(3)
+        shutil.rmtree(work, ignore_errors=True)
+    info["loadavg_after"] = os.getloadavg()
+    info["python_startup_s"] = startup
+    info["results"] = results
+    info["reference"] = {"file": "../shared/guide/BENCHMARKS.md", "title": ref.criu_title,
+                         "criu": {k: {str(s): v for s, v in row.items()} for k, row in ref.criu.items()},
+                         "kernel": ref.kernel} if ref else None
+    report(out, results, ref, criu, startup, args.markdown)
+    out.say(f"load average after: {' '.join(f'{x:.2f}' for x in info['loadavg_after'])}")
+    if args.json:
+        args.json.write_text(json.dumps(info, indent=2) + "\n")
+        out.say(f"results written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+/*
+ * memhog.c - benchmark target: holds MIB MiB of filled anonymous private memory.
+ *
+ * Every 64-bit word of the region holds a pseudo-random value depending on its index and a
+ * per-run seed, so no page is zero and no two pages are alike. Protocol (as the test targets):
+ *
+ *   memhog LOGFILE MIB        stdin/stdout/stderr = /dev/null
+ *   - logs "# region ADDR LEN fill-seconds S" and "READY", then waits for SIGUSR2;
+ *   - on SIGUSR2 checks every word and logs "PASS" (exit 0) or "FAIL: ..." (exit 1).
+ *
+ * Used by benchmarks/dump_restore.py and the lazy-restore benchmarks (the region address lets
+ * the harness read it with process_vm_readv).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+static int log_fd = -1;
+static volatile sig_atomic_t usr2_seen;
+
+static void logf_(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+static void logf_(const char *fmt, ...)
+{
+	char line[512];
+	va_list ap;
+	int n;
+
+	va_start(ap, fmt);
+	n = vsnprintf(line, sizeof(line) - 1, fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		return;
+	if ((size_t)n > sizeof(line) - 2)
+		n = (int)sizeof(line) - 2;
+	line[n++] = '\n';
+	if (write(log_fd, line, (size_t)n) < 0)
+		_exit(3);
+}
+
+static void on_usr2(int sig)
+{
+	(void)sig;
+	usr2_seen = 1;
+}
+
+static inline uint64_t mix(uint64_t x)
+{
+	x += 0x9e3779b97f4a7c15ULL;
+	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+	x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+	return x ^ (x >> 31);
+}
+
+static double now(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+int main(int argc, char **argv)
+{
+	struct sigaction sa;
+	struct timespec ts;
+	sigset_t block, wait_mask;
+	unsigned long mib;
+	uint64_t seed, *mem;
+	size_t words, bad = 0, first_bad = 0;
+	double t0;
+
+	if (argc < 3)
+		return 2;
+	log_fd = open(argv[1], O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+	mib = strtoul(argv[2], NULL, 10);
+	if (log_fd < 0 || mib == 0)
+		return 2;
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_usr2;
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGUSR2, &sa, NULL);
+	sigemptyset(&block);
+	sigaddset(&block, SIGUSR2);
+	sigprocmask(SIG_BLOCK, &block, &wait_mask);
+	sigdelset(&wait_mask, SIGUSR2);
+
+	words = mib * (1UL << 20) / sizeof(uint64_t);
+	mem = mmap(NULL, words * sizeof(uint64_t), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (mem == MAP_FAILED) {
+		logf_("FAIL: setup: mmap %lu MiB: %s", mib, strerror(errno));
+		return 1;
+	}
+	clock_gettime(CLOCK_REALTIME, &ts);
+	seed = mix((uint64_t)ts.tv_nsec ^ ((uint64_t)getpid() << 32));
+	t0 = now();
+	for (size_t i = 0; i < words; i++)
+		mem[i] = mix(seed + i);
+	logf_("# region %p %zu fill-seconds %.3f", (void *)mem, words * sizeof(uint64_t), now() - t0);
+	logf_("READY");
+
+	while (!usr2_seen)
+		sigsuspend(&wait_mask);
+
+	for (size_t i = 0; i < words; i++) {
+		if (mem[i] != mix(seed + i)) {
+			if (!bad++)
+				first_bad = i;
+		}
+	}
+	if (bad) {
+		logf_("FAIL: %zu of %zu words differ, first at offset %#zx", bad, words, first_bad * 8);
+		return 1;
+	}
+	logf_("PASS");
+	return 0;
+}

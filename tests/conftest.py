@@ -1,0 +1,71 @@
+"""Shared fixtures: the built targets, a per-test Harness, the `root` marker, artifact keeping.
+
+pytest is made a child subreaper so that restored (orphaned) processes and anything a
+`lazarus` command leaves behind are adopted by it, reaped, and reported if still alive after
+a test. Images and logs of failed tests stay under the pytest temp dir (the path is printed
+in the report); those of passed tests are removed, as images can be large.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+try:  # tests/ is on sys.path (rootdir-relative "prepend" import mode, no tests/__init__.py)
+    import harness as H
+except ImportError:  # pragma: no cover - if tests/ ever becomes a package
+    from tests import harness as H
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        H.set_child_subreaper()
+    except OSError as e:  # pragma: no cover - prctl exists on every supported kernel
+        config.issue_config_time_warning(pytest.PytestWarning(f"cannot become a child subreaper: {e}"), 2)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason="needs root")
+    for item in items:
+        if "root" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    work = getattr(item, "lazarus_work", None)
+    if work is not None and report.failed:
+        report.sections.append(("lazarus artifacts", f"images and logs kept in {work}"))
+    return report
+
+
+@pytest.fixture(scope="session")
+def target_bins(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The C targets, compiled once per session."""
+    if shutil.which(os.environ.get("CC", "gcc")) is None:
+        pytest.fail("gcc is needed to build tests/targets")
+    return H.build_targets(tmp_path_factory.mktemp("targets"))
+
+
+@pytest.fixture
+def harness(request: pytest.FixtureRequest, target_bins: dict[str, Path], tmp_path: Path) -> Iterator[H.Harness]:
+    """A Harness working in this test's tmp_path; kills what it started afterwards and fails
+    the test (as an error in teardown) if a process was left behind by the code under test."""
+    h = H.Harness(target_bins, tmp_path)
+    request.node.lazarus_work = tmp_path
+    yield h
+    leftovers = h.cleanup()
+    call = getattr(request.node, "rep_call", None)
+    if call is not None and call.passed:
+        for image in tmp_path.glob("img*"):
+            shutil.rmtree(image, ignore_errors=True)
+    if leftovers:
+        pytest.fail(f"processes left behind (killed now): {', '.join(leftovers)}", pytrace=False)

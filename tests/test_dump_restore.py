@@ -1,0 +1,118 @@
+"""Dump and restore every target, eagerly and lazily, and require each to PASS its own checks.
+
+Also: restore without -d (the command waits and exits with the restored process's status),
+`dump --leave-running` (the original and then the copy both PASS), and restoring one image
+twice in sequence.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+try:
+    import harness as H
+except ImportError:  # pragma: no cover
+    from tests import harness as H
+
+pytestmark = pytest.mark.root
+
+MODES = ("eager", "lazy")
+# Targets whose checks leave the outside world (files) as they found it, so that one image can
+# be run more than once.
+RERUNNABLE = ("memory-keep", "regs", "signals", "fds", "misc", "sleeper-pause")
+
+
+def dump_ok(h: H.Harness, target: H.Target, *extra: str) -> Path:
+    image = h.image_dir()
+    res = h.dump(target, image, *extra)
+    assert res.returncode == 0, f"dump failed: exit {res.returncode}\n{res.stderr}\n{target.describe()}"
+    assert image.is_dir(), f"dump exited 0 but made no {image}"
+    return image
+
+
+def restore_ok(h: H.Harness, image: Path, like: H.Target, lazy: bool = False, detach: bool = True) -> H.Restored:
+    r = h.restore(image, lazy=lazy, like=like, detach=detach)
+    if detach:
+        assert r.returncode == 0, f"restore failed: exit {r.returncode}\n{r.stderr}"
+    assert r.pid is not None, f"no pid in the pidfile: exit {r.returncode}\n{r.stderr}"
+    assert r.pid == like.pid, f"restored as pid {r.pid}, the original was {like.pid}"
+    assert r.target is not None
+    return r
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", H.CASES, ids=lambda c: c.id)
+def test_dump_restore(harness: H.Harness, case: H.Case, mode: str) -> None:
+    target = harness.start_case(case)
+    image = dump_ok(harness, target)
+    assert not target.alive(), f"the original pid {target.pid} still runs after the dump"
+    r = restore_ok(harness, image, target, lazy=mode == "lazy")
+    result = harness.run_case(case, r.target)
+    H.expect_pass(result, r.target, r)
+    assert r.target.wait_exit(15) == 0, r.target.describe()
+
+
+@pytest.mark.parametrize("case_id", ["memory-keep", "regs", "sleeper-read", "sleeper-nanosleep"])
+def test_restore_in_foreground(harness: H.Harness, case_id: str) -> None:
+    """Without -d the restore command stays and exits with the restored process's status."""
+    case = H.CASES_BY_ID[case_id]
+    target = harness.start_case(case)
+    image = dump_ok(harness, target)
+    r = restore_ok(harness, image, target, detach=False)
+    result = harness.run_case(case, r.target)
+    H.expect_pass(result, r.target, r)
+    assert isinstance(r.proc, subprocess.Popen)
+    try:
+        status = r.proc.wait(30)
+    except subprocess.TimeoutExpired as e:  # cleanup kills it
+        raise AssertionError(f"restore command did not exit: {e}\n{r.stderr}") from e
+    assert status == 0, f"restore exited {status}, expected the target's 0\n{r.stderr}"
+
+
+def test_restore_in_foreground_reports_failure(harness: H.Harness) -> None:
+    """The restore command's status is the restored process's: 1 when its checks FAIL."""
+    case = H.CASES_BY_ID["misc"]
+    target = harness.start_case(case)
+    image = dump_ok(harness, target)
+    r = restore_ok(harness, image, target, detach=False)
+    harness.settle(case, r.target)
+    # Change one thing the target checks from outside: its name (PR_SET_NAME state via comm).
+    Path(f"/proc/{r.pid}/comm").write_text("laz-changed")
+    harness.trigger(case, r.target)
+    assert r.target.wait_result(30).startswith("FAIL"), r.target.describe()
+    assert isinstance(r.proc, subprocess.Popen)
+    assert r.proc.wait(30) == 1, r.stderr
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case_id", RERUNNABLE)
+def test_leave_running_then_restore(harness: H.Harness, case_id: str, mode: str) -> None:
+    case = H.CASES_BY_ID[case_id]
+    target = harness.start_case(case)
+    before = H.snapshot(target.pid)
+    image = dump_ok(harness, target, "--leave-running")
+    assert target.alive(), "--leave-running: the original was not left running"
+    harness.settle(case, target)
+    changed = H.diff_snapshots(before, H.snapshot(target.pid))
+    assert not changed, f"--leave-running changed the original: {changed}"
+    H.expect_pass(harness.run_case(case, target), target)
+    assert target.wait_exit(15) == 0, target.describe()
+
+    r = restore_ok(harness, image, target, lazy=mode == "lazy")
+    H.expect_pass(harness.run_case(case, r.target), r.target, r)
+    assert r.target.wait_exit(15) == 0, r.target.describe()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case_id", RERUNNABLE)
+def test_restore_same_image_twice(harness: H.Harness, case_id: str, mode: str) -> None:
+    case = H.CASES_BY_ID[case_id]
+    target = harness.start_case(case)
+    image = dump_ok(harness, target)
+    for attempt in (1, 2):
+        r = restore_ok(harness, image, target, lazy=mode == "lazy")
+        H.expect_pass(harness.run_case(case, r.target), f"restore #{attempt}", r.target, r)
+        assert r.target.wait_exit(15) == 0, f"restore #{attempt}: {r.target.describe()}"

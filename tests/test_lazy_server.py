@@ -1,0 +1,354 @@
+"""End-to-end tests of the lazy server (lazarus.lazy) against real processes and a real kernel.
+
+The faulting processes are the C helper of tests/test_uffd.py (it sends us its uffd, then reads / forks /
+mremaps / madvises / munmaps memory it never touched and checks every byte). Tests that kill the server run
+it as a subprocess: this file doubles as that server (`python tests/test_lazy_server.py serve ...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lazarus.errors import NoSuchTask
+from lazarus.kernel.pidfd import PidFd
+from lazarus.lazy.guard import Guard
+from lazarus.lazy.server import LazyServer
+from lazarus.lazy.sources import ImagePageSource
+
+
+def _load_uffd_tests():
+    name = "lazarus_tests_uffd_helpers"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / "test_uffd.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+T = _load_uffd_tests()
+P = T.P
+needs_root = T.needs_root
+pytestmark = needs_root
+
+
+@pytest.fixture(scope="session")
+def helper_bin(tmp_path_factory) -> Path:
+    return T.build_helper(tmp_path_factory.mktemp("uffd-helper-srv"))
+
+
+@pytest.fixture
+def helpers(helper_bin, tmp_path):
+    made = []
+
+    def make(npages=64, hole_every=0, seed=7, scenario="read", delay_us=0):
+        h = T.Helper(helper_bin, tmp_path, npages, hole_every, seed, scenario, delay_us)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.kill()
+
+
+@pytest.fixture
+def page_file(tmp_path):
+    def make(npages, hole_every=0, seed=7, *, verify=True):
+        path = tmp_path / f"pages-{npages}-{hole_every}-{seed}.img"
+        T.write_page_file(path, npages, hole_every, seed)
+        return T.StandInPageFile(path, verify=verify)
+
+    return make
+
+
+def serve(server: LazyServer, helpers_: list, *, go: bool = True, timeout: float = 60) -> dict:
+    """Signal the helpers, run the server until every process is done, require PASS from each."""
+    if go:
+        for h in helpers_:
+            h.go()
+    try:
+        stats = server.run(timeout=timeout)
+    finally:
+        server.close()
+    return stats
+
+
+def expect_pass(h, timeout: float = 30) -> None:
+    rc = h.wait(timeout)
+    assert rc == 0 and h.result() == "PASS", h.text()
+
+
+def add(server, h, pf, **kw):
+    server.add_process(h.pid, h.take_uffd(), ImagePageSource(h.vmas(), pf, name=pf.name, **kw))
+
+
+def image_pages(npages, hole_every):
+    return sum(1 for p in range(npages) if not T.is_hole(p, hole_every))
+
+
+# ---------------------------------------------------------------------------------------------
+# serving
+
+
+def test_faults_only(helpers, page_file):
+    n, holes = 256, 7
+    h = helpers(npages=n, hole_every=holes, scenario="rread")
+    pf = page_file(n, holes)
+    server = LazyServer(background=False, fault_batch=16)
+    add(server, h, pf)
+    stats = serve(server, [h])
+    expect_pass(h)
+    (proc,) = stats["processes"]
+    assert proc["pid"] == h.pid
+    assert stats["pages_background"] == 0
+    assert stats["pages_fault"] == image_pages(n, holes)
+    assert stats["zero_pages"] > 0
+    assert proc["state"] in ("complete", "exited")
+    lat = stats["fault_latency_us"]
+    assert lat["median"] is not None and lat["p99"] >= lat["median"]
+
+
+def test_background_completes_and_closes_uffd(helpers, page_file, tmp_path):
+    n, holes = 4096, 13
+    h = helpers(npages=n, hole_every=holes, scenario="idle")
+    pf = page_file(n, holes)
+    seen = []
+    stats_path = tmp_path / "stats.json"
+    server = LazyServer(background=True, stats_path=stats_path, progress=lambda d, t: seen.append((d, t)))
+    add(server, h, pf)
+    key = server.processes[0]["key"]
+    stats = serve(server, [h], go=False)  # the process touches nothing until everything is in
+    (proc,) = stats["processes"]
+    assert proc["state"] == "complete"
+    assert proc["pages_background"] == image_pages(n, holes) and proc["pages_fault"] == 0
+    # our uffd is closed: the kernel serves the process (holes read as zeros, data is all there)
+    assert not _is_uffd(key)
+    h.go()
+    expect_pass(h)
+    assert seen and seen[-1] == (image_pages(n, holes) * P, image_pages(n, holes) * P)
+    on_disk = json.loads(stats_path.read_text())
+    assert on_disk["pages_background"] == image_pages(n, holes)
+    assert on_disk["background_rate_gbps"] > 0
+    assert pf.verified == (image_pages(n, holes) * P + 65535) // 65536
+
+
+def _is_uffd(fd: int) -> bool:
+    try:
+        return "userfaultfd" in os.readlink(f"/proc/self/fd/{fd}")
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_faults_and_background_together(helpers, page_file, background):
+    n = 2048
+    h = helpers(npages=n, hole_every=0, scenario="rread")
+    pf = page_file(n, 0)
+    server = LazyServer(background=background, chunk_size=256 << 10)
+    add(server, h, pf)
+    stats = serve(server, [h])
+    expect_pass(h)
+    assert stats["pages_fault"] + stats["pages_background"] == n
+    assert stats["pages_fault"] > 0
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_fork_child_gets_data_as_of_fork(helpers, page_file, background):
+    n, holes = 256, 9
+    h = helpers(npages=n, hole_every=holes, scenario="fork")
+    pf = page_file(n, holes)
+    server = LazyServer(background=background, chunk_size=64 << 10)
+    add(server, h, pf)
+    stats = serve(server, [h])
+    expect_pass(h)
+    (child_line,) = h.info("CHILD")
+    child_pid = int(child_line.split()[2])
+    procs = {p["key"]: p for p in stats["processes"]}
+    children = [p for p in procs.values() if p["parent_pid"] == h.pid]
+    if background and not children:
+        # the background finished before the fork: the parent's uffd was closed, the child inherited
+        # everything by copy-on-write and was never served
+        assert procs[next(iter(procs))]["state"] == "complete"
+        return
+    assert len(children) == 1
+    assert children[0]["pid"] == child_pid  # the server identified the child
+    assert children[0]["pages_fault"] + children[0]["pages_background"] > 0
+
+
+@pytest.mark.parametrize("background", [False, True])
+@pytest.mark.parametrize("scenario", ["mremap", "dontneed", "munmap"])
+def test_layout_changes(helpers, page_file, scenario, background):
+    n, holes = 256, 11
+    h = helpers(npages=n, hole_every=holes, scenario=scenario)
+    pf = page_file(n, holes)
+    server = LazyServer(background=background, chunk_size=64 << 10)
+    add(server, h, pf)
+    stats = serve(server, [h])
+    expect_pass(h)
+    (proc,) = stats["processes"]
+    q = n // 4
+    if scenario in ("dontneed", "munmap") and not background:
+        # the quarter dropped before being touched was never copied (no data into the hole)
+        assert proc["dropped_pages"] == image_pages(2 * q, holes) - image_pages(q, holes)
+        assert proc["pages_fault"] == image_pages(n, holes) - proc["dropped_pages"]
+
+
+def test_two_processes_one_server(helpers, page_file):
+    h1 = helpers(npages=512, hole_every=3, seed=11, scenario="rread")
+    h2 = helpers(npages=300, hole_every=0, seed=12, scenario="read")
+    pf1, pf2 = page_file(512, 3, 11), page_file(300, 0, 12)
+    server = LazyServer(background=True, chunk_size=128 << 10)
+    add(server, h1, pf1)
+    add(server, h2, pf2)
+    stats = serve(server, [h1, h2])
+    expect_pass(h1)
+    expect_pass(h2)
+    assert {p["pid"] for p in stats["processes"]} == {h1.pid, h2.pid}
+
+
+# ---------------------------------------------------------------------------------------------
+# losing the page source
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    try:
+        pfd = PidFd.open(pid)
+    except NoSuchTask:
+        return True
+    with pfd:
+        return pfd.wait(timeout)
+
+
+def test_server_sigkill_guard_kills_process(helpers, page_file, tmp_path):
+    n = 512
+    h = helpers(npages=n, hole_every=0, scenario="read", delay_us=3000)  # ~1.5 s of slow reading
+    pf = page_file(n, 0)
+    report = tmp_path / "report.txt"
+    errf = tmp_path / "server.err"
+    fd = h.uffd_fd
+    with open(errf, "wb") as err:
+        srv = subprocess.Popen(
+            [sys.executable, __file__, "serve", "--uffd-fd", str(fd), "--pid", str(h.pid), "--page-file",
+             str(pf.path), "--addr", str(h.addr), "--npages", str(n), "--hole-every", "0", "--report", str(report),
+             "--no-background"],
+            pass_fds=[fd], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True)
+    guard_pid = None
+    try:
+        os.close(fd)  # only the server (and its guard) hold the uffd now
+        h.uffd_fd = -1
+        line = srv.stdout.readline()
+        assert line.startswith("GUARD "), line + errf.read_text()
+        guard_pid = int(line.split()[1])
+        assert srv.stdout.readline().strip() == "SERVING"
+        h.go()
+        time.sleep(0.4)  # mid-transfer: the helper has read part of its memory
+        assert h.proc.poll() is None, h.text()
+        srv.kill()
+        srv.wait(10)
+        rc = h.wait(15)
+        assert rc == -signal.SIGKILL, (rc, h.text())
+        assert "FAIL" not in h.text()  # it never saw a wrong (zero) page
+        assert _wait_gone(guard_pid, 10)
+        text = report.read_text()
+        assert f"pid {h.pid} killed: its page source was lost (the lazy server died)" in text
+        assert f"pid {h.pid} killed" in errf.read_text()
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+            srv.wait(10)
+        if guard_pid is not None and not _wait_gone(guard_pid, 0):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(guard_pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncate"])
+def test_page_file_lost_mid_transfer(helpers, page_file, tmp_path, damage):
+    n = 512
+    h = helpers(npages=n, hole_every=0, scenario="read")
+    # truncate: no checksum check, so the kernel's copy itself fails (EFAULT) on the missing file pages
+    pf = page_file(n, 0, verify=(damage == "corrupt"))
+    with open(pf.path, "r+b") as f:
+        if damage == "corrupt":
+            f.seek(300 * P + 100)
+            f.write(b"\xff" * 8)  # visible through the MAP_PRIVATE mapping: those pages were never copied
+        else:
+            f.truncate(256 * P)
+    report = tmp_path / "report.txt"
+    guard = Guard.start(report)
+    server = LazyServer(background=False, guard=guard, fault_batch=1)
+    add(server, h, pf)
+    try:
+        h.go()
+        stats = server.run(timeout=30)
+    finally:
+        server.close()
+    rc = h.wait(15)
+    assert rc == -signal.SIGKILL, (rc, h.text())
+    assert "FAIL" not in h.text()
+    (lost,) = stats["lost"]
+    assert lost["pid"] == h.pid
+    assert ("checksum" in lost["reason"]) if damage == "corrupt" else ("UFFDIO_COPY" in lost["reason"])
+    assert stats["pages_fault"] >= 256  # it was mid-transfer
+    assert f"pid {h.pid} killed: its page source was lost" in report.read_text()
+
+
+def test_guard_lets_completed_processes_live(helpers, page_file, tmp_path):
+    """A clean finish: the guard drops its dups and kills nobody."""
+    h = helpers(npages=128, hole_every=0, scenario="idle")
+    pf = page_file(128, 0)
+    report = tmp_path / "report.txt"
+    guard = Guard.start(report)
+    server = LazyServer(background=True, guard=guard)
+    add(server, h, pf)
+    stats = serve(server, [h], go=False)
+    assert stats["processes"][0]["state"] == "complete"
+    assert not report.exists()
+    h.go()
+    expect_pass(h)
+
+
+# ---------------------------------------------------------------------------------------------
+# server subprocess mode (used by test_server_sigkill_guard_kills_process)
+
+
+def serve_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--uffd-fd", type=int, required=True)
+    ap.add_argument("--pid", type=int, required=True)
+    ap.add_argument("--page-file", required=True)
+    ap.add_argument("--addr", type=int, required=True)
+    ap.add_argument("--npages", type=int, required=True)
+    ap.add_argument("--hole-every", type=int, default=0)
+    ap.add_argument("--report")
+    ap.add_argument("--no-background", action="store_true")
+    a = ap.parse_args(argv)
+    from lazarus.kernel.uffd import Uffd
+
+    guard = Guard.start(a.report)
+    print(f"GUARD {guard.pid}", flush=True)
+    pf = T.StandInPageFile(Path(a.page_file))
+    server = LazyServer(background=not a.no_background, guard=guard)
+    server.add_process(a.pid, Uffd.adopt(a.uffd_fd),
+                       ImagePageSource(T.image_vmas(a.addr, a.npages, a.hole_every), pf))
+    print("SERVING", flush=True)
+    server.run(timeout=120)
+    server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "serve":
+        raise SystemExit(serve_main(sys.argv[2:]))
