@@ -343,6 +343,11 @@ class Reference:
     criu: dict[str, dict[int, float]] = field(default_factory=dict)
     kernel: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def criu_name(self) -> str:
+        """"CRIU 4.2" from a title like "CRIU 4.2 (built from source; ...)"."""
+        return self.criu_title.split("(")[0].strip() or "CRIU"
+
     def criu_row(self, prefix: str) -> dict[int, float]:
         for label, row in self.criu.items():
             if label.lower().startswith(prefix.lower()):
@@ -449,7 +454,8 @@ class Out:
     def __init__(self) -> None:
         from rich.console import Console
         self.tty = sys.stdout.isatty()
-        self.console = Console(highlight=False, soft_wrap=not self.tty)
+        # Not a terminal (a log, a pipe): wide enough that the tables never wrap.
+        self.console = Console(highlight=False, width=None if self.tty else 220)
 
     def say(self, text: str) -> None:
         if self.tty:

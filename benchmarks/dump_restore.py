@@ -53,6 +53,7 @@ from common import (
     uffdio_copy_gbps,
 )
 
+PROBES = 2
 METRICS = ("dump_wall", "dump_tool", "restore_wall", "restore_tool", "pvm_gbps", "uffd_gbps",
            "criu_dump", "criu_restore")
 
@@ -65,7 +66,8 @@ def lazarus_round(binary: Path, work: Path, mib: int) -> dict[str, Any]:
     try:
         addr, length = region_of(target.wait_ready(timeout=300))
         out: dict[str, Any] = {"pid": target.pid}
-        out["pvm_gbps"] = process_vm_readv_gbps(target.pid, addr, length)
+        # Kernel-limit probes: the best of PROBES tries per run (this VM's memory is noisy), median over runs.
+        out["pvm_gbps"] = max(process_vm_readv_gbps(target.pid, addr, length) for _ in range(PROBES))
 
         d = lazarus("dump", "-t", str(target.pid), "-D", str(image)).check()
         target.original_gone()
@@ -81,7 +83,8 @@ def lazarus_round(binary: Path, work: Path, mib: int) -> dict[str, Any]:
         out["restore_wall"], out["restore_tool"] = r.wall, rep[1] if rep else None
         out["result"] = target.check()
 
-        out["uffd_gbps"] = uffdio_copy_gbps(image / f"pages-{target.pid}.img", length)
+        pages = image / f"pages-{target.pid}.img"
+        out["uffd_gbps"] = max(uffdio_copy_gbps(pages, length) for _ in range(PROBES))
         return out
     finally:
         target.kill()
@@ -145,9 +148,9 @@ def report(out: Out, results: list[dict[str, Any]], ref: Any, criu: tuple[str, s
            markdown: bool) -> None:
     ref_dump = ref.criu_row("dump") if ref else {}
     ref_restore = ref.criu_row("eager restore") if ref else {}
-    ref_title = ref.criu_title if ref else "CRIU reference (not found)"
-    cols = ["size", "dump (wall)", "dump (tool)", f"dump {ref_title}", "CRIU/ours",
-            "restore (wall)", "restore (tool)", f"restore {ref_title}", "CRIU/ours"]
+    name = f"{ref.criu_name} ref" if ref else "CRIU ref (missing)"
+    cols = ["size", "dump wall", "dump tool", f"dump {name}", "CRIU/ours",
+            "restore wall", "restore tool", f"restore {name}", "CRIU/ours"]
     if criu:
         cols += [f"CRIU {criu[1]} dump here", f"CRIU {criu[1]} restore here"]
     rows = []
@@ -168,9 +171,8 @@ def report(out: Out, results: list[dict[str, Any]], ref: Any, criu: tuple[str, s
 
     ref_pvm = ref.kernel_gbps("process_vm_readv") if ref else None
     ref_uffd = ref.kernel_gbps("UFFDIO_COPY, 2 MiB") if ref else None
-    cols2 = ["size", "dump GB/s (wall)", "dump GB/s (tool)", "process_vm_readv GB/s", "ratio (wall)",
-             "ratio (tool)", "restore GB/s (wall)", "restore GB/s (tool)", "UFFDIO_COPY 2M GB/s", "ratio (wall)",
-             "ratio (tool)"]
+    cols2 = ["size", "dump wall", "dump tool", "process_vm_readv", "ratio wall", "ratio tool",
+             "restore wall", "restore tool", "UFFDIO_COPY 2M", "ratio wall", "ratio tool"]
     rows2 = []
     for r in results:
         m, q, x = r["median"], r["rates"], r["ratios"]
@@ -178,8 +180,9 @@ def report(out: Out, results: list[dict[str, Any]], ref: Any, criu: tuple[str, s
                       fmt(m["pvm_gbps"], 2), fmt(x["dump_vs_pvm_wall"], 2), fmt(x["dump_vs_pvm_tool"], 2),
                       fmt(q["restore_gbps_wall"], 2), fmt(q["restore_gbps_tool"], 2), fmt(m["uffd_gbps"], 2),
                       fmt(x["restore_vs_uffd_wall"], 2), fmt(x["restore_vs_uffd_tool"], 2)])
-    out.table("Throughput against the kernel limits measured in this run", cols2, rows2,
-              f"GB = 1e9 bytes of the target's N MiB; reference machine figures: process_vm_readv "
+    out.table("Throughput (GB/s) against the kernel limits measured in this run", cols2, rows2,
+              f"GB = 1e9 bytes of the target's N MiB; kernel probes: best of {PROBES} per run, median over runs; "
+              f"ratio = ours / kernel limit; the reference machine's figures: process_vm_readv "
               f"{fmt(ref_pvm, 2)} GB/s, UFFDIO_COPY 2 MiB {fmt(ref_uffd, 2)} GB/s")
     tables.append((cols2, rows2))
     if markdown:

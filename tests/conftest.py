@@ -56,7 +56,9 @@ def target_bins(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture
-def harness(request: pytest.FixtureRequest, target_bins: dict[str, Path], tmp_path: Path) -> Iterator[H.Harness]:
+def harness(
+    request: pytest.FixtureRequest, target_bins: dict[str, Path], tmp_path: Path
+) -> Iterator[H.Harness]:
     """A Harness working in this test's tmp_path; kills what it started afterwards and fails
     the test (as an error in teardown) if a process was left behind by the code under test."""
     h = H.Harness(target_bins, tmp_path)

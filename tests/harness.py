@@ -251,7 +251,9 @@ def wait_for_result(log: Path, timeout: float, since: int = 0, target: Target | 
         time.sleep(0.02)
 
 
-def wait_for_line(log: Path, line: str, timeout: float, since: int = 0, proc: subprocess.Popen | None = None) -> bool:
+def wait_for_line(
+    log: Path, line: str, timeout: float, since: int = 0, proc: subprocess.Popen | None = None
+) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(FileNotFoundError):
@@ -352,13 +354,19 @@ class Restored:
 
     @property
     def returncode(self) -> int | None:
-        return self.proc.returncode if isinstance(self.proc, subprocess.CompletedProcess) else self.proc.poll()
+        return (
+            self.proc.returncode if isinstance(self.proc, subprocess.CompletedProcess) else self.proc.poll()
+        )
 
     @property
     def stderr(self) -> str:
         if isinstance(self.proc, subprocess.CompletedProcess):
             return self.proc.stderr or ""
-        return self.stderr_path.read_text(errors="replace") if self.stderr_path and self.stderr_path.exists() else ""
+        return (
+            self.stderr_path.read_text(errors="replace")
+            if self.stderr_path and self.stderr_path.exists()
+            else ""
+        )
 
 
 @dataclass
@@ -474,7 +482,12 @@ class Harness:
         )
 
     def dump(
-        self, target: Target | int, image_dir: Path, *extra: str, timeout: float = 120.0, reap_original: bool = True
+        self,
+        target: Target | int,
+        image_dir: Path,
+        *extra: str,
+        timeout: float = 120.0,
+        reap_original: bool = True,
     ) -> subprocess.CompletedProcess:
         """`lazarus dump -t PID -D DIR EXTRA`. After a successful dump that did not
         --leave-running, the original is waited for (and reaped) so its pid is free again."""
@@ -548,7 +561,8 @@ class Harness:
     def cleanup(self, grace: float = 5.0) -> list[str]:
         """Kill by pid everything this harness started or adopted; returns descriptions of
         processes that were left behind by someone else (orphans adopted by pytest)."""
-        for proc in self.procs:
+        ours = [proc for proc in self.procs if proc.same()]
+        for proc in ours:
             proc.kill()
         for popen in self.popens:
             if popen.poll() is None:
@@ -556,10 +570,15 @@ class Harness:
                     popen.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 popen.wait(5.0)
+            for stream in (popen.stdin, popen.stdout, popen.stderr):
+                if stream is not None:
+                    stream.close()
         known = {p.pid for p in self.popens}
-        for proc in self.procs:
+        for proc in ours:
             if proc.pid not in known:
                 reap(proc.pid, 2.0)
+        self.procs.clear()
+        self.popens.clear()
         return reap_orphans(known, grace)
 
 
@@ -642,8 +661,17 @@ def snapshot(pid: int) -> dict[str, object]:
     mappings, fds (number -> target) and cwd."""
     status = Path(f"/proc/{pid}/status").read_text()
     fields = {}
-    for key in ("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt", "Threads", "Seccomp", "NoNewPrivs",
-                "TracerPid"):
+    for key in (
+        "SigPnd",
+        "ShdPnd",
+        "SigBlk",
+        "SigIgn",
+        "SigCgt",
+        "Threads",
+        "Seccomp",
+        "NoNewPrivs",
+        "TracerPid",
+    ):
         m = re.search(rf"^{key}:\s*(.*)$", status, re.M)
         fields[key] = m.group(1).strip() if m else None
     fds = {}

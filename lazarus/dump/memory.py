@@ -63,6 +63,18 @@ def file_identity(pid: int, vma: Vma) -> dict[str, Any]:
     return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _pread_file(fd: int, view: memoryview, batch: list[tuple[int, int]]) -> None:
+    off = 0
+    for pos, n in batch:
+        while n:
+            got = os.preadv(fd, [view[off:off + n]], pos)
+            if got <= 0:
+                # A file shorter than its pages (the tail of the last page): the rest reads as zeros.
+                view[off:off + n] = bytes(n)
+                got = n
+            off, pos, n = off + got, pos + got, n - got
+
+
 class MemoryDumper:
     """Reads every mapping of a stopped task into the image."""
 
@@ -114,22 +126,39 @@ class MemoryDumper:
         return out, list(objects.values())
 
     def _dump_object(self, vma: Vma, kind: str, index: int) -> dict[str, Any]:
-        """Save the whole content of a shared-memory object (shared anonymous or memfd)."""
+        """Save the content of a shared-memory object (shared anonymous or memfd) into the page file.
+
+        The object is read through map_files, skipping holes (SEEK_DATA/SEEK_HOLE), so a sparse object
+        stays small. Its runs are [object offset, npages, file page index].
+        """
         path = f"/proc/{self.pid}/map_files/{vma.start:x}-{vma.end:x}"
         fd = os.open(path, os.O_RDONLY)
+        runs: list[list[int]] = []
         try:
             size = os.fstat(fd).st_size
-            data = bytearray()
-            while len(data) < size:
-                chunk = os.read(fd, min(size - len(data), _READ_CHUNK))
-                if not chunk:
-                    break
-                data += chunk
+            off = 0
+            while off < size:
+                try:
+                    data = os.lseek(fd, off, os.SEEK_DATA)
+                except OSError:
+                    break  # ENXIO: no data after off
+                hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+                start = data & ~(abi.PAGE_SIZE - 1)
+                end = min((hole + abi.PAGE_SIZE - 1) & ~(abi.PAGE_SIZE - 1), (size + abi.PAGE_SIZE - 1)
+                          & ~(abi.PAGE_SIZE - 1))
+                runs.append([start, (end - start) // abi.PAGE_SIZE, self.next_index])
+                self.next_index += (end - start) // abi.PAGE_SIZE
+                pos = start
+                while pos < end:
+                    n = min(end - pos, _READ_CHUNK)
+                    self._flush([(pos, n)], n, reader=lambda view, batch, fd=fd: _pread_file(fd, view, batch))
+                    pos += n
+                off = end
         finally:
             os.close(fd)
+        self.total_pages += sum(r[1] for r in runs)
         name = vma.path[len("/memfd:"):] if kind == "memfd" else ""
-        blob = self.write_blob(f"shm-{index}", bytes(data))
-        return {"id": index, "kind": kind, "name": name, "size": size, "blob": blob, "inode": vma.inode}
+        return {"id": index, "kind": kind, "name": name, "size": size, "pages": runs, "inode": vma.inode}
 
     def _read_runs(self, runs: list[tuple[int, int]], readable: bool) -> list[list[int]]:
         """Copy the pages of `runs` ([start, end) byte ranges) into the page file; returns [vaddr, n, index].
@@ -158,13 +187,16 @@ class MemoryDumper:
         self.total_pages += sum(n for _, n, _ in out)
         return out
 
-    def _flush(self, batch: list[tuple[int, int]], nbytes: int, readable: bool) -> None:
+    def _flush(self, batch: list[tuple[int, int]], nbytes: int, readable: bool = True,
+               reader: Any = None) -> None:
         buf = self.bufs[self.cur]
         busy = self.busy[self.cur]
         if busy is not None:
             busy.result()  # the writer is done with this buffer: it may be filled again
         view = memoryview(buf)[:nbytes]
-        if readable:
+        if reader is not None:
+            reader(view, batch)
+        elif readable:
             vm.read_into(self.pid, batch, buf)
         else:
             off = 0

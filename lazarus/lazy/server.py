@@ -303,7 +303,6 @@ class LazyServer:
         RETRY (nothing more done: read events first), GONE or the process was lost (p no longer served)."""
         stack = [(start, npages, fidx)]
         self._skipped = False
-        self._waiting_parents: dict[int, _Proc] = {}
         while stack:
             start, npages, fidx = stack.pop()
             while npages > 0:

@@ -18,19 +18,21 @@ from lazarus.images import Image
 from lazarus.kernel import abi, ptrace
 from lazarus.kernel.clone import Trampoline
 from lazarus.kernel.features import cpu_xstate
+from lazarus.lazy.sources import ImagePageSource
 from lazarus.remote import RemoteTask
 from lazarus.restore import core as rcore
 from lazarus.restore.files import FdRestorer, check_files
-from lazarus.restore.uffd import LAZY_FEATURES, copy_all, lazy_ranges, uffd_in_task
-from lazarus.lazy.sources import ImagePageSource
 from lazarus.restore.memory import (
     SpaceBuilder,
-    is_lazy,
     clear_address_space,
     close_inherited_fds,
+    is_lazy,
+    lazy_object_ids,
+    lazy_vmas,
     move_vdso,
     trampoline_candidates,
 )
+from lazarus.restore.uffd import LAZY_FEATURES, copy_all, lazy_ranges, uffd_in_task
 
 log = logging.getLogger(__name__)
 TRAMPOLINE_SIZE = 4 * abi.PAGE_SIZE
@@ -128,13 +130,15 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False) -> Restored:
         fds = task["files"]
         high_base = max([f["fd"] for f in fds], default=2) + 1
         space = SpaceBuilder(remote, img, child)
-        space.create_objects(mm["objects"], high_base)
+        page_file = img.page_file(pid) if img.has_pages(pid) else None
+        lazy_ids = lazy_object_ids(mm, fds) if lazy else set()
+        space.create_objects(mm["objects"], high_base, page_file, lazy_ids)
         space.map_vmas(mm["vmas"])
         timings["map"] = time.monotonic() - t0
-        page_file = img.page_file(pid) if img.has_pages(pid) else None
         written = 0
         handover = None
-        ranges = lazy_ranges(mm["vmas"]) if page_file is not None else []
+        served = lazy_vmas(mm, lazy_ids) if page_file is not None else []
+        ranges = lazy_ranges(served if lazy else [v for v in mm["vmas"] if is_lazy(v)])
         if page_file is not None:
             # Private file pages go through /proc/pid/mem; anonymous memory through a uffd made inside
             # the task: filled now by large UFFDIO_COPYs (eager) or served on demand (lazy).
@@ -174,8 +178,7 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False) -> Restored:
             page_file.close()
         source = None
         if handover is not None:
-            source = ImagePageSource([v for v in mm["vmas"] if is_lazy(v)], page_file,
-                                     name=f"pages-{pid}.img")
+            source = ImagePageSource(served, page_file, name=f"pages-{pid}.img")
         return Restored(child, time.monotonic() - t0, written, timings=timings,
                         lazy=(handover, source) if handover is not None else None)
     except BaseException as e:

@@ -130,11 +130,12 @@ class SpaceBuilder:
             self.task.syscall(abi.SYS.close, fd)
         self.fd_cache.clear()
 
-    def create_objects(self, objects: list[dict[str, Any]], hold_above: int) -> None:
-        """Create each shared-memory object with its content; its fd is kept at >= hold_above."""
+    def create_objects(self, objects: list[dict[str, Any]], hold_above: int, page_file: Any,
+                       lazy_ids: set[int]) -> None:
+        """Create each shared-memory object, with its content unless it is served lazily; its fd is kept at
+        >= hold_above until the fds are restored."""
         t = self.task
         for obj in objects:
-            data = self.image.blob(obj["blob"])
             size = obj["size"]
             if obj["kind"] == "memfd":
                 fd = t.syscall(abi.SYS.memfd_create, t.cstring(obj["name"]), 0)
@@ -150,13 +151,14 @@ class SpaceBuilder:
                 t.syscall(abi.SYS.munmap, addr, length)
             high = t.syscall(abi.SYS.fcntl, fd, abi.F_DUPFD, hold_above)
             t.syscall(abi.SYS.close, fd)
-            if data:
+            if obj["pages"] and obj["id"] not in lazy_ids:
                 wfd = os.open(f"/proc/{self.pid}/fd/{high}", os.O_WRONLY)
                 try:
-                    view = memoryview(data)
-                    off = 0
-                    while off < len(view):
-                        off += os.pwrite(wfd, view[off:], off)
+                    for offset, n, idx in obj["pages"]:
+                        view = page_file.view(idx, n)[: max(0, min(n * abi.PAGE_SIZE, size - offset))]
+                        done = 0
+                        while done < len(view):
+                            done += os.pwrite(wfd, view[done:], offset + done)
                 finally:
                     os.close(wfd)
             self.state.object_fds[obj["id"]] = high
@@ -235,6 +237,36 @@ class SpaceBuilder:
                     picked.append({"kind": "file", "shared": False, "path": "", "start": a, "end": b,
                                    "pages": [[a, (b - a) // abi.PAGE_SIZE, first]]})
         return self.write_pages(picked, page_file, skip_lazy=False)
+
+
+def lazy_object_ids(mm: dict[str, Any], fds: list[dict[str, Any]]) -> set[int]:
+    """Shared-memory objects a lazy restore serves through userfaultfd: those the task reaches only through
+    its mappings. An object it also holds an fd to must be filled at once: read(2) on a memfd page that is
+    not there returns zeros instead of faulting."""
+    held = {f["object"] for f in fds if f["type"] == "memfd"}
+    return {o["id"] for o in mm["objects"] if o["id"] not in held and o["pages"]}
+
+
+def lazy_vmas(mm: dict[str, Any], lazy_ids: set[int]) -> list[dict[str, Any]]:
+    """The vmas a lazy restore registers with userfaultfd, each with its page runs by address.
+
+    Anonymous private vmas carry their runs already; a shared object's runs (by object offset) are
+    translated into every vma that maps them, so a fault in any mapping of the object finds its page.
+    """
+    objects = {o["id"]: o for o in mm["objects"]}
+    out = []
+    for v in mm["vmas"]:
+        if is_lazy(v):
+            out.append(v)
+        elif v["kind"] in ("shmem", "memfd") and v.get("object") in lazy_ids:
+            lo, hi = v["offset"], v["offset"] + v["end"] - v["start"]
+            runs = []
+            for offset, n, idx in objects[v["object"]]["pages"]:
+                a, b = max(offset, lo), min(offset + n * abi.PAGE_SIZE, hi)
+                if a < b:
+                    runs.append([v["start"] + a - lo, (b - a) // abi.PAGE_SIZE, idx + (a - offset) // abi.PAGE_SIZE])
+            out.append({"start": v["start"], "end": v["end"], "kind": v["kind"], "pages": runs})
+    return out
 
 
 def is_lazy(vma: dict[str, Any]) -> bool:

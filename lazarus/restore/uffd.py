@@ -18,7 +18,7 @@ from lazarus.kernel.uffd import Outcome, Uffd
 from lazarus.remote import RemoteTask
 
 LAZY_FEATURES = (abi.UFFD_FEATURE_EVENT_FORK | abi.UFFD_FEATURE_EVENT_REMAP | abi.UFFD_FEATURE_EVENT_REMOVE
-                 | abi.UFFD_FEATURE_EVENT_UNMAP)
+                 | abi.UFFD_FEATURE_EVENT_UNMAP | abi.UFFD_FEATURE_MISSING_SHMEM)
 
 
 def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int) -> Uffd:
@@ -42,8 +42,14 @@ def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int)
 
 
 def lazy_ranges(vmas: list[dict[str, Any]]) -> list[tuple[int, int]]:
-    from lazarus.restore.memory import is_lazy
-    return [(v["start"], v["end"]) for v in vmas if is_lazy(v)]
+    """[start, end) of each vma to register, adjacent ones merged (one UFFDIO_REGISTER each)."""
+    out: list[tuple[int, int]] = []
+    for v in sorted(vmas, key=lambda v: v["start"]):
+        if out and out[-1][1] == v["start"]:
+            out[-1] = (out[-1][0], v["end"])
+        else:
+            out.append((v["start"], v["end"]))
+    return out
 
 
 def copy_all(uffd: Uffd, vmas: list[dict[str, Any]], page_file: Any) -> int:
