@@ -53,7 +53,7 @@ from common import (
     uffdio_copy_gbps,
 )
 
-PROBES = 2
+PROBES = 3
 METRICS = ("dump_wall", "dump_tool", "restore_wall", "restore_tool", "pvm_gbps", "uffd_gbps",
            "criu_dump", "criu_restore")
 

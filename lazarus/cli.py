@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return _run(args)
+    except BrokenPipeError:
+        return 0
     except KeyboardInterrupt:
         print("lazarus: interrupted", file=sys.stderr)
         return 130
@@ -97,7 +99,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _console() -> Any:
     from rich.console import Console
-    return Console(highlight=False, soft_wrap=True)
+    # Piped output keeps whole lines: addresses and paths are what a reader greps for.
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
 def cmd_check() -> int:
@@ -204,16 +207,20 @@ def _summary(img: Any) -> dict[str, Any]:
                            "kernel_release": inv.get("kernel_release"), "cpu": inv.get("cpu"),
                            "created": inv.get("created"), "tasks": []}
     from lazarus.kernel import abi
-    from lazarus.restore.memory import is_lazy
+    from lazarus.restore.memory import is_lazy, lazy_object_ids
     for pid in img.tasks:
         t = img.task(pid)
+        lazy_ids = lazy_object_ids(t["mm"], t["files"])
+        objects = {o["id"]: o for o in t["mm"]["objects"]}
         regs = abi.user_regs_struct.from_buffer_copy(bytes.fromhex(t["core"]["regs"]))
         vmas = []
         for v in t["mm"]["vmas"]:
             prot = "".join(c if v["prot"] & b else "-" for c, b in (("r", 1), ("w", 2), ("x", 4)))
+            obj = objects.get(v.get("object", -1))
+            npages = sum(n for _, n, _ in (obj["pages"] if obj else v["pages"]))
             vmas.append({"start": f"{v['start']:#x}", "end": f"{v['end']:#x}",
                          "prot": prot + ("s" if v["shared"] else "p"), "kind": v["kind"], "path": v["path"],
-                         "pages": sum(n for _, n, _ in v["pages"]), "lazy": is_lazy(v),
+                         "pages": npages, "lazy": is_lazy(v) or (obj is not None and obj["id"] in lazy_ids),
                          "vmflags": " ".join(v["vmflags"])})
         fds = [{"fd": f["fd"], "type": f["type"], "target": f.get("path") or f"pipe:[{f.get('pipe')}]",
                 "flags": f"{f['flags']:o}", "pos": f["pos"], "cloexec": f["cloexec"]} for f in t["files"]]

@@ -98,6 +98,8 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False) -> DumpResul
     """Dump process `pid` into `directory`. The original is killed only once the image is complete and
     verified; on any failure it is resumed exactly as it was."""
     t0 = time.monotonic()
+    if os.path.lexists(directory):
+        raise DumpError(f"{directory}: already exists", path=str(directory))
     precheck(pid)
     writer = ImageWriter(directory)
     seized = False
