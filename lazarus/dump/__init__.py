@@ -19,6 +19,7 @@ from lazarus.errors import DumpError, KernelError, LazarusError, NoSuchTask, Uns
 from lazarus.images import ImageWriter
 from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.features import parse_xstate
+from lazarus.kernel.syscall import start_writeback
 from lazarus.remote import RemoteTask, find_syscall_insn, restart_after_freeze
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False) -> DumpResul
     if os.path.lexists(directory):
         raise DumpError(f"{directory}: already exists", path=str(directory))
     precheck(pid)
-    writer = ImageWriter(directory)
+    writer = ImageWriter(directory, writeback=start_writeback)
     seized = False
     remote: RemoteTask | None = None
     try:

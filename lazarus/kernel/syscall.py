@@ -112,3 +112,15 @@ def same_file_description(pid: int, fd1: int, fd2: int) -> bool:
     """kcmp(KCMP_FILE): whether two fds of `pid` share one open file description (dup'ed)."""
     ret = syscall(312, pid, pid, KCMP_FILE, fd1, fd2, what="kcmp", pid=pid)  # SYS_kcmp
     return ret == 0
+
+
+_sync_file_range = libc.sync_file_range
+_sync_file_range.argtypes = [C.c_int, C.c_int64, C.c_int64, C.c_uint]
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a file range to disk without waiting.
+
+    Advisory: a failure only means the final fsync does the work."""
+    _sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
