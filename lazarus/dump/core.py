@@ -7,11 +7,10 @@ from typing import Any
 
 from lazarus.errors import KernelError
 from lazarus.kernel import abi, ptrace
-from lazarus.kernel.procfs import read_status
-from lazarus.kernel.syscall import get_robust_list, prlimit
+from lazarus.kernel.procfs import read_limits, read_status
+from lazarus.kernel.syscall import get_robust_list
 from lazarus.remote import RemoteTask
 
-RLIMIT_COUNT = 16
 XSTATE_MAX = 8192
 
 
@@ -77,7 +76,7 @@ def dump_misc(task: RemoteTask) -> dict[str, Any]:
         "umask": status.umask,
         "cwd": os.readlink(f"/proc/{pid}/cwd"),
         "comm": comm,
-        "rlimits": [list(prlimit(pid, r)) for r in range(RLIMIT_COUNT)],
+        "rlimits": [list(lim) for lim in read_limits(pid)],
         "creds": {"uids": list(status.uids), "gids": list(status.gids), "groups": list(status.groups)},
         "no_new_privs": int(getattr(status, "no_new_privs", 0) or 0),
     }

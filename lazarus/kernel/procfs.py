@@ -573,3 +573,29 @@ __all__ = [
     "children", "is_kernel_thread", "start_time", "map_file_path", "read_bytes", "read_text", "readlink",
     "iter_pids",
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# limits
+
+RLIM_INFINITY = (1 << 64) - 1
+
+
+def parse_limits(text: str) -> list[tuple[int, int]]:
+    """/proc/pid/limits -> [(soft, hard)] in resource-number order (RLIMIT_CPU = 0 ... RLIMIT_RTTIME = 15).
+
+    Read from procfs because prlimit64() on another process needs CAP_SYS_RESOURCE or matching uids, even
+    to read."""
+    out: list[tuple[int, int]] = []
+    for line in text.splitlines()[1:]:
+        # "Max open files            1024                 1048576              files"
+        fields = line[26:].split()
+        if len(fields) < 2:
+            continue
+        vals = [RLIM_INFINITY if f == "unlimited" else int(f) for f in fields[:2]]
+        out.append((vals[0], vals[1]))
+    return out
+
+
+def read_limits(pid: int) -> list[tuple[int, int]]:
+    return parse_limits(read_text(f"/proc/{pid}/limits", pid))
