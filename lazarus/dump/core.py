@@ -7,7 +7,7 @@ from typing import Any
 
 from lazarus.errors import KernelError
 from lazarus.kernel import abi, ptrace
-from lazarus.kernel.procfs import read_limits, read_status
+from lazarus.kernel.procfs import read_limits, read_stat, read_status
 from lazarus.kernel.syscall import get_robust_list
 from lazarus.remote import RemoteTask
 
@@ -64,6 +64,8 @@ def dump_misc(task: RemoteTask) -> dict[str, Any]:
         rseq = None
     head, length = get_robust_list(pid)
     status = read_status(pid)
+    stat = read_stat(pid)
+    timerslack = task.syscall(abi.SYS.prctl, abi.PR_GET_TIMERSLACK, 0, 0, 0, 0)
     with open(f"/proc/{pid}/personality") as f:
         personality = int(f.read().strip(), 16)
     with open(f"/proc/{pid}/comm") as f:
@@ -79,4 +81,7 @@ def dump_misc(task: RemoteTask) -> dict[str, Any]:
         "rlimits": [list(lim) for lim in read_limits(pid)],
         "creds": {"uids": list(status.uids), "gids": list(status.gids), "groups": list(status.groups)},
         "no_new_privs": int(getattr(status, "no_new_privs", 0) or 0),
+        "timerslack_ns": timerslack,
+        "sid": stat.session,
+        "pgid": stat.pgrp,
     }

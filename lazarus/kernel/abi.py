@@ -76,6 +76,8 @@ class SYS:
     chdir = 80
     fchdir = 81
     umask = 95
+    setpgid = 109
+    setsid = 112
     setgroups = 116
     setresuid = 117
     setresgid = 119
@@ -157,6 +159,8 @@ PR_GET_DUMPABLE = 3
 PR_SET_NAME = 15
 PR_GET_NAME = 16
 PR_GET_SECCOMP = 21
+PR_SET_TIMERSLACK = 29
+PR_GET_TIMERSLACK = 30
 PR_SET_MM = 35
 PR_SET_MM_MAP = 14
 PR_SET_MM_MAP_SIZE = 15

@@ -85,6 +85,14 @@ def restore_misc(task: RemoteTask, misc: dict[str, Any]) -> None:
     rseq = misc.get("rseq")
     if rseq:
         t.syscall(abi.SYS.rseq, rseq["addr"], rseq["size"], 0, rseq["sig"], what="rseq register")
+    if "timerslack_ns" in misc:
+        t.syscall(abi.SYS.prctl, abi.PR_SET_TIMERSLACK, misc["timerslack_ns"], 0, 0, 0)
+    # Session and process group: a leader becomes one again. Joining another process's group or session
+    # is not possible (it may not exist here), so a member stays in the restorer's.
+    if misc.get("sid") == t.pid:
+        t.syscall(abi.SYS.setsid)
+    elif misc.get("pgid") == t.pid:
+        t.syscall(abi.SYS.setpgid, 0, 0)
     if misc.get("no_new_privs"):
         t.syscall(abi.SYS.prctl, abi.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
 
