@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from lazarus import __version__
 from lazarus.errors import LazarusError
 
 log = logging.getLogger("lazarus")
+_T0 = time.monotonic()
 
 
 class _PidFilter(logging.Filter):
@@ -54,6 +57,17 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--lazy", action="store_true", help="serve anonymous memory on demand (userfaultfd)")
     r.add_argument("--no-background", action="store_true", help="with --lazy: serve faults only")
     r.add_argument("--stats", type=Path, metavar="FILE", help="with --lazy: write transfer statistics (JSON)")
+    r.add_argument("--lazy-pages-socket", type=Path, metavar="SOCK",
+                   help="with --lazy: hand the memory to a running `lazarus lazy-pages` instead of starting one")
+
+    lp = sub.add_parser("lazy-pages", help="serve lazily restored processes' memory (several at once)")
+    lp.add_argument("-D", "--images-dir", dest="dir", type=Path, required=True, metavar="DIR",
+                    help="directory for the socket (DIR/lazy-pages.sock unless --socket)")
+    lp.add_argument("--socket", type=Path, metavar="SOCK", help="listen here instead")
+    lp.add_argument("--no-background", action="store_true", help="serve faults only")
+    lp.add_argument("--linger", type=float, default=5.0, metavar="SECONDS",
+                    help="once every served process is complete, wait this long for more restores (default 5)")
+    lp.add_argument("--stats", type=Path, metavar="FILE", help="write transfer statistics (JSON) at the end")
 
     s = sub.add_parser("show", help="summarize an image directory")
     s.add_argument("dir", type=Path, metavar="DIR")
@@ -76,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"lazarus: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, UsageError) else 1
     except OSError as e:
         if args.debug:
             raise
@@ -94,6 +108,8 @@ def _run(args: argparse.Namespace) -> int:
         return cmd_restore(args)
     if args.command == "show":
         return cmd_show(args)
+    if args.command == "lazy-pages":
+        return cmd_lazy_pages(args)
     raise AssertionError(args.command)
 
 
@@ -139,48 +155,57 @@ def cmd_dump(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     from lazarus.kernel.ptrace import wait
     from lazarus.restore import restore
-    if args.lazy:
-        from lazarus.kernel import features
-        features.require("lazy")
-    res = restore(args.dir, lazy=args.lazy)
+    if not args.lazy and (args.no_background or args.stats or args.lazy_pages_socket):
+        raise UsageError("--no-background, --stats and --lazy-pages-socket need --lazy")
+    if not args.lazy:
+        res = restore(args.dir)
+        _report_restore(args, res)
+        return 0 if args.detach else _wait_exit(res.pid, wait)
+    from lazarus.kernel import features
+    features.require("lazy")
+    if args.lazy_pages_socket:
+        return _restore_to_server(args, wait)
+    if args.detach:
+        return _restore_with_daemon(args)
+    # Serve from this process: the guard forks now, while we have no threads.
+    server, guard, bar = _new_server(args, progress=sys.stderr.isatty())
+    try:
+        res = restore(args.dir, lazy=True, on_lazy=server.add_process)
+        _report_restore(args, res)
+        stats = server.run()
+        log.info("lazy pages done: %s", stats)
+    finally:
+        _close_server(server, guard, bar)
+    return _wait_exit(res.pid, wait)
+
+
+class UsageError(LazarusError):
+    pass
+
+
+def _report_restore(args: argparse.Namespace, res: Any) -> None:
     if args.pidfile:
         args.pidfile.write_text(f"{res.pid}\n")
-    print(f"restored pid {res.pid} in {res.seconds * 1000:.0f} ms ({res.pages_written} pages written)",
-          file=sys.stderr if not args.detach else sys.stdout)
+    since_start = (time.monotonic() - _T0) * 1000
+    print(f"restored pid {res.pid} in {res.seconds * 1000:.0f} ms ({since_start:.0f} ms since the command "
+          f"started; {res.pages_written} pages written{', the rest served lazily' if args.lazy else ''})",
+          file=sys.stdout if args.detach else sys.stderr)
     sys.stdout.flush()
-    if res.lazy is not None:
-        uffd, source = res.lazy
-        if args.detach:
-            if os.fork():
-                uffd.close()
-                return 0
-            # The daemon serving the pages: its own session, so the caller's terminal going away or
-            # the caller waiting for its children does not involve it.
-            os.setsid()
-            code = 0
-            try:
-                serve_lazy(args, res.pid, uffd, source, progress=False)
-            except BaseException as e:  # noqa: BLE001 - a daemon reports and exits
-                print(f"lazarus: lazy-pages: error: {e}", file=sys.stderr)
-                code = 1
-            finally:
-                os._exit(code)
-        serve_lazy(args, res.pid, uffd, source, progress=sys.stderr.isatty())
-    elif args.detach:
-        return 0
-    st = wait(res.pid, timeout=float("inf"))
+
+
+def _wait_exit(pid: int, wait: Any) -> int:
+    st = wait(pid, timeout=float("inf"))
     while st.stopped:
-        st = wait(res.pid, timeout=float("inf"))
+        st = wait(pid, timeout=float("inf"))
     return st.exit_code if st.exited else 128 + st.term_sig
 
 
-def serve_lazy(args: argparse.Namespace, pid: int, uffd: Any, source: Any, *, progress: bool) -> dict:
-    """Run the lazy-pages server for one restored process, with a guard that kills it if we die."""
+def _new_server(args: argparse.Namespace, *, progress: bool) -> tuple[Any, Any, Any]:
+    """A LazyServer with its guard (which kills the served processes if the server dies)."""
     from lazarus.lazy.guard import Guard
     from lazarus.lazy.server import LazyServer
     guard = Guard.start()
-    bar = None
-    cb = None
+    bar = cb = None
     if progress:
         from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
         bar = Progress("lazy pages", BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True)
@@ -189,16 +214,109 @@ def serve_lazy(args: argparse.Namespace, pid: int, uffd: Any, source: Any, *, pr
 
         def cb(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
+    server = LazyServer(background=not args.no_background, stats_path=args.stats, progress=cb, guard=guard)
+    return server, guard, bar
+
+
+def _close_server(server: Any, guard: Any, bar: Any) -> None:
     try:
-        server = LazyServer(background=not args.no_background, stats_path=args.stats, progress=cb, guard=guard)
-        server.add_process(pid, uffd, source)
-        stats = server.run()
+        server.close()
     finally:
         if bar is not None:
             bar.stop()
         guard.close()
-    log.info("lazy pages done: %s", stats)
-    return stats
+
+
+def _restore_to_server(args: argparse.Namespace, wait: Any) -> int:
+    """restore --lazy --lazy-pages-socket: hand the uffd to a running `lazarus lazy-pages`."""
+    from lazarus.lazy.handoff import connect, send_process
+    from lazarus.restore import restore
+    sock = connect(args.lazy_pages_socket)
+
+    def hand(pid: int, uffd: Any, _source: Any) -> None:
+        try:
+            send_process(sock, pid, args.dir, uffd.fd)
+        finally:
+            uffd.close()
+    try:
+        res = restore(args.dir, lazy=True, on_lazy=hand)
+    finally:
+        sock.close()
+    _report_restore(args, res)
+    return 0 if args.detach else _wait_exit(res.pid, wait)
+
+
+def _restore_with_daemon(args: argparse.Namespace) -> int:
+    """restore --lazy -d: a private lazy-pages daemon, forked before the restore (while we have no threads),
+    receives the uffd over a socketpair before the task runs; we return once it runs."""
+    import socket
+
+    from lazarus.lazy.handoff import Listener, send_process
+    from lazarus.restore import restore
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    daemon = os.fork()
+    if daemon == 0:
+        ours.close()
+        # Its own session: the caller's terminal or process group going away does not involve it.
+        os.setsid()
+        code = 0
+        try:
+            devnull = os.open(os.devnull, os.O_RDWR)
+            os.dup2(devnull, 0)
+            os.dup2(devnull, 1)
+            server, guard, bar = _new_server(args, progress=False)
+            try:
+                Listener(server, theirs, connected=True, once=True)
+                server.run()
+            finally:
+                _close_server(server, guard, bar)
+        except BaseException as e:  # noqa: BLE001 - a daemon reports and exits
+            print(f"lazarus: lazy-pages: error: {e}", file=sys.stderr)
+            code = 1
+        finally:
+            os._exit(code)
+    theirs.close()
+
+    def hand(pid: int, uffd: Any, _source: Any) -> None:
+        try:
+            send_process(ours, pid, args.dir, uffd.fd)
+        finally:
+            uffd.close()
+    try:
+        res = restore(args.dir, lazy=True, on_lazy=hand)
+    finally:
+        ours.close()
+    _report_restore(args, res)
+    return 0
+
+
+def cmd_lazy_pages(args: argparse.Namespace) -> int:
+    """lazarus lazy-pages: serve restores that hand their uffd over the socket, until none needs us."""
+    import socket
+
+    from lazarus.kernel import features
+    from lazarus.lazy.handoff import Listener
+    features.require("lazy")
+    path = args.socket or args.dir / "lazy-pages.sock"
+    if not args.dir.is_dir():
+        raise LazarusError(f"{args.dir}: no such directory", path=str(args.dir))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.bind(str(path))
+    sock.listen(16)
+    print(f"lazy-pages: listening on {path}", flush=True)
+    server, guard, bar = _new_server(args, progress=sys.stderr.isatty())
+    try:
+        Listener(server, sock, linger=args.linger)
+        stats = server.run()
+    finally:
+        _close_server(server, guard, bar)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    print(f"lazy-pages: served {len(stats.get('processes', []))} process(es), "
+          f"{stats.get('pages_fault', 0)} pages by fault, {stats.get('pages_background', 0)} in background")
+    return 0
 
 
 def _summary(img: Any) -> dict[str, Any]:

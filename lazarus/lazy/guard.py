@@ -29,6 +29,7 @@ import contextlib
 import errno
 import gc
 import json
+import logging
 import os
 import select
 import signal
@@ -41,6 +42,8 @@ from pathlib import Path
 
 from lazarus.errors import LazarusError, NoSuchTask
 from lazarus.kernel.pidfd import pidfd_open, pidfd_send_signal
+
+log = logging.getLogger("lazarus.lazy")
 
 _MAX_MSG = 65536
 _KILL_WAIT = 5.0
@@ -79,7 +82,7 @@ class Guard:
                 gc.disable()  # never let a copied object's finaliser close an fd we now use
                 keep = child_sock.fileno()
                 os.closerange(3, keep)
-                os.closerange(keep + 1, 65536)
+                os.closerange(keep + 1, max(65536, os.sysconf("SC_OPEN_MAX")))
                 code = _guard_main(keep, server_pid, report)
             finally:
                 os._exit(code)
@@ -94,11 +97,13 @@ class Guard:
         data = json.dumps(msg, separators=(",", ":")).encode()
         try:
             if fds:
-                socket.send_fds(self._sock, [data], fds)
+                socket.send_fds(self._sock, [data], fds, socket.MSG_NOSIGNAL)
             else:
-                self._sock.send(data)
-        except OSError:
+                self._sock.send(data, socket.MSG_NOSIGNAL)
+        except OSError as e:
             self.alive = False
+            log.warning("the guard (pid %d) is gone (%s): served processes are no longer protected against "
+                        "the loss of this server", self.pid, e.strerror)
 
     def add(self, key: int, uffd_fd: int, *, pid: int | None, pidfd: int | None = None,
             parent: int | None = None) -> None:
@@ -229,25 +234,29 @@ class _GuardState:
         if op == "lost":
             e = self.entries.get(key)
             if e is not None:
-                self.kill([e], msg.get("reason") or "page source failed")
+                self.kill([e], msg.get("reason") or "page source failed", report_all=True)
             return True
         return op != "done"
 
-    def _kill_one(self, e: _Entry) -> list[int]:
-        """SIGKILL the process of e; returns pidfds to wait on (owned by the caller if not e.pidfd)."""
-        if e.pidfd is not None:
-            with contextlib.suppress(LazarusError, OSError):
-                pidfd_send_signal(e.pidfd, signal.SIGKILL)
-            return []
-        if e.pid is not None:
-            try:
-                fd = pidfd_open(e.pid)
-            except (NoSuchTask, LazarusError, OSError):
-                return []
-            with contextlib.suppress(LazarusError, OSError):
-                pidfd_send_signal(fd, signal.SIGKILL)
-            return [fd]
-        return []
+    @staticmethod
+    def _signal(pidfd: int) -> bool:
+        """SIGKILL through pidfd unless the process already exited. True if it was alive."""
+        p = select.poll()
+        p.register(pidfd, select.POLLIN)
+        if p.poll(0):
+            return False
+        try:
+            return pidfd_send_signal(pidfd, signal.SIGKILL)
+        except (LazarusError, OSError):
+            return False
+
+    def _kill_pid(self, pid: int) -> tuple[bool, int | None]:
+        """SIGKILL pid (through a pidfd we open). Returns (killed, pidfd to wait on and close)."""
+        try:
+            fd = pidfd_open(pid)
+        except (NoSuchTask, LazarusError, OSError):
+            return False, None
+        return self._signal(fd), fd
 
     def _unknown_children(self, parent: _Entry | None) -> list[int]:
         if parent is None or parent.pid is None:
@@ -266,30 +275,42 @@ class _GuardState:
                 continue
         return [p for p in out if p not in self.known_pids]
 
-    def kill(self, victims: list[_Entry], reason: str) -> None:
+    def kill(self, victims: list[_Entry], reason: str, *, report_all: bool = False) -> None:
+        """SIGKILL the victims still alive, wait (bounded) until they are gone, drop their dups, and report
+        each one killed (with report_all, every victim: the server may have killed it first)."""
         wait_fds: list[int] = []
         own_fds: list[int] = []
+        # fork children the server had not identified yet are their parent's children the guard does not know:
+        # list them before any kill (a dead parent's children are reparented and vanish from its list)
+        orphans: list[int] = []
         for e in victims:
             if e.pid is None and e.pidfd is None:
-                # a fork child the server had not identified yet: kill its parent's unknown children
                 parent = self.entries.get(e.parent) if e.parent is not None else None
-                for cpid in self._unknown_children(parent):
-                    try:
-                        fd = pidfd_open(cpid)
-                    except (LazarusError, OSError):
-                        continue
-                    with contextlib.suppress(LazarusError, OSError):
-                        pidfd_send_signal(fd, signal.SIGKILL)
+                orphans += [c for c in self._unknown_children(parent) if c not in orphans]
+        killed: list[int] = []
+        for e in victims:
+            if e.pidfd is not None:
+                if self._signal(e.pidfd) or report_all:
+                    killed.append(e.pid if e.pid is not None else -1)
+                wait_fds.append(e.pidfd)
+            elif e.pid is not None:
+                ok, fd = self._kill_pid(e.pid)
+                if fd is not None:
                     own_fds.append(fd)
                     wait_fds.append(fd)
-                    self.known_pids.add(cpid)
-                    self.log(f"pid {cpid} killed: its page source was lost ({reason})")
-                continue
-            fds = self._kill_one(e)
-            own_fds += fds
-            wait_fds += fds or ([e.pidfd] if e.pidfd is not None else [])
+                if ok or report_all:
+                    killed.append(e.pid)
             e.killed = True
-            self.log(f"pid {e.pid if e.pid is not None else '?'} killed: its page source was lost ({reason})")
+        for cpid in orphans:
+            ok, fd = self._kill_pid(cpid)
+            if fd is not None:
+                own_fds.append(fd)
+                wait_fds.append(fd)
+            if ok:
+                killed.append(cpid)
+            self.known_pids.add(cpid)
+        for pid in killed:
+            self.log(f"pid {pid if pid >= 0 else '?'} killed: its page source was lost ({reason})")
         # wait until they are gone before letting go of the uffds (bounded)
         deadline = time.monotonic() + _KILL_WAIT
         pending = list(wait_fds)

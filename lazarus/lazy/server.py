@@ -1,13 +1,15 @@
 """The lazy page server: one event loop serving the userfaultfds of lazily restored processes.
 
     loop:
-      select(uffds + pidfds; timeout 0 while there is background work)
-      read ALL pending messages of every ready uffd         (a process waits in fork/mremap/madvise/munmap
-        FORK/REMAP/REMOVE/UNMAP applied at once, in order     until its event is read: read them promptly)
-        faults collected
-      serve the faults: UFFDIO_COPY of the faulting page and the pending pages next to it (an aligned window
-        of `fault_batch` pages), or UFFDIO_ZEROPAGE where the image holds nothing
-      only if nothing was ready: one background step (>= `chunk_size` bytes, continuing from the last fault)
+      epoll(uffds + pidfds; timeout 0 while there is background work)
+      for each ready uffd, read batch after batch until none is pending (bounded):
+        FORK/REMAP/REMOVE/UNMAP of the batch applied first, in order   (a process waits in fork/mremap/madvise/
+        then the batch's faults served: UFFDIO_COPY of the faulting      munmap until its event is read: read
+          page and the pending pages next to it (an aligned window of    them promptly)
+          `fault_batch` pages), or UFFDIO_ZEROPAGE where the image holds nothing
+        (reading again right after serving finds a sequential faulter's next fault already queued: no epoll)
+      pidfd readable: that process exited
+      only if nothing was ready: one background step (>= `chunk_size` bytes, continuing after the last fault)
       a process with nothing pending any more: close its uffd (the kernel takes over), report it complete
 
 Outcomes of a fill (kernel/uffd.Outcome) and what is done about them:
@@ -34,7 +36,7 @@ import contextlib
 import json
 import logging
 import os
-import selectors
+import select
 import signal
 import time
 from collections import deque
@@ -54,6 +56,7 @@ from lazarus.kernel.uffd import (
     Uffd,
     Unmap,
 )
+from lazarus.lazy.guard import Guard
 from lazarus.lazy.ranges import PAGE_SIZE, PendingPages
 from lazarus.lazy.sources import PageSource
 
@@ -61,8 +64,10 @@ log = logging.getLogger("lazarus.lazy")
 
 _MASK = PAGE_SIZE - 1
 FORK_RESOLVE_TIMEOUT = 2.0
+RECENT_FAULT_NS = 50_000_000  # background transfer follows the last fault for 50 ms
 
 ProgressCallback = Callable[[int, int], None]
+_NONE: tuple[str, None] = ("", None)
 
 
 @dataclass
@@ -87,6 +92,7 @@ class _Proc:
     dropped_pages: int = 0        # removed/unmapped before being filled
     deferred: list[tuple[PageFault, int]] = field(default_factory=list)
     fork_time: float | None = None
+    last_fault_ns: int = 0
     seen_children: set[int] = field(default_factory=set)
     unresolved: deque = field(default_factory=deque)   # fork children (_Proc) still without a pid
 
@@ -111,7 +117,7 @@ class LazyServer:
     """
 
     def __init__(self, background: bool = True, stats_path: str | Path | None = None,
-                 progress: ProgressCallback | None = None, *, guard=None, fault_batch: int = 16,
+                 progress: ProgressCallback | None = None, *, guard: Guard | None = None, fault_batch: int = 16,
                  chunk_size: int = 2 << 20) -> None:
         if fault_batch < 1 or fault_batch & (fault_batch - 1):
             raise ValueError("fault_batch must be a power of two")
@@ -121,7 +127,11 @@ class LazyServer:
         self.guard = guard
         self.fault_batch = fault_batch
         self.chunk_size = max(PAGE_SIZE, chunk_size & ~_MASK)
-        self._sel = selectors.DefaultSelector()
+        self._ep = select.epoll()
+        self._fds: dict[int, tuple[str, _Proc]] = {}   # fd -> ("uffd" | "pidfd", process)
+        self._ext: dict[int, Callable[[], None]] = {}  # fd -> callback (sockets of lazy/handoff.py)
+        # While it returns True the loop runs even with no process to serve (a server awaiting restores).
+        self.keep_alive: Callable[[], bool] | None = None
         self._procs: dict[int, _Proc] = {}
         self._done: list[_Proc] = []
         self._latencies: list[int] = []
@@ -136,11 +146,14 @@ class LazyServer:
         self._our_ns = os.stat("/proc/self/ns/pid").st_ino
         self._skipped = False
         self._waiting_parents: dict[int, _Proc] = {}
+        self._ndeferred = 0
+        self._last_faulted: _Proc | None = None
 
     # -- setup ---------------------------------------------------------------------------------------------
 
     def add_process(self, pid: int | None, uffd: Uffd, source: PageSource) -> None:
-        """Serve `uffd` (owned by the server from now on) of process `pid` from `source`.
+        """Serve `uffd` of process `pid` from `source`; both are owned by the server from now on (closed by it:
+        the uffd when the process is complete, the source at close()). One source may serve several processes.
 
         Raises:
             NoSuchTask if pid is given and already gone.
@@ -160,10 +173,29 @@ class LazyServer:
         self._total_bytes += p.total_pages * PAGE_SIZE
         self._procs[p.key] = p
         self._rr.append(p.key)
-        self._sel.register(p.uffd.fd, selectors.EVENT_READ, ("uffd", p))
+        self._watch(p.uffd.fd, "uffd", p)
         if p.pidfd is not None:
-            self._sel.register(p.pidfd.fd, selectors.EVENT_READ, ("pidfd", p))
+            self._watch(p.pidfd.fd, "pidfd", p)
         log.debug("%s: serving %d pages", p.label, p.total_pages)
+
+    def add_watch(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call `callback` from the loop whenever `fd` is readable (a listening socket, a connection)."""
+        self._ext[fd] = callback
+        self._ep.register(fd, select.EPOLLIN)
+
+    def remove_watch(self, fd: int) -> None:
+        if self._ext.pop(fd, None) is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._ep.unregister(fd)
+
+    def _watch(self, fd: int, kind: str, p: _Proc) -> None:
+        self._ep.register(fd, select.EPOLLIN)
+        self._fds[fd] = (kind, p)
+
+    def _unwatch(self, fd: int) -> None:
+        if self._fds.pop(fd, None) is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._ep.unregister(fd)
 
     # -- the loop ------------------------------------------------------------------------------------------
 
@@ -182,50 +214,48 @@ class LazyServer:
         for p in list(self._procs.values()):
             if not p.pending:
                 self._finish(p, "complete")
-        while self._procs:
+        procs = self._procs
+        while procs or (self.keep_alive is not None and self.keep_alive()):
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"lazy server: {len(self._procs)} process(es) still served after {timeout}s")
-            deferred = any(p.deferred for p in self._procs.values())
-            unresolved = bool(self._waiting_parents)
-            if deferred:
-                wait: float | None = 0.001
-            elif self.background and any(p.pending for p in self._procs.values()):
+                raise TimeoutError(f"lazy server: {len(procs)} process(es) still served after {timeout}s")
+            if self._ndeferred:
+                wait: float = 0.001
+            elif self.background and self._bg_possible():
                 wait = 0
-            elif unresolved:
+            elif self._waiting_parents:
                 wait = 0.005
             else:
                 wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
-            ready = self._sel.select(wait)
-            faults: list[tuple[_Proc, PageFault, int]] = []
-            exited: list[_Proc] = []
-            for key, _mask in ready:
-                kind, p = key.data
-                if p.key not in self._procs:
-                    continue
-                if kind == "uffd":
-                    self._read(p, faults)
-                else:
-                    exited.append(p)
-            if unresolved:
-                self._resolve_forks()
-            if deferred:
-                for p in list(self._procs.values()):
-                    if p.deferred:
-                        items, p.deferred = p.deferred, []
-                        for ev, t in items:
-                            if p.key in self._procs:
-                                self._serve_fault(p, ev, t)
-            for p, ev, t in faults:
-                if p.key in self._procs:
-                    self._serve_fault(p, ev, t)
-            for p in exited:
-                if p.key in self._procs:
-                    self._finish(p, "exited")
-            if not ready and not deferred and self.background:
+            ready = self._ep.poll(wait)
+            if ready:
+                exited: list[_Proc] = []
+                for fd, _mask in ready:
+                    ext = self._ext.get(fd)
+                    if ext is not None:
+                        ext()
+                        continue
+                    kind, p = self._fds.get(fd, _NONE)
+                    if p is None or p.key not in procs:
+                        continue
+                    if kind == "uffd":
+                        self._drain(p)
+                    else:
+                        exited.append(p)
+                if self._ndeferred:
+                    self._retry_deferred()
+                for p in exited:
+                    if p.key in procs:
+                        self._finish(p, "exited")
+            elif self._ndeferred:
+                self._retry_deferred()
+            elif self.background:
                 self._background_step()
-            if not ready and not self.background:
+            else:
                 self._check_idle()
-            self._report_progress()
+            if self._waiting_parents:
+                self._resolve_forks()
+            if self.progress is not None:
+                self._report_progress()
         self._t_end = time.monotonic()
         # for the record: children that completed before their parent came out of fork() (bounded)
         give_up = time.monotonic() + 0.2
@@ -239,16 +269,26 @@ class LazyServer:
             self.write_stats(self.stats_path)
         return stats
 
-    def _read(self, p: _Proc, faults: list) -> None:
-        """Read everything pending on p's uffd; apply non-fault events now, in order; collect faults."""
-        for _ in range(16):
+    def _drain(self, p: _Proc) -> None:
+        """Read and handle p's messages until none is pending (bounded, for fairness between processes).
+
+        Each read batch is handled in order: FORK/REMAP/REMOVE/UNMAP first, then that batch's faults. Reading
+        again right after serving pays off: a process that faults page after page has its next fault queued
+        by the time the bookkeeping of the last one is done, which saves a trip through epoll.
+        """
+        procs = self._procs
+        for _ in range(64):
             events = p.uffd.read_events()
             if not events:
                 return
             t = time.perf_counter_ns()
+            faults = None
             for ev in events:
-                if isinstance(ev, PageFault):
-                    faults.append((p, ev, t))
+                if type(ev) is PageFault:
+                    if faults is None:
+                        faults = [ev]
+                    else:
+                        faults.append(ev)
                 elif isinstance(ev, Remove | Unmap):
                     p.dropped_pages += p.pending.remove(ev.start, ev.end)
                 elif isinstance(ev, Remap):
@@ -260,6 +300,22 @@ class LazyServer:
                 elif isinstance(ev, TaskDone):
                     self._finish(p, "gone")
                     return
+            if faults is not None:
+                for ev in faults:
+                    self._serve_fault(p, ev, t)
+            if p.key not in procs:
+                return
+
+    def _retry_deferred(self) -> None:
+        for p in list(self._procs.values()):
+            if p.deferred:
+                items, p.deferred = p.deferred, []
+                self._ndeferred -= len(items)
+                for ev, t in items:
+                    self._serve_fault(p, ev, t)
+
+    def _bg_possible(self) -> bool:
+        return any(p.pending for p in self._procs.values())
 
     # -- faults --------------------------------------------------------------------------------------------
 
@@ -276,6 +332,7 @@ class LazyServer:
                 p.zero_pages += 1
             elif out is Outcome.RETRY:
                 p.deferred.append((ev, t_read))
+                self._ndeferred += 1
                 return
             elif out is Outcome.GONE:
                 self._finish(p, "gone")
@@ -287,6 +344,7 @@ class LazyServer:
             res = self._fill(p, start, npages, fidx)
             if res is Outcome.RETRY:
                 p.deferred.append((ev, t_read))
+                self._ndeferred += 1
                 return
             if res is not Outcome.DONE:
                 return  # gone or lost: already handled
@@ -294,6 +352,8 @@ class LazyServer:
                 p.uffd.wake(addr, PAGE_SIZE)
         p.faults += 1
         p.cursor = addr
+        p.last_fault_ns = time.monotonic_ns()
+        self._last_faulted = p
         self._latencies.append(time.perf_counter_ns() - t_read)
         if not p.pending and p.key in self._procs:
             self._finish(p, "complete")
@@ -301,14 +361,40 @@ class LazyServer:
     def _fill(self, p: _Proc, start: int, npages: int, fidx: int, *, background: bool = False) -> Outcome:
         """Copy pending run [start, +npages) from file page fidx. Returns DONE (whatever could be filled was),
         RETRY (nothing more done: read events first), GONE or the process was lost (p no longer served)."""
-        stack = [(start, npages, fidx)]
         self._skipped = False
+        # fast path: one copy does it all (the usual case, kept short: it is on every fault's critical path)
+        length = npages * PAGE_SIZE
+        try:
+            n, out = p.uffd.copy(start, p.source.address(fidx, npages), length)
+        except PageSourceLost as e:
+            self._lose(p, str(e))
+            return Outcome.GONE
+        except KernelError as e:
+            self._lose(p, f"{p.source.name}: UFFDIO_COPY failed: {e}")
+            return Outcome.GONE
+        if out is Outcome.DONE:
+            p.pending.take(start, length)
+            self._done_bytes += length
+            if background:
+                p.pages_background += npages
+            else:
+                p.pages_fault += npages
+            return out
+        return self._fill_slow(p, start, npages, fidx, n, out, background)
+
+    def _fill_slow(self, p: _Proc, start: int, npages: int, fidx: int, n: int, out: Outcome,
+                   background: bool) -> Outcome:
+        """The rest of _fill after a first copy that did not do everything (n bytes, outcome out)."""
+        stack = [(start, npages, fidx)]
+        first: tuple[int, Outcome] | None = (n, out)
         while stack:
             start, npages, fidx = stack.pop()
             while npages > 0:
                 try:
-                    src = p.source.address(fidx, npages)
-                    n, out = p.uffd.copy(start, src, npages * PAGE_SIZE)
+                    if first is not None:
+                        (n, out), first = first, None
+                    else:
+                        n, out = p.uffd.copy(start, p.source.address(fidx, npages), npages * PAGE_SIZE)
                 except PageSourceLost as e:
                     self._lose(p, str(e))
                     return Outcome.GONE
@@ -352,28 +438,36 @@ class LazyServer:
     # -- background ----------------------------------------------------------------------------------------
 
     def _background_step(self) -> None:
-        """Fill at least chunk_size bytes (or 1 ms worth of small runs) of one process."""
-        while self._rr:
-            key = self._rr[0]
-            p = self._procs.get(key)
-            if p is None:
-                self._rr.popleft()
-                continue
-            if not p.pending:
+        """Fill at least chunk_size bytes (or 1 ms worth of small runs) of one process: the one that faulted
+        last if that was recent (its cursor sits right after the fault: read-ahead), else round robin."""
+        p = self._last_faulted
+        if p is None or not p.pending or p.key not in self._procs \
+                or time.monotonic_ns() - p.last_fault_ns > RECENT_FAULT_NS:
+            p = None
+            for _ in range(len(self._rr)):
+                q = self._procs.get(self._rr[0])
+                if q is None:
+                    self._rr.popleft()
+                    continue
                 self._rr.rotate(-1)
-                if all(not q.pending for q in self._procs.values()):
-                    return
-                continue
-            break
-        else:
-            return
+                if q.pending:
+                    p = q
+                    break
+            if p is None:
+                return
         t0 = time.perf_counter_ns()
         budget = self.chunk_size
+        prefetch = getattr(p.source, "prefetch", None)
         while budget > 0 and p.key in self._procs:
             c = p.pending.next_chunk(p.cursor, budget)
             if c is None:
                 break
             start, npages, fidx = c
+            if prefetch is not None:
+                # let the source get the following chunk ready (verify it) while this one is copied
+                nxt = p.pending.next_chunk(start + npages * PAGE_SIZE, self.chunk_size)
+                if nxt is not None and nxt[0] != start:
+                    prefetch(nxt[2], nxt[1])
             before = self._done_bytes
             res = self._fill(p, start, npages, fidx, background=True)
             budget -= max(npages * PAGE_SIZE, 1)
@@ -384,11 +478,8 @@ class LazyServer:
             if time.perf_counter_ns() - t0 > 1_000_000:
                 break
         self._bg_ns += time.perf_counter_ns() - t0
-        if p.key in self._procs:
-            if not p.pending:
-                self._finish(p, "complete")
-            else:
-                self._rr.rotate(-1)
+        if p.key in self._procs and not p.pending:
+            self._finish(p, "complete")
 
     def _check_idle(self) -> None:
         """Without background transfer, a process whose pid is unknown can exit unnoticed: probe such ones by
@@ -466,7 +557,7 @@ class LazyServer:
         child.pid = pid
         child.pidfd = pidfd
         if pidfd is not None:
-            self._sel.register(pidfd.fd, selectors.EVENT_READ, ("pidfd", child))
+            self._watch(pidfd.fd, "pidfd", child)
         if self.guard is not None:
             self.guard.set_pid(child.key, pid, pidfd.fd if pidfd else None)
         log.debug("uffd %d: fork child is pid %d", child.key, pid)
@@ -495,11 +586,11 @@ class LazyServer:
             return
         del self._procs[p.key]
         p.state, p.reason, p.ended = state, reason, time.monotonic()
-        with contextlib.suppress(KeyError, ValueError):
-            self._sel.unregister(p.uffd.fd)
+        self._ndeferred -= len(p.deferred)
+        p.deferred = []
+        self._unwatch(p.uffd.fd)
         if p.pidfd is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self._sel.unregister(p.pidfd.fd)
+            self._unwatch(p.pidfd.fd)
         if self.guard is not None and state != "lost":
             self.guard.complete(p.key)
         p.uffd.close()
@@ -535,7 +626,10 @@ class LazyServer:
                 self._lose(p, "the lazy server stopped before the restore completed")
             else:
                 self._finish(p, "complete")
-        self._sel.close()
+        self._ep.close()
+        for src in {id(p.source): p.source for p in self._done}.values():
+            with contextlib.suppress(Exception):
+                src.close()
         if self.guard is not None:
             self.guard.close()
 

@@ -9,6 +9,7 @@ import errno
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from lazarus.restore.memory import (
 from lazarus.restore.uffd import LAZY_FEATURES, copy_all, lazy_ranges, uffd_in_task
 
 log = logging.getLogger(__name__)
+# Called with (pid, uffd, page source) once a lazily restored task is ready to run, before it runs.
+LazyHandoff = Callable[[int, Any, Any], None]
 TRAMPOLINE_SIZE = 4 * abi.PAGE_SIZE
 _NEG1 = (1 << 64) - 1
 
@@ -91,7 +94,7 @@ def _is_zombie(pid: int) -> bool:
         return False
 
 
-def restore_task(img: Image, pid: int, *, lazy: bool = False) -> Restored:
+def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHandoff | None = None) -> Restored:
     """Create task `pid` from the image and leave it running (detached). Kills it on any failure."""
     t0 = time.monotonic()
     task = img.task(pid)
@@ -126,6 +129,9 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False) -> Restored:
         gaps = trampoline_candidates(mm["vmas"] + [{"start": tramp.addr, "end": tramp.addr + TRAMPOLINE_SIZE}],
                                      1 << 20)
         move_vdso(remote, specials, mm["vmas"], gaps[0])
+        # Before any mapping of the image exists: the kernel refuses a new exe_fd (EBUSY) while the old
+        # executable is still mapped, and the image may map that very file (a Python restored by a Python).
+        set_mm(remote, mm)
         rcore.restore_rlimits(child, task["misc"]["rlimits"])
         fds = task["files"]
         high_base = max([f["fd"] for f in fds], default=2) + 1
@@ -151,7 +157,6 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False) -> Restored:
                     uffd.close()
         timings["pages"] = time.monotonic() - t0
 
-        set_mm(remote, space, mm)
         space.close_cached()
         fdr = FdRestorer(remote, img, child, space.state.object_fds, high_base)
         fdr.restore(fds)
@@ -172,13 +177,17 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False) -> Restored:
         remote.syscall(abi.SYS.munmap, tramp.addr, TRAMPOLINE_SIZE)
         rcore.set_final_state(remote, task["core"], task["signals"]["blocked"])
         remote.close()
+        source = None
+        if handover is not None:
+            source = ImagePageSource(served, page_file, name=f"pages-{pid}.img")
+            if on_lazy is not None:
+                # The server (and its guard) must hold the uffd before the task runs: a task whose uffd is
+                # closed would fault in zeros instead of its data.
+                on_lazy(child, handover, source)
         ptrace.detach(child)
         timings["running"] = time.monotonic() - t0
         if page_file is not None and not lazy:
             page_file.close()
-        source = None
-        if handover is not None:
-            source = ImagePageSource(served, page_file, name=f"pages-{pid}.img")
         return Restored(child, time.monotonic() - t0, written, timings=timings,
                         lazy=(handover, source) if handover is not None else None)
     except BaseException as e:
@@ -200,7 +209,7 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False) -> Restored:
         raise
 
 
-def set_mm(remote: RemoteTask, space: SpaceBuilder, mm: dict[str, Any]) -> None:
+def set_mm(remote: RemoteTask, mm: dict[str, Any]) -> None:
     """PR_SET_MM_MAP: code/data/brk/stack/args/env boundaries, auxv and the executable link."""
     auxv = bytes.fromhex(mm["auxv"])
     exe_fd = remote.syscall(abi.SYS.openat, abi.AT_FDCWD & _NEG1, remote.cstring(mm["exe"]),
@@ -218,12 +227,12 @@ def set_mm(remote: RemoteTask, space: SpaceBuilder, mm: dict[str, Any]) -> None:
         remote.syscall(abi.SYS.close, exe_fd)
 
 
-def restore(directory: Path, *, lazy: bool = False) -> Restored:
+def restore(directory: Path, *, lazy: bool = False, on_lazy: LazyHandoff | None = None) -> Restored:
     img = open_image(directory, verify_pages=not lazy)
     try:
         if len(img.tasks) != 1:
             raise RestoreError(f"image holds {len(img.tasks)} tasks; only single processes are supported")
-        return restore_task(img, img.tasks[0], lazy=lazy)
+        return restore_task(img, img.tasks[0], lazy=lazy, on_lazy=on_lazy)
     finally:
         if not lazy:
             img.close()

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lazarus.errors import RestoreError
+from lazarus.images.mm import is_lazy, lazy_object_ids, lazy_vmas  # noqa: F401 - re-exported
 from lazarus.kernel import abi, procfs
 from lazarus.remote import RemoteTask
 
@@ -237,41 +238,6 @@ class SpaceBuilder:
                     picked.append({"kind": "file", "shared": False, "path": "", "start": a, "end": b,
                                    "pages": [[a, (b - a) // abi.PAGE_SIZE, first]]})
         return self.write_pages(picked, page_file, skip_lazy=False)
-
-
-def lazy_object_ids(mm: dict[str, Any], fds: list[dict[str, Any]]) -> set[int]:
-    """Shared-memory objects a lazy restore serves through userfaultfd: those the task reaches only through
-    its mappings. An object it also holds an fd to must be filled at once: read(2) on a memfd page that is
-    not there returns zeros instead of faulting."""
-    held = {f["object"] for f in fds if f["type"] == "memfd"}
-    return {o["id"] for o in mm["objects"] if o["id"] not in held and o["pages"]}
-
-
-def lazy_vmas(mm: dict[str, Any], lazy_ids: set[int]) -> list[dict[str, Any]]:
-    """The vmas a lazy restore registers with userfaultfd, each with its page runs by address.
-
-    Anonymous private vmas carry their runs already; a shared object's runs (by object offset) are
-    translated into every vma that maps them, so a fault in any mapping of the object finds its page.
-    """
-    objects = {o["id"]: o for o in mm["objects"]}
-    out = []
-    for v in mm["vmas"]:
-        if is_lazy(v):
-            out.append(v)
-        elif v["kind"] in ("shmem", "memfd") and v.get("object") in lazy_ids:
-            lo, hi = v["offset"], v["offset"] + v["end"] - v["start"]
-            runs = []
-            for offset, n, idx in objects[v["object"]]["pages"]:
-                a, b = max(offset, lo), min(offset + n * abi.PAGE_SIZE, hi)
-                if a < b:
-                    runs.append([v["start"] + a - lo, (b - a) // abi.PAGE_SIZE, idx + (a - offset) // abi.PAGE_SIZE])
-            out.append({"start": v["start"], "end": v["end"], "kind": v["kind"], "pages": runs})
-    return out
-
-
-def is_lazy(vma: dict[str, Any]) -> bool:
-    """Whether a lazy restore serves this vma through userfaultfd (anonymous private memory)."""
-    return vma["kind"] == "anon" and not vma["shared"]
 
 
 def close_inherited_fds(task: RemoteTask) -> None:

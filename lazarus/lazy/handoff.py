@@ -1,0 +1,169 @@
+"""Handing a restored process's userfaultfd to a lazy-pages server over an AF_UNIX socket.
+
+    restore                                      lazy-pages server (its own process, with its guard)
+    -------                                      ------------------
+    uffd taken from the task (pidfd_getfd)
+    connect / socketpair ----------------------> accept
+    {"pid", "images"} + SCM_RIGHTS [uffd] -----> open the image, build its page source, add_process()
+                                                 (the guard now holds a copy of the uffd)
+    <----------------------------------------- {"ok": true} | {"ok": false, "error": "..."}
+    detach the task: it runs
+
+The restore lets the task run only after the server has answered, so there is no moment when the task runs
+and nobody holds its uffd. The server opens the image itself (metadata checks again, ~2 ms).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from lazarus.errors import LazarusError, ProtocolError
+from lazarus.kernel.uffd import Uffd
+
+log = logging.getLogger(__name__)
+MAX_MSG = 64 << 10
+REPLY_TIMEOUT = 30.0
+
+
+def send_process(sock: socket.socket, pid: int, images: Path, uffd_fd: int) -> None:
+    """Hand `uffd_fd` of restored task `pid` (image directory `images`) to the server behind `sock`.
+
+    Raises ProtocolError when the server refuses or does not answer.
+    """
+    msg = json.dumps({"pid": pid, "images": str(Path(images).resolve())}).encode()
+    sock.settimeout(REPLY_TIMEOUT)
+    try:
+        socket.send_fds(sock, [msg], [uffd_fd])
+        reply = sock.recv(MAX_MSG)
+    except OSError as e:
+        raise ProtocolError(f"lazy-pages server: {e.strerror or e}") from e
+    if not reply:
+        raise ProtocolError("lazy-pages server closed the connection without answering")
+    try:
+        ans = json.loads(reply)
+    except ValueError as e:
+        raise ProtocolError("lazy-pages server sent a malformed reply") from e
+    if not ans.get("ok"):
+        raise ProtocolError(f"lazy-pages server refused pid {pid}: {ans.get('error', 'no reason given')}")
+
+
+def connect(path: Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        s.connect(str(path))
+    except OSError as e:
+        s.close()
+        raise ProtocolError(f"cannot reach the lazy-pages server at {path}: {e.strerror}") from e
+    return s
+
+
+class Listener:
+    """Accepts handoffs for a LazyServer, inside its event loop.
+
+    Parameters: server, the LazyServer; sock, a listening SOCK_SEQPACKET socket, or (with `connected`) one
+    end of a socketpair whose peer is the restore; once, stop listening after the first process.
+    The server keeps running while the listener waits for its first process; after that it exits once no
+    process needs it.
+    """
+
+    def __init__(self, server: Any, sock: socket.socket, *, connected: bool = False, once: bool = False,
+                 linger: float = 0.0) -> None:
+        self.server = server
+        self.linger = linger
+        self._idle_since: float | None = None
+        self.sock = sock
+        self.once = once
+        self.received = 0
+        self.open = True
+        self._images: dict[str, Any] = {}
+        if connected:
+            server.add_watch(sock.fileno(), lambda: self._receive(sock))
+        else:
+            server.add_watch(sock.fileno(), self._accept)
+        server.keep_alive = self._keep_alive
+
+    def _keep_alive(self) -> bool:
+        """Asked by the loop when no process is served: wait for the first one, then `linger` seconds more
+        for further restores before exiting."""
+        if not self.open:
+            return False
+        if self.received == 0:
+            return True
+        now = time.monotonic()
+        if self._idle_since is None:
+            self._idle_since = now
+        return now - self._idle_since < self.linger
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        self.server.add_watch(conn.fileno(), lambda: self._receive(conn))
+
+    def _receive(self, conn: socket.socket) -> None:
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(conn, MAX_MSG, 4)
+        except OSError:
+            msg, fds = b"", []
+        if not msg:
+            self._drop(conn)
+            if conn is self.sock:
+                self.close()
+            return
+        reply: dict[str, Any] = {"ok": True}
+        try:
+            if len(fds) != 1:
+                raise ProtocolError(f"expected one userfaultfd, got {len(fds)} descriptors")
+            req = json.loads(msg)
+            self._add(int(req["pid"]), Path(req["images"]), fds.pop())
+            self.received += 1
+            self._idle_since = None
+        except (LazarusError, ValueError, KeyError, TypeError) as e:
+            reply = {"ok": False, "error": str(e)}
+            log.warning("lazy-pages: refused a process: %s", e)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        with contextlib.suppress(OSError):
+            conn.send(json.dumps(reply).encode())
+        if conn is not self.sock:
+            self._drop(conn)
+        if self.once and self.received:
+            self.close()
+
+    def _add(self, pid: int, images: Path, fd: int) -> None:
+        from lazarus.images import Image
+        from lazarus.images.mm import lazy_object_ids, lazy_vmas
+        from lazarus.lazy.sources import ImagePageSource
+
+        uffd = Uffd.adopt(fd)
+        try:
+            img = self._images.get(str(images))
+            if img is None:
+                img = self._images[str(images)] = Image.open(images)
+            task = img.task(pid)
+            mm = task["mm"]
+            served = lazy_vmas(mm, lazy_object_ids(mm, task["files"]))
+            source = ImagePageSource(served, img.page_file(pid), name=f"{images.name}/pages-{pid}.img")
+        except BaseException:
+            uffd.close()
+            raise
+        self.server.add_process(pid, uffd, source)
+        log.info("lazy-pages: serving pid %d from %s", pid, images)
+
+    def _drop(self, conn: socket.socket) -> None:
+        self.server.remove_watch(conn.fileno())
+        conn.close()
+
+    def close(self) -> None:
+        if self.open:
+            self.open = False
+            self._drop(self.sock)
