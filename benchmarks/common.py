@@ -233,6 +233,12 @@ def restore_reported(out: str) -> tuple[int, float] | None:
     return (int(m.group(1)), float(m.group(2)) / 1000) if m else None
 
 
+def restore_since_start_s(out: str) -> float | None:
+    """Seconds from `restored pid N in X ms (Y ms since the command started; ...)`: Y, when printed."""
+    ms = reported_ms(out, r"\((\d+(?:\.\d+)?) ms since the command started")
+    return None if ms is None else ms / 1000
+
+
 def python_startup_s(repeat: int = 5) -> float:
     """Median wall time of `python -m lazarus --version`: the interpreter's share of every wall figure."""
     return statistics.median(lazarus("--version", timeout=60).wall for _ in range(repeat))
@@ -266,6 +272,24 @@ def process_vm_readv_gbps(pid: int, address: int, length: int, chunk: int = 64 *
         buf.close()
 
 
+def file_write_gbps(directory: Path, length: int, chunk: int = 16 * MiB) -> float:
+    """Rate (GB/s) of writing `length` bytes to a new file in `directory` (write(2) of `chunk`-byte buffers)
+    and fsync'ing it: what putting an image of that size on that filesystem costs at least."""
+    buf = bytes(range(256)) * (chunk // 256)
+    path = directory / f".write-probe-{os.getpid()}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        t0 = time.perf_counter()
+        done = 0
+        while done < length:
+            done += os.write(fd, buf[: min(chunk, length - done)])
+        os.fsync(fd)
+        return length / (time.perf_counter() - t0) / 1e9
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+
+
 def uffdio_copy_gbps(source: Path, length: int, step: int = 2 * MiB) -> float:
     """Rate (GB/s) of filling a fresh, registered anonymous region of `length` bytes here with UFFDIO_COPY ioctls of
     `step` bytes, from `source` mmap'd MAP_PRIVATE and populated first (as a restore reads a page file that
@@ -278,8 +302,9 @@ def uffdio_copy_gbps(source: Path, length: int, step: int = 2 * MiB) -> float:
     length = min(length, size) // step * step
     fd = os.open(source, os.O_RDONLY)
     try:
-        src = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0),
-                        prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        # Writable only so that ctypes can take its address; never written, so no page is copied. (No
+        # MAP_POPULATE: on a private writable mapping it would make a private copy of every page.)
+        src = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
     dst = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -426,6 +451,18 @@ def machine() -> dict[str, Any]:
     return {"kernel": platform.release(), "arch": platform.machine(), "cpu": model, "cpus": os.cpu_count(),
             "memory_gib": round(mem / 2**30, 1), "thp": thp, "python": platform.python_version(),
             "loadavg": os.getloadavg()}
+
+
+def source_version() -> str:
+    """The commit being measured (`git describe`-like: short hash, "+dirty" with uncommitted changes)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
 
 
 def now_iso() -> str:

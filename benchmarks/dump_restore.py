@@ -6,7 +6,8 @@ For each size N (MiB) a target (benchmarks/targets/memhog.c) fills N MiB of anon
   3. `lazarus restore -d` (wall time until it returns with the process running, and the reported time);
   4. SIGUSR2: the restored target checks every word of its memory and must log PASS;
   5. UFFDIO_COPY of the same amount in 2 MiB ioctls, from the dump's page file, into a fresh registered
-     anonymous region here (the kernel limit for an eager restore).
+     anonymous region here (the kernel limit for an eager restore);
+  6. writing and fsync'ing a file of the same size next to the images (what the image file costs at least).
 One untimed round per size first (the first touch of memory on a fresh VM is slow). Medians of --runs runs.
 A CRIU column is added when a `criu` of version >= 4 is on PATH. The CRIU reference figures are read from
 ../shared/guide/BENCHMARKS.md (relative to the repository root) and printed beside ours.
@@ -35,6 +36,7 @@ from common import (
     build,
     criu_binary,
     dump_reported_s,
+    file_write_gbps,
     filesystem_of,
     fmt,
     gbps,
@@ -48,14 +50,16 @@ from common import (
     reap_leftovers,
     region_of,
     restore_reported,
+    restore_since_start_s,
     run,
     set_child_subreaper,
+    source_version,
     uffdio_copy_gbps,
 )
 
 PROBES = 3
-METRICS = ("dump_wall", "dump_tool", "restore_wall", "restore_tool", "pvm_gbps", "uffd_gbps",
-           "criu_dump", "criu_restore")
+METRICS = ("dump_wall", "dump_tool", "restore_wall", "restore_tool", "restore_total", "pvm_gbps", "uffd_gbps",
+           "write_gbps", "criu_dump", "criu_restore")
 
 
 def lazarus_round(binary: Path, work: Path, mib: int) -> dict[str, Any]:
@@ -81,10 +85,13 @@ def lazarus_round(binary: Path, work: Path, mib: int) -> dict[str, Any]:
         if restored_pid != target.pid or (rep and rep[0] != target.pid):
             raise BenchError(f"restored as pid {restored_pid}, expected {target.pid}")
         out["restore_wall"], out["restore_tool"] = r.wall, rep[1] if rep else None
+        out["restore_total"] = restore_since_start_s(r.stdout + r.stderr)
         out["result"] = target.check()
 
         pages = image / f"pages-{target.pid}.img"
         out["uffd_gbps"] = max(uffdio_copy_gbps(pages, length) for _ in range(PROBES))
+        shutil.rmtree(image, ignore_errors=True)
+        out["write_gbps"] = file_write_gbps(work, length)
         return out
     finally:
         target.kill()
@@ -121,8 +128,10 @@ def bench_size(out: Out, binary: Path, work: Path, mib: int, runs: int, warmup: 
         rounds.append(res)
         out.say(f"{mib} MiB run {i + 1}/{runs}: dump {fmt(res['dump_wall'])} s "
                 f"(tool {fmt(res['dump_tool'])}), restore {fmt(res['restore_wall'])} s "
-                f"(tool {fmt(res['restore_tool'])}), {res['result']}; process_vm_readv "
-                f"{fmt(res['pvm_gbps'], 2)} GB/s, UFFDIO_COPY 2M {fmt(res['uffd_gbps'], 2)} GB/s"
+                f"(tool {fmt(res['restore_tool'])}, since start {fmt(res['restore_total'])}), {res['result']}; "
+                f"process_vm_readv "
+                f"{fmt(res['pvm_gbps'], 2)} GB/s, UFFDIO_COPY 2M {fmt(res['uffd_gbps'], 2)} GB/s, "
+                f"write+fsync {fmt(res['write_gbps'], 2)} GB/s"
                 + (f"; CRIU dump {fmt(res['criu_dump'])} s, restore {fmt(res['criu_restore'])} s" if criu else ""))
     med = {k: median(r.get(k) for r in rounds) for k in METRICS}
     nbytes = mib * MiB
@@ -130,12 +139,15 @@ def bench_size(out: Out, binary: Path, work: Path, mib: int, runs: int, warmup: 
         "dump_gbps_wall": gbps(nbytes, med["dump_wall"]), "dump_gbps_tool": gbps(nbytes, med["dump_tool"]),
         "restore_gbps_wall": gbps(nbytes, med["restore_wall"]),
         "restore_gbps_tool": gbps(nbytes, med["restore_tool"]),
+        "restore_gbps_total": gbps(nbytes, med["restore_total"]),
     }
     ratios = {
         "dump_vs_pvm_wall": _ratio(rates["dump_gbps_wall"], med["pvm_gbps"]),
         "dump_vs_pvm_tool": _ratio(rates["dump_gbps_tool"], med["pvm_gbps"]),
+        "dump_vs_write_tool": _ratio(rates["dump_gbps_tool"], med["write_gbps"]),
         "restore_vs_uffd_wall": _ratio(rates["restore_gbps_wall"], med["uffd_gbps"]),
         "restore_vs_uffd_tool": _ratio(rates["restore_gbps_tool"], med["uffd_gbps"]),
+        "restore_vs_uffd_total": _ratio(rates["restore_gbps_total"], med["uffd_gbps"]),
     }
     return {"mib": mib, "runs": rounds, "median": med, "rates": rates, "ratios": ratios}
 
@@ -150,7 +162,7 @@ def report(out: Out, results: list[dict[str, Any]], ref: Any, criu: tuple[str, s
     ref_restore = ref.criu_row("eager restore") if ref else {}
     name = f"{ref.criu_name} ref" if ref else "CRIU ref (missing)"
     cols = ["size", "dump wall", "dump tool", f"dump {name}", "CRIU/ours",
-            "restore wall", "restore tool", f"restore {name}", "CRIU/ours"]
+            "restore wall", "restore total", "restore tool", f"restore {name}", "CRIU/ours"]
     if criu:
         cols += [f"CRIU {criu[1]} dump here", f"CRIU {criu[1]} restore here"]
     rows = []
@@ -158,12 +170,14 @@ def report(out: Out, results: list[dict[str, Any]], ref: Any, criu: tuple[str, s
         m, mib = r["median"], r["mib"]
         rd, rr = ref_dump.get(mib), ref_restore.get(mib)
         row = [f"{mib} MiB", fmt(m["dump_wall"]), fmt(m["dump_tool"]), fmt(rd), _x(rd, m["dump_wall"]),
-               fmt(m["restore_wall"]), fmt(m["restore_tool"]), fmt(rr), _x(rr, m["restore_wall"])]
+               fmt(m["restore_wall"]), fmt(m["restore_total"]), fmt(m["restore_tool"]), fmt(rr),
+               _x(rr, m["restore_wall"])]
         if criu:
             row += [fmt(m["criu_dump"]), fmt(m["criu_restore"])]
         rows.append(row)
     caption = (f"median seconds; wall = the whole `python -m lazarus` command (python start-up alone: "
-               f"{startup:.3f} s); tool = the time lazarus reports; CRIU/ours > 1: we are faster (wall)")
+               f"{startup:.3f} s); tool = the time lazarus reports (restore: from creating the task until it runs); "
+               f"total = from the start of the command, as lazarus reports it; CRIU/ours > 1: we are faster (wall)")
     if not criu:
         caption += "; no criu >= 4 on PATH: CRIU not measured here, reference figures only"
     out.table("Lazarus vs CRIU: dump and eager restore", cols, rows, caption)
@@ -171,18 +185,22 @@ def report(out: Out, results: list[dict[str, Any]], ref: Any, criu: tuple[str, s
 
     ref_pvm = ref.kernel_gbps("process_vm_readv") if ref else None
     ref_uffd = ref.kernel_gbps("UFFDIO_COPY, 2 MiB") if ref else None
-    cols2 = ["size", "dump wall", "dump tool", "process_vm_readv", "ratio wall", "ratio tool",
-             "restore wall", "restore tool", "UFFDIO_COPY 2M", "ratio wall", "ratio tool"]
+    cols2 = ["size", "dump wall", "dump tool", "process_vm_readv", "ratio wall", "ratio tool", "write+fsync",
+             "ratio tool", "restore wall", "restore total", "restore tool", "UFFDIO_COPY 2M", "ratio wall",
+             "ratio total", "ratio tool"]
     rows2 = []
     for r in results:
         m, q, x = r["median"], r["rates"], r["ratios"]
         rows2.append([f"{r['mib']} MiB", fmt(q["dump_gbps_wall"], 2), fmt(q["dump_gbps_tool"], 2),
                       fmt(m["pvm_gbps"], 2), fmt(x["dump_vs_pvm_wall"], 2), fmt(x["dump_vs_pvm_tool"], 2),
-                      fmt(q["restore_gbps_wall"], 2), fmt(q["restore_gbps_tool"], 2), fmt(m["uffd_gbps"], 2),
-                      fmt(x["restore_vs_uffd_wall"], 2), fmt(x["restore_vs_uffd_tool"], 2)])
+                      fmt(m["write_gbps"], 2), fmt(x["dump_vs_write_tool"], 2),
+                      fmt(q["restore_gbps_wall"], 2), fmt(q["restore_gbps_total"], 2), fmt(q["restore_gbps_tool"], 2),
+                      fmt(m["uffd_gbps"], 2), fmt(x["restore_vs_uffd_wall"], 2), fmt(x["restore_vs_uffd_total"], 2),
+                      fmt(x["restore_vs_uffd_tool"], 2)])
     out.table("Throughput (GB/s) against the kernel limits measured in this run", cols2, rows2,
               f"GB = 1e9 bytes of the target's N MiB; kernel probes: best of {PROBES} per run, median over runs; "
-              f"ratio = ours / kernel limit; the reference machine's figures: process_vm_readv "
+              f"write+fsync: one try per run, a file as large as the image next to it; "
+              f"ratio = ours / limit; the reference machine's figures: process_vm_readv "
               f"{fmt(ref_pvm, 2)} GB/s, UFFDIO_COPY 2 MiB {fmt(ref_uffd, 2)} GB/s")
     tables.append((cols2, rows2))
     if markdown:
@@ -217,10 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     criu = None if args.no_criu else criu_binary(4)
     work = Path(tempfile.mkdtemp(prefix="lazarus-bench-", dir=args.workdir))
     info: dict[str, Any] = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "date": now_iso(),
-                            "machine": machine(), "images_on": filesystem_of(work), "sizes": args.sizes,
+                            "source": source_version(), "machine": machine(), "images_on": filesystem_of(work), "sizes": args.sizes,
                             "runs": args.runs, "warmup": not args.no_warmup,
                             "criu": {"path": criu[0], "version": criu[1]} if criu else None}
-    out.say(f"{info['date']}: kernel {info['machine']['kernel']}, {info['machine']['cpus']} CPUs "
+    out.say(f"{info['date']}: lazarus {info['source']}, kernel {info['machine']['kernel']}, {info['machine']['cpus']} CPUs "
             f"({info['machine']['cpu']}), images on {info['images_on']} ({work}), load "
             f"{' '.join(f'{x:.2f}' for x in info['machine']['loadavg'])}")
     if not criu:

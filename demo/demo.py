@@ -72,7 +72,7 @@ class Out:
             return
         if self.console:
             from rich.text import Text
-            self.console.print(Text(text, style=style))
+            self.console.print(Text(text, style=style), soft_wrap=True)  # lines as the command printed them
         else:
             for line in text.splitlines():
                 print(f"  {line}", flush=True)

@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--lazy", action="store_true", help="serve anonymous memory on demand (userfaultfd)")
     r.add_argument("--no-background", action="store_true", help="with --lazy: serve faults only")
     r.add_argument("--stats", type=Path, metavar="FILE", help="with --lazy: write transfer statistics (JSON)")
+    r.add_argument("--lazy-log", type=Path, metavar="FILE",
+                   help="with --lazy -d: where the lazy-pages daemon reports (default DIR/lazy-pages.log)")
     r.add_argument("--lazy-pages-socket", type=Path, metavar="SOCK",
                    help="with --lazy: hand the memory to a running `lazarus lazy-pages` instead of starting one")
 
@@ -261,9 +263,14 @@ def _restore_with_daemon(args: argparse.Namespace) -> int:
         os.setsid()
         code = 0
         try:
+            # Detach from the caller's pipes (a caller reading our output to EOF must not wait for the
+            # daemon); what the daemon and its guard report (a process killed for a lost page source)
+            # goes to the log file.
             devnull = os.open(os.devnull, os.O_RDWR)
+            logfd = os.open(_daemon_log(args), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             os.dup2(devnull, 0)
             os.dup2(devnull, 1)
+            os.dup2(logfd, 2)
             server, guard, bar = _new_server(args, progress=False)
             try:
                 Listener(server, theirs, connected=True, once=True)
@@ -288,6 +295,12 @@ def _restore_with_daemon(args: argparse.Namespace) -> int:
         ours.close()
     _report_restore(args, res)
     return 0
+
+
+def _daemon_log(args: argparse.Namespace) -> Path:
+    if args.lazy_log:
+        return args.lazy_log
+    return args.dir / "lazy-pages.log" if os.access(args.dir, os.W_OK) else Path(os.devnull)
 
 
 def cmd_lazy_pages(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ twice in sequence.
 
 from __future__ import annotations
 
+import resource
 import subprocess
 from pathlib import Path
 
@@ -82,8 +83,9 @@ def test_restore_in_foreground_reports_failure(harness: H.Harness) -> None:
     image = dump_ok(harness, target)
     r = restore_ok(harness, image, target, detach=False)
     harness.settle(case, r.target)
-    # Change one thing the target checks from outside: its name (PR_SET_NAME state via comm).
-    Path(f"/proc/{r.pid}/comm").write_text("laz-changed")
+    # Change one thing the target checks from outside: its RLIMIT_NOFILE soft limit.
+    soft, hard = resource.prlimit(r.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(r.pid, resource.RLIMIT_NOFILE, (soft - 1, hard))
     harness.trigger(case, r.target)
     assert r.target.wait_result(30).startswith("FAIL"), r.target.describe()
     assert isinstance(r.proc, subprocess.Popen)

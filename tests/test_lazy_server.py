@@ -189,7 +189,7 @@ def test_fork_child_gets_data_as_of_fork(helpers, page_file, background):
 
 
 @pytest.mark.parametrize("background", [False, True])
-@pytest.mark.parametrize("scenario", ["mremap", "dontneed", "munmap"])
+@pytest.mark.parametrize("scenario", ["mremap", "dontneed", "munmap", "mprotect"])
 def test_layout_changes(helpers, page_file, scenario, background):
     n, holes = 256, 11
     h = helpers(npages=n, hole_every=holes, scenario=scenario)
@@ -318,6 +318,54 @@ def test_guard_lets_completed_processes_live(helpers, page_file, tmp_path):
     assert not report.exists()
     h.go()
     expect_pass(h)
+
+
+def test_spawned_guard_kills_what_is_incomplete_at_done(helpers, tmp_path):
+    """The spawned guard (python -m lazarus.lazy.guard) holds a uffd dup; "done" with the process still
+    incomplete makes it kill that process and report it."""
+    h = helpers(npages=16, scenario="idle")
+    report = tmp_path / "report.txt"
+    guard = Guard.start(report, spawn=True)
+    u = h.take_uffd()
+    with PidFd.open(h.pid) as pfd:
+        guard.add(u.fd, u.fd, pid=h.pid, pidfd=pfd.fd)
+        u.close()  # only the guard holds it now: the helper's memory is still not served
+        assert guard.close(timeout=20) == 0
+        assert pfd.wait(10)
+    assert h.wait(10) == -signal.SIGKILL
+    assert f"pid {h.pid} killed: its page source was lost (the lazy server stopped before the restore " \
+           "completed)" in report.read_text()
+
+
+def test_guard_kills_unidentified_fork_children(tmp_path):
+    """A fork child whose pid the server never learnt is found as an unknown child of its parent."""
+    from lazarus.kernel.uffd import Uffd
+
+    report = tmp_path / "report.txt"
+    parent = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!; wait"], stdout=subprocess.PIPE, text=True,
+                              stdin=subprocess.DEVNULL)
+    child_pid = None
+    try:
+        child_pid = int(parent.stdout.readline())
+        guard = Guard.start(report, spawn=True)
+        pu, cu = Uffd.create(0), Uffd.create(0)  # stand-ins: the guard only holds and closes them
+        with PidFd.open(parent.pid) as pfd:
+            guard.add(1, pu.fd, pid=parent.pid, pidfd=pfd.fd)
+            guard.add(2, cu.fd, pid=None, parent=1)
+        pu.close()
+        cu.close()
+        assert guard.close(timeout=20) == 0
+        assert parent.wait(10) == -signal.SIGKILL
+        assert _wait_gone(child_pid, 10)
+        text = report.read_text()
+        assert f"pid {parent.pid} killed" in text and f"pid {child_pid} killed" in text
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(10)
+        if child_pid is not None and not _wait_gone(child_pid, 0):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child_pid, signal.SIGKILL)  # our grandchild (sleep), if the guard missed it
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,8 +59,9 @@ HELPER_C = r"""
  * HOLE_EVERY - 1 when HOLE_EVERY > 0) which are not in the image and must read as zeros.
  *
  * Scenarios (all on memory never touched before): read, rread (pseudo-random order), idle (touch nothing
- * until SIGUSR2, then verify), fork, mremap, dontneed, munmap, events (do the operations, verify nothing),
- * lat (read in order, timing each first touch; logs "# LAT n median_ns p99_ns").
+ * until SIGUSR2, then verify), fork, mremap, dontneed, munmap, mprotect (split the vma, then read), events
+ * (do the operations, verify nothing), lat (read in order, timing each first touch; logs
+ * "# LAT n median_ns p99_ns").
  */
 #include "common.h"
 
@@ -316,6 +317,17 @@ static void scenario_munmap(void)
     check_range(region + 2 * q * LAZ_PAGE, 2 * q, npages - 2 * q, 0, "munmap: after");
 }
 
+static void scenario_mprotect(void)
+{
+    unsigned long q = npages / 4;
+
+    /* split the registered vma in three, at boundaries no aligned fault window respects: copies across
+     * them must be cut (ENOENT otherwise) */
+    if (mprotect(region + (q + 3) * LAZ_PAGE, (q + 2) * LAZ_PAGE, PROT_READ))
+        laz_die("mprotect");
+    check_range(region, 0, npages, 0, "mprotect");
+}
+
 static void scenario_events(void)
 {
     unsigned long q = npages / 4;
@@ -389,6 +401,8 @@ int main(int argc, char **argv)
         scenario_dontneed();
     else if (!strcmp(scenario, "munmap"))
         scenario_munmap();
+    else if (!strcmp(scenario, "mprotect"))
+        scenario_mprotect();
     else if (!strcmp(scenario, "events"))
         scenario_events();
     else
@@ -658,6 +672,14 @@ def test_decode_events_matches_abi_layout():
     bad[0] = 0x77
     with pytest.raises(KernelError):
         decode_events(bytes(bad))
+
+
+def test_fill_arg_layouts_match_abi():
+    from lazarus.kernel import uffd as U
+
+    assert U._COPY_ARG.size == abi.STRUCT_SIZES[abi.uffdio_copy]
+    assert U._ZERO_ARG.size == abi.STRUCT_SIZES[abi.uffdio_zeropage]
+    assert abi.uffdio_copy.copy.offset == 32 and abi.uffdio_zeropage.zeropage.offset == 24
 
 
 def test_parse_uffd_fdinfo():

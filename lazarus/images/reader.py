@@ -105,6 +105,7 @@ class PageFile:
         self._base: int | None = None
         self._mm: mmap.mmap | None = None
         self._mv: memoryview | None = None
+        self._fd = -1
         self.closed = False
         if directory is None:
             assert expected_size == 0
@@ -125,9 +126,14 @@ class PageFile:
                 self._mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
                 self._mv = memoryview(self._mm)
         except OSError as e:
-            raise ImageError(f"{self.name}: cannot map: {e.strerror}") from e
-        finally:
             os.close(fd)
+            raise ImageError(f"{self.name}: cannot map: {e.strerror}") from e
+        except BaseException:
+            os.close(fd)
+            raise
+        # Kept open to notice a page file truncated under us before reading a mapped page past its new end
+        # (which would kill this process with SIGBUS instead of reporting the loss).
+        self._fd = fd
 
     def _check(self, first: int, n: int) -> memoryview:
         if self._mv is None:
@@ -175,6 +181,13 @@ class PageFile:
             return
         mv = self._check(0, 0)
         start = chunk * CHUNK_SIZE
+        if self._fd >= 0:
+            try:
+                now = os.fstat(self._fd).st_size
+            except OSError as e:
+                raise ImageError(f"{self.name}: cannot stat: {e.strerror}") from e
+            if now < min(start + CHUNK_SIZE, self.size):
+                raise ImageError(f"{self.name}: truncated to {now} bytes while in use, expected {self.size}")
         if xxhash.xxh3_64_intdigest(mv[start:start + CHUNK_SIZE]) != self._sums[chunk]:
             raise _chunk_error(self.name, chunk, self.size)
         self._verified[chunk >> 3] |= 1 << (chunk & 7)
@@ -218,6 +231,9 @@ class PageFile:
         """Unmap. If views are still alive the mapping lives on until the last of them is released."""
         self.closed = True
         self._base = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         if self._mv is not None:
             self._mv.release()
             self._mv = None

@@ -1,6 +1,7 @@
 /*
- * lazy_events.c - non-cooperative userfaultfd events on memory a lazy restore has not filled yet:
- * fork, mremap, madvise(MADV_DONTNEED / MADV_REMOVE) and munmap, one per mode or all combined.
+ * lazy_events.c - exercises the non-cooperative userfaultfd events on memory a lazy restore has not
+ * filled yet: fork, mremap, madvise(MADV_DONTNEED / MADV_REMOVE) and munmap, one per mode or all
+ * combined (it passes after an eager restore too).
  *
  *   lazy_events LOGFILE MODE      MODE: fork | mremap | madvise | munmap | all
  *

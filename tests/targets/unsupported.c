@@ -101,6 +101,8 @@ static void setup(const char *mode)
 		struct uffdio_register reg;
 
 		fds[0] = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+		if (fds[0] < 0 && errno == EPERM) /* unprivileged: user-mode faults only */
+			fds[0] = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
 		if (fds[0] < 0 || ioctl(fds[0], UFFDIO_API, &api))
 			laz_die("userfaultfd");
 		uffd_area = mmap(NULL, 4 * LAZ_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);

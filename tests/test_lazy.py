@@ -1,0 +1,168 @@
+"""Lazy restore beyond the per-target matrix of test_dump_restore.py: non-cooperative events on memory not
+yet filled, one lazy-pages server for two images, and what happens when the page source is lost.
+
+The event target (lazy_events.c) verifies itself; a restore with --no-background guarantees that the events
+hit pages that are still missing, and one with the background transfer running tests the races.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+try:
+    import harness as H
+except ImportError:  # pragma: no cover
+    from tests import harness as H
+
+pytestmark = pytest.mark.root
+EVENTS = ("fork", "mremap", "madvise", "munmap", "all")
+
+
+def dumped(h: H.Harness, name: str, *args: str) -> tuple[H.Target, Path]:
+    target = h.start_target(name, *args)
+    H.wait_in_syscall(target.pid, H.SYS_RT_SIGSUSPEND, 10)
+    image = h.image_dir(f"img-{name}-{'-'.join(args)}")
+    res = h.dump(target, image)
+    assert res.returncode == 0, res.stderr
+    return target, image
+
+
+@pytest.mark.parametrize("background", [True, False], ids=["background", "no-background"])
+@pytest.mark.parametrize("mode", EVENTS)
+def test_events_on_missing_memory(harness: H.Harness, mode: str, background: bool, tmp_path: Path) -> None:
+    target, image = dumped(harness, "lazy_events", mode)
+    stats = tmp_path / "stats.json"
+    extra = ["--stats", str(stats)] + ([] if background else ["--no-background"])
+    r = harness.restore(image, *extra, lazy=True, like=target)
+    assert r.returncode == 0, r.stderr
+    assert r.pid == target.pid
+    r.target.signal(signal.SIGUSR2)
+    H.expect_pass(r.target.wait_result(60), r.target, r)
+    assert r.target.wait_exit(15) == 0
+    # The server wrote its statistics when it ended: every process it served ended complete or exited.
+    deadline = time.monotonic() + 20
+    while not stats.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    s = json.loads(stats.read_text())
+    assert s["lost"] == [], s["lost"]
+    if not background:
+        # Without background transfer every page came by fault (or was dropped by an event): the target
+        # really ran on memory that was not there yet.
+        assert s["pages_background"] == 0, s
+        assert s["pages_fault"] > 0, s
+        if mode in ("fork", "all"):
+            # The parent still depended on the server when it forked: the child got its own uffd.
+            assert len(s["processes"]) >= 2, "the fork child's uffd was not served"
+
+
+def test_one_server_two_images(harness: H.Harness, tmp_path: Path) -> None:
+    """`lazarus lazy-pages` serves two processes restored from two images at once."""
+    t1, img1 = dumped(harness, "lazy_events", "all")
+    t2, img2 = dumped(harness, "memory", "close")
+    sockdir = tmp_path / "lp"
+    sockdir.mkdir()
+    stats = tmp_path / "lp-stats.json"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lazarus", "lazy-pages", "-D", str(sockdir), "--no-background", "--linger", "1",
+         "--stats", str(stats)],
+        cwd=H.REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    harness.register(server.pid, "lazy-pages")
+    try:
+        sock = sockdir / "lazy-pages.sock"
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sock.exists(), "lazy-pages did not create its socket"
+        r1 = harness.restore(img1, "--lazy-pages-socket", str(sock), lazy=True, like=t1)
+        r2 = harness.restore(img2, "--lazy-pages-socket", str(sock), lazy=True, like=t2)
+        assert r1.returncode == 0, r1.stderr
+        assert r2.returncode == 0, r2.stderr
+        for r in (r1, r2):
+            r.target.signal(signal.SIGUSR2)
+        for r in (r1, r2):
+            H.expect_pass(r.target.wait_result(60), r.target, r)
+            assert r.target.wait_exit(15) == 0
+        out, err = server.communicate(timeout=30)
+        assert server.returncode == 0, err
+        s = json.loads(stats.read_text())
+        pids = {p["pid"] for p in s["processes"]}
+        assert {t1.pid, t2.pid} <= pids, s["processes"]
+        assert s["lost"] == []
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)
+
+
+def _serve_and_lose(harness: H.Harness, tmp_path: Path, lose) -> tuple[H.Target, str]:  # type: ignore[no-untyped-def]
+    """Restore the memory target lazily from a lazy-pages server that serves faults only, let the
+    `lose` action break its page source, then touch the memory. Returns the target and the server's stderr."""
+    target, image = dumped(harness, "lazy_events", "all")
+    sockdir = tmp_path / "lp"
+    sockdir.mkdir()
+    err_path = tmp_path / "lp.err"
+    with open(err_path, "w") as err:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "lazarus", "lazy-pages", "-D", str(sockdir), "--no-background"],
+            cwd=H.REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    harness.register(server.pid, "lazy-pages")
+    sock = sockdir / "lazy-pages.sock"
+    deadline = time.monotonic() + 10
+    while not sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    r = harness.restore(image, "--lazy-pages-socket", str(sock), lazy=True, like=target)
+    assert r.returncode == 0, r.stderr
+    lose(server, image, target)
+    r.target.signal(signal.SIGUSR2)
+    # The process must not report PASS or FAIL on zero-filled memory: it is killed before it could.
+    deadline = time.monotonic() + 20
+    while H.is_alive(target.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not H.is_alive(target.pid), "the process still runs after its page source was lost"
+    text = target.log_text()
+    assert "PASS" not in text.split("READY", 1)[-1] and "FAIL" not in text.split("READY", 1)[-1], text
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        server.wait(15)
+    return target, err_path.read_text()
+
+
+def test_server_killed_mid_transfer(harness: H.Harness, tmp_path: Path) -> None:
+    def kill_server(server: subprocess.Popen, _image: Path, _t: H.Target) -> None:
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(10)
+
+    target, err = _serve_and_lose(harness, tmp_path, kill_server)
+    assert f"pid {target.pid} killed" in err, err
+
+
+def test_page_file_unreadable_mid_transfer(harness: H.Harness, tmp_path: Path) -> None:
+    def truncate_pages(_server: subprocess.Popen, image: Path, t: H.Target) -> None:
+        os.truncate(image / f"pages-{t.pid}.img", 0)
+
+    target, err = _serve_and_lose(harness, tmp_path, truncate_pages)
+    assert f"pid {target.pid} killed" in err, err
+    assert "truncated" in err or "lost" in err, err
+
+
+def test_page_file_corrupted_mid_transfer(harness: H.Harness, tmp_path: Path) -> None:
+    def corrupt_pages(_server: subprocess.Popen, image: Path, t: H.Target) -> None:
+        path = image / f"pages-{t.pid}.img"
+        with open(path, "r+b") as f:
+            size = os.fstat(f.fileno()).st_size
+            for off in range(0, size, 64 << 10):
+                f.seek(off + 100)
+                b = f.read(1)
+                f.seek(off + 100)
+                f.write(bytes([b[0] ^ 0xFF]))
+
+    target, err = _serve_and_lose(harness, tmp_path, corrupt_pages)
+    assert f"pid {target.pid} killed" in err, err
