@@ -229,22 +229,28 @@ def _close_server(server: Any, guard: Any, bar: Any) -> None:
         guard.close()
 
 
-def _restore_to_server(args: argparse.Namespace, wait: Any) -> int:
-    """restore --lazy --lazy-pages-socket: hand the uffd to a running `lazarus lazy-pages`."""
-    from lazarus.lazy.handoff import connect, send_process
+def _restore_handing_over(args: argparse.Namespace, sock: Any) -> Any:
+    """Restore lazily, handing the uffd over `sock` to a lazy-pages server before the task runs."""
+    from lazarus.lazy.handoff import send_process
     from lazarus.restore import restore
-    sock = connect(args.lazy_pages_socket)
 
     def hand(pid: int, uffd: Any, _source: Any) -> None:
         try:
             send_process(sock, pid, args.dir, uffd.fd)
         finally:
-            uffd.close()
+            uffd.close()  # the server holds its own copy now
     try:
         res = restore(args.dir, lazy=True, on_lazy=hand)
     finally:
         sock.close()
     _report_restore(args, res)
+    return res
+
+
+def _restore_to_server(args: argparse.Namespace, wait: Any) -> int:
+    """restore --lazy --lazy-pages-socket: hand the uffd to a running `lazarus lazy-pages`."""
+    from lazarus.lazy.handoff import connect
+    res = _restore_handing_over(args, connect(args.lazy_pages_socket))
     return 0 if args.detach else _wait_exit(res.pid, wait)
 
 
@@ -253,8 +259,7 @@ def _restore_with_daemon(args: argparse.Namespace) -> int:
     receives the uffd over a socketpair before the task runs; we return once it runs."""
     import socket
 
-    from lazarus.lazy.handoff import Listener, send_process
-    from lazarus.restore import restore
+    from lazarus.lazy.handoff import Listener
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     daemon = os.fork()
     if daemon == 0:
@@ -283,17 +288,7 @@ def _restore_with_daemon(args: argparse.Namespace) -> int:
         finally:
             os._exit(code)
     theirs.close()
-
-    def hand(pid: int, uffd: Any, _source: Any) -> None:
-        try:
-            send_process(ours, pid, args.dir, uffd.fd)
-        finally:
-            uffd.close()
-    try:
-        res = restore(args.dir, lazy=True, on_lazy=hand)
-    finally:
-        ours.close()
-    _report_restore(args, res)
+    _restore_handing_over(args, ours)
     return 0
 
 
