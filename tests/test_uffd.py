@@ -511,6 +511,19 @@ class StandInPageFile:
             mv.release()
         self.verified += 1
 
+    @property
+    def nchunks(self) -> int:
+        return len(self._sums)
+
+    def chunk_matches(self, chunk: int) -> bool:
+        """For the verify-ahead process (lazy/sources.AheadVerifier), as images.PageFile has it."""
+        start = chunk * self.CHUNK
+        mv = memoryview(self._mm)
+        try:
+            return xxhash.xxh3_64_intdigest(mv[start:start + self.CHUNK]) == self._sums[chunk]
+        finally:
+            mv.release()
+
 
 class Helper:
     """One running helper process with its uffd received over a unix socket."""

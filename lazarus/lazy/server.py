@@ -159,6 +159,8 @@ class LazyServer:
             NoSuchTask if pid is given and already gone.
         """
         pidfd = PidFd.open(pid) if pid is not None else None
+        if self.background and hasattr(source, "start"):
+            source.start()
         p = _Proc(key=uffd.fd, uffd=uffd, source=source, pending=source.pending(), pid=pid, pidfd=pidfd)
         if pid is not None:
             with contextlib.suppress(LazarusError, OSError):

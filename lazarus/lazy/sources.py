@@ -5,7 +5,8 @@ of file pages, the address in *our* address space holding their bytes, ready for
 copies page data through Python.
 
     ImagePageSource     pages-PID.img mapped read-only (images.PageFile); every 64 KiB chunk is checked against
-                        its checksum the first time a page of it is served.
+                        its checksum before a page of it is first served (ahead, by a verifier process, during
+                        a background transfer).
     RemotePageSource    (future) a page server over a socket: `synchronous` is False, the server asks with
                         request() and learns of arrivals through fileno() becoming readable, then collect().
                         The server's loop already treats sources as things that may fail (PageSourceLost) and
@@ -17,6 +18,13 @@ A source failure (checksum mismatch, truncated or unreadable page file, a lost c
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import logging
+import mmap
+import os
+import signal
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -24,6 +32,7 @@ from lazarus.errors import ImageError, PageSourceLost
 from lazarus.lazy.ranges import PAGE_SIZE, PendingPages
 
 PAGES_PER_CHUNK = 65536 // PAGE_SIZE
+log = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -70,9 +79,10 @@ class ImagePageSource:
         page_file: an images.PageFile (or anything with .address(i) and .verify_chunk_for(i)).
         name: for messages, e.g. "pages-42.img".
         verify: check each 64 KiB chunk against its checksum before its first use (default True). Hashing
-            (xxh3, ~14 GB/s here) costs ~15% of background throughput; a verify-ahead thread was measured and
-            made it worse on this 2-vCPU machine, so it is done inline, just before the copy (which then
-            finds the data in cache).
+            inline (xxh3, ~14 GB/s here, holding the GIL) costs ~15-25% of the background rate; so while a
+            background transfer runs, an AheadVerifier process checks chunks a bounded distance ahead on the
+            other CPU, and the server hashes inline only what it has not reached (faults elsewhere, or no
+            background transfer).
     """
 
     synchronous = True
@@ -83,6 +93,8 @@ class ImagePageSource:
         self._pf = page_file
         self._verify = verify
         self._verified = bytearray()  # one byte per 64 KiB chunk: 1 once its checksum matched
+        self._verifier: AheadVerifier | None = None
+        self.checked_ahead = self.checked_inline = 0  # chunks, for the stats
         runs = []
         for vma in vmas:
             for vaddr, npages, fidx in vma.get("pages", ()):
@@ -111,9 +123,19 @@ class ImagePageSource:
         v = self._verified
         if last >= len(v):
             v.extend(bytes(last + 1 - len(v)))
+        ahead = self._verifier
         for chunk in range(first, last + 1):
             if v[chunk]:
                 continue
+            if ahead is not None:
+                state = ahead.state(chunk)
+                if state == AheadVerifier.BAD:
+                    raise PageSourceLost(f"{self.name}: chunk {chunk} does not match its checksum")
+                if state == AheadVerifier.GOOD:
+                    v[chunk] = 1
+                    ahead.used()
+                    self.checked_ahead += 1
+                    continue
             try:
                 self._pf.verify_chunk_for(max(file_index, chunk * PAGES_PER_CHUNK))
             except ImageError as e:
@@ -121,12 +143,85 @@ class ImagePageSource:
             except OSError as e:
                 raise PageSourceLost(f"{self.name}: cannot read: {e.strerror}") from e
             v[chunk] = 1
+            self.checked_inline += 1
+            if ahead is not None:
+                ahead.used()
 
     def prefetch(self, file_index: int, npages: int) -> None:
         """Nothing to do ahead for a local file (see the class docstring)."""
 
+    def start(self) -> None:
+        """Called by the server (single-threaded, before its loop) when a background transfer will run: check
+        chunks ahead of it in a verifier process, on the other CPU."""
+        if self._verify and self._verifier is None and hasattr(self._pf, "chunk_matches"):
+            self._verifier = AheadVerifier.start(self._pf)
+
     def close(self) -> None:
-        """The PageFile belongs to the image: it is not closed here."""
+        """The PageFile belongs to the image: it is not closed here; the verifier, if any, is stopped."""
+        if self._verifier is not None:
+            log.debug("%s: %d chunks checked ahead, %d inline", self.name, self.checked_ahead, self.checked_inline)
+            self._verifier.stop()
+            self._verifier = None
+
+
+class AheadVerifier:
+    """Checks page-file chunks in a forked process, a bounded distance ahead of what the server has used.
+
+    Hashing inline costs the single-threaded server ~15-25% of its background rate (xxh3 holds the GIL, so a
+    thread cannot help); a process on the other CPU takes it off the critical path. It stays at most `LEAD`
+    chunks ahead of the server, so a chunk is checked shortly before it is copied (the page file could change
+    under us; see docs/IMAGES.md). It shares with the server one byte of state per chunk and a counter of the
+    chunks the server used; it holds no fd at all (the page file is reached through the inherited mapping), so
+    it can never keep a uffd or a socket of the server alive.
+    """
+
+    UNKNOWN, GOOD, BAD = 0, 1, 2
+    LEAD = 1024  # chunks: 64 MiB, ~25 ms of copying
+
+    def __init__(self, pid: int, shm: mmap.mmap, n: int) -> None:
+        self.pid = pid
+        self._shm = shm
+        self._n = n
+        self._used = 0
+
+    @classmethod
+    def start(cls, pf: Any) -> AheadVerifier | None:
+        n = pf.nchunks
+        if n == 0:
+            return None
+        shm = mmap.mmap(-1, 8 + n)  # [u64 chunks used by the server][one state byte per chunk]
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the verifier process; its effect is tested through the server
+            code = 0
+            try:
+                gc.disable()
+                os.closerange(0, 1 << 16)
+                for chunk in range(n):
+                    while chunk - int.from_bytes(shm[:8], "little") > cls.LEAD:
+                        if os.getppid() != parent:
+                            os._exit(0)
+                        time.sleep(0.0005)
+                    shm[8 + chunk] = cls.GOOD if pf.chunk_matches(chunk) else cls.BAD
+            except BaseException:  # noqa: BLE001 - whatever it could not check, the server checks itself
+                code = 1
+            finally:
+                os._exit(code)
+        return cls(pid, shm, n)
+
+    def state(self, chunk: int) -> int:
+        return self._shm[8 + chunk] if chunk < self._n else self.UNKNOWN
+
+    def used(self) -> None:
+        self._used += 1
+        self._shm[:8] = self._used.to_bytes(8, "little")
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+        self._shm.close()
 
 
 __all__ = ["ImagePageSource", "PAGES_PER_CHUNK", "PageFileLike", "PageSource"]
