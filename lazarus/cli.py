@@ -163,8 +163,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         res = restore(args.dir)
         _report_restore(args, res)
         return 0 if args.detach else _wait_exit(res.pid, wait)
-    from lazarus.kernel import features
-    features.require("lazy")
+    _require_lazy_features()
     if args.lazy_pages_socket:
         return _restore_to_server(args, wait)
     if args.detach:
@@ -183,6 +182,20 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 class UsageError(LazarusError):
     pass
+
+
+def _require_lazy_features() -> None:
+    """The userfaultfd features a lazy restore registers with; a scratch uffd tells (a full `check` would
+    cost a traced child on every restore)."""
+    from lazarus.errors import FeatureMissing
+    from lazarus.kernel.uffd import feature_names, supported_features
+    from lazarus.restore.uffd import LAZY_FEATURES
+    try:
+        missing = LAZY_FEATURES & ~supported_features()
+    except LazarusError as e:
+        raise FeatureMissing(f"userfaultfd unavailable: {e}") from e
+    if missing:
+        raise FeatureMissing("userfaultfd features missing for a lazy restore: " + ", ".join(feature_names(missing)))
 
 
 def _report_restore(args: argparse.Namespace, res: Any) -> None:
@@ -302,9 +315,8 @@ def cmd_lazy_pages(args: argparse.Namespace) -> int:
     """lazarus lazy-pages: serve restores that hand their uffd over the socket, until none needs us."""
     import socket
 
-    from lazarus.kernel import features
     from lazarus.lazy.handoff import Listener
-    features.require("lazy")
+    _require_lazy_features()
     path = args.socket or args.dir / "lazy-pages.sock"
     if not args.dir.is_dir():
         raise LazarusError(f"{args.dir}: no such directory", path=str(args.dir))
