@@ -99,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         print(f"lazarus: error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
+    except Exception as e:  # noqa: BLE001 - a bug of ours still gets one line; --debug shows where
+        if args.debug:
+            raise
+        print(f"lazarus: error: internal error ({type(e).__name__}: {e}); run with --debug for details",
+              file=sys.stderr)
+        return 1
 
 
 def _run(args: argparse.Namespace) -> int:
