@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -260,3 +261,29 @@ def test_restore_other_kernel_release(harness: H.Harness, good_image: Path) -> N
 
     image = broken_copy(harness, good_image, lambda img: edit_inventory(img, other_kernel))
     restore_refused(harness, image, r"kernel")
+
+
+@pytest.mark.parametrize("field", ["core.regs", "mm.vmas[0].kind", "files[0].fd", "signals.blocked"])
+def test_restore_task_field_missing(harness: H.Harness, good_image: Path, field: str) -> None:
+    """A task file whose checksums are right but which lacks a field the restore needs (a writer bug, or
+    another tool's image) is refused naming the field, before any process is created."""
+    from lazarus.images.format import hex64, json_bytes, xxh3
+
+    def drop_field(image: Path) -> None:
+        (task_path,) = image.glob("task-*.json")
+        task = json.loads(task_path.read_text())
+        *parents, last = field.replace("[0]", ".0").split(".")
+        node = task
+        for p in parents:
+            node = node[int(p)] if p.isdigit() else node[p]
+        del node[last]
+        data = json_bytes(task)
+        task_path.write_bytes(data)
+
+        def reseal(inv: dict) -> None:
+            inv["files"][task_path.name].update(size=len(data), xxh3=hex64(xxh3(data)))
+
+        edit_inventory(image, reseal)
+
+    image = broken_copy(harness, good_image, drop_field)
+    restore_refused(harness, image, re.escape(field.split(".")[-1]))

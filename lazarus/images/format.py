@@ -143,6 +143,31 @@ TASK_SCHEMA: Schema = {
     "misc": dict,
 }
 
+# What a restore needs beyond the top level (checked before anything is created; see restore.open_image).
+TASK_FIELDS_SCHEMA: Schema = {
+    "pid": int,
+    "comm": str,
+    "core": {"regs": str, "xstate": str},
+    "mm": {
+        "start_code": int, "end_code": int, "start_data": int, "end_data": int, "start_brk": int, "brk": int,
+        "start_stack": int, "arg_start": int, "arg_end": int, "env_start": int, "env_end": int,
+        "auxv": str, "exe": str, "vmas": list, "objects": list,
+    },
+    "files": list,
+    "signals": {
+        "actions": list, "blocked": int, "pending_thread": list, "pending_shared": list,
+        "altstack": {"sp": int, "flags": int, "size": int}, "itimers": list,
+    },
+    "misc": {
+        "clear_child_tid": int, "robust_list": {"head": int, "len": int}, "personality": int, "umask": int,
+        "cwd": str, "comm": str, "rlimits": list, "creds": {"uids": list, "gids": list, "groups": list},
+    },
+}
+VMA_SCHEMA: Schema = {"start": int, "end": int, "prot": int, "shared": bool, "offset": int, "path": str,
+                      "kind": str, "vmflags": list, "pages": list}
+OBJECT_SCHEMA: Schema = {"id": int, "kind": str, "name": str, "size": int, "pages": list}
+FD_SCHEMA: Schema = {"fd": int, "type": str, "flags": int, "cloexec": bool, "pos": int}
+
 _JSON_TYPE_NAMES = {dict: "an object", list: "an array", str: "a string", int: "an integer",
                     float: "a number", bool: "a boolean", type(None): "null"}
 
