@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	# Compiled once here: a restore's start-up is on the path to the process running, and some
+	# environments set PYTHONDONTWRITEBYTECODE, which would recompile every module on every command.
+	$(PY) -m compileall -q lazarus
 	touch $(STAMP)
 
 install: $(STAMP)

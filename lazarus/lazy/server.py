@@ -343,7 +343,12 @@ class LazyServer:
                 p.uffd.wake(addr, PAGE_SIZE)
         else:
             start, npages, fidx = w
-            res = self._fill(p, start, npages, fidx)
+            # The faulting page alone first: its copy wakes the thread, which then runs while we fill the rest
+            # of the window (a 64 KiB copy before the wake-up costs the thread 20-30 us more, and far more when
+            # the VM must first get the memory back from its host).
+            k = (addr - start) // PAGE_SIZE
+            first = (addr, 1, fidx + k) if npages > 1 and 0 <= k < npages else (start, npages, fidx)
+            res = self._fill(p, *first)
             if res is Outcome.RETRY:
                 p.deferred.append((ev, t_read))
                 self._ndeferred += 1
@@ -352,11 +357,20 @@ class LazyServer:
                 return  # gone or lost: already handled
             if self._skipped:  # the faulting page may have been found present: make sure the thread runs
                 p.uffd.wake(addr, PAGE_SIZE)
+            if first[1] != npages:
+                self._latencies.append(time.perf_counter_ns() - t_read)
+                t_read = 0  # recorded: the thread is running
+                # What is left of the window; a RETRY here just leaves those pages pending.
+                if k and p.key in self._procs:
+                    self._fill(p, start, k, fidx)
+                if npages - k - 1 and p.key in self._procs:
+                    self._fill(p, addr + PAGE_SIZE, npages - k - 1, fidx + k + 1)
         p.faults += 1
         p.cursor = addr
         p.last_fault_ns = time.monotonic_ns()
         self._last_faulted = p
-        self._latencies.append(time.perf_counter_ns() - t_read)
+        if t_read:
+            self._latencies.append(time.perf_counter_ns() - t_read)
         if not p.pending and p.key in self._procs:
             self._finish(p, "complete")
 
