@@ -212,6 +212,14 @@ def run(argv: Sequence[str], timeout: float = 600) -> Run:
     return Run(list(argv), res.returncode, res.stdout, res.stderr, time.perf_counter() - t0)
 
 
+def cache_bytecode(directory: Path) -> None:
+    """Let the Python commands we start keep compiled bytecode in `directory` (PYTHONPYCACHEPREFIX), even if
+    PYTHONDONTWRITEBYTECODE is set here: otherwise every `python -m lazarus` compiles its modules from source
+    again (tens of ms), which an installed lazarus never does. Nothing is written into the repository."""
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = str(directory)
+
+
 def lazarus(*args: str, timeout: float = 600) -> Run:
     return run([*LAZARUS, *args], timeout)
 
@@ -242,6 +250,81 @@ def restore_since_start_s(out: str) -> float | None:
 def python_startup_s(repeat: int = 5) -> float:
     """Median wall time of `python -m lazarus --version`: the interpreter's share of every wall figure."""
     return statistics.median(lazarus("--version", timeout=60).wall for _ in range(repeat))
+
+
+def interpreter_startup_s(repeat: int = 5) -> float:
+    """Median wall time of `python -c pass` (this interpreter, site and all, nothing of lazarus imported)."""
+    return statistics.median(run([sys.executable, "-c", "pass"], timeout=60).wall for _ in range(repeat))
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    """/proc/PID/status as {field: value}; {} if the process is not there."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            text = f.read()
+    except OSError:
+        return {}
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
+def running_untraced(pid: int, exe: Path) -> bool:
+    """`pid` runs `exe` (so it is the restored program, not the restorer's fresh clone), no tracer is
+    attached and it is not in a stop: a restore has handed it over."""
+    try:
+        if os.readlink(f"/proc/{pid}/exe") != str(exe):
+            return False
+    except OSError:
+        return False
+    st = proc_status(pid)
+    return st.get("TracerPid") == "0" and st.get("State", "t")[:1] not in ("t", "T", "Z", "X")
+
+
+def wait_pid_gone(pid: int, timeout: float) -> None:
+    """Wait until no process has pid `pid` (a killed task's memory can take a while to be freed)."""
+    wait_for(f"pid {pid} to be free", lambda: not os.path.exists(f"/proc/{pid}"), timeout, 0.002)
+
+
+def children() -> list[int]:
+    """Our own children (from /proc/self/task/*/children): as a subreaper, also orphans re-parented to us."""
+    out: list[int] = []
+    base = f"/proc/{os.getpid()}/task"
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(base):
+            with contextlib.suppress(OSError), open(f"{base}/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    return out
+
+
+def reap_lazarus_children(exclude: Iterable[int], timeout: float) -> list[int]:
+    """Reap the children left by `lazarus restore -d --lazy` (its lazy-pages daemon and that daemon's guard,
+    re-parented to us) once they end, waiting at most `timeout` s. Those still running then are killed (only
+    processes of `python -m lazarus` that are our children). Returns the pids that had to be killed."""
+    skip = set(exclude)
+    deadline = time.monotonic() + timeout
+    killed: list[int] = []
+    while True:
+        left = [p for p in children() if p not in skip]
+        for p in left:
+            reap(p, 0)
+        left = [p for p in children() if p not in skip]
+        if not left:
+            return killed
+        if time.monotonic() > deadline:
+            for p in left:
+                try:
+                    cmd = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if b"lazarus" in cmd and b"-m" in cmd:
+                    os.kill(p, signal.SIGKILL)
+                    reap(p, 10)
+                    killed.append(p)
+            return killed
+        time.sleep(0.01)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,318 @@
+/*
+ * faulter.c - benchmark target for the fault round trip under lazy restore.
+ *
+ *   faulter LOGFILE MIB K                  stdin/stdout/stderr = /dev/null
+ *   faulter LOGFILE MIB K raw SOCKPATH
+ *
+ * Holds MIB MiB of private anonymous memory filled as memhog.c fills it (every 64-bit word a
+ * pseudo-random value of its index and a per-run seed). It picks K pages in K distinct, randomly chosen
+ * 64 KiB windows of that memory (K <= MIB * 16), in random order, before it logs READY, so that a
+ * lazy server filling the aligned 16-page window around a fault never brings in a page that is
+ * touched later. Protocol (as the test targets):
+ *
+ *   - logs "# region ADDR LEN fill-seconds S" and "READY", then waits for SIGUSR2;
+ *   - on SIGUSR2 reads one word of each of the K pages, timing each read alone with
+ *     clock_gettime(CLOCK_MONOTONIC) before and after it, and logs "# LAT K median_ns p99_ns max_ns";
+ *   - then checks every word of its memory and logs "PASS" (exit 0) or "FAIL: ..." (exit 1).
+ *
+ * Restored with `lazarus restore --lazy --no-background`, each of the K reads is the first touch of a
+ * page nobody has filled: a real page fault served by the lazy server.
+ *
+ * raw mode (a kernel probe, not a restore): the memory is NOT filled. Instead the pattern goes into a
+ * memfd, the region is registered for missing faults on a userfaultfd made here, and both descriptors
+ * are sent over the unix socket SOCKPATH (SCM_RIGHTS [uffd, memfd], with the line "ADDR LEN\n") to a
+ * minimal handler (benchmarks/lazy_restore.py) which serves each fault with UFFDIO_COPY from the memfd.
+ * Same touches, same timing; afterwards only the K touched pages are checked (the rest was never
+ * served), then PASS/FAIL as above.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PAGE 4096UL
+#define WINDOW (64UL << 10)
+#define WORDS_PER_PAGE (PAGE / sizeof(uint64_t))
+
+static int log_fd = -1;
+static volatile sig_atomic_t usr2_seen;
+
+static void logf_(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+static void logf_(const char *fmt, ...)
+{
+	char line[512];
+	va_list ap;
+	int n;
+
+	va_start(ap, fmt);
+	n = vsnprintf(line, sizeof(line) - 1, fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		return;
+	if ((size_t)n > sizeof(line) - 2)
+		n = (int)sizeof(line) - 2;
+	line[n++] = '\n';
+	if (write(log_fd, line, (size_t)n) < 0)
+		_exit(3);
+}
+
+static void on_usr2(int sig)
+{
+	(void)sig;
+	usr2_seen = 1;
+}
+
+static inline uint64_t mix(uint64_t x)
+{
+	x += 0x9e3779b97f4a7c15ULL;
+	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+	x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+	return x ^ (x >> 31);
+}
+
+static double now(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+/* raw mode: a uffd registered on [mem, mem+len) and the memfd holding the data, sent to the handler. */
+static int send_fds(const char *sockpath, void *mem, size_t len, int uffd, int memfd)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	char line[128], cbuf[CMSG_SPACE(2 * sizeof(int))];
+	int fds[2] = { uffd, memfd };
+	struct iovec iov;
+	struct msghdr mh;
+	struct cmsghdr *cm;
+	int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+	if (s < 0)
+		return -1;
+	strncpy(sa.sun_path, sockpath, sizeof(sa.sun_path) - 1);
+	if (connect(s, (struct sockaddr *)&sa, sizeof(sa))) {
+		close(s);
+		return -1;
+	}
+	snprintf(line, sizeof(line), "%lu %zu\n", (unsigned long)mem, len);
+	memset(&mh, 0, sizeof(mh));
+	memset(cbuf, 0, sizeof(cbuf));
+	iov.iov_base = line;
+	iov.iov_len = strlen(line);
+	mh.msg_iov = &iov;
+	mh.msg_iovlen = 1;
+	mh.msg_control = cbuf;
+	mh.msg_controllen = sizeof(cbuf);
+	cm = CMSG_FIRSTHDR(&mh);
+	cm->cmsg_level = SOL_SOCKET;
+	cm->cmsg_type = SCM_RIGHTS;
+	cm->cmsg_len = CMSG_LEN(sizeof(fds));
+	memcpy(CMSG_DATA(cm), fds, sizeof(fds));
+	if (sendmsg(s, &mh, 0) < 0) {
+		close(s);
+		return -1;
+	}
+	close(s);
+	return 0;
+}
+
+static int setup_raw(const char *sockpath, uint64_t *mem, size_t len, uint64_t seed)
+{
+	struct uffdio_api api = { .api = UFFD_API };
+	struct uffdio_register reg;
+	uint64_t *src;
+	size_t words = len / sizeof(uint64_t);
+	int memfd, uffd;
+
+	memfd = memfd_create("faulter-pages", MFD_CLOEXEC);
+	if (memfd < 0 || ftruncate(memfd, (off_t)len)) {
+		logf_("FAIL: setup: memfd: %s", strerror(errno));
+		return -1;
+	}
+	src = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
+	if (src == MAP_FAILED) {
+		logf_("FAIL: setup: mmap memfd: %s", strerror(errno));
+		return -1;
+	}
+	for (size_t i = 0; i < words; i++)
+		src[i] = mix(seed + i);
+	munmap(src, len);
+	uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+	if (uffd < 0 || ioctl(uffd, UFFDIO_API, &api)) {
+		logf_("FAIL: setup: userfaultfd: %s", strerror(errno));
+		return -1;
+	}
+	memset(&reg, 0, sizeof(reg));
+	reg.range.start = (unsigned long)mem;
+	reg.range.len = len;
+	reg.mode = UFFDIO_REGISTER_MODE_MISSING;
+	if (ioctl(uffd, UFFDIO_REGISTER, &reg)) {
+		logf_("FAIL: setup: UFFDIO_REGISTER: %s", strerror(errno));
+		return -1;
+	}
+	if (send_fds(sockpath, mem, len, uffd, memfd)) {
+		logf_("FAIL: setup: sending the uffd to %s: %s", sockpath, strerror(errno));
+		return -1;
+	}
+	close(uffd);
+	close(memfd);
+	return 0;
+}
+
+static int check_page(const uint64_t *mem, size_t page, uint64_t seed)
+{
+	const volatile uint64_t *w = mem + page * WORDS_PER_PAGE;
+
+	for (size_t i = 0; i < WORDS_PER_PAGE; i++)
+		if (w[i] != mix(seed + page * WORDS_PER_PAGE + i))
+			return -1;
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	struct sigaction sa;
+	struct timespec ts, a, b;
+	sigset_t block, wait_mask;
+	unsigned long mib, k;
+	uint64_t seed, rng, *mem, *lat;
+	char *map;
+	size_t len, words, windows, *pages, bad = 0, first_bad = 0;
+	int raw;
+	double t0;
+
+	if (argc < 4)
+		return 2;
+	log_fd = open(argv[1], O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+	mib = strtoul(argv[2], NULL, 10);
+	k = strtoul(argv[3], NULL, 10);
+	raw = argc >= 6 && !strcmp(argv[4], "raw");
+	if (log_fd < 0 || mib == 0 || k == 0)
+		return 2;
+	len = mib * (1UL << 20);
+	words = len / sizeof(uint64_t);
+	windows = len / WINDOW;
+	if (k > windows) {
+		logf_("FAIL: setup: %lu touches need %lu distinct 64 KiB windows; %lu MiB has %zu", k, k, mib,
+		      windows);
+		return 1;
+	}
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_usr2;
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGUSR2, &sa, NULL);
+	sigemptyset(&block);
+	sigaddset(&block, SIGUSR2);
+	sigprocmask(SIG_BLOCK, &block, &wait_mask);
+	sigdelset(&wait_mask, SIGUSR2);
+
+	/* 64 KiB-aligned (the server's fault windows are aligned in absolute addresses): map more, trim. */
+	map = mmap(NULL, len + WINDOW, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (map == MAP_FAILED) {
+		logf_("FAIL: setup: mmap %lu MiB: %s", mib, strerror(errno));
+		return 1;
+	}
+	mem = (uint64_t *)(((uintptr_t)map + WINDOW - 1) & ~(uintptr_t)(WINDOW - 1));
+	if ((char *)mem > map)
+		munmap(map, (size_t)((char *)mem - map));
+	if ((char *)mem + len < map + len + WINDOW)
+		munmap((char *)mem + len, (size_t)(map + len + WINDOW - ((char *)mem + len)));
+	clock_gettime(CLOCK_REALTIME, &ts);
+	seed = mix((uint64_t)ts.tv_nsec ^ ((uint64_t)getpid() << 32));
+
+	/* K distinct windows: a partial Fisher-Yates shuffle of all window indexes; one random page in each. */
+	pages = malloc(windows * sizeof(*pages));
+	lat = malloc(k * sizeof(*lat));
+	if (!pages || !lat) {
+		logf_("FAIL: setup: out of memory");
+		return 1;
+	}
+	for (size_t w = 0; w < windows; w++)
+		pages[w] = w;
+	rng = seed;
+	for (size_t i = 0; i < k; i++) {
+		size_t j = i + (size_t)((rng = mix(rng)) % (windows - i)), t = pages[i];
+
+		pages[i] = pages[j];
+		pages[j] = t;
+		pages[i] = pages[i] * (WINDOW / PAGE) + (size_t)((rng = mix(rng)) % (WINDOW / PAGE));
+	}
+
+	t0 = now();
+	if (raw) {
+		if (setup_raw(argv[5], mem, len, seed))
+			return 1;
+	} else {
+		for (size_t i = 0; i < words; i++)
+			mem[i] = mix(seed + i);
+	}
+	logf_("# region %p %zu fill-seconds %.3f", (void *)mem, len, now() - t0);
+	logf_("READY");
+
+	while (!usr2_seen)
+		sigsuspend(&wait_mask);
+
+	/* Bring in the bookkeeping (lazily restored too) before timing, so no other fault is in the way. */
+	memset(lat, 0, k * sizeof(*lat));
+	for (size_t i = 0; i < k; i++)
+		lat[i] = pages[i];
+	for (size_t i = 0; i < k; i++) {
+		const volatile uint64_t *p = mem + pages[i] * WORDS_PER_PAGE;
+
+		clock_gettime(CLOCK_MONOTONIC, &a);
+		(void)*p;
+		clock_gettime(CLOCK_MONOTONIC, &b);
+		lat[i] = (uint64_t)(b.tv_sec - a.tv_sec) * 1000000000ULL + (uint64_t)b.tv_nsec - (uint64_t)a.tv_nsec;
+	}
+	qsort(lat, k, sizeof(*lat), cmp_u64);
+	logf_("# LAT %lu %llu %llu %llu", k, (unsigned long long)lat[k / 2], (unsigned long long)lat[(k * 99) / 100],
+	      (unsigned long long)lat[k - 1]);
+
+	if (raw) {
+		for (size_t i = 0; i < k; i++)
+			if (check_page(mem, pages[i], seed) && !bad++)
+				first_bad = pages[i] * PAGE;
+		if (bad) {
+			logf_("FAIL: %zu of %lu touched pages differ, first at offset %#zx", bad, k, first_bad);
+			return 1;
+		}
+		logf_("PASS");
+		return 0;
+	}
+	for (size_t i = 0; i < words; i++) {
+		if (mem[i] != mix(seed + i)) {
+			if (!bad++)
+				first_bad = i;
+		}
+	}
+	if (bad) {
+		logf_("FAIL: %zu of %zu words differ, first at offset %#zx", bad, words, first_bad * 8);
+		return 1;
+	}
+	logf_("PASS");
+	return 0;
+}
