@@ -123,7 +123,8 @@ def test_faults_only(helpers, page_file):
     assert lat["median"] is not None and lat["p99"] >= lat["median"]
 
 
-def test_background_completes_and_closes_uffd(helpers, page_file, tmp_path):
+def test_background_completes_and_closes_uffd(helpers, page_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(ImagePageSource, "VERIFY_AHEAD_MIN", 0)  # exercise the verify-ahead process here
     n, holes = 4096, 13
     h = helpers(npages=n, hole_every=holes, scenario="idle")
     pf = page_file(n, holes)
@@ -146,6 +147,7 @@ def test_background_completes_and_closes_uffd(helpers, page_file, tmp_path):
     assert on_disk["background_rate_gbps"] > 0
     # every chunk was checked once: by the verify-ahead process or, where it had not got there yet, inline
     chunks = (image_pages(n, holes) * P + 65535) // 65536
+    assert source.verified_ahead
     assert source.checked_ahead + source.checked_inline == chunks
     assert pf.verified == source.checked_inline
 

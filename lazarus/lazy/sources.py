@@ -86,6 +86,7 @@ class ImagePageSource:
     """
 
     synchronous = True
+    VERIFY_AHEAD_MIN = 128 << 20
 
     def __init__(self, vmas: Iterable[Mapping[str, Any]], page_file: PageFileLike, *, name: str = "",
                  verify: bool = True) -> None:
@@ -95,6 +96,7 @@ class ImagePageSource:
         self._verified = bytearray()  # one byte per 64 KiB chunk: 1 once its checksum matched
         self._verifier: AheadVerifier | None = None
         self.checked_ahead = self.checked_inline = 0  # chunks, for the stats
+        self.verified_ahead = False  # whether a verify-ahead process was started
         runs = []
         for vma in vmas:
             for vaddr, npages, fidx in vma.get("pages", ()):
@@ -153,8 +155,11 @@ class ImagePageSource:
     def start(self) -> None:
         """Called by the server (single-threaded, before its loop) when a background transfer will run: check
         chunks ahead of it in a verifier process, on the other CPU."""
-        if self._verify and self._verifier is None and hasattr(self._pf, "chunk_matches"):
+        # Below VERIFY_AHEAD_MIN the fork costs more than the hashing it would take off the server.
+        if (self._verify and self._verifier is None and hasattr(self._pf, "chunk_matches")
+                and self._pending.pages * PAGE_SIZE >= self.VERIFY_AHEAD_MIN):
             self._verifier = AheadVerifier.start(self._pf)
+            self.verified_ahead = self._verifier is not None
 
     def close(self) -> None:
         """The PageFile belongs to the image: it is not closed here; the verifier, if any, is stopped."""
