@@ -83,9 +83,9 @@ def freeze(pid: int) -> None:
         if st.stopped and st.event == abi.PTRACE_EVENT_STOP:
             return
         if st.stopped:
-            # A signal arrived before our interrupt stop: leave it pending for after the dump
-            # by re-injecting it when the task resumes; here we just let it through later.
-            raise DumpError(f"pid {pid} received signal {st.stop_sig} while being frozen; try again", pid=pid)
+            # A signal arrived before our interrupt stop and ptrace intercepted it: deliver it as the
+            # kernel would have (swallowing it would change the process); the interrupt stop follows.
+            ptrace.cont(pid, st.stop_sig)
 
 
 def _vdso_range(vmas: list[procfs.Vma]) -> tuple[int, int] | None:

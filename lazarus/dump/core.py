@@ -24,7 +24,6 @@ def dump_signals(task: RemoteTask) -> dict[str, Any]:
     """Handlers (by injected rt_sigaction), masks, queues, altstack and itimers."""
     pid = task.pid
     scratch = task.alloc_scratch()
-    size = abi.sizeof(abi.kernel_sigaction)
     actions: list[list[int]] = []
     for sig in range(1, abi.NSIG + 1):
         if sig in (abi.SIGKILL, abi.SIGSTOP):
@@ -33,7 +32,6 @@ def dump_signals(task: RemoteTask) -> dict[str, Any]:
         task.syscall(abi.SYS.rt_sigaction, sig, 0, scratch, 8)
         act = task.get_struct(abi.kernel_sigaction, scratch)
         actions.append([act.sa_handler, act.sa_flags, act.sa_restorer, act.sa_mask])
-    del size
     task.syscall(abi.SYS.sigaltstack, 0, scratch)
     ss = task.get_struct(abi.stack_t, scratch)
     itimers = []

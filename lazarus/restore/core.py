@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 from typing import Any
 
 from lazarus.errors import KernelError, RestoreError
@@ -154,7 +156,5 @@ def set_final_state(task: RemoteTask, core: dict[str, Any], blocked: int) -> Non
 
 
 def kill_quietly(pid: int) -> None:
-    import os
-    import signal
     with contextlib.suppress(OSError):
         os.kill(pid, signal.SIGKILL)
