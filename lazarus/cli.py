@@ -380,6 +380,7 @@ def _summary(img: Any) -> dict[str, Any]:
                         "pending": len(t["signals"]["pending_thread"]) + len(t["signals"]["pending_shared"]),
                         "handlers": sum(1 for a in t["signals"]["actions"] if a[0] > 1)},
         })
+        files["inventory.json"] = (Path(img.path) / "inventory.json").stat().st_size
         out["files"] = files
         out["total_bytes"] = sum(files.values())
     return out

@@ -1,0 +1,66 @@
+"""The command line around dump/restore: check, show, error reporting and option checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+try:
+    import harness as H
+except ImportError:  # pragma: no cover
+    from tests import harness as H
+
+pytestmark = pytest.mark.root
+
+
+def test_check_reports_every_feature(harness: H.Harness) -> None:
+    res = harness.lazarus("check")
+    assert res.returncode == 0, res.stdout + res.stderr
+    for name in ("userfaultfd", "PAGEMAP_SCAN", "clone3 set_tid", "pidfd_getfd", "soft-dirty", "vdso",
+                 "uffd WP_ASYNC", "freezer"):
+        assert name in res.stdout, f"check does not report {name}"
+    assert "dump and restore can work" in res.stdout
+
+
+def test_show_summarizes_an_image(harness: H.Harness) -> None:
+    target = harness.start_case(H.CASES_BY_ID["fds"])
+    image = harness.image_dir()
+    res = harness.dump(target, image, "--leave-running")
+    assert res.returncode == 0, res.stderr
+    out = harness.lazarus("show", str(image), "--json")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    (task,) = summary["tasks"]
+    assert task["pid"] == target.pid
+    assert task["exe"] == str(target.exe)
+    kinds = {v["kind"] for v in task["vmas"]}
+    assert {"anon", "file", "vdso"} <= kinds
+    heap = [v for v in task["vmas"] if v["kind"] == "anon"]
+    assert heap and all(v["lazy"] for v in heap), "anonymous memory is what --lazy serves"
+    assert not any(v["lazy"] for v in task["vmas"] if v["kind"] == "file")
+    assert task["pages"] == sum(v["pages"] for v in task["vmas"]) > 0
+    fds = {f["fd"]: f for f in task["fds"]}
+    live = {int(p.name) for p in Path(f"/proc/{target.pid}/fd").iterdir()}
+    assert set(fds) == live, f"show lists fds {sorted(fds)}, the process has {sorted(live)}"
+    assert fds[17]["type"] == "file"
+    assert int(task["registers"]["rip"], 16) != 0
+    assert summary["total_bytes"] == sum(p.stat().st_size for p in image.iterdir() if p.is_file())
+    plain = harness.lazarus("show", str(image))
+    assert plain.returncode == 0 and str(target.exe) in plain.stdout and "lazy" in plain.stdout
+
+
+def test_errors_are_one_line_and_debug_shows_the_traceback(harness: H.Harness) -> None:
+    missing = harness.image_dir()
+    res = harness.lazarus("restore", "-D", str(missing))
+    H.assert_clean_error(res, missing.name)
+    dbg = harness.lazarus("--debug", "restore", "-D", str(missing))
+    assert dbg.returncode != 0 and "Traceback" in dbg.stderr
+
+
+@pytest.mark.parametrize("opt", [["--no-background"], ["--stats", "x.json"], ["--lazy-pages-socket", "s"]])
+def test_lazy_options_need_lazy(harness: H.Harness, opt: list[str]) -> None:
+    res = harness.lazarus("restore", "-D", str(harness.image_dir()), *opt)
+    assert res.returncode == 2, res.stderr
+    assert "--lazy" in res.stderr and "Traceback" not in res.stderr
