@@ -28,13 +28,37 @@ def pytest_configure(config: pytest.Config) -> None:
         config.issue_config_time_warning(pytest.PytestWarning(f"cannot become a child subreaper: {e}"), 2)
 
 
+# Test files whose every test needs what `lazarus check` lists for a purpose (dump, restore, lazy).
+NEEDS = {
+    "test_dump_restore.py": ("dump", "restore", "lazy"), "test_python_target.py": ("dump", "restore", "lazy"),
+    "test_lazy.py": ("dump", "restore", "lazy"), "test_lazy_server.py": ("lazy",), "test_uffd.py": ("lazy",),
+    "test_bad_input.py": ("dump", "restore"), "test_unsupported.py": ("dump",), "test_cli.py": ("dump",),
+}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if os.geteuid() == 0:
+    if os.geteuid() != 0:
+        skip = pytest.mark.skip(reason="needs root")
+        for item in items:
+            if "root" in item.keywords:
+                item.add_marker(skip)
         return
-    skip = pytest.mark.skip(reason="needs root")
+    # Skip (with the reason) only where `lazarus check` shows a feature missing; otherwise a test that needs
+    # the feature runs and must pass.
+    from lazarus.kernel import features
+
+    missing: dict[str, str] = {}
+    for purpose in ("dump", "restore", "lazy"):
+        lacking = features.missing_for(purpose)
+        if lacking:
+            missing[purpose] = ", ".join(f"{f.name} ({f.detail})" for f in lacking)
+    if not missing:
+        return
     for item in items:
-        if "root" in item.keywords:
-            item.add_marker(skip)
+        for purpose in NEEDS.get(item.path.name, ()):
+            if purpose in missing:
+                item.add_marker(pytest.mark.skip(reason=f"lazarus check: {purpose} needs {missing[purpose]}"))
+                break
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
