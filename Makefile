@@ -8,7 +8,8 @@ DEB_PACKAGES := gcc libc6-dev make python3-venv
 .PHONY: demo test install deb-deps lint bench clean
 
 $(STAMP): pyproject.toml
-	@command -v gcc >/dev/null && $(PYTHON) -m venv --help >/dev/null 2>&1 || $(MAKE) deb-deps
+	@# Debian's python3 has the venv module but no ensurepip until python3-venv is installed.
+	@command -v gcc >/dev/null && $(PYTHON) -c 'import ensurepip' >/dev/null 2>&1 || $(MAKE) deb-deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
