@@ -287,3 +287,20 @@ def test_restore_task_field_missing(harness: H.Harness, good_image: Path, field:
 
     image = broken_copy(harness, good_image, drop_field)
     restore_refused(harness, image, re.escape(field.split(".")[-1]))
+
+
+def test_restore_with_working_directory_gone(harness: H.Harness) -> None:
+    """The task's cwd is checked before anything is created."""
+    target = harness.start_case(H.CASES_BY_ID["misc"])
+    image = harness.image_dir()
+    assert harness.dump(target, image).returncode == 0
+    (task_file,) = image.glob("task-*.json")
+    cwd = Path(json.loads(task_file.read_text())["misc"]["cwd"])
+    assert cwd.is_dir() and cwd != Path("/")
+    moved = cwd.with_name(cwd.name + ".moved")
+    cwd.rename(moved)
+    try:
+        restore_refused(harness, image, re.escape(str(cwd)))
+        assert not H.is_alive(target.pid)
+    finally:
+        moved.rename(cwd)

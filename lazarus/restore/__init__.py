@@ -141,6 +141,9 @@ def validate(img: Image, pid: int, task: dict[str, Any]) -> None:
     exe = task["mm"]["exe"]
     if not os.path.exists(exe):
         raise RestoreError(f"executable {exe} is gone", stage="validate", path=exe)
+    cwd = task["misc"]["cwd"]
+    if not os.path.isdir(cwd):
+        raise RestoreError(f"working directory {cwd} is gone", stage="validate", path=cwd)
     check_files(task["files"])
 
 
