@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 from typing import Any
@@ -13,6 +14,7 @@ from lazarus.kernel.syscall import prlimit
 from lazarus.remote import RemoteTask, restart_after_freeze
 
 _NEG1 = (1 << 64) - 1
+log = logging.getLogger(__name__)
 RLIMIT_NOFILE = 7
 
 
@@ -44,6 +46,8 @@ def restore_rlimits(pid: int, rlimits: list[list[int]]) -> None:
             # Raising a hard limit needs CAP_SYS_RESOURCE; keep the soft value when it fits.
             if mx > have[1] and cur <= have[1]:
                 prlimit(pid, res, (cur, have[1]))
+                log.warning("pid %d: resource limit %d restored with hard limit %d, not %d (raising it needs "
+                            "CAP_SYS_RESOURCE)", pid, res, have[1], mx)
                 continue
             raise RestoreError(f"cannot set resource limit {res} to ({cur}, {mx}): {e.strerror}",
                                stage="misc", pid=pid) from e
