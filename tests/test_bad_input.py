@@ -304,3 +304,27 @@ def test_restore_with_working_directory_gone(harness: H.Harness) -> None:
         assert not H.is_alive(target.pid)
     finally:
         moved.rename(cwd)
+
+
+@pytest.mark.parametrize("change", ["mtime", "size", "inode"])
+def test_restore_refuses_a_changed_mapped_file(harness: H.Harness, change: str) -> None:
+    """A shared file mapping is restored by path: a file changed since the dump is refused, naming it."""
+    target = harness.start_case(H.CASES_BY_ID["memory-keep"])
+    image = harness.image_dir()
+    assert harness.dump(target, image).returncode == 0
+    (task_file,) = image.glob("task-*.json")
+    vmas = json.loads(task_file.read_text())["mm"]["vmas"]
+    path = Path(next(v["path"] for v in vmas if v["kind"] == "file" and v["shared"]))
+    st = path.stat()
+    if change == "mtime":
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    elif change == "size":
+        with open(path, "ab") as f:
+            f.write(b"x")
+    else:
+        data = path.read_bytes()
+        path.unlink()
+        path.write_bytes(data)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    restore_refused(harness, image, re.escape(str(path)), "changed")
+    assert not H.is_alive(target.pid)
