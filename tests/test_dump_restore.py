@@ -7,8 +7,11 @@ twice in sequence.
 
 from __future__ import annotations
 
+import os
 import resource
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -121,3 +124,38 @@ def test_restore_same_image_twice(harness: H.Harness, case_id: str, mode: str) -
         r = restore_ok(harness, image, target, lazy=mode == "lazy")
         H.expect_pass(harness.run_case(case, r.target), f"restore #{attempt}", r.target, r)
         assert r.target.wait_exit(15) == 0, f"restore #{attempt}: {r.target.describe()}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_non_root_process(harness: H.Harness, mode: str) -> None:
+    """A process of an unprivileged user comes back with its uids, gids and (empty) groups, and passes its
+    own checks (misc.c compares its credentials, umask, cwd... with what they were)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    # The user needs a directory it can use and the target binary where it can execute it.
+    work = Path(tempfile.mkdtemp(prefix="lazarus-nobody-"))
+    try:
+        os.chmod(work, 0o777)
+        exe = work / "misc"
+        shutil.copy(harness.bins["misc"], exe)
+        os.chmod(exe, 0o755)
+        log = work / "misc.log"
+        popen = subprocess.Popen(
+            [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", str(exe), str(log)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True, close_fds=True, cwd=work)
+        harness.popens.append(popen)
+        harness.register(popen.pid, "target misc as nobody")
+        target = H.Target("misc", popen.pid, log, exe, popen, 0, ())
+        assert H.wait_for_line(log, "READY", 20, proc=popen), target.describe()
+        H.wait_in_syscall(target.pid, H.SYS_RT_SIGSUSPEND, 10)
+        image = dump_ok(harness, target)
+        r = restore_ok(harness, image, target, lazy=mode == "lazy")
+        status = Path(f"/proc/{r.pid}/status").read_text()
+        assert "Uid:\t65534\t65534\t65534\t65534" in status and "Gid:\t65534\t65534\t65534\t65534" in status
+        r.target.signal()
+        H.expect_pass(r.target.wait_result(30), r.target, r)
+        assert r.target.wait_exit(15) == 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

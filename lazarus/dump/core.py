@@ -64,6 +64,7 @@ def dump_misc(task: RemoteTask) -> dict[str, Any]:
     status = read_status(pid)
     stat = read_stat(pid)
     timerslack = task.syscall(abi.SYS.prctl, abi.PR_GET_TIMERSLACK, 0, 0, 0, 0)
+    dumpable = task.syscall(abi.SYS.prctl, abi.PR_GET_DUMPABLE, 0, 0, 0, 0)
     with open(f"/proc/{pid}/personality") as f:
         personality = int(f.read().strip(), 16)
     with open(f"/proc/{pid}/comm") as f:
@@ -80,6 +81,7 @@ def dump_misc(task: RemoteTask) -> dict[str, Any]:
         "creds": {"uids": list(status.uids), "gids": list(status.gids), "groups": list(status.groups)},
         "no_new_privs": int(getattr(status, "no_new_privs", 0) or 0),
         "timerslack_ns": timerslack,
+        "dumpable": dumpable,
         "sid": stat.session,
         "pgid": stat.pgrp,
     }

@@ -156,6 +156,7 @@ AT_FDCWD = -100
 # prctl (include/uapi/linux/prctl.h)
 PR_SET_PDEATHSIG = 1
 PR_GET_DUMPABLE = 3
+PR_SET_DUMPABLE = 4
 PR_SET_NAME = 15
 PR_GET_NAME = 16
 PR_GET_SECCOMP = 21

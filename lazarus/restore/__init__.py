@@ -234,6 +234,7 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
         if lazy and ranges:
             handover = uffd_in_task(remote, ranges, LAZY_FEATURES)
         rcore.restore_creds(remote, task["misc"]["creds"])
+        rcore.restore_dumpable(remote, task["misc"])
         # Last injected call: remove the trampoline. We stop at its syscall exit (pitfall 16).
         remote.syscall(abi.SYS.munmap, tramp.addr, TRAMPOLINE_SIZE)
         rcore.set_final_state(remote, task["core"], task["signals"]["blocked"])

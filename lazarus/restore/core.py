@@ -118,6 +118,14 @@ def restore_creds(task: RemoteTask, creds: dict[str, Any]) -> None:
     t.syscall(abi.SYS.setresuid, r, e, s)
 
 
+def restore_dumpable(task: RemoteTask, misc: dict[str, Any]) -> None:
+    """After the credentials: changing uids resets the dumpable flag (to fs.suid_dumpable), which would lock
+    the process out of its own /proc/self/{environ,auxv,mem}. Values 0 and 1 can be set by the task itself."""
+    value = misc.get("dumpable")
+    if value in (0, 1):
+        task.syscall(abi.SYS.prctl, abi.PR_SET_DUMPABLE, value, 0, 0, 0)
+
+
 def final_registers(core: dict[str, Any]) -> tuple[abi.user_regs_struct, bool]:
     """The registers to resume with, and whether the kernel must restart an interrupted syscall.
 
