@@ -322,9 +322,12 @@ def test_restore_refuses_a_changed_mapped_file(harness: H.Harness, change: str) 
         with open(path, "ab") as f:
             f.write(b"x")
     else:
-        data = path.read_bytes()
-        path.unlink()
-        path.write_bytes(data)
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        # Replaced by a copy with the same size and mtime; made before the original goes, so that the
+        # filesystem cannot hand the freed inode number straight back.
+        copy = path.with_name(path.name + ".new")
+        copy.write_bytes(path.read_bytes())
+        os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+        copy.rename(path)
+        assert path.stat().st_ino != st.st_ino
     restore_refused(harness, image, re.escape(str(path)), "changed")
     assert not H.is_alive(target.pid)
