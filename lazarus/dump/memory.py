@@ -60,7 +60,10 @@ def vma_kind(vma: Vma) -> str:
 def file_identity(pid: int, vma: Vma) -> dict[str, Any]:
     """Identity of the file behind a mapping, to refuse a restore if it changed."""
     st = os.stat(f"/proc/{pid}/map_files/{vma.start:x}-{vma.end:x}")
-    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    # ctime too: a file replaced by a copy with the same size and mtime may even get the same inode number
+    # back, but never the same ctime.
+    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns}
 
 
 def _pread_file(fd: int, view: memoryview, batch: list[tuple[int, int]]) -> None:

@@ -135,8 +135,9 @@ def validate(img: Image, pid: int, task: dict[str, Any]) -> None:
             st = os.stat(path)
         except OSError as e:
             raise RestoreError(f"mapped file {path} is gone: {e.strerror}", stage="validate", path=path) from e
-        if (st.st_ino, st.st_size, st.st_mtime_ns) != (want["ino"], want["size"], want["mtime_ns"]):
-            raise RestoreError(f"mapped file {path} changed since the dump (inode, size or mtime differ)",
+        if ((st.st_ino, st.st_size, st.st_mtime_ns) != (want["ino"], want["size"], want["mtime_ns"])
+                or st.st_ctime_ns != want.get("ctime_ns", st.st_ctime_ns)):
+            raise RestoreError(f"mapped file {path} changed since the dump (inode, size, mtime or ctime differ)",
                                stage="validate", path=path)
     exe = task["mm"]["exe"]
     if not os.path.exists(exe):
