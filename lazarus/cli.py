@@ -350,8 +350,8 @@ def _summary(img: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"directory": str(img.path), "format": inv.get("format"), "version": inv.get("version"),
                            "kernel_release": inv.get("kernel_release"), "cpu": inv.get("cpu"),
                            "created": inv.get("created"), "tasks": []}
+    from lazarus.images.mm import is_lazy, lazy_object_ids
     from lazarus.kernel import abi
-    from lazarus.restore.memory import is_lazy, lazy_object_ids
     for pid in img.tasks:
         t = img.task(pid)
         lazy_ids = lazy_object_ids(t["mm"], t["files"])

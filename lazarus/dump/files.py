@@ -36,8 +36,9 @@ def _others_holding(ino: int, pid: int) -> list[int]:
     return out
 
 
-def peek_pipe(path: str) -> bytes:
-    """The bytes buffered in the pipe/FIFO behind `path`, read without consuming them (tee)."""
+def peek_pipe(path: str) -> tuple[bytes, int]:
+    """The bytes buffered in the pipe/FIFO behind `path`, read without consuming them (tee), and the pipe's
+    capacity."""
     src = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     r, w = os.pipe()
     try:
@@ -53,7 +54,7 @@ def peek_pipe(path: str) -> bytes:
             if not chunk:
                 break
             data += chunk
-        return bytes(data)
+        return bytes(data), size
     finally:
         os.close(src)
         os.close(r)
@@ -116,7 +117,7 @@ def dump_files(pid: int, write_blob: Any, objects: list[dict[str, Any]]) -> list
             else:
                 raise Unsupported(f"{where}: character device {dev[0]}:{dev[1]} is not supported")
         elif statmod.S_ISFIFO(st.st_mode):
-            rec.update(type="fifo", path=link, data=write_blob(f"fifo-{fd}", peek_pipe(f"{fd_dir}/{name}"))
+            rec.update(type="fifo", path=link, data=write_blob(f"fifo-{fd}", peek_pipe(f"{fd_dir}/{name}")[0])
                        if flags & abi.O_ACCMODE != abi.O_WRONLY else None)
         elif statmod.S_ISREG(st.st_mode) or statmod.S_ISDIR(st.st_mode):
             if link.endswith(" (deleted)") and st.st_nlink == 0:
@@ -139,13 +140,7 @@ def dump_files(pid: int, write_blob: Any, objects: list[dict[str, Any]]) -> list
         if others:
             raise Unsupported(f"fd {ends[0]['fd']} (pipe:[{ino}]): the pipe is shared with pid {others[0]}")
         reader = next(e for e in ends if e["flags"] & abi.O_ACCMODE == abi.O_RDONLY)
-        path = f"{fd_dir}/{reader['fd']}"
-        src = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        try:
-            size = fcntl.fcntl(src, abi.F_GETPIPE_SZ)
-        finally:
-            os.close(src)
-        data = peek_pipe(path)
+        data, size = peek_pipe(f"{fd_dir}/{reader['fd']}")
         blob = write_blob(f"pipe-{ino}", data) if data else None
         for e in ends:
             e["pipe_size"] = size

@@ -17,7 +17,8 @@ from typing import Any
 from lazarus.errors import ImageError, KernelError, LazarusError, RestoreError
 from lazarus.images import Image
 from lazarus.images.format import FD_SCHEMA, OBJECT_SCHEMA, TASK_FIELDS_SCHEMA, VMA_SCHEMA, check_schema
-from lazarus.kernel import abi, ptrace
+from lazarus.images.mm import is_lazy, lazy_object_ids, lazy_vmas
+from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.clone import Trampoline
 from lazarus.kernel.features import cpu_xstate
 from lazarus.lazy.sources import ImagePageSource
@@ -28,9 +29,6 @@ from lazarus.restore.memory import (
     SpaceBuilder,
     clear_address_space,
     close_inherited_fds,
-    is_lazy,
-    lazy_object_ids,
-    lazy_vmas,
     move_vdso,
     trampoline_candidates,
 )
@@ -150,9 +148,8 @@ def validate(img: Image, pid: int, task: dict[str, Any]) -> None:
 
 def _is_zombie(pid: int) -> bool:
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except OSError:
+        return procfs.read_stat(pid).state in ("Z", "X")
+    except LazarusError:
         return False
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lazarus.errors import RestoreError
-from lazarus.images.mm import is_lazy, lazy_object_ids, lazy_vmas  # noqa: F401 - re-exported
+from lazarus.images.mm import is_lazy
 from lazarus.kernel import abi, procfs
 from lazarus.remote import RemoteTask
 
@@ -223,7 +223,6 @@ class SpaceBuilder:
             os.close(mem)
         return written
 
-
     def write_range(self, vmas: list[dict[str, Any]], page_file: Any, start: int, end: int) -> int:
         """Write the saved pages that overlap [start, end) now (pages the restore itself touches)."""
         lo, hi = start & ~(abi.PAGE_SIZE - 1), (end + abi.PAGE_SIZE - 1) & ~(abi.PAGE_SIZE - 1)
@@ -231,12 +230,13 @@ class SpaceBuilder:
         for v in vmas:
             if v["end"] <= lo or v["start"] >= hi:
                 continue
+            clipped = []
             for vaddr, n, idx in v["pages"]:
                 a, b = max(vaddr, lo), min(vaddr + n * abi.PAGE_SIZE, hi)
                 if a < b:
-                    first = idx + (a - vaddr) // abi.PAGE_SIZE
-                    picked.append({"kind": "file", "shared": False, "path": "", "start": a, "end": b,
-                                   "pages": [[a, (b - a) // abi.PAGE_SIZE, first]]})
+                    clipped.append([a, (b - a) // abi.PAGE_SIZE, idx + (a - vaddr) // abi.PAGE_SIZE])
+            if clipped:
+                picked.append({**v, "pages": clipped})
         return self.write_pages(picked, page_file, skip_lazy=False)
 
 

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from lazarus.errors import PageSourceLost, RestoreError
+from lazarus.images.mm import is_lazy
 from lazarus.kernel import abi
 from lazarus.kernel.pidfd import pidfd_getfd, pidfd_open
 from lazarus.kernel.uffd import Outcome, Uffd
@@ -54,7 +55,6 @@ def lazy_ranges(vmas: list[dict[str, Any]]) -> list[tuple[int, int]]:
 
 def copy_all(uffd: Uffd, vmas: list[dict[str, Any]], page_file: Any) -> int:
     """Fill every saved page of the uffd-registered vmas with UFFDIO_COPY; returns pages copied."""
-    from lazarus.restore.memory import is_lazy
     done = 0
     step = 8 << 20  # bytes per ioctl: large enough for full speed, small enough to stay interruptible
     for v in vmas:
