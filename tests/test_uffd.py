@@ -27,6 +27,7 @@ from lazarus.kernel import abi, vm
 from lazarus.kernel.pidfd import PidFd, pidfd_open
 from lazarus.kernel.syscall import buffer_address
 from lazarus.kernel.uffd import (
+    CopyHelper,
     Fork,
     Outcome,
     PageFault,
@@ -751,6 +752,39 @@ def test_local_copy_outcomes():
         u.unregister(base, npages * P)
     region.close()
     other.close()
+
+
+def test_copy_helper_runs_copies_beside_ours():
+    """The helper thread fills its range while we fill ours; outcomes and errors come back as Uffd.copy's."""
+    npages = 64
+    region = mmap.mmap(-1, npages * P, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    src = bytearray(b"".join(struct.pack("<Q", 0x5000 + i) * (P // 8) for i in range(npages)))
+    base, sbase = buffer_address(region), buffer_address(src)
+    half = npages // 2 * P
+    with Uffd.create() as u, CopyHelper() as helper:
+        u.register(base, npages * P)
+        helper.start(u, base + half, sbase + half, half)
+        assert helper.busy
+        with pytest.raises(RuntimeError):
+            helper.start(u, base, sbase, P)  # one copy at a time
+        assert u.copy(base, sbase, half) == (half, Outcome.DONE)
+        assert helper.result() == (half, Outcome.DONE)
+        assert not helper.busy
+        assert region[:] == src
+        helper.start(u, base + P, sbase, P)
+        assert helper.result() == (0, Outcome.EXISTS)
+        u.unregister(base, npages * P)
+        region.madvise(mmap.MADV_DONTNEED)
+        u.register(base, npages * P)
+        helper.start(u, base, 0x1000, P)  # an unreadable source is an error, raised by result()
+        with pytest.raises(KernelError) as ei:
+            helper.result()
+        assert ei.value.errno == errno.EFAULT
+        with pytest.raises(RuntimeError):
+            helper.result()  # nothing started
+        u.unregister(base, npages * P)
+    assert not helper._thread.is_alive()
+    region.close()
 
 
 # ---------------------------------------------------------------------------------------------

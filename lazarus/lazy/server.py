@@ -47,6 +47,7 @@ from pathlib import Path
 from lazarus.errors import KernelError, LazarusError, NoSuchTask, PageSourceLost
 from lazarus.kernel.pidfd import PidFd
 from lazarus.kernel.uffd import (
+    CopyHelper,
     Fork,
     Outcome,
     PageFault,
@@ -57,7 +58,7 @@ from lazarus.kernel.uffd import (
     Unmap,
 )
 from lazarus.lazy.guard import Guard
-from lazarus.lazy.ranges import PAGE_SIZE, PendingPages
+from lazarus.lazy.ranges import PAGE_SIZE, PendingPages, Run
 from lazarus.lazy.sources import PageSource
 
 log = logging.getLogger("lazarus.lazy")
@@ -137,6 +138,7 @@ class LazyServer:
         self._latencies: list[int] = []
         self._bg_bytes = 0
         self._bg_ns = 0
+        self._helper_bytes = 0  # of _bg_bytes, filled by the helper thread's copies
         self._t0: float | None = None
         self._t_end: float | None = None
         self._rr: deque[int] = deque()
@@ -148,6 +150,8 @@ class LazyServer:
         self._waiting_parents: dict[int, _Proc] = {}
         self._ndeferred = 0
         self._last_faulted: _Proc | None = None
+        # a second thread copying alongside the loop's own background copies (two CPUs fill twice as fast)
+        self._helper = CopyHelper() if background and CopyHelper.worthwhile() else None
 
     # -- setup ---------------------------------------------------------------------------------------------
 
@@ -374,20 +378,25 @@ class LazyServer:
         if not p.pending and p.key in self._procs:
             self._finish(p, "complete")
 
-    def _fill(self, p: _Proc, start: int, npages: int, fidx: int, *, background: bool = False) -> Outcome:
-        """Copy pending run [start, +npages) from file page fidx. Returns DONE (whatever could be filled was),
-        RETRY (nothing more done: read events first), GONE or the process was lost (p no longer served)."""
+    def _fill(self, p: _Proc, start: int, npages: int, fidx: int, *, background: bool = False,
+              first: tuple[int, Outcome] | None = None) -> Outcome:
+        """Copy pending run [start, +npages) from file page fidx (or account for the copy of it already made,
+        whose result is `first`). Returns DONE (whatever could be filled was), RETRY (nothing more done: read
+        events first), GONE or the process was lost (p no longer served)."""
         self._skipped = False
         # fast path: one copy does it all (the usual case, kept short: it is on every fault's critical path)
         length = npages * PAGE_SIZE
-        try:
-            n, out = p.uffd.copy(start, p.source.address(fidx, npages), length)
-        except PageSourceLost as e:
-            self._lose(p, str(e))
-            return Outcome.GONE
-        except KernelError as e:
-            self._lose(p, f"{p.source.name}: UFFDIO_COPY failed: {e}")
-            return Outcome.GONE
+        if first is not None:
+            n, out = first
+        else:
+            try:
+                n, out = p.uffd.copy(start, p.source.address(fidx, npages), length)
+            except PageSourceLost as e:
+                self._lose(p, str(e))
+                return Outcome.GONE
+            except KernelError as e:
+                self._lose(p, f"{p.source.name}: UFFDIO_COPY failed: {e}")
+                return Outcome.GONE
         if out is Outcome.DONE:
             p.pending.take(start, length)
             self._done_bytes += length
@@ -485,17 +494,76 @@ class LazyServer:
                 if nxt is not None and nxt[0] != start:
                     prefetch(nxt[2], nxt[1])
             before = self._done_bytes
-            res = self._fill(p, start, npages, fidx, background=True)
+            end = start + npages * PAGE_SIZE
+            second = self._second_chunk(p, c) if self._helper is not None else None
+            if second is None:
+                res = self._fill(p, start, npages, fidx, background=True)
+            else:
+                res = self._fill_two(p, c, second)
+                end = max(end, second[0] + second[1] * PAGE_SIZE) if second[0] > start else end
+                budget -= second[1] * PAGE_SIZE
             budget -= max(npages * PAGE_SIZE, 1)
             self._bg_bytes += self._done_bytes - before
             if res is not Outcome.DONE:
                 break
-            p.cursor = start + npages * PAGE_SIZE
+            p.cursor = end
             if time.perf_counter_ns() - t0 > 1_000_000:
                 break
         self._bg_ns += time.perf_counter_ns() - t0
         if p.key in self._procs and not p.pending:
             self._finish(p, "complete")
+
+    def _second_chunk(self, p: _Proc, first: Run) -> Run | None:
+        """The chunk to copy on the helper thread alongside `first`: the pending pages after it, never
+        overlapping it (next_chunk wraps around to the lowest pending page)."""
+        start, npages, _ = first
+        c = p.pending.next_chunk(start + npages * PAGE_SIZE, self.chunk_size)
+        if c is None or c[0] == start:
+            return None
+        if c[0] < start:
+            limit = (start - c[0]) // PAGE_SIZE
+            if limit < c[1]:
+                c = (c[0], limit, c[2])
+        return c
+
+    def _fill_two(self, p: _Proc, first: Run, second: Run) -> Outcome:
+        """Copy two pending chunks at once, `second` on the helper thread. Both copies are collected before
+        either result is acted on: acting may close p's uffd, which the helper must not be using then."""
+        helper = self._helper
+        assert helper is not None
+        try:
+            src1 = p.source.address(first[2], first[1])
+            src2 = p.source.address(second[2], second[1])
+        except PageSourceLost as e:
+            self._lose(p, str(e))
+            return Outcome.GONE
+        helper.start(p.uffd, second[0], src2, second[1] * PAGE_SIZE)
+        r1: tuple[int, Outcome] | KernelError
+        r2: tuple[int, Outcome] | KernelError
+        try:
+            r1 = p.uffd.copy(first[0], src1, first[1] * PAGE_SIZE)
+        except KernelError as e:
+            r1 = e
+        finally:
+            try:
+                r2 = helper.result()
+            except KernelError as e:
+                r2 = e
+        res = Outcome.DONE
+        if not isinstance(r2, KernelError):
+            self._helper_bytes += r2[0]
+        for (start, npages, fidx), r in ((first, r1), (second, r2)):
+            if isinstance(r, KernelError):
+                self._lose(p, f"{p.source.name}: UFFDIO_COPY failed: {r}")
+                return Outcome.GONE
+            if p.key not in self._procs:
+                return Outcome.GONE
+            out = self._fill(p, start, npages, fidx, background=True, first=r)
+            if out is Outcome.GONE:
+                return out
+            if out is not Outcome.DONE:
+                res = out
+        return res
 
     def _check_idle(self) -> None:
         """Without background transfer, a process whose pid is unknown can exit unnoticed: probe such ones by
@@ -643,6 +711,9 @@ class LazyServer:
             else:
                 self._finish(p, "complete")
         self._ep.close()
+        if self._helper is not None:
+            self._helper.close()
+            self._helper = None
         for src in {id(p.source): p.source for p in self._done}.values():
             with contextlib.suppress(Exception):
                 src.close()
@@ -693,6 +764,7 @@ class LazyServer:
             "background_bytes": self._bg_bytes,
             "background_seconds": round(self._bg_ns / 1e9, 6),
             "background_rate_gbps": round(self._bg_bytes / self._bg_ns, 3) if self._bg_ns else None,
+            "background_helper_bytes": self._helper_bytes,
             "lost": [{"pid": p["pid"], "reason": p["reason"]} for p in procs if p["state"] == "lost"],
         }
 
