@@ -321,6 +321,33 @@ def test_page_file_lost_mid_transfer(helpers, page_file, tmp_path, damage):
     assert f"pid {h.pid} killed: its page source was lost" in report.read_text()
 
 
+@pytest.mark.parametrize("bad_page", [300, 316])
+def test_corrupt_chunk_met_by_background(helpers, page_file, tmp_path, bad_page):
+    """Background steps copy 64 KiB chunks in pairs (the second on the helper thread with two CPUs): a bad
+    chunk in either place kills the process and nothing after it is copied."""
+    n = 512
+    h = helpers(npages=n, hole_every=0, scenario="idle")
+    pf = page_file(n, 0)
+    with open(pf.path, "r+b") as f:
+        f.seek(bad_page * P + 100)
+        f.write(b"\xff" * 8)
+    report = tmp_path / "report.txt"
+    guard = Guard.start(report)
+    server = LazyServer(background=True, guard=guard, chunk_size=64 << 10)
+    add(server, h, pf)
+    try:
+        stats = server.run(timeout=30)
+    finally:
+        server.close()
+    rc = h.wait(15)
+    assert rc == -signal.SIGKILL, (rc, h.text())
+    (lost,) = stats["lost"]
+    assert lost["pid"] == h.pid and "checksum" in lost["reason"]
+    # everything before the pair holding the bad chunk went in, nothing from the bad chunk on
+    assert bad_page // 32 * 32 <= stats["pages_background"] <= bad_page // 16 * 16
+    assert f"pid {h.pid} killed: its page source was lost" in report.read_text()
+
+
 def test_guard_lets_completed_processes_live(helpers, page_file, tmp_path):
     """A clean finish: the guard drops its dups and kills nobody."""
     h = helpers(npages=128, hole_every=0, scenario="idle")

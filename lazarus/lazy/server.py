@@ -532,17 +532,17 @@ class LazyServer:
         helper = self._helper
         assert helper is not None
         try:
-            src1 = p.source.address(first[2], first[1])
             src2 = p.source.address(second[2], second[1])
         except PageSourceLost as e:
             self._lose(p, str(e))
             return Outcome.GONE
         helper.start(p.uffd, second[0], src2, second[1] * PAGE_SIZE)
-        r1: tuple[int, Outcome] | KernelError
+        r1: tuple[int, Outcome] | KernelError | PageSourceLost
         r2: tuple[int, Outcome] | KernelError
         try:
-            r1 = p.uffd.copy(first[0], src1, first[1] * PAGE_SIZE)
-        except KernelError as e:
+            # the first chunk is checked (source.address) while the helper already copies the second
+            r1 = p.uffd.copy(first[0], p.source.address(first[2], first[1]), first[1] * PAGE_SIZE)
+        except (KernelError, PageSourceLost) as e:
             r1 = e
         finally:
             try:
@@ -552,6 +552,9 @@ class LazyServer:
         res = Outcome.DONE
         if not isinstance(r2, KernelError):
             self._helper_bytes += r2[0]
+        if isinstance(r1, PageSourceLost):
+            self._lose(p, str(r1))
+            return Outcome.GONE
         for (start, npages, fidx), r in ((first, r1), (second, r2)):
             if isinstance(r, KernelError):
                 self._lose(p, f"{p.source.name}: UFFDIO_COPY failed: {r}")
