@@ -1,3 +1,3 @@
-from lazarus.cli import main
+from lazarus.cli import entry
 
-raise SystemExit(main())
+entry()

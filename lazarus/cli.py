@@ -77,6 +77,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def entry() -> None:
+    """The command's entry point (console script and `python -m lazarus`): main(), then out without the
+    interpreter's teardown, which spent ~30 ms freeing what a restore had loaded (measured: whole restore
+    command 75-90 ms after "since start" with it, 35-55 ms without). Output is flushed first; files, threads
+    and children are all closed or detached by the commands themselves before main() returns."""
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
