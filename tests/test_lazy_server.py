@@ -124,6 +124,25 @@ def test_faults_only(helpers, page_file):
     assert lat["median"] is not None and lat["p99"] >= lat["median"]
 
 
+@pytest.mark.parametrize("scenario", ["read", "rread"])
+def test_fault_window_follows_the_access_pattern(helpers, page_file, scenario):
+    """Faults near the last one get the 16-page window around them (a sequential reader faults once per
+    window); scattered faults get their page alone (filling a window would only delay the thread)."""
+    n = 512
+    h = helpers(npages=n, hole_every=0, scenario=scenario)
+    pf = page_file(n, 0)
+    server = LazyServer(background=False, fault_batch=16)
+    add(server, h, pf)
+    stats = serve(server, [h])
+    expect_pass(h)
+    (proc,) = stats["processes"]
+    assert proc["pages_fault"] == n
+    if scenario == "read":
+        assert proc["faults"] <= n // 16 + 1
+    else:
+        assert proc["faults"] > n // 2
+
+
 def test_background_completes_and_closes_uffd(helpers, page_file, tmp_path, monkeypatch):
     monkeypatch.setattr(ImagePageSource, "VERIFY_AHEAD_MIN", 0)  # exercise the verify-ahead process here
     n, holes = 4096, 13

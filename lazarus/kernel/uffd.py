@@ -372,7 +372,8 @@ def _new_fd(flags: int) -> int:
 
 
 class Uffd:
-    """One userfaultfd. Not thread-safe; owned by whoever made or adopted it (close() it once).
+    """One userfaultfd. Not thread-safe (its ioctl argument buffer is shared); owned by whoever made or adopted
+    it (close() it once). A second thread copies into the same uffd through a CopyHelper, which has its own.
 
     Attributes:
         fd: the file descriptor (-1 once closed).

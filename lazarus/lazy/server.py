@@ -94,6 +94,7 @@ class _Proc:
     deferred: list[tuple[PageFault, int]] = field(default_factory=list)
     fork_time: float | None = None
     last_fault_ns: int = 0
+    last_fault: int = -1  # page address of the last fault served
     seen_children: set[int] = field(default_factory=set)
     unresolved: deque = field(default_factory=deque)   # fork children (_Proc) still without a pid
 
@@ -331,7 +332,13 @@ class LazyServer:
         addr = ev.address & ~_MASK
         if ev.tid and p.pid is None:
             self._pid_from_tid(p, ev.tid)
-        w = p.pending.window(addr, self.fault_batch)
+        # The window around a fault pays off when faults come near each other (a sequential reader); for a
+        # scattered one it only delays the thread, which on a shared CPU runs once we block again: then the
+        # page alone (the background transfer brings the rest).
+        span = self.fault_batch * PAGE_SIZE
+        last, p.last_fault = p.last_fault, addr
+        near = last < 0 or -span <= addr - last <= 2 * span
+        w = p.pending.window(addr, self.fault_batch if near else 1)
         if w is None:
             n, out = p.uffd.zeropage(addr, PAGE_SIZE)
             if out is Outcome.DONE:
