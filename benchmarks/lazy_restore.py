@@ -25,10 +25,10 @@ around a fault, so each of these reads is a fault of its own), timing each read 
      wakes the faulter, across processes; its helper reads pages in order);
   2. faulter dumped, restored with `--lazy --no-background`, touches, logs median/p99, checks all its memory;
   3. the raw round trip again (the server is compared with the mean of the raw figures around it);
-  4. faulter in "raw" mode served by the same minimal handler, copying per fault 1 page, the aligned 16-page
-     window in one UFFDIO_COPY (as the lazy server does), and the faulting page first, then the rest of the
-     window without waking (same program and touches as the restored one: what the server's window costs,
-     and what filling it in that order would cost).
+  4. faulter in "raw" mode served by the same minimal handler, copying per fault 1 page (what the lazy
+     server does for these scattered touches), the aligned 16-page window in one UFFDIO_COPY, and the
+     faulting page first, then the rest of the window without waking (same program and touches as the
+     restored one: what a window would cost here; the server fills one only for faults near the last one).
 All of this three times: serving side and faulter pinned to one CPU, pinned to two different CPUs, and
 unpinned. On this VM a round trip costs ~15 us within one CPU and ~70 us across two (waking a halted vCPU),
 so an unpinned pair lands on either at random and the ratio of two unpinned figures means little.
@@ -103,8 +103,8 @@ POLL_S = 0.00025
 WINDOW_PAGES = 16  # the lazy server's default fault_batch: pages filled around a fault
 # How the minimal handler serves the raw faulter: (key, label, pages in the window, faulting page first)
 RAW_MODES = (
-    ("raw1", "1 page per fault", 1, False),
-    ("raw16", f"the aligned {WINDOW_PAGES}-page window per fault, one UFFDIO_COPY (as the lazy server)",
+    ("raw1", "1 page per fault (as the lazy server for scattered faults)", 1, False),
+    ("raw16", f"the aligned {WINDOW_PAGES}-page window per fault, one UFFDIO_COPY",
      WINDOW_PAGES, False),
     ("rawfirst", f"the faulting page first (wakes), then the rest of the {WINDOW_PAGES}-page window with "
      "DONTWAKE", WINDOW_PAGES, True),

@@ -5,11 +5,13 @@
       for each ready uffd, read batch after batch until none is pending (bounded):
         FORK/REMAP/REMOVE/UNMAP of the batch applied first, in order   (a process waits in fork/mremap/madvise/
         then the batch's faults served: UFFDIO_COPY of the faulting      munmap until its event is read: read
-          page and the pending pages next to it (an aligned window of    them promptly)
-          `fault_batch` pages), or UFFDIO_ZEROPAGE where the image holds nothing
+          page, then -- if the fault is near the last one -- the         them promptly)
+          pending pages of its aligned window of `fault_batch` pages;
+          UFFDIO_ZEROPAGE where the image holds nothing
         (reading again right after serving finds a sequential faulter's next fault already queued: no epoll)
       pidfd readable: that process exited
-      only if nothing was ready: one background step (>= `chunk_size` bytes, continuing after the last fault)
+      only if nothing was ready: one background step (>= `chunk_size` bytes, continuing after the last fault;
+        with two CPUs, a second chunk at once on the CopyHelper thread, both collected before anything else)
       a process with nothing pending any more: close its uffd (the kernel takes over), report it complete
 
 Outcomes of a fill (kernel/uffd.Outcome) and what is done about them:
@@ -113,9 +115,9 @@ class LazyServer:
         stats_path: write the stats JSON there when run() returns.
         progress: called as progress(bytes_done, bytes_total) at most every 0.1 s and at the end.
         guard: a Guard (guard.py) to hand every served uffd to; strongly advised outside tests.
-        fault_batch: pages filled per fault: the aligned window of this many pages around the fault
-            (power of two; 1 = just the page).
-        chunk_size: bytes per background step.
+        fault_batch: pages filled per fault near the previous one: the aligned window of this many pages
+            around it (power of two; 1 = just the page). A scattered fault gets its page alone.
+        chunk_size: bytes per background step (per thread with two CPUs).
     """
 
     def __init__(self, background: bool = True, stats_path: str | Path | None = None,
