@@ -395,17 +395,11 @@ class LazyServer:
         self._skipped = False
         # fast path: one copy does it all (the usual case, kept short: it is on every fault's critical path)
         length = npages * PAGE_SIZE
-        if first is not None:
-            n, out = first
-        else:
-            try:
-                n, out = p.uffd.copy(start, p.source.address(fidx, npages), length)
-            except PageSourceLost as e:
-                self._lose(p, str(e))
+        if first is None:
+            first = self._copy_run(p, start, npages, fidx)
+            if first is None:
                 return Outcome.GONE
-            except KernelError as e:
-                self._lose(p, f"{p.source.name}: UFFDIO_COPY failed: {e}")
-                return Outcome.GONE
+        n, out = first
         if out is Outcome.DONE:
             p.pending.take(start, length)
             self._done_bytes += length
@@ -416,6 +410,16 @@ class LazyServer:
             return out
         return self._fill_slow(p, start, npages, fidx, n, out, background)
 
+    def _copy_run(self, p: _Proc, start: int, npages: int, fidx: int) -> tuple[int, Outcome] | None:
+        """One UFFDIO_COPY of the run from p's source: (bytes, outcome), or None when that lost p (reported)."""
+        try:
+            return p.uffd.copy(start, p.source.address(fidx, npages), npages * PAGE_SIZE)
+        except PageSourceLost as e:
+            self._lose(p, str(e))
+        except KernelError as e:
+            self._lose(p, f"{p.source.name}: UFFDIO_COPY failed: {e}")
+        return None
+
     def _fill_slow(self, p: _Proc, start: int, npages: int, fidx: int, n: int, out: Outcome,
                    background: bool) -> Outcome:
         """The rest of _fill after a first copy that did not do everything (n bytes, outcome out)."""
@@ -424,17 +428,11 @@ class LazyServer:
         while stack:
             start, npages, fidx = stack.pop()
             while npages > 0:
-                try:
-                    if first is not None:
-                        (n, out), first = first, None
-                    else:
-                        n, out = p.uffd.copy(start, p.source.address(fidx, npages), npages * PAGE_SIZE)
-                except PageSourceLost as e:
-                    self._lose(p, str(e))
-                    return Outcome.GONE
-                except KernelError as e:
-                    self._lose(p, f"{p.source.name}: UFFDIO_COPY failed: {e}")
-                    return Outcome.GONE
+                if first is None:
+                    first = self._copy_run(p, start, npages, fidx)
+                    if first is None:
+                        return Outcome.GONE
+                (n, out), first = first, None
                 if n:
                     p.pending.take(start, n)
                     pages = n // PAGE_SIZE
