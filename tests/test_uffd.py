@@ -787,6 +787,46 @@ def test_copy_helper_runs_copies_beside_ours():
     region.close()
 
 
+def test_copy_all_fills_every_run_from_two_threads(monkeypatch):
+    """The eager fill (restore/uffd.copy_all): many steps shared by us and the helper thread, across vmas and
+    runs, and pages already present (the copy stops at them and goes on after them)."""
+    from lazarus.restore import uffd as ruffd
+
+    monkeypatch.setattr(ruffd, "STEP", 4 * P)  # many steps, so the two threads share the work
+    npages = 96
+    region = mmap.mmap(-1, npages * P, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    src = bytearray(b"".join(struct.pack("<Q", 0x7000 + i) * (P // 8) for i in range(npages)))
+    base, sbase = buffer_address(region), buffer_address(src)
+
+    class Pages:  # the page file: file page i at src + i pages
+        def address(self, idx: int) -> int:
+            return sbase + idx * P
+
+    # file page i is meant for region page i; the second vma has two runs
+    vmas = [
+        {"kind": "anon", "shared": False, "pages": [[base, 40, 0]]},
+        {"kind": "anon", "shared": False, "pages": [[base + 48 * P, 30, 48], [base + 80 * P, 16, 80]]},
+        {"kind": "file", "shared": False, "pages": [[base + 40 * P, 8, 40]]},  # not uffd's: skipped
+    ]
+    with Uffd.create() as u:
+        u.register(base, npages * P)
+        # already present: page 10 (mid-step, ours), 13 (mid-step, the helper's) and 48-49 (a run's first step)
+        assert u.copy(base + 10 * P, sbase + 10 * P, P) == (P, Outcome.DONE)
+        assert u.copy(base + 13 * P, sbase + 13 * P, P) == (P, Outcome.DONE)
+        assert u.copy(base + 48 * P, sbase + 48 * P, 2 * P) == (2 * P, Outcome.DONE)
+        assert ruffd.copy_all(u, vmas, Pages()) == 40 + 30 + 16
+        unsaved = set(range(40, 48)) | {78, 79}  # the skipped vma, and the gap between the two runs
+        for i in range(npages):
+            # a present page is EEXIST to a copy (reading a missing one here would wait forever)
+            if i in unsaved:
+                assert u.copy(base + i * P, sbase, P) == (P, Outcome.DONE), f"page {i} was filled"
+            else:
+                assert u.copy(base + i * P, sbase, P) == (0, Outcome.EXISTS), f"page {i} is missing"
+                assert region[i * P:(i + 1) * P] == src[i * P:(i + 1) * P], f"page {i}"
+        u.unregister(base, npages * P)
+    region.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # a real foreign process
 
