@@ -153,8 +153,11 @@ class LazyServer:
         self._waiting_parents: dict[int, _Proc] = {}
         self._ndeferred = 0
         self._last_faulted: _Proc | None = None
-        # a second thread copying alongside the loop's own background copies (two CPUs fill twice as fast)
-        self._helper = CopyHelper() if background and CopyHelper.worthwhile() else None
+        # A second thread copying alongside the loop's own background copies (two CPUs fill twice as fast).
+        # Started at the first background step, not here: a restore served from this process, and the guard
+        # and verifier processes forked before that, then see no thread of ours.
+        self._helper: CopyHelper | None = None
+        self._use_helper = background and CopyHelper.worthwhile()
 
     # -- setup ---------------------------------------------------------------------------------------------
 
@@ -502,6 +505,8 @@ class LazyServer:
                     prefetch(nxt[2], nxt[1])
             before = self._done_bytes
             end = start + npages * PAGE_SIZE
+            if self._use_helper and self._helper is None:
+                self._helper = CopyHelper()
             second = self._second_chunk(p, c) if self._helper is not None else None
             if second is None:
                 res = self._fill(p, start, npages, fidx, background=True)
