@@ -512,7 +512,8 @@ class LazyServer:
                 res = self._fill(p, start, npages, fidx, background=True)
             else:
                 res = self._fill_two(p, c, second)
-                end = max(end, second[0] + second[1] * PAGE_SIZE) if second[0] > start else end
+                if second[0] > start:  # (not when it wrapped around to lower pages)
+                    end = second[0] + second[1] * PAGE_SIZE
                 budget -= second[1] * PAGE_SIZE
             budget -= max(npages * PAGE_SIZE, 1)
             self._bg_bytes += self._done_bytes - before
