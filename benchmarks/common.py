@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import json
 import mmap
 import os
 import platform
@@ -562,6 +563,67 @@ def filesystem_of(path: Path) -> str:
             if (str(path) == mnt or str(path).startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
                 best, kind = mnt, parts[2]
     return kind
+
+
+def add_run_arguments(ap: Any, sizes: list[int], *, sizes_nargs: str = "+", sizes_help: str | None = None,
+                      warmup_what: str = "size") -> None:
+    """The options every benchmark takes: --sizes, --runs, --json, --workdir, --no-warmup, --no-criu, --markdown."""
+    ap.add_argument("--sizes", type=int, nargs=sizes_nargs, default=sizes, metavar="MIB", help=sizes_help)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--json", type=Path, metavar="FILE", help="write the results here")
+    ap.add_argument("--workdir", type=Path, metavar="DIR",
+                    help="where images are written (a temporary directory is made inside; default: system temp)")
+    ap.add_argument("--no-warmup", action="store_true", help=f"skip the untimed round before each {warmup_what}")
+    ap.add_argument("--no-criu", action="store_true", help="do not run criu even if it is installed")
+    ap.add_argument("--markdown", action="store_true", help="also print the tables as markdown")
+
+
+def run_info(args: Any, work: Path, criu: tuple[str, str] | None, **extra: Any) -> dict[str, Any]:
+    """What a run records about itself: command, date, commit, machine, where the images are, its options."""
+    return {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "date": now_iso(),
+            "source": source_version(), "machine": machine(), "images_on": filesystem_of(work),
+            "sizes": args.sizes, "runs": args.runs, **extra, "warmup": not args.no_warmup,
+            "criu": {"path": criu[0], "version": criu[1]} if criu else None}
+
+
+def say_start(out: Out, info: dict[str, Any], work: Path, more: str = "") -> None:
+    """The run's first line (date, commit, kernel, CPUs, where the images are, load), and whether CRIU runs."""
+    m = info["machine"]
+    out.say(f"{info['date']}: lazarus {info['source']}, kernel {m['kernel']}, {m['cpus']} CPUs ({m['cpu']}), "
+            f"images on {info['images_on']} ({work}), load {' '.join(f'{x:.2f}' for x in m['loadavg'])}{more}")
+    if not info["criu"]:
+        out.say("criu >= 4 not found on PATH: CRIU is not measured here; its reference figures are shown instead")
+
+
+def timed_rounds(out: Out, label: str, runs: int, warmup: bool, one_round: Callable[[], dict[str, Any]],
+                 describe: Callable[[dict[str, Any]], str]) -> list[dict[str, Any]]:
+    """An untimed warm-up round if asked, then `runs` rounds, each reported on a line: "LABEL run i/N" and
+    describe(its result)."""
+    if warmup:
+        out.say(f"{label}: warm-up round (untimed)")
+        one_round()
+    rounds: list[dict[str, Any]] = []
+    for i in range(runs):
+        res = one_round()
+        rounds.append(res)
+        out.say(f"{label} run {i + 1}/{runs}{describe(res)}")
+    return rounds
+
+
+def finish_run(out: Out, info: dict[str, Any], json_path: Path | None) -> None:
+    """After the report: say the load recorded by record_end, and write the JSON if asked."""
+    out.say(f"load average after: {' '.join(f'{x:.2f}' for x in info['loadavg_after'])}")
+    if json_path:
+        json_path.write_text(json.dumps(info, indent=2, default=str) + "\n")
+        out.say(f"results written to {json_path}")
+
+
+def record_end(info: dict[str, Any], ref: Reference | None) -> None:
+    """The load after the measurements and the reference figures they were set against, into `info`."""
+    info["loadavg_after"] = os.getloadavg()
+    info["reference"] = {"file": "../shared/guide/BENCHMARKS.md", "title": ref.criu_title,
+                         "criu": {k: {str(s): v for s, v in row.items()} for k, row in ref.criu.items()},
+                         "kernel": ref.kernel} if ref else None
 
 
 def fmt(v: float | None, digits: int = 3) -> str:

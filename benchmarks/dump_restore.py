@@ -18,7 +18,6 @@ Run as root: .venv/bin/python benchmarks/dump_restore.py [--sizes 64 512 2048] [
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -33,27 +32,29 @@ from common import (
     MiB,
     Out,
     Target,
+    add_run_arguments,
     build,
     criu_binary,
     dump_reported_s,
     file_write_gbps,
-    filesystem_of,
+    finish_run,
     fmt,
     gbps,
     lazarus,
-    machine,
     median,
-    now_iso,
     process_vm_readv_gbps,
     python_startup_s,
     read_reference,
     reap_leftovers,
+    record_end,
     region_of,
     restore_reported,
     restore_since_start_s,
     run,
+    run_info,
+    say_start,
     set_child_subreaper,
-    source_version,
+    timed_rounds,
     uffdio_copy_gbps,
 )
 
@@ -117,22 +118,22 @@ def criu_round(criu: str, binary: Path, work: Path, mib: int) -> dict[str, Any]:
 
 def bench_size(out: Out, binary: Path, work: Path, mib: int, runs: int, warmup: bool,
                criu: str | None) -> dict[str, Any]:
-    if warmup:
-        out.say(f"{mib} MiB: warm-up round (untimed)")
-        lazarus_round(binary, work, mib)
-    rounds: list[dict[str, Any]] = []
-    for i in range(runs):
+    def one_round() -> dict[str, Any]:
         res = lazarus_round(binary, work, mib)
         if criu:
             res.update(criu_round(criu, binary, work, mib))
-        rounds.append(res)
-        out.say(f"{mib} MiB run {i + 1}/{runs}: dump {fmt(res['dump_wall'])} s "
+        return res
+
+    def describe(res: dict[str, Any]) -> str:
+        return (f": dump {fmt(res['dump_wall'])} s "
                 f"(tool {fmt(res['dump_tool'])}), restore {fmt(res['restore_wall'])} s "
                 f"(tool {fmt(res['restore_tool'])}, since start {fmt(res['restore_total'])}), {res['result']}; "
                 f"process_vm_readv "
                 f"{fmt(res['pvm_gbps'], 2)} GB/s, UFFDIO_COPY 2M {fmt(res['uffd_gbps'], 2)} GB/s, "
                 f"write+fsync {fmt(res['write_gbps'], 2)} GB/s"
                 + (f"; CRIU dump {fmt(res['criu_dump'])} s, restore {fmt(res['criu_restore'])} s" if criu else ""))
+
+    rounds = timed_rounds(out, f"{mib} MiB", runs, warmup, one_round, describe)
     med = {k: median(r.get(k) for r in rounds) for k in METRICS}
     nbytes = mib * MiB
     rates = {
@@ -215,14 +216,7 @@ def _x(ref: float | None, ours: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Dump and eager restore throughput against kernel limits and CRIU.")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 512, 2048], metavar="MIB")
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--json", type=Path, metavar="FILE", help="write the results here")
-    ap.add_argument("--workdir", type=Path, metavar="DIR",
-                    help="where images are written (a temporary directory is made inside; default: system temp)")
-    ap.add_argument("--no-warmup", action="store_true", help="skip the untimed round before each size")
-    ap.add_argument("--no-criu", action="store_true", help="do not run criu even if it is installed")
-    ap.add_argument("--markdown", action="store_true", help="also print the tables as markdown")
+    add_run_arguments(ap, [64, 512, 2048])
     args = ap.parse_args(argv)
     out = Out()
     if os.geteuid() != 0:
@@ -234,15 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     ref = read_reference()
     criu = None if args.no_criu else criu_binary(4)
     work = Path(tempfile.mkdtemp(prefix="lazarus-bench-", dir=args.workdir))
-    info: dict[str, Any] = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "date": now_iso(),
-                            "source": source_version(), "machine": machine(), "images_on": filesystem_of(work), "sizes": args.sizes,
-                            "runs": args.runs, "warmup": not args.no_warmup,
-                            "criu": {"path": criu[0], "version": criu[1]} if criu else None}
-    out.say(f"{info['date']}: lazarus {info['source']}, kernel {info['machine']['kernel']}, {info['machine']['cpus']} CPUs "
-            f"({info['machine']['cpu']}), images on {info['images_on']} ({work}), load "
-            f"{' '.join(f'{x:.2f}' for x in info['machine']['loadavg'])}")
-    if not criu:
-        out.say("criu >= 4 not found on PATH: CRIU is not measured here; its reference figures are shown instead")
+    info = run_info(args, work, criu)
+    say_start(out, info, work)
     try:
         binary = build(TARGETS / "memhog.c", work)
         startup = python_startup_s()
@@ -256,17 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         reap_leftovers(3)
         shutil.rmtree(work, ignore_errors=True)
-    info["loadavg_after"] = os.getloadavg()
     info["python_startup_s"] = startup
     info["results"] = results
-    info["reference"] = {"file": "../shared/guide/BENCHMARKS.md", "title": ref.criu_title,
-                         "criu": {k: {str(s): v for s, v in row.items()} for k, row in ref.criu.items()},
-                         "kernel": ref.kernel} if ref else None
+    record_end(info, ref)
     report(out, results, ref, criu, startup, args.markdown)
-    out.say(f"load average after: {' '.join(f'{x:.2f}' for x in info['loadavg_after'])}")
-    if args.json:
-        args.json.write_text(json.dumps(info, indent=2) + "\n")
-        out.say(f"results written to {args.json}")
+    finish_run(out, info, args.json)
     return 0
 
 

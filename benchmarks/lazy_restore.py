@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import mmap
 import os
@@ -70,29 +71,31 @@ from common import (
     MiB,
     Out,
     Target,
+    add_run_arguments,
     build,
     cache_bytecode,
     children,
     criu_binary,
-    filesystem_of,
+    finish_run,
     fmt,
     gbps,
     interpreter_startup_s,
     lazarus,
-    machine,
     median,
-    now_iso,
     python_startup_s,
     read_reference,
     reap_lazarus_children,
     reap_leftovers,
+    record_end,
     region_of,
     restore_reported,
     restore_since_start_s,
     run,
+    run_info,
     running_untraced,
+    say_start,
     set_child_subreaper,
-    source_version,
+    timed_rounds,
     uffdio_copy_gbps,
     wait_for,
     wait_pid_gone,
@@ -276,17 +279,16 @@ def criu_round(criu: str, binary: Path, work: Path, mib: int) -> dict[str, Any]:
 
 def bench_size(out: Out, binary: Path, work: Path, mib: int, runs: int, warmup: bool,
                criu: str | None) -> dict[str, Any]:
-    if warmup:
-        out.say(f"{mib} MiB: warm-up round (untimed)")
-        size_round(binary, work, mib)
-    rounds: list[dict[str, Any]] = []
     nbytes = mib * MiB
-    for i in range(runs):
+
+    def one_round() -> dict[str, Any]:
         res = size_round(binary, work, mib)
         if criu:
             res.update(criu_round(criu, binary, work, mib))
-        rounds.append(res)
-        out.say(f"{mib} MiB run {i + 1}/{runs} (load {res['loadavg']:.2f}): running after "
+        return res
+
+    def describe(res: dict[str, Any]) -> str:
+        return (f" (load {res['loadavg']:.2f}): running after "
                 f"(a) {_ms(res['tool_s'])} (b) {_ms(res['since_start_s'])} (c) {_ms(res['running_wall_s'])} ms "
                 f"[command {_ms(res['command_wall_s'])} ms, python -c pass {_ms(res['python_c_pass_s'])} ms]; "
                 f"every page in after {fmt(res['complete_s'])} s = {fmt(gbps(nbytes, res['complete_s']), 2)} GB/s "
@@ -296,6 +298,8 @@ def bench_size(out: Out, binary: Path, work: Path, mib: int, runs: int, warmup: 
                 f"{res['result']}"
                 + (f"; CRIU running {fmt(res['criu_running_s'])} s, complete {fmt(res['criu_complete_s'])} s"
                    if criu else ""))
+
+    rounds = timed_rounds(out, f"{mib} MiB", runs, warmup, one_round, describe)
     med = {k: median(r.get(k) for r in rounds) for k in SIZE_METRICS}
     ratios = [(gbps(nbytes, r["complete_s"]) or 0) / r["uffd_gbps"] for r in rounds]
     ratios_best = [(gbps(nbytes, r["complete_s"]) or 0) / r["uffd_best_gbps"] for r in rounds]
@@ -529,19 +533,20 @@ def bench_faults(out: Out, binary: Path, work: Path, mib: int, k: int, runs: int
         out.say(f"fault round trip ({k} faults, {mib} MiB faulter): warm-up round (untimed)")
         fault_round(binary, work, mib, k, raw, places["same CPU"])
     result: dict[str, Any] = {"mib": mib, "faults": k, "placements": {}}
+
+    def describe(res: dict[str, Any]) -> str:
+        return (f" (load {res['loadavg']:.2f}): restored faulter median "
+                f"{res['server_med_us']:.1f} us p99 {res['server_p99_us']:.1f} us (server's own "
+                f"{fmt(res['own_med_us'], 1)}/{fmt(res['own_p99_us'], 1)} us over {res['faults']} faults); "
+                f"raw (uffd_rates) {res['raw_med_us']:.1f}/{res['raw_p99_us']:.1f} us: ratio "
+                f"{res['ratio_med']:.2f}/{res['ratio_p99']:.2f}; raw faulter: "
+                + ", ".join(f"{key} {res[key + '_med_us']:.1f}/{res[key + '_p99_us']:.1f} us"
+                            for key, *_ in RAW_MODES)
+                + f"; {res['result']}")
+
     for name, place in places.items():
-        rounds = []
-        for i in range(runs):
-            res = fault_round(binary, work, mib, k, raw, place)
-            rounds.append(res)
-            out.say(f"faults, {name}, run {i + 1}/{runs} (load {res['loadavg']:.2f}): restored faulter median "
-                    f"{res['server_med_us']:.1f} us p99 {res['server_p99_us']:.1f} us (server's own "
-                    f"{fmt(res['own_med_us'], 1)}/{fmt(res['own_p99_us'], 1)} us over {res['faults']} faults); "
-                    f"raw (uffd_rates) {res['raw_med_us']:.1f}/{res['raw_p99_us']:.1f} us: ratio "
-                    f"{res['ratio_med']:.2f}/{res['ratio_p99']:.2f}; raw faulter: "
-                    + ", ".join(f"{key} {res[key + '_med_us']:.1f}/{res[key + '_p99_us']:.1f} us"
-                                for key, *_ in RAW_MODES)
-                    + f"; {res['result']}")
+        rounds = timed_rounds(out, f"faults, {name},", runs, False,
+                              functools.partial(fault_round, binary, work, mib, k, raw, place), describe)
         result["placements"][name] = {
             "server_cpus": sorted(place[0]) if place[0] else None,
             "faulter_cpus": sorted(place[1]) if place[1] else None, "runs": rounds,
@@ -654,18 +659,11 @@ def report(out: Out, info: dict[str, Any], ref: Any, criu: tuple[str, str] | Non
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Lazy restore against kernel limits and CRIU.")
-    ap.add_argument("--sizes", type=int, nargs="*", default=[64, 1024, 4096], metavar="MIB",
-                    help="target sizes (none: skip parts 1 and 2)")
-    ap.add_argument("--runs", type=int, default=3)
+    add_run_arguments(ap, [64, 1024, 4096], sizes_nargs="*", sizes_help="target sizes (none: skip parts 1 and 2)",
+                      warmup_what="part")
     ap.add_argument("--faults", type=int, default=2000, metavar="K", help="touches for the fault round trip "
                     "(0: skip it)")
     ap.add_argument("--fault-mib", type=int, default=256, metavar="MIB", help="memory of the fault target")
-    ap.add_argument("--json", type=Path, metavar="FILE", help="write the results here")
-    ap.add_argument("--workdir", type=Path, metavar="DIR",
-                    help="where images are written (a temporary directory is made inside; default: system temp)")
-    ap.add_argument("--no-warmup", action="store_true", help="skip the untimed round before each part")
-    ap.add_argument("--no-criu", action="store_true", help="do not run criu even if it is installed")
-    ap.add_argument("--markdown", action="store_true", help="also print the tables as markdown")
     ap.add_argument("--no-bytecode-cache", action="store_true",
                     help="leave PYTHONDONTWRITEBYTECODE as it is (by default the lazarus commands keep their "
                          "compiled bytecode in the temporary directory, as an installed lazarus would)")
@@ -686,19 +684,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_bytecode_cache:
         cache_bytecode(work / "pycache")
         run([sys.executable, "-m", "compileall", "-q", str(REPO / "lazarus")], timeout=300).check()
-    info: dict[str, Any] = {
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "date": now_iso(),
-        "source": source_version(), "machine": machine(), "images_on": filesystem_of(work), "sizes": args.sizes,
-        "runs": args.runs, "faults_k": args.faults, "fault_mib": args.fault_mib, "warmup": not args.no_warmup,
-        "criu": {"path": criu[0], "version": criu[1]} if criu else None,
-        "bytecode": "compiled every time (PYTHONDONTWRITEBYTECODE)" if dont_write and args.no_bytecode_cache
-        else "cached (PYTHONPYCACHEPREFIX in the temporary directory)" if not args.no_bytecode_cache
-        else "as the environment says"}
-    out.say(f"{info['date']}: lazarus {info['source']}, kernel {info['machine']['kernel']}, "
-            f"{info['machine']['cpus']} CPUs ({info['machine']['cpu']}), images on {info['images_on']} ({work}), "
-            f"load {' '.join(f'{x:.2f}' for x in info['machine']['loadavg'])}; bytecode {info['bytecode']}")
-    if not criu:
-        out.say("criu >= 4 not found on PATH: CRIU is not measured here; its reference figures are shown instead")
+    info = run_info(args, work, criu, faults_k=args.faults, fault_mib=args.fault_mib)
+    info["bytecode"] = ("compiled every time (PYTHONDONTWRITEBYTECODE)" if dont_write and args.no_bytecode_cache
+                        else "cached (PYTHONPYCACHEPREFIX in the temporary directory)" if not args.no_bytecode_cache
+                        else "as the environment says")
+    say_start(out, info, work, f"; bytecode {info['bytecode']}")
     try:
         memhog = build(TARGETS / "memhog.c", work)
         faulter = build(TARGETS / "faulter.c", work)
@@ -718,15 +708,9 @@ def main(argv: list[str] | None = None) -> int:
             reap_lazarus_children([], 5)
         reap_leftovers(3)
         shutil.rmtree(work, ignore_errors=True)
-    info["loadavg_after"] = os.getloadavg()
-    info["reference"] = {"file": "../shared/guide/BENCHMARKS.md", "title": ref.criu_title,
-                         "criu": {k: {str(s): v for s, v in row.items()} for k, row in ref.criu.items()},
-                         "kernel": ref.kernel} if ref else None
+    record_end(info, ref)
     report(out, info, ref, criu, args.markdown)
-    out.say(f"load average after: {' '.join(f'{x:.2f}' for x in info['loadavg_after'])}")
-    if args.json:
-        args.json.write_text(json.dumps(info, indent=2, default=str) + "\n")
-        out.say(f"results written to {args.json}")
+    finish_run(out, info, args.json)
     return 0
 
 
