@@ -1,6 +1,6 @@
 /*
  * bench.h - helpers shared by the benchmark targets (header only): a log line writer, the SIGUSR2
- * flag, the pattern mixer and a monotonic clock.
+ * flag, the pattern mixer, the check of a whole region against it, and a monotonic clock.
  */
 #ifndef LAZ_BENCH_H
 #define LAZ_BENCH_H
@@ -48,6 +48,25 @@ static inline uint64_t mix(uint64_t x)
 	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
 	x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
 	return x ^ (x >> 31);
+}
+
+/* Check that word i of mem holds mix(seed + i) for every word; logs PASS or FAIL; returns the exit status. */
+static int __attribute__((unused)) check_words(const uint64_t *mem, size_t words, uint64_t seed)
+{
+	size_t bad = 0, first_bad = 0;
+
+	for (size_t i = 0; i < words; i++) {
+		if (mem[i] != mix(seed + i)) {
+			if (!bad++)
+				first_bad = i;
+		}
+	}
+	if (bad) {
+		logf_("FAIL: %zu of %zu words differ, first at offset %#zx", bad, words, first_bad * 8);
+		return 1;
+	}
+	logf_("PASS");
+	return 0;
 }
 
 static double __attribute__((unused)) now(void)

@@ -260,16 +260,5 @@ int main(int argc, char **argv)
 		logf_("PASS");
 		return 0;
 	}
-	for (size_t i = 0; i < words; i++) {
-		if (mem[i] != mix(seed + i)) {
-			if (!bad++)
-				first_bad = i;
-		}
-	}
-	if (bad) {
-		logf_("FAIL: %zu of %zu words differ, first at offset %#zx", bad, words, first_bad * 8);
-		return 1;
-	}
-	logf_("PASS");
-	return 0;
+	return check_words(mem, words, seed);
 }

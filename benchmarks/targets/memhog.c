@@ -33,7 +33,7 @@ int main(int argc, char **argv)
 	sigset_t block, wait_mask;
 	unsigned long mib;
 	uint64_t seed, *mem;
-	size_t words, bad = 0, first_bad = 0;
+	size_t words;
 	double t0;
 
 	if (argc < 3)
@@ -69,16 +69,5 @@ int main(int argc, char **argv)
 	while (!usr2_seen)
 		sigsuspend(&wait_mask);
 
-	for (size_t i = 0; i < words; i++) {
-		if (mem[i] != mix(seed + i)) {
-			if (!bad++)
-				first_bad = i;
-		}
-	}
-	if (bad) {
-		logf_("FAIL: %zu of %zu words differ, first at offset %#zx", bad, words, first_bad * 8);
-		return 1;
-	}
-	logf_("PASS");
-	return 0;
+	return check_words(mem, words, seed);
 }
