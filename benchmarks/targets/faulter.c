@@ -106,20 +106,20 @@ static int setup_raw(const char *sockpath, uint64_t *mem, size_t len, uint64_t s
 
 	memfd = memfd_create("faulter-pages", MFD_CLOEXEC);
 	if (memfd < 0 || ftruncate(memfd, (off_t)len)) {
-		logf_("FAIL: setup: memfd: %s", strerror(errno));
+		laz_log("FAIL: setup: memfd: %s", strerror(errno));
 		return -1;
 	}
 	src = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
 	if (src == MAP_FAILED) {
-		logf_("FAIL: setup: mmap memfd: %s", strerror(errno));
+		laz_log("FAIL: setup: mmap memfd: %s", strerror(errno));
 		return -1;
 	}
 	for (size_t i = 0; i < words; i++)
-		src[i] = mix(seed + i);
+		src[i] = laz_mix(seed + i);
 	munmap(src, len);
 	uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
 	if (uffd < 0 || ioctl(uffd, UFFDIO_API, &api)) {
-		logf_("FAIL: setup: userfaultfd: %s", strerror(errno));
+		laz_log("FAIL: setup: userfaultfd: %s", strerror(errno));
 		return -1;
 	}
 	memset(&reg, 0, sizeof(reg));
@@ -127,11 +127,11 @@ static int setup_raw(const char *sockpath, uint64_t *mem, size_t len, uint64_t s
 	reg.range.len = len;
 	reg.mode = UFFDIO_REGISTER_MODE_MISSING;
 	if (ioctl(uffd, UFFDIO_REGISTER, &reg)) {
-		logf_("FAIL: setup: UFFDIO_REGISTER: %s", strerror(errno));
+		laz_log("FAIL: setup: UFFDIO_REGISTER: %s", strerror(errno));
 		return -1;
 	}
 	if (send_fds(sockpath, mem, len, uffd, memfd)) {
-		logf_("FAIL: setup: sending the uffd to %s: %s", sockpath, strerror(errno));
+		laz_log("FAIL: setup: sending the uffd to %s: %s", sockpath, strerror(errno));
 		return -1;
 	}
 	close(uffd);
@@ -144,7 +144,7 @@ static int check_page(const uint64_t *mem, size_t page, uint64_t seed)
 	const volatile uint64_t *w = mem + page * WORDS_PER_PAGE;
 
 	for (size_t i = 0; i < WORDS_PER_PAGE; i++)
-		if (w[i] != mix(seed + page * WORDS_PER_PAGE + i))
+		if (w[i] != laz_mix(seed + page * WORDS_PER_PAGE + i))
 			return -1;
 	return 0;
 }
@@ -163,23 +163,23 @@ int main(int argc, char **argv)
 
 	if (argc < 4)
 		return 2;
-	log_fd = open(argv[1], O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+	laz_log_fd = open(argv[1], O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
 	mib = strtoul(argv[2], NULL, 10);
 	k = strtoul(argv[3], NULL, 10);
 	raw = argc >= 6 && !strcmp(argv[4], "raw");
-	if (log_fd < 0 || mib == 0 || k == 0)
+	if (laz_log_fd < 0 || mib == 0 || k == 0)
 		return 2;
 	len = mib * (1UL << 20);
 	words = len / sizeof(uint64_t);
 	windows = len / WINDOW;
 	if (k > windows) {
-		logf_("FAIL: setup: %lu touches need %lu distinct 64 KiB windows; %lu MiB has %zu", k, k, mib,
+		laz_log("FAIL: setup: %lu touches need %lu distinct 64 KiB windows; %lu MiB has %zu", k, k, mib,
 		      windows);
 		return 1;
 	}
 
 	memset(&sa, 0, sizeof(sa));
-	sa.sa_handler = on_usr2;
+	sa.sa_handler = laz_usr2_handler;
 	sigemptyset(&sa.sa_mask);
 	sigaction(SIGUSR2, &sa, NULL);
 	sigemptyset(&block);
@@ -190,7 +190,7 @@ int main(int argc, char **argv)
 	/* 64 KiB-aligned (the server's fault windows are aligned in absolute addresses): map more, trim. */
 	map = mmap(NULL, len + WINDOW, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (map == MAP_FAILED) {
-		logf_("FAIL: setup: mmap %lu MiB: %s", mib, strerror(errno));
+		laz_log("FAIL: setup: mmap %lu MiB: %s", mib, strerror(errno));
 		return 1;
 	}
 	mem = (uint64_t *)(((uintptr_t)map + WINDOW - 1) & ~(uintptr_t)(WINDOW - 1));
@@ -199,24 +199,24 @@ int main(int argc, char **argv)
 	if ((char *)mem + len < map + len + WINDOW)
 		munmap((char *)mem + len, (size_t)(map + len + WINDOW - ((char *)mem + len)));
 	clock_gettime(CLOCK_REALTIME, &ts);
-	seed = mix((uint64_t)ts.tv_nsec ^ ((uint64_t)getpid() << 32));
+	seed = laz_mix((uint64_t)ts.tv_nsec ^ ((uint64_t)getpid() << 32));
 
 	/* K distinct windows: a partial Fisher-Yates shuffle of all window indexes; one random page in each. */
 	pages = malloc(windows * sizeof(*pages));
 	lat = malloc(k * sizeof(*lat));
 	if (!pages || !lat) {
-		logf_("FAIL: setup: out of memory");
+		laz_log("FAIL: setup: out of memory");
 		return 1;
 	}
 	for (size_t w = 0; w < windows; w++)
 		pages[w] = w;
 	rng = seed;
 	for (size_t i = 0; i < k; i++) {
-		size_t j = i + (size_t)((rng = mix(rng)) % (windows - i)), t = pages[i];
+		size_t j = i + (size_t)((rng = laz_mix(rng)) % (windows - i)), t = pages[i];
 
 		pages[i] = pages[j];
 		pages[j] = t;
-		pages[i] = pages[i] * (WINDOW / PAGE) + (size_t)((rng = mix(rng)) % (WINDOW / PAGE));
+		pages[i] = pages[i] * (WINDOW / PAGE) + (size_t)((rng = laz_mix(rng)) % (WINDOW / PAGE));
 	}
 
 	t0 = now();
@@ -225,12 +225,12 @@ int main(int argc, char **argv)
 			return 1;
 	} else {
 		for (size_t i = 0; i < words; i++)
-			mem[i] = mix(seed + i);
+			mem[i] = laz_mix(seed + i);
 	}
-	logf_("# region %p %zu fill-seconds %.3f", (void *)mem, len, now() - t0);
-	logf_("READY");
+	laz_log("# region %p %zu fill-seconds %.3f", (void *)mem, len, now() - t0);
+	laz_log("READY");
 
-	while (!usr2_seen)
+	while (!laz_usr2_seen)
 		sigsuspend(&wait_mask);
 
 	/* Bring in the bookkeeping (lazily restored too) before timing, so no other fault is in the way. */
@@ -246,7 +246,7 @@ int main(int argc, char **argv)
 		lat[i] = (uint64_t)(b.tv_sec - a.tv_sec) * 1000000000ULL + (uint64_t)b.tv_nsec - (uint64_t)a.tv_nsec;
 	}
 	qsort(lat, k, sizeof(*lat), cmp_u64);
-	logf_("# LAT %lu %llu %llu %llu", k, (unsigned long long)lat[k / 2], (unsigned long long)lat[(k * 99) / 100],
+	laz_log("# LAT %lu %llu %llu %llu", k, (unsigned long long)lat[k / 2], (unsigned long long)lat[(k * 99) / 100],
 	      (unsigned long long)lat[k - 1]);
 
 	if (raw) {
@@ -254,10 +254,10 @@ int main(int argc, char **argv)
 			if (check_page(mem, pages[i], seed) && !bad++)
 				first_bad = pages[i] * PAGE;
 		if (bad) {
-			logf_("FAIL: %zu of %lu touched pages differ, first at offset %#zx", bad, k, first_bad);
+			laz_log("FAIL: %zu of %lu touched pages differ, first at offset %#zx", bad, k, first_bad);
 			return 1;
 		}
-		logf_("PASS");
+		laz_log("PASS");
 		return 0;
 	}
 	return check_words(mem, words, seed);

@@ -38,13 +38,13 @@ int main(int argc, char **argv)
 
 	if (argc < 3)
 		return 2;
-	log_fd = open(argv[1], O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+	laz_log_fd = open(argv[1], O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
 	mib = strtoul(argv[2], NULL, 10);
-	if (log_fd < 0 || mib == 0)
+	if (laz_log_fd < 0 || mib == 0)
 		return 2;
 
 	memset(&sa, 0, sizeof(sa));
-	sa.sa_handler = on_usr2;
+	sa.sa_handler = laz_usr2_handler;
 	sigemptyset(&sa.sa_mask);
 	sigaction(SIGUSR2, &sa, NULL);
 	sigemptyset(&block);
@@ -55,18 +55,18 @@ int main(int argc, char **argv)
 	words = mib * (1UL << 20) / sizeof(uint64_t);
 	mem = mmap(NULL, words * sizeof(uint64_t), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (mem == MAP_FAILED) {
-		logf_("FAIL: setup: mmap %lu MiB: %s", mib, strerror(errno));
+		laz_log("FAIL: setup: mmap %lu MiB: %s", mib, strerror(errno));
 		return 1;
 	}
 	clock_gettime(CLOCK_REALTIME, &ts);
-	seed = mix((uint64_t)ts.tv_nsec ^ ((uint64_t)getpid() << 32));
+	seed = laz_mix((uint64_t)ts.tv_nsec ^ ((uint64_t)getpid() << 32));
 	t0 = now();
 	for (size_t i = 0; i < words; i++)
-		mem[i] = mix(seed + i);
-	logf_("# region %p %zu fill-seconds %.3f", (void *)mem, words * sizeof(uint64_t), now() - t0);
-	logf_("READY");
+		mem[i] = laz_mix(seed + i);
+	laz_log("# region %p %zu fill-seconds %.3f", (void *)mem, words * sizeof(uint64_t), now() - t0);
+	laz_log("READY");
 
-	while (!usr2_seen)
+	while (!laz_usr2_seen)
 		sigsuspend(&wait_mask);
 
 	return check_words(mem, words, seed);

@@ -1,5 +1,6 @@
 /*
- * common.h - helpers shared by the Lazarus test targets (header only, no link step).
+ * common.h - helpers shared by the Lazarus test targets (header only, no link step); the benchmark
+ * targets use them too (benchmarks/targets/bench.h).
  *
  * Protocol (docs/CONTRACTS.md, "Test targets"):
  *   target LOGFILE [args...]      stdin/stdout/stderr are /dev/null
