@@ -69,9 +69,7 @@ HELPER_C = r"""
 #include <linux/userfaultfd.h>
 #include <poll.h>
 #include <sys/ioctl.h>
-#include <sys/socket.h>
 #include <sys/syscall.h>
-#include <sys/un.h>
 #include <sys/wait.h>
 
 static char *region;
@@ -122,33 +120,11 @@ static void check_range(const char *base, unsigned long first, unsigned long n, 
 
 static void send_uffd(const char *sockpath, int uffd)
 {
-    struct sockaddr_un sa = { .sun_family = AF_UNIX };
-    char line[128], cbuf[CMSG_SPACE(sizeof(int))];
-    struct iovec iov;
-    struct msghdr mh = { 0 };
-    struct cmsghdr *cm;
-    int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    char line[128];
 
-    if (s < 0)
-        laz_die("socket");
-    strncpy(sa.sun_path, sockpath, sizeof(sa.sun_path) - 1);
-    if (connect(s, (struct sockaddr *)&sa, sizeof(sa)))
-        laz_die("connect %s", sockpath);
     snprintf(line, sizeof(line), "%lu %lu %lu\n", (unsigned long)region, npages, (unsigned long)dest);
-    iov.iov_base = line;
-    iov.iov_len = strlen(line);
-    mh.msg_iov = &iov;
-    mh.msg_iovlen = 1;
-    mh.msg_control = cbuf;
-    mh.msg_controllen = sizeof(cbuf);
-    cm = CMSG_FIRSTHDR(&mh);
-    cm->cmsg_level = SOL_SOCKET;
-    cm->cmsg_type = SCM_RIGHTS;
-    cm->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(cm), &uffd, sizeof(int));
-    if (sendmsg(s, &mh, 0) < 0)
-        laz_die("sendmsg");
-    close(s);
+    if (laz_send_fds(sockpath, line, &uffd, 1))
+        laz_die("sending the uffd to %s", sockpath);
 }
 
 static int cmp_u64(const void *a, const void *b)

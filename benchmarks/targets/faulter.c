@@ -37,9 +37,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
-#include <sys/socket.h>
 #include <sys/syscall.h>
-#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -59,41 +57,11 @@ static int cmp_u64(const void *a, const void *b)
 /* raw mode: a uffd registered on [mem, mem+len) and the memfd holding the data, sent to the handler. */
 static int send_fds(const char *sockpath, void *mem, size_t len, int uffd, int memfd)
 {
-	struct sockaddr_un sa = { .sun_family = AF_UNIX };
-	char line[128], cbuf[CMSG_SPACE(2 * sizeof(int))];
+	char line[128];
 	int fds[2] = { uffd, memfd };
-	struct iovec iov;
-	struct msghdr mh;
-	struct cmsghdr *cm;
-	int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 
-	if (s < 0)
-		return -1;
-	strncpy(sa.sun_path, sockpath, sizeof(sa.sun_path) - 1);
-	if (connect(s, (struct sockaddr *)&sa, sizeof(sa))) {
-		close(s);
-		return -1;
-	}
 	snprintf(line, sizeof(line), "%lu %zu\n", (unsigned long)mem, len);
-	memset(&mh, 0, sizeof(mh));
-	memset(cbuf, 0, sizeof(cbuf));
-	iov.iov_base = line;
-	iov.iov_len = strlen(line);
-	mh.msg_iov = &iov;
-	mh.msg_iovlen = 1;
-	mh.msg_control = cbuf;
-	mh.msg_controllen = sizeof(cbuf);
-	cm = CMSG_FIRSTHDR(&mh);
-	cm->cmsg_level = SOL_SOCKET;
-	cm->cmsg_type = SCM_RIGHTS;
-	cm->cmsg_len = CMSG_LEN(sizeof(fds));
-	memcpy(CMSG_DATA(cm), fds, sizeof(fds));
-	if (sendmsg(s, &mh, 0) < 0) {
-		close(s);
-		return -1;
-	}
-	close(s);
-	return 0;
+	return laz_send_fds(sockpath, line, fds, 2);
 }
 
 static int setup_raw(const char *sockpath, uint64_t *mem, size_t len, uint64_t seed)

@@ -32,7 +32,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -244,6 +246,50 @@ LAZ_FN void laz_wait_usr2(void)
 	sigdelset(&mask, SIGUSR2);
 	while (!laz_usr2_seen)
 		sigsuspend(&mask);
+}
+
+/*
+ * Connect to the unix stream socket SOCKPATH and send LINE with the NFDS descriptors FDS attached
+ * (SCM_RIGHTS, at most 4). Returns 0, or -1 with errno set.
+ */
+LAZ_FN int laz_send_fds(const char *sockpath, const char *line, const int *fds, size_t nfds)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	char cbuf[CMSG_SPACE(4 * sizeof(int))];
+	struct iovec iov;
+	struct msghdr mh;
+	struct cmsghdr *cm;
+	int s, err;
+
+	if (nfds < 1 || nfds > 4) {
+		errno = EINVAL;
+		return -1;
+	}
+	s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (s < 0)
+		return -1;
+	strncpy(sa.sun_path, sockpath, sizeof(sa.sun_path) - 1);
+	memset(&mh, 0, sizeof(mh));
+	memset(cbuf, 0, sizeof(cbuf));
+	iov.iov_base = (void *)line;
+	iov.iov_len = strlen(line);
+	mh.msg_iov = &iov;
+	mh.msg_iovlen = 1;
+	mh.msg_control = cbuf;
+	mh.msg_controllen = CMSG_SPACE(nfds * sizeof(int));
+	cm = CMSG_FIRSTHDR(&mh);
+	cm->cmsg_level = SOL_SOCKET;
+	cm->cmsg_type = SCM_RIGHTS;
+	cm->cmsg_len = CMSG_LEN(nfds * sizeof(int));
+	memcpy(CMSG_DATA(cm), fds, nfds * sizeof(int));
+	if (connect(s, (struct sockaddr *)&sa, sizeof(sa)) || sendmsg(s, &mh, 0) < 0) {
+		err = errno;
+		close(s);
+		errno = err;
+		return -1;
+	}
+	close(s);
+	return 0;
 }
 
 /* A pseudo-random 64-bit value depending only on x (splitmix64 finaliser). */
