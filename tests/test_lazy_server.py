@@ -46,33 +46,8 @@ needs_root = T.needs_root
 pytestmark = needs_root
 
 
-@pytest.fixture(scope="session")
-def helper_bin(tmp_path_factory) -> Path:
-    return T.build_helper(tmp_path_factory.mktemp("uffd-helper-srv"))
-
-
-@pytest.fixture
-def helpers(helper_bin, tmp_path):
-    made = []
-
-    def make(npages=64, hole_every=0, seed=7, scenario="read", delay_us=0):
-        h = T.Helper(helper_bin, tmp_path, npages, hole_every, seed, scenario, delay_us)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.kill()
-
-
-@pytest.fixture
-def page_file(tmp_path):
-    def make(npages, hole_every=0, seed=7, *, verify=True):
-        path = tmp_path / f"pages-{npages}-{hole_every}-{seed}.img"
-        T.write_page_file(path, npages, hole_every, seed)
-        return T.StandInPageFile(path, verify=verify)
-
-    return make
+# test_uffd.py's fixtures: the C helper (built once per module), its processes, stand-in page files
+helper_bin, helpers, page_file = T.helper_bin, T.helpers, T.page_file
 
 
 def serve(server: LazyServer, helpers_: list, *, go: bool = True, timeout: float = 60) -> dict:
