@@ -119,9 +119,7 @@ static int check_page(const uint64_t *mem, size_t page, uint64_t seed)
 
 int main(int argc, char **argv)
 {
-	struct sigaction sa;
 	struct timespec ts, a, b;
-	sigset_t block, wait_mask;
 	unsigned long mib, k;
 	uint64_t seed, rng, *mem, *lat;
 	char *map;
@@ -131,11 +129,12 @@ int main(int argc, char **argv)
 
 	if (argc < 4)
 		return 2;
-	laz_log_fd = open(argv[1], O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+	/* the log, and SIGUSR2 handled (no SA_RESTART) but blocked until laz_wait_usr2() */
+	laz_init(argc, argv);
 	mib = strtoul(argv[2], NULL, 10);
 	k = strtoul(argv[3], NULL, 10);
 	raw = argc >= 6 && !strcmp(argv[4], "raw");
-	if (laz_log_fd < 0 || mib == 0 || k == 0)
+	if (mib == 0 || k == 0)
 		return 2;
 	len = mib * (1UL << 20);
 	words = len / sizeof(uint64_t);
@@ -145,15 +144,6 @@ int main(int argc, char **argv)
 		      windows);
 		return 1;
 	}
-
-	memset(&sa, 0, sizeof(sa));
-	sa.sa_handler = laz_usr2_handler;
-	sigemptyset(&sa.sa_mask);
-	sigaction(SIGUSR2, &sa, NULL);
-	sigemptyset(&block);
-	sigaddset(&block, SIGUSR2);
-	sigprocmask(SIG_BLOCK, &block, &wait_mask);
-	sigdelset(&wait_mask, SIGUSR2);
 
 	/* 64 KiB-aligned (the server's fault windows are aligned in absolute addresses): map more, trim. */
 	map = mmap(NULL, len + WINDOW, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -198,8 +188,7 @@ int main(int argc, char **argv)
 	laz_log("# region %p %zu fill-seconds %.3f", (void *)mem, len, now() - t0);
 	laz_log("READY");
 
-	while (!laz_usr2_seen)
-		sigsuspend(&wait_mask);
+	laz_wait_usr2();
 
 	/* Bring in the bookkeeping (lazily restored too) before timing, so no other fault is in the way. */
 	memset(lat, 0, k * sizeof(*lat));

@@ -28,9 +28,7 @@
 
 int main(int argc, char **argv)
 {
-	struct sigaction sa;
 	struct timespec ts;
-	sigset_t block, wait_mask;
 	unsigned long mib;
 	uint64_t seed, *mem;
 	size_t words;
@@ -38,19 +36,11 @@ int main(int argc, char **argv)
 
 	if (argc < 3)
 		return 2;
-	laz_log_fd = open(argv[1], O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+	/* the log, and SIGUSR2 handled (no SA_RESTART) but blocked until laz_wait_usr2() */
+	laz_init(argc, argv);
 	mib = strtoul(argv[2], NULL, 10);
-	if (laz_log_fd < 0 || mib == 0)
+	if (mib == 0)
 		return 2;
-
-	memset(&sa, 0, sizeof(sa));
-	sa.sa_handler = laz_usr2_handler;
-	sigemptyset(&sa.sa_mask);
-	sigaction(SIGUSR2, &sa, NULL);
-	sigemptyset(&block);
-	sigaddset(&block, SIGUSR2);
-	sigprocmask(SIG_BLOCK, &block, &wait_mask);
-	sigdelset(&wait_mask, SIGUSR2);
 
 	words = mib * (1UL << 20) / sizeof(uint64_t);
 	mem = mmap(NULL, words * sizeof(uint64_t), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -66,8 +56,7 @@ int main(int argc, char **argv)
 	laz_log("# region %p %zu fill-seconds %.3f", (void *)mem, words * sizeof(uint64_t), now() - t0);
 	laz_log("READY");
 
-	while (!laz_usr2_seen)
-		sigsuspend(&wait_mask);
+	laz_wait_usr2();
 
 	return check_words(mem, words, seed);
 }
