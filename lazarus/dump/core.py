@@ -11,12 +11,10 @@ from lazarus.kernel.procfs import read_limits, read_stat, read_status
 from lazarus.kernel.syscall import get_robust_list
 from lazarus.remote import RemoteTask
 
-XSTATE_MAX = 8192
-
 
 def dump_registers(pid: int) -> dict[str, Any]:
     regs = ptrace.get_regs(pid)
-    xstate = ptrace.get_regset(pid, abi.NT_X86_XSTATE, XSTATE_MAX)
+    xstate = ptrace.get_regset_whole(pid, abi.NT_X86_XSTATE)
     return {"regs": bytes(regs).hex(), "xstate": xstate.hex()}
 
 

@@ -141,6 +141,21 @@ def get_regset(pid: int, note: int, size: int = 4096) -> bytes:
     return buf.raw[: iov.iov_len]
 
 
+def get_regset_whole(pid: int, note: int) -> bytes:
+    """The whole regset, at the length the kernel reports for this CPU.
+
+    The kernel trims iov_len to min(buffer, regset size) and never says it truncated, so the buffer grows until
+    the answer is shorter than it: the XSTATE regset is 2432 bytes on one CPU and 11008 with AMX, and a later
+    CPU may have more.
+    """
+    size = 16384
+    while True:
+        data = get_regset(pid, note, size)
+        if len(data) < size:
+            return data
+        size *= 4
+
+
 def set_regset(pid: int, note: int, data: bytes) -> None:
     buf = C.create_string_buffer(data, len(data))
     iov = abi.iovec(C.cast(buf, C.c_void_p), len(data))
