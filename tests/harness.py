@@ -39,6 +39,7 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "misc": (),
     "unsupported": ("-pthread",),
     "lazy_events": (),
+    "cgroup": (),
 }
 CFLAGS = ("-O1", "-g", "-Wall")
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from lazarus.dump.core import dump_misc, dump_registers, dump_signals
 from lazarus.dump.files import dump_files
+from lazarus.dump.membership import check_namespaces, dump_cgroups
 from lazarus.dump.memory import MemoryDumper
 from lazarus.errors import DumpError, KernelError, LazarusError, NoSuchTask, Unsupported
 from lazarus.images import ImageWriter
@@ -54,6 +55,7 @@ def precheck(pid: int) -> procfs.Status:
     if status.state.startswith("T") or status.state.startswith("t"):
         raise Unsupported(f"pid {pid} is stopped ({status.state}); continue it before dumping")
     check_resources(pid, status)
+    check_namespaces(pid)
     return status
 
 
@@ -149,7 +151,8 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False) -> DumpResul
                 "vmas": vma_recs, "objects": objects,
             }
             task: dict[str, Any] = {"pid": pid, "comm": misc["comm"], "core": core, "mm": mm,
-                                    "files": files, "signals": signals, "misc": misc}
+                                    "files": files, "signals": signals, "misc": misc,
+                                    "cgroups": dump_cgroups(pid)}
             writer.write_json(f"task-{pid}.json", task)
             xcr0, xsize, _ = parse_xstate(bytes.fromhex(core["xstate"]))
             writer.commit({

@@ -166,6 +166,7 @@ TASK_FIELDS_SCHEMA: Schema = {
 VMA_SCHEMA: Schema = {"start": int, "end": int, "prot": int, "shared": bool, "offset": int, "path": str,
                       "kind": str, "vmflags": list, "pages": list}
 OBJECT_SCHEMA: Schema = {"id": int, "kind": str, "name": str, "size": int, "pages": list}
+CGROUP_SCHEMA: Schema = {"hierarchy": int, "controllers": str, "path": str}
 FD_SCHEMA: Schema = {"fd": int, "type": str, "flags": int, "cloexec": bool, "pos": int}
 
 _JSON_TYPE_NAMES = {dict: "an object", list: "an array", str: "a string", int: "an integer",

@@ -16,13 +16,21 @@ from typing import Any
 
 from lazarus.errors import ImageError, KernelError, LazarusError, RestoreError
 from lazarus.images import Image
-from lazarus.images.format import FD_SCHEMA, OBJECT_SCHEMA, TASK_FIELDS_SCHEMA, VMA_SCHEMA, check_schema
+from lazarus.images.format import (
+    CGROUP_SCHEMA,
+    FD_SCHEMA,
+    OBJECT_SCHEMA,
+    TASK_FIELDS_SCHEMA,
+    VMA_SCHEMA,
+    check_schema,
+)
 from lazarus.images.mm import is_lazy, lazy_object_ids, lazy_vmas
 from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.clone import Trampoline
 from lazarus.kernel.features import cpu_xstate
 from lazarus.lazy.sources import ImagePageSource
 from lazarus.remote import RemoteTask
+from lazarus.restore import cgroups
 from lazarus.restore import core as rcore
 from lazarus.restore.files import FdRestorer, check_files
 from lazarus.restore.memory import (
@@ -60,6 +68,11 @@ def check_task_fields(pid: int, task: dict[str, Any]) -> None:
         check_schema(o, OBJECT_SCHEMA, name, f"mm.objects[{i}].")
     for i, f in enumerate(task["files"]):
         check_schema(f, FD_SCHEMA, name, f"files[{i}].")
+    cgs = task.get("cgroups", [])
+    if not isinstance(cgs, list):
+        raise ImageError(f"{name}: field 'cgroups' must be an array")
+    for i, c in enumerate(cgs):
+        check_schema(c, CGROUP_SCHEMA, name, f"cgroups[{i}].")
 
 
 def open_image(directory: Path, *, verify_pages: bool) -> Image:
@@ -158,6 +171,7 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
     t0 = time.monotonic()
     task = img.task(pid)
     validate(img, pid, task)
+    join_cgroups = cgroups.plan(task.get("cgroups"), pid)
     mm = task["mm"]
     tramp = Trampoline.map_at(trampoline_candidates(mm["vmas"], TRAMPOLINE_SIZE), TRAMPOLINE_SIZE)
     child = 0
@@ -177,6 +191,7 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
         st = ptrace.wait(child)
         if not (st.stopped and st.event == abi.PTRACE_EVENT_STOP):
             raise RestoreError(f"new task {child} {st}", stage="create", pid=pid)
+        cgroups.join(child, join_cgroups)
         remote = RemoteTask(child, tramp.syscall_ip)
         remote.keep_state()
         remote.use_scratch(tramp.addr + abi.PAGE_SIZE, TRAMPOLINE_SIZE - abi.PAGE_SIZE)

@@ -1,0 +1,112 @@
+"""Namespaces and cgroups: a task in a namespace of its own is refused at dump, naming the namespace; a task in
+cgroups other than the restorer's comes back in them (v1 and v2 hierarchies, whichever this machine mounts),
+and a restore whose cgroup is gone is refused before anything is created."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+try:
+    import harness as H
+except ImportError:  # pragma: no cover
+    from tests import harness as H
+
+from lazarus.kernel import cgroups
+
+pytestmark = pytest.mark.root
+MODES = ("eager", "lazy")
+
+
+def _hierarchies() -> list[str]:
+    """One writable v1 hierarchy (pids, else any) and the v2 one, where mounted: their root directories."""
+    mounts = cgroups.read_mounts()
+    out = []
+    v1 = [p for (hid, ctl), p in mounts.items() if hid == -1 and ctl and not ctl.startswith("name=")]
+    v1.sort(key=lambda p: not p.endswith("/pids"))
+    if v1:
+        out.append(v1[0])
+    if (0, "") in mounts:
+        out.append(mounts[(0, "")])
+    return out
+
+
+@pytest.fixture
+def test_cgroups() -> Iterator[list[Path]]:
+    """A fresh cgroup below each hierarchy this process is in; removed afterwards (after its members)."""
+    ours = cgroups.memberships(os.getpid())
+    mounts = cgroups.read_mounts()
+    made: list[Path] = []
+    name = f"lazarus-test-{secrets.token_hex(4)}"
+    for root in _hierarchies():
+        key = next((k for k, p in mounts.items() if p == root), None)
+        mine = next((m for m in ours if key and (m.hierarchy == 0) == (key[0] == 0)
+                     and (key[0] == 0 or m.controllers == key[1])), None)
+        if mine is None:
+            continue
+        base = Path(root) / mine.path.lstrip("/")
+        d = base / name
+        try:
+            d.mkdir()
+        except OSError:
+            continue
+        made.append(d)
+    if not made:
+        pytest.fail("no cgroup hierarchy here lets root create a cgroup")
+    yield made
+    for d in made:
+        for _ in range(100):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+                break
+            time.sleep(0.05)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cgroups_come_back(harness: H.Harness, test_cgroups: list[Path], mode: str) -> None:
+    target = harness.start_target("cgroup", *map(str, test_cgroups))
+    image = harness.image_dir()
+    res = harness.dump(target, image)
+    assert res.returncode == 0, res.stderr
+    r = harness.restore(image, lazy=mode == "lazy", like=target)
+    assert r.returncode == 0, r.stderr
+    assert r.target is not None
+    case = H.Case("cgroup", "cgroup")
+    H.expect_pass(harness.run_case(case, r.target), r.target, r)
+    assert r.target.wait_exit(10) == 0
+
+
+def test_restore_refuses_missing_cgroup(harness: H.Harness, test_cgroups: list[Path]) -> None:
+    target = harness.start_target("cgroup", str(test_cgroups[0]))
+    image = harness.image_dir()
+    assert harness.dump(target, image).returncode == 0
+    assert target.wait_exit(10) is not None
+    test_cgroups[0].rmdir()
+    res = harness.restore(image, like=target)
+    H.assert_clean_error(res.proc, str(test_cgroups[0]))
+    assert not H.is_alive(target.pid), "a refused restore left a process"
+
+
+def test_dump_refuses_other_namespace(harness: H.Harness) -> None:
+    if shutil.which("unshare") is None:
+        pytest.fail("unshare (util-linux) is needed")
+    log = harness.path("ns.log")
+    popen = subprocess.Popen(["unshare", "--uts", "--", str(harness.bins["misc"]), str(log)],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    harness.popens.append(popen)
+    harness.register(popen.pid, "target misc in its own uts namespace")
+    assert H.wait_for_line(log, "READY", 15, proc=popen)
+    image = harness.image_dir()
+    res = harness.dump(popen.pid, image)
+    H.assert_clean_error(res, r"uts namespace", str(popen.pid))
+    assert not image.exists()
+    assert H.is_alive(popen.pid), "the refused dump killed the process"
