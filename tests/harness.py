@@ -40,6 +40,7 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "unsupported": ("-pthread",),
     "lazy_events": (),
     "cgroup": (),
+    "thp": (),
 }
 CFLAGS = ("-O1", "-g", "-Wall")
 

@@ -16,6 +16,7 @@ from lazarus.dump.core import dump_misc, dump_registers, dump_signals
 from lazarus.dump.files import dump_files
 from lazarus.dump.membership import check_namespaces, dump_cgroups
 from lazarus.dump.memory import MemoryDumper
+from lazarus.dump.thp import mark_huge
 from lazarus.errors import DumpError, KernelError, LazarusError, NoSuchTask, Unsupported
 from lazarus.images import ImageWriter
 from lazarus.kernel import abi, procfs, ptrace
@@ -139,6 +140,7 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False) -> DumpResul
                 vma_recs, objects = mem.dump(vmas)
             finally:
                 mem.close()
+            mark_huge(pid, vma_recs)
             files = dump_files(pid, writer.write_blob, objects)
             with open(f"/proc/{pid}/auxv", "rb") as f:
                 auxv = f.read()

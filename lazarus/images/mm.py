@@ -44,3 +44,9 @@ def lazy_vmas(mm: dict[str, Any], lazy_ids: set[int]) -> list[dict[str, Any]]:
 def is_lazy(vma: dict[str, Any]) -> bool:
     """Whether a lazy restore serves this vma through userfaultfd (anonymous private memory)."""
     return vma["kind"] == "anon" and not vma["shared"]
+
+
+def huge_ranges(vmas: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """(address, length) of every range a task held in transparent huge pages at dump ("huge" runs of its
+    anonymous vmas), for MADV_COLLAPSE once the range is filled."""
+    return [(int(a), int(n) * PAGE_SIZE) for v in vmas for a, n in v.get("huge", ())]

@@ -107,6 +107,7 @@ class SYS:
     userfaultfd = 323
     rseq = 334
     pidfd_open = 434
+    process_madvise = 440
     clone3 = 435
     close_range = 436
     pidfd_getfd = 438
@@ -138,6 +139,8 @@ MADV_HUGEPAGE = 14
 MADV_NOHUGEPAGE = 15
 MADV_DONTDUMP = 16
 MADV_WIPEONFORK = 18
+MADV_COLLAPSE = 25  # uapi/asm-generic/mman-common.h, Linux 6.1
+HPAGE_PMD_SIZE = 2 << 20  # x86-64: one PMD maps 2 MiB
 
 # fcntl / open (include/uapi/asm-generic/fcntl.h)
 O_RDONLY, O_WRONLY, O_RDWR = 0, 1, 2

@@ -192,3 +192,18 @@ def write(pid: int, address: int, data: bytes | bytearray) -> int:
 
 
 __all__ = ["IOV_MAX", "Iov", "PartialTransfer", "read", "read_into", "readv", "write", "writev"]
+
+
+def process_madvise(pidfd: int, ranges: Sequence[Iov], advice: int, *, pid: int | None = None) -> list[Iov]:
+    """Apply `advice` to each (address, length) range of the process behind `pidfd`, one range a call so that
+    one failure does not hide the others. Returns the ranges the kernel refused (a range unmapped or remapped
+    since is refused with ENOMEM/EINVAL; that is not an error of the caller's)."""
+    refused = []
+    for addr, length in ranges:
+        iov = array.array("Q", (addr, length))
+        ret, err = raw_syscall(abi.SYS.process_madvise, pidfd, iov.buffer_info()[0], 1, advice, 0)
+        if ret < 0:
+            if err == errno.ESRCH:
+                raise NoSuchTask(f"no such process {pid}", pid=pid)
+            refused.append((addr, length))
+    return refused

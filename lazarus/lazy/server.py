@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lazarus.errors import KernelError, LazarusError, NoSuchTask, PageSourceLost
+from lazarus.kernel import abi
 from lazarus.kernel.pidfd import PidFd
 from lazarus.kernel.uffd import (
     CopyHelper,
@@ -59,6 +60,7 @@ from lazarus.kernel.uffd import (
     Uffd,
     Unmap,
 )
+from lazarus.kernel.vm import process_madvise
 from lazarus.lazy.guard import Guard
 from lazarus.lazy.ranges import PAGE_SIZE, PendingPages, Run
 from lazarus.lazy.sources import PageSource
@@ -142,6 +144,7 @@ class LazyServer:
         self._bg_bytes = 0
         self._bg_ns = 0
         self._helper_bytes = 0  # of _bg_bytes, filled by the helper thread's copies
+        self._collapsed_bytes = 0  # given back as huge pages once their process was complete
         self._t0: float | None = None
         self._t_end: float | None = None
         self._rr: deque[int] = deque()
@@ -694,6 +697,8 @@ class LazyServer:
         if self.guard is not None and state != "lost":
             self.guard.complete(p.key)
         p.uffd.close()
+        if state == "complete" and p.pidfd is not None:
+            self._collapse(p)
         if p.pidfd is not None:
             p.pidfd.close()
         self._done.append(p)
@@ -702,6 +707,18 @@ class LazyServer:
                       p.total_pages, p.pages_fault, p.pages_background, p.ended - p.started)
         else:
             log.debug("%s: %s %s", p.label, state, reason)
+
+    def _collapse(self, p: _Proc) -> None:
+        """Give a complete process its huge pages back (UFFDIO_COPY installed 4 KiB ones); a range the kernel
+        declines stays correct in small pages."""
+        huge = getattr(p.source, "huge", ())
+        if not huge or p.pidfd is None:
+            return
+        with contextlib.suppress(LazarusError, OSError):
+            refused = process_madvise(p.pidfd.fd, huge, abi.MADV_COLLAPSE, pid=p.pid)
+            self._collapsed_bytes += sum(n for _, n in huge) - sum(n for _, n in refused)
+            if refused:
+                log.debug("%s: %d of %d huge ranges stay in 4 KiB pages", p.label, len(refused), len(huge))
 
     def _lose(self, p: _Proc, reason: str) -> None:
         """The page source failed for p: kill it (and wait, bounded, for it to be gone) before its uffd is
@@ -781,6 +798,7 @@ class LazyServer:
             "background_seconds": round(self._bg_ns / 1e9, 6),
             "background_rate_gbps": round(self._bg_bytes / self._bg_ns, 3) if self._bg_ns else None,
             "background_helper_bytes": self._helper_bytes,
+            "huge_collapsed_bytes": self._collapsed_bytes,
             "lost": [{"pid": p["pid"], "reason": p["reason"]} for p in procs if p["state"] == "lost"],
         }
 

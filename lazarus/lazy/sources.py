@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from lazarus.errors import ImageError, PageSourceLost
+from lazarus.images.mm import huge_ranges
 from lazarus.lazy.ranges import PAGE_SIZE, PendingPages
 
 PAGES_PER_CHUNK = 65536 // PAGE_SIZE
@@ -98,6 +99,9 @@ class ImagePageSource:
         self.checked_ahead = self.checked_inline = 0  # chunks, for the stats
         self.verified_ahead = False  # whether a verify-ahead process was started
         runs = []
+        vmas = list(vmas)
+        # Ranges the task held in huge pages: collapsed again once complete (restore/thp.py).
+        self.huge = huge_ranges(vmas)  # type: ignore[arg-type]
         for vma in vmas:
             for vaddr, npages, fidx in vma.get("pages", ()):
                 runs.append((int(vaddr), int(npages), int(fidx)))

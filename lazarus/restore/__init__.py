@@ -40,6 +40,7 @@ from lazarus.restore.memory import (
     move_vdso,
     trampoline_candidates,
 )
+from lazarus.restore.thp import collapse_in_task
 from lazarus.restore.uffd import LAZY_FEATURES, copy_all, lazy_ranges, uffd_in_task
 
 log = logging.getLogger(__name__)
@@ -229,6 +230,8 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
                     written += copy_all(uffd, mm["vmas"], page_file)
                 finally:
                     uffd.close()
+                # After the uffd is gone: collapse needs every pte of a 2 MiB range present, which it now is.
+                collapse_in_task(remote, mm["vmas"])
         timings["pages"] = time.monotonic() - t0
 
         space.close_cached()
