@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("-D", "--images-dir", dest="dir", type=Path, required=True, metavar="DIR",
                    help="image directory to create (must not exist)")
     d.add_argument("--leave-running", action="store_true", help="resume the process after the dump")
+    d.add_argument("--shell-job", action="store_true",
+                   help="allow a process in a session another process leads, or with a controlling terminal: "
+                        "it is restored into the session and terminal of `lazarus restore`")
 
     r = sub.add_parser("restore", help="restore a process from an image directory")
     r.add_argument("-D", "--images-dir", dest="dir", type=Path, required=True, metavar="DIR")
@@ -166,7 +169,7 @@ def cmd_check() -> int:
 
 def cmd_dump(args: argparse.Namespace) -> int:
     from lazarus.dump import dump
-    res = dump(args.pid, args.dir, leave_running=args.leave_running)
+    res = dump(args.pid, args.dir, leave_running=args.leave_running, shell_job=args.shell_job)
     fate = "left running" if res.left_running else "killed"
     print(f"dumped pid {res.pid} to {res.directory}: {res.pages} pages "
           f"({res.pages * 4096 / 2**20:.1f} MiB) in {res.seconds * 1000:.0f} ms; original {fate}")

@@ -34,6 +34,7 @@ NEEDS = {
     "test_lazy.py": ("dump", "restore", "lazy"), "test_lazy_server.py": ("lazy",), "test_uffd.py": ("lazy",),
     "test_bad_input.py": ("dump", "restore"), "test_cpu.py": ("dump",),
     "test_membership.py": ("dump", "restore", "lazy"), "test_thp.py": ("dump", "restore", "lazy"),
+    "test_hostile_images.py": ("dump", "restore", "lazy"),
     "test_unsupported.py": ("dump",), "test_cli.py": ("dump",),
 }
 

@@ -110,3 +110,67 @@ def test_dump_refuses_other_namespace(harness: H.Harness) -> None:
     H.assert_clean_error(res, r"uts namespace", str(popen.pid))
     assert not image.exists()
     assert H.is_alive(popen.pid), "the refused dump killed the process"
+
+
+def _start_plain(harness: H.Harness, name: str, preexec=None, new_session: bool = False) -> H.Target:
+    log = harness.path(f"{name}-plain.log")
+    popen = subprocess.Popen([str(harness.bins[name]), str(log)], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=preexec,
+                             start_new_session=new_session, close_fds=True)
+    harness.popens.append(popen)
+    harness.register(popen.pid, f"target {name}")
+    assert H.wait_for_line(log, "READY", 15, proc=popen)
+    return H.Target(name, popen.pid, log, harness.bins[name], popen)
+
+
+def test_foreign_session_needs_shell_job(harness: H.Harness) -> None:
+    """A process in pytest's session (led by another process) is refused, naming the session and --shell-job;
+    with --shell-job it is dumped and comes back in the session of `lazarus restore`, checking itself."""
+    target = _start_plain(harness, "signals", preexec=lambda: os.setpgid(0, 0))
+    pid = target.pid
+    assert os.getsid(pid) != pid
+    image = harness.image_dir()
+    res = harness.dump(target, image)
+    H.assert_clean_error(res, rf"session {os.getsid(pid)}", "--shell-job")
+    assert not image.exists() and H.is_alive(pid)
+    res = harness.dump(target, image, "--shell-job")
+    assert res.returncode == 0, res.stderr
+    r = harness.restore(image, like=target)
+    assert r.returncode == 0, r.stderr
+    assert os.getsid(r.pid) == os.getsid(0), "not restored into the session of lazarus restore"
+    assert os.getpgid(r.pid) == r.pid, "a group leader must lead its group again"
+    H.expect_pass(harness.run_case(H.CASES_BY_ID["signals"], r.target), r.target, r)
+
+
+def test_controlling_terminal_refused(harness: H.Harness) -> None:
+    import fcntl
+    import termios
+
+    master, slave = os.openpty()
+    try:
+        def take_tty() -> None:
+            os.setsid()
+            fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+
+        target = _start_plain(harness, "signals", preexec=take_tty)
+    finally:
+        os.close(slave)
+    try:
+        image = harness.image_dir()
+        res = harness.dump(target, image)
+        H.assert_clean_error(res, "controlling terminal", "--shell-job")
+        assert not image.exists() and target.alive()
+    finally:
+        os.close(master)
+
+
+def test_cgroup_target_checks_itself(harness: H.Harness, test_cgroups: list[Path]) -> None:
+    """Without a dump the target passes; moved out of its cgroup (its corruption point) it fails."""
+    case = H.Case("cgroup", "cgroup")
+    t = harness.start_target("cgroup", *map(str, test_cgroups))
+    H.expect_pass(harness.run_case(case, t), t)
+    assert t.wait_exit(10) == 0
+    t = harness.start_target("cgroup", *map(str, test_cgroups), env={"LAZ_SELFTEST_CORRUPT": "cgroups"})
+    result = harness.run_case(case, t)
+    assert result.startswith("FAIL: cgroups differ"), result
+    assert t.wait_exit(10) == 1

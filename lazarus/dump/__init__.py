@@ -14,7 +14,7 @@ from typing import Any
 
 from lazarus.dump.core import dump_misc, dump_registers, dump_signals
 from lazarus.dump.files import dump_files
-from lazarus.dump.membership import check_namespaces, dump_cgroups
+from lazarus.dump.membership import check_namespaces, check_session, dump_cgroups
 from lazarus.dump.memory import MemoryDumper
 from lazarus.dump.thp import mark_huge
 from lazarus.errors import DumpError, KernelError, LazarusError, NoSuchTask, Unsupported
@@ -98,7 +98,7 @@ def _vdso_range(vmas: list[procfs.Vma]) -> tuple[int, int] | None:
     return None
 
 
-def dump(pid: int, directory: Path, *, leave_running: bool = False) -> DumpResult:
+def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: bool = False) -> DumpResult:
     """Dump process `pid` into `directory`. The original is killed only once the image is complete and
     verified; on any failure it is resumed exactly as it was."""
     t0 = time.monotonic()
@@ -115,6 +115,7 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False) -> DumpResul
             status = procfs.read_status(pid)
             check_resources(pid, status)
             stat = procfs.read_stat(pid)
+            check_session(pid, stat, shell_job)
             vmas = procfs.read_smaps(pid)
             vdso = _vdso_range(vmas)
             exec_vmas = [(v.start, v.end) for v in vmas if v.prot & abi.PROT_EXEC and not v.shared]
@@ -154,7 +155,7 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False) -> DumpResul
             }
             task: dict[str, Any] = {"pid": pid, "comm": misc["comm"], "core": core, "mm": mm,
                                     "files": files, "signals": signals, "misc": misc,
-                                    "cgroups": dump_cgroups(pid)}
+                                    "cgroups": dump_cgroups(pid), "shell_job": shell_job}
             writer.write_json(f"task-{pid}.json", task)
             xcr0, xsize, _ = parse_xstate(bytes.fromhex(core["xstate"]))
             writer.commit({

@@ -142,13 +142,20 @@ class Listener:
     def _add(self, pid: int, images: Path, fd: int) -> None:
         from lazarus.images import Image
         from lazarus.images.mm import lazy_object_ids, lazy_vmas
+        from lazarus.images.validate import validate_image
         from lazarus.lazy.sources import ImagePageSource
 
         uffd = Uffd.adopt(fd)
         try:
             img = self._images.get(str(images))
             if img is None:
-                img = self._images[str(images)] = Image.open(images)
+                img = Image.open(images)
+                try:
+                    validate_image(img)  # the same semantic check as the restore's, before serving anything
+                except BaseException:
+                    img.close()
+                    raise
+                self._images[str(images)] = img
             task = img.task(pid)
             mm = task["mm"]
             served = lazy_vmas(mm, lazy_object_ids(mm, task["files"]))

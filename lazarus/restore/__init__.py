@@ -16,15 +16,8 @@ from typing import Any
 
 from lazarus.errors import ImageError, KernelError, LazarusError, RestoreError
 from lazarus.images import Image
-from lazarus.images.format import (
-    CGROUP_SCHEMA,
-    FD_SCHEMA,
-    OBJECT_SCHEMA,
-    TASK_FIELDS_SCHEMA,
-    VMA_SCHEMA,
-    check_schema,
-)
 from lazarus.images.mm import is_lazy, lazy_object_ids, lazy_vmas
+from lazarus.images.validate import validate_image
 from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.clone import Trampoline
 from lazarus.kernel.features import cpu_xstate
@@ -59,27 +52,9 @@ class Restored:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def check_task_fields(pid: int, task: dict[str, Any]) -> None:
-    """Every field the restore reads, with its type: a broken image fails here, before anything exists."""
-    name = f"task-{pid}.json"
-    check_schema(task, TASK_FIELDS_SCHEMA, name)
-    for i, v in enumerate(task["mm"]["vmas"]):
-        check_schema(v, VMA_SCHEMA, name, f"mm.vmas[{i}].")
-    for i, o in enumerate(task["mm"]["objects"]):
-        check_schema(o, OBJECT_SCHEMA, name, f"mm.objects[{i}].")
-    for i, f in enumerate(task["files"]):
-        check_schema(f, FD_SCHEMA, name, f"files[{i}].")
-    cgs = task.get("cgroups", [])
-    if not isinstance(cgs, list):
-        raise ImageError(f"{name}: field 'cgroups' must be an array")
-    for i, c in enumerate(cgs):
-        check_schema(c, CGROUP_SCHEMA, name, f"cgroups[{i}].")
-
-
 def open_image(directory: Path, *, verify_pages: bool) -> Image:
     img = Image.open(directory)
-    for pid in img.tasks:
-        check_task_fields(pid, img.task(pid))
+    validate_image(img)
     xcr0, xsize = cpu_xstate()
     img.check_machine(os.uname().release, xcr0, xsize)
     for pid in img.tasks:

@@ -1,0 +1,242 @@
+"""Semantic validation of a task record: every number in range and consistent with the others.
+
+Checksums prove that an image is the one that was written, not that whoever wrote it meant well: a tool that
+recomputes them can put anything in a task file. So before any task exists, eager and lazy restore alike run
+`check_task` over each task, and refuse the image with one line naming the file and field:
+
+    vmas       page aligned, start < end, inside the user address space above mmap_min_addr, sorted, not
+               overlapping
+    page runs  [vaddr, npages, index]: npages > 0, inside their vma, inside the page file, no two runs
+               covering one address or one file page, and together every page of the page file
+    objects    runs [offset, npages, index] inside the object's size and the page file
+    fds        0 <= fd < 2^20, each once; flags and positions in range; pipe sizes within what the kernel
+               allows unprivileged; paths absolute; blobs named by the record present in the image
+    signals    64 actions of four u64, masks u64, itimers non-negative
+    misc       umask <= 0o7777, creds 4 u32 each, absolute cwd, 16 rlimits
+
+Fields added by later capabilities are checked where they are used, with the same one-line errors. Pure
+Python, no syscalls, like the rest of this package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from lazarus.errors import ImageError
+from lazarus.images.format import (
+    CGROUP_SCHEMA,
+    FD_SCHEMA,
+    OBJECT_SCHEMA,
+    TASK_FIELDS_SCHEMA,
+    VMA_SCHEMA,
+    blob_name,
+    check_schema,
+    pages_name,
+    task_name,
+)
+
+PAGE_SIZE = 4096
+USER_TOP = 0x7FFF_FFFF_F000 + PAGE_SIZE  # TASK_SIZE on x86-64 with 4-level paging (the vsyscall page is not a vma)
+# vm.mmap_min_addr's usual value: a process without CAP_SYS_RAWIO cannot map below it, and a restore (as root,
+# which can) must not put a mapping there on an image's say-so.
+MMAP_MIN = 0x10000
+U64 = (1 << 64) - 1
+U32 = (1 << 32) - 1
+FD_MAX = 1 << 20  # fs.nr_open's ceiling
+PIPE_MAX = 1 << 20  # fs.pipe-max-size: what a restorer without CAP_SYS_RESOURCE may ask for
+NSIG = 64
+
+
+class _Checker:
+    def __init__(self, fname: str) -> None:
+        self.fname = fname
+
+    def fail(self, field: str, why: str) -> ImageError:
+        return ImageError(f"{self.fname}: field '{field}' {why}")
+
+    def int_in(self, value: object, lo: int, hi: int, field: str) -> int:
+        if type(value) is not int or not lo <= value <= hi:
+            raise self.fail(field, f"must be an integer in [{lo}, {hi}], not {value!r}")
+        return value
+
+    def aligned(self, value: object, field: str, lo: int = 0, hi: int = USER_TOP) -> int:
+        v = self.int_in(value, lo, hi, field)
+        if v % PAGE_SIZE:
+            raise self.fail(field, f"must be page aligned, not {v:#x}")
+        return v
+
+    def path(self, value: object, field: str) -> str:
+        if not isinstance(value, str) or not value.startswith("/") or "\0" in value or len(value) > 4096:
+            raise self.fail(field, f"must be an absolute path, not {value!r}")
+        return value
+
+    def triples(self, value: object, field: str) -> list[tuple[int, int, int]]:
+        if not isinstance(value, list):
+            raise self.fail(field, "must be an array of [address, npages, file page] runs")
+        out = []
+        for i, run in enumerate(value):
+            if not isinstance(run, list) or len(run) != 3:
+                raise self.fail(f"{field}[{i}]", "must be [address, npages, file page]")
+            a = self.int_in(run[0], 0, U64, f"{field}[{i}][0]")
+            n = self.int_in(run[1], 1, U64 // PAGE_SIZE, f"{field}[{i}][1]")
+            idx = self.int_in(run[2], 0, U64, f"{field}[{i}][2]")
+            out.append((a, n, idx))
+        return out
+
+
+def _no_overlap(runs: list[tuple[int, int, str]], c: _Checker, what: str) -> None:
+    """runs: (first, count, field); refuse two that share a unit."""
+    runs = sorted(runs)
+    for (a, n, fa), (b, _m, fb) in zip(runs, runs[1:], strict=False):
+        if b < a + n:
+            raise c.fail(fb, f"overlaps {fa} ({what})")
+
+
+def check_task(task: dict[str, Any], fname: str, npages: int, has_blob: Callable[[str], bool]) -> None:
+    """Raise ImageError naming the first field of `task` that is out of range or inconsistent.
+
+    npages: the number of pages in the task's page file (0 if it has none); has_blob(name): whether the image
+    holds blob `name`. The record's shape (keys and types) was checked already (check_task_fields).
+    """
+    c = _Checker(fname)
+    mm = task["mm"]
+    file_runs: list[tuple[int, int, str]] = []
+
+    vmas = mm["vmas"]
+    prev_end, prev = 0, ""
+    addr_runs: list[tuple[int, int, str]] = []
+    for i, v in enumerate(vmas):
+        f = f"mm.vmas[{i}]"
+        start = c.aligned(v["start"], f + ".start", MMAP_MIN)
+        end = c.aligned(v["end"], f + ".end")
+        if end <= start:
+            raise c.fail(f + ".end", f"must be above start ({end:#x} <= {start:#x})")
+        if start < prev_end:
+            raise c.fail(f + ".start", f"overlaps {prev} or is out of order ({start:#x} < {prev_end:#x})")
+        prev_end, prev = end, f
+        c.int_in(v["prot"], 0, 7, f + ".prot")
+        c.int_in(v["offset"], 0, 1 << 62, f + ".offset")
+        if v["kind"] == "file":
+            c.path(v["path"], f + ".path")
+        for j, (a, n, idx) in enumerate(c.triples(v["pages"], f + ".pages")):
+            rf = f"{f}.pages[{j}]"
+            if a % PAGE_SIZE or a < start or a + n * PAGE_SIZE > end:
+                raise c.fail(rf, f"run {a:#x}+{n} pages lies outside its vma {start:#x}-{end:#x}")
+            if idx + n > npages:
+                raise c.fail(rf, f"run reaches file page {idx + n}, past the page file's {npages}")
+            addr_runs.append((a // PAGE_SIZE, n, rf))
+            file_runs.append((idx, n, rf))
+    _no_overlap(addr_runs, c, "two runs for one address")
+
+    for i, o in enumerate(mm["objects"]):
+        f = f"mm.objects[{i}]"
+        size = c.int_in(o["size"], 0, 1 << 46, f + ".size")
+        for j, (off, n, idx) in enumerate(c.triples(o["pages"], f + ".pages")):
+            rf = f"{f}.pages[{j}]"
+            if off % PAGE_SIZE or off + n * PAGE_SIZE > -(-size // PAGE_SIZE) * PAGE_SIZE:
+                raise c.fail(rf, f"run at offset {off}+{n} pages lies outside the object's {size} bytes")
+            if idx + n > npages:
+                raise c.fail(rf, f"run reaches file page {idx + n}, past the page file's {npages}")
+            file_runs.append((idx, n, rf))
+    _no_overlap(file_runs, c, "two runs for one file page")
+    covered = sum(n for _, n, _ in file_runs)
+    if covered != npages:
+        # The writer stores exactly the pages the runs name: a run cut short would leave data unused and its
+        # addresses zero-filled.
+        raise ImageError(f"{fname}: the page runs cover {covered} pages of the page file's {npages}")
+    for key in ("start_code", "end_code", "start_data", "end_data", "start_brk", "brk", "start_stack",
+                "arg_start", "arg_end", "env_start", "env_end"):
+        c.int_in(mm[key], 0, USER_TOP, f"mm.{key}")
+    c.path(mm["exe"], "mm.exe")
+
+    seen: dict[int, str] = {}
+    for i, rec in enumerate(task["files"]):
+        f = f"files[{i}]"
+        fd = c.int_in(rec["fd"], 0, FD_MAX - 1, f + ".fd")
+        if fd in seen:
+            raise c.fail(f + ".fd", f"repeats fd {fd} of {seen[fd]}")
+        seen[fd] = f
+        c.int_in(rec["flags"], 0, U32, f + ".flags")
+        c.int_in(rec["pos"], 0, (1 << 63) - 1, f + ".pos")
+        if "path" in rec and rec.get("type") in ("file", "dev", "fifo", "ghost"):
+            c.path(rec["path"], f + ".path")
+        if "pipe_size" in rec:
+            c.int_in(rec["pipe_size"], PAGE_SIZE, PIPE_MAX, f + ".pipe_size")
+        for key in ("data",):
+            name = rec.get(key)
+            if name is not None and (not isinstance(name, str) or not has_blob(name)):
+                raise c.fail(f"{f}.{key}", f"names blob {name!r}, which the image does not hold")
+        if "dup_of" in rec:
+            c.int_in(rec["dup_of"], 0, FD_MAX - 1, f + ".dup_of")
+    for i, rec in enumerate(task["files"]):
+        if "dup_of" in rec and (rec["dup_of"] not in seen or rec["dup_of"] == rec["fd"]):
+            raise c.fail(f"files[{i}].dup_of", f"names fd {rec['dup_of']}, which the task does not have")
+
+    sig = task["signals"]
+    if not isinstance(sig["actions"], list) or len(sig["actions"]) != NSIG:
+        raise c.fail("signals.actions", f"must hold {NSIG} actions")
+    for i, act in enumerate(sig["actions"]):
+        if not isinstance(act, list) or len(act) != 4:
+            raise c.fail(f"signals.actions[{i}]", "must be [handler, flags, restorer, mask]")
+        for j, x in enumerate(act):
+            c.int_in(x, 0, U64, f"signals.actions[{i}][{j}]")
+    c.int_in(sig["blocked"], 0, U64, "signals.blocked")
+    for i, it in enumerate(sig["itimers"]):
+        if not isinstance(it, list) or len(it) != 4:
+            raise c.fail(f"signals.itimers[{i}]", "must be [interval s, us, value s, us]")
+        for j, x in enumerate(it):
+            c.int_in(x, 0, (1 << 62) if j % 2 == 0 else 999_999, f"signals.itimers[{i}][{j}]")
+
+    misc = task["misc"]
+    c.int_in(misc["umask"], 0, 0o7777, "misc.umask")
+    c.path(misc["cwd"], "misc.cwd")
+    for key in ("uids", "gids"):
+        ids = misc["creds"][key]
+        if not isinstance(ids, list) or len(ids) != 4:
+            raise c.fail(f"misc.creds.{key}", "must hold 4 ids (real, effective, saved, fs)")
+        for j, x in enumerate(ids):
+            c.int_in(x, 0, U32 - 1, f"misc.creds.{key}[{j}]")
+    groups = misc["creds"]["groups"]
+    if len(groups) > 65536:
+        raise c.fail("misc.creds.groups", "holds more than 65536 groups")
+    for j, x in enumerate(groups):
+        c.int_in(x, 0, U32 - 1, f"misc.creds.groups[{j}]")
+    rl = misc["rlimits"]
+    if not isinstance(rl, list) or len(rl) != 16:
+        raise c.fail("misc.rlimits", "must hold 16 [soft, hard] limits")
+    for j, pair in enumerate(rl):
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise c.fail(f"misc.rlimits[{j}]", "must be [soft, hard]")
+        soft = c.int_in(pair[0], 0, U64, f"misc.rlimits[{j}][0]")
+        hard = c.int_in(pair[1], 0, U64, f"misc.rlimits[{j}][1]")
+        if soft > hard:
+            raise c.fail(f"misc.rlimits[{j}]", f"has soft {soft} above hard {hard}")
+
+
+def check_task_fields(pid: int, task: dict[str, Any]) -> None:
+    """Every field a restore reads, with its type: a broken image fails here, before anything exists."""
+    name = task_name(pid)
+    check_schema(task, TASK_FIELDS_SCHEMA, name)
+    for i, v in enumerate(task["mm"]["vmas"]):
+        check_schema(v, VMA_SCHEMA, name, f"mm.vmas[{i}].")
+    for i, o in enumerate(task["mm"]["objects"]):
+        check_schema(o, OBJECT_SCHEMA, name, f"mm.objects[{i}].")
+    for i, f in enumerate(task["files"]):
+        check_schema(f, FD_SCHEMA, name, f"files[{i}].")
+    cgs = task.get("cgroups", [])
+    if not isinstance(cgs, list):
+        raise ImageError(f"{name}: field 'cgroups' must be an array")
+    for i, c in enumerate(cgs):
+        check_schema(c, CGROUP_SCHEMA, name, f"cgroups[{i}].")
+
+
+def validate_image(img: Any) -> None:
+    """The whole semantic check of an opened Image, shared by eager restore, lazy restore and the lazy-pages
+    server: field types, then ranges and consistency of every task. Raises ImageError naming file and field."""
+    for pid in img.tasks:
+        task = img.task(pid)
+        check_task_fields(pid, task)
+        size = img.files[pages_name(pid)]["size"] if img.has_pages(pid) else 0
+        check_task(task, task_name(pid), size // PAGE_SIZE,
+                   lambda name: isinstance(name, str) and blob_name(name) in img.files)
