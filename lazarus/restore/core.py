@@ -201,9 +201,11 @@ def prepare_xstate(task: RemoteTask, core: dict[str, Any]) -> None:
     nr = xcomp_request(want, have)
     if nr is not None:
         supp = _xcomp_get(task, abi.ARCH_GET_XCOMP_SUPP, "ARCH_GET_XCOMP_SUPP")
-        if want & ~supp:
-            raise RestoreError(f"the process had permission for XSTATE features {want & ~have:#x} (AMX tiles); "
-                               f"this CPU and kernel offer only {supp:#x}", stage="xstate", pid=pid)
+        lacking = want & ~supp
+        if lacking:
+            what = " (AMX tiles)" if not lacking & ~abi.XFEATURE_MASK_XTILE else ""
+            raise RestoreError(f"the process had permission for XSTATE features {lacking:#x}{what}; this CPU and "
+                               f"kernel offer only {supp:#x}", stage="xstate", pid=pid)
         ret = task.raw(abi.SYS.arch_prctl, abi.ARCH_REQ_XCOMP_PERM, nr)
         if ret < 0:
             raise RestoreError(f"arch_prctl(ARCH_REQ_XCOMP_PERM, {nr}) refused: {os.strerror(-ret)}",
