@@ -139,6 +139,23 @@ def test_amx_permission_without_tiles_restored(harness: H.Harness, mode: str) ->
     assert not xstate_bv(core) & TILEDATA
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_permission_check_can_fail(harness: H.Harness, mode: str) -> None:
+    """The image field is what brings the permission back: strip it from an image (tiles unused, so the restore
+    itself has no reason to refuse) and the restored target must report the permission lost."""
+    needs("AMX")
+
+    def strip(core: dict[str, Any]) -> None:
+        core["xcomp_perm"] &= ~TILEDATA
+
+    case = regs_case("amxperm")
+    image, target = edited_image(harness, case, strip)
+    r = harness.restore(image, lazy=mode == "lazy", like=target)
+    assert r.returncode == 0 and r.target is not None, r.stderr
+    result = harness.run_case(case, r.target)
+    assert result.startswith("FAIL") and "permission lost" in result, f"{result}\n{r.target.describe()}"
+
+
 def test_amx_permission_not_granted_unasked(harness: H.Harness) -> None:
     """A process that never asked for tiles must not come back with the permission (the target checks)."""
     needs("AMX")
@@ -148,7 +165,8 @@ def test_amx_permission_not_granted_unasked(harness: H.Harness) -> None:
 
 # -- refusals: one line, nothing left running ------------------------------------------------------------------
 
-def edited_image(harness: H.Harness, case: H.Case, change: Callable[[dict[str, Any]], None]) -> tuple[Path, int]:
+def edited_image(harness: H.Harness, case: H.Case,
+                 change: Callable[[dict[str, Any]], None]) -> tuple[Path, H.Target]:
     """Dump `case` and rewrite its task file with `change(core)`, checksums resealed (only the change is wrong)."""
     from lazarus.images.format import hex64, inventory_bytes, inventory_self_check, json_bytes, xxh3
 
@@ -165,7 +183,7 @@ def edited_image(harness: H.Harness, case: H.Case, change: Callable[[dict[str, A
     inv["files"][path.name].update(size=len(data), xxh3=hex64(xxh3(data)))
     inv["self_check"] = inventory_self_check(inv)
     (image / "inventory.json").write_bytes(inventory_bytes(inv))
-    return image, target.pid
+    return image, target
 
 
 def restore_refused(harness: H.Harness, image: Path, pid: int, *patterns: str) -> None:
@@ -182,8 +200,8 @@ def test_tiles_without_permission_refused(harness: H.Harness) -> None:
     def drop(core: dict[str, Any]) -> None:
         core["xcomp_perm"] &= ~TILES
 
-    image, pid = edited_image(harness, regs_case("auto"), drop)
-    restore_refused(harness, image, pid, r"xcomp_perm", r"tile", str(pid))
+    image, target = edited_image(harness, regs_case("auto"), drop)
+    restore_refused(harness, image, target.pid, r"xcomp_perm", r"tile", str(target.pid))
 
 
 def test_permission_this_kernel_cannot_grant_refused(harness: H.Harness) -> None:
@@ -196,8 +214,8 @@ def test_permission_this_kernel_cannot_grant_refused(harness: H.Harness) -> None
     def grant_more(core: dict[str, Any]) -> None:
         core["xcomp_perm"] |= foreign
 
-    image, pid = edited_image(harness, regs_case("noamx"), grant_more)
-    restore_refused(harness, image, pid, r"permission", r"offer", str(pid))
+    image, target = edited_image(harness, regs_case("noamx"), grant_more)
+    restore_refused(harness, image, target.pid, r"permission", r"offer", str(target.pid))
 
 
 def test_xstate_of_other_length_refused(harness: H.Harness) -> None:
@@ -207,8 +225,8 @@ def test_xstate_of_other_length_refused(harness: H.Harness) -> None:
     def shorten(core: dict[str, Any]) -> None:
         core["xstate"] = core["xstate"][:-128]
 
-    image, pid = edited_image(harness, regs_case("noamx"), shorten)
-    restore_refused(harness, image, pid, r"core\.xstate", str(size - 64), str(size))
+    image, target = edited_image(harness, regs_case("noamx"), shorten)
+    restore_refused(harness, image, target.pid, r"core\.xstate", str(size - 64), str(size))
 
 
 def test_check_rows_agree_with_xcr0() -> None:

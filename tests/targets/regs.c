@@ -461,8 +461,9 @@ int main(int argc, char **argv)
 	if (sigaction(SIGALRM, &sa, NULL))
 		laz_die("sigaction SIGALRM");
 
-	snprintf(points, sizeof(points), "gpr gpr_rax xmm mxcsr fpucw x87 gs%s%s%s",
-		 vec_width >= 32 ? " ymm" : "", has_k ? " zmm zmm_hi16 opmask" : "", use_tiles ? " tmm tilecfg" : "");
+	snprintf(points, sizeof(points), "gpr gpr_rax xmm mxcsr fpucw x87 gs%s%s%s%s",
+		 vec_width >= 32 ? " ymm" : "", has_k ? " zmm zmm_hi16 opmask" : "", use_tiles ? " tmm tilecfg" : "",
+		 amx_cpu && !want_perm ? " xcomp_perm" : "");
 	laz_points = points;
 	laz_log("# corrupt-points: %s", points);
 	laz_log("# vector registers: %d x %d bytes%s", vec_count, vec_width, has_k ? ", k0-k7" : "");
@@ -488,6 +489,9 @@ int main(int argc, char **argv)
 		spin_sse();
 	if (use_tiles)
 		tiles_store();
+	/* A permission can only be added, never taken back: the check that none appeared can be made to fail. */
+	if (amx_cpu && !want_perm && laz_corrupt("xcomp_perm"))
+		syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA);
 
 	__asm__ volatile("ldmxcsr %0\n\tfldcw %1" : : "m"(mxcsr_default), "m"(fcw_default));
 	if (laz_corrupt("gs"))
