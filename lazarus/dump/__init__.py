@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lazarus.dump.core import dump_misc, dump_registers, dump_signals
+from lazarus.dump.core import dump_misc, dump_registers, dump_signals, dump_xcomp_perm
 from lazarus.dump.files import dump_files
 from lazarus.dump.membership import check_namespaces, check_session, dump_cgroups
 from lazarus.dump.memory import MemoryDumper
@@ -128,6 +128,7 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: b
                 raise DumpError(f"pid {pid}: no syscall instruction found to inject through")
             core = dump_registers(pid)
             remote = RemoteTask(pid, sys_ip)
+            core["xcomp_perm"] = dump_xcomp_perm(remote)
             restart_after_freeze(remote.saved_regs)  # for the original, should it resume
             signals = dump_signals(remote)
             misc = dump_misc(remote)

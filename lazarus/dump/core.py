@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any
 
@@ -16,6 +17,19 @@ def dump_registers(pid: int) -> dict[str, Any]:
     regs = ptrace.get_regs(pid)
     xstate = ptrace.get_regset_whole(pid, abi.NT_X86_XSTATE)
     return {"regs": bytes(regs).hex(), "xstate": xstate.hex()}
+
+
+def dump_xcomp_perm(task: RemoteTask) -> int | None:
+    """The process's permission mask for dynamically enabled XSTATE features (AMX tile data), by injected
+    arch_prctl(ARCH_GET_XCOMP_PERM); None on a kernel without the call (before 5.16), which has no such
+    features. A restore must grant the same permission before it sets the XSTATE (restore/core.py)."""
+    scratch = task.alloc_scratch()
+    ret = task.raw(abi.SYS.arch_prctl, abi.ARCH_GET_XCOMP_PERM, scratch)
+    if ret == -errno.EINVAL:
+        return None
+    if ret < 0:
+        raise KernelError(f"arch_prctl(ARCH_GET_XCOMP_PERM) in task {task.pid}", -ret, pid=task.pid)
+    return int.from_bytes(task.read(scratch, 8), "little")
 
 
 def dump_signals(task: RemoteTask) -> dict[str, Any]:

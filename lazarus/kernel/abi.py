@@ -174,6 +174,22 @@ PR_SET_NO_NEW_PRIVS = 38
 
 # arch_prctl (arch/x86/include/uapi/asm/prctl.h)
 ARCH_MAP_VDSO_64 = 0x2003
+# Dynamically enabled XSTATE features (Documentation/arch/x86/xstate.rst): per-process permission, by the
+# number of the highest XSTATE component the facility needs.
+ARCH_GET_XCOMP_SUPP = 0x1021
+ARCH_GET_XCOMP_PERM = 0x1022
+ARCH_REQ_XCOMP_PERM = 0x1023
+# XSTATE component numbers (arch/x86/include/asm/fpu/types.h, enum xfeature)
+XFEATURE_OPMASK = 5
+XFEATURE_ZMM_HI256 = 6
+XFEATURE_HI16_ZMM = 7
+XFEATURE_XTILECFG = 17
+XFEATURE_XTILEDATA = 18
+XFEATURE_MASK_AVX512 = 1 << XFEATURE_OPMASK | 1 << XFEATURE_ZMM_HI256 | 1 << XFEATURE_HI16_ZMM
+XFEATURE_MASK_XTILE = 1 << XFEATURE_XTILECFG | 1 << XFEATURE_XTILEDATA
+# arch/x86/include/asm/fpu/xstate.h XFEATURE_MASK_USER_DYNAMIC: the user features whose buffer the kernel
+# allocates at first use, and only with permission.
+XFEATURE_MASK_USER_DYNAMIC = 1 << XFEATURE_XTILEDATA
 
 # rseq (include/uapi/linux/rseq.h)
 RSEQ_FLAG_UNREGISTER = 1

@@ -201,16 +201,27 @@ def _probe_child() -> _ChildProbe:
         rseq = (None if rseq_err else
                 (conf.rseq_abi_pointer, conf.rseq_abi_size, conf.signature, conf.flags))
 
-        # Big enough for any XSAVE layout known (AMX makes it ~11 KiB); the kernel trims iov_len.
-        buf = C.create_string_buffer(64 * 1024)
-        iov = abi.iovec(C.cast(buf, C.c_void_p), len(buf))
-        xerr = _ptrace_call(abi.PTRACE_GETREGSET, pid, abi.NT_X86_XSTATE, C.byref(iov))
-        xstate = b"" if xerr else buf.raw[: iov.iov_len]
+        xerr, xstate = _xstate_regset(pid)
         return _ChildProbe("", exitkill, rseq_err, rseq, xerr, xstate)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+
+
+def _xstate_regset(pid: int) -> tuple[int, bytes]:
+    """(errno, the whole NT_X86_XSTATE regset) of a stopped tracee. The kernel trims iov_len to the regset's
+    length without saying it truncated, so the buffer grows until the answer is shorter than it."""
+    size = 16384
+    while True:
+        buf = C.create_string_buffer(size)
+        iov = abi.iovec(C.cast(buf, C.c_void_p), size)
+        err = _ptrace_call(abi.PTRACE_GETREGSET, pid, abi.NT_X86_XSTATE, C.byref(iov))
+        if err:
+            return err, b""
+        if iov.iov_len < size:
+            return 0, buf.raw[: iov.iov_len]
+        size *= 4
 
 
 _child_cache: _ChildProbe | None = None
@@ -264,6 +275,38 @@ def cpu_xstate() -> tuple[int, int]:
     except ValueError as e:
         raise FeatureMissing(f"cpu xstate unavailable: {e}") from None
     return xcr0, size
+
+
+def xcomp_supported() -> int | None:
+    """arch_prctl(ARCH_GET_XCOMP_SUPP): the XSTATE features this kernel can grant (dynamic ones such as AMX
+    tile data need a process's request first), or None on a kernel without the call (before 5.16)."""
+    value = C.c_uint64(0)
+    ret, _ = raw_syscall(abi.SYS.arch_prctl, abi.ARCH_GET_XCOMP_SUPP, C.byref(value))
+    return None if ret < 0 else value.value
+
+
+def cpu_part_rows(xcr0: int, supp: int | None) -> list[Feature]:
+    """The "AVX-512" and "AMX" info rows of `lazarus check` from XCR0 (as the xstate probe read it) and what
+    ARCH_GET_XCOMP_SUPP reported. Neither is needed to dump or restore; tests use them to know which register
+    parts this CPU must bring back. AMX also needs the kernel to grant the tile permission."""
+    have512 = xcr0 & abi.XFEATURE_MASK_AVX512 == abi.XFEATURE_MASK_AVX512
+    avx512 = Feature("AVX-512", have512,
+                     "xcr0 bits 5-7 (opmask, ZMM_Hi256, Hi16_ZMM) set: zmm0-31 and k0-7 are saved" if have512
+                     else f"xcr0 {xcr0:#x} lacks bits 5-7: no AVX-512 on this CPU", "info")
+    tiles = abi.XFEATURE_MASK_XTILE
+    if xcr0 & tiles != tiles:
+        amx = Feature("AMX", False, f"xcr0 {xcr0:#x} lacks bits 17-18 (XTILECFG, XTILEDATA): no AMX on this CPU",
+                      "info")
+    elif supp is None:
+        amx = Feature("AMX", False, "arch_prctl(ARCH_GET_XCOMP_SUPP) unavailable: the kernel cannot grant "
+                      "tile permission", "info")
+    elif supp & tiles != tiles:
+        amx = Feature("AMX", False, f"the kernel does not offer tile permission (ARCH_GET_XCOMP_SUPP {supp:#x})",
+                      "info")
+    else:
+        amx = Feature("AMX", True, f"xcr0 bits 17-18 set; the kernel grants tile permission "
+                      f"(ARCH_GET_XCOMP_SUPP {supp:#x}): a process's permission and tiles are saved", "info")
+    return [avx512, amx]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,6 +480,14 @@ def _probe_cpu_xstate() -> Feature:
                    also_for=("restore",))
 
 
+def _probe_cpu_parts() -> list[Feature]:
+    try:
+        xcr0, _ = cpu_xstate()
+    except FeatureMissing as e:
+        return [Feature("AVX-512", False, str(e), "info"), Feature("AMX", False, str(e), "info")]
+    return cpu_part_rows(xcr0, xcomp_supported())
+
+
 def _probe_process_vm() -> list[Feature]:
     src = C.create_string_buffer(b"lazarus!", 8)
     dst = C.create_string_buffer(8)
@@ -564,6 +615,7 @@ def probe() -> list[Feature]:
     rows.append(_probe_capabilities())
     rows += _probe_ptrace()
     rows.append(_probe_cpu_xstate())
+    rows += _probe_cpu_parts()
     rows += _probe_pidfd()
     rows.append(_probe_clone3_set_tid())
     rows.append(_probe_prctl_mm_map())
@@ -623,5 +675,5 @@ def check_exit_code(features: list[Feature] | None = None) -> int:
 
 
 __all__ = ["Feature", "VdsoLayout", "PURPOSES", "probe", "report", "get", "missing_for", "require",
-           "check_exit_code", "cpu_xstate", "parse_xstate", "uffd_features", "vdso_layout",
+           "check_exit_code", "cpu_xstate", "parse_xstate", "cpu_part_rows", "xcomp_supported", "uffd_features", "vdso_layout",
            "parse_vdso_layout", "kernel_release"]

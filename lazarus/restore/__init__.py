@@ -174,6 +174,7 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
         timings["create"] = time.monotonic() - t0
 
         rcore.reset_inherited(remote)
+        rcore.prepare_xstate(remote, task["core"])
         close_inherited_fds(remote)
         specials = clear_address_space(remote, (tramp.addr, tramp.addr + TRAMPOLINE_SIZE))
         gaps = trampoline_candidates(mm["vmas"] + [{"start": tramp.addr, "end": tramp.addr + TRAMPOLINE_SIZE}],

@@ -8,8 +8,9 @@ import os
 import signal
 from typing import Any
 
-from lazarus.errors import KernelError, RestoreError
+from lazarus.errors import ImageError, KernelError, LazarusError, RestoreError
 from lazarus.kernel import abi, ptrace
+from lazarus.kernel.features import cpu_xstate, parse_xstate
 from lazarus.kernel.syscall import prlimit
 from lazarus.remote import RemoteTask, restart_after_freeze
 
@@ -124,6 +125,110 @@ def restore_dumpable(task: RemoteTask, misc: dict[str, Any]) -> None:
     value = misc.get("dumpable")
     if value in (0, 1):
         task.syscall(abi.SYS.prctl, abi.PR_SET_DUMPABLE, value, 0, 0, 0)
+
+
+# Machine code run once in a restored task whose image holds AMX tile data. The kernel gives a task an XSTATE
+# buffer large enough for the tiles only at its first tile instruction after permission was granted
+# (Documentation/arch/x86/xstate.rst, "The first use ... is trapped"); until then PTRACE_SETREGSET refuses an
+# XSTATE with XTILEDATA in use (EINVAL, seen on 6.18). tilerelease puts the tiles back in their initial state;
+# the saved XSTATE is set over it at the end. The closing `syscall` makes RemoteTask.raw stop the task there.
+_TILE_FIRST_USE = bytes.fromhex(
+    "c4e2784905" "37000000"  # ldtilecfg 0x37(%rip)       the configuration at +64
+    "c4e27b49c0"              # tilezero %tmm0             touches tile data: the kernel sizes the buffer
+    "c4e27849c0"              # tilerelease
+    "0f05"                    # syscall
+).ljust(64, b"\xcc")          # int3 padding
+# Palette 1, tmm0 one row of 64 bytes, every other tile unused; reserved bytes zero (or ldtilecfg faults).
+_TILE_FIRST_USE_CFG = bytes([1, 0]) + bytes(14) + (64).to_bytes(2, "little") + bytes(30) + bytes([1]) + bytes(15)
+
+
+_XCOMP_SCRATCH_OFFSET = 256  # past the code and its configuration
+
+
+def xcomp_perm_of(core: dict[str, Any]) -> int | None:
+    """core.xcomp_perm: the permission mask for dynamically enabled XSTATE features the process held (what
+    ARCH_GET_XCOMP_PERM answered at dump), or None where the dumping kernel had no such call (or an image
+    from before it was saved). Raises ImageError if it is neither."""
+    value = core.get("xcomp_perm")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 64:
+        raise ImageError(f"core.xcomp_perm: expected an unsigned 64-bit integer or null, got {value!r}")
+    return value
+
+
+def xcomp_request(want: int, have: int) -> int | None:
+    """The argument for ARCH_REQ_XCOMP_PERM that grows permission `have` to `want`, or None if nothing is
+    missing. The kernel takes the number of the highest XSTATE component a facility needs and grants the
+    facility's whole set (AMX: 18, XTILEDATA, which brings XTILECFG with it)."""
+    missing = want & ~have
+    return missing.bit_length() - 1 if missing else None
+
+
+def _xcomp_get(task: RemoteTask, option: int, name: str) -> int:
+    addr = task.alloc_scratch() + _XCOMP_SCRATCH_OFFSET
+    ret = task.raw(abi.SYS.arch_prctl, option, addr)
+    if ret < 0:
+        raise RestoreError(f"arch_prctl({name}) in the new task: {os.strerror(-ret)}", stage="xstate",
+                           pid=task.pid)
+    return int.from_bytes(task.read(addr, 8), "little")
+
+
+def prepare_xstate(task: RemoteTask, core: dict[str, Any]) -> None:
+    """Before the saved XSTATE can be set (set_final_state): check it is shaped for this CPU, give the task the
+    permission for dynamically enabled features (AMX) the process had, and, where the saved state holds tile
+    data, make the kernel size the task's buffer for it. Early in the restore, so that a CPU or kernel that
+    cannot grant the permission fails the restore before anything runs, and before the process's sigaltstack
+    is installed (the kernel checks altstack sizes against the permitted features, as it did for the original).
+    """
+    pid = task.pid
+    xstate = bytes.fromhex(core["xstate"])
+    _, size = cpu_xstate()
+    if len(xstate) != size:
+        raise ImageError(f"core.xstate of task {pid} is {len(xstate)} bytes; this CPU's XSTATE regset is {size}")
+    try:
+        _, _, bv = parse_xstate(xstate)
+    except ValueError as e:
+        raise ImageError(f"core.xstate of task {pid}: {e}") from None
+    want = xcomp_perm_of(core)
+    tiles = bv & abi.XFEATURE_MASK_USER_DYNAMIC
+    if want is None or tiles & ~want:
+        if tiles:
+            raise ImageError(f"task {pid}: core.xstate holds AMX tile data (xstate_bv {bv:#x}) but core.xcomp_perm "
+                             f"({'missing' if want is None else hex(want)}) does not permit it")
+        return
+    have = _xcomp_get(task, abi.ARCH_GET_XCOMP_PERM, "ARCH_GET_XCOMP_PERM")
+    nr = xcomp_request(want, have)
+    if nr is not None:
+        supp = _xcomp_get(task, abi.ARCH_GET_XCOMP_SUPP, "ARCH_GET_XCOMP_SUPP")
+        lacking = want & ~supp
+        if lacking:
+            what = " (AMX tiles)" if not lacking & ~abi.XFEATURE_MASK_XTILE else ""
+            raise RestoreError(f"the process had permission for XSTATE features {lacking:#x}{what}; this CPU and "
+                               f"kernel offer only {supp:#x}", stage="xstate", pid=pid)
+        ret = task.raw(abi.SYS.arch_prctl, abi.ARCH_REQ_XCOMP_PERM, nr)
+        if ret < 0:
+            raise RestoreError(f"arch_prctl(ARCH_REQ_XCOMP_PERM, {nr}) refused: {os.strerror(-ret)}",
+                               stage="xstate", pid=pid)
+        have = _xcomp_get(task, abi.ARCH_GET_XCOMP_PERM, "ARCH_GET_XCOMP_PERM")
+    if have != want:
+        raise RestoreError(f"XSTATE feature permission is {have:#x} in the new task, the process had {want:#x}",
+                           stage="xstate", pid=pid)
+    if tiles:
+        _first_tile_use(task)
+
+
+def _first_tile_use(task: RemoteTask) -> None:
+    code = task.put(_TILE_FIRST_USE + _TILE_FIRST_USE_CFG, 0)  # scratch is in the RWX injection mapping
+    syscall_ip = task.syscall_ip
+    task.syscall_ip = code  # raw() starts the task there; the code ends in its `syscall`
+    try:
+        task.raw(abi.SYS.getpid)
+    except LazarusError as e:
+        raise RestoreError(f"first AMX tile instruction in the new task failed: {e}", stage="xstate",
+                           pid=task.pid) from e
+    finally:
+        task.syscall_ip = syscall_ip
 
 
 def final_registers(core: dict[str, Any]) -> tuple[abi.user_regs_struct, bool]:

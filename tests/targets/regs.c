@@ -3,13 +3,20 @@
  * vector registers at full width (zmm0-31 and k0-7 with AVX-512, else ymm0-15 with AVX, else
  * xmm0-15), two x87 stack registers, a non-default MXCSR (round toward zero, FTZ, DAZ) and
  * x87 control word (round up, 53-bit precision), and the gs base.
+ * Where the CPU and kernel offer AMX: the permission for tile data (arch_prctl ARCH_REQ_XCOMP_PERM,
+ * Documentation/arch/x86/xstate.rst), a palette-1 tile configuration and tmm0-7, loaded before
+ * the spin and stored after it; after restore the tiles, their configuration and the permission
+ * must be back, and a further tile instruction (tilezero) must still work (no SIGILL).
+ * The log line "# parts: ..." names what ran (avx512|avx|sse, then amx or amx-perm).
  * One asm block loads known values, spins (pause) until the SIGUSR2 handler sets a flag,
  * then stores every register to memory; C code compares. READY is written by a SIGALRM
  * handler only once the registers are loaded, so a dump always catches them live.
  * Self-test corruption edits the interrupted register state in the SIGUSR2 handler's
  * ucontext (and so in the real registers after sigreturn).
  *
- * Usage: regs LOGFILE [auto|avx|sse]   (use at most that register set; default auto)
+ * Usage: regs LOGFILE [auto|noamx|amxperm|avx|sse]
+ *   auto: everything the CPU has; noamx: no tile permission (and it must not appear after restore);
+ *   amxperm: tile permission but no tile ever used; avx, sse: at most that register set, no AMX.
  * Trigger: SIGUSR2.
  */
 #include "common.h"
@@ -24,6 +31,27 @@
 #define MXCSR_TEST 0xffc0u /* all exceptions masked, RC=toward zero, FTZ, DAZ */
 #define FCW_TEST 0x0a7fu   /* all exceptions masked, PC=53 bit, RC=up */
 #define GS_TEST 0x12345000UL
+
+#ifndef ARCH_GET_XCOMP_SUPP
+#define ARCH_GET_XCOMP_SUPP 0x1021
+#define ARCH_GET_XCOMP_PERM 0x1022
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#endif
+#define XFEATURE_XTILECFG 17
+#define XFEATURE_XTILEDATA 18
+#define XTILE_MASK ((1UL << XFEATURE_XTILECFG) | (1UL << XFEATURE_XTILEDATA))
+#define TILE_ROWS 16
+#define TILE_COLSB 64
+#define TILE_BYTES (TILE_ROWS * TILE_COLSB)
+
+/* The 64-byte LDTILECFG operand; reserved bytes must be zero or ldtilecfg faults. */
+struct tilecfg {
+	uint8_t palette;
+	uint8_t start_row;
+	uint8_t reserved[14];
+	uint16_t colsb[16];
+	uint8_t rows[16];
+} __attribute__((packed, aligned(64)));
 
 struct regfile {
 	uint64_t gpr[15]; /* rax rbx rcx rdx rsi rdi r8 r9 r10 r11 r12 r13 r14 r15 (14 used) */
@@ -43,6 +71,14 @@ static struct regfile in, out;
 static volatile int regs_loaded;
 static int vec_width, vec_count, has_k;
 static unsigned int xoff_ymm, xoff_k, xoff_zmmhi, xoff_hi16;
+
+/* AMX: amx_cpu = CPU and kernel offer tiles; use_tiles = tiles loaded; want_perm = permission asked for. */
+static int amx_cpu, use_tiles, want_perm;
+static unsigned int xoff_tilecfg, xoff_tiledata;
+static struct tilecfg tcfg_in, tcfg_out;
+static unsigned char tiles_in[8][TILE_BYTES] __attribute__((aligned(64)));
+static unsigned char tiles_out[8][TILE_BYTES] __attribute__((aligned(64)));
+static unsigned char tile_zero_out[TILE_BYTES] __attribute__((aligned(64)));
 
 #define OFF_GPR offsetof(struct regfile, gpr)
 #define OFF_VEC offsetof(struct regfile, vec)
@@ -149,6 +185,67 @@ static void spin_avx512(void)
 			 : GPR_CLOBBERS, XMM_CLOBBERS, HI_CLOBBERS);
 }
 
+/*
+ * Tile instructions in asm with explicit memory operands: the compiler never uses tiles itself, so
+ * the tiles stay as loaded across the C code between these blocks and the spin.
+ */
+#define TILE_LD(i) "tileloadd (%[t], %[stride], 1), %%tmm" #i "\n\tadd %[step], %[t]\n\t"
+#define TILE_ST(i) "tilestored %%tmm" #i ", (%[t], %[stride], 1)\n\tadd %[step], %[t]\n\t"
+
+static void tiles_load(void)
+{
+	unsigned char *t = &tiles_in[0][0];
+
+	__asm__ volatile("ldtilecfg %[cfg]\n\t" REP8(TILE_LD)
+			 : [t] "+r"(t)
+			 : [cfg] "m"(tcfg_in), [stride] "r"((long)TILE_COLSB), [step] "i"(TILE_BYTES),
+			   "m"(tiles_in)
+			 : "cc");
+}
+
+static void tiles_store(void)
+{
+	unsigned char *t = &tiles_out[0][0];
+
+	__asm__ volatile("sttilecfg %[cfg]\n\t" REP8(TILE_ST)
+			 : [t] "+r"(t), [cfg] "=m"(tcfg_out), "=m"(tiles_out)
+			 : [stride] "r"((long)TILE_COLSB), [step] "i"(TILE_BYTES)
+			 : "cc");
+}
+
+/* More tile instructions after the restore (configure, zero tmm3, store it, release): SIGILL here means
+ * the task has no tile permission; in amxperm mode they are the first tile use of the restored task. */
+static void tile_zero_store(void)
+{
+	__asm__ volatile("ldtilecfg %[cfg]\n\ttilezero %%tmm3\n\ttilestored %%tmm3, (%[t], %[stride], 1)\n\t"
+			 "tilerelease"
+			 : "=m"(tile_zero_out)
+			 : [cfg] "m"(tcfg_in), [t] "r"(tile_zero_out), [stride] "r"((long)TILE_COLSB));
+}
+
+/* The palette-1 shape this target uses: 8 tiles of 16 rows x 64 bytes (CPUID leaf 0x1d). */
+static int amx_palette1_fits(void)
+{
+	unsigned int a, b, c, d;
+
+	__cpuid_count(0x1d, 0, a, b, c, d);
+	if (a < 1)
+		return 0;
+	__cpuid_count(0x1d, 1, a, b, c, d);
+	(void)d;
+	return (a >> 16) >= TILE_BYTES && (b & 0xffff) >= TILE_COLSB && (b >> 16) >= 8 &&
+	       (c & 0xffff) >= TILE_ROWS;
+}
+
+static unsigned long xcomp(int option)
+{
+	unsigned long v = 0;
+
+	if (syscall(SYS_arch_prctl, option, &v))
+		return 0;
+	return v;
+}
+
 static unsigned int xsave_offset(unsigned int component)
 {
 	unsigned int a, b, c, d;
@@ -163,7 +260,7 @@ static unsigned int xsave_offset(unsigned int component)
 static void detect_cpu(const char *limit)
 {
 	unsigned int a, b, c, d, xcr0_lo = 0, xcr0_hi = 0;
-	int osxsave, avx = 0, avx512 = 0;
+	int osxsave, avx = 0, avx512 = 0, amx_tile = 0;
 
 	__cpuid(1, a, b, c, d);
 	osxsave = (c >> 27) & 1;
@@ -172,8 +269,18 @@ static void detect_cpu(const char *limit)
 		avx = ((c >> 28) & 1) && (xcr0_lo & 0x6) == 0x6;
 		__cpuid_count(7, 0, a, b, c, d);
 		avx512 = avx && ((b >> 16) & 1) && ((b >> 30) & 1) && (xcr0_lo & 0xe0) == 0xe0;
+		amx_tile = (d >> 24) & 1;
 	}
 	(void)xcr0_hi;
+	/* AMX needs the CPU (CPUID 7 EDX bit 24), the OS (XCR0 bits 17-18) and the kernel's consent. */
+	amx_cpu = amx_tile && (xcr0_lo & XTILE_MASK) == XTILE_MASK &&
+		  (xcomp(ARCH_GET_XCOMP_SUPP) & XTILE_MASK) == XTILE_MASK && amx_palette1_fits();
+	want_perm = amx_cpu && (strcmp(limit, "auto") == 0 || strcmp(limit, "amxperm") == 0);
+	use_tiles = want_perm && strcmp(limit, "auto") == 0;
+	if (use_tiles) {
+		xoff_tilecfg = xsave_offset(XFEATURE_XTILECFG);
+		xoff_tiledata = xsave_offset(XFEATURE_XTILEDATA);
+	}
 	if (strcmp(limit, "avx") == 0 || strcmp(limit, "sse") == 0)
 		avx512 = 0;
 	if (strcmp(limit, "sse") == 0)
@@ -215,6 +322,11 @@ static void corrupt_context(ucontext_t *uc)
 		xs[xoff_hi16 + 64 * 3 + 60] ^= 1;
 	if (has_k && laz_corrupt("opmask"))
 		xs[xoff_k + 8 * 3 + 1] ^= 1;
+	/* The frame holds the tiles (standard XSAVE layout) since they are not in their initial state. */
+	if (use_tiles && laz_corrupt("tmm"))
+		xs[xoff_tiledata + 5 * TILE_BYTES + 77] ^= 1;
+	if (use_tiles && laz_corrupt("tilecfg"))
+		xs[xoff_tilecfg + offsetof(struct tilecfg, rows) + 6] = TILE_ROWS / 2;
 }
 
 static void usr2_handler(int sig, siginfo_t *si, void *ctx)
@@ -252,6 +364,47 @@ static void setup_values(void)
 	memcpy(in.x87[1], &st1, 10);
 	in.mxcsr = MXCSR_TEST;
 	in.fcw = FCW_TEST;
+	laz_fill(tiles_in, sizeof(tiles_in), 0x7133);
+	memset(&tcfg_in, 0, sizeof(tcfg_in));
+	tcfg_in.palette = 1;
+	for (i = 0; i < 8; i++) {
+		tcfg_in.colsb[i] = TILE_COLSB;
+		tcfg_in.rows[i] = TILE_ROWS;
+	}
+}
+
+/* After the restore: tiles, their configuration, the permission, and a tile instruction that works. */
+static void verify_amx(void)
+{
+	unsigned long perm = xcomp(ARCH_GET_XCOMP_PERM);
+	int i;
+
+	if (use_tiles) {
+		LAZ_CHECK(memcmp(&tcfg_out, &tcfg_in, sizeof(tcfg_in)) == 0, "tile configuration differs");
+		for (i = 0; i < 8; i++) {
+			if (memcmp(tiles_out[i], tiles_in[i], TILE_BYTES) != 0) {
+				int b = 0;
+
+				while (tiles_out[i][b] == tiles_in[i][b])
+					b++;
+				laz_failf("tmm%d differs at byte %d", i, b);
+			}
+		}
+	}
+	if (want_perm) {
+		LAZ_CHECK((perm & XTILE_MASK) == XTILE_MASK, "AMX tile permission lost: ARCH_GET_XCOMP_PERM = %#lx",
+			  perm);
+		if ((perm & XTILE_MASK) == XTILE_MASK) {
+			memset(tile_zero_out, 0xa5, sizeof(tile_zero_out));
+			tile_zero_store();
+			for (i = 0; i < TILE_BYTES && tile_zero_out[i] == 0; i++)
+				;
+			LAZ_CHECK(i == TILE_BYTES, "tilezero + tilestored left byte %d = %#x", i, tile_zero_out[i]);
+		}
+	} else if (amx_cpu) {
+		LAZ_CHECK(!(perm & (1UL << XFEATURE_XTILEDATA)),
+			  "AMX tile permission granted that the process never asked for: %#lx", perm);
+	}
 }
 
 static void verify(void)
@@ -308,11 +461,16 @@ int main(int argc, char **argv)
 	if (sigaction(SIGALRM, &sa, NULL))
 		laz_die("sigaction SIGALRM");
 
-	snprintf(points, sizeof(points), "gpr gpr_rax xmm mxcsr fpucw x87 gs%s%s",
-		 vec_width >= 32 ? " ymm" : "", has_k ? " zmm zmm_hi16 opmask" : "");
+	snprintf(points, sizeof(points), "gpr gpr_rax xmm mxcsr fpucw x87 gs%s%s%s%s",
+		 vec_width >= 32 ? " ymm" : "", has_k ? " zmm zmm_hi16 opmask" : "", use_tiles ? " tmm tilecfg" : "",
+		 amx_cpu && !want_perm ? " xcomp_perm" : "");
 	laz_points = points;
 	laz_log("# corrupt-points: %s", points);
 	laz_log("# vector registers: %d x %d bytes%s", vec_count, vec_width, has_k ? ", k0-k7" : "");
+	laz_log("# parts: %s%s", has_k ? "avx512" : vec_width == 32 ? "avx" : "sse",
+		use_tiles ? " amx" : want_perm ? " amx-perm" : "");
+	if (want_perm && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA))
+		laz_die("arch_prctl ARCH_REQ_XCOMP_PERM");
 
 	/* READY comes from alarm_handler once the asm block has loaded the registers. */
 	if (setitimer(ITIMER_REAL, &it, NULL))
@@ -321,17 +479,25 @@ int main(int argc, char **argv)
 	sigaddset(&set, SIGUSR2);
 	sigprocmask(SIG_UNBLOCK, &set, NULL);
 
+	if (use_tiles)
+		tiles_load();
 	if (has_k)
 		spin_avx512();
 	else if (vec_width == 32)
 		spin_avx();
 	else
 		spin_sse();
+	if (use_tiles)
+		tiles_store();
+	/* A permission can only be added, never taken back: the check that none appeared can be made to fail. */
+	if (amx_cpu && !want_perm && laz_corrupt("xcomp_perm"))
+		syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA);
 
 	__asm__ volatile("ldmxcsr %0\n\tfldcw %1" : : "m"(mxcsr_default), "m"(fcw_default));
 	if (laz_corrupt("gs"))
 		syscall(SYS_arch_prctl, ARCH_SET_GS, GS_TEST + 4096);
 	verify();
+	verify_amx();
 	if (syscall(SYS_arch_prctl, ARCH_GET_GS, &gs) || gs != GS_TEST)
 		laz_failf("gs base = %#lx, expected %#lx", gs, GS_TEST);
 	laz_finish();
