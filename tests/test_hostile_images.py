@@ -200,3 +200,26 @@ def test_fuzz_structural_numbers(harness: H.Harness, images: dict[str, Path], pi
     finally:
         harness.cleanup()
         shutil.rmtree(image, ignore_errors=True)
+
+
+@pytest.mark.parametrize("how", ["dir-world-writable", "file-group-writable", "file-other-owner", "symlink"])
+def test_image_others_could_write_refused(harness: H.Harness, images: dict[str, Path], how: str) -> None:
+    """Who may write images: root (or the restorer) alone. An image another user could have written is
+    refused before anything is created, naming the file."""
+    image = H.copy_image(images["misc"], harness.image_dir())
+    (task_path,) = image.glob("task-*.json")
+    if how == "dir-world-writable":
+        image.chmod(0o777)
+        pattern = re.escape(str(image))
+    elif how == "file-group-writable":
+        task_path.chmod(0o664)
+        pattern = task_path.name
+    elif how == "file-other-owner":
+        os.chown(task_path, 65534, 65534)
+        pattern = "uid 65534"
+    else:
+        real = image.parent / f"{image.name}-real-task"
+        task_path.rename(real)
+        task_path.symlink_to(real)
+        pattern = "not a regular file"
+    refused(harness, image, "eager", pattern)

@@ -20,7 +20,10 @@ Python, no syscalls, like the rest of this package.
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from lazarus.errors import ImageError
@@ -233,10 +236,31 @@ def check_task_fields(pid: int, task: dict[str, Any]) -> None:
 
 def validate_image(img: Any) -> None:
     """The whole semantic check of an opened Image, shared by eager restore, lazy restore and the lazy-pages
-    server: field types, then ranges and consistency of every task. Raises ImageError naming file and field."""
+    server: who could have written it, field types, then ranges and consistency of every task. Raises
+    ImageError naming file and field."""
+    check_ownership(img.path, [n for n in (*img.files, "inventory.json")])
     for pid in img.tasks:
         task = img.task(pid)
         check_task_fields(pid, task)
         size = img.files[pages_name(pid)]["size"] if img.has_pages(pid) else 0
         check_task(task, task_name(pid), size // PAGE_SIZE,
                    lambda name: isinstance(name, str) and blob_name(name) in img.files)
+
+
+def check_ownership(path: Path, names: list[str] | None = None) -> None:
+    """Refuse an image that someone other than root (or the restorer itself) could have written: its directory
+    and each file must belong to uid 0 or our euid and be writable by nobody else, and every file must be a
+    regular file, not a symlink. A restore runs as root and builds a process from whatever the image says, so
+    the image must come from someone as trusted as the restorer (README, "Trust model")."""
+    me = os.geteuid()
+    entries = [(str(path), os.stat(path))]
+    for name in sorted(names if names is not None else os.listdir(path)):
+        entries.append((f"{path}/{name}", os.lstat(path / name)))
+    for where, st in entries:
+        if st.st_uid not in (0, me):
+            raise ImageError(f"{where}: owned by uid {st.st_uid}; an image must belong to root", path=where)
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise ImageError(f"{where}: writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                             "an image must be writable by its owner only", path=where)
+        if where != str(path) and not stat.S_ISREG(st.st_mode):
+            raise ImageError(f"{where}: not a regular file", path=where)
