@@ -41,6 +41,7 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "lazy_events": (),
     "cgroup": (),
     "thp": (),
+    "guestperm": (),
 }
 CFLAGS = ("-O1", "-g", "-Wall")
 

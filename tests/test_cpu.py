@@ -234,3 +234,16 @@ def test_check_rows_agree_with_xcr0() -> None:
     assert check_row("AVX-512").available == (xcr0 & abi.XFEATURE_MASK_AVX512 == abi.XFEATURE_MASK_AVX512)
     if check_row("AMX").available:
         assert xcr0 & TILES == TILES
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("perm", ["amx", "plain"])
+def test_guest_permission_restored(harness: H.Harness, mode: str, perm: str) -> None:
+    """The permission a VMM asked for on behalf of its guests comes back exactly: granted where it was, and
+    not granted where it was not."""
+    if perm == "amx":
+        needs("AMX")
+    case = H.Case(f"guestperm-{perm}", "guestperm", (perm,))
+    _, core = dump_then_restore(harness, case, mode)
+    assert core.get("xcomp_guest_perm") is not None, "the dump did not record the guest permission"
+    assert bool(core["xcomp_guest_perm"] & TILEDATA) == (perm == "amx"), core["xcomp_guest_perm"]

@@ -24,6 +24,7 @@ SELF_CASES: tuple[H.Case, ...] = (
     *(H.Case(f"unsupported-{m}", "unsupported", (m,)) for m in H.UNSUPPORTED_MODES),
     H.Case("pyscript", "pyscript", ("150000",), "none", None),
     H.Case("thp", "thp"),
+    H.Case("guestperm-plain", "guestperm", ("plain",)),
 )
 BATCH = 6
 # Targets that need set-up only their own test module makes; each of these modules runs the self-test too.

@@ -129,6 +129,7 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: b
             core = dump_registers(pid)
             remote = RemoteTask(pid, sys_ip)
             core["xcomp_perm"] = dump_xcomp_perm(remote)
+            core["xcomp_guest_perm"] = dump_xcomp_perm(remote, abi.ARCH_GET_XCOMP_GUEST_PERM)
             restart_after_freeze(remote.saved_regs)  # for the original, should it resume
             signals = dump_signals(remote)
             misc = dump_misc(remote)

@@ -19,16 +19,17 @@ def dump_registers(pid: int) -> dict[str, Any]:
     return {"regs": bytes(regs).hex(), "xstate": xstate.hex()}
 
 
-def dump_xcomp_perm(task: RemoteTask) -> int | None:
+def dump_xcomp_perm(task: RemoteTask, option: int = abi.ARCH_GET_XCOMP_PERM) -> int | None:
     """The process's permission mask for dynamically enabled XSTATE features (AMX tile data), by injected
-    arch_prctl(ARCH_GET_XCOMP_PERM); None on a kernel without the call (before 5.16), which has no such
-    features. A restore must grant the same permission before it sets the XSTATE (restore/core.py)."""
+    arch_prctl(ARCH_GET_XCOMP_PERM, or ARCH_GET_XCOMP_GUEST_PERM for the features its KVM guests may use);
+    None on a kernel without the call (before 5.16), which has no such features. A restore must grant the same
+    permission before it sets the XSTATE (restore/core.py)."""
     scratch = task.alloc_scratch()
-    ret = task.raw(abi.SYS.arch_prctl, abi.ARCH_GET_XCOMP_PERM, scratch)
+    ret = task.raw(abi.SYS.arch_prctl, option, scratch)
     if ret == -errno.EINVAL:
         return None
     if ret < 0:
-        raise KernelError(f"arch_prctl(ARCH_GET_XCOMP_PERM) in task {task.pid}", -ret, pid=task.pid)
+        raise KernelError(f"arch_prctl({option:#x}) in task {task.pid}", -ret, pid=task.pid)
     return int.from_bytes(task.read(scratch, 8), "little")
 
 

@@ -175,6 +175,7 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
 
         rcore.reset_inherited(remote)
         rcore.prepare_xstate(remote, task["core"])
+        rcore.restore_guest_perm(remote, task["core"])
         close_inherited_fds(remote)
         specials = clear_address_space(remote, (tramp.addr, tramp.addr + TRAMPOLINE_SIZE))
         gaps = trampoline_candidates(mm["vmas"] + [{"start": tramp.addr, "end": tramp.addr + TRAMPOLINE_SIZE}],

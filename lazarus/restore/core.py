@@ -218,6 +218,27 @@ def prepare_xstate(task: RemoteTask, core: dict[str, Any]) -> None:
         _first_tile_use(task)
 
 
+def restore_guest_perm(task: RemoteTask, core: dict[str, Any]) -> None:
+    """The permission for XSTATE features the process's KVM guests may use (ARCH_REQ_XCOMP_GUEST_PERM): asked
+    for again in the new task, and required to come out equal, or the restore fails naming it."""
+    want = core.get("xcomp_guest_perm")
+    if want is None:
+        return
+    if type(want) is not int or not 0 <= want < 1 << 64:
+        raise ImageError(f"core.xcomp_guest_perm: expected an unsigned 64-bit integer or null, got {want!r}")
+    have = _xcomp_get(task, abi.ARCH_GET_XCOMP_GUEST_PERM, "ARCH_GET_XCOMP_GUEST_PERM")
+    nr = xcomp_request(want, have)
+    if nr is not None:
+        ret = task.raw(abi.SYS.arch_prctl, abi.ARCH_REQ_XCOMP_GUEST_PERM, nr)
+        if ret < 0:
+            raise RestoreError(f"arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM, {nr}) refused: {os.strerror(-ret)}",
+                               stage="xstate", pid=task.pid)
+        have = _xcomp_get(task, abi.ARCH_GET_XCOMP_GUEST_PERM, "ARCH_GET_XCOMP_GUEST_PERM")
+    if have != want:
+        raise RestoreError(f"guest XSTATE feature permission is {have:#x} in the new task, the process had "
+                           f"{want:#x}", stage="xstate", pid=task.pid)
+
+
 def _first_tile_use(task: RemoteTask) -> None:
     code = task.put(_TILE_FIRST_USE + _TILE_FIRST_USE_CFG, 0)  # scratch is in the RWX injection mapping
     syscall_ip = task.syscall_ip
