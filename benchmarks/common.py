@@ -424,9 +424,10 @@ def median(values: Iterable[float | None]) -> float | None:
 # CRIU
 
 
-def criu_binary(minimum: int = 4) -> tuple[str, str] | None:
-    """(path, version) of a `criu` on PATH whose major version is >= minimum, else None."""
-    path = shutil.which("criu")
+def criu_binary(minimum: int = 4, given: str | None = None) -> tuple[str, str] | None:
+    """(path, version) of the `criu` given (--criu PATH), else of one on PATH, whose major version is >= minimum;
+    None if there is none. `../shared/peers/build-criu` builds CRIU 4.2 and prints its path."""
+    path = given or shutil.which("criu")
     if path is None:
         return None
     try:
@@ -575,6 +576,8 @@ def add_run_arguments(ap: Any, sizes: list[int], *, sizes_nargs: str = "+", size
                     help="where images are written (a temporary directory is made inside; default: system temp)")
     ap.add_argument("--no-warmup", action="store_true", help=f"skip the untimed round before each {warmup_what}")
     ap.add_argument("--no-criu", action="store_true", help="do not run criu even if it is installed")
+    ap.add_argument("--criu", metavar="PATH", help="the criu binary to measure against (default: criu on PATH; "
+                    "../shared/peers/build-criu builds CRIU 4.2 and prints its path)")
     ap.add_argument("--markdown", action="store_true", help="also print the tables as markdown")
 
 

@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--runs and --sizes must be positive")
     set_child_subreaper()
     ref = read_reference()
-    criu = None if args.no_criu else criu_binary(4)
+    criu = None if args.no_criu else criu_binary(4, args.criu)
     work = Path(tempfile.mkdtemp(prefix="lazarus-bench-", dir=args.workdir))
     info = run_info(args, work, criu)
     say_start(out, info, work)
