@@ -161,14 +161,17 @@ class LazyServer:
 
     # -- setup ---------------------------------------------------------------------------------------------
 
-    def add_process(self, pid: int | None, uffd: Uffd, source: PageSource) -> None:
+    def add_process(self, pid: int | None, uffd: Uffd, source: PageSource, *, pidfd: PidFd | None = None) -> None:
         """Serve `uffd` of process `pid` from `source`; both are owned by the server from now on (closed by it:
         the uffd when the process is complete, the source at close()). One source may serve several processes.
+        `pidfd`, owned from now on too, is the process's when the caller checked it (lazy/trust.py); without
+        it one is opened on `pid`, which must then be a child of ours (a number nobody else can reuse).
 
         Raises:
             NoSuchTask if pid is given and already gone.
         """
-        pidfd = PidFd.open(pid) if pid is not None else None
+        if pidfd is None and pid is not None:
+            pidfd = PidFd.open(pid)
         if self.background and hasattr(source, "start"):
             source.start()
         p = _Proc(key=uffd.fd, uffd=uffd, source=source, pending=source.pending(), pid=pid, pidfd=pidfd)
@@ -713,9 +716,8 @@ class LazyServer:
             with contextlib.suppress(LazarusError, OSError):
                 p.pidfd.send_signal(signal.SIGKILL)
             p.pidfd.wait(5.0)
-        elif p.pid is not None:
-            with contextlib.suppress(OSError):
-                os.kill(p.pid, signal.SIGKILL)
+        # Without a pidfd the process had already exited when its pid was learnt: nothing to kill, and a
+        # kill by number could hit whoever has that number now.
         self._finish(p, "lost", reason)
 
     def close(self) -> None:
