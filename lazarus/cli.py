@@ -64,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
 
     lp = sub.add_parser("lazy-pages", help="serve lazily restored processes' memory (several at once)")
     lp.add_argument("-D", "--images-dir", dest="dir", type=Path, required=True, metavar="DIR",
-                    help="directory for the socket (DIR/lazy-pages.sock unless --socket)")
+                    help="directory for the socket (DIR/lazy-pages.sock unless --socket); root's, not writable by "
+                    "group or others")
     lp.add_argument("--socket", type=Path, metavar="SOCK", help="listen here instead")
     lp.add_argument("--no-background", action="store_true", help="serve faults only")
     lp.add_argument("--linger", type=float, default=5.0, metavar="SECONDS",
