@@ -361,3 +361,27 @@ def test_restore_refuses_fake_listener(harness: H.Harness, tmp_path: Path, mode:
     fake.wait(10)
     with contextlib.suppress(Exception):
         assert fake.stdout.read() is not None
+
+
+def test_guard_opens_pidfds_only_on_checked_children() -> None:
+    """The guard finds a served process's unknown fork children by number; it takes a pidfd (to kill through)
+    only on a pid whose parent, read through that pidfd, is the served process, itself held by pidfd."""
+    from lazarus.kernel.pidfd import pidfd_info, pidfd_open
+    from lazarus.lazy.guard import _Entry, _GuardState
+    me = pidfd_open(os.getpid())
+    child = os.fork()
+    if child == 0:  # pragma: no cover
+        time.sleep(30)
+        os._exit(0)
+    try:
+        served = _Entry(key=1, uffd=-1, pidfd=me, pid=os.getpid(), parent=None)
+        fd = _GuardState._child_pidfd(served, child)
+        assert fd is not None and pidfd_info(fd).pid == child
+        os.close(fd)
+        assert _GuardState._child_pidfd(served, os.getppid()) is None, "a stranger (our parent) was accepted"
+        unheld = _Entry(key=2, uffd=-1, pidfd=None, pid=os.getpid(), parent=None)
+        assert _GuardState._child_pidfd(unheld, child) is None, "a child of a process not held by pidfd"
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        os.close(me)

@@ -14,9 +14,9 @@ only to a server run by root:
                names the peer as its parent (PIDFD_GET_INFO reads it from the task itself), and the peer's
                pidfd and the new one are both unexited afterwards, so neither number was reused in between.
                From then on only that pidfd is used: it is watched, and the guard kills through it.
-    uffd       must belong to the named task: one page it must be served is copied through the uffd (its
-               true contents from the image) where the task's pagemap shows no page, and the task's pagemap
-               must show that page present right after. A uffd fills only the address space it was made
+    uffd       must belong to the named task: one page it must be served and does not have yet (its
+               pagemap shows no page there) is copied through the uffd, with its true contents from the
+               image, and the task's pagemap must show that page present right after. A uffd fills only the address space it was made
                in, so the page appearing in the named task is the proof. (The task is stopped by its peer
                meanwhile; a wrong uffd costs its root sender one correct page of the image, nothing more.)
     server     (restore side) before the restored task exists: the directory and the socket file are
@@ -283,25 +283,44 @@ def verify_named_task(peer: Peer, pid: int) -> PidFd:
     return PidFd(fd, pid)
 
 
+def _entries(pagemap_fd: int, addr: int, npages: int) -> list[int]:
+    data = os.pread(pagemap_fd, 8 * npages, (addr // PAGE_SIZE) * 8)
+    return list(struct.unpack(f"<{len(data) // 8}Q", data[: len(data) // 8 * 8]))
+
+
 def _page_present(pagemap_fd: int, addr: int) -> bool:
-    entry = os.pread(pagemap_fd, 8, (addr // PAGE_SIZE) * 8)
-    if len(entry) != 8:
+    entries = _entries(pagemap_fd, addr, 1)
+    if not entries:
         raise Untrusted(f"cannot read the pagemap entry of {addr:#x}")
-    return bool(struct.unpack("<Q", entry)[0] & (_PM_PRESENT | _PM_SWAPPED))
+    return bool(entries[0] & (_PM_PRESENT | _PM_SWAPPED))
+
+
+def _first_absent(pagemap_fd: int, pending: Any, limit: int = 1024) -> tuple[int, int] | None:
+    """(address, file page index) of the first page to serve that the task does not have yet, looking at no
+    more than `limit` pages (a page may be both: the restore writes the rseq area before registering)."""
+    seen = 0
+    for start, npages, fidx in pending.runs():
+        n = min(npages, limit - seen)
+        for i, entry in enumerate(_entries(pagemap_fd, start, n)):
+            if not entry & (_PM_PRESENT | _PM_SWAPPED):
+                return start + i * PAGE_SIZE, fidx + i
+        seen += n
+        if seen >= limit:
+            break
+    return None
 
 
 def verify_uffd_owner(task: PidFd, uffd: Uffd, source: Any) -> None:
-    """Check that `uffd` serves the address space of `task` (see the module docstring), by filling the first
-    page `source` must serve through it. A source with nothing to serve never writes through the uffd, and
-    needs no check.
+    """Check that `uffd` serves the address space of `task` (see the module docstring), by filling through it
+    one page that `source` must serve and `task` does not have yet. A source with nothing to serve never
+    writes through the uffd, and needs no check.
 
     Raises:
         Untrusted when the page does not appear in `task`; PageSourceLost if the image page is unreadable.
     """
-    chunk = source.pending().next_chunk(0, PAGE_SIZE)
-    if chunk is None:
+    pending = source.pending()
+    if not pending:
         return
-    addr, _npages, fidx = chunk
     try:
         pm = os.open(f"/proc/{task.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
@@ -309,8 +328,11 @@ def verify_uffd_owner(task: PidFd, uffd: Uffd, source: Any) -> None:
     try:
         if task.exited():  # the pagemap opened by number is that task's only if it still runs now
             raise Untrusted(f"pid {task.pid} exited during the check")
-        if _page_present(pm, addr):
-            raise Untrusted(f"pid {task.pid}: page {addr:#x}, which it must be served, is already there")
+        found = _first_absent(pm, pending)
+        if found is None:
+            raise Untrusted(f"pid {task.pid} already has every page it was to be served first: not a fresh "
+                            "lazy restore")
+        addr, fidx = found
         try:
             _done, outcome = uffd.copy(addr, source.address(fidx, 1), PAGE_SIZE)
         except KernelError as e:
