@@ -142,7 +142,7 @@ def _start_server(h: H.Harness, sockdir: Path, *extra: str, umask: int = 0o022) 
     deadline = time.monotonic() + 15
     while not sock.exists() and time.monotonic() < deadline and server.poll() is None:
         time.sleep(0.02)
-    assert sock.exists(), f"lazy-pages did not create its socket: {server.poll()} {server.stderr and ''}"
+    assert sock.exists(), f"lazy-pages did not create its socket (exit status {server.poll()})"
     return server
 
 
@@ -359,8 +359,6 @@ def test_restore_refuses_fake_listener(harness: H.Harness, tmp_path: Path, mode:
     assert not H.is_alive(target.pid), f"pid {target.pid} exists after a refused restore"
     fake.kill()
     fake.wait(10)
-    with contextlib.suppress(Exception):
-        assert fake.stdout.read() is not None
 
 
 def test_guard_opens_pidfds_only_on_checked_children() -> None:
