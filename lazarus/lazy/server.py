@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lazarus.errors import KernelError, LazarusError, NoSuchTask, PageSourceLost
-from lazarus.kernel.pidfd import PidFd
+from lazarus.kernel.pidfd import PidFd, pidfd_info
 from lazarus.kernel.uffd import (
     CopyHelper,
     Fork,
@@ -103,6 +103,20 @@ class _Proc:
     @property
     def label(self) -> str:
         return f"pid {self.pid}" if self.pid is not None else f"uffd {self.key} (fork child of pid {self.parent_pid})"
+
+
+def _still_child_of(pidfd: PidFd, parent: _Proc) -> bool:
+    """False only when sure that `pidfd` is not a child of `parent`: its parent, read through the pidfd, is
+    another process while `parent` (held by its own pidfd) still runs. Without that certainty: True."""
+    if parent.pidfd is None or parent.pid is None:
+        return True
+    try:
+        ppid = pidfd_info(pidfd.fd).ppid
+    except NoSuchTask:
+        return False
+    except (LazarusError, OSError):
+        return True
+    return ppid == parent.pid or parent.pidfd.exited()
 
 
 class LazyServer:
@@ -640,7 +654,7 @@ class LazyServer:
                 continue
             pid = new.pop(0)
             parent.seen_children.add(pid)
-            self._set_pid(child, pid)
+            self._set_pid(child, pid, parent=parent)
         now = time.monotonic()
         while parent.unresolved and now - (parent.unresolved[0].fork_time or now) > FORK_RESOLVE_TIMEOUT:
             child = parent.unresolved.popleft()
@@ -649,13 +663,18 @@ class LazyServer:
     def _known_pids(self) -> set[int]:
         return {p.pid for p in (*self._procs.values(), *self._done) if p.pid is not None}
 
-    def _set_pid(self, child: _Proc, pid: int) -> None:
+    def _set_pid(self, child: _Proc, pid: int, *, parent: _Proc | None = None) -> None:
         if child.key not in self._procs or child.state != "serving":
             child.pid = pid  # finished already (e.g. all its pages went in the background): for the record
             return
         try:
             pidfd = PidFd.open(pid)
         except NoSuchTask:
+            pidfd = None
+        if pidfd is not None and parent is not None and not _still_child_of(pidfd, parent):
+            # The number came from the parent's list of children, and the parent still runs: a process behind
+            # it that is not the parent's child means that child has exited and its number was reused.
+            pidfd.close()
             pidfd = None
         child.pid = pid
         child.pidfd = pidfd
