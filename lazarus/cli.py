@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
 
     lp = sub.add_parser("lazy-pages", help="serve lazily restored processes' memory (several at once)")
     lp.add_argument("-D", "--images-dir", dest="dir", type=Path, required=True, metavar="DIR",
-                    help="directory for the socket (DIR/lazy-pages.sock unless --socket)")
+                    help="directory for the socket (DIR/lazy-pages.sock unless --socket); root's, not writable by "
+                    "group or others")
     lp.add_argument("--socket", type=Path, metavar="SOCK", help="listen here instead")
     lp.add_argument("--no-background", action="store_true", help="serve faults only")
     lp.add_argument("--linger", type=float, default=5.0, metavar="SECONDS",
@@ -335,27 +336,24 @@ def _daemon_log(args: argparse.Namespace) -> Path:
 
 def cmd_lazy_pages(args: argparse.Namespace) -> int:
     """lazarus lazy-pages: serve restores that hand their uffd over the socket, until none needs us."""
-    import socket
-
     from lazarus.lazy.handoff import Listener
+    from lazarus.lazy.trust import listen_private
     _require_lazy_features()
     path = args.socket or args.dir / "lazy-pages.sock"
     if not args.dir.is_dir():
         raise LazarusError(f"{args.dir}: no such directory", path=str(args.dir))
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    sock.bind(str(path))
-    sock.listen(16)
+    # 0600 in a directory only root can write; every peer is checked too (lazy/trust.py).
+    listening = listen_private(path)
     print(f"lazy-pages: listening on {path}", flush=True)
-    server, guard, bar = _new_server(args, progress=sys.stderr.isatty())
     try:
-        Listener(server, sock, linger=args.linger)
-        stats = server.run()
+        server, guard, bar = _new_server(args, progress=sys.stderr.isatty())
+        try:
+            Listener(server, listening.sock, linger=args.linger)
+            stats = server.run()
+        finally:
+            _close_server(server, guard, bar)
     finally:
-        _close_server(server, guard, bar)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        listening.close()
     print(f"lazy-pages: served {len(stats.get('processes', []))} process(es), "
           f"{stats.get('pages_fault', 0)} pages by fault, {stats.get('pages_background', 0)} in background")
     return 0

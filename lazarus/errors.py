@@ -77,3 +77,7 @@ class RestoreError(LazarusError):
 
 class PageSourceLost(LazarusError):
     """A lazily restored process lost its page source; it was killed rather than run on zeros."""
+
+
+class Untrusted(LazarusError):
+    """A peer on a lazy-pages socket, or the server or socket a restore would hand memory to, is not trusted."""

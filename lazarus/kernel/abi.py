@@ -501,3 +501,23 @@ CAP_CHECKPOINT_RESTORE = 40
 USER_XSTATE_XCR0_OFFSET = 464
 XSAVE_HEADER_OFFSET = 512  # u64 XSTATE_BV, then u64 XCOMP_BV (0 in the standard, uncompacted regset format)
 # [end procfs/pagemap/features helper additions]
+
+# ---------------------------------------------------------------------------------------------
+# [peers helper: who is on the other end of a socket] additions
+SO_PEERCRED = 17  # include/uapi/asm-generic/socket.h: struct ucred {pid, uid, gid} of the connecting process
+SO_PEERPIDFD = 77  # include/uapi/asm-generic/socket.h (Linux 6.5+): a pidfd of that process
+UCRED_FORMAT = "3i"  # include/linux/socket.h: struct ucred {__u32 pid; __u32 uid; __u32 gid;}
+PIDFS_IOCTL_MAGIC = 0xFF  # include/uapi/linux/pidfd.h
+PIDFD_INFO_PID = 1 << 0  # always returned
+PIDFD_INFO_CREDS = 1 << 1  # always returned
+
+
+class pidfd_info(C.Structure):
+    """include/uapi/linux/pidfd.h, PIDFD_INFO_SIZE_VER0 (64 bytes; later kernels append fields)."""
+    _fields_ = [("mask", C.c_uint64), ("cgroupid", C.c_uint64)] + [(n, C.c_uint32) for n in (
+        "pid", "tgid", "ppid", "ruid", "rgid", "euid", "egid", "suid", "sgid", "fsuid", "fsgid", "spare0")]
+
+
+PIDFD_GET_INFO = _IOWR(PIDFS_IOCTL_MAGIC, 11, pidfd_info)  # Linux 6.13+
+STRUCT_SIZES[pidfd_info] = 64
+# [end peers helper additions]

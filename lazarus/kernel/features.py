@@ -348,6 +348,32 @@ def _probe_pidfd() -> list[Feature]:
                     "dump", also_for=("lazy",))]
 
 
+def _probe_peer_identity() -> list[Feature]:
+    """What the lazy-pages socket checks its peers with (lazy/trust.py); each has a fallback, hence "info"."""
+    import socket  # only this probe needs it
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        fd = a.getsockopt(socket.SOL_SOCKET, abi.SO_PEERPIDFD)
+        os.close(fd)
+        peer = Feature("SO_PEERPIDFD", True, "works (Linux 6.5+): peers identified by pidfd", "info")
+    except OSError as e:
+        peer = Feature("SO_PEERPIDFD", False, f"{e.strerror}: peers identified by pid number", "info")
+    finally:
+        a.close()
+        b.close()
+    pidfd, err = raw_syscall(abi.SYS.pidfd_open, os.getpid(), 0)
+    if pidfd < 0:
+        return [peer, Feature("PIDFD_GET_INFO", False, f"pidfd_open: {_strerror(err)}", "info")]
+    try:
+        ret, gerr = ioctl_raw(pidfd, abi.PIDFD_GET_INFO, abi.pidfd_info(mask=abi.PIDFD_INFO_PID))
+    finally:
+        os.close(pidfd)
+    info = (Feature("PIDFD_GET_INFO", True, "works (Linux 6.13+)", "info") if ret >= 0 else
+            Feature("PIDFD_GET_INFO", False, f"{_strerror(gerr)}: parents and uids read from /proc", "info"))
+    return [peer, info]
+
+
 def _probe_clone3_set_tid() -> Feature:
     # Ask for our own pid: a kernel that honours set_tid must refuse with EEXIST, so no child appears.
     tids = (C.c_int32 * 1)(os.getpid())
@@ -617,6 +643,7 @@ def probe() -> list[Feature]:
     rows.append(_probe_cpu_xstate())
     rows += _probe_cpu_parts()
     rows += _probe_pidfd()
+    rows += _probe_peer_identity()
     rows.append(_probe_clone3_set_tid())
     rows.append(_probe_prctl_mm_map())
     rows.append(_probe_pagemap_scan())

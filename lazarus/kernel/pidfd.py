@@ -7,10 +7,11 @@ import contextlib
 import errno
 import os
 import select
+from dataclasses import dataclass
 
 from lazarus.errors import KernelError, NoSuchTask
 from lazarus.kernel import abi
-from lazarus.kernel.syscall import raw_syscall
+from lazarus.kernel.syscall import ioctl_raw, raw_syscall
 
 
 def pidfd_open(pid: int, flags: int = 0) -> int:
@@ -45,6 +46,70 @@ def pidfd_send_signal(pidfd: int, sig: int, *, pid: int | None = None) -> bool:
             return False
         raise KernelError(f"pidfd_send_signal({sig})", err, pid=pid)
     return True
+
+
+def pidfd_exited(pidfd: int) -> bool:
+    """True once the process behind `pidfd` has exited (zombie or reaped): its pidfd polls readable."""
+    p = select.poll()
+    p.register(pidfd, select.POLLIN)
+    return bool(p.poll(0))
+
+
+@dataclass(frozen=True)
+class PidInfo:
+    """What a pidfd says about its process, in our pid namespace: pid, parent's pid, real and effective uid."""
+    pid: int
+    ppid: int
+    ruid: int
+    euid: int
+
+
+_get_info_works: bool | None = None  # None: not tried yet
+
+
+def pidfd_info(pidfd: int) -> PidInfo:
+    """The pid, parent and uids of the live process behind `pidfd`.
+
+    With PIDFD_GET_INFO (Linux 6.13+) the kernel reads them from that very task. Older kernels: the pidfd's
+    fdinfo gives its pid, /proc/<pid>/status the rest, and the pidfd still being unexited afterwards proves
+    that number was not reused in between (a pid number is freed only once its process has exited).
+
+    Raises:
+        NoSuchTask once the process has exited.
+    """
+    global _get_info_works
+    if _get_info_works is not False:
+        info = abi.pidfd_info(mask=abi.PIDFD_INFO_PID | abi.PIDFD_INFO_CREDS)
+        ret, err = ioctl_raw(pidfd, abi.PIDFD_GET_INFO, info)
+        if ret >= 0:
+            _get_info_works = True
+            return PidInfo(info.tgid, info.ppid, info.ruid, info.euid)
+        if err == errno.ESRCH:
+            raise NoSuchTask("the process behind a pidfd has exited")
+        if err not in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+            raise KernelError("PIDFD_GET_INFO", err)
+        _get_info_works = False
+    return pidfd_info_procfs(pidfd)
+
+
+def pidfd_info_procfs(pidfd: int) -> PidInfo:
+    """pidfd_info() for kernels without PIDFD_GET_INFO (public for its test)."""
+    fields: dict[str, str] = {}
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        pid = int(fields["Pid"])
+        if pid <= 0:
+            raise NoSuchTask("the process behind a pidfd has exited")
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        uids = fields["Uid"].split()
+        info = PidInfo(pid, int(fields["PPid"]), int(uids[0]), int(uids[1]))
+    except (OSError, KeyError, ValueError, IndexError) as e:
+        raise NoSuchTask("the process behind a pidfd has exited") from e
+    if pidfd_exited(pidfd):
+        raise NoSuchTask(f"no such process {pid}", pid=pid)
+    return info
 
 
 class PidFd:
@@ -112,4 +177,5 @@ class PidFd:
         return f"PidFd(pid={self.pid}, fd={self.fd})"
 
 
-__all__ = ["PidFd", "pidfd_getfd", "pidfd_open", "pidfd_send_signal"]
+__all__ = ["PidFd", "PidInfo", "pidfd_exited", "pidfd_getfd", "pidfd_info", "pidfd_info_procfs", "pidfd_open",
+           "pidfd_send_signal"]

@@ -20,7 +20,9 @@ task is ever served with a zero page. Fds in flight on the socket are references
 uffd is safe even if the server dies before the guard reads the message.
 
 Fork children whose pid the server had not learnt yet are found, when they must be killed, as the children of
-their parent that the guard does not know (see server.py for how the server learns a child's pid).
+their parent that the guard does not know (see server.py for how the server learns a child's pid). The guard
+kills only through pidfds: those the server sent (of processes it restored, or that a checked peer named:
+trust.py), and those it opens on such a child and checks, through the pidfd, to be that parent's child.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lazarus.errors import LazarusError, NoSuchTask
-from lazarus.kernel.pidfd import pidfd_open, pidfd_send_signal
+from lazarus.kernel.pidfd import pidfd_exited, pidfd_info, pidfd_open, pidfd_send_signal
 
 log = logging.getLogger("lazarus.lazy")
 
@@ -250,13 +252,24 @@ class _GuardState:
         except (LazarusError, OSError):
             return False
 
-    def _kill_pid(self, pid: int) -> tuple[bool, int | None]:
-        """SIGKILL pid (through a pidfd we open). Returns (killed, pidfd to wait on and close)."""
+    @staticmethod
+    def _child_pidfd(parent: _Entry, pid: int) -> int | None:
+        """A pidfd of `pid` if it is a child of `parent` (checked through the pidfd, with the parent's own
+        pidfd unexited afterwards so that its number was not reused), else None: never a stranger's."""
+        if parent.pidfd is None or parent.pid is None:
+            return None
         try:
             fd = pidfd_open(pid)
         except (NoSuchTask, LazarusError, OSError):
-            return False, None
-        return self._signal(fd), fd
+            return None
+        try:
+            ok = pidfd_info(fd).ppid == parent.pid and not pidfd_exited(parent.pidfd)
+        except (LazarusError, OSError):
+            ok = False
+        if not ok:
+            os.close(fd)
+            return None
+        return fd
 
     def _unknown_children(self, parent: _Entry | None) -> list[int]:
         if parent is None or parent.pid is None:
@@ -282,31 +295,28 @@ class _GuardState:
         own_fds: list[int] = []
         # fork children the server had not identified yet are their parent's children the guard does not know:
         # list them before any kill (a dead parent's children are reparented and vanish from its list)
-        orphans: list[int] = []
+        orphans: list[tuple[int, int]] = []  # (pid, pidfd), each checked to be a child of a served process
         for e in victims:
             if e.pid is None and e.pidfd is None:
                 parent = self.entries.get(e.parent) if e.parent is not None else None
-                orphans += [c for c in self._unknown_children(parent) if c not in orphans]
+                for c in self._unknown_children(parent):
+                    if parent is not None and all(c != o for o, _ in orphans):
+                        fd = self._child_pidfd(parent, c)
+                        if fd is not None:
+                            orphans.append((c, fd))
         killed: list[int] = []
         for e in victims:
             if e.pidfd is not None:
                 if self._signal(e.pidfd) or report_all:
                     killed.append(e.pid if e.pid is not None else -1)
                 wait_fds.append(e.pidfd)
-            elif e.pid is not None:
-                ok, fd = self._kill_pid(e.pid)
-                if fd is not None:
-                    own_fds.append(fd)
-                    wait_fds.append(fd)
-                if ok or report_all:
-                    killed.append(e.pid)
+            # A pid without a pidfd is one the server found already gone: never killed by number, which
+            # could hit whoever has that number now.
             e.killed = True
-        for cpid in orphans:
-            ok, fd = self._kill_pid(cpid)
-            if fd is not None:
-                own_fds.append(fd)
-                wait_fds.append(fd)
-            if ok:
+        for cpid, fd in orphans:
+            own_fds.append(fd)
+            wait_fds.append(fd)
+            if self._signal(fd):
                 killed.append(cpid)
             self.known_pids.add(cpid)
         for pid in killed:

@@ -2,15 +2,20 @@
 
     restore                                      lazy-pages server (its own process, with its guard)
     -------                                      ------------------
-    uffd taken from the task (pidfd_getfd)
+    check the socket's directory and file,
     connect / socketpair ----------------------> accept
-    {"pid", "images"} + SCM_RIGHTS [uffd] -----> open the image, build its page source, add_process()
-                                                 (the guard now holds a copy of the uffd)
+    SO_PEERCRED of the server: root
+    uffd taken from the task (pidfd_getfd)
+    {"pid", "images"} + SCM_RIGHTS [uffd] -----> check the peer (root), the pid (the peer or its child, by
+                                                 pidfd), open the image, build its page source, check the
+                                                 uffd is that task's (one page through it), add_process()
+                                                 (the guard now holds a copy of the uffd and the pidfd)
     <----------------------------------------- {"ok": true} | {"ok": false, "error": "..."}
     detach the task: it runs
 
 The restore lets the task run only after the server has answered, so there is no moment when the task runs
-and nobody holds its uffd. The server opens the image itself (metadata checks again, ~2 ms).
+and nobody holds its uffd. The server opens the image itself (metadata checks again, ~2 ms). Who may talk to
+whom is trust.py's business (its docstring has the rules).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any
 
 from lazarus.errors import LazarusError, ProtocolError
 from lazarus.kernel.uffd import Uffd
+from lazarus.lazy.trust import Peer, check_peer, connect_trusted, verify_named_task, verify_uffd_owner
 
 log = logging.getLogger(__name__)
 MAX_MSG = 64 << 10
@@ -55,13 +61,12 @@ def send_process(sock: socket.socket, pid: int, images: Path, uffd_fd: int) -> N
 
 
 def connect(path: Path) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        s.connect(str(path))
-    except OSError as e:
-        s.close()
-        raise ProtocolError(f"cannot reach the lazy-pages server at {path}: {e.strerror}") from e
-    return s
+    """A connection to the lazy-pages server at `path`, once it is root's (trust.connect_trusted).
+
+    Raises:
+        Untrusted, or LazarusError when nobody answers there.
+    """
+    return connect_trusted(path)
 
 
 class Listener:
@@ -119,11 +124,14 @@ class Listener:
                 self.close()
             return
         reply: dict[str, Any] = {"ok": True}
+        peer: Peer | None = None
         try:
+            # Who is asking comes first: nothing of the request is acted on before.
+            peer = check_peer(conn)
             if len(fds) != 1:
                 raise ProtocolError(f"expected one userfaultfd, got {len(fds)} descriptors")
             req = json.loads(msg)
-            self._add(int(req["pid"]), Path(req["images"]), fds.pop())
+            self._add(peer, int(req["pid"]), Path(req["images"]), fds.pop())
             self.received += 1
             self._idle_since = None
         except (LazarusError, ValueError, KeyError, TypeError) as e:
@@ -132,6 +140,8 @@ class Listener:
         finally:
             for fd in fds:
                 os.close(fd)
+            if peer is not None:
+                peer.close()
         with contextlib.suppress(OSError):
             conn.send(json.dumps(reply).encode())
         if conn is not self.sock:
@@ -139,13 +149,23 @@ class Listener:
         if self.once and self.received:
             self.close()
 
-    def _add(self, pid: int, images: Path, fd: int) -> None:
+    def _add(self, peer: Peer, pid: int, images: Path, fd: int) -> None:
         from lazarus.images import Image
         from lazarus.images.mm import lazy_object_ids, lazy_vmas
         from lazarus.images.validate import validate_image
         from lazarus.lazy.sources import ImagePageSource
 
-        uffd = Uffd.adopt(fd)
+        try:
+            pidfd = verify_named_task(peer, pid)
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            uffd = Uffd.adopt(fd)
+        except BaseException:
+            os.close(fd)
+            pidfd.close()
+            raise
         try:
             img = self._images.get(str(images))
             if img is None:
@@ -160,10 +180,12 @@ class Listener:
             mm = task["mm"]
             served = lazy_vmas(mm, lazy_object_ids(mm, task["files"]))
             source = ImagePageSource(served, img.page_file(pid), name=f"{images.name}/pages-{pid}.img")
+            verify_uffd_owner(pidfd, uffd, source)
         except BaseException:
             uffd.close()
+            pidfd.close()
             raise
-        self.server.add_process(pid, uffd, source)
+        self.server.add_process(pid, uffd, source, pidfd=pidfd)
         log.info("lazy-pages: serving pid %d from %s", pid, images)
 
     def _drop(self, conn: socket.socket) -> None:

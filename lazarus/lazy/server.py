@@ -48,7 +48,7 @@ from pathlib import Path
 
 from lazarus.errors import KernelError, LazarusError, NoSuchTask, PageSourceLost
 from lazarus.kernel import abi
-from lazarus.kernel.pidfd import PidFd
+from lazarus.kernel.pidfd import PidFd, pidfd_info
 from lazarus.kernel.uffd import (
     CopyHelper,
     Fork,
@@ -105,6 +105,20 @@ class _Proc:
     @property
     def label(self) -> str:
         return f"pid {self.pid}" if self.pid is not None else f"uffd {self.key} (fork child of pid {self.parent_pid})"
+
+
+def _still_child_of(pidfd: PidFd, parent: _Proc) -> bool:
+    """False only when sure that `pidfd` is not a child of `parent`: its parent, read through the pidfd, is
+    another process while `parent` (held by its own pidfd) still runs. Without that certainty: True."""
+    if parent.pidfd is None or parent.pid is None:
+        return True
+    try:
+        ppid = pidfd_info(pidfd.fd).ppid
+    except NoSuchTask:
+        return False
+    except (LazarusError, OSError):
+        return True
+    return ppid == parent.pid or parent.pidfd.exited()
 
 
 class LazyServer:
@@ -164,14 +178,17 @@ class LazyServer:
 
     # -- setup ---------------------------------------------------------------------------------------------
 
-    def add_process(self, pid: int | None, uffd: Uffd, source: PageSource) -> None:
+    def add_process(self, pid: int | None, uffd: Uffd, source: PageSource, *, pidfd: PidFd | None = None) -> None:
         """Serve `uffd` of process `pid` from `source`; both are owned by the server from now on (closed by it:
         the uffd when the process is complete, the source at close()). One source may serve several processes.
+        `pidfd`, owned from now on too, is the process's when the caller checked it (lazy/trust.py); without
+        it one is opened on `pid`, which must then be a child of ours (a number nobody else can reuse).
 
         Raises:
             NoSuchTask if pid is given and already gone.
         """
-        pidfd = PidFd.open(pid) if pid is not None else None
+        if pidfd is None and pid is not None:
+            pidfd = PidFd.open(pid)
         if self.background and hasattr(source, "start"):
             source.start()
         p = _Proc(key=uffd.fd, uffd=uffd, source=source, pending=source.pending(), pid=pid, pidfd=pidfd)
@@ -640,7 +657,7 @@ class LazyServer:
                 continue
             pid = new.pop(0)
             parent.seen_children.add(pid)
-            self._set_pid(child, pid)
+            self._set_pid(child, pid, parent=parent)
         now = time.monotonic()
         while parent.unresolved and now - (parent.unresolved[0].fork_time or now) > FORK_RESOLVE_TIMEOUT:
             child = parent.unresolved.popleft()
@@ -649,13 +666,18 @@ class LazyServer:
     def _known_pids(self) -> set[int]:
         return {p.pid for p in (*self._procs.values(), *self._done) if p.pid is not None}
 
-    def _set_pid(self, child: _Proc, pid: int) -> None:
+    def _set_pid(self, child: _Proc, pid: int, *, parent: _Proc | None = None) -> None:
         if child.key not in self._procs or child.state != "serving":
             child.pid = pid  # finished already (e.g. all its pages went in the background): for the record
             return
         try:
             pidfd = PidFd.open(pid)
         except NoSuchTask:
+            pidfd = None
+        if pidfd is not None and parent is not None and not _still_child_of(pidfd, parent):
+            # The number came from the parent's list of children, and the parent still runs: a process behind
+            # it that is not the parent's child means that child has exited and its number was reused.
+            pidfd.close()
             pidfd = None
         child.pid = pid
         child.pidfd = pidfd
@@ -730,9 +752,8 @@ class LazyServer:
             with contextlib.suppress(LazarusError, OSError):
                 p.pidfd.send_signal(signal.SIGKILL)
             p.pidfd.wait(5.0)
-        elif p.pid is not None:
-            with contextlib.suppress(OSError):
-                os.kill(p.pid, signal.SIGKILL)
+        # Without a pidfd the process had already exited when its pid was learnt: nothing to kill, and a
+        # kill by number could hit whoever has that number now.
         self._finish(p, "lost", reason)
 
     def close(self) -> None:
