@@ -17,7 +17,8 @@
  *
  * Usage: anonfd LOGFILE MODE    MODE "all": the above. Refusal modes (the dump must refuse, naming it):
  *   epoll-closed    an epoll with a registered fd closed since (its file still open through a dup)
- *   sock-outside    a socket pair whose other end this process has closed
+ *   sock-closed     a socket pair whose other end this process has closed
+ *   sock-shared     a socket pair (the test takes a copy of one end: held by another process)
  *   inotify-queued  an inotify fd with an unread event
  * Trigger: SIGUSR2.
  */
@@ -159,6 +160,8 @@ static void setup_all(void)
 	    socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK, 0, sq) || socketpair(AF_UNIX, SOCK_STREAM, 0, sh))
 		laz_die("socketpair");
 	fcntl(st[1], F_SETFL, O_NONBLOCK);
+	if (setsockopt(st[1], SOL_SOCKET, SO_PEEK_OFF, &(int){ 5 }, sizeof(int)))
+		laz_die("SO_PEEK_OFF");
 	if (setsockopt(st[1], SOL_SOCKET, SO_RCVBUF, &rcv, sizeof(rcv)) ||
 	    setsockopt(sh[0], SOL_SOCKET, SO_PASSCRED, &one, sizeof(one)))
 		laz_die("setsockopt");
@@ -350,7 +353,7 @@ static void check_inotify(void)
 static void check_sockets(void)
 {
 	static unsigned char want[16];
-	int rcv = 0, cred = 0;
+	int rcv = 0, cred = 0, peek = 0;
 	socklen_t len = sizeof(int);
 	char c;
 
@@ -362,6 +365,10 @@ static void check_sockets(void)
 		send(sq[1], "x", 1, 0);
 	if (laz_corrupt("shutdown"))
 		recv(sh[1], want, 10, MSG_DONTWAIT);
+	getsockopt(st[0], SOL_SOCKET, SO_PEEK_OFF, &peek, &len);
+	LAZ_CHECK(peek == -1, "stream end A: SO_PEEK_OFF %d, want -1 (unset)", peek);
+	getsockopt(st[1], SOL_SOCKET, SO_PEEK_OFF, &peek, &len);
+	LAZ_CHECK(peek == 5, "stream end B: SO_PEEK_OFF %d, want 5", peek);
 	check_stream(st[0], "hello from B and more", 21, "stream A<-B");
 	check_stream(st[1], big_buf, BIG, "stream B<-A");
 	check_dgrams(dg[1], 100, "dgram B<-A");
@@ -398,10 +405,12 @@ static void setup_refused(const char *mode)
 			laz_die("epoll");
 		close(pipefd[0]);
 		laz_log("# epoll %d target %d", ep, pipefd[0]);
-	} else if (!strcmp(mode, "sock-outside")) {
+	} else if (!strcmp(mode, "sock-closed") || !strcmp(mode, "sock-shared")) {
 		if (socketpair(AF_UNIX, SOCK_STREAM, 0, st))
 			laz_die("socketpair");
-		close(st[1]);
+		if (!strcmp(mode, "sock-closed"))
+			close(st[1]);
+		laz_log("# socket %d", st[0]);
 	} else if (!strcmp(mode, "inotify-queued")) {
 		char path[PATH_MAX + 16];
 
