@@ -317,6 +317,7 @@ UNSUPPORTED_MODES = ("tcp", "thread", "child", "pty", "seccomp", "uffd", "plain"
 
 
 PYTHONS = ("system", "lazarus")
+PY_TARGETS = ("pyscript", "pyasync")  # tests/targets/NAME.py, run by target_python()
 
 
 def target_python(kind: str = "system") -> Path:
@@ -422,9 +423,9 @@ class Harness:
         gives the harness the other end of the target's stdout (the "pipe to another process"
         unsupported case)."""
         log = self.path(f"{name}.log")
-        if name == "pyscript":
+        if name in PY_TARGETS:
             exe = target_python(python)
-            argv = [str(exe), "-I", str(TARGETS_SRC / "pyscript.py"), str(log), *args]
+            argv = [str(exe), "-I", str(TARGETS_SRC / f"{name}.py"), str(log), *args]
         else:
             exe = self.bins[name]
             argv = [str(exe), str(log), *args]
