@@ -23,6 +23,7 @@ import tempfile
 from typing import Any
 
 from lazarus.errors import RestoreError
+from lazarus.images.format import Schema, check_schema
 from lazarus.kernel import abi
 from lazarus.kernel.anonfd import read_all_ready
 from lazarus.kernel.pidfd import PidFd
@@ -32,8 +33,37 @@ KINDS = ("eventfd", "signalfd", "timerfd", "epoll", "inotify")
 _NS = 1_000_000_000
 
 
+# The fields each kind carries (written by lazarus/dump/anonfd.py and dump/unixsk.py), checked before anything
+# is created so that a damaged image fails with one line naming the field.
+_NONE = type(None)
+SCHEMAS: dict[str, Schema] = {
+    "eventfd": {"count": int, "semaphore": bool},
+    "signalfd": {"sigmask": int},
+    "timerfd": {"clockid": int, "settime_flags": int, "value_ns": int, "interval_ns": int, "ticks": int,
+                "abs_ns": (int, _NONE)},
+    "epoll": {"targets": list},
+    "inotify": {"watches": list},
+    "unix": {"ino": int, "peer": int, "sotype": int, "shutdown": int, "opts": dict, "queue": (str, _NONE),
+             "datagrams": (list, _NONE)},
+}
+_ITEMS: dict[str, tuple[str, Schema]] = {
+    "epoll": ("targets", {"tfd": int, "events": int, "data": int}),
+    "inotify": ("watches", {"wd": int, "path": str, "mask": int, "ino": int, "dev": int}),
+}
+
+
 def check_anon(rec: dict[str, Any]) -> None:
-    """Refuse before anything is created if an inotify watch's file is gone or is another file now."""
+    """Refuse before anything is created a record with missing fields, or an inotify watch whose file is gone
+    or is another file now."""
+    schema = SCHEMAS.get(rec["type"])
+    if schema is None or "dup_of" in rec:
+        return
+    where = f"files[fd {rec['fd']}]."
+    check_schema(rec, schema, "task json", where)
+    if rec["type"] in _ITEMS:
+        key, item = _ITEMS[rec["type"]]
+        for i, x in enumerate(rec[key]):
+            check_schema(x, item, "task json", f"{where}{key}[{i}].")
     for w in rec.get("watches", ()) if rec["type"] == "inotify" else ():
         try:
             st = os.stat(w["path"])

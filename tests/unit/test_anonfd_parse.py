@@ -74,3 +74,15 @@ def test_sock_diag_message() -> None:
     named = parse(struct.pack("=BBBBIII", abi.AF_UNIX, abi.SOCK_STREAM, 10, 0, 7, 0, 0)
                   + _rta(abi.UNIX_DIAG_NAME, b"/run/x.sock"))
     assert (named.state, named.name, named.peer) == (abi.TCP_LISTEN, b"/run/x.sock", 0)
+
+
+@pytest.mark.parametrize(("rec", "field"), [
+    ({"fd": 4, "type": "epoll", "targets": [{"tfd": 1, "events": 1}]}, "files[fd 4].targets[0].data"),
+    ({"fd": 5, "type": "unix", "ino": 1}, "files[fd 5].peer"),
+    ({"fd": 6, "type": "eventfd", "count": "1", "semaphore": False}, "files[fd 6].count"),
+])
+def test_damaged_records_named(rec: dict, field: str) -> None:
+    from lazarus.errors import ImageError
+    from lazarus.restore.anonfd import check_anon
+    with pytest.raises(ImageError, match=re.escape(f"'{field}'")):
+        check_anon(rec)
