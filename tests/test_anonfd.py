@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 import pytest
 
@@ -23,6 +24,9 @@ REFUSED = {
     "epoll-closed": r"fd {ep} \(epoll\): registered fd {tfd} is closed in the process",
     "sock-closed": r"fd \d+ \(socket:\[\d+\]\): sockets are not supported \(an unconnected unix socket\)",
     "sock-shared": r"fd \d+ \(socket:\[\d+\]\): sockets are not supported \(the socket is shared with pid {me}\)",
+    "sock-outside": r"fd {a} \(socket:\[\d+\]\): sockets are not supported \(its peer is outside the process\)",
+    "sock-scm": r"fd \d+ \(socket:\[\d+\]\): 1 file descriptors queued in SCM_RIGHTS messages",
+    "sock-listen": r"fd \d+ \(socket:\[\d+\]\): sockets are not supported \(a listening unix socket\)",
     "inotify-queued": r"fd \d+ \(anon_inode:inotify\): \d+ bytes of inotify events are queued unread",
 }
 
@@ -30,13 +34,26 @@ REFUSED = {
 @pytest.mark.parametrize("mode", sorted(REFUSED))
 def test_dump_refuses(harness: H.Harness, mode: str) -> None:
     case = H.Case(f"anonfd-{mode}", "anonfd", (mode,))
-    target = harness.start_target("anonfd", mode)
-    harness.settle(case, target)
     pattern = REFUSED[mode]
+    copy = -1
+    if mode == "sock-outside":
+        target = harness.start_target("anonfd", mode, wait_ready=False)
+        deadline = time.monotonic() + 10
+        while (m := re.search(r"# socket (\d+) (\d+)", target.log_text())) is None:
+            assert time.monotonic() < deadline and target.alive(), target.describe()
+            time.sleep(0.01)
+        a, b = int(m.group(1)), int(m.group(2))
+        with PidFd.open(target.pid) as p:
+            copy = p.getfd(b)
+        (target.log.parent / (target.log.name + ".d") / "taken").touch()
+        assert H.wait_for_line(target.log, "READY", 10, proc=target.popen), target.describe()
+        pattern = pattern.format(a=a)
+    else:
+        target = harness.start_target("anonfd", mode)
+    harness.settle(case, target)
     m = re.search(r"# epoll (\d+) target (\d+)", target.log_text())
     if m:
         pattern = pattern.format(ep=m.group(1), tfd=m.group(2))
-    copy = -1
     if mode == "sock-shared":
         m = re.search(r"# socket (\d+)", target.log_text())
         assert m, target.describe()

@@ -19,6 +19,10 @@
  *   epoll-closed    an epoll with a registered fd closed since (its file still open through a dup)
  *   sock-closed     a socket pair whose other end this process has closed
  *   sock-shared     a socket pair (the test takes a copy of one end: held by another process)
+ *   sock-outside    a socket pair whose other end only the test holds (it takes a copy, creating
+ *                   LOGFILE.d/taken, before this process closes that end and gets READY)
+ *   sock-scm        a socket pair with a descriptor queued in an SCM_RIGHTS message
+ *   sock-listen     a listening unix socket
  *   inotify-queued  an inotify fd with an unread event
  * Trigger: SIGUSR2.
  */
@@ -411,6 +415,44 @@ static void setup_refused(const char *mode)
 		if (!strcmp(mode, "sock-closed"))
 			close(st[1]);
 		laz_log("# socket %d", st[0]);
+	} else if (!strcmp(mode, "sock-outside")) {
+		char taken[PATH_MAX + 16];
+
+		if (socketpair(AF_UNIX, SOCK_STREAM, 0, st))
+			laz_die("socketpair");
+		laz_log("# socket %d %d", st[0], st[1]);
+		laz_tmpfile("taken", taken, sizeof(taken));
+		for (int i = 0; access(taken, F_OK); i++) {
+			if (i > 1000)
+				laz_die("nobody took the socket");
+			usleep(10000);
+		}
+		close(st[1]);
+	} else if (!strcmp(mode, "sock-scm")) {
+		if (socketpair(AF_UNIX, SOCK_DGRAM, 0, st) || pipe(pipefd))
+			laz_die("socketpair");
+		{
+			char cbuf[CMSG_SPACE(sizeof(int))] = { 0 };
+			struct iovec iov = { .iov_base = "fd", .iov_len = 2 };
+			struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+					     .msg_controllen = sizeof(cbuf) };
+			struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+
+			cm->cmsg_level = SOL_SOCKET;
+			cm->cmsg_type = SCM_RIGHTS;
+			cm->cmsg_len = CMSG_LEN(sizeof(int));
+			memcpy(CMSG_DATA(cm), &pipefd[0], sizeof(int));
+			if (sendmsg(st[0], &mh, 0) != 2)
+				laz_die("sendmsg");
+		}
+	} else if (!strcmp(mode, "sock-listen")) {
+		struct sockaddr_un sa = { .sun_family = AF_UNIX };
+
+		laz_tmpfile("listen.sock", sa.sun_path, sizeof(sa.sun_path));
+		unlink(sa.sun_path);
+		st[0] = socket(AF_UNIX, SOCK_STREAM, 0);
+		if (st[0] < 0 || bind(st[0], (struct sockaddr *)&sa, sizeof(sa)) || listen(st[0], 4))
+			laz_die("listen");
 	} else if (!strcmp(mode, "inotify-queued")) {
 		char path[PATH_MAX + 16];
 
