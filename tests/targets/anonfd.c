@@ -1,5 +1,5 @@
 /*
- * anonfd.c - anonymous-inode fds and unix socket pairs, checked after restore:
+ * anonfd.c - exercises anonymous-inode fds and unix socket pairs, checked after restore:
  *   eventfd   a semaphore one holding 5 (non-blocking) and a plain one holding a 40-bit count;
  *   signalfd  mask {SIGUSR1, SIGRTMIN+3}: the mask (fdinfo) and a SIGUSR1 raised after restore read from it;
  *   timerfd   a relative 30 s timer with a 7 s interval, part of it used up (time left must not be back to

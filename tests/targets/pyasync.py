@@ -1,4 +1,4 @@
-"""Test target: a CPython asyncio program in the middle of its work.
+"""Test target: a CPython asyncio program in the middle of its work (exercises an event loop's fds).
 
 Its event loop holds what every asyncio program holds: an epoll fd (selectors.EpollSelector), the self-pipe
 socket pair (written by call_soon_threadsafe, so bytes may be queued in it at the dump), timers scheduled
