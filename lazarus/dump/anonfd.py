@@ -89,16 +89,12 @@ def _timerfd(pid: int, fd: int, where: str, rec: dict[str, Any]) -> None:
     rec["abs_ns"] = now + value if flags & abi.TFD_TIMER_ABSTIME and value else None
 
 
-def _mount_fd(sdev: int) -> int:
-    """An fd on a mount of the filesystem with kernel device number `sdev` (MAJOR << 20 | MINOR)."""
+def _mount_points(sdev: int) -> list[str]:
+    """Where the filesystem with kernel device number `sdev` (MAJOR << 20 | MINOR) is mounted here."""
     want = f"{sdev >> 20}:{sdev & 0xFFFFF}"
     with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) > 4 and parts[2] == want:
-                with contextlib.suppress(OSError):
-                    return os.open(parts[4].replace("\\040", " "), os.O_RDONLY | os.O_DIRECTORY)
-    raise FileNotFoundError(f"no mount of device {want}")
+        return [parts[4].replace("\\040", " ") for parts in (line.split() for line in f)
+                if len(parts) > 4 and parts[2] == want]
 
 
 def _inotify(pid: int, fd: int, where: str, info: FdInfo, rec: dict[str, Any]) -> None:
@@ -127,29 +123,33 @@ def _inotify(pid: int, fd: int, where: str, info: FdInfo, rec: dict[str, Any]) -
 
 
 def _path_of(sdev: int, htype: int, handle: bytes, ino: int, what: str) -> str:
-    """The path of a watched inode, from its file handle; refused when it has none that leads back to it."""
-    try:
-        mfd = _mount_fd(sdev)
-    except OSError as e:
-        raise Unsupported(f"{what}: its filesystem is not mounted here ({e})") from e
-    try:
+    """The path of a watched inode, from its file handle, tried through each mount of its filesystem (a bind
+    mount of a subdirectory may not reach it); refused when none leads back to that very inode."""
+    mounts = _mount_points(sdev)
+    if not mounts:
+        raise Unsupported(f"{what}: its filesystem (device {sdev >> 20}:{sdev & 0xFFFFF}) is not mounted here")
+    why = "no mount reaches it"
+    for mount in mounts:
+        try:
+            mfd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY)  # not O_PATH: open_by_handle_at refuses those
+        except OSError:
+            continue
         try:
             f = open_by_handle(mfd, htype, handle)
         except KernelError as e:
-            raise Unsupported(f"{what}: the watched inode {ino} cannot be opened ({e.strerror})") from e
+            why = e.strerror or str(e)
+            continue
+        finally:
+            os.close(mfd)
         try:
             path = os.readlink(f"/proc/self/fd/{f}")
         finally:
             os.close(f)
-    finally:
-        os.close(mfd)
-    try:
-        st = os.stat(path)
-    except OSError:
-        st = None
-    if st is None or st.st_ino != ino or os.major(st.st_dev) != sdev >> 20 or os.minor(st.st_dev) != sdev & 0xFFFFF:
-        raise Unsupported(f"{what}: the watched inode {ino} has no path ({path!r} is another file or none)")
-    return path
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            if st.st_ino == ino and (os.major(st.st_dev), os.minor(st.st_dev)) == (sdev >> 20, sdev & 0xFFFFF):
+                return path
+    raise Unsupported(f"{what}: the watched inode {ino} has no path here ({why})")
 
 
 def check_epolls(pid: int, fds: list[dict[str, Any]]) -> None:
