@@ -4,7 +4,7 @@ epoll, whose registrations are added once every other fd (its targets, dups incl
 Decisions (docs/IMAGES.md has the fields):
 - timerfd: a relative timer gets the time it had left at the dump (the time the process was not running does not
   count, as for its sleeps); a TFD_TIMER_ABSTIME timer keeps its absolute deadline on its clock. Expirations
-  not yet read come back with TFD_IOC_SET_TICKS.
+  not yet read come back with TFD_IOC_SET_TICKS, plus any of an absolute deadline passed meanwhile.
 - inotify: the kernel hands out watch descriptors in increasing order (idr_alloc_cyclic), so watches are added
   in wd order and each gap is used up by a watch on a scratch file, removed at once. The IN_IGNORED events
   those removals queue are drained before the task runs (the dump refused a queue that was not empty).
@@ -100,7 +100,8 @@ def create(t: RemoteTask, rec: dict[str, Any], pid: int) -> int:
 
 
 def _timerfd(t: RemoteTask, rec: dict[str, Any], nonblock: int, where: str) -> int:
-    fd = t.syscall(abi.SYS.timerfd_create, rec["clockid"], nonblock, what=f"{where}: timerfd_create")
+    # Non-blocking while it is set up, so that the expirations it may already have can be read (below).
+    fd = t.syscall(abi.SYS.timerfd_create, rec["clockid"], abi.O_NONBLOCK, what=f"{where}: timerfd_create")
     flags, interval = rec["settime_flags"], rec["interval_ns"]
     value = rec["abs_ns"] if rec.get("abs_ns") is not None else rec["value_ns"]
     if not flags & abi.TFD_TIMER_ABSTIME or rec.get("abs_ns") is None:
@@ -109,8 +110,14 @@ def _timerfd(t: RemoteTask, rec: dict[str, Any], nonblock: int, where: str) -> i
         spec = struct.pack("<4q", interval // _NS, interval % _NS, value // _NS, value % _NS)
         t.syscall(abi.SYS.timerfd_settime, fd, flags, t.put(spec, 0), 0, what=f"{where}: timerfd_settime")
     if rec["ticks"]:
-        addr = t.put(rec["ticks"].to_bytes(8, "little"), 0)
+        # A deadline that passed while the process was not running has expired already: add those expirations
+        # to the unread ones of the dump rather than overwrite them.
+        addr = t.put(bytes(8), 0)
+        new = int.from_bytes(t.read(addr, 8), "little") if t.raw(abi.SYS.read, fd, addr, 8) == 8 else 0
+        t.put((rec["ticks"] + new).to_bytes(8, "little"), 0)
         t.syscall(abi.SYS.ioctl, fd, abi.TFD_IOC_SET_TICKS, addr, what=f"{where}: TFD_IOC_SET_TICKS")
+    if not nonblock:
+        t.syscall(abi.SYS.fcntl, fd, abi.F_SETFL, 0, what=f"{where}: fcntl(F_SETFL)")
     return fd
 
 

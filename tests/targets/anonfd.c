@@ -316,6 +316,8 @@ static void check_timerfd(void)
 	LAZ_CHECK(fdinfo_hex(tf_shot, "clockid:") == CLOCK_BOOTTIME, "one-shot timerfd clock %ld",
 		  fdinfo_hex(tf_shot, "clockid:"));
 	LAZ_CHECK(read(tf_shot, &ticks, 8) == 8 && ticks == 1, "expired timerfd: its expiration is gone");
+	LAZ_CHECK(!(fcntl(tf_rel, F_GETFL) & O_NONBLOCK), "blocking timerfd became non-blocking");
+	LAZ_CHECK(fcntl(tf_abs, F_GETFL) & O_NONBLOCK, "non-blocking timerfd became blocking");
 }
 
 static void check_inotify(void)
