@@ -35,11 +35,11 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "regs": (),
     "signals": (),
     "fds": (),
+    "anonfd": (),
     "sleeper": (),
     "misc": (),
     "unsupported": ("-pthread",),
     "lazy_events": (),
-    "anonfd": (),
 }
 CFLAGS = ("-O1", "-g", "-Wall")
 
@@ -300,6 +300,7 @@ CASES: tuple[Case, ...] = (
     Case("regs", "regs", syscall=None),
     Case("signals", "signals"),
     Case("fds", "fds"),
+    Case("anonfd", "anonfd", ("all",)),
     Case("misc", "misc"),
     Case("sleeper-nanosleep", "sleeper", ("nanosleep", "3"), "none", SYS_NANOSLEEP, ("nanosleep", "1")),
     Case("sleeper-sleep", "sleeper", ("sleep", "3"), "none", SYS_CLOCK_NANOSLEEP, ("sleep", "1")),
@@ -309,7 +310,6 @@ CASES: tuple[Case, ...] = (
     Case("sleeper-futex", "sleeper", ("futex",), "usr2", SYS_FUTEX),
     Case("sleeper-pause", "sleeper", ("pause",), "usr2", SYS_PAUSE),
     Case("lazy-events", "lazy_events", ("all",), timeout=90),
-    Case("anonfd", "anonfd", ("all",)),
 )
 CASES_BY_ID = {c.id: c for c in CASES}
 
