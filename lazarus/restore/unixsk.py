@@ -1,8 +1,9 @@
 """Unix socket pairs made again inside the task (socketpair), with their options, queued data (datagram
 boundaries kept) and shutdown state. Data and options are put in through pidfd_getfd copies of the new ends.
 
-Order per pair: socketpair -> buffer sizes -> data (each end's queue written from the other end) -> shutdown
--> the remaining options (SO_PEEK_OFF last) -> both ends moved to their numbers with their file flags.
+Order per pair: socketpair -> data (each end's queue written from the other end, its send buffer raised
+meanwhile) -> buffer sizes -> shutdown -> the remaining options (SO_PEEK_OFF last) -> both ends moved to their
+numbers with their file flags.
 """
 
 from __future__ import annotations
@@ -47,11 +48,10 @@ def restore_pair(t: RemoteTask, image: Any, pid: int, ends: tuple[dict[str, Any]
         sa = socket.socket(fileno=p.getfd(fa))
         sb = socket.socket(fileno=p.getfd(fb))
     try:
-        for s, r in ((sa, a), (sb, b)):
-            _buffers(s, r["opts"])
         _write_queue(image, sb, a, where)  # a's receive queue came from b
         _write_queue(image, sa, b, where)
         for s, r in ((sa, a), (sb, b)):
+            _buffers(s, r["opts"])
             if r["shutdown"]:
                 s.shutdown(r["shutdown"] - 1)  # RCV_SHUTDOWN 1 -> SHUT_RD 0, SEND 2 -> SHUT_WR 1, both -> 2
             _options(s, r["opts"])
@@ -88,6 +88,11 @@ def _write_queue(image: Any, sender: socket.socket, r: dict[str, Any], where: st
         return
     data = image.blob(r["queue"])
     flags = abi.MSG_DONTWAIT | abi.MSG_NOSIGNAL
+    # Room for all of it at once (the program may have lowered its send buffer below what is queued); the
+    # recorded size is set afterwards, leaving the socket as full as it was.
+    room = 2 * len(data) + (64 << 10) + 1024 * len(r.get("datagrams") or ())
+    if sender.getsockopt(abi.SOL_SOCKET, abi.SO_SNDBUF) < room:
+        sender.setsockopt(abi.SOL_SOCKET, abi.SO_SNDBUFFORCE, min(room, 1 << 30) // 2)
     try:
         if r.get("datagrams") is None:
             view = memoryview(data)

@@ -12,8 +12,8 @@
  *             event, and a file created in dir 3 (then dir 4) is reported with wd 3 (then 4);
  *   sockets   socketpair()s with both ends here: SOCK_STREAM with data queued both ways (one way 100 KiB),
  *             SOCK_DGRAM and SOCK_SEQPACKET with datagrams (a 0-byte and a 70000-byte one among them)
- *             queued both ways, a stream pair shut down for writing with its last words queued, SO_RCVBUF
- *             and SO_PASSCRED, file flags per end.
+ *             queued both ways, a stream pair shut down for writing with its last words queued, SO_RCVBUF,
+ *             an SO_SNDBUF lowered below what is queued, SO_PASSCRED, SO_PEEK_OFF, file flags per end.
  *
  * Usage: anonfd LOGFILE MODE    MODE "all": the above. Refusal modes (the dump must refuse, naming it):
  *   epoll-closed    an epoll with a registered fd closed since (its file still open through a dup)
@@ -46,6 +46,7 @@ static int st[2], dg[2], sq[2], sh[2];
 static int wd[5];
 static char dirs[5][PATH_MAX];
 static time_t abs_deadline;
+static int small_sndbuf;
 static unsigned char big_buf[BIG], huge_dgram[HUGE_DGRAM];
 static const size_t dgram_sizes[] = { 1, 0, 100, HUGE_DGRAM, 7 };
 #define NDGRAM (sizeof(dgram_sizes) / sizeof(dgram_sizes[0]))
@@ -179,6 +180,10 @@ static void setup_all(void)
 			laz_die("send big");
 		off += (size_t)n;
 	}
+	/* a send buffer now far smaller than what it has queued: the restore must still fit the data in */
+	if (setsockopt(st[0], SOL_SOCKET, SO_SNDBUF, &(int){ 4096 }, sizeof(int)) ||
+	    getsockopt(st[0], SOL_SOCKET, SO_SNDBUF, &small_sndbuf, &(socklen_t){ sizeof(int) }))
+		laz_die("SO_SNDBUF");
 	send_dgrams(dg[0], 100);  /* queued at dg[1] */
 	send_dgrams(dg[1], 200);  /* queued at dg[0] */
 	send_dgrams(sq[0], 300);
@@ -388,6 +393,8 @@ static void check_sockets(void)
 		  "shut-down stream: the other way does not work");
 	LAZ_CHECK(send(st[0], "z", 1, 0) == 1 && recv(st[1], &c, 1, MSG_DONTWAIT) == 1 && c == 'z',
 		  "stream: a new write does not arrive");
+	getsockopt(st[0], SOL_SOCKET, SO_SNDBUF, &rcv, &len);
+	LAZ_CHECK(rcv == small_sndbuf, "SO_SNDBUF %d, want %d", rcv, small_sndbuf);
 	getsockopt(st[1], SOL_SOCKET, SO_RCVBUF, &rcv, &len);
 	LAZ_CHECK(rcv == 2 * 65536, "SO_RCVBUF %d, want %d", rcv, 2 * 65536);
 	getsockopt(sh[0], SOL_SOCKET, SO_PASSCRED, &cred, &len);
