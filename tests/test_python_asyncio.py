@@ -4,6 +4,7 @@ uninterrupted run of the same program."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,6 +62,9 @@ def test_asyncio_mid_work(harness: H.Harness, references: dict[str, str], python
     res = harness.dump(target, image)
     assert res.returncode == 0, f"dump failed: {res.stderr}"
     assert result_line(target.log) is None, "the program finished before the dump: nothing was tested"
+    files = json.loads((image / f"task-{target.pid}.json").read_text())["files"]
+    assert any(f["type"] == "unix" and f["queue"] for f in files), f"no data queued in the self-pipe: {files}"
+    assert any(f["type"] == "eventfd" and f["count"] for f in files), f"the eventfd counter is 0: {files}"
 
     r = harness.restore(image, lazy=mode == "lazy", like=target)
     assert r.returncode == 0, f"restore of {target.exe} failed: {r.stderr}"

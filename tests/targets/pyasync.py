@@ -2,7 +2,8 @@
 
 Its event loop holds what every asyncio program holds: an epoll fd (selectors.EpollSelector), the self-pipe
 socket pair (written by call_soon_threadsafe, so bytes may be queued in it at the dump), timers scheduled
-with call_later (asyncio.sleep), and here also an eventfd watched with add_reader. Work: a chain of call_later
+with call_later (asyncio.sleep), and here also an eventfd watched with add_reader. Right after READY the loop
+is blocked for 2.5 s with a byte queued in its self-pipe and the eventfd counter non-zero. Work: a chain of call_later
 callbacks (each schedules the next), worker tasks passing numbers through an asyncio.Queue with sleeps between
 them, and a producer that adds to the eventfd counter while a reader callback drains it.
 
@@ -37,6 +38,7 @@ class Work:
         self.written = 0
         self.read_total = 0
         self.worker_sums: dict[int, int] = {}
+        self.woken: list[int] = []
         self.start = time.monotonic()
         self.ready = False
         self.corrupt = os.environ.get("LAZ_SELFTEST_CORRUPT", "") in ("1", "state")
@@ -51,10 +53,16 @@ class Work:
             self.log.write(f"# progress chain {i}\n")
         if not self.ready and time.monotonic() - self.start >= 1.0:
             self.ready = True
+            # Then block the loop for a while, as a slow callback would, with a wake-up byte queued in the
+            # self-pipe and the eventfd counter non-zero: the dump, which follows READY, finds them so.
+            loop.call_soon_threadsafe(self.woken.append, i)  # when it runs depends on timing: only counted
+            os.write(self.efd, (1000).to_bytes(8, sys.byteorder))
+            self.written += 1000
             self.log.write("READY\n")
             if self.corrupt:
                 self.log.write("# corrupting state\n")
                 self.written += 1
+            time.sleep(2.5)  # long enough for a dump started at READY on a loaded machine
         # Wake the loop through its self-pipe now and then, as a thread handing work to it would.
         if i % 7 == 0:
             loop.call_soon_threadsafe(self.chain.update, b"t")
@@ -102,7 +110,7 @@ async def run(steps: int, log) -> int:  # noqa: ANN001
     digest = hashlib.sha256(w.chain.digest())
     for n in sorted(w.worker_sums):
         digest.update(f"{n}={w.worker_sums[n]}".encode())
-    log.write(f"RESULT {digest.hexdigest()} chain={w.chain_steps} eventfd={w.read_total}\n")
+    log.write(f"RESULT {digest.hexdigest()} chain={w.chain_steps} eventfd={w.read_total} woken={len(w.woken)}\n")
     problems = []
     if not w.ready:
         problems.append("finished before READY")
