@@ -1,11 +1,11 @@
 """Test target: a CPython asyncio program in the middle of its work (exercises an event loop's fds).
 
 Its event loop holds what every asyncio program holds: an epoll fd (selectors.EpollSelector), the self-pipe
-socket pair (written by call_soon_threadsafe, so bytes may be queued in it at the dump), timers scheduled
-with call_later (asyncio.sleep), and here also an eventfd watched with add_reader. Right after READY the loop
-is blocked for 2.5 s with a byte queued in its self-pipe and the eventfd counter non-zero. Work: a chain of call_later
-callbacks (each schedules the next), worker tasks passing numbers through an asyncio.Queue with sleeps between
-them, and a producer that adds to the eventfd counter while a reader callback drains it.
+socket pair (written by call_soon_threadsafe), timers scheduled with call_later (asyncio.sleep), and here also
+an eventfd watched with add_reader. Right after READY the loop is blocked for 2.5 s with a byte queued in its
+self-pipe and the eventfd counter non-zero, so the dump finds them so. Work: a chain of call_later callbacks
+(each schedules the next), worker tasks passing numbers through an asyncio.Queue with sleeps between them, and
+a producer that adds to the eventfd counter while a reader callback drains it.
 
 It writes progress lines to the log, "READY" after about one second, then "RESULT <hex> ..." and "PASS" (or
 "FAIL: ...") and exits 0 (1). The result depends only on the work, never on timing or interleaving, so the
