@@ -5,9 +5,9 @@
  *   timerfd   a relative 30 s timer with a 7 s interval, part of it used up (time left must not be back to
  *             30 s); a CLOCK_REALTIME TFD_TIMER_ABSTIME deadline (same deadline after restore); a one-shot
  *             timer that expired unread (its expiration must still be there to read);
- *   epoll     six registrations with their events and 64-bit data: epoll_wait returns exactly the ready
- *             ones with their data (an EPOLLONESHOT one already taken stays disabled), and EPOLL_CTL_ADD of
- *             each again gives EEXIST;
+ *   epoll     seven registrations (one of them another epoll) with their events and 64-bit data:
+ *             epoll_wait returns exactly the ready ones with their data (an EPOLLONESHOT one already
+ *             taken stays disabled), and EPOLL_CTL_ADD of each again gives EEXIST;
  *   inotify   watches on four directories with wd 2 removed (wds 1, 3, 4): the wds and masks, no queued
  *             event, and a file created in dir 3 (then dir 4) is reported with wd 3 (then 4);
  *   sockets   socketpair()s with both ends here: SOCK_STREAM with data queued both ways (one way 100 KiB),
@@ -41,7 +41,7 @@
 #define BIG 100000
 #define HUGE_DGRAM 70000
 
-static int ev_sem, ev_big, sfd, tf_rel, tf_abs, tf_shot, ep, ino_fd, pipefd[2];
+static int ev_sem, ev_big, sfd, tf_rel, tf_abs, tf_shot, ep, ep2, ino_fd, pipefd[2];
 static int st[2], dg[2], sq[2], sh[2];
 static int wd[5];
 static char dirs[5][PATH_MAX];
@@ -64,6 +64,7 @@ static struct reg regs[] = {
 	{ &tf_rel, EPOLLIN, 5, 0 },
 	{ &ev_big, EPOLLIN | EPOLLONESHOT, 0x99, 0 }, /* taken before READY: disabled */
 	{ &sq[1], EPOLLIN | EPOLLOUT, 0xfedcba9876543210ULL, 1 },
+	{ &ep2, EPOLLIN, 0xe9e9, 1 }, /* an epoll watching ev_sem: ready */
 };
 #define NREG (sizeof(regs) / sizeof(regs[0]))
 
@@ -192,6 +193,11 @@ static void setup_all(void)
 		laz_die("shutdown");
 
 	ep = epoll_create1(EPOLL_CLOEXEC);
+	ep2 = epoll_create1(0);
+	ev.events = EPOLLIN;
+	ev.data.u64 = 42;
+	if (ep2 < 0 || epoll_ctl(ep2, EPOLL_CTL_ADD, ev_sem, &ev))
+		laz_die("nested epoll");
 	for (int pass = 0; pass < 2; pass++) {
 		/* the one-shot registration first, alone, so that taking its event leaves the others pending */
 		for (size_t i = 0; i < NREG; i++) {
