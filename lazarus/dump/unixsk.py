@@ -14,7 +14,7 @@ import os
 import socket
 from typing import Any
 
-from lazarus.errors import Unsupported
+from lazarus.errors import KernelError, Unsupported
 from lazarus.kernel import abi
 from lazarus.kernel.pidfd import PidFd
 from lazarus.kernel.procfs import FdInfo
@@ -51,7 +51,10 @@ class UnixSockets:
         where = f"fd {fd} ({link})"
         ino = int(link[len("socket:["):-1])
         if self._diag is None:
-            self._diag = unix_sockets()
+            try:
+                self._diag = unix_sockets()
+            except KernelError as e:
+                raise Unsupported(f"{where}: {_NOT_SUPPORTED} here (unix sock_diag: {e.strerror})") from e
         sk = self._diag.get(ino)
         if sk is None:
             raise Unsupported(f"{where}: {_NOT_SUPPORTED} (only unix socket pairs are)")

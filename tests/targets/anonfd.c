@@ -9,7 +9,7 @@
  *             epoll_wait returns exactly the ready ones with their data (an EPOLLONESHOT one already
  *             taken stays disabled), and EPOLL_CTL_ADD of each again gives EEXIST;
  *   inotify   watches on four directories with wd 2 removed (wds 1, 3, 4): the wds and masks, no queued
- *             event, and a file created in dir 3 (then dir 4) is reported with wd 3 (then 4);
+ *             event, and a file created in dir 3 (then dir 4) is reported with its wd, 4 (then 3);
  *   sockets   socketpair()s with both ends here: SOCK_STREAM with data queued both ways (one way 100 KiB),
  *             SOCK_DGRAM and SOCK_SEQPACKET with datagrams (a 0-byte and a 70000-byte one among them)
  *             queued both ways, a stream pair shut down for writing with its last words queued, SO_RCVBUF,
