@@ -112,7 +112,7 @@ class UnixSockets:
         # What the kernel counts as queued: every byte for streams and seqpackets, the first datagram for dgrams.
         counted = (len(msgs[0]) if msgs else 0) if sk.type == abi.SOCK_DGRAM else total
         if counted != sk.rqueue:
-            raise Unsupported(f"{where}: {sk.rqueue} bytes queued but {total} could be peeked (out-of-band data?)")
+            raise Unsupported(f"{where}: {sk.rqueue} bytes queued but {counted} could be peeked (out-of-band data?)")
         if not msgs:
             return
         for opt in ("passcred", "passsec", "passpidfd"):
