@@ -457,31 +457,6 @@ STRUCT_SIZES: dict[type, int] = {
 }
 
 # ---------------------------------------------------------------------------------------------
-# [lazy helper: uffd/pidfd/vm] additions
-SYS.pidfd_send_signal = 424  # type: ignore[attr-defined]  # syscall_64.tbl
-PIDFD_NONBLOCK = O_NONBLOCK  # include/uapi/linux/pidfd.h
-IOV_MAX = 1024  # include/uapi/linux/uio.h (UIO_MAXIOV)
-UFFD_FEATURE_THREAD_ID = UFFD_FEATURES["THREAD_ID"]
-UFFD_FEATURE_INITIALIZED = 1 << 31  # fs/userfaultfd.c, kernel-internal: shown on the fdinfo API: line
-# [end lazy helper additions]
-
-# ---------------------------------------------------------------------------------------------
-# [procfs/pagemap/features helper] additions
-SYS.ptrace = 101  # type: ignore[attr-defined]  # syscall_64.tbl
-PF_KTHREAD = 0x00200000  # include/linux/sched.h: stat field 9 of kernel threads
-PM_SOFT_DIRTY_BIT = 55  # Documentation/admin-guide/mm/pagemap.rst: /proc/pid/pagemap entry bit
-CLEAR_REFS_SOFT_DIRTY = 4  # fs/proc/task_mmu.c: value written to /proc/pid/clear_refs
-CAP_SYS_PTRACE = 19  # include/uapi/linux/capability.h
-CAP_SYS_ADMIN = 21
-CAP_SYS_RESOURCE = 24
-CAP_CHECKPOINT_RESTORE = 40
-# arch/x86/include/asm/user.h: the XSTATE regset's sw_usable_bytes start with XCR0 as the OS enabled it
-# (the kernel's xstate_fx_sw_bytes[USER_XSTATE_XCR0_WORD]); the rest of those 48 bytes are zero.
-USER_XSTATE_XCR0_OFFSET = 464
-XSAVE_HEADER_OFFSET = 512  # u64 XSTATE_BV, then u64 XCOMP_BV (0 in the standard, uncompacted regset format)
-# [end procfs/pagemap/features helper additions]
-
-# ---------------------------------------------------------------------------------------------
 # [anonfd helper] additions: eventfd, signalfd, timerfd, epoll, inotify and unix socket pairs
 SYS.sendto = 44  # type: ignore[attr-defined]  # syscall_64.tbl
 SYS.shutdown = 48  # type: ignore[attr-defined]
@@ -529,3 +504,28 @@ NLMSG_ERROR, NLMSG_DONE = 2, 3
 UDIAG_SHOW_NAME, UDIAG_SHOW_PEER, UDIAG_SHOW_RQLEN = 0x1, 0x4, 0x10  # include/uapi/linux/unix_diag.h
 UNIX_DIAG_NAME, UNIX_DIAG_PEER, UNIX_DIAG_RQLEN, UNIX_DIAG_SHUTDOWN = 0, 2, 4, 6
 # [end anonfd helper additions]
+
+# ---------------------------------------------------------------------------------------------
+# [lazy helper: uffd/pidfd/vm] additions
+SYS.pidfd_send_signal = 424  # type: ignore[attr-defined]  # syscall_64.tbl
+PIDFD_NONBLOCK = O_NONBLOCK  # include/uapi/linux/pidfd.h
+IOV_MAX = 1024  # include/uapi/linux/uio.h (UIO_MAXIOV)
+UFFD_FEATURE_THREAD_ID = UFFD_FEATURES["THREAD_ID"]
+UFFD_FEATURE_INITIALIZED = 1 << 31  # fs/userfaultfd.c, kernel-internal: shown on the fdinfo API: line
+# [end lazy helper additions]
+
+# ---------------------------------------------------------------------------------------------
+# [procfs/pagemap/features helper] additions
+SYS.ptrace = 101  # type: ignore[attr-defined]  # syscall_64.tbl
+PF_KTHREAD = 0x00200000  # include/linux/sched.h: stat field 9 of kernel threads
+PM_SOFT_DIRTY_BIT = 55  # Documentation/admin-guide/mm/pagemap.rst: /proc/pid/pagemap entry bit
+CLEAR_REFS_SOFT_DIRTY = 4  # fs/proc/task_mmu.c: value written to /proc/pid/clear_refs
+CAP_SYS_PTRACE = 19  # include/uapi/linux/capability.h
+CAP_SYS_ADMIN = 21
+CAP_SYS_RESOURCE = 24
+CAP_CHECKPOINT_RESTORE = 40
+# arch/x86/include/asm/user.h: the XSTATE regset's sw_usable_bytes start with XCR0 as the OS enabled it
+# (the kernel's xstate_fx_sw_bytes[USER_XSTATE_XCR0_WORD]); the rest of those 48 bytes are zero.
+USER_XSTATE_XCR0_OFFSET = 464
+XSAVE_HEADER_OFFSET = 512  # u64 XSTATE_BV, then u64 XCOMP_BV (0 in the standard, uncompacted regset format)
+# [end procfs/pagemap/features helper additions]
