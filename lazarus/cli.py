@@ -359,6 +359,24 @@ def cmd_lazy_pages(args: argparse.Namespace) -> int:
     return 0
 
 
+
+def _fd_target(f: dict[str, Any]) -> str:
+    """What `show` prints as an fd's target."""
+    if f.get("path"):
+        return str(f["path"])
+    if "dup_of" in f:
+        return f"dup of fd {f['dup_of']}"
+    kind = f["type"]
+    if kind == "pipe":
+        return f"pipe:[{f.get('pipe')}]"
+    if kind == "unix":
+        return f"unix socket, peer socket:[{f.get('peer')}]"
+    if kind == "epoll":
+        return "epoll: fds " + ",".join(str(x["tfd"]) for x in f.get("targets", [])) if f.get("targets") else "epoll"
+    if kind == "inotify":
+        return "inotify: " + ", ".join(f"{w['wd']}={w['path']}" for w in f.get("watches", []))
+    return kind
+
 def _summary(img: Any) -> dict[str, Any]:
     inv = img.inventory
     out: dict[str, Any] = {"directory": str(img.path), "format": inv.get("format"), "version": inv.get("version"),
@@ -380,7 +398,7 @@ def _summary(img: Any) -> dict[str, Any]:
                          "prot": prot + ("s" if v["shared"] else "p"), "kind": v["kind"], "path": v["path"],
                          "pages": npages, "lazy": is_lazy(v) or (obj is not None and obj["id"] in lazy_ids),
                          "vmflags": " ".join(v["vmflags"])})
-        fds = [{"fd": f["fd"], "type": f["type"], "target": f.get("path") or f"pipe:[{f.get('pipe')}]",
+        fds = [{"fd": f["fd"], "type": f["type"], "target": _fd_target(f),
                 "flags": f"{f['flags']:o}", "pos": f["pos"], "cloexec": f["cloexec"]} for f in t["files"]]
         files = {n: m["size"] for n, m in inv["files"].items()}
         out["tasks"].append({

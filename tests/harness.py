@@ -35,6 +35,7 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "regs": (),
     "signals": (),
     "fds": (),
+    "anonfd": (),
     "sleeper": (),
     "misc": (),
     "unsupported": ("-pthread",),
@@ -302,6 +303,7 @@ CASES: tuple[Case, ...] = (
     Case("regs", "regs", syscall=None),
     Case("signals", "signals"),
     Case("fds", "fds"),
+    Case("anonfd", "anonfd", ("all",)),
     Case("misc", "misc"),
     Case("sleeper-nanosleep", "sleeper", ("nanosleep", "3"), "none", SYS_NANOSLEEP, ("nanosleep", "1")),
     Case("sleeper-sleep", "sleeper", ("sleep", "3"), "none", SYS_CLOCK_NANOSLEEP, ("sleep", "1")),
@@ -318,6 +320,7 @@ UNSUPPORTED_MODES = ("tcp", "thread", "child", "pty", "seccomp", "uffd", "plain"
 
 
 PYTHONS = ("system", "lazarus")
+PY_TARGETS = ("pyscript", "pyasync")  # tests/targets/NAME.py, run by target_python()
 
 
 def target_python(kind: str = "system") -> Path:
@@ -423,9 +426,9 @@ class Harness:
         gives the harness the other end of the target's stdout (the "pipe to another process"
         unsupported case)."""
         log = self.path(f"{name}.log")
-        if name == "pyscript":
+        if name in PY_TARGETS:
             exe = target_python(python)
-            argv = [str(exe), "-I", str(TARGETS_SRC / "pyscript.py"), str(log), *args]
+            argv = [str(exe), "-I", str(TARGETS_SRC / f"{name}.py"), str(log), *args]
         else:
             exe = self.bins[name]
             argv = [str(exe), str(log), *args]

@@ -21,6 +21,7 @@ SELF_CASES: tuple[H.Case, ...] = (
     *H.CASES,
     H.Case("regs-avx", "regs", ("avx",), syscall=None),
     H.Case("regs-sse", "regs", ("sse",), syscall=None),
+    H.Case("pyasync", "pyasync", ("700",), "none", None),
     *(H.Case(f"unsupported-{m}", "unsupported", (m,)) for m in H.UNSUPPORTED_MODES),
     H.Case("pyscript", "pyscript", ("150000",), "none", None),
     H.Case("thp", "thp"),

@@ -9,6 +9,8 @@ import re
 import stat as statmod
 from typing import Any
 
+from lazarus.dump.anonfd import check_epolls, describe_anon
+from lazarus.dump.unixsk import UnixSockets
 from lazarus.errors import Unsupported
 from lazarus.kernel import abi
 from lazarus.kernel.procfs import read_fdinfo
@@ -81,6 +83,7 @@ def dump_files(pid: int, write_blob: Any, objects: list[dict[str, Any]]) -> list
     pipes: dict[int, list[dict[str, Any]]] = {}
     objects_by_inode = {o["inode"]: o for o in objects}
     fd_dir = f"/proc/{pid}/fd"
+    sockets = UnixSockets(pid)
     for name in sorted(os.listdir(fd_dir), key=int):
         fd = int(name)
         link = os.readlink(f"{fd_dir}/{name}")
@@ -90,11 +93,11 @@ def dump_files(pid: int, write_blob: Any, objects: list[dict[str, Any]]) -> list
                                "cloexec": bool(flags & abi.O_CLOEXEC), "pos": info.pos}
         where = f"fd {fd} ({link})"
         if link.startswith("socket:"):
-            raise Unsupported(f"{where}: sockets are not supported")
-        if link == "anon_inode:[userfaultfd]":
-            raise Unsupported(f"{where}: the process uses userfaultfd itself")
+            fds.append(sockets.add(fd, link, info, rec))  # unix socket pairs (dump/unixsk.py); others refused
+            continue
         if link.startswith("anon_inode:"):
-            raise Unsupported(f"{where}: {link[len('anon_inode:'):]} descriptors are not supported")
+            fds.append(describe_anon(pid, fd, link, info, rec))  # eventfd, epoll, ... (dump/anonfd.py)
+            continue
         m = _PIPE.fullmatch(link)
         if m:
             ino = int(m.group(1))
@@ -132,6 +135,8 @@ def dump_files(pid: int, write_blob: Any, objects: list[dict[str, Any]]) -> list
         fds.append(rec)
 
     _mark_dups(pid, fds)
+    sockets.finish(write_blob)
+    check_epolls(pid, fds)
     for ino, ends in pipes.items():
         modes = {e["flags"] & abi.O_ACCMODE for e in ends}
         if abi.O_RDONLY not in modes or abi.O_WRONLY not in modes:

@@ -478,6 +478,55 @@ STRUCT_SIZES: dict[type, int] = {
 }
 
 # ---------------------------------------------------------------------------------------------
+# [anonfd helper] additions: eventfd, signalfd, timerfd, epoll, inotify and unix socket pairs
+SYS.sendto = 44  # type: ignore[attr-defined]  # syscall_64.tbl
+SYS.shutdown = 48  # type: ignore[attr-defined]
+SYS.socketpair = 53  # type: ignore[attr-defined]
+SYS.setsockopt = 54  # type: ignore[attr-defined]
+SYS.epoll_ctl = 233  # type: ignore[attr-defined]
+SYS.inotify_add_watch = 254  # type: ignore[attr-defined]
+SYS.inotify_rm_watch = 255  # type: ignore[attr-defined]
+SYS.timerfd_create = 283  # type: ignore[attr-defined]
+SYS.timerfd_settime = 286  # type: ignore[attr-defined]
+SYS.timerfd_gettime = 287  # type: ignore[attr-defined]
+SYS.signalfd4 = 289  # type: ignore[attr-defined]
+SYS.eventfd2 = 290  # type: ignore[attr-defined]
+SYS.epoll_create1 = 291  # type: ignore[attr-defined]
+SYS.inotify_init1 = 294  # type: ignore[attr-defined]
+SYS.open_by_handle_at = 304  # type: ignore[attr-defined]
+SYS.kcmp = 312  # type: ignore[attr-defined]
+EFD_SEMAPHORE = 1  # include/uapi/linux/eventfd.h
+TFD_TIMER_ABSTIME, TFD_TIMER_CANCEL_ON_SET = 1, 2  # include/uapi/linux/timerfd.h
+TFD_IOC_SET_TICKS = _IOC(_IOC_WRITE, ord("T"), 0, 8)  # include/uapi/linux/timerfd.h: _IOW('T', 0, __u64)
+EPOLL_CTL_ADD = 1  # include/uapi/linux/eventpoll.h
+IN_ATTRIB = 0x4  # include/uapi/linux/inotify.h
+KCMP_EPOLL_TFD = 7  # include/uapi/linux/kcmp.h
+AF_UNIX = 1  # include/linux/socket.h
+SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET = 1, 2, 5  # include/linux/net.h
+SOL_SOCKET = 1  # include/uapi/asm-generic/socket.h
+SO_SNDBUF, SO_RCVBUF = 7, 8
+SO_PRIORITY = 12
+SO_PASSCRED = 16
+SO_RCVLOWAT = 18
+SO_RCVTIMEO, SO_SNDTIMEO = 20, 21  # struct timeval (16 bytes on x86_64)
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+SO_PASSSEC = 34
+SO_MARK = 36
+SO_PEEK_OFF = 42
+SO_PASSPIDFD = 76
+SHUT_RD, SHUT_WR, SHUT_RDWR = 0, 1, 2
+RCV_SHUTDOWN, SEND_SHUTDOWN = 1, 2  # include/net/sock.h: sk_shutdown bits as sock_diag reports them
+TCP_LISTEN = 10  # include/net/tcp_states.h: the state of a listening unix socket too
+MSG_PEEK, MSG_TRUNC, MSG_DONTWAIT, MSG_NOSIGNAL = 0x2, 0x20, 0x40, 0x4000  # include/linux/socket.h
+NETLINK_SOCK_DIAG = 4  # include/uapi/linux/netlink.h
+SOCK_DIAG_BY_FAMILY = 20  # include/uapi/linux/sock_diag.h
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300  # include/uapi/linux/netlink.h
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+UDIAG_SHOW_NAME, UDIAG_SHOW_PEER, UDIAG_SHOW_RQLEN = 0x1, 0x4, 0x10  # include/uapi/linux/unix_diag.h
+UNIX_DIAG_NAME, UNIX_DIAG_PEER, UNIX_DIAG_RQLEN, UNIX_DIAG_SHUTDOWN = 0, 2, 4, 6
+# [end anonfd helper additions]
+
+# ---------------------------------------------------------------------------------------------
 # [lazy helper: uffd/pidfd/vm] additions
 SYS.pidfd_send_signal = 424  # type: ignore[attr-defined]  # syscall_64.tbl
 PIDFD_NONBLOCK = O_NONBLOCK  # include/uapi/linux/pidfd.h

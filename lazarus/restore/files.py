@@ -10,6 +10,7 @@ from typing import Any
 from lazarus.errors import RestoreError
 from lazarus.kernel import abi
 from lazarus.remote import RemoteTask
+from lazarus.restore import anonfd, unixsk
 
 _NEG1 = (1 << 64) - 1
 _OPEN_MASK = ~(abi.O_CLOEXEC | 0o100 | 0o200 | 0o1000)  # never O_CREAT, O_EXCL, O_TRUNC on reopen
@@ -20,6 +21,7 @@ def check_files(fds: list[dict[str, Any]]) -> None:
     for f in fds:
         if f["type"] in ("file", "dev", "fifo") and not os.path.exists(f["path"]):
             raise RestoreError(f"fd {f['fd']}: {f['path']} no longer exists", stage="validate", path=f["path"])
+        anonfd.check_anon(f)
 
 
 class FdRestorer:
@@ -48,6 +50,7 @@ class FdRestorer:
     def restore(self, fds: list[dict[str, Any]]) -> None:
         t = self.task
         pipes: dict[int, list[dict[str, Any]]] = {}
+        sockets: list[dict[str, Any]] = []
         dups = [rec for rec in fds if "dup_of" in rec]
         for rec in fds:
             kind = rec["type"]
@@ -69,14 +72,22 @@ class FdRestorer:
                 self._place(tmp, rec)
             elif kind == "pipe":
                 pipes.setdefault(rec["pipe"], []).append(rec)
+            elif kind in anonfd.KINDS:  # restore/anonfd.py; epoll registrations come last, below
+                self._place(anonfd.create(t, rec, self.pid), rec)
+            elif kind == "unix":
+                sockets.append(rec)
             else:
                 raise RestoreError(f"fd {rec['fd']}: unknown type {kind!r}", stage="files")
         for ends in pipes.values():
             self._pipe(ends)
+        for pair in unixsk.pairs(sockets):
+            unixsk.restore_pair(t, self.image, self.pid, pair, self.high_base)
         for rec in dups:
             t.syscall(abi.SYS.dup2, rec["dup_of"], rec["fd"])
             if rec["cloexec"]:
                 t.syscall(abi.SYS.fcntl, rec["fd"], abi.F_SETFD, abi.FD_CLOEXEC)
+        # After every fd and dup exists: the registrations name them.
+        anonfd.register_epolls(t, [r for r in fds if r["type"] == "epoll" and "dup_of" not in r])
 
     def _ghost(self, rec: dict[str, Any]) -> None:
         """An unlinked-but-open file: recreate it with its content, open it, unlink it again."""
