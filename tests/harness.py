@@ -660,11 +660,12 @@ def wait_restored(target: Target, timeout: float = 30.0) -> None:
 # Checks shared by the tests
 
 
-def assert_clean_error(res: subprocess.CompletedProcess, *patterns: str) -> str:
-    """A failed lazarus command: exit status != 0, stderr exactly one line starting
-    "lazarus: error:", no traceback anywhere, and each regex pattern found in that line."""
+def assert_clean_error(res: subprocess.CompletedProcess, *patterns: str, status: int = 1) -> str:
+    """A failed lazarus command: exit status 1 (what the README promises; 2 is argparse's usage error),
+    stderr exactly one line starting "lazarus: error:", no traceback anywhere, and each regex pattern found
+    in that line."""
     out = f"exit {res.returncode}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}"
-    assert res.returncode != 0, f"expected failure: {out}"
+    assert res.returncode == status, f"expected exit status {status}: {out}"
     assert "Traceback" not in res.stderr and "Traceback" not in res.stdout, f"traceback: {out}"
     lines = res.stderr.strip("\n").splitlines()
     assert len(lines) == 1, f"stderr must be one line: {out}"
