@@ -266,6 +266,14 @@ def wait_for_line(
     return False
 
 
+def logged_due(log: Path) -> float | None:
+    """The CLOCK_MONOTONIC time a target said its sleep is due ('# due: T'), if it said one."""
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("# due:"):
+            return float(line.split(":", 1)[1])
+    return None
+
+
 def corrupt_points(log: Path) -> list[str]:
     """The names a target declared in its '# corrupt-points:' line."""
     for line in log.read_text(errors="replace").splitlines():
@@ -302,8 +310,8 @@ CASES: tuple[Case, ...] = (
     Case("fds", "fds"),
     Case("misc", "misc"),
     Case("misc-pgrp", "misc", ("pgrp",), new_session=False),
-    Case("sleeper-nanosleep", "sleeper", ("nanosleep", "3"), "none", SYS_NANOSLEEP, ("nanosleep", "1")),
-    Case("sleeper-sleep", "sleeper", ("sleep", "3"), "none", SYS_CLOCK_NANOSLEEP, ("sleep", "1")),
+    Case("sleeper-nanosleep", "sleeper", ("nanosleep", "5"), "none", SYS_NANOSLEEP, ("nanosleep", "1")),
+    Case("sleeper-sleep", "sleeper", ("sleep", "5"), "none", SYS_CLOCK_NANOSLEEP, ("sleep", "1")),
     Case("sleeper-read", "sleeper", ("read",), "pipe", SYS_READ),
     Case("sleeper-poll", "sleeper", ("poll",), "pipe", SYS_POLL),
     Case("sleeper-sigwait", "sleeper", ("sigwait",), "usr2", SYS_RT_SIGTIMEDWAIT),
@@ -482,6 +490,14 @@ class Harness:
         if case.trigger != "none":
             self.settle(case, target)
             self.trigger(case, target)
+        else:
+            # A timed sleep (sleeper nanosleep/sleep) checks it did not end before its due time; that proves
+            # something of a restored one (no Popen) only if dump and restore ended before that time.
+            due = logged_due(target.log) if target.popen is None else None
+            if due is not None:
+                late = time.monotonic() - due
+                assert late < 0, (f"{case.id}: dump and restore ended {late:.2f} s after the sleep's due time, so "
+                                  f"an early end would go unseen (machine overloaded?): {target.describe()}")
         return target.wait_result(case.timeout)
 
     # -- lazarus -----------------------------------------------------------------------------
