@@ -63,6 +63,14 @@ def test_events_on_missing_memory(harness: H.Harness, mode: str, background: boo
         if mode in ("fork", "all"):
             # The parent still depended on the server when it forked: the child got its own uffd.
             assert len(s["processes"]) >= 2, "the fork child's uffd was not served"
+            child = [p for p in s["processes"] if p["parent_pid"] == target.pid]
+            assert child and child[0]["pages_total"] > 0, s["processes"]
+        # The madvise and munmap events met pages still missing (lazy_events.c touches nothing before them):
+        # the server dropped exactly those ranges (2 MiB DONTNEED + 1 MiB of shared memory REMOVEd, 2 MiB
+        # unmapped) instead of copying them.
+        (root,) = [p for p in s["processes"] if p["pid"] == target.pid]
+        dropped = {"madvise": 512 + 256, "munmap": 512, "all": 512 + 256 + 512}.get(mode, 0)
+        assert root["dropped_pages"] == dropped, root
 
 
 def test_one_server_two_images(harness: H.Harness, tmp_path: Path) -> None:
