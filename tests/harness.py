@@ -321,7 +321,7 @@ CASES: tuple[Case, ...] = (
 )
 CASES_BY_ID = {c.id: c for c in CASES}
 
-UNSUPPORTED_MODES = ("tcp", "thread", "child", "pty", "seccomp", "uffd", "plain")
+UNSUPPORTED_MODES = ("tcp", "thread", "child", "pty", "seccomp", "uffd", "sysvshm", "chardev", "plain")
 
 
 PYTHONS = ("system", "lazarus")
