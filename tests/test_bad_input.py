@@ -1,4 +1,4 @@
-"""Bad input to dump and restore: every case exits non-zero with exactly one line
+"""Bad input to dump and restore: every case exits 1 (the README's promise) with exactly one line
 "lazarus: error: ..." on stderr (never a traceback), and no process is killed or created.
 """
 
