@@ -39,7 +39,9 @@ static const char POINTS[] =
 	"anon zero hole ro_data ro_perm none_data none_perm privfile privfile_file shfile shanon "
 	"shanon_shared memfd heap brk sbrk_data stack data bss";
 
-static uint64_t data_words[64] = {
+/* 12 KiB: at least two whole pages of .data hold nothing else, so a page of it reloaded from the executable
+ * (its initial values) leaves the rest of the process working and must be caught by the .data check. */
+static uint64_t data_words[1536] = {
 	0x1111111111111111ULL, 0x2222222222222222ULL, 0x3333333333333333ULL, 0x4444444444444444ULL,
 	0x5555555555555555ULL, 0x6666666666666666ULL, 0x7777777777777777ULL, 0x0123456789abcdefULL,
 };
