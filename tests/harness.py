@@ -298,7 +298,6 @@ class Case:
     syscall: int | None = SYS_RT_SIGSUSPEND
     selftest_args: tuple[str, ...] | None = None  # args for the corruption self-test, if different
     timeout: float = DEFAULT_RESULT_TIMEOUT
-    new_session: bool = True  # False: started in pytest's session (misc pgrp: a group leader, not a session's)
 
 
 # Every target run the dump/restore tests go through (the unsupported targets are separate).
@@ -309,7 +308,6 @@ CASES: tuple[Case, ...] = (
     Case("signals", "signals"),
     Case("fds", "fds"),
     Case("misc", "misc"),
-    Case("misc-pgrp", "misc", ("pgrp",), new_session=False),
     Case("sleeper-nanosleep", "sleeper", ("nanosleep", "5"), "none", SYS_NANOSLEEP, ("nanosleep", "1")),
     Case("sleeper-sleep", "sleeper", ("sleep", "5"), "none", SYS_CLOCK_NANOSLEEP, ("sleep", "1")),
     Case("sleeper-read", "sleeper", ("read",), "pipe", SYS_READ),
@@ -423,10 +421,8 @@ class Harness:
         ready_timeout: float = DEFAULT_READY_TIMEOUT,
         wait_ready: bool = True,
         python: str = "system",
-        new_session: bool = True,
     ) -> Target:
-        """Start a target with stdio on /dev/null in a new session (unless new_session=False: then in
-        pytest's) and wait for READY.
+        """Start a target with stdio on /dev/null in a new session and wait for READY.
 
         name is a C target or "pyscript" (run by target_python(python)). stdout=subprocess.PIPE
         gives the harness the other end of the target's stdout (the "pipe to another process"
@@ -445,7 +441,7 @@ class Harness:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL if stdout is None else stdout,
             stderr=subprocess.DEVNULL,
-            start_new_session=new_session,
+            start_new_session=True,
             close_fds=True,
             env=full_env,
             cwd=self.work,
@@ -462,7 +458,7 @@ class Harness:
 
     def start_case(self, case: Case, env: dict[str, str] | None = None, selftest: bool = False) -> Target:
         args = case.selftest_args if selftest and case.selftest_args is not None else case.args
-        target = self.start_target(case.target, *args, env=env, new_session=case.new_session)
+        target = self.start_target(case.target, *args, env=env)
         self.settle(case, target)
         return target
 
