@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,6 +63,14 @@ def test_events_on_missing_memory(harness: H.Harness, mode: str, background: boo
         if mode in ("fork", "all"):
             # The parent still depended on the server when it forked: the child got its own uffd.
             assert len(s["processes"]) >= 2, "the fork child's uffd was not served"
+            child = [p for p in s["processes"] if p["parent_pid"] == target.pid]
+            assert child and child[0]["pages_total"] > 0, s["processes"]
+        # The madvise and munmap events met pages still missing (lazy_events.c touches nothing before them):
+        # the server dropped exactly those ranges (2 MiB DONTNEED + 1 MiB of shared memory REMOVEd, 2 MiB
+        # unmapped) instead of copying them.
+        (root,) = [p for p in s["processes"] if p["pid"] == target.pid]
+        dropped = {"madvise": 512 + 256, "munmap": 512, "all": 512 + 256 + 512}.get(mode, 0)
+        assert root["dropped_pages"] == dropped, root
 
 
 def test_one_server_two_images(harness: H.Harness, tmp_path: Path) -> None:
@@ -141,7 +150,7 @@ def test_server_killed_mid_transfer(harness: H.Harness, tmp_path: Path) -> None:
         server.wait(10)
 
     target, err = _serve_and_lose(harness, tmp_path, kill_server)
-    assert f"pid {target.pid} killed" in err, err
+    assert f"pid {target.pid} killed: its page source was lost (the lazy server died)" in err, err
 
 
 def test_page_file_unreadable_mid_transfer(harness: H.Harness, tmp_path: Path) -> None:
@@ -149,8 +158,9 @@ def test_page_file_unreadable_mid_transfer(harness: H.Harness, tmp_path: Path) -
         os.truncate(image / f"pages-{t.pid}.img", 0)
 
     target, err = _serve_and_lose(harness, tmp_path, truncate_pages)
-    assert f"pid {target.pid} killed" in err, err
-    assert "truncated" in err or "lost" in err, err
+    # the cause, not only the kill: every guard message says "lost"
+    assert re.search(rf"pid {target.pid} killed: its page source was lost \(.*pages-{target.pid}\.img: "
+                     r"truncated to 0 bytes while in use", err), err
 
 
 def test_page_file_corrupted_mid_transfer(harness: H.Harness, tmp_path: Path) -> None:
@@ -165,4 +175,84 @@ def test_page_file_corrupted_mid_transfer(harness: H.Harness, tmp_path: Path) ->
                 f.write(bytes([b[0] ^ 0xFF]))
 
     target, err = _serve_and_lose(harness, tmp_path, corrupt_pages)
-    assert f"pid {target.pid} killed" in err, err
+    assert re.search(rf"pid {target.pid} killed: its page source was lost \(.*pages-{target.pid}\.img: "
+                     r"checksum mismatch in chunk \d+", err), err
+
+
+def _cmdline(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+def test_lazy_log_gets_the_daemons_report(harness: H.Harness, tmp_path: Path) -> None:
+    """`restore --lazy -d --lazy-log FILE`: what the private daemon reports (here: the process it had to kill
+    when the daemon itself was killed) goes to FILE, not to DIR/lazy-pages.log."""
+    target, image = dumped(harness, "lazy_events", "all")
+    log = tmp_path / "my-lazy.log"
+    known = H.children_of(os.getpid())
+    r = harness.restore(image, "--no-background", "--lazy-log", str(log), lazy=True, like=target)
+    assert r.returncode == 0, r.stderr
+    # the daemon: orphaned to pytest (the restore command exited), running `lazarus restore`
+    daemons = [p for p in H.children_of(os.getpid()) - known
+               if p != r.pid and H.is_alive(p) and b"restore" in _cmdline(p) and b"lazarus" in _cmdline(p)]
+    assert len(daemons) == 1, [(p, _cmdline(p)) for p in H.children_of(os.getpid()) - known]
+    harness.register(daemons[0], "lazy-pages daemon")
+    os.kill(daemons[0], signal.SIGKILL)
+    assert H.reap(daemons[0], 10) == -signal.SIGKILL
+    deadline = time.monotonic() + 20
+    while H.is_alive(target.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not H.is_alive(target.pid), "the process outlived its page source"
+    deadline = time.monotonic() + 10
+    while f"pid {target.pid} killed" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert log.exists(), f"--lazy-log {log} was not written (DIR has: {sorted(x.name for x in image.iterdir())})"
+    assert f"pid {target.pid} killed: its page source was lost" in log.read_text()
+    assert not (image / "lazy-pages.log").exists(), "the report went to DIR/lazy-pages.log despite --lazy-log"
+
+
+def test_lazy_pages_socket_and_linger(harness: H.Harness, tmp_path: Path) -> None:
+    """`lazy-pages --socket SOCK --linger S`: it listens at SOCK (not in DIR); with every process served, it
+    still takes a restore within S seconds, and then exits on its own, removing SOCK."""
+    linger = 4.0
+    t1, img1 = dumped(harness, "memory", "close")
+    t2, img2 = dumped(harness, "sleeper", "pause")
+    sockdir = tmp_path / "lp"
+    sockdir.mkdir()
+    sock = tmp_path / "elsewhere.sock"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lazarus", "lazy-pages", "-D", str(sockdir), "--socket", str(sock),
+         "--linger", str(linger)],
+        cwd=H.REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    harness.register(server.pid, "lazy-pages")
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sock.exists(), "lazy-pages did not listen at --socket"
+        assert not (sockdir / "lazy-pages.sock").exists(), "--socket given, yet it listens in DIR too"
+        r1 = harness.restore(img1, "--lazy-pages-socket", str(sock), lazy=True, like=t1)
+        assert r1.returncode == 0, r1.stderr
+        r1.target.signal(signal.SIGUSR2)
+        H.expect_pass(r1.target.wait_result(60), r1.target, r1)
+        assert r1.target.wait_exit(15) == 0
+        time.sleep(linger / 4)
+        assert server.poll() is None, "lazy-pages exited before its --linger time"
+        handed = time.monotonic()  # the second process is handed over (and completes) after this
+        r2 = harness.restore(img2, "--lazy-pages-socket", str(sock), lazy=True, like=t2)
+        assert r2.returncode == 0, r2.stderr
+        H.expect_pass(harness.run_case(H.CASES_BY_ID["sleeper-pause"], r2.target), r2.target, r2)
+        assert r2.target.wait_exit(15) == 0
+        out, err = server.communicate(timeout=linger + 30)
+        ended = time.monotonic()
+        assert server.returncode == 0, err
+        assert "served 2 process(es)" in out, out
+        # it lingered (for more restores) after the last one completed, then went on its own
+        assert ended - handed >= linger, f"exited {ended - handed:.1f} s after the hand-over, linger {linger}"
+        assert not sock.exists(), "lazy-pages left its socket behind"
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)

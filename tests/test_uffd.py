@@ -465,6 +465,9 @@ class StandInPageFile:
         self._sums = [xxhash.xxh3_64_intdigest(mv[o:o + self.CHUNK]) for o in range(0, self.size, self.CHUNK)]
         mv.release()
         self.verified = 0
+        # one byte per chunk, set by chunk_matches: the verify-ahead process is a fork, so it is shared memory
+        self._ahead = mmap.mmap(-1, max(1, len(self._sums)), flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        self._inline = bytearray(len(self._sums))
 
     def address(self, i: int) -> int:
         if not 0 <= i < self.size // P:
@@ -487,6 +490,7 @@ class StandInPageFile:
         finally:
             mv.release()
         self.verified += 1
+        self._inline[chunk] = 1
 
     @property
     def nchunks(self) -> int:
@@ -497,9 +501,20 @@ class StandInPageFile:
         start = chunk * self.CHUNK
         mv = memoryview(self._mm)
         try:
-            return xxhash.xxh3_64_intdigest(mv[start:start + self.CHUNK]) == self._sums[chunk]
+            ok = xxhash.xxh3_64_intdigest(mv[start:start + self.CHUNK]) == self._sums[chunk]
         finally:
             mv.release()
+        if ok:
+            self._ahead[chunk] = 1
+        return ok
+
+    def ahead_checked_chunks(self) -> int:
+        """How many chunks a verify-ahead process found good (counted here, not by the code under test)."""
+        return sum(self._ahead[: self.nchunks])
+
+    def unchecked_chunks(self) -> list[int]:
+        """Chunks checked neither inline nor ahead."""
+        return [c for c in range(self.nchunks) if not self._inline[c] and not self._ahead[c]]
 
 
 class Helper:

@@ -6,27 +6,40 @@
  *   lazy_events LOGFILE MODE      MODE: fork | mremap | madvise | munmap | all
  *
  * Setup fills a 32 MiB anonymous region and a 4 MiB shared anonymous region with patterns, then
- * waits for SIGUSR2. After the trigger it does the mode's operation FIRST, before reading any of
- * the regions, so that (under `restore --lazy --no-background`) the event hits pages that are still
- * missing, then verifies:
- *   fork     child and parent both see the data as of the fork; writes in one never show in the
- *            other (each side writes its own marks into different pages, then checks the other's
- *            pages still hold the original pattern); the child reports through its exit status.
- *   mremap   a 4 MiB piece moved elsewhere holds its data at the new address (later faults there
- *            get the moved pages), and the old range is unmapped.
- *   madvise  MADV_DONTNEED'ed anonymous pages and MADV_REMOVE'd shared pages read zeros, never the
- *            image's data; the neighbours keep their data.
- *   munmap   nothing is copied into an unmapped hole: memory mapped there afresh reads zeros.
- *   all      every one of the above in sequence, then a fork.
+ * waits for SIGUSR2. Each event has a part of the regions of its own, and nothing reads any page
+ * before the events that concern it: so (under `restore --lazy --no-background`) every event hits
+ * pages that are still missing, in "all" mode too. An event's own range is checked right after it;
+ * the neighbours, and the rest, only once every event has happened.
+ *
+ *   anon  [8, 12) MiB   mremap: moved elsewhere, holds its data at the new address (later faults
+ *                       there get the moved pages), the old range is unmapped; then moved back.
+ *         [16, 18) MiB  madvise: MADV_DONTNEED'ed pages read zeros, never the image's data.
+ *         [24, 26) MiB  munmap: nothing is copied into the hole: memory mapped there afresh reads zeros.
+ *         the rest      fork (last in "all"): child and parent both see the data as of the fork;
+ *                       writes in one never show in the other (each side writes its own marks into
+ *                       different pages, then checks the other's pages still hold the original
+ *                       pattern); the child reports through its exit status.
+ *   shm   [1, 2) MiB    madvise: MADV_REMOVE'd shared pages read zeros.
+ *
+ * Every check has a corruption point of its own that damages what that check alone looks at (and
+ * puts it back afterwards where later checks would otherwise see it).
  */
 #include "common.h"
 
 #include <sys/mman.h>
 #include <sys/wait.h>
 
-#define ANON_SIZE (32UL << 20)
-#define SHM_SIZE (4UL << 20)
-#define PIECE (4UL << 20)
+#define MIB (1UL << 20)
+#define ANON_SIZE (32 * MIB)
+#define SHM_SIZE (4 * MIB)
+#define PIECE (4 * MIB)
+#define PIECE_AT (8 * MIB)
+#define DONTNEED_AT (16 * MIB)
+#define DONTNEED_LEN (2 * MIB)
+#define REMOVE_AT (1 * MIB)
+#define REMOVE_LEN (1 * MIB)
+#define HOLE_AT (24 * MIB)
+#define HOLE_LEN (2 * MIB)
 #define SEED_ANON 0x1111ULL
 #define SEED_SHM 0x2222ULL
 
@@ -51,6 +64,15 @@ static void check_anon(size_t from, size_t to, const char *what)
 	LAZ_CHECK(bad < 0, "%s: anon data differs at offset %#lx", what, (unsigned long)(from + bad));
 }
 
+/* Flip one byte if the self-test asks to corrupt `point`; returns whether it did (flip again to undo). */
+static int flip(const char *point, unsigned char *p)
+{
+	if (!laz_corrupt(point))
+		return 0;
+	*p ^= 0x40;
+	return 1;
+}
+
 static void do_fork(void)
 {
 	/* Fork first, then have each side read and write: both see the memory as of the fork. */
@@ -63,6 +85,8 @@ static void do_fork(void)
 		int bad = 0;
 		for (size_t off = 0; off < ANON_SIZE; off += 2 * LAZ_PAGE)
 			anon[off] = 0xC1;             /* child marks even pages */
+		if (laz_corrupt("fork_child"))
+			anon[LAZ_PAGE + 7] ^= 0x40;   /* the child's own copy of an odd page */
 		for (size_t off = LAZ_PAGE; off < ANON_SIZE; off += 2 * LAZ_PAGE)
 			if (mismatch_offset(anon + off, LAZ_PAGE, off, SEED_ANON) >= 0)
 				bad |= 1;             /* odd pages: original data */
@@ -80,21 +104,27 @@ static void do_fork(void)
 		laz_failf("waitpid: %s", strerror(errno));
 		return;
 	}
-	LAZ_CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "fork child saw wrong data (status %#x)", status);
+	LAZ_CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "fork: the child saw wrong data (status %#x)",
+		  status);
+	int undo = flip("fork_parent_even", anon + 2 * LAZ_PAGE);
 	for (size_t off = 0; off < ANON_SIZE; off += 2 * LAZ_PAGE) {
 		if (mismatch_offset(anon + off, LAZ_PAGE, off, SEED_ANON) >= 0) {
-			laz_failf("parent sees a child write or lost data at %#lx", (unsigned long)off);
+			laz_failf("fork: the parent sees a child write or lost data at %#lx", (unsigned long)off);
 			break;
 		}
 	}
+	if (undo)
+		anon[2 * LAZ_PAGE] ^= 0x40;
+	if (laz_corrupt("fork_parent_odd"))
+		anon[3 * LAZ_PAGE] = 0xC1;            /* as if the child's mark had reached the parent */
 	for (size_t off = LAZ_PAGE; off < ANON_SIZE; off += 2 * LAZ_PAGE) {
 		if (anon[off] != 0xD2 ||
 		    mismatch_offset(anon + off + 1, LAZ_PAGE - 1, off + 1, SEED_ANON) >= 0) {
-			laz_failf("parent data wrong at %#lx", (unsigned long)off);
+			laz_failf("fork: the parent's own writes are wrong at %#lx", (unsigned long)off);
 			break;
 		}
 	}
-	/* put the parent's pages back so later checks see the pattern */
+	/* put the parent's pages back so the final check sees the pattern */
 	for (size_t off = LAZ_PAGE; off < ANON_SIZE; off += 2 * LAZ_PAGE)
 		laz_fill_offset(anon + off, 1, off, SEED_ANON);
 }
@@ -107,83 +137,138 @@ static void do_mremap(void)
 		laz_failf("reserve: %s", strerror(errno));
 		return;
 	}
-	unsigned char *moved = mremap(anon + (8UL << 20), PIECE, PIECE, MREMAP_MAYMOVE | MREMAP_FIXED, dst);
+	unsigned char *moved = mremap(anon + PIECE_AT, PIECE, PIECE, MREMAP_MAYMOVE | MREMAP_FIXED, dst);
 	if (moved == MAP_FAILED) {
 		laz_failf("mremap: %s", strerror(errno));
 		return;
 	}
-	long bad = mismatch_offset(moved, PIECE, 8UL << 20, SEED_ANON);
+	int undo = flip("mremap_data", moved + PIECE / 2);
+	long bad = mismatch_offset(moved, PIECE, PIECE_AT, SEED_ANON);
 	LAZ_CHECK(bad < 0, "mremap: moved data differs at +%#lx", (unsigned long)bad);
+	if (undo)
+		moved[PIECE / 2] ^= 0x40;
+	void *squat = MAP_FAILED;
+	if (laz_corrupt("mremap_old"))
+		squat = mmap(anon + PIECE_AT, LAZ_PAGE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+			     -1, 0);
 	unsigned char vec;
-	LAZ_CHECK(mincore(anon + (8UL << 20), LAZ_PAGE, &vec) == -1 && errno == ENOMEM,
-		  "mremap: old range is still mapped");
-	check_anon(0, 8UL << 20, "mremap (before the piece)");
-	check_anon(12UL << 20, ANON_SIZE, "mremap (after the piece)");
-	/* Put the piece back so later modes find the layout they expect. */
-	if (mremap(moved, PIECE, PIECE, MREMAP_MAYMOVE | MREMAP_FIXED, anon + (8UL << 20)) == MAP_FAILED)
+	LAZ_CHECK(mincore(anon + PIECE_AT, LAZ_PAGE, &vec) == -1 && errno == ENOMEM,
+		  "mremap: the old range is still mapped");
+	if (squat != MAP_FAILED)
+		munmap(squat, LAZ_PAGE);
+	/* Put the piece back so the final check finds the layout it expects. */
+	if (mremap(moved, PIECE, PIECE, MREMAP_MAYMOVE | MREMAP_FIXED, anon + PIECE_AT) == MAP_FAILED)
 		laz_failf("mremap back: %s", strerror(errno));
 }
 
 static void do_madvise(void)
 {
-	size_t a = 16UL << 20, alen = 2UL << 20, s = 1UL << 20, slen = 1UL << 20;
-	LAZ_CHECK(madvise(anon + a, alen, MADV_DONTNEED) == 0, "MADV_DONTNEED: %s", strerror(errno));
-	LAZ_CHECK(madvise(shm + s, slen, MADV_REMOVE) == 0, "MADV_REMOVE: %s", strerror(errno));
-	LAZ_CHECK(all_zero(anon + a, alen), "MADV_DONTNEED: anonymous pages are not zero");
-	LAZ_CHECK(all_zero(shm + s, slen), "MADV_REMOVE: shared pages are not zero");
-	check_anon(a - (1UL << 20), a, "madvise (neighbour below)");
-	check_anon(a + alen, a + alen + (1UL << 20), "madvise (neighbour above)");
-	long bad = mismatch_offset(shm, s, 0, SEED_SHM);
-	LAZ_CHECK(bad < 0, "madvise: shared data below the removed range differs at %#lx", (unsigned long)bad);
-	bad = mismatch_offset(shm + s + slen, SHM_SIZE - s - slen, s + slen, SEED_SHM);
-	LAZ_CHECK(bad < 0, "madvise: shared data above the removed range differs");
-	/* restore the pattern for later modes */
-	laz_fill_offset(anon + a, alen, a, SEED_ANON);
-	laz_fill_offset(shm + s, slen, s, SEED_SHM);
+	LAZ_CHECK(madvise(anon + DONTNEED_AT, DONTNEED_LEN, MADV_DONTNEED) == 0, "MADV_DONTNEED: %s", strerror(errno));
+	LAZ_CHECK(madvise(shm + REMOVE_AT, REMOVE_LEN, MADV_REMOVE) == 0, "MADV_REMOVE: %s", strerror(errno));
+	if (laz_corrupt("dontneed_zero"))
+		anon[DONTNEED_AT + 5 * LAZ_PAGE + 9] = 1;
+	LAZ_CHECK(all_zero(anon + DONTNEED_AT, DONTNEED_LEN), "MADV_DONTNEED: anonymous pages are not zero");
+	if (laz_corrupt("remove_zero"))
+		shm[REMOVE_AT + 3 * LAZ_PAGE + 1] = 1;
+	LAZ_CHECK(all_zero(shm + REMOVE_AT, REMOVE_LEN), "MADV_REMOVE: shared pages are not zero");
+	/* the pattern back for the final check */
+	laz_fill_offset(anon + DONTNEED_AT, DONTNEED_LEN, DONTNEED_AT, SEED_ANON);
+	laz_fill_offset(shm + REMOVE_AT, REMOVE_LEN, REMOVE_AT, SEED_SHM);
 }
 
 static void do_munmap(void)
 {
-	size_t h = 24UL << 20, hlen = 2UL << 20;
-	LAZ_CHECK(munmap(anon + h, hlen) == 0, "munmap: %s", strerror(errno));
-	unsigned char *again = mmap(anon + h, hlen, PROT_READ | PROT_WRITE,
+	LAZ_CHECK(munmap(anon + HOLE_AT, HOLE_LEN) == 0, "munmap: %s", strerror(errno));
+	unsigned char *again = mmap(anon + HOLE_AT, HOLE_LEN, PROT_READ | PROT_WRITE,
 				    MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
-	if (again != anon + h) {
+	if (again != anon + HOLE_AT) {
 		laz_failf("mmap into the hole: %s", strerror(errno));
 		return;
 	}
-	LAZ_CHECK(all_zero(again, hlen), "munmap: memory mapped afresh in the hole is not zero");
-	check_anon(h - (1UL << 20), h, "munmap (neighbour below)");
-	check_anon(h + hlen, ANON_SIZE, "munmap (neighbour above)");
-	laz_fill_offset(anon + h, hlen, h, SEED_ANON);
+	if (laz_corrupt("munmap_zero"))
+		again[HOLE_LEN - 1] = 1;
+	LAZ_CHECK(all_zero(again, HOLE_LEN), "munmap: memory mapped afresh in the hole is not zero");
+	laz_fill_offset(anon + HOLE_AT, HOLE_LEN, HOLE_AT, SEED_ANON);
+}
+
+/* After every event: the neighbours of each event's range kept their data. */
+static void check_neighbours(int mremapped, int madvised, int unmapped)
+{
+	int undo;
+
+	if (mremapped) {
+		undo = flip("mremap_neighbours", anon + PIECE_AT - 1);
+		check_anon(PIECE_AT - MIB, PIECE_AT, "mremap (neighbour below)");
+		check_anon(PIECE_AT + PIECE, PIECE_AT + PIECE + MIB, "mremap (neighbour above)");
+		if (undo)
+			anon[PIECE_AT - 1] ^= 0x40;
+	}
+	if (madvised) {
+		undo = flip("madvise_neighbours", anon + DONTNEED_AT + DONTNEED_LEN);
+		check_anon(DONTNEED_AT - MIB, DONTNEED_AT, "madvise (neighbour below)");
+		check_anon(DONTNEED_AT + DONTNEED_LEN, DONTNEED_AT + DONTNEED_LEN + MIB, "madvise (neighbour above)");
+		if (undo)
+			anon[DONTNEED_AT + DONTNEED_LEN] ^= 0x40;
+		undo = flip("remove_neighbours", shm + REMOVE_AT - 1);
+		long bad = mismatch_offset(shm, REMOVE_AT, 0, SEED_SHM);
+		LAZ_CHECK(bad < 0, "MADV_REMOVE: shared data below the removed range differs at %#lx", (unsigned long)bad);
+		bad = mismatch_offset(shm + REMOVE_AT + REMOVE_LEN, SHM_SIZE - REMOVE_AT - REMOVE_LEN, REMOVE_AT + REMOVE_LEN,
+				      SEED_SHM);
+		LAZ_CHECK(bad < 0, "MADV_REMOVE: shared data above the removed range differs");
+		if (undo)
+			shm[REMOVE_AT - 1] ^= 0x40;
+	}
+	if (unmapped) {
+		undo = flip("munmap_neighbours", anon + HOLE_AT + HOLE_LEN + 17);
+		check_anon(HOLE_AT - MIB, HOLE_AT, "munmap (neighbour below)");
+		check_anon(HOLE_AT + HOLE_LEN, HOLE_AT + HOLE_LEN + MIB, "munmap (neighbour above)");
+		if (undo)
+			anon[HOLE_AT + HOLE_LEN + 17] ^= 0x40;
+	}
 }
 
 int main(int argc, char **argv)
 {
 	laz_init(argc, argv);
 	const char *mode = argc > 2 ? argv[2] : "all";
+	int all = !strcmp(mode, "all");
+	int mremapped = all || !strcmp(mode, "mremap"), madvised = all || !strcmp(mode, "madvise");
+	int unmapped = all || !strcmp(mode, "munmap"), forked = all || !strcmp(mode, "fork");
+	char points[512] = "data shm";
 
+	if (!mremapped && !madvised && !unmapped && !forked)
+		laz_die("unknown mode %s", mode);
 	anon = mmap(NULL, ANON_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	shm = mmap(NULL, SHM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 	if (anon == MAP_FAILED || shm == MAP_FAILED)
 		laz_die("mmap");
 	laz_fill_offset(anon, ANON_SIZE, 0, SEED_ANON);
 	laz_fill_offset(shm, SHM_SIZE, 0, SEED_SHM);
-	laz_ready("data");
+	if (mremapped)
+		strcat(points, " mremap_data mremap_old mremap_neighbours");
+	if (madvised)
+		strcat(points, " dontneed_zero remove_zero madvise_neighbours remove_neighbours");
+	if (unmapped)
+		strcat(points, " munmap_zero munmap_neighbours");
+	if (forked)
+		strcat(points, " fork_child fork_parent_even fork_parent_odd");
+	laz_ready(points);
 	laz_wait_usr2();
 
-	int all = !strcmp(mode, "all");
+	if (mremapped)
+		do_mremap();
+	if (madvised)
+		do_madvise();
+	if (unmapped)
+		do_munmap();
+	if (forked)
+		do_fork();
+	check_neighbours(mremapped, madvised, unmapped);
 	if (laz_corrupt("data"))
 		anon[5 * LAZ_PAGE + 3] ^= 0x40;
-	if (all || !strcmp(mode, "mremap"))
-		do_mremap();
-	if (all || !strcmp(mode, "madvise"))
-		do_madvise();
-	if (all || !strcmp(mode, "munmap"))
-		do_munmap();
-	if (all || !strcmp(mode, "fork"))
-		do_fork();
 	check_anon(0, ANON_SIZE, "final");
+	if (laz_corrupt("shm"))
+		shm[SHM_SIZE - 5] ^= 0x40;
 	long bad = mismatch_offset(shm, SHM_SIZE, 0, SEED_SHM);
 	LAZ_CHECK(bad < 0, "final: shared data differs at %#lx", (unsigned long)bad);
 	laz_finish();

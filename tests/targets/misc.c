@@ -8,6 +8,15 @@
  * sleeps, and the kernel must have rewritten it), the pid, session and process group, the
  * credentials, /proc/self/cmdline, environ, exe and auxv (AT_RANDOM bytes included).
  *
+ * Credentials: started as root, it drops to ids of its own before READY, none of them the restorer's (root)
+ * and real, effective and saved all different (uids 2001/2002/2003, gids 1001/1002/1003, groups 1004 1005),
+ * so that a restore which kept the restorer's, or mixed them up, fails. Started unprivileged (the non-root
+ * test), it keeps what it was given.
+ *
+ * Session and group: it leads both (the harness starts it in a new session), and must lead both again: the
+ * same ids, and its own. (A process in a session another process leads is another case: refused, or with
+ * `dump --shell-job` put into the restorer's session; tests/test_membership.py covers it.)
+ *
  * Usage: misc LOGFILE
  * Trigger: SIGUSR2.
  */
@@ -15,6 +24,7 @@
 
 #include <linux/futex.h>
 #include <sched.h>
+#include <grp.h>
 #include <sys/auxv.h>
 #include <sys/personality.h>
 #include <sys/prctl.h>
@@ -40,6 +50,8 @@ static struct rlimit nofile, core;
 static pid_t pid0, sid0, pgid0;
 static uid_t ruid, euid, suid;
 static gid_t rgid, egid, sgid;
+static gid_t groups0[16];
+static int ngroups0;
 static char cmdline0[4096], environ0[16384], exe0[PATH_MAX], auxv0[1024], random0[16];
 static ssize_t cmdline0_len, environ0_len, auxv0_len;
 
@@ -69,6 +81,8 @@ static void setup(void)
 	laz_tmpfile("cwd", dir, sizeof(dir));
 	if (mkdir(dir, 0700) && errno != EEXIST)
 		laz_die("mkdir %s", dir);
+	if (chmod(dir, 0755)) /* still usable once the ids below are not root's */
+		laz_die("chmod %s", dir);
 	if (chdir(dir) || !getcwd(cwd_path, sizeof(cwd_path)) || stat(".", &cwd_stat))
 		laz_die("chdir %s", dir);
 	if (prctl(PR_SET_NAME, "laz-misc", 0, 0, 0))
@@ -97,8 +111,21 @@ static void setup(void)
 	pid0 = getpid();
 	sid0 = getsid(0);
 	pgid0 = getpgrp();
+	if (getuid() == 0) {
+		static const gid_t groups[2] = { 1004, 1005 };
+
+		/* gids before uids: once the uids are not root, the gids can no longer change */
+		if (setgroups(2, groups) || setresgid(1001, 1002, 1003) || setresuid(2001, 2002, 2003))
+			laz_die("drop to uids 2001/2002/2003 gids 1001/1002/1003");
+		/* changing ids made it non-dumpable: /proc/self/{environ,auxv} would be root's, unreadable to it */
+		if (prctl(PR_SET_DUMPABLE, 1, 0, 0, 0))
+			laz_die("PR_SET_DUMPABLE");
+	}
 	getresuid(&ruid, &euid, &suid);
 	getresgid(&rgid, &egid, &sgid);
+	ngroups0 = getgroups(16, groups0);
+	if (ngroups0 < 0)
+		laz_die("getgroups");
 	cmdline0_len = slurp("/proc/self/cmdline", cmdline0, sizeof(cmdline0));
 	environ0_len = slurp("/proc/self/environ", environ0, sizeof(environ0));
 	auxv0_len = slurp("/proc/self/auxv", auxv0, sizeof(auxv0));
@@ -113,8 +140,8 @@ static void corrupt(char **argv)
 {
 	if (laz_corrupt("umask"))
 		umask(022);
-	if (laz_corrupt("cwd"))
-		chdir("..");
+	if (laz_corrupt("cwd") && chdir("/"))
+		laz_die("chdir /");
 	if (laz_corrupt("comm"))
 		prctl(PR_SET_NAME, "laz-other", 0, 0, 0);
 	if (laz_corrupt("rlimit")) {
@@ -135,8 +162,8 @@ static void corrupt(char **argv)
 		laz_die("rseq unregister");
 	if (laz_corrupt("session"))
 		sid0++;
-	if (laz_corrupt("creds"))
-		setresgid(rgid, egid, sgid + 1);
+	if (laz_corrupt("creds") && setresgid(sgid, egid, rgid)) /* allowed unprivileged: r and s swapped */
+		laz_die("setresgid");
 	if (laz_corrupt("cmdline"))
 		argv[0][0] ^= 1;
 	if (laz_corrupt("environ"))
@@ -238,10 +265,21 @@ static void verify(void)
 		  syscall(SYS_gettid), pid0);
 	LAZ_CHECK(getsid(0) == sid0 && getpgrp() == pgid0, "session %d pgrp %d, expected %d %d", getsid(0),
 		  getpgrp(), sid0, pgid0);
+	LAZ_CHECK(getpgrp() == getpid() && getsid(0) == getpid(), "pgrp %d session %d: should lead both",
+		  getpgrp(), getsid(0));
 	getresuid(&u[0], &u[1], &u[2]);
 	getresgid(&g[0], &g[1], &g[2]);
-	LAZ_CHECK(u[0] == ruid && u[1] == euid && u[2] == suid && g[0] == rgid && g[1] == egid && g[2] == sgid,
-		  "credentials differ");
+	LAZ_CHECK(u[0] == ruid && u[1] == euid && u[2] == suid, "uids %u/%u/%u, expected %u/%u/%u", u[0], u[1], u[2],
+		  ruid, euid, suid);
+	LAZ_CHECK(g[0] == rgid && g[1] == egid && g[2] == sgid, "gids %u/%u/%u, expected %u/%u/%u", g[0], g[1], g[2],
+		  rgid, egid, sgid);
+	{
+		gid_t now[16];
+		int n_now = getgroups(16, now);
+
+		LAZ_CHECK(n_now == ngroups0 && memcmp(now, groups0, sizeof(gid_t) * (size_t)(n_now > 0 ? n_now : 0)) == 0,
+			  "supplementary groups differ (%d, expected %d)", n_now, ngroups0);
+	}
 
 	check_proc("/proc/self/cmdline", "/proc/self/cmdline", cmdline0, cmdline0_len);
 	check_proc("/proc/self/environ", "/proc/self/environ", environ0, environ0_len);

@@ -7,7 +7,9 @@
  * sigpending() and /proc/self/status ShdPnd/SigPnd, then delivered by unblocking them (count,
  * order, si_code, si_pid and si_value checked, and that SA_ONSTACK handlers ran on the
  * sigaltstack and others did not), the sigaltstack itself, and ITIMER_REAL/ITIMER_VIRTUAL with
- * long values and intervals.
+ * long values and intervals. Before READY both timers run for a while (a 250 ms sleep for REAL, a
+ * CPU-bound loop for VIRTUAL) and their remaining values are recorded: after restore each must be no
+ * more than that (VIRTUAL: plus one tick of rounding), so a timer re-armed to its full value fails.
  *
  * Usage: signals LOGFILE
  * Trigger: SIGUSR2.
@@ -29,7 +31,7 @@ struct record {
 
 static const char POINTS[] =
 	"altstack handler ignored sa_mask blocked pending_shared pending_thread rtvalue rtcount itimer "
-	"itimer_value";
+	"itimer_value itimer_rearm";
 
 static char altstack[ALTSTACK_SIZE] __attribute__((aligned(64)));
 static struct record rec[MAXREC];
@@ -158,6 +160,39 @@ static uint64_t status_mask(const char *field)
 	return v;
 }
 
+#define MARGIN_US 100000LL /* how far below its full value each timer is before READY, at least */
+
+static long long ready_real_us, ready_virt_us; /* remaining values just before READY */
+
+static long long itimer_us(int which)
+{
+	struct itimerval it;
+
+	if (getitimer(which, &it))
+		laz_die("getitimer");
+	return (long long)it.it_value.tv_sec * 1000000 + it.it_value.tv_usec;
+}
+
+/* Let both timers run down a measured amount: wall time for REAL, user CPU time for VIRTUAL. */
+static void run_timers(void)
+{
+	volatile uint64_t x = 1;
+	double until = laz_now(CLOCK_MONOTONIC) + 10;
+	struct timespec ts = { 0, 250 * 1000 * 1000 };
+
+	nanosleep(&ts, NULL);
+	while (itimer_us(ITIMER_VIRTUAL) > 2000 * 1000000LL - MARGIN_US && laz_now(CLOCK_MONOTONIC) < until) {
+		int i;
+
+		for (i = 0; i < 100000; i++)
+			x = laz_mix(x);
+	}
+	ready_real_us = itimer_us(ITIMER_REAL);
+	ready_virt_us = itimer_us(ITIMER_VIRTUAL);
+	if (ready_real_us > 1000 * 1000000LL - MARGIN_US || ready_virt_us > 2000 * 1000000LL - MARGIN_US)
+		laz_die("itimers did not run down: REAL %lld us, VIRTUAL %lld us left", ready_real_us, ready_virt_us);
+}
+
 static void setup(void)
 {
 	static const int usr1_mask[] = { SIGTERM, SIGQUIT, 0 };
@@ -212,6 +247,7 @@ static void setup(void)
 
 	if (setitimer(ITIMER_REAL, &real, NULL) || setitimer(ITIMER_VIRTUAL, &virt, NULL))
 		laz_die("setitimer");
+	run_timers();
 }
 
 static void corrupt(void)
@@ -266,13 +302,21 @@ static void corrupt(void)
 
 		setitimer(ITIMER_VIRTUAL, &it, NULL);
 	}
+	if (laz_corrupt("itimer_rearm")) { /* both re-armed to their full values, as a careless restore would */
+		struct itimerval real = { .it_interval = { 1000, 0 }, .it_value = { 1000, 0 } };
+		struct itimerval virt = { .it_interval = { 2000, 500000 }, .it_value = { 2000, 0 } };
+
+		setitimer(ITIMER_REAL, &real, NULL);
+		setitimer(ITIMER_VIRTUAL, &virt, NULL);
+	}
 }
 
-/* The value must be in (0, value_max + slack]: CPU-time timers are rounded up to a tick. */
-static void check_itimer(const char *what, int which, time_t value_max, long slack_us, struct timeval interval)
+/* The value must be in (0, ready_us + slack]: no more than was left before READY (so less than the full value
+ * by at least MARGIN_US); CPU-time timers may be rounded up to a tick, hence the slack. */
+static void check_itimer(const char *what, int which, long long ready_us, long slack_us, struct timeval interval)
 {
 	struct itimerval it;
-	long long us, max_us = (long long)value_max * 1000000 + slack_us;
+	long long us;
 
 	if (getitimer(which, &it)) {
 		laz_failf("getitimer %s: %s", what, strerror(errno));
@@ -282,9 +326,10 @@ static void check_itimer(const char *what, int which, time_t value_max, long sla
 		laz_failf("%s interval %ld.%06ld, expected %ld.%06ld", what, (long)it.it_interval.tv_sec,
 			  (long)it.it_interval.tv_usec, (long)interval.tv_sec, (long)interval.tv_usec);
 	us = (long long)it.it_value.tv_sec * 1000000 + it.it_value.tv_usec;
-	if (us <= 0 || us > max_us)
-		laz_failf("%s value %ld.%06ld, expected in (0, %ld]", what, (long)it.it_value.tv_sec,
-			  (long)it.it_value.tv_usec, (long)value_max);
+	if (us <= 0 || us > ready_us + slack_us)
+		laz_failf("%s value %ld.%06ld, expected in (0, %lld.%06lld] (what was left before READY)", what,
+			  (long)it.it_value.tv_sec, (long)it.it_value.tv_usec, (ready_us + slack_us) / 1000000,
+			  (ready_us + slack_us) % 1000000);
 }
 
 static void check_state(void)
@@ -317,8 +362,8 @@ static void check_state(void)
 	if (v != want_thread)
 		laz_failf("SigPnd %#lx, expected %#lx", (unsigned long)v, (unsigned long)want_thread);
 
-	check_itimer("ITIMER_REAL", ITIMER_REAL, 1000, 0, (struct timeval){ 1000, 0 });
-	check_itimer("ITIMER_VIRTUAL", ITIMER_VIRTUAL, 2000, 100000, (struct timeval){ 2000, 500000 });
+	check_itimer("ITIMER_REAL", ITIMER_REAL, ready_real_us, 0, (struct timeval){ 1000, 0 });
+	check_itimer("ITIMER_VIRTUAL", ITIMER_VIRTUAL, ready_virt_us, 20000, (struct timeval){ 2000, 500000 });
 }
 
 static const struct record *find(int sig, int nth)

@@ -8,7 +8,10 @@
  *   pty       a pseudo terminal pair from posix_openpt()
  *   seccomp   a seccomp filter (allow-all BPF, with no_new_privs)
  *   uffd      a userfaultfd with a registered anonymous range
- *   plain     nothing special: started by the harness with stdout on a pipe it holds
+ *   sysvshm   an attached System V shared memory segment (IPC_RMID'ed at once: it goes with the process)
+ *   chardev   /dev/kmsg open (a character device other than null/zero/full/random/urandom)
+ *   plain     nothing special: started by the harness with stdout on a pipe it holds (or on a unix
+ *             socket whose other end it holds)
  *
  * On SIGUSR2 it checks that the resource still works and that its memory is intact.
  *
@@ -25,6 +28,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <sys/ioctl.h>
+#include <sys/shm.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -35,7 +39,10 @@ static int fds[3];
 static pid_t child;
 static pthread_t thread;
 static volatile int thread_done;
-static unsigned char *uffd_area;
+static unsigned char *uffd_area, *shm_area;
+static struct stat chardev_st;
+
+#define SHM_SIZE (1UL << 20)
 
 static void *thread_main(void *arg)
 {
@@ -113,6 +120,18 @@ static void setup(const char *mode)
 		reg.mode = UFFDIO_REGISTER_MODE_MISSING;
 		if (ioctl(fds[0], UFFDIO_REGISTER, &reg))
 			laz_die("UFFDIO_REGISTER");
+	} else if (!strcmp(mode, "sysvshm")) {
+		int id = shmget(IPC_PRIVATE, SHM_SIZE, IPC_CREAT | 0600);
+
+		if (id < 0 || (shm_area = shmat(id, NULL, 0)) == (void *)-1)
+			laz_die("shmget/shmat");
+		if (shmctl(id, IPC_RMID, NULL)) /* destroyed once detached: nothing outlives the test */
+			laz_die("IPC_RMID");
+		laz_fill(shm_area, SHM_SIZE, 0x5b5);
+	} else if (!strcmp(mode, "chardev")) {
+		fds[0] = open("/dev/kmsg", O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+		if (fds[0] < 0 || fstat(fds[0], &chardev_st) || !S_ISCHR(chardev_st.st_mode))
+			laz_die("open /dev/kmsg");
 	} else if (strcmp(mode, "plain") != 0) {
 		laz_die("unknown mode %s", mode);
 	}
@@ -181,6 +200,17 @@ static void verify(const char *mode)
 		n = read(fds[0], &msg, sizeof(msg));
 		LAZ_CHECK(n < 0 && errno == EAGAIN, "uffd: read gave %zd errno %d, expected EAGAIN", n, errno);
 		LAZ_CHECK(ioctl(fds[0], UFFDIO_ZEROPAGE, &zp) == 0 && uffd_area[100] == 0, "uffd: UFFDIO_ZEROPAGE failed");
+	} else if (!strcmp(mode, "sysvshm")) {
+		if (corrupt)
+			shm_area[SHM_SIZE / 2] ^= 1;
+		LAZ_CHECK(laz_find_mismatch(shm_area, SHM_SIZE, 0x5b5) < 0, "sysvshm: segment data differs");
+	} else if (!strcmp(mode, "chardev")) {
+		struct stat st;
+
+		if (corrupt)
+			close(fds[0]);
+		LAZ_CHECK(fstat(fds[0], &st) == 0 && S_ISCHR(st.st_mode) && st.st_rdev == chardev_st.st_rdev,
+			  "chardev: fd %d is no longer /dev/kmsg", fds[0]);
 	} else if (corrupt) {
 		buffer[0] ^= 1; /* plain */
 	}

@@ -8,10 +8,30 @@ import pytest
 
 from lazarus.kernel import abi
 
+# sizeof() of each struct as the kernel defines it on x86_64, written here rather than taken from abi.py:
+# checked with gcc against <sys/user.h>, <linux/ptrace.h>, <linux/prctl.h>, <linux/sched.h> and
+# <linux/userfaultfd.h>; page_region, pm_scan_arg (<linux/fs.h>, 6.7+), uffdio_poison and uffdio_move (6.6/6.8+)
+# counted from their u64 fields in the 6.18 headers.
+KERNEL_SIZES = {
+    "user_regs_struct": 216, "iovec": 16, "peeksiginfo_args": 16, "ptrace_rseq_configuration": 24,
+    "kernel_sigaction": 32, "stack_t": 24, "itimerval": 32, "rlimit64": 16, "prctl_mm_map": 104,
+    "clone_args": 88, "page_region": 24, "pm_scan_arg": 96, "uffdio_api": 24, "uffdio_range": 16,
+    "uffdio_register": 32, "uffdio_copy": 40, "uffdio_zeropage": 32, "uffdio_writeprotect": 24,
+    "uffdio_continue": 32, "uffdio_poison": 32, "uffdio_move": 40, "uffd_msg": 32,
+}
+
+
+@pytest.mark.parametrize("name", KERNEL_SIZES)
+def test_struct_size(name: str) -> None:
+    assert ctypes.sizeof(getattr(abi, name)) == KERNEL_SIZES[name]
+
 
 @pytest.mark.parametrize("struct,size", list(abi.STRUCT_SIZES.items()), ids=lambda x: getattr(x, "__name__", str(x)))
-def test_struct_size(struct: type, size: int) -> None:
+def test_struct_size_table(struct: type, size: int) -> None:
+    """abi.STRUCT_SIZES (used at import) agrees with the layouts; the kernel's values are KERNEL_SIZES."""
     assert ctypes.sizeof(struct) == size
+    if struct.__name__ in KERNEL_SIZES:
+        assert size == KERNEL_SIZES[struct.__name__]
 
 
 # Values as the kernel headers expand them on x86_64 (checked against <linux/userfaultfd.h>, <linux/fs.h>).

@@ -8,7 +8,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,11 +71,13 @@ def _fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def test_probe_is_clean_and_well_formed() -> None:
+def test_probe_is_clean_and_well_formed(monkeypatch: pytest.MonkeyPatch) -> None:
     before = _fd_count()
+    # pytest is a child subreaper (conftest.py): orphans of other tests may be our children; only new ones count
+    children = set(procfs.children(os.getpid()))
     rows = features.probe()
     assert _fd_count() == before, "a probe leaked an fd"
-    assert procfs.children(os.getpid()) == [], "a probe left a child behind"
+    assert set(procfs.children(os.getpid())) <= children, "a probe left a child behind"
     names = [f.name for f in rows]
     assert len(names) == len(set(names))
     for f in rows:
@@ -84,7 +85,9 @@ def test_probe_is_clean_and_well_formed() -> None:
         assert f.detail, f
     sd = features.get("soft-dirty", rows)
     assert sd is not None and sd.purposes == ("info",)
-    assert features.report() == features.report()  # cached
+    first = features.report()
+    monkeypatch.setattr(features, "probe", lambda: pytest.fail("report() probed again instead of its cache"))
+    assert features.report() == first  # cached
 
 
 @needs_root
@@ -209,16 +212,11 @@ def test_sparse_4gib(child: tuple[int, dict[str, int]]) -> None:
     pid, at = child
     big = at["big"]
     with pagemap.Pagemap(pid) as pm:
-        pm.present_pages(big, big + (4 << 30))  # warm up
-        t = time.perf_counter()
-        runs = pm.present_pages(big, big + (4 << 30))
-        elapsed = time.perf_counter() - t
+        runs = pm.present_pages(big, big + (4 << 30))  # how fast: benchmarks/structures.py
     expect = [(k * 512, k * 512 + 1) for k in range(2048)]
     expect[-1] = (2047 * 512, 2047 * 512 + 1)
     expect.append(((4 << 30) // P - 1, (4 << 30) // P))
     assert pages(runs, big) == expect
-    print(f"\nPAGEMAP_SCAN 4 GiB, {len(runs)} runs: {elapsed * 1e3:.2f} ms")
-    assert elapsed < 1.0
 
 
 @pytest.mark.parametrize("vec_len", [1, 7, 511, 512, 513, 2048])

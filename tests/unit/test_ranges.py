@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 from hypothesis import given, settings
@@ -107,11 +106,16 @@ class PendingMachine(RuleBasedStateMachine):
 
     @rule()
     def fork(self):
+        at_fork = dict(self.m)
         child = self.pp.copy()
         self.pp.take(0, 8 * P)  # parent moves on; the child's copy must not change
         for x in [x for x in self.m if x < 8 * P]:
             del self.m[x]
-        assert len(child) >= len(self.pp)
+        assert child.pages == len(at_fork)
+        assert as_model(child) == at_fork  # every page and its file index, as at the fork
+        # and the other way round: the child draining its copy leaves the parent's set alone (invariant)
+        child.take(0, (SPACE + 128) * P)
+        assert not child and child.lookup(next(iter(at_fork), 0)) is None
 
     @rule(a=st.integers(0, SPACE + 64), n=st.sampled_from([1, 2, 4, 16, 64]))
     def window(self, a, n):
@@ -174,7 +178,8 @@ def test_draining_by_background_chunks_and_faults():
 
 @pytest.mark.parametrize("kind", ["few-large", "scattered"])
 def test_scales(kind):
-    """4 GiB in a few runs, and 10^5 scattered runs: draining by 2 MiB chunks with faults mixed in stays fast."""
+    """4 GiB in a few runs, and 10^5 scattered runs: draining by 2 MiB chunks with faults mixed in takes every
+    page exactly once. (How fast: benchmarks/structures.py; no timing is asserted here.)"""
     if kind == "few-large":
         runs = [(0x7f0000000000 + i * (1 << 31), (1 << 30) // P, i * ((1 << 30) // P)) for i in range(4)]
     else:
@@ -183,25 +188,22 @@ def test_scales(kind):
     total = pp.pages
     rng = random.Random(2)
     addrs = [s for s, _, _ in runs]
-    t0 = time.perf_counter()
     cursor = 0
-    ops = 0
+    taken = ops = 0
     while pp:
         if ops % 4 == 0:
             a = rng.choice(addrs) + rng.randrange(0, 8) * P
             w = pp.window(a, 16)
             if w:
-                pp.take(w[0], w[1] * P)
+                taken += pp.take(w[0], w[1] * P)
         c = pp.next_chunk(cursor, 2 << 20)
         if c is None:
             break
-        pp.take(c[0], c[1] * P)
+        taken += pp.take(c[0], c[1] * P)
         cursor = c[0] + c[1] * P
         ops += 1
-    elapsed = time.perf_counter() - t0
     assert pp.pages == 0 and total > 0
-    # generous bound (shared CI box): the operations are O(log n) amortised
-    assert elapsed < 5.0, f"{kind}: {elapsed:.2f}s for {ops} chunks"
+    assert taken == total
 
 
 def test_remap_many_runs_then_unmap_old():

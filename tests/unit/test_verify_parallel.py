@@ -9,6 +9,8 @@ import pytest
 
 from lazarus.errors import ImageError
 from lazarus.images import Image, ImageWriter
+from lazarus.images.format import CHUNK_SIZE
+from lazarus.images.reader import PageFile
 from lazarus.restore import PARALLEL_VERIFY_MIN, verify_pages_two_cpus
 
 PID = 4242
@@ -32,13 +34,32 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_image(tmp_path_factory.mktemp("pv"), PARALLEL_VERIFY_MIN + (16 << 20))
 
 
-def test_good_image_passes(image: Path) -> None:
+@pytest.fixture
+def no_fallback(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The chunks the parent checks itself, in order; a fall back to checking everything in the parent (what
+    it does when the child cannot tell) fails the test, as then the child's half went unchecked by it."""
+    calls: list[int] = []
+    real = PageFile.verify_chunk
+
+    def verify_chunk(self: PageFile, chunk: int) -> None:
+        calls.append(chunk)
+        real(self, chunk)
+
+    monkeypatch.setattr(PageFile, "verify_chunk", verify_chunk)
+    monkeypatch.setattr(Image, "verify_pages", lambda self, pid: pytest.fail("the parent re-checked every chunk"))
+    return calls
+
+
+def test_good_image_checked_half_by_each(image: Path, no_fallback: list[int]) -> None:
     with Image.open(image) as img:
+        n = img.page_file(PID).nchunks
         verify_pages_two_cpus(img, PID)
+    assert no_fallback == list(range(n // 2)), "the parent checked other chunks than its lower half"
 
 
 @pytest.mark.parametrize("where", [0.1, 0.9], ids=["lower-half", "upper-half"])
-def test_flipped_byte_in_either_half_is_found(image: Path, tmp_path: Path, where: float) -> None:
+def test_flipped_byte_in_either_half_is_found(image: Path, tmp_path: Path, where: float,
+                                              no_fallback: list[int]) -> None:
     bad = tmp_path / "bad"
     os.mkdir(bad)
     for f in image.iterdir():
@@ -50,5 +71,13 @@ def test_flipped_byte_in_either_half_is_found(image: Path, tmp_path: Path, where
         b = f.read(1)
         f.seek(offset)
         f.write(bytes([b[0] ^ 1]))
-    with Image.open(bad) as img, pytest.raises(ImageError, match=f"pages-{PID}.img"):
-        verify_pages_two_cpus(img, PID)
+    chunk = offset // CHUNK_SIZE
+    with Image.open(bad) as img:
+        half = img.page_file(PID).nchunks // 2
+        with pytest.raises(ImageError, match=rf"pages-{PID}\.img: .*chunk {chunk}\b"):
+            verify_pages_two_cpus(img, PID)
+    if where < 0.5:
+        assert no_fallback == list(range(chunk + 1))  # found by the parent, in its own half
+    else:
+        # the parent checked its half, then only the chunk the child named: the child found it
+        assert no_fallback == [*range(half), chunk]
