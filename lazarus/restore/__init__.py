@@ -214,7 +214,7 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
                     written += copy_all(uffd, mm["vmas"], page_file)
                 finally:
                     uffd.close()
-        space.lock_and_seal(mm["vmas"])
+        space.finish_vmas(mm["vmas"], page_file)
         space.check_vmflags(mm["vmas"])
         timings["pages"] = time.monotonic() - t0
 

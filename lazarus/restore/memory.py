@@ -124,6 +124,7 @@ class SpaceBuilder:
         self.pid = pid
         self.fd_cache: dict[tuple[str, int], int] = {}
         self.state = MemoryState()
+        self.deferred_prot: list[dict[str, Any]] = []  # anon vmas mapped writable, their prot set later
 
     def _open(self, path: str, flags: int) -> int:
         key = (path, flags)
@@ -284,7 +285,10 @@ class SpaceBuilder:
             else:
                 raise RestoreError(f"unknown vma kind {kind!r} at {start:#x}", stage="memory")
             if map_prot != prot:
-                t.syscall(abi.SYS.mprotect, start, length, prot)
+                if kind == "anon":
+                    self.deferred_prot.append(v)
+                else:
+                    t.syscall(abi.SYS.mprotect, start, length, prot)
             for flag in v["vmflags"]:
                 if flag in _MADVISE:
                     t.syscall(abi.SYS.madvise, start, length, _MADVISE[flag],
@@ -298,10 +302,26 @@ class SpaceBuilder:
                 t.syscall(abi.SYS.madvise, start, abi.PAGE_SIZE, abi.MADV_GUARD_INSTALL, what="guard flag")
                 t.syscall(abi.SYS.madvise, start, abi.PAGE_SIZE, abi.MADV_GUARD_REMOVE, what="guard flag")
 
-    def lock_and_seal(self, vmas: list[dict[str, Any]]) -> None:
-        """mlock and mseal, once the pages are in (mlock faults every page in; a sealed mapping can no
-        longer be changed)."""
+    def finish_vmas(self, vmas: list[dict[str, Any]], page_file: Any) -> None:
+        """The steps that need the pages in: read-only anonymous memory that keeps its accounting, mlock,
+        mseal (mlock faults every page in; a sealed mapping can no longer be changed)."""
         t = self.task
+        for v in self.deferred_prot:
+            # mprotect drops the accounting of an anonymous mapping that never had a page (no anon_vma):
+            # give it one first, with a page of its own data, or a zero page dropped again.
+            start, length = v["start"], v["end"] - v["start"]
+            if v["pages"] and page_file is not None:
+                first = v["pages"][0][0]
+                self.write_range([v], page_file, first, first + abi.PAGE_SIZE)
+            else:
+                fd = os.open(f"/proc/{self.pid}/mem", os.O_RDWR)
+                try:
+                    os.pwrite(fd, bytes(abi.PAGE_SIZE), start)
+                finally:
+                    os.close(fd)
+                t.syscall(abi.SYS.madvise, start, abi.PAGE_SIZE, abi.MADV_DONTNEED)
+            t.syscall(abi.SYS.mprotect, start, length, v["prot"])
+        self.deferred_prot.clear()
         for v in vmas:
             if "lo" in v["vmflags"] and v["kind"] not in VDSO_KINDS:
                 how = abi.MLOCK_ONFAULT if "lf" in v["vmflags"] else 0
