@@ -45,9 +45,10 @@ def lazy_object_ids(mm: dict[str, Any], fds: list[dict[str, Any]]) -> set[int]:
     held = {f["object"] for f in fds if f["type"] == "memfd"}
     # Nor objects that must be complete before the task runs: regular files (recreated deleted files;
     # userfaultfd cannot serve them), sealed memfds (filled before their seals go on), and objects with a
-    # locked, sealed or private mapping (mlock faults pages in; a private mapping copies them).
+    # locked, sealed or private mapping (mlock faults pages in; a private mapping copies them), and objects
+    # with guard regions in a mapping (UFFDIO_COPY of the object's page there would replace the guard).
     for v in mm["vmas"]:
-        if "object" in v and (not v["shared"] or any(f in v["vmflags"] for f in ("lo", "sl"))):
+        if "object" in v and (not v["shared"] or v.get("guards") or any(f in v["vmflags"] for f in ("lo", "sl"))):
             held.add(v["object"])
     return {o["id"] for o in mm["objects"] if o["id"] not in held and o["pages"]
             and o["kind"] in ("shmem", "memfd") and o.get("seals", SEALS_NONE) == SEALS_NONE}

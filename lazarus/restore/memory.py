@@ -125,6 +125,7 @@ class SpaceBuilder:
         self.fd_cache: dict[tuple[str, int], int] = {}
         self.state = MemoryState()
         self.deferred_prot: list[dict[str, Any]] = []  # anon vmas mapped writable, their prot set later
+        self.late_seals: list[tuple[int, int, str]] = []  # (task fd, seals, memfd name) added after mapping
 
     def _open(self, path: str, flags: int) -> int:
         key = (path, flags)
@@ -180,8 +181,16 @@ class SpaceBuilder:
             if obj["kind"] == "memfd":
                 self._owner_and_mode(f"/proc/{self.pid}/fd/{high}", obj)
                 if seals != SEALS_NONE:
-                    # Last: the content is in and the size set; a write or shrink seal forbids both.
-                    t.syscall(abi.SYS.fcntl, high, abi.F_ADD_SEALS, seals, what=f"memfd {obj['name']!r} seals")
+                    # Once the content is in and the size set (a write or shrink seal forbids both), and
+                    # before the mappings: a read-only shared mapping of a write-sealed memfd is made without
+                    # VM_MAYWRITE. But F_SEAL_FUTURE_WRITE after them: it allows the writable mappings made
+                    # before it and no new ones (and F_SEAL_SEAL would forbid adding it later).
+                    late = seals & (abi.F_SEAL_FUTURE_WRITE | abi.F_SEAL_SEAL)
+                    if seals & ~late:
+                        t.syscall(abi.SYS.fcntl, high, abi.F_ADD_SEALS, seals & ~late,
+                                  what=f"memfd {obj['name']!r} seals")
+                    if late:
+                        self.late_seals.append((high, late, obj["name"]))
             self.state.object_fds[obj["id"]] = high
 
     @staticmethod
@@ -236,9 +245,10 @@ class SpaceBuilder:
 
     def _object_fd(self, v: dict[str, Any]) -> int:
         """The task's fd to map a shared object's vma from: a read-only reopen for a shared mapping that
-        was made through a read-only fd (no 'mw' in its VmFlags)."""
+        was made through a read-only fd (the kernel then drops VM_SHARED and VM_MAYWRITE: 'sh' and 'mw'
+        absent; a write-sealed memfd drops only 'mw', and does so itself)."""
         fd = self.state.object_fds[v["object"]]
-        if not v["shared"] or "mw" in v["vmflags"] or v["kind"] == "shmem":
+        if not v["shared"] or "sh" in v["vmflags"] or v["kind"] == "shmem":
             return fd
         key = (f"object-{v['object']}", abi.O_RDONLY)
         if key not in self.fd_cache:
@@ -301,6 +311,9 @@ class SpaceBuilder:
                 # The vma once had guard regions, since removed: the flag stays, and so does it here.
                 t.syscall(abi.SYS.madvise, start, abi.PAGE_SIZE, abi.MADV_GUARD_INSTALL, what="guard flag")
                 t.syscall(abi.SYS.madvise, start, abi.PAGE_SIZE, abi.MADV_GUARD_REMOVE, what="guard flag")
+        for fd, seals, name in self.late_seals:
+            t.syscall(abi.SYS.fcntl, fd, abi.F_ADD_SEALS, seals, what=f"memfd {name!r} seals")
+        self.late_seals.clear()
 
     def finish_vmas(self, vmas: list[dict[str, Any]], page_file: Any) -> None:
         """The steps that need the pages in: read-only anonymous memory that keeps its accounting, mlock,
