@@ -6,7 +6,8 @@
  * still one inode (a write through the shared one shows in the read-only one), the files are still
  * deleted, keep their names (as /proc/self/maps shows them), mode, size, and the sparse one its holes.
  *
- * Usage: deleted_map LOGFILE      Trigger: SIGUSR2.
+ * Usage: deleted_map LOGFILE [linked]      Trigger: SIGUSR2.
+ * "linked": file A keeps a second hard link (a dump must refuse it: a restore could not reach that link).
  */
 #include "vmflags.h"
 
@@ -19,7 +20,8 @@
 static const char POINTS[] = "shared private rdonly inode mode name sparse holes";
 
 static unsigned char *sh, *priv, *ro, *sp;
-static char path_a[PATH_MAX], path_b[PATH_MAX];
+static char path_a[PATH_MAX], path_b[PATH_MAX], path_link[PATH_MAX];
+static int linked;
 
 static void make(const char *path, size_t size, const unsigned long *pages, size_t n, uint64_t seed)
 {
@@ -93,6 +95,8 @@ static void setup(void)
 	laz_fill_offset(sh + 9 * LAZ_PAGE, LAZ_PAGE, 9 * LAZ_PAGE, SEED_W);
 	/* A private copy of file page 6 (mapping page 2). */
 	memset(priv + 2 * LAZ_PAGE, 0x77, LAZ_PAGE);
+	if (linked && link(path_a, laz_tmpfile("deleted-a-link", path_link, sizeof(path_link))))
+		laz_die("link");
 	if (unlink(path_a) || unlink(path_b))
 		laz_die("unlink");
 }
@@ -130,6 +134,7 @@ int main(int argc, char **argv)
 	struct stat s_sh, s_priv, s_ro, s_sp;
 
 	laz_init(argc, argv);
+	linked = argc > 2 && !strcmp(argv[2], "linked");
 	setup();
 	laz_ready(POINTS);
 	laz_wait_usr2();
@@ -176,7 +181,7 @@ int main(int argc, char **argv)
 	} else {
 		LAZ_CHECK(s_sh.st_ino == s_priv.st_ino && s_sh.st_ino == s_ro.st_ino && s_sh.st_dev == s_ro.st_dev,
 			  "file A: its mappings are not one inode");
-		LAZ_CHECK(s_sh.st_nlink == 0 && s_sp.st_nlink == 0, "a deleted file has a link again");
+		LAZ_CHECK(s_sh.st_nlink == (nlink_t)linked && s_sp.st_nlink == 0, "a deleted file has a link again");
 		LAZ_CHECK((s_sh.st_mode & 07777) == 0640, "file A: mode %o, expected 640", s_sh.st_mode & 07777);
 		LAZ_CHECK(s_sh.st_size == (off_t)(NPAGES * LAZ_PAGE), "file A: size %ld", (long)s_sh.st_size);
 		LAZ_CHECK(s_sp.st_size == (off_t)SPARSE_SIZE, "file B: size %ld", (long)s_sp.st_size);
