@@ -13,15 +13,21 @@ except ImportError:  # pragma: no cover
 pytestmark = pytest.mark.root
 
 
-def test_dump_refuses_deleted_file_with_another_link(harness: H.Harness) -> None:
-    """A mapped file unlinked from its name but still linked elsewhere: a restore would recreate a copy,
-    cut off from that other link, so the dump refuses it naming the mapping, and the process runs on."""
-    case = H.Case("deleted-map-linked", "deleted_map", ("linked",))
+@pytest.mark.parametrize(("mode", "names"), [
+    # Unlinked from its name but still linked elsewhere: a restore would recreate a copy, cut off from
+    # that other link.
+    ("linked", (r"mapping 0x[0-9a-f]+-0x[0-9a-f]+ .*deleted-a", r"other link")),
+    # Mapped and also open: the fd would come back as a second inode.
+    ("withfd", (r"fd 30 \(.*deleted-a \(deleted\)\)", r"also mapped")),
+])
+def test_dump_refuses_deleted_file(harness: H.Harness, mode: str, names: tuple[str, ...]) -> None:
+    """The dump refuses naming the mapping or fd, and the process runs on unchanged."""
+    case = H.Case(f"deleted-map-{mode}", "deleted_map", (mode,))
     target = harness.start_case(case)
     before = H.snapshot(target.pid)
     image = harness.image_dir()
     res = harness.dump(target, image)
-    H.assert_clean_error(res, r"mapping 0x[0-9a-f]+-0x[0-9a-f]+ .*deleted-a", r"other link")
+    H.assert_clean_error(res, *names)
     assert not image.exists() and H.sibling_leftovers(image) == []
     assert target.alive(), target.describe()
     harness.settle(case, target)

@@ -67,6 +67,11 @@ def vma_kind(vma: Vma) -> str:
     return "file"
 
 
+def _dev_pair(dev: int) -> tuple[int, int]:
+    """st_dev as the (major, minor) pair /proc/PID/maps shows."""
+    return os.major(dev), os.minor(dev)
+
+
 def file_identity(pid: int, vma: Vma) -> dict[str, Any]:
     """Identity of the file behind a mapping, to refuse a restore if it changed."""
     st = os.stat(f"/proc/{pid}/map_files/{vma.start:x}-{vma.end:x}")
@@ -158,12 +163,21 @@ class MemoryDumper:
 
     def _dump_unmapped_memfds(self, objects: dict[tuple[Any, int, str], dict[str, Any]]) -> None:
         """A memfd the task holds only through an fd: saved as an object like a mapped one (the fd code
-        finds it by inode)."""
+        finds it by inode).
+
+        Also refuses an fd to a deleted file that is mapped too: the fd code recreates its own copy, and the
+        two would come back as two inodes (MemoryState.recreated is where it could find the mapped one)."""
         inodes = {o["inode"] for o in objects.values()}
+        deleted = {(k[0], o["inode"]) for k, o in objects.items() if o["kind"] == "deleted"}
         fd_dir = f"/proc/{self.pid}/fd"
         for name in sorted(os.listdir(fd_dir), key=int):
             with contextlib.suppress(FileNotFoundError):
                 link = os.readlink(f"{fd_dir}/{name}")
+                if deleted and link.endswith(" (deleted)") and not link.startswith("/memfd:"):
+                    st = os.stat(f"{fd_dir}/{name}")
+                    if (_dev_pair(st.st_dev), st.st_ino) in deleted:
+                        raise Unsupported(f"fd {name} ({link}): a deleted file that is also mapped is not "
+                                          f"supported as an open file yet")
                 if not link.startswith("/memfd:"):
                     continue
                 st = os.stat(f"{fd_dir}/{name}")

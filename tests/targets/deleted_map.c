@@ -8,6 +8,7 @@
  *
  * Usage: deleted_map LOGFILE [linked]      Trigger: SIGUSR2.
  * "linked": file A keeps a second hard link (a dump must refuse it: a restore could not reach that link).
+ * "withfd": file A also stays open at fd 30 (refused for now: the fd would come back as another inode).
  */
 #include "vmflags.h"
 
@@ -21,7 +22,7 @@ static const char POINTS[] = "shared private rdonly inode mode name sparse holes
 
 static unsigned char *sh, *priv, *ro, *sp;
 static char path_a[PATH_MAX], path_b[PATH_MAX], path_link[PATH_MAX];
-static int linked;
+static int linked, withfd;
 
 static void make(const char *path, size_t size, const unsigned long *pages, size_t n, uint64_t seed)
 {
@@ -95,6 +96,12 @@ static void setup(void)
 	laz_fill_offset(sh + 9 * LAZ_PAGE, LAZ_PAGE, 9 * LAZ_PAGE, SEED_W);
 	/* A private copy of file page 6 (mapping page 2). */
 	memset(priv + 2 * LAZ_PAGE, 0x77, LAZ_PAGE);
+	if (withfd) {
+		int fd = open(path_a, O_RDONLY);
+
+		if (fd < 0 || dup2(fd, 30) != 30 || close(fd))
+			laz_die("open fd 30");
+	}
 	if (linked && link(path_a, laz_tmpfile("deleted-a-link", path_link, sizeof(path_link))))
 		laz_die("link");
 	if (unlink(path_a) || unlink(path_b))
@@ -135,6 +142,7 @@ int main(int argc, char **argv)
 
 	laz_init(argc, argv);
 	linked = argc > 2 && !strcmp(argv[2], "linked");
+	withfd = argc > 2 && !strcmp(argv[2], "withfd");
 	setup();
 	laz_ready(POINTS);
 	laz_wait_usr2();
