@@ -34,3 +34,18 @@ def test_dump_refuses_deleted_file(harness: H.Harness, mode: str, names: tuple[s
     assert not H.diff_snapshots(before, H.snapshot(target.pid))
     H.expect_pass(harness.run_case(case, target), target, res)
     assert target.wait_exit(10) == 0
+
+
+def test_lazy_fork_child_of_late_wipeonfork_memory_is_empty(harness: H.Harness) -> None:
+    """Served on faults only (--no-background), so that the mapping the target makes WIPEONFORK after the
+    restore still has all its pages pending when it forks: the child's inherited uffd registration must
+    not get the parent's data there (madvise.c checks the child sees zeros, the parent its data)."""
+    case = H.CASES_BY_ID["madvise"]
+    target = harness.start_case(case)
+    image = harness.image_dir()
+    res = harness.dump(target, image)
+    assert res.returncode == 0, res.stderr
+    r = harness.restore(image, "--no-background", lazy=True, like=target)
+    assert r.returncode == 0 and r.target is not None, r.stderr
+    H.expect_pass(harness.run_case(case, r.target), r.target, r)
+    assert r.target.wait_exit(15) == 0, r.target.describe()

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lazarus.errors import KernelError, LazarusError, NoSuchTask, PageSourceLost
+from lazarus.kernel import procfs
 from lazarus.kernel.pidfd import PidFd
 from lazarus.kernel.uffd import (
     CopyHelper,
@@ -603,6 +604,15 @@ class LazyServer:
             return
         child = _Proc(key=uffd.fd, uffd=uffd, source=parent.source, pending=parent.pending.copy(), pid=None,
                       parent_pid=parent.pid, cursor=parent.cursor, fork_time=time.monotonic())
+        if parent.pid is not None and child.pending:
+            # A MADV_WIPEONFORK range is empty in the child by definition, yet its uffd registration is
+            # inherited: never fill it with the parent's pages. (DONTFORK ranges are absent in the child:
+            # their copies fail with NOENT and are dropped.) The parent waits in fork() until this event is
+            # read, so its mappings are the child's.
+            with contextlib.suppress(LazarusError, OSError):
+                for v in procfs.read_smaps(parent.pid):
+                    if "wf" in v.vmflags:
+                        child.pending.remove(v.start, v.end)
         self._register(child)
         if self.guard is not None:
             self.guard.add(child.key, uffd.fd, pid=None, parent=parent.key)

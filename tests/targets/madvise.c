@@ -4,7 +4,9 @@
  * DONTFORK, one mlock'ed, one mlock2(MLOCK_ONFAULT)'ed, one mseal'ed, a plain one, one split by a
  * madvise on its middle pages, and one made read-only after it was written (keeps its accounting, "ac").
  * After restore each must show exactly its flags (and the plain ones none extra), hold its data, and a
- * fork child must see the WIPEONFORK mapping empty and the DONTFORK one absent.
+ * fork child must see the WIPEONFORK mapping empty and the DONTFORK one absent. One more mapping ("late")
+ * is made WIPEONFORK only after the restore, before it is touched: a lazily restored child must see it
+ * empty too (the parent still sees its data).
  *
  * Usage: madvise LOGFILE      Trigger: SIGUSR2.
  */
@@ -22,7 +24,7 @@
 #define SYS_MLOCK2 325
 #define SYS_MSEAL 462
 
-static const char POINTS[] = "dd wf rr sr hg nh mg dc lo lf sl plain split ro data fork";
+static const char POINTS[] = "dd wf rr sr hg nh mg dc lo lf sl plain split ro data fork late";
 
 struct region {
 	const char *name;
@@ -45,6 +47,7 @@ static struct region regions[] = {
 	{ "sl", -1, BASE " sl", NULL },
 	{ "plain", -1, BASE, NULL },
 	{ "ro", -1, "rd mr mw me ac", NULL },
+	{ "late", -1, BASE " wf", NULL },
 };
 #define NREG (sizeof(regions) / sizeof(regions[0]))
 
@@ -119,6 +122,8 @@ static void corrupt(void)
 		reg("rr")->p[LAZ_PAGE + 8] ^= 1;
 	if (laz_corrupt("fork"))
 		madvise(reg("wf")->p, NPAGES * LAZ_PAGE, 19);
+	if (!laz_corrupt("late"))
+		madvise(reg("late")->p, NPAGES * LAZ_PAGE, MADV_WIPEONFORK);
 }
 
 /* In a fork child: the WIPEONFORK mapping is there and empty, the DONTFORK one is gone. */
@@ -132,13 +137,16 @@ static void check_fork(void)
 		return;
 	}
 	if (pid == 0) {
-		const unsigned char *w = reg("wf")->p;
+		const unsigned char *w = reg("wf")->p, *late = reg("late")->p;
 		char perms[5];
 		int bad = 0;
 
-		for (size_t i = 0; i < NPAGES * LAZ_PAGE; i++)
+		for (size_t i = 0; i < NPAGES * LAZ_PAGE; i++) {
 			if (w[i])
 				bad |= 1;
+			if (late[i])
+				bad |= 8;
+		}
 		if (laz_vma_of(reg("dc")->p, perms, NULL, 0) == 0)
 			bad |= 2;
 		if (laz_find_mismatch(reg("plain")->p, NPAGES * LAZ_PAGE, 0x1000 + (reg("plain") - regions)) >= 0)
@@ -152,6 +160,7 @@ static void check_fork(void)
 	LAZ_CHECK(!(WEXITSTATUS(status) & 1), "fork child: the WIPEONFORK mapping is not empty");
 	LAZ_CHECK(!(WEXITSTATUS(status) & 2), "fork child: the DONTFORK mapping is there");
 	LAZ_CHECK(!(WEXITSTATUS(status) & 4), "fork child: the plain mapping lost its data");
+	LAZ_CHECK(!(WEXITSTATUS(status) & 8), "fork child: the mapping made WIPEONFORK after restore is not empty");
 }
 
 int main(int argc, char **argv)
@@ -161,6 +170,7 @@ int main(int argc, char **argv)
 	laz_ready(POINTS);
 	laz_wait_usr2();
 	corrupt();
+	check_fork(); /* first: the parent has not touched "late" since the restore */
 
 	for (size_t i = 0; i < NREG; i++) {
 		struct region *r = &regions[i];
@@ -174,6 +184,5 @@ int main(int argc, char **argv)
 	laz_expect_vmflags("split middle end", split + 4 * LAZ_PAGE, BASE " dd");
 	laz_expect_vmflags("split tail", split + 5 * LAZ_PAGE, BASE);
 	LAZ_CHECK(laz_find_mismatch(split, SPLIT_PAGES * LAZ_PAGE, 0x2000) < 0, "split: data differs");
-	check_fork();
 	laz_finish();
 }
