@@ -55,6 +55,10 @@ def vma_kind(vma: Vma) -> str:
             return "shmem"
         return "anon"
     if vma.deleted:
+        if path == "/secretmem":
+            raise Unsupported(f"{where}: secret memory (memfd_secret) is not supported")
+        if path.startswith("/["):
+            raise Unsupported(f"{where}: kernel-internal mappings ({path}) are not supported")
         return "deleted"
     try:
         st = os.stat(path)
