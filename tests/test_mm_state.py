@@ -3,6 +3,8 @@ test_dump_restore.py: madvise, guard, deleted-map, memfd-seals)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 try:
@@ -49,3 +51,26 @@ def test_lazy_fork_child_of_late_wipeonfork_memory_is_empty(harness: H.Harness) 
     assert r.returncode == 0 and r.target is not None, r.stderr
     H.expect_pass(harness.run_case(case, r.target), r.target, r)
     assert r.target.wait_exit(15) == 0, r.target.describe()
+
+
+def test_lazy_restore_checks_the_pages_it_writes_before_the_task_runs(harness: H.Harness) -> None:
+    """Locked memory is written at restore even when lazy (mlock needs it in place): its page data is checked
+    against the image's sums first, and a corrupt chunk refuses the restore, naming the page file."""
+    case = H.CASES_BY_ID["madvise"]
+    target = harness.start_case(case)
+    image = harness.image_dir()
+    res = harness.dump(target, image)
+    assert res.returncode == 0, res.stderr
+    task = json.loads((image / f"task-{target.pid}.json").read_text())
+    locked = [v for v in task["mm"]["vmas"] if "lo" in v["vmflags"] and v["pages"]]
+    assert locked, "the image has no locked mapping with pages"
+    path = image / f"pages-{target.pid}.img"
+    with open(path, "r+b") as f:
+        off = locked[0]["pages"][0][2] * 4096 + 100
+        f.seek(off)
+        byte = f.read(1)
+        f.seek(off)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    r = harness.restore(image, lazy=True, like=target)
+    H.assert_clean_error(r.proc, rf"pages-{target.pid}\.img", r"chunk")
+    assert r.pid is None, f"a restore that failed wrote pid {r.pid}"

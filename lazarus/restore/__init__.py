@@ -195,6 +195,7 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
         fds = task["files"]
         high_base = max([f["fd"] for f in fds], default=2) + 1
         space = SpaceBuilder(remote, img, child)
+        space.verify = lazy
         page_file = img.page_file(pid) if img.has_pages(pid) else None
         lazy_ids = lazy_object_ids(mm, fds) if lazy else set()
         space.create_objects(mm["objects"], high_base, page_file, lazy_ids)

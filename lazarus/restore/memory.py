@@ -126,6 +126,8 @@ class SpaceBuilder:
         self.state = MemoryState()
         self.deferred_prot: list[dict[str, Any]] = []  # anon vmas mapped writable, their prot set later
         self.late_seals: list[tuple[int, int, str]] = []  # (task fd, seals, memfd name) added after mapping
+        # A lazy restore checks page data chunk by chunk as it uses it (an eager one checked it all first).
+        self.verify = False
 
     def _open(self, path: str, flags: int) -> int:
         key = (path, flags)
@@ -175,7 +177,7 @@ class SpaceBuilder:
             if obj["pages"] and obj["id"] not in lazy_ids:
                 wfd = os.open(f"/proc/{self.pid}/fd/{high}", os.O_WRONLY)
                 try:
-                    _write_runs(wfd, obj, page_file)
+                    _write_runs(wfd, obj, page_file, self.verify)
                 finally:
                     os.close(wfd)
             if obj["kind"] == "memfd":
@@ -225,7 +227,7 @@ class SpaceBuilder:
         try:
             try:
                 os.ftruncate(fd, obj["size"])
-                _write_runs(fd, obj, page_file)
+                _write_runs(fd, obj, page_file, self.verify)
                 self._owner_and_mode(f"/proc/self/fd/{fd}", obj)
             finally:
                 os.close(fd)
@@ -380,6 +382,8 @@ class SpaceBuilder:
                 if skip_lazy and is_lazy(v):
                     continue
                 for vaddr, n, idx in v["pages"]:
+                    if self.verify:
+                        page_file.verify_range(idx, n)
                     view = page_file.view(idx, n)
                     off = 0
                     while off < len(view):
@@ -413,10 +417,12 @@ class SpaceBuilder:
         return self.write_pages(picked, page_file, skip_lazy=False)
 
 
-def _write_runs(fd: int, obj: dict[str, Any], page_file: Any) -> None:
+def _write_runs(fd: int, obj: dict[str, Any], page_file: Any, verify: bool) -> None:
     """Write an object's saved runs ([offset, npages, file page index]) into `fd`, up to its size."""
     size = obj["size"]
     for offset, n, idx in obj["pages"]:
+        if verify:
+            page_file.verify_range(idx, n)
         view = page_file.view(idx, n)[: max(0, min(n * abi.PAGE_SIZE, size - offset))]
         done = 0
         while done < len(view):
