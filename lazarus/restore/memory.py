@@ -222,6 +222,7 @@ class SpaceBuilder:
                 break
             except OSError as e:
                 if attempt == 2:
+                    os.rmdir(tmpdir or "")
                     raise RestoreError(f"cannot recreate deleted file {obj['path']}: {e.strerror}",
                                        stage="memory", path=obj["path"]) from e
         try:
