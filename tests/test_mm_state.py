@@ -74,3 +74,18 @@ def test_lazy_restore_checks_the_pages_it_writes_before_the_task_runs(harness: H
     r = harness.restore(image, lazy=True, like=target)
     H.assert_clean_error(r.proc, rf"pages-{target.pid}\.img", r"chunk")
     assert r.pid is None, f"a restore that failed wrote pid {r.pid}"
+
+
+@pytest.mark.parametrize("mode", ["eager", "lazy"])
+def test_deleted_file_whose_name_was_taken(harness: H.Harness, mode: str) -> None:
+    """A new file took the deleted file's name: the restore recreates the deleted one under another name in
+    that directory, leaves the new file alone, and removes what it made (deleted_map.c checks all three)."""
+    case = H.Case("deleted-map-replaced", "deleted_map", ("replaced",))
+    target = harness.start_case(case)
+    image = harness.image_dir()
+    res = harness.dump(target, image)
+    assert res.returncode == 0, res.stderr
+    r = harness.restore(image, lazy=mode == "lazy", like=target)
+    assert r.returncode == 0 and r.target is not None, r.stderr
+    H.expect_pass(harness.run_case(case, r.target), r.target, r)
+    assert r.target.wait_exit(15) == 0, r.target.describe()

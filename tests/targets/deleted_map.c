@@ -9,8 +9,12 @@
  * Usage: deleted_map LOGFILE [linked]      Trigger: SIGUSR2.
  * "linked": file A keeps a second hard link (a dump must refuse it: a restore could not reach that link).
  * "withfd": file A also stays open at fd 30 (refused for now: the fd would come back as another inode).
+ * "replaced": a new file takes file A's name after the unlink; it must be left alone by the restore (file A
+ * then comes back under another name in its directory, and nothing else is left there).
  */
 #include "vmflags.h"
+
+#include <dirent.h>
 
 #define NPAGES 16UL
 #define SPARSE_SIZE (1UL << 20)
@@ -22,7 +26,7 @@ static const char POINTS[] = "shared private rdonly inode mode name sparse holes
 
 static unsigned char *sh, *priv, *ro, *sp;
 static char path_a[PATH_MAX], path_b[PATH_MAX], path_link[PATH_MAX];
-static int linked, withfd;
+static int linked, withfd, replaced;
 
 static void make(const char *path, size_t size, const unsigned long *pages, size_t n, uint64_t seed)
 {
@@ -106,6 +110,12 @@ static void setup(void)
 		laz_die("link");
 	if (unlink(path_a) || unlink(path_b))
 		laz_die("unlink");
+	if (replaced) {
+		int fd = open(path_a, O_WRONLY | O_CREAT | O_EXCL, 0644);
+
+		if (fd < 0 || write(fd, "new file\n", 9) != 9 || close(fd))
+			laz_die("replace %s", path_a);
+	}
 }
 
 /* Write LEN bytes of VALUE into file B at OFF, through its mapping's map_files link. */
@@ -143,6 +153,7 @@ int main(int argc, char **argv)
 	laz_init(argc, argv);
 	linked = argc > 2 && !strcmp(argv[2], "linked");
 	withfd = argc > 2 && !strcmp(argv[2], "withfd");
+	replaced = argc > 2 && !strcmp(argv[2], "replaced");
 	setup();
 	laz_ready(POINTS);
 	laz_wait_usr2();
@@ -196,8 +207,27 @@ int main(int argc, char **argv)
 		LAZ_CHECK(s_sp.st_blocks * 512 < 16 * (off_t)LAZ_PAGE, "file B: %ld blocks, its holes were filled",
 			  (long)s_sp.st_blocks);
 	}
-	check_name("file A shared", sh, path_a);
-	check_name("file A rdonly", ro, path_a);
+	if (replaced) {
+		char buf[32] = "";
+		int fd = open(path_a, O_RDONLY);
+		ssize_t n = fd >= 0 ? read(fd, buf, sizeof(buf) - 1) : -1;
+		DIR *d = opendir(laz_tmpdir());
+		struct dirent *e;
+		int extra = 0;
+
+		LAZ_CHECK(n == 9 && !memcmp(buf, "new file\n", 9), "the file that took A's name was changed");
+		if (fd >= 0)
+			close(fd);
+		while (d && (e = readdir(d)))
+			if (e->d_name[0] != '.' || (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")))
+				extra += strcmp(e->d_name, "deleted-a") != 0;
+		if (d)
+			closedir(d);
+		LAZ_CHECK(d && !extra, "%d files left in %s", extra, laz_tmpdir());
+	} else {
+		check_name("file A shared", sh, path_a);
+		check_name("file A rdonly", ro, path_a);
+	}
 	check_name("file B", sp, path_b);
 	for (size_t pg = 0; pg < SPARSE_SIZE / LAZ_PAGE; pg++) {
 		const unsigned char *p = sp + pg * LAZ_PAGE;
