@@ -606,12 +606,11 @@ class LazyServer:
                       parent_pid=parent.pid, cursor=parent.cursor, fork_time=time.monotonic())
         if parent.pid is not None and child.pending:
             # A MADV_WIPEONFORK range is empty in the child by definition, yet its uffd registration is
-            # inherited: never fill it with the parent's pages. (DONTFORK ranges are absent in the child:
-            # their copies fail with NOENT and are dropped.) The parent waits in fork() until this event is
-            # read, so its mappings are the child's.
+            # inherited: never fill it with the parent's pages. A DONTFORK range is absent in the child.
+            # The parent waits in fork() until this event is read, so its mappings are the child's.
             with contextlib.suppress(LazarusError, OSError):
                 for v in procfs.read_smaps(parent.pid):
-                    if "wf" in v.vmflags:
+                    if "wf" in v.vmflags or "dc" in v.vmflags:
                         child.pending.remove(v.start, v.end)
         self._register(child)
         if self.guard is not None:
