@@ -43,6 +43,10 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "cgroup": (),
     "thp": (),
     "guestperm": (),
+    "madvise": (),
+    "guard": (),
+    "deleted_map": (),
+    "memfd_seals": (),
 }
 CFLAGS = ("-O1", "-g", "-Wall")
 
@@ -321,6 +325,10 @@ CASES: tuple[Case, ...] = (
     Case("sleeper-futex", "sleeper", ("futex",), "usr2", SYS_FUTEX),
     Case("sleeper-pause", "sleeper", ("pause",), "usr2", SYS_PAUSE),
     Case("lazy-events", "lazy_events", ("all",), timeout=90),
+    Case("madvise", "madvise"),
+    Case("guard", "guard"),
+    Case("deleted-map", "deleted_map"),
+    Case("memfd-seals", "memfd_seals"),
 )
 CASES_BY_ID = {c.id: c for c in CASES}
 

@@ -10,13 +10,51 @@ from typing import Any
 
 PAGE_SIZE = 4096
 
+# The VmFlags codes of /proc/PID/smaps, by how a restore brings them back.
+# Given by the mmap itself (protection, sharing, the open mode of the file, MAP_GROWSDOWN/NORESERVE, accounting):
+VMFLAGS_FROM_MMAP = frozenset({"rd", "wr", "ex", "sh", "mr", "mw", "me", "ms", "gd", "nr", "ac"})
+# Re-applied by an injected call: madvise (dd wf rr sr hg nh mg dc), guard regions (gu), mlock2 (lo lf), mseal (sl):
+VMFLAGS_APPLIED = frozenset({"dd", "wf", "rr", "sr", "hg", "nh", "mg", "dc", "gu", "lo", "lf", "sl"})
+# Bookkeeping that a dump may ignore: soft-dirty tracking.
+VMFLAGS_IGNORED = frozenset({"sd"})
+# Refused, with what they mean (anything not listed anywhere is refused as unknown).
+VMFLAGS_REFUSED = {
+    "ht": "a hugetlb mapping", "pf": "a PFN mapping of a device", "io": "a memory-mapped I/O range",
+    "de": "a driver mapping that cannot grow", "ar": "an architecture-specific mapping", "ss": "a shadow stack",
+    "sf": "a synchronous (MAP_SYNC) DAX mapping", "um": "registered with a userfaultfd",
+    "uw": "registered with a userfaultfd", "ui": "registered with a userfaultfd",
+}
+# The flags a restored mapping must show again (uffd registration of our own comes and goes).
+VMFLAGS_COMPARED = VMFLAGS_FROM_MMAP | VMFLAGS_APPLIED
+
+
+def refused_vmflag(flags: list[str] | frozenset[str]) -> str | None:
+    """Why a mapping with these VmFlags cannot be saved faithfully, or None."""
+    for f in sorted(flags):
+        if f in VMFLAGS_REFUSED:
+            return f"VmFlags {f!r} ({VMFLAGS_REFUSED[f]}) is not supported"
+        if f not in VMFLAGS_FROM_MMAP and f not in VMFLAGS_APPLIED and f not in VMFLAGS_IGNORED:
+            return f"VmFlags {f!r} is not known to lazarus"
+    return None
+
 
 def lazy_object_ids(mm: dict[str, Any], fds: list[dict[str, Any]]) -> set[int]:
     """Shared-memory objects a lazy restore serves through userfaultfd: those the task reaches only through
     its mappings. An object it also holds an fd to must be filled at once: read(2) on a memfd page that is
     not there returns zeros instead of faulting."""
     held = {f["object"] for f in fds if f["type"] == "memfd"}
-    return {o["id"] for o in mm["objects"] if o["id"] not in held and o["pages"]}
+    # Nor objects that must be complete before the task runs: regular files (recreated deleted files;
+    # userfaultfd cannot serve them), sealed memfds (filled before their seals go on), and objects with a
+    # locked, sealed or private mapping (mlock faults pages in; a private mapping copies them), and objects
+    # with guard regions in a mapping (UFFDIO_COPY of the object's page there would replace the guard).
+    for v in mm["vmas"]:
+        if "object" in v and (not v["shared"] or v.get("guards") or any(f in v["vmflags"] for f in ("lo", "sl"))):
+            held.add(v["object"])
+    return {o["id"] for o in mm["objects"] if o["id"] not in held and o["pages"]
+            and o["kind"] in ("shmem", "memfd") and o.get("seals", SEALS_NONE) == SEALS_NONE}
+
+
+SEALS_NONE = 1  # F_SEAL_SEAL alone: what a memfd made without MFD_ALLOW_SEALING reports
 
 
 def lazy_vmas(mm: dict[str, Any], lazy_ids: set[int]) -> list[dict[str, Any]]:
@@ -42,8 +80,15 @@ def lazy_vmas(mm: dict[str, Any], lazy_ids: set[int]) -> list[dict[str, Any]]:
 
 
 def is_lazy(vma: dict[str, Any]) -> bool:
-    """Whether a lazy restore serves this vma through userfaultfd (anonymous private memory)."""
-    return vma["kind"] == "anon" and not vma["shared"]
+    """Whether a restore fills this vma through userfaultfd (anonymous private memory).
+
+    Not locked or sealed mappings: mlock must find their pages in place (it faults them all in, and a lazy
+    fault would wait on a server that does not hold the uffd yet), and mseal comes last. Not wipe-on-fork
+    ones: a fork child's copy of the range is empty by definition, but its uffd registration is inherited and
+    the server would fill it with the parent's data."""
+    flags = vma.get("vmflags", ())
+    return (vma["kind"] == "anon" and not vma["shared"]
+            and not any(f in flags for f in ("lo", "sl", "wf")))
 
 
 def huge_ranges(vmas: list[dict[str, Any]]) -> list[tuple[int, int]]:

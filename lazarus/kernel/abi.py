@@ -105,12 +105,14 @@ class SYS:
     process_vm_writev = 311
     memfd_create = 319
     userfaultfd = 323
+    mlock2 = 325
     rseq = 334
     pidfd_open = 434
     process_madvise = 440
     clone3 = 435
     close_range = 436
     pidfd_getfd = 438
+    mseal = 462
 
 
 # Syscall restart return values (include/linux/errno.h, kernel-internal)
@@ -141,6 +143,14 @@ MADV_DONTDUMP = 16
 MADV_WIPEONFORK = 18
 MADV_COLLAPSE = 25  # uapi/asm-generic/mman-common.h, Linux 6.1
 HPAGE_PMD_SIZE = 2 << 20  # x86-64: one PMD maps 2 MiB
+MADV_RANDOM, MADV_SEQUENTIAL = 1, 2
+MADV_UNMERGEABLE = 13
+MADV_GUARD_INSTALL, MADV_GUARD_REMOVE = 102, 103  # Linux 6.13+
+MLOCK_ONFAULT = 1  # mlock2 (include/uapi/asm-generic/mman-common.h)
+# memfd seals (include/uapi/linux/fcntl.h) and memfd_create flags (include/uapi/linux/memfd.h)
+F_ADD_SEALS, F_GET_SEALS = 1033, 1034
+F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE, F_SEAL_FUTURE_WRITE, F_SEAL_EXEC = 1, 2, 4, 8, 0x10, 0x20
+MFD_CLOEXEC, MFD_ALLOW_SEALING, MFD_HUGETLB, MFD_NOEXEC_SEAL, MFD_EXEC = 1, 2, 4, 8, 0x10
 
 # fcntl / open (include/uapi/asm-generic/fcntl.h)
 O_RDONLY, O_WRONLY, O_RDWR = 0, 1, 2
@@ -333,6 +343,7 @@ PAGE_IS_SWAPPED = 1 << 4
 PAGE_IS_PFNZERO = 1 << 5
 PAGE_IS_HUGE = 1 << 6
 PAGE_IS_SOFT_DIRTY = 1 << 7
+PAGE_IS_GUARD = 1 << 8  # Linux 6.14+; older kernels refuse the bit (EINVAL)
 PM_SCAN_WP_MATCHING = 1 << 0
 PM_SCAN_CHECK_WPASYNC = 1 << 1
 PAGEMAP_SCAN = _IOWR(ord("f"), 16, pm_scan_arg)

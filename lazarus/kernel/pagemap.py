@@ -10,6 +10,10 @@ The kernel fills a caller-provided vector of `page_region` (start, end, categori
 categories match the masks, merging neighbours with equal returned categories. It walks the whole range unless
 the vector fills up (or max_pages is reached); then `scan` carries on from where it stopped (`walk_end`, or the end
 of the last region) and joins the run that straddles the two calls.
+
+Guard regions (MADV_GUARD_INSTALL, Linux 6.13+) are page-table markers, not pages: PAGEMAP_SCAN reports them as
+PAGE_IS_GUARD (6.14+) and also as PAGE_IS_SWAPPED (they are swap-format entries), so present_pages() leaves them
+out explicitly, and guard_pages() lists them for the dump to reinstall. Reading one faults (EFAULT).
 """
 
 from __future__ import annotations
@@ -26,6 +30,23 @@ PM_SCAN_CATEGORIES = (abi.PAGE_IS_WPALLOWED | abi.PAGE_IS_WRITTEN | abi.PAGE_IS_
                       | abi.PAGE_IS_SWAPPED | abi.PAGE_IS_PFNZERO | abi.PAGE_IS_HUGE
                       | abi.PAGE_IS_SOFT_DIRTY)
 DEFAULT_VEC_LEN = 4096
+_guard_known: bool | None = None
+
+
+def guard_supported() -> bool:
+    """Whether this kernel's PAGEMAP_SCAN knows PAGE_IS_GUARD (older ones refuse the bit with EINVAL)."""
+    global _guard_known
+    if _guard_known is None:
+        with Pagemap(os.getpid(), 1) as pm:
+            start = C.addressof(pm._vec) & ~(abi.PAGE_SIZE - 1)
+            try:
+                pm.scan_once(start, start + abi.PAGE_SIZE, return_mask=abi.PAGE_IS_GUARD)
+                _guard_known = True
+            except KernelError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                _guard_known = False
+    return _guard_known
 
 Region = tuple[int, int, int]  # start, end, categories & return_mask
 
@@ -158,10 +179,19 @@ class Pagemap:
         if skip_zero:
             mask |= abi.PAGE_IS_PFNZERO
             inverted |= abi.PAGE_IS_PFNZERO
+        if guard_supported():
+            mask |= abi.PAGE_IS_GUARD
+            inverted |= abi.PAGE_IS_GUARD
         regions = self.scan(start, end, mask, category_inverted=inverted,
                             category_anyof_mask=abi.PAGE_IS_PRESENT | abi.PAGE_IS_SWAPPED,
                             return_mask=abi.PAGE_IS_PRESENT)
         return merge_runs(regions)
+
+    def guard_pages(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Merged [start, end) runs of guard-region markers ([] on kernels that cannot report them)."""
+        if not guard_supported():
+            return []
+        return merge_runs(self.scan(start, end, abi.PAGE_IS_GUARD, return_mask=abi.PAGE_IS_GUARD))
 
 
 def merge_runs(regions: list[Region]) -> list[tuple[int, int]]:
@@ -198,5 +228,13 @@ def present_pages(target: int | Pagemap, vma_start: int, vma_end: int, anon_only
         return pm.present_pages(vma_start, vma_end, anon_only, skip_zero)
 
 
-__all__ = ["Pagemap", "Region", "scan", "present_pages", "merge_runs", "PM_SCAN_CATEGORIES",
-           "DEFAULT_VEC_LEN"]
+def guard_pages(target: int | Pagemap, vma_start: int, vma_end: int) -> list[tuple[int, int]]:
+    """Merged [start, end) runs of guard-region markers in a VMA. See Pagemap.guard_pages."""
+    if isinstance(target, Pagemap):
+        return target.guard_pages(vma_start, vma_end)
+    with Pagemap(target) as pm:
+        return pm.guard_pages(vma_start, vma_end)
+
+
+__all__ = ["Pagemap", "Region", "scan", "present_pages", "guard_pages", "guard_supported", "merge_runs",
+           "PM_SCAN_CATEGORIES", "DEFAULT_VEC_LEN"]

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lazarus.errors import KernelError, LazarusError, NoSuchTask, PageSourceLost
-from lazarus.kernel import abi
+from lazarus.kernel import abi, procfs
 from lazarus.kernel.pidfd import PidFd, pidfd_info
 from lazarus.kernel.uffd import (
     CopyHelper,
@@ -623,6 +623,14 @@ class LazyServer:
             return
         child = _Proc(key=uffd.fd, uffd=uffd, source=parent.source, pending=parent.pending.copy(), pid=None,
                       parent_pid=parent.pid, cursor=parent.cursor, fork_time=time.monotonic())
+        if parent.pid is not None and child.pending:
+            # A MADV_WIPEONFORK range is empty in the child by definition, yet its uffd registration is
+            # inherited: never fill it with the parent's pages. A DONTFORK range is absent in the child.
+            # The parent waits in fork() until this event is read, so its mappings are the child's.
+            with contextlib.suppress(LazarusError, OSError):
+                for v in procfs.read_smaps(parent.pid):
+                    if "wf" in v.vmflags or "dc" in v.vmflags:
+                        child.pending.remove(v.start, v.end)
         self._register(child)
         if self.guard is not None:
             self.guard.add(child.key, uffd.fd, pid=None, parent=parent.key)

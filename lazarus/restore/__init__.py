@@ -188,6 +188,7 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
         fds = task["files"]
         high_base = max([f["fd"] for f in fds], default=2) + 1
         space = SpaceBuilder(remote, img, child)
+        space.verify = lazy
         page_file = img.page_file(pid) if img.has_pages(pid) else None
         lazy_ids = lazy_object_ids(mm, fds) if lazy else set()
         space.create_objects(mm["objects"], high_base, page_file, lazy_ids)
@@ -209,6 +210,8 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
                     uffd.close()
                 # After the uffd is gone: collapse needs every pte of a 2 MiB range present, which it now is.
                 collapse_in_task(remote, mm["vmas"])
+        space.finish_vmas(mm["vmas"], page_file)
+        space.check_vmflags(mm["vmas"])
         timings["pages"] = time.monotonic() - t0
 
         space.close_cached()

@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 from lazarus.errors import RestoreError
-from lazarus.images.mm import is_lazy
+from lazarus.images.mm import SEALS_NONE, VMFLAGS_COMPARED, is_lazy
 from lazarus.kernel import abi, procfs
 from lazarus.remote import RemoteTask
 
 _NEG1 = (1 << 64) - 1
 _MADVISE = {"dd": abi.MADV_DONTDUMP, "hg": abi.MADV_HUGEPAGE, "nh": abi.MADV_NOHUGEPAGE,
-            "dc": abi.MADV_DONTFORK, "wf": abi.MADV_WIPEONFORK}
+            "dc": abi.MADV_DONTFORK, "wf": abi.MADV_WIPEONFORK, "rr": abi.MADV_RANDOM,
+            "sr": abi.MADV_SEQUENTIAL, "mg": abi.MADV_MERGEABLE}
 VDSO_KINDS = ("vvar", "vvar_vclock", "vdso")
 
 
@@ -25,6 +28,10 @@ class MemoryState:
     """What the address-space rebuild leaves for later stages."""
 
     object_fds: dict[int, int] = field(default_factory=dict)  # image object id -> fd in the task
+    # Deleted files recreated for mappings, by their inode at dump time -> (the path used, since unlinked;
+    # the task's fd, held like object_fds): an fd of the task to the same deleted file can dup it to stay
+    # on the same inode.
+    recreated: dict[int, tuple[str, int]] = field(default_factory=dict)
 
 
 def free_gaps(vmas: list[dict[str, Any]], lo: int = 0x10000, hi: int = 0x7FFF_FFFF_F000) -> list[tuple[int, int]]:
@@ -117,6 +124,10 @@ class SpaceBuilder:
         self.pid = pid
         self.fd_cache: dict[tuple[str, int], int] = {}
         self.state = MemoryState()
+        self.deferred_prot: list[dict[str, Any]] = []  # anon vmas mapped writable, their prot set later
+        self.late_seals: list[tuple[int, int, str]] = []  # (task fd, seals, memfd name) added after mapping
+        # A lazy restore checks page data chunk by chunk as it uses it (an eager one checked it all first).
+        self.verify = False
 
     def _open(self, path: str, flags: int) -> int:
         key = (path, flags)
@@ -133,13 +144,24 @@ class SpaceBuilder:
 
     def create_objects(self, objects: list[dict[str, Any]], hold_above: int, page_file: Any,
                        lazy_ids: set[int]) -> None:
-        """Create each shared-memory object, with its content unless it is served lazily; its fd is kept at
-        >= hold_above until the fds are restored."""
+        """Create each shared object (shared anonymous memory, memfd, recreated deleted file), with its
+        content unless it is served lazily, then its owner, mode and seals; its fd is kept at >= hold_above
+        until the fds are restored."""
         t = self.task
         for obj in objects:
             size = obj["size"]
+            seals = obj.get("seals", SEALS_NONE)
+            if obj["kind"] == "deleted":
+                high = self._recreate_deleted(obj, hold_above, page_file)
+                self.state.object_fds[obj["id"]] = high
+                continue
             if obj["kind"] == "memfd":
-                fd = t.syscall(abi.SYS.memfd_create, t.cstring(obj["name"]), 0)
+                flags = 0
+                if seals != SEALS_NONE:
+                    flags |= abi.MFD_ALLOW_SEALING
+                    if seals & abi.F_SEAL_EXEC and not obj.get("mode", 0o777) & 0o111:
+                        flags |= abi.MFD_NOEXEC_SEAL
+                fd = t.syscall(abi.SYS.memfd_create, t.cstring(obj["name"]), flags, what="memfd_create")
                 t.syscall(abi.SYS.ftruncate, fd, size)
             else:
                 # A shared anonymous object only exists as a mapping; its file is reachable through
@@ -155,48 +177,202 @@ class SpaceBuilder:
             if obj["pages"] and obj["id"] not in lazy_ids:
                 wfd = os.open(f"/proc/{self.pid}/fd/{high}", os.O_WRONLY)
                 try:
-                    for offset, n, idx in obj["pages"]:
-                        view = page_file.view(idx, n)[: max(0, min(n * abi.PAGE_SIZE, size - offset))]
-                        done = 0
-                        while done < len(view):
-                            done += os.pwrite(wfd, view[done:], offset + done)
+                    _write_runs(wfd, obj, page_file, self.verify)
                 finally:
                     os.close(wfd)
+            if obj["kind"] == "memfd":
+                self._owner_and_mode(f"/proc/{self.pid}/fd/{high}", obj)
+                if seals != SEALS_NONE:
+                    # Once the content is in and the size set (a write or shrink seal forbids both), and
+                    # before the mappings: a read-only shared mapping of a write-sealed memfd is made without
+                    # VM_MAYWRITE. But F_SEAL_FUTURE_WRITE after them: it allows the writable mappings made
+                    # before it and no new ones (and F_SEAL_SEAL would forbid adding it later).
+                    late = seals & (abi.F_SEAL_FUTURE_WRITE | abi.F_SEAL_SEAL)
+                    if seals & ~late:
+                        t.syscall(abi.SYS.fcntl, high, abi.F_ADD_SEALS, seals & ~late,
+                                  what=f"memfd {obj['name']!r} seals")
+                    if late:
+                        self.late_seals.append((high, late, obj["name"]))
             self.state.object_fds[obj["id"]] = high
 
+    @staticmethod
+    def _owner_and_mode(path: str, obj: dict[str, Any]) -> None:
+        if "uid" in obj:
+            os.chown(path, obj["uid"], obj["gid"])
+        if "mode" in obj:
+            os.chmod(path, obj["mode"])
+
+    def _recreate_deleted(self, obj: dict[str, Any], hold_above: int, page_file: Any) -> int:
+        """A mapped file that was deleted: recreated with its content (mode 0600 and O_EXCL until it is
+        complete), opened by the task, unlinked again. Returns the task's fd (>= hold_above).
+
+        It is made at its old path when that is free (so /proc/PID/maps names it as before), else under a
+        random name in the same directory, else in a private temporary directory."""
+        path = obj["path"]
+        tmpdir = None
+        fd = -1
+        for attempt in range(3):
+            if attempt == 1:
+                path = os.path.join(os.path.dirname(obj["path"]) or "/", f".lazarus-deleted-{secrets.token_hex(6)}")
+            elif attempt == 2:
+                tmpdir = tempfile.mkdtemp(prefix="lazarus-deleted-")
+                path = os.path.join(tmpdir, os.path.basename(obj["path"]) or "file")
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                break
+            except OSError as e:
+                if attempt == 2:
+                    os.rmdir(tmpdir or "")
+                    raise RestoreError(f"cannot recreate deleted file {obj['path']}: {e.strerror}",
+                                       stage="memory", path=obj["path"]) from e
+        try:
+            try:
+                os.ftruncate(fd, obj["size"])
+                _write_runs(fd, obj, page_file, self.verify)
+                self._owner_and_mode(f"/proc/self/fd/{fd}", obj)
+            finally:
+                os.close(fd)
+            t = self.task
+            tfd = t.syscall(abi.SYS.openat, abi.AT_FDCWD & _NEG1, t.cstring(path), abi.O_RDWR, 0,
+                            what=f"open recreated {path}")
+            high = t.syscall(abi.SYS.fcntl, tfd, abi.F_DUPFD, hold_above)
+            t.syscall(abi.SYS.close, tfd)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            if tmpdir:
+                with contextlib.suppress(OSError):
+                    os.rmdir(tmpdir)
+        self.state.recreated[obj["inode"]] = (path, high)
+        return high
+
+    def _object_fd(self, v: dict[str, Any]) -> int:
+        """The task's fd to map a shared object's vma from: a read-only reopen for a shared mapping that
+        was made through a read-only fd (the kernel then drops VM_SHARED and VM_MAYWRITE: 'sh' and 'mw'
+        absent; a write-sealed memfd drops only 'mw', and does so itself)."""
+        fd = self.state.object_fds[v["object"]]
+        if not v["shared"] or "sh" in v["vmflags"] or v["kind"] == "shmem":
+            return fd
+        key = (f"object-{v['object']}", abi.O_RDONLY)
+        if key not in self.fd_cache:
+            self.fd_cache[key] = self.task.syscall(abi.SYS.openat, abi.AT_FDCWD & _NEG1,
+                                                   self.task.cstring(f"/proc/self/fd/{fd}"), abi.O_RDONLY, 0)
+        return self.fd_cache[key]
+
     def map_vmas(self, vmas: list[dict[str, Any]]) -> None:
+        """mmap every vma at its place, then its madvise state and guard regions (before any page is in:
+        a guard install would drop the data of its pages)."""
         t = self.task
         for v in vmas:
             kind = v["kind"]
             if kind in VDSO_KINDS:
                 continue
             start, length, prot = v["start"], v["end"] - v["start"], v["prot"]
+            flags = abi.MAP_FIXED
+            if "nr" in v["vmflags"]:
+                flags |= abi.MAP_NORESERVE
+            # Accounting ("ac") is charged when a private mapping is made writable and stays when it is made
+            # read-only later (an ELF's RELRO): map it writable first, then set the real protection.
+            map_prot = prot
+            if not v["shared"] and "ac" in v["vmflags"] and not prot & abi.PROT_WRITE:
+                map_prot |= abi.PROT_WRITE
             if kind == "anon":
-                flags = abi.MAP_PRIVATE | abi.MAP_ANONYMOUS | abi.MAP_FIXED
+                flags |= abi.MAP_PRIVATE | abi.MAP_ANONYMOUS
                 if "gd" in v["vmflags"]:
                     flags |= abi.MAP_GROWSDOWN
-                if "nr" in v["vmflags"]:
-                    flags |= abi.MAP_NORESERVE
-                t.syscall(abi.SYS.mmap, start, length, prot, flags, _NEG1, 0)
+                t.syscall(abi.SYS.mmap, start, length, map_prot, flags, _NEG1, 0)
             elif kind == "file":
                 if v["shared"]:
                     acc = abi.O_RDWR if "mw" in v["vmflags"] or prot & abi.PROT_WRITE else abi.O_RDONLY
-                    flags = abi.MAP_SHARED | abi.MAP_FIXED
+                    flags |= abi.MAP_SHARED
                 else:
                     acc = abi.O_RDONLY
-                    flags = abi.MAP_PRIVATE | abi.MAP_FIXED
+                    flags |= abi.MAP_PRIVATE
                 fd = self._open(v["path"], acc)
-                t.syscall(abi.SYS.mmap, start, length, prot, flags, fd, v["offset"],
+                t.syscall(abi.SYS.mmap, start, length, map_prot, flags, fd, v["offset"],
                           what=f"mmap {v['path']}")
-            elif kind in ("shmem", "memfd"):
-                fd = self.state.object_fds[v["object"]]
-                t.syscall(abi.SYS.mmap, start, length, prot, abi.MAP_SHARED | abi.MAP_FIXED, fd,
-                          v["offset"])
+            elif kind in ("shmem", "memfd", "deleted"):
+                flags |= abi.MAP_SHARED if v["shared"] else abi.MAP_PRIVATE
+                t.syscall(abi.SYS.mmap, start, length, map_prot, flags, self._object_fd(v), v["offset"],
+                          what=f"mmap {v['path']}")
             else:
                 raise RestoreError(f"unknown vma kind {kind!r} at {start:#x}", stage="memory")
+            if map_prot != prot:
+                if kind == "anon":
+                    self.deferred_prot.append(v)
+                else:
+                    t.syscall(abi.SYS.mprotect, start, length, prot)
             for flag in v["vmflags"]:
                 if flag in _MADVISE:
-                    t.raw(abi.SYS.madvise, start, length, _MADVISE[flag])
+                    t.syscall(abi.SYS.madvise, start, length, _MADVISE[flag],
+                              what=f"madvise {flag} {start:#x}-{v['end']:#x}")
+            guards = v.get("guards", [])
+            for gstart, n in guards:
+                t.syscall(abi.SYS.madvise, gstart, n * abi.PAGE_SIZE, abi.MADV_GUARD_INSTALL,
+                          what=f"guard region at {gstart:#x}")
+            if "gu" in v["vmflags"] and not guards:
+                # The vma once had guard regions, since removed: the flag stays, and so does it here.
+                t.syscall(abi.SYS.madvise, start, abi.PAGE_SIZE, abi.MADV_GUARD_INSTALL, what="guard flag")
+                t.syscall(abi.SYS.madvise, start, abi.PAGE_SIZE, abi.MADV_GUARD_REMOVE, what="guard flag")
+        for fd, seals, name in self.late_seals:
+            t.syscall(abi.SYS.fcntl, fd, abi.F_ADD_SEALS, seals, what=f"memfd {name!r} seals")
+        self.late_seals.clear()
+
+    def finish_vmas(self, vmas: list[dict[str, Any]], page_file: Any) -> None:
+        """The steps that need the pages in: read-only anonymous memory that keeps its accounting, mlock,
+        mseal (mlock faults every page in; a sealed mapping can no longer be changed)."""
+        t = self.task
+        for v in self.deferred_prot:
+            # mprotect drops the accounting of an anonymous mapping that never had a page (no anon_vma):
+            # give it one first, with a page of its own data, or a zero page dropped again.
+            start, length = v["start"], v["end"] - v["start"]
+            if v["pages"] and page_file is not None:
+                first = v["pages"][0][0]
+                self.write_range([v], page_file, first, first + abi.PAGE_SIZE)
+            else:
+                fd = os.open(f"/proc/{self.pid}/mem", os.O_RDWR)
+                try:
+                    os.pwrite(fd, bytes(abi.PAGE_SIZE), start)
+                finally:
+                    os.close(fd)
+                t.syscall(abi.SYS.madvise, start, abi.PAGE_SIZE, abi.MADV_DONTNEED)
+            t.syscall(abi.SYS.mprotect, start, length, v["prot"])
+        self.deferred_prot.clear()
+        for v in vmas:
+            if "lo" in v["vmflags"] and v["kind"] not in VDSO_KINDS:
+                how = abi.MLOCK_ONFAULT if "lf" in v["vmflags"] else 0
+                ret = t.raw(abi.SYS.mlock2, v["start"], v["end"] - v["start"], how)
+                if ret < 0:
+                    raise RestoreError(f"mapping {v['start']:#x}-{v['end']:#x} {v['path'] or '[anon]'} was "
+                                       f"locked in memory, and mlock here fails: {os.strerror(-ret)}",
+                                       stage="memory")
+        for v in vmas:
+            if "sl" in v["vmflags"] and v["kind"] not in VDSO_KINDS:
+                t.syscall(abi.SYS.mseal, v["start"], v["end"] - v["start"], 0,
+                          what=f"mseal {v['start']:#x}-{v['end']:#x}")
+
+    def check_vmflags(self, vmas: list[dict[str, Any]]) -> None:
+        """Refuse a restore whose mappings do not show the image's VmFlags again (compared by address: the
+        kernel may merge neighbours whose flags agree)."""
+        have = procfs.read_smaps(self.pid)
+        for v in vmas:
+            if v["kind"] in VDSO_KINDS:
+                continue
+            want = set(v["vmflags"]) & VMFLAGS_COMPARED
+            covered = v["start"]
+            for h in have:
+                if h.end <= v["start"] or h.start >= v["end"]:
+                    continue
+                got = set(h.vmflags) & VMFLAGS_COMPARED
+                if h.start > covered or got != want:
+                    raise RestoreError(
+                        f"mapping {v['start']:#x}-{v['end']:#x} {v['path'] or '[anon]'}: restored with VmFlags "
+                        f"{' '.join(sorted(got)) or '-'} at {h.start:#x}, the image has {' '.join(sorted(want))}",
+                        stage="memory")
+                covered = h.end
+            if covered < v["end"]:
+                raise RestoreError(f"mapping {v['start']:#x}-{v['end']:#x}: not mapped after the restore",
+                                   stage="memory")
 
     def write_pages(self, vmas: list[dict[str, Any]], page_file: Any, skip_lazy: bool) -> int:
         """Write every saved page (only file-private ones when `skip_lazy`) through /proc/pid/mem."""
@@ -207,6 +383,8 @@ class SpaceBuilder:
                 if skip_lazy and is_lazy(v):
                     continue
                 for vaddr, n, idx in v["pages"]:
+                    if self.verify:
+                        page_file.verify_range(idx, n)
                     view = page_file.view(idx, n)
                     off = 0
                     while off < len(view):
@@ -238,6 +416,18 @@ class SpaceBuilder:
             if clipped:
                 picked.append({**v, "pages": clipped})
         return self.write_pages(picked, page_file, skip_lazy=False)
+
+
+def _write_runs(fd: int, obj: dict[str, Any], page_file: Any, verify: bool) -> None:
+    """Write an object's saved runs ([offset, npages, file page index]) into `fd`, up to its size."""
+    size = obj["size"]
+    for offset, n, idx in obj["pages"]:
+        if verify:
+            page_file.verify_range(idx, n)
+        view = page_file.view(idx, n)[: max(0, min(n * abi.PAGE_SIZE, size - offset))]
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
 
 
 def close_inherited_fds(task: RemoteTask) -> None:
