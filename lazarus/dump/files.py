@@ -1,23 +1,37 @@
-"""File descriptors: what each one is, and whether a dump can capture it faithfully."""
+"""File descriptors: what each one is, and whether a dump can capture it faithfully.
+
+Besides what each fd refers to, every fd keeps its exact status flags (fdinfo `flags:`), its signal owner and
+signal (F_GETOWN_EX/F_GETSIG, read on a copy of the fd taken with pidfd_getfd: same open file description, so
+the same answers an injected fcntl would give), and the locks held through it (fdinfo `lock:` lines).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
 import stat as statmod
+import struct
 from typing import Any
 
-from lazarus.errors import Unsupported
+from lazarus.errors import KernelError, Unsupported
 from lazarus.kernel import abi
-from lazarus.kernel.procfs import read_fdinfo
+from lazarus.kernel.handles import name_to_handle
+from lazarus.kernel.pidfd import pidfd_getfd, pidfd_open
+from lazarus.kernel.procfs import FdInfo, fd_locks, parse_lock, read_fdinfo, read_mount_points, read_stat
 from lazarus.kernel.syscall import same_file_description, tee
 
 # (major, minor) of character devices whose open file carries no state worth saving.
 STATELESS_DEVICES = {(1, 3): "/dev/null", (1, 5): "/dev/zero", (1, 7): "/dev/full",
                      (1, 8): "/dev/random", (1, 9): "/dev/urandom"}
 _PIPE = re.compile(r"pipe:\[(\d+)\]")
+_PROC_PID = re.compile(r"/proc/(\d+)(?:/|$)")
+_DELETED = " (deleted)"
+_LOCK_KINDS = {"FLOCK": "flock", "POSIX": "posix", "OFDLCK": "ofd"}
+# A directory with more entries than this is not searched for another link of an unlinked open file.
+_LINK_SCAN_LIMIT = 100_000
 
 
 def _others_holding(ino: int, pid: int) -> list[int]:
@@ -70,9 +84,133 @@ def _mark_dups(pid: int, fds: list[dict[str, Any]]) -> None:
         for first in seen.get(key, []):
             if same_file_description(pid, first["fd"], rec["fd"]):
                 rec["dup_of"] = first["fd"]
+                # What belongs to the open file description is restored once, through the first fd.
+                for k in ("locks", "owner", "sig"):
+                    rec.pop(k, None)
                 break
         else:
             seen.setdefault(key, []).append(rec)
+
+
+def sparse_content(path: str, size: int) -> tuple[list[list[int]], bytes]:
+    """The data extents of a file ([offset, length] runs, found with SEEK_DATA/SEEK_HOLE) and their bytes,
+    so that holes stay holes. Read through a new open of `path` (a /proc/PID/fd/N link): the process's own
+    file position is never moved."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        extents: list[list[int]] = []
+        off = 0
+        while off < size:
+            try:
+                start = os.lseek(fd, off, abi.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # only a hole from here to the end
+                    break
+                if e.errno != errno.EINVAL:
+                    raise
+                start = off  # the filesystem cannot tell holes: all of it is data
+                end = size
+            else:
+                end = min(os.lseek(fd, start, abi.SEEK_HOLE), size)
+            if start >= size:
+                break
+            extents.append([start, end - start])
+            off = end
+        parts = []
+        for start, length in extents:
+            buf = os.pread(fd, length, start)
+            if len(buf) != length:
+                raise KernelError(f"short read of {path}", errno.EIO, path=path)
+            parts.append(buf)
+        return extents, b"".join(parts)
+    finally:
+        os.close(fd)
+
+
+def _other_link(pid: int, fd: int, path: str, st: os.stat_result) -> dict[str, Any]:
+    """How to reach an unlinked open file that still has a link elsewhere: another name of it in the same
+    directory, else a file handle (open_by_handle_at at restore). Unsupported when neither exists."""
+    where = f"fd {fd} ({path}{_DELETED})"
+    d = os.path.dirname(path) or "/"
+    with contextlib.suppress(OSError), os.scandir(d) as it:
+        for i, entry in enumerate(it):
+            if i >= _LINK_SCAN_LIMIT:
+                break
+            with contextlib.suppress(OSError):
+                est = entry.stat(follow_symlinks=False)
+                if (est.st_dev, est.st_ino) == (st.st_dev, st.st_ino):
+                    return {"path": os.path.join(d, entry.name)}
+    try:
+        htype, handle, mnt_id = name_to_handle(f"/proc/{pid}/fd/{fd}")
+        mount = read_mount_points(os.getpid()).get(mnt_id)
+    except KernelError as e:
+        raise Unsupported(f"{where}: unlinked, but with {st.st_nlink} other link(s) that cannot be found "
+                          f"({e.strerror})") from e
+    if mount is None:
+        raise Unsupported(f"{where}: unlinked, and its mount {mnt_id} is not visible to lazarus")
+    return {"path": path, "handle": {"type": htype, "bytes": handle.hex(), "mount": mount}}
+
+
+def _owner(pidfd: int, pid: int, fd: int, pgid: int, where: str) -> dict[str, Any]:
+    """The fd's signal owner and signal (F_GETOWN_EX, F_GETSIG) as record fields; refuses an owner that the
+    restore cannot give back: another process, or a process group other than the task's own one."""
+    try:
+        dup = pidfd_getfd(pidfd, fd, pid=pid)
+    except KernelError as e:
+        raise Unsupported(f"{where}: cannot read its signal owner: {e.strerror}") from e
+    try:
+        try:
+            typ, owner = struct.unpack("ii", fcntl.fcntl(dup, abi.F_GETOWN_EX, bytes(8)))
+            sig = fcntl.fcntl(dup, abi.F_GETSIG)
+        except OSError:  # O_PATH fds answer only F_GETFL/F_GETFD: they can have no owner
+            return {}
+    finally:
+        os.close(dup)
+    out: dict[str, Any] = {}
+    if sig:
+        out["sig"] = sig
+    if owner == 0:
+        return out
+    if typ == abi.F_OWNER_PGRP:
+        if owner != pgid or pgid != pid:
+            raise Unsupported(f"{where}: its signals go to process group {owner}, which the restore does not "
+                              "recreate (only the process's own group, when it leads it)")
+    elif owner != pid:
+        raise Unsupported(f"{where}: its signals go to pid {owner}, another process")
+    out["owner"] = [typ, owner]
+    return out
+
+
+def _locks(info: FdInfo, pid: int, where: str) -> list[list[Any]]:
+    """The locks held through this open file, as [kind, "read"|"write", start, end or None]."""
+    out: list[list[Any]] = []
+    for line in fd_locks(info):
+        try:
+            lk = parse_lock(line)
+        except ValueError:
+            raise Unsupported(f"{where}: holds a lock of an unsupported kind ({line.strip()})") from None
+        kind = _LOCK_KINDS.get(lk.kind)
+        if kind is None:
+            raise Unsupported(f"{where}: holds a {lk.kind.lower()} ({line.strip()}), which is not supported")
+        if lk.access not in ("READ", "WRITE"):
+            raise Unsupported(f"{where}: holds a {lk.access} {kind} lock, which is not supported")
+        if kind == "posix" and lk.pid != pid:
+            raise Unsupported(f"{where}: holds a POSIX lock of pid {lk.pid}")
+        out.append([kind, lk.access.lower(), lk.start, lk.end])
+    return out
+
+
+def _proc_owner(link: str, st: os.stat_result) -> int | None:
+    """The pid whose /proc directory `link` is in, or None if it is not a per-process /proc file."""
+    m = _PROC_PID.match(link)
+    if m is None:
+        return None
+    try:
+        if os.stat("/proc").st_dev != st.st_dev:
+            return None
+    except OSError:
+        return None
+    return int(m.group(1))
 
 
 def dump_files(pid: int, write_blob: Any, objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -80,56 +218,98 @@ def dump_files(pid: int, write_blob: Any, objects: list[dict[str, Any]]) -> list
     fds: list[dict[str, Any]] = []
     pipes: dict[int, list[dict[str, Any]]] = {}
     objects_by_inode = {o["inode"]: o for o in objects}
+    # (st_dev, st_ino) -> the first fd of an inode recreated at restore (unlinked file, FIFO): the others
+    # are opened on that same new inode.
+    first_of: dict[tuple[int, int], dict[str, Any]] = {}
     fd_dir = f"/proc/{pid}/fd"
-    for name in sorted(os.listdir(fd_dir), key=int):
-        fd = int(name)
-        link = os.readlink(f"{fd_dir}/{name}")
-        info = read_fdinfo(pid, fd)
-        flags = info.flags
-        rec: dict[str, Any] = {"fd": fd, "flags": flags & ~abi.O_CLOEXEC,
-                               "cloexec": bool(flags & abi.O_CLOEXEC), "pos": info.pos}
-        where = f"fd {fd} ({link})"
-        if link.startswith("socket:"):
-            raise Unsupported(f"{where}: sockets are not supported")
-        if link == "anon_inode:[userfaultfd]":
-            raise Unsupported(f"{where}: the process uses userfaultfd itself")
-        if link.startswith("anon_inode:"):
-            raise Unsupported(f"{where}: {link[len('anon_inode:'):]} descriptors are not supported")
-        m = _PIPE.fullmatch(link)
-        if m:
-            ino = int(m.group(1))
-            rec.update(type="pipe", pipe=ino)
-            pipes.setdefault(ino, []).append(rec)
+    pgid = read_stat(pid).pgrp
+    pidfd = pidfd_open(pid)
+    try:
+        for name in sorted(os.listdir(fd_dir), key=int):
+            fd = int(name)
+            link = os.readlink(f"{fd_dir}/{name}")
+            info = read_fdinfo(pid, fd)
+            flags = info.flags
+            rec: dict[str, Any] = {"fd": fd, "flags": flags & ~abi.O_CLOEXEC,
+                                   "cloexec": bool(flags & abi.O_CLOEXEC), "pos": info.pos}
+            where = f"fd {fd} ({link})"
+            rec.update(_owner(pidfd, pid, fd, pgid, where))
+            locks = _locks(info, pid, where)
+            if locks:
+                rec["locks"] = locks
+            if link.startswith("socket:"):
+                raise Unsupported(f"{where}: sockets are not supported")
+            if link == "anon_inode:[userfaultfd]":
+                raise Unsupported(f"{where}: the process uses userfaultfd itself")
+            if link.startswith("anon_inode:"):
+                raise Unsupported(f"{where}: {link[len('anon_inode:'):]} descriptors are not supported")
+            m = _PIPE.fullmatch(link)
+            if m:
+                ino = int(m.group(1))
+                rec.update(type="pipe", pipe=ino)
+                pipes.setdefault(ino, []).append(rec)
+                fds.append(rec)
+                continue
+            st = os.stat(f"{fd_dir}/{name}")
+            deleted = link.endswith(_DELETED)
+            path = link[: -len(_DELETED)] if deleted else link
+            key = (st.st_dev, st.st_ino)
+            if link.startswith("/memfd:"):
+                obj = objects_by_inode.get(st.st_ino)
+                if obj is None:
+                    raise Unsupported(f"{where}: a memfd that is not mapped is not supported")
+                rec.update(type="memfd", object=obj["id"])
+            elif statmod.S_ISCHR(st.st_mode):
+                dev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+                if dev in (STATELESS_DEVICES):
+                    rec.update(type="dev", path=STATELESS_DEVICES[dev])
+                elif os.major(st.st_rdev) in (4, 5, 136) or link.startswith("/dev/pts") or link.startswith("/dev/tty"):
+                    raise Unsupported(f"{where}: terminals are not supported")
+                else:
+                    raise Unsupported(f"{where}: character device {dev[0]}:{dev[1]} is not supported")
+            elif statmod.S_ISFIFO(st.st_mode):
+                rec.update(type="fifo", path=path, ino=st.st_ino, dev=st.st_dev)
+                first = first_of.get(key)
+                if first is not None:
+                    rec["same_inode"] = first["fd"]
+                else:
+                    first_of[key] = rec
+                    if deleted and st.st_nlink == 0:
+                        rec.update(deleted=True, mode=statmod.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid)
+                    elif deleted:
+                        rec.update(_other_link(pid, fd, path, st))
+                    data = peek_pipe(f"{fd_dir}/{name}")[0]
+                    rec["data"] = write_blob(f"fifo-{fd}", data) if data else None
+            elif statmod.S_ISREG(st.st_mode) or statmod.S_ISDIR(st.st_mode):
+                proc_pid = _proc_owner(link, st)
+                if proc_pid is not None and proc_pid != pid:
+                    raise Unsupported(f"{where}: a /proc file of another process (pid {proc_pid})")
+                if proc_pid == pid:
+                    # Reopened once the restored task exists, as that task's own file.
+                    rec.update(type="file", path=link, proc_self=True)
+                elif deleted and st.st_nlink == 0:
+                    rec.update(type="ghost", path=path, ino=st.st_ino, dev=st.st_dev,
+                               mode=statmod.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid)
+                    first = first_of.get(key)
+                    if first is not None:
+                        rec["same_inode"] = first["fd"]
+                    elif statmod.S_ISDIR(st.st_mode):
+                        first_of[key] = rec
+                        rec["dir"] = True
+                    else:
+                        first_of[key] = rec
+                        extents, data = sparse_content(f"{fd_dir}/{name}", st.st_size)
+                        rec.update(size=st.st_size, extents=extents,
+                                   data=write_blob(f"ghost-{fd}", data) if data else None)
+                elif deleted:
+                    rec.update(type="file", ino=st.st_ino, dev=st.st_dev, **_other_link(pid, fd, path, st))
+                else:
+                    rec.update(type="file", path=link, ino=st.st_ino, dev=st.st_dev)
+            else:
+                raise Unsupported(f"{where}: this kind of file is not supported")
             fds.append(rec)
-            continue
-        st = os.stat(f"{fd_dir}/{name}")
-        if link.startswith("/memfd:"):
-            obj = objects_by_inode.get(st.st_ino)
-            if obj is None:
-                raise Unsupported(f"{where}: a memfd that is not mapped is not supported")
-            rec.update(type="memfd", object=obj["id"])
-        elif statmod.S_ISCHR(st.st_mode):
-            dev = (os.major(st.st_rdev), os.minor(st.st_rdev))
-            if dev in (STATELESS_DEVICES):
-                rec.update(type="dev", path=STATELESS_DEVICES[dev])
-            elif os.major(st.st_rdev) in (4, 5, 136) or link.startswith("/dev/pts") or link.startswith("/dev/tty"):
-                raise Unsupported(f"{where}: terminals are not supported")
-            else:
-                raise Unsupported(f"{where}: character device {dev[0]}:{dev[1]} is not supported")
-        elif statmod.S_ISFIFO(st.st_mode):
-            rec.update(type="fifo", path=link, data=write_blob(f"fifo-{fd}", peek_pipe(f"{fd_dir}/{name}")[0])
-                       if flags & abi.O_ACCMODE != abi.O_WRONLY else None)
-        elif statmod.S_ISREG(st.st_mode) or statmod.S_ISDIR(st.st_mode):
-            if link.endswith(" (deleted)") and st.st_nlink == 0:
-                with open(f"{fd_dir}/{name}", "rb") as f:
-                    content = f.read()
-                rec.update(type="ghost", path=link[: -len(" (deleted)")], mode=statmod.S_IMODE(st.st_mode),
-                           data=write_blob(f"ghost-{fd}", content))
-            else:
-                rec.update(type="file", path=link, ino=st.st_ino, dev=st.st_dev)
-        else:
-            raise Unsupported(f"{where}: this kind of file is not supported")
-        fds.append(rec)
+    finally:
+        os.close(pidfd)
 
     _mark_dups(pid, fds)
     for ino, ends in pipes.items():
@@ -141,8 +321,24 @@ def dump_files(pid: int, write_blob: Any, objects: list[dict[str, Any]]) -> list
             raise Unsupported(f"fd {ends[0]['fd']} (pipe:[{ino}]): the pipe is shared with pid {others[0]}")
         reader = next(e for e in ends if e["flags"] & abi.O_ACCMODE == abi.O_RDONLY)
         data, size = peek_pipe(f"{fd_dir}/{reader['fd']}")
+        if data and any(e["flags"] & abi.O_DIRECT for e in ends):
+            # tee() gives the bytes but not where one packet ends and the next begins.
+            raise Unsupported(f"fd {reader['fd']} (pipe:[{ino}]): a packet-mode (O_DIRECT) pipe with data "
+                              "buffered is not supported")
         blob = write_blob(f"pipe-{ino}", data) if data else None
         for e in ends:
             e["pipe_size"] = size
             e["data"] = blob
     return fds
+
+
+def dump_cwd(pid: int) -> dict[str, Any] | None:
+    """A deleted working directory (recreated empty at restore, then removed again), or None."""
+    link = os.readlink(f"/proc/{pid}/cwd")
+    if not link.endswith(_DELETED):
+        return None
+    st = os.stat(f"/proc/{pid}/cwd")
+    if st.st_nlink != 0 and os.path.isdir(link):
+        return None  # a directory whose name really ends in " (deleted)"
+    return {"path": link[: -len(_DELETED)], "mode": statmod.S_IMODE(st.st_mode), "uid": st.st_uid,
+            "gid": st.st_gid}

@@ -24,7 +24,7 @@ from lazarus.kernel.features import cpu_xstate
 from lazarus.lazy.sources import ImagePageSource
 from lazarus.remote import RemoteTask
 from lazarus.restore import core as rcore
-from lazarus.restore.files import FdRestorer, check_files
+from lazarus.restore.files import FdRestorer, check_files, make_dir_like
 from lazarus.restore.memory import (
     SpaceBuilder,
     clear_address_space,
@@ -141,7 +141,7 @@ def validate(img: Image, pid: int, task: dict[str, Any]) -> None:
     if not os.path.exists(exe):
         raise RestoreError(f"executable {exe} is gone", stage="validate", path=exe)
     cwd = task["misc"]["cwd"]
-    if not os.path.isdir(cwd):
+    if not task["misc"].get("cwd_deleted") and not os.path.isdir(cwd):
         raise RestoreError(f"working directory {cwd} is gone", stage="validate", path=cwd)
     check_files(task["files"])
 
@@ -221,6 +221,7 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
         fdr.restore(fds)
         for ofd in space.state.object_fds.values():
             remote.syscall(abi.SYS.close, ofd)
+        fdr.finish(fds)
         rcore.restore_signals(remote, task["signals"])
         if lazy and ranges:
             # The kernel writes the rseq area when it is registered: that page must be in before the
@@ -228,7 +229,7 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
             rseq = task["misc"].get("rseq")
             if rseq:
                 written += space.write_range(mm["vmas"], page_file, rseq["addr"], rseq["addr"] + rseq["size"])
-        rcore.restore_misc(remote, task["misc"])
+        restore_misc_and_cwd(remote, task["misc"])
         if lazy and ranges:
             handover = uffd_in_task(remote, ranges, LAZY_FEATURES)
         rcore.restore_creds(remote, task["misc"]["creds"])
@@ -267,6 +268,22 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
         if isinstance(e, OSError):
             raise RestoreError(f"{e.strerror or e}", stage="restore", pid=pid) from e
         raise
+
+
+def restore_misc_and_cwd(remote: RemoteTask, misc: dict[str, Any]) -> None:
+    """restore_misc, with a deleted working directory made again (empty, its mode and owner), entered, and
+    removed, so that the task's cwd is a deleted directory again."""
+    gone = misc.get("cwd_deleted")
+    if not gone:
+        rcore.restore_misc(remote, misc)
+        return
+    where, made = make_dir_like(gone["path"], gone["mode"], gone["uid"], gone["gid"])
+    try:
+        rcore.restore_misc(remote, {**misc, "cwd": where})
+    finally:
+        for d in made:
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
 
 
 def set_mm(remote: RemoteTask, mm: dict[str, Any]) -> None:
