@@ -39,6 +39,9 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "misc": (),
     "unsupported": ("-pthread",),
     "lazy_events": (),
+    "files2": (),
+    "locks": (),
+    "files_refuse": (),
 }
 CFLAGS = ("-O1", "-g", "-Wall")
 
@@ -308,10 +311,13 @@ CASES: tuple[Case, ...] = (
     Case("sleeper-futex", "sleeper", ("futex",), "usr2", SYS_FUTEX),
     Case("sleeper-pause", "sleeper", ("pause",), "usr2", SYS_PAUSE),
     Case("lazy-events", "lazy_events", ("all",), timeout=90),
+    Case("files2", "files2"),
+    Case("locks", "locks"),
 )
 CASES_BY_ID = {c.id: c for c in CASES}
 
 UNSUPPORTED_MODES = ("tcp", "thread", "child", "pty", "seccomp", "uffd", "plain")
+FILES_REFUSE_MODES = ("owner", "pgrp", "lease", "procother")  # tests/targets/files_refuse.c
 
 
 PYTHONS = ("system", "lazarus")
