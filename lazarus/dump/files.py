@@ -185,13 +185,16 @@ def _locks(info: FdInfo, pid: int, where: str) -> list[list[Any]]:
     """The locks held through this open file, as [kind, "read"|"write", start, end or None]."""
     out: list[list[Any]] = []
     for line in fd_locks(info):
+        words = line.split()
+        if len(words) < 2 or words[1] not in _LOCK_KINDS:
+            # Leases, delegations and whatever comes next: no way to take them back at restore.
+            what = words[1].lower() if len(words) > 1 else "lock"
+            raise Unsupported(f"{where}: holds a {what} ({' '.join(words)}), which is not supported")
         try:
             lk = parse_lock(line)
         except ValueError:
-            raise Unsupported(f"{where}: holds a lock of an unsupported kind ({line.strip()})") from None
-        kind = _LOCK_KINDS.get(lk.kind)
-        if kind is None:
-            raise Unsupported(f"{where}: holds a {lk.kind.lower()} ({line.strip()}), which is not supported")
+            raise Unsupported(f"{where}: holds a lock lazarus cannot read ({' '.join(words)})") from None
+        kind = _LOCK_KINDS[lk.kind]
         if lk.access not in ("READ", "WRITE"):
             raise Unsupported(f"{where}: holds a {lk.access} {kind} lock, which is not supported")
         if kind == "posix" and lk.pid != pid:

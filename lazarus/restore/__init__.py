@@ -24,7 +24,7 @@ from lazarus.kernel.features import cpu_xstate
 from lazarus.lazy.sources import ImagePageSource
 from lazarus.remote import RemoteTask
 from lazarus.restore import core as rcore
-from lazarus.restore.files import FdRestorer, check_files, make_dir_like
+from lazarus.restore.files import FdRestorer, check_files, give_back, make_dir_like, remove_dirs
 from lazarus.restore.memory import (
     SpaceBuilder,
     clear_address_space,
@@ -277,13 +277,16 @@ def restore_misc_and_cwd(remote: RemoteTask, misc: dict[str, Any]) -> None:
     if not gone:
         rcore.restore_misc(remote, misc)
         return
-    where, made = make_dir_like(gone["path"], gone["mode"], gone["uid"], gone["gid"])
+    where, made = make_dir_like(gone["path"])
     try:
         rcore.restore_misc(remote, {**misc, "cwd": where})
-    finally:
+    except BaseException:
         for d in made:
             with contextlib.suppress(OSError):
                 os.rmdir(d)
+        raise
+    remove_dirs(made)
+    give_back(f"/proc/{remote.pid}/cwd", gone)
 
 
 def set_mm(remote: RemoteTask, mm: dict[str, Any]) -> None:

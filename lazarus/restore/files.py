@@ -78,10 +78,10 @@ def check_files(fds: list[dict[str, Any]]) -> None:
                                    f"{f['ino']} open)", stage="validate", path=path)
 
 
-def make_dir_like(path: str, mode: int, uid: int, gid: int) -> tuple[str, list[str]]:
-    """Create an empty directory standing for a deleted one: at its old path when that is free (so the
-    task's links read the same), else in a private directory of ours. Returns it and what to rmdir, in order,
-    once the task holds it."""
+def make_dir_like(path: str) -> tuple[str, list[str]]:
+    """Create an empty directory (mode 0700, ours) standing for a deleted one: at its old path when that is
+    free (so the task's links read the same), else in a private directory of ours. Returns it and what to
+    rmdir, in order, once the task holds it; its owner and mode are given afterwards (give_back)."""
     made: list[str] = []
     where = path
     try:
@@ -91,9 +91,24 @@ def make_dir_like(path: str, mode: int, uid: int, gid: int) -> tuple[str, list[s
         made.append(top)
         where = os.path.join(top, os.path.basename(path.rstrip("/")) or "dir")
         os.mkdir(where, 0o700)
-    os.chown(where, uid, gid)
-    os.chmod(where, mode)
     return where, [where, *made]
+
+
+def remove_dirs(dirs: list[str]) -> None:
+    for d in dirs:
+        try:
+            os.rmdir(d)
+        except OSError as e:
+            raise RestoreError(f"cannot remove {d}, made for the restore: {e.strerror}", stage="files",
+                               path=d) from e
+
+
+def give_back(proc_path: str, rec: dict[str, Any]) -> None:
+    """Owner and mode of a recreated file, set once the task holds it and no name leads to it any more
+    (through the task's /proc link), so that nobody else can open it meanwhile."""
+    if "uid" in rec:
+        os.chown(proc_path, rec["uid"], rec["gid"])
+    os.chmod(proc_path, rec.get("mode", 0o600))
 
 
 class FdRestorer:
@@ -228,11 +243,13 @@ class FdRestorer:
         (every fd that had this inode open), remove it again."""
         first = recs[0]
         if first.get("dir"):
-            where, made = make_dir_like(first["path"], first["mode"], first["uid"], first["gid"])
+            where, made = make_dir_like(first["path"])
             self.dirs.extend(made)
             for rec in recs:
                 self._open_at(rec, where)
-            self._release()
+            remove_dirs(made)
+            self.dirs.clear()
+            give_back(f"/proc/{self.pid}/fd/{first['fd']}", first)
             return
         path = first["path"]
         parent = os.path.dirname(path) or "/"
@@ -247,15 +264,13 @@ class FdRestorer:
         self.ghosts.append(path)
         try:
             self._fill(fd, first)
-            if "uid" in first:
-                os.fchown(fd, first["uid"], first["gid"])
-            os.fchmod(fd, first.get("mode", 0o600))
         finally:
             os.close(fd)
         for rec in recs:
             self._open_at(rec, path)
         os.unlink(path)
         self.ghosts.remove(path)
+        give_back(f"/proc/{self.pid}/fd/{first['fd']}", first)
 
     def _fill(self, fd: int, rec: dict[str, Any]) -> None:
         data = self.image.blob(rec["data"]) if rec.get("data") else b""
@@ -295,10 +310,11 @@ class FdRestorer:
             while off < len(data):
                 off += os.write(keep, data[off:])
             if first.get("deleted"):
-                os.chown(path, first["uid"], first["gid"])
-                os.chmod(path, first["mode"])
                 os.unlink(path)
                 self.ghosts.remove(path)
+                remove_dirs(self.dirs)
+                self.dirs.clear()
+                give_back(f"/proc/{self.pid}/fd/{first['fd']}", first)
         finally:
             os.close(keep)
         self._release()
