@@ -110,3 +110,45 @@ def test_dump_refuses_fd_state(harness: H.Harness, mode: str) -> None:
     assert not H.diff_snapshots(before, H.snapshot(target.pid))
     H.expect_pass(harness.run_case(case, target), target, res)
     assert target.wait_exit(10) == 0
+
+
+def _edit_task(image: Path, change: Any) -> None:
+    """Change the task file and re-seal the inventory, so that only the change itself is wrong."""
+    from lazarus.images.format import hex64, inventory_bytes, inventory_self_check, json_bytes, xxh3
+
+    (task_path,) = image.glob("task-*.json")
+    task = json.loads(task_path.read_text())
+    change(task)
+    data = json_bytes(task)
+    task_path.write_bytes(data)
+    inv_path = image / "inventory.json"
+    inv = json.loads(inv_path.read_text())
+    inv["files"][task_path.name].update(size=len(data), xxh3=hex64(xxh3(data)))
+    inv["self_check"] = inventory_self_check(inv)
+    inv_path.write_bytes(inventory_bytes(inv))
+
+
+@pytest.mark.parametrize(("fd", "key", "value"), [
+    (20, "owner", [7, 1]),
+    (20, "sig", "SIGIO"),
+    (50, "extents", [[0, -4096]]),
+    (41, "same_inode", 999),
+    (42, "handle", {"type": 1, "bytes": "zz", "mount": "/"}),
+    (12, "locks", [["lease", "read", 0, None]]),
+    (None, "cwd_deleted", {"path": 3}),
+])
+def test_restore_refuses_damaged_fd_fields(harness: H.Harness, fd: int | None, key: str, value: Any) -> None:
+    """Optional fd fields of the wrong shape: one line naming the field, before any process exists."""
+    target, image = _dump_files2(harness)
+
+    def damage(task: dict[str, Any]) -> None:
+        if fd is None:
+            task["misc"][key] = value
+        else:
+            _fd(task, fd)[key] = value
+
+    _edit_task(image, damage)
+    r = harness.restore(image, like=target)
+    assert isinstance(r.proc, subprocess.CompletedProcess)
+    H.assert_clean_error(r.proc, re.escape(key))
+    assert r.proc.returncode == 1 and not H.is_alive(target.pid)

@@ -24,7 +24,14 @@ from lazarus.kernel.features import cpu_xstate
 from lazarus.lazy.sources import ImagePageSource
 from lazarus.remote import RemoteTask
 from lazarus.restore import core as rcore
-from lazarus.restore.files import FdRestorer, check_files, give_back, make_dir_like, remove_dirs
+from lazarus.restore.files import (
+    FdRestorer,
+    check_fd_fields,
+    check_files,
+    give_back,
+    make_dir_like,
+    remove_dirs,
+)
 from lazarus.restore.memory import (
     SpaceBuilder,
     clear_address_space,
@@ -60,6 +67,7 @@ def check_task_fields(pid: int, task: dict[str, Any]) -> None:
         check_schema(o, OBJECT_SCHEMA, name, f"mm.objects[{i}].")
     for i, f in enumerate(task["files"]):
         check_schema(f, FD_SCHEMA, name, f"files[{i}].")
+    check_fd_fields(name, task["files"], task["misc"])
 
 
 def open_image(directory: Path, *, verify_pages: bool) -> Image:

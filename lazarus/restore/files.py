@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from typing import Any
 
-from lazarus.errors import KernelError, RestoreError
+from lazarus.errors import ImageError, KernelError, RestoreError
 from lazarus.kernel import abi
 from lazarus.kernel.handles import open_by_handle
 from lazarus.kernel.procfs import read_fdinfo
@@ -382,3 +382,62 @@ class FdRestorer:
             shutil.rmtree(d, ignore_errors=True)
         self.dirs.clear()
         self._release()
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _fd_field_problem(f: dict[str, Any], fds_by_num: dict[int, dict[str, Any]]) -> str | None:
+    """What is wrong with the optional fields of one fd record (None if nothing): checked before anything is
+    created, so that a damaged image is refused in one line rather than failing half-way."""
+    owner = f.get("owner")
+    if owner is not None and not (isinstance(owner, list) and len(owner) == 2 and all(map(_is_int, owner))
+                                  and owner[0] in (abi.F_OWNER_TID, abi.F_OWNER_PID, abi.F_OWNER_PGRP)):
+        return "owner"
+    if "sig" in f and not (_is_int(f["sig"]) and 0 <= f["sig"] <= 64):
+        return "sig"
+    for lk in f.get("locks", []) if isinstance(f.get("locks", []), list) else [None]:
+        if not (isinstance(lk, list) and len(lk) == 4 and lk[0] in ("flock", "posix", "ofd")
+                and lk[1] in _LOCK_TYPES and _is_int(lk[2]) and lk[2] >= 0
+                and (lk[3] is None or (_is_int(lk[3]) and lk[3] >= lk[2]))):
+            return "locks"
+    for key in ("ino", "dev", "mode", "uid", "gid", "size", "same_inode"):
+        if key in f and not (_is_int(f[key]) and f[key] >= 0):
+            return key
+    if "same_inode" in f:
+        first = fds_by_num.get(f["same_inode"])
+        if first is None or first is f or first["type"] != f["type"] or f["type"] not in ("ghost", "fifo"):
+            return "same_inode"
+    for key in ("proc_self", "dir", "deleted"):
+        if key in f and not isinstance(f[key], bool):
+            return key
+    if f["type"] in ("file", "dev", "ghost", "fifo") and not isinstance(f.get("path"), str):
+        return "path"
+    ext = f.get("extents")
+    if ext is not None and not (isinstance(ext, list) and all(
+            isinstance(e, list) and len(e) == 2 and _is_int(e[0]) and _is_int(e[1]) and e[0] >= 0 and e[1] > 0
+            for e in ext)):
+        return "extents"
+    h = f.get("handle")
+    if h is not None:
+        try:
+            ok = _is_int(h["type"]) and isinstance(h["mount"], str) and bool(bytes.fromhex(h["bytes"]))
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok or "ino" not in f or "dev" not in f:
+            return "handle"
+    return None
+
+
+def check_fd_fields(fname: str, fds: list[dict[str, Any]], misc: dict[str, Any]) -> None:
+    """ImageError naming the field for optional fd (and deleted-cwd) fields of the wrong shape."""
+    by_num = {f["fd"]: f for f in fds}
+    for i, f in enumerate(fds):
+        bad = _fd_field_problem(f, by_num)
+        if bad is not None:
+            raise ImageError(f"{fname}: field 'files[{i}].{bad}' is not valid")
+    gone = misc.get("cwd_deleted")
+    if gone is not None and not (isinstance(gone, dict) and isinstance(gone.get("path"), str)
+                                 and all(_is_int(gone.get(k)) for k in ("mode", "uid", "gid"))):
+        raise ImageError(f"{fname}: field 'misc.cwd_deleted' is not valid")
