@@ -203,15 +203,17 @@ def _locks(info: FdInfo, pid: int, where: str) -> list[list[Any]]:
     return out
 
 
+def _on_procfs(st: os.stat_result) -> bool:
+    try:
+        return os.stat("/proc").st_dev == st.st_dev
+    except OSError:
+        return False
+
+
 def _proc_owner(link: str, st: os.stat_result) -> int | None:
     """The pid whose /proc directory `link` is in, or None if it is not a per-process /proc file."""
     m = _PROC_PID.match(link)
-    if m is None:
-        return None
-    try:
-        if os.stat("/proc").st_dev != st.st_dev:
-            return None
-    except OSError:
+    if m is None or not _on_procfs(st):
         return None
     return int(m.group(1))
 
@@ -281,8 +283,9 @@ def dump_files(pid: int, write_blob: Any, objects: list[dict[str, Any]]) -> list
                         rec.update(deleted=True, mode=statmod.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid)
                     elif deleted:
                         rec.update(_other_link(pid, fd, path, st))
-                    data = peek_pipe(f"{fd_dir}/{name}")[0]
+                    data, size = peek_pipe(f"{fd_dir}/{name}")
                     rec["data"] = write_blob(f"fifo-{fd}", data) if data else None
+                    rec["pipe_size"] = size
             elif statmod.S_ISREG(st.st_mode) or statmod.S_ISDIR(st.st_mode):
                 proc_pid = _proc_owner(link, st)
                 if proc_pid is not None and proc_pid != pid:
@@ -306,6 +309,9 @@ def dump_files(pid: int, write_blob: Any, objects: list[dict[str, Any]]) -> list
                                    data=write_blob(f"ghost-{fd}", data) if data else None)
                 elif deleted:
                     rec.update(type="file", ino=st.st_ino, dev=st.st_dev, **_other_link(pid, fd, path, st))
+                elif _on_procfs(st):
+                    # /proc inodes are made on lookup (/proc/sys...): their numbers say nothing of identity.
+                    rec.update(type="file", path=link)
                 else:
                     rec.update(type="file", path=link, ino=st.st_ino, dev=st.st_dev)
             else:

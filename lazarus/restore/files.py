@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import secrets
 import shutil
@@ -78,6 +79,27 @@ def check_files(fds: list[dict[str, Any]]) -> None:
                                    f"{f['ino']} open)", stage="validate", path=path)
 
 
+def _create_exclusive(path: str) -> tuple[str, int]:
+    """A new, empty file (0600, O_EXCL) standing for an unlinked one: at its old path when free (so the task's
+    link reads the same), else under another name beside it, else in the temporary directory (read-only or
+    vanished directory). Returns its path and an O_WRONLY fd."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    parent = os.path.dirname(path) or "/"
+    for where in (path, os.path.join(parent, f".lazarus-ghost-{secrets.token_hex(6)}")):
+        try:
+            return where, os.open(where, flags, 0o600)
+        except FileExistsError:
+            continue
+        except OSError:
+            break
+    where = os.path.join(tempfile.gettempdir(), f".lazarus-ghost-{secrets.token_hex(6)}")
+    try:
+        return where, os.open(where, flags, 0o600)
+    except OSError as e:
+        raise RestoreError(f"cannot recreate the unlinked file {path}: {e.strerror}", stage="files",
+                           path=path) from e
+
+
 def make_dir_like(path: str) -> tuple[str, list[str]]:
     """Create an empty directory (mode 0700, ours) standing for a deleted one: at its old path when that is
     free (so the task's links read the same), else in a private directory of ours. Returns it and what to
@@ -138,9 +160,15 @@ class FdRestorer:
 
     def _open_at(self, rec: dict[str, Any], path: str) -> None:
         tmp = self._open(path, rec["flags"])
-        if rec["pos"]:
-            self.task.syscall(abi.SYS.lseek, tmp, rec["pos"], 0)
+        self._seek(tmp, rec)
         self._place(tmp, rec)
+
+    def _seek(self, tmp: int, rec: dict[str, Any]) -> None:
+        if rec["pos"]:
+            got = self.task.syscall(abi.SYS.lseek, tmp, rec["pos"], abi.SEEK_SET)
+            if got != rec["pos"]:
+                raise RestoreError(f"fd {rec['fd']}: offset {got} after restore, the process had {rec['pos']}",
+                                   stage="files", pid=self.pid)
 
     def _path_of(self, rec: dict[str, Any]) -> str:
         """Where the task opens an existing file: its path, or our handle-opened fd of it through /proc."""
@@ -251,16 +279,7 @@ class FdRestorer:
             self.dirs.clear()
             give_back(f"/proc/{self.pid}/fd/{first['fd']}", first)
             return
-        path = first["path"]
-        parent = os.path.dirname(path) or "/"
-        if not os.path.isdir(parent):
-            parent = tempfile.gettempdir()
-            path = os.path.join(parent, os.path.basename(path))
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
-            path = os.path.join(parent, f".lazarus-ghost-{secrets.token_hex(6)}")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        path, fd = _create_exclusive(first["path"])
         self.ghosts.append(path)
         try:
             self._fill(fd, first)
@@ -303,6 +322,9 @@ class FdRestorer:
         # Holding the FIFO open read-write here means the task's open never blocks for a peer.
         keep = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
+            if first.get("pipe_size"):
+                with contextlib.suppress(OSError):
+                    fcntl.fcntl(keep, abi.F_SETPIPE_SZ, first["pipe_size"])
             for rec in recs:
                 self._open_at(rec, path)
             data = self.image.blob(first["data"]) if first.get("data") else b""
@@ -402,7 +424,7 @@ def _fd_field_problem(f: dict[str, Any], fds_by_num: dict[int, dict[str, Any]]) 
                 and lk[1] in _LOCK_TYPES and _is_int(lk[2]) and lk[2] >= 0
                 and (lk[3] is None or (_is_int(lk[3]) and lk[3] >= lk[2]))):
             return "locks"
-    for key in ("ino", "dev", "mode", "uid", "gid", "size", "same_inode"):
+    for key in ("ino", "dev", "mode", "uid", "gid", "size", "same_inode", "pipe_size"):
         if key in f and not (_is_int(f[key]) and f[key] >= 0):
             return key
     if "same_inode" in f:

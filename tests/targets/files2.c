@@ -15,7 +15,8 @@
  *     same directory: reopened through that link (same inode as the link's path)
  *   - a 64 MiB unlinked file with three 4 KiB data extents: size, content and holes (st_blocks)
  *   - /proc/self/maps open at offset 100: still this process's maps, at offset 100
- *   - a deleted FIFO opened twice (O_RDWR and O_RDONLY|O_NONBLOCK) with 1000 bytes buffered
+ *   - a deleted FIFO opened twice (O_RDWR and O_RDONLY|O_NONBLOCK) with 1000 bytes buffered and a
+ *     capacity of 128 KiB
  *   - a deleted working directory (mode 0751) and an fd of another deleted directory (mode 0705)
  *
  * Usage: files2 LOGFILE
@@ -45,6 +46,7 @@
 
 #define SPARSE_SIZE (64UL << 20)
 #define FIFO_BYTES 1000
+#define FIFO_SZ (128 * 1024)
 #define MAPS_POS 100
 
 static const int flag_fds[] = { FD_APPEND, FD_SYNC, FD_DIRECT, FD_NULL, FD_PGRP, FD_PIPE_R, FD_PIPE_W,
@@ -54,7 +56,7 @@ static const int flag_fds[] = { FD_APPEND, FD_SYNC, FD_DIRECT, FD_NULL, FD_PGRP,
 static int saved_fl[NFLAG], saved_fd[NFLAG];
 
 static const char POINTS[] =
-	"flags pipe_desc nonblock_w owner sig pgrp_owner fifo fifo_inode hardlink otherdir samedir sparse "
+	"flags pipe_desc nonblock_w owner sig pgrp_owner fifo fifo_inode fifo_size hardlink otherdir samedir sparse "
 	"sparse_blocks procself cwd dirfd";
 
 static const unsigned long sparse_at[] = { 0, 32UL << 20, SPARSE_SIZE - 4096 };
@@ -139,6 +141,8 @@ static void setup(void)
 		laz_die("mkfifo");
 	place(open(path, O_RDWR), FD_FIFO);
 	place(open(path, O_RDONLY | O_NONBLOCK), FD_FIFO2);
+	if (fcntl(FD_FIFO, F_SETPIPE_SZ, FIFO_SZ) != FIFO_SZ)
+		laz_die("F_SETPIPE_SZ");
 	laz_fill_offset(buf, sizeof(buf), 0, 0xf1f0);
 	if (write(FD_FIFO, buf, sizeof(buf)) != (ssize_t)sizeof(buf) || unlink(path))
 		laz_die("fifo");
@@ -241,6 +245,8 @@ static void corrupt(void)
 		place(open(path, O_RDONLY | O_NONBLOCK), FD_FIFO2);
 		unlink(path);
 	}
+	if (laz_corrupt("fifo_size"))
+		fcntl(FD_FIFO, F_SETPIPE_SZ, 65536);
 	if (laz_corrupt("hardlink"))
 		replace_with_copy(FD_HARD2, "hard-copy");
 	if (laz_corrupt("otherdir"))
@@ -386,6 +392,8 @@ static void check_files(void)
 	LAZ_CHECK((a.st_mode & 07777) == 0640, "FIFO: mode %o", a.st_mode & 07777);
 	LAZ_CHECK(ioctl(FD_FIFO2, FIONREAD, &avail) == 0 && avail == FIFO_BYTES, "FIFO: %d bytes buffered, expected %d",
 		  avail, FIFO_BYTES);
+	avail = fcntl(FD_FIFO2, F_GETPIPE_SZ);
+	LAZ_CHECK(avail == FIFO_SZ, "FIFO: capacity %d, expected %d", avail, FIFO_SZ);
 	n = read(FD_FIFO2, buf, sizeof(buf));
 	LAZ_CHECK(n == FIFO_BYTES && laz_find_mismatch_offset(buf, FIFO_BYTES, 0, 0xf1f0) < 0, "FIFO: data differs");
 
