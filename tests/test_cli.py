@@ -108,3 +108,4 @@ def test_dump_into_an_existing_empty_directory(harness: H.Harness) -> None:
     r = harness.restore(empty, like=target)
     assert r.returncode == 0 and r.target is not None, r.stderr
     H.expect_pass(harness.run_case(case, r.target), r.target, r)
+    assert r.target.wait_exit(15) == 0, r.target.describe()

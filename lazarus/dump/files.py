@@ -32,6 +32,7 @@ _DELETED = " (deleted)"
 _LOCK_KINDS = {"FLOCK": "flock", "POSIX": "posix", "OFDLCK": "ofd"}
 # A directory with more entries than this is not searched for another link of an unlinked open file.
 _LINK_SCAN_LIMIT = 100_000
+_SPLICE_F_NONBLOCK = 2  # include/linux/splice.h
 
 
 def _others_holding(ino: int, pid: int) -> list[int]:
@@ -52,14 +53,23 @@ def _others_holding(ino: int, pid: int) -> list[int]:
 
 def peek_pipe(path: str) -> tuple[bytes, int]:
     """The bytes buffered in the pipe/FIFO behind `path`, read without consuming them (tee), and the pipe's
-    capacity."""
-    src = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    capacity. Opens a reader of its own: prefer peek_pipe_fd on a readable fd the process already has."""
+    src = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        return peek_pipe_fd(src)
+    finally:
+        os.close(src)
+
+
+def peek_pipe_fd(src: int) -> tuple[bytes, int]:
+    """Like peek_pipe, from a readable pipe fd (a copy of the process's own: tee moves no data and, unlike a
+    new reader's open and close, wakes nobody and sends no SIGIO)."""
     r, w = os.pipe()
     try:
         size = fcntl.fcntl(src, abi.F_GETPIPE_SZ)
         with contextlib.suppress(OSError):
             fcntl.fcntl(w, abi.F_SETPIPE_SZ, size)
-        n = tee(src, w, size)
+        n = tee(src, w, size, _SPLICE_F_NONBLOCK)
         os.close(w)
         w = -1
         data = bytearray()
@@ -70,10 +80,22 @@ def peek_pipe(path: str) -> tuple[bytes, int]:
             data += chunk
         return bytes(data), size
     finally:
-        os.close(src)
         os.close(r)
         if w >= 0:
             os.close(w)
+
+
+def _peek_group(pidfd: int, pid: int, recs: list[dict[str, Any]]) -> tuple[bytes, int]:
+    """Buffered bytes and capacity of the pipe/FIFO that `recs` (fds of the process) refer to, through a copy
+    of one of its readable fds, or a reader of our own if it holds none."""
+    reader = next((r for r in recs if r["flags"] & abi.O_ACCMODE != abi.O_WRONLY), None)
+    if reader is None:
+        return peek_pipe(f"/proc/{pid}/fd/{recs[0]['fd']}")
+    dup = pidfd_getfd(pidfd, reader["fd"], pid=pid)
+    try:
+        return peek_pipe_fd(dup)
+    finally:
+        os.close(dup)
 
 
 def _mark_dups(pid: int, fds: list[dict[str, Any]]) -> None:
@@ -226,6 +248,7 @@ def dump_files(pid: int, write_blob: Any, objects: list[dict[str, Any]]) -> list
     # (st_dev, st_ino) -> the first fd of an inode recreated at restore (unlinked file, FIFO): the others
     # are opened on that same new inode.
     first_of: dict[tuple[int, int], dict[str, Any]] = {}
+    fifos: dict[tuple[int, int], list[dict[str, Any]]] = {}
     fd_dir = f"/proc/{pid}/fd"
     pgid = read_stat(pid).pgrp
     pidfd = pidfd_open(pid)
@@ -283,9 +306,7 @@ def dump_files(pid: int, write_blob: Any, objects: list[dict[str, Any]]) -> list
                         rec.update(deleted=True, mode=statmod.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid)
                     elif deleted:
                         rec.update(_other_link(pid, fd, path, st))
-                    data, size = peek_pipe(f"{fd_dir}/{name}")
-                    rec["data"] = write_blob(f"fifo-{fd}", data) if data else None
-                    rec["pipe_size"] = size
+                fifos.setdefault(key, []).append(rec)
             elif statmod.S_ISREG(st.st_mode) or statmod.S_ISDIR(st.st_mode):
                 proc_pid = _proc_owner(link, st)
                 if proc_pid is not None and proc_pid != pid:
@@ -317,6 +338,10 @@ def dump_files(pid: int, write_blob: Any, objects: list[dict[str, Any]]) -> list
             else:
                 raise Unsupported(f"{where}: this kind of file is not supported")
             fds.append(rec)
+        for recs in fifos.values():
+            data, size = _peek_group(pidfd, pid, recs)
+            recs[0]["data"] = write_blob(f"fifo-{recs[0]['fd']}", data) if data else None
+            recs[0]["pipe_size"] = size
     finally:
         os.close(pidfd)
 
@@ -329,7 +354,7 @@ def dump_files(pid: int, write_blob: Any, objects: list[dict[str, Any]]) -> list
         if others:
             raise Unsupported(f"fd {ends[0]['fd']} (pipe:[{ino}]): the pipe is shared with pid {others[0]}")
         reader = next(e for e in ends if e["flags"] & abi.O_ACCMODE == abi.O_RDONLY)
-        data, size = peek_pipe(f"{fd_dir}/{reader['fd']}")
+        data, size = peek_pipe(f"{fd_dir}/{reader['fd']}")  # a reader is open: our open/close wakes nobody
         if data and any(e["flags"] & abi.O_DIRECT for e in ends):
             # tee() gives the bytes but not where one packet ends and the next begins.
             raise Unsupported(f"fd {reader['fd']} (pipe:[{ino}]): a packet-mode (O_DIRECT) pipe with data "
