@@ -152,3 +152,27 @@ def test_restore_refuses_damaged_fd_fields(harness: H.Harness, fd: int | None, k
     assert isinstance(r.proc, subprocess.CompletedProcess)
     H.assert_clean_error(r.proc, re.escape(key))
     assert r.proc.returncode == 1 and not H.is_alive(target.pid)
+
+
+def test_restore_refuses_a_lock_taken_meanwhile(harness: H.Harness) -> None:
+    """A lock the process held, now held by someone else: the restore is refused naming it (it never waits),
+    and works once the lock is free again."""
+    import fcntl
+
+    case = H.CASES_BY_ID["locks"]
+    target = harness.start_case(case)
+    image = harness.image_dir()
+    res = harness.dump(target, image)
+    assert res.returncode == 0, res.stderr
+    rec = _fd(_task(image), 10)
+    assert rec["locks"] == [["flock", "write", 0, None]]
+    with open(rec["path"], "rb") as f:
+        fcntl.flock(f, fcntl.LOCK_SH)
+        r = harness.restore(image, like=target)
+        assert isinstance(r.proc, subprocess.CompletedProcess)
+        H.assert_clean_error(r.proc, "fd 10", "flock", "held by another process")
+    assert not H.is_alive(target.pid)
+    r = harness.restore(image, like=target)
+    assert r.returncode == 0 and r.target is not None, r.stderr
+    H.expect_pass(harness.run_case(case, r.target), r.target, r)
+    assert r.target.wait_exit(15) == 0, r.target.describe()

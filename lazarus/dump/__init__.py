@@ -149,7 +149,8 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False) -> DumpResul
                 vma_recs, objects = mem.dump(vmas)
             finally:
                 mem.close()
-            files = dump_files(pid, writer.write_blob, objects)
+            syscall_ip = sys_ip
+            files = dump_files(pid, writer.write_blob, objects, lambda: RemoteTask(pid, syscall_ip))
             cwd_deleted = dump_cwd(pid)
             if cwd_deleted is not None:
                 misc["cwd_deleted"] = cwd_deleted

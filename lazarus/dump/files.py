@@ -14,6 +14,7 @@ import os
 import re
 import stat as statmod
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from lazarus.errors import KernelError, Unsupported
@@ -22,6 +23,7 @@ from lazarus.kernel.handles import name_to_handle
 from lazarus.kernel.pidfd import pidfd_getfd, pidfd_open
 from lazarus.kernel.procfs import FdInfo, fd_locks, parse_lock, read_fdinfo, read_mount_points, read_stat
 from lazarus.kernel.syscall import same_file_description, tee
+from lazarus.remote import RemoteTask
 
 # (major, minor) of character devices whose open file carries no state worth saving.
 STATELESS_DEVICES = {(1, 3): "/dev/null", (1, 5): "/dev/zero", (1, 7): "/dev/full",
@@ -173,21 +175,60 @@ def _other_link(pid: int, fd: int, path: str, st: os.stat_result) -> dict[str, A
     return {"path": path, "handle": {"type": htype, "bytes": handle.hex(), "mount": mount}}
 
 
-def _owner(pidfd: int, pid: int, fd: int, pgid: int, where: str) -> dict[str, Any]:
-    """The fd's signal owner and signal (F_GETOWN_EX, F_GETSIG) as record fields; refuses an owner that the
-    restore cannot give back: another process, or a process group other than the task's own one."""
+class _Injector:
+    """A RemoteTask made on first use (only socket fds need one) and closed at the end."""
+
+    def __init__(self, make: Callable[[], RemoteTask] | None) -> None:
+        self._make = make
+        self.task: RemoteTask | None = None
+
+    def get(self) -> RemoteTask | None:
+        if self.task is None and self._make is not None:
+            self.task = self._make()
+            self.task.alloc_scratch()
+        return self.task
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.task.close()
+            self.task = None
+
+
+def _read_owner(pidfd: int, pid: int, fd: int, link: str, inject: _Injector) -> tuple[int, int, int] | None:
+    """(F_GETOWN_EX type, pid, F_GETSIG) of an fd, or None for an fd that can have no owner (O_PATH).
+
+    Through a copy taken with pidfd_getfd, except for sockets: installing a socket in another process updates
+    its cgroup class and priority ids (the kernel's __receive_sock), so a socket's are read by fcntl calls
+    injected into the process itself."""
+    if link.startswith("socket:"):
+        t = inject.get()
+        if t is not None:
+            ret = t.raw(abi.SYS.fcntl, fd, abi.F_GETOWN_EX, t.scratch)
+            if ret < 0:
+                return None
+            typ, owner = struct.unpack("ii", t.read(t.scratch, 8))
+            return typ, owner, t.syscall(abi.SYS.fcntl, fd, abi.F_GETSIG)
+    dup = pidfd_getfd(pidfd, fd, pid=pid)
     try:
-        dup = pidfd_getfd(pidfd, fd, pid=pid)
-    except KernelError as e:
-        raise Unsupported(f"{where}: cannot read its signal owner: {e.strerror}") from e
-    try:
-        try:
-            typ, owner = struct.unpack("ii", fcntl.fcntl(dup, abi.F_GETOWN_EX, bytes(8)))
-            sig = fcntl.fcntl(dup, abi.F_GETSIG)
-        except OSError:  # O_PATH fds answer only F_GETFL/F_GETFD: they can have no owner
-            return {}
+        typ, owner = struct.unpack("ii", fcntl.fcntl(dup, abi.F_GETOWN_EX, bytes(8)))
+        return typ, owner, fcntl.fcntl(dup, abi.F_GETSIG)
+    except OSError:  # O_PATH fds answer only F_GETFL/F_GETFD: they can have no owner
+        return None
     finally:
         os.close(dup)
+
+
+def _owner(pidfd: int, pid: int, fd: int, pgid: int, link: str, inject: _Injector) -> dict[str, Any]:
+    """The fd's signal owner and signal (F_GETOWN_EX, F_GETSIG) as record fields; refuses an owner that the
+    restore cannot give back: another process, or a process group other than the task's own one."""
+    where = f"fd {fd} ({link})"
+    try:
+        got = _read_owner(pidfd, pid, fd, link, inject)
+    except KernelError as e:
+        raise Unsupported(f"{where}: cannot read its signal owner: {e.strerror}") from e
+    if got is None:
+        return {}
+    typ, owner, sig = got
     out: dict[str, Any] = {}
     if sig:
         out["sig"] = sig
@@ -240,8 +281,10 @@ def _proc_owner(link: str, st: os.stat_result) -> int | None:
     return int(m.group(1))
 
 
-def dump_files(pid: int, write_blob: Any, objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Describe every fd of `pid`; raises Unsupported (naming the fd) for anything not capturable."""
+def dump_files(pid: int, write_blob: Any, objects: list[dict[str, Any]],
+               inject: Callable[[], RemoteTask] | None = None) -> list[dict[str, Any]]:
+    """Describe every fd of `pid`; raises Unsupported (naming the fd) for anything not capturable.
+    `inject` makes a RemoteTask on the (frozen) process, for what must be asked from inside it."""
     fds: list[dict[str, Any]] = []
     pipes: dict[int, list[dict[str, Any]]] = {}
     objects_by_inode = {o["inode"]: o for o in objects}
@@ -252,6 +295,7 @@ def dump_files(pid: int, write_blob: Any, objects: list[dict[str, Any]]) -> list
     fd_dir = f"/proc/{pid}/fd"
     pgid = read_stat(pid).pgrp
     pidfd = pidfd_open(pid)
+    injector = _Injector(inject)
     try:
         for name in sorted(os.listdir(fd_dir), key=int):
             fd = int(name)
@@ -261,7 +305,7 @@ def dump_files(pid: int, write_blob: Any, objects: list[dict[str, Any]]) -> list
             rec: dict[str, Any] = {"fd": fd, "flags": flags & ~abi.O_CLOEXEC,
                                    "cloexec": bool(flags & abi.O_CLOEXEC), "pos": info.pos}
             where = f"fd {fd} ({link})"
-            rec.update(_owner(pidfd, pid, fd, pgid, where))
+            rec.update(_owner(pidfd, pid, fd, pgid, link, injector))
             locks = _locks(info, pid, where)
             if locks:
                 rec["locks"] = locks
@@ -344,6 +388,7 @@ def dump_files(pid: int, write_blob: Any, objects: list[dict[str, Any]]) -> list
             recs[0]["pipe_size"] = size
     finally:
         os.close(pidfd)
+        injector.close()
 
     _mark_dups(pid, fds)
     for ino, ends in pipes.items():
