@@ -255,14 +255,17 @@ class FdRestorer:
             raise RestoreError(f"{what}: {os.strerror(-ret)}", stage="files", pid=self.pid)
 
     def verify(self, fds: list[dict[str, Any]]) -> None:
-        """Read every fd's flags back from fdinfo: status flags the kernel would not set as saved (O_SYNC on a
-        pipe end, ...) refuse the restore rather than come back different."""
+        """Read every fd's flags and offset back from fdinfo: status flags the kernel would not set as saved
+        (O_SYNC on a pipe end, ...) refuse the restore rather than come back different."""
         for rec in fds:
             fd = rec["fd"]
             want = rec["flags"] | (abi.O_CLOEXEC if rec["cloexec"] else 0)
-            have = read_fdinfo(self.pid, fd).flags
-            if have != want:
-                raise RestoreError(f"fd {fd}: flags {have:#o} after restore, the process had {want:#o}",
+            info = read_fdinfo(self.pid, fd)
+            if info.flags != want:
+                raise RestoreError(f"fd {fd}: flags {info.flags:#o} after restore, the process had {want:#o}",
+                                   stage="files", pid=self.pid)
+            if info.pos != rec["pos"]:  # e.g. two open file descriptions restored as one
+                raise RestoreError(f"fd {fd}: offset {info.pos} after restore, the process had {rec['pos']}",
                                    stage="files", pid=self.pid)
 
     # -- recreated files -------------------------------------------------------------------------------------------
