@@ -442,7 +442,7 @@ def _fd_field_problem(f: dict[str, Any], fds_by_num: dict[int, dict[str, Any]]) 
     ext = f.get("extents")
     if ext is not None and not (isinstance(ext, list) and all(
             isinstance(e, list) and len(e) == 2 and _is_int(e[0]) and _is_int(e[1]) and e[0] >= 0 and e[1] > 0
-            for e in ext)):
+            for e in ext) and all(e[0] + e[1] <= f.get("size", e[0] + e[1]) for e in ext)):
         return "extents"
     h = f.get("handle")
     if h is not None:
