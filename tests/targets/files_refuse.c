@@ -1,5 +1,6 @@
 /*
- * files_refuse.c - fd state a dump must refuse, naming the fd: one mode per run, given as argv[2]:
+ * files_refuse.c - exercises fd state a dump must refuse, naming the fd: one mode per run, given as
+ * argv[2]:
  *
  *   owner      /dev/null whose signals (F_SETOWN) go to another process (our parent)
  *   pgrp       /dev/null whose signals go to another process group (our parent's)
