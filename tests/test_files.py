@@ -176,3 +176,28 @@ def test_restore_refuses_a_lock_taken_meanwhile(harness: H.Harness) -> None:
     assert r.returncode == 0 and r.target is not None, r.stderr
     H.expect_pass(harness.run_case(case, r.target), r.target, r)
     assert r.target.wait_exit(15) == 0, r.target.describe()
+
+
+@pytest.mark.parametrize("consume", [0, 1])
+def test_fifo_kept_open_by_another_process(harness: H.Harness, consume: int) -> None:
+    """fds.c's FIFO holds 3000 bytes; we hold it open across the dump, so its buffer outlives the original.
+    The restore must not write those bytes a second time; if some were read meanwhile, it refuses."""
+    case = H.CASES_BY_ID["fds"]
+    target = harness.start_case(case)
+    fifo = os.open(f"{target.log}.d/fifo", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        image = harness.image_dir()
+        res = harness.dump(target, image)
+        assert res.returncode == 0, res.stderr
+        assert _fd(_task(image), 40)["path"] == f"{target.log}.d/fifo"
+        assert len(os.read(fifo, consume)) == consume
+        r = harness.restore(image, like=target)
+        if consume:
+            assert isinstance(r.proc, subprocess.CompletedProcess)
+            H.assert_clean_error(r.proc, "fd 40", "2999 bytes now")
+            return
+        assert r.returncode == 0 and r.target is not None, r.stderr
+        H.expect_pass(harness.run_case(case, r.target), r.target, r)
+        assert r.target.wait_exit(15) == 0, r.target.describe()
+    finally:
+        os.close(fifo)

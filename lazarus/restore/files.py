@@ -15,7 +15,9 @@ import fcntl
 import os
 import secrets
 import shutil
+import struct
 import tempfile
+import termios
 from typing import Any
 
 from lazarus.errors import ImageError, KernelError, RestoreError
@@ -331,6 +333,14 @@ class FdRestorer:
             for rec in recs:
                 self._open_at(rec, path)
             data = self.image.blob(first["data"]) if first.get("data") else b""
+            queued = struct.unpack("i", fcntl.ioctl(keep, termios.FIONREAD, bytes(4)))[0]
+            if queued:
+                # Another process kept this FIFO open since the dump: its buffer, the process's too, is still
+                # there. Writing the saved bytes again would double them; other bytes mean it changed.
+                if queued != len(data):
+                    raise RestoreError(f"fd {first['fd']}: the FIFO {first['path']} holds {queued} bytes now, "
+                                       f"the process had {len(data)} buffered", stage="files", pid=self.pid)
+                data = b""
             off = 0
             while off < len(data):
                 off += os.write(keep, data[off:])
