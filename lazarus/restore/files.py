@@ -384,7 +384,8 @@ class FdRestorer:
         used: set[int] = set()
         for acc in (abi.O_RDONLY, abi.O_WRONLY):
             mine = [e for e in ends if e["flags"] & abi.O_ACCMODE == acc]
-            primary = next((e for e in mine if not e["flags"] & abi.O_LARGEFILE), mine[0] if mine else None)
+            # Only a description without O_LARGEFILE can be the pipe2() end; the others are reopened below.
+            primary = next((e for e in mine if not e["flags"] & abi.O_LARGEFILE), None)
             if primary is not None:
                 self._place(t.syscall(abi.SYS.dup, hi[acc]), primary)
                 used.add(primary["fd"])
