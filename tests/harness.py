@@ -47,6 +47,9 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "guard": (),
     "deleted_map": (),
     "memfd_seals": (),
+    "files2": (),
+    "locks": (),
+    "files_refuse": (),
 }
 CFLAGS = ("-O1", "-g", "-Wall")
 
@@ -329,10 +332,13 @@ CASES: tuple[Case, ...] = (
     Case("guard", "guard"),
     Case("deleted-map", "deleted_map"),
     Case("memfd-seals", "memfd_seals"),
+    Case("files2", "files2"),
+    Case("locks", "locks"),
 )
 CASES_BY_ID = {c.id: c for c in CASES}
 
 UNSUPPORTED_MODES = ("tcp", "thread", "child", "pty", "seccomp", "uffd", "sysvshm", "chardev", "plain")
+FILES_REFUSE_MODES = ("owner", "pgrp", "lease", "procother")  # tests/targets/files_refuse.c
 
 
 PYTHONS = ("system", "lazarus")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,29 @@ def test_only_present_pages_are_saved(harness: H.Harness) -> None:
     assert span_pages // 8 <= saved <= span_pages // 6, (saved, span_pages)
     page_file = next(image.glob("pages-*.img"))
     assert page_file.stat().st_size < span_pages * 4096 // 3
+
+
+def test_dump_into_an_existing_empty_directory(harness: H.Harness) -> None:
+    """`mkdir d && lazarus dump -D d` (as with CRIU): the empty directory becomes the image; a non-empty one is
+    refused and left as it was, with the process running."""
+    case = H.CASES_BY_ID["misc"]
+    target = harness.start_case(case)
+    full = harness.image_dir()
+    full.mkdir()
+    (full / "notes.txt").write_text("mine")
+    res = harness.dump(target, full)
+    H.assert_clean_error(res, re.escape(str(full)), "not empty")
+    assert res.returncode == 1
+    assert sorted(p.name for p in full.iterdir()) == ["notes.txt"] and target.alive()
+    assert H.sibling_leftovers(full) == [full.name]
+
+    empty = harness.image_dir()
+    empty.mkdir()
+    res = harness.dump(target, empty)
+    assert res.returncode == 0, res.stderr
+    assert (empty / "inventory.json").is_file() and not target.alive()
+    assert H.sibling_leftovers(empty) == [empty.name]
+    r = harness.restore(empty, like=target)
+    assert r.returncode == 0 and r.target is not None, r.stderr
+    H.expect_pass(harness.run_case(case, r.target), r.target, r)
+    assert r.target.wait_exit(15) == 0, r.target.describe()

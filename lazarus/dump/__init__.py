@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lazarus.dump.core import dump_misc, dump_registers, dump_signals, dump_xcomp_perm
-from lazarus.dump.files import dump_files
+from lazarus.dump.files import dump_cwd, dump_files
 from lazarus.dump.membership import check_namespaces, check_session, dump_cgroups
 from lazarus.dump.memory import MemoryDumper
 from lazarus.dump.thp import mark_huge
@@ -98,12 +98,24 @@ def _vdso_range(vmas: list[procfs.Vma]) -> tuple[int, int] | None:
     return None
 
 
+def check_image_dir(directory: Path) -> None:
+    """DIR must not exist, or be an empty directory (CRIU users create it first); the image replaces it."""
+    if os.path.islink(directory) or (os.path.lexists(directory) and not os.path.isdir(directory)):
+        raise DumpError(f"{directory}: already exists", path=str(directory))
+    if os.path.isdir(directory):
+        try:
+            empty = not os.listdir(directory)
+        except OSError as e:
+            raise DumpError(f"{directory}: cannot read: {e.strerror}", path=str(directory)) from e
+        if not empty:
+            raise DumpError(f"{directory}: already exists and is not empty", path=str(directory))
+
+
 def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: bool = False) -> DumpResult:
     """Dump process `pid` into `directory`. The original is killed only once the image is complete and
     verified; on any failure it is resumed exactly as it was."""
     t0 = time.monotonic()
-    if os.path.lexists(directory):
-        raise DumpError(f"{directory}: already exists", path=str(directory))
+    check_image_dir(directory)
     precheck(pid)
     writer = ImageWriter(directory, writeback=start_writeback)
     seized = False
@@ -144,7 +156,11 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: b
             finally:
                 mem.close()
             mark_huge(pid, vma_recs)
-            files = dump_files(pid, writer.write_blob, objects)
+            syscall_ip = sys_ip
+            files = dump_files(pid, writer.write_blob, objects, lambda: RemoteTask(pid, syscall_ip))
+            cwd_deleted = dump_cwd(pid)
+            if cwd_deleted is not None:
+                misc["cwd_deleted"] = cwd_deleted
             with open(f"/proc/{pid}/auxv", "rb") as f:
                 auxv = f.read()
             exe = os.readlink(f"/proc/{pid}/exe")

@@ -68,6 +68,17 @@ def _write_file(path: Path, data: bytes | memoryview) -> None:
         os.close(fd)
 
 
+def _is_empty_dir(path: Path) -> bool:
+    """A real directory (not a symlink to one) with nothing in it."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return False
+    try:
+        with os.scandir(path) as it:
+            return next(it, None) is None
+    except OSError:
+        return False
+
+
 def _fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
     fd = os.open(path, flags | os.O_CLOEXEC)
     try:
@@ -193,8 +204,12 @@ class ImageWriter:
                  writeback: Callable[[int, int, int], None] | None = None) -> None:
         self._writeback = writeback
         final = Path(final_dir)
-        if os.path.lexists(final):
-            raise ImageError(f"{final}: already exists", path=str(final))
+        # An existing empty directory is taken (CRIU users create DIR first): commit() renames the finished
+        # image over it, which rename(2) does atomically only while it is still an empty directory.
+        self._replace_empty = _is_empty_dir(final)
+        if os.path.lexists(final) and not self._replace_empty:
+            raise ImageError(f"{final}: already exists" + (" and is not empty" if final.is_dir() else ""),
+                             path=str(final))
         parent = final.parent
         if not parent.is_dir():
             raise ImageError(f"{final}: parent directory {parent} does not exist", path=str(final))
@@ -284,8 +299,10 @@ class ImageWriter:
                     _fsync_path(self.tmp_dir / name)
                 _fsync_path(self.tmp_dir, os.O_RDONLY | os.O_DIRECTORY)
             self._verify()
-            if os.path.lexists(self.final_dir):
+            if os.path.lexists(self.final_dir) and not (self._replace_empty and _is_empty_dir(self.final_dir)):
                 raise ImageError(f"{self.final_dir}: already exists", path=str(self.final_dir))
+            # Over an empty directory, rename(2) fails (ENOTEMPTY, ENOTDIR) if something else took its place
+            # since the check: the image never replaces anything but an empty directory.
             os.rename(self.tmp_dir, self.final_dir)
         except OSError as e:
             self.abort()

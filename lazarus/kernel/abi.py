@@ -581,3 +581,48 @@ class pidfd_info(C.Structure):
 PIDFD_GET_INFO = _IOWR(PIDFS_IOCTL_MAGIC, 11, pidfd_info)  # Linux 6.13+
 STRUCT_SIZES[pidfd_info] = 64
 # [end peers helper additions]
+# [files helper] additions: status flags, owners, locks, file handles
+SYS.flock = 73  # type: ignore[attr-defined]  # syscall_64.tbl
+SYS.mkdir = 83  # type: ignore[attr-defined]
+SYS.rmdir = 84  # type: ignore[attr-defined]
+SYS.name_to_handle_at = 303  # type: ignore[attr-defined]
+SYS.open_by_handle_at = 304  # type: ignore[attr-defined]
+# include/uapi/asm-generic/fcntl.h (x86-64 values)
+O_EXCL = 0o200
+O_TRUNC = 0o1000
+O_DSYNC = 0o10000
+O_ASYNC = 0o20000  # FASYNC
+O_DIRECT = 0o40000
+O_DIRECTORY = 0o200000
+O_NOATIME = 0o1000000
+O_SYNC = 0o4010000  # __O_SYNC | O_DSYNC
+# fs/fcntl.c SETFL_MASK: the status flags F_SETFL can change; the others only open(2) sets.
+SETFL_MASK = O_APPEND | O_NONBLOCK | O_DIRECT | O_NOATIME | O_ASYNC
+F_GETLK, F_SETLK = 5, 6
+F_SETOWN, F_GETOWN, F_SETSIG, F_GETSIG = 8, 9, 10, 11
+F_SETOWN_EX, F_GETOWN_EX = 15, 16
+F_OWNER_TID, F_OWNER_PID, F_OWNER_PGRP = 0, 1, 2
+F_OFD_GETLK, F_OFD_SETLK = 36, 37
+F_RDLCK, F_WRLCK, F_UNLCK = 0, 1, 2
+SEEK_SET, SEEK_DATA, SEEK_HOLE = 0, 3, 4
+LOCK_SH, LOCK_EX, LOCK_NB = 1, 2, 4  # include/uapi/asm-generic/fcntl.h (flock(2))
+AT_EMPTY_PATH = 0x1000  # include/uapi/linux/fcntl.h
+AT_SYMLINK_FOLLOW = 0x400
+MAX_HANDLE_SZ = 128  # include/linux/exportfs.h
+
+
+class flock(C.Structure):  # include/uapi/asm-generic/fcntl.h struct flock (x86-64)
+    _fields_ = [("l_type", C.c_int16), ("l_whence", C.c_int16), ("l_start", C.c_int64), ("l_len", C.c_int64),
+                ("l_pid", C.c_int32)]
+
+
+class f_owner_ex(C.Structure):  # include/uapi/asm-generic/fcntl.h
+    _fields_ = [("type", C.c_int32), ("pid", C.c_int32)]
+
+
+class file_handle(C.Structure):  # include/linux/fs.h (with the largest f_handle[] the kernel hands out)
+    _fields_ = [("handle_bytes", C.c_uint32), ("handle_type", C.c_int32), ("f_handle", C.c_ubyte * MAX_HANDLE_SZ)]
+
+
+STRUCT_SIZES.update({flock: 32, f_owner_ex: 8})
+# [end files helper additions]

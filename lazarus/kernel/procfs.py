@@ -599,3 +599,66 @@ def parse_limits(text: str) -> list[tuple[int, int]]:
 
 def read_limits(pid: int) -> list[tuple[int, int]]:
     return parse_limits(read_text(f"/proc/{pid}/limits", pid))
+
+
+# ---------------------------------------------------------------------------------------------
+# file locks (the "lock:" lines of /proc/pid/fdinfo/N, in /proc/locks' format) and mounts
+
+
+@dataclass(frozen=True, slots=True)
+class FileLock:
+    """One held lock: kind "POSIX", "FLOCK", "OFDLCK", "LEASE", "DELEG"...; access "READ"/"WRITE"/...;
+    pid (-1 for OFD locks); start and end byte (end None for EOF)."""
+
+    kind: str
+    access: str
+    pid: int
+    ino: int
+    start: int
+    end: int | None
+
+
+def parse_lock(text: str) -> FileLock:
+    """One lock line: "1: POSIX  ADVISORY  WRITE 14252 fe:00:2146417 30 EOF" (fs/locks.c lock_get_status).
+    Raises ValueError on a line of another shape (a lease's "BREAKING" state words...)."""
+    f = text.split()
+    if len(f) < 8 or not f[0].endswith(":"):
+        raise ValueError(f"unexpected lock line {text!r}")
+    kind, access = f[1], f[3]
+    if f[2] not in ("ADVISORY", "MANDATORY"):
+        raise ValueError(f"unexpected lock line {text!r}")
+    ino = int(f[5].rsplit(":", 1)[1])
+    return FileLock(kind, access, int(f[4]), ino, int(f[6]), None if f[7] == "EOF" else int(f[7]))
+
+
+def fd_locks(info: FdInfo) -> list[str]:
+    """The raw "lock:" lines of an fdinfo (the locks held through that open file)."""
+    return info.get_all("lock")
+
+
+def parse_mount_points(text: str) -> dict[int, str]:
+    """/proc/pid/mountinfo -> {mount id: mount point} (octal escapes such as \\040 decoded)."""
+    out: dict[int, str] = {}
+    for line in text.splitlines():
+        f = line.split(" ", 5)
+        if len(f) >= 5:
+            out[int(f[0])] = _unescape_mount(f[4])
+    return out
+
+
+def _unescape_mount(s: str) -> str:
+    if "\\" not in s:
+        return s
+    out, i = [], 0
+    while i < len(s):
+        if s[i] == "\\" and i + 3 < len(s) and s[i + 1:i + 4].isdigit():
+            out.append(chr(int(s[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(s[i])
+            i += 1
+    return "".join(out)
+
+
+def read_mount_points(pid: int) -> dict[int, str]:
+    return parse_mount_points(read_text(f"/proc/{pid}/mountinfo", pid))

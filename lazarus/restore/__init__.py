@@ -16,6 +16,7 @@ from typing import Any
 
 from lazarus.errors import ImageError, KernelError, LazarusError, RestoreError
 from lazarus.images import Image
+from lazarus.images.format import task_name
 from lazarus.images.mm import is_lazy, lazy_object_ids, lazy_vmas
 from lazarus.images.validate import validate_image
 from lazarus.kernel import abi, procfs, ptrace
@@ -25,7 +26,14 @@ from lazarus.lazy.sources import ImagePageSource
 from lazarus.remote import RemoteTask
 from lazarus.restore import cgroups
 from lazarus.restore import core as rcore
-from lazarus.restore.files import FdRestorer, check_files
+from lazarus.restore.files import (
+    FdRestorer,
+    check_fd_fields,
+    check_files,
+    give_back,
+    make_dir_like,
+    remove_dirs,
+)
 from lazarus.restore.memory import (
     SpaceBuilder,
     clear_address_space,
@@ -55,6 +63,8 @@ class Restored:
 def open_image(directory: Path, *, verify_pages: bool) -> Image:
     img = Image.open(directory)
     validate_image(img)
+    for pid in img.tasks:
+        check_fd_fields(task_name(pid), img.task(pid)["files"], img.task(pid)["misc"])
     xcr0, xsize = cpu_xstate()
     img.check_machine(os.uname().release, xcr0, xsize)
     for pid in img.tasks:
@@ -130,7 +140,7 @@ def validate(img: Image, pid: int, task: dict[str, Any]) -> None:
     if not os.path.exists(exe):
         raise RestoreError(f"executable {exe} is gone", stage="validate", path=exe)
     cwd = task["misc"]["cwd"]
-    if not os.path.isdir(cwd):
+    if not task["misc"].get("cwd_deleted") and not os.path.isdir(cwd):
         raise RestoreError(f"working directory {cwd} is gone", stage="validate", path=cwd)
     check_files(task["files"])
 
@@ -219,6 +229,7 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
         fdr.restore(fds)
         for ofd in space.state.object_fds.values():
             remote.syscall(abi.SYS.close, ofd)
+        fdr.finish(fds)
         rcore.restore_signals(remote, task["signals"])
         if lazy and ranges:
             # The kernel writes the rseq area when it is registered: that page must be in before the
@@ -226,7 +237,7 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
             rseq = task["misc"].get("rseq")
             if rseq:
                 written += space.write_range(mm["vmas"], page_file, rseq["addr"], rseq["addr"] + rseq["size"])
-        rcore.restore_misc(remote, task["misc"])
+        restore_misc_and_cwd(remote, task["misc"])
         if lazy and ranges:
             handover = uffd_in_task(remote, ranges, LAZY_FEATURES)
         rcore.restore_creds(remote, task["misc"]["creds"])
@@ -265,6 +276,25 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
         if isinstance(e, OSError):
             raise RestoreError(f"{e.strerror or e}", stage="restore", pid=pid) from e
         raise
+
+
+def restore_misc_and_cwd(remote: RemoteTask, misc: dict[str, Any]) -> None:
+    """restore_misc, with a deleted working directory made again (empty, its mode and owner), entered, and
+    removed, so that the task's cwd is a deleted directory again."""
+    gone = misc.get("cwd_deleted")
+    if not gone:
+        rcore.restore_misc(remote, misc)
+        return
+    where, made = make_dir_like(gone["path"])
+    try:
+        rcore.restore_misc(remote, {**misc, "cwd": where})
+    except BaseException:
+        for d in made:
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        raise
+    remove_dirs(made)
+    give_back(f"/proc/{remote.pid}/cwd", gone)
 
 
 def set_mm(remote: RemoteTask, mm: dict[str, Any]) -> None:

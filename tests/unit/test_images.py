@@ -169,12 +169,40 @@ def test_fsync_path(tmp_path: Path) -> None:
 
 def test_refuses_existing_dir(tmp_path: Path) -> None:
     (tmp_path / "img").mkdir()
-    with pytest.raises(ImageError, match="already exists"):
+    (tmp_path / "img" / "x").write_text("")
+    with pytest.raises(ImageError, match="already exists and is not empty"):
         ImageWriter(tmp_path / "img")
     (tmp_path / "file").write_text("")
     with pytest.raises(ImageError, match="already exists"):
         ImageWriter(tmp_path / "file")
-    assert sorted(os.listdir(tmp_path)) == ["file", "img"]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to("empty")
+    with pytest.raises(ImageError, match="already exists"):
+        ImageWriter(tmp_path / "link")
+    assert sorted(os.listdir(tmp_path)) == ["empty", "file", "img", "link"]
+    assert os.listdir(tmp_path / "img") == ["x"]
+
+
+def test_takes_an_empty_dir(tmp_path: Path) -> None:
+    """CRIU users create DIR first: an empty directory is replaced by the finished image."""
+    (tmp_path / "img").mkdir()
+    w = ImageWriter(tmp_path / "img")
+    w.write_task(1, task(1))
+    w.commit(inventory_fields(1, [1]))
+    assert os.listdir(tmp_path) == ["img"]
+    with Image.open(tmp_path / "img") as img:
+        assert img.tasks == [1]
+
+
+def test_empty_dir_filled_meanwhile_is_left_alone(tmp_path: Path) -> None:
+    (tmp_path / "img").mkdir()
+    w = ImageWriter(tmp_path / "img")
+    w.write_task(1, task(1))
+    (tmp_path / "img" / "theirs").write_text("keep me")
+    with pytest.raises(ImageError, match="already exists"):
+        w.commit(inventory_fields(1, [1]))
+    assert os.listdir(tmp_path) == ["img"]
+    assert (tmp_path / "img" / "theirs").read_text() == "keep me"
 
 
 def test_refuses_missing_parent(tmp_path: Path) -> None:

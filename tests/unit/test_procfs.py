@@ -290,3 +290,45 @@ def test_kernel_thread() -> None:
     if not os.path.exists("/proc/2/stat"):
         pytest.skip("no pid 2 visible")
     assert procfs.is_kernel_thread(2) == (procfs.read_comm(2) == "kthreadd")
+
+
+# ---------------------------------------------------------------------------------------------
+# locks and mounts
+
+# fdinfo text captured on 6.18: a flock, two POSIX record locks and an OFD lock (fs/locks.c lock_get_status).
+FDINFO_LOCKS = """pos:\t0
+flags:\t02100002
+mnt_id:\t27
+ino:\t2146417
+lock:\t1: POSIX  ADVISORY  READ 14252 fe:00:2146417 5 14
+lock:\t2: POSIX  ADVISORY  WRITE 14252 fe:00:2146417 30 EOF
+lock:\t3: FLOCK  ADVISORY  WRITE 14252 fe:00:2146417 0 EOF
+lock:\t4: OFDLCK ADVISORY  READ -1 fe:00:2146417 3 EOF
+"""
+
+
+def test_lock_lines() -> None:
+    info = procfs.parse_fdinfo(FDINFO_LOCKS)
+    locks = [procfs.parse_lock(line) for line in procfs.fd_locks(info)]
+    assert locks == [
+        procfs.FileLock("POSIX", "READ", 14252, 2146417, 5, 14),
+        procfs.FileLock("POSIX", "WRITE", 14252, 2146417, 30, None),
+        procfs.FileLock("FLOCK", "WRITE", 14252, 2146417, 0, None),
+        procfs.FileLock("OFDLCK", "READ", -1, 2146417, 3, None),
+    ]
+    assert info.flags == 0o2100002 and info.pos == 0
+
+
+def test_lease_lines_are_not_taken_for_locks() -> None:
+    # A lease shows its state where a lock says ADVISORY: a caller must refuse it, not misread it.
+    with pytest.raises(ValueError):
+        procfs.parse_lock("1: LEASE  ACTIVE    READ 14252 fe:00:2146417 0 EOF")
+    with pytest.raises(ValueError):
+        procfs.parse_lock("garbage")
+
+
+def test_mount_points() -> None:
+    text = ("22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
+            "27 22 0:5 / /mnt/with\\040space rw - tmpfs tmpfs rw\n")
+    assert procfs.parse_mount_points(text) == {22: "/", 27: "/mnt/with space"}
+    assert "/" in procfs.read_mount_points(os.getpid()).values()
