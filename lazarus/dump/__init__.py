@@ -1,4 +1,5 @@
-"""Dump: seize -> freeze -> read state -> pages -> images (DIR.tmp, verified, renamed) -> kill or resume."""
+"""Dump: watchdog -> seize -> SIGSTOP -> read state -> pages -> images (DIR.tmp, verified, renamed) -> kill or
+resume. The group stop and the watchdog keep the original safe should the dump itself die (watchdog.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 from lazarus.dump.core import dump_misc, dump_registers, dump_signals
 from lazarus.dump.files import dump_files
 from lazarus.dump.memory import MemoryDumper
+from lazarus.dump.watchdog import Watchdog, repair
 from lazarus.errors import DumpError, KernelError, LazarusError, NoSuchTask, Unsupported
 from lazarus.images import ImageWriter
 from lazarus.kernel import abi, procfs, ptrace
@@ -67,24 +69,30 @@ def check_resources(pid: int, status: procfs.Status) -> None:
         raise Unsupported(f"pid {pid} runs under seccomp (mode {status.seccomp}), which is not supported")
 
 
-def freeze(pid: int) -> None:
-    """Seize and stop the task (group-stop-free PTRACE_INTERRUPT)."""
+_STOP_SIGNALS = (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+
+
+def freeze(pid: int, watchdog: Watchdog) -> None:
+    """Seize the task and put it in a group stop (SIGSTOP) that outlives us (see watchdog.py)."""
     try:
         ptrace.seize(pid, abi.PTRACE_O_TRACESYSGOOD)
     except KernelError as e:
         if e.errno == errno.EPERM:
             raise DumpError(f"cannot trace pid {pid}: {e.strerror} (already traced?)", pid=pid) from e
         raise
-    ptrace.interrupt(pid)
+    watchdog.stopping()
+    os.kill(pid, signal.SIGSTOP)
     while True:
         st = ptrace.wait(pid)
         if st.exited or st.signaled:
             raise NoSuchTask(f"pid {pid} exited during the dump ({st})", pid=pid)
         if st.stopped and st.event == abi.PTRACE_EVENT_STOP:
-            return
-        if st.stopped:
-            # A signal arrived before our interrupt stop and ptrace intercepted it: deliver it as the
-            # kernel would have (swallowing it would change the process); the interrupt stop follows.
+            if st.stop_sig in _STOP_SIGNALS:
+                return
+            ptrace.cont(pid)
+        elif st.stopped:
+            # A signal, our SIGSTOP among them: deliver it as the kernel would have (swallowing it would change
+            # the process); the SIGSTOP then starts the group stop, which is reported as an event stop.
             ptrace.cont(pid, st.stop_sig)
 
 
@@ -102,13 +110,18 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False) -> DumpResul
     if os.path.lexists(directory):
         raise DumpError(f"{directory}: already exists", path=str(directory))
     precheck(pid)
-    writer = ImageWriter(directory, writeback=start_writeback)
+    watchdog = Watchdog.start(pid)  # before any thread exists: it is forked
+    try:
+        writer = ImageWriter(directory, writeback=start_writeback)
+    except BaseException:
+        watchdog.release()
+        raise
     seized = False
     remote: RemoteTask | None = None
     try:
         try:
-            freeze(pid)
             seized = True
+            freeze(pid, watchdog)
             status = procfs.read_status(pid)
             check_resources(pid, status)
             stat = procfs.read_stat(pid)
@@ -123,13 +136,16 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False) -> DumpResul
             if sys_ip is None:
                 raise DumpError(f"pid {pid}: no syscall instruction found to inject through")
             core = dump_registers(pid)
-            remote = RemoteTask(pid, sys_ip)
-            restart_after_freeze(remote.saved_regs)  # for the original, should it resume
+            if not watchdog.check_alive():
+                raise DumpError(f"pid {pid}: the dump's watchdog (pid {watchdog.pid}) is gone; nothing changed")
+            # restart_after_freeze: for the original, should it resume
+            remote = RemoteTask(pid, sys_ip, adjust=restart_after_freeze, journal=watchdog)
             signals = dump_signals(remote)
             misc = dump_misc(remote)
             brk = remote.syscall(abi.SYS.brk, 0)
             remote.close()
             remote = None
+            watchdog.clean()
 
             pages = writer.pages(pid)
             mem = MemoryDumper(pid, pages, writer.write_blob)
@@ -166,16 +182,19 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False) -> DumpResul
         if remote is not None:
             with contextlib.suppress(Exception):
                 remote.close()
+                watchdog.clean()
         if seized:
             with contextlib.suppress(LazarusError, OSError):
-                ptrace.detach(pid)
+                ptrace.detach(pid)  # into the group stop (T), if it began: repair() takes it from there
+        _repair_in_process(pid, watchdog)
         if isinstance(e, NoSuchTask) or (isinstance(e, LazarusError) and not os.path.exists(f"/proc/{pid}")):
             raise NoSuchTask(f"pid {pid} exited during the dump", pid=pid) from e
         raise
 
     npages = mem.total_pages
     if leave_running:
-        ptrace.detach(pid)
+        ptrace.detach(pid)  # into the group stop (T) ...
+        os.kill(pid, signal.SIGCONT)  # ... and out of it
     else:
         os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(LazarusError):
@@ -183,4 +202,17 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False) -> DumpResul
                 st = ptrace.wait(pid, timeout=10)
                 if st.exited or st.signaled:
                     break
+    watchdog.release()
     return DumpResult(pid, directory, npages, time.monotonic() - t0, leave_running)
+
+
+def _repair_in_process(pid: int, watchdog: Watchdog) -> None:
+    """After a failure we survived: the watchdog's own repair, run here so that the original runs again before
+    the error is reported. If even this fails, the watchdog (not released) tries again once we exit."""
+    try:
+        what = repair(watchdog.state)
+    except (LazarusError, OSError) as e:
+        log.warning("pid %d: putting it back failed (%s); the watchdog will retry when this process exits", pid, e)
+        return
+    log.debug("pid %d after the failed dump: %s", pid, what)
+    watchdog.release()

@@ -1,0 +1,346 @@
+"""The dump's watchdog: the original carries on as it was even when `lazarus dump` itself is killed.
+
+A ptrace tracee whose tracer dies is resumed by the kernel with whatever registers and signal mask it has at
+that moment. Half way through an injected system call those are ours (rip in the vdso, every signal blocked),
+and the original crashes or runs deaf. Two things prevent it:
+
+1. The dump stops the original with SIGSTOP before it changes anything, and keeps that group stop for the
+   whole dump. When a tracer exits, the kernel puts a tracee whose group is stopped back into TASK_STOPPED
+   (__ptrace_unlink re-arms JOBCTL_STOP_PENDING on its way out), so the original stays stopped, on our state,
+   until someone continues it. The group stop does not hinder injection: a tracer may still run its stopped
+   tracee (measured). The cgroup v2 freezer would keep it frozen across the tracer's death too, but a frozen
+   task never gets from one injected system call to the next (every resume goes through the freezer trap
+   first; measured: the dump times out), and it would move the process to another cgroup meanwhile.
+2. A watchdog process, started before the seize, is told the original registers, mask and syscall address
+   before any of them change, and every scratch mapping before it is made. If the dump dies before releasing
+   it, it seizes the original again, puts all of that back, detaches and sends SIGCONT.
+
+    lazarus dump                                    watchdog (double fork: not our child, own session)
+    ------------                                    --------
+    start() ------------------- SEQPACKET ---------> "ready"
+    seize; "stopping"  ---------------------------->   (from here on: repair on EOF)
+    SIGSTOP -> group stop (T); the task cannot run again until SIGCONT
+    "saved" regs, mask, syscall ip  --------------->
+    sigmask := all blocked; inject ...
+    "scratch" addr, size (then mmap FIXED there) -->
+    ... munmap; "scratch-gone" -------------------->
+    regs, mask put back; "clean"  ----------------->   (from here on: only SIGCONT on EOF)
+    pages, files, image written and verified
+    detach; SIGCONT (or SIGKILL); "release" ------->   exits, touching nothing
+    (killed anywhere above)  -------- EOF -------->   repair(): wait for T and no tracer; seize; interrupt;
+                                                      munmap the scratch if it is still there; registers
+                                                      and mask from "saved"; detach; SIGCONT; one line on
+                                                      stderr saying what it did
+
+On a failure it survives, the dump runs the same repair() itself (so the original runs again before the dump
+reports the error), then releases the watchdog. repair() is idempotent: the watchdog may redo it.
+
+What the original and its parent see: a stop and a continue, as with `kill -STOP` / `kill -CONT`: the parent
+gets SIGCHLD (CLD_STOPPED, CLD_CONTINUED), a SIGCONT handler runs once, and a call that a stop interrupts
+behaves as after any stop (rt_sigtimedwait is made to run again, see remote.restart_after_freeze). If the dump
+and its watchdog are both killed before "clean", the original stays stopped on injected state: never
+SIGCONT it by hand then; that is the one case this design cannot repair (only the dump's own death is covered,
+which is what an OOM kill or a user's SIGKILL of `lazarus dump` does: the watchdog is small and in its own
+session, so neither the OOM killer's choice nor a kill of the dump's process group takes it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import gc
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+from lazarus.errors import KernelError, LazarusError, NoSuchTask
+from lazarus.kernel import abi, procfs, ptrace
+from lazarus.remote import RemoteTask, restart_after_freeze
+
+log = logging.getLogger(__name__)
+
+_MAX_MSG = 4096
+_READY_TIMEOUT = 5.0
+_STOP_WAIT = 5.0  # how long repair() waits for the old tracer to be gone and the task to be in its stop
+
+
+@dataclass
+class JournalState:
+    """Everything the watchdog was told; enough to put the original back."""
+
+    pid: int
+    start: int
+    stopping: bool = False
+    regs: bytes | None = None
+    mask: int | None = None
+    syscall_ip: int = 0
+    scratch: tuple[int, int] | None = None
+    clean: bool = False
+    released: bool = False
+
+    def apply(self, msg: dict) -> None:
+        kind = msg.get("t")
+        if kind == "stopping":
+            self.stopping = True
+        elif kind == "saved":
+            self.regs = bytes.fromhex(msg["regs"])
+            self.mask = int(msg["mask"])
+            self.syscall_ip = int(msg["ip"])
+        elif kind == "scratch":
+            self.scratch = (int(msg["addr"]), int(msg["size"]))
+        elif kind == "scratch-gone":
+            self.scratch = None
+        elif kind == "clean":
+            self.clean = True
+        elif kind == "release":
+            self.released = True
+
+
+class Watchdog:
+    """The dump's handle on its watchdog; also the RemoteTask journal. Sending never raises: a watchdog that is
+    gone is noticed by `alive` (the dump checks it before it changes anything)."""
+
+    def __init__(self, sock: socket.socket, pid: int, state: JournalState) -> None:
+        self._sock = sock
+        self.pid = pid
+        self.state = state  # our own copy, for repairing in-process on a failure we survive
+        self.alive = True
+
+    @classmethod
+    def start(cls, target_pid: int) -> Watchdog:
+        """Fork the watchdog for `target_pid` (call before any thread exists) and wait until it is ready."""
+        start = procfs.start_time(target_pid)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        r, w = os.pipe()  # the grandchild's pid, from the intermediate child
+        mid = os.fork()
+        if mid == 0:  # pragma: no cover - runs in the intermediate child
+            code = 70
+            try:
+                os.setsid()
+                wd = os.fork()
+                if wd == 0:
+                    gc.disable()  # never let a copied object's finaliser close an fd we now use
+                    keep = theirs.fileno()
+                    os.closerange(3, keep)
+                    os.closerange(keep + 1, max(65536, os.sysconf("SC_OPEN_MAX")))
+                    code = _watchdog_main(keep, target_pid, start)
+                else:
+                    os.write(w, str(wd).encode())
+                    code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        theirs.close()
+        os.waitpid(mid, 0)
+        with os.fdopen(r, "rb") as f:
+            got = f.read()
+        if not got:
+            ours.close()
+            raise LazarusError("cannot start the dump's watchdog")
+        wd = cls(ours, int(got), JournalState(target_pid, start))
+        ours.settimeout(_READY_TIMEOUT)
+        try:
+            ready = ours.recv(_MAX_MSG)
+        except OSError:
+            ready = b""
+        if ready != b"ready":
+            wd.alive = False
+            ours.close()
+            raise LazarusError(f"the dump's watchdog (pid {wd.pid}) did not start")
+        ours.setblocking(True)
+        return wd
+
+    def _send(self, msg: dict) -> None:
+        self.state.apply(msg)
+        if not self.alive:
+            return
+        try:
+            self._sock.send(json.dumps(msg, separators=(",", ":")).encode())
+        except OSError:
+            self.alive = False
+
+    def check_alive(self) -> bool:
+        """False once the watchdog is gone (its end of the socket closed)."""
+        if self.alive:
+            r, _, _ = select.select([self._sock], [], [], 0)
+            if r:
+                with contextlib.suppress(OSError):
+                    if self._sock.recv(_MAX_MSG, socket.MSG_DONTWAIT) == b"":
+                        self.alive = False
+        return self.alive
+
+    # -- the journal ---------------------------------------------------------------------------------------
+    def stopping(self) -> None:
+        self._send({"t": "stopping"})
+
+    def saved(self, regs: abi.user_regs_struct, mask: int, syscall_ip: int) -> None:
+        self._send({"t": "saved", "regs": bytes(regs).hex(), "mask": mask, "ip": syscall_ip})
+
+    def scratch(self, addr: int, size: int) -> None:
+        self._send({"t": "scratch", "addr": addr, "size": size})
+
+    def scratch_gone(self) -> None:
+        self._send({"t": "scratch-gone"})
+
+    def clean(self) -> None:
+        self._send({"t": "clean"})
+
+    def release(self) -> None:
+        """The original is as it was (or killed on purpose): the watchdog exits without touching it."""
+        self._send({"t": "release"})
+        self.close()
+
+    def close(self) -> None:
+        self.alive = False
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+
+def _wait_stopped(st: JournalState) -> str | None:
+    """Wait until the task is in a group stop with no tracer. Returns None then, or why not."""
+    deadline = time.monotonic() + _STOP_WAIT
+    not_stopping_since: float | None = None
+    while True:
+        try:
+            if procfs.start_time(st.pid) != st.start:
+                return "gone"
+            status = procfs.read_status(st.pid)
+        except (LazarusError, OSError):
+            return "gone"
+        state = status.state[:1]
+        if state in ("Z", "X"):
+            return "gone"
+        now = time.monotonic()
+        if status.tracer_pid == 0:
+            if state == "T":
+                return None
+            # Not stopped and not traced: fine if our SIGSTOP is still on its way, otherwise it never was sent
+            # (or someone continued the task): give it a moment, then say so.
+            pending = _stop_pending(st.pid)
+            if pending:
+                not_stopping_since = None
+            elif not_stopping_since is None:
+                not_stopping_since = now
+            elif now - not_stopping_since > 0.05:
+                return f"not stopped (state {status.state})"
+        if now > deadline:
+            return f"still {status.state} (tracer {status.tracer_pid})"
+        time.sleep(0.001)
+
+
+def _stop_pending(pid: int) -> bool:
+    try:
+        text = procfs.read_text(f"/proc/{pid}/status", pid)
+    except (LazarusError, OSError):
+        return False
+    bit = 1 << (signal.SIGSTOP - 1)
+    for line in text.splitlines():
+        if line.startswith(("ShdPnd:", "SigPnd:")) and int(line.split()[1], 16) & bit:
+            return True
+    return False
+
+
+def _scratch_present(pid: int, addr: int, size: int) -> bool:
+    return any(v.start == addr and v.end == addr + size and not v.path for v in procfs.read_maps(pid))
+
+
+def repair(st: JournalState) -> str:
+    """Put the original back as the journal says and let it run. Returns what was done, for a log line.
+
+    Its previous tracer must be gone or going (the dump detaches before calling this itself); the task is
+    waited for in the group stop our SIGSTOP began, which outlives any tracer.
+    """
+    if st.released:
+        return "nothing to do"
+    if not st.stopping:
+        return "untouched: it was never stopped, and runs on as it was"
+    why = _wait_stopped(st)
+    if why == "gone":
+        return "gone"
+    if why is not None:
+        if st.regs is None or st.clean:
+            return f"nothing changed in it; {why}"
+        return f"cannot repair: {why}"
+    if st.clean:
+        os.kill(st.pid, signal.SIGCONT)
+        return "continued (its state was already put back)"
+    for _ in range(1000):
+        try:
+            ptrace.seize(st.pid, abi.PTRACE_O_TRACESYSGOOD)
+            break
+        except KernelError as e:  # EPERM: the old tracer is still on its way out
+            if e.errno != errno.EPERM:
+                raise
+            time.sleep(0.005)
+    else:
+        return "cannot repair: it is traced by someone else"
+    ptrace.interrupt(st.pid)
+    _wait_event_stop(st.pid)
+    remote = RemoteTask(st.pid, st.syscall_ip, adjust=None if st.regs is not None else restart_after_freeze)
+    if st.regs is not None:
+        remote.saved_regs = ptrace.regs_from_bytes(st.regs)
+    if st.mask is not None:
+        remote.saved_mask = st.mask
+    undone = ""
+    if st.scratch is not None and _scratch_present(st.pid, *st.scratch):
+        remote.scratch, remote.scratch_size = st.scratch
+        remote._own_scratch = True
+        undone = f", unmapped scratch {st.scratch[0]:#x}"
+    remote.close()  # munmap, registers, mask, and into an event stop for a clean syscall restart
+    st.scratch = None
+    ptrace.detach(st.pid)  # back to the group stop (T) ...
+    os.kill(st.pid, signal.SIGCONT)  # ... and out of it
+    what = "registers and signal mask put back" if st.regs is not None else "continued"
+    return what + undone
+
+
+def _wait_event_stop(pid: int) -> None:
+    while True:
+        s = ptrace.wait(pid)
+        if s.exited or s.signaled:
+            raise NoSuchTask(f"pid {pid} {s}", pid=pid)
+        if s.stopped and s.event == abi.PTRACE_EVENT_STOP:
+            return
+        # A signal stop. Only possible before any injection (after it every signal is blocked): deliver the
+        # signal as the kernel would, and stop again before the program runs on.
+        ptrace.interrupt(pid)
+        ptrace.cont(pid, 0 if s.syscall_stop or s.event else s.stop_sig)
+
+
+def _watchdog_main(sock_fd: int, pid: int, start: int) -> int:
+    ptrace.set_test_kill(0)
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    sock = socket.socket(fileno=sock_fd)
+    st = JournalState(pid, start)
+    sock.send(b"ready")
+    while True:
+        try:
+            data = sock.recv(_MAX_MSG)
+        except InterruptedError:  # pragma: no cover
+            continue
+        except OSError:
+            data = b""
+        if not data:
+            break
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            st.apply(json.loads(data))
+        if st.released:
+            return 0
+    try:
+        what = repair(st)
+    except LazarusError as e:
+        what = f"repair failed: {e}"
+    with contextlib.suppress(OSError):
+        sys.stderr.write(f"lazarus: watchdog: the dump of pid {pid} died; pid {pid}: {what}\n")
+        sys.stderr.flush()
+    return 0
+
+
+__all__ = ["JournalState", "Watchdog", "repair"]
