@@ -280,7 +280,8 @@ def repair(st: JournalState) -> str:
             time.sleep(0.005)
     else:
         return "cannot repair: it is traced by someone else"
-    ptrace.interrupt(st.pid)
+    # Seizing a task in a group stop makes it report that stop (an event stop) by itself; a PTRACE_INTERRUPT
+    # here would queue a second one, which the first injected call would then run into.
     _wait_event_stop(st.pid)
     remote = RemoteTask(st.pid, st.syscall_ip, adjust=None if st.regs is not None else restart_after_freeze)
     if st.regs is not None:

@@ -1,0 +1,193 @@
+"""A dump killed at any moment leaves the original running exactly as it was (issue 8, item 1).
+
+The dump is killed (SIGKILL, as an OOM kill would) just before each of its ptrace calls in turn, K = 1, 2, ...
+until a dump runs to the end, and at random moments after it attached. Each time the original (the survivor
+target: known mask, handlers, pending signal, memory map and registers) must be running again untraced within a
+few seconds, with nobody's help but the dump's own watchdog, and pass its self-check. Killed dumps leave their
+DIR.tmp-* directories behind; the next dump to the same place removes them.
+
+The per-K sweep forks the dump from pytest (lazarus.dump.dump with ptrace.set_test_kill(K)) rather than running
+the CLI each time, to keep ~300 kills within seconds; a few K go through the real CLI with
+LAZARUS_TEST_KILL_AT_PTRACE, and the random-moment kills too.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+try:
+    import harness as H
+except ImportError:  # pragma: no cover
+    from tests import harness as H
+
+pytestmark = pytest.mark.root
+
+RECOVER_TIMEOUT = 10.0  # the issue asks for "within a few seconds"; this bounds the wait, timing is asserted apart
+RECOVER_BUDGET = 3.0
+
+
+def tmp_dirs(image: Path) -> list[str]:
+    return sorted(p for p in os.listdir(image.parent) if p.startswith(f"{image.name}.tmp-"))
+
+
+def traced_by(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("TracerPid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no TracerPid for pid {pid}")
+
+
+def wait_running(target: H.Target, what: str) -> float:
+    """Wait until the original runs untraced and every orphan (the watchdog) has exited; returns seconds."""
+    t0 = time.monotonic()
+    deadline = t0 + RECOVER_TIMEOUT
+    while True:
+        state = H.proc_state(target.pid)
+        assert state not in (None, "Z", "X"), f"{what}: the original died: {target.describe()}"
+        orphans = [p for p in H.children_of(os.getpid()) if p != target.pid]
+        for p in orphans:
+            if not H.is_alive(p):
+                H.reap(p, 0.5)
+        busy = [p for p in orphans if H.is_alive(p)]
+        if state in ("S", "R") and traced_by(target.pid) == 0 and not busy:
+            return time.monotonic() - t0
+        assert time.monotonic() < deadline, (
+            f"{what}: the original is {state}, traced by {traced_by(target.pid)}, waiting for {busy} "
+            f"after {RECOVER_TIMEOUT} s: {target.describe()}")
+        time.sleep(0.002)
+
+
+def check_ok(target: H.Target, n: int, what: str) -> None:
+    """Ask the survivor for its n-th check (SIGUSR1) and require '# check n ok'."""
+    target.signal(signal.SIGUSR1)
+    want = f"# check {n} ok"
+    deadline = time.monotonic() + 10.0
+    while True:
+        lines = target.log_text().splitlines()
+        if want in lines:
+            return
+        bad = [ln for ln in lines if ln.startswith(f"# check {n} FAIL")]
+        assert not bad, f"{what}: {bad[0]}"
+        assert target.alive(), f"{what}: the original died: {target.describe()}"
+        assert time.monotonic() < deadline, f"{what}: no '{want}': {target.describe()}"
+        time.sleep(0.002)
+
+
+def forked_dump(pid: int, image: Path, kill_at: int) -> int:
+    """Run lazarus.dump.dump(leave_running) in a forked child that SIGKILLs itself before its kill_at-th ptrace
+    call. Returns the child's wait status."""
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            from lazarus.dump import dump
+            from lazarus.kernel import ptrace
+
+            ptrace.set_test_kill(kill_at)
+            dump(pid, image, leave_running=True)
+            code = 0
+        except BaseException as e:  # noqa: BLE001 - report anything, the parent asserts
+            print(f"dump failed: {e}", file=sys.stderr)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    return status
+
+
+def test_dump_killed_at_every_ptrace_call(harness: H.Harness) -> None:
+    target = harness.start_target("survivor")
+    image = harness.image_dir()
+    slow: list[tuple[int, float]] = []
+    published: list[int] = []
+    k = 0
+    t_start = time.monotonic()
+    while True:
+        k += 1
+        assert k < 2000, "the dump never completed"
+        status = forked_dump(target.pid, image, k)
+        took = wait_running(target, f"dump killed at ptrace call {k}")
+        if took > RECOVER_BUDGET:
+            slow.append((k, took))
+        if os.WIFEXITED(status):
+            assert os.WEXITSTATUS(status) == 0, f"the dump with no kill failed (K={k}): {target.describe()}"
+            break
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"K={k}: status {status:#x}"
+        assert len(tmp_dirs(image)) <= 1, f"K={k}: stale temporary directories kept: {tmp_dirs(image)}"
+        check_ok(target, k, f"dump killed at ptrace call {k}")
+        if image.exists():  # killed after the image was published (the final detach): the next K needs room
+            published.append(k)
+            shutil.rmtree(image)
+    total = k - 1
+    elapsed = time.monotonic() - t_start
+    print(f"{total} ptrace calls, each one killed; {elapsed:.1f} s")
+    # The sweep must reach through the injection (64 rt_sigaction calls alone are ~256 ptrace calls).
+    assert total > 250, f"only {total} ptrace calls: the kill hook does not see the dump's calls"
+    assert published == [total], f"killed dumps that had published the image: {published} of {total}"
+    assert not slow, f"the original took longer than {RECOVER_BUDGET} s to run again: {slow}"
+    assert image.is_dir() and tmp_dirs(image) == [], f"after the complete dump: {tmp_dirs(image)}"
+    check_ok(target, k, "after the complete dump")
+    target.mark()
+    target.signal(signal.SIGUSR2)
+    assert target.wait_result() == "PASS", target.describe()
+
+
+def run_cli_dump(harness: H.Harness, pid: int, image: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lazarus", "dump", "-t", str(pid), "-D", str(image), "--leave-running"],
+        cwd=H.REPO_ROOT, env={**os.environ, **env}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    harness.popens.append(proc)
+    return proc
+
+
+@pytest.mark.parametrize("kill_at", [5, 40, 150, 290])
+def test_cli_dump_killed_by_env_hook(harness: H.Harness, kill_at: int) -> None:
+    target = harness.start_target("survivor")
+    image = harness.image_dir()
+    proc = run_cli_dump(harness, target.pid, image, {"LAZARUS_TEST_KILL_AT_PTRACE": str(kill_at)})
+    # stderr is shared with the watchdog: its end means the watchdog is done too
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, f"exit {proc.returncode}: {err}"
+    wait_running(target, f"CLI dump killed at ptrace call {kill_at}")
+    assert f"lazarus: watchdog: the dump of pid {target.pid} died" in err, err
+    check_ok(target, 1, f"CLI dump killed at ptrace call {kill_at}")
+    # the next dump to the same place removes what the killed one left, and completes
+    left = tmp_dirs(image)
+    assert len(left) == 1, left
+    res = harness.dump(target, image, "--leave-running")
+    assert res.returncode == 0, res.stderr
+    assert tmp_dirs(image) == [], f"left behind: {tmp_dirs(image)}"
+    wait_running(target, "after the complete dump")
+    target.mark()
+    target.signal(signal.SIGUSR2)
+    assert target.wait_result() == "PASS", target.describe()
+
+
+def test_cli_dump_killed_at_random_moments(harness: H.Harness) -> None:
+    rng = random.Random(8)  # deterministic moments
+    target = harness.start_target("survivor")
+    for i in range(1, 7):
+        image = harness.image_dir()
+        proc = run_cli_dump(harness, target.pid, image, {})
+        deadline = time.monotonic() + 20
+        while traced_by(target.pid) == 0:
+            assert proc.poll() is None, f"dump ended before it attached: {proc.communicate()}"
+            assert time.monotonic() < deadline, "dump never attached"
+            time.sleep(0.0005)
+        time.sleep(rng.uniform(0, 0.03))
+        proc.kill()
+        _, err = proc.communicate(timeout=30)
+        wait_running(target, f"dump killed at random moment {i}")
+        check_ok(target, i, f"dump killed at random moment {i} ({err.strip()})")
+    target.mark()
+    target.signal(signal.SIGUSR2)
+    assert target.wait_result() == "PASS", target.describe()
