@@ -188,6 +188,7 @@ def test_cli_dump_killed_at_random_moments(harness: H.Harness) -> None:
         _, err = proc.communicate(timeout=30)
         wait_running(target, f"dump killed at random moment {i}")
         check_ok(target, i, f"dump killed at random moment {i} ({err.strip()})")
+        print(f"moment {i}: {err.strip()}")
     target.mark()
     target.signal(signal.SIGUSR2)
     assert target.wait_result() == "PASS", target.describe()

@@ -45,12 +45,17 @@ static void on_term(int sig, siginfo_t *si, void *uc)
 	(void)uc;
 }
 
-/* "start-end perms" of every mapping, one a line: what a leftover or lost mapping changes. */
+/*
+ * "start-end perms" of every mapping, one a line, adjacent ones with the same perms merged (a restore may
+ * merge what the kernel had split): what a leftover or lost mapping changes.
+ */
 static void read_maps(char *out)
 {
 	static char raw[MAPS_MAX * 4];
 	size_t len = 0, o = 0;
 	ssize_t n;
+	unsigned long start, end, cur_start = 0, cur_end = 0;
+	char perms[8], cur_perms[8] = "";
 	int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
 
 	if (fd < 0)
@@ -59,23 +64,28 @@ static void read_maps(char *out)
 		len += (size_t)n;
 	close(fd);
 	raw[len] = '\0';
-	for (char *line = raw; *line && o < MAPS_MAX - 64;) {
+	out[0] = '\0';
+	for (char *line = raw; *line;) {
 		char *nl = strchr(line, '\n');
-		char *sp = strchr(line, ' ');
 
-		if (!sp)
-			break;
-		sp = strchr(sp + 1, ' '); /* after the perms */
-		if (!sp || (nl && sp > nl))
-			break;
-		memcpy(out + o, line, (size_t)(sp - line));
-		o += (size_t)(sp - line);
-		out[o++] = '\n';
+		if (sscanf(line, "%lx-%lx %7s", &start, &end, perms) == 3) {
+			if (start == cur_end && !strcmp(perms, cur_perms)) {
+				cur_end = end;
+			} else {
+				if (cur_end && o < MAPS_MAX - 64)
+					o += (size_t)snprintf(out + o, MAPS_MAX - o, "%lx-%lx %s\n", cur_start, cur_end,
+							      cur_perms);
+				cur_start = start;
+				cur_end = end;
+				strcpy(cur_perms, perms);
+			}
+		}
 		if (!nl)
 			break;
 		line = nl + 1;
 	}
-	out[o] = '\0';
+	if (cur_end && o < MAPS_MAX - 64)
+		snprintf(out + o, MAPS_MAX - o, "%lx-%lx %s\n", cur_start, cur_end, cur_perms);
 }
 
 /* One raw nanosleep(2 ms) with known values in rbx and r12-r15; any change is counted in bad_regs. */
@@ -202,8 +212,8 @@ static void corrupt(void)
 		sigaddset(&s, SIGWINCH);
 		sigtimedwait(&s, NULL, &zero);
 	}
-	if (laz_corrupt("maps"))
-		mmap(NULL, LAZ_PAGE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (laz_corrupt("maps")) /* rwx: no neighbour it could merge with */
+		mmap(NULL, LAZ_PAGE, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (laz_corrupt("regs")) {
 		corrupt_regs = 1;
 		sleep_holding_regs();
