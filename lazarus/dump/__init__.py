@@ -16,7 +16,7 @@ from typing import Any
 from lazarus.dump.core import dump_misc, dump_registers, dump_signals
 from lazarus.dump.files import dump_files
 from lazarus.dump.memory import MemoryDumper
-from lazarus.dump.watchdog import Watchdog, repair
+from lazarus.dump.watchdog import Watchdog, continue_quietly, repair
 from lazarus.errors import DumpError, KernelError, LazarusError, NoSuchTask, Unsupported
 from lazarus.images import ImageWriter
 from lazarus.kernel import abi, procfs, ptrace
@@ -193,8 +193,7 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False) -> DumpResul
 
     npages = mem.total_pages
     if leave_running:
-        ptrace.detach(pid)  # into the group stop (T) ...
-        os.kill(pid, signal.SIGCONT)  # ... and out of it
+        continue_quietly(pid, signals["blocked"])
     else:
         os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(LazarusError):

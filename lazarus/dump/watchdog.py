@@ -295,10 +295,44 @@ def repair(st: JournalState) -> str:
         undone = f", unmapped scratch {st.scratch[0]:#x}"
     remote.close()  # munmap, registers, mask, and into an event stop for a clean syscall restart
     st.scratch = None
-    ptrace.detach(st.pid)  # back to the group stop (T) ...
-    os.kill(st.pid, signal.SIGCONT)  # ... and out of it
+    continue_quietly(st.pid, remote.saved_mask)
     what = "registers and signal mask put back" if st.regs is not None else "continued"
     return what + undone
+
+
+def continue_quietly(pid: int, mask: int) -> None:
+    """End our group stop and detach, without the program receiving the SIGCONT that ends it.
+
+    We are the tracer; the task is in an event stop with its own registers and mask back. While traced, the
+    SIGCONT waits in the queue for us: we take it at its signal-delivery stop and detach suppressing it, so a
+    SIGCONT handler does not run for our stop. A blocked SIGCONT cannot be taken that way: it then stays
+    pending, as after `kill -CONT`. Should we die in between, the kernel delivers it: the state is back by then.
+    """
+    if mask & (1 << (signal.SIGCONT - 1)):
+        ptrace.detach(pid)
+        os.kill(pid, signal.SIGCONT)
+        return
+    os.kill(pid, signal.SIGCONT)
+    deliver = 0
+    for _ in range(64):
+        ptrace.cont(pid, deliver)
+        try:
+            s = ptrace.wait(pid, timeout=2.0)
+        except NoSuchTask:
+            return
+        except LazarusError:  # pragma: no cover - it runs on (its state is back): just let go of it
+            with contextlib.suppress(LazarusError):
+                ptrace.detach(pid)
+            return
+        if s.exited or s.signaled:
+            return
+        deliver = 0
+        if s.stopped and not s.event and not s.syscall_stop:
+            if s.stop_sig == signal.SIGCONT:
+                ptrace.detach(pid, 0)
+                return
+            deliver = s.stop_sig  # another signal came first: deliver it as the kernel would
+    ptrace.detach(pid)  # pragma: no cover - a signal storm: give up being quiet
 
 
 def _wait_event_stop(pid: int) -> None:
@@ -344,4 +378,4 @@ def _watchdog_main(sock_fd: int, pid: int, start: int) -> int:
     return 0
 
 
-__all__ = ["JournalState", "Watchdog", "repair"]
+__all__ = ["JournalState", "Watchdog", "continue_quietly", "repair"]

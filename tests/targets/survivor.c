@@ -5,8 +5,9 @@
  * 1..64 is compared), a blocked pending SIGWINCH, a sigaltstack, its memory map (no mapping added or
  * removed, e.g. a dump's scratch page left behind), and five callee-saved registers (rbx, r12-r15)
  * holding known values across the raw nanosleep() it loops in, whose result must be 0 or -EINTR.
+ * A SIGCONT handler counts its calls (reported, not checked: a stop and continue is legitimate).
  *
- * Each SIGUSR1 asks for a check while it keeps running: it logs "# check N ok" or
+ * Each SIGUSR1 asks for a check while it keeps running: it logs "# check N ok (SIGCONT handled M times)" or
  * "# check N FAIL: what" (N counts the SIGUSR1s it received, so a lost or doubled one shows).
  *
  * Usage: survivor LOGFILE
@@ -22,7 +23,7 @@
 
 static const char POINTS[] = "mask handlers pending maps regs usr1 altstack";
 
-static volatile sig_atomic_t usr1_count;
+static volatile sig_atomic_t usr1_count, cont_count;
 static unsigned checks_done;
 static sigset_t want_mask;
 static struct sigaction want_act[NSIGS + 1];
@@ -36,6 +37,12 @@ static void on_usr1(int sig)
 {
 	(void)sig;
 	usr1_count++;
+}
+
+static void on_cont(int sig)
+{
+	(void)sig;
+	cont_count++;
 }
 
 static void on_term(int sig, siginfo_t *si, void *uc)
@@ -247,6 +254,11 @@ int main(int argc, char **argv)
 	if (sigaction(SIGTERM, &sa, NULL))
 		laz_die("sigaction SIGTERM");
 	signal(SIGHUP, SIG_IGN);
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_cont;
+	sa.sa_flags = SA_RESTART;
+	if (sigaction(SIGCONT, &sa, NULL))
+		laz_die("sigaction SIGCONT");
 
 	want_ss.ss_sp = mmap(NULL, ALTSTACK_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (want_ss.ss_sp == MAP_FAILED)
@@ -276,7 +288,7 @@ int main(int argc, char **argv)
 			checks_done++;
 			check();
 			if (laz_nfail == before) {
-				laz_log("# check %u ok", checks_done);
+				laz_log("# check %u ok (SIGCONT handled %d times)", checks_done, (int)cont_count);
 			} else {
 				laz_fail_buf[laz_fail_len] = '\0';
 				laz_log("# check %u FAIL: %s", checks_done, laz_fail_buf);
