@@ -71,6 +71,11 @@ def free_gap(pid: int, size: int) -> int:
     raise LazarusError(f"task {pid}: no free address range of {size} bytes for scratch memory", pid=pid)
 
 
+def scratch_present(pid: int, addr: int, size: int) -> bool:
+    """Whether [addr, addr+size) is exactly one anonymous mapping of the task (our scratch, made or not)."""
+    return any(v.start == addr and v.end == addr + size and not v.path for v in procfs.read_maps(pid))
+
+
 class Journal(Protocol):
     """What a RemoteTask tells a watchdog before it changes the task (see lazarus/dump/watchdog.py)."""
 
@@ -124,7 +129,8 @@ class RemoteTask:
         try:
             if self._restore_on_exit:
                 with contextlib.suppress(NoSuchTask):
-                    if self.scratch and self._own_scratch:
+                    if self.scratch and self._own_scratch and scratch_present(self.pid, self.scratch,
+                                                                             self.scratch_size):
                         self.syscall(abi.SYS.munmap, self.scratch, self.scratch_size)
                         self.scratch = 0
                         if self.journal is not None:
@@ -190,20 +196,26 @@ class RemoteTask:
     # -- memory ---------------------------------------------------------------------------------------
     def alloc_scratch(self, size: int = 4 * abi.PAGE_SIZE) -> int:
         """Map a private scratch area in the task for passing structures and strings."""
-        if not self.scratch:
-            flags = abi.MAP_PRIVATE | abi.MAP_ANONYMOUS
-            addr = 0
-            if self.journal is not None:
-                # At an address chosen and journalled before the call, so that whoever repairs the task after
-                # our death knows what to unmap even if we died between the mmap and reading its result.
-                addr = free_gap(self.pid, size)
-                flags |= abi.MAP_FIXED_NOREPLACE
-                self.journal.scratch(addr, size)
-            self.scratch = self.syscall(abi.SYS.mmap, addr, size, abi.PROT_READ | abi.PROT_WRITE,
-                                        flags, _NEG1, 0)
-            self.scratch_size = size
-            self._own_scratch = True
-        return self.scratch
+        if self.scratch:
+            return self.scratch
+        prot = abi.PROT_READ | abi.PROT_WRITE
+        if self.journal is None:
+            self.scratch = self.syscall(abi.SYS.mmap, 0, size, prot, abi.MAP_PRIVATE | abi.MAP_ANONYMOUS, _NEG1, 0)
+            self.scratch_size, self._own_scratch = size, True
+            return self.scratch
+        # At an address chosen and journalled before the call, so that whoever puts the task back after our death
+        # or failure knows what to unmap even if we never learnt whether the mmap was made.
+        addr = free_gap(self.pid, size)
+        self.journal.scratch(addr, size)
+        self.scratch, self.scratch_size, self._own_scratch = addr, size, True
+        ret = self.raw(abi.SYS.mmap, addr, size, prot,
+                       abi.MAP_PRIVATE | abi.MAP_ANONYMOUS | abi.MAP_FIXED_NOREPLACE, _NEG1, 0)
+        if ret != addr:
+            self.scratch, self._own_scratch = 0, False
+            self.journal.scratch_gone()
+            raise KernelError(f"mmap of scratch memory in task {self.pid} at {addr:#x}",
+                              -ret if -4096 < ret < 0 else errno.EFAULT, pid=self.pid)
+        return addr
 
     def use_scratch(self, addr: int, size: int) -> None:
         """Use an existing writable area of the task as scratch (restore: the injection page)."""

@@ -86,9 +86,10 @@ def check_ok(target: H.Target, n: int, what: str) -> int:
         time.sleep(0.002)
 
 
-def forked_dump(pid: int, image: Path, kill_at: int) -> tuple[int, int | None]:
+def forked_dump(pid: int, image: Path, kill_at: int, fail: bool = False) -> tuple[int, int | None]:
     """Run lazarus.dump.dump(leave_running) in a forked child that SIGKILLs itself before its kill_at-th ptrace
-    call. Returns the child's wait status and the pid of its watchdog (adopted by pytest, the subreaper)."""
+    call (fail: whose kill_at-th call fails instead). Returns the child's wait status and the pid of its watchdog
+    (adopted by pytest, the subreaper)."""
     r, w = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the child
@@ -104,7 +105,10 @@ def forked_dump(pid: int, image: Path, kill_at: int) -> tuple[int, int | None]:
                 return wd
 
             Watchdog.start = tell_pid  # type: ignore[method-assign]
-            ptrace.set_test_kill(kill_at)
+            if fail:
+                ptrace.set_test_fail(kill_at)
+            else:
+                ptrace.set_test_kill(kill_at)
             dump(pid, image, leave_running=True)
             code = 0
         except BaseException as e:  # noqa: BLE001 - report anything, the parent asserts
@@ -159,6 +163,31 @@ def test_dump_killed_at_every_ptrace_call(harness: H.Harness) -> None:
     # calls, after it sent SIGCONT and before it took it, lets the kernel deliver it.
     assert check_ok(target, k, "after the complete dump") == conts, "the complete dump let SIGCONT through"
     assert all(k >= total - 3 for k in cont_seen), f"SIGCONT handler ran after kills at {cont_seen} of {total}"
+    target.mark()
+    target.signal(signal.SIGUSR2)
+    assert target.wait_result() == "PASS", target.describe()
+
+
+def test_dump_failing_at_every_ptrace_call(harness: H.Harness) -> None:
+    """The dump's own failure path (an error it survives) puts the original back at every point too, before it
+    reports the error, and leaves no temporary directory."""
+    target = harness.start_target("survivor")
+    image = harness.image_dir()
+    k = 0
+    while True:
+        k += 1
+        assert k < 2000, "the dump never completed"
+        status, watchdog = forked_dump(target.pid, image, k, fail=True)
+        assert os.WIFEXITED(status), f"K={k}: status {status:#x}"
+        if os.WEXITSTATUS(status) == 0:
+            break
+        # the original runs again by the time the dump has exited, with no wait for the watchdog
+        state = H.proc_state(target.pid)
+        assert state in ("S", "R") and traced_by(target.pid) == 0, f"K={k}: the original is {state} after the dump"
+        wait_running(target, f"dump failing at ptrace call {k}", watchdog)
+        assert tmp_dirs(image) == [] and not image.exists(), f"K={k}: {tmp_dirs(image)}"
+        assert check_ok(target, k, f"dump failing at ptrace call {k}") == 0, f"K={k}: SIGCONT let through"
+    assert k - 1 > 250, f"only {k - 1} ptrace calls"
     target.mark()
     target.signal(signal.SIGUSR2)
     assert target.wait_result() == "PASS", target.describe()

@@ -183,10 +183,7 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False) -> DumpResul
             with contextlib.suppress(Exception):
                 remote.close()
                 watchdog.clean()
-        if seized:
-            with contextlib.suppress(LazarusError, OSError):
-                ptrace.detach(pid)  # into the group stop (T), if it began: repair() takes it from there
-        _repair_in_process(pid, watchdog)
+        _resume_after_failure(pid, watchdog, seized)
         if isinstance(e, NoSuchTask) or (isinstance(e, LazarusError) and not os.path.exists(f"/proc/{pid}")):
             raise NoSuchTask(f"pid {pid} exited during the dump", pid=pid) from e
         raise
@@ -205,13 +202,27 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False) -> DumpResul
     return DumpResult(pid, directory, npages, time.monotonic() - t0, leave_running)
 
 
-def _repair_in_process(pid: int, watchdog: Watchdog) -> None:
-    """After a failure we survived: the watchdog's own repair, run here so that the original runs again before
-    the error is reported. If even this fails, the watchdog (not released) tries again once we exit."""
+def _resume_after_failure(pid: int, watchdog: Watchdog, seized: bool) -> None:
+    """After a failure we survived, let the original run on as it was before the error is reported: quietly if
+    its state is back already, else by the watchdog's own repair run here. If that fails, the watchdog (not
+    released) tries again once we have exited."""
+    st = watchdog.state
+    if seized and st.clean and st.mask is not None:
+        try:
+            continue_quietly(pid, st.mask)
+            watchdog.release()
+            return
+        except (LazarusError, OSError):
+            pass
+    if seized:
+        with contextlib.suppress(LazarusError, OSError):
+            ptrace.detach(pid)  # into the group stop (T), if it began: repair() takes it from there
     try:
-        what = repair(watchdog.state)
+        what = repair(st)
     except (LazarusError, OSError) as e:
-        log.warning("pid %d: putting it back failed (%s); the watchdog will retry when this process exits", pid, e)
-        return
+        what = f"cannot repair: {e}"
     log.debug("pid %d after the failed dump: %s", pid, what)
+    if what.startswith("cannot"):
+        log.warning("pid %d: %s; the dump's watchdog will try again once this process has exited", pid, what)
+        return
     watchdog.release()

@@ -61,7 +61,7 @@ from dataclasses import dataclass
 
 from lazarus.errors import KernelError, LazarusError, NoSuchTask
 from lazarus.kernel import abi, procfs, ptrace
-from lazarus.remote import RemoteTask, restart_after_freeze
+from lazarus.remote import RemoteTask, restart_after_freeze, scratch_present
 
 log = logging.getLogger(__name__)
 
@@ -246,10 +246,6 @@ def _stop_pending(pid: int) -> bool:
     return False
 
 
-def _scratch_present(pid: int, addr: int, size: int) -> bool:
-    return any(v.start == addr and v.end == addr + size and not v.path for v in procfs.read_maps(pid))
-
-
 def repair(st: JournalState) -> str:
     """Put the original back as the journal says and let it run. Returns what was done, for a log line.
 
@@ -264,7 +260,7 @@ def repair(st: JournalState) -> str:
     if why == "gone":
         return "gone"
     if why is not None:
-        if st.regs is None or st.clean:
+        if why.startswith("not stopped") and (st.regs is None or st.clean):
             return f"nothing changed in it; {why}"
         return f"cannot repair: {why}"
     if st.clean:
@@ -289,7 +285,7 @@ def repair(st: JournalState) -> str:
     if st.mask is not None:
         remote.saved_mask = st.mask
     undone = ""
-    if st.scratch is not None and _scratch_present(st.pid, *st.scratch):
+    if st.scratch is not None and scratch_present(st.pid, *st.scratch):
         remote.scratch, remote.scratch_size = st.scratch
         remote._own_scratch = True
         undone = f", unmapped scratch {st.scratch[0]:#x}"

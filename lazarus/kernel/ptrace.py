@@ -22,6 +22,7 @@ _ptrace.argtypes = [C.c_long, C.c_int, C.c_void_p, C.c_void_p]
 # K-th ptrace call, as an OOM kill would at that moment (tests/test_dump_killed.py walks K over a whole dump).
 # Only tests set it; the dump's watchdog turns it off in itself (set_test_kill(0)).
 _test_kill_at = 0
+_test_fail_at = 0
 _calls = 0
 with contextlib.suppress(ValueError):
     _test_kill_at = int(os.environ.get("LAZARUS_TEST_KILL_AT_PTRACE", "0"))
@@ -29,8 +30,14 @@ with contextlib.suppress(ValueError):
 
 def set_test_kill(k: int) -> None:
     """Die (SIGKILL) just before the k-th ptrace call from now on (0: never). Tests only."""
-    global _test_kill_at, _calls
-    _test_kill_at, _calls = k, 0
+    global _test_kill_at, _test_fail_at, _calls
+    _test_kill_at, _test_fail_at, _calls = k, 0, 0
+
+
+def set_test_fail(k: int) -> None:
+    """Make the k-th ptrace call from now on fail with EIO without being made (0: never). Tests only."""
+    global _test_kill_at, _test_fail_at, _calls
+    _test_kill_at, _test_fail_at, _calls = 0, k, 0
 
 
 def call_count() -> int:
@@ -43,6 +50,8 @@ def ptrace(req: int, pid: int, addr: int | object = 0, data: int | object = 0, *
     _calls += 1
     if _calls == _test_kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
+    if _calls == _test_fail_at:
+        raise KernelError(f"{what or f'ptrace({req:#x})'} (failed by the test hook)", errno.EIO, pid=pid)
     C.set_errno(0)
     a = addr if not isinstance(addr, int) else C.c_void_p(addr)
     d = data if not isinstance(data, int) else C.c_void_p(data)
