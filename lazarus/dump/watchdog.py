@@ -6,42 +6,48 @@ and the original crashes or runs deaf. Two things prevent it:
 
 1. The dump stops the original with SIGSTOP before it changes anything, and keeps that group stop for the
    whole dump. When a tracer exits, the kernel puts a tracee whose group is stopped back into TASK_STOPPED
-   (__ptrace_unlink re-arms JOBCTL_STOP_PENDING on its way out), so the original stays stopped, on our state,
-   until someone continues it. The group stop does not hinder injection: a tracer may still run its stopped
-   tracee (measured). The cgroup v2 freezer would keep it frozen across the tracer's death too, but a frozen
-   task never gets from one injected system call to the next (every resume goes through the freezer trap
-   first; measured: the dump times out), and it would move the process to another cgroup meanwhile.
-2. A watchdog process, started before the seize, is told the original registers, mask and syscall address
-   before any of them change, and every scratch mapping before it is made. If the dump dies before releasing
-   it, it seizes the original again, puts all of that back, detaches and sends SIGCONT.
+   (__ptrace_unlink re-arms JOBCTL_STOP_PENDING), so the original stays stopped, on our state, until someone
+   continues it. The group stop does not hinder injection: a tracer may still run its stopped tracee.
+   Measured on this kernel (6.18): with no stop, a tracer SIGKILLed at a syscall-exit stop leaves the tracee
+   to die of SIGSEGV; with the group stop it stays in T with SigBlk all ones until SIGCONT.
+   Weighed and not taken: the cgroup v2 freezer (mounted here at /sys/fs/cgroup/unified, hybrid) also keeps
+   a task frozen across its tracer's death, but a frozen task never gets from one injected call to the next
+   (each ptrace resume passes the freezer trap in get_signal first; measured: the dump times out), and it
+   would move the process to another cgroup meanwhile. Parking code (rip always on a `syscall; pause` loop
+   of ours) needs memory we can only make by an injection that is itself unprotected.
+   The price of the stop is that it is a real job-control stop: the parent gets SIGCHLD with CLD_STOPPED and
+   then CLD_CONTINUED (a shell sees its job stop and continue). The program itself does not see the SIGCONT
+   (continue_quietly() takes it away at its delivery stop) unless it blocks SIGCONT (then it stays pending).
+2. A watchdog process, forked before the seize (double fork, own session: not our child, not in our
+   process group, and small, so neither a kill of the dump's group nor the OOM killer's choice takes it), is
+   told the original registers, mask and syscall address before any of them change, and every scratch
+   mapping before it is made (at an address chosen first, MAP_FIXED_NOREPLACE). If the dump dies before
+   releasing it, it seizes the original again, puts all of that back and continues it.
 
-    lazarus dump                                    watchdog (double fork: not our child, own session)
+    lazarus dump                                    watchdog
     ------------                                    --------
-    start() ------------------- SEQPACKET ---------> "ready"
-    seize; "stopping"  ---------------------------->   (from here on: repair on EOF)
+    Watchdog.start() ------------ SEQPACKET ------> "ready"
+    seize; "stopping" ---------------------------->   (from here on: repair() on EOF)
     SIGSTOP -> group stop (T); the task cannot run again until SIGCONT
-    "saved" regs, mask, syscall ip  --------------->
+    "saved" regs, mask, syscall ip  -------------->
     sigmask := all blocked; inject ...
-    "scratch" addr, size (then mmap FIXED there) -->
-    ... munmap; "scratch-gone" -------------------->
-    regs, mask put back; "clean"  ----------------->   (from here on: only SIGCONT on EOF)
+    "scratch" addr, size; mmap FIXED there  ------>
+    ... munmap; "scratch-gone" ------------------->
+    regs, mask put back; "clean" ----------------->   (from here on: only SIGCONT on EOF)
     pages, files, image written and verified
-    detach; SIGCONT (or SIGKILL); "release" ------->   exits, touching nothing
-    (killed anywhere above)  -------- EOF -------->   repair(): wait for T and no tracer; seize; interrupt;
-                                                      munmap the scratch if it is still there; registers
-                                                      and mask from "saved"; detach; SIGCONT; one line on
-                                                      stderr saying what it did
+    SIGCONT, taken at its delivery stop; detach
+      (or SIGKILL the original); "release" ------->   exits, touching nothing
+    (killed anywhere above) --------- EOF -------->   repair(): wait for T and no tracer; seize (that reports
+                                                      the group stop); munmap the scratch if it is there;
+                                                      registers and mask from "saved"; continue_quietly();
+                                                      one line on stderr saying what it did
 
-On a failure it survives, the dump runs the same repair() itself (so the original runs again before the dump
-reports the error), then releases the watchdog. repair() is idempotent: the watchdog may redo it.
+On a failure it survives, the dump puts the original back itself (continue_quietly() if the state is clean,
+else detach and the same repair()) before it reports the error, then releases the watchdog; should that fail,
+the watchdog, not released, repairs once the dump exits. repair() is idempotent: the watchdog may redo it.
 
-What the original and its parent see: a stop and a continue, as with `kill -STOP` / `kill -CONT`: the parent
-gets SIGCHLD (CLD_STOPPED, CLD_CONTINUED), a SIGCONT handler runs once, and a call that a stop interrupts
-behaves as after any stop (rt_sigtimedwait is made to run again, see remote.restart_after_freeze). If the dump
-and its watchdog are both killed before "clean", the original stays stopped on injected state: never
-SIGCONT it by hand then; that is the one case this design cannot repair (only the dump's own death is covered,
-which is what an OOM kill or a user's SIGKILL of `lazarus dump` does: the watchdog is small and in its own
-session, so neither the OOM killer's choice nor a kill of the dump's process group takes it).
+If the dump and its watchdog are both killed before "clean", the original stays stopped on injected state:
+never SIGCONT it by hand then. A SIGCONT someone else sends during the dump ends the protecting stop early.
 """
 
 from __future__ import annotations
