@@ -1,14 +1,16 @@
 /*
- * survivor.c - a process that must come out of a dump (finished, failed or killed half way) exactly
- * as it went in: a known blocked mask (SIGUSR2, SIGWINCH, SIGRTMIN+2), handlers (SIGUSR1 counting,
- * SIGTERM with SA_SIGINFO|SA_RESTART|SA_ONSTACK and a sa_mask, SIGHUP ignored; every disposition
- * 1..64 is compared), a blocked pending SIGWINCH, a sigaltstack, its memory map (no mapping added or
- * removed, e.g. a dump's scratch page left behind), and five callee-saved registers (rbx, r12-r15)
- * holding known values across the raw nanosleep() it loops in, whose result must be 0 or -EINTR.
- * A SIGCONT handler counts its calls (reported, not checked: a stop and continue is legitimate).
+ * survivor.c - exercises a dump that finishes, fails or is killed half way: the process must come
+ * out of it exactly as it went in. State: a known blocked mask (SIGUSR2, SIGWINCH, SIGRTMIN+2),
+ * handlers (SIGUSR1 counting, SIGTERM with SA_SIGINFO|SA_RESTART|SA_ONSTACK and a sa_mask, SIGHUP
+ * ignored; every disposition 1..64 is compared), a blocked pending SIGWINCH, a sigaltstack, its
+ * memory map (no mapping added or removed, e.g. a dump's scratch page left behind), and five
+ * callee-saved registers (rbx, r12-r15) holding known values across the raw nanosleep() it loops
+ * in, whose result must be 0 or -EINTR. A SIGCONT handler counts its calls (reported, not checked:
+ * a stop and continue is legitimate).
  *
- * Each SIGUSR1 asks for a check while it keeps running: it logs "# check N ok (SIGCONT handled M times)" or
- * "# check N FAIL: what" (N counts the SIGUSR1s it received, so a lost or doubled one shows).
+ * Each SIGUSR1 asks for a check while it keeps running: it logs "# check N ok (SIGCONT handled M
+ * times)" or "# check N FAIL: what" (N counts the SIGUSR1s it received, so a lost or doubled one
+ * shows).
  *
  * Usage: survivor LOGFILE
  * Trigger: SIGUSR2 (final check, PASS or FAIL).
