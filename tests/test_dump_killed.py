@@ -228,7 +228,7 @@ def test_cli_dump_killed_by_env_hook(harness: H.Harness, kill_at: int) -> None:
 def test_cli_dump_killed_at_random_moments(harness: H.Harness) -> None:
     rng = random.Random(8)  # deterministic moments
     target = harness.start_target("survivor")
-    for i in range(1, 7):
+    for i in range(1, 21):
         image = harness.image_dir()
         proc = run_cli_dump(harness, target.pid, image, {})
         deadline = time.monotonic() + 20
