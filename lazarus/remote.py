@@ -62,12 +62,12 @@ def free_gap(pid: int, size: int) -> int:
     """A free, page-aligned address range of `size` bytes (plus a guard page either side) in the task, taken
     top-down from below its highest user mapping, as the kernel itself would place an mmap."""
     vmas = sorted((v.start, v.end, v.path) for v in procfs.read_maps(pid) if v.end <= _USER_TOP)
-    need = size + 2 * abi.PAGE_SIZE
     for (_, prev_end, _), (start, _, path) in zip(reversed(vmas[:-1]), reversed(vmas[1:]), strict=True):
         if path == "[stack]":  # the stack grows down into the gap below it
             continue
-        if start - prev_end >= need and prev_end >= _LOW_LIMIT:
-            return start - size - abi.PAGE_SIZE
+        addr = start - size - abi.PAGE_SIZE
+        if addr - abi.PAGE_SIZE >= prev_end and addr >= _LOW_LIMIT:
+            return addr
     raise LazarusError(f"task {pid}: no free address range of {size} bytes for scratch memory", pid=pid)
 
 
