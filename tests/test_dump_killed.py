@@ -86,10 +86,10 @@ def check_ok(target: H.Target, n: int, what: str) -> int:
         time.sleep(0.002)
 
 
-def forked_dump(pid: int, image: Path, kill_at: int, fail: bool = False) -> tuple[int, int | None]:
+def forked_dump(pid: int, image: Path, kill_at: int, fail: bool = False) -> tuple[int, int | None, int | None]:
     """Run lazarus.dump.dump(leave_running) in a forked child that SIGKILLs itself before its kill_at-th ptrace
-    call (fail: whose kill_at-th call fails instead). Returns the child's wait status and the pid of its watchdog
-    (adopted by pytest, the subreaper)."""
+    call (fail: whose kill_at-th call fails instead). Returns the child's wait status, the pid of its watchdog
+    (adopted by pytest, the subreaper) and, if the dump returned, how many ptrace calls it made."""
     r, w = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the child
@@ -100,8 +100,7 @@ def forked_dump(pid: int, image: Path, kill_at: int, fail: bool = False) -> tupl
 
             def tell_pid(target_pid: int) -> Watchdog:
                 wd = start(target_pid)
-                os.write(w, str(wd.pid).encode())
-                os.close(w)
+                os.write(w, f"{wd.pid}\n".encode())
                 return wd
 
             Watchdog.start = tell_pid  # type: ignore[method-assign]
@@ -110,6 +109,7 @@ def forked_dump(pid: int, image: Path, kill_at: int, fail: bool = False) -> tupl
             else:
                 ptrace.set_test_kill(kill_at)
             dump(pid, image, leave_running=True)
+            os.write(w, f"{ptrace.call_count()}\n".encode())
             code = 0
         except BaseException as e:  # noqa: BLE001 - report anything, the parent asserts
             print(f"dump failed: {e}", file=sys.stderr)
@@ -117,9 +117,9 @@ def forked_dump(pid: int, image: Path, kill_at: int, fail: bool = False) -> tupl
             os._exit(code)
     os.close(w)
     with os.fdopen(r, "rb") as f:
-        got = f.read()
+        got = [int(x) for x in f.read().split()]
     _, status = os.waitpid(child, 0)
-    return status, int(got) if got else None
+    return status, got[0] if got else None, got[1] if len(got) > 1 else None
 
 
 def test_dump_killed_at_every_ptrace_call(harness: H.Harness) -> None:
@@ -134,7 +134,7 @@ def test_dump_killed_at_every_ptrace_call(harness: H.Harness) -> None:
     while True:
         k += 1
         assert k < 2000, "the dump never completed"
-        status, watchdog = forked_dump(target.pid, image, k)
+        status, watchdog, _ = forked_dump(target.pid, image, k)
         took = wait_running(target, f"dump killed at ptrace call {k}", watchdog)
         if took > RECOVER_BUDGET:
             slow.append((k, took))
@@ -173,21 +173,32 @@ def test_dump_failing_at_every_ptrace_call(harness: H.Harness) -> None:
     reports the error, and leaves no temporary directory."""
     target = harness.start_target("survivor")
     image = harness.image_dir()
-    k = 0
-    while True:
-        k += 1
-        assert k < 2000, "the dump never completed"
-        status, watchdog = forked_dump(target.pid, image, k, fail=True)
+    status, watchdog, total = forked_dump(target.pid, image, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and total, f"a clean dump failed: {status:#x}"
+    wait_running(target, "clean dump", watchdog)
+    shutil.rmtree(image)
+    assert total > 250, f"only {total} ptrace calls"
+    swallowed: list[int] = []
+    for k in range(1, total + 1):
+        status, watchdog, _ = forked_dump(target.pid, image, k, fail=True)
         assert os.WIFEXITED(status), f"K={k}: status {status:#x}"
-        if os.WEXITSTATUS(status) == 0:
-            break
         # the original runs again by the time the dump has exited, with no wait for the watchdog
         state = H.proc_state(target.pid)
         assert state in ("S", "R") and traced_by(target.pid) == 0, f"K={k}: the original is {state} after the dump"
         wait_running(target, f"dump failing at ptrace call {k}", watchdog)
-        assert tmp_dirs(image) == [] and not image.exists(), f"K={k}: {tmp_dirs(image)}"
+        assert tmp_dirs(image) == [], f"K={k}: {tmp_dirs(image)}"
+        if os.WEXITSTATUS(status) == 0:  # a failure the dump tolerates by design (e.g. no rseq configuration)
+            swallowed.append(k)
+        assert image.exists() == (os.WEXITSTATUS(status) == 0), f"K={k}: exit {os.WEXITSTATUS(status)}, " \
+            f"image {'published' if image.exists() else 'missing'}"
+        if image.exists():
+            shutil.rmtree(image)
         assert check_ok(target, k, f"dump failing at ptrace call {k}") == 0, f"K={k}: SIGCONT let through"
-    assert k - 1 > 250, f"only {k - 1} ptrace calls"
+    # Tolerated: the last three calls (letting the original go, after the image is published) and one more:
+    # dump_misc (dump/core.py) reads a failing PTRACE_GET_RSEQ_CONFIGURATION as "no rseq registered" and
+    # goes on; whether it should refuse instead is outside this test.
+    before_publish = [k for k in swallowed if k <= total - 3]
+    assert len(before_publish) <= 1, f"failures the dump went on after: {swallowed} of {total}"
     target.mark()
     target.signal(signal.SIGUSR2)
     assert target.wait_result() == "PASS", target.describe()

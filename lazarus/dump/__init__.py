@@ -190,7 +190,11 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False) -> DumpResul
 
     npages = mem.total_pages
     if leave_running:
-        continue_quietly(pid, signals["blocked"])
+        try:
+            continue_quietly(pid, signals["blocked"])
+        except (LazarusError, OSError):
+            # The image is complete: only letting the original go failed. Not an error of the dump.
+            _resume_after_failure(pid, watchdog, True)
     else:
         os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(LazarusError):
