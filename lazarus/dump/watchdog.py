@@ -33,7 +33,7 @@ and the original crashes or runs deaf. Two things prevent it:
     sigmask := all blocked; inject ...
     "scratch" addr, size; mmap FIXED there  ------>
     ... munmap; "scratch-gone" ------------------->
-    regs, mask put back; "clean" ----------------->   (from here on: only SIGCONT on EOF)
+    regs, mask put back; "clean" ----------------->   (from here on: nothing to put back on EOF)
     pages, files, image written and verified
     SIGCONT, taken at its delivery stop; detach
       (or SIGKILL the original); "release" ------->   exits, touching nothing
@@ -269,9 +269,6 @@ def repair(st: JournalState) -> str:
         if why.startswith("not stopped") and (st.regs is None or st.clean):
             return f"nothing changed in it; {why}"
         return f"cannot repair: {why}"
-    if st.clean:
-        os.kill(st.pid, signal.SIGCONT)
-        return "continued (its state was already put back)"
     for _ in range(1000):
         try:
             ptrace.seize(st.pid, abi.PTRACE_O_TRACESYSGOOD)
@@ -298,6 +295,8 @@ def repair(st: JournalState) -> str:
     remote.close()  # munmap, registers, mask, and into an event stop for a clean syscall restart
     st.scratch = None
     continue_quietly(st.pid, remote.saved_mask)
+    if st.clean:
+        return "continued (its state was already put back)"
     what = "registers and signal mask put back" if st.regs is not None else "continued"
     return what + undone
 
