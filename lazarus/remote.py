@@ -18,14 +18,18 @@ import contextlib
 import errno
 import logging
 import os
+from collections.abc import Callable
+from typing import Protocol
 
 from lazarus.errors import KernelError, LazarusError, NoSuchTask
-from lazarus.kernel import abi, ptrace
+from lazarus.kernel import abi, procfs, ptrace
 
 log = logging.getLogger(__name__)
 
 _ALL_SIGNALS = (1 << 64) - 1 & ~((1 << (abi.SIGKILL - 1)) | (1 << (abi.SIGSTOP - 1)))
 _NEG1 = (1 << 64) - 1
+_USER_TOP = 1 << 47
+_LOW_LIMIT = 1 << 32  # keep scratch away from the program's brk heap and low fixed mappings
 
 
 def restart_after_freeze(regs: abi.user_regs_struct) -> bool:
@@ -54,6 +58,32 @@ def find_syscall_insn(pid: int, start: int, end: int) -> int | None:
     return None if off < 0 else start + off
 
 
+def free_gap(pid: int, size: int) -> int:
+    """A free, page-aligned address range of `size` bytes (plus a guard page either side) in the task, taken
+    top-down from below its highest user mapping, as the kernel itself would place an mmap."""
+    vmas = sorted((v.start, v.end, v.path) for v in procfs.read_maps(pid) if v.end <= _USER_TOP)
+    for (_, prev_end, _), (start, _, path) in zip(reversed(vmas[:-1]), reversed(vmas[1:]), strict=True):
+        if path == "[stack]":  # the stack grows down into the gap below it
+            continue
+        addr = start - size - abi.PAGE_SIZE
+        if addr - abi.PAGE_SIZE >= prev_end and addr >= _LOW_LIMIT:
+            return addr
+    raise LazarusError(f"task {pid}: no free address range of {size} bytes for scratch memory", pid=pid)
+
+
+def scratch_present(pid: int, addr: int, size: int) -> bool:
+    """Whether [addr, addr+size) is exactly one anonymous mapping of the task (our scratch, made or not)."""
+    return any(v.start == addr and v.end == addr + size and not v.path for v in procfs.read_maps(pid))
+
+
+class Journal(Protocol):
+    """What a RemoteTask tells a watchdog before it changes the task (see lazarus/dump/watchdog.py)."""
+
+    def saved(self, regs: abi.user_regs_struct, mask: int, syscall_ip: int) -> None: ...
+    def scratch(self, addr: int, size: int) -> None: ...
+    def scratch_gone(self) -> None: ...
+
+
 class RemoteTask:
     """A stopped, traced task into which system calls are injected.
 
@@ -62,15 +92,25 @@ class RemoteTask:
     as they were (unless `keep_state()` was called, as a restore does).
     """
 
-    def __init__(self, pid: int, syscall_ip: int) -> None:
+    def __init__(self, pid: int, syscall_ip: int, *,
+                 adjust: Callable[[abi.user_regs_struct], object] | None = None,
+                 journal: Journal | None = None) -> None:
         self.pid = pid
         self.syscall_ip = syscall_ip
         self.saved_regs = ptrace.get_regs(pid)
+        if adjust is not None:
+            adjust(self.saved_regs)
         self.saved_mask = ptrace.get_sigmask(pid)
         self._restore_on_exit = True
         self.scratch = 0
         self.scratch_size = 0
+        self._own_scratch = False
+        # Someone who can put things back should we die half way (the dump's watchdog): told the original
+        # registers, mask and syscall address before anything changes, and every scratch mapping before it exists.
+        self.journal = journal
         self._mem = os.open(f"/proc/{pid}/mem", os.O_RDWR)
+        if journal is not None:
+            journal.saved(self.saved_regs, self.saved_mask, syscall_ip)
         ptrace.set_sigmask(pid, _ALL_SIGNALS)
         self.calls = 0
 
@@ -89,9 +129,12 @@ class RemoteTask:
         try:
             if self._restore_on_exit:
                 with contextlib.suppress(NoSuchTask):
-                    if self.scratch:
+                    if self.scratch and self._own_scratch and scratch_present(self.pid, self.scratch,
+                                                                             self.scratch_size):
                         self.syscall(abi.SYS.munmap, self.scratch, self.scratch_size)
                         self.scratch = 0
+                        if self.journal is not None:
+                            self.journal.scratch_gone()
                     ptrace.set_regs(self.pid, self.saved_regs)
                     ptrace.set_sigmask(self.pid, self.saved_mask)
                     self.stop_in_signal_context()
@@ -153,15 +196,31 @@ class RemoteTask:
     # -- memory ---------------------------------------------------------------------------------------
     def alloc_scratch(self, size: int = 4 * abi.PAGE_SIZE) -> int:
         """Map a private scratch area in the task for passing structures and strings."""
-        if not self.scratch:
-            self.scratch = self.syscall(abi.SYS.mmap, 0, size, abi.PROT_READ | abi.PROT_WRITE,
-                                        abi.MAP_PRIVATE | abi.MAP_ANONYMOUS, _NEG1, 0)
-            self.scratch_size = size
-        return self.scratch
+        if self.scratch:
+            return self.scratch
+        prot = abi.PROT_READ | abi.PROT_WRITE
+        if self.journal is None:
+            self.scratch = self.syscall(abi.SYS.mmap, 0, size, prot, abi.MAP_PRIVATE | abi.MAP_ANONYMOUS, _NEG1, 0)
+            self.scratch_size, self._own_scratch = size, True
+            return self.scratch
+        # At an address chosen and journalled before the call, so that whoever puts the task back after our death
+        # or failure knows what to unmap even if we never learnt whether the mmap was made.
+        addr = free_gap(self.pid, size)
+        self.journal.scratch(addr, size)
+        self.scratch, self.scratch_size, self._own_scratch = addr, size, True
+        ret = self.raw(abi.SYS.mmap, addr, size, prot,
+                       abi.MAP_PRIVATE | abi.MAP_ANONYMOUS | abi.MAP_FIXED_NOREPLACE, _NEG1, 0)
+        if ret != addr:
+            self.scratch, self._own_scratch = 0, False
+            self.journal.scratch_gone()
+            raise KernelError(f"mmap of scratch memory in task {self.pid} at {addr:#x}",
+                              -ret if -4096 < ret < 0 else errno.EFAULT, pid=self.pid)
+        return addr
 
     def use_scratch(self, addr: int, size: int) -> None:
         """Use an existing writable area of the task as scratch (restore: the injection page)."""
         self.scratch, self.scratch_size = addr, size
+        self._own_scratch = False
 
     def write(self, addr: int, data: bytes) -> None:
         try:

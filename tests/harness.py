@@ -50,6 +50,7 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "files2": (),
     "locks": (),
     "files_refuse": (),
+    "survivor": (),
 }
 CFLAGS = ("-O1", "-g", "-Wall")
 
@@ -334,6 +335,7 @@ CASES: tuple[Case, ...] = (
     Case("memfd-seals", "memfd_seals"),
     Case("files2", "files2"),
     Case("locks", "locks"),
+    Case("survivor", "survivor", syscall=SYS_NANOSLEEP),
 )
 CASES_BY_ID = {c.id: c for c in CASES}
 

@@ -1,4 +1,5 @@
-"""Dump: seize -> freeze -> read state -> pages -> images (DIR.tmp, verified, renamed) -> kill or resume."""
+"""Dump: watchdog -> seize -> SIGSTOP -> read state -> pages -> images (DIR.tmp, verified, renamed) -> kill or
+resume. The group stop and the watchdog keep the original safe should the dump itself die (watchdog.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from lazarus.dump.files import dump_cwd, dump_files
 from lazarus.dump.membership import check_namespaces, check_session, dump_cgroups
 from lazarus.dump.memory import MemoryDumper
 from lazarus.dump.thp import mark_huge
+from lazarus.dump.watchdog import Watchdog, continue_quietly, repair
 from lazarus.errors import DumpError, KernelError, LazarusError, NoSuchTask, Unsupported
 from lazarus.images import ImageWriter
 from lazarus.kernel import abi, procfs, ptrace
@@ -70,24 +72,30 @@ def check_resources(pid: int, status: procfs.Status) -> None:
         raise Unsupported(f"pid {pid} runs under seccomp (mode {status.seccomp}), which is not supported")
 
 
-def freeze(pid: int) -> None:
-    """Seize and stop the task (group-stop-free PTRACE_INTERRUPT)."""
+_STOP_SIGNALS = (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+
+
+def freeze(pid: int, watchdog: Watchdog) -> None:
+    """Seize the task and put it in a group stop (SIGSTOP) that outlives us (see watchdog.py)."""
     try:
         ptrace.seize(pid, abi.PTRACE_O_TRACESYSGOOD)
     except KernelError as e:
         if e.errno == errno.EPERM:
             raise DumpError(f"cannot trace pid {pid}: {e.strerror} (already traced?)", pid=pid) from e
         raise
-    ptrace.interrupt(pid)
+    watchdog.stopping()
+    os.kill(pid, signal.SIGSTOP)
     while True:
         st = ptrace.wait(pid)
         if st.exited or st.signaled:
             raise NoSuchTask(f"pid {pid} exited during the dump ({st})", pid=pid)
         if st.stopped and st.event == abi.PTRACE_EVENT_STOP:
-            return
-        if st.stopped:
-            # A signal arrived before our interrupt stop and ptrace intercepted it: deliver it as the
-            # kernel would have (swallowing it would change the process); the interrupt stop follows.
+            if st.stop_sig in _STOP_SIGNALS:
+                return
+            ptrace.cont(pid)
+        elif st.stopped:
+            # A signal, our SIGSTOP among them: deliver it as the kernel would have (swallowing it would change
+            # the process); the SIGSTOP then starts the group stop, which is reported as an event stop.
             ptrace.cont(pid, st.stop_sig)
 
 
@@ -117,13 +125,18 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: b
     t0 = time.monotonic()
     check_image_dir(directory)
     precheck(pid)
-    writer = ImageWriter(directory, writeback=start_writeback)
+    watchdog = Watchdog.start(pid)  # before any thread exists: it is forked
+    try:
+        writer = ImageWriter(directory, writeback=start_writeback)
+    except BaseException:
+        watchdog.release()
+        raise
     seized = False
     remote: RemoteTask | None = None
     try:
         try:
-            freeze(pid)
             seized = True
+            freeze(pid, watchdog)
             status = procfs.read_status(pid)
             check_resources(pid, status)
             stat = procfs.read_stat(pid)
@@ -139,15 +152,18 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: b
             if sys_ip is None:
                 raise DumpError(f"pid {pid}: no syscall instruction found to inject through")
             core = dump_registers(pid)
-            remote = RemoteTask(pid, sys_ip)
+            if not watchdog.check_alive():
+                raise DumpError(f"pid {pid}: the dump's watchdog (pid {watchdog.pid}) is gone; nothing changed")
+            # restart_after_freeze: for the original, should it resume
+            remote = RemoteTask(pid, sys_ip, adjust=restart_after_freeze, journal=watchdog)
             core["xcomp_perm"] = dump_xcomp_perm(remote)
             core["xcomp_guest_perm"] = dump_xcomp_perm(remote, abi.ARCH_GET_XCOMP_GUEST_PERM)
-            restart_after_freeze(remote.saved_regs)  # for the original, should it resume
             signals = dump_signals(remote)
             misc = dump_misc(remote)
             brk = remote.syscall(abi.SYS.brk, 0)
             remote.close()
             remote = None
+            watchdog.clean()
 
             pages = writer.pages(pid)
             mem = MemoryDumper(pid, pages, writer.write_blob)
@@ -190,16 +206,19 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: b
         if remote is not None:
             with contextlib.suppress(Exception):
                 remote.close()
-        if seized:
-            with contextlib.suppress(LazarusError, OSError):
-                ptrace.detach(pid)
+                watchdog.clean()
+        _resume_after_failure(pid, watchdog, seized)
         if isinstance(e, NoSuchTask) or (isinstance(e, LazarusError) and not os.path.exists(f"/proc/{pid}")):
             raise NoSuchTask(f"pid {pid} exited during the dump", pid=pid) from e
         raise
 
     npages = mem.total_pages
     if leave_running:
-        ptrace.detach(pid)
+        try:
+            continue_quietly(pid, signals["blocked"])
+        except (LazarusError, OSError):
+            # The image is complete: only letting the original go failed. Not an error of the dump.
+            _resume_after_failure(pid, watchdog, True)
     else:
         os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(LazarusError):
@@ -207,4 +226,31 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: b
                 st = ptrace.wait(pid, timeout=10)
                 if st.exited or st.signaled:
                     break
+    watchdog.release()
     return DumpResult(pid, directory, npages, time.monotonic() - t0, leave_running)
+
+
+def _resume_after_failure(pid: int, watchdog: Watchdog, seized: bool) -> None:
+    """After a failure we survived, let the original run on as it was before the error is reported: quietly if
+    its state is back already, else by the watchdog's own repair run here. If that fails, the watchdog (not
+    released) tries again once we have exited."""
+    st = watchdog.state
+    if seized and st.clean and st.mask is not None:
+        try:
+            continue_quietly(pid, st.mask)
+            watchdog.release()
+            return
+        except (LazarusError, OSError):
+            pass
+    if seized:
+        with contextlib.suppress(LazarusError, OSError):
+            ptrace.detach(pid)  # into the group stop (T), if it began: repair() takes it from there
+    try:
+        what = repair(st)
+    except (LazarusError, OSError) as e:
+        what = f"cannot repair: {e}"
+    log.debug("pid %d after the failed dump: %s", pid, what)
+    if what.startswith("cannot"):
+        log.warning("pid %d: %s; the dump's watchdog will try again once this process has exited", pid, what)
+        return
+    watchdog.release()

@@ -192,10 +192,50 @@ class PagesWriter:
                 os.close(self._fd)
 
 
+def _start_time(pid: int) -> int | None:
+    """Start time of a process (clock ticks since boot, /proc/PID/stat field 22), None if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2:].split()[19])
+
+
+def _tmp_prefix(name: str, pid: int) -> str:
+    # The writer's pid and start time are in the name, so that a later writer can tell a directory left behind
+    # by a killed one (remove it) from one still being written (leave it).
+    return f"{name}.tmp-{pid}-{_start_time(pid)}-"
+
+
+def remove_stale_tmp(final: Path) -> list[Path]:
+    """Remove DIR.tmp-PID-START-* directories next to `final` whose writer is dead (pid gone, or reused by a
+    process started at another time). Returns what was removed. Names of another form are left alone."""
+    removed: list[Path] = []
+    head = f"{final.name}.tmp-"
+    try:
+        entries = list(os.scandir(final.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(head) or not entry.is_dir(follow_symlinks=False):
+            continue
+        parts = entry.name[len(head):].split("-")
+        if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
+            continue
+        pid, start = int(parts[0]), int(parts[1])
+        if _start_time(pid) == start:
+            continue  # its writer still runs
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(Path(entry.path))
+    return removed
+
+
 class ImageWriter:
     """Builds an image directory atomically.
 
-    Files are written into DIR.tmp-XXXX next to DIR; commit() adds the checksums and inventory, syncs,
+    Files are written into DIR.tmp-PID-START-XXXX next to DIR (the writer's pid and start time: a later writer to
+    the same DIR removes those whose writer died, see remove_stale_tmp); commit() adds the checksums and inventory, syncs,
     verifies the whole image by reading it back, then renames it to DIR. Used as a context manager, an image
     not committed by the end of the block is removed.
     """
@@ -215,8 +255,9 @@ class ImageWriter:
             raise ImageError(f"{final}: parent directory {parent} does not exist", path=str(final))
         self.final_dir = final
         self._fsync = fsync
+        remove_stale_tmp(final)
         try:
-            self.tmp_dir = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=parent))
+            self.tmp_dir = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final.name, os.getpid()), dir=parent))
         except OSError as e:
             raise ImageError(f"{final}: cannot create temporary directory: {e.strerror}",
                              path=str(final)) from e

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as C
 import errno
 import os
+import signal
 import time
 from dataclasses import dataclass
 
@@ -16,8 +18,40 @@ _ptrace = libc.ptrace
 _ptrace.restype = C.c_long
 _ptrace.argtypes = [C.c_long, C.c_int, C.c_void_p, C.c_void_p]
 
+# Test hook: with LAZARUS_TEST_KILL_AT_PTRACE=K in the environment, this process SIGKILLs itself just before its
+# K-th ptrace call, as an OOM kill would at that moment (tests/test_dump_killed.py walks K over a whole dump).
+# Only tests set it; the dump's watchdog turns it off in itself (set_test_kill(0)).
+_test_kill_at = 0
+_test_fail_at = 0
+_calls = 0
+with contextlib.suppress(ValueError):
+    _test_kill_at = int(os.environ.get("LAZARUS_TEST_KILL_AT_PTRACE", "0"))
+
+
+def set_test_kill(k: int) -> None:
+    """Die (SIGKILL) just before the k-th ptrace call from now on (0: never). Tests only."""
+    global _test_kill_at, _test_fail_at, _calls
+    _test_kill_at, _test_fail_at, _calls = k, 0, 0
+
+
+def set_test_fail(k: int) -> None:
+    """Make the k-th ptrace call from now on fail with EIO without being made (0: never). Tests only."""
+    global _test_kill_at, _test_fail_at, _calls
+    _test_kill_at, _test_fail_at, _calls = 0, k, 0
+
+
+def call_count() -> int:
+    """ptrace calls made by this process since start (or since set_test_kill)."""
+    return _calls
+
 
 def ptrace(req: int, pid: int, addr: int | object = 0, data: int | object = 0, *, what: str = "") -> int:
+    global _calls
+    _calls += 1
+    if _calls == _test_kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if _calls == _test_fail_at:
+        raise KernelError(f"{what or f'ptrace({req:#x})'} (failed by the test hook)", errno.EIO, pid=pid)
     C.set_errno(0)
     a = addr if not isinstance(addr, int) else C.c_void_p(addr)
     d = data if not isinstance(data, int) else C.c_void_p(data)

@@ -1,0 +1,382 @@
+"""The dump's watchdog: the original carries on as it was even when `lazarus dump` itself is killed.
+
+A ptrace tracee whose tracer dies is resumed by the kernel with whatever registers and signal mask it has at
+that moment. Half way through an injected system call those are ours (rip in the vdso, every signal blocked),
+and the original crashes or runs deaf. Two things prevent it:
+
+1. The dump stops the original with SIGSTOP before it changes anything, and keeps that group stop for the
+   whole dump. When a tracer exits, the kernel puts a tracee whose group is stopped back into TASK_STOPPED
+   (__ptrace_unlink re-arms JOBCTL_STOP_PENDING), so the original stays stopped, on our state, until someone
+   continues it. The group stop does not hinder injection: a tracer may still run its stopped tracee.
+   Measured on this kernel (6.18): with no stop, a tracer SIGKILLed at a syscall-exit stop leaves the tracee
+   to die of SIGSEGV; with the group stop it stays in T with SigBlk all ones until SIGCONT.
+   Weighed and not taken: the cgroup v2 freezer (mounted here at /sys/fs/cgroup/unified, hybrid) also keeps
+   a task frozen across its tracer's death, but a frozen task never gets from one injected call to the next
+   (each ptrace resume passes the freezer trap in get_signal first; measured: the dump times out), and it
+   would move the process to another cgroup meanwhile. Parking code (rip always on a `syscall; pause` loop
+   of ours) needs memory we can only make by an injection that is itself unprotected.
+   The price of the stop is that it is a real job-control stop: the parent gets SIGCHLD with CLD_STOPPED and
+   then CLD_CONTINUED (a shell sees its job stop and continue). The program itself does not see the SIGCONT
+   (continue_quietly() takes it away at its delivery stop) unless it blocks SIGCONT (then it stays pending).
+2. A watchdog process, forked before the seize (double fork, own session: not our child, not in our
+   process group, and small, so neither a kill of the dump's group nor the OOM killer's choice takes it), is
+   told the original registers, mask and syscall address before any of them change, and every scratch
+   mapping before it is made (at an address chosen first, MAP_FIXED_NOREPLACE). If the dump dies before
+   releasing it, it seizes the original again, puts all of that back and continues it.
+
+    lazarus dump                                    watchdog
+    ------------                                    --------
+    Watchdog.start() ------------ SEQPACKET ------> "ready"
+    seize; "stopping" ---------------------------->   (from here on: repair() on EOF)
+    SIGSTOP -> group stop (T); the task cannot run again until SIGCONT
+    "saved" regs, mask, syscall ip  -------------->
+    sigmask := all blocked; inject ...
+    "scratch" addr, size; mmap FIXED there  ------>
+    ... munmap; "scratch-gone" ------------------->
+    regs, mask put back; "clean" ----------------->   (from here on: nothing to put back on EOF)
+    pages, files, image written and verified
+    SIGCONT, taken at its delivery stop; detach
+      (or SIGKILL the original); "release" ------->   exits, touching nothing
+    (killed anywhere above) --------- EOF -------->   repair(): wait for T and no tracer; seize (that reports
+                                                      the group stop); munmap the scratch if it is there;
+                                                      registers and mask from "saved"; continue_quietly();
+                                                      one line on stderr saying what it did
+
+On a failure it survives, the dump puts the original back itself (continue_quietly() if the state is clean,
+else detach and the same repair()) before it reports the error, then releases the watchdog; should that fail,
+the watchdog, not released, repairs once the dump exits. repair() is idempotent: the watchdog may redo it.
+
+If the dump and its watchdog are both killed before "clean", the original stays stopped on injected state:
+never SIGCONT it by hand then. A SIGCONT someone else sends during the dump ends the protecting stop early.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import gc
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+from lazarus.errors import KernelError, LazarusError, NoSuchTask
+from lazarus.kernel import abi, procfs, ptrace
+from lazarus.remote import RemoteTask, restart_after_freeze, scratch_present
+
+log = logging.getLogger(__name__)
+
+_MAX_MSG = 4096
+_READY_TIMEOUT = 5.0
+_STOP_WAIT = 5.0  # how long repair() waits for the old tracer to be gone and the task to be in its stop
+
+
+@dataclass
+class JournalState:
+    """Everything the watchdog was told; enough to put the original back."""
+
+    pid: int
+    start: int
+    stopping: bool = False
+    regs: bytes | None = None
+    mask: int | None = None
+    syscall_ip: int = 0
+    scratch: tuple[int, int] | None = None
+    clean: bool = False
+    released: bool = False
+
+    def apply(self, msg: dict) -> None:
+        kind = msg.get("t")
+        if kind == "stopping":
+            self.stopping = True
+        elif kind == "saved":
+            self.regs = bytes.fromhex(msg["regs"])
+            self.mask = int(msg["mask"])
+            self.syscall_ip = int(msg["ip"])
+        elif kind == "scratch":
+            self.scratch = (int(msg["addr"]), int(msg["size"]))
+        elif kind == "scratch-gone":
+            self.scratch = None
+        elif kind == "clean":
+            self.clean = True
+        elif kind == "release":
+            self.released = True
+
+
+class Watchdog:
+    """The dump's handle on its watchdog; also the RemoteTask journal. Sending never raises: a watchdog that is
+    gone is noticed by `alive` (the dump checks it before it changes anything)."""
+
+    def __init__(self, sock: socket.socket, pid: int, state: JournalState) -> None:
+        self._sock = sock
+        self.pid = pid
+        self.state = state  # our own copy, for repairing in-process on a failure we survive
+        self.alive = True
+
+    @classmethod
+    def start(cls, target_pid: int) -> Watchdog:
+        """Fork the watchdog for `target_pid` (call before any thread exists) and wait until it is ready."""
+        start = procfs.start_time(target_pid)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        r, w = os.pipe()  # the grandchild's pid, from the intermediate child
+        mid = os.fork()
+        if mid == 0:  # pragma: no cover - runs in the intermediate child
+            code = 70
+            try:
+                os.setsid()
+                wd = os.fork()
+                if wd == 0:
+                    gc.disable()  # never let a copied object's finaliser close an fd we now use
+                    keep = theirs.fileno()
+                    os.closerange(3, keep)
+                    os.closerange(keep + 1, max(65536, os.sysconf("SC_OPEN_MAX")))
+                    code = _watchdog_main(keep, target_pid, start)
+                else:
+                    os.write(w, str(wd).encode())
+                    code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        theirs.close()
+        os.waitpid(mid, 0)
+        with os.fdopen(r, "rb") as f:
+            got = f.read()
+        if not got:
+            ours.close()
+            raise LazarusError("cannot start the dump's watchdog")
+        wd = cls(ours, int(got), JournalState(target_pid, start))
+        ours.settimeout(_READY_TIMEOUT)
+        try:
+            ready = ours.recv(_MAX_MSG)
+        except OSError:
+            ready = b""
+        if ready != b"ready":
+            wd.alive = False
+            ours.close()
+            raise LazarusError(f"the dump's watchdog (pid {wd.pid}) did not start")
+        ours.setblocking(True)
+        return wd
+
+    def _send(self, msg: dict) -> None:
+        self.state.apply(msg)
+        if not self.alive:
+            return
+        try:
+            self._sock.send(json.dumps(msg, separators=(",", ":")).encode())
+        except OSError:
+            self.alive = False
+
+    def check_alive(self) -> bool:
+        """False once the watchdog is gone (its end of the socket closed)."""
+        if self.alive:
+            r, _, _ = select.select([self._sock], [], [], 0)
+            if r:
+                with contextlib.suppress(OSError):
+                    if self._sock.recv(_MAX_MSG, socket.MSG_DONTWAIT) == b"":
+                        self.alive = False
+        return self.alive
+
+    # -- the journal ---------------------------------------------------------------------------------------
+    def stopping(self) -> None:
+        self._send({"t": "stopping"})
+
+    def saved(self, regs: abi.user_regs_struct, mask: int, syscall_ip: int) -> None:
+        self._send({"t": "saved", "regs": bytes(regs).hex(), "mask": mask, "ip": syscall_ip})
+
+    def scratch(self, addr: int, size: int) -> None:
+        self._send({"t": "scratch", "addr": addr, "size": size})
+
+    def scratch_gone(self) -> None:
+        self._send({"t": "scratch-gone"})
+
+    def clean(self) -> None:
+        self._send({"t": "clean"})
+
+    def release(self) -> None:
+        """The original is as it was (or killed on purpose): the watchdog exits without touching it."""
+        self._send({"t": "release"})
+        self.close()
+
+    def close(self) -> None:
+        self.alive = False
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+
+def _wait_stopped(st: JournalState) -> str | None:
+    """Wait until the task is in a group stop with no tracer. Returns None then, or why not."""
+    deadline = time.monotonic() + _STOP_WAIT
+    not_stopping_since: float | None = None
+    while True:
+        try:
+            if procfs.start_time(st.pid) != st.start:
+                return "gone"
+            status = procfs.read_status(st.pid)
+        except (LazarusError, OSError):
+            return "gone"
+        state = status.state[:1]
+        if state in ("Z", "X"):
+            return "gone"
+        now = time.monotonic()
+        if status.tracer_pid == 0:
+            if state == "T":
+                return None
+            # Not stopped and not traced: fine if our SIGSTOP is still on its way, otherwise it never was sent
+            # (or someone continued the task): give it a moment, then say so.
+            pending = _stop_pending(st.pid)
+            if pending:
+                not_stopping_since = None
+            elif not_stopping_since is None:
+                not_stopping_since = now
+            elif now - not_stopping_since > 0.05:
+                return f"not stopped (state {status.state})"
+        if now > deadline:
+            return f"still {status.state} (tracer {status.tracer_pid})"
+        time.sleep(0.001)
+
+
+def _stop_pending(pid: int) -> bool:
+    try:
+        text = procfs.read_text(f"/proc/{pid}/status", pid)
+    except (LazarusError, OSError):
+        return False
+    bit = 1 << (signal.SIGSTOP - 1)
+    for line in text.splitlines():
+        if line.startswith(("ShdPnd:", "SigPnd:")) and int(line.split()[1], 16) & bit:
+            return True
+    return False
+
+
+def repair(st: JournalState) -> str:
+    """Put the original back as the journal says and let it run. Returns what was done, for a log line.
+
+    Its previous tracer must be gone or going (the dump detaches before calling this itself); the task is
+    waited for in the group stop our SIGSTOP began, which outlives any tracer.
+    """
+    if st.released:
+        return "nothing to do"
+    if not st.stopping:
+        return "untouched: it was never stopped, and runs on as it was"
+    why = _wait_stopped(st)
+    if why == "gone":
+        return "gone"
+    if why is not None:
+        if why.startswith("not stopped") and (st.regs is None or st.clean):
+            return f"nothing changed in it; {why}"
+        return f"cannot repair: {why}"
+    for _ in range(1000):
+        try:
+            ptrace.seize(st.pid, abi.PTRACE_O_TRACESYSGOOD)
+            break
+        except KernelError as e:  # EPERM: the old tracer is still on its way out
+            if e.errno != errno.EPERM:
+                raise
+            time.sleep(0.005)
+    else:
+        return "cannot repair: it is traced by someone else"
+    # Seizing a task in a group stop makes it report that stop (an event stop) by itself; a PTRACE_INTERRUPT
+    # here would queue a second one, which the first injected call would then run into.
+    _wait_event_stop(st.pid)
+    remote = RemoteTask(st.pid, st.syscall_ip, adjust=None if st.regs is not None else restart_after_freeze)
+    if st.regs is not None:
+        remote.saved_regs = ptrace.regs_from_bytes(st.regs)
+    if st.mask is not None:
+        remote.saved_mask = st.mask
+    undone = ""
+    if st.scratch is not None and scratch_present(st.pid, *st.scratch):
+        remote.scratch, remote.scratch_size = st.scratch
+        remote._own_scratch = True
+        undone = f", unmapped scratch {st.scratch[0]:#x}"
+    remote.close()  # munmap, registers, mask, and into an event stop for a clean syscall restart
+    st.scratch = None
+    continue_quietly(st.pid, remote.saved_mask)
+    if st.clean:
+        return "continued (its state was already put back)"
+    what = "registers and signal mask put back" if st.regs is not None else "continued"
+    return what + undone
+
+
+def continue_quietly(pid: int, mask: int) -> None:
+    """End our group stop and detach, without the program receiving the SIGCONT that ends it.
+
+    We are the tracer; the task is in an event stop with its own registers and mask back. While traced, the
+    SIGCONT waits in the queue for us: we take it at its signal-delivery stop and detach suppressing it, so a
+    SIGCONT handler does not run for our stop. A blocked SIGCONT cannot be taken that way: it then stays
+    pending, as after `kill -CONT`. Should we die in between, the kernel delivers it: the state is back by then.
+    """
+    if mask & (1 << (signal.SIGCONT - 1)):
+        ptrace.detach(pid)
+        os.kill(pid, signal.SIGCONT)
+        return
+    os.kill(pid, signal.SIGCONT)
+    deliver = 0
+    for _ in range(64):
+        ptrace.cont(pid, deliver)
+        try:
+            s = ptrace.wait(pid, timeout=2.0)
+        except NoSuchTask:
+            return
+        except LazarusError:  # pragma: no cover - it runs on (its state is back): just let go of it
+            with contextlib.suppress(LazarusError):
+                ptrace.detach(pid)
+            return
+        if s.exited or s.signaled:
+            return
+        deliver = 0
+        if s.stopped and not s.event and not s.syscall_stop:
+            if s.stop_sig == signal.SIGCONT:
+                ptrace.detach(pid, 0)
+                return
+            deliver = s.stop_sig  # another signal came first: deliver it as the kernel would
+    ptrace.detach(pid)  # pragma: no cover - a signal storm: give up being quiet
+
+
+def _wait_event_stop(pid: int) -> None:
+    while True:
+        s = ptrace.wait(pid)
+        if s.exited or s.signaled:
+            raise NoSuchTask(f"pid {pid} {s}", pid=pid)
+        if s.stopped and s.event == abi.PTRACE_EVENT_STOP:
+            return
+        # A signal stop. Only possible before any injection (after it every signal is blocked): deliver the
+        # signal as the kernel would, and stop again before the program runs on.
+        ptrace.interrupt(pid)
+        ptrace.cont(pid, 0 if s.syscall_stop or s.event else s.stop_sig)
+
+
+def _watchdog_main(sock_fd: int, pid: int, start: int) -> int:
+    ptrace.set_test_kill(0)
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    sock = socket.socket(fileno=sock_fd)
+    st = JournalState(pid, start)
+    sock.send(b"ready")
+    while True:
+        try:
+            data = sock.recv(_MAX_MSG)
+        except InterruptedError:  # pragma: no cover
+            continue
+        except OSError:
+            data = b""
+        if not data:
+            break
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            st.apply(json.loads(data))
+        if st.released:
+            return 0
+    try:
+        what = repair(st)
+    except LazarusError as e:
+        what = f"repair failed: {e}"
+    with contextlib.suppress(OSError):
+        sys.stderr.write(f"lazarus: watchdog: the dump of pid {pid} died; pid {pid}: {what}\n")
+        sys.stderr.flush()
+    return 0
+
+
+__all__ = ["JournalState", "Watchdog", "continue_quietly", "repair"]

@@ -1,0 +1,260 @@
+"""A dump killed at any moment leaves the original running exactly as it was (issue 8, item 1).
+
+The dump is killed (SIGKILL, as an OOM kill would) just before each of its ptrace calls in turn, K = 1, 2, ...
+until a dump runs to the end, and at random moments after it attached. Each time the original (the survivor
+target: known mask, handlers, pending signal, memory map and registers) must be running again untraced within a
+few seconds, with nobody's help but the dump's own watchdog, and pass its self-check. Killed dumps leave their
+DIR.tmp-* directories behind; the next dump to the same place removes them.
+
+The per-K sweep forks the dump from pytest (lazarus.dump.dump with ptrace.set_test_kill(K)) rather than running
+the CLI each time, to keep ~300 kills within seconds; a few K go through the real CLI with
+LAZARUS_TEST_KILL_AT_PTRACE, and the random-moment kills too.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lazarus.dump import dump  # imported here once, not in every forked dump
+from lazarus.dump.watchdog import Watchdog
+from lazarus.kernel import ptrace
+
+try:
+    import harness as H
+except ImportError:  # pragma: no cover
+    from tests import harness as H
+
+pytestmark = pytest.mark.root
+
+RECOVER_TIMEOUT = 10.0  # the issue asks for "within a few seconds"; this bounds the wait, timing is asserted apart
+RECOVER_BUDGET = 3.0
+
+
+def tmp_dirs(image: Path) -> list[str]:
+    return sorted(p for p in os.listdir(image.parent) if p.startswith(f"{image.name}.tmp-"))
+
+
+def traced_by(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("TracerPid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no TracerPid for pid {pid}")
+
+
+def wait_running(target: H.Target, what: str, watchdog: int | None = None) -> float:
+    """Wait until the watchdog (if given: our adopted child) has exited and the original runs untraced; returns
+    the seconds that took."""
+    t0 = time.monotonic()
+    deadline = t0 + RECOVER_TIMEOUT
+    if watchdog is not None:
+        assert H.reap(watchdog, RECOVER_TIMEOUT) is not None, f"{what}: watchdog {watchdog} still runs"
+    while True:
+        state = H.proc_state(target.pid)
+        assert state not in (None, "Z", "X"), f"{what}: the original died: {target.describe()}"
+        if state in ("S", "R") and traced_by(target.pid) == 0:
+            return time.monotonic() - t0
+        assert time.monotonic() < deadline, (
+            f"{what}: the original is {state}, traced by {traced_by(target.pid)} after {RECOVER_TIMEOUT} s: "
+            f"{target.describe()}")
+        time.sleep(0.002)
+
+
+def check_ok(target: H.Target, n: int, what: str) -> int:
+    """Ask the survivor for its n-th check (SIGUSR1) and require '# check n ok'. Returns how many times its SIGCONT
+    handler has run."""
+    target.signal(signal.SIGUSR1)
+    want = f"# check {n} ok (SIGCONT handled "
+    deadline = time.monotonic() + 10.0
+    while True:
+        lines = target.log_text().splitlines()
+        for line in lines:
+            if line.startswith(want):
+                return int(line[len(want):].split()[0])
+        bad = [ln for ln in lines if ln.startswith(f"# check {n} FAIL")]
+        assert not bad, f"{what}: {bad[0]}"
+        assert target.alive(), f"{what}: the original died: {target.describe()}"
+        assert time.monotonic() < deadline, f"{what}: no '{want}': {target.describe()}"
+        time.sleep(0.002)
+
+
+def forked_dump(pid: int, image: Path, kill_at: int, fail: bool = False) -> tuple[int, int | None, int | None]:
+    """Run lazarus.dump.dump(leave_running) in a forked child that SIGKILLs itself before its kill_at-th ptrace
+    call (fail: whose kill_at-th call fails instead). Returns the child's wait status, the pid of its watchdog
+    (adopted by pytest, the subreaper) and, if the dump returned, how many ptrace calls it made."""
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            os.close(r)
+            start = Watchdog.start
+
+            def tell_pid(target_pid: int) -> Watchdog:
+                wd = start(target_pid)
+                os.write(w, f"{wd.pid}\n".encode())
+                return wd
+
+            Watchdog.start = tell_pid  # type: ignore[method-assign]
+            if fail:
+                ptrace.set_test_fail(kill_at)
+            else:
+                ptrace.set_test_kill(kill_at)
+            dump(pid, image, leave_running=True)
+            os.write(w, f"{ptrace.call_count()}\n".encode())
+            code = 0
+        except BaseException as e:  # noqa: BLE001 - report anything, the parent asserts
+            print(f"dump failed: {e}", file=sys.stderr)
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        got = [int(x) for x in f.read().split()]
+    _, status = os.waitpid(child, 0)
+    return status, got[0] if got else None, got[1] if len(got) > 1 else None
+
+
+def test_dump_killed_at_every_ptrace_call(harness: H.Harness) -> None:
+    target = harness.start_target("survivor")
+    image = harness.image_dir()
+    slow: list[tuple[int, float]] = []
+    published: list[int] = []
+    cont_seen: list[int] = []  # K at which the original's SIGCONT handler ran
+    conts = 0
+    k = 0
+    t_start = time.monotonic()
+    while True:
+        k += 1
+        assert k < 2000, "the dump never completed"
+        status, watchdog, _ = forked_dump(target.pid, image, k)
+        took = wait_running(target, f"dump killed at ptrace call {k}", watchdog)
+        if took > RECOVER_BUDGET:
+            slow.append((k, took))
+        if os.WIFEXITED(status):
+            assert os.WEXITSTATUS(status) == 0, f"the dump with no kill failed (K={k}): {target.describe()}"
+            break
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"K={k}: status {status:#x}"
+        assert len(tmp_dirs(image)) <= 1, f"K={k}: stale temporary directories kept: {tmp_dirs(image)}"
+        if check_ok(target, k, f"dump killed at ptrace call {k}") > conts:
+            conts += 1
+            cont_seen.append(k)
+        if image.exists():  # killed after the image was published (the final detach): the next K needs room
+            published.append(k)
+            shutil.rmtree(image)
+    total = k - 1
+    elapsed = time.monotonic() - t_start
+    print(f"{total} ptrace calls, each one killed; {elapsed:.1f} s")
+    # The sweep must reach through the injection (64 rt_sigaction calls alone are ~256 ptrace calls).
+    assert total > 250, f"only {total} ptrace calls: the kill hook does not see the dump's calls"
+    # killed after publishing the image: only in the last few calls (detach, SIGCONT), and the original runs on
+    assert published and published == list(range(published[0], total + 1)) and len(published) <= 4, (
+        f"killed dumps that had published the image: {published} of {total}")
+    assert not slow, f"the original took longer than {RECOVER_BUDGET} s to run again: {slow}"
+    assert image.is_dir() and tmp_dirs(image) == [], f"after the complete dump: {tmp_dirs(image)}"
+    # The SIGCONT that ends the dump's stop is taken away from the program; only a dump killed in the last few
+    # calls, after it sent SIGCONT and before it took it, lets the kernel deliver it.
+    assert check_ok(target, k, "after the complete dump") == conts, "the complete dump let SIGCONT through"
+    assert all(k >= total - 3 for k in cont_seen), f"SIGCONT handler ran after kills at {cont_seen} of {total}"
+    target.mark()
+    target.signal(signal.SIGUSR2)
+    assert target.wait_result() == "PASS", target.describe()
+
+
+def test_dump_failing_at_every_ptrace_call(harness: H.Harness) -> None:
+    """The dump's own failure path (an error it survives) puts the original back at every point too, before it
+    reports the error, and leaves no temporary directory."""
+    target = harness.start_target("survivor")
+    image = harness.image_dir()
+    status, watchdog, total = forked_dump(target.pid, image, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and total, f"a clean dump failed: {status:#x}"
+    wait_running(target, "clean dump", watchdog)
+    shutil.rmtree(image)
+    assert total > 250, f"only {total} ptrace calls"
+    swallowed: list[int] = []
+    for k in range(1, total + 1):
+        status, watchdog, _ = forked_dump(target.pid, image, k, fail=True)
+        assert os.WIFEXITED(status), f"K={k}: status {status:#x}"
+        # the original runs again by the time the dump has exited, with no wait for the watchdog
+        state = H.proc_state(target.pid)
+        assert state in ("S", "R") and traced_by(target.pid) == 0, f"K={k}: the original is {state} after the dump"
+        wait_running(target, f"dump failing at ptrace call {k}", watchdog)
+        assert tmp_dirs(image) == [], f"K={k}: {tmp_dirs(image)}"
+        if os.WEXITSTATUS(status) == 0:  # a failure the dump tolerates by design (e.g. no rseq configuration)
+            swallowed.append(k)
+        assert image.exists() == (os.WEXITSTATUS(status) == 0), f"K={k}: exit {os.WEXITSTATUS(status)}, " \
+            f"image {'published' if image.exists() else 'missing'}"
+        if image.exists():
+            shutil.rmtree(image)
+        assert check_ok(target, k, f"dump failing at ptrace call {k}") == 0, f"K={k}: SIGCONT let through"
+    # Tolerated: the last three calls (letting the original go, after the image is published) and one more:
+    # dump_misc (dump/core.py) reads a failing PTRACE_GET_RSEQ_CONFIGURATION as "no rseq registered" and
+    # goes on; whether it should refuse instead is outside this test.
+    before_publish = [k for k in swallowed if k <= total - 3]
+    assert len(before_publish) <= 1, f"failures the dump went on after: {swallowed} of {total}"
+    target.mark()
+    target.signal(signal.SIGUSR2)
+    assert target.wait_result() == "PASS", target.describe()
+
+
+def run_cli_dump(harness: H.Harness, pid: int, image: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lazarus", "dump", "-t", str(pid), "-D", str(image), "--leave-running"],
+        cwd=H.REPO_ROOT, env={**os.environ, **env}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    harness.popens.append(proc)
+    return proc
+
+
+@pytest.mark.parametrize("kill_at", [5, 40, 150, 290])
+def test_cli_dump_killed_by_env_hook(harness: H.Harness, kill_at: int) -> None:
+    target = harness.start_target("survivor")
+    image = harness.image_dir()
+    proc = run_cli_dump(harness, target.pid, image, {"LAZARUS_TEST_KILL_AT_PTRACE": str(kill_at)})
+    # stderr is shared with the watchdog: its end means the watchdog is done too
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, f"exit {proc.returncode}: {err}"
+    wait_running(target, f"CLI dump killed at ptrace call {kill_at}")
+    assert f"lazarus: watchdog: the dump of pid {target.pid} died" in err, err
+    check_ok(target, 1, f"CLI dump killed at ptrace call {kill_at}")
+    # the next dump to the same place removes what the killed one left, and completes
+    left = tmp_dirs(image)
+    assert len(left) == 1, left
+    res = harness.dump(target, image, "--leave-running")
+    assert res.returncode == 0, res.stderr
+    assert tmp_dirs(image) == [], f"left behind: {tmp_dirs(image)}"
+    wait_running(target, "after the complete dump")
+    target.mark()
+    target.signal(signal.SIGUSR2)
+    assert target.wait_result() == "PASS", target.describe()
+
+
+def test_cli_dump_killed_at_random_moments(harness: H.Harness) -> None:
+    rng = random.Random(8)  # deterministic moments
+    target = harness.start_target("survivor")
+    for i in range(1, 21):
+        image = harness.image_dir()
+        proc = run_cli_dump(harness, target.pid, image, {})
+        deadline = time.monotonic() + 20
+        while traced_by(target.pid) == 0:
+            assert proc.poll() is None, f"dump ended before it attached: {proc.communicate()}"
+            assert time.monotonic() < deadline, "dump never attached"
+            time.sleep(0.0005)
+        time.sleep(rng.uniform(0, 0.03))
+        proc.kill()
+        _, err = proc.communicate(timeout=30)
+        wait_running(target, f"dump killed at random moment {i}")
+        conts = check_ok(target, i, f"dump killed at random moment {i} ({err.strip()})")
+        print(f"moment {i}: {err.strip()}")
+    # only a kill in the instant between the SIGCONT that ends the stop and taking it lets the handler run
+    assert conts <= 2, f"the original's SIGCONT handler ran {conts} times in 20 killed dumps"
+    target.mark()
+    target.signal(signal.SIGUSR2)
+    assert target.wait_result() == "PASS", target.describe()
