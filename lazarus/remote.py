@@ -72,8 +72,10 @@ def free_gap(pid: int, size: int) -> int:
 
 
 def scratch_present(pid: int, addr: int, size: int) -> bool:
-    """Whether [addr, addr+size) is exactly one anonymous mapping of the task (our scratch, made or not)."""
-    return any(v.start == addr and v.end == addr + size and not v.path for v in procfs.read_maps(pid))
+    """Whether [addr, addr+size) lies inside one anonymous mapping of the task: our scratch, made in a gap that was
+    free, possibly merged by the kernel with an anonymous neighbour of the same protection (munmap of exactly our
+    range then leaves the neighbour as it was)."""
+    return any(v.start <= addr and addr + size <= v.end and not v.path for v in procfs.read_maps(pid))
 
 
 class Journal(Protocol):

@@ -173,7 +173,8 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: b
                 mem.close()
             mark_huge(pid, vma_recs)
             syscall_ip = sys_ip
-            files = dump_files(pid, writer.write_blob, objects, lambda: RemoteTask(pid, syscall_ip))
+            files = dump_files(pid, writer.write_blob, objects,
+                               lambda: RemoteTask(pid, syscall_ip, journal=watchdog))
             cwd_deleted = dump_cwd(pid)
             if cwd_deleted is not None:
                 misc["cwd_deleted"] = cwd_deleted

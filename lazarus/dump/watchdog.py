@@ -95,6 +95,7 @@ class JournalState:
         if kind == "stopping":
             self.stopping = True
         elif kind == "saved":
+            self.clean = False  # a new injection session (the fd code's injector after the main one)
             self.regs = bytes.fromhex(msg["regs"])
             self.mask = int(msg["mask"])
             self.syscall_ip = int(msg["ip"])
