@@ -39,6 +39,7 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "misc": (),
     "unsupported": ("-pthread",),
     "lazy_events": (),
+    "ptimers": (),
 }
 CFLAGS = ("-O1", "-g", "-Wall")
 
@@ -308,6 +309,7 @@ CASES: tuple[Case, ...] = (
     Case("sleeper-futex", "sleeper", ("futex",), "usr2", SYS_FUTEX),
     Case("sleeper-pause", "sleeper", ("pause",), "usr2", SYS_PAUSE),
     Case("lazy-events", "lazy_events", ("all",), timeout=90),
+    Case("ptimers", "ptimers"),
 )
 CASES_BY_ID = {c.id: c for c in CASES}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from lazarus.dump.timers import dump_timers
 from lazarus.errors import KernelError
 from lazarus.kernel import abi, ptrace
 from lazarus.kernel.procfs import read_limits, read_stat, read_status
@@ -19,7 +20,7 @@ def dump_registers(pid: int) -> dict[str, Any]:
 
 
 def dump_signals(task: RemoteTask) -> dict[str, Any]:
-    """Handlers (by injected rt_sigaction), masks, queues, altstack and itimers."""
+    """Handlers (by injected rt_sigaction), masks, queues, altstack, itimers and POSIX timers."""
     pid = task.pid
     scratch = task.alloc_scratch()
     actions: list[list[int]] = []
@@ -44,6 +45,7 @@ def dump_signals(task: RemoteTask) -> dict[str, Any]:
         "pending_shared": [s.hex() for s in ptrace.peek_siginfo(pid, shared=True)],
         "altstack": {"sp": ss.ss_sp, "flags": ss.ss_flags, "size": ss.ss_size},
         "itimers": itimers,
+        "timers": dump_timers(task),
     }
 
 

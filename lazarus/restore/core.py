@@ -12,6 +12,7 @@ from lazarus.errors import KernelError, RestoreError
 from lazarus.kernel import abi, ptrace
 from lazarus.kernel.syscall import prlimit
 from lazarus.remote import RemoteTask, restart_after_freeze
+from lazarus.restore.timers import restore_timers
 
 _NEG1 = (1 << 64) - 1
 log = logging.getLogger(__name__)
@@ -68,11 +69,13 @@ def restore_signals(task: RemoteTask, sig: dict[str, Any]) -> None:
         if isec or iusec or vsec or vusec:
             it = abi.itimerval(abi.timeval(isec, iusec), abi.timeval(vsec, vusec))
             t.syscall(abi.SYS.setitimer, which, t.put_struct(it), 0)
-    for info_hex in sig["pending_thread"]:
+    # POSIX timers before the queued signals: restoring an overrun count delivers one signal of the timer.
+    pending_thread, pending_shared = restore_timers(t, sig)
+    for info_hex in pending_thread:
         info = bytes.fromhex(info_hex)
         signo = int.from_bytes(info[:4], "little")
         t.syscall(abi.SYS.rt_tgsigqueueinfo, t.pid, t.pid, signo, t.put(info))
-    for info_hex in sig["pending_shared"]:
+    for info_hex in pending_shared:
         info = bytes.fromhex(info_hex)
         signo = int.from_bytes(info[:4], "little")
         t.syscall(abi.SYS.rt_sigqueueinfo, t.pid, signo, t.put(info))
