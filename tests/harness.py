@@ -40,6 +40,7 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "unsupported": ("-pthread",),
     "lazy_events": (),
     "ptimers": (),
+    "prctl": (),
 }
 CFLAGS = ("-O1", "-g", "-Wall")
 
@@ -310,6 +311,7 @@ CASES: tuple[Case, ...] = (
     Case("sleeper-pause", "sleeper", ("pause",), "usr2", SYS_PAUSE),
     Case("lazy-events", "lazy_events", ("all",), timeout=90),
     Case("ptimers", "ptimers"),
+    Case("prctl", "prctl"),
 )
 CASES_BY_ID = {c.id: c for c in CASES}
 

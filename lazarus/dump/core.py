@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from lazarus.dump.timers import dump_timers
-from lazarus.errors import KernelError
+from lazarus.errors import KernelError, Unsupported
 from lazarus.kernel import abi, ptrace
 from lazarus.kernel.procfs import read_limits, read_stat, read_status
 from lazarus.kernel.syscall import get_robust_list
@@ -84,4 +84,49 @@ def dump_misc(task: RemoteTask) -> dict[str, Any]:
         "dumpable": dumpable,
         "sid": stat.session,
         "pgid": stat.pgrp,
+        "prctl": dump_prctl(task, stat.flags),
+        "caps": {"inh": status.cap_inh, "prm": status.cap_prm, "eff": status.cap_eff, "bnd": status.cap_bnd,
+                 "amb": status.cap_amb},
+    }
+
+
+# Bits of PR_GET_SECUREBITS a restore gives back: SECBIT_KEEP_CAPS, which is PR_SET_KEEPCAPS.
+_SECBIT_KEEP_CAPS = 1 << 4
+
+
+def dump_prctl(task: RemoteTask, task_flags: int) -> dict[str, Any]:
+    """The prctl() state a process can set on itself (and that no other field holds), read by injected
+    prctl calls. A value the kernel does not support here is None. Refuses what a restore cannot set."""
+    pid = task.pid
+    scratch = task.alloc_scratch()
+
+    def get(option: int, arg: int = 0) -> int | None:
+        ret = task.raw(abi.SYS.prctl, option, arg, 0, 0, 0)
+        return None if ret < 0 else ret
+
+    def get_into(option: int) -> int | None:
+        task.write(scratch, bytes(8))
+        if task.raw(abi.SYS.prctl, option, scratch, 0, 0, 0) < 0:
+            return None
+        return int.from_bytes(task.read(scratch, 4), "little", signed=True)
+
+    if task_flags & abi.PF_MEMALLOC_NOIO and task_flags & abi.PF_LOCAL_THROTTLE:
+        raise Unsupported(f"pid {pid}: PR_SET_IO_FLUSHER is set; restoring it needs CAP_SYS_RESOURCE", pid=pid)
+    securebits = get(abi.PR_GET_SECUREBITS) or 0
+    if securebits & ~_SECBIT_KEEP_CAPS:
+        raise Unsupported(f"pid {pid}: securebits {securebits:#x} are set, which are not restored", pid=pid)
+    task.write(scratch, bytes(8))
+    if task.raw(abi.SYS.arch_prctl, abi.ARCH_SHSTK_STATUS, scratch) == 0 and task.read(scratch, 8) != bytes(8):
+        raise Unsupported(f"pid {pid}: it uses a user shadow stack (CET), which is not supported", pid=pid)
+    return {
+        "child_subreaper": get_into(abi.PR_GET_CHILD_SUBREAPER),
+        "pdeathsig": get_into(abi.PR_GET_PDEATHSIG),
+        "keepcaps": get(abi.PR_GET_KEEPCAPS),
+        "thp_disable": get(abi.PR_GET_THP_DISABLE),
+        "mce_kill": get(abi.PR_MCE_KILL_GET),
+        "tsc": get_into(abi.PR_GET_TSC),
+        "speculation": [get(abi.PR_GET_SPECULATION_CTRL, which) for which in
+                        (abi.PR_SPEC_STORE_BYPASS, abi.PR_SPEC_INDIRECT_BRANCH, abi.PR_SPEC_L1D_FLUSH)],
+        "mdwe": get(abi.PR_GET_MDWE),
+        "memory_merge": get(abi.PR_GET_MEMORY_MERGE),
     }

@@ -536,3 +536,19 @@ class sigevent(C.Structure):  # include/uapi/asm-generic/siginfo.h (sigevent_t, 
 
 STRUCT_SIZES.update({timespec: 16, itimerspec: 32, sigevent: 64})
 # [end proc helper additions]
+# [proc helper: capabilities] include/uapi/linux/capability.h, include/uapi/linux/prctl.h
+SYS.capget, SYS.capset = 125, 126  # type: ignore[attr-defined]
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+PR_CAPBSET_DROP = 24
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 47, 2
+
+
+class user_cap_header(C.Structure):  # struct __user_cap_header_struct
+    _fields_ = [("version", C.c_uint32), ("pid", C.c_int32)]
+
+
+class user_cap_data(C.Structure):  # struct __user_cap_data_struct (two of them for version 3)
+    _fields_ = [("effective", C.c_uint32), ("permitted", C.c_uint32), ("inheritable", C.c_uint32)]
+
+
+STRUCT_SIZES.update({user_cap_header: 8, user_cap_data: 12})

@@ -231,7 +231,9 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
         rcore.restore_misc(remote, task["misc"])
         if lazy and ranges:
             handover = uffd_in_task(remote, ranges, LAZY_FEATURES)
+        rcore.restore_caps_before_creds(remote, task["misc"])
         rcore.restore_creds(remote, task["misc"]["creds"])
+        rcore.restore_after_creds(remote, task["misc"])
         rcore.restore_dumpable(remote, task["misc"])
         # Last injected call: remove the trampoline. We stop at its syscall exit (pitfall 16).
         remote.syscall(abi.SYS.munmap, tramp.addr, TRAMPOLINE_SIZE)

@@ -9,7 +9,7 @@ import signal
 from typing import Any
 
 from lazarus.errors import KernelError, RestoreError
-from lazarus.kernel import abi, ptrace
+from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.syscall import prlimit
 from lazarus.remote import RemoteTask, restart_after_freeze
 from lazarus.restore.timers import restore_timers
@@ -104,6 +104,100 @@ def restore_misc(task: RemoteTask, misc: dict[str, Any]) -> None:
         t.syscall(abi.SYS.setpgid, 0, 0)
     if misc.get("no_new_privs"):
         t.syscall(abi.SYS.prctl, abi.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    restore_prctl(t, misc.get("prctl") or {})
+
+
+def _spec_ctrl(value: int) -> int:
+    """The PR_SET_SPECULATION_CTRL argument that gives back what PR_GET_SPECULATION_CTRL returned."""
+    for bit in (abi.PR_SPEC_FORCE_DISABLE, abi.PR_SPEC_DISABLE_NOEXEC, abi.PR_SPEC_DISABLE, abi.PR_SPEC_ENABLE):
+        if value & bit:
+            return bit
+    return 0
+
+
+def restore_prctl(task: RemoteTask, pr: dict[str, Any]) -> None:
+    """prctl state set before the credentials (see restore_after_creds for the rest). Each value is compared
+    with what the new task has (it inherited the restorer's), and set only where it differs."""
+    t = task
+
+    def set_(name: str, *args: int) -> None:
+        t.syscall(abi.SYS.prctl, *args, *([0] * (5 - len(args))), what=f"prctl {name}")
+
+    def now(option: int, arg: int = 0) -> int:
+        return t.raw(abi.SYS.prctl, option, arg, 0, 0, 0)
+
+    def now_into(option: int) -> int:
+        addr = t.put(bytes(8), 0)
+        t.syscall(abi.SYS.prctl, option, addr, 0, 0, 0)
+        return int.from_bytes(t.read(addr, 4), "little", signed=True)
+
+    if pr.get("child_subreaper") is not None and pr["child_subreaper"] != now_into(abi.PR_GET_CHILD_SUBREAPER):
+        set_("PR_SET_CHILD_SUBREAPER", abi.PR_SET_CHILD_SUBREAPER, pr["child_subreaper"])
+    thp = pr.get("thp_disable")
+    if thp is not None and thp != now(abi.PR_GET_THP_DISABLE):
+        # Bit 1 is PR_THP_DISABLE_EXCEPT_ADVISED (Linux 6.18), passed back as the flags argument.
+        set_("PR_SET_THP_DISABLE", abi.PR_SET_THP_DISABLE, 1 if thp else 0, thp & ~1)
+    mce = pr.get("mce_kill")
+    if mce is not None and mce != now(abi.PR_MCE_KILL_GET):
+        if mce == abi.PR_MCE_KILL_DEFAULT:
+            set_("PR_MCE_KILL", abi.PR_MCE_KILL, abi.PR_MCE_KILL_CLEAR)
+        else:
+            set_("PR_MCE_KILL", abi.PR_MCE_KILL, abi.PR_MCE_KILL_SET, mce)
+    if pr.get("tsc") is not None and pr["tsc"] != now_into(abi.PR_GET_TSC):
+        set_("PR_SET_TSC", abi.PR_SET_TSC, pr["tsc"])
+    for which, value in enumerate(pr.get("speculation") or []):
+        if value is not None and value & abi.PR_SPEC_PRCTL and value != now(abi.PR_GET_SPECULATION_CTRL, which):
+            set_(f"PR_SET_SPECULATION_CTRL({which})", abi.PR_SET_SPECULATION_CTRL, which, _spec_ctrl(value))
+    if pr.get("memory_merge") is not None and pr["memory_merge"] != now(abi.PR_GET_MEMORY_MERGE):
+        set_("PR_SET_MEMORY_MERGE", abi.PR_SET_MEMORY_MERGE, pr["memory_merge"])
+    # Last: memory-deny-write-execute is irreversible and refuses later executable mappings.
+    if pr.get("mdwe") and pr["mdwe"] != now(abi.PR_GET_MDWE):
+        set_("PR_SET_MDWE", abi.PR_SET_MDWE, pr["mdwe"])
+
+
+def restore_caps_before_creds(task: RemoteTask, misc: dict[str, Any]) -> None:
+    """Drop from the bounding set what the process did not have (this needs CAP_SETPCAP, which goes with
+    root), and keep the permitted set across the change of uids, for restore_after_creds to set."""
+    caps = misc.get("caps")
+    if not caps:
+        return
+    have = procfs.read_status(task.pid)
+    extra = caps["bnd"] & ~have.cap_bnd
+    if extra:
+        raise RestoreError(f"capability bounding set {caps['bnd']:#x} has capabilities the restorer lacks "
+                           f"({extra:#x})", stage="caps", pid=task.pid)
+    drop = have.cap_bnd & ~caps["bnd"]
+    for cap in range(64):
+        if drop >> cap & 1:
+            task.syscall(abi.SYS.prctl, abi.PR_CAPBSET_DROP, cap, 0, 0, 0, what=f"PR_CAPBSET_DROP({cap})")
+    task.syscall(abi.SYS.prctl, abi.PR_SET_KEEPCAPS, 1, 0, 0, 0)
+
+
+def restore_after_creds(task: RemoteTask, misc: dict[str, Any]) -> None:
+    """State that a change of credentials would reset: capabilities, keep-caps and the parent-death signal."""
+    t = task
+    caps = misc.get("caps")
+    if caps:
+        hdr = t.put_struct(abi.user_cap_header(abi.LINUX_CAPABILITY_VERSION_3, 0), 0)
+        data = (abi.user_cap_data * 2)(
+            abi.user_cap_data(caps["eff"] & 0xFFFFFFFF, caps["prm"] & 0xFFFFFFFF, caps["inh"] & 0xFFFFFFFF),
+            abi.user_cap_data(caps["eff"] >> 32, caps["prm"] >> 32, caps["inh"] >> 32))
+        try:
+            t.syscall(abi.SYS.capset, hdr, t.put_struct(data, 64), what="capset")
+        except KernelError as e:
+            raise RestoreError(f"cannot set capabilities (permitted {caps['prm']:#x}, effective {caps['eff']:#x}, "
+                               f"inheritable {caps['inh']:#x}): {e.strerror}", stage="caps", pid=t.pid) from e
+        for cap in range(64):
+            if caps["amb"] >> cap & 1:
+                t.syscall(abi.SYS.prctl, abi.PR_CAP_AMBIENT, abi.PR_CAP_AMBIENT_RAISE, cap, 0, 0,
+                          what=f"PR_CAP_AMBIENT_RAISE({cap})")
+    pr = misc.get("prctl") or {}
+    keep = pr.get("keepcaps")
+    if keep is not None or caps:
+        t.syscall(abi.SYS.prctl, abi.PR_SET_KEEPCAPS, keep or 0, 0, 0, 0)
+    if pr.get("pdeathsig"):
+        # Its parent is now the restorer: the signal comes when the restorer exits (see README).
+        t.syscall(abi.SYS.prctl, abi.PR_SET_PDEATHSIG, pr["pdeathsig"], 0, 0, 0)
 
 
 def restore_creds(task: RemoteTask, creds: dict[str, Any]) -> None:
