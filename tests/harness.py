@@ -41,6 +41,7 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "lazy_events": (),
     "ptimers": (),
     "prctl": (),
+    "refused_proc": (),
 }
 CFLAGS = ("-O1", "-g", "-Wall")
 
@@ -316,6 +317,7 @@ CASES: tuple[Case, ...] = (
 CASES_BY_ID = {c.id: c for c in CASES}
 
 UNSUPPORTED_MODES = ("tcp", "thread", "child", "pty", "seccomp", "uffd", "plain")
+REFUSED_PROC_MODES = ("securebits", "cpu_overrun")  # tests/targets/refused_proc.c
 
 
 PYTHONS = ("system", "lazarus")

@@ -22,6 +22,7 @@ SELF_CASES: tuple[H.Case, ...] = (
     H.Case("regs-avx", "regs", ("avx",), syscall=None),
     H.Case("regs-sse", "regs", ("sse",), syscall=None),
     *(H.Case(f"unsupported-{m}", "unsupported", (m,)) for m in H.UNSUPPORTED_MODES),
+    *(H.Case(f"refused-proc-{m}", "refused_proc", (m,)) for m in H.REFUSED_PROC_MODES),
     H.Case("pyscript", "pyscript", ("150000",), "none", None),
 )
 BATCH = 6
