@@ -32,6 +32,7 @@ from lazarus.restore.memory import (
     move_vdso,
     trampoline_candidates,
 )
+from lazarus.restore.timers import check_timers
 from lazarus.restore.uffd import LAZY_FEATURES, copy_all, lazy_ranges, uffd_in_task
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ def check_task_fields(pid: int, task: dict[str, Any]) -> None:
         check_schema(o, OBJECT_SCHEMA, name, f"mm.objects[{i}].")
     for i, f in enumerate(task["files"]):
         check_schema(f, FD_SCHEMA, name, f"files[{i}].")
+    check_timers(task["signals"].get("timers", []), name)
+    rcore.check_proc_state(task["misc"], name)
 
 
 def open_image(directory: Path, *, verify_pages: bool) -> Image:

@@ -8,7 +8,8 @@ import os
 import signal
 from typing import Any
 
-from lazarus.errors import KernelError, RestoreError
+from lazarus.errors import ImageError, KernelError, RestoreError
+from lazarus.images.format import Schema, check_schema
 from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.syscall import prlimit
 from lazarus.remote import RemoteTask, restart_after_freeze
@@ -113,6 +114,25 @@ def _spec_ctrl(value: int) -> int:
         if value & bit:
             return bit
     return 0
+
+
+_OPT_INT = (int, type(None))
+PRCTL_SCHEMA: Schema = {"child_subreaper": _OPT_INT, "pdeathsig": _OPT_INT, "keepcaps": _OPT_INT,
+                        "thp_disable": _OPT_INT, "mce_kill": _OPT_INT, "tsc": _OPT_INT, "speculation": list,
+                        "mdwe": _OPT_INT, "memory_merge": _OPT_INT}
+CAPS_SCHEMA: Schema = {"inh": int, "prm": int, "eff": int, "bnd": int, "amb": int}
+
+
+def check_proc_state(misc: dict[str, Any], fname: str) -> None:
+    """misc.prctl and misc.caps, when the image has them (older images do not)."""
+    if misc.get("prctl") is not None:
+        check_schema(misc["prctl"], PRCTL_SCHEMA, fname, "misc.prctl.")
+        if not all(v is None or type(v) is int for v in misc["prctl"]["speculation"]):
+            raise ImageError(f"{fname}: field 'misc.prctl.speculation' must hold integers or null")
+    if misc.get("caps") is not None:
+        check_schema(misc["caps"], CAPS_SCHEMA, fname, "misc.caps.")
+        if not all(0 <= v < 1 << 64 for v in misc["caps"].values()):
+            raise ImageError(f"{fname}: field 'misc.caps' must hold 64-bit sets")
 
 
 def restore_prctl(task: RemoteTask, pr: dict[str, Any]) -> None:

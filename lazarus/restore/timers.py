@@ -28,7 +28,8 @@ import logging
 import time
 from typing import Any
 
-from lazarus.errors import KernelError, RestoreError
+from lazarus.errors import ImageError, KernelError, RestoreError
+from lazarus.images.format import Schema, check_schema
 from lazarus.kernel import abi, procfs
 from lazarus.remote import RemoteTask
 
@@ -194,6 +195,23 @@ def _restore_pending(task: RemoteTask, tm: dict[str, Any]) -> None:
     else:
         _settime(task, tm, abi.TIMER_ABSTIME, 0, 1)
     _wait_pending(task, tm, 0)
+
+
+TIMER_SCHEMA: Schema = {"id": int, "signo": int, "sigev_value": int, "notify": int, "notify_pid": int, "clock": int,
+                        "clock_name": str, "interval": list, "value": list, "overrun": int}
+
+
+def check_timers(timers: object, fname: str) -> list[dict[str, Any]]:
+    """The image's timer records, checked before anything is created (images older than timers have none)."""
+    if not isinstance(timers, list):
+        raise ImageError(f"{fname}: field 'signals.timers' must be an array")
+    for i, tm in enumerate(timers):
+        check_schema(tm, TIMER_SCHEMA, fname, f"signals.timers[{i}].")
+        for key in ("interval", "value"):
+            pair = tm[key]
+            if len(pair) != 2 or not all(type(x) is int and x >= 0 for x in pair) or pair[1] >= NSEC:
+                raise ImageError(f"{fname}: field 'signals.timers[{i}].{key}' must be [seconds, nanoseconds]")
+    return timers  # type: ignore[return-value]
 
 
 def restore_timers(task: RemoteTask, sig: dict[str, Any]) -> tuple[list[str], list[str]]:

@@ -84,3 +84,40 @@ def test_split_pending() -> None:
     assert (rest, ids) == ([], {3})
     rest, ids = split_pending(timers, [_siginfo(10, -2, 3)], thread=False)
     assert (rest, ids) == ([], set())
+
+
+def _timer_record() -> dict[str, object]:
+    return {"id": 5, "signo": 36, "sigev_value": 7, "notify": 0, "notify_pid": 9, "clock": 1,
+            "clock_name": "CLOCK_MONOTONIC", "interval": [0, 10_000_000], "value": [0, 5], "overrun": 3}
+
+
+def test_check_timers() -> None:
+    from lazarus.errors import ImageError
+    from lazarus.restore.timers import check_timers
+
+    assert check_timers([_timer_record()], "task-9.json") == [_timer_record()]
+    with pytest.raises(ImageError, match=r"task-9.json: field 'signals.timers' must be an array"):
+        check_timers({}, "task-9.json")
+    bad = _timer_record() | {"overrun": "3"}
+    with pytest.raises(ImageError, match=r"field 'signals.timers\[0\].overrun' must be an integer"):
+        check_timers([bad], "task-9.json")
+    bad = _timer_record() | {"value": [0, 1_000_000_000]}
+    with pytest.raises(ImageError, match=r"field 'signals.timers\[0\].value' must be \[seconds, nanoseconds\]"):
+        check_timers([bad], "task-9.json")
+
+
+def test_check_proc_state() -> None:
+    from lazarus.errors import ImageError
+    from lazarus.restore.core import check_proc_state
+
+    prctl = {"child_subreaper": 1, "pdeathsig": 0, "keepcaps": 0, "thp_disable": None, "mce_kill": 2, "tsc": 1,
+             "speculation": [2, None, 8], "mdwe": 0, "memory_merge": None}
+    caps = {"inh": 0, "prm": 1, "eff": 1, "bnd": 3, "amb": 0}
+    check_proc_state({"prctl": prctl, "caps": caps}, "t.json")
+    check_proc_state({}, "t.json")  # an image from before these fields
+    with pytest.raises(ImageError, match=r"field 'misc.prctl.pdeathsig' must be an integer or null"):
+        check_proc_state({"prctl": prctl | {"pdeathsig": "x"}}, "t.json")
+    with pytest.raises(ImageError, match=r"misc.prctl.speculation"):
+        check_proc_state({"prctl": prctl | {"speculation": ["x"]}}, "t.json")
+    with pytest.raises(ImageError, match=r"misc.caps"):
+        check_proc_state({"caps": caps | {"bnd": 1 << 64}}, "t.json")
