@@ -85,9 +85,22 @@ def dump_misc(task: RemoteTask) -> dict[str, Any]:
         "sid": stat.session,
         "pgid": stat.pgrp,
         "prctl": dump_prctl(task, stat.flags),
-        "caps": {"inh": status.cap_inh, "prm": status.cap_prm, "eff": status.cap_eff, "bnd": status.cap_bnd,
-                 "amb": status.cap_amb},
+        "caps": dump_caps(pid, status),
     }
+
+
+def dump_caps(pid: int, status: Any) -> dict[str, int]:
+    """The capability sets; refused when they hold a capability lazarus itself lacks, which a restore by the
+    same user could not give back (it can only lower its own sets)."""
+    own = read_status(os.getpid())
+    for name, have, mine in (("bounding", status.cap_bnd, own.cap_bnd), ("permitted", status.cap_prm, own.cap_prm),
+                             ("inheritable", status.cap_inh, own.cap_inh | own.cap_prm)):
+        extra = have & ~mine
+        if extra:
+            raise Unsupported(f"pid {pid}: its {name} capability set {have:#x} has capabilities lazarus lacks "
+                              f"({extra:#x}); a restore could not give them back", pid=pid)
+    return {"inh": status.cap_inh, "prm": status.cap_prm, "eff": status.cap_eff, "bnd": status.cap_bnd,
+            "amb": status.cap_amb}
 
 
 # Bits of PR_GET_SECUREBITS a restore gives back: SECBIT_KEEP_CAPS, which is PR_SET_KEEPCAPS.

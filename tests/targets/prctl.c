@@ -1,5 +1,5 @@
 /*
- * prctl.c - the per-process prctl() state a program sets on itself: child subreaper, parent-death
+ * prctl.c - exercises the per-process prctl() state a program sets on itself: child subreaper, parent-death
  * signal, no_new_privs, THP disable (with PR_THP_DISABLE_EXCEPT_ADVISED where the kernel has it), MCE
  * kill policy, keep-caps, dumpable, the TSC mode (PR_TSC_SIGSEGV: no clock_gettime() after it, the
  * vdso reads the TSC), KSM merging of the whole process (PR_SET_MEMORY_MERGE) where the kernel has KSM,

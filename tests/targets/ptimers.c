@@ -1,5 +1,5 @@
 /*
- * ptimers.c - POSIX timers (timer_create): ids (the first one created is deleted, so they do not start
+ * ptimers.c - exercises POSIX timers (timer_create): ids (the first one created is deleted, so they do not start
  * at 0), clocks (MONOTONIC, PROCESS_CPUTIME, REALTIME, BOOTTIME), notify kinds (SIGEV_SIGNAL,
  * SIGEV_THREAD_ID, SIGEV_NONE) with their signals and sigev_values, intervals, time left, a disarmed
  * timer, the overrun count of a periodic timer whose signal stays blocked (and is pending at the dump),

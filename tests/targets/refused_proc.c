@@ -1,5 +1,5 @@
 /*
- * refused_proc.c - per-process state a dump must refuse, naming it, and leave untouched:
+ * refused_proc.c - exercises per-process state a dump must refuse, naming it, and leave untouched:
  *   securebits   SECBIT_NOROOT set (securebits other than keep-caps are not restored);
  *   cpu_overrun  a periodic CPU-time POSIX timer with a non-zero overrun count (restoring the count
  *                needs an expiry in the clock's past, which a new process's CPU clock does not have).
