@@ -8,7 +8,7 @@ from typing import Any
 from lazarus.dump.timers import dump_timers
 from lazarus.errors import KernelError, Unsupported
 from lazarus.kernel import abi, ptrace
-from lazarus.kernel.procfs import read_limits, read_stat, read_status
+from lazarus.kernel.procfs import Status, read_limits, read_stat, read_status
 from lazarus.kernel.syscall import get_robust_list
 from lazarus.remote import RemoteTask
 
@@ -89,7 +89,7 @@ def dump_misc(task: RemoteTask) -> dict[str, Any]:
     }
 
 
-def dump_caps(pid: int, status: Any) -> dict[str, int]:
+def dump_caps(pid: int, status: Status) -> dict[str, int]:
     """The capability sets; refused when they hold a capability lazarus itself lacks, which a restore by the
     same user could not give back (it can only lower its own sets)."""
     own = read_status(os.getpid())

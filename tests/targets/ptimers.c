@@ -178,6 +178,14 @@ static void setup(void)
 	if (overrun0 < 1 || si.si_overrun != overrun0)
 		laz_die("overrun %d (si_overrun %d)", overrun0, si.si_overrun);
 	laz_log("# overrun count %d", overrun0);
+	/* Its next signal is pending (blocked) from here on, at the dump too. */
+	t = laz_now(CLOCK_MONOTONIC);
+	do {
+		usleep(1000);
+		sigpending(&set);
+	} while (!sigismember(&set, SIG_OVERRUN) && laz_now(CLOCK_MONOTONIC) - t < 1.0);
+	if (!sigismember(&set, SIG_OVERRUN))
+		laz_die("the overrun timer did not fire again");
 
 	timers_text(timers0, sizeof(timers0));
 	ready_mono = laz_now(CLOCK_MONOTONIC);
