@@ -3,7 +3,8 @@
  * at 0), clocks (MONOTONIC, PROCESS_CPUTIME, REALTIME, BOOTTIME), notify kinds (SIGEV_SIGNAL,
  * SIGEV_THREAD_ID, SIGEV_NONE) with their signals and sigev_values, intervals, time left, a disarmed
  * timer, the overrun count of a periodic timer whose signal stays blocked (and is pending at the dump),
- * and a periodic timer that keeps firing into a handler with the right si_value.
+ * a periodic timer first armed 3.5 intervals in the past (overrun count 3, nothing pending: its next expiry
+ * is 5 s away), and a periodic timer that keeps firing into a handler with the right si_value.
  *
  * Time left is checked on the timer's own clock: it may not be more than what was left when READY was
  * logged, nor less than what is left counting every tick since the arming. The CPU-time timer is armed
@@ -20,6 +21,9 @@
 #define SIG_CPU (SIGRTMIN + 1)
 #define SIG_OVERRUN (SIGRTMIN + 2)
 #define SIG_TICK (SIGRTMIN + 3)
+#define SIG_PAST (SIGRTMIN + 4)
+#define PAST_IV_S 10L
+#define PAST_OVERRUN 3
 #define ONESHOT_S 100.0
 #define CPU_S 10.0
 #define OVERRUN_NS 10000000L
@@ -30,10 +34,10 @@
 #define V_TICK 66
 #define V_TID 77
 
-static const char POINTS[] = "ids interval remaining cpu overrun pending value fires";
+static const char POINTS[] = "ids interval remaining cpu overrun pending value fires past";
 
-static timer_t t_deleted, t_oneshot, t_cpu, t_tid, t_none, t_overrun, t_tick;
-static double armed_mono, ready_mono, armed_cpu, ready_cpu;
+static timer_t t_deleted, t_oneshot, t_cpu, t_tid, t_none, t_overrun, t_tick, t_past;
+static double armed_mono, ready_mono, armed_cpu, ready_cpu, past_next, ready_boot;
 static int overrun0;
 static char timers0[4096];
 static volatile sig_atomic_t ticks, tick_bad;
@@ -135,6 +139,7 @@ static void setup(void)
 	sigaddset(&set, SIG_OVERRUN);
 	sigaddset(&set, SIG_ONESHOT);
 	sigaddset(&set, SIG_CPU);
+	sigaddset(&set, SIG_PAST);
 	if (sigprocmask(SIG_BLOCK, &set, NULL))
 		laz_die("sigprocmask");
 	memset(&sa, 0, sizeof(sa));
@@ -153,6 +158,7 @@ static void setup(void)
 	make(CLOCK_BOOTTIME, SIGEV_NONE, 0, (union sigval){ 0 }, &t_none);
 	make(CLOCK_MONOTONIC, SIGEV_SIGNAL, SIG_OVERRUN, (union sigval){ .sival_ptr = V_OVERRUN }, &t_overrun);
 	make(CLOCK_MONOTONIC, SIGEV_SIGNAL, SIG_TICK, (union sigval){ .sival_int = V_TICK }, &t_tick);
+	make(CLOCK_BOOTTIME, SIGEV_SIGNAL, SIG_PAST, (union sigval){ .sival_int = 99 }, &t_past);
 	if ((long)t_oneshot == 0)
 		laz_die("timer ids start at 0 although the first was deleted");
 
@@ -187,8 +193,32 @@ static void setup(void)
 	if (!sigismember(&set, SIG_OVERRUN))
 		laz_die("the overrun timer did not fire again");
 
+	/*
+	 * A periodic timer whose first expiry lies 3.5 intervals in the past: it fires at once, and taking
+	 * its signal counts 3 missed expiries; the next one is half an interval (5 s) away, so nothing is
+	 * pending at the dump: the overrun count alone must come back.
+	 */
+	{
+		struct itimerspec its = { { PAST_IV_S, 0 }, { 0, 0 } };
+		double first = laz_now(CLOCK_BOOTTIME) - 3.5 * PAST_IV_S;
+
+		if (first < 1)
+			laz_die("the machine booted less than %ld s ago", 4 * PAST_IV_S);
+		its.it_value.tv_sec = (time_t)first;
+		its.it_value.tv_nsec = (long)((first - (double)(time_t)first) * 1e9);
+		sigemptyset(&set);
+		sigaddset(&set, SIG_PAST);
+		if (timer_settime(t_past, TIMER_ABSTIME, &its, NULL) ||
+		    sigtimedwait(&set, &si, &(struct timespec){ 1, 0 }) != SIG_PAST)
+			laz_die("past timer");
+		if (timer_getoverrun(t_past) != PAST_OVERRUN)
+			laz_die("past timer overrun %d", timer_getoverrun(t_past));
+		past_next = first + 4 * PAST_IV_S;
+	}
+
 	timers_text(timers0, sizeof(timers0));
 	ready_mono = laz_now(CLOCK_MONOTONIC);
+	ready_boot = laz_now(CLOCK_BOOTTIME);
 	ready_cpu = laz_now(CLOCK_PROCESS_CPUTIME_ID);
 }
 
@@ -221,6 +251,12 @@ static void corrupt(void)
 		want_overrun_value = (void *)((unsigned long)V_OVERRUN ^ 1);
 	if (laz_corrupt("fires"))
 		arm(t_tick, 0, 0);
+	if (laz_corrupt("past")) {
+		struct itimerspec its;
+
+		timer_gettime(t_past, &its);
+		timer_settime(t_past, 0, &its, NULL);
+	}
 }
 
 static void verify(void)
@@ -235,6 +271,17 @@ static void verify(void)
 
 	/* First, before any signal of the timer can be delivered. */
 	LAZ_CHECK(ov == overrun0, "overrun count %d, expected %d", ov, overrun0);
+	ov = timer_getoverrun(t_past);
+	r = left(t_past, &iv);
+	{
+		double now_boot = laz_now(CLOCK_BOOTTIME);
+
+		/* Time left counts from the restore: at most what was left at READY, and the timer still waits. */
+		LAZ_CHECK(ov == PAST_OVERRUN && iv == PAST_IV_S && r > 0 && r <= past_next - ready_boot &&
+			  r >= past_next - now_boot - 0.001,
+			  "past timer: overrun %d (expected %d), interval %.3f, %.6f s left, expected in [%.6f, %.6f]", ov,
+			  PAST_OVERRUN, iv, r, past_next - now_boot, past_next - ready_boot);
+	}
 
 	timers_text(text, sizeof(text));
 	LAZ_CHECK(strcmp(text, timers0) == 0, "/proc/self/timers differs: '%s', expected '%s'", text, timers0);
