@@ -82,14 +82,16 @@ def split_pending(timers: list[dict[str, Any]], pending: list[str], *, thread: b
 
 
 def create_timers(task: RemoteTask, timers: list[dict[str, Any]]) -> None:
-    """timer_create() each timer with its own id."""
+    """timer_create() each timer with its own id, in increasing order: the kernel then leaves its id counter
+    after the last one, so that the process's next timer_create() returns the id after its newest timer, as
+    it would have in the original (unless the original had deleted its newest timers)."""
     t = task
     ret = t.raw(abi.SYS.prctl, abi.PR_TIMER_CREATE_RESTORE_IDS, abi.PR_TIMER_CREATE_RESTORE_IDS_ON, 0, 0, 0)
     if ret < 0:
         raise RestoreError(f"pid {t.pid}: restoring POSIX timer ids needs prctl(PR_TIMER_CREATE_RESTORE_IDS) "
                            "(Linux 6.17 or later)", stage="timers", pid=t.pid)
     try:
-        for tm in timers:
+        for tm in sorted(timers, key=lambda tm: tm["id"]):
             sev = abi.sigevent(tm["sigev_value"] & ((1 << 64) - 1), tm["signo"], tm["notify"],
                                t.pid if tm["notify"] & abi.SIGEV_THREAD_ID else 0)
             sev_addr = t.put_struct(sev, 0)

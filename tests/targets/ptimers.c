@@ -1,6 +1,6 @@
 /*
  * ptimers.c - exercises POSIX timers (timer_create): ids (the first one created is deleted, so they do not start
- * at 0), clocks (MONOTONIC, PROCESS_CPUTIME, REALTIME, BOOTTIME), notify kinds (SIGEV_SIGNAL,
+ * at 0, and the next new timer gets the id after the newest), clocks (MONOTONIC, PROCESS_CPUTIME, REALTIME, BOOTTIME), notify kinds (SIGEV_SIGNAL,
  * SIGEV_THREAD_ID, SIGEV_NONE) with their signals and sigev_values, intervals, time left, a disarmed
  * timer, the overrun count of a periodic timer whose signal stays blocked (and is pending at the dump),
  * a periodic timer first armed 3.5 intervals in the past (overrun count 3, nothing pending: its next expiry
@@ -34,7 +34,7 @@
 #define V_TICK 66
 #define V_TID 77
 
-static const char POINTS[] = "ids interval remaining cpu overrun pending value fires past";
+static const char POINTS[] = "ids next_id interval remaining cpu overrun pending value fires past";
 
 static timer_t t_deleted, t_oneshot, t_cpu, t_tid, t_none, t_overrun, t_tick, t_past;
 static double armed_mono, ready_mono, armed_cpu, ready_cpu, past_next, ready_boot;
@@ -226,6 +226,12 @@ static void corrupt(void)
 {
 	if (laz_corrupt("ids"))
 		timer_delete(t_tid);
+	if (laz_corrupt("next_id")) {
+		timer_t extra;
+
+		make(CLOCK_MONOTONIC, SIGEV_NONE, 0, (union sigval){ 0 }, &extra);
+		timer_delete(extra);
+	}
 	if (laz_corrupt("interval"))
 		arm(t_none, NONE_PERIOD_NS + 1, NONE_PERIOD_NS / 1e9);
 	if (laz_corrupt("remaining"))
@@ -283,6 +289,15 @@ static void verify(void)
 			  PAST_OVERRUN, iv, r, past_next - now_boot, past_next - ready_boot);
 	}
 
+	/* The next new timer gets the id after the newest one, as in a process never dumped. */
+	{
+		timer_t next;
+
+		make(CLOCK_MONOTONIC, SIGEV_NONE, 0, (union sigval){ 0 }, &next);
+		LAZ_CHECK((long)next == (long)t_past + 1, "a new timer got id %ld, expected %ld", (long)next,
+			  (long)t_past + 1);
+		timer_delete(next);
+	}
 	timers_text(text, sizeof(text));
 	LAZ_CHECK(strcmp(text, timers0) == 0, "/proc/self/timers differs: '%s', expected '%s'", text, timers0);
 
