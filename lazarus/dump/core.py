@@ -131,7 +131,18 @@ def dump_prctl(task: RemoteTask, task_flags: int) -> dict[str, Any]:
     task.write(scratch, bytes(8))
     if task.raw(abi.SYS.arch_prctl, abi.ARCH_SHSTK_STATUS, scratch) == 0 and task.read(scratch, 8) != bytes(8):
         raise Unsupported(f"pid {pid}: it uses a user shadow stack (CET), which is not supported", pid=pid)
+    task.write(scratch, bytes(8))
+    if task.raw(abi.SYS.arch_prctl, abi.ARCH_GET_UNTAG_MASK, scratch) == 0 and task.read(scratch, 8) != b"\xff" * 8:
+        raise Unsupported(f"pid {pid}: it uses linear address masking (LAM), which is not supported", pid=pid)
+    task.write(scratch, bytes(8))
+    if (task.raw(abi.SYS.prctl, abi.PR_SCHED_CORE, abi.PR_SCHED_CORE_GET, 0, 0, scratch) == 0
+            and task.read(scratch, 8) != bytes(8)):
+        raise Unsupported(f"pid {pid}: it has a core-scheduling cookie (PR_SCHED_CORE), which is not restored",
+                          pid=pid)
+    cpuid = task.raw(abi.SYS.arch_prctl, abi.ARCH_GET_CPUID, 0)
     return {
+        "cpuid": None if cpuid < 0 else cpuid,
+        "futex_hash_slots": get(abi.PR_FUTEX_HASH, abi.PR_FUTEX_HASH_GET_SLOTS),
         "child_subreaper": get_into(abi.PR_GET_CHILD_SUBREAPER),
         "pdeathsig": get_into(abi.PR_GET_PDEATHSIG),
         "keepcaps": get(abi.PR_GET_KEEPCAPS),

@@ -552,3 +552,8 @@ class user_cap_data(C.Structure):  # struct __user_cap_data_struct (two of them 
 
 
 STRUCT_SIZES.update({user_cap_header: 8, user_cap_data: 12})
+# [proc helper: more per-process switches] arch/x86/include/uapi/asm/prctl.h, include/uapi/linux/prctl.h
+ARCH_GET_CPUID, ARCH_SET_CPUID = 0x1011, 0x1012
+ARCH_GET_UNTAG_MASK = 0x4001
+PR_SCHED_CORE, PR_SCHED_CORE_GET = 62, 0
+PR_FUTEX_HASH, PR_FUTEX_HASH_SET_SLOTS, PR_FUTEX_HASH_GET_SLOTS = 78, 1, 2

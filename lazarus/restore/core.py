@@ -119,7 +119,7 @@ def _spec_ctrl(value: int) -> int:
 _OPT_INT = (int, type(None))
 PRCTL_SCHEMA: Schema = {"child_subreaper": _OPT_INT, "pdeathsig": _OPT_INT, "keepcaps": _OPT_INT,
                         "thp_disable": _OPT_INT, "mce_kill": _OPT_INT, "tsc": _OPT_INT, "speculation": list,
-                        "mdwe": _OPT_INT, "memory_merge": _OPT_INT}
+                        "mdwe": _OPT_INT, "memory_merge": _OPT_INT, "cpuid": _OPT_INT, "futex_hash_slots": _OPT_INT}
 CAPS_SCHEMA: Schema = {"inh": int, "prm": int, "eff": int, "bnd": int, "amb": int}
 
 
@@ -170,6 +170,13 @@ def restore_prctl(task: RemoteTask, pr: dict[str, Any]) -> None:
             set_(f"PR_SET_SPECULATION_CTRL({which})", abi.PR_SET_SPECULATION_CTRL, which, _spec_ctrl(value))
     if pr.get("memory_merge") is not None and pr["memory_merge"] != now(abi.PR_GET_MEMORY_MERGE):
         set_("PR_SET_MEMORY_MERGE", abi.PR_SET_MEMORY_MERGE, pr["memory_merge"])
+    slots = pr.get("futex_hash_slots")
+    if slots is not None and slots != now(abi.PR_FUTEX_HASH, abi.PR_FUTEX_HASH_GET_SLOTS):
+        set_("PR_FUTEX_HASH_SET_SLOTS", abi.PR_FUTEX_HASH, abi.PR_FUTEX_HASH_SET_SLOTS, slots)
+    cpuid = pr.get("cpuid")
+    if cpuid is not None and cpuid != t.raw(abi.SYS.arch_prctl, abi.ARCH_GET_CPUID, 0):
+        # 0: the CPUID instruction faults (SIGSEGV); only the program's own code runs it, never our injection.
+        t.syscall(abi.SYS.arch_prctl, abi.ARCH_SET_CPUID, cpuid, what="arch_prctl(ARCH_SET_CPUID)")
     # Last: memory-deny-write-execute is irreversible and refuses later executable mappings.
     if pr.get("mdwe") and pr["mdwe"] != now(abi.PR_GET_MDWE):
         set_("PR_SET_MDWE", abi.PR_SET_MDWE, pr["mdwe"])

@@ -5,7 +5,8 @@
  * vdso reads the TSC), KSM merging of the whole process (PR_SET_MEMORY_MERGE) where the kernel has KSM,
  * speculation control where the CPU lets a process choose it, memory-deny-write-execute, and the
  * capability sets: a capability dropped from the bounding set, one dropped from permitted and effective,
- * one added to the inheritable and ambient sets.
+ * one added to the inheritable and ambient sets; CPUID faulting (arch_prctl ARCH_SET_CPUID 0) and the
+ * private futex hash size (PR_FUTEX_HASH) where the CPU and kernel have them.
  *
  * The parent-death signal is SIGWINCH (ignored by default): after `restore -d` the parent is the
  * restorer, which exits, and the kernel sends it then; the setting must still read back.
@@ -29,13 +30,18 @@
 #define PR_MDWE_REFUSE_EXEC_GAIN 1
 #endif
 #define THP_EXCEPT_ADVISED 2
+#define ARCH_GET_CPUID 0x1011
+#define ARCH_SET_CPUID 0x1012
+#define PR_FUTEX_HASH 78
+#define FUTEX_SLOTS 16
 #define CAP_DROP_BND CAP_NET_RAW
 #define CAP_DROP_PRM CAP_SYS_TIME
 #define CAP_ADD_AMB CAP_CHOWN
 
 static const char POINTS[] = "subreaper pdeathsig nnp thp mce keepcaps dumpable tsc ksm spec mdwe bounding permitted "
-			     "inheritable ambient";
+			     "inheritable ambient cpuid futex";
 
+static int cpuid0 = -1, futex0 = -1;
 static int thp0, ksm0 = -1, spec0 = -1, nnp0 = 1, mdwe0 = PR_MDWE_REFUSE_EXEC_GAIN;
 static struct __user_cap_data_struct caps0[2];
 
@@ -100,7 +106,15 @@ static void setup(void)
 		laz_die("capset/ambient");
 	capget2(caps0);
 
-	/* Last: no executable mapping may gain write access from here, and no clock_gettime() (TSC). */
+	if (prctl(PR_FUTEX_HASH, 1, FUTEX_SLOTS, 0, 0) == 0)
+		futex0 = (int)prctl(PR_FUTEX_HASH, 2, 0, 0, 0);
+	else
+		laz_log("# no private futex hash here (PR_FUTEX_HASH: %s)", strerror(errno));
+	/* Last: no executable mapping may gain write access from here, no clock_gettime() (TSC), no CPUID. */
+	if (syscall(SYS_arch_prctl, ARCH_SET_CPUID, 0) == 0)
+		cpuid0 = (int)syscall(SYS_arch_prctl, ARCH_GET_CPUID, 0);
+	else
+		laz_log("# no CPUID faulting here (ARCH_SET_CPUID: %s)", strerror(errno));
 	if (prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0))
 		laz_die("PR_SET_MDWE");
 	if (prctl(PR_SET_TSC, PR_TSC_SIGSEGV, 0, 0, 0))
@@ -148,6 +162,10 @@ static void corrupt(void)
 		d[0].inheritable |= 1u << CAP_FOWNER;
 		capset2(d);
 	}
+	if (laz_corrupt("cpuid"))
+		cpuid0 = cpuid0 >= 0 ? (syscall(SYS_arch_prctl, ARCH_SET_CPUID, 1), cpuid0) : -2;
+	if (laz_corrupt("futex"))
+		futex0 = futex0 >= 0 ? futex0 + 1 : -2;
 	if (laz_corrupt("ambient"))
 		prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_LOWER, CAP_ADD_AMB, 0, 0);
 }
@@ -184,6 +202,14 @@ static void verify(void)
 	v = prctl(PR_GET_MDWE, 0, 0, 0, 0);
 	LAZ_CHECK(v == mdwe0, "MDWE %d, expected %d", v, mdwe0);
 
+	if (cpuid0 != -1) {
+		v = (int)syscall(SYS_arch_prctl, ARCH_GET_CPUID, 0);
+		LAZ_CHECK(v == cpuid0, "ARCH_GET_CPUID %d, expected %d", v, cpuid0);
+	}
+	if (futex0 != -1) {
+		v = prctl(PR_FUTEX_HASH, 2, 0, 0, 0);
+		LAZ_CHECK(v == futex0, "futex hash slots %d, expected %d", v, futex0);
+	}
 	LAZ_CHECK(prctl(PR_CAPBSET_READ, CAP_DROP_BND, 0, 0, 0) == 0, "CAP_NET_RAW is back in the bounding set");
 	LAZ_CHECK(prctl(PR_CAPBSET_READ, CAP_SYS_NICE, 0, 0, 0) == 1, "CAP_SYS_NICE left the bounding set");
 	if (capget2(d))

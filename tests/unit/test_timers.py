@@ -111,7 +111,7 @@ def test_check_proc_state() -> None:
     from lazarus.restore.core import check_proc_state
 
     prctl = {"child_subreaper": 1, "pdeathsig": 0, "keepcaps": 0, "thp_disable": None, "mce_kill": 2, "tsc": 1,
-             "speculation": [2, None, 8], "mdwe": 0, "memory_merge": None}
+             "speculation": [2, None, 8], "mdwe": 0, "memory_merge": None, "cpuid": 1, "futex_hash_slots": 0}
     caps = {"inh": 0, "prm": 1, "eff": 1, "bnd": 3, "amb": 0}
     check_proc_state({"prctl": prctl, "caps": caps}, "t.json")
     check_proc_state({}, "t.json")  # an image from before these fields
