@@ -224,6 +224,8 @@ def restore_after_creds(task: RemoteTask, misc: dict[str, Any]) -> None:
         t.syscall(abi.SYS.prctl, abi.PR_SET_KEEPCAPS, keep or 0, 0, 0, 0)
     if pr.get("pdeathsig"):
         # Its parent is now the restorer: the signal comes when the restorer exits (see README).
+        log.warning("pid %d: parent-death signal %d restored: it comes when this restorer exits", t.pid,
+                    pr["pdeathsig"])
         t.syscall(abi.SYS.prctl, abi.PR_SET_PDEATHSIG, pr["pdeathsig"], 0, 0, 0)
 
 
