@@ -133,16 +133,21 @@ def _wait_pending(task: RemoteTask, tm: dict[str, Any], until_ns: float) -> None
         time.sleep(0.0005)
 
 
-def _deliver_one(task: RemoteTask, tm: dict[str, Any]) -> None:
-    """Take the timer's pending signal with an injected rt_sigtimedwait(): the kernel's delivery rearms the
-    timer and counts its overrun, and no handler runs."""
-    signo = tm["signo"]
+def _take_signal(task: RemoteTask, signo: int) -> tuple[int, bytes]:
+    """Dequeue one pending `signo` with an injected rt_sigtimedwait() (zero timeout): (signal or -errno,
+    siginfo). No handler runs; for a timer's own signal the kernel's delivery bookkeeping does."""
     info = task.put(bytes(abi.SIGINFO_SIZE), 256)
     timeout = task.put(bytes(16), 512)
     sigset = task.put((1 << (signo - 1)).to_bytes(8, "little"), 768)
-    got_sig = task.syscall(abi.SYS.rt_sigtimedwait, sigset, info, timeout, 8,
-                           what=f"rt_sigtimedwait(timer {tm['id']})")
-    got = siginfo_timer(task.read(info, abi.SIGINFO_SIZE))
+    ret = task.raw(abi.SYS.rt_sigtimedwait, sigset, info, timeout, 8)
+    return ret, task.read(info, abi.SIGINFO_SIZE)
+
+
+def _deliver_one(task: RemoteTask, tm: dict[str, Any]) -> None:
+    """Take the timer's pending signal: the kernel's delivery rearms the timer and counts its overrun."""
+    signo = tm["signo"]
+    got_sig, info = _take_signal(task, signo)
+    got = siginfo_timer(info)
     if got_sig != signo or got != (signo, tm["id"]):
         raise RestoreError(f"pid {task.pid}: another signal ({got}) came while restoring POSIX timer {tm['id']}'s "
                            "overrun count", stage="timers", pid=task.pid)
@@ -163,6 +168,12 @@ def _restore_overrun(task: RemoteTask, tm: dict[str, Any], pending: bool) -> Non
     bit = 1 << (tm["signo"] - 1)
     got = None
     for attempt in range(5):
+        if attempt:
+            _settime(task, tm, 0, 0, 0)  # disarmed, so that it cannot fire again while its signal is taken
+            for _ in range(64):  # the last attempt's own signal, if it fired again (at most one: disarmed)
+                if not _pending_mask(task.pid) & bit:
+                    break
+                _take_signal(task, tm["signo"])
         if _pending_mask(task.pid) & bit:
             raise RestoreError(f"pid {task.pid}: signal {tm['signo']} is already pending while restoring POSIX "
                                f"timer {tm['id']}'s overrun count", stage="timers", pid=task.pid)
