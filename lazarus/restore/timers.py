@@ -8,9 +8,9 @@ spent as an image does not count.
 Overrun count (what timer_getoverrun() returns) is set by the kernel only when the timer's signal is delivered:
 it is the number of expiries missed before that delivery, and timer_settime() resets it to 0. To give a
 periodic timer its count N back, the timer is armed at an absolute expiry E lying N+1 intervals before the
-wanted next expiry X, so it fires at once; its signal is then delivered, with every other signal blocked,
-and taken at the signal-delivery stop, before any handler runs or user code executes. The kernel's delivery
-moves the expiry forward past now, counting N missed intervals, and leaves the timer armed at X:
+wanted next expiry X, so it fires at once; its signal is then taken by an injected rt_sigtimedwait(), so
+that no handler runs. The kernel's delivery moves the expiry forward past now, counting N missed intervals,
+and leaves the timer armed at X:
 
     E          E+iv   ...  E+N*iv      now    X = E+(N+1)*iv
     |-----------|----- ... ---|---------^------|---> time
@@ -220,6 +220,8 @@ def check_timers(timers: object, fname: str) -> list[dict[str, Any]]:
         raise ImageError(f"{fname}: field 'signals.timers' must be an array")
     for i, tm in enumerate(timers):
         check_schema(tm, TIMER_SCHEMA, fname, f"signals.timers[{i}].")
+        if not 0 <= tm["signo"] <= abi.NSIG:
+            raise ImageError(f"{fname}: field 'signals.timers[{i}].signo' must be a signal number")
         for key in ("interval", "value"):
             pair = tm[key]
             if len(pair) != 2 or not all(type(x) is int and x >= 0 for x in pair) or pair[1] >= NSEC:
