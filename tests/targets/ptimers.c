@@ -1,6 +1,7 @@
 /*
  * ptimers.c - exercises POSIX timers (timer_create): ids (the first one created is deleted, so they do not start
- * at 0, and the next new timer gets the id after the newest), clocks (MONOTONIC, PROCESS_CPUTIME, REALTIME, BOOTTIME), notify kinds (SIGEV_SIGNAL,
+ * at 0, and the next new timer gets the id after the newest), clocks (MONOTONIC, PROCESS_CPUTIME,
+ * THREAD_CPUTIME, REALTIME, BOOTTIME), notify kinds (SIGEV_SIGNAL,
  * SIGEV_THREAD_ID, SIGEV_NONE) with their signals and sigev_values, intervals, time left, a disarmed
  * timer, the overrun count of a periodic timer whose signal stays blocked (and is pending at the dump),
  * a periodic timer first armed 3.5 intervals in the past (overrun count 3, nothing pending: its next expiry
@@ -34,9 +35,9 @@
 #define V_TICK 66
 #define V_TID 77
 
-static const char POINTS[] = "ids next_id interval remaining cpu overrun pending value fires past";
+static const char POINTS[] = "ids next_id interval remaining cpu thread_cpu overrun pending value fires past";
 
-static timer_t t_deleted, t_oneshot, t_cpu, t_tid, t_none, t_overrun, t_tick, t_past;
+static timer_t t_deleted, t_oneshot, t_cpu, t_tid, t_none, t_overrun, t_tick, t_past, t_thread;
 static double armed_mono, ready_mono, armed_cpu, ready_cpu, past_next, ready_boot;
 static int overrun0;
 static char timers0[4096];
@@ -159,6 +160,7 @@ static void setup(void)
 	make(CLOCK_MONOTONIC, SIGEV_SIGNAL, SIG_OVERRUN, (union sigval){ .sival_ptr = V_OVERRUN }, &t_overrun);
 	make(CLOCK_MONOTONIC, SIGEV_SIGNAL, SIG_TICK, (union sigval){ .sival_int = V_TICK }, &t_tick);
 	make(CLOCK_BOOTTIME, SIGEV_SIGNAL, SIG_PAST, (union sigval){ .sival_int = 99 }, &t_past);
+	make(CLOCK_THREAD_CPUTIME_ID, SIGEV_SIGNAL, SIG_CPU, (union sigval){ .sival_int = 33 }, &t_thread);
 	if ((long)t_oneshot == 0)
 		laz_die("timer ids start at 0 although the first was deleted");
 
@@ -166,6 +168,7 @@ static void setup(void)
 	arm(t_oneshot, 0, ONESHOT_S);
 	armed_cpu = laz_now(CLOCK_PROCESS_CPUTIME_ID);
 	arm(t_cpu, 0, CPU_S);
+	arm(t_thread, 0, CPU_S);
 	while (laz_now(CLOCK_PROCESS_CPUTIME_ID) - armed_cpu < 0.2)
 		;
 	arm(t_none, NONE_PERIOD_NS, NONE_PERIOD_NS / 1e9);
@@ -238,6 +241,8 @@ static void corrupt(void)
 		arm(t_oneshot, 0, ONESHOT_S);
 	if (laz_corrupt("cpu"))
 		arm(t_cpu, 0, CPU_S);
+	if (laz_corrupt("thread_cpu"))
+		arm(t_thread, 0, CPU_S);
 	if (laz_corrupt("overrun")) {
 		struct itimerspec its;
 
@@ -294,8 +299,8 @@ static void verify(void)
 		timer_t next;
 
 		make(CLOCK_MONOTONIC, SIGEV_NONE, 0, (union sigval){ 0 }, &next);
-		LAZ_CHECK((long)next == (long)t_past + 1, "a new timer got id %ld, expected %ld", (long)next,
-			  (long)t_past + 1);
+		LAZ_CHECK((long)next == (long)t_thread + 1, "a new timer got id %ld, expected %ld", (long)next,
+			  (long)t_thread + 1);
 		timer_delete(next);
 	}
 	timers_text(text, sizeof(text));
@@ -310,6 +315,10 @@ static void verify(void)
 	r = left(t_cpu, &iv);
 	LAZ_CHECK(iv == 0 && r <= CPU_S - burnt && r >= CPU_S - burnt - 0.2 - now_cpu,
 		  "CPU-time one-shot: %.6f s left, expected in [%.6f, %.6f]", r, CPU_S - burnt - 0.2 - now_cpu,
+		  CPU_S - burnt);
+	r = left(t_thread, &iv);
+	LAZ_CHECK(iv == 0 && r <= CPU_S - burnt && r >= CPU_S - burnt - 0.2 - now_cpu,
+		  "thread CPU-time one-shot: %.6f s left, expected in [%.6f, %.6f]", r, CPU_S - burnt - 0.2 - now_cpu,
 		  CPU_S - burnt);
 	r = left(t_tid, &iv);
 	LAZ_CHECK(r == 0 && iv == 0, "disarmed timer: %.6f s left, interval %.6f", r, iv);
