@@ -51,6 +51,9 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "locks": (),
     "files_refuse": (),
     "survivor": (),
+    "ptimers": (),
+    "prctl": (),
+    "refused_proc": (),
 }
 CFLAGS = ("-O1", "-g", "-Wall")
 
@@ -336,11 +339,14 @@ CASES: tuple[Case, ...] = (
     Case("files2", "files2"),
     Case("locks", "locks"),
     Case("survivor", "survivor", syscall=SYS_NANOSLEEP),
+    Case("ptimers", "ptimers"),
+    Case("prctl", "prctl"),
 )
 CASES_BY_ID = {c.id: c for c in CASES}
 
 UNSUPPORTED_MODES = ("tcp", "thread", "child", "pty", "seccomp", "uffd", "sysvshm", "chardev", "plain")
 FILES_REFUSE_MODES = ("owner", "pgrp", "lease", "procother")  # tests/targets/files_refuse.c
+REFUSED_PROC_MODES = ("securebits", "cpu_overrun")  # tests/targets/refused_proc.c
 
 
 PYTHONS = ("system", "lazarus")

@@ -6,9 +6,10 @@ import errno
 import os
 from typing import Any
 
-from lazarus.errors import KernelError
+from lazarus.dump.timers import dump_timers
+from lazarus.errors import KernelError, Unsupported
 from lazarus.kernel import abi, ptrace
-from lazarus.kernel.procfs import read_limits, read_stat, read_status
+from lazarus.kernel.procfs import Status, read_limits, read_stat, read_status
 from lazarus.kernel.syscall import get_robust_list
 from lazarus.remote import RemoteTask
 
@@ -34,7 +35,7 @@ def dump_xcomp_perm(task: RemoteTask, option: int = abi.ARCH_GET_XCOMP_PERM) -> 
 
 
 def dump_signals(task: RemoteTask) -> dict[str, Any]:
-    """Handlers (by injected rt_sigaction), masks, queues, altstack and itimers."""
+    """Handlers (by injected rt_sigaction), masks, queues, altstack, itimers and POSIX timers."""
     pid = task.pid
     scratch = task.alloc_scratch()
     actions: list[list[int]] = []
@@ -59,6 +60,7 @@ def dump_signals(task: RemoteTask) -> dict[str, Any]:
         "pending_shared": [s.hex() for s in ptrace.peek_siginfo(pid, shared=True)],
         "altstack": {"sp": ss.ss_sp, "flags": ss.ss_flags, "size": ss.ss_size},
         "itimers": itimers,
+        "timers": dump_timers(task),
     }
 
 
@@ -97,4 +99,73 @@ def dump_misc(task: RemoteTask) -> dict[str, Any]:
         "dumpable": dumpable,
         "sid": stat.session,
         "pgid": stat.pgrp,
+        "prctl": dump_prctl(task, stat.flags),
+        "caps": dump_caps(pid, status),
+    }
+
+
+def dump_caps(pid: int, status: Status) -> dict[str, int]:
+    """The capability sets; refused when they hold a capability lazarus itself lacks, which a restore by the
+    same user could not give back (it can only lower its own sets)."""
+    own = read_status(os.getpid())
+    for name, have, mine in (("bounding", status.cap_bnd, own.cap_bnd), ("permitted", status.cap_prm, own.cap_prm),
+                             ("inheritable", status.cap_inh, own.cap_inh | own.cap_prm)):
+        extra = have & ~mine
+        if extra:
+            raise Unsupported(f"pid {pid}: its {name} capability set {have:#x} has capabilities lazarus lacks "
+                              f"({extra:#x}); a restore could not give them back", pid=pid)
+    return {"inh": status.cap_inh, "prm": status.cap_prm, "eff": status.cap_eff, "bnd": status.cap_bnd,
+            "amb": status.cap_amb}
+
+
+# Bits of PR_GET_SECUREBITS a restore gives back: SECBIT_KEEP_CAPS, which is PR_SET_KEEPCAPS.
+_SECBIT_KEEP_CAPS = 1 << 4
+
+
+def dump_prctl(task: RemoteTask, task_flags: int) -> dict[str, Any]:
+    """The prctl() state a process can set on itself (and that no other field holds), read by injected
+    prctl calls. A value the kernel does not support here is None. Refuses what a restore cannot set."""
+    pid = task.pid
+    scratch = task.alloc_scratch()
+
+    def get(option: int, arg: int = 0) -> int | None:
+        ret = task.raw(abi.SYS.prctl, option, arg, 0, 0, 0)
+        return None if ret < 0 else ret
+
+    def get_into(option: int) -> int | None:
+        task.write(scratch, bytes(8))
+        if task.raw(abi.SYS.prctl, option, scratch, 0, 0, 0) < 0:
+            return None
+        return int.from_bytes(task.read(scratch, 4), "little", signed=True)
+
+    if task_flags & abi.PF_MEMALLOC_NOIO and task_flags & abi.PF_LOCAL_THROTTLE:
+        raise Unsupported(f"pid {pid}: PR_SET_IO_FLUSHER is set; restoring it needs CAP_SYS_RESOURCE", pid=pid)
+    securebits = get(abi.PR_GET_SECUREBITS) or 0
+    if securebits & ~_SECBIT_KEEP_CAPS:
+        raise Unsupported(f"pid {pid}: securebits {securebits:#x} are set, which are not restored", pid=pid)
+    task.write(scratch, bytes(8))
+    if task.raw(abi.SYS.arch_prctl, abi.ARCH_SHSTK_STATUS, scratch) == 0 and task.read(scratch, 8) != bytes(8):
+        raise Unsupported(f"pid {pid}: it uses a user shadow stack (CET), which is not supported", pid=pid)
+    task.write(scratch, bytes(8))
+    if task.raw(abi.SYS.arch_prctl, abi.ARCH_GET_UNTAG_MASK, scratch) == 0 and task.read(scratch, 8) != b"\xff" * 8:
+        raise Unsupported(f"pid {pid}: it uses linear address masking (LAM), which is not supported", pid=pid)
+    task.write(scratch, bytes(8))
+    if (task.raw(abi.SYS.prctl, abi.PR_SCHED_CORE, abi.PR_SCHED_CORE_GET, 0, 0, scratch) == 0
+            and task.read(scratch, 8) != bytes(8)):
+        raise Unsupported(f"pid {pid}: it has a core-scheduling cookie (PR_SCHED_CORE), which is not restored",
+                          pid=pid)
+    cpuid = task.raw(abi.SYS.arch_prctl, abi.ARCH_GET_CPUID, 0)
+    return {
+        "cpuid": None if cpuid < 0 else cpuid,
+        "futex_hash_slots": get(abi.PR_FUTEX_HASH, abi.PR_FUTEX_HASH_GET_SLOTS),
+        "child_subreaper": get_into(abi.PR_GET_CHILD_SUBREAPER),
+        "pdeathsig": get_into(abi.PR_GET_PDEATHSIG),
+        "keepcaps": get(abi.PR_GET_KEEPCAPS),
+        "thp_disable": get(abi.PR_GET_THP_DISABLE),
+        "mce_kill": get(abi.PR_MCE_KILL_GET),
+        "tsc": get_into(abi.PR_GET_TSC),
+        "speculation": [get(abi.PR_GET_SPECULATION_CTRL, which) for which in
+                        (abi.PR_SPEC_STORE_BYPASS, abi.PR_SPEC_INDIRECT_BRANCH, abi.PR_SPEC_L1D_FLUSH)],
+        "mdwe": get(abi.PR_GET_MDWE),
+        "memory_merge": get(abi.PR_GET_MEMORY_MERGE),
     }

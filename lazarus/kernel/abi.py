@@ -626,3 +626,78 @@ class file_handle(C.Structure):  # include/linux/fs.h (with the largest f_handle
 
 STRUCT_SIZES.update({flock: 32, f_owner_ex: 8})
 # [end files helper additions]
+# [proc helper: POSIX timers and prctl state] additions
+SYS.timer_create = 222  # type: ignore[attr-defined]  # syscall_64.tbl
+SYS.timer_settime = 223  # type: ignore[attr-defined]
+SYS.timer_gettime = 224  # type: ignore[attr-defined]
+SYS.timer_getoverrun = 225  # type: ignore[attr-defined]
+SYS.timer_delete = 226  # type: ignore[attr-defined]
+SYS.clock_gettime = 228  # type: ignore[attr-defined]
+# include/uapi/linux/time.h: clocks a POSIX timer can run on (the *_ALARM ones need an RTC wake alarm)
+CLOCK_REALTIME, CLOCK_MONOTONIC, CLOCK_PROCESS_CPUTIME_ID, CLOCK_THREAD_CPUTIME_ID = 0, 1, 2, 3
+CLOCK_BOOTTIME, CLOCK_REALTIME_ALARM, CLOCK_BOOTTIME_ALARM, CLOCK_TAI = 7, 8, 9, 11
+TIMER_ABSTIME = 1
+# include/linux/posix-timers_types.h: a CPU-time clockid is ~pid << 3 | per-thread bit | which clock
+CPUCLOCK_PERTHREAD_MASK, CPUCLOCK_CLOCK_MASK, CPUCLOCK_SCHED, CLOCKFD = 4, 3, 2, 3
+# include/uapi/asm-generic/siginfo.h
+SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD, SIGEV_THREAD_ID = 0, 1, 2, 4
+SI_TIMER = -2
+# prctl (include/uapi/linux/prctl.h)
+PR_GET_PDEATHSIG = 2
+PR_GET_KEEPCAPS, PR_SET_KEEPCAPS = 7, 8
+PR_GET_TSC, PR_SET_TSC = 25, 26
+PR_GET_SECUREBITS = 27
+PR_MCE_KILL, PR_MCE_KILL_GET = 33, 34
+PR_MCE_KILL_CLEAR, PR_MCE_KILL_SET, PR_MCE_KILL_DEFAULT = 0, 1, 2
+PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
+PR_SET_THP_DISABLE, PR_GET_THP_DISABLE = 41, 42
+PR_GET_SPECULATION_CTRL, PR_SET_SPECULATION_CTRL = 52, 53
+PR_SPEC_STORE_BYPASS, PR_SPEC_INDIRECT_BRANCH, PR_SPEC_L1D_FLUSH = 0, 1, 2
+PR_SPEC_PRCTL, PR_SPEC_ENABLE, PR_SPEC_DISABLE, PR_SPEC_FORCE_DISABLE, PR_SPEC_DISABLE_NOEXEC = 1, 2, 4, 8, 16
+PR_SET_MDWE, PR_GET_MDWE = 65, 66
+PR_SET_MEMORY_MERGE, PR_GET_MEMORY_MERGE = 67, 68
+PR_TIMER_CREATE_RESTORE_IDS = 77  # Linux 6.17: timer_create() then takes the wanted id from *timerid
+PR_TIMER_CREATE_RESTORE_IDS_OFF, PR_TIMER_CREATE_RESTORE_IDS_ON = 0, 1
+ARCH_SHSTK_STATUS = 0x5005  # arch/x86/include/uapi/asm/prctl.h
+# include/linux/sched.h: the task flags PR_SET_IO_FLUSHER sets (stat field 9); reading them back with
+# PR_GET_IO_FLUSHER needs CAP_SYS_RESOURCE
+PF_MEMALLOC_NOIO = 0x00080000
+PF_LOCAL_THROTTLE = 0x00100000
+
+
+class timespec(C.Structure):  # include/uapi/linux/time_types.h (__kernel_timespec)
+    _fields_ = [("tv_sec", C.c_int64), ("tv_nsec", C.c_int64)]
+
+
+class itimerspec(C.Structure):  # include/uapi/linux/time_types.h (__kernel_itimerspec)
+    _fields_ = [("it_interval", timespec), ("it_value", timespec)]
+
+
+class sigevent(C.Structure):  # include/uapi/asm-generic/siginfo.h (sigevent_t, 64 bytes)
+    _fields_ = [("sigev_value", C.c_uint64), ("sigev_signo", C.c_int32), ("sigev_notify", C.c_int32),
+                ("sigev_notify_thread_id", C.c_int32), ("_pad", C.c_int32 * 11)]
+
+
+STRUCT_SIZES.update({timespec: 16, itimerspec: 32, sigevent: 64})
+# [end proc helper additions]
+# [proc helper: capabilities] include/uapi/linux/capability.h, include/uapi/linux/prctl.h
+SYS.capget, SYS.capset = 125, 126  # type: ignore[attr-defined]
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+PR_CAPBSET_DROP = 24
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 47, 2
+
+
+class user_cap_header(C.Structure):  # struct __user_cap_header_struct
+    _fields_ = [("version", C.c_uint32), ("pid", C.c_int32)]
+
+
+class user_cap_data(C.Structure):  # struct __user_cap_data_struct (two of them for version 3)
+    _fields_ = [("effective", C.c_uint32), ("permitted", C.c_uint32), ("inheritable", C.c_uint32)]
+
+
+STRUCT_SIZES.update({user_cap_header: 8, user_cap_data: 12})
+# [proc helper: more per-process switches] arch/x86/include/uapi/asm/prctl.h, include/uapi/linux/prctl.h
+ARCH_GET_CPUID, ARCH_SET_CPUID = 0x1011, 0x1012
+ARCH_GET_UNTAG_MASK = 0x4001
+PR_SCHED_CORE, PR_SCHED_CORE_GET = 62, 0
+PR_FUTEX_HASH, PR_FUTEX_HASH_SET_SLOTS, PR_FUTEX_HASH_GET_SLOTS = 78, 1, 2

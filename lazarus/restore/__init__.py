@@ -42,6 +42,7 @@ from lazarus.restore.memory import (
     trampoline_candidates,
 )
 from lazarus.restore.thp import collapse_in_task
+from lazarus.restore.timers import check_timers
 from lazarus.restore.uffd import LAZY_FEATURES, copy_all, lazy_ranges, uffd_in_task
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,10 @@ def open_image(directory: Path, *, verify_pages: bool) -> Image:
     img = Image.open(directory)
     validate_image(img)
     for pid in img.tasks:
-        check_fd_fields(task_name(pid), img.task(pid)["files"], img.task(pid)["misc"])
+        task = img.task(pid)
+        check_fd_fields(task_name(pid), task["files"], task["misc"])
+        check_timers(task["signals"].get("timers", []), task_name(pid))
+        rcore.check_proc_state(task["misc"], task_name(pid))
     xcr0, xsize = cpu_xstate()
     img.check_machine(os.uname().release, xcr0, xsize)
     for pid in img.tasks:
@@ -240,7 +244,9 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
         restore_misc_and_cwd(remote, task["misc"])
         if lazy and ranges:
             handover = uffd_in_task(remote, ranges, LAZY_FEATURES)
+        rcore.restore_caps_before_creds(remote, task["misc"])
         rcore.restore_creds(remote, task["misc"]["creds"])
+        rcore.restore_after_creds(remote, task["misc"])
         rcore.restore_dumpable(remote, task["misc"])
         # Last injected call: remove the trampoline. We stop at its syscall exit (pitfall 16).
         remote.syscall(abi.SYS.munmap, tramp.addr, TRAMPOLINE_SIZE)

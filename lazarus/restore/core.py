@@ -9,10 +9,12 @@ import signal
 from typing import Any
 
 from lazarus.errors import ImageError, KernelError, LazarusError, RestoreError
-from lazarus.kernel import abi, ptrace
+from lazarus.images.format import Schema, check_schema
+from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.features import cpu_xstate, parse_xstate
 from lazarus.kernel.syscall import prlimit
 from lazarus.remote import RemoteTask, restart_after_freeze
+from lazarus.restore.timers import restore_timers
 
 _NEG1 = (1 << 64) - 1
 log = logging.getLogger(__name__)
@@ -69,11 +71,13 @@ def restore_signals(task: RemoteTask, sig: dict[str, Any]) -> None:
         if isec or iusec or vsec or vusec:
             it = abi.itimerval(abi.timeval(isec, iusec), abi.timeval(vsec, vusec))
             t.syscall(abi.SYS.setitimer, which, t.put_struct(it), 0)
-    for info_hex in sig["pending_thread"]:
+    # POSIX timers before the queued signals: restoring an overrun count delivers one signal of the timer.
+    pending_thread, pending_shared = restore_timers(t, sig)
+    for info_hex in pending_thread:
         info = bytes.fromhex(info_hex)
         signo = int.from_bytes(info[:4], "little")
         t.syscall(abi.SYS.rt_tgsigqueueinfo, t.pid, t.pid, signo, t.put(info))
-    for info_hex in sig["pending_shared"]:
+    for info_hex in pending_shared:
         info = bytes.fromhex(info_hex)
         signo = int.from_bytes(info[:4], "little")
         t.syscall(abi.SYS.rt_sigqueueinfo, t.pid, signo, t.put(info))
@@ -102,6 +106,128 @@ def restore_misc(task: RemoteTask, misc: dict[str, Any]) -> None:
         t.syscall(abi.SYS.setpgid, 0, 0)
     if misc.get("no_new_privs"):
         t.syscall(abi.SYS.prctl, abi.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    restore_prctl(t, misc.get("prctl") or {})
+
+
+def _spec_ctrl(value: int) -> int:
+    """The PR_SET_SPECULATION_CTRL argument that gives back what PR_GET_SPECULATION_CTRL returned."""
+    for bit in (abi.PR_SPEC_FORCE_DISABLE, abi.PR_SPEC_DISABLE_NOEXEC, abi.PR_SPEC_DISABLE, abi.PR_SPEC_ENABLE):
+        if value & bit:
+            return bit
+    return 0
+
+
+_OPT_INT = (int, type(None))
+PRCTL_SCHEMA: Schema = {"child_subreaper": _OPT_INT, "pdeathsig": _OPT_INT, "keepcaps": _OPT_INT,
+                        "thp_disable": _OPT_INT, "mce_kill": _OPT_INT, "tsc": _OPT_INT, "speculation": list,
+                        "mdwe": _OPT_INT, "memory_merge": _OPT_INT, "cpuid": _OPT_INT, "futex_hash_slots": _OPT_INT}
+CAPS_SCHEMA: Schema = {"inh": int, "prm": int, "eff": int, "bnd": int, "amb": int}
+
+
+def check_proc_state(misc: dict[str, Any], fname: str) -> None:
+    """misc.prctl and misc.caps, when the image has them (older images do not)."""
+    if misc.get("prctl") is not None:
+        check_schema(misc["prctl"], PRCTL_SCHEMA, fname, "misc.prctl.")
+        if not all(v is None or type(v) is int for v in misc["prctl"]["speculation"]):
+            raise ImageError(f"{fname}: field 'misc.prctl.speculation' must hold integers or null")
+    if misc.get("caps") is not None:
+        check_schema(misc["caps"], CAPS_SCHEMA, fname, "misc.caps.")
+        if not all(0 <= v < 1 << 64 for v in misc["caps"].values()):
+            raise ImageError(f"{fname}: field 'misc.caps' must hold 64-bit sets")
+
+
+def restore_prctl(task: RemoteTask, pr: dict[str, Any]) -> None:
+    """prctl state set before the credentials (see restore_after_creds for the rest). Each value is compared
+    with what the new task has (it inherited the restorer's), and set only where it differs."""
+    t = task
+
+    def set_(name: str, *args: int) -> None:
+        t.syscall(abi.SYS.prctl, *args, *([0] * (5 - len(args))), what=f"prctl {name}")
+
+    def now(option: int, arg: int = 0) -> int:
+        return t.raw(abi.SYS.prctl, option, arg, 0, 0, 0)
+
+    def now_into(option: int) -> int:
+        addr = t.put(bytes(8), 0)
+        t.syscall(abi.SYS.prctl, option, addr, 0, 0, 0)
+        return int.from_bytes(t.read(addr, 4), "little", signed=True)
+
+    if pr.get("child_subreaper") is not None and pr["child_subreaper"] != now_into(abi.PR_GET_CHILD_SUBREAPER):
+        set_("PR_SET_CHILD_SUBREAPER", abi.PR_SET_CHILD_SUBREAPER, pr["child_subreaper"])
+    thp = pr.get("thp_disable")
+    if thp is not None and thp != now(abi.PR_GET_THP_DISABLE):
+        # Bit 1 is PR_THP_DISABLE_EXCEPT_ADVISED (Linux 6.18), passed back as the flags argument.
+        set_("PR_SET_THP_DISABLE", abi.PR_SET_THP_DISABLE, 1 if thp else 0, thp & ~1)
+    mce = pr.get("mce_kill")
+    if mce is not None and mce != now(abi.PR_MCE_KILL_GET):
+        if mce == abi.PR_MCE_KILL_DEFAULT:
+            set_("PR_MCE_KILL", abi.PR_MCE_KILL, abi.PR_MCE_KILL_CLEAR)
+        else:
+            set_("PR_MCE_KILL", abi.PR_MCE_KILL, abi.PR_MCE_KILL_SET, mce)
+    if pr.get("tsc") is not None and pr["tsc"] != now_into(abi.PR_GET_TSC):
+        set_("PR_SET_TSC", abi.PR_SET_TSC, pr["tsc"])
+    for which, value in enumerate(pr.get("speculation") or []):
+        if value is not None and value & abi.PR_SPEC_PRCTL and value != now(abi.PR_GET_SPECULATION_CTRL, which):
+            set_(f"PR_SET_SPECULATION_CTRL({which})", abi.PR_SET_SPECULATION_CTRL, which, _spec_ctrl(value))
+    if pr.get("memory_merge") is not None and pr["memory_merge"] != now(abi.PR_GET_MEMORY_MERGE):
+        set_("PR_SET_MEMORY_MERGE", abi.PR_SET_MEMORY_MERGE, pr["memory_merge"])
+    slots = pr.get("futex_hash_slots")
+    if slots is not None and slots != now(abi.PR_FUTEX_HASH, abi.PR_FUTEX_HASH_GET_SLOTS):
+        set_("PR_FUTEX_HASH_SET_SLOTS", abi.PR_FUTEX_HASH, abi.PR_FUTEX_HASH_SET_SLOTS, slots)
+    cpuid = pr.get("cpuid")
+    if cpuid is not None and cpuid != t.raw(abi.SYS.arch_prctl, abi.ARCH_GET_CPUID, 0):
+        # 0: the CPUID instruction faults (SIGSEGV); only the program's own code runs it, never our injection.
+        t.syscall(abi.SYS.arch_prctl, abi.ARCH_SET_CPUID, cpuid, what="arch_prctl(ARCH_SET_CPUID)")
+    # Last: memory-deny-write-execute is irreversible and refuses later executable mappings.
+    if pr.get("mdwe") and pr["mdwe"] != now(abi.PR_GET_MDWE):
+        set_("PR_SET_MDWE", abi.PR_SET_MDWE, pr["mdwe"])
+
+
+def restore_caps_before_creds(task: RemoteTask, misc: dict[str, Any]) -> None:
+    """Drop from the bounding set what the process did not have (this needs CAP_SETPCAP, which goes with
+    root), and keep the permitted set across the change of uids, for restore_after_creds to set."""
+    caps = misc.get("caps")
+    if not caps:
+        return
+    have = procfs.read_status(task.pid)
+    extra = caps["bnd"] & ~have.cap_bnd
+    if extra:
+        raise RestoreError(f"capability bounding set {caps['bnd']:#x} has capabilities the restorer lacks "
+                           f"({extra:#x})", stage="caps", pid=task.pid)
+    drop = have.cap_bnd & ~caps["bnd"]
+    for cap in range(64):
+        if drop >> cap & 1:
+            task.syscall(abi.SYS.prctl, abi.PR_CAPBSET_DROP, cap, 0, 0, 0, what=f"PR_CAPBSET_DROP({cap})")
+    task.syscall(abi.SYS.prctl, abi.PR_SET_KEEPCAPS, 1, 0, 0, 0)
+
+
+def restore_after_creds(task: RemoteTask, misc: dict[str, Any]) -> None:
+    """State that a change of credentials would reset: capabilities, keep-caps and the parent-death signal."""
+    t = task
+    caps = misc.get("caps")
+    if caps:
+        hdr = t.put_struct(abi.user_cap_header(abi.LINUX_CAPABILITY_VERSION_3, 0), 0)
+        data = (abi.user_cap_data * 2)(
+            abi.user_cap_data(caps["eff"] & 0xFFFFFFFF, caps["prm"] & 0xFFFFFFFF, caps["inh"] & 0xFFFFFFFF),
+            abi.user_cap_data(caps["eff"] >> 32, caps["prm"] >> 32, caps["inh"] >> 32))
+        try:
+            t.syscall(abi.SYS.capset, hdr, t.put_struct(data, 64), what="capset")
+        except KernelError as e:
+            raise RestoreError(f"cannot set capabilities (permitted {caps['prm']:#x}, effective {caps['eff']:#x}, "
+                               f"inheritable {caps['inh']:#x}): {e.strerror}", stage="caps", pid=t.pid) from e
+        for cap in range(64):
+            if caps["amb"] >> cap & 1:
+                t.syscall(abi.SYS.prctl, abi.PR_CAP_AMBIENT, abi.PR_CAP_AMBIENT_RAISE, cap, 0, 0,
+                          what=f"PR_CAP_AMBIENT_RAISE({cap})")
+    pr = misc.get("prctl") or {}
+    keep = pr.get("keepcaps")
+    if keep is not None or caps:
+        t.syscall(abi.SYS.prctl, abi.PR_SET_KEEPCAPS, keep or 0, 0, 0, 0)
+    if pr.get("pdeathsig"):
+        # Its parent is now the restorer: the signal comes when the restorer exits (see README).
+        log.warning("pid %d: parent-death signal %d restored: it comes when this restorer exits", t.pid,
+                    pr["pdeathsig"])
+        t.syscall(abi.SYS.prctl, abi.PR_SET_PDEATHSIG, pr["pdeathsig"], 0, 0, 0)
 
 
 def restore_creds(task: RemoteTask, creds: dict[str, Any]) -> None:

@@ -1,0 +1,43 @@
+"""Per-process state a restore could not give back is refused at dump, naming it, and the process is left
+running and unchanged (tests/targets/refused_proc.c checks its own state after the refused dump)."""
+
+from __future__ import annotations
+
+import pytest
+
+try:
+    import harness as H
+except ImportError:  # pragma: no cover
+    from tests import harness as H
+
+pytestmark = pytest.mark.root
+
+# mode -> a regex the one-line error must match
+EXPECTED = {
+    "securebits": r"pid \d+: securebits 0x\w+ are set",
+    "cpu_overrun": r"pid \d+: POSIX timer \d+ on CLOCK_PROCESS_CPUTIME has overrun count \d+",
+}
+
+
+def test_every_mode_is_tested() -> None:
+    assert sorted(EXPECTED) == sorted(H.REFUSED_PROC_MODES)
+
+
+@pytest.mark.parametrize("mode", sorted(EXPECTED))
+def test_dump_refuses_proc_state(harness: H.Harness, mode: str) -> None:
+    case = H.Case(f"refused-proc-{mode}", "refused_proc", (mode,))
+    target = harness.start_case(case)
+    harness.settle(case, target)
+    before = H.snapshot(target.pid)
+    image = harness.image_dir()
+
+    res = harness.dump(target, image)
+
+    H.assert_clean_error(res, EXPECTED[mode])
+    assert H.sibling_leftovers(image) == [], f"dump left {H.sibling_leftovers(image)} next to {image}"
+    assert target.alive(), f"the process died: {target.describe()}"
+    harness.settle(case, target)
+    changed = H.diff_snapshots(before, H.snapshot(target.pid))
+    assert not changed, f"the refused dump changed the process: {changed}"
+    H.expect_pass(harness.run_case(case, target), target, res)
+    assert target.wait_exit(10) == 0
