@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -783,6 +783,26 @@ def unused_pid() -> int:
 
 def image_files(image_dir: Path) -> list[Path]:
     return sorted(p for p in image_dir.iterdir() if p.is_file())
+
+
+def reseal_task(image: Path, change: Callable[[dict], None]) -> None:
+    """Edit the image's (only) task file and recompute every checksum that covers it (its size and xxh3 in the
+    inventory, the inventory's self-check), so that only the change itself is wrong: what a hostile writer
+    who recomputes checksums can do."""
+    import json
+
+    from lazarus.images.format import hex64, inventory_bytes, inventory_self_check, json_bytes, xxh3
+
+    (task_path,) = image.glob("task-*.json")
+    task = json.loads(task_path.read_text())
+    change(task)
+    data = json_bytes(task)
+    task_path.write_bytes(data)
+    inv_path = image / "inventory.json"
+    inv = json.loads(inv_path.read_text())
+    inv["files"][task_path.name].update(size=len(data), xxh3=hex64(xxh3(data)))
+    inv["self_check"] = inventory_self_check(inv)
+    inv_path.write_bytes(inventory_bytes(inv))
 
 
 def copy_image(src: Path, dst: Path) -> Path:

@@ -112,20 +112,7 @@ def test_dump_refuses_fd_state(harness: H.Harness, mode: str) -> None:
     assert target.wait_exit(10) == 0
 
 
-def _edit_task(image: Path, change: Any) -> None:
-    """Change the task file and re-seal the inventory, so that only the change itself is wrong."""
-    from lazarus.images.format import hex64, inventory_bytes, inventory_self_check, json_bytes, xxh3
-
-    (task_path,) = image.glob("task-*.json")
-    task = json.loads(task_path.read_text())
-    change(task)
-    data = json_bytes(task)
-    task_path.write_bytes(data)
-    inv_path = image / "inventory.json"
-    inv = json.loads(inv_path.read_text())
-    inv["files"][task_path.name].update(size=len(data), xxh3=hex64(xxh3(data)))
-    inv["self_check"] = inventory_self_check(inv)
-    inv_path.write_bytes(inventory_bytes(inv))
+_edit_task = H.reseal_task
 
 
 @pytest.mark.parametrize(("fd", "key", "value"), [

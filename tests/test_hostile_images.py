@@ -9,7 +9,6 @@ numbers): each image is refused cleanly or restores a process that passes its ow
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -27,24 +26,12 @@ try:
 except ImportError:  # pragma: no cover
     from tests import harness as H
 
-from lazarus.images.format import hex64, inventory_bytes, inventory_self_check, json_bytes, xxh3
 
 pytestmark = pytest.mark.root
 MODES = ("eager", "lazy")
 
 
-def reseal_task(image: Path, change: Callable[[dict[str, Any]], None]) -> None:
-    """Edit the image's (only) task file and recompute every checksum that covers it."""
-    (task_path,) = image.glob("task-*.json")
-    task = json.loads(task_path.read_text())
-    change(task)
-    data = json_bytes(task)
-    task_path.write_bytes(data)
-    inv_path = image / "inventory.json"
-    inv = json.loads(inv_path.read_text())
-    inv["files"][task_path.name].update(size=len(data), xxh3=hex64(xxh3(data)))
-    inv["self_check"] = inventory_self_check(inv)
-    inv_path.write_bytes(inventory_bytes(inv))
+reseal_task = H.reseal_task
 
 
 def refused(h: H.Harness, image: Path, mode: str, *patterns: str) -> str:

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from lazarus.errors import LazarusError
+from lazarus.kernel.procfs import unescape_mount
 
 NAMESPACES = ("cgroup", "ipc", "mnt", "net", "pid", "pid_for_children", "time", "time_for_children", "user",
               "uts")
@@ -56,19 +57,6 @@ def memberships(pid: int | str) -> list[Membership]:
         return parse_cgroup(f.read())
 
 
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 # Mount options of a v1 hierarchy that are not controller names (kernel/cgroup/cgroup-v1.c).
 _V1_OPTIONS = frozenset(("rw", "ro", "xattr", "noprefix", "clone_children", "cpuset_v2_mode", "favordynmods",
                          "none", "all"))
@@ -88,7 +76,7 @@ def parse_mounts(text: str) -> dict[tuple[int, str], str]:
         if len(fields) < 5 or len(rfields) < 3 or fields[3] != "/":
             continue
         fstype, options = rfields[0], rfields[2].split(",")
-        point = _unescape(fields[4])
+        point = unescape_mount(fields[4])
         if fstype == "cgroup2":
             out.setdefault((0, ""), point)
         elif fstype == "cgroup":

@@ -642,11 +642,12 @@ def parse_mount_points(text: str) -> dict[int, str]:
     for line in text.splitlines():
         f = line.split(" ", 5)
         if len(f) >= 5:
-            out[int(f[0])] = _unescape_mount(f[4])
+            out[int(f[0])] = unescape_mount(f[4])
     return out
 
 
-def _unescape_mount(s: str) -> str:
+def unescape_mount(s: str) -> str:
+    """A mountinfo field with its octal escapes (\\040 for a space, ...) decoded."""
     if "\\" not in s:
         return s
     out, i = [], 0
