@@ -159,22 +159,27 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def report(out: Out, results: list[dict[str, Any]], ref: Any, criu: tuple[str, str] | None, startup: float,
            markdown: bool) -> None:
-    ref_dump = ref.criu_row("dump") if ref else {}
-    ref_restore = ref.criu_row("eager restore") if ref else {}
-    name = f"{ref.criu_name} ref" if ref else "CRIU ref (missing)"
+    # CRIU measured in this run when there is one (figures from another run or machine drift 2-5x); the
+    # reference file's figures only otherwise, and labelled so.
+    if criu:
+        name = f"CRIU {criu[1]} here"
+        ref_dump = ref_restore = {}
+    else:
+        ref_dump = ref.criu_row("dump") if ref else {}
+        ref_restore = ref.criu_row("eager restore") if ref else {}
+        name = f"{ref.criu_name} ref" if ref else "CRIU ref (missing)"
     cols = ["size", "dump wall", "dump tool", f"dump {name}", "CRIU/ours",
             "restore wall", "restore total", "restore tool", f"restore {name}", "CRIU/ours"]
-    if criu:
-        cols += [f"CRIU {criu[1]} dump here", f"CRIU {criu[1]} restore here"]
     rows = []
     for r in results:
         m, mib = r["median"], r["mib"]
-        rd, rr = ref_dump.get(mib), ref_restore.get(mib)
+        if criu:
+            rd, rr = m["criu_dump"], m["criu_restore"]
+        else:
+            rd, rr = ref_dump.get(mib), ref_restore.get(mib)
         row = [f"{mib} MiB", fmt(m["dump_wall"]), fmt(m["dump_tool"]), fmt(rd), _x(rd, m["dump_wall"]),
                fmt(m["restore_wall"]), fmt(m["restore_total"]), fmt(m["restore_tool"]), fmt(rr),
                _x(rr, m["restore_wall"])]
-        if criu:
-            row += [fmt(m["criu_dump"]), fmt(m["criu_restore"])]
         rows.append(row)
     caption = (f"median seconds; wall = the whole `python -m lazarus` command (python start-up alone: "
                f"{startup:.3f} s); tool = the time lazarus reports (restore: from creating the task until it runs); "
