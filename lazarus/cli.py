@@ -67,12 +67,16 @@ def _parser() -> argparse.ArgumentParser:
 
     lp = sub.add_parser("lazy-pages", help="serve lazily restored processes' memory (several at once)")
     lp.add_argument("-D", "--images-dir", dest="dir", type=Path, required=True, metavar="DIR",
-                    help="directory for the socket (DIR/lazy-pages.sock unless --socket)")
+                    help="directory for the socket (DIR/lazy-pages.sock unless --socket); with --adopt, the "
+                         "image directory")
     lp.add_argument("--socket", type=Path, metavar="SOCK", help="listen here instead")
     lp.add_argument("--no-background", action="store_true", help="serve faults only")
     lp.add_argument("--linger", type=float, default=5.0, metavar="SECONDS",
                     help="once every served process is complete, wait this long for more restores (default 5)")
     lp.add_argument("--stats", type=Path, metavar="FILE", help="write transfer statistics (JSON) at the end")
+    lp.add_argument("--adopt", type=int, metavar="PID",
+                    help="serve process PID, restored lazily from DIR, whose lazy-pages servers all died "
+                         "(it waits for its pages); no socket")
 
     s = sub.add_parser("show", help="summarize an image directory")
     s.add_argument("dir", type=Path, metavar="DIR")
@@ -271,7 +275,7 @@ def _restore_handing_over(args: argparse.Namespace, sock: Any) -> Any:
 
     def hand(pid: int, uffd: Any, _source: Any) -> None:
         try:
-            send_process(sock, pid, args.dir, uffd.fd)
+            send_process(sock, pid, args.dir, uffd.fd, task_fd=uffd.task_fd)
         finally:
             uffd.close()  # the server holds its own copy now
     try:
@@ -312,6 +316,9 @@ def _restore_with_daemon(args: argparse.Namespace) -> int:
             os.dup2(devnull, 1)
             os.dup2(logfd, 2)
             server, guard, bar = _new_server(args, progress=False)
+            print(f"lazarus: lazy-pages daemon {os.getpid()} (guard {guard.pid}) serves the lazy restore from "
+                  f"{args.dir}. Should both die before the process has all its pages, it waits for them: "
+                  f"resume it with `lazarus lazy-pages --adopt PID -D {args.dir}`", file=sys.stderr, flush=True)
             try:
                 Listener(server, theirs, connected=True, once=True)
                 server.run()
@@ -339,6 +346,8 @@ def cmd_lazy_pages(args: argparse.Namespace) -> int:
 
     from lazarus.lazy.handoff import Listener
     _require_lazy_features()
+    if args.adopt is not None:
+        return _adopt(args)
     path = args.socket or args.dir / "lazy-pages.sock"
     if not args.dir.is_dir():
         raise LazarusError(f"{args.dir}: no such directory", path=str(args.dir))
@@ -359,6 +368,24 @@ def cmd_lazy_pages(args: argparse.Namespace) -> int:
     print(f"lazy-pages: served {len(stats.get('processes', []))} process(es), "
           f"{stats.get('pages_fault', 0)} pages by fault, {stats.get('pages_background', 0)} in background")
     return 0
+
+
+def _adopt(args: argparse.Namespace) -> int:
+    """lazy-pages --adopt PID -D DIR: take the uffd from the waiting process itself and serve it to the end."""
+    from lazarus.lazy.adopt import adopt
+    if args.socket:
+        raise UsageError("--adopt takes no --socket")
+    server, guard, bar = _new_server(args, progress=sys.stderr.isatty())
+    try:
+        missing = adopt(server, args.adopt, args.dir)
+        print(f"lazy-pages: adopted pid {args.adopt}: {missing} pages still missing", flush=True)
+        stats = server.run()
+    finally:
+        _close_server(server, guard, bar)
+    states = [p["state"] for p in stats.get("processes", []) if p["pid"] == args.adopt]
+    print(f"lazy-pages: pid {args.adopt} {states[0] if states else 'served'}: {stats.get('pages_fault', 0)} "
+          f"pages by fault, {stats.get('pages_background', 0)} in background")
+    return 0 if not stats.get("lost") else 1
 
 
 def _summary(img: Any) -> dict[str, Any]:

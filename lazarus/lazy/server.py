@@ -61,6 +61,7 @@ from lazarus.kernel.uffd import (
     Unmap,
 )
 from lazarus.kernel.vm import process_madvise
+from lazarus.lazy.anchor import remove_anchor, unregister_all
 from lazarus.lazy.guard import Guard
 from lazarus.lazy.ranges import PAGE_SIZE, PendingPages, Run
 from lazarus.lazy.sources import PageSource
@@ -101,6 +102,9 @@ class _Proc:
     last_fault: int = -1  # page address of the last fault served
     seen_children: set[int] = field(default_factory=set)
     unresolved: deque = field(default_factory=deque)   # fork children (_Proc) still without a pid
+    task_fd: int | None = None   # the anchor's fd number in the task (anchor.py), inherited by fork children
+    anchor: int = -1              # our fd of the open file the task holds there: what kcmp compares with
+    anchor_result: str = ""
 
     @property
     def label(self) -> str:
@@ -164,9 +168,13 @@ class LazyServer:
 
     # -- setup ---------------------------------------------------------------------------------------------
 
-    def add_process(self, pid: int | None, uffd: Uffd, source: PageSource) -> None:
+    def add_process(self, pid: int | None, uffd: Uffd, source: PageSource, *, task_fd: int | None = None,
+                    pending: PendingPages | None = None) -> None:
         """Serve `uffd` of process `pid` from `source`; both are owned by the server from now on (closed by it:
         the uffd when the process is complete, the source at close()). One source may serve several processes.
+        `task_fd` (default: uffd.task_fd) is the fd number at which the process holds its own copy of the
+        uffd (its anchor): removed from it once it is complete. `pending` (default: all of source.pending())
+        is what is still missing (an adopted process has some of its pages already).
 
         Raises:
             NoSuchTask if pid is given and already gone.
@@ -174,7 +182,10 @@ class LazyServer:
         pidfd = PidFd.open(pid) if pid is not None else None
         if self.background and hasattr(source, "start"):
             source.start()
-        p = _Proc(key=uffd.fd, uffd=uffd, source=source, pending=source.pending(), pid=pid, pidfd=pidfd)
+        p = _Proc(key=uffd.fd, uffd=uffd, source=source, pending=pending if pending is not None else source.pending(), pid=pid, pidfd=pidfd)
+        p.task_fd = task_fd if task_fd is not None else uffd.task_fd
+        if p.task_fd is not None:
+            p.anchor = os.dup(uffd.fd)
         if pid is not None:
             with contextlib.suppress(LazarusError, OSError):
                 p.seen_children = set(_children(pid))
@@ -606,6 +617,9 @@ class LazyServer:
             return
         child = _Proc(key=uffd.fd, uffd=uffd, source=parent.source, pending=parent.pending.copy(), pid=None,
                       parent_pid=parent.pid, cursor=parent.cursor, fork_time=time.monotonic())
+        if parent.anchor >= 0:
+            # the child inherited the parent's anchor (its parent's uffd, at the same number)
+            child.task_fd, child.anchor = parent.task_fd, os.dup(parent.anchor)
         self._register(child)
         if self.guard is not None:
             self.guard.add(child.key, uffd.fd, pid=None, parent=parent.key)
@@ -618,6 +632,8 @@ class LazyServer:
             self._resolve_parent(parent)
         log.debug("%s: fork: child served on uffd %d with %d pending pages", parent.label, child.key,
                   child.pending.pages)
+        if not child.pending and parent.key not in self._procs:
+            self._finish(child, "complete")  # forked while its complete parent's anchor was being removed
 
     def _resolve_forks(self) -> None:
         for p in list(self._waiting_parents.values()):
@@ -694,9 +710,15 @@ class LazyServer:
         self._unwatch(p.uffd.fd)
         if p.pidfd is not None:
             self._unwatch(p.pidfd.fd)
+        if state == "complete":
+            self._release(p)
         if self.guard is not None and state != "lost":
             self.guard.complete(p.key)
         p.uffd.close()
+        if p.anchor >= 0:
+            with contextlib.suppress(OSError):
+                os.close(p.anchor)
+            p.anchor = -1
         if state == "complete" and p.pidfd is not None:
             self._collapse(p)
         if p.pidfd is not None:
@@ -707,6 +729,31 @@ class LazyServer:
                       p.total_pages, p.pages_fault, p.pages_background, p.ended - p.started)
         else:
             log.debug("%s: %s %s", p.label, state, reason)
+
+    def _release(self, p: _Proc) -> None:
+        """p has all its pages: make its uffd inert (unregister every range of it, so that no fault or event can
+        wait on it whoever holds it), then take the anchor out of the task (anchor.py)."""
+        if p.pid is None or p.pidfd is None or p.pidfd.exited():
+            return
+        n = unregister_all(p.uffd, p.pid)
+        if p.task_fd is None or p.anchor < 0:
+            return
+        p.anchor_result = remove_anchor(p.pid, p.task_fd, p.anchor, idle=lambda: self._drain_complete(p))
+        if p.anchor_result in ("closed", "exited", "not ours"):
+            log.debug("%s: %d ranges unregistered; anchor fd %d: %s", p.label, n, p.task_fd, p.anchor_result)
+        else:
+            log.warning("%s: complete, but its userfaultfd anchor (fd %d) stays in it: %s (harmless: nothing is "
+                        "registered on it any more)", p.label, p.task_fd, p.anchor_result)
+
+    def _drain_complete(self, p: _Proc) -> None:
+        """Read what a complete process's uffd still delivers while its anchor is being removed: a fork (the
+        child is served like any other) or a fault queued before its ranges were unregistered."""
+        for ev in p.uffd.read_events():
+            if isinstance(ev, Fork):
+                self._on_fork(p, ev)
+            elif isinstance(ev, PageFault):
+                with contextlib.suppress(LazarusError):
+                    p.uffd.wake(ev.address & ~_MASK, PAGE_SIZE)
 
     def _collapse(self, p: _Proc) -> None:
         """Give a complete process its huge pages back (UFFDIO_COPY installed 4 KiB ones); a range the kernel

@@ -22,9 +22,14 @@ LAZY_FEATURES = (abi.UFFD_FEATURE_EVENT_FORK | abi.UFFD_FEATURE_EVENT_REMAP | ab
                  | abi.UFFD_FEATURE_EVENT_UNMAP | abi.UFFD_FEATURE_MISSING_SHMEM)
 
 
-def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int) -> Uffd:
-    """Create a uffd inside `task`, register `ranges` ([start, end)) for missing faults, and take it out."""
+def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int,
+                 keep_at: int | None = None) -> Uffd:
+    """Create a uffd inside `task`, register `ranges` ([start, end)) for missing faults, and take it out.
+
+    With `keep_at`, the task keeps a copy at that fd number (close-on-exec): the anchor of a lazy restore
+    (lazy/anchor.py), recorded as the returned Uffd's task_fd."""
     fd = task.syscall(abi.SYS.userfaultfd, os.O_CLOEXEC | os.O_NONBLOCK, what="userfaultfd")
+    kept = None
     try:
         api = abi.uffdio_api(abi.UFFD_API, features, 0)
         task.syscall(abi.SYS.ioctl, fd, abi.UFFDIO_API, task.put_struct(api), what="UFFDIO_API")
@@ -37,9 +42,13 @@ def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int)
             ours = pidfd_getfd(pidfd, fd, pid=task.pid)
         finally:
             os.close(pidfd)
+        if keep_at is not None:
+            kept = task.syscall(abi.SYS.dup3, fd, keep_at, os.O_CLOEXEC, what=f"dup3 to fd {keep_at}")
     finally:
         task.syscall(abi.SYS.close, fd)
-    return Uffd.adopt(ours)
+    uffd = Uffd.adopt(ours)
+    uffd.task_fd = kept
+    return uffd
 
 
 def lazy_ranges(vmas: list[dict[str, Any]]) -> list[tuple[int, int]]:

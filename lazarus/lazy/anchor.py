@@ -1,0 +1,192 @@
+"""The anchor: a lazily restored task holds one fd of its own userfaultfd until all its pages are in.
+
+Why. A userfaultfd whose last fd closes drops its registration, and every page still missing then reads as
+zeros. The lazy server and its guard hold copies, and the guard kills the task if the server dies; but if every
+Lazarus process dies at once (each SIGKILLed, an OOM kill of the group), the kernel closes their fds in
+do_exit's exit_files, before any kill-on-exit mechanism acts (pdeathsig, PTRACE_O_EXITKILL and a pid
+namespace's init all act later, in exit_notify): a window in which the task runs on zeros. With one fd of the
+uffd in the task's own table, the uffd outlives every Lazarus process: the task's faults simply wait (for
+`lazarus lazy-pages --adopt`, or for its own death: its mm goes in exit_mm, before exit_files closes the fd).
+
+    restore:  userfaultfd() in the task -> dup3 to ANCHOR (the highest fd its RLIMIT_NOFILE allows, capped;
+              O_CLOEXEC) -> the low fd closed: the task's lowest-free fd allocation is unchanged
+    complete: the server UFFDIO_UNREGISTERs every range of that uffd (from its own copy: the ioctl acts on the
+              uffd's mm), so whoever still holds it holds nothing live; then removes the anchor from the
+              task: seize, interrupt, injected close(ANCHOR) -- only if that fd number is still the same open
+              file as the server's copy (kcmp) -- registers and mask put back exactly, detach
+    fork:     the child inherits the anchor (its parent's uffd); it is removed when the child completes
+
+Unregistering first makes the anchor harmless even where it cannot be removed (a task traced by a debugger):
+no fault or event can wait on that uffd any more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+
+from lazarus.errors import KernelError, LazarusError, NoSuchTask
+from lazarus.kernel import abi, procfs, ptrace
+from lazarus.kernel.syscall import same_file_across
+from lazarus.kernel.uffd import Uffd
+from lazarus.remote import RemoteTask, find_syscall_insn, restart_after_freeze
+
+log = logging.getLogger("lazarus.lazy")
+
+# The anchor sits below the soft RLIMIT_NOFILE, but never above this: the kernel's fd table grows to the
+# highest fd in use and never shrinks (1M fds would cost the task 8 MiB of kernel memory for good).
+ANCHOR_FD_CAP = 1 << 16
+STOP_TIMEOUT = 10.0
+_WALL = 0x40000000
+UFFD_LINK = "anon_inode:[userfaultfd]"
+
+
+def anchor_fd_number(soft_nofile: int, used: Iterable[int]) -> int:
+    """The fd number for the anchor: the highest below min(soft limit, ANCHOR_FD_CAP) not in `used`."""
+    taken = set(used)
+    fd = min(soft_nofile, ANCHOR_FD_CAP) - 1
+    while fd in taken:
+        fd -= 1
+    if fd < 3:
+        raise LazarusError(f"no fd number free for the userfaultfd anchor under RLIMIT_NOFILE {soft_nofile}")
+    return fd
+
+
+def unregister_all(uffd: Uffd, pid: int) -> int:
+    """UFFDIO_UNREGISTER every range of `pid` registered with `uffd`; returns how many. Ranges of another
+    uffd (the task's own) are refused by the kernel (EINVAL) and left alone. Repeated while it finds some: a
+    range the task moved (mremap) between the listing and the ioctl shows up in the next listing."""
+    total = 0
+    for _ in range(5):
+        try:
+            vmas = procfs.read_smaps(pid)
+        except (LazarusError, OSError):
+            return total
+        done = 0
+        for v in vmas:
+            if "um" not in v.vmflags:
+                continue
+            try:
+                uffd.unregister(v.start, v.end - v.start)
+                done += 1
+            except KernelError:
+                continue
+        total += done
+        if not done:
+            break
+    return total
+
+
+def remove_anchor(pid: int, task_fd: int, ours: int, *, idle: Callable[[], None] | None = None,
+                  timeout: float = STOP_TIMEOUT) -> str:
+    """Close fd `task_fd` of process `pid` if it is still the same open file as our fd `ours`.
+
+    `idle` is called while waiting for the task to stop (the server reads its uffd events there: a task
+    inside munmap or fork waits for them, killably, and would not stop until they are read).
+    Returns what happened: "closed", "exited", "not ours" (closed or replaced by the task itself), or a
+    reason it could not be done (the anchor then stays, harmless once unregister_all has run).
+    """
+    try:
+        same = same_file_across(os.getpid(), ours, pid, task_fd)
+    except NoSuchTask:
+        return "exited"
+    except KernelError as e:
+        return f"kcmp failed: {e}"
+    if not same:
+        return "not ours"
+    try:
+        ptrace.seize(pid, abi.PTRACE_O_TRACESYSGOOD)
+    except NoSuchTask:
+        return "exited"
+    except KernelError as e:
+        return f"cannot trace it ({e.strerror}; traced by another process?)"
+    stopped = False
+    try:
+        _stop(pid, idle, timeout)
+        stopped = True
+        sys_ip = _syscall_ip(pid)
+        if sys_ip is None:
+            return "no syscall instruction found to inject through"
+        remote = RemoteTask(pid, sys_ip)
+        try:
+            # A call our interrupt cut short with a plain -EINTR (sigtimedwait) must run again, as at a dump.
+            restart_after_freeze(remote.saved_regs)
+            # Checked again now that it is stopped: it ran between the first check and the stop.
+            if same_file_across(os.getpid(), ours, pid, task_fd) is not True:
+                return "not ours"
+            remote.syscall(abi.SYS.close, task_fd, what=f"close(anchor fd {task_fd})")
+        finally:
+            remote.close()  # registers and signal mask exactly as they were, syscall restart included
+        return "closed"
+    except NoSuchTask:
+        stopped = False
+        return "exited"
+    except LazarusError as e:
+        return str(e)
+    finally:
+        if stopped:
+            with contextlib.suppress(LazarusError, OSError):
+                ptrace.detach(pid)
+
+
+def _stop(pid: int, idle: Callable[[], None] | None, timeout: float) -> None:
+    """PTRACE_INTERRUPT and wait for the interrupt stop, delivering any signal stop that comes first (as the
+    dump's freeze does)."""
+    ptrace.interrupt(pid)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            wpid, status = os.waitpid(pid, os.WNOHANG | _WALL)
+        except ChildProcessError as e:
+            raise NoSuchTask(f"pid {pid} is gone", pid=pid) from e
+        if wpid:
+            st = ptrace.WaitStatus(wpid, status)
+            if st.exited or st.signaled:
+                raise NoSuchTask(f"pid {pid} {st}", pid=pid)
+            if st.stopped and st.event == abi.PTRACE_EVENT_STOP:
+                return
+            if st.stopped:
+                ptrace.cont(pid, st.stop_sig)
+            continue
+        if idle is not None:
+            idle()
+        if time.monotonic() > deadline:
+            raise LazarusError(f"pid {pid} did not stop within {timeout:.0f} s", pid=pid)
+        time.sleep(0.0005)
+
+
+def _syscall_ip(pid: int) -> int | None:
+    vmas = procfs.read_maps(pid)
+    ranges = [(v.start, v.end) for v in vmas if v.path == "[vdso]"]
+    ranges += [(v.start, v.end) for v in vmas if v.prot & abi.PROT_EXEC and not v.shared and v.path != "[vdso]"]
+    for start, end in ranges:
+        ip = find_syscall_insn(pid, start, end)
+        if ip:
+            return ip
+    return None
+
+
+def uffd_fds(pid: int) -> list[int]:
+    """The fds of `pid` that are userfaultfds, highest first (the anchor is the highest)."""
+    base = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(base)
+    except FileNotFoundError:
+        raise NoSuchTask(f"no such process {pid}", pid=pid) from None
+    except OSError as e:
+        raise KernelError(f"list {base}", e.errno or errno.EIO, pid=pid, path=base) from None
+    out = []
+    for name in names:
+        try:
+            if os.readlink(f"{base}/{name}") == UFFD_LINK:
+                out.append(int(name))
+        except OSError:
+            continue
+    return sorted(out, reverse=True)
+
+
+__all__ = ["ANCHOR_FD_CAP", "anchor_fd_number", "remove_anchor", "uffd_fds", "unregister_all"]

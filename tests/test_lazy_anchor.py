@@ -1,0 +1,151 @@
+"""A lazily restored process never reads zeros in place of its data, even when every Lazarus process serving
+it is killed at once: it holds one fd of its own userfaultfd (the anchor, lazy/anchor.py), so its faults wait,
+and `lazarus lazy-pages --adopt` serves it to the end. Once complete, the anchor is gone from the process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+try:
+    import harness as H
+except ImportError:  # pragma: no cover
+    from tests import harness as H
+
+from lazarus.lazy.anchor import ANCHOR_FD_CAP, anchor_fd_number
+
+pytestmark = pytest.mark.root
+
+
+def dumped(h: H.Harness, case_id: str) -> tuple[H.Case, H.Target, Path]:
+    case = H.CASES_BY_ID[case_id]
+    target = h.start_case(case)
+    image = h.image_dir(f"img-{case_id}")
+    res = h.dump(target, image)
+    assert res.returncode == 0, res.stderr
+    return case, target, image
+
+
+def soft_nofile(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError(f"no open-files limit for pid {pid}")
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def lazarus_servers(restored: int) -> list[int]:
+    """The Lazarus processes serving a `restore --lazy -d`: the daemon (orphaned into this subreaper test
+    process) and its children (guard, verifier)."""
+    roots = [p for p in H.children_of(os.getpid()) if p != restored and H.is_alive(p)
+             and b"lazarus" in cmdline(p) and b"restore" in cmdline(p)]
+    out: list[int] = []
+    stack = list(roots)
+    while stack:
+        p = stack.pop()
+        out.append(p)
+        stack.extend(c for c in H.children_of(p) if H.is_alive(c) and c != restored)
+    return out
+
+
+def result_after_ready(target: H.Target) -> str:
+    text = target.log_text()[target.since:] if target.since else target.log_text()
+    return "\n".join(line for line in text.splitlines() if line.startswith(("PASS", "FAIL")))
+
+
+def test_anchor_fd_number() -> None:
+    assert anchor_fd_number(1024, [0, 1, 2]) == 1023
+    assert anchor_fd_number(1024, [1023, 1022]) == 1021
+    assert anchor_fd_number(1 << 20, []) == ANCHOR_FD_CAP - 1
+
+
+def test_anchor_held_while_lazy(harness: H.Harness) -> None:
+    """While pages are missing the process holds exactly one uffd, at the highest fd its limit allows."""
+    case, target, image = dumped(harness, "memory-close")
+    r = harness.restore(image, "--no-background", lazy=True, like=target)
+    assert r.returncode == 0, r.stderr
+    want = min(soft_nofile(r.pid), ANCHOR_FD_CAP) - 1
+    assert H.uffd_fds(r.pid) == [want], f"pid {r.pid}: userfaultfds {H.uffd_fds(r.pid)}, expected [{want}]"
+    H.expect_pass(harness.run_case(case, r.target), r.target, r)
+    assert r.target.wait_exit(15) == 0, r.target.describe()
+
+
+@pytest.mark.parametrize("case_id", ["sleeper-read", "sleeper-poll", "sleeper-sigwait", "sleeper-nanosleep",
+                                     "memory-keep"])
+def test_anchor_removed_when_complete(harness: H.Harness, case_id: str) -> None:
+    """Once all pages are in, the server takes the anchor out of the process, which notices nothing: a call
+    it sleeps in goes on (restarted exactly), and its own checks pass."""
+    case, target, image = dumped(harness, case_id)
+    r = harness.restore(image, lazy=True, like=target)
+    assert r.returncode == 0, r.stderr
+    assert H.wait_lazy_complete(r.pid, 30), f"pid {r.pid} still holds a userfaultfd: {H.uffd_fds(r.pid)}"
+    log = image / "lazy-pages.log"
+    text = log.read_text() if log.exists() else ""
+    assert "stays in it" not in text, text  # the server's warning when it could not remove the anchor
+    H.expect_pass(harness.run_case(case, r.target), r.target, r)
+    assert r.target.wait_exit(15) == 0, r.target.describe()
+
+
+def test_every_server_killed_at_once(harness: H.Harness) -> None:
+    """Server, guard (and verifier) SIGKILLed together: the process waits in its fault, never reads zeros;
+    `lazarus lazy-pages --adopt` then serves it and it passes its checks."""
+    case, target, image = dumped(harness, "memory-close")
+    r = harness.restore(image, "--no-background", lazy=True, like=target)
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 10
+    servers = lazarus_servers(r.pid)
+    while len(servers) < 2 and time.monotonic() < deadline:  # the daemon and its guard
+        time.sleep(0.02)
+        servers = lazarus_servers(r.pid)
+    assert len(servers) >= 2, f"lazy-pages daemon and guard not found: {servers}"
+    for pid in servers:
+        harness.register(pid, "lazarus server")
+    for pid in servers:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(H.is_alive(p) for p in servers) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(H.is_alive(p) for p in servers), "the lazarus processes did not die"
+
+    harness.settle(case, r.target)
+    harness.trigger(case, r.target)
+    # For a few seconds: alive, blocked (its fault waits), and no result -- neither FAIL nor a crash on zeros.
+    end = time.monotonic() + 3
+    while time.monotonic() < end:
+        assert H.is_alive(r.pid), f"pid {r.pid} died: {r.target.describe()}"
+        assert not result_after_ready(r.target), r.target.describe()
+        time.sleep(0.1)
+    assert H.proc_state(r.pid) in ("S", "D"), f"pid {r.pid} state {H.proc_state(r.pid)}"
+    wchan = Path(f"/proc/{r.pid}/wchan").read_text()
+    assert "userfault" in wchan, f"pid {r.pid} waits in {wchan!r}"
+
+    adopt = subprocess.run([sys.executable, "-m", "lazarus", "lazy-pages", "--adopt", str(r.pid), "-D", str(image)],
+                           cwd=H.REPO_ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    H.expect_pass(r.target.wait_result(60), r.target, r)
+    assert r.target.wait_exit(15) == 0, r.target.describe()
+    assert adopt.returncode == 0, adopt.stderr
+    assert f"adopted pid {r.pid}" in adopt.stdout, adopt.stdout
+
+
+def test_adopt_refuses_a_process_not_waiting(harness: H.Harness) -> None:
+    """--adopt of a process holding no userfaultfd (complete): one line, non-zero exit."""
+    case, target, image = dumped(harness, "sleeper-read")
+    r = harness.restore(image, lazy=True, like=target)
+    assert r.returncode == 0, r.stderr
+    assert H.wait_lazy_complete(r.pid, 30)
+    res = harness.lazarus("lazy-pages", "--adopt", str(r.pid), "-D", str(image))
+    H.assert_clean_error(res, "holds no userfaultfd")
+    H.expect_pass(harness.run_case(case, r.target), r.target, r)
