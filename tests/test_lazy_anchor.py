@@ -149,3 +149,79 @@ def test_adopt_refuses_a_process_not_waiting(harness: H.Harness) -> None:
     res = harness.lazarus("lazy-pages", "--adopt", str(r.pid), "-D", str(image))
     H.assert_clean_error(res, "holds no userfaultfd")
     H.expect_pass(harness.run_case(case, r.target), r.target, r)
+
+
+def kill_servers(harness: H.Harness, restored: int) -> None:
+    deadline = time.monotonic() + 10
+    servers = lazarus_servers(restored)
+    while len(servers) < 2 and time.monotonic() < deadline:  # the daemon and its guard
+        time.sleep(0.02)
+        servers = lazarus_servers(restored)
+    assert len(servers) >= 2, f"lazy-pages daemon and guard not found: {servers}"
+    for pid in servers:
+        harness.register(pid, "lazarus server")
+    for pid in servers:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(H.is_alive(p) for p in servers) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(H.is_alive(p) for p in servers), "the lazarus processes did not die"
+
+
+def adopt(pid: int, image: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lazarus", "lazy-pages", "--adopt", str(pid), "-D", str(image)],
+                            cwd=H.REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_fork_child_waits_too(harness: H.Harness) -> None:
+    """A child forked while pages are missing gets an anchor of its own uffd (not its parent's): with every
+    Lazarus process killed it waits too, and both are adopted and pass."""
+    target = harness.start_target("lazy_events", "forkwait")
+    H.wait_in_syscall(target.pid, H.SYS_RT_SIGSUSPEND, 10)
+    image = harness.image_dir("img-forkwait")
+    res = harness.dump(target, image)
+    assert res.returncode == 0, res.stderr
+    r = harness.restore(image, "--no-background", lazy=True, like=target)
+    assert r.returncode == 0, r.stderr
+    parent = r.pid
+    r.target.signal(signal.SIGUSR2)
+    child = 0
+    deadline = time.monotonic() + 20
+    while not child and time.monotonic() < deadline:
+        found = [ln for ln in target.log.read_text().splitlines() if ln.startswith("# forked child ")]
+        child = int(found[-1].split()[-1]) if found else 0
+        time.sleep(0.02)
+    assert child, r.target.describe()
+    harness.register(child, "fork child")
+    anchor = min(soft_nofile(parent), ANCHOR_FD_CAP) - 1
+    deadline = time.monotonic() + 15
+    own = False
+    while time.monotonic() < deadline and not own:
+        try:
+            own = os.stat(f"/proc/{child}/fd/{anchor}").st_ino != os.stat(f"/proc/{parent}/fd/{anchor}").st_ino
+        except OSError:
+            own = False
+        time.sleep(0.02)
+    assert own, f"fork child {child} never got its own anchor: {H.uffd_fds(child)}"
+
+    kill_servers(harness, parent)
+    os.kill(child, signal.SIGUSR2)
+    end = time.monotonic() + 3
+    while time.monotonic() < end:
+        assert H.is_alive(child), f"fork child {child} died: {r.target.describe()}"
+        assert not result_after_ready(r.target), r.target.describe()
+        time.sleep(0.1)
+    assert "userfault" in Path(f"/proc/{child}/wchan").read_text()
+
+    procs = [adopt(child, image), adopt(parent, image)]
+    try:
+        H.expect_pass(r.target.wait_result(60), r.target, r)
+        for p in procs:
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)

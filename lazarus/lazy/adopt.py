@@ -23,6 +23,7 @@ from lazarus.errors import LazarusError, NoSuchTask
 from lazarus.kernel import procfs
 from lazarus.kernel.pagemap import Pagemap
 from lazarus.kernel.pidfd import PidFd
+from lazarus.kernel.syscall import same_file_across
 from lazarus.kernel.uffd import Uffd
 from lazarus.lazy.anchor import uffd_fds
 
@@ -37,8 +38,10 @@ def adopt(server: Any, pid: int, images: Path) -> int:
     """Take over serving process `pid` restored lazily from `images`; returns the number of pages still
     missing (0: it only needed its anchor removed).
 
+    A fork child made during the lazy phase (its own anchor installed by the server) is served from its
+    nearest ancestor in the image.
     Raises AdoptError (one line naming the pid) when the process is gone, holds no userfaultfd, is not in
-    the image, or its layout no longer matches the image.
+    the image (nor a descendant of a process in it), or its layout no longer matches the image.
     """
     from lazarus.images import Image
     from lazarus.images.mm import lazy_object_ids, lazy_vmas
@@ -59,12 +62,21 @@ def adopt(server: Any, pid: int, images: Path) -> int:
         uffd = Uffd.adopt(pidfd.getfd(task_fd))
         img = Image.open(images)
         validate_image(img)
-        if pid not in img.tasks:
-            raise AdoptError(f"pid {pid} is not in the image {images} (a fork child cannot be adopted)", pid=pid)
-        task = img.task(pid)
+        chain = _image_ancestry(pid, img.tasks)
+        if not chain:
+            raise AdoptError(f"pid {pid} is neither in the image {images} nor a fork child of a process in it",
+                             pid=pid)
+        origin = chain[-1]
+        for a in chain[1:]:
+            # A child that never got its own anchor holds an ancestor's uffd: serving that would fill the
+            # ancestor's memory, not the child's.
+            if any(same_file_across(a, fd, pid, task_fd) for fd in uffd_fds(a)):
+                raise AdoptError(f"pid {pid} holds the userfaultfd of its ancestor {a}, not its own: it cannot be "
+                                 f"adopted", pid=pid)
+        task = img.task(origin)
         mm = task["mm"]
         served = lazy_vmas(mm, lazy_object_ids(mm, task["files"]))
-        source = ImagePageSource(served, img.page_file(pid), name=f"{images.name}/pages-{pid}.img")
+        source = ImagePageSource(served, img.page_file(origin), name=f"{images.name}/pages-{origin}.img")
         _check_layout(pid, served)
         pending = source.pending()
         present = 0
@@ -81,6 +93,22 @@ def adopt(server: Any, pid: int, images: Path) -> int:
         if uffd is not None:
             uffd.close()
         pidfd.close()
+
+
+def _image_ancestry(pid: int, tasks: list[int]) -> list[int]:
+    """[pid, its parent, ...] up to the first one the image holds (pid itself if it is in the image), or []:
+    a fork child made during the lazy phase has its parent's memory as of the fork, and what it still misses is
+    that data."""
+    chain: list[int] = []
+    while pid > 1 and pid not in chain:
+        chain.append(pid)
+        if pid in tasks:
+            return chain
+        try:
+            pid = procfs.read_status(pid).ppid
+        except (LazarusError, OSError):
+            return []
+    return []
 
 
 def _check_layout(pid: int, served: list[dict[str, Any]]) -> None:

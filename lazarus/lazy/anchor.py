@@ -26,11 +26,14 @@ import contextlib
 import errno
 import logging
 import os
+import socket
+import struct
 import time
 from collections.abc import Callable, Iterable
 
 from lazarus.errors import KernelError, LazarusError, NoSuchTask
 from lazarus.kernel import abi, procfs, ptrace
+from lazarus.kernel.pidfd import PidFd
 from lazarus.kernel.syscall import same_file_across
 from lazarus.kernel.uffd import Uffd
 from lazarus.remote import RemoteTask, find_syscall_insn, restart_after_freeze
@@ -133,6 +136,87 @@ def remove_anchor(pid: int, task_fd: int, ours: int, *, idle: Callable[[], None]
                 ptrace.detach(pid)
 
 
+def install_anchor(pid: int, task_fd: int, expected: int, uffd_fd: int, *,
+                   idle: Callable[[], None] | None = None, timeout: float = STOP_TIMEOUT) -> str:
+    """Give fork child `pid` its own anchor: replace its fd `task_fd` -- inherited from its parent, still the
+    same open file as our fd `expected` (kcmp) -- by a copy of our fd `uffd_fd` (the child's own uffd).
+
+    Nothing can push an fd into another process, so the child receives it itself, by injection: a socketpair
+    made in it, one end taken out with pidfd_getfd, our copy sent through it with SCM_RIGHTS, recvmsg injected,
+    dup3 over the inherited anchor (atomic: the number never stops holding a uffd), everything else closed.
+    Returns "installed", "exited", "not ours", or why it could not be done (the child then keeps its parent's
+    anchor: it is protected by the guard only).
+    """
+    try:
+        if same_file_across(os.getpid(), expected, pid, task_fd) is not True:
+            return "not ours"
+        ptrace.seize(pid, abi.PTRACE_O_TRACESYSGOOD)
+    except NoSuchTask:
+        return "exited"
+    except KernelError as e:
+        return f"cannot trace it ({e.strerror})"
+    stopped = False
+    try:
+        _stop(pid, idle, timeout)
+        stopped = True
+        sys_ip = _syscall_ip(pid)
+        if sys_ip is None:
+            return "no syscall instruction found to inject through"
+        remote = RemoteTask(pid, sys_ip)
+        try:
+            restart_after_freeze(remote.saved_regs)
+            return _receive_and_place(remote, task_fd, expected, uffd_fd)
+        finally:
+            remote.close()
+    except NoSuchTask:
+        stopped = False
+        return "exited"
+    except (LazarusError, OSError) as e:
+        return str(e)
+    finally:
+        if stopped:
+            with contextlib.suppress(LazarusError, OSError):
+                ptrace.detach(pid)
+
+
+_MSGHDR = struct.Struct("<QI4xQQQQi4x")  # struct msghdr (x86-64): name, namelen, iov, iovlen, control, len, flags
+_CMSG = struct.Struct("<QiiI")           # struct cmsghdr + one int of SCM_RIGHTS data
+_CMSG_SPACE = 24
+
+
+def _receive_and_place(remote: RemoteTask, task_fd: int, expected: int, uffd_fd: int) -> str:
+    pid = remote.pid
+    scratch = remote.alloc_scratch(abi.PAGE_SIZE)
+    remote.syscall(abi.SYS.socketpair, socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, 0, scratch,
+                   what="socketpair")
+    sv0, sv1 = struct.unpack("<ii", remote.read(scratch, 8))
+    newfd = -1
+    try:
+        with PidFd.open(pid) as pfd:
+            end = socket.socket(fileno=pfd.getfd(sv0))
+        with end:
+            socket.send_fds(end, [b"\0"], [uffd_fd])
+        iov, buf, ctrl = scratch + 64, scratch + 128, scratch + 256
+        remote.write(iov, struct.pack("<QQ", buf, 1))
+        remote.write(ctrl, bytes(_CMSG_SPACE))
+        remote.write(scratch, _MSGHDR.pack(0, 0, iov, 1, ctrl, _CMSG_SPACE, 0))
+        remote.syscall(abi.SYS.recvmsg, sv1, scratch, socket.MSG_CMSG_CLOEXEC, what="recvmsg")
+        _len, level, kind, fd = _CMSG.unpack(remote.read(ctrl, _CMSG.size))
+        if level != socket.SOL_SOCKET or kind != socket.SCM_RIGHTS:
+            raise LazarusError(f"pid {pid}: no fd received through the injected socket", pid=pid)
+        newfd = fd
+        # Checked again, now that it is stopped: the task ran since the first check.
+        if same_file_across(os.getpid(), expected, pid, task_fd) is not True:
+            return "not ours"
+        remote.syscall(abi.SYS.dup3, newfd, task_fd, os.O_CLOEXEC, what=f"dup3 to anchor fd {task_fd}")
+        return "installed"
+    finally:
+        for fd in (newfd, sv0, sv1):
+            if fd >= 0:
+                with contextlib.suppress(LazarusError):
+                    remote.raw(abi.SYS.close, fd)
+
+
 def _stop(pid: int, idle: Callable[[], None] | None, timeout: float) -> None:
     """PTRACE_INTERRUPT and wait for the interrupt stop, delivering any signal stop that comes first (as the
     dump's freeze does)."""
@@ -189,4 +273,4 @@ def uffd_fds(pid: int) -> list[int]:
     return sorted(out, reverse=True)
 
 
-__all__ = ["ANCHOR_FD_CAP", "anchor_fd_number", "remove_anchor", "uffd_fds", "unregister_all"]
+__all__ = ["ANCHOR_FD_CAP", "anchor_fd_number", "install_anchor", "remove_anchor", "uffd_fds", "unregister_all"]

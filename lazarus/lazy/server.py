@@ -61,7 +61,7 @@ from lazarus.kernel.uffd import (
     Unmap,
 )
 from lazarus.kernel.vm import process_madvise
-from lazarus.lazy.anchor import remove_anchor, unregister_all
+from lazarus.lazy.anchor import install_anchor, remove_anchor, unregister_all
 from lazarus.lazy.guard import Guard
 from lazarus.lazy.ranges import PAGE_SIZE, PendingPages, Run
 from lazarus.lazy.sources import PageSource
@@ -165,6 +165,11 @@ class LazyServer:
         # and verifier processes forked before that, then see no thread of ours.
         self._helper: CopyHelper | None = None
         self._use_helper = background and CopyHelper.worthwhile()
+        # Fork children to give their own anchor (anchor.install_anchor) once their pid is known; the one being
+        # given it now (its completion meanwhile waits until that is over), and those that completed then.
+        self._anchor_todo: deque[int] = deque()
+        self._anchoring: int | None = None
+        self._complete_later: set[int] = set()
 
     # -- setup ---------------------------------------------------------------------------------------------
 
@@ -280,6 +285,8 @@ class LazyServer:
                 self._check_idle()
             if self._waiting_parents:
                 self._resolve_forks()
+            if self._anchor_todo:
+                self._anchor_children()
             if self.progress is not None:
                 self._report_progress()
         self._t_end = time.monotonic()
@@ -682,6 +689,41 @@ class LazyServer:
         log.debug("uffd %d: fork child is pid %d", child.key, pid)
         if pidfd is None:
             self._finish(child, "exited")
+        elif child.anchor >= 0:
+            self._anchor_todo.append(child.key)
+
+    def _anchor_children(self) -> None:
+        """Give each fork child whose pid is now known an anchor of its own uffd in place of the one it
+        inherited (its parent's), so that it too waits rather than reads zeros should every Lazarus process
+        die. Done from the loop, never while serving a fault: the child may be waiting for one."""
+        while self._anchor_todo:
+            p = self._procs.get(self._anchor_todo.popleft())
+            if p is None or p.pid is None or p.task_fd is None or p.anchor < 0:
+                continue
+            self._anchoring = p.key
+
+            def idle(p: _Proc = p) -> None:
+                # the child stops for us only once the fault or event it waits for is served
+                if p.key in self._procs:
+                    self._drain(p)
+                if self._ndeferred:
+                    self._retry_deferred()
+            try:
+                res = install_anchor(p.pid, p.task_fd, p.anchor, p.uffd.fd, idle=idle)
+            finally:
+                self._anchoring = None
+            if p.key not in self._procs:
+                continue
+            if res == "installed":
+                os.close(p.anchor)
+                p.anchor = os.dup(p.uffd.fd)
+                log.debug("%s: has its own anchor at fd %d", p.label, p.task_fd)
+            elif res != "exited":
+                log.warning("%s: fork child keeps its parent's userfaultfd anchor: %s (it is protected by the "
+                            "guard only)", p.label, res)
+            if p.key in self._complete_later:
+                self._complete_later.discard(p.key)
+                self._finish(p, "complete")
 
     def _pid_from_tid(self, p: _Proc, tid: int) -> None:
         """THREAD_ID: the faulting thread's id, in the child's pid namespace; usable when that is ours."""
@@ -702,6 +744,9 @@ class LazyServer:
 
     def _finish(self, p: _Proc, state: str, reason: str = "") -> None:
         if p.key not in self._procs:
+            return
+        if state == "complete" and p.key == self._anchoring:
+            self._complete_later.add(p.key)  # once its anchor is in place: then removed with the rest
             return
         del self._procs[p.key]
         p.state, p.reason, p.ended = state, reason, time.monotonic()
