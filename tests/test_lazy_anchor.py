@@ -225,3 +225,15 @@ def test_fork_child_waits_too(harness: H.Harness) -> None:
             if p.poll() is None:
                 p.kill()
                 p.wait(10)
+
+
+def test_anchor_removed_by_in_process_server(harness: H.Harness) -> None:
+    """Without -d the restore command serves its own child: the anchor goes all the same, and the command
+    still exits with the process's status (the removal never collects the child's exit)."""
+    case, target, image = dumped(harness, "sleeper-read")
+    r = harness.restore(image, lazy=True, like=target, detach=False)
+    assert r.pid is not None, r.stderr
+    assert H.wait_lazy_complete(r.pid, 30), f"pid {r.pid} still holds a userfaultfd: {H.uffd_fds(r.pid)}"
+    H.expect_pass(harness.run_case(case, r.target), r.target, r)
+    assert isinstance(r.proc, subprocess.Popen)
+    assert r.proc.wait(30) == 0, r.stderr

@@ -220,11 +220,23 @@ def _receive_and_place(remote: RemoteTask, task_fd: int, expected: int, uffd_fd:
 def _stop(pid: int, idle: Callable[[], None] | None, timeout: float) -> None:
     """PTRACE_INTERRUPT and wait for the interrupt stop, delivering any signal stop that comes first (as the
     dump's freeze does)."""
+    try:
+        own_child = procfs.read_status(pid).ppid == os.getpid()
+    except (LazarusError, OSError):
+        own_child = False
     ptrace.interrupt(pid)
     deadline = time.monotonic() + timeout
     while True:
         try:
-            wpid, status = os.waitpid(pid, os.WNOHANG | _WALL)
+            # Peek first: the exit of our own child must stay for us to collect as its parent (a restore serving
+            # its child in-process waits for its exit status); that of another's child is collected here, which
+            # hands it back to its parent.
+            info = os.waitid(os.P_PID, pid, os.WEXITED | os.WSTOPPED | os.WNOHANG | os.WNOWAIT | _WALL)
+            if info is not None and info.si_code in (os.CLD_EXITED, os.CLD_KILLED, os.CLD_DUMPED):
+                if not own_child:
+                    os.waitpid(pid, os.WNOHANG | _WALL)
+                raise NoSuchTask(f"pid {pid} exited", pid=pid)
+            wpid, status = os.waitpid(pid, os.WNOHANG | _WALL) if info is not None else (0, 0)
         except ChildProcessError as e:
             raise NoSuchTask(f"pid {pid} is gone", pid=pid) from e
         if wpid:
