@@ -151,6 +151,17 @@ def test_adopt_refuses_a_process_not_waiting(harness: H.Harness) -> None:
     H.expect_pass(harness.run_case(case, r.target), r.target, r)
 
 
+def test_adopt_refuses_a_process_still_served(harness: H.Harness) -> None:
+    """--adopt while the daemon still serves the process: refused (two readers of one uffd would each miss
+    the other's events); the process is unaffected and passes."""
+    case, target, image = dumped(harness, "memory-close")
+    r = harness.restore(image, "--no-background", lazy=True, like=target)
+    assert r.returncode == 0, r.stderr
+    res = harness.lazarus("lazy-pages", "--adopt", str(r.pid), "-D", str(image))
+    H.assert_clean_error(res, "still served")
+    H.expect_pass(harness.run_case(case, r.target), r.target, r)
+
+
 def kill_servers(harness: H.Harness, restored: int) -> None:
     deadline = time.monotonic() + 10
     servers = lazarus_servers(restored)

@@ -16,6 +16,7 @@ assumes none, and is refused when a registered range of the process lies outside
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,11 @@ def adopt(server: Any, pid: int, images: Path) -> int:
             raise AdoptError(f"pid {pid} holds no userfaultfd: it is not waiting for lazy pages (complete, or "
                              f"not restored lazily)", pid=pid)
         task_fd = fds[0]
+        holders = _other_holders(pid, task_fd)
+        if holders:
+            # two servers reading one uffd would each miss the other's events (a discarded page refilled)
+            raise AdoptError(f"pid {pid} is still served: pid {', '.join(map(str, holders))} holds its "
+                             f"userfaultfd", pid=pid)
         uffd = Uffd.adopt(pidfd.getfd(task_fd))
         img = Image.open(images)
         validate_image(img)
@@ -93,6 +99,34 @@ def adopt(server: Any, pid: int, images: Path) -> int:
         if uffd is not None:
             uffd.close()
         pidfd.close()
+
+
+def _other_holders(pid: int, task_fd: int) -> list[int]:
+    """Processes other than pid and its descendants holding the open file of pid's fd task_fd (a server or
+    guard still alive)."""
+    me = os.getpid()
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in (pid, me):
+            continue
+        q = int(name)
+        try:
+            if any(same_file_across(q, fd, pid, task_fd) for fd in uffd_fds(q)):
+                out.append(q)
+        except (LazarusError, OSError):
+            continue
+    return [q for q in out if pid not in _ancestors(q)]
+
+
+def _ancestors(pid: int) -> list[int]:
+    out: list[int] = []
+    while pid > 1 and pid not in out:
+        try:
+            pid = procfs.read_status(pid).ppid
+        except (LazarusError, OSError):
+            break
+        out.append(pid)
+    return out
 
 
 def _image_ancestry(pid: int, tasks: list[int]) -> list[int]:
