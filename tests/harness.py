@@ -503,6 +503,10 @@ class Harness:
         Targets without a trigger finish on their own and are not waited for in their syscall."""
         if case.trigger != "none":
             self.settle(case, target)
+            if case.target == "fds":
+                # A lazily restored process holds one fd of its own userfaultfd until all its pages are in
+                # (README, lazy restore): the target's fd census must see exactly the original's fds.
+                assert wait_lazy_complete(target.pid), f"pid {target.pid} still holds a userfaultfd"
             self.trigger(case, target)
         return target.wait_result(case.timeout)
 
