@@ -105,20 +105,7 @@ def test_every_server_killed_at_once(harness: H.Harness) -> None:
     case, target, image = dumped(harness, "memory-close")
     r = harness.restore(image, "--no-background", lazy=True, like=target)
     assert r.returncode == 0, r.stderr
-    deadline = time.monotonic() + 10
-    servers = lazarus_servers(r.pid)
-    while len(servers) < 2 and time.monotonic() < deadline:  # the daemon and its guard
-        time.sleep(0.02)
-        servers = lazarus_servers(r.pid)
-    assert len(servers) >= 2, f"lazy-pages daemon and guard not found: {servers}"
-    for pid in servers:
-        harness.register(pid, "lazarus server")
-    for pid in servers:
-        os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while any(H.is_alive(p) for p in servers) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not any(H.is_alive(p) for p in servers), "the lazarus processes did not die"
+    kill_servers(harness, r.pid)
 
     harness.settle(case, r.target)
     harness.trigger(case, r.target)
@@ -171,6 +158,10 @@ def kill_servers(harness: H.Harness, restored: int) -> None:
     assert len(servers) >= 2, f"lazy-pages daemon and guard not found: {servers}"
     for pid in servers:
         harness.register(pid, "lazarus server")
+    # All at once: stopped first, so that none can act on another's death (the guard would kill the process
+    # when it sees the server go, which is its job but not this test's case), then killed.
+    for pid in servers:
+        os.kill(pid, signal.SIGSTOP)
     for pid in servers:
         os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
