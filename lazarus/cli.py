@@ -67,16 +67,15 @@ def _parser() -> argparse.ArgumentParser:
 
     lp = sub.add_parser("lazy-pages", help="serve lazily restored processes' memory (several at once)")
     lp.add_argument("-D", "--images-dir", dest="dir", type=Path, required=True, metavar="DIR",
-                    help="directory for the socket (DIR/lazy-pages.sock unless --socket); with --adopt, the "
-                         "image directory")
+                    help="directory for the socket (DIR/lazy-pages.sock unless --socket)")
     lp.add_argument("--socket", type=Path, metavar="SOCK", help="listen here instead")
     lp.add_argument("--no-background", action="store_true", help="serve faults only")
     lp.add_argument("--linger", type=float, default=5.0, metavar="SECONDS",
                     help="once every served process is complete, wait this long for more restores (default 5)")
     lp.add_argument("--stats", type=Path, metavar="FILE", help="write transfer statistics (JSON) at the end")
     lp.add_argument("--adopt", type=int, metavar="PID",
-                    help="serve process PID, restored lazily from DIR, whose lazy-pages servers all died "
-                         "(it waits for its pages); no socket")
+                    help="serve process PID, restored lazily from the image DIR, whose lazy-pages servers all "
+                         "died (it waits for its pages); no socket")
 
     s = sub.add_parser("show", help="summarize an image directory")
     s.add_argument("dir", type=Path, metavar="DIR")
@@ -136,6 +135,8 @@ def _run(args: argparse.Namespace) -> int:
         return cmd_restore(args)
     if args.command == "show":
         return cmd_show(args)
+    if args.command == "lazy-pages" and args.adopt is not None:
+        return cmd_adopt(args)
     if args.command == "lazy-pages":
         return cmd_lazy_pages(args)
     raise AssertionError(args.command)
@@ -275,7 +276,7 @@ def _restore_handing_over(args: argparse.Namespace, sock: Any) -> Any:
 
     def hand(pid: int, uffd: Any, _source: Any) -> None:
         try:
-            send_process(sock, pid, args.dir, uffd.fd, task_fd=uffd.task_fd)
+            send_process(sock, pid, args.dir, uffd.fd)
         finally:
             uffd.close()  # the server holds its own copy now
     try:
@@ -334,6 +335,25 @@ def _restore_with_daemon(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adopt(args: argparse.Namespace) -> int:
+    """lazy-pages --adopt PID -D DIR: take the uffd from the waiting process itself and serve it to the end."""
+    from lazarus.lazy.adopt import adopt
+    _require_lazy_features()
+    if args.socket:
+        raise UsageError("--adopt takes no --socket")
+    server, guard, bar = _new_server(args, progress=sys.stderr.isatty())
+    try:
+        missing = adopt(server, args.adopt, args.dir)
+        print(f"lazy-pages: adopted pid {args.adopt}: {missing} pages still missing", flush=True)
+        stats = server.run()
+    finally:
+        _close_server(server, guard, bar)
+    states = [p["state"] for p in stats.get("processes", []) if p["pid"] == args.adopt]
+    print(f"lazy-pages: pid {args.adopt} {states[0] if states else 'served'}: {stats.get('pages_fault', 0)} "
+          f"pages by fault, {stats.get('pages_background', 0)} in background")
+    return 0 if not stats.get("lost") else 1
+
+
 def _daemon_log(args: argparse.Namespace) -> Path:
     if args.lazy_log:
         return args.lazy_log
@@ -346,8 +366,6 @@ def cmd_lazy_pages(args: argparse.Namespace) -> int:
 
     from lazarus.lazy.handoff import Listener
     _require_lazy_features()
-    if args.adopt is not None:
-        return _adopt(args)
     path = args.socket or args.dir / "lazy-pages.sock"
     if not args.dir.is_dir():
         raise LazarusError(f"{args.dir}: no such directory", path=str(args.dir))
@@ -368,24 +386,6 @@ def cmd_lazy_pages(args: argparse.Namespace) -> int:
     print(f"lazy-pages: served {len(stats.get('processes', []))} process(es), "
           f"{stats.get('pages_fault', 0)} pages by fault, {stats.get('pages_background', 0)} in background")
     return 0
-
-
-def _adopt(args: argparse.Namespace) -> int:
-    """lazy-pages --adopt PID -D DIR: take the uffd from the waiting process itself and serve it to the end."""
-    from lazarus.lazy.adopt import adopt
-    if args.socket:
-        raise UsageError("--adopt takes no --socket")
-    server, guard, bar = _new_server(args, progress=sys.stderr.isatty())
-    try:
-        missing = adopt(server, args.adopt, args.dir)
-        print(f"lazy-pages: adopted pid {args.adopt}: {missing} pages still missing", flush=True)
-        stats = server.run()
-    finally:
-        _close_server(server, guard, bar)
-    states = [p["state"] for p in stats.get("processes", []) if p["pid"] == args.adopt]
-    print(f"lazy-pages: pid {args.adopt} {states[0] if states else 'served'}: {stats.get('pages_fault', 0)} "
-          f"pages by fault, {stats.get('pages_background', 0)} in background")
-    return 0 if not stats.get("lost") else 1
 
 
 def _summary(img: Any) -> dict[str, Any]:

@@ -39,6 +39,7 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "misc": (),
     "unsupported": ("-pthread",),
     "lazy_events": (),
+    "forkwait": (),
     "cgroup": (),
     "thp": (),
 }

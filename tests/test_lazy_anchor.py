@@ -179,7 +179,7 @@ def adopt(pid: int, image: Path) -> subprocess.Popen:
 def test_fork_child_waits_too(harness: H.Harness) -> None:
     """A child forked while pages are missing gets an anchor of its own uffd (not its parent's): with every
     Lazarus process killed it waits too, and both are adopted and pass."""
-    target = harness.start_target("lazy_events", "forkwait")
+    target = harness.start_target("forkwait")
     H.wait_in_syscall(target.pid, H.SYS_RT_SIGSUSPEND, 10)
     image = harness.image_dir("img-forkwait")
     res = harness.dump(target, image)
@@ -239,3 +239,38 @@ def test_anchor_removed_by_in_process_server(harness: H.Harness) -> None:
     H.expect_pass(harness.run_case(case, r.target), r.target, r)
     assert isinstance(r.proc, subprocess.Popen)
     assert r.proc.wait(30) == 0, r.stderr
+
+
+def run_forkwait(target: H.Target) -> str:
+    """Trigger forkwait, then its child; returns the result line."""
+    target.signal(signal.SIGUSR2)
+    child = 0
+    deadline = time.monotonic() + 20
+    while not child and time.monotonic() < deadline:
+        found = [ln for ln in target.log.read_text().splitlines() if ln.startswith("# forked child ")]
+        child = int(found[-1].split()[-1]) if found else 0
+        time.sleep(0.02)
+    assert child, target.describe()
+    H.wait_in_syscall(child, H.SYS_RT_SIGSUSPEND, 10)
+    os.kill(child, signal.SIGUSR2)
+    return target.wait_result(60)
+
+
+@pytest.mark.parametrize("mode", ["original", "corrupt", "eager"])
+def test_forkwait_target_checks_itself(harness: H.Harness, mode: str) -> None:
+    """The forkwait target passes as it is and after an eager restore, and fails when its data is damaged."""
+    env = {"LAZ_SELFTEST_CORRUPT": "data"} if mode == "corrupt" else None
+    target = harness.start_target("forkwait", env=env)
+    H.wait_in_syscall(target.pid, H.SYS_RT_SIGSUSPEND, 10)
+    if mode == "eager":
+        image = harness.image_dir("img-forkwait")
+        res = harness.dump(target, image)
+        assert res.returncode == 0, res.stderr
+        r = harness.restore(image, like=target)
+        assert r.returncode == 0 and r.target is not None, r.stderr
+        target = r.target
+    result = run_forkwait(target)
+    if mode == "corrupt":
+        assert result.startswith("FAIL"), target.describe()
+    else:
+        H.expect_pass(result, target)

@@ -84,15 +84,15 @@ def adopt(server: Any, pid: int, images: Path) -> int:
         served = lazy_vmas(mm, lazy_object_ids(mm, task["files"]))
         source = ImagePageSource(served, img.page_file(origin), name=f"{images.name}/pages-{origin}.img")
         _check_layout(pid, served)
-        pending = source.pending()
         present = 0
         with Pagemap(pid) as pm:
             for v in served:
                 for start, end in pm.present_pages(v["start"], v["end"], skip_zero=False):
-                    present += pending.remove(start, end)
-        missing = pending.pages
+                    present += source.drop(start, end)
+        missing = source.pending().pages
         log.info("pid %d adopted from fd %d: %d pages present, %d still missing", pid, task_fd, present, missing)
-        server.add_process(pid, uffd, source, task_fd=task_fd, pending=pending)
+        uffd.task_fd = task_fd  # its anchor: taken out of it once complete
+        server.add_process(pid, uffd, source)
         uffd = None
         return missing
     finally:

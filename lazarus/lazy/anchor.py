@@ -266,6 +266,15 @@ def _syscall_ip(pid: int) -> int | None:
     return None
 
 
+def find_anchor(pid: int, ours: int) -> int | None:
+    """The fd of `pid` that is the same open file as our uffd fd `ours` (the highest, if several), or None."""
+    with contextlib.suppress(LazarusError, OSError):
+        for fd in uffd_fds(pid):
+            if same_file_across(os.getpid(), ours, pid, fd):
+                return fd
+    return None
+
+
 def uffd_fds(pid: int) -> list[int]:
     """The fds of `pid` that are userfaultfds, highest first (the anchor is the highest)."""
     base = f"/proc/{pid}/fd"
@@ -285,4 +294,4 @@ def uffd_fds(pid: int) -> list[int]:
     return sorted(out, reverse=True)
 
 
-__all__ = ["ANCHOR_FD_CAP", "anchor_fd_number", "install_anchor", "remove_anchor", "uffd_fds", "unregister_all"]
+__all__ = ["ANCHOR_FD_CAP", "anchor_fd_number", "find_anchor", "install_anchor", "remove_anchor", "uffd_fds", "unregister_all"]

@@ -26,22 +26,19 @@ from typing import Any
 
 from lazarus.errors import LazarusError, ProtocolError
 from lazarus.kernel.uffd import Uffd
+from lazarus.lazy.anchor import find_anchor
 
 log = logging.getLogger(__name__)
 MAX_MSG = 64 << 10
 REPLY_TIMEOUT = 30.0
 
 
-def send_process(sock: socket.socket, pid: int, images: Path, uffd_fd: int, task_fd: int | None = None) -> None:
-    """Hand `uffd_fd` of restored task `pid` (image directory `images`) to the server behind `sock`;
-    `task_fd` is where the task keeps its own copy (its anchor, anchor.py), if it does.
+def send_process(sock: socket.socket, pid: int, images: Path, uffd_fd: int) -> None:
+    """Hand `uffd_fd` of restored task `pid` (image directory `images`) to the server behind `sock`.
 
     Raises ProtocolError when the server refuses or does not answer.
     """
-    req: dict[str, Any] = {"pid": pid, "images": str(Path(images).resolve())}
-    if task_fd is not None:
-        req["task_fd"] = task_fd
-    msg = json.dumps(req).encode()
+    msg = json.dumps({"pid": pid, "images": str(Path(images).resolve())}).encode()
     sock.settimeout(REPLY_TIMEOUT)
     try:
         socket.send_fds(sock, [msg], [uffd_fd])
@@ -127,9 +124,7 @@ class Listener:
             if len(fds) != 1:
                 raise ProtocolError(f"expected one userfaultfd, got {len(fds)} descriptors")
             req = json.loads(msg)
-            task_fd = req.get("task_fd")
-            self._add(int(req["pid"]), Path(req["images"]), fds.pop(),
-                      task_fd=int(task_fd) if task_fd is not None else None)
+            self._add(int(req["pid"]), Path(req["images"]), fds.pop())
             self.received += 1
             self._idle_since = None
         except (LazarusError, ValueError, KeyError, TypeError) as e:
@@ -145,7 +140,7 @@ class Listener:
         if self.once and self.received:
             self.close()
 
-    def _add(self, pid: int, images: Path, fd: int, *, task_fd: int | None = None) -> None:
+    def _add(self, pid: int, images: Path, fd: int) -> None:
         from lazarus.images import Image
         from lazarus.images.mm import lazy_object_ids, lazy_vmas
         from lazarus.images.validate import validate_image
@@ -164,12 +159,13 @@ class Listener:
                 self._images[str(images)] = img
             task = img.task(pid)
             mm = task["mm"]
+            uffd.task_fd = find_anchor(pid, uffd.fd)  # the task has not run yet: its only copy is the anchor
             served = lazy_vmas(mm, lazy_object_ids(mm, task["files"]))
             source = ImagePageSource(served, img.page_file(pid), name=f"{images.name}/pages-{pid}.img")
         except BaseException:
             uffd.close()
             raise
-        self.server.add_process(pid, uffd, source, task_fd=task_fd)
+        self.server.add_process(pid, uffd, source)
         log.info("lazy-pages: serving pid %d from %s", pid, images)
 
     def _drop(self, conn: socket.socket) -> None:

@@ -173,13 +173,9 @@ class LazyServer:
 
     # -- setup ---------------------------------------------------------------------------------------------
 
-    def add_process(self, pid: int | None, uffd: Uffd, source: PageSource, *, task_fd: int | None = None,
-                    pending: PendingPages | None = None) -> None:
+    def add_process(self, pid: int | None, uffd: Uffd, source: PageSource) -> None:
         """Serve `uffd` of process `pid` from `source`; both are owned by the server from now on (closed by it:
         the uffd when the process is complete, the source at close()). One source may serve several processes.
-        `task_fd` (default: uffd.task_fd) is the fd number at which the process holds its own copy of the
-        uffd (its anchor): removed from it once it is complete. `pending` (default: all of source.pending())
-        is what is still missing (an adopted process has some of its pages already).
 
         Raises:
             NoSuchTask if pid is given and already gone.
@@ -187,10 +183,10 @@ class LazyServer:
         pidfd = PidFd.open(pid) if pid is not None else None
         if self.background and hasattr(source, "start"):
             source.start()
-        p = _Proc(key=uffd.fd, uffd=uffd, source=source, pending=pending if pending is not None else source.pending(), pid=pid, pidfd=pidfd)
-        p.task_fd = task_fd if task_fd is not None else uffd.task_fd
-        if p.task_fd is not None:
-            p.anchor = os.dup(uffd.fd)
+        p = _Proc(key=uffd.fd, uffd=uffd, source=source, pending=source.pending(), pid=pid, pidfd=pidfd)
+        if uffd.task_fd is not None:
+            # the process holds its own copy at that fd (anchor.py): taken out of it once it is complete
+            p.task_fd, p.anchor = uffd.task_fd, os.dup(uffd.fd)
         if pid is not None:
             with contextlib.suppress(LazarusError, OSError):
                 p.seen_children = set(_children(pid))

@@ -18,8 +18,6 @@
  *            image's data; the neighbours keep their data.
  *   munmap   nothing is copied into an unmapped hole: memory mapped there afresh reads zeros.
  *   all      every one of the above in sequence, then a fork.
- *   forkwait as fork, but the child first logs "# forked child PID" and waits for a SIGUSR2 of its own
- *            before it touches anything (a test can act on the Lazarus processes serving it meanwhile).
  */
 #include "common.h"
 
@@ -53,8 +51,6 @@ static void check_anon(size_t from, size_t to, const char *what)
 	LAZ_CHECK(bad < 0, "%s: anon data differs at offset %#lx", what, (unsigned long)(from + bad));
 }
 
-static int fork_wait;
-
 static void do_fork(void)
 {
 	/* Fork first, then have each side read and write: both see the memory as of the fork. */
@@ -65,11 +61,6 @@ static void do_fork(void)
 	}
 	if (child == 0) {
 		int bad = 0;
-		if (fork_wait) {
-			laz_usr2_seen = 0; /* the parent's trigger came before the fork */
-			laz_log("# forked child %d", (int)getpid());
-			laz_wait_usr2();
-		}
 		for (size_t off = 0; off < ANON_SIZE; off += 2 * LAZ_PAGE)
 			anon[off] = 0xC1;             /* child marks even pages */
 		for (size_t off = LAZ_PAGE; off < ANON_SIZE; off += 2 * LAZ_PAGE)
@@ -190,8 +181,7 @@ int main(int argc, char **argv)
 		do_madvise();
 	if (all || !strcmp(mode, "munmap"))
 		do_munmap();
-	fork_wait = !strcmp(mode, "forkwait");
-	if (all || !strcmp(mode, "fork") || fork_wait)
+	if (all || !strcmp(mode, "fork"))
 		do_fork();
 	check_anon(0, ANON_SIZE, "final");
 	long bad = mismatch_offset(shm, SHM_SIZE, 0, SEED_SHM);
