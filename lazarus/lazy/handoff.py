@@ -26,7 +26,6 @@ from typing import Any
 
 from lazarus.errors import LazarusError, ProtocolError
 from lazarus.kernel.uffd import Uffd
-from lazarus.lazy.anchor import find_anchor
 
 log = logging.getLogger(__name__)
 MAX_MSG = 64 << 10
@@ -144,6 +143,7 @@ class Listener:
         from lazarus.images import Image
         from lazarus.images.mm import lazy_object_ids, lazy_vmas
         from lazarus.images.validate import validate_image
+        from lazarus.lazy.anchor import find_anchor
         from lazarus.lazy.sources import ImagePageSource
 
         uffd = Uffd.adopt(fd)

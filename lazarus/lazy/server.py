@@ -620,12 +620,12 @@ class LazyServer:
             return
         child = _Proc(key=uffd.fd, uffd=uffd, source=parent.source, pending=parent.pending.copy(), pid=None,
                       parent_pid=parent.pid, cursor=parent.cursor, fork_time=time.monotonic())
-        if parent.anchor >= 0:
-            # the child inherited the parent's anchor (its parent's uffd, at the same number)
-            child.task_fd, child.anchor = parent.task_fd, os.dup(parent.anchor)
         self._register(child)
         if self.guard is not None:
             self.guard.add(child.key, uffd.fd, pid=None, parent=parent.key)
+        if parent.anchor >= 0:
+            # the child inherited the parent's anchor (its parent's uffd, at the same number)
+            child.task_fd, child.anchor = parent.task_fd, os.dup(parent.anchor)
         if parent.pid is not None:
             if parent.unresolved:
                 # a single-threaded parent is out of its previous fork: that child is linked by now
