@@ -776,12 +776,14 @@ class LazyServer:
         wait on it whoever holds it), then take the anchor out of the task (anchor.py)."""
         if p.pid is None or p.pidfd is None or p.pidfd.exited():
             return
+        t0 = time.perf_counter()
         n = unregister_all(p.uffd, p.pid)
         if p.task_fd is None or p.anchor < 0:
             return
         p.anchor_result = remove_anchor(p.pid, p.task_fd, p.anchor, idle=lambda: self._drain_complete(p))
         if p.anchor_result in ("closed", "exited", "not ours"):
-            log.debug("%s: %d ranges unregistered; anchor fd %d: %s", p.label, n, p.task_fd, p.anchor_result)
+            log.debug("%s: %d ranges unregistered; anchor fd %d: %s (%.2f ms)", p.label, n, p.task_fd,
+                      p.anchor_result, (time.perf_counter() - t0) * 1000)
         else:
             log.warning("%s: complete, but its userfaultfd anchor (fd %d) stays in it: %s (harmless: nothing is "
                         "registered on it any more)", p.label, p.task_fd, p.anchor_result)
