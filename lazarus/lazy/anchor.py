@@ -44,6 +44,9 @@ log = logging.getLogger("lazarus.lazy")
 # highest fd in use and never shrinks (1M fds would cost the task 8 MiB of kernel memory for good).
 ANCHOR_FD_CAP = 1 << 16
 STOP_TIMEOUT = 10.0
+# EXITKILL: should the server die in the middle of an injection, the task is killed (and the guard, which still
+# holds it as not complete, reports it) rather than left running on injected registers.
+_SEIZE_OPTIONS = abi.PTRACE_O_TRACESYSGOOD | abi.PTRACE_O_EXITKILL
 _WALL = 0x40000000
 UFFD_LINK = "anon_inode:[userfaultfd]"
 
@@ -102,7 +105,7 @@ def remove_anchor(pid: int, task_fd: int, ours: int, *, idle: Callable[[], None]
     if not same:
         return "not ours"
     try:
-        ptrace.seize(pid, abi.PTRACE_O_TRACESYSGOOD)
+        ptrace.seize(pid, _SEIZE_OPTIONS)
     except NoSuchTask:
         return "exited"
     except KernelError as e:
@@ -150,7 +153,7 @@ def install_anchor(pid: int, task_fd: int, expected: int, uffd_fd: int, *,
     try:
         if same_file_across(os.getpid(), expected, pid, task_fd) is not True:
             return "not ours"
-        ptrace.seize(pid, abi.PTRACE_O_TRACESYSGOOD)
+        ptrace.seize(pid, _SEIZE_OPTIONS)
     except NoSuchTask:
         return "exited"
     except KernelError as e:
