@@ -5,6 +5,7 @@ and `lazarus lazy-pages --adopt` serves it to the end. Once complete, the anchor
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -274,3 +275,70 @@ def test_forkwait_target_checks_itself(harness: H.Harness, mode: str) -> None:
         assert result.startswith("FAIL"), target.describe()
     else:
         H.expect_pass(result, target)
+
+
+def _child_holding_uffd(at: int, replace: bool) -> tuple[int, int, int]:
+    """Fork a child that makes a userfaultfd at fd `at` (and, with `replace`, then dup2s /dev/null over it),
+    says so, and sleeps in read(2) until told; it exits 0 if it then read b"go". Returns (pid, write end of
+    its pipe, our copy of the uffd)."""
+    from lazarus.kernel.pidfd import pidfd_getfd, pidfd_open
+    from lazarus.kernel.uffd import Uffd
+
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            u = Uffd.create(0)
+            os.dup2(u.fd, at)
+            os.write(ready_w, b"u")
+            if replace:
+                os.read(go_r, 1)
+                null = os.open("/dev/null", os.O_RDONLY)
+                os.dup2(null, at)
+                os.write(ready_w, b"r")
+            code = 0 if os.read(go_r, 16) == b"go" else 1
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    os.close(go_r)
+    assert os.read(ready_r, 1) == b"u"
+    pidfd = pidfd_open(pid)
+    ours = pidfd_getfd(pidfd, at)
+    os.close(pidfd)
+    if replace:
+        os.write(go_w, b"x")
+        assert os.read(ready_r, 1) == b"r"
+    os.close(ready_r)
+    return pid, go_w, ours
+
+
+@pytest.mark.parametrize("replace", [False, True], ids=["ours", "replaced"])
+def test_remove_anchor_closes_only_its_own_file(replace: bool) -> None:
+    """remove_anchor closes the fd only while it is still the same open file as the server's copy (a process
+    may have closed it or dup2'ed something of its own over that number); the process notices nothing: its
+    read(2), interrupted by the injection, goes on and gets its data."""
+    from lazarus.lazy.anchor import remove_anchor
+
+    at = 900
+    pid, go_w, ours = _child_holding_uffd(at, replace)
+    try:
+        H.wait_in_syscall(pid, H.SYS_READ, 10)
+        res = remove_anchor(pid, at, ours)
+        link = os.readlink(f"/proc/{pid}/fd/{at}") if os.path.lexists(f"/proc/{pid}/fd/{at}") else None
+        if replace:
+            assert res == "not ours", res
+            assert link == "/dev/null", link
+        else:
+            assert res == "closed", res
+            assert link is None, link
+        os.write(go_w, b"go")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        os.close(go_w)
+        os.close(ours)
+        with contextlib.suppress(ChildProcessError, ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
