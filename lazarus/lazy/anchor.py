@@ -44,11 +44,14 @@ log = logging.getLogger("lazarus.lazy")
 # highest fd in use and never shrinks (1M fds would cost the task 8 MiB of kernel memory for good).
 ANCHOR_FD_CAP = 1 << 16
 STOP_TIMEOUT = 10.0
-# EXITKILL: should the server die in the middle of an injection, the task is killed (and the guard, which still
-# holds it as not complete, reports it) rather than left running on injected registers.
-_SEIZE_OPTIONS = abi.PTRACE_O_TRACESYSGOOD | abi.PTRACE_O_EXITKILL
+# Set once the task is stopped, before the first injected call: should the server die in the middle of an
+# injection, the task is killed (and the guard, which still holds it as not complete, reports it) rather than
+# left running on injected registers. Not at the seize: a task that never stops for us (timeout) must not die
+# with the server.
+_INJECT_OPTIONS = abi.PTRACE_O_TRACESYSGOOD | abi.PTRACE_O_EXITKILL
 _WALL = 0x40000000
 UFFD_LINK = "anon_inode:[userfaultfd]"
+NOT_STOPPED = "not stopped"  # result prefix: the task stays seized; see detach_when_stopped()
 
 
 def anchor_fd_number(soft_nofile: int, used: Iterable[int]) -> int:
@@ -105,7 +108,7 @@ def remove_anchor(pid: int, task_fd: int, ours: int, *, idle: Callable[[], None]
     if not same:
         return "not ours"
     try:
-        ptrace.seize(pid, _SEIZE_OPTIONS)
+        ptrace.seize(pid, abi.PTRACE_O_TRACESYSGOOD)
     except NoSuchTask:
         return "exited"
     except KernelError as e:
@@ -114,6 +117,7 @@ def remove_anchor(pid: int, task_fd: int, ours: int, *, idle: Callable[[], None]
     try:
         _stop(pid, idle, timeout)
         stopped = True
+        ptrace.set_options(pid, _INJECT_OPTIONS)
         sys_ip = _syscall_ip(pid)
         if sys_ip is None:
             return "no syscall instruction found to inject through"
@@ -131,6 +135,8 @@ def remove_anchor(pid: int, task_fd: int, ours: int, *, idle: Callable[[], None]
     except NoSuchTask:
         stopped = False
         return "exited"
+    except NotStopped as e:
+        return f"{NOT_STOPPED}: {e}"
     except LazarusError as e:
         return str(e)
     finally:
@@ -153,7 +159,7 @@ def install_anchor(pid: int, task_fd: int, expected: int, uffd_fd: int, *,
     try:
         if same_file_across(os.getpid(), expected, pid, task_fd) is not True:
             return "not ours"
-        ptrace.seize(pid, _SEIZE_OPTIONS)
+        ptrace.seize(pid, abi.PTRACE_O_TRACESYSGOOD)
     except NoSuchTask:
         return "exited"
     except KernelError as e:
@@ -162,6 +168,7 @@ def install_anchor(pid: int, task_fd: int, expected: int, uffd_fd: int, *,
     try:
         _stop(pid, idle, timeout)
         stopped = True
+        ptrace.set_options(pid, _INJECT_OPTIONS)
         sys_ip = _syscall_ip(pid)
         if sys_ip is None:
             return "no syscall instruction found to inject through"
@@ -174,6 +181,8 @@ def install_anchor(pid: int, task_fd: int, expected: int, uffd_fd: int, *,
     except NoSuchTask:
         stopped = False
         return "exited"
+    except NotStopped as e:
+        return f"{NOT_STOPPED}: {e}"
     except (LazarusError, OSError) as e:
         return str(e)
     finally:
@@ -220,6 +229,32 @@ def _receive_and_place(remote: RemoteTask, task_fd: int, expected: int, uffd_fd:
                     remote.raw(abi.SYS.close, fd)
 
 
+class NotStopped(LazarusError):
+    """The task did not stop in time: it stays seized with an interrupt pending; detach_when_stopped() must
+    be called until it returns True (else it sits in a ptrace stop once it gets there)."""
+
+
+def detach_when_stopped(pid: int) -> bool:
+    """For a task left seized by NotStopped: detach it once it has stopped. True when that is done (or it is
+    gone); False while it still has not stopped."""
+    try:
+        wpid, status = os.waitpid(pid, os.WNOHANG | _WALL)
+    except ChildProcessError:
+        return True
+    if not wpid:
+        return False
+    st = ptrace.WaitStatus(wpid, status)
+    if st.exited or st.signaled:
+        return True
+    if st.stopped and st.event != abi.PTRACE_EVENT_STOP:
+        with contextlib.suppress(LazarusError, OSError):
+            ptrace.cont(pid, st.stop_sig)  # a signal stop first: deliver it, the interrupt stop follows
+        return False
+    with contextlib.suppress(LazarusError, OSError):
+        ptrace.detach(pid)
+    return True
+
+
 def _stop(pid: int, idle: Callable[[], None] | None, timeout: float) -> None:
     """PTRACE_INTERRUPT and wait for the interrupt stop, delivering any signal stop that comes first (as the
     dump's freeze does)."""
@@ -254,7 +289,7 @@ def _stop(pid: int, idle: Callable[[], None] | None, timeout: float) -> None:
         if idle is not None:
             idle()
         if time.monotonic() > deadline:
-            raise LazarusError(f"pid {pid} did not stop within {timeout:.0f} s", pid=pid)
+            raise NotStopped(f"pid {pid} did not stop within {timeout:.0f} s", pid=pid)
         time.sleep(0.0005)
 
 
@@ -297,4 +332,4 @@ def uffd_fds(pid: int) -> list[int]:
     return sorted(out, reverse=True)
 
 
-__all__ = ["ANCHOR_FD_CAP", "anchor_fd_number", "find_anchor", "install_anchor", "remove_anchor", "uffd_fds", "unregister_all"]
+__all__ = ["ANCHOR_FD_CAP", "NOT_STOPPED", "NotStopped", "anchor_fd_number", "detach_when_stopped", "find_anchor", "install_anchor", "remove_anchor", "uffd_fds", "unregister_all"]

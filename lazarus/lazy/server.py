@@ -61,7 +61,13 @@ from lazarus.kernel.uffd import (
     Unmap,
 )
 from lazarus.kernel.vm import process_madvise
-from lazarus.lazy.anchor import install_anchor, remove_anchor, unregister_all
+from lazarus.lazy.anchor import (
+    NOT_STOPPED,
+    detach_when_stopped,
+    install_anchor,
+    remove_anchor,
+    unregister_all,
+)
 from lazarus.lazy.guard import Guard
 from lazarus.lazy.ranges import PAGE_SIZE, PendingPages, Run
 from lazarus.lazy.sources import PageSource
@@ -170,6 +176,7 @@ class LazyServer:
         self._anchor_todo: deque[int] = deque()
         self._anchoring: int | None = None
         self._complete_later: set[int] = set()
+        self._seized: list[int] = []  # tasks that did not stop for an anchor operation: detached once they do
 
     # -- setup ---------------------------------------------------------------------------------------------
 
@@ -283,6 +290,8 @@ class LazyServer:
                 self._resolve_forks()
             if self._anchor_todo:
                 self._anchor_children()
+            if self._seized:
+                self._seized = [pid for pid in self._seized if not detach_when_stopped(pid)]
             if self.progress is not None:
                 self._report_progress()
         self._t_end = time.monotonic()
@@ -708,6 +717,8 @@ class LazyServer:
                 res = install_anchor(p.pid, p.task_fd, p.anchor, p.uffd.fd, idle=idle)
             finally:
                 self._anchoring = None
+            if res.startswith(NOT_STOPPED):
+                self._seized.append(p.pid)
             if p.key not in self._procs:
                 continue
             if res == "installed":
@@ -781,6 +792,8 @@ class LazyServer:
         if p.task_fd is None or p.anchor < 0:
             return
         p.anchor_result = remove_anchor(p.pid, p.task_fd, p.anchor, idle=lambda: self._drain_complete(p))
+        if p.anchor_result.startswith(NOT_STOPPED):
+            self._seized.append(p.pid)
         if p.anchor_result in ("closed", "exited", "not ours"):
             log.debug("%s: %d ranges unregistered; anchor fd %d: %s (%.2f ms)", p.label, n, p.task_fd,
                       p.anchor_result, (time.perf_counter() - t0) * 1000)
@@ -833,6 +846,10 @@ class LazyServer:
                 self._lose(p, "the lazy server stopped before the restore completed")
             else:
                 self._finish(p, "complete")
+        deadline = time.monotonic() + 1.0
+        while self._seized and time.monotonic() < deadline:
+            self._seized = [pid for pid in self._seized if not detach_when_stopped(pid)]
+            time.sleep(0.01)
         self._ep.close()
         if self._helper is not None:
             self._helper.close()
