@@ -1,6 +1,6 @@
 /*
- * forkwait.c - a lazily restored process that forks while its memory is still missing, with a child
- * that waits before touching anything: a test can act on the Lazarus processes serving both meanwhile.
+ * forkwait.c - exercises a fork while memory is still missing after a lazy restore, with a child that
+ * waits before touching anything: a test can act on the Lazarus processes serving both meanwhile.
  *
  *   forkwait LOGFILE
  *
