@@ -137,7 +137,7 @@ def remove_anchor(pid: int, task_fd: int, ours: int, *, idle: Callable[[], None]
         return "exited"
     except NotStopped as e:
         return f"{NOT_STOPPED}: {e}"
-    except LazarusError as e:
+    except (LazarusError, OSError) as e:
         return str(e)
     finally:
         if stopped:

@@ -763,7 +763,10 @@ class LazyServer:
         if p.pidfd is not None:
             self._unwatch(p.pidfd.fd)
         if state == "complete":
-            self._release(p)
+            try:
+                self._release(p)
+            except (LazarusError, OSError) as e:  # never the end of serving the others
+                log.warning("%s: complete, but releasing its userfaultfd failed: %s", p.label, e)
         if self.guard is not None and state != "lost":
             self.guard.complete(p.key)
         p.uffd.close()
