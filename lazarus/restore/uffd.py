@@ -43,12 +43,27 @@ def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int,
         finally:
             os.close(pidfd)
         if keep_at is not None:
-            kept = task.syscall(abi.SYS.dup3, fd, keep_at, os.O_CLOEXEC, what=f"dup3 to fd {keep_at}")
+            kept = _dup_at_or_below(task, fd, keep_at)
     finally:
         task.syscall(abi.SYS.close, fd)
     uffd = Uffd.adopt(ours)
     uffd.task_fd = kept
     return uffd
+
+
+_F_DUPFD_CLOEXEC = 1030  # <linux/fcntl.h>: F_LINUX_SPECIFIC_BASE + 6
+
+
+def _dup_at_or_below(task: RemoteTask, fd: int, want: int) -> int:
+    """A close-on-exec copy of `fd` at number `want`, or the next free one below it: F_DUPFD_CLOEXEC never
+    replaces an open fd (dup3 would, silently), and gives the lowest free number >= its argument."""
+    for n in range(want, max(want - 64, 2), -1):
+        got = task.raw(abi.SYS.fcntl, fd, _F_DUPFD_CLOEXEC, n)
+        if got == n:
+            return n
+        if got >= 0:  # n was taken, a higher one was free: not where the anchor must be
+            task.raw(abi.SYS.close, got)
+    raise RestoreError(f"pid {task.pid}: no free fd at or below {want} for the userfaultfd anchor", stage="memory")
 
 
 def lazy_ranges(vmas: list[dict[str, Any]]) -> list[tuple[int, int]]:
