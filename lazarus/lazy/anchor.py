@@ -108,7 +108,7 @@ def remove_anchor(pid: int, task_fd: int, ours: int, *, idle: Callable[[], None]
     if not same:
         return "not ours"
     try:
-        ptrace.seize(pid, abi.PTRACE_O_TRACESYSGOOD)
+        _seize(pid, idle)
     except NoSuchTask:
         return "exited"
     except KernelError as e:
@@ -159,7 +159,7 @@ def install_anchor(pid: int, task_fd: int, expected: int, uffd_fd: int, *,
     try:
         if same_file_across(os.getpid(), expected, pid, task_fd) is not True:
             return "not ours"
-        ptrace.seize(pid, abi.PTRACE_O_TRACESYSGOOD)
+        _seize(pid, idle)
     except NoSuchTask:
         return "exited"
     except KernelError as e:
@@ -227,6 +227,25 @@ def _receive_and_place(remote: RemoteTask, task_fd: int, expected: int, uffd_fd:
             if fd >= 0:
                 with contextlib.suppress(LazarusError):
                     remote.raw(abi.SYS.close, fd)
+
+
+TRACER_WAIT = 2.0
+
+
+def _seize(pid: int, idle: Callable[[], None] | None) -> None:
+    """PTRACE_SEIZE, waiting (bounded, serving meanwhile) while another tracer holds the task: the restore
+    that made it detaches it only once the server has answered, and a small process can be complete by then."""
+    deadline = time.monotonic() + TRACER_WAIT
+    while True:
+        try:
+            ptrace.seize(pid, abi.PTRACE_O_TRACESYSGOOD)
+            return
+        except KernelError as e:
+            if e.errno != errno.EPERM or time.monotonic() > deadline:
+                raise
+        if idle is not None:
+            idle()
+        time.sleep(0.001)
 
 
 class NotStopped(LazarusError):
