@@ -114,6 +114,17 @@ def same_file_description(pid: int, fd1: int, fd2: int) -> bool:
     return ret == 0
 
 
+KCMP_FILES = 2
+
+
+def same_fd_table(pid1: int, pid2: int) -> bool:
+    """kcmp(KCMP_FILES): whether two processes share one fd table (clone with CLONE_FILES)."""
+    ret, err = raw_syscall(312, pid1, pid2, KCMP_FILES, 0, 0)  # SYS_kcmp
+    if ret == -1:
+        raise error("kcmp", err, pid=pid2)
+    return ret == 0
+
+
 def same_file_across(pid1: int, fd1: int, pid2: int, fd2: int) -> bool | None:
     """kcmp(KCMP_FILE) across two processes: whether fd1 of pid1 and fd2 of pid2 are one open file
     description. None when either fd is not open (EBADF); raises NoSuchTask when a process is gone."""

@@ -49,6 +49,7 @@ from pathlib import Path
 from lazarus.errors import KernelError, LazarusError, NoSuchTask, PageSourceLost
 from lazarus.kernel import abi
 from lazarus.kernel.pidfd import PidFd
+from lazarus.kernel.syscall import same_fd_table
 from lazarus.kernel.uffd import (
     CopyHelper,
     Fork,
@@ -705,6 +706,10 @@ class LazyServer:
             p = self._procs.get(self._anchor_todo.popleft())
             if p is None or p.pid is None or p.task_fd is None or p.anchor < 0:
                 continue
+            if p.parent_pid is not None and _shares_fds(p.parent_pid, p.pid):
+                # clone(CLONE_FILES) without CLONE_VM: one fd table, so one anchor (the parent's) for both
+                log.debug("%s: shares its parent's fd table: keeps its parent's anchor", p.label)
+                continue
             self._anchoring = p.key
 
             def idle(p: _Proc = p) -> None:
@@ -933,6 +938,13 @@ class LazyServer:
                 self.progress(self._done_bytes, self._total_bytes)
             except Exception:  # a display problem must never stop the server
                 log.debug("progress callback failed", exc_info=True)
+
+
+def _shares_fds(a: int, b: int) -> bool:
+    try:
+        return same_fd_table(a, b)
+    except (LazarusError, OSError):
+        return False
 
 
 def _children(pid: int) -> list[int]:
