@@ -49,7 +49,6 @@ from pathlib import Path
 from lazarus.errors import KernelError, LazarusError, NoSuchTask, PageSourceLost
 from lazarus.kernel import abi
 from lazarus.kernel.pidfd import PidFd
-from lazarus.kernel.syscall import same_fd_table
 from lazarus.kernel.uffd import (
     CopyHelper,
     Fork,
@@ -941,6 +940,7 @@ class LazyServer:
 
 
 def _shares_fds(a: int, b: int) -> bool:
+    from lazarus.kernel.syscall import same_fd_table
     try:
         return same_fd_table(a, b)
     except (LazarusError, OSError):

@@ -21,8 +21,6 @@ from lazarus.images.validate import validate_image
 from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.clone import Trampoline
 from lazarus.kernel.features import cpu_xstate
-from lazarus.kernel.syscall import prlimit
-from lazarus.lazy.anchor import anchor_fd_number
 from lazarus.lazy.sources import ImagePageSource
 from lazarus.remote import RemoteTask
 from lazarus.restore import cgroups
@@ -226,10 +224,7 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
                 written += space.write_range(mm["vmas"], page_file, rseq["addr"], rseq["addr"] + rseq["size"])
         rcore.restore_misc(remote, task["misc"])
         if lazy and ranges:
-            # The task keeps one fd of its uffd (the anchor, lazy/anchor.py): should every Lazarus process
-            # serving it die at once, its faults then wait instead of reading zeros.
-            anchor = anchor_fd_number(prlimit(child, rcore.RLIMIT_NOFILE)[0], (f["fd"] for f in fds))
-            handover = uffd_in_task(remote, ranges, LAZY_FEATURES, keep_at=anchor)
+            handover = uffd_in_task(remote, ranges, LAZY_FEATURES)
         rcore.restore_creds(remote, task["misc"]["creds"])
         rcore.restore_dumpable(remote, task["misc"])
         # Last injected call: remove the trampoline. We stop at its syscall exit (pitfall 16).

@@ -15,19 +15,22 @@ from lazarus.errors import PageSourceLost, RestoreError
 from lazarus.images.mm import is_lazy
 from lazarus.kernel import abi
 from lazarus.kernel.pidfd import pidfd_getfd, pidfd_open
+from lazarus.kernel.syscall import prlimit
 from lazarus.kernel.uffd import CopyHelper, Outcome, Uffd
+from lazarus.lazy.anchor import anchor_fd_number
 from lazarus.remote import RemoteTask
 
 LAZY_FEATURES = (abi.UFFD_FEATURE_EVENT_FORK | abi.UFFD_FEATURE_EVENT_REMAP | abi.UFFD_FEATURE_EVENT_REMOVE
                  | abi.UFFD_FEATURE_EVENT_UNMAP | abi.UFFD_FEATURE_MISSING_SHMEM)
 
 
-def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int,
-                 keep_at: int | None = None) -> Uffd:
+def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int) -> Uffd:
     """Create a uffd inside `task`, register `ranges` ([start, end)) for missing faults, and take it out.
 
-    With `keep_at`, the task keeps a copy at that fd number (close-on-exec): the anchor of a lazy restore
-    (lazy/anchor.py), recorded as the returned Uffd's task_fd."""
+    A uffd with fork events is a lazy restore's, handed to a lazy-pages server: the task keeps a copy of it
+    (close-on-exec) at the highest fd its RLIMIT_NOFILE allows (the anchor, lazy/anchor.py: should every
+    Lazarus process serving it die, its faults wait rather than read zeros), recorded as the returned Uffd's
+    task_fd. Its fds must be in place already (F_DUPFD_CLOEXEC never takes one, as dup3 would)."""
     fd = task.syscall(abi.SYS.userfaultfd, os.O_CLOEXEC | os.O_NONBLOCK, what="userfaultfd")
     kept = None
     try:
@@ -42,8 +45,8 @@ def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int,
             ours = pidfd_getfd(pidfd, fd, pid=task.pid)
         finally:
             os.close(pidfd)
-        if keep_at is not None:
-            kept = _dup_at_or_below(task, fd, keep_at)
+        if features & abi.UFFD_FEATURE_EVENT_FORK:
+            kept = _dup_at_or_below(task, fd, anchor_fd_number(prlimit(task.pid, RLIMIT_NOFILE)[0], ()))
     finally:
         task.syscall(abi.SYS.close, fd)
     uffd = Uffd.adopt(ours)
@@ -51,6 +54,7 @@ def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int,
     return uffd
 
 
+RLIMIT_NOFILE = 7  # <asm-generic/resource.h>
 _F_DUPFD_CLOEXEC = 1030  # <linux/fcntl.h>: F_LINUX_SPECIFIC_BASE + 6
 
 
