@@ -137,6 +137,7 @@ def test_adopt_refuses_a_process_not_waiting(harness: H.Harness) -> None:
     res = harness.lazarus("lazy-pages", "--adopt", str(r.pid), "-D", str(image))
     H.assert_clean_error(res, "holds no userfaultfd")
     H.expect_pass(harness.run_case(case, r.target), r.target, r)
+    assert r.target.wait_exit(15) == 0, r.target.describe()
 
 
 def test_adopt_refuses_a_process_still_served(harness: H.Harness) -> None:
@@ -148,6 +149,7 @@ def test_adopt_refuses_a_process_still_served(harness: H.Harness) -> None:
     res = harness.lazarus("lazy-pages", "--adopt", str(r.pid), "-D", str(image))
     H.assert_clean_error(res, "still served")
     H.expect_pass(harness.run_case(case, r.target), r.target, r)
+    assert r.target.wait_exit(15) == 0, r.target.describe()
 
 
 def kill_servers(harness: H.Harness, restored: int) -> None:
@@ -220,6 +222,7 @@ def test_fork_child_waits_too(harness: H.Harness) -> None:
     procs = [adopt(child, image), adopt(parent, image)]
     try:
         H.expect_pass(r.target.wait_result(60), r.target, r)
+        assert r.target.wait_exit(15) == 0, r.target.describe()
         for p in procs:
             out, err = p.communicate(timeout=60)
             assert p.returncode == 0, err
@@ -273,8 +276,10 @@ def test_forkwait_target_checks_itself(harness: H.Harness, mode: str) -> None:
     result = run_forkwait(target)
     if mode == "corrupt":
         assert result.startswith("FAIL"), target.describe()
+        assert target.wait_exit(15) == 1, target.describe()
     else:
         H.expect_pass(result, target)
+        assert target.wait_exit(15) == 0, target.describe()
 
 
 def _child_holding_uffd(at: int, replace: bool) -> tuple[int, int, int]:
