@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     lp.add_argument("--linger", type=float, default=5.0, metavar="SECONDS",
                     help="once every served process is complete, wait this long for more restores (default 5)")
     lp.add_argument("--stats", type=Path, metavar="FILE", help="write transfer statistics (JSON) at the end")
+    lp.add_argument("--adopt", type=int, metavar="PID",
+                    help="serve process PID, restored lazily from the image DIR, whose lazy-pages servers all "
+                         "died (it waits for its pages); no socket")
 
     s = sub.add_parser("show", help="summarize an image directory")
     s.add_argument("dir", type=Path, metavar="DIR")
@@ -133,6 +136,8 @@ def _run(args: argparse.Namespace) -> int:
         return cmd_restore(args)
     if args.command == "show":
         return cmd_show(args)
+    if args.command == "lazy-pages" and args.adopt is not None:
+        return cmd_adopt(args)
     if args.command == "lazy-pages":
         return cmd_lazy_pages(args)
     raise AssertionError(args.command)
@@ -313,6 +318,9 @@ def _restore_with_daemon(args: argparse.Namespace) -> int:
             os.dup2(devnull, 1)
             os.dup2(logfd, 2)
             server, guard, bar = _new_server(args, progress=False)
+            print(f"lazarus: lazy-pages daemon {os.getpid()} (guard {guard.pid}) serves the lazy restore from "
+                  f"{args.dir}. Should both die before the process has all its pages, it waits for them: "
+                  f"resume it with `lazarus lazy-pages --adopt PID -D {args.dir}`", file=sys.stderr, flush=True)
             try:
                 Listener(server, theirs, connected=True, once=True)
                 server.run()
@@ -326,6 +334,25 @@ def _restore_with_daemon(args: argparse.Namespace) -> int:
     theirs.close()
     _restore_handing_over(args, ours)
     return 0
+
+
+def cmd_adopt(args: argparse.Namespace) -> int:
+    """lazy-pages --adopt PID -D DIR: take the uffd from the waiting process itself and serve it to the end."""
+    from lazarus.lazy.adopt import adopt
+    _require_lazy_features()
+    if args.socket:
+        raise UsageError("--adopt takes no --socket")
+    server, guard, bar = _new_server(args, progress=sys.stderr.isatty())
+    try:
+        missing = adopt(server, args.adopt, args.dir)
+        print(f"lazy-pages: adopted pid {args.adopt}: {missing} pages still missing", flush=True)
+        stats = server.run()
+    finally:
+        _close_server(server, guard, bar)
+    states = [p["state"] for p in stats.get("processes", []) if p["pid"] == args.adopt]
+    print(f"lazy-pages: pid {args.adopt} {states[0] if states else 'served'}: {stats.get('pages_fault', 0)} "
+          f"pages by fault, {stats.get('pages_background', 0)} in background")
+    return 0 if not stats.get("lost") else 1
 
 
 def _daemon_log(args: argparse.Namespace) -> Path:

@@ -40,6 +40,7 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "misc": (),
     "unsupported": ("-pthread",),
     "lazy_events": (),
+    "forkwait": (),
     "cgroup": (),
     "thp": (),
     "guestperm": (),
@@ -66,6 +67,9 @@ SYS_RT_SIGTIMEDWAIT = 128
 SYS_RT_SIGSUSPEND = 130
 SYS_FUTEX = 202
 SYS_CLOCK_NANOSLEEP = 230
+# A timed sleep (poll, nanosleep, futex) interrupted by a ptrace stop -- the lazy server removing its anchor
+# (README, lazy restore) -- goes on in restart_syscall with the time left: still the same call.
+SYS_RESTART_SYSCALL = 219
 
 PR_SET_CHILD_SUBREAPER = 36
 WAKEUP = b"lazarus-wakeup\n"  # what the sleeper's read/poll modes expect on fd 21
@@ -143,11 +147,32 @@ def in_syscall(pid: int) -> int | None:
     return int(first) if first.lstrip("-").isdigit() and int(first) >= 0 else None
 
 
-def wait_in_syscall(pid: int, nr: int, timeout: float = 10.0) -> bool:
-    """Wait until the task sleeps in syscall `nr`. Returns False on timeout or if it died."""
+def uffd_fds(pid: int) -> list[int]:
+    """The fds of pid that are userfaultfds (a lazily restored process holds one until complete)."""
+    out = []
+    with contextlib.suppress(OSError):
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{name}") == "anon_inode:[userfaultfd]":
+                    out.append(int(name))
+    return sorted(out)
+
+
+def wait_lazy_complete(pid: int, timeout: float = 30.0) -> bool:
+    """Wait until a lazily restored process holds no userfaultfd any more (all its pages are in)."""
+    deadline = time.monotonic() + timeout
+    while uffd_fds(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not uffd_fds(pid)
+
+
+def wait_in_syscall(pid: int, nr: int, timeout: float = 10.0, *, restarted: bool = False) -> bool:
+    """Wait until the task sleeps in syscall `nr` (or, with `restarted`, in restart_syscall: the same call
+    resumed after a stop). Returns False on timeout or if it died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if in_syscall(pid) == nr:
+        now = in_syscall(pid)
+        if now == nr or (restarted and now == SYS_RESTART_SYSCALL):
             return True
         if not is_alive(pid):
             return False
@@ -492,7 +517,7 @@ class Harness:
 
     def settle(self, case: Case, target: Target, timeout: float = 10.0) -> None:
         """Wait until the target sleeps where the case says it waits (no-op for running targets)."""
-        if case.syscall is not None and not wait_in_syscall(target.pid, case.syscall, timeout):
+        if case.syscall is not None and not wait_in_syscall(target.pid, case.syscall, timeout, restarted=True):
             raise AssertionError(
                 f"{case.id}: pid {target.pid} not sleeping in syscall {case.syscall} "
                 f"(now: {in_syscall(target.pid)}, state {proc_state(target.pid)}): {target.describe()}"
@@ -513,6 +538,10 @@ class Harness:
         Targets without a trigger finish on their own and are not waited for in their syscall."""
         if case.trigger != "none":
             self.settle(case, target)
+            if case.target == "fds":
+                # A lazily restored process holds one fd of its own userfaultfd until all its pages are in
+                # (README, lazy restore): the target's fd census must see exactly the original's fds.
+                assert wait_lazy_complete(target.pid), f"pid {target.pid} still holds a userfaultfd"
             self.trigger(case, target)
         else:
             # A timed sleep (sleeper nanosleep/sleep) checks it did not end before its due time; that proves

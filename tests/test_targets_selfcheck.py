@@ -32,6 +32,8 @@ SELF_CASES: tuple[H.Case, ...] = (
 BATCH = 6
 # Targets that need set-up only their own test module makes; each of these modules runs the self-test too.
 DRIVEN_ELSEWHERE = {"cgroup": "tests/test_membership.py (joins cgroups the test creates)"}
+# A child of its own to trigger: tests/test_lazy_anchor.py runs it as it is, corrupted, eager and lazy.
+DRIVEN_ELSEWHERE["forkwait"] = "tests/test_lazy_anchor.py"
 
 
 @pytest.mark.parametrize("case", SELF_CASES, ids=lambda c: c.id)

@@ -67,6 +67,8 @@ class SYS:
     getitimer = 36
     setitimer = 38
     getpid = 39
+    recvmsg = 47  # <asm/unistd_64.h>
+    socketpair = 53
     exit = 60
     wait4 = 61
     kill = 62

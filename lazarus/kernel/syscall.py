@@ -114,6 +114,28 @@ def same_file_description(pid: int, fd1: int, fd2: int) -> bool:
     return ret == 0
 
 
+KCMP_FILES = 2
+
+
+def same_fd_table(pid1: int, pid2: int) -> bool:
+    """kcmp(KCMP_FILES): whether two processes share one fd table (clone with CLONE_FILES)."""
+    ret, err = raw_syscall(312, pid1, pid2, KCMP_FILES, 0, 0)  # SYS_kcmp
+    if ret == -1:
+        raise error("kcmp", err, pid=pid2)
+    return ret == 0
+
+
+def same_file_across(pid1: int, fd1: int, pid2: int, fd2: int) -> bool | None:
+    """kcmp(KCMP_FILE) across two processes: whether fd1 of pid1 and fd2 of pid2 are one open file
+    description. None when either fd is not open (EBADF); raises NoSuchTask when a process is gone."""
+    ret, err = raw_syscall(312, pid1, pid2, KCMP_FILE, fd1, fd2)  # SYS_kcmp
+    if ret == -1:
+        if err == errno.EBADF:
+            return None
+        raise error("kcmp", err, pid=pid2)
+    return ret == 0
+
+
 _sync_file_range = libc.sync_file_range
 _sync_file_range.argtypes = [C.c_int, C.c_int64, C.c_int64, C.c_uint]
 SYNC_FILE_RANGE_WRITE = 2

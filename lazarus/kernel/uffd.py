@@ -386,6 +386,9 @@ class Uffd:
         self.fd = fd
         self.features = features
         self.initialized = initialized
+        # For a uffd taken out of a lazily restored task: the fd number at which that task keeps its own copy
+        # (the anchor, see lazy/anchor.py), or None.
+        self.task_fd: int | None = None
         self._arg = bytearray(_COPY_ARG.size)
         self._range = abi.uffdio_range()
 

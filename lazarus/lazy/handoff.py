@@ -153,6 +153,7 @@ class Listener:
         from lazarus.images import Image
         from lazarus.images.mm import lazy_object_ids, lazy_vmas
         from lazarus.images.validate import validate_image
+        from lazarus.lazy.anchor import find_anchor
         from lazarus.lazy.sources import ImagePageSource
 
         try:
@@ -178,6 +179,7 @@ class Listener:
                 self._images[str(images)] = img
             task = img.task(pid)
             mm = task["mm"]
+            uffd.task_fd = find_anchor(pid, uffd.fd)  # the task has not run yet: its only copy is the anchor
             served = lazy_vmas(mm, lazy_object_ids(mm, task["files"]))
             source = ImagePageSource(served, img.page_file(pid), name=f"{images.name}/pages-{pid}.img")
             verify_uffd_owner(pidfd, uffd, source)

@@ -61,6 +61,13 @@ from lazarus.kernel.uffd import (
     Unmap,
 )
 from lazarus.kernel.vm import process_madvise
+from lazarus.lazy.anchor import (
+    NOT_STOPPED,
+    detach_when_stopped,
+    install_anchor,
+    remove_anchor,
+    unregister_all,
+)
 from lazarus.lazy.guard import Guard
 from lazarus.lazy.ranges import PAGE_SIZE, PendingPages, Run
 from lazarus.lazy.sources import PageSource
@@ -101,6 +108,9 @@ class _Proc:
     last_fault: int = -1  # page address of the last fault served
     seen_children: set[int] = field(default_factory=set)
     unresolved: deque = field(default_factory=deque)   # fork children (_Proc) still without a pid
+    task_fd: int | None = None   # the anchor's fd number in the task (anchor.py), inherited by fork children
+    anchor: int = -1              # our fd of the open file the task holds there: what kcmp compares with
+    anchor_result: str = ""
 
     @property
     def label(self) -> str:
@@ -175,6 +185,12 @@ class LazyServer:
         # and verifier processes forked before that, then see no thread of ours.
         self._helper: CopyHelper | None = None
         self._use_helper = background and CopyHelper.worthwhile()
+        # Fork children to give their own anchor (anchor.install_anchor) once their pid is known; the one being
+        # given it now (its completion meanwhile waits until that is over), and those that completed then.
+        self._anchor_todo: deque[int] = deque()
+        self._anchoring: int | None = None
+        self._complete_later: set[int] = set()
+        self._seized: list[int] = []  # tasks that did not stop for an anchor operation: detached once they do
 
     # -- setup ---------------------------------------------------------------------------------------------
 
@@ -192,6 +208,9 @@ class LazyServer:
         if self.background and hasattr(source, "start"):
             source.start()
         p = _Proc(key=uffd.fd, uffd=uffd, source=source, pending=source.pending(), pid=pid, pidfd=pidfd)
+        if uffd.task_fd is not None:
+            # the process holds its own copy at that fd (anchor.py): taken out of it once it is complete
+            p.task_fd, p.anchor = uffd.task_fd, os.dup(uffd.fd)
         if pid is not None:
             with contextlib.suppress(LazarusError, OSError):
                 p.seen_children = set(_children(pid))
@@ -286,6 +305,10 @@ class LazyServer:
                 self._check_idle()
             if self._waiting_parents:
                 self._resolve_forks()
+            if self._anchor_todo:
+                self._anchor_children()
+            if self._seized:
+                self._seized = [pid for pid in self._seized if not detach_when_stopped(pid)]
             if self.progress is not None:
                 self._report_progress()
         self._t_end = time.monotonic()
@@ -634,6 +657,9 @@ class LazyServer:
         self._register(child)
         if self.guard is not None:
             self.guard.add(child.key, uffd.fd, pid=None, parent=parent.key)
+        if parent.anchor >= 0:
+            # the child inherited the parent's anchor (its parent's uffd, at the same number)
+            child.task_fd, child.anchor = parent.task_fd, os.dup(parent.anchor)
         if parent.pid is not None:
             if parent.unresolved:
                 # a single-threaded parent is out of its previous fork: that child is linked by now
@@ -643,6 +669,8 @@ class LazyServer:
             self._resolve_parent(parent)
         log.debug("%s: fork: child served on uffd %d with %d pending pages", parent.label, child.key,
                   child.pending.pages)
+        if not child.pending and parent.key not in self._procs:
+            self._finish(child, "complete")  # forked while its complete parent's anchor was being removed
 
     def _resolve_forks(self) -> None:
         for p in list(self._waiting_parents.values()):
@@ -696,6 +724,47 @@ class LazyServer:
         log.debug("uffd %d: fork child is pid %d", child.key, pid)
         if pidfd is None:
             self._finish(child, "exited")
+        elif child.anchor >= 0:
+            self._anchor_todo.append(child.key)
+
+    def _anchor_children(self) -> None:
+        """Give each fork child whose pid is now known an anchor of its own uffd in place of the one it
+        inherited (its parent's), so that it too waits rather than reads zeros should every Lazarus process
+        die. Done from the loop, never while serving a fault: the child may be waiting for one."""
+        while self._anchor_todo:
+            p = self._procs.get(self._anchor_todo.popleft())
+            if p is None or p.pid is None or p.task_fd is None or p.anchor < 0:
+                continue
+            if p.parent_pid is not None and _shares_fds(p.parent_pid, p.pid):
+                # clone(CLONE_FILES) without CLONE_VM: one fd table, so one anchor (the parent's) for both
+                log.debug("%s: shares its parent's fd table: keeps its parent's anchor", p.label)
+                continue
+            self._anchoring = p.key
+
+            def idle(p: _Proc = p) -> None:
+                # the child stops for us only once the fault or event it waits for is served
+                if p.key in self._procs:
+                    self._drain(p)
+                if self._ndeferred:
+                    self._retry_deferred()
+            try:
+                res = install_anchor(p.pid, p.task_fd, p.anchor, p.uffd.fd, idle=idle)
+            finally:
+                self._anchoring = None
+            if res.startswith(NOT_STOPPED):
+                self._seized.append(p.pid)
+            if p.key not in self._procs:
+                continue
+            if res == "installed":
+                os.close(p.anchor)
+                p.anchor = os.dup(p.uffd.fd)
+                log.debug("%s: has its own anchor at fd %d", p.label, p.task_fd)
+            elif res != "exited":
+                log.warning("%s: fork child keeps its parent's userfaultfd anchor: %s (it is protected by the "
+                            "guard only)", p.label, res)
+            if p.key in self._complete_later:
+                self._complete_later.discard(p.key)
+                self._finish(p, "complete")
 
     def _pid_from_tid(self, p: _Proc, tid: int) -> None:
         """THREAD_ID: the faulting thread's id, in the child's pid namespace; usable when that is ours."""
@@ -717,6 +786,9 @@ class LazyServer:
     def _finish(self, p: _Proc, state: str, reason: str = "") -> None:
         if p.key not in self._procs:
             return
+        if state == "complete" and p.key == self._anchoring:
+            self._complete_later.add(p.key)  # once its anchor is in place: then removed with the rest
+            return
         del self._procs[p.key]
         p.state, p.reason, p.ended = state, reason, time.monotonic()
         self._ndeferred -= len(p.deferred)
@@ -724,9 +796,18 @@ class LazyServer:
         self._unwatch(p.uffd.fd)
         if p.pidfd is not None:
             self._unwatch(p.pidfd.fd)
+        if state == "complete":
+            try:
+                self._release(p)
+            except (LazarusError, OSError) as e:  # never the end of serving the others
+                log.warning("%s: complete, but releasing its userfaultfd failed: %s", p.label, e)
         if self.guard is not None and state != "lost":
             self.guard.complete(p.key)
         p.uffd.close()
+        if p.anchor >= 0:
+            with contextlib.suppress(OSError):
+                os.close(p.anchor)
+            p.anchor = -1
         if state == "complete" and p.pidfd is not None:
             self._collapse(p)
         if p.pidfd is not None:
@@ -737,6 +818,35 @@ class LazyServer:
                       p.total_pages, p.pages_fault, p.pages_background, p.ended - p.started)
         else:
             log.debug("%s: %s %s", p.label, state, reason)
+
+    def _release(self, p: _Proc) -> None:
+        """p has all its pages: make its uffd inert (unregister every range of it, so that no fault or event can
+        wait on it whoever holds it), then take the anchor out of the task (anchor.py)."""
+        if p.pid is None or p.pidfd is None or p.pidfd.exited():
+            return
+        t0 = time.perf_counter()
+        n = unregister_all(p.uffd, p.pid)
+        if p.task_fd is None or p.anchor < 0:
+            return
+        p.anchor_result = remove_anchor(p.pid, p.task_fd, p.anchor, idle=lambda: self._drain_complete(p))
+        if p.anchor_result.startswith(NOT_STOPPED):
+            self._seized.append(p.pid)
+        if p.anchor_result in ("closed", "exited", "not ours"):
+            log.debug("%s: %d ranges unregistered; anchor fd %d: %s (%.2f ms)", p.label, n, p.task_fd,
+                      p.anchor_result, (time.perf_counter() - t0) * 1000)
+        else:
+            log.warning("%s: complete, but its userfaultfd anchor (fd %d) stays in it: %s (harmless: nothing is "
+                        "registered on it any more)", p.label, p.task_fd, p.anchor_result)
+
+    def _drain_complete(self, p: _Proc) -> None:
+        """Read what a complete process's uffd still delivers while its anchor is being removed: a fork (the
+        child is served like any other) or a fault queued before its ranges were unregistered."""
+        for ev in p.uffd.read_events():
+            if isinstance(ev, Fork):
+                self._on_fork(p, ev)
+            elif isinstance(ev, PageFault):
+                with contextlib.suppress(LazarusError):
+                    p.uffd.wake(ev.address & ~_MASK, PAGE_SIZE)
 
     def _collapse(self, p: _Proc) -> None:
         """Give a complete process its huge pages back (UFFDIO_COPY installed 4 KiB ones); a range the kernel
@@ -772,6 +882,10 @@ class LazyServer:
                 self._lose(p, "the lazy server stopped before the restore completed")
             else:
                 self._finish(p, "complete")
+        deadline = time.monotonic() + 1.0
+        while self._seized and time.monotonic() < deadline:
+            self._seized = [pid for pid in self._seized if not detach_when_stopped(pid)]
+            time.sleep(0.01)
         self._ep.close()
         if self._helper is not None:
             self._helper.close()
@@ -852,6 +966,14 @@ class LazyServer:
                 self.progress(self._done_bytes, self._total_bytes)
             except Exception:  # a display problem must never stop the server
                 log.debug("progress callback failed", exc_info=True)
+
+
+def _shares_fds(a: int, b: int) -> bool:
+    from lazarus.kernel.syscall import same_fd_table
+    try:
+        return same_fd_table(a, b)
+    except (LazarusError, OSError):
+        return False
 
 
 def _children(pid: int) -> list[int]:

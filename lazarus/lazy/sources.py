@@ -113,6 +113,11 @@ class ImagePageSource:
     def pending(self) -> PendingPages:
         return self._pending.copy()
 
+    def drop(self, start: int, end: int) -> int:
+        """Leave the pages of [start, end) out of what this source serves from now on (an adopted process has
+        them already); returns how many of its pages that was."""
+        return self._pending.remove(start, end)
+
     def address(self, file_index: int, npages: int) -> int:
         if self._verify:
             first = file_index // PAGES_PER_CHUNK

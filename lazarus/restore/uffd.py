@@ -15,7 +15,9 @@ from lazarus.errors import PageSourceLost, RestoreError
 from lazarus.images.mm import is_lazy
 from lazarus.kernel import abi
 from lazarus.kernel.pidfd import pidfd_getfd, pidfd_open
+from lazarus.kernel.syscall import prlimit
 from lazarus.kernel.uffd import CopyHelper, Outcome, Uffd
+from lazarus.lazy.anchor import anchor_fd_number
 from lazarus.remote import RemoteTask
 
 LAZY_FEATURES = (abi.UFFD_FEATURE_EVENT_FORK | abi.UFFD_FEATURE_EVENT_REMAP | abi.UFFD_FEATURE_EVENT_REMOVE
@@ -23,8 +25,14 @@ LAZY_FEATURES = (abi.UFFD_FEATURE_EVENT_FORK | abi.UFFD_FEATURE_EVENT_REMAP | ab
 
 
 def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int) -> Uffd:
-    """Create a uffd inside `task`, register `ranges` ([start, end)) for missing faults, and take it out."""
+    """Create a uffd inside `task`, register `ranges` ([start, end)) for missing faults, and take it out.
+
+    A uffd with fork events is a lazy restore's, handed to a lazy-pages server: the task keeps a copy of it
+    (close-on-exec) at the highest fd its RLIMIT_NOFILE allows (the anchor, lazy/anchor.py: should every
+    Lazarus process serving it die, its faults wait rather than read zeros), recorded as the returned Uffd's
+    task_fd. Its fds must be in place already (F_DUPFD_CLOEXEC never takes one, as dup3 would)."""
     fd = task.syscall(abi.SYS.userfaultfd, os.O_CLOEXEC | os.O_NONBLOCK, what="userfaultfd")
+    kept = None
     try:
         api = abi.uffdio_api(abi.UFFD_API, features, 0)
         task.syscall(abi.SYS.ioctl, fd, abi.UFFDIO_API, task.put_struct(api), what="UFFDIO_API")
@@ -37,9 +45,29 @@ def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int)
             ours = pidfd_getfd(pidfd, fd, pid=task.pid)
         finally:
             os.close(pidfd)
+        if features & abi.UFFD_FEATURE_EVENT_FORK:
+            kept = _dup_at_or_below(task, fd, anchor_fd_number(prlimit(task.pid, RLIMIT_NOFILE)[0], ()))
     finally:
         task.syscall(abi.SYS.close, fd)
-    return Uffd.adopt(ours)
+    uffd = Uffd.adopt(ours)
+    uffd.task_fd = kept
+    return uffd
+
+
+RLIMIT_NOFILE = 7  # <asm-generic/resource.h>
+_F_DUPFD_CLOEXEC = 1030  # <linux/fcntl.h>: F_LINUX_SPECIFIC_BASE + 6
+
+
+def _dup_at_or_below(task: RemoteTask, fd: int, want: int) -> int:
+    """A close-on-exec copy of `fd` at number `want`, or the next free one below it: F_DUPFD_CLOEXEC never
+    replaces an open fd (dup3 would, silently), and gives the lowest free number >= its argument."""
+    for n in range(want, max(want - 64, 2), -1):
+        got = task.raw(abi.SYS.fcntl, fd, _F_DUPFD_CLOEXEC, n)
+        if got == n:
+            return n
+        if got >= 0:  # n was taken, a higher one was free: not where the anchor must be
+            task.raw(abi.SYS.close, got)
+    raise RestoreError(f"pid {task.pid}: no free fd at or below {want} for the userfaultfd anchor", stage="memory")
 
 
 def lazy_ranges(vmas: list[dict[str, Any]]) -> list[tuple[int, int]]:
