@@ -249,6 +249,25 @@ LAZ_FN void laz_wait_usr2(void)
 }
 
 /*
+ * The whole main() of a target with nothing between the protocol steps: laz_init(), SETUP,
+ * laz_ready(POINTS), laz_wait_usr2(), CORRUPT (the self-test damage, see laz_corrupt()),
+ * VERIFY, and the result line. Targets that need argv or run checks between the steps write
+ * their main() out instead.
+ */
+__attribute__((noreturn))
+LAZ_FN void laz_main(int argc, char **argv, const char *points, void (*setup)(void), void (*corrupt)(void),
+		     void (*verify)(void))
+{
+	laz_init(argc, argv);
+	setup();
+	laz_ready(points);
+	laz_wait_usr2();
+	corrupt();
+	verify();
+	laz_finish();
+}
+
+/*
  * Connect to the unix stream socket SOCKPATH and send LINE with the NFDS descriptors FDS attached
  * (SCM_RIGHTS, at most 4). Returns 0, or -1 with errno set.
  */

@@ -379,17 +379,14 @@ static void check_pipes(void)
 	check_pipe_data("FIFO", FDN_FIFO, FIFO_BYTES, S_FIFO);
 }
 
-int main(int argc, char **argv)
+static void verify(void)
 {
-	laz_init(argc, argv);
-	setup();
-	laz_ready(POINTS);
-
-	laz_wait_usr2();
-
-	corrupt();
 	check_fd_set();
 	check_files();
 	check_pipes();
-	laz_finish();
+}
+
+int main(int argc, char **argv)
+{
+	laz_main(argc, argv, POINTS, setup, corrupt, verify);
 }

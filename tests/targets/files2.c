@@ -430,17 +430,14 @@ static void check_files(void)
 			  "directory fd: mode %o, nlink %lu", a.st_mode & 07777, (unsigned long)a.st_nlink);
 }
 
-int main(int argc, char **argv)
+static void verify(void)
 {
-	laz_init(argc, argv);
-	setup();
-	laz_ready(POINTS);
-
-	laz_wait_usr2();
-
-	corrupt();
 	check_flags();
 	check_owners();
 	check_files();
-	laz_finish();
+}
+
+int main(int argc, char **argv)
+{
+	laz_main(argc, argv, POINTS, setup, corrupt, verify);
 }

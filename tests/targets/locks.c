@@ -190,13 +190,5 @@ static void check_locks(void)
 
 int main(int argc, char **argv)
 {
-	laz_init(argc, argv);
-	setup();
-	laz_ready(POINTS);
-
-	laz_wait_usr2();
-
-	corrupt();
-	check_locks();
-	laz_finish();
+	laz_main(argc, argv, POINTS, setup, corrupt, check_locks);
 }

@@ -358,13 +358,5 @@ static void verify(void)
 
 int main(int argc, char **argv)
 {
-	laz_init(argc, argv);
-	setup();
-	laz_ready(POINTS);
-
-	laz_wait_usr2();
-
-	corrupt();
-	verify();
-	laz_finish();
+	laz_main(argc, argv, POINTS, setup, corrupt, verify);
 }

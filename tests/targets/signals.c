@@ -451,16 +451,13 @@ static void check_delivery(void)
 	}
 }
 
-int main(int argc, char **argv)
+static void verify(void)
 {
-	laz_init(argc, argv);
-	setup();
-	laz_ready(POINTS);
-
-	laz_wait_usr2();
-
-	corrupt();
 	check_state();
 	check_delivery();
-	laz_finish();
+}
+
+int main(int argc, char **argv)
+{
+	laz_main(argc, argv, POINTS, setup, corrupt, verify);
 }
