@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -793,6 +793,44 @@ def diff_snapshots(before: dict[str, object], after: dict[str, object]) -> list[
         if before[key] != after[key]:
             out.append(f"{key}: {before[key]!r} -> {after[key]!r}")
     return out
+
+
+def refused_unchanged(
+    harness: Harness,
+    case: Case,
+    target: Target,
+    pattern: str,
+    *,
+    ignore_status: tuple[str, ...] = (),
+    after_dump: Callable[[], object] | None = None,
+) -> subprocess.CompletedProcess:
+    """Dump target: refused with one clean line matching pattern, nothing left next to the image, the process
+    alive and exactly as it was (snapshot() but the status fields in ignore_status, its children); then it
+    PASSes its own checks and exits 0. after_dump runs right after the dump, whatever its outcome (to let go
+    of what made the dump refuse). Returns the dump's result."""
+    harness.settle(case, target)
+    before = snapshot(target.pid)
+    children = children_of(target.pid)
+    image = harness.image_dir()
+    try:
+        res = harness.dump(target, image)
+    finally:
+        if after_dump is not None:
+            after_dump()
+
+    assert_clean_error(res, pattern)
+    assert sibling_leftovers(image) == [], f"dump left {sibling_leftovers(image)} next to {image}"
+    assert target.alive(), f"the process died: {target.describe()}"
+    harness.settle(case, target)
+    after = snapshot(target.pid)
+    for snap in (before, after):
+        snap["status"] = {k: v for k, v in snap["status"].items() if k not in ignore_status}
+    changed = diff_snapshots(before, after)
+    assert not changed, f"the refused dump changed the process: {changed}"
+    assert children_of(target.pid) == children, "the process's children changed"
+    expect_pass(harness.run_case(case, target), target, res)
+    assert target.wait_exit(10) == 0
+    return res
 
 
 def find_kernel_thread() -> int | None:
