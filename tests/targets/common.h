@@ -196,6 +196,18 @@ LAZ_FN const char *laz_tmpfile(const char *name, char *buf, size_t len)
 	return buf;
 }
 
+/* Make the just-opened FD (or -1: the open failed, setup dies) the process's fd WANT, closing the original. */
+LAZ_FN void laz_place(int fd, int want)
+{
+	if (fd < 0)
+		laz_die("open for fd %d", want);
+	if (fd != want) {
+		if (dup2(fd, want) != want)
+			laz_die("dup2 %d", want);
+		close(fd);
+	}
+}
+
 /* Declare the corruption points ("a b c") and tell the harness the state is set up. */
 LAZ_FN void laz_ready(const char *points)
 {
@@ -248,22 +260,26 @@ LAZ_FN void laz_wait_usr2(void)
 		sigsuspend(&mask);
 }
 
+/* One step of a target: setting up, damaging (see laz_corrupt()) or checking its state. */
+typedef void (*laz_step)(void);
+
 /*
  * The whole main() of a target with nothing between the protocol steps: laz_init(), SETUP,
- * laz_ready(POINTS), laz_wait_usr2(), CORRUPT (the self-test damage, see laz_corrupt()),
- * VERIFY, and the result line. Targets that need argv or run checks between the steps write
- * their main() out instead.
+ * laz_ready(POINTS), laz_wait_usr2(), CORRUPT (the self-test damage, see laz_corrupt()), each
+ * of the NULL-terminated CHECKS in order, and the result line. Targets that need argv or do
+ * more between the steps write their main() out instead.
  */
 __attribute__((noreturn))
-LAZ_FN void laz_main(int argc, char **argv, const char *points, void (*setup)(void), void (*corrupt)(void),
-		     void (*verify)(void))
+LAZ_FN void laz_main(int argc, char **argv, const char *points, laz_step setup, laz_step corrupt,
+		     const laz_step *checks)
 {
 	laz_init(argc, argv);
 	setup();
 	laz_ready(points);
 	laz_wait_usr2();
 	corrupt();
-	verify();
+	for (; *checks; checks++)
+		(*checks)();
 	laz_finish();
 }
 

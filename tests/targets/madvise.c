@@ -183,5 +183,7 @@ static void verify(void)
 
 int main(int argc, char **argv)
 {
-	laz_main(argc, argv, POINTS, setup, corrupt, verify);
+	static const laz_step checks[] = { verify, NULL };
+
+	laz_main(argc, argv, POINTS, setup, corrupt, checks);
 }

@@ -451,13 +451,9 @@ static void check_delivery(void)
 	}
 }
 
-static void verify(void)
-{
-	check_state();
-	check_delivery();
-}
-
 int main(int argc, char **argv)
 {
-	laz_main(argc, argv, POINTS, setup, corrupt, verify);
+	static const laz_step checks[] = { check_state, check_delivery, NULL };
+
+	laz_main(argc, argv, POINTS, setup, corrupt, checks);
 }
