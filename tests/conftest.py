@@ -92,6 +92,18 @@ def target_bins(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return H.build_targets(tmp_path_factory.mktemp("targets"))
 
 
+@pytest.fixture(scope="session")
+def python_references(
+    tmp_path_factory: pytest.TempPathFactory, target_bins: dict[str, Path]
+) -> Iterator[H.PythonReferences]:
+    """references["pyscript", python]: the RESULT line of one uninterrupted run, computed on first use."""
+    h = H.Harness(target_bins, tmp_path_factory.mktemp("python_reference"))
+    try:
+        yield H.PythonReferences(h)
+    finally:
+        h.cleanup()
+
+
 @pytest.fixture
 def harness(
     request: pytest.FixtureRequest, target_bins: dict[str, Path], tmp_path: Path

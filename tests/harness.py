@@ -394,6 +394,43 @@ def target_python(kind: str = "system") -> Path:
     return Path(os.path.realpath(found)) if found else base
 
 
+def result_line(log: Path) -> str | None:
+    """The "RESULT ..." line a Python target (PY_TARGETS) logs once it has finished its work, or None."""
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("RESULT "):
+            return line
+    return None
+
+
+class PythonReferences(dict[tuple[str, str], str]):
+    """(Python target, interpreter) -> the RESULT line of one uninterrupted run, computed on first use."""
+
+    def __init__(self, harness: Harness) -> None:
+        super().__init__()
+        self.harness = harness
+
+    def __missing__(self, key: tuple[str, str]) -> str:
+        name, python = key
+        target = self.harness.start_target(name, python=python)
+        expect_pass(target.wait_result(120), target)
+        assert target.wait_exit(10) == 0
+        line = result_line(target.log)
+        assert line is not None, target.describe()
+        self[key] = line
+        return line
+
+
+def restore_to_reference(harness: Harness, image: Path, target: Target, mode: str, reference: str) -> None:
+    """Restore a dumped Python target (mode "eager" or "lazy"): it must finish, in the original's pid and log,
+    with exactly the RESULT line of an uninterrupted run."""
+    r = harness.restore(image, lazy=mode == "lazy", like=target)
+    assert r.returncode == 0, f"restore of {target.exe} failed: {r.stderr}"
+    assert r.pid == target.pid and r.target is not None
+    expect_pass(r.target.wait_result(120), r.target, r)
+    assert r.target.wait_exit(15) == 0
+    assert result_line(target.log) == reference, f"different result after restore:\n{target.log_text()}"
+
+
 def build_targets(out_dir: Path) -> dict[str, Path]:
     """Compile every C target into out_dir; returns name -> binary. Raises on a compiler error."""
     cc = os.environ.get("CC", "gcc")
@@ -785,6 +822,44 @@ def diff_snapshots(before: dict[str, object], after: dict[str, object]) -> list[
         if before[key] != after[key]:
             out.append(f"{key}: {before[key]!r} -> {after[key]!r}")
     return out
+
+
+def refused_unchanged(
+    harness: Harness,
+    case: Case,
+    target: Target,
+    pattern: str,
+    *,
+    ignore_status: tuple[str, ...] = (),
+    after_dump: Callable[[], object] | None = None,
+) -> subprocess.CompletedProcess:
+    """Dump target: refused with one clean line matching pattern, nothing left next to the image, the process
+    alive and exactly as it was (snapshot() but the status fields in ignore_status, its children); then it
+    PASSes its own checks and exits 0. after_dump runs right after the dump, whatever its outcome (to let go
+    of what made the dump refuse). Returns the dump's result."""
+    harness.settle(case, target)
+    before = snapshot(target.pid)
+    children = children_of(target.pid)
+    image = harness.image_dir()
+    try:
+        res = harness.dump(target, image)
+    finally:
+        if after_dump is not None:
+            after_dump()
+
+    assert_clean_error(res, pattern)
+    assert sibling_leftovers(image) == [], f"dump left {sibling_leftovers(image)} next to {image}"
+    assert target.alive(), f"the process died: {target.describe()}"
+    harness.settle(case, target)
+    after = snapshot(target.pid)
+    for snap in (before, after):
+        snap["status"] = {k: v for k, v in snap["status"].items() if k not in ignore_status}
+    changed = diff_snapshots(before, after)
+    assert not changed, f"the refused dump changed the process: {changed}"
+    assert children_of(target.pid) == children, "the process's children changed"
+    expect_pass(harness.run_case(case, target), target, res)
+    assert target.wait_exit(10) == 0
+    return res
 
 
 def find_kernel_thread() -> int | None:

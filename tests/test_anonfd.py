@@ -60,21 +60,7 @@ def test_dump_refuses(harness: H.Harness, mode: str) -> None:
         with PidFd.open(target.pid) as p:
             copy = p.getfd(int(m.group(1)))
         pattern = pattern.format(me=os.getpid())
-    before = H.snapshot(target.pid)
-    image = harness.image_dir()
-
-    try:
-        res = harness.dump(target, image)
-    finally:
-        if copy >= 0:
-            os.close(copy)
-
-    H.assert_clean_error(res, pattern)
-    assert H.sibling_leftovers(image) == [], f"dump left {H.sibling_leftovers(image)} next to {image}"
-    assert target.alive(), f"the process died: {target.describe()}"
-    harness.settle(case, target)
-    assert not H.diff_snapshots(before, H.snapshot(target.pid)), "the refused dump changed the process"
-    H.expect_pass(harness.run_case(case, target), target, res)
+    H.refused_unchanged(harness, case, target, pattern, after_dump=(lambda: os.close(copy)) if copy >= 0 else None)
 
 
 def test_leave_running_then_restore(harness: H.Harness) -> None:

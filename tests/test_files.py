@@ -98,18 +98,7 @@ def test_restore_refuses_when_the_other_link_is_gone(harness: H.Harness) -> None
 def test_dump_refuses_fd_state(harness: H.Harness, mode: str) -> None:
     case = H.Case(f"files-refuse-{mode}", "files_refuse", (mode,))
     target = harness.start_target("files_refuse", mode)
-    harness.settle(case, target)
-    before = H.snapshot(target.pid)
-    image = harness.image_dir()
-    res = harness.dump(target, image)
-    H.assert_clean_error(res, REFUSALS[mode])
-    assert res.returncode == 1
-    assert H.sibling_leftovers(image) == []
-    assert target.alive(), target.describe()
-    harness.settle(case, target)
-    assert not H.diff_snapshots(before, H.snapshot(target.pid))
-    H.expect_pass(harness.run_case(case, target), target, res)
-    assert target.wait_exit(10) == 0
+    H.refused_unchanged(harness, case, target, REFUSALS[mode])
 
 
 _edit_task = H.reseal_task

@@ -11,18 +11,6 @@
 static char before[8192];
 static ssize_t before_len;
 
-static ssize_t slurp(const char *path, char *buf, size_t len)
-{
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
-	ssize_t n;
-
-	if (fd < 0)
-		return -1;
-	n = laz_read_full(fd, buf, len);
-	close(fd);
-	return n;
-}
-
 int main(int argc, char **argv)
 {
 	char now[8192], path[PATH_MAX], pid[32];
@@ -39,7 +27,7 @@ int main(int argc, char **argv)
 			laz_die("join %s", path);
 		close(fd);
 	}
-	before_len = slurp("/proc/self/cgroup", before, sizeof(before) - 1);
+	before_len = laz_slurp("/proc/self/cgroup", before, sizeof(before) - 1);
 	if (before_len <= 0)
 		laz_die("read /proc/self/cgroup");
 	before[before_len] = '\0';
@@ -66,7 +54,7 @@ int main(int argc, char **argv)
 				close(fd);
 		}
 	}
-	n = slurp("/proc/self/cgroup", now, sizeof(now) - 1);
+	n = laz_slurp("/proc/self/cgroup", now, sizeof(now) - 1);
 	now[n > 0 ? n : 0] = '\0';
 	LAZ_CHECK(n == before_len && memcmp(now, before, (size_t)before_len) == 0,
 		  "cgroups differ: now '%s', before '%s'", now, before);

@@ -196,6 +196,18 @@ LAZ_FN const char *laz_tmpfile(const char *name, char *buf, size_t len)
 	return buf;
 }
 
+/* Make the just-opened FD (or -1: the open failed, setup dies) the process's fd WANT, closing the original. */
+LAZ_FN void laz_place(int fd, int want)
+{
+	if (fd < 0)
+		laz_die("open for fd %d", want);
+	if (fd != want) {
+		if (dup2(fd, want) != want)
+			laz_die("dup2 %d", want);
+		close(fd);
+	}
+}
+
 /* Declare the corruption points ("a b c") and tell the harness the state is set up. */
 LAZ_FN void laz_ready(const char *points)
 {
@@ -246,6 +258,29 @@ LAZ_FN void laz_wait_usr2(void)
 	sigdelset(&mask, SIGUSR2);
 	while (!laz_usr2_seen)
 		sigsuspend(&mask);
+}
+
+/* One step of a target: setting up, damaging (see laz_corrupt()) or checking its state. */
+typedef void (*laz_step)(void);
+
+/*
+ * The whole main() of a target with nothing between the protocol steps: laz_init(), SETUP,
+ * laz_ready(POINTS), laz_wait_usr2(), CORRUPT (the self-test damage, see laz_corrupt()), each
+ * of the NULL-terminated CHECKS in order, and the result line. Targets that need argv or do
+ * more between the steps write their main() out instead.
+ */
+__attribute__((noreturn))
+LAZ_FN void laz_main(int argc, char **argv, const char *points, laz_step setup, laz_step corrupt,
+		     const laz_step *checks)
+{
+	laz_init(argc, argv);
+	setup();
+	laz_ready(points);
+	laz_wait_usr2();
+	corrupt();
+	for (; *checks; checks++)
+		(*checks)();
+	laz_finish();
 }
 
 /*
@@ -345,6 +380,24 @@ LAZ_FN long laz_find_mismatch_offset(const void *p, size_t len, uint64_t off, ui
 }
 
 /*
+ * Copy the value that ends a /proc line (S points past its key: leading spaces and the newline are dropped)
+ * into buf, truncated to len - 1 bytes and NUL-terminated. Returns its length.
+ */
+LAZ_FN size_t laz_line_value(char *buf, size_t len, const char *s)
+{
+	size_t n;
+
+	while (*s == ' ')
+		s++;
+	n = strcspn(s, "\n");
+	if (n >= len)
+		n = len - 1;
+	memcpy(buf, s, n);
+	buf[n] = '\0';
+	return n;
+}
+
+/*
  * Find the /proc/self/maps line covering ADDR. Copies its permission string ("rw-p") into
  * perms (5 bytes) and its path (may be empty) into path. Returns 0 if found, -1 if unmapped.
  */
@@ -367,18 +420,8 @@ LAZ_FN int laz_vma_of(const void *addr, char perms[5], char *path, size_t pathle
 		if (a < start || a >= end)
 			continue;
 		memcpy(perms, p, 5);
-		if (path) {
-			char *s = line + off;
-			size_t n;
-
-			while (*s == ' ')
-				s++;
-			n = strcspn(s, "\n");
-			if (n >= pathlen)
-				n = pathlen - 1;
-			memcpy(path, s, n);
-			path[n] = '\0';
-		}
+		if (path)
+			laz_line_value(path, pathlen, line + off);
 		found = 0;
 		break;
 	}
@@ -408,6 +451,22 @@ LAZ_FN ssize_t laz_read_full(int fd, void *buf, size_t len)
 		got += (size_t)n;
 	}
 	return (ssize_t)got;
+}
+
+/*
+ * Read the file at PATH (a /proc file, say) into buf, at most len bytes: returns the bytes read, or -1 if it
+ * cannot be opened (errno set). No terminating NUL: leave room for one if the caller needs it.
+ */
+LAZ_FN ssize_t laz_slurp(const char *path, char *buf, size_t len)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	ssize_t n;
+
+	if (fd < 0)
+		return -1;
+	n = laz_read_full(fd, buf, len);
+	close(fd);
+	return n;
 }
 
 #endif /* LAZ_COMMON_H */

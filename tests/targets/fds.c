@@ -53,17 +53,6 @@ static const int expected_fds[] = {
 
 static char rw_path[PATH_MAX], append_path[PATH_MAX], unlinked_path[PATH_MAX], fifo_path[PATH_MAX];
 
-static void place(int fd, int want)
-{
-	if (fd < 0)
-		laz_die("open for fd %d", want);
-	if (fd != want) {
-		if (dup2(fd, want) != want)
-			laz_die("dup2 %d", want);
-		close(fd);
-	}
-}
-
 static void write_pattern(int fd, size_t len, uint64_t seed)
 {
 	unsigned char buf[4096];
@@ -86,37 +75,37 @@ static void setup(void)
 		laz_die("log fd is %d, expected 3", laz_log_fd);
 
 	laz_tmpfile("rw.dat", rw_path, sizeof(rw_path));
-	place(open(rw_path, O_RDWR | O_CREAT | O_TRUNC, 0600), FDN_RW);
+	laz_place(open(rw_path, O_RDWR | O_CREAT | O_TRUNC, 0600), FDN_RW);
 	write_pattern(FDN_RW, RW_SIZE, S_RW);
 	lseek(FDN_RW, RW_POS, SEEK_SET);
 	if (dup2(FDN_RW, FDN_DUP) != FDN_DUP)
 		laz_die("dup2 17");
 
 	laz_tmpfile("append.dat", append_path, sizeof(append_path));
-	place(open(append_path, O_WRONLY | O_APPEND | O_CREAT | O_TRUNC, 0600), FDN_APPEND);
+	laz_place(open(append_path, O_WRONLY | O_APPEND | O_CREAT | O_TRUNC, 0600), FDN_APPEND);
 	write_pattern(FDN_APPEND, APPEND_SIZE, S_APPEND);
 
-	place(open(rw_path, O_RDONLY | O_CLOEXEC), FDN_CLOEXEC_RO);
-	if (fcntl(FDN_CLOEXEC_RO, F_SETFD, FD_CLOEXEC)) /* dup2 in place() drops it */
+	laz_place(open(rw_path, O_RDONLY | O_CLOEXEC), FDN_CLOEXEC_RO);
+	if (fcntl(FDN_CLOEXEC_RO, F_SETFD, FD_CLOEXEC)) /* dup2 in laz_place() drops it */
 		laz_die("F_SETFD");
 	lseek(FDN_CLOEXEC_RO, RO_POS, SEEK_SET);
 
 	laz_tmpfile("unlinked.dat", unlinked_path, sizeof(unlinked_path));
-	place(open(unlinked_path, O_RDWR | O_CREAT | O_TRUNC, 0600), FDN_UNLINKED);
+	laz_place(open(unlinked_path, O_RDWR | O_CREAT | O_TRUNC, 0600), FDN_UNLINKED);
 	write_pattern(FDN_UNLINKED, UNLINKED_SIZE, S_UNLINKED);
 	lseek(FDN_UNLINKED, UNLINKED_POS, SEEK_SET);
 	if (unlink(unlinked_path))
 		laz_die("unlink");
 
-	place(open("/dev/null", O_RDWR), FDN_NULL);
-	place(open("/dev/zero", O_RDONLY), FDN_ZERO);
-	place(open("/dev/urandom", O_RDONLY), FDN_URANDOM);
-	place(open("/dev/null", O_WRONLY | O_NONBLOCK), FDN_NULL_NB);
+	laz_place(open("/dev/null", O_RDWR), FDN_NULL);
+	laz_place(open("/dev/zero", O_RDONLY), FDN_ZERO);
+	laz_place(open("/dev/urandom", O_RDONLY), FDN_URANDOM);
+	laz_place(open("/dev/null", O_WRONLY | O_NONBLOCK), FDN_NULL_NB);
 
 	if (pipe(p))
 		laz_die("pipe");
-	place(p[0], FDN_PIPE_R);
-	place(p[1], FDN_PIPE_W);
+	laz_place(p[0], FDN_PIPE_R);
+	laz_place(p[1], FDN_PIPE_W);
 	if (fcntl(FDN_PIPE_W, F_SETPIPE_SZ, PIPE_SZ) != PIPE_SZ)
 		laz_die("F_SETPIPE_SZ");
 	if (fcntl(FDN_PIPE_R, F_SETFL, O_NONBLOCK))
@@ -126,7 +115,7 @@ static void setup(void)
 	laz_tmpfile("fifo", fifo_path, sizeof(fifo_path));
 	if (mkfifo(fifo_path, 0600) && errno != EEXIST)
 		laz_die("mkfifo");
-	place(open(fifo_path, O_RDWR), FDN_FIFO);
+	laz_place(open(fifo_path, O_RDWR), FDN_FIFO);
 	write_pattern(FDN_FIFO, FIFO_BYTES, S_FIFO);
 }
 
@@ -137,7 +126,7 @@ static void corrupt(void)
 	if (laz_corrupt("pos"))
 		lseek(FDN_RW, RW_POS + 1, SEEK_SET);
 	if (laz_corrupt("shared_offset")) {
-		place(open(rw_path, O_RDWR), FDN_DUP);
+		laz_place(open(rw_path, O_RDWR), FDN_DUP);
 		lseek(FDN_DUP, RW_POS, SEEK_SET);
 	}
 	if (laz_corrupt("append"))
@@ -150,12 +139,12 @@ static void corrupt(void)
 		pwrite(FDN_UNLINKED, "!", 1, 4000);
 	if (laz_corrupt("nlink")) {
 		/* An unlinked file cannot be linked again: swap in a linked copy. */
-		place(open(unlinked_path, O_RDWR | O_CREAT | O_TRUNC, 0600), FDN_UNLINKED);
+		laz_place(open(unlinked_path, O_RDWR | O_CREAT | O_TRUNC, 0600), FDN_UNLINKED);
 		write_pattern(FDN_UNLINKED, UNLINKED_SIZE, S_UNLINKED);
 		lseek(FDN_UNLINKED, UNLINKED_POS, SEEK_SET);
 	}
 	if (laz_corrupt("devnull"))
-		place(open("/dev/zero", O_RDWR), FDN_NULL);
+		laz_place(open("/dev/zero", O_RDWR), FDN_NULL);
 	if (laz_corrupt("pipe"))
 		read(FDN_PIPE_R, buf, 1);
 	if (laz_corrupt("pipesz"))
@@ -163,7 +152,7 @@ static void corrupt(void)
 	if (laz_corrupt("fifo"))
 		write(FDN_FIFO, "!", 1);
 	if (laz_corrupt("extra_fd"))
-		place(open("/dev/null", O_RDONLY), 16);
+		laz_place(open("/dev/null", O_RDONLY), 16);
 	if (laz_corrupt("missing_fd"))
 		close(FDN_URANDOM);
 }
@@ -381,15 +370,7 @@ static void check_pipes(void)
 
 int main(int argc, char **argv)
 {
-	laz_init(argc, argv);
-	setup();
-	laz_ready(POINTS);
+	static const laz_step checks[] = { check_fd_set, check_files, check_pipes, NULL };
 
-	laz_wait_usr2();
-
-	corrupt();
-	check_fd_set();
-	check_files();
-	check_pipes();
-	laz_finish();
+	laz_main(argc, argv, POINTS, setup, corrupt, checks);
 }

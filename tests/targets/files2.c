@@ -71,17 +71,6 @@ static void on_sig(int sig, siginfo_t *si, void *uc)
 	got_fd = si->si_fd;
 }
 
-static void place(int fd, int want)
-{
-	if (fd < 0)
-		laz_die("open for fd %d", want);
-	if (fd != want) {
-		if (dup2(fd, want) != want)
-			laz_die("dup2 %d", want);
-		close(fd);
-	}
-}
-
 static void fill(int fd, unsigned long off, uint64_t seed)
 {
 	unsigned char buf[4096];
@@ -108,13 +97,13 @@ static void setup(void)
 		laz_die("sigaction");
 
 	/* Regular files with status flags only open(2) can set (O_DSYNC, O_SYNC) and others. */
-	place(open(laz_tmpfile("append", path, sizeof(path)), O_RDWR | O_CREAT | O_APPEND | O_NOATIME | O_DSYNC,
+	laz_place(open(laz_tmpfile("append", path, sizeof(path)), O_RDWR | O_CREAT | O_APPEND | O_NOATIME | O_DSYNC,
 		   0600), FD_APPEND);
-	place(open(laz_tmpfile("sync", path, sizeof(path)), O_WRONLY | O_CREAT | O_SYNC | O_NONBLOCK, 0600),
+	laz_place(open(laz_tmpfile("sync", path, sizeof(path)), O_WRONLY | O_CREAT | O_SYNC | O_NONBLOCK, 0600),
 	      FD_SYNC);
-	place(open(laz_tmpfile("direct", path, sizeof(path)), O_RDONLY | O_CREAT | O_DIRECT, 0600), FD_DIRECT);
-	place(open("/dev/null", O_RDWR | O_APPEND | O_NONBLOCK), FD_NULL);
-	place(open("/dev/null", O_WRONLY), FD_PGRP);
+	laz_place(open(laz_tmpfile("direct", path, sizeof(path)), O_RDONLY | O_CREAT | O_DIRECT, 0600), FD_DIRECT);
+	laz_place(open("/dev/null", O_RDWR | O_APPEND | O_NONBLOCK), FD_NULL);
+	laz_place(open("/dev/null", O_WRONLY), FD_PGRP);
 	if (fcntl(FD_PGRP, F_SETOWN, -getpgrp()))
 		laz_die("F_SETOWN pgrp");
 	if (getpgrp() != getpid())
@@ -123,12 +112,12 @@ static void setup(void)
 	/* A pipe: blocking reader, non-blocking writer, a second O_NONBLOCK description of the reader. */
 	if (pipe(p))
 		laz_die("pipe");
-	place(p[0], FD_PIPE_R);
-	place(p[1], FD_PIPE_W);
+	laz_place(p[0], FD_PIPE_R);
+	laz_place(p[1], FD_PIPE_W);
 	if (fcntl(FD_PIPE_W, F_SETFL, O_NONBLOCK))
 		laz_die("F_SETFL");
 	snprintf(path, sizeof(path), "/proc/self/fd/%d", FD_PIPE_R);
-	place(open(path, O_RDONLY | O_NONBLOCK), FD_PIPE_R2);
+	laz_place(open(path, O_RDONLY | O_NONBLOCK), FD_PIPE_R2);
 	own.pid = (pid_t)gettid();
 	if (fcntl(FD_PIPE_R, F_SETOWN_EX, &own) || fcntl(FD_PIPE_R, F_SETSIG, sig_async) ||
 	    fcntl(FD_PIPE_R, F_SETFL, O_ASYNC))
@@ -139,8 +128,8 @@ static void setup(void)
 	unlink(path);
 	if (mkfifo(path, 0640))
 		laz_die("mkfifo");
-	place(open(path, O_RDWR), FD_FIFO);
-	place(open(path, O_RDONLY | O_NONBLOCK), FD_FIFO2);
+	laz_place(open(path, O_RDWR), FD_FIFO);
+	laz_place(open(path, O_RDONLY | O_NONBLOCK), FD_FIFO2);
 	if (fcntl(FD_FIFO, F_SETPIPE_SZ, FIFO_SZ) != FIFO_SZ)
 		laz_die("F_SETPIPE_SZ");
 	laz_fill_offset(buf, sizeof(buf), 0, 0xf1f0);
@@ -150,11 +139,11 @@ static void setup(void)
 	/* Two hard links, both unlinked. */
 	laz_tmpfile("hard1", path, sizeof(path));
 	laz_tmpfile("hard2", path2, sizeof(path2));
-	place(open(path, O_RDWR | O_CREAT | O_TRUNC, 0600), FD_HARD1);
+	laz_place(open(path, O_RDWR | O_CREAT | O_TRUNC, 0600), FD_HARD1);
 	fill(FD_HARD1, 0, 0x4a4d);
 	if (link(path, path2))
 		laz_die("link");
-	place(open(path2, O_RDONLY), FD_HARD2);
+	laz_place(open(path2, O_RDONLY), FD_HARD2);
 	if (unlink(path) || unlink(path2))
 		laz_die("unlink");
 
@@ -164,20 +153,20 @@ static void setup(void)
 		laz_die("mkdir sub");
 	laz_tmpfile("other", path, sizeof(path));
 	snprintf(otherdir_link, sizeof(otherdir_link), "%s/other-link", sub);
-	place(open(path, O_RDWR | O_CREAT | O_TRUNC, 0600), FD_OTHERDIR);
+	laz_place(open(path, O_RDWR | O_CREAT | O_TRUNC, 0600), FD_OTHERDIR);
 	fill(FD_OTHERDIR, 0, 0x07);
 	if (link(path, otherdir_link) || unlink(path))
 		laz_die("link other");
 	laz_tmpfile("same", path, sizeof(path));
 	laz_tmpfile("same-link", samedir_link, sizeof(samedir_link));
-	place(open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600), FD_SAMEDIR);
+	laz_place(open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600), FD_SAMEDIR);
 	fill(FD_SAMEDIR, 0, 0x5a);
 	if (link(path, samedir_link) || unlink(path))
 		laz_die("link same");
 
 	/* A sparse unlinked file. */
 	laz_tmpfile("sparse", path, sizeof(path));
-	place(open(path, O_RDWR | O_CREAT | O_TRUNC, 0640), FD_SPARSE);
+	laz_place(open(path, O_RDWR | O_CREAT | O_TRUNC, 0640), FD_SPARSE);
 	if (ftruncate(FD_SPARSE, (off_t)SPARSE_SIZE))
 		laz_die("ftruncate");
 	for (i = 0; i < sizeof(sparse_at) / sizeof(sparse_at[0]); i++)
@@ -186,7 +175,7 @@ static void setup(void)
 		laz_die("unlink sparse");
 
 	/* Our own /proc file. */
-	place(open("/proc/self/maps", O_RDONLY), FD_MAPS);
+	laz_place(open("/proc/self/maps", O_RDONLY), FD_MAPS);
 	if (read(FD_MAPS, buf, MAPS_POS) != MAPS_POS)
 		laz_die("read maps");
 
@@ -195,7 +184,7 @@ static void setup(void)
 	if (mkdir(path, 0705) && errno != EEXIST)
 		laz_die("mkdir dirfd");
 	chmod(path, 0705);
-	place(open(path, O_RDONLY | O_DIRECTORY), FD_DIR);
+	laz_place(open(path, O_RDONLY | O_DIRECTORY), FD_DIR);
 	if (rmdir(path))
 		laz_die("rmdir dirfd");
 	laz_tmpfile("cwd", path, sizeof(path));
@@ -217,7 +206,7 @@ static void replace_with_copy(int fd, const char *name)
 {
 	char path[PATH_MAX];
 
-	place(open(laz_tmpfile(name, path, sizeof(path)), O_RDWR | O_CREAT | O_TRUNC, 0600), fd);
+	laz_place(open(laz_tmpfile(name, path, sizeof(path)), O_RDWR | O_CREAT | O_TRUNC, 0600), fd);
 	unlink(path);
 }
 
@@ -242,7 +231,7 @@ static void corrupt(void)
 	if (laz_corrupt("fifo_inode")) {
 		laz_tmpfile("fifo-other", path, sizeof(path));
 		mkfifo(path, 0640);
-		place(open(path, O_RDONLY | O_NONBLOCK), FD_FIFO2);
+		laz_place(open(path, O_RDONLY | O_NONBLOCK), FD_FIFO2);
 		unlink(path);
 	}
 	if (laz_corrupt("fifo_size"))
@@ -265,7 +254,7 @@ static void corrupt(void)
 	if (laz_corrupt("cwd"))
 		chdir("/");
 	if (laz_corrupt("dirfd"))
-		place(open("/", O_RDONLY | O_DIRECTORY), FD_DIR);
+		laz_place(open("/", O_RDONLY | O_DIRECTORY), FD_DIR);
 }
 
 static void check_flags(void)
@@ -432,15 +421,7 @@ static void check_files(void)
 
 int main(int argc, char **argv)
 {
-	laz_init(argc, argv);
-	setup();
-	laz_ready(POINTS);
+	static const laz_step checks[] = { check_flags, check_owners, check_files, NULL };
 
-	laz_wait_usr2();
-
-	corrupt();
-	check_flags();
-	check_owners();
-	check_files();
-	laz_finish();
+	laz_main(argc, argv, POINTS, setup, corrupt, checks);
 }

@@ -25,17 +25,6 @@ static const char POINTS[] = "flock_ex flock_sh posix posix_type posix_eof ofd o
 
 static char ex_path[PATH_MAX], sh_path[PATH_MAX], rec_path[PATH_MAX];
 
-static void place(int fd, int want)
-{
-	if (fd < 0)
-		laz_die("open for fd %d", want);
-	if (fd != want) {
-		if (dup2(fd, want) != want)
-			laz_die("dup2 %d", want);
-		close(fd);
-	}
-}
-
 static int setlk(int fd, int cmd, short type, off_t start, off_t len)
 {
 	struct flock fl = { .l_type = type, .l_whence = SEEK_SET, .l_start = start, .l_len = len };
@@ -45,10 +34,10 @@ static int setlk(int fd, int cmd, short type, off_t start, off_t len)
 
 static void setup(void)
 {
-	place(open(laz_tmpfile("ex", ex_path, sizeof(ex_path)), O_RDWR | O_CREAT, 0600), FD_FLOCK_EX);
-	place(open(laz_tmpfile("sh", sh_path, sizeof(sh_path)), O_RDONLY | O_CREAT, 0600), FD_FLOCK_SH);
-	place(open(laz_tmpfile("records", rec_path, sizeof(rec_path)), O_RDWR | O_CREAT, 0600), FD_POSIX);
-	place(open(rec_path, O_RDWR), FD_OFD);
+	laz_place(open(laz_tmpfile("ex", ex_path, sizeof(ex_path)), O_RDWR | O_CREAT, 0600), FD_FLOCK_EX);
+	laz_place(open(laz_tmpfile("sh", sh_path, sizeof(sh_path)), O_RDONLY | O_CREAT, 0600), FD_FLOCK_SH);
+	laz_place(open(laz_tmpfile("records", rec_path, sizeof(rec_path)), O_RDWR | O_CREAT, 0600), FD_POSIX);
+	laz_place(open(rec_path, O_RDWR), FD_OFD);
 	if (flock(FD_FLOCK_EX, LOCK_EX | LOCK_NB) || flock(FD_FLOCK_SH, LOCK_SH | LOCK_NB))
 		laz_die("flock");
 	if (dup2(FD_FLOCK_EX, FD_FLOCK_DUP) != FD_FLOCK_DUP)
@@ -190,13 +179,7 @@ static void check_locks(void)
 
 int main(int argc, char **argv)
 {
-	laz_init(argc, argv);
-	setup();
-	laz_ready(POINTS);
+	static const laz_step checks[] = { check_locks, NULL };
 
-	laz_wait_usr2();
-
-	corrupt();
-	check_locks();
-	laz_finish();
+	laz_main(argc, argv, POINTS, setup, corrupt, checks);
 }

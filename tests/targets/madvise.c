@@ -163,13 +163,8 @@ static void check_fork(void)
 	LAZ_CHECK(!(WEXITSTATUS(status) & 8), "fork child: the mapping made WIPEONFORK after restore is not empty");
 }
 
-int main(int argc, char **argv)
+static void verify(void)
 {
-	laz_init(argc, argv);
-	setup();
-	laz_ready(POINTS);
-	laz_wait_usr2();
-	corrupt();
 	check_fork(); /* first: the parent has not touched "late" since the restore */
 
 	for (size_t i = 0; i < NREG; i++) {
@@ -184,5 +179,11 @@ int main(int argc, char **argv)
 	laz_expect_vmflags("split middle end", split + 4 * LAZ_PAGE, BASE " dd");
 	laz_expect_vmflags("split tail", split + 5 * LAZ_PAGE, BASE);
 	LAZ_CHECK(laz_find_mismatch(split, SPLIT_PAGES * LAZ_PAGE, 0x2000) < 0, "split: data differs");
-	laz_finish();
+}
+
+int main(int argc, char **argv)
+{
+	static const laz_step checks[] = { verify, NULL };
+
+	laz_main(argc, argv, POINTS, setup, corrupt, checks);
 }

@@ -55,18 +55,6 @@ static int ngroups0;
 static char cmdline0[4096], environ0[16384], exe0[PATH_MAX], auxv0[1024], random0[16];
 static ssize_t cmdline0_len, environ0_len, auxv0_len;
 
-static ssize_t slurp(const char *path, char *buf, size_t len)
-{
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
-	ssize_t n;
-
-	if (fd < 0)
-		return -1;
-	n = laz_read_full(fd, buf, len);
-	close(fd);
-	return n;
-}
-
 static struct rseq *rseq_area(void)
 {
 	return (struct rseq *)((char *)__builtin_thread_pointer() + __rseq_offset);
@@ -126,9 +114,9 @@ static void setup(void)
 	ngroups0 = getgroups(16, groups0);
 	if (ngroups0 < 0)
 		laz_die("getgroups");
-	cmdline0_len = slurp("/proc/self/cmdline", cmdline0, sizeof(cmdline0));
-	environ0_len = slurp("/proc/self/environ", environ0, sizeof(environ0));
-	auxv0_len = slurp("/proc/self/auxv", auxv0, sizeof(auxv0));
+	cmdline0_len = laz_slurp("/proc/self/cmdline", cmdline0, sizeof(cmdline0));
+	environ0_len = laz_slurp("/proc/self/environ", environ0, sizeof(environ0));
+	auxv0_len = laz_slurp("/proc/self/auxv", auxv0, sizeof(auxv0));
 	n = readlink("/proc/self/exe", exe0, sizeof(exe0) - 1);
 	if (cmdline0_len <= 0 || environ0_len < 0 || auxv0_len <= 0 || n <= 0)
 		laz_die("read /proc/self");
@@ -207,7 +195,7 @@ static void check_rseq(void)
 static void check_proc(const char *what, const char *path, const char *want, ssize_t want_len)
 {
 	static char buf[16384];
-	ssize_t n = slurp(path, buf, sizeof(buf));
+	ssize_t n = laz_slurp(path, buf, sizeof(buf));
 
 	if (n != want_len || memcmp(buf, want, (size_t)n) != 0)
 		laz_failf("%s differs (%zd bytes, expected %zd)", what, n, want_len);
@@ -234,7 +222,7 @@ static void verify(void)
 		laz_failf("cwd is another directory with the same name");
 	prctl(PR_GET_NAME, name, 0, 0, 0);
 	LAZ_CHECK(strcmp(name, "laz-misc") == 0, "task name '%s', expected 'laz-misc'", name);
-	n = slurp("/proc/self/comm", buf, sizeof(buf) - 1);
+	n = laz_slurp("/proc/self/comm", buf, sizeof(buf) - 1);
 	LAZ_CHECK(n == 9 && memcmp(buf, "laz-misc\n", 9) == 0, "/proc/self/comm differs");
 
 	getrlimit(RLIMIT_NOFILE, &r);

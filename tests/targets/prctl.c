@@ -228,13 +228,7 @@ static void verify(void)
 
 int main(int argc, char **argv)
 {
-	laz_init(argc, argv);
-	setup();
-	laz_ready(POINTS);
+	static const laz_step checks[] = { verify, NULL };
 
-	laz_wait_usr2();
-
-	corrupt();
-	verify();
-	laz_finish();
+	laz_main(argc, argv, POINTS, setup, corrupt, checks);
 }

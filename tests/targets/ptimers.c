@@ -96,15 +96,13 @@ static double left(timer_t t, double *interval)
 static void timers_text(char *out, size_t len)
 {
 	char buf[4096], *blocks[16], *p;
-	int n = 0, fd = open("/proc/self/timers", O_RDONLY | O_CLOEXEC), i, j;
-	ssize_t r;
+	ssize_t r = laz_slurp("/proc/self/timers", buf, sizeof(buf) - 1);
+	int n = 0, i, j;
 
 	out[0] = '\0';
-	if (fd < 0)
+	if (r < 0)
 		return;
-	r = laz_read_full(fd, buf, sizeof(buf) - 1);
-	close(fd);
-	buf[r > 0 ? r : 0] = '\0';
+	buf[r] = '\0';
 	/* Each block starts with an "ID: " line; cut the text before every one but the first. */
 	for (p = buf; p && *p && n < 16; p = strstr(p, "\nID: ")) {
 		if (*p == '\n')
@@ -358,13 +356,7 @@ static void verify(void)
 
 int main(int argc, char **argv)
 {
-	laz_init(argc, argv);
-	setup();
-	laz_ready(POINTS);
+	static const laz_step checks[] = { verify, NULL };
 
-	laz_wait_usr2();
-
-	corrupt();
-	verify();
-	laz_finish();
+	laz_main(argc, argv, POINTS, setup, corrupt, checks);
 }

@@ -453,14 +453,7 @@ static void check_delivery(void)
 
 int main(int argc, char **argv)
 {
-	laz_init(argc, argv);
-	setup();
-	laz_ready(POINTS);
+	static const laz_step checks[] = { check_state, check_delivery, NULL };
 
-	laz_wait_usr2();
-
-	corrupt();
-	check_state();
-	check_delivery();
-	laz_finish();
+	laz_main(argc, argv, POINTS, setup, corrupt, checks);
 }

@@ -61,18 +61,14 @@ static void on_term(int sig, siginfo_t *si, void *uc)
 static void read_maps(char *out)
 {
 	static char raw[MAPS_MAX * 4];
-	size_t len = 0, o = 0;
-	ssize_t n;
+	size_t o = 0;
+	ssize_t n = laz_slurp("/proc/self/maps", raw, sizeof(raw) - 1);
 	unsigned long start, end, cur_start = 0, cur_end = 0;
 	char perms[8], cur_perms[8] = "";
-	int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
 
-	if (fd < 0)
+	if (n < 0)
 		laz_die("open maps");
-	while (len < sizeof(raw) - 1 && (n = read(fd, raw + len, sizeof(raw) - 1 - len)) > 0)
-		len += (size_t)n;
-	close(fd);
-	raw[len] = '\0';
+	raw[n] = '\0';
 	out[0] = '\0';
 	for (char *line = raw; *line;) {
 		char *nl = strchr(line, '\n');

@@ -27,18 +27,10 @@ LAZ_FN int laz_vmflags(const void *addr, char *buf, size_t len)
 			continue;
 		}
 		if (in && strncmp(line, "VmFlags:", 8) == 0) {
-			const char *s = line + 8;
-			size_t n;
+			size_t n = laz_line_value(buf, len, line + 8);
 
-			while (*s == ' ')
-				s++;
-			n = strcspn(s, "\n");
-			while (n && s[n - 1] == ' ')
-				n--;
-			if (n >= len)
-				n = len - 1;
-			memcpy(buf, s, n);
-			buf[n] = '\0';
+			while (n && buf[n - 1] == ' ') /* the kernel ends the list with a space */
+				buf[--n] = '\0';
 			found = 0;
 			break;
 		}
