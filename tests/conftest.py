@@ -34,8 +34,12 @@ NEEDS = {
     "test_dump_restore.py": ("dump", "restore"), "test_python_target.py": ("dump", "restore"),
     "test_lazy.py": ("dump", "restore", "lazy"), "test_lazy_server.py": ("lazy",), "test_uffd.py": ("lazy",),
     "test_bad_input.py": ("dump", "restore"), "test_cpu.py": ("dump",),
-    "test_membership.py": ("dump", "restore", "lazy"), "test_thp.py": ("dump", "restore", "lazy"),
-    "test_hostile_images.py": ("dump", "restore", "lazy"),
+    "test_membership.py": ("dump", "restore"), "test_thp.py": ("dump", "restore"),
+    "test_hostile_images.py": ("dump", "restore", "lazy"), "test_python_asyncio.py": ("dump", "restore"),
+    "test_anonfd.py": ("dump", "restore"), "test_files.py": ("dump", "restore"),
+    "test_refused_proc.py": ("dump",), "test_dump_killed.py": ("dump", "restore"),
+    "test_mm_state.py": ("dump", "restore"), "test_lazy_anchor.py": ("dump", "restore", "lazy"),
+    "test_lazy_trust.py": ("dump", "restore", "lazy"),
     "test_unsupported.py": ("dump",), "test_cli.py": ("dump",),
 }
 
