@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import json
 import logging
 import os
@@ -67,6 +66,7 @@ from dataclasses import dataclass
 
 from lazarus.errors import KernelError, LazarusError, NoSuchTask
 from lazarus.kernel import abi, procfs, ptrace
+from lazarus.kernel.syscall import keep_only_fd
 from lazarus.remote import RemoteTask, restart_after_freeze, scratch_present
 
 log = logging.getLogger(__name__)
@@ -132,10 +132,8 @@ class Watchdog:
                 os.setsid()
                 wd = os.fork()
                 if wd == 0:
-                    gc.disable()  # never let a copied object's finaliser close an fd we now use
                     keep = theirs.fileno()
-                    os.closerange(3, keep)
-                    os.closerange(keep + 1, max(65536, os.sysconf("SC_OPEN_MAX")))
+                    keep_only_fd(keep)
                     code = _watchdog_main(keep, target_pid, start)
                 else:
                     os.write(w, str(wd).encode())

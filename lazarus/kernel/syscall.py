@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes as C
 import errno
+import gc
 import os
 
 from lazarus.errors import KernelError, NoSuchTask
@@ -146,3 +147,11 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 
     Advisory: a failure only means the final fsync does the work."""
     _sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+
+
+def keep_only_fd(keep: int) -> None:
+    """In a helper process just forked (a guard, a watchdog): close every fd above stdio but `keep`. The garbage
+    collector goes off first: a copied object's finaliser must never close an fd the helper now uses."""
+    gc.disable()
+    os.closerange(3, keep)
+    os.closerange(keep + 1, max(65536, os.sysconf("SC_OPEN_MAX")))

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import json
 import logging
 import os
@@ -44,6 +43,7 @@ from pathlib import Path
 
 from lazarus.errors import LazarusError, NoSuchTask
 from lazarus.kernel.pidfd import pidfd_exited, pidfd_info, pidfd_open, pidfd_send_signal
+from lazarus.kernel.syscall import keep_only_fd
 
 log = logging.getLogger("lazarus.lazy")
 
@@ -81,10 +81,8 @@ class Guard:
         if pid == 0:  # pragma: no cover - runs in the guard child; coverage is the tests' real kill
             code = 70
             try:
-                gc.disable()  # never let a copied object's finaliser close an fd we now use
                 keep = child_sock.fileno()
-                os.closerange(3, keep)
-                os.closerange(keep + 1, max(65536, os.sysconf("SC_OPEN_MAX")))
+                keep_only_fd(keep)
                 code = _guard_main(keep, server_pid, report)
             finally:
                 os._exit(code)
