@@ -626,3 +626,8 @@ class file_handle(C.Structure):  # include/linux/fs.h (with the largest f_handle
 
 STRUCT_SIZES.update({flock: 32, f_owner_ex: 8})
 # [end files helper additions]
+
+# Opening a task's files as its restored credentials would (restore/access.py). syscall_64.tbl, fcntl.h.
+SYS.setfsuid = 122  # type: ignore[attr-defined]
+SYS.setfsgid = 123  # type: ignore[attr-defined]
+O_NOFOLLOW = 0o400000
