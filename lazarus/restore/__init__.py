@@ -26,7 +26,7 @@ from lazarus.lazy.sources import ImagePageSource
 from lazarus.remote import RemoteTask
 from lazarus.restore import cgroups, private
 from lazarus.restore import core as rcore
-from lazarus.restore.access import Access
+from lazarus.restore.access import Access, precheck
 from lazarus.restore.files import (
     FdRestorer,
     check_fd_fields,
@@ -144,6 +144,7 @@ def validate(img: Image, pid: int, task: dict[str, Any]) -> None:
     if not task["misc"].get("cwd_deleted") and not os.path.isdir(cwd):
         raise RestoreError(f"working directory {cwd} is gone", stage="validate", path=cwd)
     check_files(task["files"])
+    precheck(task)  # the files it will open, tried under its credentials (restore/access.py)
 
 
 def _is_zombie(pid: int) -> bool:

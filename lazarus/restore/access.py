@@ -74,6 +74,96 @@ def kind_problem(rec: dict[str, Any], st: os.stat_result) -> str | None:
     return None
 
 
+def denied_message(where: str, path: str, uids: list[int], flags: int, err: int) -> str:
+    acc = _ACCESS.get(flags & abi.O_ACCMODE, "access")
+    return (f"{where}: uid {'/'.join(map(str, uids))} may not open {path} for {acc} ({os.strerror(err)}); "
+            "a file the process opened before dropping privileges is not reopened")
+
+
+def mapped_access(v: dict[str, Any]) -> int:
+    """The access a file mapping's fd needs: read-write for a shared mapping that is or may become writable."""
+    if v["shared"] and ("mw" in v["vmflags"] or v["prot"] & abi.PROT_WRITE):
+        return abi.O_RDWR
+    return abi.O_RDONLY
+
+
+def precheck(task: dict[str, Any]) -> None:
+    """Before any task exists: the files the task will open (fds of kind file, dev and FIFO, and mapped files),
+    tried by a throwaway child that has taken the restored credentials, as the task will be (Access.open, which
+    stays the check that counts: a file can change in between). RestoreError naming fd or mapping, path and
+    uid for the first the credentials could not open. Only permissions are asked here (O_PATH, then access(2)
+    with the effective ids): nothing is opened for reading or writing, so no FIFO or device notices."""
+    creds = task["misc"]["creds"]
+    if 0 in creds["uids"][:3]:
+        return
+    wanted: list[tuple[str, str, int]] = []
+    for f in task["files"]:
+        if f["type"] in ("file", "dev", "fifo") and not ({"dup_of", "same_inode"} & f.keys()) and not (
+                f.get("proc_self") or f.get("handle") or f.get("deleted")):
+            wanted.append((f"fd {f['fd']}", f["path"], f["flags"]))
+    for v in task["mm"]["vmas"]:
+        if v["kind"] == "file":
+            wanted.append((f"mapping {v['start']:#x}", v["path"], mapped_access(v)))
+    if not wanted:
+        return
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the checking child reports through the pipe
+        code = 0
+        try:
+            os.close(r)
+            os.write(w, _check_as(creds, wanted).encode())
+        except BaseException:  # noqa: BLE001 - the parent then says it could not check
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    answer = b""
+    try:
+        while chunk := os.read(r, 4096):
+            answer += chunk
+    finally:
+        os.close(r)
+        _, status = os.waitpid(child, 0)
+    if status != 0:
+        raise RestoreError("could not check the task's files under its credentials", stage="validate")
+    if answer:
+        raise RestoreError(answer.decode(errors="replace"), stage="validate")
+
+
+def _check_as(creds: dict[str, Any], wanted: list[tuple[str, str, int]]) -> str:
+    """In the child: become the restored credentials, then each file: "" if all may be opened, else why not."""
+    ruid, euid, suid, _ = creds["uids"]
+    rgid, egid, sgid, _ = creds["gids"]
+    uids = list(dict.fromkeys((euid, ruid, suid)))
+    os.setgroups(sorted(set(creds["groups"]) | {rgid, sgid}))
+    os.setresgid(rgid, egid, sgid)
+    os.setresuid(ruid, euid, suid)
+    for where, path, flags in wanted:
+        mode = {abi.O_RDONLY: os.R_OK, abi.O_WRONLY: os.W_OK}.get(flags & abi.O_ACCMODE, os.R_OK | os.W_OK)
+        err = 0
+        for uid in uids:
+            os.seteuid(uid)
+            try:
+                pfd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except PermissionError as e:
+                err = e.errno or errno.EACCES
+                continue
+            except OSError:
+                err = 0  # gone, or not what it should be: the root checks and the task's open say which
+                break
+            try:
+                if os.access(f"/proc/self/fd/{pfd}", mode, effective_ids=True):
+                    err = 0
+                    break
+                err = errno.EACCES
+            finally:
+                os.close(pfd)
+        if err:
+            return denied_message(where, path, uids, flags, err)
+    return ""
+
+
 class Access:
     """The filesystem identity of the restored credentials, put on and taken off the task around each open."""
 
@@ -123,11 +213,8 @@ class Access:
             if fd >= 0:
                 return fd
             denied = -fd
-        acc = _ACCESS.get(flags & abi.O_ACCMODE, "access")
-        ids = "/".join(map(str, self.uids))
-        raise RestoreError(f"{where}: uid {ids} may not open {path} for {acc} ({os.strerror(denied)}); "
-                           "a file the process opened before dropping privileges is not reopened",
-                           stage="files", pid=self.pid, path=path)
+        raise RestoreError(denied_message(where, path, self.uids, flags, denied), stage="files", pid=self.pid,
+                           path=path)
 
     def _open_checked(self, path: str, flags: int, check: Check, where: str, ours: bool) -> int:
         """The new fd, or -errno when permission was denied; RestoreError on anything else."""

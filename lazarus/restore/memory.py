@@ -15,7 +15,7 @@ from lazarus.images.mm import SEALS_NONE, VMFLAGS_COMPARED, is_lazy
 from lazarus.kernel import abi, procfs
 from lazarus.remote import RemoteTask
 from lazarus.restore import private
-from lazarus.restore.access import Access
+from lazarus.restore.access import Access, mapped_access
 
 _NEG1 = (1 << 64) - 1
 _MADVISE = {"dd": abi.MADV_DONTDUMP, "hg": abi.MADV_HUGEPAGE, "nh": abi.MADV_NOHUGEPAGE,
@@ -286,13 +286,8 @@ class SpaceBuilder:
                     flags |= abi.MAP_GROWSDOWN
                 t.syscall(abi.SYS.mmap, start, length, map_prot, flags, _NEG1, 0)
             elif kind == "file":
-                if v["shared"]:
-                    acc = abi.O_RDWR if "mw" in v["vmflags"] or prot & abi.PROT_WRITE else abi.O_RDONLY
-                    flags |= abi.MAP_SHARED
-                else:
-                    acc = abi.O_RDONLY
-                    flags |= abi.MAP_PRIVATE
-                fd = self._open_mapped(v, acc)
+                flags |= abi.MAP_SHARED if v["shared"] else abi.MAP_PRIVATE
+                fd = self._open_mapped(v, mapped_access(v))
                 t.syscall(abi.SYS.mmap, start, length, map_prot, flags, fd, v["offset"],
                           what=f"mmap {v['path']}")
             elif kind in ("shmem", "memfd", "deleted"):
