@@ -136,8 +136,9 @@ static void poke_b(off_t off, int value, size_t len)
 }
 
 /* A deleted file is recreated under its own name inside a private directory that the restore makes beside it
- * (mode 0700, removed again), never at the old path: maps names it DIR/.lazarus-restore-XXX/NAME (deleted). */
-static void check_name(const char *what, const void *p, const char *path)
+ * (mode 0700, removed again), never at the old path: maps names it DIR/.lazarus-restore-XXX/NAME (deleted).
+ * The original (its inode unchanged) keeps DIR/NAME (deleted). */
+static void check_name(const char *what, const void *p, const char *path, int recreated)
 {
 	char perms[5], got[PATH_MAX + 16], head[PATH_MAX + 32], tail[PATH_MAX + 16];
 	const char *slash = strrchr(path, '/');
@@ -149,6 +150,11 @@ static void check_name(const char *what, const void *p, const char *path)
 		laz_failf("%s: not mapped", what);
 		return;
 	}
+	if (!recreated) {
+		snprintf(tail, sizeof(tail), "%s (deleted)", path);
+		LAZ_CHECK(!strcmp(got, tail), "%s: maps names it \"%s\", expected \"%s\"", what, got, tail);
+		return;
+	}
 	lg = strlen(got);
 	lt = strlen(tail);
 	LAZ_CHECK(!strncmp(got, head, strlen(head)) && lg > strlen(head) + lt && !strcmp(got + lg - lt, tail) &&
@@ -158,13 +164,15 @@ static void check_name(const char *what, const void *p, const char *path)
 
 int main(int argc, char **argv)
 {
-	struct stat s_sh, s_priv, s_ro, s_sp;
+	struct stat s_sh = { 0 }, s_priv, s_ro, s_sp = { 0 }, o_sh, o_sp;
 
 	laz_init(argc, argv);
 	linked = argc > 2 && !strcmp(argv[2], "linked");
 	withfd = argc > 2 && !strcmp(argv[2], "withfd");
 	replaced = argc > 2 && !strcmp(argv[2], "replaced");
 	setup();
+	if (stat_mapping(sh, NPAGES * LAZ_PAGE, &o_sh) || stat_mapping(sp, SPARSE_SIZE, &o_sp))
+		laz_die("stat map_files");
 	laz_ready(POINTS);
 	laz_wait_usr2();
 
@@ -235,10 +243,12 @@ int main(int argc, char **argv)
 			closedir(d);
 		LAZ_CHECK(d && !extra, "%d files left in %s", extra, laz_tmpdir());
 	} else {
-		check_name("file A shared", sh, path_a);
-		check_name("file A rdonly", ro, path_a);
+		int moved = s_sh.st_ino != o_sh.st_ino || s_sh.st_dev != o_sh.st_dev;
+
+		check_name("file A shared", sh, path_a, moved);
+		check_name("file A rdonly", ro, path_a, moved);
 	}
-	check_name("file B", sp, path_b);
+	check_name("file B", sp, path_b, s_sp.st_ino != o_sp.st_ino || s_sp.st_dev != o_sp.st_dev);
 	for (size_t pg = 0; pg < SPARSE_SIZE / LAZ_PAGE; pg++) {
 		const unsigned char *p = sp + pg * LAZ_PAGE;
 
