@@ -14,6 +14,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -392,5 +394,19 @@ def test_root_only_file_not_opened_for_nobody(harness: H.Harness, images: dict[s
         task["files"].insert(0, rec)  # the first fd opened
 
     reseal_task(image, change)
-    refused(harness, image, mode, r"uid 65534", re.escape(str(secret)), r"fd \d+", "reading and writing")
+    early = refused(harness, image, mode, r"uid 65534", re.escape(str(secret)), r"fd \d+", "reading and writing")
+    assert early.startswith("lazarus: error: validate:"), early  # before any task exists
+    assert secret.read_bytes() == b"root only\n"
+
+    # The check that counts is the task's own open (the file may change after the early check in a child):
+    # with the early check switched off, the same image is still refused, by the open injected in the task.
+    before = H.children_of(os.getpid())
+    patched = ("import sys, lazarus.restore as R; R.precheck = lambda task: None; from lazarus.cli import main; "
+               "sys.exit(main(sys.argv[1:]))")
+    res = subprocess.run([sys.executable, "-c", patched, "restore", "-D", str(image), "-d",
+                          *(["--lazy"] if mode == "lazy" else [])], capture_output=True, text=True, timeout=60)
+    line = H.assert_clean_error(res, r"uid 65534", re.escape(str(secret)), r"fd \d+", "reading and writing")
+    assert line.startswith("lazarus: error: files:"), line  # the restore's files stage, not validation
+    time.sleep(0.05)
+    assert not [p for p in H.children_of(os.getpid()) - before if H.is_alive(p)]
     assert secret.read_bytes() == b"root only\n"
