@@ -153,7 +153,7 @@ def _check_as(creds: dict[str, Any], wanted: list[tuple[str, str, int]]) -> str:
                 err = 0  # gone, or not what it should be: the root checks and the task's open say which
                 break
             try:
-                if os.access(f"/proc/self/fd/{pfd}", mode, effective_ids=True):
+                if flags & abi.O_PATH or os.access(f"/proc/self/fd/{pfd}", mode, effective_ids=True):
                     err = 0
                     break
                 err = errno.EACCES

@@ -354,7 +354,7 @@ class FdRestorer:
                 first["path"], os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             st = os.fstat(opath)
-            bad = kind_problem({**first, "type": "fifo"}, st) if not first.get("deleted") else (
+            bad = kind_problem(first, st) if not first.get("deleted") else (
                 None if stat.S_ISFIFO(st.st_mode) else "is not a FIFO")
             if bad:
                 raise RestoreError(f"fd {first['fd']}: {first['path']} {bad}", stage="files", pid=self.pid,
@@ -364,15 +364,16 @@ class FdRestorer:
         finally:
             os.close(opath)
         try:
-            if first.get("pipe_size"):
-                with contextlib.suppress(OSError):
-                    fcntl.fcntl(keep, abi.F_SETPIPE_SZ, first["pipe_size"])
             for rec in recs:
                 if first.get("deleted"):
                     self._open_at(rec, path)
                 else:
                     self._open_existing({**rec, "path": first["path"], "handle": first.get("handle"),
                                          "ino": first.get("ino"), "dev": first.get("dev")}, first)
+            # Only once the task could open it: its capacity and bytes are changed from here, as root.
+            if first.get("pipe_size"):
+                with contextlib.suppress(OSError):
+                    fcntl.fcntl(keep, abi.F_SETPIPE_SZ, first["pipe_size"])
             data = self.image.blob(first["data"]) if first.get("data") else b""
             queued = struct.unpack("i", fcntl.ioctl(keep, termios.FIONREAD, bytes(4)))[0]
             if queued:
