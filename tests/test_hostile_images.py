@@ -505,3 +505,35 @@ def test_killed_restore_leaves_nothing_setuid(harness: H.Harness, images: dict[s
                 os.kill(c, 9)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(c, 0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("how", ["file-is-fifo", "file-is-symlink", "dev-is-file", "fifo-is-symlink-to-fifo"])
+def test_path_of_the_wrong_kind_refused(harness: H.Harness, images: dict[str, Path], how: str, mode: str) -> None:
+    """Every path an fd record names must be the kind of file it says, and is never followed through a
+    symlink (inode numbers recomputed to match what the path leads to): refused before any task exists, with
+    fd and path, and nothing is opened (a FIFO opened for reading would block, a device open has effects)."""
+    fifo = harness.work / "a-fifo"
+    os.mkfifo(fifo, 0o600)
+    regular = harness.work / "a-file"
+    regular.write_bytes(b"x")
+    link = harness.work / "a-link"
+    link.symlink_to(fifo if how.startswith("fifo") else regular)
+    image = H.copy_image(images["fds"], harness.image_dir())
+    kind, path, why = {
+        "file-is-fifo": ("file", fifo, "a FIFO, not a regular file or directory"),
+        "file-is-symlink": ("file", link, "a symbolic link, not a regular file"),
+        "dev-is-file": ("dev", regular, "not the character device"),
+        "fifo-is-symlink-to-fifo": ("fifo", link, "a symbolic link, not a FIFO"),
+    }[how]
+    target_st = os.stat(path)  # what the path leads to, as a hostile writer would record it
+
+    def change(task: dict[str, Any]) -> None:
+        rec = _first(task, kind)
+        rec.update(path=str(path), ino=target_st.st_ino, dev=target_st.st_dev)
+        for k in ("handle", "proc_self", "deleted"):
+            rec.pop(k, None)
+
+    reseal_task(image, change)
+    line = refused(harness, image, mode, r"fd \d+", re.escape(str(path)), re.escape(why))
+    assert line.startswith("lazarus: error: validate:"), line
