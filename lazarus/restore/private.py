@@ -44,13 +44,14 @@ def _me() -> str:
     return f"{os.getpid()}-{_start_time(os.getpid())}"
 
 
-def _root_dir(path: str) -> None:
-    """Make `path` a directory of root's, mode 0700, refusing a symlink or someone else's directory there."""
+def _root_dir(path: str, private: bool = True) -> None:
+    """Make `path` a directory of root's (mode 0700), refusing a symlink, someone else's directory, or one that
+    others may write (private: that others may enter) there."""
     with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o700)
     st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
-        raise OSError(f"{path} is not a directory of root's with mode 0700")
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & (0o077 if private else 0o022):
+        raise OSError(f"{path} is not a directory of root's that only root may {'enter' if private else 'write'}")
 
 
 def _safe_parent(parent: str, dev: int | None) -> bool:
@@ -71,14 +72,14 @@ def make(old_path: str, dev: int | None) -> str:
     parent = os.path.dirname(old_path.rstrip("/")) or "/"
     if _safe_parent(parent, dev):
         try:
-            _root_dir(RUN)
+            _root_dir(RUN, private=False)
             _root_dir(LEDGERS)
             with open(f"{LEDGERS}/{_me()}", "a") as ledger:
                 ledger.write(parent + "\n")
             return tempfile.mkdtemp(prefix=prefix, dir=parent)
         except OSError:
             pass  # a read-only filesystem, ...: the runtime directory
-    _root_dir(RUN)
+    _root_dir(RUN, private=False)
     _root_dir(RECREATE)
     return tempfile.mkdtemp(prefix=prefix, dir=RECREATE)
 
