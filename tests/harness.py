@@ -477,6 +477,21 @@ class Restored:
         )
 
 
+# Targets that drop root after starting: a restore opens their files (executable, log) only as their own
+# credentials could (README, "Trust model"), so the directories leading to them must be searchable by others.
+DROPS_PRIVILEGES = {"misc"}
+
+
+def searchable_by_all(d: Path) -> None:
+    """o+x on `d` and each directory above it up to /tmp (pytest makes its temporary directories 0700)."""
+    d = d.resolve()
+    while d != d.parent and d != Path("/tmp"):
+        mode = d.stat().st_mode
+        if not mode & 0o001:
+            d.chmod((mode & 0o7777) | 0o001)
+        d = d.parent
+
+
 @dataclass
 class Harness:
     """Starts targets and lazarus commands for one test and cleans up after it."""
@@ -518,6 +533,9 @@ class Harness:
         gives the harness the other end of the target's stdout (the "pipe to another process"
         unsupported case)."""
         log = self.path(f"{name}.log")
+        if name in DROPS_PRIVILEGES:
+            searchable_by_all(log.parent)
+            searchable_by_all(self.bins[name].parent)
         if name in PY_TARGETS:
             exe = target_python(python)
             argv = [str(exe), "-I", str(TARGETS_SRC / f"{name}.py"), str(log), *args]

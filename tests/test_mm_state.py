@@ -78,8 +78,9 @@ def test_lazy_restore_checks_the_pages_it_writes_before_the_task_runs(harness: H
 
 @pytest.mark.parametrize("mode", ["eager", "lazy"])
 def test_deleted_file_whose_name_was_taken(harness: H.Harness, mode: str) -> None:
-    """A new file took the deleted file's name: the restore recreates the deleted one under another name in
-    that directory, leaves the new file alone, and removes what it made (deleted_map.c checks all three)."""
+    """A new file took the deleted file's name: the restore recreates the deleted one in a private directory
+    beside it (as it always does), leaves the new file alone, and removes what it made (deleted_map.c checks
+    all three)."""
     case = H.Case("deleted-map-replaced", "deleted_map", ("replaced",))
     target = harness.start_case(case)
     image = harness.image_dir()

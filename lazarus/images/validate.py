@@ -10,7 +10,10 @@ recomputes them can put anything in a task file. So before any task exists, eage
                covering one address or one file page, and together every page of the page file
     objects    runs [offset, npages, index] inside the object's size and the page file
     fds        0 <= fd < 2^20, each once; flags and positions in range; pipe sizes within what the kernel
-               allows unprivileged; paths absolute; blobs named by the record present in the image
+               allows unprivileged; paths absolute; blobs named by the record present in the image; a
+               "proc_self" file under /proc/PID of the task itself; recreated files (unlinked files, deleted
+               FIFOs, directories and cwd, deleted mapped files, memfds) with a mode <= 0o7777 and no setuid or
+               setgid bit the restored credentials could not have set themselves
     signals    64 actions of four u64, masks u64, itimers non-negative
     misc       umask <= 0o7777, creds 4 u32 each, absolute cwd, 16 rlimits
 
@@ -96,7 +99,24 @@ def _no_overlap(runs: list[tuple[int, int, str]], c: _Checker, what: str) -> Non
             raise c.fail(fb, f"overlaps {fa} ({what})")
 
 
-def check_task(task: dict[str, Any], fname: str, npages: int, has_blob: Callable[[str], bool]) -> None:
+def _recreated_mode(c: _Checker, f: str, rec: dict[str, Any], creds: dict[str, Any], *, is_dir: bool) -> None:
+    """A file the restore recreates is given the mode and owner its record says: never a setuid or setgid
+    file that the restored credentials could not have made themselves (an unlinked setuid-root executable
+    held by an unprivileged process would be root for it, through fexecve). Directories may keep setgid."""
+    mode = c.int_in(rec["mode"], 0, 0o7777, f + ".mode")
+    uids, gids = creds.get("uids", []), creds.get("gids", [])
+    if 0 in uids[:3]:
+        return  # root, or a process that may become root again: it could make any such file
+    if mode & 0o4000 and rec.get("uid") not in uids[:3]:
+        raise c.fail(f + ".mode", f"is setuid ({mode:04o}) for uid {rec.get('uid')}, which the restored "
+                     f"process (uids {'/'.join(map(str, uids[:3]))}) could not make")
+    if mode & 0o2000 and not is_dir and rec.get("gid") not in [*gids[:3], *creds.get("groups", [])]:
+        raise c.fail(f + ".mode", f"is setgid ({mode:04o}) for gid {rec.get('gid')}, which the restored "
+                     f"process (gids {'/'.join(map(str, gids[:3]))}) could not make")
+
+
+def check_task(task: dict[str, Any], fname: str, npages: int, has_blob: Callable[[str], bool],
+               pid: int | None = None) -> None:
     """Raise ImageError naming the first field of `task` that is out of range or inconsistent.
 
     npages: the number of pages in the task's page file (0 if it has none); has_blob(name): whether the image
@@ -172,6 +192,19 @@ def check_task(task: dict[str, Any], fname: str, npages: int, has_blob: Callable
                 raise c.fail(f"{f}.{key}", f"names blob {name!r}, which the image does not hold")
         if "dup_of" in rec:
             c.int_in(rec["dup_of"], 0, FD_MAX - 1, f + ".dup_of")
+        if rec.get("proc_self") is True and pid is not None:
+            # Such a file is not looked for before the task exists: it must be the task's own /proc file.
+            p = rec.get("path")
+            if not isinstance(p, str) or not (p == f"/proc/{pid}" or p.startswith(f"/proc/{pid}/")):
+                raise c.fail(f + ".path", f"must be a /proc/{pid} file of the task itself, not {p!r}")
+        if rec.get("type") in ("ghost", "fifo") and "mode" in rec:
+            _recreated_mode(c, f, rec, task["misc"]["creds"], is_dir=rec.get("dir") is True)
+    for i, o in enumerate(mm["objects"]):
+        if o.get("kind") in ("deleted", "memfd") and "mode" in o:
+            _recreated_mode(c, f"mm.objects[{i}]", o, task["misc"]["creds"], is_dir=False)
+    gone = task["misc"].get("cwd_deleted")
+    if isinstance(gone, dict) and "mode" in gone:
+        _recreated_mode(c, "misc.cwd_deleted", gone, task["misc"]["creds"], is_dir=True)
     for i, rec in enumerate(task["files"]):
         if "dup_of" in rec and (rec["dup_of"] not in seen or rec["dup_of"] == rec["fd"]):
             raise c.fail(f"files[{i}].dup_of", f"names fd {rec['dup_of']}, which the task does not have")
@@ -244,7 +277,7 @@ def validate_image(img: Any) -> None:
         check_task_fields(pid, task)
         size = img.files[pages_name(pid)]["size"] if img.has_pages(pid) else 0
         check_task(task, task_name(pid), size // PAGE_SIZE,
-                   lambda name: isinstance(name, str) and blob_name(name) in img.files)
+                   lambda name: isinstance(name, str) and blob_name(name) in img.files, pid)
 
 
 def check_ownership(path: Path, names: list[str] | None = None) -> None:

@@ -703,3 +703,8 @@ ARCH_GET_CPUID, ARCH_SET_CPUID = 0x1011, 0x1012
 ARCH_GET_UNTAG_MASK = 0x4001
 PR_SCHED_CORE, PR_SCHED_CORE_GET = 62, 0
 PR_FUTEX_HASH, PR_FUTEX_HASH_SET_SLOTS, PR_FUTEX_HASH_GET_SLOTS = 78, 1, 2
+
+# Opening a task's files as its restored credentials would (restore/access.py). syscall_64.tbl, fcntl.h.
+SYS.setfsuid = 122  # type: ignore[attr-defined]
+SYS.setfsgid = 123  # type: ignore[attr-defined]
+O_NOFOLLOW = 0o400000

@@ -24,8 +24,9 @@ from lazarus.kernel.clone import Trampoline
 from lazarus.kernel.features import cpu_xstate
 from lazarus.lazy.sources import ImagePageSource
 from lazarus.remote import RemoteTask
-from lazarus.restore import cgroups
+from lazarus.restore import cgroups, private
 from lazarus.restore import core as rcore
+from lazarus.restore.access import Access, precheck
 from lazarus.restore.files import (
     FdRestorer,
     check_fd_fields,
@@ -147,6 +148,7 @@ def validate(img: Image, pid: int, task: dict[str, Any]) -> None:
     if not task["misc"].get("cwd_deleted") and not os.path.isdir(cwd):
         raise RestoreError(f"working directory {cwd} is gone", stage="validate", path=cwd)
     check_files(task["files"])
+    precheck(task)  # the files it will open, tried under its credentials (restore/access.py)
 
 
 def _is_zombie(pid: int) -> bool:
@@ -201,7 +203,9 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
         rcore.restore_rlimits(child, task["misc"]["rlimits"])
         fds = task["files"]
         high_base = max([f["fd"] for f in fds], default=2) + 1
-        space = SpaceBuilder(remote, img, child)
+        # Existing files (mapped, and the fds below) are opened as the restored credentials could open them.
+        access = Access(remote, child, task["misc"]["creds"])
+        space = SpaceBuilder(remote, img, child, access)
         space.verify = lazy
         page_file = img.page_file(pid) if img.has_pages(pid) else None
         lazy_ids = lazy_object_ids(mm, fds) if lazy else set()
@@ -229,7 +233,7 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
         timings["pages"] = time.monotonic() - t0
 
         space.close_cached()
-        fdr = FdRestorer(remote, img, child, space.state.object_fds, high_base)
+        fdr = FdRestorer(remote, img, child, space.state.object_fds, high_base, access)
         fdr.restore(fds)
         for ofd in space.state.object_fds.values():
             remote.syscall(abi.SYS.close, ofd)
@@ -323,10 +327,12 @@ def set_mm(remote: RemoteTask, mm: dict[str, Any]) -> None:
 
 def restore(directory: Path, *, lazy: bool = False, on_lazy: LazyHandoff | None = None) -> Restored:
     img = open_image(directory, verify_pages=not lazy)
+    private.sweep_stale()  # what restores killed half-way left (restore/private.py)
     try:
         if len(img.tasks) != 1:
             raise RestoreError(f"image holds {len(img.tasks)} tasks; only single processes are supported")
         return restore_task(img, img.tasks[0], lazy=lazy, on_lazy=on_lazy)
     finally:
+        private.done()
         if not lazy:
             img.close()

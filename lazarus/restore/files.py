@@ -13,10 +13,9 @@ import contextlib
 import errno
 import fcntl
 import os
-import secrets
 import shutil
+import stat
 import struct
-import tempfile
 import termios
 from typing import Any
 
@@ -25,7 +24,8 @@ from lazarus.kernel import abi
 from lazarus.kernel.handles import open_by_handle
 from lazarus.kernel.procfs import read_fdinfo
 from lazarus.remote import RemoteTask
-from lazarus.restore import anonfd, unixsk
+from lazarus.restore import anonfd, private, unixsk
+from lazarus.restore.access import Access, kind_problem
 
 _NEG1 = (1 << 64) - 1
 _O_NOCTTY = 0o400
@@ -63,61 +63,58 @@ def _by_handle(rec: dict[str, Any]) -> int:
 
 
 def check_files(fds: list[dict[str, Any]]) -> None:
-    """Refuse before anything is created if a file the task had open is gone, or is another file now.
-    /proc files of the task itself are reopened once the task exists, so they are not looked for here."""
+    """Refuse before anything is created if a file the task had open is gone, is another file now, or is not
+    the kind of file its record says (lstat: a symlink is never followed to something else). The task's own
+    opens check the inode again (restore/access.py). /proc files of the task itself are reopened once the task
+    exists, so they are not looked for here."""
     for f in fds:
         anonfd.check_anon(f)
         if "dup_of" in f or "same_inode" in f or f.get("proc_self"):
             continue
         if f.get("handle"):
-            os.close(_by_handle(f))
+            h = _by_handle(f)
+            try:
+                bad = kind_problem(f, os.fstat(h))
+            finally:
+                os.close(h)
+            if bad:
+                raise RestoreError(f"fd {f['fd']}: {f['path']} (found by handle) {bad}", stage="validate",
+                                   path=f["path"])
             continue
         if f["type"] in ("file", "dev") or (f["type"] == "fifo" and not f.get("deleted")):
             path = f["path"]
             try:
-                st = os.stat(path)
+                st = os.lstat(path)
             except OSError:
                 raise RestoreError(f"fd {f['fd']}: {path} no longer exists", stage="validate", path=path) from None
-            if "ino" in f and st.st_ino != f["ino"]:
-                raise RestoreError(f"fd {f['fd']}: {path} is another file now (inode {st.st_ino}, the process had "
-                                   f"{f['ino']} open)", stage="validate", path=path)
+            bad = kind_problem(f, st)
+            if bad:
+                raise RestoreError(f"fd {f['fd']}: {path} {bad}", stage="validate", path=path)
 
 
-def _create_exclusive(path: str) -> tuple[str, int]:
-    """A new, empty file (0600, O_EXCL) standing for an unlinked one: at its old path when free (so the task's
-    link reads the same), else under another name beside it, else in the temporary directory (read-only or
-    vanished directory). Returns its path and an O_WRONLY fd."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-    parent = os.path.dirname(path) or "/"
-    for where in (path, os.path.join(parent, f".lazarus-ghost-{secrets.token_hex(6)}")):
-        try:
-            return where, os.open(where, flags, 0o600)
-        except FileExistsError:
-            continue
-        except OSError:
-            break
-    where = os.path.join(tempfile.gettempdir(), f".lazarus-ghost-{secrets.token_hex(6)}")
+def _create_exclusive(path: str, dev: int | None) -> tuple[str, str, int]:
+    """A new, empty file (root's, 0600, O_EXCL) standing for an unlinked one, named like it inside a private
+    directory of ours (restore/private.py), never at the path the image names. Returns the directory, the
+    file's path and an O_WRONLY fd."""
+    top = private.make(path, dev)
+    where = private.name_in(top, path, "file")
     try:
-        return where, os.open(where, flags, 0o600)
+        return top, where, os.open(where, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                   0o600)
     except OSError as e:
+        private.remove(top)
         raise RestoreError(f"cannot recreate the unlinked file {path}: {e.strerror}", stage="files",
                            path=path) from e
 
 
-def make_dir_like(path: str) -> tuple[str, list[str]]:
-    """Create an empty directory (mode 0700, ours) standing for a deleted one: at its old path when that is
-    free (so the task's links read the same), else in a private directory of ours. Returns it and what to
-    rmdir, in order, once the task holds it; its owner and mode are given afterwards (give_back)."""
-    made: list[str] = []
-    where = path
-    try:
-        os.mkdir(where, 0o700)
-    except OSError:  # taken, or its parent is gone too
-        top = tempfile.mkdtemp(prefix=".lazarus-dir-")
-        made.append(top)
-        where = os.path.join(top, os.path.basename(path.rstrip("/")) or "dir")
-        os.mkdir(where, 0o700)
-    return where, [where, *made]
+def make_dir_like(path: str, dev: int | None = None) -> tuple[str, list[str]]:
+    """Create an empty directory (mode 0700, ours) standing for a deleted one, named like it inside a private
+    directory of ours. Returns it and what to rmdir, in order, once the task holds it; its owner and mode are
+    given afterwards (give_back)."""
+    top = private.make(path, dev)
+    where = private.name_in(top, path, "dir")
+    os.mkdir(where, 0o700)
+    return where, [where, top]
 
 
 def remove_dirs(dirs: list[str]) -> None:
@@ -139,14 +136,16 @@ def give_back(proc_path: str, rec: dict[str, Any]) -> None:
 
 class FdRestorer:
     def __init__(self, task: RemoteTask, image: Any, pid: int, object_fds: dict[int, int],
-                 high_base: int) -> None:
+                 high_base: int, access: Access) -> None:
         self.high_base = high_base
+        self.access = access  # opens existing files as the restored credentials could
         self.task = task
         self.image = image
         self.pid = pid
         self.object_fds = object_fds
         self.ghosts: list[str] = []  # files we created, removed again (and on failure)
-        self.dirs: list[str] = []  # directories we created, removed once the task holds what it needs
+        # directories we created (private ones, restore/private.py), removed once the task holds what it needs
+        self.dirs: list[str] = []
         self.held: list[int] = []  # our fds (file handles) the task opens through /proc
 
     def _place(self, tmp: int, rec: dict[str, Any]) -> None:
@@ -163,7 +162,17 @@ class FdRestorer:
                                  flags & _OPEN_MASK, 0, what=f"open {path}")
 
     def _open_at(self, rec: dict[str, Any], path: str) -> None:
+        """Open a file we recreated (ours, in a private directory): as root, with the record's access."""
         tmp = self._open(path, rec["flags"])
+        self._seek(tmp, rec)
+        self._place(tmp, rec)
+
+    def _open_existing(self, rec: dict[str, Any], check: dict[str, Any] | None = None) -> None:
+        """Open a file that exists outside the restore: as the restored credentials could, after checking it is
+        the kind of file (and the inode) that `check` (default: the record itself) says."""
+        want = check or rec
+        tmp = self.access.open(self._path_of(rec), rec["flags"] & _OPEN_MASK, lambda st: kind_problem(want, st),
+                               f"fd {rec['fd']}", ours=bool(rec.get("handle")))
         self._seek(tmp, rec)
         self._place(tmp, rec)
 
@@ -196,7 +205,7 @@ class FdRestorer:
             if "dup_of" in rec or "same_inode" in rec:
                 continue
             if kind in ("file", "dev"):
-                self._open_at(rec, self._path_of(rec))
+                self._open_existing(rec)
             elif kind == "ghost":
                 self._ghost([rec, *same.get(rec["fd"], [])])
             elif kind == "fifo":
@@ -287,7 +296,7 @@ class FdRestorer:
         (every fd that had this inode open), remove it again."""
         first = recs[0]
         if first.get("dir"):
-            where, made = make_dir_like(first["path"])
+            where, made = make_dir_like(first["path"], first.get("dev"))
             self.dirs.extend(made)
             for rec in recs:
                 self._open_at(rec, where)
@@ -295,7 +304,8 @@ class FdRestorer:
             self.dirs.clear()
             give_back(f"/proc/{self.pid}/fd/{first['fd']}", first)
             return
-        path, fd = _create_exclusive(first["path"])
+        top, path, fd = _create_exclusive(first["path"], first.get("dev"))
+        self.dirs.append(top)
         self.ghosts.append(path)
         try:
             self._fill(fd, first)
@@ -305,6 +315,9 @@ class FdRestorer:
             self._open_at(rec, path)
         os.unlink(path)
         self.ghosts.remove(path)
+        remove_dirs([top])
+        self.dirs.remove(top)
+        # Only now, with no name left that leads to it: its owner and its mode (setuid bits included).
         give_back(f"/proc/{self.pid}/fd/{first['fd']}", first)
 
     def _fill(self, fd: int, rec: dict[str, Any]) -> None:
@@ -328,21 +341,39 @@ class FdRestorer:
         the buffered bytes written once."""
         first = recs[0]
         if first.get("deleted"):
-            top = tempfile.mkdtemp(prefix=".lazarus-fifo-")
+            top = private.make(first["path"], first.get("dev"))
             self.dirs.append(top)
-            path = os.path.join(top, os.path.basename(first["path"]) or "fifo")
+            path = private.name_in(top, first["path"], "fifo")
             os.mkfifo(path, 0o600)
             self.ghosts.append(path)
+            opath = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         else:
-            path = self._path_of(first)
-        # Holding the FIFO open read-write here means the task's open never blocks for a peer.
-        keep = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            # The image names the path: it must be a FIFO (and the one the process had), never followed through a
+            # symlink, before it is opened for writing.
+            opath = _by_handle(first) if first.get("handle") else os.open(
+                first["path"], os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
+            st = os.fstat(opath)
+            bad = kind_problem(first, st) if not first.get("deleted") else (
+                None if stat.S_ISFIFO(st.st_mode) else "is not a FIFO")
+            if bad:
+                raise RestoreError(f"fd {first['fd']}: {first['path']} {bad}", stage="files", pid=self.pid,
+                                   path=first["path"])
+            # Holding the FIFO open read-write here means the task's open never blocks for a peer.
+            keep = os.open(f"/proc/self/fd/{opath}", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        finally:
+            os.close(opath)
+        try:
+            for rec in recs:
+                if first.get("deleted"):
+                    self._open_at(rec, path)
+                else:
+                    self._open_existing({**rec, "path": first["path"], "handle": first.get("handle"),
+                                         "ino": first.get("ino"), "dev": first.get("dev")}, first)
+            # Only once the task could open it: its capacity and bytes are changed from here, as root.
             if first.get("pipe_size"):
                 with contextlib.suppress(OSError):
                     fcntl.fcntl(keep, abi.F_SETPIPE_SZ, first["pipe_size"])
-            for rec in recs:
-                self._open_at(rec, path)
             data = self.image.blob(first["data"]) if first.get("data") else b""
             queued = struct.unpack("i", fcntl.ioctl(keep, termios.FIONREAD, bytes(4)))[0]
             if queued:

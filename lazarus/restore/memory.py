@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
-import tempfile
+import stat
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +14,8 @@ from lazarus.errors import RestoreError
 from lazarus.images.mm import SEALS_NONE, VMFLAGS_COMPARED, is_lazy
 from lazarus.kernel import abi, procfs
 from lazarus.remote import RemoteTask
+from lazarus.restore import private
+from lazarus.restore.access import Access, mapped_access
 
 _NEG1 = (1 << 64) - 1
 _MADVISE = {"dd": abi.MADV_DONTDUMP, "hg": abi.MADV_HUGEPAGE, "nh": abi.MADV_NOHUGEPAGE,
@@ -118,8 +119,9 @@ def move_vdso(task: RemoteTask, have: dict[str, procfs.Vma], image_vmas: list[di
 class SpaceBuilder:
     """Maps the image's vmas into the task."""
 
-    def __init__(self, task: RemoteTask, image: Any, pid: int) -> None:
+    def __init__(self, task: RemoteTask, image: Any, pid: int, access: Access) -> None:
         self.task = task
+        self.access = access  # mapped files are opened as the restored credentials could open them
         self.image = image
         self.pid = pid
         self.fd_cache: dict[tuple[str, int], int] = {}
@@ -135,6 +137,23 @@ class SpaceBuilder:
             addr = self.task.cstring(path)
             self.fd_cache[key] = self.task.syscall(abi.SYS.openat, abi.AT_FDCWD & _NEG1, addr, flags, 0,
                                                    what=f"open {path}")
+        return self.fd_cache[key]
+
+    def _open_mapped(self, v: dict[str, Any], flags: int) -> int:
+        """A mapped file, opened (once per path and access) as the restored credentials could: the mapping
+        gives the process the file's content, and a shared writable one lets it write the file."""
+        key = (v["path"], flags)
+        if key not in self.fd_cache:
+            want = v["file"]
+
+            def check(st: os.stat_result) -> str | None:
+                if not stat.S_ISREG(st.st_mode):
+                    return "is not a regular file"
+                if (st.st_dev, st.st_ino) != (want.get("dev", st.st_dev), want["ino"]):
+                    return "is another file now"
+                return None
+
+            self.fd_cache[key] = self.access.open(v["path"], flags, check, f"mapping {v['start']:#x}")
         return self.fd_cache[key]
 
     def close_cached(self) -> None:
@@ -203,46 +222,31 @@ class SpaceBuilder:
             os.chmod(path, obj["mode"])
 
     def _recreate_deleted(self, obj: dict[str, Any], hold_above: int, page_file: Any) -> int:
-        """A mapped file that was deleted: recreated with its content (mode 0600 and O_EXCL until it is
-        complete), opened by the task, unlinked again. Returns the task's fd (>= hold_above).
-
-        It is made at its old path when that is free (so /proc/PID/maps names it as before), else under a
-        random name in the same directory, else in a private temporary directory."""
-        path = obj["path"]
-        tmpdir = None
-        fd = -1
-        for attempt in range(3):
-            if attempt == 1:
-                path = os.path.join(os.path.dirname(obj["path"]) or "/", f".lazarus-deleted-{secrets.token_hex(6)}")
-            elif attempt == 2:
-                tmpdir = tempfile.mkdtemp(prefix="lazarus-deleted-")
-                path = os.path.join(tmpdir, os.path.basename(obj["path"]) or "file")
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                break
-            except OSError as e:
-                if attempt == 2:
-                    os.rmdir(tmpdir or "")
-                    raise RestoreError(f"cannot recreate deleted file {obj['path']}: {e.strerror}",
-                                       stage="memory", path=obj["path"]) from e
+        """A mapped file that was deleted: recreated with its content (root's, mode 0600 and O_EXCL) under its
+        old name inside a private directory of ours (restore/private.py: never at the path the image names),
+        opened by the task, unlinked again, and only then given its owner and mode, through the task's fd.
+        Returns the task's fd (>= hold_above)."""
+        top = private.make(obj["path"], None)
+        path = private.name_in(top, obj["path"], "file")
         try:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                raise RestoreError(f"cannot recreate deleted file {obj['path']}: {e.strerror}",
+                                   stage="memory", path=obj["path"]) from e
             try:
                 os.ftruncate(fd, obj["size"])
                 _write_runs(fd, obj, page_file, self.verify)
-                self._owner_and_mode(f"/proc/self/fd/{fd}", obj)
             finally:
                 os.close(fd)
             t = self.task
-            tfd = t.syscall(abi.SYS.openat, abi.AT_FDCWD & _NEG1, t.cstring(path), abi.O_RDWR, 0,
+            tfd = t.syscall(abi.SYS.openat, abi.AT_FDCWD & _NEG1, t.cstring(path), abi.O_RDWR | abi.O_NOFOLLOW, 0,
                             what=f"open recreated {path}")
             high = t.syscall(abi.SYS.fcntl, tfd, abi.F_DUPFD, hold_above)
             t.syscall(abi.SYS.close, tfd)
         finally:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            if tmpdir:
-                with contextlib.suppress(OSError):
-                    os.rmdir(tmpdir)
+            private.remove(top)
+        self._owner_and_mode(f"/proc/{self.pid}/fd/{high}", obj)
         self.state.recreated[obj["inode"]] = (path, high)
         return high
 
@@ -282,13 +286,8 @@ class SpaceBuilder:
                     flags |= abi.MAP_GROWSDOWN
                 t.syscall(abi.SYS.mmap, start, length, map_prot, flags, _NEG1, 0)
             elif kind == "file":
-                if v["shared"]:
-                    acc = abi.O_RDWR if "mw" in v["vmflags"] or prot & abi.PROT_WRITE else abi.O_RDONLY
-                    flags |= abi.MAP_SHARED
-                else:
-                    acc = abi.O_RDONLY
-                    flags |= abi.MAP_PRIVATE
-                fd = self._open(v["path"], acc)
+                flags |= abi.MAP_SHARED if v["shared"] else abi.MAP_PRIVATE
+                fd = self._open_mapped(v, mapped_access(v))
                 t.syscall(abi.SYS.mmap, start, length, map_prot, flags, fd, v["offset"],
                           what=f"mmap {v['path']}")
             elif kind in ("shmem", "memfd", "deleted"):

@@ -102,6 +102,10 @@ static void setup(void)
 	if (getuid() == 0) {
 		static const gid_t groups[2] = { 1004, 1005 };
 
+		/* The log is opened as root; hand it to the uid we become, or a restore, which opens files only as
+		 * the restored credentials could, refuses it as a file opened before dropping privileges. */
+		if (fchown(laz_log_fd, 2002, 1002))
+			laz_die("fchown log");
 		/* gids before uids: once the uids are not root, the gids can no longer change */
 		if (setgroups(2, groups) || setresgid(1001, 1002, 1003) || setresuid(2001, 2002, 2003))
 			laz_die("drop to uids 2001/2002/2003 gids 1001/1002/1003");
