@@ -192,6 +192,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
         _report_restore(args, res)
         return 0 if args.detach else _wait_exit(res.pid, wait)
     _require_lazy_features()
+    # The image is checked whole before any helper of ours (server, guard, daemon) exists: a bad image is
+    # refused with nothing created.
+    from lazarus.restore import open_image
+    args.image = open_image(args.dir, verify_pages=False)
     if args.lazy_pages_socket:
         return _restore_to_server(args, wait)
     if args.detach:
@@ -199,7 +203,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     # Serve from this process: the guard forks now, while we have no threads.
     server, guard, bar = _new_server(args, progress=sys.stderr.isatty())
     try:
-        res = restore(args.dir, lazy=True, on_lazy=server.add_process)
+        res = restore(args.dir, lazy=True, on_lazy=server.add_process, image=args.image)
         _report_restore(args, res)
         stats = server.run()
         log.info("lazy pages done: %s", stats)
@@ -281,7 +285,7 @@ def _restore_handing_over(args: argparse.Namespace, sock: Any) -> Any:
         finally:
             uffd.close()  # the server holds its own copy now
     try:
-        res = restore(args.dir, lazy=True, on_lazy=hand)
+        res = restore(args.dir, lazy=True, on_lazy=hand, image=getattr(args, "image", None))
     finally:
         sock.close()
     _report_restore(args, res)

@@ -325,8 +325,11 @@ def set_mm(remote: RemoteTask, mm: dict[str, Any]) -> None:
         remote.syscall(abi.SYS.close, exe_fd)
 
 
-def restore(directory: Path, *, lazy: bool = False, on_lazy: LazyHandoff | None = None) -> Restored:
-    img = open_image(directory, verify_pages=not lazy)
+def restore(directory: Path, *, lazy: bool = False, on_lazy: LazyHandoff | None = None,
+            image: Image | None = None) -> Restored:
+    """Restore the process in `directory`. `image`: the same image already opened with open_image() (a caller
+    that must know the image is sound before it starts helpers of its own, as a lazy restore's server)."""
+    img = image if image is not None else open_image(directory, verify_pages=not lazy)
     private.sweep_stale()  # what restores killed half-way left (restore/private.py)
     try:
         if len(img.tasks) != 1:
