@@ -54,6 +54,7 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "ptimers": (),
     "prctl": (),
     "refused_proc": (),
+    "threads": ("-pthread",),
 }
 CFLAGS = ("-O1", "-g", "-Wall")
 
@@ -341,6 +342,7 @@ CASES: tuple[Case, ...] = (
     Case("survivor", "survivor", syscall=SYS_NANOSLEEP),
     Case("ptimers", "ptimers"),
     Case("prctl", "prctl"),
+    Case("threads", "threads"),
 )
 CASES_BY_ID = {c.id: c for c in CASES}
 
