@@ -343,6 +343,7 @@ CASES: tuple[Case, ...] = (
     Case("ptimers", "ptimers"),
     Case("prctl", "prctl"),
     Case("threads", "threads"),
+    Case("threads-churn", "threads", ("churn",)),
 )
 CASES_BY_ID = {c.id: c for c in CASES}
 

@@ -87,16 +87,13 @@ def freeze(pid: int, watchdog: Watchdog, threads: list[int]) -> None:
         if e.errno == errno.EPERM:
             raise DumpError(f"cannot trace pid {pid}: {e.strerror} (already traced?)", pid=pid) from e
         raise
-    while _seize_new_threads(pid, threads):
-        pass
+    _seize_new_threads(pid, threads)
     watchdog.stopping()
     os.kill(pid, signal.SIGSTOP)
-    _wait_group_stop(pid, pid)
-    waiting = list(threads)
+    waiting = [pid, *threads]
     while waiting:
-        for tid in waiting:
-            if not _wait_group_stop(pid, tid):
-                threads.remove(tid)  # it exited before the stop: it is simply not part of the process any more
+        for tid in _wait_group_stop(pid, waiting):
+            threads.remove(tid)  # it exited before the stop: it is simply not part of the process any more
         waiting = _seize_new_threads(pid, threads)
 
 
@@ -111,6 +108,8 @@ def _seize_new_threads(pid: int, threads: list[int]) -> list[int]:
         except NoSuchTask:
             continue  # it exited meanwhile
         except KernelError as e:
+            if e.errno == errno.EPERM and _exiting(pid, tid):
+                continue  # the kernel refuses to attach to a thread that is exiting: it is no part of the image
             if e.errno == errno.EPERM:
                 raise DumpError(f"cannot trace thread {tid} of pid {pid}: {e.strerror}", pid=pid) from e
             raise
@@ -119,22 +118,50 @@ def _seize_new_threads(pid: int, threads: list[int]) -> list[int]:
     return new
 
 
-def _wait_group_stop(pid: int, tid: int) -> bool:
-    """Wait until thread `tid` reports the group stop; False if it exited first (an error for the leader)."""
-    while True:
-        st = ptrace.wait(tid)
-        if st.exited or st.signaled:
-            if tid == pid:
-                raise NoSuchTask(f"pid {pid} exited during the dump ({st})", pid=pid)
-            return False
-        if st.stopped and st.event == abi.PTRACE_EVENT_STOP:
-            if st.stop_sig in _STOP_SIGNALS:
-                return True
-            ptrace.cont(tid)
-        elif st.stopped:
-            # A signal, our SIGSTOP among them: deliver it as the kernel would have (swallowing it would change
-            # the process); the SIGSTOP then starts the group stop, which is reported as an event stop.
-            ptrace.cont(tid, st.stop_sig)
+def _exiting(pid: int, tid: int) -> bool:
+    try:
+        return procfs.read_stat(pid, tid).state in ("Z", "X")
+    except (LazarusError, OSError):
+        return True
+
+
+_STOP_TIMEOUT = 10.0
+
+
+def _wait_group_stop(pid: int, tids: list[int]) -> list[int]:
+    """Wait until every thread of `tids` reports the group stop; returns those that exited first (the leader
+    exiting is an error). All at once: whichever thread dequeues our SIGSTOP reports it to us (a tracee's
+    signal-delivery stop) before the group stop can begin, so waiting for one thread alone could wait forever."""
+    waiting = set(tids)
+    gone = []
+    deadline = time.monotonic() + _STOP_TIMEOUT
+    while waiting:
+        progress = False
+        for tid in sorted(waiting):
+            st = ptrace.try_wait(tid)
+            if st is None:
+                continue
+            progress = True
+            if st.exited or st.signaled:
+                if tid == pid:
+                    raise NoSuchTask(f"pid {pid} exited during the dump ({st})", pid=pid)
+                waiting.discard(tid)
+                gone.append(tid)
+            elif st.stopped and st.event == abi.PTRACE_EVENT_STOP:
+                if st.stop_sig in _STOP_SIGNALS:
+                    waiting.discard(tid)
+                else:
+                    ptrace.cont(tid)
+            elif st.stopped:
+                # A signal, our SIGSTOP among them: deliver it as the kernel would have (swallowing it would
+                # change the process); the SIGSTOP then starts the group stop, reported as an event stop.
+                ptrace.cont(tid, st.stop_sig)
+        if not progress:
+            if time.monotonic() > deadline:
+                raise DumpError(f"pid {pid}: threads {sorted(waiting)} did not stop within {_STOP_TIMEOUT:.0f} s",
+                                pid=pid)
+            time.sleep(0.0005)
+    return gone
 
 
 def _vdso_range(vmas: list[procfs.Vma]) -> tuple[int, int] | None:

@@ -14,6 +14,9 @@
  * second registration with the same arguments must answer EBUSY), clear_child_tid (PR_GET_TID_ADDRESS) and
  * robust list head (get_robust_list) as before.
  *
+ * With argv[2] "churn", one more thread creates and joins short-lived threads in a loop until woken, so that
+ * threads start and end while the dump attaches; it must have gone on doing so after restore.
+ *
  * READY is written once every thread sleeps in its system call (/proc/self/task/TID/syscall) or spins.
  * Trigger: SIGUSR2, taken by the main thread (the only one not blocking it), which wakes the others: a flag,
  * a broadcast, a byte into the pipe. After waking, each thread also touches its own 64 KiB of a 1 MiB buffer
@@ -305,6 +308,28 @@ static void *thread_main(void *arg)
 	return NULL;
 }
 
+static void *noop(void *arg)
+{
+	return arg;
+}
+
+static volatile long churned;
+static volatile int churn_failed;
+
+static void *churn_main(void *arg)
+{
+	(void)arg;
+	while (!go) {
+		pthread_t t;
+		void *ret = NULL;
+
+		if (pthread_create(&t, NULL, noop, (void *)churned) || pthread_join(t, &ret) || ret != (void *)churned)
+			churn_failed = 1;
+		churned++;
+	}
+	return NULL;
+}
+
 static int in_syscall(pid_t tid, long nr)
 {
 	char path[64], buf[256];
@@ -324,6 +349,10 @@ static int in_syscall(pid_t tid, long nr)
 
 int main(int argc, char **argv)
 {
+	int churn = argc > 2 && !strcmp(argv[2], "churn");
+	pthread_t churner;
+	long churned_before = 0;
+
 	laz_init(argc, argv);
 	if (pipe(pipefd))
 		laz_die("pipe");
@@ -346,8 +375,17 @@ int main(int argc, char **argv)
 		if (pthread_sigqueue(slots[i].thread, SIGRTMIN + i, (union sigval){ .sival_int = 1000 + i }))
 			laz_die("pthread_sigqueue %d", i);
 	}
+	if (churn && pthread_create(&churner, NULL, churn_main, NULL))
+		laz_die("pthread_create churner");
 	laz_ready("tid tls mask pending altstack name tidaddr robust rseq regs");
 	laz_wait_usr2();
+	if (churn) {
+		/* it still makes threads after restore */
+		churned_before = churned;
+		for (int n = 0; n < 1000 && churned < churned_before + 10; n++)
+			usleep(1000);
+		LAZ_CHECK(churned >= churned_before + 10, "the churning thread made no new threads after restore");
+	}
 
 	{
 		static const char *const points[] = { "tid", "tls", "mask", "pending", "altstack",
@@ -371,6 +409,10 @@ int main(int argc, char **argv)
 	for (int i = 0; i < NTHREADS; i++)
 		if (i != T_READ && pthread_join(slots[i].thread, NULL))
 			laz_failf("pthread_join %d", i);
+	if (churn) {
+		pthread_join(churner, NULL);
+		LAZ_CHECK(!churn_failed, "a churned thread was not created or joined as it should");
+	}
 	for (int i = 0; i < NTHREADS; i++)
 		if (slots[i].fail[0])
 			laz_failf("thread %d (%s): %s", i, kinds[i], slots[i].fail);
