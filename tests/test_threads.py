@@ -5,6 +5,7 @@ repeated against a process whose threads come and go."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -26,9 +27,17 @@ def test_threads_fault_at_once_lazily(harness: H.Harness, tmp_path: Path) -> Non
     must be woken with its own page (the target checks its data) and the server must say which threads faulted."""
     case = H.CASES_BY_ID["threads"]
     target = harness.start_case(case)
+    tids = sorted(int(t) for t in os.listdir(f"/proc/{target.pid}/task") if int(t) != target.pid)
     image = harness.image_dir()
     res = harness.dump(target, image)
     assert res.returncode == 0, res.stderr
+    # every thread is in the image, and `show` lists them
+    shown = harness.lazarus("show", "--json", str(image))
+    assert shown.returncode == 0, shown.stderr
+    (task,) = json.loads(shown.stdout)["tasks"]
+    assert [t["tid"] for t in task["threads"]] == tids, (task["threads"], tids)
+    assert sorted(t["comm"] for t in task["threads"]) == ["laz-busy", "laz-cond", "laz-join", "laz-read",
+                                                          "laz-sleep"]
     stats = tmp_path / "stats.json"
     r = harness.restore(image, "--stats", str(stats), "--no-background", lazy=True, like=target)
     assert r.returncode == 0, r.stderr
