@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
 import pytest
+
+from lazarus.kernel.clone import Trampoline
 
 try:
     import harness as H
@@ -69,3 +72,25 @@ def test_dump_while_threads_come_and_go(harness: H.Harness, round_: int) -> None
     assert r.target is not None
     H.expect_pass(harness.run_case(case, r.target), r.target, r)
     assert r.target.wait_exit(15) == 0
+
+
+def test_restore_refuses_a_thread_id_in_use(harness: H.Harness) -> None:
+    """A thread's id taken by another process: the restore fails with one line naming it, creating nothing."""
+    case = H.CASES_BY_ID["threads"]
+    target = harness.start_case(case)
+    tid = max(int(t) for t in os.listdir(f"/proc/{target.pid}/task"))
+    image = harness.image_dir()
+    res = harness.dump(target, image)
+    assert res.returncode == 0, res.stderr
+    tramp = Trampoline.map_at([0x7E0000000000 + i * (1 << 30) for i in range(16)], 4096)
+    try:
+        holder = tramp.clone_with_pid(tid)  # a child of ours that pauses, with that id
+    finally:
+        tramp.unmap()
+    try:
+        res = harness.lazarus("restore", "-D", str(image), "-d")
+        H.assert_clean_error(res, rf"thread id {tid} is already in use")
+        assert not os.path.exists(f"/proc/{target.pid}"), "the restore left a process behind"
+    finally:
+        os.kill(holder, signal.SIGKILL)
+        os.waitpid(holder, 0)
