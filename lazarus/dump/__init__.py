@@ -77,9 +77,10 @@ def freeze(pid: int, watchdog: Watchdog, threads: list[int]) -> None:
     """Seize every thread and put the process in a group stop (SIGSTOP) that outlives us (see watchdog.py).
 
     `threads` receives the ids of the other threads as they are seized (the caller lets go of them on failure).
-    A thread may start while we attach: the set is read again until it stops changing, before the SIGSTOP and
-    after it (once the SIGSTOP is pending, clone() in the process fails with a restart, so none can appear
-    after the last look at a stopped process).
+    Threads may start and end while we attach: those seen before the SIGSTOP are seized first; once every
+    seized thread reports the group stop, the list is read again, and threads that appeared meanwhile (stopped
+    by the group stop all the same, untraced) are seized and waited for, until a look finds none new. With the
+    whole group stopped nobody can clone, so the last look is the final set.
     """
     try:
         ptrace.seize(pid, abi.PTRACE_O_TRACESYSGOOD)
