@@ -1,4 +1,4 @@
-"""Test target: a CPython program with threads, dumped mid-work.
+"""Test target (exercises threads in CPython): a program with threads, dumped mid-work.
 
 A concurrent.futures.ThreadPoolExecutor of four workers hashes chunks of a deterministic byte stream
 (hashlib releases the GIL on large buffers, so the workers truly run at once), while a producer thread hands

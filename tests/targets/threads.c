@@ -1,5 +1,5 @@
 /*
- * threads.c - a multi-threaded process: five threads besides the main one, each caught in a different
+ * threads.c - exercises a multi-threaded process: five threads besides the main one, each caught in a different
  * kind of wait, each with its own per-thread state, all of which must come back after restore.
  *
  *   thread 0  pthread_cond_wait on a condition variable (futex wait)
