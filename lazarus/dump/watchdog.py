@@ -42,6 +42,12 @@ and the original crashes or runs deaf. Two things prevent it:
                                                       registers and mask from "saved"; continue_quietly();
                                                       one line on stderr saying what it did
 
+Threads: every thread of the process is seized and stops in the same group stop (a tracer's death leaves each
+one in it). Injection is into the leader, and briefly into each other thread for the two things only the thread
+itself can answer (its sigaltstack and clear_child_tid), using the leader's scratch: those injections journal
+the thread's registers and mask ("saved" and "clean" carrying a "tid"), and repair() puts them back into each
+thread not clean, leaving it in the group stop, before the leader's SIGCONT ends it for all.
+
 On a failure it survives, the dump puts the original back itself (continue_quietly() if the state is clean,
 else detach and the same repair()) before it reports the error, then releases the watchdog; should that fail,
 the watchdog, not released, repairs once the dump exits. repair() is idempotent: the watchdog may redo it.
