@@ -21,7 +21,7 @@ except ImportError:  # pragma: no cover
 
 pytestmark = pytest.mark.root
 
-NTHREADS = 5  # threads.c
+NTHREADS = 6  # threads.c
 
 
 def test_threads_fault_at_once_lazily(harness: H.Harness, tmp_path: Path) -> None:
@@ -39,8 +39,8 @@ def test_threads_fault_at_once_lazily(harness: H.Harness, tmp_path: Path) -> Non
     assert shown.returncode == 0, shown.stderr
     (task,) = json.loads(shown.stdout)["tasks"]
     assert [t["tid"] for t in task["threads"]] == tids, (task["threads"], tids)
-    assert sorted(t["comm"] for t in task["threads"]) == ["laz-busy", "laz-cond", "laz-join", "laz-read",
-                                                          "laz-sleep"]
+    assert sorted(t["comm"] for t in task["threads"]) == ["laz-busy", "laz-cond", "laz-join", "laz-poll",
+                                                          "laz-read", "laz-sleep"]
     stats = tmp_path / "stats.json"
     r = harness.restore(image, "--stats", str(stats), "--no-background", lazy=True, like=target)
     assert r.returncode == 0, r.stderr
@@ -53,7 +53,7 @@ def test_threads_fault_at_once_lazily(harness: H.Harness, tmp_path: Path) -> Non
     s = json.loads(stats.read_text())
     (root,) = [p for p in s["processes"] if p["pid"] == target.pid]
     assert root["pages_background"] == 0 and root["pages_fault"] > 0, root
-    # the main thread and the five others each touch memory only they use (their stacks, their slices)
+    # the main thread and the six others each touch memory only they use (their stacks, their slices)
     assert root["fault_threads"] >= NTHREADS, root
 
 

@@ -1,5 +1,5 @@
 /*
- * threads.c - exercises a multi-threaded process: five threads besides the main one, each caught in a different
+ * threads.c - exercises a multi-threaded process: six threads besides the main one, each caught in a different
  * kind of wait, each with its own per-thread state, all of which must come back after restore.
  *
  *   thread 0  pthread_cond_wait on a condition variable (futex wait)
@@ -7,6 +7,7 @@
  *   thread 2  a raw read(2) on a pipe, made in inline assembly with r12-r15 and xmm6/xmm7 holding a pattern
  *   thread 3  nanosleep in a loop until told to stop
  *   thread 4  a busy loop in user code with r12-r15 and xmm6/xmm7 holding a pattern
+ *   thread 5  poll(2) on a second pipe with a 60 s timeout (a restart through the restart block)
  *
  * Per thread: its tid (gettid() after restore equals the one before), a TLS value, a signal mask of its own
  * (SIGUSR2 blocked, plus SIGRTMIN+i), a thread-directed pending signal (SIGRTMIN+i with a value, queued by
@@ -24,18 +25,19 @@
  */
 #include "common.h"
 
+#include <poll.h>
 #include <pthread.h>
 #include <sys/prctl.h>
 #include <sys/rseq.h>
 #include <sys/syscall.h>
 
-#define NTHREADS 5
+#define NTHREADS 6
 #define RSEQ_SIG 0x53053053
 #define SLICE (64 * 1024)
 
-enum { T_COND, T_JOIN, T_READ, T_SLEEP, T_BUSY };
-static const char *const kinds[NTHREADS] = { "cond", "join", "read", "sleep", "busy" };
-static const long wait_syscall[NTHREADS] = { SYS_futex, SYS_futex, SYS_read, SYS_clock_nanosleep, -1 };
+enum { T_COND, T_JOIN, T_READ, T_SLEEP, T_BUSY, T_POLL };
+static const char *const kinds[NTHREADS] = { "cond", "join", "read", "sleep", "busy", "poll" };
+static const long wait_syscall[NTHREADS] = { SYS_futex, SYS_futex, SYS_read, SYS_clock_nanosleep, -1, SYS_poll };
 
 struct slot {
 	pthread_t thread;
@@ -53,7 +55,7 @@ static struct slot slots[NTHREADS];
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cond = PTHREAD_COND_INITIALIZER;
 static volatile int go;
-static int pipefd[2];
+static int pipefd[2], pollfd[2];
 static unsigned char *shared_buf;
 static __thread uint64_t tls_value;
 static volatile int corrupt_thread = -1;
@@ -303,6 +305,16 @@ static void *thread_main(void *arg)
 		spin_with_pattern(s->seed, out);
 		check_pattern(s, out);
 		break;
+	case T_POLL: {
+		struct pollfd pfd = { .fd = pollfd[0], .events = POLLIN };
+		double t0 = laz_now(CLOCK_MONOTONIC);
+		int n = poll(&pfd, 1, 60000);
+
+		if (n != 1 || !(pfd.revents & POLLIN))
+			note(s, "poll returned %d (revents %#x) after %.1f s", n, pfd.revents,
+			     laz_now(CLOCK_MONOTONIC) - t0);
+		break;
+	}
 	}
 	check_own_state(i);
 	return NULL;
@@ -354,7 +366,7 @@ int main(int argc, char **argv)
 	long churned_before = 0;
 
 	laz_init(argc, argv);
-	if (pipe(pipefd))
+	if (pipe(pipefd) || pipe(pollfd))
 		laz_die("pipe");
 	shared_buf = mmap(NULL, NTHREADS * SLICE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (shared_buf == MAP_FAILED)
@@ -404,7 +416,7 @@ int main(int argc, char **argv)
 	go = 1;
 	pthread_cond_broadcast(&cond);
 	pthread_mutex_unlock(&lock);
-	if (write(pipefd[1], "w", 1) != 1)
+	if (write(pipefd[1], "w", 1) != 1 || write(pollfd[1], "p", 1) != 1)
 		laz_die("write pipe");
 	for (int i = 0; i < NTHREADS; i++)
 		if (i != T_READ && pthread_join(slots[i].thread, NULL))
