@@ -7,7 +7,7 @@
  *   thread 2  a raw read(2) on a pipe, made in inline assembly with r12-r15 and xmm6/xmm7 holding a pattern
  *   thread 3  nanosleep in a loop until told to stop
  *   thread 4  a busy loop in user code with r12-r15 and xmm6/xmm7 holding a pattern
- *   thread 5  poll(2) on a second pipe with a 60 s timeout (a restart through the restart block)
+ *   thread 5  poll(2) on a second pipe with a 600 s timeout (a restart through the restart block)
  *
  * Per thread: its tid (gettid() after restore equals the one before), a TLS value, a signal mask of its own
  * (SIGUSR2 blocked, plus SIGRTMIN+i), a thread-directed pending signal (SIGRTMIN+i with a value, queued by
@@ -308,7 +308,7 @@ static void *thread_main(void *arg)
 	case T_POLL: {
 		struct pollfd pfd = { .fd = pollfd[0], .events = POLLIN };
 		double t0 = laz_now(CLOCK_MONOTONIC);
-		int n = poll(&pfd, 1, 60000);
+		int n = poll(&pfd, 1, 600000);
 
 		if (n != 1 || !(pfd.revents & POLLIN))
 			note(s, "poll returned %d (revents %#x) after %.1f s", n, pfd.revents,
