@@ -415,8 +415,10 @@ def _summary(img: Any) -> dict[str, Any]:
                            "created": inv.get("created"), "tasks": []}
     from lazarus.images.mm import is_lazy, lazy_object_ids
     from lazarus.kernel import abi
+    from lazarus.restore.threads import check_threads
     for pid in img.tasks:
         t = img.task(pid)
+        check_threads(t, f"task-{pid}.json")
         lazy_ids = lazy_object_ids(t["mm"], t["files"])
         objects = {o["id"]: o for o in t["mm"]["objects"]}
         regs = abi.user_regs_struct.from_buffer_copy(bytes.fromhex(t["core"]["regs"]))
@@ -437,6 +439,9 @@ def _summary(img: Any) -> dict[str, Any]:
             "registers": {"rip": f"{regs.rip:#x}", "rsp": f"{regs.rsp:#x}", "rax": f"{regs.rax:#x}",
                           "orig_rax": f"{regs.orig_rax:#x}", "fs_base": f"{regs.fs_base:#x}",
                           "xstate_bytes": len(t["core"]["xstate"]) // 2},
+            "threads": [{"tid": th["tid"], "comm": th["comm"],
+                         "rip": f"{abi.user_regs_struct.from_buffer_copy(bytes.fromhex(th['core']['regs'])).rip:#x}"}
+                        for th in t.get("threads", [])],
             "vmas": vmas, "fds": fds,
             "pages": sum(v["pages"] for v in vmas), "lazy_pages": sum(v["pages"] for v in vmas if v["lazy"]),
             "signals": {"blocked": f"{t['signals']['blocked']:#x}",
@@ -467,6 +472,9 @@ def cmd_show(args: argparse.Namespace) -> int:
                   f"fs_base {r['fs_base']}, xstate {r['xstate_bytes']} bytes")
         s = t["signals"]
         con.print(f"  signals: {s['handlers']} handlers, blocked {s['blocked']}, {s['pending']} pending")
+        if t["threads"]:
+            con.print(f"  threads: {len(t['threads'])} more: "
+                      + ", ".join(f"{th['tid']} ({th['comm']}) rip {th['rip']}" for th in t["threads"]))
         con.print(f"  memory: {t['pages']} pages saved, {t['lazy_pages']} of them served lazily by --lazy")
         vt = Table(show_edge=False)
         for col in ("start", "end", "prot", "kind", "pages", "lazy", "path"):

@@ -55,6 +55,7 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "ptimers": (),
     "prctl": (),
     "refused_proc": (),
+    "threads": ("-pthread",),
 }
 CFLAGS = ("-O1", "-g", "-Wall")
 
@@ -366,6 +367,8 @@ CASES: tuple[Case, ...] = (
     Case("survivor", "survivor", syscall=SYS_NANOSLEEP),
     Case("ptimers", "ptimers"),
     Case("prctl", "prctl"),
+    Case("threads", "threads"),
+    Case("threads-churn", "threads", ("churn",)),
 )
 CASES_BY_ID = {c.id: c for c in CASES}
 
@@ -375,7 +378,7 @@ REFUSED_PROC_MODES = ("securebits", "cpu_overrun")  # tests/targets/refused_proc
 
 
 PYTHONS = ("system", "lazarus")
-PY_TARGETS = ("pyscript", "pyasync")  # tests/targets/NAME.py, run by target_python()
+PY_TARGETS = ("pyscript", "pyasync", "pythreads")  # tests/targets/NAME.py, run by target_python()
 
 
 def target_python(kind: str = "system") -> Path:

@@ -258,3 +258,47 @@ def test_cli_dump_killed_at_random_moments(harness: H.Harness) -> None:
     target.mark()
     target.signal(signal.SIGUSR2)
     assert target.wait_result() == "PASS", target.describe()
+
+
+def threads_running(target: H.Target, what: str) -> None:
+    """Every thread of the original untraced and out of the dump's stop (T or t) within the timeout."""
+    deadline = time.monotonic() + RECOVER_TIMEOUT
+    while True:
+        bad = []
+        for tid in sorted(int(t) for t in os.listdir(f"/proc/{target.pid}/task")):
+            status = Path(f"/proc/{target.pid}/task/{tid}/status").read_text()
+            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+            if fields["State"].split()[0] in ("T", "t") or int(fields["TracerPid"]) != 0:
+                bad.append(f"{tid} {fields['State'].strip()} traced by {fields['TracerPid'].strip()}")
+        if not bad:
+            return
+        assert time.monotonic() < deadline, f"{what}: threads still stopped or traced: {bad}"
+        time.sleep(0.002)
+
+
+def test_threaded_dump_killed_across_the_dump(harness: H.Harness) -> None:
+    """A multi-threaded original (threads.c: threads in futex waits, a read, a sleep and a user-code loop, each
+    with registers it checks) survives a dump killed at ptrace calls spread over the whole dump, through the
+    injections into its other threads too, and a dump failing at them: afterwards every thread passes its own
+    checks."""
+    case = H.CASES_BY_ID["threads"]
+    target = harness.start_case(case)
+    image = harness.image_dir()
+    status, watchdog, total = forked_dump(target.pid, image, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and total, f"a clean dump failed: {status:#x}"
+    wait_running(target, "clean dump", watchdog)
+    threads_running(target, "clean dump")
+    shutil.rmtree(image)
+    step = max(1, total // 30)
+    print(f"{total} ptrace calls; killing and failing at every {step}th")
+    for k in range(1, total + 1, step):
+        for fail in (False, True):
+            what = f"dump {'failing' if fail else 'killed'} at ptrace call {k} of {total}"
+            status, watchdog, _ = forked_dump(target.pid, image, k, fail=fail)
+            wait_running(target, what, watchdog)
+            threads_running(target, what)
+            if image.exists():
+                shutil.rmtree(image)
+            for leftover in tmp_dirs(image):
+                shutil.rmtree(image.parent / leftover)
+    H.expect_pass(harness.run_case(case, target), target)

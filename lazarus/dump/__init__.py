@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lazarus.dump.core import dump_misc, dump_registers, dump_signals, dump_xcomp_perm
+from lazarus.dump.core import dump_misc, dump_registers, dump_signals, dump_thread, dump_xcomp_perm
 from lazarus.dump.files import dump_cwd, dump_files
 from lazarus.dump.membership import check_namespaces, check_session, dump_cgroups
 from lazarus.dump.memory import MemoryDumper
@@ -63,8 +63,6 @@ def precheck(pid: int) -> procfs.Status:
 
 
 def check_resources(pid: int, status: procfs.Status) -> None:
-    if status.threads > 1:
-        raise Unsupported(f"pid {pid} has {status.threads} threads; multi-threaded processes are not supported")
     kids = procfs.children(pid)
     if kids:
         raise Unsupported(f"pid {pid} has child process {kids[0]}; process trees are not supported yet")
@@ -75,28 +73,96 @@ def check_resources(pid: int, status: procfs.Status) -> None:
 _STOP_SIGNALS = (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 
 
-def freeze(pid: int, watchdog: Watchdog) -> None:
-    """Seize the task and put it in a group stop (SIGSTOP) that outlives us (see watchdog.py)."""
+def freeze(pid: int, watchdog: Watchdog, threads: list[int]) -> None:
+    """Seize every thread and put the process in a group stop (SIGSTOP) that outlives us (see watchdog.py).
+
+    `threads` receives the ids of the other threads as they are seized (the caller lets go of them on failure).
+    Threads may start and end while we attach: those seen before the SIGSTOP are seized first; once every
+    seized thread reports the group stop, the list is read again, and threads that appeared meanwhile (stopped
+    by the group stop all the same, untraced) are seized and waited for, until a look finds none new. With the
+    whole group stopped nobody can clone, so the last look is the final set.
+    """
     try:
         ptrace.seize(pid, abi.PTRACE_O_TRACESYSGOOD)
     except KernelError as e:
         if e.errno == errno.EPERM:
             raise DumpError(f"cannot trace pid {pid}: {e.strerror} (already traced?)", pid=pid) from e
         raise
+    _seize_new_threads(pid, threads)
     watchdog.stopping()
     os.kill(pid, signal.SIGSTOP)
-    while True:
-        st = ptrace.wait(pid)
-        if st.exited or st.signaled:
-            raise NoSuchTask(f"pid {pid} exited during the dump ({st})", pid=pid)
-        if st.stopped and st.event == abi.PTRACE_EVENT_STOP:
-            if st.stop_sig in _STOP_SIGNALS:
-                return
-            ptrace.cont(pid)
-        elif st.stopped:
-            # A signal, our SIGSTOP among them: deliver it as the kernel would have (swallowing it would change
-            # the process); the SIGSTOP then starts the group stop, which is reported as an event stop.
-            ptrace.cont(pid, st.stop_sig)
+    waiting = [pid, *threads]
+    while waiting:
+        for tid in _wait_group_stop(pid, waiting):
+            threads.remove(tid)  # it exited before the stop: it is simply not part of the process any more
+        waiting = _seize_new_threads(pid, threads)
+
+
+def _seize_new_threads(pid: int, threads: list[int]) -> list[int]:
+    """Seize the threads of `pid` not yet in `threads`; returns those newly seized."""
+    new = []
+    for tid in procfs.tasks(pid):
+        if tid == pid or tid in threads:
+            continue
+        try:
+            ptrace.seize(tid, abi.PTRACE_O_TRACESYSGOOD)
+        except NoSuchTask:
+            continue  # it exited meanwhile
+        except KernelError as e:
+            if e.errno == errno.EPERM and _exiting(pid, tid):
+                continue  # the kernel refuses to attach to a thread that is exiting: it is no part of the image
+            if e.errno == errno.EPERM:
+                raise DumpError(f"cannot trace thread {tid} of pid {pid}: {e.strerror}", pid=pid) from e
+            raise
+        threads.append(tid)
+        new.append(tid)
+    return new
+
+
+def _exiting(pid: int, tid: int) -> bool:
+    try:
+        return procfs.read_stat(pid, tid).state in ("Z", "X")
+    except (LazarusError, OSError):
+        return True
+
+
+_STOP_TIMEOUT = 10.0
+
+
+def _wait_group_stop(pid: int, tids: list[int]) -> list[int]:
+    """Wait until every thread of `tids` reports the group stop; returns those that exited first (the leader
+    exiting is an error). All at once: whichever thread dequeues our SIGSTOP reports it to us (a tracee's
+    signal-delivery stop) before the group stop can begin, so waiting for one thread alone could wait forever."""
+    waiting = set(tids)
+    gone = []
+    deadline = time.monotonic() + _STOP_TIMEOUT
+    while waiting:
+        progress = False
+        for tid in sorted(waiting):
+            st = ptrace.try_wait(tid)
+            if st is None:
+                continue
+            progress = True
+            if st.exited or st.signaled:
+                if tid == pid:
+                    raise NoSuchTask(f"pid {pid} exited during the dump ({st})", pid=pid)
+                waiting.discard(tid)
+                gone.append(tid)
+            elif st.stopped and st.event == abi.PTRACE_EVENT_STOP:
+                if st.stop_sig in _STOP_SIGNALS:
+                    waiting.discard(tid)
+                else:
+                    ptrace.cont(tid)
+            elif st.stopped:
+                # A signal, our SIGSTOP among them: deliver it as the kernel would have (swallowing it would
+                # change the process); the SIGSTOP then starts the group stop, reported as an event stop.
+                ptrace.cont(tid, st.stop_sig)
+        if not progress:
+            if time.monotonic() > deadline:
+                raise DumpError(f"pid {pid}: threads {sorted(waiting)} did not stop within {_STOP_TIMEOUT:.0f} s",
+                                pid=pid)
+            time.sleep(0.0005)
+    return gone
 
 
 def _vdso_range(vmas: list[procfs.Vma]) -> tuple[int, int] | None:
@@ -133,10 +199,11 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: b
         raise
     seized = False
     remote: RemoteTask | None = None
+    threads: list[int] = []
     try:
         try:
             seized = True
-            freeze(pid, watchdog)
+            freeze(pid, watchdog, threads)
             status = procfs.read_status(pid)
             check_resources(pid, status)
             stat = procfs.read_stat(pid)
@@ -160,6 +227,8 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: b
             core["xcomp_guest_perm"] = dump_xcomp_perm(remote, abi.ARCH_GET_XCOMP_GUEST_PERM)
             signals = dump_signals(remote)
             misc = dump_misc(remote)
+            # The other threads, each through the leader's scratch (one address space) and journalled.
+            thread_recs = [dump_thread(pid, tid, remote, watchdog.for_thread(tid)) for tid in sorted(threads)]
             brk = remote.syscall(abi.SYS.brk, 0)
             remote.close()
             remote = None
@@ -191,6 +260,8 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: b
             task: dict[str, Any] = {"pid": pid, "comm": misc["comm"], "core": core, "mm": mm,
                                     "files": files, "signals": signals, "misc": misc,
                                     "cgroups": dump_cgroups(pid), "shell_job": shell_job}
+            if thread_recs:
+                task["threads"] = thread_recs
             writer.write_json(f"task-{pid}.json", task)
             xcr0, xsize, _ = parse_xstate(bytes.fromhex(core["xstate"]))
             writer.commit({
@@ -208,7 +279,7 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: b
             with contextlib.suppress(Exception):
                 remote.close()
                 watchdog.clean()
-        _resume_after_failure(pid, watchdog, seized)
+        _resume_after_failure(pid, watchdog, seized, threads)
         if isinstance(e, NoSuchTask) or (isinstance(e, LazarusError) and not os.path.exists(f"/proc/{pid}")):
             raise NoSuchTask(f"pid {pid} exited during the dump", pid=pid) from e
         raise
@@ -217,33 +288,47 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: b
     if leave_running:
         try:
             continue_quietly(pid, signals["blocked"])
+            _let_go(threads)
         except (LazarusError, OSError):
             # The image is complete: only letting the original go failed. Not an error of the dump.
-            _resume_after_failure(pid, watchdog, True)
+            _resume_after_failure(pid, watchdog, True, threads)
     else:
         os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(LazarusError):
-            while True:
-                st = ptrace.wait(pid, timeout=10)
-                if st.exited or st.signaled:
-                    break
+        # Traced threads must be reaped by us before the leader's exit is reported.
+        for tid in [*threads, pid]:
+            with contextlib.suppress(LazarusError):
+                while True:
+                    st = ptrace.wait(tid, timeout=10)
+                    if st.exited or st.signaled:
+                        break
     watchdog.release()
     return DumpResult(pid, directory, npages, time.monotonic() - t0, leave_running)
 
 
-def _resume_after_failure(pid: int, watchdog: Watchdog, seized: bool) -> None:
+def _let_go(threads: list[int]) -> None:
+    """Detach the other threads (after the leader's SIGCONT they run on; before it they stay in the group
+    stop). A thread that is not in a ptrace stop any more (it exited) is skipped."""
+    for tid in threads:
+        with contextlib.suppress(LazarusError, OSError):
+            ptrace.detach(tid)
+
+
+def _resume_after_failure(pid: int, watchdog: Watchdog, seized: bool, threads: list[int] | None = None) -> None:
     """After a failure we survived, let the original run on as it was before the error is reported: quietly if
     its state is back already, else by the watchdog's own repair run here. If that fails, the watchdog (not
     released) tries again once we have exited."""
     st = watchdog.state
-    if seized and st.clean and st.mask is not None:
+    threads = threads or []
+    if seized and st.clean and st.mask is not None and not st.threads:
         try:
             continue_quietly(pid, st.mask)
+            _let_go(threads)
             watchdog.release()
             return
         except (LazarusError, OSError):
             pass
     if seized:
+        _let_go(threads)  # into the group stop, with their state or the journal's for repair() to put back
         with contextlib.suppress(LazarusError, OSError):
             ptrace.detach(pid)  # into the group stop (T), if it began: repair() takes it from there
     try:

@@ -11,7 +11,7 @@ from lazarus.errors import KernelError, Unsupported
 from lazarus.kernel import abi, ptrace
 from lazarus.kernel.procfs import Status, read_limits, read_stat, read_status
 from lazarus.kernel.syscall import get_robust_list
-from lazarus.remote import RemoteTask
+from lazarus.remote import RemoteTask, restart_after_freeze
 
 
 def dump_registers(pid: int) -> dict[str, Any]:
@@ -168,4 +168,58 @@ def dump_prctl(task: RemoteTask, task_flags: int) -> dict[str, Any]:
                         (abi.PR_SPEC_STORE_BYPASS, abi.PR_SPEC_INDIRECT_BRANCH, abi.PR_SPEC_L1D_FLUSH)],
         "mdwe": get(abi.PR_GET_MDWE),
         "memory_merge": get(abi.PR_GET_MEMORY_MERGE),
+    }
+
+
+def dump_thread(pid: int, tid: int, leader: RemoteTask, journal: Any) -> dict[str, Any]:
+    """The per-thread state of thread `tid` (not the leader) of process `pid`: read by ptrace and /proc, and
+    by two injected calls (its sigaltstack and clear_child_tid have no other reader) through the leader's
+    scratch, with its registers and mask journalled for the watchdog. Refuses what a restore would not give
+    back: credentials, capabilities, no_new_privs or seccomp that differ from the leader's (they are restored
+    process-wide)."""
+    status = read_status(pid, tid)
+    lead = read_status(pid)
+    for what, mine, theirs in (("credentials", (status.uids, status.gids, status.groups),
+                                (lead.uids, lead.gids, lead.groups)),
+                               ("capabilities", (status.cap_inh, status.cap_prm, status.cap_eff, status.cap_bnd,
+                                                 status.cap_amb),
+                                (lead.cap_inh, lead.cap_prm, lead.cap_eff, lead.cap_bnd, lead.cap_amb)),
+                               ("no_new_privs", status.no_new_privs, lead.no_new_privs)):
+        if mine != theirs:
+            raise Unsupported(f"pid {pid}: thread {tid} has {what} other than the main thread's, which is not "
+                              f"supported", pid=pid)
+    if status.seccomp:
+        raise Unsupported(f"pid {pid}: thread {tid} runs under seccomp (mode {status.seccomp}), which is not "
+                          f"supported", pid=pid)
+    core = dump_registers(tid)
+    scratch = leader.alloc_scratch()
+    task = RemoteTask(tid, leader.syscall_ip, adjust=restart_after_freeze, journal=journal)
+    try:
+        task.use_scratch(scratch, leader.scratch_size)
+        task.syscall(abi.SYS.sigaltstack, 0, scratch)
+        ss = task.get_struct(abi.stack_t, scratch)
+        task.syscall(abi.SYS.prctl, abi.PR_GET_TID_ADDRESS, scratch, 0, 0, 0)
+        clear_child_tid = int.from_bytes(task.read(scratch, 8), "little")
+    finally:
+        task.close()
+    journal.clean()
+    try:
+        conf = ptrace.rseq_configuration(tid)
+        rseq = ({"addr": conf.rseq_abi_pointer, "size": conf.rseq_abi_size, "sig": conf.signature}
+                if conf.rseq_abi_pointer else None)
+    except KernelError:
+        rseq = None
+    head, length = get_robust_list(tid)
+    with open(f"/proc/{pid}/task/{tid}/comm") as f:
+        comm = f.read().rstrip("\n")
+    return {
+        "tid": tid,
+        "core": core,
+        "blocked": task.saved_mask,
+        "pending_thread": [s.hex() for s in ptrace.peek_siginfo(tid, shared=False)],
+        "altstack": {"sp": ss.ss_sp, "flags": ss.ss_flags, "size": ss.ss_size},
+        "rseq": rseq,
+        "clear_child_tid": clear_child_tid,
+        "robust_list": {"head": head, "len": length},
+        "comm": comm,
     }

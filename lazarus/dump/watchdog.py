@@ -42,6 +42,12 @@ and the original crashes or runs deaf. Two things prevent it:
                                                       registers and mask from "saved"; continue_quietly();
                                                       one line on stderr saying what it did
 
+Threads: every thread of the process is seized and stops in the same group stop (a tracer's death leaves each
+one in it). Injection is into the leader, and briefly into each other thread for the two things only the thread
+itself can answer (its sigaltstack and clear_child_tid), using the leader's scratch: those injections journal
+the thread's registers and mask ("saved" and "clean" carrying a "tid"), and repair() puts them back into each
+thread not clean, leaving it in the group stop, before the leader's SIGCONT ends it for all.
+
 On a failure it survives, the dump puts the original back itself (continue_quietly() if the state is clean,
 else detach and the same repair()) before it reports the error, then releases the watchdog; should that fail,
 the watchdog, not released, repairs once the dump exits. repair() is idempotent: the watchdog may redo it.
@@ -62,7 +68,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lazarus.errors import KernelError, LazarusError, NoSuchTask
 from lazarus.kernel import abi, procfs, ptrace
@@ -89,9 +95,18 @@ class JournalState:
     scratch: tuple[int, int] | None = None
     clean: bool = False
     released: bool = False
+    # Other threads of the process we injected into: tid -> (registers, mask) until that thread is clean again.
+    threads: dict[int, tuple[bytes, int]] = field(default_factory=dict)
 
     def apply(self, msg: dict) -> None:
         kind = msg.get("t")
+        if "tid" in msg:  # a non-leader thread: only "saved" and "clean" concern it (it never has scratch)
+            tid = int(msg["tid"])
+            if kind == "saved":
+                self.threads[tid] = (bytes.fromhex(msg["regs"]), int(msg["mask"]))
+            elif kind == "clean":
+                self.threads.pop(tid, None)
+            return
         if kind == "stopping":
             self.stopping = True
         elif kind == "saved":
@@ -196,6 +211,10 @@ class Watchdog:
     def clean(self) -> None:
         self._send({"t": "clean"})
 
+    def for_thread(self, tid: int) -> ThreadJournal:
+        """The journal of an injection into another thread of the process (its registers and mask)."""
+        return ThreadJournal(self, tid)
+
     def release(self) -> None:
         """The original is as it was (or killed on purpose): the watchdog exits without touching it."""
         self._send({"t": "release"})
@@ -205,6 +224,27 @@ class Watchdog:
         self.alive = False
         with contextlib.suppress(OSError):
             self._sock.close()
+
+
+class ThreadJournal:
+    """A RemoteTask journal for a non-leader thread: the watchdog puts its registers and mask back too. The
+    thread uses the leader's scratch (one address space), so it never journals a mapping of its own."""
+
+    def __init__(self, wd: Watchdog, tid: int) -> None:
+        self._wd = wd
+        self.tid = tid
+
+    def saved(self, regs: abi.user_regs_struct, mask: int, syscall_ip: int) -> None:
+        self._wd._send({"t": "saved", "tid": self.tid, "regs": bytes(regs).hex(), "mask": mask, "ip": syscall_ip})
+
+    def scratch(self, addr: int, size: int) -> None:  # pragma: no cover - threads use the leader's scratch
+        raise LazarusError(f"thread {self.tid}: scratch memory of its own is not journalled")
+
+    def scratch_gone(self) -> None:  # pragma: no cover
+        pass
+
+    def clean(self) -> None:
+        self._wd._send({"t": "clean", "tid": self.tid})
 
 
 def _wait_stopped(st: JournalState) -> str | None:
@@ -293,11 +333,43 @@ def repair(st: JournalState) -> str:
         undone = f", unmapped scratch {st.scratch[0]:#x}"
     remote.close()  # munmap, registers, mask, and into an event stop for a clean syscall restart
     st.scratch = None
+    undone += _repair_threads(st)
     continue_quietly(st.pid, remote.saved_mask)
     if st.clean:
         return "continued (its state was already put back)"
     what = "registers and signal mask put back" if st.regs is not None else "continued"
     return what + undone
+
+
+def _repair_threads(st: JournalState) -> str:
+    """Registers and mask back into every other thread caught in an injection; each is left in the group stop
+    (detached) for the leader's SIGCONT to end."""
+    done = []
+    for tid, (regs, mask) in sorted(st.threads.items()):
+        for _ in range(1000):
+            try:
+                ptrace.seize(tid, abi.PTRACE_O_TRACESYSGOOD)
+                break
+            except NoSuchTask:
+                break
+            except KernelError as e:
+                if e.errno != errno.EPERM:
+                    raise
+                time.sleep(0.005)
+        else:
+            continue
+        try:
+            _wait_event_stop(tid)
+            remote = RemoteTask(tid, st.syscall_ip)
+            remote.saved_regs = ptrace.regs_from_bytes(regs)
+            remote.saved_mask = mask
+            remote.close()
+            ptrace.detach(tid)
+        except NoSuchTask:
+            continue
+        done.append(tid)
+    st.threads.clear()
+    return f", threads {', '.join(map(str, done))} put back" if done else ""
 
 
 def continue_quietly(pid: int, mask: int) -> None:
@@ -378,4 +450,4 @@ def _watchdog_main(sock_fd: int, pid: int, start: int) -> int:
     return 0
 
 
-__all__ = ["JournalState", "Watchdog", "continue_quietly", "repair"]
+__all__ = ["JournalState", "ThreadJournal", "Watchdog", "continue_quietly", "repair"]

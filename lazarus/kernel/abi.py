@@ -319,6 +319,17 @@ class prctl_mm_map(C.Structure):  # include/uapi/linux/prctl.h
         ("auxv_size", C.c_uint32), ("exe_fd", C.c_uint32)]
 
 
+# clone flags (include/uapi/linux/sched.h): what a thread shares with its process, as pthread_create asks
+CLONE_VM = 0x100
+CLONE_FS = 0x200
+CLONE_FILES = 0x400
+CLONE_SIGHAND = 0x800
+CLONE_PTRACE = 0x2000
+CLONE_THREAD = 0x10000
+CLONE_SYSVSEM = 0x40000
+CLONE_SETTLS = 0x80000
+
+
 class clone_args(C.Structure):  # include/uapi/linux/sched.h
     _fields_ = [(n, C.c_uint64) for n in (
         "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack", "stack_size", "tls",

@@ -134,6 +134,15 @@ def wait(pid: int, timeout: float = 10.0) -> WaitStatus:
             time.sleep(min(0.005, (now - start) / 10))
 
 
+def try_wait(pid: int) -> WaitStatus | None:
+    """waitpid(pid, WNOHANG | __WALL): its status change if one is waiting, else None."""
+    try:
+        wpid, status = os.waitpid(pid, os.WNOHANG | 0x40000000)  # __WALL
+    except ChildProcessError as e:
+        raise NoSuchTask(f"waitpid: no such child {pid}", pid=pid) from e
+    return WaitStatus(wpid, status) if wpid else None
+
+
 def seize(pid: int, options: int = abi.PTRACE_O_TRACESYSGOOD) -> None:
     ptrace(abi.PTRACE_SEIZE, pid, 0, options, what=f"seize pid {pid}")
 

@@ -98,6 +98,7 @@ class _Proc:
     state: str = "serving"       # serving | complete | exited | gone | lost
     reason: str = ""
     faults: int = 0
+    fault_tids: set[int] = field(default_factory=set)  # the threads that faulted (with UFFD_FEATURE_THREAD_ID)
     pages_fault: int = 0
     pages_background: int = 0
     zero_pages: int = 0
@@ -425,6 +426,8 @@ class LazyServer:
                 if npages - k - 1 and p.key in self._procs:
                     self._fill(p, addr + PAGE_SIZE, npages - k - 1, fidx + k + 1)
         p.faults += 1
+        if ev.tid:
+            p.fault_tids.add(ev.tid)
         p.cursor = addr
         p.last_fault_ns = time.monotonic_ns()
         self._last_faulted = p
@@ -913,7 +916,7 @@ class LazyServer:
                 "key": p.key, "pid": p.pid, "parent_pid": p.parent_pid, "state": p.state, "reason": p.reason,
                 "pages_total": p.total_pages, "pages_fault": p.pages_fault,
                 "pages_background": p.pages_background, "zero_pages": p.zero_pages,
-                "dropped_pages": p.dropped_pages, "faults": p.faults,
+                "dropped_pages": p.dropped_pages, "faults": p.faults, "fault_threads": len(p.fault_tids),
                 "seconds": None if p.ended is None else round(p.ended - p.started, 6),
             })
         return out

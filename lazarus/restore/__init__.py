@@ -43,6 +43,7 @@ from lazarus.restore.memory import (
     trampoline_candidates,
 )
 from lazarus.restore.thp import collapse_in_task
+from lazarus.restore.threads import check_threads, create_thread, restore_thread_creds, restore_thread_state
 from lazarus.restore.timers import check_timers
 from lazarus.restore.uffd import LAZY_FEATURES, copy_all, lazy_ranges, uffd_in_task
 
@@ -70,6 +71,7 @@ def open_image(directory: Path, *, verify_pages: bool) -> Image:
         check_fd_fields(task_name(pid), task["files"], task["misc"])
         check_timers(task["signals"].get("timers", []), task_name(pid))
         rcore.check_proc_state(task["misc"], task_name(pid))
+        check_threads(task, task_name(pid))
     xcr0, xsize = cpu_xstate()
     img.check_machine(os.uname().release, xcr0, xsize)
     for pid in img.tasks:
@@ -141,6 +143,9 @@ def validate(img: Image, pid: int, task: dict[str, Any]) -> None:
                 or st.st_ctime_ns != want.get("ctime_ns", st.st_ctime_ns)):
             raise RestoreError(f"mapped file {path} changed since the dump (inode, size, mtime or ctime differ)",
                                stage="validate", path=path)
+    for rec in task.get("threads", []):
+        if os.path.exists(f"/proc/{rec['tid']}"):
+            raise RestoreError(f"thread id {rec['tid']} is already in use", stage="validate", pid=pid)
     exe = task["mm"]["exe"]
     if not os.path.exists(exe):
         raise RestoreError(f"executable {exe} is gone", stage="validate", path=exe)
@@ -169,6 +174,8 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
     child = 0
     fdr: FdRestorer | None = None
     timings: dict[str, float] = {}
+    threads: list[RemoteTask] = []
+    thread_recs = task.get("threads", [])
     try:
         try:
             child = tramp.clone_with_pid(pid)
@@ -242,16 +249,29 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
         if lazy and ranges:
             # The kernel writes the rseq area when it is registered: that page must be in before the
             # range is handed to userfaultfd, or the injected call would wait on a fault nobody serves.
-            rseq = task["misc"].get("rseq")
-            if rseq:
-                written += space.write_range(mm["vmas"], page_file, rseq["addr"], rseq["addr"] + rseq["size"])
+            for rseq in [task["misc"].get("rseq")] + [rec.get("rseq") for rec in thread_recs]:
+                if rseq:
+                    written += space.write_range(mm["vmas"], page_file, rseq["addr"],
+                                                 rseq["addr"] + rseq["size"])
         restore_misc_and_cwd(remote, task["misc"])
+        # The other threads, once everything they share with the leader is back (they inherit its no_new_privs,
+        # personality and timer slack at the clone) and while the leader may still choose their ids.
+        for rec in thread_recs:
+            thread = create_thread(remote, rec)
+            threads.append(thread)
+            restore_thread_state(thread, child, rec, task["core"])
+        timings["threads"] = time.monotonic() - t0
         if lazy and ranges:
             handover = uffd_in_task(remote, ranges, LAZY_FEATURES)
+        for thread in threads:
+            restore_thread_creds(thread, task["misc"])
         rcore.restore_caps_before_creds(remote, task["misc"])
         rcore.restore_creds(remote, task["misc"]["creds"])
         rcore.restore_after_creds(remote, task["misc"])
         rcore.restore_dumpable(remote, task["misc"])
+        for thread, rec in zip(threads, thread_recs, strict=True):
+            rcore.set_final_state(thread, rec["core"], rec["blocked"])
+            thread.close()
         # Last injected call: remove the trampoline. We stop at its syscall exit (pitfall 16).
         remote.syscall(abi.SYS.munmap, tramp.addr, TRAMPOLINE_SIZE)
         rcore.set_final_state(remote, task["core"], task["signals"]["blocked"])
@@ -263,6 +283,8 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
                 # The server (and its guard) must hold the uffd before the task runs: a task whose uffd is
                 # closed would fault in zeros instead of its data.
                 on_lazy(child, handover, source)
+        for thread in threads:
+            ptrace.detach(thread.pid)
         ptrace.detach(child)
         timings["running"] = time.monotonic() - t0
         if page_file is not None and not lazy:
@@ -272,6 +294,12 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
     except BaseException as e:
         if child:
             rcore.kill_quietly(child)
+            for thread in threads:  # traced by us: reaped by us, before the leader's exit is reported
+                thread.close()
+                with contextlib.suppress(LazarusError, OSError):
+                    for _ in range(100):
+                        if ptrace.wait(thread.pid, timeout=5).stopped is False:
+                            break
             with contextlib.suppress(LazarusError, OSError):
                 for _ in range(100):
                     s = ptrace.wait(child, timeout=5)

@@ -21,7 +21,8 @@ from lazarus.lazy.anchor import anchor_fd_number
 from lazarus.remote import RemoteTask
 
 LAZY_FEATURES = (abi.UFFD_FEATURE_EVENT_FORK | abi.UFFD_FEATURE_EVENT_REMAP | abi.UFFD_FEATURE_EVENT_REMOVE
-                 | abi.UFFD_FEATURE_EVENT_UNMAP | abi.UFFD_FEATURE_MISSING_SHMEM)
+                 | abi.UFFD_FEATURE_EVENT_UNMAP | abi.UFFD_FEATURE_MISSING_SHMEM
+                 | abi.UFFD_FEATURE_THREAD_ID)  # which thread faulted: per-thread statistics, fork children's pids
 
 
 def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int) -> Uffd:

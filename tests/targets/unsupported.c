@@ -3,7 +3,9 @@
  * must refuse (leaving the process running and unchanged). One mode per run, given as argv[2]:
  *
  *   tcp       a listening TCP socket on 127.0.0.1 and a connected pair to it
- *   thread    a second thread (blocked in read() on a pipe)
+ *   thread    a second thread (blocked in read() on a pipe) whose group ids differ from the main thread's
+ *             (a raw setresgid changes one thread's credentials only): threads are dumped, but only with
+ *             the credentials of their process
  *   child     a child process (pause()s; PR_SET_PDEATHSIG SIGKILL, its pid is logged)
  *   pty       a pseudo terminal pair from posix_openpt()
  *   seccomp   a seccomp filter (allow-all BPF, with no_new_privs)
@@ -38,7 +40,7 @@ static unsigned char buffer[64 * 1024];
 static int fds[3];
 static pid_t child;
 static pthread_t thread;
-static volatile int thread_done;
+static volatile int thread_done, thread_ready;
 static unsigned char *uffd_area, *shm_area;
 static struct stat chardev_st;
 
@@ -49,6 +51,9 @@ static void *thread_main(void *arg)
 	char c;
 
 	(void)arg;
+	if (syscall(SYS_setresgid, -1, 1, -1))
+		laz_die("setresgid in the thread");
+	thread_ready = 1;
 	while (read(fds[0], &c, 1) < 0 && errno == EINTR)
 		;
 	thread_done = 1;
@@ -76,6 +81,8 @@ static void setup(const char *mode)
 			laz_die("pipe");
 		if (pthread_create(&thread, NULL, thread_main, NULL))
 			laz_die("pthread_create");
+		while (!thread_ready)
+			usleep(1000);
 	} else if (!strcmp(mode, "child")) {
 		pid_t parent = getpid();
 
