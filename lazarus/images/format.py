@@ -13,7 +13,10 @@ import xxhash
 from lazarus.errors import ImageError
 
 FORMAT_NAME = "lazarus-image"
-FORMAT_VERSION = 1
+# 2: a task may list its other threads ("threads"); a reader of version 1 would restore the main thread alone, so
+# it must refuse these images. Version 1 images (single-threaded) are still read.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 PAGE_SIZE = 4096
 # The unit of page-data checksumming: small enough that the lazy server verifies little more than it serves,

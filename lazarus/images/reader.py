@@ -20,11 +20,11 @@ from lazarus.errors import ImageError
 from lazarus.images.format import (
     CHUNK_SIZE,
     FORMAT_NAME,
-    FORMAT_VERSION,
     INVENTORY,
     INVENTORY_SCHEMA,
     PAGE_SIZE,
     PAGES_PER_CHUNK,
+    READABLE_VERSIONS,
     TASK_SCHEMA,
     blob_name,
     check_name,
@@ -357,8 +357,9 @@ class Image:
         if inv.get("format") != FORMAT_NAME:
             raise ImageError(f"{INVENTORY}: format {inv.get('format')!r}, not {FORMAT_NAME!r}")
         version = inv.get("version")
-        if version != FORMAT_VERSION or type(version) is not int:
-            raise ImageError(f"{INVENTORY}: format version {version}, this lazarus reads {FORMAT_VERSION}")
+        if type(version) is not int or version not in READABLE_VERSIONS:
+            raise ImageError(f"{INVENTORY}: format version {version}, this lazarus reads versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}")
         # The inventory cannot list its own checksum, so it carries one of its canonical form; the byte-for-byte
         # comparison then catches what the canonical form hides (whitespace, key order, duplicate keys).
         if not isinstance(inv.get("self_check"), str) or inv["self_check"] != inventory_self_check(inv):

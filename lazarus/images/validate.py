@@ -274,6 +274,8 @@ def validate_image(img: Any) -> None:
     check_ownership(img.path, [n for n in (*img.files, "inventory.json")])
     for pid in img.tasks:
         task = img.task(pid)
+        if img.inventory.get("version") == 1 and "threads" in task:
+            raise ImageError(f"{task_name(pid)}: field 'threads' in a version 1 image (threads came with version 2)")
         check_task_fields(pid, task)
         size = img.files[pages_name(pid)]["size"] if img.has_pages(pid) else 0
         check_task(task, task_name(pid), size // PAGE_SIZE,

@@ -106,7 +106,7 @@ def test_round_trip(pristine: Path) -> None:
     assert not [p for p in os.listdir(pristine.parent) if ".tmp-" in p]
     with Image.open(pristine) as img:
         assert img.tasks == [42, 43, 44] and img.root_pid == 42
-        assert img.inventory["format"] == "lazarus-image" and img.inventory["version"] == 1
+        assert img.inventory["format"] == "lazarus-image" and img.inventory["version"] == 2
         assert img.inventory["page_chunk"] == CHUNK_SIZE
         for pid in (42, 43, 44):
             assert img.task(pid) == task(pid)
@@ -428,8 +428,14 @@ def test_wrong_format_name(image: Path) -> None:
 
 
 def test_other_version(image: Path) -> None:
-    rewrite_inventory(image, lambda inv: inv.update(version=2))
-    assert open_error(image).startswith("inventory.json: format version 2, this lazarus reads 1")
+    rewrite_inventory(image, lambda inv: inv.update(version=3))
+    assert open_error(image).startswith("inventory.json: format version 3, this lazarus reads versions 1, 2")
+
+
+def test_version_1_still_read(image: Path) -> None:
+    rewrite_inventory(image, lambda inv: inv.update(version=1))
+    with Image.open(image) as img:
+        assert img.inventory["version"] == 1
 
 
 def test_inventory_edited_without_new_self_check(image: Path) -> None:
