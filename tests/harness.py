@@ -51,6 +51,7 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "files2": (),
     "locks": (),
     "files_refuse": (),
+    "sched": ("-pthread",),
     "survivor": (),
     "ptimers": (),
     "prctl": (),
@@ -367,6 +368,7 @@ CASES: tuple[Case, ...] = (
     Case("survivor", "survivor", syscall=SYS_NANOSLEEP),
     Case("ptimers", "ptimers"),
     Case("prctl", "prctl"),
+    Case("sched", "sched"),
     Case("threads", "threads"),
     Case("threads-churn", "threads", ("churn",)),
 )

@@ -17,6 +17,7 @@ from lazarus.dump.core import dump_misc, dump_registers, dump_signals, dump_thre
 from lazarus.dump.files import dump_cwd, dump_files
 from lazarus.dump.membership import check_namespaces, check_session, dump_cgroups
 from lazarus.dump.memory import MemoryDumper
+from lazarus.dump.sched import sched_state
 from lazarus.dump.thp import mark_huge
 from lazarus.dump.watchdog import Watchdog, continue_quietly, repair
 from lazarus.errors import DumpError, KernelError, LazarusError, NoSuchTask, Unsupported
@@ -260,6 +261,9 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: b
             task: dict[str, Any] = {"pid": pid, "comm": misc["comm"], "core": core, "mm": mm,
                                     "files": files, "signals": signals, "misc": misc,
                                     "cgroups": dump_cgroups(pid), "shell_job": shell_job}
+            task["sched"] = sched_state(pid, pid)
+            for rec in thread_recs:
+                rec["sched"] = sched_state(pid, rec["tid"])
             if thread_recs:
                 task["threads"] = thread_recs
             writer.write_json(f"task-{pid}.json", task)

@@ -277,6 +277,10 @@ def validate_image(img: Any) -> None:
         if img.inventory.get("version") == 1 and "threads" in task:
             raise ImageError(f"{task_name(pid)}: field 'threads' in a version 1 image (threads came with version 2)")
         check_task_fields(pid, task)
+        check_sched(task.get("sched"), task_name(pid), "sched")
+        for i, rec in enumerate(task.get("threads") or []):
+            if isinstance(rec, dict):
+                check_sched(rec.get("sched"), task_name(pid), f"threads[{i}].sched")
         size = img.files[pages_name(pid)]["size"] if img.has_pages(pid) else 0
         check_task(task, task_name(pid), size // PAGE_SIZE,
                    lambda name: isinstance(name, str) and blob_name(name) in img.files, pid)
@@ -299,3 +303,25 @@ def check_ownership(path: Path, names: list[str] | None = None) -> None:
                              "an image must be writable by its owner only", path=where)
         if where != str(path) and not stat.S_ISREG(st.st_mode):
             raise ImageError(f"{where}: not a regular file", path=where)
+
+
+def check_sched(rec: object, fname: str, field: str) -> None:
+    """A "sched" record (dump/sched.py): policy, priority, nice, affinity, timer slack in range."""
+    if rec is None:
+        return
+    c = _Checker(fname)
+    if not isinstance(rec, dict):
+        raise c.fail(field, "must be an object")
+    for key in ("policy", "priority", "nice", "affinity", "slack_ns"):
+        if key not in rec:
+            raise c.fail(f"{field}.{key}", "is missing")
+    if c.int_in(rec["policy"], 0, 0x40000005, f"{field}.policy") & ~0x40000000 not in (0, 1, 2, 3, 5):
+        raise c.fail(f"{field}.policy", f"is not a policy a restore sets ({rec['policy']})")
+    c.int_in(rec["priority"], 0, 99, f"{field}.priority")
+    c.int_in(rec["nice"], -20, 19, f"{field}.nice")
+    c.int_in(rec["slack_ns"], 0, U64, f"{field}.slack_ns")
+    cpus = rec["affinity"]
+    if not isinstance(cpus, list) or not cpus or len(cpus) > 8192:
+        raise c.fail(f"{field}.affinity", "must be a non-empty array of CPU numbers")
+    for i, cpu in enumerate(cpus):
+        c.int_in(cpu, 0, 8191, f"{field}.affinity[{i}]")

@@ -42,6 +42,7 @@ from lazarus.restore.memory import (
     move_vdso,
     trampoline_candidates,
 )
+from lazarus.restore.sched import apply_sched
 from lazarus.restore.thp import collapse_in_task
 from lazarus.restore.threads import check_threads, create_thread, restore_thread_creds, restore_thread_state
 from lazarus.restore.timers import check_timers
@@ -283,6 +284,10 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
                 # The server (and its guard) must hold the uffd before the task runs: a task whose uffd is
                 # closed would fault in zeros instead of its data.
                 on_lazy(child, handover, source)
+        # Scheduling state from outside, last: a SCHED_IDLE or low-affinity task must not slow our own calls.
+        apply_sched(child, task.get("sched"))
+        for thread, rec in zip(threads, thread_recs, strict=True):
+            apply_sched(thread.pid, rec.get("sched"))
         for thread in threads:
             ptrace.detach(thread.pid)
         ptrace.detach(child)
