@@ -285,7 +285,7 @@ def _restore_handing_over(args: argparse.Namespace, sock: Any) -> Any:
         finally:
             uffd.close()  # the server holds its own copy now
     try:
-        res = restore(args.dir, lazy=True, on_lazy=hand, image=getattr(args, "image", None))
+        res = restore(args.dir, lazy=True, on_lazy=hand, image=args.image)
     finally:
         sock.close()
     _report_restore(args, res)

@@ -64,17 +64,22 @@ def dump_signals(task: RemoteTask) -> dict[str, Any]:
     }
 
 
+def rseq_record(tid: int) -> dict[str, int] | None:
+    """The rseq area a thread registered ({addr, size, sig}), or None (none registered, or unreadable)."""
+    try:
+        conf = ptrace.rseq_configuration(tid)
+    except KernelError:
+        return None
+    return ({"addr": conf.rseq_abi_pointer, "size": conf.rseq_abi_size, "sig": conf.signature}
+            if conf.rseq_abi_pointer else None)
+
+
 def dump_misc(task: RemoteTask) -> dict[str, Any]:
     pid = task.pid
     scratch = task.alloc_scratch()
     task.syscall(abi.SYS.prctl, abi.PR_GET_TID_ADDRESS, scratch, 0, 0, 0)
     clear_child_tid = int.from_bytes(task.read(scratch, 8), "little")
-    try:
-        conf = ptrace.rseq_configuration(pid)
-        rseq = ({"addr": conf.rseq_abi_pointer, "size": conf.rseq_abi_size, "sig": conf.signature}
-                if conf.rseq_abi_pointer else None)
-    except KernelError:
-        rseq = None
+    rseq = rseq_record(pid)
     head, length = get_robust_list(pid)
     status = read_status(pid)
     stat = read_stat(pid)
@@ -203,12 +208,7 @@ def dump_thread(pid: int, tid: int, leader: RemoteTask, journal: Any) -> dict[st
     finally:
         task.close()
     journal.clean()
-    try:
-        conf = ptrace.rseq_configuration(tid)
-        rseq = ({"addr": conf.rseq_abi_pointer, "size": conf.rseq_abi_size, "sig": conf.signature}
-                if conf.rseq_abi_pointer else None)
-    except KernelError:
-        rseq = None
+    rseq = rseq_record(tid)
     head, length = get_robust_list(tid)
     with open(f"/proc/{pid}/task/{tid}/comm") as f:
         comm = f.read().rstrip("\n")

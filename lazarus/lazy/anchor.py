@@ -107,42 +107,15 @@ def remove_anchor(pid: int, task_fd: int, ours: int, *, idle: Callable[[], None]
         return f"kcmp failed: {e}"
     if not same:
         return "not ours"
-    try:
-        _seize(pid, idle)
-    except NoSuchTask:
-        return "exited"
-    except KernelError as e:
-        return f"cannot trace it ({e.strerror}; traced by another process?)"
-    stopped = False
-    try:
-        _stop(pid, idle, timeout)
-        stopped = True
-        ptrace.set_options(pid, _INJECT_OPTIONS)
-        sys_ip = _syscall_ip(pid)
-        if sys_ip is None:
-            return "no syscall instruction found to inject through"
-        remote = RemoteTask(pid, sys_ip)
-        try:
-            # A call our interrupt cut short with a plain -EINTR (sigtimedwait) must run again, as at a dump.
-            restart_after_freeze(remote.saved_regs)
-            # Checked again now that it is stopped: it ran between the first check and the stop.
-            if same_file_across(os.getpid(), ours, pid, task_fd) is not True:
-                return "not ours"
-            remote.syscall(abi.SYS.close, task_fd, what=f"close(anchor fd {task_fd})")
-        finally:
-            remote.close()  # registers and signal mask exactly as they were, syscall restart included
+
+    def close_it(remote: RemoteTask) -> str:
+        # Checked again now that it is stopped: it ran between the first check and the stop.
+        if same_file_across(os.getpid(), ours, pid, task_fd) is not True:
+            return "not ours"
+        remote.syscall(abi.SYS.close, task_fd, what=f"close(anchor fd {task_fd})")
         return "closed"
-    except NoSuchTask:
-        stopped = False
-        return "exited"
-    except NotStopped as e:
-        return f"{NOT_STOPPED}: {e}"
-    except (LazarusError, OSError) as e:
-        return str(e)
-    finally:
-        if stopped:
-            with contextlib.suppress(LazarusError, OSError):
-                ptrace.detach(pid)
+
+    return _inject(pid, idle, timeout, close_it, seize_hint="; traced by another process?")
 
 
 def install_anchor(pid: int, task_fd: int, expected: int, uffd_fd: int, *,
@@ -159,11 +132,24 @@ def install_anchor(pid: int, task_fd: int, expected: int, uffd_fd: int, *,
     try:
         if same_file_across(os.getpid(), expected, pid, task_fd) is not True:
             return "not ours"
-        _seize(pid, idle)
     except NoSuchTask:
         return "exited"
     except KernelError as e:
         return f"cannot trace it ({e.strerror})"
+    return _inject(pid, idle, timeout, lambda remote: _receive_and_place(remote, task_fd, expected, uffd_fd))
+
+
+def _inject(pid: int, idle: Callable[[], None] | None, timeout: float, act: Callable[[RemoteTask], str], *,
+            seize_hint: str = "") -> str:
+    """Seize and stop running process `pid`, run `act` with a RemoteTask on it, put its registers and mask back
+    exactly (syscall restart included) and let it go. Returns act's answer, "exited", or why it could not be
+    done."""
+    try:
+        _seize(pid, idle)
+    except NoSuchTask:
+        return "exited"
+    except KernelError as e:
+        return f"cannot trace it ({e.strerror}{seize_hint})"
     stopped = False
     try:
         _stop(pid, idle, timeout)
@@ -174,10 +160,11 @@ def install_anchor(pid: int, task_fd: int, expected: int, uffd_fd: int, *,
             return "no syscall instruction found to inject through"
         remote = RemoteTask(pid, sys_ip)
         try:
+            # A call our interrupt cut short with a plain -EINTR (sigtimedwait) must run again, as at a dump.
             restart_after_freeze(remote.saved_regs)
-            return _receive_and_place(remote, task_fd, expected, uffd_fd)
+            return act(remote)
         finally:
-            remote.close()
+            remote.close()  # registers and signal mask exactly as they were, syscall restart included
     except NoSuchTask:
         stopped = False
         return "exited"
