@@ -4,8 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEB_PACKAGES := gcc libc6-dev make python3-venv
+# Real programs the tests dump mid-work (tests/test_real_*.py): xz; gzip, grep and seq (coreutils) are essential.
+TEST_DEB_PACKAGES := xz-utils gzip grep coreutils
+TEST_PROGRAMS := xz gzip grep seq
 
-.PHONY: demo test install deb-deps lint bench clean
+.PHONY: demo test install deb-deps test-deps lint bench clean
 
 $(STAMP): pyproject.toml
 	@# Debian's python3 has the venv module but no ensurepip until python3-venv is installed.
@@ -26,7 +29,12 @@ deb-deps:
 demo: install
 	$(PY) demo/demo.py
 
-test: install
+test-deps:
+	@for p in $(TEST_PROGRAMS); do command -v $$p >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEST_DEB_PACKAGES); fi
+
+test: install test-deps
 	$(VENV)/bin/ruff check lazarus tests benchmarks demo
 	$(VENV)/bin/pytest -q
 
