@@ -27,6 +27,7 @@ SELF_CASES: tuple[H.Case, ...] = (
     *(H.Case(f"refused-proc-{m}", "refused_proc", (m,)) for m in H.REFUSED_PROC_MODES),
     H.Case("pyscript", "pyscript", ("150000",), "none", None),
     H.Case("pythreads", "pythreads", ("400",), "none", None),
+    H.Case("pypool", "pypool", ("60",), "none", None),
     H.Case("thp", "thp"),
     H.Case("guestperm-plain", "guestperm", ("plain",)),
 )
