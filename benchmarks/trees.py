@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -350,7 +351,7 @@ def report(out: Out, info: dict[str, Any], markdown: bool) -> None:
                   "command = until the restore command returned; each child rewrote the same share of the "
                   "pages as above")
         tables.append((cols2, rows2))
-    for reason in sorted(refusals):
+    for reason in sorted({re.sub(r"\b\d+\b", "N", r) for r in refusals}):
         out.say(f"our dump refused: {reason}")
     if markdown:
         for c, rs in tables:
