@@ -9,6 +9,7 @@ the program itself is in the image.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -101,6 +102,21 @@ def file_size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+def wait_pids_free(pids: list[int], timeout: float = 30.0) -> list[int]:
+    """Wait until no process holds any of `pids`, reaping those that are zombies of ours (the children of a
+    dumped tree are re-parented to pytest, a subreaper, when their parent dies), so a restore can take the pids
+    again. Returns the pids still held at the timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for pid in pids:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+        held = [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
+        if not held or time.monotonic() >= deadline:
+            return held
+        time.sleep(0.01)
 
 
 def first_difference(a: bytes, b: bytes) -> int:

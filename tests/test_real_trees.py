@@ -74,8 +74,8 @@ def restore_tree_to_reference(
     """Once trees land: the dump took every process of the tree mid-work and ended them; the restore (eager or
     lazy) brings the tree back under the same pids and it finishes with the uninterrupted run's result."""
     assert res.returncode == 0, f"dump of the tree of {target.pid} failed: {res.stderr}"
-    alive = [p for p in tree if H.is_alive(p)]
-    assert not alive, f"pids {alive} of the dumped tree still run"
+    held = R.wait_pids_free(tree)
+    assert not held, f"pids {held} of the dumped tree still exist: {[H.proc_state(p) for p in held]}"
     assert result() != reference, f"{target.name} had finished when dumped: nothing was tested"
     shown = harness.lazarus("show", "--json", str(image))
     assert shown.returncode == 0, shown.stderr
