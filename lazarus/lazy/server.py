@@ -206,8 +206,8 @@ class LazyServer:
         """
         if pidfd is None and pid is not None:
             pidfd = PidFd.open(pid)
-        if self.background and hasattr(source, "start"):
-            source.start()
+        if hasattr(source, "start"):
+            source.start(self.background)
         p = _Proc(key=uffd.fd, uffd=uffd, source=source, pending=source.pending(), pid=pid, pidfd=pidfd)
         if uffd.task_fd is not None:
             # the process holds its own copy at that fd (anchor.py): taken out of it once it is complete
@@ -451,6 +451,7 @@ class LazyServer:
         n, out = first
         if out is Outcome.DONE:
             p.pending.take(start, length)
+            p.source.served(fidx, npages)
             self._done_bytes += length
             if background:
                 p.pages_background += npages
@@ -485,6 +486,7 @@ class LazyServer:
                 if n:
                     p.pending.take(start, n)
                     pages = n // PAGE_SIZE
+                    p.source.served(fidx, pages)
                     self._done_bytes += n
                     if background:
                         p.pages_background += pages
