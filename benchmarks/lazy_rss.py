@@ -85,11 +85,9 @@ def child_pids(pid: int) -> list[int]:
     return out
 
 
-def verifier_of(daemon: int, guard_and_others: set[int]) -> int | None:
-    """The daemon's verify-ahead child: a fork of the daemon (same exe) that holds no fd at all."""
+def verifier_of(daemon: int) -> int | None:
+    """The daemon's verify-ahead child: a fork of the daemon that holds no fd at all (its guard holds some)."""
     for c in child_pids(daemon):
-        if c in guard_and_others:
-            continue
         with contextlib.suppress(OSError):
             if not os.listdir(f"/proc/{c}/fd"):
                 return c
@@ -114,15 +112,12 @@ def rss_round(binary: Path, work: Path, mib: int) -> dict[str, Any]:
         vpeak = {f: 0 for f in FIELDS}
         samples = 0
         daemon = verifier = None
-        first_seen: set[int] = set()
         deadline = time.monotonic() + 120 + mib / 20
         while not stats_path.exists():
             if time.monotonic() > deadline:
                 raise BenchError(f"{mib} MiB: no stats from the lazy-pages daemon within the time allowed")
             if daemon is None:
                 daemon = lazarus_daemon(proc.pid)
-                if daemon is not None:
-                    first_seen = set(child_pids(daemon))  # its guard, forked before anything is served
             else:
                 st = status_kib(daemon)
                 if st is None:
@@ -131,7 +126,7 @@ def rss_round(binary: Path, work: Path, mib: int) -> dict[str, Any]:
                 for f in FIELDS:
                     peak[f] = max(peak[f], st.get(f, 0))
                 if verifier is None:
-                    verifier = verifier_of(daemon, first_seen)
+                    verifier = verifier_of(daemon)
                 if verifier is not None:
                     vst = status_kib(verifier)
                     for f in FIELDS:

@@ -69,6 +69,7 @@ from lazarus.lazy.anchor import (
     unregister_all,
 )
 from lazarus.lazy.guard import Guard
+from lazarus.lazy.pagefiles import MappedPageFiles
 from lazarus.lazy.ranges import PAGE_SIZE, PendingPages, Run
 from lazarus.lazy.sources import PageSource
 
@@ -165,6 +166,10 @@ class LazyServer:
         self.keep_alive: Callable[[], bool] | None = None
         self._procs: dict[int, _Proc] = {}
         self._done: list[_Proc] = []
+        # Sources are closed when the last process they serve is done (a fork child shares its parent's): a
+        # long-lived server does not keep a verifier process or a page file mapped for restores long over.
+        self._source_users: dict[int, int] = {}
+        self.page_files = MappedPageFiles()  # for callers building sources: one mapping per page file
         self._latencies: list[int] = []
         self._bg_bytes = 0
         self._bg_ns = 0
@@ -220,6 +225,7 @@ class LazyServer:
             self.guard.add(p.key, uffd.fd, pid=pid, pidfd=pidfd.fd if pidfd else None)
 
     def _register(self, p: _Proc) -> None:
+        self._source_users[id(p.source)] = self._source_users.get(id(p.source), 0) + 1
         p.total_pages = p.pending.pages
         p.started = time.monotonic()
         self._total_bytes += p.total_pages * PAGE_SIZE
@@ -818,6 +824,11 @@ class LazyServer:
         if p.pidfd is not None:
             p.pidfd.close()
         self._done.append(p)
+        users = self._source_users.pop(id(p.source), 1) - 1
+        if users > 0:
+            self._source_users[id(p.source)] = users
+        else:
+            self._close_source(p.source)
         if state == "complete":
             log.debug("%s: complete: %d pages (%d by fault, %d in background) in %.3fs", p.label,
                       p.total_pages, p.pages_fault, p.pages_background, p.ended - p.started)
@@ -865,6 +876,13 @@ class LazyServer:
             if refused:
                 log.debug("%s: %d of %d huge ranges stay in 4 KiB pages", p.label, len(refused), len(huge))
 
+    @staticmethod
+    def _close_source(src: PageSource) -> None:
+        try:
+            src.close()
+        except Exception as e:  # noqa: BLE001 - never the end of serving the others
+            log.debug("%s: closing the page source failed: %s", src.name, e)
+
     def _lose(self, p: _Proc, reason: str) -> None:
         """The page source failed for p: kill it (and wait, bounded, for it to be gone) before its uffd is
         closed, so that it never runs on zeros; report it."""
@@ -896,8 +914,7 @@ class LazyServer:
             self._helper.close()
             self._helper = None
         for src in {id(p.source): p.source for p in self._done}.values():
-            with contextlib.suppress(Exception):
-                src.close()
+            self._close_source(src)  # (closed already when their last process was done: closing is idempotent)
         if self.guard is not None:
             self.guard.close()
 

@@ -25,7 +25,7 @@ import mmap
 import os
 import signal
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from lazarus.errors import ImageError, KernelError, PageSourceLost
@@ -102,8 +102,9 @@ class ImagePageSource:
     DROP_BYTES = 8 << 20
 
     def __init__(self, vmas: Iterable[Mapping[str, Any]], page_file: PageFileLike, *, name: str = "",
-                 verify: bool = True) -> None:
+                 verify: bool = True, on_close: Callable[[], None] | None = None) -> None:
         self.name = name or str(getattr(page_file, "name", "page file"))
+        self._on_close = on_close  # a lease on a shared mapping of the page file (pagefiles.py), released once
         self._pf = page_file
         self._verify = verify
         self._verified = bytearray()  # one byte per 64 KiB chunk: 1 once its checksum matched
@@ -211,8 +212,12 @@ class ImagePageSource:
             self.verified_ahead = self._verifier is not None
 
     def close(self) -> None:
-        """The PageFile belongs to the image: it is not closed here; the verifier, if any, is stopped."""
+        """The PageFile belongs to the image (or to a shared mapping, released here): it is not closed here;
+        the verifier, if any, is stopped. Idempotent."""
         self.drop_served()
+        if self._on_close is not None:
+            release, self._on_close = self._on_close, None
+            release()
         if self._verifier is not None:
             log.debug("%s: %d chunks checked ahead, %d inline", self.name, self.checked_ahead, self.checked_inline)
             self._verifier.stop()
