@@ -45,6 +45,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from time import monotonic_ns, perf_counter_ns
 
 from lazarus.errors import KernelError, LazarusError, NoSuchTask, PageSourceLost
 from lazarus.kernel import abi, procfs
@@ -158,6 +159,8 @@ class LazyServer:
         self.progress = progress
         self.guard = guard
         self.fault_batch = fault_batch
+        self._span = fault_batch * PAGE_SIZE  # a fault this near the last one gets the window around it
+        self._span2 = 2 * self._span
         self.chunk_size = max(PAGE_SIZE, chunk_size & ~_MASK)
         self._ep = select.epoll()
         self._fds: dict[int, tuple[str, _Proc]] = {}   # fd -> ("uffd" | "pidfd", process)
@@ -339,11 +342,18 @@ class LazyServer:
         by the time the bookkeeping of the last one is done, which saves a trip through epoll.
         """
         procs = self._procs
+        read = p.uffd.read_events
+        serve = self._serve_fault
         for _ in range(64):
-            events = p.uffd.read_events()
+            events = read()
             if not events:
                 return
-            t = time.perf_counter_ns()
+            t = perf_counter_ns()
+            if len(events) == 1 and type(events[0]) is PageFault:  # the usual batch: one fault
+                serve(p, events[0], t)
+                if p.key not in procs:
+                    return
+                continue
             faults = None
             for ev in events:
                 if type(ev) is PageFault:
@@ -364,7 +374,7 @@ class LazyServer:
                     return
             if faults is not None:
                 for ev in faults:
-                    self._serve_fault(p, ev, t)
+                    serve(p, ev, t)
             if p.key not in procs:
                 return
 
@@ -385,15 +395,55 @@ class LazyServer:
         if p.key not in self._procs:
             return
         addr = ev.address & ~_MASK
-        if ev.tid and p.pid is None:
-            self._pid_from_tid(p, ev.tid)
+        tid = ev.tid
+        if tid and p.pid is None:
+            self._pid_from_tid(p, tid)
         # The window around a fault pays off when faults come near each other (a sequential reader); for a
         # scattered one it only delays the thread, which on a shared CPU runs once we block again: then the
         # page alone (the background transfer brings the rest).
-        span = self.fault_batch * PAGE_SIZE
-        last, p.last_fault = p.last_fault, addr
-        near = last < 0 or -span <= addr - last <= 2 * span
+        last = p.last_fault
+        p.last_fault = addr
+        d = addr - last
+        near = last < 0 or -self._span <= d <= self._span2
         w = p.pending.window(addr, self.fault_batch if near else 1)
+        if w is not None and w[1] == 1:
+            # Fast path, the scattered fault: one page, one copy (which wakes the thread), then the books. Every
+            # step before the copy is on the faulting thread's critical path: keep them few.
+            fidx = w[2]
+            try:
+                n, out = p.uffd.copy(addr, p.source.address(fidx, 1), PAGE_SIZE)
+            except PageSourceLost as e:
+                self._lose(p, str(e))
+                return
+            except KernelError as e:
+                self._lose(p, f"{p.source.name}: UFFDIO_COPY failed: {e}")
+                return
+            if out is Outcome.DONE:
+                self._latencies.append(perf_counter_ns() - t_read)
+                p.pending.take(addr, PAGE_SIZE)
+                p.source.served(fidx, 1)
+                self._done_bytes += PAGE_SIZE
+                p.pages_fault += 1
+            else:
+                res = self._fill(p, addr, 1, fidx, first=(n, out))
+                if res is Outcome.RETRY:
+                    p.deferred.append((ev, t_read))
+                    self._ndeferred += 1
+                    return
+                if res is not Outcome.DONE:
+                    return  # gone or lost: already handled
+                if self._skipped:
+                    p.uffd.wake(addr, PAGE_SIZE)
+                self._latencies.append(perf_counter_ns() - t_read)
+            p.faults += 1
+            if tid:
+                p.fault_tids.add(tid)
+            p.cursor = addr
+            p.last_fault_ns = monotonic_ns()
+            self._last_faulted = p
+            if not p.pending and p.key in self._procs:
+                self._finish(p, "complete")
+            return
         if w is None:
             n, out = p.uffd.zeropage(addr, PAGE_SIZE)
             if out is Outcome.DONE:
