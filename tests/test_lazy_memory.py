@@ -10,6 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
 import xxhash
 
 from lazarus.kernel import abi
@@ -116,7 +117,10 @@ def mappings_of(path: Path) -> int:
         return sum(1 for line in f if line.rstrip().endswith(str(path)))
 
 
-def test_one_mapping_shared_by_every_restore_of_a_page_file(helpers, tmp_path):
+def test_one_mapping_shared_by_every_restore_of_a_page_file(helpers, tmp_path, monkeypatch):
+    """Two restores of one page file are served from one mapping and one verify-ahead process; a copy of the
+    file (the same bytes, another inode) gets its own; all of it is gone once the restores are done."""
+    monkeypatch.setattr(ImagePageSource, "VERIFY_AHEAD_MIN", 0)  # a verify-ahead process even for 4 MiB
     n = 1024
     path = tmp_path / "pages-1.img"
     T.write_page_file(path, n, 0, 7)
@@ -133,6 +137,8 @@ def test_one_mapping_shared_by_every_restore_of_a_page_file(helpers, tmp_path):
     assert files.mapped == 2 and files.users(pf1) == 2 and files.users(pf3) == 1
     for h, src in zip(hs, sources, strict=True):
         server.add_process(h.pid, h.take_uffd(), src)
+    verifiers = [src._verifier.pid for src in sources]
+    assert verifiers[0] == verifiers[1] != verifiers[2], verifiers
     stats = serve(server, hs)
     for h in hs:
         expect_pass(h)
@@ -141,6 +147,9 @@ def test_one_mapping_shared_by_every_restore_of_a_page_file(helpers, tmp_path):
     assert files.mapped == 0
     assert pf1.closed and pf3.closed
     assert mappings_of(path) == 0 and mappings_of(other) == 0
+    for pid in set(verifiers):  # our children, stopped and reaped
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
 
 
 def test_mapping_released_when_its_last_restore_completes(helpers, tmp_path):

@@ -3,7 +3,7 @@
 A server serving several restores of one image at once (one image restored many times, e.g. each into its own
 pid namespace) maps each page file once. The page cache is the kernel's and shared anyway; one mapping also
 means one set of the server's page tables over it (dropped behind the copies, see sources.py) and one bitmap of
-verified chunks, so a chunk hashed for one restore is not hashed again for the next.
+verified chunks and one verify-ahead process, so a chunk hashed for one restore is not hashed again for the next.
 
 Identity is PageFile.identity: the file's device, inode and size and a hash of its chunk sums. Another path or a
 hard link to the same file is the same page file; the same path dumped again is another file (a new inode), and
@@ -20,7 +20,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from lazarus.lazy.sources import ImagePageSource
+from lazarus.lazy.sources import ImagePageSource, SharedVerifier
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +28,12 @@ Identity = tuple[int, int, int, int]
 
 
 class _Mapping:
-    __slots__ = ("page_file", "users")
+    __slots__ = ("page_file", "users", "verifier")
 
     def __init__(self, page_file: Any) -> None:
         self.page_file = page_file
         self.users = 0
+        self.verifier = SharedVerifier()  # one verify-ahead process for all the sources on this mapping
 
 
 class MappedPageFiles:
@@ -63,7 +64,8 @@ class MappedPageFiles:
             if not released:
                 released = True
                 self._release(key, m)
-        return ImagePageSource(vmas, m.page_file, name=name, verify=verify, on_close=release)
+        return ImagePageSource(vmas, m.page_file, name=name, verify=verify, on_close=release,
+                               shared_verifier=m.verifier)
 
     def _release(self, key: Identity, m: _Mapping) -> None:
         m.users -= 1

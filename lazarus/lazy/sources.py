@@ -102,8 +102,10 @@ class ImagePageSource:
     DROP_BYTES = 8 << 20
 
     def __init__(self, vmas: Iterable[Mapping[str, Any]], page_file: PageFileLike, *, name: str = "",
-                 verify: bool = True, on_close: Callable[[], None] | None = None) -> None:
+                 verify: bool = True, on_close: Callable[[], None] | None = None,
+                 shared_verifier: SharedVerifier | None = None) -> None:
         self.name = name or str(getattr(page_file, "name", "page file"))
+        self._shared_verifier = shared_verifier  # one verifier for every source on one mapping (pagefiles.py)
         self._on_close = on_close  # a lease on a shared mapping of the page file (pagefiles.py), released once
         self._pf = page_file
         self._verify = verify
@@ -208,20 +210,51 @@ class ImagePageSource:
         # Below VERIFY_AHEAD_MIN the fork costs more than the hashing it would take off the server.
         if (self._verify and self._verifier is None and hasattr(self._pf, "chunk_matches")
                 and self._pending.pages * PAGE_SIZE >= self.VERIFY_AHEAD_MIN):
-            self._verifier = AheadVerifier.start(self._pf, lead=AheadVerifier.LEAD if background else None)
+            lead = AheadVerifier.LEAD if background else None
+            if self._shared_verifier is not None:
+                self._verifier = self._shared_verifier.acquire(self._pf, lead)
+            else:
+                self._verifier = AheadVerifier.start(self._pf, lead=lead)
             self.verified_ahead = self._verifier is not None
 
     def close(self) -> None:
         """The PageFile belongs to the image (or to a shared mapping, released here): it is not closed here;
         the verifier, if any, is stopped. Idempotent."""
         self.drop_served()
+        if self._verifier is not None:
+            log.debug("%s: %d chunks checked ahead, %d inline", self.name, self.checked_ahead, self.checked_inline)
+            if self._shared_verifier is not None:
+                self._shared_verifier.release()
+            else:
+                self._verifier.stop()
+            self._verifier = None
         if self._on_close is not None:
             release, self._on_close = self._on_close, None
             release()
-        if self._verifier is not None:
-            log.debug("%s: %d chunks checked ahead, %d inline", self.name, self.checked_ahead, self.checked_inline)
-            self._verifier.stop()
-            self._verifier = None
+
+
+class SharedVerifier:
+    """One verify-ahead process for a page file mapped once and served to several restores (pagefiles.py):
+    they share its mapping and its bitmap of verified chunks, so one process hashing ahead serves them all. It
+    is started by the first source that wants one (its pacing, bounded or not, is that source's) and stopped
+    when the last source using it is closed."""
+
+    def __init__(self) -> None:
+        self.verifier: AheadVerifier | None = None
+        self.users = 0
+
+    def acquire(self, pf: Any, lead: int | None) -> AheadVerifier | None:
+        if self.verifier is None:
+            self.verifier = AheadVerifier.start(pf, lead=lead)
+        if self.verifier is not None:
+            self.users += 1
+        return self.verifier
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users <= 0 and self.verifier is not None:
+            self.verifier.stop()
+            self.verifier = None
 
 
 class AheadVerifier:
@@ -291,4 +324,4 @@ class AheadVerifier:
         self._shm.close()
 
 
-__all__ = ["ImagePageSource", "PAGES_PER_CHUNK", "PageFileLike", "PageSource"]
+__all__ = ["ImagePageSource", "PAGES_PER_CHUNK", "PageFileLike", "PageSource", "SharedVerifier"]
