@@ -12,7 +12,13 @@
       pidfd readable: that process exited
       only if nothing was ready: one background step (>= `chunk_size` bytes, continuing after the last fault;
         with two CPUs, a second chunk at once on the CopyHelper thread, both collected before anything else)
-      a process with nothing pending any more: close its uffd (the kernel takes over), report it complete
+      a process with nothing pending any more: close its uffd (the kernel takes over), report it complete;
+        the last process served by a page source done: close the source (its verifier stops, its shared
+        mapping of the page file is released: pagefiles.py)
+
+Per fault, before the copy that wakes the thread, only: the window lookup and the source's address (its chunk
+checked ahead by the verifier process, not hashed here). Every copy is reported to the source (served()), which
+drops the pages from its mapping every few MiB: the server's RSS does not grow with what it serves.
 
 Outcomes of a fill (kernel/uffd.Outcome) and what is done about them:
     PARTIAL  keep the bytes done, skip the page found present, continue after it

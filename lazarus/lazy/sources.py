@@ -5,8 +5,9 @@ of file pages, the address in *our* address space holding their bytes, ready for
 copies page data through Python.
 
     ImagePageSource     pages-PID.img mapped read-only (images.PageFile); every 64 KiB chunk is checked against
-                        its checksum before a page of it is first served (ahead, by a verifier process, during
-                        a background transfer).
+                        its checksum before a page of it is first served (ahead, by a verifier process, when
+                        the page file is large); pages served are dropped from the mapping every DROP_BYTES.
+                        One mapping and one verifier may serve many restores of one page file (pagefiles.py).
     RemotePageSource    (future) a page server over a socket: `synchronous` is False, the server asks with
                         request() and learns of arrivals through fileno() becoming readable, then collect().
                         The server's loop already treats sources as things that may fail (PageSourceLost) and
