@@ -28,7 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from lazarus.kernel.abi import MADV_DONTNEED  # noqa: E402
 from lazarus.kernel.uffd import Outcome, PageFault  # noqa: E402
+from lazarus.kernel.vm import madvise  # noqa: E402
 from lazarus.lazy.server import LazyServer  # noqa: E402
 from lazarus.lazy.sources import ImagePageSource  # noqa: E402
 
@@ -116,8 +118,15 @@ def raw_copy_rate(helper_bin, work, pf, npages, chunk=2 << 20) -> float:
         h.kill()
 
 
-def server_copy_rate(helper_bin, work, pf, npages, verify=True) -> tuple[float, float]:
+def server_copy_rate(helper_bin, work, pf, npages, verify=True, drop=True) -> tuple[float, float]:
+    """drop=False: served pages stay in the server's mapping of the page file (as before they were dropped
+    every ImagePageSource.DROP_BYTES, to keep its RSS flat): what dropping them costs."""
     h = T.Helper(helper_bin, work, npages, 0, 7, "idle")
+    saved = ImagePageSource.DROP_BYTES
+    if not drop:
+        ImagePageSource.DROP_BYTES = 1 << 62
+    # each server run starts from the page file mapped but not populated, as a fresh lazy-pages daemon has it
+    madvise(pf.address(0), npages * P, MADV_DONTNEED)
     try:
         srv = LazyServer(background=True)
         srv.add_process(h.pid, h.take_uffd(), ImagePageSource(h.vmas(), pf, verify=verify))
@@ -130,6 +139,7 @@ def server_copy_rate(helper_bin, work, pf, npages, verify=True) -> tuple[float, 
         assert h.result() == "PASS", h.text()
         return npages * P / dt, stats["background_rate_gbps"]
     finally:
+        ImagePageSource.DROP_BYTES = saved
         h.kill()
 
 
@@ -153,6 +163,7 @@ def main() -> int:
 
         rf, sf, sl, raw_rate, srv_rate, srv_rate_nv, srv_bg = [], [], [], [], [], [], []
         fault_ratio, fault_ratio99, on_ratio, off_ratio = [], [], [], []
+        srv_rate_keep, drop_ratio = [], []
         for _ in range(a.rounds):
             # each round is paired: server figures are divided by raw figures of the same round (raw taken
             # before and after), which cancels most of the drift of a shared machine
@@ -167,6 +178,9 @@ def main() -> int:
             c1 = raw_copy_rate(helper_bin, work, pf, big)
             on, bg = server_copy_rate(helper_bin, work, pf, big)
             off = server_copy_rate(helper_bin, work, pf, big, verify=False)[0]
+            keep = server_copy_rate(helper_bin, work, pf, big, drop=False)[0]
+            srv_rate_keep.append(keep)
+            drop_ratio.append(on / keep)
             c2 = raw_copy_rate(helper_bin, work, pf, big)
             raw_rate += [c1, c2]
             srv_rate.append(on)
@@ -193,6 +207,8 @@ def main() -> int:
         print(f"  LazyServer (checksums on):     {med(srv_rate):6.2f} GB/s end to end "
               f"({med(srv_bg):.2f} GB/s in its background steps)")
         print(f"  LazyServer (checksums off):    {med(srv_rate_nv):6.2f} GB/s")
+        print(f"  LazyServer (checksums on, served pages kept mapped): {med(srv_rate_keep):6.2f} GB/s; dropping "
+              f"them every {ImagePageSource.DROP_BYTES >> 20} MiB: {med(drop_ratio):.2f} of that (paired)")
         print(f"  ratio server/raw (paired):     {med(on_ratio):6.2f} (checksums on), {med(off_ratio):.2f} (off)"
               "   (target >= 0.9)")
         print(f"reading {a.faults} pages in order, faults only, by fault_batch:")

@@ -29,7 +29,7 @@ from lazarus.kernel import pagemap
 from lazarus.kernel.pidfd import PidFd
 from lazarus.lazy.guard import Guard
 from lazarus.lazy.server import LazyServer
-from lazarus.lazy.sources import ImagePageSource
+from lazarus.lazy.sources import AheadVerifier, ImagePageSource
 
 
 def _load_uffd_tests():
@@ -164,6 +164,30 @@ def test_background_completes_and_closes_uffd(helpers, page_file, tmp_path, monk
     assert pf.verified == source.checked_inline
     assert source.checked_ahead <= pf.ahead_checked_chunks()
     assert source.checked_ahead + source.checked_inline == chunks
+
+
+def test_faults_only_never_wait_for_a_hash(helpers, page_file, monkeypatch):
+    """Without background transfer faults come anywhere: the verify-ahead process checks the whole page file,
+    unpaced, so that a fault finds its chunk checked instead of hashing 64 KiB before its copy."""
+    monkeypatch.setattr(ImagePageSource, "VERIFY_AHEAD_MIN", 0)
+    monkeypatch.setattr(AheadVerifier, "LEAD", 16)  # a paced verifier would stop 16 of the 256 chunks ahead
+    n = 4096
+    h = helpers(npages=n, hole_every=0, scenario="rread")
+    pf = page_file(n, 0)
+    server = LazyServer(background=False)
+    source = add(server, h, pf)
+    assert source.verified_ahead
+    deadline = time.monotonic() + 30
+    while pf.ahead_checked_chunks() < pf.nchunks and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # every chunk, not only LEAD chunks ahead of what the server used (it has used none yet)
+    assert pf.ahead_checked_chunks() == pf.nchunks
+    stats = serve(server, [h])
+    expect_pass(h)
+    assert stats["pages_background"] == 0 and stats["pages_fault"] == n
+    assert source.checked_inline == 0 and pf.verified == 0, "a fault hashed its chunk inline"
+    assert source.checked_ahead == pf.nchunks
+    assert pf.unchecked_chunks() == []
 
 
 def _is_uffd(fd: int) -> bool:

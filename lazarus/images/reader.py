@@ -168,6 +168,16 @@ class PageFile:
         mv = self._check(first, n)
         return mv[first * PAGE_SIZE:(first + n) * PAGE_SIZE]
 
+    @property
+    def identity(self) -> tuple[int, int, int, int] | None:
+        """(st_dev, st_ino, size, xxh3 of the chunk sums) of the file mapped here: two PageFiles with the same
+        identity hold the same data, so one mapping can serve both (lazy/pagefiles.py). None when nothing is
+        mapped (a task without page data, or closed)."""
+        if self._fd < 0:
+            return None
+        st = os.fstat(self._fd)
+        return st.st_dev, st.st_ino, self.size, xxhash.xxh3_64_intdigest(self._sums.tobytes())
+
     # -- verification -----------------------------------------------------------------------------------------
 
     def is_verified(self, chunk: int) -> bool:

@@ -191,7 +191,8 @@ def write(pid: int, address: int, data: bytes | bytearray) -> int:
     return writev(pid, [(buffer_address(buf), len(buf))], [(address, len(buf))])
 
 
-__all__ = ["IOV_MAX", "Iov", "PartialTransfer", "read", "read_into", "readv", "write", "writev"]
+__all__ = ["IOV_MAX", "Iov", "PartialTransfer", "madvise", "process_madvise", "read", "read_into", "readv", "write",
+           "writev"]
 
 
 def process_madvise(pidfd: int, ranges: Sequence[Iov], advice: int, *, pid: int | None = None) -> list[Iov]:
@@ -207,3 +208,11 @@ def process_madvise(pidfd: int, ranges: Sequence[Iov], advice: int, *, pid: int 
                 raise NoSuchTask(f"no such process {pid}", pid=pid)
             refused.append((addr, length))
     return refused
+
+
+def madvise(address: int, length: int, advice: int) -> None:
+    """madvise(2) on a range of this process (e.g. MADV_DONTNEED on a file mapping: its pages leave our page
+    tables and stay in the page cache)."""
+    ret, err = raw_syscall(abi.SYS.madvise, address, length, advice)
+    if ret < 0:
+        raise KernelError(f"madvise {address:#x}+{length:#x} advice {advice}", err)

@@ -154,7 +154,6 @@ class Listener:
         from lazarus.images.mm import lazy_object_ids, lazy_vmas
         from lazarus.images.validate import validate_image
         from lazarus.lazy.anchor import find_anchor
-        from lazarus.lazy.sources import ImagePageSource
 
         try:
             pidfd = verify_named_task(peer, pid)
@@ -181,7 +180,8 @@ class Listener:
             mm = task["mm"]
             uffd.task_fd = find_anchor(pid, uffd.fd)  # the task has not run yet: its only copy is the anchor
             served = lazy_vmas(mm, lazy_object_ids(mm, task["files"]))
-            source = ImagePageSource(served, img.page_file(pid), name=f"{images.name}/pages-{pid}.img")
+            # one mapping of a page file for every restore of it this server serves (lazy/pagefiles.py)
+            source = self.server.page_files.source(served, img.page_file(pid), name=f"{images.name}/pages-{pid}.img")
             verify_uffd_owner(pidfd, uffd, source)
         except BaseException:
             uffd.close()

@@ -12,7 +12,13 @@
       pidfd readable: that process exited
       only if nothing was ready: one background step (>= `chunk_size` bytes, continuing after the last fault;
         with two CPUs, a second chunk at once on the CopyHelper thread, both collected before anything else)
-      a process with nothing pending any more: close its uffd (the kernel takes over), report it complete
+      a process with nothing pending any more: close its uffd (the kernel takes over), report it complete;
+        the last process served by a page source done: close the source (its verifier stops, its shared
+        mapping of the page file is released: pagefiles.py)
+
+Per fault, before the copy that wakes the thread, only: the window lookup and the source's address (its chunk
+checked ahead by the verifier process, not hashed here). Every copy is reported to the source (served()), which
+drops the pages from its mapping every few MiB: the server's RSS does not grow with what it serves.
 
 Outcomes of a fill (kernel/uffd.Outcome) and what is done about them:
     PARTIAL  keep the bytes done, skip the page found present, continue after it
@@ -45,6 +51,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from time import monotonic_ns, perf_counter_ns
 
 from lazarus.errors import KernelError, LazarusError, NoSuchTask, PageSourceLost
 from lazarus.kernel import abi, procfs
@@ -69,6 +76,7 @@ from lazarus.lazy.anchor import (
     unregister_all,
 )
 from lazarus.lazy.guard import Guard
+from lazarus.lazy.pagefiles import MappedPageFiles
 from lazarus.lazy.ranges import PAGE_SIZE, PendingPages, Run
 from lazarus.lazy.sources import PageSource
 
@@ -157,6 +165,8 @@ class LazyServer:
         self.progress = progress
         self.guard = guard
         self.fault_batch = fault_batch
+        self._span = fault_batch * PAGE_SIZE  # a fault this near the last one gets the window around it
+        self._span2 = 2 * self._span
         self.chunk_size = max(PAGE_SIZE, chunk_size & ~_MASK)
         self._ep = select.epoll()
         self._fds: dict[int, tuple[str, _Proc]] = {}   # fd -> ("uffd" | "pidfd", process)
@@ -165,6 +175,10 @@ class LazyServer:
         self.keep_alive: Callable[[], bool] | None = None
         self._procs: dict[int, _Proc] = {}
         self._done: list[_Proc] = []
+        # Sources are closed when the last process they serve is done (a fork child shares its parent's): a
+        # long-lived server does not keep a verifier process or a page file mapped for restores long over.
+        self._source_users: dict[int, int] = {}
+        self.page_files = MappedPageFiles()  # for callers building sources: one mapping per page file
         self._latencies: list[int] = []
         self._bg_bytes = 0
         self._bg_ns = 0
@@ -206,8 +220,8 @@ class LazyServer:
         """
         if pidfd is None and pid is not None:
             pidfd = PidFd.open(pid)
-        if self.background and hasattr(source, "start"):
-            source.start()
+        if hasattr(source, "start"):
+            source.start(self.background)
         p = _Proc(key=uffd.fd, uffd=uffd, source=source, pending=source.pending(), pid=pid, pidfd=pidfd)
         if uffd.task_fd is not None:
             # the process holds its own copy at that fd (anchor.py): taken out of it once it is complete
@@ -220,6 +234,7 @@ class LazyServer:
             self.guard.add(p.key, uffd.fd, pid=pid, pidfd=pidfd.fd if pidfd else None)
 
     def _register(self, p: _Proc) -> None:
+        self._source_users[id(p.source)] = self._source_users.get(id(p.source), 0) + 1
         p.total_pages = p.pending.pages
         p.started = time.monotonic()
         self._total_bytes += p.total_pages * PAGE_SIZE
@@ -333,11 +348,18 @@ class LazyServer:
         by the time the bookkeeping of the last one is done, which saves a trip through epoll.
         """
         procs = self._procs
+        read = p.uffd.read_events
+        serve = self._serve_fault
         for _ in range(64):
-            events = p.uffd.read_events()
+            events = read()
             if not events:
                 return
-            t = time.perf_counter_ns()
+            t = perf_counter_ns()
+            if len(events) == 1 and type(events[0]) is PageFault:  # the usual batch: one fault
+                serve(p, events[0], t)
+                if p.key not in procs:
+                    return
+                continue
             faults = None
             for ev in events:
                 if type(ev) is PageFault:
@@ -358,7 +380,7 @@ class LazyServer:
                     return
             if faults is not None:
                 for ev in faults:
-                    self._serve_fault(p, ev, t)
+                    serve(p, ev, t)
             if p.key not in procs:
                 return
 
@@ -379,15 +401,55 @@ class LazyServer:
         if p.key not in self._procs:
             return
         addr = ev.address & ~_MASK
-        if ev.tid and p.pid is None:
-            self._pid_from_tid(p, ev.tid)
+        tid = ev.tid
+        if tid and p.pid is None:
+            self._pid_from_tid(p, tid)
         # The window around a fault pays off when faults come near each other (a sequential reader); for a
         # scattered one it only delays the thread, which on a shared CPU runs once we block again: then the
         # page alone (the background transfer brings the rest).
-        span = self.fault_batch * PAGE_SIZE
-        last, p.last_fault = p.last_fault, addr
-        near = last < 0 or -span <= addr - last <= 2 * span
+        last = p.last_fault
+        p.last_fault = addr
+        d = addr - last
+        near = last < 0 or -self._span <= d <= self._span2
         w = p.pending.window(addr, self.fault_batch if near else 1)
+        if w is not None and w[1] == 1:
+            # Fast path, the scattered fault: one page, one copy (which wakes the thread), then the books. Every
+            # step before the copy is on the faulting thread's critical path: keep them few.
+            fidx = w[2]
+            try:
+                n, out = p.uffd.copy(addr, p.source.address(fidx, 1), PAGE_SIZE)
+            except PageSourceLost as e:
+                self._lose(p, str(e))
+                return
+            except KernelError as e:
+                self._lose(p, f"{p.source.name}: UFFDIO_COPY failed: {e}")
+                return
+            if out is Outcome.DONE:
+                self._latencies.append(perf_counter_ns() - t_read)
+                p.pending.take(addr, PAGE_SIZE)
+                p.source.served(fidx, 1)
+                self._done_bytes += PAGE_SIZE
+                p.pages_fault += 1
+            else:
+                res = self._fill(p, addr, 1, fidx, first=(n, out))
+                if res is Outcome.RETRY:
+                    p.deferred.append((ev, t_read))
+                    self._ndeferred += 1
+                    return
+                if res is not Outcome.DONE:
+                    return  # gone or lost: already handled
+                if self._skipped:
+                    p.uffd.wake(addr, PAGE_SIZE)
+                self._latencies.append(perf_counter_ns() - t_read)
+            p.faults += 1
+            if tid:
+                p.fault_tids.add(tid)
+            p.cursor = addr
+            p.last_fault_ns = monotonic_ns()
+            self._last_faulted = p
+            if not p.pending and p.key in self._procs:
+                self._finish(p, "complete")
+            return
         if w is None:
             n, out = p.uffd.zeropage(addr, PAGE_SIZE)
             if out is Outcome.DONE:
@@ -451,6 +513,7 @@ class LazyServer:
         n, out = first
         if out is Outcome.DONE:
             p.pending.take(start, length)
+            p.source.served(fidx, npages)
             self._done_bytes += length
             if background:
                 p.pages_background += npages
@@ -485,6 +548,7 @@ class LazyServer:
                 if n:
                     p.pending.take(start, n)
                     pages = n // PAGE_SIZE
+                    p.source.served(fidx, pages)
                     self._done_bytes += n
                     if background:
                         p.pages_background += pages
@@ -816,6 +880,11 @@ class LazyServer:
         if p.pidfd is not None:
             p.pidfd.close()
         self._done.append(p)
+        users = self._source_users.pop(id(p.source), 1) - 1
+        if users > 0:
+            self._source_users[id(p.source)] = users
+        else:
+            self._close_source(p.source)
         if state == "complete":
             log.debug("%s: complete: %d pages (%d by fault, %d in background) in %.3fs", p.label,
                       p.total_pages, p.pages_fault, p.pages_background, p.ended - p.started)
@@ -863,6 +932,13 @@ class LazyServer:
             if refused:
                 log.debug("%s: %d of %d huge ranges stay in 4 KiB pages", p.label, len(refused), len(huge))
 
+    @staticmethod
+    def _close_source(src: PageSource) -> None:
+        try:
+            src.close()
+        except Exception as e:  # noqa: BLE001 - never the end of serving the others
+            log.debug("%s: closing the page source failed: %s", src.name, e)
+
     def _lose(self, p: _Proc, reason: str) -> None:
         """The page source failed for p: kill it (and wait, bounded, for it to be gone) before its uffd is
         closed, so that it never runs on zeros; report it."""
@@ -894,8 +970,7 @@ class LazyServer:
             self._helper.close()
             self._helper = None
         for src in {id(p.source): p.source for p in self._done}.values():
-            with contextlib.suppress(Exception):
-                src.close()
+            self._close_source(src)  # (closed already when their last process was done: closing is idempotent)
         if self.guard is not None:
             self.guard.close()
 

@@ -155,6 +155,41 @@ TestPendingMachine = PendingMachine.TestCase
 TestPendingMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 
 
+class TinyBlocks(PendingPages):
+    """Blocks of 1-2 runs: every operation crosses, splits or empties blocks."""
+
+    __slots__ = ()
+    BLOCK = 1
+
+
+class TinyBlocksMachine(PendingMachine):
+    @initialize(runs=run_lists())
+    def setup(self, runs):
+        self.pp = TinyBlocks(runs)
+        self.m = model_of(runs)
+
+
+TestTinyBlocksMachine = TinyBlocksMachine.TestCase
+TestTinyBlocksMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_scattered_faults_stay_cheap():
+    """10^5 single pages taken out of the middle of one 4 GiB run (scattered faults): every one is gone, and the
+    runs stay in blocks (no flat list of 10^5 entries to shift on each take)."""
+    base, n = 0x10000000, 1 << 20
+    pp = PendingPages([(base, n, 0)])
+    rng = random.Random(3)
+    picked = rng.sample(range(1, n - 1, 2), 100_000)
+    for k in picked:
+        assert pp.take(base + k * P, P) == 1
+    assert pp.pages == n - len(picked)
+    assert pp.nruns() == len(picked) + 1
+    assert max(len(b) for b in pp._bs) <= 2 * PendingPages.BLOCK
+    for k in picked[:1000]:
+        assert pp.lookup(base + k * P) is None
+        assert pp.lookup(base + (k + 1) * P) == k + 1
+
+
 def test_draining_by_background_chunks_and_faults():
     runs = [(i * 16 * P, 8, i * 8) for i in range(200)]
     pp = PendingPages(runs)
