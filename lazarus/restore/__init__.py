@@ -192,7 +192,7 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
         if not (st.stopped and st.event == abi.PTRACE_EVENT_STOP):
             raise RestoreError(f"new task {child} {st}", stage="create", pid=pid)
         cgroups.join(child, join_cgroups)
-        remote = RemoteTask(child, tramp.syscall_ip)
+        remote = RemoteTask(child, tramp.syscall_ip, batch_ip=tramp.batch_ip)
         remote.keep_state()
         remote.use_scratch(tramp.addr + abi.PAGE_SIZE, TRAMPOLINE_SIZE - abi.PAGE_SIZE)
         timings["create"] = time.monotonic() - t0
@@ -243,8 +243,10 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
         space.close_cached()
         fdr = FdRestorer(remote, img, child, space.state.object_fds, high_base, access)
         fdr.restore(fds)
+        closes = remote.batch()
         for ofd in space.state.object_fds.values():
-            remote.syscall(abi.SYS.close, ofd)
+            closes.call(abi.SYS.close, ofd)
+        closes.run()
         fdr.finish(fds)
         rcore.restore_signals(remote, task["signals"])
         if lazy and ranges:
@@ -343,19 +345,22 @@ def restore_misc_and_cwd(remote: RemoteTask, misc: dict[str, Any]) -> None:
 def set_mm(remote: RemoteTask, mm: dict[str, Any]) -> None:
     """PR_SET_MM_MAP: code/data/brk/stack/args/env boundaries, auxv and the executable link."""
     auxv = bytes.fromhex(mm["auxv"])
-    exe_fd = remote.syscall(abi.SYS.openat, abi.AT_FDCWD & _NEG1, remote.cstring(mm["exe"]),
-                            abi.O_RDONLY | abi.O_CLOEXEC, 0, what=f"open {mm['exe']}")
-    auxv_addr = remote.put(auxv, 1024)
+    b = remote.batch()
+    auxv_addr = b.put(auxv)
     m = abi.prctl_mm_map(
         mm["start_code"], mm["end_code"], mm["start_data"], mm["end_data"], mm["start_brk"], mm["brk"],
         mm["start_stack"], mm["arg_start"], mm["arg_end"], mm["env_start"], mm["env_end"], auxv_addr,
-        len(auxv), exe_fd)
-    addr = remote.put_struct(m, 0)
-    try:
-        remote.syscall(abi.SYS.prctl, abi.PR_SET_MM, abi.PR_SET_MM_MAP, addr, abi.sizeof(abi.prctl_mm_map), 0,
-                       what="prctl(PR_SET_MM_MAP)")
-    finally:
-        remote.syscall(abi.SYS.close, exe_fd)
+        len(auxv), 0)
+    addr = b.put(bytes(m) + bytes(8))  # room for the 8-byte store of exe_fd, a 4-byte field
+    exe_fd = b.call(abi.SYS.openat, abi.AT_FDCWD & _NEG1, b.cstring(mm["exe"]), abi.O_RDONLY | abi.O_CLOEXEC, 0,
+                    what=f"open {mm['exe']}")
+    b.store(exe_fd, addr + abi.prctl_mm_map.exe_fd.offset)
+    prctl = b.call(abi.SYS.prctl, abi.PR_SET_MM, abi.PR_SET_MM_MAP, addr, abi.sizeof(abi.prctl_mm_map), 0,
+                   check=False)
+    b.call(abi.SYS.close, exe_fd)
+    ret = b.run()[prctl.index]
+    if ret < 0:
+        raise KernelError(f"prctl(PR_SET_MM_MAP) in task {remote.pid}", -ret, pid=remote.pid)
 
 
 def restore(directory: Path, *, lazy: bool = False, on_lazy: LazyHandoff | None = None,

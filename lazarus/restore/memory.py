@@ -77,12 +77,14 @@ def clear_address_space(task: RemoteTask, keep: tuple[int, int]) -> dict[str, pr
             specials[vma.path.strip("[]")] = vma
             stay.append((vma.start, vma.end))
     cur = 0
+    b = task.batch()
     for start, end in sorted(stay):
         if start > cur:
-            task.syscall(abi.SYS.munmap, cur, start - cur)
+            b.call(abi.SYS.munmap, cur, start - cur)
         cur = max(cur, end)
     if cur < TASK_SIZE:
-        task.syscall(abi.SYS.munmap, cur, TASK_SIZE - cur)
+        b.call(abi.SYS.munmap, cur, TASK_SIZE - cur)
+    b.run()
     return specials
 
 
@@ -90,9 +92,10 @@ def move_vdso(task: RemoteTask, have: dict[str, procfs.Vma], image_vmas: list[di
               scratch_gap: int) -> None:
     """Move the task's vvar/vvar_vclock/vdso to where the image had them, keeping them together."""
     want = {v["kind"]: v for v in image_vmas if v["kind"] in VDSO_KINDS}
+    b = task.batch()
     for kind in VDSO_KINDS:
         if kind in have and kind not in want:
-            task.syscall(abi.SYS.munmap, have[kind].start, have[kind].end - have[kind].start)
+            b.call(abi.SYS.munmap, have[kind].start, have[kind].end - have[kind].start)
     moves = []
     for kind in VDSO_KINDS:
         if kind not in want:
@@ -109,11 +112,12 @@ def move_vdso(task: RemoteTask, have: dict[str, procfs.Vma], image_vmas: list[di
     tmp = scratch_gap
     staged = []
     for old, size, dst in moves:
-        task.syscall(abi.SYS.mremap, old, size, size, flags, tmp)
+        b.call(abi.SYS.mremap, old, size, size, flags, tmp)
         staged.append((tmp, size, dst))
         tmp += size
     for old, size, dst in staged:
-        task.syscall(abi.SYS.mremap, old, size, size, flags, dst)
+        b.call(abi.SYS.mremap, old, size, size, flags, dst)
+    b.run()
 
 
 class SpaceBuilder:
@@ -157,8 +161,12 @@ class SpaceBuilder:
         return self.fd_cache[key]
 
     def close_cached(self) -> None:
+        b = self.task.batch()
         for fd in self.fd_cache.values():
-            self.task.syscall(abi.SYS.close, fd)
+            if not b.fits(1):
+                b.run()
+            b.call(abi.SYS.close, fd)
+        b.run()
         self.fd_cache.clear()
 
     def create_objects(self, objects: list[dict[str, Any]], hold_above: int, page_file: Any,
@@ -266,11 +274,21 @@ class SpaceBuilder:
     def map_vmas(self, vmas: list[dict[str, Any]]) -> None:
         """mmap every vma at its place, then its madvise state and guard regions (before any page is in:
         a guard install would drop the data of its pages)."""
-        t = self.task
-        for v in vmas:
+        # The files first (each open is checked between injected calls), then every mmap, mprotect and
+        # madvise in as few batches as fit in scratch.
+        fds: dict[int, int] = {}
+        for i, v in enumerate(vmas):
+            if v["kind"] == "file":
+                fds[i] = self._open_mapped(v, mapped_access(v))
+            elif v["kind"] in ("shmem", "memfd", "deleted"):
+                fds[i] = self._object_fd(v)
+        b = self.task.batch()
+        for i, v in enumerate(vmas):
             kind = v["kind"]
             if kind in VDSO_KINDS:
                 continue
+            if not b.fits(4 + len(v.get("guards", [])) + sum(f in _MADVISE for f in v["vmflags"])):
+                b.run()
             start, length, prot = v["start"], v["end"] - v["start"], v["prot"]
             flags = abi.MAP_FIXED
             if "nr" in v["vmflags"]:
@@ -284,37 +302,34 @@ class SpaceBuilder:
                 flags |= abi.MAP_PRIVATE | abi.MAP_ANONYMOUS
                 if "gd" in v["vmflags"]:
                     flags |= abi.MAP_GROWSDOWN
-                t.syscall(abi.SYS.mmap, start, length, map_prot, flags, _NEG1, 0)
-            elif kind == "file":
+                b.call(abi.SYS.mmap, start, length, map_prot, flags, _NEG1, 0, what=f"mmap anonymous {start:#x}")
+            elif kind in ("file", "shmem", "memfd", "deleted"):
                 flags |= abi.MAP_SHARED if v["shared"] else abi.MAP_PRIVATE
-                fd = self._open_mapped(v, mapped_access(v))
-                t.syscall(abi.SYS.mmap, start, length, map_prot, flags, fd, v["offset"],
-                          what=f"mmap {v['path']}")
-            elif kind in ("shmem", "memfd", "deleted"):
-                flags |= abi.MAP_SHARED if v["shared"] else abi.MAP_PRIVATE
-                t.syscall(abi.SYS.mmap, start, length, map_prot, flags, self._object_fd(v), v["offset"],
-                          what=f"mmap {v['path']}")
+                b.call(abi.SYS.mmap, start, length, map_prot, flags, fds[i], v["offset"], what=f"mmap {v['path']}")
             else:
                 raise RestoreError(f"unknown vma kind {kind!r} at {start:#x}", stage="memory")
             if map_prot != prot:
                 if kind == "anon":
                     self.deferred_prot.append(v)
                 else:
-                    t.syscall(abi.SYS.mprotect, start, length, prot)
+                    b.call(abi.SYS.mprotect, start, length, prot)
             for flag in v["vmflags"]:
                 if flag in _MADVISE:
-                    t.syscall(abi.SYS.madvise, start, length, _MADVISE[flag],
-                              what=f"madvise {flag} {start:#x}-{v['end']:#x}")
+                    b.call(abi.SYS.madvise, start, length, _MADVISE[flag],
+                           what=f"madvise {flag} {start:#x}-{v['end']:#x}")
             guards = v.get("guards", [])
             for gstart, n in guards:
-                t.syscall(abi.SYS.madvise, gstart, n * abi.PAGE_SIZE, abi.MADV_GUARD_INSTALL,
-                          what=f"guard region at {gstart:#x}")
+                b.call(abi.SYS.madvise, gstart, n * abi.PAGE_SIZE, abi.MADV_GUARD_INSTALL,
+                       what=f"guard region at {gstart:#x}")
             if "gu" in v["vmflags"] and not guards:
                 # The vma once had guard regions, since removed: the flag stays, and so does it here.
-                t.syscall(abi.SYS.madvise, start, abi.PAGE_SIZE, abi.MADV_GUARD_INSTALL, what="guard flag")
-                t.syscall(abi.SYS.madvise, start, abi.PAGE_SIZE, abi.MADV_GUARD_REMOVE, what="guard flag")
+                b.call(abi.SYS.madvise, start, abi.PAGE_SIZE, abi.MADV_GUARD_INSTALL, what="guard flag")
+                b.call(abi.SYS.madvise, start, abi.PAGE_SIZE, abi.MADV_GUARD_REMOVE, what="guard flag")
         for fd, seals, name in self.late_seals:
-            t.syscall(abi.SYS.fcntl, fd, abi.F_ADD_SEALS, seals, what=f"memfd {name!r} seals")
+            if not b.fits(1):
+                b.run()
+            b.call(abi.SYS.fcntl, fd, abi.F_ADD_SEALS, seals, what=f"memfd {name!r} seals")
+        b.run()
         self.late_seals.clear()
 
     def finish_vmas(self, vmas: list[dict[str, Any]], page_file: Any) -> None:
