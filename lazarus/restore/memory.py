@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,6 +121,19 @@ def move_vdso(task: RemoteTask, have: dict[str, procfs.Vma], image_vmas: list[di
     b.run()
 
 
+def _same_file(v: dict[str, Any]) -> Callable[[os.stat_result], str | None]:
+    """The check of a mapped file's inode before it is opened for its mapping."""
+    want = v["file"]
+
+    def check(st: os.stat_result) -> str | None:
+        if not stat.S_ISREG(st.st_mode):
+            return "is not a regular file"
+        if (st.st_dev, st.st_ino) != (want.get("dev", st.st_dev), want["ino"]):
+            return "is another file now"
+        return None
+    return check
+
+
 class SpaceBuilder:
     """Maps the image's vmas into the task."""
 
@@ -148,16 +162,7 @@ class SpaceBuilder:
         gives the process the file's content, and a shared writable one lets it write the file."""
         key = (v["path"], flags)
         if key not in self.fd_cache:
-            want = v["file"]
-
-            def check(st: os.stat_result) -> str | None:
-                if not stat.S_ISREG(st.st_mode):
-                    return "is not a regular file"
-                if (st.st_dev, st.st_ino) != (want.get("dev", st.st_dev), want["ino"]):
-                    return "is another file now"
-                return None
-
-            self.fd_cache[key] = self.access.open(v["path"], flags, check, f"mapping {v['start']:#x}")
+            self.fd_cache[key] = self.access.open(v["path"], flags, _same_file(v), f"mapping {v['start']:#x}")
         return self.fd_cache[key]
 
     def close_cached(self) -> None:
@@ -277,6 +282,12 @@ class SpaceBuilder:
         # The files first (each open is checked between injected calls), then every mmap, mprotect and
         # madvise in as few batches as fit in scratch.
         fds: dict[int, int] = {}
+        wanted: dict[tuple[str, int], tuple[str, int, Any, str]] = {}
+        for v in vmas:
+            key = (v["path"], mapped_access(v))
+            if v["kind"] == "file" and key not in self.fd_cache and key not in wanted:
+                wanted[key] = (v["path"], key[1], _same_file(v), f"mapping {v['start']:#x}")
+        self.fd_cache.update(zip(wanted, self.access.open_many(list(wanted.values())), strict=True))
         for i, v in enumerate(vmas):
             if v["kind"] == "file":
                 fds[i] = self._open_mapped(v, mapped_access(v))
