@@ -336,10 +336,8 @@ class Batch:
         self.entries: list[_Entry] = []
         self.used = 0  # bytes of data placed in scratch
         self.failed_at = -1  # after run() raised: the index of the call that failed
+        self.entries_failed_what = ""  # and its `what`
         self.results: list[int] = []  # of the last run(), also when it raised: the calls made
-
-    def __len__(self) -> int:
-        return len(self.entries)
 
     def call(self, nr: int, *args: int | Ref, what: str = "", check: bool = True) -> Ref:
         """Queue syscall `nr`; check=False: a failure is returned in the results, not raised."""
@@ -423,6 +421,7 @@ class Batch:
     def _raise(self, i: int, ret: int) -> None:
         e = self.entries[i]
         self.failed_at = i
+        self.entries_failed_what = e.what
         self.entries.clear()
         self.used = 0
         name = e.what or next((k for k, v in vars(abi.SYS).items() if v == e.nr), str(e.nr))

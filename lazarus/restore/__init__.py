@@ -62,6 +62,8 @@ class Restored:
     pages_written: int
     lazy: Any = None  # handed to the lazy-pages server: uffd and what it must serve
     timings: dict[str, float] = field(default_factory=dict)
+    stops: int = 0  # times the new task was let run for one of our injections (a call or a batch of calls)
+    calls: int = 0  # system calls injected
 
 
 def open_image(directory: Path, *, verify_pages: bool) -> Image:
@@ -197,14 +199,18 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
         remote.use_scratch(tramp.addr + abi.PAGE_SIZE, TRAMPOLINE_SIZE - abi.PAGE_SIZE)
         timings["create"] = time.monotonic() - t0
 
-        rcore.reset_inherited(remote)
-        rcore.prepare_xstate(remote, task["core"])
-        rcore.restore_guest_perm(remote, task["core"])
-        close_inherited_fds(remote)
-        specials = clear_address_space(remote, (tramp.addr, tramp.addr + TRAMPOLINE_SIZE))
+        # One batch: what the task inherited from the restorer (per-task state, fds, mappings) dropped, the vdso
+        # moved.
+        setup = remote.batch()
+        rcore.reset_inherited(remote, setup)
+        close_inherited_fds(remote, setup)
+        specials = clear_address_space(remote, (tramp.addr, tramp.addr + TRAMPOLINE_SIZE), setup)
         gaps = trampoline_candidates(mm["vmas"] + [{"start": tramp.addr, "end": tramp.addr + TRAMPOLINE_SIZE}],
                                      1 << 20)
-        move_vdso(remote, specials, mm["vmas"], gaps[0])
+        move_vdso(remote, specials, mm["vmas"], gaps[0], setup)
+        setup.run()
+        rcore.prepare_xstate(remote, task["core"])
+        rcore.restore_guest_perm(remote, task["core"])
         # Before any mapping of the image exists: the kernel refuses a new exe_fd (EBUSY) while the old
         # executable is still mapped, and the image may map that very file (a Python restored by a Python).
         set_mm(remote, mm)
@@ -268,10 +274,7 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
             handover = uffd_in_task(remote, ranges, LAZY_FEATURES)
         for thread in threads:
             restore_thread_creds(thread, task["misc"])
-        rcore.restore_caps_before_creds(remote, task["misc"])
-        rcore.restore_creds(remote, task["misc"]["creds"])
-        rcore.restore_after_creds(remote, task["misc"])
-        rcore.restore_dumpable(remote, task["misc"])
+        rcore.restore_all_creds(remote, task["misc"])
         for thread, rec in zip(threads, thread_recs, strict=True):
             rcore.set_final_state(thread, rec["core"], rec["blocked"])
             thread.close()
@@ -279,6 +282,8 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
         remote.syscall(abi.SYS.munmap, tramp.addr, TRAMPOLINE_SIZE)
         rcore.set_final_state(remote, task["core"], task["signals"]["blocked"])
         remote.close()
+        stops = remote.stops + sum(t.stops for t in threads)
+        calls = remote.calls + sum(t.calls for t in threads)
         source = None
         if handover is not None:
             source = ImagePageSource(served, page_file, name=f"pages-{pid}.img")
@@ -297,7 +302,7 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
         if page_file is not None and not lazy:
             page_file.close()
         return Restored(child, time.monotonic() - t0, written, timings=timings,
-                        lazy=(handover, source) if handover is not None else None)
+                        lazy=(handover, source) if handover is not None else None, stops=stops, calls=calls)
     except BaseException as e:
         if child:
             rcore.kill_quietly(child)

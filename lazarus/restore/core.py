@@ -13,7 +13,7 @@ from lazarus.images.format import Schema, check_schema
 from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.features import cpu_xstate, parse_xstate
 from lazarus.kernel.syscall import prlimit
-from lazarus.remote import RemoteTask, restart_after_freeze
+from lazarus.remote import Batch, RemoteTask, restart_after_freeze
 from lazarus.restore.timers import restore_timers
 
 _NEG1 = (1 << 64) - 1
@@ -21,21 +21,22 @@ log = logging.getLogger(__name__)
 RLIMIT_NOFILE = 7
 
 
-def reset_inherited(task: RemoteTask) -> None:
+def reset_inherited(task: RemoteTask, batch: Batch | None = None) -> None:
     """Drop per-task state the task inherited from the restorer (KERNEL-NOTES pitfall 15).
 
     rseq first: the kernel writes into the rseq area on every return to user space, and the area is about
-    to be unmapped.
+    to be unmapped. batch: queue the calls there (its caller runs it), else run them now.
     """
     conf = ptrace.rseq_configuration(task.pid)
-    b = task.batch()
+    b = batch if batch is not None else task.batch()
     if conf.rseq_abi_pointer:
         b.call(abi.SYS.rseq, conf.rseq_abi_pointer, conf.rseq_abi_size, abi.RSEQ_FLAG_UNREGISTER, conf.signature)
     b.call(abi.SYS.set_robust_list, 0, 24)  # len must be sizeof(struct robust_list_head)
     b.call(abi.SYS.set_tid_address, 0)
     b.call(abi.SYS.prctl, abi.PR_SET_PDEATHSIG, 0, 0, 0, 0)
     b.call(abi.SYS.sigaltstack, b.put_struct(abi.stack_t(0, abi.SS_DISABLE, 0, 0)), 0)
-    b.run()
+    if batch is None:
+        b.run()
 
 
 def restore_rlimits(pid: int, rlimits: list[list[int]]) -> None:
@@ -231,7 +232,7 @@ def restore_prctl(task: RemoteTask, pr: dict[str, Any]) -> None:
     b.run()
 
 
-def restore_caps_before_creds(task: RemoteTask, misc: dict[str, Any]) -> None:
+def restore_caps_before_creds(task: RemoteTask, misc: dict[str, Any], batch: Batch | None = None) -> None:
     """Drop from the bounding set what the process did not have (this needs CAP_SETPCAP, which goes with
     root), and keep the permitted set across the change of uids, for restore_after_creds to set."""
     caps = misc.get("caps")
@@ -243,25 +244,27 @@ def restore_caps_before_creds(task: RemoteTask, misc: dict[str, Any]) -> None:
         raise RestoreError(f"capability bounding set {caps['bnd']:#x} has capabilities the restorer lacks "
                            f"({extra:#x})", stage="caps", pid=task.pid)
     drop = have.cap_bnd & ~caps["bnd"]
-    b = task.batch()
+    b = batch if batch is not None else task.batch()
     for cap in range(64):
         if drop >> cap & 1:
             b.call(abi.SYS.prctl, abi.PR_CAPBSET_DROP, cap, 0, 0, 0, what=f"PR_CAPBSET_DROP({cap})")
     b.call(abi.SYS.prctl, abi.PR_SET_KEEPCAPS, 1, 0, 0, 0)
-    b.run()
+    if batch is None:
+        b.run()
 
 
-def restore_after_creds(task: RemoteTask, misc: dict[str, Any]) -> None:
-    """State that a change of credentials would reset: capabilities, keep-caps and the parent-death signal."""
+def restore_after_creds(task: RemoteTask, misc: dict[str, Any], batch: Batch | None = None) -> None:
+    """State that a change of credentials would reset: capabilities, keep-caps and the parent-death signal.
+    batch: queue the calls there (its caller runs it, through run_creds_batch)."""
     t = task
     caps = misc.get("caps")
-    b = t.batch()
+    b = batch if batch is not None else t.batch()
     if caps:
         hdr = b.put_struct(abi.user_cap_header(abi.LINUX_CAPABILITY_VERSION_3, 0))
         data = (abi.user_cap_data * 2)(
             abi.user_cap_data(caps["eff"] & 0xFFFFFFFF, caps["prm"] & 0xFFFFFFFF, caps["inh"] & 0xFFFFFFFF),
             abi.user_cap_data(caps["eff"] >> 32, caps["prm"] >> 32, caps["inh"] >> 32))
-        capset = b.call(abi.SYS.capset, hdr, b.put_struct(data), what="capset")
+        b.call(abi.SYS.capset, hdr, b.put_struct(data), what="capset")
         for cap in range(64):
             if caps["amb"] >> cap & 1:
                 b.call(abi.SYS.prctl, abi.PR_CAP_AMBIENT, abi.PR_CAP_AMBIENT_RAISE, cap, 0, 0,
@@ -275,18 +278,26 @@ def restore_after_creds(task: RemoteTask, misc: dict[str, Any]) -> None:
         log.warning("pid %d: parent-death signal %d restored: it comes when this restorer exits", t.pid,
                     pr["pdeathsig"])
         b.call(abi.SYS.prctl, abi.PR_SET_PDEATHSIG, pr["pdeathsig"], 0, 0, 0)
+    if batch is None:
+        run_creds_batch(b, misc)
+
+
+def run_creds_batch(b: Batch, misc: dict[str, Any]) -> None:
+    """Run a batch holding restore_after_creds's calls: a refused capset is named with the sets it asked for."""
     try:
         b.run()
     except KernelError as e:
-        if caps and b.failed_at == capset.index:
+        caps = misc.get("caps")
+        if caps and b.entries_failed_what == "capset":
             raise RestoreError(f"cannot set capabilities (permitted {caps['prm']:#x}, effective {caps['eff']:#x}, "
-                               f"inheritable {caps['inh']:#x}): {e.strerror}", stage="caps", pid=t.pid) from e
+                               f"inheritable {caps['inh']:#x}): {e.strerror}", stage="caps", pid=b.task.pid) from e
         raise
 
 
-def restore_creds(task: RemoteTask, creds: dict[str, Any]) -> None:
-    """Credentials last among the injected calls: dropping root takes away what the others need."""
-    b = task.batch()
+def restore_creds(task: RemoteTask, creds: dict[str, Any], batch: Batch | None = None) -> None:
+    """Credentials last among the injected calls: dropping root takes away what the others need. batch: queue
+    the calls there (its caller runs it)."""
+    b = batch if batch is not None else task.batch()
     groups = creds["groups"]
     if groups:
         raw = b"".join(g.to_bytes(4, "little") for g in groups)
@@ -297,15 +308,30 @@ def restore_creds(task: RemoteTask, creds: dict[str, Any]) -> None:
     b.call(abi.SYS.setresgid, r, e, s)
     r, e, s, _fs = creds["uids"]
     b.call(abi.SYS.setresuid, r, e, s)
-    b.run()
+    if batch is None:
+        b.run()
 
 
-def restore_dumpable(task: RemoteTask, misc: dict[str, Any]) -> None:
+def restore_dumpable(task: RemoteTask, misc: dict[str, Any], batch: Batch | None = None) -> None:
     """After the credentials: changing uids resets the dumpable flag (to fs.suid_dumpable), which would lock
     the process out of its own /proc/self/{environ,auxv,mem}. Values 0 and 1 can be set by the task itself."""
     value = misc.get("dumpable")
     if value in (0, 1):
-        task.syscall(abi.SYS.prctl, abi.PR_SET_DUMPABLE, value, 0, 0, 0)
+        if batch is not None:
+            batch.call(abi.SYS.prctl, abi.PR_SET_DUMPABLE, value, 0, 0, 0)
+        else:
+            task.syscall(abi.SYS.prctl, abi.PR_SET_DUMPABLE, value, 0, 0, 0)
+
+
+def restore_all_creds(task: RemoteTask, misc: dict[str, Any]) -> None:
+    """restore_caps_before_creds, restore_creds, restore_after_creds and restore_dumpable, in that order, by one
+    batch."""
+    b = task.batch()
+    restore_caps_before_creds(task, misc, b)
+    restore_creds(task, misc["creds"], b)
+    restore_after_creds(task, misc, b)
+    restore_dumpable(task, misc, b)
+    run_creds_batch(b, misc)
 
 
 # Machine code run once in a restored task whose image holds AMX tile data. The kernel gives a task an XSTATE

@@ -14,7 +14,7 @@ from typing import Any
 from lazarus.errors import RestoreError
 from lazarus.images.mm import SEALS_NONE, VMFLAGS_COMPARED, is_lazy
 from lazarus.kernel import abi, procfs
-from lazarus.remote import RemoteTask
+from lazarus.remote import Batch, RemoteTask
 from lazarus.restore import private
 from lazarus.restore.access import Access, mapped_access
 
@@ -65,11 +65,12 @@ def trampoline_candidates(vmas: list[dict[str, Any]], size: int) -> list[int]:
 TASK_SIZE = 0x7FFF_FFFF_F000
 
 
-def clear_address_space(task: RemoteTask, keep: tuple[int, int]) -> dict[str, procfs.Vma]:
+def clear_address_space(task: RemoteTask, keep: tuple[int, int], batch: Batch | None = None) -> dict[str, procfs.Vma]:
     """Unmap everything the task inherited from the restorer except `keep` and the vdso block.
 
     A few munmaps over the gaps between what stays (munmap accepts holes), instead of one per vma: the
-    restorer is a Python process with a hundred or more mappings.
+    restorer is a Python process with a hundred or more mappings. batch: queue the calls there (its caller
+    runs it), else run them now.
     """
     specials: dict[str, procfs.Vma] = {}
     stay = [keep]
@@ -78,22 +79,24 @@ def clear_address_space(task: RemoteTask, keep: tuple[int, int]) -> dict[str, pr
             specials[vma.path.strip("[]")] = vma
             stay.append((vma.start, vma.end))
     cur = 0
-    b = task.batch()
+    b = batch if batch is not None else task.batch()
     for start, end in sorted(stay):
         if start > cur:
             b.call(abi.SYS.munmap, cur, start - cur)
         cur = max(cur, end)
     if cur < TASK_SIZE:
         b.call(abi.SYS.munmap, cur, TASK_SIZE - cur)
-    b.run()
+    if batch is None:
+        b.run()
     return specials
 
 
 def move_vdso(task: RemoteTask, have: dict[str, procfs.Vma], image_vmas: list[dict[str, Any]],
-              scratch_gap: int) -> None:
-    """Move the task's vvar/vvar_vclock/vdso to where the image had them, keeping them together."""
+              scratch_gap: int, batch: Batch | None = None) -> None:
+    """Move the task's vvar/vvar_vclock/vdso to where the image had them, keeping them together. batch: queue
+    the calls there (its caller runs it)."""
     want = {v["kind"]: v for v in image_vmas if v["kind"] in VDSO_KINDS}
-    b = task.batch()
+    b = batch if batch is not None else task.batch()
     for kind in VDSO_KINDS:
         if kind in have and kind not in want:
             b.call(abi.SYS.munmap, have[kind].start, have[kind].end - have[kind].start)
@@ -118,7 +121,8 @@ def move_vdso(task: RemoteTask, have: dict[str, procfs.Vma], image_vmas: list[di
         tmp += size
     for old, size, dst in staged:
         b.call(abi.SYS.mremap, old, size, size, flags, dst)
-    b.run()
+    if batch is None:
+        b.run()
 
 
 def _same_file(v: dict[str, Any]) -> Callable[[os.stat_result], str | None]:
@@ -455,6 +459,10 @@ def _write_runs(fd: int, obj: dict[str, Any], page_file: Any, verify: bool) -> N
             done += os.pwrite(fd, view[done:], offset + done)
 
 
-def close_inherited_fds(task: RemoteTask) -> None:
+def close_inherited_fds(task: RemoteTask, batch: Batch | None = None) -> None:
+    """Every fd the task inherited from the restorer (batch: queued there, for its caller to run)."""
+    if batch is not None:
+        batch.call(abi.SYS.close_range, 0, 0xFFFFFFFF, 0, check=False)
+        return
     with contextlib.suppress(Exception):
         task.syscall(abi.SYS.close_range, 0, 0xFFFFFFFF, 0)
