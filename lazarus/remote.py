@@ -338,6 +338,7 @@ class Batch:
         self.failed_at = -1  # after run() raised: the index of the call that failed
         self.entries_failed_what = ""  # and its `what`
         self.results: list[int] = []  # of the last run(), also when it raised: the calls made
+        self._done: list[Callable[[list[int]], object]] = []
 
     def call(self, nr: int, *args: int | Ref, what: str = "", check: bool = True) -> Ref:
         """Queue syscall `nr`; check=False: a failure is returned in the results, not raised."""
@@ -347,6 +348,10 @@ class Batch:
         self.entries.append(_Entry(nr, list(args) + [0] * (6 - len(args)), check, what))
         self._room(0)
         return Ref(len(self.entries) - 1)
+
+    def on_done(self, check: Callable[[list[int]], object]) -> None:
+        """Call check(results) once the calls queued so far have run without a checked failure (it may raise)."""
+        self._done.append(check)
 
     def store(self, ref: Ref, addr: int) -> None:
         """Also write the (successful) result of `ref` as 8 bytes at `addr` of the task (a structure's field;
@@ -384,7 +389,7 @@ class Batch:
         """Make the calls; returns their results (negative errno on failure); KernelError at a checked failure."""
         t = self.task
         if not self.entries:
-            return []
+            return self._finish([])
         if not t.batch_ip or t.traps_ignored or len(self.entries) == 1:
             return self._one_by_one()
         n = len(self.entries)
@@ -409,8 +414,14 @@ class Batch:
         if ran < n or (out and self._failed(n - 1, out[-1])):
             i = ran - 1
             self._raise(i, out[i])
+        return self._finish(out)
+
+    def _finish(self, out: list[int]) -> list[int]:
         self.entries.clear()
         self.used = 0
+        done, self._done = self._done, []
+        for check in done:
+            check(out)
         return out
 
     def _failed(self, i: int, ret: int) -> bool:
@@ -424,6 +435,7 @@ class Batch:
         self.entries_failed_what = e.what
         self.entries.clear()
         self.used = 0
+        self._done = []
         name = e.what or next((k for k, v in vars(abi.SYS).items() if v == e.nr), str(e.nr))
         raise KernelError(f"{name} in task {self.task.pid}", -ret, pid=self.task.pid)
 
@@ -438,6 +450,4 @@ class Batch:
                 self._raise(i, ret)
             for addr in e.into:
                 t.write(addr, (ret & _NEG1).to_bytes(8, "little"))
-        self.entries.clear()
-        self.used = 0
-        return out
+        return self._finish(out)

@@ -23,7 +23,7 @@ from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.clone import Trampoline
 from lazarus.kernel.features import cpu_xstate
 from lazarus.lazy.sources import ImagePageSource
-from lazarus.remote import RemoteTask
+from lazarus.remote import Batch, RemoteTask
 from lazarus.restore import cgroups, private
 from lazarus.restore import core as rcore
 from lazarus.restore.access import Access, precheck
@@ -208,12 +208,14 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
         gaps = trampoline_candidates(mm["vmas"] + [{"start": tramp.addr, "end": tramp.addr + TRAMPOLINE_SIZE}],
                                      1 << 20)
         move_vdso(remote, specials, mm["vmas"], gaps[0], setup)
-        setup.run()
-        rcore.prepare_xstate(remote, task["core"])
-        rcore.restore_guest_perm(remote, task["core"])
         # Before any mapping of the image exists: the kernel refuses a new exe_fd (EBUSY) while the old
         # executable is still mapped, and the image may map that very file (a Python restored by a Python).
-        set_mm(remote, mm)
+        set_mm(remote, mm, setup)
+        xcomp = rcore.queue_xcomp_reads(setup, task["core"])
+        setup.run()
+        known = rcore.xcomp_known(setup, xcomp)
+        rcore.prepare_xstate(remote, task["core"], known)
+        rcore.restore_guest_perm(remote, task["core"], known)
         rcore.restore_rlimits(child, task["misc"]["rlimits"])
         fds = task["files"]
         high_base = max([f["fd"] for f in fds], default=2) + 1
@@ -347,10 +349,11 @@ def restore_misc_and_cwd(remote: RemoteTask, misc: dict[str, Any]) -> None:
     give_back(f"/proc/{remote.pid}/cwd", gone)
 
 
-def set_mm(remote: RemoteTask, mm: dict[str, Any]) -> None:
-    """PR_SET_MM_MAP: code/data/brk/stack/args/env boundaries, auxv and the executable link."""
+def set_mm(remote: RemoteTask, mm: dict[str, Any], batch: Batch | None = None) -> None:
+    """PR_SET_MM_MAP: code/data/brk/stack/args/env boundaries, auxv and the executable link. batch: queued there
+    (checked when it runs), else made now."""
     auxv = bytes.fromhex(mm["auxv"])
-    b = remote.batch()
+    b = batch if batch is not None else remote.batch()
     auxv_addr = b.put(auxv)
     m = abi.prctl_mm_map(
         mm["start_code"], mm["end_code"], mm["start_data"], mm["end_data"], mm["start_brk"], mm["brk"],
@@ -363,9 +366,13 @@ def set_mm(remote: RemoteTask, mm: dict[str, Any]) -> None:
     prctl = b.call(abi.SYS.prctl, abi.PR_SET_MM, abi.PR_SET_MM_MAP, addr, abi.sizeof(abi.prctl_mm_map), 0,
                    check=False)
     b.call(abi.SYS.close, exe_fd)
-    ret = b.run()[prctl.index]
-    if ret < 0:
-        raise KernelError(f"prctl(PR_SET_MM_MAP) in task {remote.pid}", -ret, pid=remote.pid)
+
+    def check(results: list[int]) -> None:
+        if results[prctl.index] < 0:
+            raise KernelError(f"prctl(PR_SET_MM_MAP) in task {remote.pid}", -results[prctl.index], pid=remote.pid)
+    b.on_done(check)
+    if batch is None:
+        b.run()
 
 
 def restore(directory: Path, *, lazy: bool = False, on_lazy: LazyHandoff | None = None,

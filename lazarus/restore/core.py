@@ -13,7 +13,7 @@ from lazarus.images.format import Schema, check_schema
 from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.features import cpu_xstate, parse_xstate
 from lazarus.kernel.syscall import prlimit
-from lazarus.remote import Batch, RemoteTask, restart_after_freeze
+from lazarus.remote import Batch, Ref, RemoteTask, restart_after_freeze
 from lazarus.restore.timers import restore_timers
 
 _NEG1 = (1 << 64) - 1
@@ -372,7 +372,9 @@ def xcomp_request(want: int, have: int) -> int | None:
     return missing.bit_length() - 1 if missing else None
 
 
-def _xcomp_get(task: RemoteTask, option: int, name: str) -> int:
+def _xcomp_get(task: RemoteTask, option: int, name: str, known: dict[int, int] | None = None) -> int:
+    if known and option in known:
+        return known.pop(option)  # read ahead (queue_xcomp_reads); a later read asks the task again
     addr = task.alloc_scratch() + _XCOMP_SCRATCH_OFFSET
     ret = task.raw(abi.SYS.arch_prctl, option, addr)
     if ret < 0:
@@ -381,12 +383,34 @@ def _xcomp_get(task: RemoteTask, option: int, name: str) -> int:
     return int.from_bytes(task.read(addr, 8), "little")
 
 
-def prepare_xstate(task: RemoteTask, core: dict[str, Any]) -> None:
+def queue_xcomp_reads(b: Batch, core: dict[str, Any]) -> list[tuple[int, Ref, int]]:
+    """Queue in `b` the permission reads prepare_xstate and restore_guest_perm will need; after b has run,
+    xcomp_known() gives their values to pass them."""
+    options = []
+    if core.get("xcomp_perm") is not None:
+        options.append(abi.ARCH_GET_XCOMP_PERM)
+    if core.get("xcomp_guest_perm") is not None:
+        options.append(abi.ARCH_GET_XCOMP_GUEST_PERM)
+    out = []
+    for option in options:
+        addr = b.put(bytes(8))
+        out.append((option, b.call(abi.SYS.arch_prctl, option, addr, check=False), addr))
+    return out
+
+
+def xcomp_known(b: Batch, queued: list[tuple[int, Ref, int]]) -> dict[int, int]:
+    """The values read by queue_xcomp_reads's calls (those that succeeded), by option, once `b` has run."""
+    return {option: int.from_bytes(b.task.read(addr, 8), "little") for option, ref, addr in queued
+            if b.results[ref.index] == 0}
+
+
+def prepare_xstate(task: RemoteTask, core: dict[str, Any], known: dict[int, int] | None = None) -> None:
     """Before the saved XSTATE can be set (set_final_state): check it is shaped for this CPU, give the task the
     permission for dynamically enabled features (AMX) the process had, and, where the saved state holds tile
     data, make the kernel size the task's buffer for it. Early in the restore, so that a CPU or kernel that
     cannot grant the permission fails the restore before anything runs, and before the process's sigaltstack
     is installed (the kernel checks altstack sizes against the permitted features, as it did for the original).
+    known: values already read (xcomp_known).
     """
     pid = task.pid
     xstate = bytes.fromhex(core["xstate"])
@@ -404,7 +428,7 @@ def prepare_xstate(task: RemoteTask, core: dict[str, Any]) -> None:
             raise ImageError(f"task {pid}: core.xstate holds AMX tile data (xstate_bv {bv:#x}) but core.xcomp_perm "
                              f"({'missing' if want is None else hex(want)}) does not permit it")
         return
-    have = _xcomp_get(task, abi.ARCH_GET_XCOMP_PERM, "ARCH_GET_XCOMP_PERM")
+    have = _xcomp_get(task, abi.ARCH_GET_XCOMP_PERM, "ARCH_GET_XCOMP_PERM", known)
     nr = xcomp_request(want, have)
     if nr is not None:
         supp = _xcomp_get(task, abi.ARCH_GET_XCOMP_SUPP, "ARCH_GET_XCOMP_SUPP")
@@ -425,7 +449,7 @@ def prepare_xstate(task: RemoteTask, core: dict[str, Any]) -> None:
         _first_tile_use(task)
 
 
-def restore_guest_perm(task: RemoteTask, core: dict[str, Any]) -> None:
+def restore_guest_perm(task: RemoteTask, core: dict[str, Any], known: dict[int, int] | None = None) -> None:
     """The permission for XSTATE features the process's KVM guests may use (ARCH_REQ_XCOMP_GUEST_PERM): asked
     for again in the new task, and required to come out equal, or the restore fails naming it."""
     want = core.get("xcomp_guest_perm")
@@ -433,7 +457,7 @@ def restore_guest_perm(task: RemoteTask, core: dict[str, Any]) -> None:
         return
     if type(want) is not int or not 0 <= want < 1 << 64:
         raise ImageError(f"core.xcomp_guest_perm: expected an unsigned 64-bit integer or null, got {want!r}")
-    have = _xcomp_get(task, abi.ARCH_GET_XCOMP_GUEST_PERM, "ARCH_GET_XCOMP_GUEST_PERM")
+    have = _xcomp_get(task, abi.ARCH_GET_XCOMP_GUEST_PERM, "ARCH_GET_XCOMP_GUEST_PERM", known)
     nr = xcomp_request(want, have)
     if nr is not None:
         ret = task.raw(abi.SYS.arch_prctl, abi.ARCH_REQ_XCOMP_GUEST_PERM, nr)

@@ -62,9 +62,26 @@ def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int)
         finally:
             os.close(pidfd)
         if features & abi.UFFD_FEATURE_EVENT_FORK:
-            kept = _dup_at_or_below(task, fd, anchor_fd_number(prlimit(task.pid, RLIMIT_NOFILE)[0], ()))
+            # Usually the number wanted is free: the copy and the close of the original in one batch.
+            want = anchor_fd_number(prlimit(task.pid, RLIMIT_NOFILE)[0], ())
+            b = task.batch()
+            b.call(abi.SYS.fcntl, fd, _F_DUPFD_CLOEXEC, want, check=False)
+            b.call(abi.SYS.close, fd)
+            got = b.run()[0]
+            fd = -1
+            if got == want:
+                kept = want
+            elif got >= 0:  # taken: look below it, from the copy made
+                try:
+                    kept = _dup_at_or_below(task, got, want)
+                finally:
+                    task.syscall(abi.SYS.close, got)
+            else:
+                raise RestoreError(f"pid {task.pid}: no fd at or below {want} for the userfaultfd anchor: "
+                                   f"{os.strerror(-got)}", stage="memory")
     finally:
-        task.syscall(abi.SYS.close, fd)
+        if fd >= 0:
+            task.syscall(abi.SYS.close, fd)
     uffd = Uffd.adopt(ours)
     uffd.task_fd = kept
     return uffd
