@@ -246,7 +246,10 @@ class Access:
                 # A magic link cannot be opened with O_NOFOLLOW: open the name again, and compare below.
                 name = path if flags & abi.O_NOFOLLOW else f"/proc/self/fd/{pfd}"
                 b.call(abi.SYS.openat, abi.AT_FDCWD & _NEG1, b.cstring(name), flags, 0, check=False)
-            fds = b.run()
+            for pfd in pfds:  # in the same batch, after every reopen
+                b.call(abi.SYS.close, pfd, check=False)
+            fds = b.run()[:len(wanted)]
+            pfds = []
             for (path, flags, _, where), fd, st in zip(wanted, fds, stats, strict=True):
                 if fd < 0:
                     if fd in (-errno.EACCES, -errno.EPERM):
@@ -268,7 +271,7 @@ class Access:
             for pfd in pfds:
                 if pfd >= 0:
                     b.call(abi.SYS.close, pfd, check=False)
-            b.run()
+            b.run()  # nothing queued once every pfd is closed
 
     def _open_checked(self, path: str, flags: int, check: Check, where: str, ours: bool) -> int:
         """The new fd, or -errno when permission was denied; RestoreError on anything else."""

@@ -123,8 +123,8 @@ def restore_misc(task: RemoteTask, misc: dict[str, Any]) -> None:
         b.call(abi.SYS.setpgid, 0, 0)
     if misc.get("no_new_privs"):
         b.call(abi.SYS.prctl, abi.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    restore_prctl(t, misc.get("prctl") or {}, b)  # its reads join this batch
     b.run()
-    restore_prctl(t, misc.get("prctl") or {})
 
 
 def _spec_ctrl(value: int) -> int:
@@ -154,12 +154,12 @@ def check_proc_state(misc: dict[str, Any], fname: str) -> None:
             raise ImageError(f"{fname}: field 'misc.caps' must hold 64-bit sets")
 
 
-def restore_prctl(task: RemoteTask, pr: dict[str, Any]) -> None:
+def restore_prctl(task: RemoteTask, pr: dict[str, Any], batch: Batch | None = None) -> None:
     """prctl state set before the credentials (see restore_after_creds for the rest). Each value is compared
     with what the new task has (it inherited the restorer's), and set only where it differs: all the values
-    are read by one batch, the changes made by another."""
+    are read by one batch (`batch`, run by the caller, when given), the changes made by another once it ran."""
     t = task
-    reads = t.batch()
+    reads = batch if batch is not None else t.batch()
     now: dict[Any, Any] = {}  # key -> Ref of a call returning the value, or (Ref, address it writes to)
 
     def get(key: Any, option: int, arg: int = 0) -> None:
@@ -188,7 +188,14 @@ def restore_prctl(task: RemoteTask, pr: dict[str, Any]) -> None:
         now["cpuid"] = reads.call(abi.SYS.arch_prctl, abi.ARCH_GET_CPUID, 0, check=False)
     if pr.get("mdwe"):
         get("mdwe", abi.PR_GET_MDWE)
-    results = reads.run()
+    reads.on_done(lambda results: _apply_prctl(t, pr, now, results))
+    if batch is None:
+        reads.run()
+
+
+def _apply_prctl(t: RemoteTask, pr: dict[str, Any], now: dict[Any, Any], results: list[int]) -> None:
+    """restore_prctl's second half: the values read (`now`: Refs into `results`, or with the address the call
+    wrote to), compared and set."""
     have: dict[Any, int] = {}
     for key, ref in now.items():
         if isinstance(ref, tuple):
