@@ -17,7 +17,6 @@ from lazarus.kernel import abi
 from lazarus.kernel.pidfd import pidfd_getfd, pidfd_open
 from lazarus.kernel.syscall import prlimit
 from lazarus.kernel.uffd import CopyHelper, Outcome, Uffd
-from lazarus.lazy.anchor import anchor_fd_number
 from lazarus.remote import Ref, RemoteTask
 
 LAZY_FEATURES = (abi.UFFD_FEATURE_EVENT_FORK | abi.UFFD_FEATURE_EVENT_REMAP | abi.UFFD_FEATURE_EVENT_REMOVE
@@ -62,6 +61,8 @@ def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int)
         finally:
             os.close(pidfd)
         if features & abi.UFFD_FEATURE_EVENT_FORK:
+            from lazarus.lazy.anchor import anchor_fd_number  # lazy restores only (it brings socket)
+
             # Usually the number wanted is free: the copy and the close of the original in one batch.
             want = anchor_fd_number(prlimit(task.pid, RLIMIT_NOFILE)[0], ())
             b = task.batch()
