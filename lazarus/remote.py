@@ -19,14 +19,19 @@ import errno
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from lazarus.errors import KernelError, LazarusError, NoSuchTask
 from lazarus.kernel import abi, procfs, ptrace
+from lazarus.kernel.clone import BATCH_TRAP_OFFSET
 
 log = logging.getLogger(__name__)
 
 _ALL_SIGNALS = (1 << 64) - 1 & ~((1 << (abi.SIGKILL - 1)) | (1 << (abi.SIGSTOP - 1)))
+# While a batch runs, SIGTRAP is left unblocked: the kernel forces the batch's closing int3 trap through a
+# blocked or ignored SIGTRAP by resetting that signal's handler to SIG_DFL, which would change the task.
+_BATCH_SIGNALS = _ALL_SIGNALS & ~(1 << (abi.SIGTRAP - 1))
 _NEG1 = (1 << 64) - 1
 _USER_TOP = 1 << 47
 _LOW_LIMIT = 1 << 32  # keep scratch away from the program's brk heap and low fixed mappings
@@ -96,9 +101,14 @@ class RemoteTask:
 
     def __init__(self, pid: int, syscall_ip: int, *,
                  adjust: Callable[[abi.user_regs_struct], object] | None = None,
-                 journal: Journal | None = None) -> None:
+                 journal: Journal | None = None, batch_ip: int = 0) -> None:
         self.pid = pid
         self.syscall_ip = syscall_ip
+        # Where BATCH_CODE lies in the task (restore: the trampoline page), or 0: batches then run call by call.
+        self.batch_ip = batch_ip
+        # Set once the task's own SIGTRAP disposition is SIG_IGN: the batch's trap would reset it to SIG_DFL.
+        self.traps_ignored = False
+        self.stops = 0  # times the task was let run for us (one per call; one per batch)
         self.saved_regs = ptrace.get_regs(pid)
         if adjust is not None:
             adjust(self.saved_regs)
@@ -183,6 +193,7 @@ class RemoteTask:
                 raise LazarusError(f"task {pid} {st} instead of syscall-{stage} stop for syscall {nr}",
                                    pid=pid)
         self.calls += 1
+        self.stops += 1
         out = ptrace.get_regs(pid)
         ret = out.rax
         return ret - (1 << 64) if ret >= (1 << 63) else ret
@@ -194,6 +205,34 @@ class RemoteTask:
             name = what or next((k for k, v in vars(abi.SYS).items() if v == nr), str(nr))
             raise KernelError(f"{name} in task {self.pid}", -ret, pid=self.pid)
         return ret
+
+    def batch(self) -> Batch:
+        """A Batch of calls for this task: queued, then run by one injection (see Batch)."""
+        return Batch(self)
+
+    def run_batch_code(self, table: int, count: int, results: int) -> int:
+        """Let the task run BATCH_CODE over `count` entries at `table`; returns how many it ran."""
+        pid = self.pid
+        regs = abi.user_regs_struct.from_buffer_copy(self.saved_regs)
+        regs.rip = self.batch_ip
+        regs.orig_rax = _NEG1
+        regs.r12, regs.r13, regs.r14 = table, count, results
+        ptrace.set_regs(pid, regs)
+        ptrace.set_sigmask(pid, _BATCH_SIGNALS)
+        ptrace.cont(pid)
+        st = ptrace.wait(pid)
+        if not (st.stopped and st.stop_sig == abi.SIGTRAP):
+            if st.exited or st.signaled:
+                raise NoSuchTask(f"task {pid} {st} during a batch of injected syscalls", pid=pid)
+            raise LazarusError(f"task {pid} {st} instead of the batch's trap", pid=pid)
+        out = ptrace.get_regs(pid)
+        ptrace.set_sigmask(pid, _ALL_SIGNALS)
+        if out.rip != self.batch_ip + BATCH_TRAP_OFFSET:
+            raise LazarusError(f"task {pid} stopped at {out.rip:#x}, not at the batch's trap", pid=pid)
+        self.stops += 1
+        ran = count - out.r13
+        self.calls += ran
+        return ran
 
     # -- memory ---------------------------------------------------------------------------------------
     def alloc_scratch(self, size: int = 4 * abi.PAGE_SIZE) -> int:
@@ -260,3 +299,155 @@ class RemoteTask:
     def cstring(self, s: str | bytes, offset: int = 0) -> int:
         b = s.encode() if isinstance(s, str) else s
         return self.put(b + b"\0", offset)
+
+
+@dataclass(frozen=True)
+class Ref:
+    """The result of an earlier call of the same Batch, passed as an argument of a later one."""
+
+    index: int
+
+
+@dataclass
+class _Entry:
+    nr: int
+    args: list[int | Ref]
+    check: bool
+    what: str
+    into: list[int] = field(default_factory=list)  # task addresses the result is stored at (on success)
+
+
+_ENTRY_SIZE = 72  # BATCH_CODE's entry: nr, six arguments, flags, store address
+
+
+class Batch:
+    """System calls run in the task one after the other by a single injection of BATCH_CODE (one stop instead of
+    one per call: a restore makes well over a hundred calls, and each stop costs a round trip through the
+    scheduler). Arguments that point to data use put()/cstring()/put_struct(), which place it in the batch's
+    part of scratch; a later call takes an earlier one's result with Ref(i). run() returns every result and
+    raises KernelError at the first checked call that failed (the calls after it are not made).
+
+    Where the task has no BATCH_CODE (the dump's injection uses the vdso's `syscall`) or its SIGTRAP is ignored,
+    the same calls run one by one, with the same results.
+    """
+
+    def __init__(self, task: RemoteTask) -> None:
+        self.task = task
+        self.entries: list[_Entry] = []
+        self.used = 0  # bytes of data placed in scratch
+        self.failed_at = -1  # after run() raised: the index of the call that failed
+        self.entries_failed_what = ""  # and its `what`
+        self.results: list[int] = []  # of the last run(), also when it raised: the calls made
+        self._done: list[Callable[[list[int]], object]] = []
+
+    def call(self, nr: int, *args: int | Ref, what: str = "", check: bool = True) -> Ref:
+        """Queue syscall `nr`; check=False: a failure is returned in the results, not raised."""
+        for a in args:
+            if isinstance(a, Ref) and not 0 <= a.index < len(self.entries):
+                raise LazarusError(f"batch call {len(self.entries)} refers to a later call {a.index}")
+        self.entries.append(_Entry(nr, list(args) + [0] * (6 - len(args)), check, what))
+        self._room(0)
+        return Ref(len(self.entries) - 1)
+
+    def on_done(self, check: Callable[[list[int]], object]) -> None:
+        """Call check(results) once the calls queued so far have run without a checked failure (it may raise)."""
+        self._done.append(check)
+
+    def store(self, ref: Ref, addr: int) -> None:
+        """Also write the (successful) result of `ref` as 8 bytes at `addr` of the task (a structure's field;
+        the 8 bytes must be free to write)."""
+        self.entries[ref.index].into.append(addr)
+
+    def put(self, data: bytes) -> int:
+        """Copy `data` into the batch's scratch now (8-byte aligned); returns its address in the task."""
+        self._room(len(data) + 8)
+        addr = self.task.scratch + self.used
+        self.task.write(addr, data)
+        self.used += (len(data) + 7) & ~7
+        return addr
+
+    def put_struct(self, obj: object) -> int:
+        return self.put(bytes(obj))  # type: ignore[call-overload]
+
+    def cstring(self, s: str | bytes) -> int:
+        b = s.encode() if isinstance(s, str) else s
+        return self.put(b + b"\0")
+
+    def _room(self, more: int) -> None:
+        if not self.task.scratch:
+            self.task.alloc_scratch()
+        if self.used + more + len(self.entries) * (_ENTRY_SIZE + 8) > self.task.scratch_size:
+            raise LazarusError(f"batch of {len(self.entries)} calls does not fit in {self.task.scratch_size} bytes "
+                               "of scratch: run it in parts")
+
+    def fits(self, calls: int, data: int = 0) -> bool:
+        """Whether `calls` more calls and `data` more bytes still fit."""
+        return (self.used + data + 8 * calls + (len(self.entries) + calls) * (_ENTRY_SIZE + 8)
+                <= self.task.scratch_size)
+
+    def run(self) -> list[int]:
+        """Make the calls; returns their results (negative errno on failure); KernelError at a checked failure."""
+        t = self.task
+        if not self.entries:
+            return self._finish([])
+        if not t.batch_ip or t.traps_ignored or len(self.entries) == 1:
+            return self._one_by_one()
+        n = len(self.entries)
+        table = t.scratch + self.used
+        results_at = table + n * _ENTRY_SIZE
+        used = {a.index for e in self.entries for a in e.args if isinstance(a, Ref)}
+        words: list[int] = []
+        for i, e in enumerate(self.entries):
+            if len(e.into) > 1:
+                return self._one_by_one()
+            flags = 1 if e.check or e.into or i in used else 0
+            for k, a in enumerate(e.args):
+                if isinstance(a, Ref):
+                    flags |= 1 << (k + 1)
+            words += [e.nr, *[results_at + 8 * a.index if isinstance(a, Ref) else a & _NEG1 for a in e.args],
+                      flags, e.into[0] if e.into else 0]
+        t.write(table, b"".join(w.to_bytes(8, "little") for w in words))
+        ran = t.run_batch_code(table, n, results_at)
+        raw = t.read(results_at, 8 * ran) if ran else b""
+        out = [int.from_bytes(raw[8 * i:8 * i + 8], "little", signed=True) for i in range(ran)]
+        self.results = out
+        if ran < n or (out and self._failed(n - 1, out[-1])):
+            i = ran - 1
+            self._raise(i, out[i])
+        return self._finish(out)
+
+    def _finish(self, out: list[int]) -> list[int]:
+        self.entries.clear()
+        self.used = 0
+        done, self._done = self._done, []
+        for check in done:
+            check(out)
+        return out
+
+    def _failed(self, i: int, ret: int) -> bool:
+        e = self.entries[i]
+        return -4096 < ret < 0 and (e.check or bool(e.into) or any(
+            isinstance(a, Ref) and a.index == i for later in self.entries[i + 1:] for a in later.args))
+
+    def _raise(self, i: int, ret: int) -> None:
+        e = self.entries[i]
+        self.failed_at = i
+        self.entries_failed_what = e.what
+        self.entries.clear()
+        self.used = 0
+        self._done = []
+        name = e.what or next((k for k, v in vars(abi.SYS).items() if v == e.nr), str(e.nr))
+        raise KernelError(f"{name} in task {self.task.pid}", -ret, pid=self.task.pid)
+
+    def _one_by_one(self) -> list[int]:
+        t = self.task
+        out: list[int] = []
+        self.results = out
+        for i, e in enumerate(self.entries):
+            ret = t.raw(e.nr, *[out[a.index] if isinstance(a, Ref) else a for a in e.args])
+            out.append(ret)
+            if self._failed(i, ret):
+                self._raise(i, ret)
+            for addr in e.into:
+                t.write(addr, (ret & _NEG1).to_bytes(8, "little"))
+        return self._finish(out)

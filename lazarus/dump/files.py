@@ -20,6 +20,7 @@ from typing import Any
 from lazarus.dump.anonfd import check_epolls, describe_anon
 from lazarus.dump.unixsk import UnixSockets
 from lazarus.errors import KernelError, Unsupported
+from lazarus.images.format import STATELESS_DEVICES
 from lazarus.kernel import abi
 from lazarus.kernel.handles import name_to_handle
 from lazarus.kernel.pidfd import pidfd_getfd, pidfd_open
@@ -28,8 +29,6 @@ from lazarus.kernel.syscall import same_file_description, tee
 from lazarus.remote import RemoteTask
 
 # (major, minor) of character devices whose open file carries no state worth saving.
-STATELESS_DEVICES = {(1, 3): "/dev/null", (1, 5): "/dev/zero", (1, 7): "/dev/full",
-                     (1, 8): "/dev/random", (1, 9): "/dev/urandom"}
 _PIPE = re.compile(r"pipe:\[(\d+)\]")
 _PROC_PID = re.compile(r"/proc/(\d+)(?:/|$)")
 _DELETED = " (deleted)"

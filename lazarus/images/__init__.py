@@ -18,7 +18,18 @@ from lazarus.images.format import (
     task_name,
 )
 from lazarus.images.reader import Image, PageFile, validate_task
-from lazarus.images.writer import ImageWriter, PagesWriter
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from lazarus.images.writer import ImageWriter, PagesWriter
+
+
+def __getattr__(name: str) -> object:
+    # The writer (tempfile, shutil, compression modules) on first use: a restore never writes an image.
+    if name in ("ImageWriter", "PagesWriter"):
+        from lazarus.images import writer
+        return getattr(writer, name)
+    raise AttributeError(f"module 'lazarus.images' has no attribute {name!r}")
 
 __all__ = [
     "CHUNK_SIZE",

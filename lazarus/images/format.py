@@ -25,6 +25,9 @@ CHUNK_SIZE = 65536
 PAGES_PER_CHUNK = CHUNK_SIZE // PAGE_SIZE
 
 INVENTORY = "inventory.json"
+# Character devices an fd record of type "dev" may name (major, minor) -> path: they hold no state to save.
+STATELESS_DEVICES = {(1, 3): "/dev/null", (1, 5): "/dev/zero", (1, 7): "/dev/full",
+                     (1, 8): "/dev/random", (1, 9): "/dev/urandom"}
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}")
 # Files we could have written ourselves; anything else in an image directory is left alone.

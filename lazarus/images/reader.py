@@ -85,6 +85,9 @@ def _size_error(name: str, size: int, expected: int) -> ImageError:
     return ImageError(f"{name}: {size} bytes, expected {expected} (trailing data)")
 
 
+_MADV_POPULATE_READ = 22  # include/uapi/asm-generic/mman-common.h (Linux 5.14)
+
+
 class PageFile:
     """pages-PID.img mapped read-only (copy-on-write and never written, see address()).
 
@@ -136,6 +139,16 @@ class PageFile:
         # Kept open to notice a page file truncated under us before reading a mapped page past its new end
         # (which would kill this process with SIGBUS instead of reporting the loss).
         self._fd = fd
+
+    def populate(self, first: int = 0, n: int | None = None) -> None:
+        """Map file pages [first, first+n) (default: all) in at once, for a reader about to read them all: one
+        madvise instead of a page fault per few pages (~10 ms per 64 MiB here). Best effort: a kernel without
+        MADV_POPULATE_READ (before 5.14) faults them in as they are read."""
+        if self._mm is None:
+            return
+        n = self.npages - first if n is None else n
+        with contextlib.suppress(OSError, ValueError):
+            self._mm.madvise(_MADV_POPULATE_READ, first * PAGE_SIZE, n * PAGE_SIZE)
 
     def _check(self, first: int, n: int) -> memoryview:
         if self._mv is None:

@@ -46,6 +46,61 @@ _CODE = bytes.fromhex("".join([
 ]))
 SYSCALL_OFFSET = 0x80
 _SYSCALL_INSN = bytes.fromhex("0f05cc")  # syscall; int3 (never reached: we stop at syscall exit)
+BATCH_OFFSET = 0x100  # BATCH_CODE: several injected calls for one stop
+
+# Runs a table of system calls, then traps (lazarus.remote.Batch drives it). At entry r12 = the table, r13 = its
+# number of entries, r14 = where results go (8 bytes each). An entry is 9 words: nr, the six arguments, flags,
+# and an address where the result is also stored on success (0: none; a structure's field). Flags: bit 0 =
+# stop at this call if it fails (-4095..-1); bit k (1-6) = argument k holds the address of its value (another
+# call's result). It ends in int3: the task stops with SIGTRAP (a signal-delivery stop the tracer suppresses),
+# r13 = the entries not run. Only rax, rcx and r11 are changed by the kernel; r12-r14 survive syscalls.
+BATCH_CODE = bytes.fromhex("".join([
+    "4d85ed",              # loop:  test r13,r13
+    "0f8496000000",        #        jz done
+    "498b4c2438",          #        mov rcx,[r12+56]       flags
+    "498b7c2408",          #        mov rdi,[r12+8]
+    "0fbae101",            #        bt ecx,1
+    "7303",                #        jnc (skip the load)
+    "488b3f",              #        mov rdi,[rdi]
+    "498b742410",          #        mov rsi,[r12+16]
+    "0fbae102",            #        bt ecx,2
+    "7303",                #        jnc (skip the load)
+    "488b36",              #        mov rsi,[rsi]
+    "498b542418",          #        mov rdx,[r12+24]
+    "0fbae103",            #        bt ecx,3
+    "7303",                #        jnc (skip the load)
+    "488b12",              #        mov rdx,[rdx]
+    "4d8b542420",          #        mov r10,[r12+32]
+    "0fbae104",            #        bt ecx,4
+    "7303",                #        jnc (skip the load)
+    "4d8b12",              #        mov r10,[r10]
+    "4d8b442428",          #        mov r8,[r12+40]
+    "0fbae105",            #        bt ecx,5
+    "7303",                #        jnc (skip the load)
+    "4d8b00",              #        mov r8,[r8]
+    "4d8b4c2430",          #        mov r9,[r12+48]
+    "0fbae106",            #        bt ecx,6
+    "7303",                #        jnc (skip the load)
+    "4d8b09",              #        mov r9,[r9]
+    "498b0424",            #        mov rax,[r12]
+    "0f05",                #        syscall
+    "498906",              #        mov [r14],rax
+    "4d8b5c2438",          #        mov r11,[r12+56]
+    "498b4c2440",          #        mov rcx,[r12+64]       store address
+    "4983c448",            #        add r12,72
+    "4983c608",            #        add r14,8
+    "49ffcd",              #        dec r13
+    "41f6c301",            #        test r11b,1
+    "7408",                #        jz (no check)
+    "483d01f0ffff",        #        cmp rax,-4095
+    "7311",                #        jae done (a failure: stop)
+    "4885c9",              #        test rcx,rcx
+    "0f8469ffffff",        #        jz loop
+    "488901",              #        mov [rcx],rax
+    "e961ffffff",          #        jmp loop
+    "cc",                  # done:  int3
+]))
+BATCH_TRAP_OFFSET = len(BATCH_CODE)  # rip after the int3, relative to the code
 
 
 class Trampoline:
@@ -55,6 +110,7 @@ class Trampoline:
         self.addr = addr
         self.size = size
         self.syscall_ip = addr + SYSCALL_OFFSET
+        self.batch_ip = addr + BATCH_OFFSET
 
     @classmethod
     def map_at(cls, candidates: list[int], size: int) -> Trampoline:
@@ -70,6 +126,7 @@ class Trampoline:
                 continue
             C.memmove(got, _CODE, len(_CODE))
             C.memmove(got + SYSCALL_OFFSET, _SYSCALL_INSN, len(_SYSCALL_INSN))
+            C.memmove(got + BATCH_OFFSET, BATCH_CODE, len(BATCH_CODE))
             return cls(addr, size)
         raise KernelError("no free address for the restore trampoline", 12)
 

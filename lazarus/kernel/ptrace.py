@@ -129,9 +129,12 @@ def wait(pid: int, timeout: float = 10.0) -> WaitStatus:
         if now > deadline:
             raise LazarusError(f"timed out waiting for task {pid} to stop", pid=pid)
         # Injected syscalls stop again within tens of microseconds: spin for the first 2 ms rather
-        # than sleep (a sleep costs far more than the stop itself), then back off.
+        # than sleep (a sleep costs far more than the stop itself), then back off. The spin yields the CPU
+        # each time: on a busy machine the task we wait for may need this very CPU to get there.
         if now - start > 0.002:
             time.sleep(min(0.005, (now - start) / 10))
+        else:
+            os.sched_yield()
 
 
 def try_wait(pid: int) -> WaitStatus | None:

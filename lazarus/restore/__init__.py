@@ -16,14 +16,14 @@ from typing import Any
 
 from lazarus.errors import ImageError, KernelError, LazarusError, RestoreError
 from lazarus.images import Image
-from lazarus.images.format import task_name
+from lazarus.images.format import PAGES_PER_CHUNK, task_name
 from lazarus.images.mm import is_lazy, lazy_object_ids, lazy_vmas
 from lazarus.images.validate import validate_image
 from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.clone import Trampoline
 from lazarus.kernel.features import cpu_xstate
 from lazarus.lazy.sources import ImagePageSource
-from lazarus.remote import RemoteTask
+from lazarus.remote import Batch, RemoteTask
 from lazarus.restore import cgroups, private
 from lazarus.restore import core as rcore
 from lazarus.restore.access import Access, precheck
@@ -62,6 +62,8 @@ class Restored:
     pages_written: int
     lazy: Any = None  # handed to the lazy-pages server: uffd and what it must serve
     timings: dict[str, float] = field(default_factory=dict)
+    stops: int = 0  # times the new task was let run for one of our injections (a call or a batch of calls)
+    calls: int = 0  # system calls injected
 
 
 def open_image(directory: Path, *, verify_pages: bool) -> Image:
@@ -81,7 +83,9 @@ def open_image(directory: Path, *, verify_pages: bool) -> Image:
     return img
 
 
-PARALLEL_VERIFY_MIN = 64 << 20
+# Below this the fork costs more than the second CPU saves: at 64 MiB (load ~3 from other work), 15-27 ms for one
+# CPU on a populated mapping against 27-34 ms for two.
+PARALLEL_VERIFY_MIN = 128 << 20
 
 
 def verify_pages_two_cpus(img: Image, pid: int) -> None:
@@ -90,6 +94,7 @@ def verify_pages_two_cpus(img: Image, pid: int) -> None:
     pf = img.page_file(pid)
     n = pf.nchunks
     if pf.size < PARALLEL_VERIFY_MIN:
+        pf.populate()  # every page is read here and copied after: mapped in one call, not fault by fault
         img.verify_pages(pid)
         return
     half = n // 2
@@ -99,6 +104,7 @@ def verify_pages_two_cpus(img: Image, pid: int) -> None:
         code = 0
         try:
             os.close(r)
+            pf.populate(half * PAGES_PER_CHUNK)
             bad = next((c for c in range(half, n) if not pf.chunk_matches(c)), -1)
             os.write(w, str(bad).encode())
         except BaseException:  # noqa: BLE001 - the parent then checks this half itself
@@ -106,6 +112,7 @@ def verify_pages_two_cpus(img: Image, pid: int) -> None:
         finally:
             os._exit(code)
     os.close(w)
+    pf.populate()  # the child's half too: the copy reads it from this mapping afterwards
     try:
         for chunk in range(half):
             pf.verify_chunk(chunk)
@@ -192,22 +199,28 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
         if not (st.stopped and st.event == abi.PTRACE_EVENT_STOP):
             raise RestoreError(f"new task {child} {st}", stage="create", pid=pid)
         cgroups.join(child, join_cgroups)
-        remote = RemoteTask(child, tramp.syscall_ip)
+        remote = RemoteTask(child, tramp.syscall_ip, batch_ip=tramp.batch_ip)
         remote.keep_state()
         remote.use_scratch(tramp.addr + abi.PAGE_SIZE, TRAMPOLINE_SIZE - abi.PAGE_SIZE)
         timings["create"] = time.monotonic() - t0
 
-        rcore.reset_inherited(remote)
-        rcore.prepare_xstate(remote, task["core"])
-        rcore.restore_guest_perm(remote, task["core"])
-        close_inherited_fds(remote)
-        specials = clear_address_space(remote, (tramp.addr, tramp.addr + TRAMPOLINE_SIZE))
+        # One batch: what the task inherited from the restorer (per-task state, fds, mappings) dropped, the vdso
+        # moved.
+        setup = remote.batch()
+        rcore.reset_inherited(remote, setup)
+        close_inherited_fds(remote, setup)
+        specials = clear_address_space(remote, (tramp.addr, tramp.addr + TRAMPOLINE_SIZE), setup)
         gaps = trampoline_candidates(mm["vmas"] + [{"start": tramp.addr, "end": tramp.addr + TRAMPOLINE_SIZE}],
                                      1 << 20)
-        move_vdso(remote, specials, mm["vmas"], gaps[0])
+        move_vdso(remote, specials, mm["vmas"], gaps[0], setup)
         # Before any mapping of the image exists: the kernel refuses a new exe_fd (EBUSY) while the old
         # executable is still mapped, and the image may map that very file (a Python restored by a Python).
-        set_mm(remote, mm)
+        set_mm(remote, mm, setup)
+        xcomp = rcore.queue_xcomp_reads(setup, task["core"])
+        setup.run()
+        known = rcore.xcomp_known(setup, xcomp)
+        rcore.prepare_xstate(remote, task["core"], known)
+        rcore.restore_guest_perm(remote, task["core"], known)
         rcore.restore_rlimits(child, task["misc"]["rlimits"])
         fds = task["files"]
         high_base = max([f["fd"] for f in fds], default=2) + 1
@@ -243,8 +256,10 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
         space.close_cached()
         fdr = FdRestorer(remote, img, child, space.state.object_fds, high_base, access)
         fdr.restore(fds)
+        closes = remote.batch()
         for ofd in space.state.object_fds.values():
-            remote.syscall(abi.SYS.close, ofd)
+            closes.call(abi.SYS.close, ofd)
+        closes.run()
         fdr.finish(fds)
         rcore.restore_signals(remote, task["signals"])
         if lazy and ranges:
@@ -266,10 +281,7 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
             handover = uffd_in_task(remote, ranges, LAZY_FEATURES)
         for thread in threads:
             restore_thread_creds(thread, task["misc"])
-        rcore.restore_caps_before_creds(remote, task["misc"])
-        rcore.restore_creds(remote, task["misc"]["creds"])
-        rcore.restore_after_creds(remote, task["misc"])
-        rcore.restore_dumpable(remote, task["misc"])
+        rcore.restore_all_creds(remote, task["misc"])
         for thread, rec in zip(threads, thread_recs, strict=True):
             rcore.set_final_state(thread, rec["core"], rec["blocked"])
             thread.close()
@@ -277,6 +289,8 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
         remote.syscall(abi.SYS.munmap, tramp.addr, TRAMPOLINE_SIZE)
         rcore.set_final_state(remote, task["core"], task["signals"]["blocked"])
         remote.close()
+        stops = remote.stops + sum(t.stops for t in threads)
+        calls = remote.calls + sum(t.calls for t in threads)
         source = None
         if handover is not None:
             source = ImagePageSource(served, page_file, name=f"pages-{pid}.img")
@@ -295,7 +309,7 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
         if page_file is not None and not lazy:
             page_file.close()
         return Restored(child, time.monotonic() - t0, written, timings=timings,
-                        lazy=(handover, source) if handover is not None else None)
+                        lazy=(handover, source) if handover is not None else None, stops=stops, calls=calls)
     except BaseException as e:
         if child:
             rcore.kill_quietly(child)
@@ -340,22 +354,30 @@ def restore_misc_and_cwd(remote: RemoteTask, misc: dict[str, Any]) -> None:
     give_back(f"/proc/{remote.pid}/cwd", gone)
 
 
-def set_mm(remote: RemoteTask, mm: dict[str, Any]) -> None:
-    """PR_SET_MM_MAP: code/data/brk/stack/args/env boundaries, auxv and the executable link."""
+def set_mm(remote: RemoteTask, mm: dict[str, Any], batch: Batch | None = None) -> None:
+    """PR_SET_MM_MAP: code/data/brk/stack/args/env boundaries, auxv and the executable link. batch: queued there
+    (checked when it runs), else made now."""
     auxv = bytes.fromhex(mm["auxv"])
-    exe_fd = remote.syscall(abi.SYS.openat, abi.AT_FDCWD & _NEG1, remote.cstring(mm["exe"]),
-                            abi.O_RDONLY | abi.O_CLOEXEC, 0, what=f"open {mm['exe']}")
-    auxv_addr = remote.put(auxv, 1024)
+    b = batch if batch is not None else remote.batch()
+    auxv_addr = b.put(auxv)
     m = abi.prctl_mm_map(
         mm["start_code"], mm["end_code"], mm["start_data"], mm["end_data"], mm["start_brk"], mm["brk"],
         mm["start_stack"], mm["arg_start"], mm["arg_end"], mm["env_start"], mm["env_end"], auxv_addr,
-        len(auxv), exe_fd)
-    addr = remote.put_struct(m, 0)
-    try:
-        remote.syscall(abi.SYS.prctl, abi.PR_SET_MM, abi.PR_SET_MM_MAP, addr, abi.sizeof(abi.prctl_mm_map), 0,
-                       what="prctl(PR_SET_MM_MAP)")
-    finally:
-        remote.syscall(abi.SYS.close, exe_fd)
+        len(auxv), 0)
+    addr = b.put(bytes(m) + bytes(8))  # room for the 8-byte store of exe_fd, a 4-byte field
+    exe_fd = b.call(abi.SYS.openat, abi.AT_FDCWD & _NEG1, b.cstring(mm["exe"]), abi.O_RDONLY | abi.O_CLOEXEC, 0,
+                    what=f"open {mm['exe']}")
+    b.store(exe_fd, addr + abi.prctl_mm_map.exe_fd.offset)
+    prctl = b.call(abi.SYS.prctl, abi.PR_SET_MM, abi.PR_SET_MM_MAP, addr, abi.sizeof(abi.prctl_mm_map), 0,
+                   check=False)
+    b.call(abi.SYS.close, exe_fd)
+
+    def check(results: list[int]) -> None:
+        if results[prctl.index] < 0:
+            raise KernelError(f"prctl(PR_SET_MM_MAP) in task {remote.pid}", -results[prctl.index], pid=remote.pid)
+    b.on_done(check)
+    if batch is None:
+        b.run()
 
 
 def restore(directory: Path, *, lazy: bool = False, on_lazy: LazyHandoff | None = None,

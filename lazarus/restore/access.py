@@ -30,8 +30,8 @@ import stat
 from collections.abc import Callable
 from typing import Any
 
-from lazarus.dump.files import STATELESS_DEVICES
 from lazarus.errors import RestoreError
+from lazarus.images.format import STATELESS_DEVICES
 from lazarus.kernel import abi
 from lazarus.remote import RemoteTask
 
@@ -215,6 +215,63 @@ class Access:
             denied = -fd
         raise RestoreError(denied_message(where, path, self.uids, flags, denied), stage="files", pid=self.pid,
                            path=path)
+
+    def open_many(self, wanted: list[tuple[str, int, Check, str]]) -> list[int]:
+        """open() of each (path, flags, check, where), in that order. With root's access, the same two steps
+        are made for all of them at once: every O_PATH open in one batch, the checks, every reopen in another."""
+        if not self.root or len(wanted) < 2:
+            return [self.open(path, flags, check, where) for path, flags, check, where in wanted]
+        t = self.task
+        b = t.batch()
+        for path, _, _, _ in wanted:
+            b.call(abi.SYS.openat, abi.AT_FDCWD & _NEG1, b.cstring(path), abi.O_PATH | abi.O_CLOEXEC | abi.O_NOFOLLOW,
+                   0, check=False)
+        pfds = b.run()
+        fds: list[int] = []
+        try:
+            stats = []
+            for (path, flags, check, where), pfd in zip(wanted, pfds, strict=True):
+                if pfd < 0:
+                    if pfd in (-errno.EACCES, -errno.EPERM):
+                        raise RestoreError(denied_message(where, path, self.uids, flags, -pfd), stage="files",
+                                           pid=self.pid, path=path)
+                    raise RestoreError(f"{where}: cannot open {path}: {os.strerror(-pfd)}", stage="files",
+                                       pid=self.pid, path=path)
+                st = os.stat(f"/proc/{self.pid}/fd/{pfd}")
+                bad = check(st)
+                if bad:
+                    raise RestoreError(f"{where}: {path} {bad}", stage="files", pid=self.pid, path=path)
+                stats.append(st)
+            for (path, flags, _, _), pfd in zip(wanted, pfds, strict=True):
+                # A magic link cannot be opened with O_NOFOLLOW: open the name again, and compare below.
+                name = path if flags & abi.O_NOFOLLOW else f"/proc/self/fd/{pfd}"
+                b.call(abi.SYS.openat, abi.AT_FDCWD & _NEG1, b.cstring(name), flags, 0, check=False)
+            for pfd in pfds:  # in the same batch, after every reopen
+                b.call(abi.SYS.close, pfd, check=False)
+            fds = b.run()[:len(wanted)]
+            pfds = []
+            for (path, flags, _, where), fd, st in zip(wanted, fds, stats, strict=True):
+                if fd < 0:
+                    if fd in (-errno.EACCES, -errno.EPERM):
+                        raise RestoreError(denied_message(where, path, self.uids, flags, -fd), stage="files",
+                                           pid=self.pid, path=path)
+                    raise RestoreError(f"{where}: cannot open {path}: {os.strerror(-fd)}", stage="files",
+                                       pid=self.pid, path=path)
+                got = os.stat(f"/proc/{self.pid}/fd/{fd}")
+                if (got.st_dev, got.st_ino) != (st.st_dev, st.st_ino):
+                    raise RestoreError(f"{where}: {path} was replaced while it was opened", stage="files",
+                                       pid=self.pid, path=path)
+            return fds
+        except BaseException:
+            for fd in fds:
+                if fd >= 0:
+                    b.call(abi.SYS.close, fd, check=False)
+            raise
+        finally:
+            for pfd in pfds:
+                if pfd >= 0:
+                    b.call(abi.SYS.close, pfd, check=False)
+            b.run()  # nothing queued once every pfd is closed
 
     def _open_checked(self, path: str, flags: int, check: Check, where: str, ours: bool) -> int:
         """The new fd, or -errno when permission was denied; RestoreError on anything else."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
-import tempfile
 from typing import Any
 
 from lazarus.errors import RestoreError
@@ -125,6 +124,8 @@ def _inotify(t: RemoteTask, rec: dict[str, Any], nonblock: int, where: str, pid:
     fd = t.syscall(abi.SYS.inotify_init1, nonblock, what=f"{where}: inotify_init1")
     if not rec["watches"]:
         return fd
+    import tempfile  # only for inotify fds
+
     scratch_dir = tempfile.mkdtemp(prefix=".lazarus-inotify-")
     filler = os.path.join(scratch_dir, "gap")
     try:

@@ -20,7 +20,7 @@ def plan(saved: list[dict[str, Any]] | None, pid: int) -> list[str]:
     if not saved:
         return []
     ours = {m.key: m.path for m in cgroups.memberships(os.getpid())}
-    mounts = cgroups.read_mounts()
+    mounts = None  # read only when a cgroup differs from ours (the usual restore joins none)
     out = []
     for rec in saved:
         m = cgroups.Membership(int(rec["hierarchy"]), str(rec["controllers"]), str(rec["path"]))
@@ -29,6 +29,8 @@ def plan(saved: list[dict[str, Any]] | None, pid: int) -> list[str]:
         if m.key not in ours:
             raise RestoreError(f"cgroup hierarchy {m.hierarchy} ({m.controllers or 'v2'}) of the image does not "
                                "exist here", stage="validate", pid=pid)
+        if mounts is None:
+            mounts = cgroups.read_mounts()
         where = cgroups.cgroup_dir(m, mounts)
         if where is None:
             raise RestoreError(f"cgroup {m.controllers or 'v2'}:{m.path}: its hierarchy is not mounted here",

@@ -13,7 +13,7 @@ from lazarus.images.format import Schema, check_schema
 from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.features import cpu_xstate, parse_xstate
 from lazarus.kernel.syscall import prlimit
-from lazarus.remote import RemoteTask, restart_after_freeze
+from lazarus.remote import Batch, Ref, RemoteTask, restart_after_freeze
 from lazarus.restore.timers import restore_timers
 
 _NEG1 = (1 << 64) - 1
@@ -21,21 +21,22 @@ log = logging.getLogger(__name__)
 RLIMIT_NOFILE = 7
 
 
-def reset_inherited(task: RemoteTask) -> None:
+def reset_inherited(task: RemoteTask, batch: Batch | None = None) -> None:
     """Drop per-task state the task inherited from the restorer (KERNEL-NOTES pitfall 15).
 
     rseq first: the kernel writes into the rseq area on every return to user space, and the area is about
-    to be unmapped.
+    to be unmapped. batch: queue the calls there (its caller runs it), else run them now.
     """
     conf = ptrace.rseq_configuration(task.pid)
+    b = batch if batch is not None else task.batch()
     if conf.rseq_abi_pointer:
-        task.syscall(abi.SYS.rseq, conf.rseq_abi_pointer, conf.rseq_abi_size, abi.RSEQ_FLAG_UNREGISTER,
-                     conf.signature)
-    task.syscall(abi.SYS.set_robust_list, 0, 24)  # len must be sizeof(struct robust_list_head)
-    task.syscall(abi.SYS.set_tid_address, 0)
-    task.syscall(abi.SYS.prctl, abi.PR_SET_PDEATHSIG, 0, 0, 0, 0)
-    ss = abi.stack_t(0, abi.SS_DISABLE, 0, 0)
-    task.syscall(abi.SYS.sigaltstack, task.put_struct(ss), 0)
+        b.call(abi.SYS.rseq, conf.rseq_abi_pointer, conf.rseq_abi_size, abi.RSEQ_FLAG_UNREGISTER, conf.signature)
+    b.call(abi.SYS.set_robust_list, 0, 24)  # len must be sizeof(struct robust_list_head)
+    b.call(abi.SYS.set_tid_address, 0)
+    b.call(abi.SYS.prctl, abi.PR_SET_PDEATHSIG, 0, 0, 0, 0)
+    b.call(abi.SYS.sigaltstack, b.put_struct(abi.stack_t(0, abi.SS_DISABLE, 0, 0)), 0)
+    if batch is None:
+        b.run()
 
 
 def restore_rlimits(pid: int, rlimits: list[list[int]]) -> None:
@@ -58,21 +59,36 @@ def restore_rlimits(pid: int, rlimits: list[list[int]]) -> None:
 
 def restore_signals(task: RemoteTask, sig: dict[str, Any]) -> None:
     t = task
+    b = t.batch()
+    trap_ignored = False
     for signo, (handler, flags, restorer, mask) in enumerate(sig["actions"], start=1):
         if signo in (abi.SIGKILL, abi.SIGSTOP):
             continue
         act = abi.kernel_sigaction(handler, flags, restorer, mask)
-        t.syscall(abi.SYS.rt_sigaction, signo, t.put_struct(act), 0, 8)
+        if signo == abi.SIGTRAP and handler == abi.SIG_IGN:
+            trap_ignored = True  # set alone, after the batch: the batch's own trap would undo it
+            continue
+        b.call(abi.SYS.rt_sigaction, signo, b.put_struct(act), 0, 8)
     alt = sig["altstack"]
     if not alt["flags"] & abi.SS_DISABLE:
         ss = abi.stack_t(alt["sp"], alt["flags"] & ~1, 0, alt["size"])  # SS_ONSTACK is not settable
-        t.syscall(abi.SYS.sigaltstack, t.put_struct(ss), 0)
+        b.call(abi.SYS.sigaltstack, b.put_struct(ss), 0)
     for which, (isec, iusec, vsec, vusec) in enumerate(sig["itimers"]):
         if isec or iusec or vsec or vusec:
             it = abi.itimerval(abi.timeval(isec, iusec), abi.timeval(vsec, vusec))
-            t.syscall(abi.SYS.setitimer, which, t.put_struct(it), 0)
+            b.call(abi.SYS.setitimer, which, b.put_struct(it), 0)
+    b.run()
+    if trap_ignored:
+        handler, flags, restorer, mask = sig["actions"][abi.SIGTRAP - 1]
+        t.syscall(abi.SYS.rt_sigaction, abi.SIGTRAP, t.put_struct(abi.kernel_sigaction(handler, flags, restorer,
+                                                                                        mask)), 0, 8)
+        t.traps_ignored = True
     # POSIX timers before the queued signals: restoring an overrun count delivers one signal of the timer.
     pending_thread, pending_shared = restore_timers(t, sig)
+    if any(tm.get("signo") == abi.SIGTRAP for tm in sig.get("timers", [])) or any(
+            int.from_bytes(bytes.fromhex(h)[:4], "little") == abi.SIGTRAP for h in pending_thread + pending_shared):
+        # A SIGTRAP that is or may become pending would be taken during a batch (which unblocks SIGTRAP).
+        t.traps_ignored = True
     for info_hex in pending_thread:
         info = bytes.fromhex(info_hex)
         signo = int.from_bytes(info[:4], "little")
@@ -85,28 +101,30 @@ def restore_signals(task: RemoteTask, sig: dict[str, Any]) -> None:
 
 def restore_misc(task: RemoteTask, misc: dict[str, Any]) -> None:
     t = task
-    t.syscall(abi.SYS.set_tid_address, misc["clear_child_tid"])
+    b = t.batch()
+    b.call(abi.SYS.set_tid_address, misc["clear_child_tid"])
     rl = misc["robust_list"]
     if rl["head"]:
-        t.syscall(abi.SYS.set_robust_list, rl["head"], rl["len"])
-    t.syscall(abi.SYS.personality, misc["personality"])
-    t.syscall(abi.SYS.umask, misc["umask"])
-    t.syscall(abi.SYS.chdir, t.cstring(misc["cwd"]), what=f"chdir {misc['cwd']}")
-    t.syscall(abi.SYS.prctl, abi.PR_SET_NAME, t.cstring(misc["comm"][:15]), 0, 0, 0)
+        b.call(abi.SYS.set_robust_list, rl["head"], rl["len"])
+    b.call(abi.SYS.personality, misc["personality"])
+    b.call(abi.SYS.umask, misc["umask"])
+    b.call(abi.SYS.chdir, b.cstring(misc["cwd"]), what=f"chdir {misc['cwd']}")
+    b.call(abi.SYS.prctl, abi.PR_SET_NAME, b.cstring(misc["comm"][:15]), 0, 0, 0)
     rseq = misc.get("rseq")
     if rseq:
-        t.syscall(abi.SYS.rseq, rseq["addr"], rseq["size"], 0, rseq["sig"], what="rseq register")
+        b.call(abi.SYS.rseq, rseq["addr"], rseq["size"], 0, rseq["sig"], what="rseq register")
     if "timerslack_ns" in misc:
-        t.syscall(abi.SYS.prctl, abi.PR_SET_TIMERSLACK, misc["timerslack_ns"], 0, 0, 0)
+        b.call(abi.SYS.prctl, abi.PR_SET_TIMERSLACK, misc["timerslack_ns"], 0, 0, 0)
     # Session and process group: a leader becomes one again. Joining another process's group or session
     # is not possible (it may not exist here), so a member stays in the restorer's.
     if misc.get("sid") == t.pid:
-        t.syscall(abi.SYS.setsid)
+        b.call(abi.SYS.setsid)
     elif misc.get("pgid") == t.pid:
-        t.syscall(abi.SYS.setpgid, 0, 0)
+        b.call(abi.SYS.setpgid, 0, 0)
     if misc.get("no_new_privs"):
-        t.syscall(abi.SYS.prctl, abi.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-    restore_prctl(t, misc.get("prctl") or {})
+        b.call(abi.SYS.prctl, abi.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    restore_prctl(t, misc.get("prctl") or {}, b)  # its reads join this batch
+    b.run()
 
 
 def _spec_ctrl(value: int) -> int:
@@ -136,54 +154,92 @@ def check_proc_state(misc: dict[str, Any], fname: str) -> None:
             raise ImageError(f"{fname}: field 'misc.caps' must hold 64-bit sets")
 
 
-def restore_prctl(task: RemoteTask, pr: dict[str, Any]) -> None:
+def restore_prctl(task: RemoteTask, pr: dict[str, Any], batch: Batch | None = None) -> None:
     """prctl state set before the credentials (see restore_after_creds for the rest). Each value is compared
-    with what the new task has (it inherited the restorer's), and set only where it differs."""
+    with what the new task has (it inherited the restorer's), and set only where it differs: all the values
+    are read by one batch (`batch`, run by the caller, when given), the changes made by another once it ran."""
     t = task
+    reads = batch if batch is not None else t.batch()
+    now: dict[Any, Any] = {}  # key -> Ref of a call returning the value, or (Ref, address it writes to)
+
+    def get(key: Any, option: int, arg: int = 0) -> None:
+        now[key] = reads.call(abi.SYS.prctl, option, arg, 0, 0, 0, check=False)
+
+    def get_into(key: Any, option: int) -> None:
+        addr = reads.put(bytes(8))
+        now[key] = (reads.call(abi.SYS.prctl, option, addr, 0, 0, 0, what=f"prctl {option}"), addr)
+
+    if pr.get("child_subreaper") is not None:
+        get_into("child_subreaper", abi.PR_GET_CHILD_SUBREAPER)
+    if pr.get("thp_disable") is not None:
+        get("thp_disable", abi.PR_GET_THP_DISABLE)
+    if pr.get("mce_kill") is not None:
+        get("mce_kill", abi.PR_MCE_KILL_GET)
+    if pr.get("tsc") is not None:
+        get_into("tsc", abi.PR_GET_TSC)
+    for which, value in enumerate(pr.get("speculation") or []):
+        if value is not None and value & abi.PR_SPEC_PRCTL:
+            get(("speculation", which), abi.PR_GET_SPECULATION_CTRL, which)
+    if pr.get("memory_merge") is not None:
+        get("memory_merge", abi.PR_GET_MEMORY_MERGE)
+    if pr.get("futex_hash_slots") is not None:
+        get("futex_hash_slots", abi.PR_FUTEX_HASH, abi.PR_FUTEX_HASH_GET_SLOTS)
+    if pr.get("cpuid") is not None:
+        now["cpuid"] = reads.call(abi.SYS.arch_prctl, abi.ARCH_GET_CPUID, 0, check=False)
+    if pr.get("mdwe"):
+        get("mdwe", abi.PR_GET_MDWE)
+    reads.on_done(lambda results: _apply_prctl(t, pr, now, results))
+    if batch is None:
+        reads.run()
+
+
+def _apply_prctl(t: RemoteTask, pr: dict[str, Any], now: dict[Any, Any], results: list[int]) -> None:
+    """restore_prctl's second half: the values read (`now`: Refs into `results`, or with the address the call
+    wrote to), compared and set."""
+    have: dict[Any, int] = {}
+    for key, ref in now.items():
+        if isinstance(ref, tuple):
+            have[key] = int.from_bytes(t.read(ref[1], 4), "little", signed=True)
+        else:
+            have[key] = results[ref.index]
+    b = t.batch()
 
     def set_(name: str, *args: int) -> None:
-        t.syscall(abi.SYS.prctl, *args, *([0] * (5 - len(args))), what=f"prctl {name}")
+        b.call(abi.SYS.prctl, *args, *([0] * (5 - len(args))), what=f"prctl {name}")
 
-    def now(option: int, arg: int = 0) -> int:
-        return t.raw(abi.SYS.prctl, option, arg, 0, 0, 0)
-
-    def now_into(option: int) -> int:
-        addr = t.put(bytes(8), 0)
-        t.syscall(abi.SYS.prctl, option, addr, 0, 0, 0)
-        return int.from_bytes(t.read(addr, 4), "little", signed=True)
-
-    if pr.get("child_subreaper") is not None and pr["child_subreaper"] != now_into(abi.PR_GET_CHILD_SUBREAPER):
+    if "child_subreaper" in have and pr["child_subreaper"] != have["child_subreaper"]:
         set_("PR_SET_CHILD_SUBREAPER", abi.PR_SET_CHILD_SUBREAPER, pr["child_subreaper"])
     thp = pr.get("thp_disable")
-    if thp is not None and thp != now(abi.PR_GET_THP_DISABLE):
+    if "thp_disable" in have and thp != have["thp_disable"]:
         # Bit 1 is PR_THP_DISABLE_EXCEPT_ADVISED (Linux 6.18), passed back as the flags argument.
         set_("PR_SET_THP_DISABLE", abi.PR_SET_THP_DISABLE, 1 if thp else 0, thp & ~1)
     mce = pr.get("mce_kill")
-    if mce is not None and mce != now(abi.PR_MCE_KILL_GET):
+    if "mce_kill" in have and mce != have["mce_kill"]:
         if mce == abi.PR_MCE_KILL_DEFAULT:
             set_("PR_MCE_KILL", abi.PR_MCE_KILL, abi.PR_MCE_KILL_CLEAR)
         else:
             set_("PR_MCE_KILL", abi.PR_MCE_KILL, abi.PR_MCE_KILL_SET, mce)
-    if pr.get("tsc") is not None and pr["tsc"] != now_into(abi.PR_GET_TSC):
+    if "tsc" in have and pr["tsc"] != have["tsc"]:
         set_("PR_SET_TSC", abi.PR_SET_TSC, pr["tsc"])
     for which, value in enumerate(pr.get("speculation") or []):
-        if value is not None and value & abi.PR_SPEC_PRCTL and value != now(abi.PR_GET_SPECULATION_CTRL, which):
+        if ("speculation", which) in have and value != have[("speculation", which)]:
             set_(f"PR_SET_SPECULATION_CTRL({which})", abi.PR_SET_SPECULATION_CTRL, which, _spec_ctrl(value))
-    if pr.get("memory_merge") is not None and pr["memory_merge"] != now(abi.PR_GET_MEMORY_MERGE):
+    if "memory_merge" in have and pr["memory_merge"] != have["memory_merge"]:
         set_("PR_SET_MEMORY_MERGE", abi.PR_SET_MEMORY_MERGE, pr["memory_merge"])
     slots = pr.get("futex_hash_slots")
-    if slots is not None and slots != now(abi.PR_FUTEX_HASH, abi.PR_FUTEX_HASH_GET_SLOTS):
+    if "futex_hash_slots" in have and slots != have["futex_hash_slots"]:
         set_("PR_FUTEX_HASH_SET_SLOTS", abi.PR_FUTEX_HASH, abi.PR_FUTEX_HASH_SET_SLOTS, slots)
     cpuid = pr.get("cpuid")
-    if cpuid is not None and cpuid != t.raw(abi.SYS.arch_prctl, abi.ARCH_GET_CPUID, 0):
+    if "cpuid" in have and cpuid != have["cpuid"]:
         # 0: the CPUID instruction faults (SIGSEGV); only the program's own code runs it, never our injection.
-        t.syscall(abi.SYS.arch_prctl, abi.ARCH_SET_CPUID, cpuid, what="arch_prctl(ARCH_SET_CPUID)")
+        b.call(abi.SYS.arch_prctl, abi.ARCH_SET_CPUID, cpuid, what="arch_prctl(ARCH_SET_CPUID)")
     # Last: memory-deny-write-execute is irreversible and refuses later executable mappings.
-    if pr.get("mdwe") and pr["mdwe"] != now(abi.PR_GET_MDWE):
+    if "mdwe" in have and pr["mdwe"] != have["mdwe"]:
         set_("PR_SET_MDWE", abi.PR_SET_MDWE, pr["mdwe"])
+    b.run()
 
 
-def restore_caps_before_creds(task: RemoteTask, misc: dict[str, Any]) -> None:
+def restore_caps_before_creds(task: RemoteTask, misc: dict[str, Any], batch: Batch | None = None) -> None:
     """Drop from the bounding set what the process did not have (this needs CAP_SETPCAP, which goes with
     root), and keep the permitted set across the change of uids, for restore_after_creds to set."""
     caps = misc.get("caps")
@@ -195,62 +251,94 @@ def restore_caps_before_creds(task: RemoteTask, misc: dict[str, Any]) -> None:
         raise RestoreError(f"capability bounding set {caps['bnd']:#x} has capabilities the restorer lacks "
                            f"({extra:#x})", stage="caps", pid=task.pid)
     drop = have.cap_bnd & ~caps["bnd"]
+    b = batch if batch is not None else task.batch()
     for cap in range(64):
         if drop >> cap & 1:
-            task.syscall(abi.SYS.prctl, abi.PR_CAPBSET_DROP, cap, 0, 0, 0, what=f"PR_CAPBSET_DROP({cap})")
-    task.syscall(abi.SYS.prctl, abi.PR_SET_KEEPCAPS, 1, 0, 0, 0)
+            b.call(abi.SYS.prctl, abi.PR_CAPBSET_DROP, cap, 0, 0, 0, what=f"PR_CAPBSET_DROP({cap})")
+    b.call(abi.SYS.prctl, abi.PR_SET_KEEPCAPS, 1, 0, 0, 0)
+    if batch is None:
+        b.run()
 
 
-def restore_after_creds(task: RemoteTask, misc: dict[str, Any]) -> None:
-    """State that a change of credentials would reset: capabilities, keep-caps and the parent-death signal."""
+def restore_after_creds(task: RemoteTask, misc: dict[str, Any], batch: Batch | None = None) -> None:
+    """State that a change of credentials would reset: capabilities, keep-caps and the parent-death signal.
+    batch: queue the calls there (its caller runs it, through run_creds_batch)."""
     t = task
     caps = misc.get("caps")
+    b = batch if batch is not None else t.batch()
     if caps:
-        hdr = t.put_struct(abi.user_cap_header(abi.LINUX_CAPABILITY_VERSION_3, 0), 0)
+        hdr = b.put_struct(abi.user_cap_header(abi.LINUX_CAPABILITY_VERSION_3, 0))
         data = (abi.user_cap_data * 2)(
             abi.user_cap_data(caps["eff"] & 0xFFFFFFFF, caps["prm"] & 0xFFFFFFFF, caps["inh"] & 0xFFFFFFFF),
             abi.user_cap_data(caps["eff"] >> 32, caps["prm"] >> 32, caps["inh"] >> 32))
-        try:
-            t.syscall(abi.SYS.capset, hdr, t.put_struct(data, 64), what="capset")
-        except KernelError as e:
-            raise RestoreError(f"cannot set capabilities (permitted {caps['prm']:#x}, effective {caps['eff']:#x}, "
-                               f"inheritable {caps['inh']:#x}): {e.strerror}", stage="caps", pid=t.pid) from e
+        b.call(abi.SYS.capset, hdr, b.put_struct(data), what="capset")
         for cap in range(64):
             if caps["amb"] >> cap & 1:
-                t.syscall(abi.SYS.prctl, abi.PR_CAP_AMBIENT, abi.PR_CAP_AMBIENT_RAISE, cap, 0, 0,
-                          what=f"PR_CAP_AMBIENT_RAISE({cap})")
+                b.call(abi.SYS.prctl, abi.PR_CAP_AMBIENT, abi.PR_CAP_AMBIENT_RAISE, cap, 0, 0,
+                       what=f"PR_CAP_AMBIENT_RAISE({cap})")
     pr = misc.get("prctl") or {}
     keep = pr.get("keepcaps")
     if keep is not None or caps:
-        t.syscall(abi.SYS.prctl, abi.PR_SET_KEEPCAPS, keep or 0, 0, 0, 0)
+        b.call(abi.SYS.prctl, abi.PR_SET_KEEPCAPS, keep or 0, 0, 0, 0)
     if pr.get("pdeathsig"):
         # Its parent is now the restorer: the signal comes when the restorer exits (see README).
         log.warning("pid %d: parent-death signal %d restored: it comes when this restorer exits", t.pid,
                     pr["pdeathsig"])
-        t.syscall(abi.SYS.prctl, abi.PR_SET_PDEATHSIG, pr["pdeathsig"], 0, 0, 0)
+        b.call(abi.SYS.prctl, abi.PR_SET_PDEATHSIG, pr["pdeathsig"], 0, 0, 0)
+    if batch is None:
+        run_creds_batch(b, misc)
 
 
-def restore_creds(task: RemoteTask, creds: dict[str, Any]) -> None:
-    """Credentials last among the injected calls: dropping root takes away what the others need."""
-    t = task
+def run_creds_batch(b: Batch, misc: dict[str, Any]) -> None:
+    """Run a batch holding restore_after_creds's calls: a refused capset is named with the sets it asked for."""
+    try:
+        b.run()
+    except KernelError as e:
+        caps = misc.get("caps")
+        if caps and b.entries_failed_what == "capset":
+            raise RestoreError(f"cannot set capabilities (permitted {caps['prm']:#x}, effective {caps['eff']:#x}, "
+                               f"inheritable {caps['inh']:#x}): {e.strerror}", stage="caps", pid=b.task.pid) from e
+        raise
+
+
+def restore_creds(task: RemoteTask, creds: dict[str, Any], batch: Batch | None = None) -> None:
+    """Credentials last among the injected calls: dropping root takes away what the others need. batch: queue
+    the calls there (its caller runs it)."""
+    b = batch if batch is not None else task.batch()
     groups = creds["groups"]
     if groups:
         raw = b"".join(g.to_bytes(4, "little") for g in groups)
-        t.syscall(abi.SYS.setgroups, len(groups), t.put(raw))
+        b.call(abi.SYS.setgroups, len(groups), b.put(raw))
     else:
-        t.syscall(abi.SYS.setgroups, 0, 0)
+        b.call(abi.SYS.setgroups, 0, 0)
     r, e, s, _fs = creds["gids"]
-    t.syscall(abi.SYS.setresgid, r, e, s)
+    b.call(abi.SYS.setresgid, r, e, s)
     r, e, s, _fs = creds["uids"]
-    t.syscall(abi.SYS.setresuid, r, e, s)
+    b.call(abi.SYS.setresuid, r, e, s)
+    if batch is None:
+        b.run()
 
 
-def restore_dumpable(task: RemoteTask, misc: dict[str, Any]) -> None:
+def restore_dumpable(task: RemoteTask, misc: dict[str, Any], batch: Batch | None = None) -> None:
     """After the credentials: changing uids resets the dumpable flag (to fs.suid_dumpable), which would lock
     the process out of its own /proc/self/{environ,auxv,mem}. Values 0 and 1 can be set by the task itself."""
     value = misc.get("dumpable")
     if value in (0, 1):
-        task.syscall(abi.SYS.prctl, abi.PR_SET_DUMPABLE, value, 0, 0, 0)
+        if batch is not None:
+            batch.call(abi.SYS.prctl, abi.PR_SET_DUMPABLE, value, 0, 0, 0)
+        else:
+            task.syscall(abi.SYS.prctl, abi.PR_SET_DUMPABLE, value, 0, 0, 0)
+
+
+def restore_all_creds(task: RemoteTask, misc: dict[str, Any]) -> None:
+    """restore_caps_before_creds, restore_creds, restore_after_creds and restore_dumpable, in that order, by one
+    batch."""
+    b = task.batch()
+    restore_caps_before_creds(task, misc, b)
+    restore_creds(task, misc["creds"], b)
+    restore_after_creds(task, misc, b)
+    restore_dumpable(task, misc, b)
+    run_creds_batch(b, misc)
 
 
 # Machine code run once in a restored task whose image holds AMX tile data. The kernel gives a task an XSTATE
@@ -291,7 +379,9 @@ def xcomp_request(want: int, have: int) -> int | None:
     return missing.bit_length() - 1 if missing else None
 
 
-def _xcomp_get(task: RemoteTask, option: int, name: str) -> int:
+def _xcomp_get(task: RemoteTask, option: int, name: str, known: dict[int, int] | None = None) -> int:
+    if known and option in known:
+        return known.pop(option)  # read ahead (queue_xcomp_reads); a later read asks the task again
     addr = task.alloc_scratch() + _XCOMP_SCRATCH_OFFSET
     ret = task.raw(abi.SYS.arch_prctl, option, addr)
     if ret < 0:
@@ -300,12 +390,34 @@ def _xcomp_get(task: RemoteTask, option: int, name: str) -> int:
     return int.from_bytes(task.read(addr, 8), "little")
 
 
-def prepare_xstate(task: RemoteTask, core: dict[str, Any]) -> None:
+def queue_xcomp_reads(b: Batch, core: dict[str, Any]) -> list[tuple[int, Ref, int]]:
+    """Queue in `b` the permission reads prepare_xstate and restore_guest_perm will need; after b has run,
+    xcomp_known() gives their values to pass them."""
+    options = []
+    if core.get("xcomp_perm") is not None:
+        options.append(abi.ARCH_GET_XCOMP_PERM)
+    if core.get("xcomp_guest_perm") is not None:
+        options.append(abi.ARCH_GET_XCOMP_GUEST_PERM)
+    out = []
+    for option in options:
+        addr = b.put(bytes(8))
+        out.append((option, b.call(abi.SYS.arch_prctl, option, addr, check=False), addr))
+    return out
+
+
+def xcomp_known(b: Batch, queued: list[tuple[int, Ref, int]]) -> dict[int, int]:
+    """The values read by queue_xcomp_reads's calls (those that succeeded), by option, once `b` has run."""
+    return {option: int.from_bytes(b.task.read(addr, 8), "little") for option, ref, addr in queued
+            if b.results[ref.index] == 0}
+
+
+def prepare_xstate(task: RemoteTask, core: dict[str, Any], known: dict[int, int] | None = None) -> None:
     """Before the saved XSTATE can be set (set_final_state): check it is shaped for this CPU, give the task the
     permission for dynamically enabled features (AMX) the process had, and, where the saved state holds tile
     data, make the kernel size the task's buffer for it. Early in the restore, so that a CPU or kernel that
     cannot grant the permission fails the restore before anything runs, and before the process's sigaltstack
     is installed (the kernel checks altstack sizes against the permitted features, as it did for the original).
+    known: values already read (xcomp_known).
     """
     pid = task.pid
     xstate = bytes.fromhex(core["xstate"])
@@ -323,7 +435,7 @@ def prepare_xstate(task: RemoteTask, core: dict[str, Any]) -> None:
             raise ImageError(f"task {pid}: core.xstate holds AMX tile data (xstate_bv {bv:#x}) but core.xcomp_perm "
                              f"({'missing' if want is None else hex(want)}) does not permit it")
         return
-    have = _xcomp_get(task, abi.ARCH_GET_XCOMP_PERM, "ARCH_GET_XCOMP_PERM")
+    have = _xcomp_get(task, abi.ARCH_GET_XCOMP_PERM, "ARCH_GET_XCOMP_PERM", known)
     nr = xcomp_request(want, have)
     if nr is not None:
         supp = _xcomp_get(task, abi.ARCH_GET_XCOMP_SUPP, "ARCH_GET_XCOMP_SUPP")
@@ -344,7 +456,7 @@ def prepare_xstate(task: RemoteTask, core: dict[str, Any]) -> None:
         _first_tile_use(task)
 
 
-def restore_guest_perm(task: RemoteTask, core: dict[str, Any]) -> None:
+def restore_guest_perm(task: RemoteTask, core: dict[str, Any], known: dict[int, int] | None = None) -> None:
     """The permission for XSTATE features the process's KVM guests may use (ARCH_REQ_XCOMP_GUEST_PERM): asked
     for again in the new task, and required to come out equal, or the restore fails naming it."""
     want = core.get("xcomp_guest_perm")
@@ -352,7 +464,7 @@ def restore_guest_perm(task: RemoteTask, core: dict[str, Any]) -> None:
         return
     if type(want) is not int or not 0 <= want < 1 << 64:
         raise ImageError(f"core.xcomp_guest_perm: expected an unsigned 64-bit integer or null, got {want!r}")
-    have = _xcomp_get(task, abi.ARCH_GET_XCOMP_GUEST_PERM, "ARCH_GET_XCOMP_GUEST_PERM")
+    have = _xcomp_get(task, abi.ARCH_GET_XCOMP_GUEST_PERM, "ARCH_GET_XCOMP_GUEST_PERM", known)
     nr = xcomp_request(want, have)
     if nr is not None:
         ret = task.raw(abi.SYS.arch_prctl, abi.ARCH_REQ_XCOMP_GUEST_PERM, nr)

@@ -13,17 +13,17 @@ import contextlib
 import errno
 import fcntl
 import os
-import shutil
 import stat
 import struct
 import termios
+from collections.abc import Callable
 from typing import Any
 
 from lazarus.errors import ImageError, KernelError, RestoreError
 from lazarus.kernel import abi
 from lazarus.kernel.handles import open_by_handle
 from lazarus.kernel.procfs import read_fdinfo
-from lazarus.remote import RemoteTask
+from lazarus.remote import Batch, Ref, RemoteTask
 from lazarus.restore import anonfd, private, unixsk
 from lazarus.restore.access import Access, kind_problem
 
@@ -148,14 +148,20 @@ class FdRestorer:
         self.dirs: list[str] = []
         self.held: list[int] = []  # our fds (file handles) the task opens through /proc
 
-    def _place(self, tmp: int, rec: dict[str, Any]) -> None:
-        t = self.task
+    def _place(self, tmp: int, rec: dict[str, Any], *, seek: bool = False) -> None:
+        """Move `tmp` to the record's fd number with its close-on-exec flag; seek: first set its offset."""
+        b = self.task.batch()
         fd = rec["fd"]
+        pos = b.call(abi.SYS.lseek, tmp, rec["pos"], abi.SEEK_SET) if seek and rec["pos"] else None
         if tmp != fd:
-            t.syscall(abi.SYS.dup2, tmp, fd)
-            t.syscall(abi.SYS.close, tmp)
+            b.call(abi.SYS.dup2, tmp, fd)
+            b.call(abi.SYS.close, tmp)
         if rec["cloexec"]:
-            t.syscall(abi.SYS.fcntl, fd, abi.F_SETFD, abi.FD_CLOEXEC)
+            b.call(abi.SYS.fcntl, fd, abi.F_SETFD, abi.FD_CLOEXEC)
+        got = b.run()
+        if pos is not None and got[pos.index] != rec["pos"]:
+            raise RestoreError(f"fd {rec['fd']}: offset {got[pos.index]} after restore, the process had "
+                               f"{rec['pos']}", stage="files", pid=self.pid)
 
     def _open(self, path: str, flags: int) -> int:
         return self.task.syscall(abi.SYS.openat, abi.AT_FDCWD & _NEG1, self.task.cstring(path),
@@ -163,9 +169,7 @@ class FdRestorer:
 
     def _open_at(self, rec: dict[str, Any], path: str) -> None:
         """Open a file we recreated (ours, in a private directory): as root, with the record's access."""
-        tmp = self._open(path, rec["flags"])
-        self._seek(tmp, rec)
-        self._place(tmp, rec)
+        self._place(self._open(path, rec["flags"]), rec, seek=True)
 
     def _open_existing(self, rec: dict[str, Any], check: dict[str, Any] | None = None) -> None:
         """Open a file that exists outside the restore: as the restored credentials could, after checking it is
@@ -173,15 +177,35 @@ class FdRestorer:
         want = check or rec
         tmp = self.access.open(self._path_of(rec), rec["flags"] & _OPEN_MASK, lambda st: kind_problem(want, st),
                                f"fd {rec['fd']}", ours=bool(rec.get("handle")))
-        self._seek(tmp, rec)
-        self._place(tmp, rec)
+        self._place(tmp, rec, seek=True)
 
-    def _seek(self, tmp: int, rec: dict[str, Any]) -> None:
-        if rec["pos"]:
-            got = self.task.syscall(abi.SYS.lseek, tmp, rec["pos"], abi.SEEK_SET)
-            if got != rec["pos"]:
-                raise RestoreError(f"fd {rec['fd']}: offset {got} after restore, the process had {rec['pos']}",
-                                   stage="files", pid=self.pid)
+    def _open_existing_many(self, recs: list[dict[str, Any]]) -> None:
+        """_open_existing of each record (none found by handle), with fewer stops of the task: every file is
+        opened first, then all are moved to their numbers (a temporary fd that is another record's number is
+        moved out of the way first), seeked and flagged in one batch."""
+        if not recs:
+            return
+        wanted = [(str(rec["path"]), rec["flags"] & _OPEN_MASK, _kind_check(rec), f"fd {rec['fd']}") for rec in recs]
+        cur: list[int | Ref] = list(self.access.open_many(wanted))
+        b = self.task.batch()
+        seeks: list[tuple[dict[str, Any], Ref]] = []
+        for i, rec in enumerate(recs):
+            fd = rec["fd"]
+            for j in range(i + 1, len(recs)):
+                if cur[j] == fd:
+                    cur[j] = b.call(abi.SYS.fcntl, cur[j], abi.F_DUPFD, self.high_base)
+            if rec["pos"]:
+                seeks.append((rec, b.call(abi.SYS.lseek, cur[i], rec["pos"], abi.SEEK_SET)))
+            if cur[i] != fd:
+                b.call(abi.SYS.dup2, cur[i], fd)
+                b.call(abi.SYS.close, cur[i])
+            if rec["cloexec"]:
+                b.call(abi.SYS.fcntl, fd, abi.F_SETFD, abi.FD_CLOEXEC)
+        got = b.run()
+        for rec, ref in seeks:
+            if got[ref.index] != rec["pos"]:
+                raise RestoreError(f"fd {rec['fd']}: offset {got[ref.index]} after restore, the process had "
+                                   f"{rec['pos']}", stage="files", pid=self.pid)
 
     def _path_of(self, rec: dict[str, Any]) -> str:
         """Where the task opens an existing file: its path, or our handle-opened fd of it through /proc."""
@@ -200,9 +224,14 @@ class FdRestorer:
         for rec in fds:
             if "same_inode" in rec and "dup_of" not in rec:
                 same.setdefault(rec["same_inode"], []).append(rec)
+        # Existing files and devices first, all together: opened in two batches (restore/access.py), then
+        # placed in one.
+        plain = [rec for rec in fds if rec["type"] in ("file", "dev") and not rec.get("handle")
+                 and "dup_of" not in rec and "same_inode" not in rec]
+        self._open_existing_many(plain)
         for rec in fds:
             kind = rec["type"]
-            if "dup_of" in rec or "same_inode" in rec:
+            if "dup_of" in rec or "same_inode" in rec or any(rec is p for p in plain):
                 continue
             if kind in ("file", "dev"):
                 self._open_existing(rec)
@@ -227,30 +256,36 @@ class FdRestorer:
             self._pipe(ends)
         for pair in unixsk.pairs(sockets):
             unixsk.restore_pair(t, self.image, self.pid, pair, self.high_base)
+        b = t.batch()
         for rec in dups:
-            t.syscall(abi.SYS.dup2, rec["dup_of"], rec["fd"])
+            if not b.fits(2):
+                b.run()
+            b.call(abi.SYS.dup2, rec["dup_of"], rec["fd"])
             if rec["cloexec"]:
-                t.syscall(abi.SYS.fcntl, rec["fd"], abi.F_SETFD, abi.FD_CLOEXEC)
+                b.call(abi.SYS.fcntl, rec["fd"], abi.F_SETFD, abi.FD_CLOEXEC)
+        b.run()
         # After every fd and dup exists: the registrations name them.
         anonfd.register_epolls(t, [r for r in fds if r["type"] == "epoll" and "dup_of" not in r])
         for rec in fds:
             if "dup_of" not in rec:
-                self._status(rec)
+                if not b.fits(3, 64):
+                    b.run()
+                self._status(b, rec)
+        b.run()
         self._release()
 
     # -- per open file description: status flags, owner, signal ------------------------------------------------
-    def _status(self, rec: dict[str, Any]) -> None:
-        t = self.task
+    def _status(self, b: Batch, rec: dict[str, Any]) -> None:
         fd = rec["fd"]
         if not rec["flags"] & abi.O_PATH:
             # Exactly the saved settable flags: this also clears what a shared end or open(2) added.
-            t.syscall(abi.SYS.fcntl, fd, abi.F_SETFL, rec["flags"] & abi.SETFL_MASK, what=f"fcntl(fd {fd}, F_SETFL)")
+            b.call(abi.SYS.fcntl, fd, abi.F_SETFL, rec["flags"] & abi.SETFL_MASK, what=f"fcntl(fd {fd}, F_SETFL)")
         owner = rec.get("owner")
         if owner:
-            addr = t.put_struct(abi.f_owner_ex(owner[0], owner[1]), 0)
-            t.syscall(abi.SYS.fcntl, fd, abi.F_SETOWN_EX, addr, what=f"fcntl(fd {fd}, F_SETOWN_EX)")
+            addr = b.put_struct(abi.f_owner_ex(owner[0], owner[1]))
+            b.call(abi.SYS.fcntl, fd, abi.F_SETOWN_EX, addr, what=f"fcntl(fd {fd}, F_SETOWN_EX)")
         if rec.get("sig"):
-            t.syscall(abi.SYS.fcntl, fd, abi.F_SETSIG, rec["sig"], what=f"fcntl(fd {fd}, F_SETSIG)")
+            b.call(abi.SYS.fcntl, fd, abi.F_SETSIG, rec["sig"], what=f"fcntl(fd {fd}, F_SETSIG)")
 
     def finish(self, fds: list[dict[str, Any]]) -> None:
         """Locks, then the check that every fd came back with its flags. Call once no fd of the task will be
@@ -457,6 +492,7 @@ class FdRestorer:
                 os.unlink(p)
         self.ghosts.clear()
         for d in self.dirs:
+            import shutil  # here: only after a failure with directories made
             shutil.rmtree(d, ignore_errors=True)
         self.dirs.clear()
         self._release()
@@ -519,3 +555,7 @@ def check_fd_fields(fname: str, fds: list[dict[str, Any]], misc: dict[str, Any])
     if gone is not None and not (isinstance(gone, dict) and isinstance(gone.get("path"), str)
                                  and all(_is_int(gone.get(k)) for k in ("mode", "uid", "gid"))):
         raise ImageError(f"{fname}: field 'misc.cwd_deleted' is not valid")
+
+
+def _kind_check(rec: dict[str, Any]) -> Callable[[os.stat_result], str | None]:
+    return lambda st: kind_problem(rec, st)

@@ -7,13 +7,14 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from lazarus.errors import RestoreError
 from lazarus.images.mm import SEALS_NONE, VMFLAGS_COMPARED, is_lazy
 from lazarus.kernel import abi, procfs
-from lazarus.remote import RemoteTask
+from lazarus.remote import Batch, RemoteTask
 from lazarus.restore import private
 from lazarus.restore.access import Access, mapped_access
 
@@ -64,11 +65,12 @@ def trampoline_candidates(vmas: list[dict[str, Any]], size: int) -> list[int]:
 TASK_SIZE = 0x7FFF_FFFF_F000
 
 
-def clear_address_space(task: RemoteTask, keep: tuple[int, int]) -> dict[str, procfs.Vma]:
+def clear_address_space(task: RemoteTask, keep: tuple[int, int], batch: Batch | None = None) -> dict[str, procfs.Vma]:
     """Unmap everything the task inherited from the restorer except `keep` and the vdso block.
 
     A few munmaps over the gaps between what stays (munmap accepts holes), instead of one per vma: the
-    restorer is a Python process with a hundred or more mappings.
+    restorer is a Python process with a hundred or more mappings. batch: queue the calls there (its caller
+    runs it), else run them now.
     """
     specials: dict[str, procfs.Vma] = {}
     stay = [keep]
@@ -77,22 +79,27 @@ def clear_address_space(task: RemoteTask, keep: tuple[int, int]) -> dict[str, pr
             specials[vma.path.strip("[]")] = vma
             stay.append((vma.start, vma.end))
     cur = 0
+    b = batch if batch is not None else task.batch()
     for start, end in sorted(stay):
         if start > cur:
-            task.syscall(abi.SYS.munmap, cur, start - cur)
+            b.call(abi.SYS.munmap, cur, start - cur)
         cur = max(cur, end)
     if cur < TASK_SIZE:
-        task.syscall(abi.SYS.munmap, cur, TASK_SIZE - cur)
+        b.call(abi.SYS.munmap, cur, TASK_SIZE - cur)
+    if batch is None:
+        b.run()
     return specials
 
 
 def move_vdso(task: RemoteTask, have: dict[str, procfs.Vma], image_vmas: list[dict[str, Any]],
-              scratch_gap: int) -> None:
-    """Move the task's vvar/vvar_vclock/vdso to where the image had them, keeping them together."""
+              scratch_gap: int, batch: Batch | None = None) -> None:
+    """Move the task's vvar/vvar_vclock/vdso to where the image had them, keeping them together. batch: queue
+    the calls there (its caller runs it)."""
     want = {v["kind"]: v for v in image_vmas if v["kind"] in VDSO_KINDS}
+    b = batch if batch is not None else task.batch()
     for kind in VDSO_KINDS:
         if kind in have and kind not in want:
-            task.syscall(abi.SYS.munmap, have[kind].start, have[kind].end - have[kind].start)
+            b.call(abi.SYS.munmap, have[kind].start, have[kind].end - have[kind].start)
     moves = []
     for kind in VDSO_KINDS:
         if kind not in want:
@@ -109,11 +116,26 @@ def move_vdso(task: RemoteTask, have: dict[str, procfs.Vma], image_vmas: list[di
     tmp = scratch_gap
     staged = []
     for old, size, dst in moves:
-        task.syscall(abi.SYS.mremap, old, size, size, flags, tmp)
+        b.call(abi.SYS.mremap, old, size, size, flags, tmp)
         staged.append((tmp, size, dst))
         tmp += size
     for old, size, dst in staged:
-        task.syscall(abi.SYS.mremap, old, size, size, flags, dst)
+        b.call(abi.SYS.mremap, old, size, size, flags, dst)
+    if batch is None:
+        b.run()
+
+
+def _same_file(v: dict[str, Any]) -> Callable[[os.stat_result], str | None]:
+    """The check of a mapped file's inode before it is opened for its mapping."""
+    want = v["file"]
+
+    def check(st: os.stat_result) -> str | None:
+        if not stat.S_ISREG(st.st_mode):
+            return "is not a regular file"
+        if (st.st_dev, st.st_ino) != (want.get("dev", st.st_dev), want["ino"]):
+            return "is another file now"
+        return None
+    return check
 
 
 class SpaceBuilder:
@@ -144,21 +166,16 @@ class SpaceBuilder:
         gives the process the file's content, and a shared writable one lets it write the file."""
         key = (v["path"], flags)
         if key not in self.fd_cache:
-            want = v["file"]
-
-            def check(st: os.stat_result) -> str | None:
-                if not stat.S_ISREG(st.st_mode):
-                    return "is not a regular file"
-                if (st.st_dev, st.st_ino) != (want.get("dev", st.st_dev), want["ino"]):
-                    return "is another file now"
-                return None
-
-            self.fd_cache[key] = self.access.open(v["path"], flags, check, f"mapping {v['start']:#x}")
+            self.fd_cache[key] = self.access.open(v["path"], flags, _same_file(v), f"mapping {v['start']:#x}")
         return self.fd_cache[key]
 
     def close_cached(self) -> None:
+        b = self.task.batch()
         for fd in self.fd_cache.values():
-            self.task.syscall(abi.SYS.close, fd)
+            if not b.fits(1):
+                b.run()
+            b.call(abi.SYS.close, fd)
+        b.run()
         self.fd_cache.clear()
 
     def create_objects(self, objects: list[dict[str, Any]], hold_above: int, page_file: Any,
@@ -266,11 +283,27 @@ class SpaceBuilder:
     def map_vmas(self, vmas: list[dict[str, Any]]) -> None:
         """mmap every vma at its place, then its madvise state and guard regions (before any page is in:
         a guard install would drop the data of its pages)."""
-        t = self.task
+        # The files first (each open is checked between injected calls), then every mmap, mprotect and
+        # madvise in as few batches as fit in scratch.
+        fds: dict[int, int] = {}
+        wanted: dict[tuple[str, int], tuple[str, int, Any, str]] = {}
         for v in vmas:
+            key = (v["path"], mapped_access(v))
+            if v["kind"] == "file" and key not in self.fd_cache and key not in wanted:
+                wanted[key] = (v["path"], key[1], _same_file(v), f"mapping {v['start']:#x}")
+        self.fd_cache.update(zip(wanted, self.access.open_many(list(wanted.values())), strict=True))
+        for i, v in enumerate(vmas):
+            if v["kind"] == "file":
+                fds[i] = self._open_mapped(v, mapped_access(v))
+            elif v["kind"] in ("shmem", "memfd", "deleted"):
+                fds[i] = self._object_fd(v)
+        b = self.task.batch()
+        for i, v in enumerate(vmas):
             kind = v["kind"]
             if kind in VDSO_KINDS:
                 continue
+            if not b.fits(4 + len(v.get("guards", [])) + sum(f in _MADVISE for f in v["vmflags"])):
+                b.run()
             start, length, prot = v["start"], v["end"] - v["start"], v["prot"]
             flags = abi.MAP_FIXED
             if "nr" in v["vmflags"]:
@@ -284,37 +317,34 @@ class SpaceBuilder:
                 flags |= abi.MAP_PRIVATE | abi.MAP_ANONYMOUS
                 if "gd" in v["vmflags"]:
                     flags |= abi.MAP_GROWSDOWN
-                t.syscall(abi.SYS.mmap, start, length, map_prot, flags, _NEG1, 0)
-            elif kind == "file":
+                b.call(abi.SYS.mmap, start, length, map_prot, flags, _NEG1, 0, what=f"mmap anonymous {start:#x}")
+            elif kind in ("file", "shmem", "memfd", "deleted"):
                 flags |= abi.MAP_SHARED if v["shared"] else abi.MAP_PRIVATE
-                fd = self._open_mapped(v, mapped_access(v))
-                t.syscall(abi.SYS.mmap, start, length, map_prot, flags, fd, v["offset"],
-                          what=f"mmap {v['path']}")
-            elif kind in ("shmem", "memfd", "deleted"):
-                flags |= abi.MAP_SHARED if v["shared"] else abi.MAP_PRIVATE
-                t.syscall(abi.SYS.mmap, start, length, map_prot, flags, self._object_fd(v), v["offset"],
-                          what=f"mmap {v['path']}")
+                b.call(abi.SYS.mmap, start, length, map_prot, flags, fds[i], v["offset"], what=f"mmap {v['path']}")
             else:
                 raise RestoreError(f"unknown vma kind {kind!r} at {start:#x}", stage="memory")
             if map_prot != prot:
                 if kind == "anon":
                     self.deferred_prot.append(v)
                 else:
-                    t.syscall(abi.SYS.mprotect, start, length, prot)
+                    b.call(abi.SYS.mprotect, start, length, prot)
             for flag in v["vmflags"]:
                 if flag in _MADVISE:
-                    t.syscall(abi.SYS.madvise, start, length, _MADVISE[flag],
-                              what=f"madvise {flag} {start:#x}-{v['end']:#x}")
+                    b.call(abi.SYS.madvise, start, length, _MADVISE[flag],
+                           what=f"madvise {flag} {start:#x}-{v['end']:#x}")
             guards = v.get("guards", [])
             for gstart, n in guards:
-                t.syscall(abi.SYS.madvise, gstart, n * abi.PAGE_SIZE, abi.MADV_GUARD_INSTALL,
-                          what=f"guard region at {gstart:#x}")
+                b.call(abi.SYS.madvise, gstart, n * abi.PAGE_SIZE, abi.MADV_GUARD_INSTALL,
+                       what=f"guard region at {gstart:#x}")
             if "gu" in v["vmflags"] and not guards:
                 # The vma once had guard regions, since removed: the flag stays, and so does it here.
-                t.syscall(abi.SYS.madvise, start, abi.PAGE_SIZE, abi.MADV_GUARD_INSTALL, what="guard flag")
-                t.syscall(abi.SYS.madvise, start, abi.PAGE_SIZE, abi.MADV_GUARD_REMOVE, what="guard flag")
+                b.call(abi.SYS.madvise, start, abi.PAGE_SIZE, abi.MADV_GUARD_INSTALL, what="guard flag")
+                b.call(abi.SYS.madvise, start, abi.PAGE_SIZE, abi.MADV_GUARD_REMOVE, what="guard flag")
         for fd, seals, name in self.late_seals:
-            t.syscall(abi.SYS.fcntl, fd, abi.F_ADD_SEALS, seals, what=f"memfd {name!r} seals")
+            if not b.fits(1):
+                b.run()
+            b.call(abi.SYS.fcntl, fd, abi.F_ADD_SEALS, seals, what=f"memfd {name!r} seals")
+        b.run()
         self.late_seals.clear()
 
     def finish_vmas(self, vmas: list[dict[str, Any]], page_file: Any) -> None:
@@ -429,6 +459,10 @@ def _write_runs(fd: int, obj: dict[str, Any], page_file: Any, verify: bool) -> N
             done += os.pwrite(fd, view[done:], offset + done)
 
 
-def close_inherited_fds(task: RemoteTask) -> None:
+def close_inherited_fds(task: RemoteTask, batch: Batch | None = None) -> None:
+    """Every fd the task inherited from the restorer (batch: queued there, for its caller to run)."""
+    if batch is not None:
+        batch.call(abi.SYS.close_range, 0, 0xFFFFFFFF, 0, check=False)
+        return
     with contextlib.suppress(Exception):
         task.syscall(abi.SYS.close_range, 0, 0xFFFFFFFF, 0)

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import stat
-import tempfile
 
 RUN = "/run/lazarus"
 RECREATE = f"{RUN}/recreate"
@@ -76,11 +74,13 @@ def make(old_path: str, dev: int | None) -> str:
             _root_dir(LEDGERS)
             with open(f"{LEDGERS}/{_me()}", "a") as ledger:
                 ledger.write(parent + "\n")
+            import tempfile  # here: most restores recreate nothing
             return tempfile.mkdtemp(prefix=prefix, dir=parent)
         except OSError:
             pass  # a read-only filesystem, ...: the runtime directory
     _root_dir(RUN, private=False)
     _root_dir(RECREATE)
+    import tempfile
     return tempfile.mkdtemp(prefix=prefix, dir=RECREATE)
 
 
@@ -92,6 +92,7 @@ def name_in(private: str, old_path: str, default: str) -> str:
 
 def remove(private: str) -> None:
     """Remove a private directory and what is left in it (only ever files we made)."""
+    import shutil
     shutil.rmtree(private, ignore_errors=True)
 
 
@@ -107,6 +108,7 @@ def _sweep(parent: str, owner: str) -> None:
         for e in entries:
             if (e.name.startswith(head) and e.is_dir(follow_symlinks=False)
                     and e.stat(follow_symlinks=False).st_uid == 0):
+                import shutil
                 shutil.rmtree(e.path, ignore_errors=True)
 
 

@@ -17,8 +17,7 @@ from lazarus.kernel import abi
 from lazarus.kernel.pidfd import pidfd_getfd, pidfd_open
 from lazarus.kernel.syscall import prlimit
 from lazarus.kernel.uffd import CopyHelper, Outcome, Uffd
-from lazarus.lazy.anchor import anchor_fd_number
-from lazarus.remote import RemoteTask
+from lazarus.remote import Ref, RemoteTask
 
 LAZY_FEATURES = (abi.UFFD_FEATURE_EVENT_FORK | abi.UFFD_FEATURE_EVENT_REMAP | abi.UFFD_FEATURE_EVENT_REMOVE
                  | abi.UFFD_FEATURE_EVENT_UNMAP | abi.UFFD_FEATURE_MISSING_SHMEM
@@ -32,24 +31,58 @@ def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int)
     (close-on-exec) at the highest fd its RLIMIT_NOFILE allows (the anchor, lazy/anchor.py: should every
     Lazarus process serving it die, its faults wait rather than read zeros), recorded as the returned Uffd's
     task_fd. Its fds must be in place already (F_DUPFD_CLOEXEC never takes one, as dup3 would)."""
-    fd = task.syscall(abi.SYS.userfaultfd, os.O_CLOEXEC | os.O_NONBLOCK, what="userfaultfd")
+    # In one batch as far as scratch allows: the uffd, its handshake and the ranges.
+    b = task.batch()
+    made = b.call(abi.SYS.userfaultfd, os.O_CLOEXEC | os.O_NONBLOCK, what="userfaultfd")
+    b.call(abi.SYS.ioctl, made, abi.UFFDIO_API, b.put_struct(abi.uffdio_api(abi.UFFD_API, features, 0)),
+           what="UFFDIO_API")
+    fd: int | Ref = made
     kept = None
     try:
-        api = abi.uffdio_api(abi.UFFD_API, features, 0)
-        task.syscall(abi.SYS.ioctl, fd, abi.UFFDIO_API, task.put_struct(api), what="UFFDIO_API")
         for start, end in ranges:
+            if not b.fits(1, 64):
+                fd = b.run()[0] if isinstance(fd, Ref) else fd
             reg = abi.uffdio_register(abi.uffdio_range(start, end - start), abi.UFFDIO_REGISTER_MODE_MISSING, 0)
-            task.syscall(abi.SYS.ioctl, fd, abi.UFFDIO_REGISTER, task.put_struct(reg),
-                         what=f"UFFDIO_REGISTER {start:#x}-{end:#x}")
+            b.call(abi.SYS.ioctl, fd, abi.UFFDIO_REGISTER, b.put_struct(reg),
+                   what=f"UFFDIO_REGISTER {start:#x}-{end:#x}")
+        got = b.run()
+        fd = got[0] if isinstance(fd, Ref) else fd
+    except BaseException:
+        if isinstance(fd, Ref) and b.results and b.results[0] >= 0:
+            fd = b.results[0]  # made, then a later call failed
+        if isinstance(fd, Ref):
+            raise
+        task.raw(abi.SYS.close, fd)
+        raise
+    try:
         pidfd = pidfd_open(task.pid)
         try:
             ours = pidfd_getfd(pidfd, fd, pid=task.pid)
         finally:
             os.close(pidfd)
         if features & abi.UFFD_FEATURE_EVENT_FORK:
-            kept = _dup_at_or_below(task, fd, anchor_fd_number(prlimit(task.pid, RLIMIT_NOFILE)[0], ()))
+            from lazarus.lazy.anchor import anchor_fd_number  # lazy restores only (it brings socket)
+
+            # Usually the number wanted is free: the copy and the close of the original in one batch.
+            want = anchor_fd_number(prlimit(task.pid, RLIMIT_NOFILE)[0], ())
+            b = task.batch()
+            b.call(abi.SYS.fcntl, fd, _F_DUPFD_CLOEXEC, want, check=False)
+            b.call(abi.SYS.close, fd)
+            got = b.run()[0]
+            fd = -1
+            if got == want:
+                kept = want
+            elif got >= 0:  # taken: look below it, from the copy made
+                try:
+                    kept = _dup_at_or_below(task, got, want)
+                finally:
+                    task.syscall(abi.SYS.close, got)
+            else:
+                raise RestoreError(f"pid {task.pid}: no fd at or below {want} for the userfaultfd anchor: "
+                                   f"{os.strerror(-got)}", stage="memory")
     finally:
-        task.syscall(abi.SYS.close, fd)
+        if fd >= 0:
+            task.syscall(abi.SYS.close, fd)
     uffd = Uffd.adopt(ours)
     uffd.task_fd = kept
     return uffd

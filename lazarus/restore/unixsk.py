@@ -9,13 +9,15 @@ numbers with their file flags.
 from __future__ import annotations
 
 import contextlib
-import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lazarus.errors import RestoreError
 from lazarus.kernel import abi
 from lazarus.kernel.pidfd import PidFd
 from lazarus.remote import RemoteTask
+
+if TYPE_CHECKING:
+    import socket
 
 # The options read at dump (lazarus/dump/unixsk.py), by name.
 _INT = {"passcred": abi.SO_PASSCRED, "passsec": abi.SO_PASSSEC, "passpidfd": abi.SO_PASSPIDFD,
@@ -44,6 +46,8 @@ def restore_pair(t: RemoteTask, image: Any, pid: int, ends: tuple[dict[str, Any]
     t.syscall(abi.SYS.socketpair, abi.AF_UNIX, a["sotype"], 0, slot, what=f"{where}: socketpair")
     raw = t.read(slot, 8)
     fa, fb = int.from_bytes(raw[:4], "little"), int.from_bytes(raw[4:], "little")
+    import socket  # only for images with socket pairs
+
     with PidFd.open(pid) as p:
         sa = socket.socket(fileno=p.getfd(fa))
         sb = socket.socket(fileno=p.getfd(fb))
