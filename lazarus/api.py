@@ -164,6 +164,8 @@ def restore(directory: str | Path, *, lazy: bool = False, detach: bool = False, 
             res = _restore(directory, lazy=True, on_lazy=hand_over(daemon.sock, directory), image=image)
         finally:
             daemon.sock.close()
+            if status is not None:
+                status.forget()  # the daemon answers there now, and removes it when done
         return Restoration(res.pid, res.seconds, res.pages_written, lazy=True, served_by="daemon",
                            daemon_pid=daemon.pid, status_path=status.path if status is not None else None)
     # Served here: the guard forks now, while we have no threads.

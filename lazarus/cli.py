@@ -78,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="serve process PID, restored lazily from the image DIR, whose lazy-pages servers all "
                          "died (it waits for its pages); no socket")
 
+    sv = sub.add_parser("service", help="serve the API as HTTP/1.1 + JSON on a unix socket (docs/SERVICE.md)")
+    sv.add_argument("--socket", type=Path, metavar="PATH",
+                    help="listen here (0600, in a directory only root can write); not with systemd socket activation")
+    sv.add_argument("--state-dir", type=Path, metavar="DIR",
+                    help="where restores are recorded (default: a new directory beside the socket, removed at exit)")
+
     s = sub.add_parser("show", help="summarize an image directory")
     s.add_argument("dir", type=Path, metavar="DIR")
     s.add_argument("--json", action="store_true", help="machine-readable output")
@@ -136,6 +142,8 @@ def _run(args: argparse.Namespace) -> int:
         return cmd_restore(args)
     if args.command == "show":
         return cmd_show(args)
+    if args.command == "service":
+        return cmd_service(args)
     if args.command == "lazy-pages" and args.adopt is not None:
         return cmd_adopt(args)
     if args.command == "lazy-pages":
@@ -267,6 +275,15 @@ def cmd_lazy_pages(args: argparse.Namespace) -> int:
             bar.stop()
     print(f"lazy-pages: served {len(stats.get('processes', []))} process(es), "
           f"{stats.get('pages_fault', 0)} pages by fault, {stats.get('pages_background', 0)} in background")
+    return 0
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    from lazarus.service import serve
+
+    def ready(where: str, state_dir: Path) -> None:
+        print(f"service: listening on {where} (state in {state_dir})", flush=True)
+    serve(args.socket, state_dir=args.state_dir, on_ready=ready)
     return 0
 
 
