@@ -83,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="listen here (0600, in a directory only root can write); not with systemd socket activation")
     sv.add_argument("--state-dir", type=Path, metavar="DIR",
                     help="where restores are recorded (default: a new directory beside the socket, removed at exit)")
+    sv.add_argument("--spare-workers", type=int, default=2, metavar="N",
+                    help="worker processes kept waiting for requests (default 2)")
 
     s = sub.add_parser("show", help="summarize an image directory")
     s.add_argument("dir", type=Path, metavar="DIR")
@@ -283,7 +285,7 @@ def cmd_service(args: argparse.Namespace) -> int:
 
     def ready(where: str, state_dir: Path) -> None:
         print(f"service: listening on {where} (state in {state_dir})", flush=True)
-    serve(args.socket, state_dir=args.state_dir, on_ready=ready)
+    serve(args.socket, state_dir=args.state_dir, spares=args.spare_workers, on_ready=ready)
     return 0
 
 

@@ -18,8 +18,8 @@ Process model, and why:
             |-- guard, or a lazy-pages daemon (detach=true), forked by the worker (which has no thread)
 
 A dump or restore ptraces and forks; in a worker, a crash, a leak, a stuck tracee or a signal stays there and
-the service is as it was. The fork costs ~1 ms (measured, docs/BENCHMARKS.md) for a service whose imports are
-all done; the worker starts with everything loaded. Everything a later request needs to know (a restore's
+the service is as it was. The worker is forked before the request comes, with every import done: a request
+wakes one process that is ready, and neither a fork nor the service itself is on its path. Everything a later request needs to know (a restore's
 pid, state, exit code, its lazy transfer's progress) lives in the state directory, 0700, root's:
 
     ID.json          the restore's record, rewritten when its process exits (detach=false)
@@ -43,6 +43,7 @@ import logging
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -166,11 +167,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server: _Server
 
     def setup(self) -> None:
-        # In the worker: the service's listening socket is not ours to hold (a daemon forked from here would
-        # keep it open for as long as it serves).
-        self.server.socket.close()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
         self.t_start = time.monotonic()
         super().setup()
 
@@ -369,10 +365,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 # -- the service's side ----------------------------------------------------------------------------------------
 
 
-class _Server(socketserver.ForkingMixIn, socketserver.UnixStreamServer):
-    # Workers of restores that are not detached live as long as their process: never block on a count.
-    max_children = 1 << 30
-    block_on_close = False
+class _Server(socketserver.UnixStreamServer):
+    """The handler's view of the service (state directory, listening socket); never binds or listens itself."""
 
     def __init__(self, sock: socket.socket, state_dir: Path) -> None:
         socketserver.BaseServer.__init__(self, "", _Handler)
@@ -381,6 +375,108 @@ class _Server(socketserver.ForkingMixIn, socketserver.UnixStreamServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.exception("worker failed")
+
+
+class _Pool:
+    """Workers forked ahead of need, each blocked in accept() for one connection: a request wakes a process
+    that is ready (no fork, and no wakeup of the service, on its path). A worker that takes a connection says
+    so (its pid on a pipe) and the service forks a spare to replace it; a worker that dies idle is replaced too.
+    """
+
+    def __init__(self, server: _Server, spares: int) -> None:
+        self.server = server
+        self.spares = max(1, spares)
+        self.idle: set[int] = set()
+        self.busy: set[int] = set()
+        self._r, self._w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self._r, False)
+        self._wake_r, self.wakeup_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)  # signal.set_wakeup_fd
+
+    def fill(self) -> None:
+        while len(self.idle) < self.spares:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - a worker; the tests talk to it over the socket
+                self._work()
+            self.idle.add(pid)
+
+    def _work(self) -> None:
+        code = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            for fd in (self._r, self._wake_r, self.wakeup_w):
+                os.close(fd)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            # The copy-on-write faults a fresh fork takes on its first request (~600, 2-10 ms here), taken now.
+            from lazarus.kernel.prefault import unshare_present_pages
+            with contextlib.suppress(Exception):
+                unshare_present_pages()
+            while True:
+                try:
+                    conn, _ = self.server.socket.accept()
+                    break
+                except InterruptedError:
+                    continue
+            os.write(self._w, os.getpid().to_bytes(4, "little"))
+            os.close(self._w)
+            self.server.socket.close()
+            try:
+                self.server.finish_request(conn, "")
+                code = 0
+            except Exception:  # noqa: BLE001 - reported, and the worker ends
+                self.server.handle_error(conn, "")
+            finally:
+                self.server.shutdown_request(conn)
+        finally:
+            os._exit(code)
+
+    def _taken(self) -> None:
+        """Read which workers took a connection."""
+        while True:
+            try:
+                data = os.read(self._r, 4096)
+            except BlockingIOError:
+                return
+            if not data:
+                return
+            for i in range(0, len(data) - 3, 4):
+                pid = int.from_bytes(data[i:i + 4], "little")
+                self.idle.discard(pid)
+                self.busy.add(pid)
+
+    def wait(self, timeout: float) -> None:
+        """Wait (up to `timeout`) for workers taking connections, reap those that ended, and fill up again."""
+        with contextlib.suppress(InterruptedError):
+            ready, _, _ = select.select([self._r, self._wake_r], [], [], timeout)
+            if self._wake_r in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+        self._taken()
+        while True:
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            self.idle.discard(pid)
+            self.busy.discard(pid)
+        self.fill()
+
+    def close(self) -> None:
+        """Stop the idle workers (those at work finish their request, and live on as their restore needs)."""
+        self._taken()
+        for pid in self.idle:
+            # SIGKILL: an idle worker has nothing to tidy, and one just forked may still run our own SIGTERM
+            # handler (which only notes it).
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in self.idle:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        self.idle.clear()
+        for fd in (self._r, self._w, self._wake_r, self.wakeup_w):
+            os.close(fd)
 
 
 def systemd_socket() -> socket.socket | None:
@@ -411,6 +507,7 @@ def warm_up() -> None:
     """Import what requests use and probe the kernel once, so that each worker starts with it done."""
     import lazarus.dump
     import lazarus.images.summary
+    import lazarus.kernel.prefault
     import lazarus.lazy.daemon
     import lazarus.lazy.guard
     import lazarus.lazy.handoff
@@ -427,11 +524,11 @@ def warm_up() -> None:
     gc.freeze()
 
 
-def serve(socket_path: Path | None, *, state_dir: Path | None = None,
+def serve(socket_path: Path | None, *, state_dir: Path | None = None, spares: int = 2,
           on_ready: Callable[[str, Path], None] | None = None) -> None:
     """Run the service until SIGTERM or SIGINT: on the socket systemd passed, else at `socket_path` (0600, in
     a directory only root can write; trust.listen_private). `state_dir`: where restores are recorded (default:
-    a new 0700 directory beside the socket, removed at exit)."""
+    a new 0700 directory beside the socket, removed at exit). `spares`: workers kept waiting for a request."""
     from lazarus.lazy.trust import listen_private
     private = None
     sock = systemd_socket()
@@ -444,6 +541,7 @@ def serve(socket_path: Path | None, *, state_dir: Path | None = None,
     else:
         where = sock.getsockname() or "(systemd socket)"
     made_state = state_dir is None
+    sock.setblocking(True)  # workers wait in accept()
     try:
         if state_dir is None:
             base = Path(where).parent if where.startswith("/") else Path(tempfile.gettempdir())
@@ -452,21 +550,25 @@ def serve(socket_path: Path | None, *, state_dir: Path | None = None,
             state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         warm_up()
         server = _Server(sock, state_dir)
+        pool = _Pool(server, spares)
+
+        # SIGTERM and SIGINT only say "stop" (through the pool's wakeup pipe): whatever the loop was doing (a
+        # fork, a reap) completes, so every worker is known when the idle ones are stopped.
         stop: list[int] = []
-
-        def terminate(signum: int, _frame: Any) -> None:
-            stop.append(signum)
-            raise _Stop
-
-        signal.signal(signal.SIGTERM, terminate)
-        if on_ready is not None:
-            on_ready(where, state_dir)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, _frame: stop.append(signum))
+        signal.set_wakeup_fd(pool.wakeup_w)
         try:
-            server.serve_forever(poll_interval=0.5)
-        except (_Stop, KeyboardInterrupt):
-            pass
+            pool.fill()
+            if on_ready is not None:
+                on_ready(where, state_dir)
+            while not stop:
+                pool.wait(1.0)
         finally:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            pool.close()
     finally:
         if private is not None:
             private.close()
@@ -474,10 +576,6 @@ def serve(socket_path: Path | None, *, state_dir: Path | None = None,
             sock.close()
         if made_state and state_dir is not None:
             shutil.rmtree(state_dir, ignore_errors=True)
-
-
-class _Stop(BaseException):
-    pass
 
 
 __all__ = ["HttpError", "restore_state", "serve", "systemd_socket", "warm_up"]

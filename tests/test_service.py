@@ -241,15 +241,19 @@ def test_curl(service: Service) -> None:
     assert code == "400" and "missing field 'dir'" in json.loads(body)["error"], out
 
 
+SPARES = 2  # the service's default --spare-workers
+
+
 def _service_children(service: Service) -> list[int]:
     return sorted(H.children_of(service.popen.pid))
 
 
 def _no_workers_left(service: Service, timeout: float = 10.0) -> None:
+    """Only the spare workers (waiting for requests) are left: each request's worker ended."""
     deadline = time.monotonic() + timeout
-    while _service_children(service) and time.monotonic() < deadline:
+    while len(_service_children(service)) != SPARES and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _service_children(service), f"service still has children {_service_children(service)}"
+    assert len(_service_children(service)) == SPARES, f"service children {_service_children(service)}"
 
 
 def test_failed_dump_and_restore_leave_the_service_as_it_was(service: Service, harness: H.Harness,
@@ -272,13 +276,14 @@ def test_failed_dump_and_restore_leave_the_service_as_it_was(service: Service, h
         assert body["kind"] == "ImageError", body
     status, body, _ = service.request("GET", f"/images?dir={bogus}")
     assert status == 422 and "inventory.json" in body["error"], body
-    # a worker that crashes (killed mid-request) costs its client an answer, nothing else
+    # workers that crash (killed mid-request, or waiting) cost their client an answer, nothing else
+    _no_workers_left(service)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(30)
         s.connect(str(service.socket))
         s.sendall(b"POST /dump HTTP/1.1\r\nContent-Length: 10\r\n\r\n{")  # the worker waits for the rest
         deadline = time.monotonic() + 10
-        while not _service_children(service) and time.monotonic() < deadline:
+        while len(_service_children(service)) <= SPARES and time.monotonic() < deadline:
             time.sleep(0.01)
         for pid in _service_children(service):
             os.kill(pid, signal.SIGKILL)
