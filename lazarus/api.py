@@ -51,7 +51,9 @@ def dump(pid: int, directory: str | Path, *, leave_running: bool = False, shell_
 class Restoration:
     """A restored process. `pid` runs (it is the caller's child); for a lazy restore its memory arrives
     from the server given by `served_by`: "here" (call serve()), "daemon" (pid `daemon_pid`) or "server"
-    (a `lazarus lazy-pages` socket). `seconds`: from the start of the restore until the process ran."""
+    (a `lazarus lazy-pages` socket). `seconds`: from the start of the restore until the process ran.
+    A daemon is the caller's child too: a caller that lives on reaps it (os.waitpid(daemon_pid, 0)) once it has
+    served (`status()` fails then), or it stays a zombie until the caller exits."""
 
     pid: int
     seconds: float

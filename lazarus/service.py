@@ -547,7 +547,9 @@ def serve(socket_path: Path | None, *, state_dir: Path | None = None, spares: in
             base = Path(where).parent if where.startswith("/") else Path(tempfile.gettempdir())
             state_dir = Path(tempfile.mkdtemp(prefix="lazarus-service-", dir=base))
         else:
+            from lazarus.lazy.trust import open_checked_dir
             state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(open_checked_dir(state_dir))  # status sockets are made there: root's, not writable by others
         warm_up()
         server = _Server(sock, state_dir)
         pool = _Pool(server, spares)

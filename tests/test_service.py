@@ -419,3 +419,20 @@ def test_systemd_socket_activation(harness: H.Harness, tmp_path: Path) -> None:
     finally:
         svc.stop()
     assert popen.returncode == 0, popen.stdout.read().decode() if popen.stdout else ""
+
+
+@pytest.mark.parametrize("problem", ["world-writable directory", "no socket"])
+def test_service_refuses_to_start_with_one_line(harness: H.Harness, tmp_path: Path, problem: str) -> None:
+    if problem == "world-writable directory":
+        d = tmp_path / "open"
+        d.mkdir()
+        os.chmod(d, 0o777)
+        args = ["--socket", str(d / "api.sock")]
+        words = "group or others"
+    else:
+        args = []
+        words = "needs --socket PATH"
+    res = harness.lazarus("service", *args, timeout=60)
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lazarus: error:") and words in lines[0], res.stderr
