@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 from lazarus.errors import FeatureMissing, LazarusError, UsageError
 
 if TYPE_CHECKING:
+    import socket
+
     from lazarus.dump import DumpResult
     from lazarus.kernel.features import Feature
     from lazarus.lazy.daemon import ProgressCallback, Serving
@@ -64,12 +66,16 @@ class Restoration:
     status_path: Path | None = None
     _serving: Serving | None = field(default=None, repr=False)
 
-    def serve(self) -> dict[str, Any]:
+    def serve(self, status: socket.socket | None = None) -> dict[str, Any]:
         """A lazy restore served here: serve its pages until it has them all (or exited), then stop the
-        server. Returns the transfer statistics. Nothing to do (empty stats) otherwise."""
+        server. Returns the transfer statistics. Nothing to do (empty stats) otherwise. `status`: a listening
+        SOCK_SEQPACKET socket (trust.listen_private) on which to answer status requests meanwhile
+        (lazy/daemon.py query_status)."""
         if self._serving is None:
             return {}
         try:
+            if status is not None:
+                self._serving.answer_status(status)
             return self._serving.run()
         finally:
             self.close()
@@ -120,8 +126,7 @@ def require_lazy_features() -> None:
 
 def restore(directory: str | Path, *, lazy: bool = False, detach: bool = False, background: bool = True,
             stats_path: Path | None = None, lazy_log: Path | None = None, lazy_pages_socket: Path | None = None,
-            on_progress: ProgressCallback | None = None, status: Any = None,
-            close_fds: tuple[int, ...] = ()) -> Restoration:
+            on_progress: ProgressCallback | None = None, status: Any = None) -> Restoration:
     """Restore the process saved in `directory`; returns once it runs.
 
     Parameters:
@@ -133,7 +138,6 @@ def restore(directory: str | Path, *, lazy: bool = False, detach: bool = False, 
         lazy_pages_socket: (lazy) hand the memory to the `lazarus lazy-pages` listening there.
         on_progress: (lazy, served here) called with (bytes done, bytes total) at most every 0.1 s.
         status: (lazy, detach) a trust.PrivateSocket the daemon answers status requests on.
-        close_fds: (lazy, detach) fds the daemon must not keep (its parent's callers wait on them).
     Raises:
         UsageError for options that need `lazy`; FeatureMissing; ImageError; RestoreError; Untrusted.
     """
@@ -161,7 +165,7 @@ def restore(directory: str | Path, *, lazy: bool = False, detach: bool = False, 
     if detach:
         from lazarus.lazy.daemon import fork_daemon, hand_over
         daemon = fork_daemon(directory, lazy_log or _daemon_log(directory), background=background,
-                             stats_path=stats_path, status=status, close_fds=close_fds)
+                             stats_path=stats_path, status=status)
         try:
             res = _restore(directory, lazy=True, on_lazy=hand_over(daemon.sock, directory), image=image)
         finally:

@@ -200,7 +200,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
         res = api.restore(args.dir, lazy=args.lazy, detach=args.detach, background=not args.no_background,
                           stats_path=args.stats, lazy_log=args.lazy_log, lazy_pages_socket=args.lazy_pages_socket,
                           on_progress=on_progress)
-        _report_restore(args, res)
+        try:
+            _report_restore(args, res)
+        except BaseException:
+            res.close()  # served here: nobody will serve it, so the guard's rule applies (it is killed)
+            raise
         if res.served_by == "here":
             stats = res.serve()
             log.info("lazy pages done: %s", stats)

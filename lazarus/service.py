@@ -12,10 +12,11 @@ Process model, and why:
 
     service (one thread)     imports done and the kernel probed once at start; accepts, forks, reaps
       |-- worker per connection    reads the request, checks the peer, does the work, answers, exits
-            |-- restored process   the worker's child: with detach=false the worker stays its parent, serves
-            |                      its lazy pages and records its exit status; with detach=true the worker
-            |                      exits and it is reparented (to init, or the nearest subreaper)
-            |-- guard, or a lazy-pages daemon (detach=true), forked by the worker (which has no thread)
+            |-- restored process   the worker's child; the worker serves its lazy pages (it is a process of its
+            |                      own already: no daemon, no handoff), then with detach=false waits for it and
+            |                      records its exit status, with detach=true exits (the process is re-parented
+            |                      to init, or the nearest subreaper)
+            |-- guard              forked by the worker (which has no thread) for a lazy restore
 
 A dump or restore ptraces and forks; in a worker, a crash, a leak, a stuck tracee or a signal stays there and
 the service is as it was. The worker is forked before the request comes, with every import done: a request
@@ -327,10 +328,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             from lazarus.lazy.trust import listen_private
             status = listen_private(state / f"{rid}.sock")
         try:
-            r = api.restore(directory, lazy=f["lazy"], detach=f["detach"], background=f["background"],
-                            stats_path=state / f"{rid}.stats.json" if f["lazy"] else None,
-                            lazy_log=state / f"{rid}.log" if f["lazy"] and f["detach"] else None,
-                            status=status if f["detach"] else None, close_fds=(self.connection.fileno(),))
+            # Served from this worker either way (no daemon, no handoff: the worker is already a process of its
+            # own); `detach` only says whether it stays to see the process exit.
+            r = api.restore(directory, lazy=f["lazy"], background=f["background"],
+                            stats_path=state / f"{rid}.stats.json" if f["lazy"] else None)
         except BaseException:
             if status is not None:
                 status.close()
@@ -339,22 +340,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                "state": "detached" if f["detach"] else "running", "exit_code": None,
                "seconds": round(r.seconds, 6), "pages_written": r.pages_written,
                "service_seconds": round(time.monotonic() - self.t_start, 6)}
-        _write_json(state / f"{rid}.json", rec)
+        try:
+            _write_json(state / f"{rid}.json", rec)
+        except BaseException:
+            r.close()  # a lazy one cannot be served without its record: the guard's rule applies (killed)
+            raise
         self._reply(200, rec)
         self._hang_up()
-        if f["detach"]:
-            return 0, {}
-        # Not detached: this worker stays the process's parent; it serves its pages (lazy), then records how
-        # it ended. A failure from here on has no client to go to: it goes to the log.
+        # The client has its answer; a failure from here on has no one to go to but the log.
         try:
-            if status is not None and r._serving is not None:
-                r._serving.answer_status(status.sock)
-                r.serve()
-        except Exception:  # noqa: BLE001 - no client to tell; the guard saw to the process if it was lost
+            if status is not None:
+                r.serve(status=status.sock)
+        except Exception:  # noqa: BLE001 - the guard saw to the process if its pages were lost
             log.exception("restore %s (pid %d): serving its pages failed", rid, r.pid)
         finally:
             if status is not None:
                 status.close()
+        if f["detach"]:
+            return 0, {}  # this worker exits: the process is re-parented (to init or the nearest subreaper)
         code = r.wait()
         rec.update(state="exited", exit_code=code)
         with contextlib.suppress(OSError):
