@@ -8,10 +8,13 @@
     GET  /restores/ID                             {state, exit_code, transfer: {bytes_done, bytes_total, stats}}
     GET  /images?dir=DIR                          what `lazarus show --json DIR` prints
 
-Process model, and why:
+Process model, and why (docs/SERVICE.md says more):
 
-    service (one thread)     imports done and the kernel probed once at start; accepts, forks, reaps
-      |-- worker per connection    reads the request, checks the peer, does the work, answers, exits
+    service (one thread)           imports done and the kernel probed once at start; forks spares, reaps
+      |-- spare workers            forked ahead, each waiting in accept() for one connection, its
+      |                            copy-on-write faults taken already (kernel/prefault.py); the service forks
+      |                            a new spare whenever one takes a connection (or dies idle)
+      |-- worker (one connection)  reads the request, checks the peer, does the work, answers, exits
             |-- restored process   the worker's child; the worker serves its lazy pages (it is a process of its
             |                      own already: no daemon, no handoff), then with detach=false waits for it and
             |                      records its exit status, with detach=true exits (the process is re-parented
@@ -19,16 +22,16 @@ Process model, and why:
             |-- guard              forked by the worker (which has no thread) for a lazy restore
 
 A dump or restore ptraces and forks; in a worker, a crash, a leak, a stuck tracee or a signal stays there and
-the service is as it was. The worker is forked before the request comes, with every import done: a request
-wakes one process that is ready, and neither a fork nor the service itself is on its path. Everything a later request needs to know (a restore's
-pid, state, exit code, its lazy transfer's progress) lives in the state directory, 0700, root's:
+the service is as it was. A request wakes a process that is ready: neither a fork nor the service itself is on
+its path. Everything a later request needs to know (a restore's pid, state, exit code, its lazy transfer's
+progress) lives in the state directory, 0700, root's:
 
     ID.json          the restore's record, rewritten when its process exits (detach=false)
     ID.sock          while its pages are served: a status socket (lazy/daemon.py) answering progress and stats
     ID.stats.json    its lazy transfer's final statistics
 
 The HTTP layer is the standard library's http.server: requests are tiny and one per connection, parsing them
-costs ~0.1 ms against a restore's milliseconds, and it adds no dependency to a root service (see
+costs ~0.15 ms against a restore's milliseconds, and it adds no dependency to a root service (see
 docs/SERVICE.md). Every peer is checked with SO_PEERCRED (lazy/trust.py: root only, still root now) before
 its request is acted on. Errors are JSON {"error": "..."}: 400 malformed, 403 not root, 404 unknown path or
 restore, 405 wrong method, 413 too large, 422 the dump or restore failed (the message names why).
