@@ -64,7 +64,13 @@ class Serving:
     def status(self) -> dict[str, Any]:
         """Progress and statistics now (JSON-ready)."""
         done, total = self.progress
-        return {"bytes_done": done, "bytes_total": total, "stats": self.server.stats()}
+        stats = self.server.stats()
+        if not total:  # the loop has not reported yet (it reports from run(), at most every 0.1 s)
+            from lazarus.kernel.abi import PAGE_SIZE
+            procs = stats.get("processes", [])
+            total = sum(p["pages_total"] for p in procs) * PAGE_SIZE
+            done = sum(p["pages_fault"] + p["pages_background"] for p in procs) * PAGE_SIZE
+        return {"bytes_done": done, "bytes_total": total, "stats": stats}
 
     def answer_status(self, listening: socket.socket) -> None:
         """Serve status requests on `listening` (a SOCK_SEQPACKET listening socket, trust.listen_private)
