@@ -81,3 +81,7 @@ class PageSourceLost(LazarusError):
 
 class Untrusted(LazarusError):
     """A peer on a lazy-pages socket, or the server or socket a restore would hand memory to, is not trusted."""
+
+
+class UsageError(LazarusError):
+    """Options or request fields that do not go together (the CLI exits 2; the service answers 400)."""

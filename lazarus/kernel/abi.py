@@ -143,6 +143,7 @@ MADV_HUGEPAGE = 14
 MADV_NOHUGEPAGE = 15
 MADV_DONTDUMP = 16
 MADV_WIPEONFORK = 18
+MADV_POPULATE_WRITE = 23  # uapi/asm-generic/mman-common.h, Linux 5.14
 MADV_COLLAPSE = 25  # uapi/asm-generic/mman-common.h, Linux 6.1
 HPAGE_PMD_SIZE = 2 << 20  # x86-64: one PMD maps 2 MiB
 MADV_RANDOM, MADV_SEQUENTIAL = 1, 2

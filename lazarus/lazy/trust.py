@@ -90,6 +90,13 @@ class PrivateSocket:
         self._name = name
         self._ino = os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_ino
 
+    def forget(self) -> None:
+        """Close this process's copy, leaving the file to the process it was handed to (a forked daemon)."""
+        if self._dirfd >= 0:
+            os.close(self._dirfd)
+            self._dirfd = -1
+            self.sock.close()
+
     def close(self) -> None:
         if self._dirfd < 0:
             return
@@ -101,8 +108,9 @@ class PrivateSocket:
         self.sock.close()
 
 
-def listen_private(path: Path, backlog: int = 16) -> PrivateSocket:
-    """Listen on `path`: mode 0600 whatever the umask, in a directory only root can write.
+def listen_private(path: Path, backlog: int = 16, kind: int = socket.SOCK_SEQPACKET) -> PrivateSocket:
+    """Listen on `path`: mode 0600 whatever the umask, in a directory only root can write. `kind`: the socket
+    type (SOCK_STREAM for the restore service's HTTP).
 
     A stale socket there (nobody listening) is replaced; anything else at `path` is refused.
     Raises:
@@ -112,8 +120,8 @@ def listen_private(path: Path, backlog: int = 16) -> PrivateSocket:
     dirfd = open_checked_dir(path.parent)
     name = path.name
     try:
-        _clear_stale(dirfd, name, path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        _clear_stale(dirfd, name, path, kind)
+        sock = socket.socket(socket.AF_UNIX, kind)
         try:
             # An unbound socket's inode mode is what bind() gives the file (less the umask): 0600 from the start,
             # with no moment at which someone else could connect.
@@ -133,14 +141,14 @@ def listen_private(path: Path, backlog: int = 16) -> PrivateSocket:
         raise
 
 
-def _clear_stale(dirfd: int, name: str, path: Path) -> None:
+def _clear_stale(dirfd: int, name: str, path: Path, kind: int = socket.SOCK_SEQPACKET) -> None:
     try:
         st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise LazarusError(f"{path}: exists and is not a socket; not replacing it", path=str(path))
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    probe = socket.socket(socket.AF_UNIX, kind)
     try:
         probe.connect(_via(dirfd, name))
     except ConnectionRefusedError:
@@ -150,7 +158,7 @@ def _clear_stale(dirfd: int, name: str, path: Path) -> None:
         raise LazarusError(f"{path}: cannot tell whether a server listens there: {e.strerror}") from None
     finally:
         probe.close()
-    raise LazarusError(f"{path}: a lazy-pages server already listens there", path=str(path))
+    raise LazarusError(f"{path}: a server already listens there", path=str(path))
 
 
 def connect_trusted(path: Path) -> socket.socket:

@@ -1,0 +1,231 @@
+"""The library API: what `lazarus` the command, the restore service and other programs call.
+
+    import lazarus
+    dumped = lazarus.dump(pid, "/var/lib/ckpt/app", leave_running=True)
+    r = lazarus.restore("/var/lib/ckpt/app", lazy=True, detach=True)   # returns once the process runs
+    print(r.pid, r.status())                                             # progress and stats of its pages
+
+Every function raises a LazarusError subclass (errors.py) with a one-line message on failure; a failed dump
+leaves the process as it was, a failed restore kills what it created. The heavy modules are imported when a
+function is called, not when this module is imported (the command's start-up time counts).
+
+Where a lazy restore's pages are served from (lazy/daemon.py has the fork order):
+    lazy=True                      from this process: the guard is forked now, and the caller runs
+                                   Restoration.serve() once the restore returns (the CLI's `restore --lazy`)
+    lazy=True, detach=True         from a private daemon forked now; this process is free at once
+    lazy=True, lazy_pages_socket   from a running `lazarus lazy-pages` server
+A lazy restore forks helpers; call it while the calling process has no thread (fork safety).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lazarus.errors import FeatureMissing, LazarusError, UsageError
+
+if TYPE_CHECKING:
+    import socket
+
+    from lazarus.dump import DumpResult
+    from lazarus.kernel.features import Feature
+    from lazarus.lazy.daemon import ProgressCallback, Serving
+
+
+def dump(pid: int, directory: str | Path, *, leave_running: bool = False, shell_job: bool = False) -> DumpResult:
+    """Checkpoint process `pid` into `directory` (which must not exist, or be empty).
+
+    Parameters:
+        leave_running: resume the process after the dump (else it is killed once the images are verified).
+        shell_job: allow a process in a session another process leads, or with a controlling terminal.
+    Returns:
+        DumpResult(pid, directory, pages, seconds, left_running).
+    Raises:
+        DumpError / Unsupported naming what could not be saved; the process then runs on as it was.
+    """
+    from lazarus.dump import dump as _dump
+    return _dump(pid, Path(directory), leave_running=leave_running, shell_job=shell_job)
+
+
+@dataclass
+class Restoration:
+    """A restored process. `pid` runs (it is the caller's child); for a lazy restore its memory arrives
+    from the server given by `served_by`: "here" (call serve()), "daemon" (pid `daemon_pid`) or "server"
+    (a `lazarus lazy-pages` socket). `seconds`: from the start of the restore until the process ran.
+    A daemon is the caller's child too: a caller that lives on reaps it (os.waitpid(daemon_pid, 0)) once it has
+    served (`status()` fails then), or it stays a zombie until the caller exits."""
+
+    pid: int
+    seconds: float
+    pages_written: int
+    lazy: bool
+    served_by: str | None = None
+    daemon_pid: int | None = None
+    status_path: Path | None = None
+    _serving: Serving | None = field(default=None, repr=False)
+
+    def serve(self, status: socket.socket | None = None) -> dict[str, Any]:
+        """A lazy restore served here: serve its pages until it has them all (or exited), then stop the
+        server. Returns the transfer statistics. Nothing to do (empty stats) otherwise. `status`: a listening
+        SOCK_SEQPACKET socket (trust.listen_private) on which to answer status requests meanwhile
+        (lazy/daemon.py query_status)."""
+        if self._serving is None:
+            return {}
+        try:
+            if status is not None:
+                self._serving.answer_status(status)
+            return self._serving.run()
+        finally:
+            self.close()
+
+    def status(self) -> dict[str, Any]:
+        """Progress (bytes done / total) and statistics of the lazy transfer, where they can be known:
+        served here, or by a daemon with a status socket. Raises LazarusError when they cannot."""
+        if self._serving is not None:
+            return self._serving.status()
+        if self.status_path is not None:
+            from lazarus.lazy.daemon import query_status
+            return query_status(self.status_path)
+        if not self.lazy:
+            return {"bytes_done": 0, "bytes_total": 0, "stats": {}}
+        raise LazarusError(f"pid {self.pid}: its lazy server keeps its progress to itself", pid=self.pid)
+
+    def wait(self) -> int:
+        """Wait for the process to exit (it is our child): its exit code, or 128 + the signal that killed it."""
+        from lazarus.kernel.ptrace import wait
+        st = wait(self.pid, timeout=float("inf"))
+        while st.stopped:
+            st = wait(self.pid, timeout=float("inf"))
+        return st.exit_code if st.exited else 128 + st.term_sig
+
+    def close(self) -> None:
+        """Stop serving (a lazy restore served here): a process still missing pages is killed."""
+        serving, self._serving = self._serving, None
+        if serving is not None:
+            serving.close()
+
+
+def require_lazy_features() -> None:
+    """The userfaultfd features a lazy restore registers with; a scratch uffd tells (a full `check` would
+    cost a traced child on every restore).
+
+    Raises:
+        FeatureMissing naming them.
+    """
+    from lazarus.kernel.uffd import feature_names, supported_features
+    from lazarus.restore.uffd import LAZY_FEATURES
+    try:
+        missing = LAZY_FEATURES & ~supported_features()
+    except LazarusError as e:
+        raise FeatureMissing(f"userfaultfd unavailable: {e}") from e
+    if missing:
+        raise FeatureMissing("userfaultfd features missing for a lazy restore: " + ", ".join(feature_names(missing)))
+
+
+def restore(directory: str | Path, *, lazy: bool = False, detach: bool = False, background: bool = True,
+            stats_path: Path | None = None, lazy_log: Path | None = None, lazy_pages_socket: Path | None = None,
+            on_progress: ProgressCallback | None = None, status: Any = None) -> Restoration:
+    """Restore the process saved in `directory`; returns once it runs.
+
+    Parameters:
+        lazy: serve anonymous memory on demand (userfaultfd) instead of writing it all first.
+        detach: (lazy) serve it from a private daemon rather than from this process.
+        background: (lazy) also push the pages nobody asked for yet; else only faults are served.
+        stats_path: (lazy) where the server writes its statistics (JSON) at the end.
+        lazy_log: (lazy, detach) the daemon's report file (default DIR/lazy-pages.log when writable).
+        lazy_pages_socket: (lazy) hand the memory to the `lazarus lazy-pages` listening there.
+        on_progress: (lazy, served here) called with (bytes done, bytes total) at most every 0.1 s.
+        status: (lazy, detach) a trust.PrivateSocket the daemon answers status requests on.
+    Raises:
+        UsageError for options that need `lazy`; FeatureMissing; ImageError; RestoreError; Untrusted.
+    """
+    from lazarus.restore import open_image
+    from lazarus.restore import restore as _restore
+    directory = Path(directory)
+    if not lazy:
+        if not background or stats_path or lazy_pages_socket or on_progress or status is not None:
+            raise UsageError("--no-background, --stats and --lazy-pages-socket need --lazy")
+        res = _restore(directory)
+        return Restoration(res.pid, res.seconds, res.pages_written, lazy=False)
+    require_lazy_features()
+    # The image is checked whole before any helper of ours (server, guard, daemon) exists: a bad image is
+    # refused with nothing created.
+    image = open_image(directory, verify_pages=False)
+    if lazy_pages_socket is not None:
+        from lazarus.lazy.daemon import hand_over
+        from lazarus.lazy.handoff import connect
+        sock = connect(lazy_pages_socket)
+        try:
+            res = _restore(directory, lazy=True, on_lazy=hand_over(sock, directory), image=image)
+        finally:
+            sock.close()
+        return Restoration(res.pid, res.seconds, res.pages_written, lazy=True, served_by="server")
+    if detach:
+        from lazarus.lazy.daemon import fork_daemon, hand_over
+        daemon = fork_daemon(directory, lazy_log or _daemon_log(directory), background=background,
+                             stats_path=stats_path, status=status)
+        try:
+            res = _restore(directory, lazy=True, on_lazy=hand_over(daemon.sock, directory), image=image)
+        finally:
+            daemon.sock.close()
+            if status is not None:
+                status.forget()  # the daemon answers there now, and removes it when done
+        return Restoration(res.pid, res.seconds, res.pages_written, lazy=True, served_by="daemon",
+                           daemon_pid=daemon.pid, status_path=status.path if status is not None else None)
+    # Served here: the guard forks now, while we have no threads.
+    from lazarus.lazy.daemon import start_serving
+    serving = start_serving(background=background, stats_path=stats_path, on_progress=on_progress)
+    try:
+        res = _restore(directory, lazy=True, on_lazy=serving.server.add_process, image=image)
+    except BaseException:
+        serving.close()
+        raise
+    return Restoration(res.pid, res.seconds, res.pages_written, lazy=True, served_by="here", _serving=serving)
+
+
+def _daemon_log(directory: Path) -> Path:
+    return directory / "lazy-pages.log" if os.access(directory, os.W_OK) else Path(os.devnull)
+
+
+@dataclass
+class CheckResult:
+    """`features`: every probed kernel feature; `ok`: dump and restore can work here; `missing`: names of the
+    features dump or restore need and lack."""
+
+    features: list[Feature]
+    ok: bool
+    missing: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "missing": self.missing,
+                "features": [{"name": f.name, "available": f.available, "purposes": list(f.purposes),
+                              "detail": f.detail} for f in self.features]}
+
+
+def check() -> CheckResult:
+    """Probe the kernel for every feature Lazarus uses (cached for the life of the process)."""
+    from lazarus.kernel import features
+    feats = features.report()
+    code = features.check_exit_code(feats)
+    missing = [f.name for f in feats if not f.available and f.required_for in ("dump", "restore")]
+    return CheckResult(feats, code == 0, missing)
+
+
+def show(directory: str | Path) -> dict[str, Any]:
+    """The summary of an image directory that `lazarus show --json` prints (images/summary.py).
+
+    Raises:
+        ImageError for a missing, truncated or foreign image.
+    """
+    from lazarus.images import Image
+    from lazarus.images.summary import summary
+    img = Image.open(Path(directory))
+    try:
+        return summary(img)
+    finally:
+        img.close()
+
+
+__all__ = ["CheckResult", "Restoration", "UsageError", "check", "dump", "require_lazy_features", "restore", "show"]

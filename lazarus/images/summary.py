@@ -1,0 +1,82 @@
+"""What `lazarus show` prints, as plain data: one dict per image directory (JSON-ready).
+
+Pure Python over an opened Image; the register and thread checks it needs are imported when called, so that
+loading this module stays free of the kernel layer (tests/unit/test_layering.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def fd_target(f: dict[str, Any]) -> str:
+    """What `show` prints as an fd's target."""
+    if f.get("path"):
+        return str(f["path"])
+    if "dup_of" in f:
+        return f"dup of fd {f['dup_of']}"
+    kind = f["type"]
+    if kind == "pipe":
+        return f"pipe:[{f.get('pipe')}]"
+    if kind == "unix":
+        return f"unix socket, peer socket:[{f.get('peer')}]"
+    if kind == "epoll":
+        return "epoll: fds " + ",".join(str(x["tfd"]) for x in f.get("targets", [])) if f.get("targets") else "epoll"
+    if kind == "inotify":
+        return "inotify: " + ", ".join(f"{w['wd']}={w['path']}" for w in f.get("watches", []))
+    return kind
+
+
+def summary(img: Any) -> dict[str, Any]:
+    """The summary of opened image `img`: format, tasks (registers, threads, VMAs, fds, signals), files.
+
+    Raises:
+        ImageError for a task record `show` cannot read.
+    """
+    inv = img.inventory
+    out: dict[str, Any] = {"directory": str(img.path), "format": inv.get("format"), "version": inv.get("version"),
+                           "kernel_release": inv.get("kernel_release"), "cpu": inv.get("cpu"),
+                           "created": inv.get("created"), "tasks": []}
+    from lazarus.images.mm import is_lazy, lazy_object_ids
+    from lazarus.kernel import abi
+    from lazarus.restore.threads import check_threads
+    for pid in img.tasks:
+        t = img.task(pid)
+        check_threads(t, f"task-{pid}.json")
+        lazy_ids = lazy_object_ids(t["mm"], t["files"])
+        objects = {o["id"]: o for o in t["mm"]["objects"]}
+        regs = abi.user_regs_struct.from_buffer_copy(bytes.fromhex(t["core"]["regs"]))
+        vmas = []
+        for v in t["mm"]["vmas"]:
+            prot = "".join(c if v["prot"] & b else "-" for c, b in (("r", 1), ("w", 2), ("x", 4)))
+            obj = objects.get(v.get("object", -1))
+            npages = sum(n for _, n, _ in (obj["pages"] if obj else v["pages"]))
+            vmas.append({"start": f"{v['start']:#x}", "end": f"{v['end']:#x}",
+                         "prot": prot + ("s" if v["shared"] else "p"), "kind": v["kind"], "path": v["path"],
+                         "pages": npages, "lazy": is_lazy(v) or (obj is not None and obj["id"] in lazy_ids),
+                         "vmflags": " ".join(v["vmflags"])})
+        fds = [{"fd": f["fd"], "type": f["type"], "target": fd_target(f),
+                "flags": f"{f['flags']:o}", "pos": f["pos"], "cloexec": f["cloexec"]} for f in t["files"]]
+        out["tasks"].append({
+            "pid": pid, "comm": t["comm"], "exe": t["mm"]["exe"],
+            "registers": {"rip": f"{regs.rip:#x}", "rsp": f"{regs.rsp:#x}", "rax": f"{regs.rax:#x}",
+                          "orig_rax": f"{regs.orig_rax:#x}", "fs_base": f"{regs.fs_base:#x}",
+                          "xstate_bytes": len(t["core"]["xstate"]) // 2},
+            "threads": [{"tid": th["tid"], "comm": th["comm"],
+                         "rip": f"{abi.user_regs_struct.from_buffer_copy(bytes.fromhex(th['core']['regs'])).rip:#x}"}
+                        for th in t.get("threads", [])],
+            "vmas": vmas, "fds": fds,
+            "pages": sum(v["pages"] for v in vmas), "lazy_pages": sum(v["pages"] for v in vmas if v["lazy"]),
+            "signals": {"blocked": f"{t['signals']['blocked']:#x}",
+                        "pending": len(t["signals"]["pending_thread"]) + len(t["signals"]["pending_shared"]),
+                        "handlers": sum(1 for a in t["signals"]["actions"] if a[0] > 1)},
+        })
+    files = {n: m["size"] for n, m in inv["files"].items()}
+    files["inventory.json"] = (Path(img.path) / "inventory.json").stat().st_size
+    out["files"] = files
+    out["total_bytes"] = sum(files.values())
+    return out
+
+
+__all__ = ["fd_target", "summary"]

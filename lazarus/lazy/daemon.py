@@ -1,0 +1,251 @@
+"""Where a lazy restore's pages are served from, and the order in which its helper processes are made.
+
+A lazy restore needs a LazyServer (server.py) and the server's guard (guard.py); the guard is forked, and a
+fork is safe only while the forking process has no thread. The server starts its copy thread at its first
+background step, i.e. inside run(). So every fork happens before the first run() of the process that forks:
+
+    served here (restore --lazy)                 served by a private daemon (restore --lazy -d)
+    ----------------------------                 ----------------------------------------------
+    start_serving(): Guard.start() forks         fork_daemon(): socketpair(SEQPACKET), fork (no thread yet)
+                     the guard, LazyServer         daemon: setsid, stdio to /dev/null, stderr to its log,
+    restore(on_lazy=server.add_process)                    start_serving() (forks its guard), Listener(once)
+    Serving.run(): the copy thread starts                  serve until the process is complete, exit
+                                                 restore(on_lazy=hand_over(...)): the uffd goes over the
+                                                 socketpair (handoff.py); the daemon checks the task and
+                                                 answers before the task runs; the restore returns then.
+
+    served by a running server (lazy-pages)      serve_socket(): listen (trust.py), start_serving(), serve
+                                                 every restore handed over until none needs it (linger)
+
+A status socket (optional, `status`) lets whoever started a restore ask a serving process for its progress
+while it runs: each connection gets one JSON message (progress and stats) and is closed; peers are checked
+as for a handoff (root only, trust.py). This module never imports restore/ (DESIGN.md: lazy is handed uffds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lazarus.errors import LazarusError
+
+log = logging.getLogger("lazarus.lazy")
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class Serving:
+    """A LazyServer with its guard (which kills the served processes should the server die).
+
+    `progress` holds the latest (bytes done, bytes total) the server reported; `on_progress`, if given, is
+    called with each report too (a progress bar).
+    """
+
+    server: Any
+    guard: Any
+    progress: tuple[int, int] = (0, 0)
+    on_progress: ProgressCallback | None = None
+    _status: list[Any] = field(default_factory=list)
+
+    def _report(self, done: int, total: int) -> None:
+        self.progress = (done, total)
+        if self.on_progress is not None:
+            self.on_progress(done, total)
+
+    def status(self) -> dict[str, Any]:
+        """Progress and statistics now (JSON-ready)."""
+        done, total = self.progress
+        stats = self.server.stats()
+        if not total:  # the loop has not reported yet (it reports from run(), at most every 0.1 s)
+            from lazarus.kernel.abi import PAGE_SIZE
+            procs = stats.get("processes", [])
+            total = sum(p["pages_total"] for p in procs) * PAGE_SIZE
+            done = sum(p["pages_fault"] + p["pages_background"] for p in procs) * PAGE_SIZE
+        return {"bytes_done": done, "bytes_total": total, "stats": stats}
+
+    def answer_status(self, listening: socket.socket) -> None:
+        """Serve status requests on `listening` (a SOCK_SEQPACKET listening socket, trust.listen_private)
+        from the server's loop."""
+        self._status.append(listening)
+        self.server.add_watch(listening.fileno(), lambda: self._answer(listening))
+
+    def _answer(self, listening: socket.socket) -> None:
+        from lazarus.lazy.trust import check_peer
+        try:
+            conn, _ = listening.accept()
+        except OSError:
+            return
+        with conn:
+            try:
+                check_peer(conn).close()
+                reply = self.status()
+            except LazarusError as e:
+                reply = {"error": str(e)}
+            with contextlib.suppress(OSError):
+                conn.send(json.dumps(reply).encode(), socket.MSG_NOSIGNAL)
+
+    def run(self) -> dict[str, Any]:
+        """Serve until no process needs the server; the stats."""
+        return self.server.run()
+
+    def close(self) -> None:
+        try:
+            self.server.close()
+        finally:
+            self.guard.close()
+
+
+def start_serving(*, background: bool = True, stats_path: Path | None = None,
+                  on_progress: ProgressCallback | None = None) -> Serving:
+    """Fork the guard and make its server. Call it while this process has no thread (see the module docstring)."""
+    from lazarus.lazy.guard import Guard
+    from lazarus.lazy.server import LazyServer
+    guard = Guard.start()
+    serving = Serving(server=None, guard=guard, on_progress=on_progress)
+    try:
+        serving.server = LazyServer(background=background, stats_path=stats_path, progress=serving._report,
+                                    guard=guard)
+    except BaseException:
+        guard.close()
+        raise
+    return serving
+
+
+def query_status(path: Path, timeout: float = 5.0) -> dict[str, Any]:
+    """Ask the serving process whose status socket is `path` for its status.
+
+    Raises:
+        Untrusted (the socket is not root's), LazarusError when nobody answers there.
+    """
+    from lazarus.lazy.trust import connect_trusted
+    s = connect_trusted(path)
+    with s:
+        s.settimeout(timeout)
+        try:
+            data = s.recv(1 << 20)
+        except OSError as e:
+            raise LazarusError(f"{path}: no status: {e.strerror or e}") from None
+    if not data:
+        raise LazarusError(f"{path}: no status: the server closed the connection")
+    return json.loads(data)
+
+
+@dataclass
+class Daemon:
+    """A private lazy-pages daemon forked for one restore; `sock` carries the handoff (handoff.send_process)."""
+
+    pid: int
+    sock: socket.socket
+
+
+def fork_daemon(images: Path, log_path: Path, *, background: bool = True, stats_path: Path | None = None,
+                status: Any = None, close_fds: tuple[int, ...] = ()) -> Daemon:
+    """Fork a lazy-pages daemon that serves the one process a restore will hand it over the returned socket,
+    then exits. Call it while this process has no thread. `status`: a trust.PrivateSocket to answer status
+    requests on (closed, and its file removed, when the daemon is done). `close_fds`: fds the daemon closes at
+    once, what its parent's callers wait on (a connection); their objects stay referenced by the frames the
+    daemon never returns to, so no finaliser closes those numbers again.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the daemon child; the tests observe it from outside
+        ours.close()
+        code = 0
+        try:
+            # Its own session: the caller's terminal or process group going away does not involve it.
+            os.setsid()
+            # Detach from the caller's pipes (a caller reading our output to EOF must not wait for the daemon);
+            # what the daemon and its guard report (a process killed for a lost page source) goes to the log.
+            devnull = os.open(os.devnull, os.O_RDWR)
+            logfd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            os.dup2(devnull, 0)
+            os.dup2(devnull, 1)
+            os.dup2(logfd, 2)
+            for fd in close_fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            serving = start_serving(background=background, stats_path=stats_path)
+            print(f"lazarus: lazy-pages daemon {os.getpid()} (guard {serving.guard.pid}) serves the lazy restore "
+                  f"from {images}. Should both die before the process has all its pages, it waits for them: "
+                  f"resume it with `lazarus lazy-pages --adopt PID -D {images}`", file=sys.stderr, flush=True)
+            try:
+                from lazarus.lazy.handoff import Listener
+                Listener(serving.server, theirs, connected=True, once=True)
+                if status is not None:
+                    serving.answer_status(status.sock)
+                serving.run()
+            finally:
+                try:
+                    serving.close()
+                finally:
+                    if status is not None:
+                        status.close()
+        except BaseException as e:  # noqa: BLE001 - a daemon reports and exits
+            print(f"lazarus: lazy-pages: error: {e}", file=sys.stderr)
+            code = 1
+        finally:
+            os._exit(code)
+    theirs.close()
+    return Daemon(pid, ours)
+
+
+def hand_over(sock: socket.socket, images: Path) -> Callable[[int, Any, Any], None]:
+    """The restore's on_lazy callback that hands the task's uffd to the server behind `sock`."""
+    from lazarus.lazy.handoff import send_process
+
+    def hand(pid: int, uffd: Any, _source: Any) -> None:
+        try:
+            send_process(sock, pid, images, uffd.fd)
+        finally:
+            uffd.close()  # the server holds its own copy now
+    return hand
+
+
+def serve_socket(path: Path, *, background: bool = True, linger: float = 5.0, stats_path: Path | None = None,
+                 on_progress: ProgressCallback | None = None,
+                 on_listening: Callable[[Path], None] | None = None) -> dict[str, Any]:
+    """`lazarus lazy-pages`: listen on `path` (0600 in a root-only directory: trust.py) and serve every restore
+    handed over there, until none needs us for `linger` seconds. Returns the stats."""
+    from lazarus.lazy.handoff import Listener
+    from lazarus.lazy.trust import listen_private
+    listening = listen_private(path)
+    try:
+        if on_listening is not None:
+            on_listening(path)
+        serving = start_serving(background=background, stats_path=stats_path, on_progress=on_progress)
+        try:
+            Listener(serving.server, listening.sock, linger=linger)
+            return serving.run()
+        finally:
+            serving.close()
+    finally:
+        listening.close()
+
+
+def adopt_and_serve(pid: int, images: Path, *, background: bool = True, stats_path: Path | None = None,
+                    on_progress: ProgressCallback | None = None,
+                    on_adopted: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """`lazarus lazy-pages --adopt PID`: take the uffd from the waiting process itself (adopt.py) and serve it
+    to the end. `on_adopted(missing pages)` is called once it is taken. Returns the stats."""
+    from lazarus.lazy.adopt import adopt
+    serving = start_serving(background=background, stats_path=stats_path, on_progress=on_progress)
+    try:
+        missing = adopt(serving.server, pid, images)
+        if on_adopted is not None:
+            on_adopted(missing)
+        return serving.run()
+    finally:
+        serving.close()
+
+
+__all__ = ["Daemon", "Serving", "adopt_and_serve", "fork_daemon", "hand_over", "query_status", "serve_socket",
+           "start_serving"]

@@ -1,0 +1,589 @@
+"""`lazarus service`: the library API (api.py) as HTTP/1.1 with JSON bodies on a unix socket.
+
+    GET  /check                                   what `lazarus check` probes: {ok, missing, features}
+    POST /dump     {pid, dir, leave_running, shell_job}
+                                                  {pid, dir, pages, seconds, left_running}
+    POST /restore  {dir, lazy, detach, background}
+                                                  answered once the process runs: {id, pid, seconds, ...}
+    GET  /restores/ID                             {state, exit_code, transfer: {bytes_done, bytes_total, stats}}
+    GET  /images?dir=DIR                          what `lazarus show --json DIR` prints
+
+Process model, and why (docs/SERVICE.md says more):
+
+    service (one thread)           imports done and the kernel probed once at start; forks spares, reaps
+      |-- spare workers            forked ahead, each waiting in accept() for one connection, its
+      |                            copy-on-write faults taken already (kernel/prefault.py); the service forks
+      |                            a new spare whenever one takes a connection (or dies idle)
+      |-- worker (one connection)  reads the request, checks the peer, does the work, answers, exits
+            |-- restored process   the worker's child; the worker serves its lazy pages (it is a process of its
+            |                      own already: no daemon, no handoff), then with detach=false waits for it and
+            |                      records its exit status, with detach=true exits (the process is re-parented
+            |                      to init, or the nearest subreaper)
+            |-- guard              forked by the worker (which has no thread) for a lazy restore
+
+A dump or restore ptraces and forks; in a worker, a crash, a leak, a stuck tracee or a signal stays there and
+the service is as it was. A request wakes a process that is ready: neither a fork nor the service itself is on
+its path. Everything a later request needs to know (a restore's pid, state, exit code, its lazy transfer's
+progress) lives in the state directory, 0700, root's:
+
+    ID.json          the restore's record, rewritten when its process exits (detach=false)
+    ID.sock          while its pages are served: a status socket (lazy/daemon.py) answering progress and stats
+    ID.stats.json    its lazy transfer's final statistics
+
+The HTTP layer is the standard library's http.server: requests are tiny and one per connection, parsing them
+costs ~0.15 ms against a restore's milliseconds, and it adds no dependency to a root service (see
+docs/SERVICE.md). Every peer is checked with SO_PEERCRED (lazy/trust.py: root only, still root now) before
+its request is acted on. Errors are JSON {"error": "..."}: 400 malformed, 403 not root, 404 unknown path or
+restore, 405 wrong method, 413 too large, 422 the dump or restore failed (the message names why).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import http.server
+import json
+import logging
+import os
+import re
+import secrets
+import select
+import shutil
+import signal
+import socket
+import socketserver
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lazarus import __version__
+from lazarus.errors import LazarusError, UsageError
+
+log = logging.getLogger("lazarus.service")
+
+MAX_BODY = 1 << 20
+REQUEST_TIMEOUT = 30.0
+_ID = re.compile(r"[0-9a-f]{16}")
+_ROUTES = {"/check": ("GET",), "/dump": ("POST",), "/restore": ("POST",), "/images": ("GET",)}
+
+
+class HttpError(Exception):
+    """A request answered with a 4xx: `status` and the one-line `message`."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+# -- request fields --------------------------------------------------------------------------------------------
+
+
+def _fields(body: dict[str, Any], required: dict[str, type], optional: dict[str, tuple[type, Any]]) -> dict:
+    unknown = sorted(set(body) - set(required) - set(optional))
+    if unknown:
+        raise HttpError(400, f"unknown field {unknown[0]!r} (fields: {', '.join([*required, *optional])})")
+    out: dict[str, Any] = {}
+    for name, kind in required.items():
+        if name not in body:
+            raise HttpError(400, f"missing field {name!r}")
+        out[name] = _typed(name, body[name], kind)
+    for name, (kind, default) in optional.items():
+        out[name] = _typed(name, body[name], kind) if name in body else default
+    return out
+
+
+def _typed(name: str, value: Any, kind: type) -> Any:
+    # bool is an int in Python; JSON true is not a pid
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise HttpError(400, f"field {name!r} must be {_KIND_NAMES[kind]}, not {json.dumps(value)[:40]}")
+    return value
+
+
+_KIND_NAMES = {int: "an integer", bool: "true or false", str: "a string"}
+
+
+def _image_dir(name: str, value: str) -> Path:
+    if not value or not value.startswith("/") or "\0" in value:
+        raise HttpError(400, f"field {name!r} must be an absolute path, not {value!r}")
+    return Path(value)
+
+
+# -- the state directory ---------------------------------------------------------------------------------------
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj) + "\n")
+    os.replace(tmp, path)
+
+
+def _record(state: Path, rid: str) -> dict[str, Any]:
+    try:
+        return json.loads((state / f"{rid}.json").read_text())
+    except FileNotFoundError:
+        raise HttpError(404, f"no restore {rid}") from None
+
+
+def restore_state(state: Path, rid: str) -> dict[str, Any]:
+    """What GET /restores/ID answers: the record, and for a lazy restore its transfer (live from the status
+    socket while pages are served; the final statistics after)."""
+    rec = _record(state, rid)
+    if not rec.get("lazy"):
+        return rec
+    sock = state / f"{rid}.sock"
+    transfer: dict[str, Any] | None = None
+    if sock.exists():
+        from lazarus.lazy.daemon import query_status
+        with contextlib.suppress(LazarusError, OSError, ValueError):
+            transfer = {"state": "serving", **query_status(sock)}
+    if transfer is None:
+        try:
+            stats = json.loads((state / f"{rid}.stats.json").read_text())
+        except (OSError, ValueError):
+            stats = None
+        if stats is not None:
+            total = sum(p.get("pages_total", 0) for p in stats.get("processes", [])) * 4096
+            transfer = {"state": "lost" if stats.get("lost") else "complete", "bytes_done": total,
+                        "bytes_total": total, "stats": stats}
+        else:
+            # between the record and the status socket, or a server that died without a word
+            transfer = {"state": "unknown", "bytes_done": None, "bytes_total": None, "stats": None}
+    rec["transfer"] = transfer
+    return rec
+
+
+# -- the worker's side: one request ----------------------------------------------------------------------------
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.1"  # a garbled request line still gets a status line and headers
+    server_version = f"lazarus/{__version__}"
+
+    def version_string(self) -> str:
+        return self.server_version
+    timeout = REQUEST_TIMEOUT
+    server: _Server
+
+    def setup(self) -> None:
+        self.t_start = time.monotonic()
+        super().setup()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("do_"):  # any method: answered 405 (or 404) rather than http.server's 501
+            return self._dispatch
+        raise AttributeError(name)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self._dispatch()
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._dispatch()
+
+    # -- answers ---------------------------------------------------------------------------------------
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+        log.debug("%s", format % args)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (malformed request line or headers), as JSON. Its 505 (unknown HTTP
+        version) is the client's mistake too: 400."""
+        error = message or explain or http.HTTPStatus(code).phrase
+        self._reply(400 if code == 505 else code, {"error": error})
+
+    def _reply(self, status: int, obj: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(obj).encode() + b"\n"
+        self.close_connection = True
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Connection", "close")
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+            self.wfile.flush()
+        except OSError as e:
+            log.info("client went away before its answer: %s", e)
+
+    def _hang_up(self) -> None:
+        """Let the client go (it has its answer) while this worker goes on (serving, waiting)."""
+        with contextlib.suppress(OSError):
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    # -- dispatch --------------------------------------------------------------------------------------
+
+    def _body(self) -> dict[str, Any]:
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding"):
+            raise HttpError(411, "send the body with a Content-Length, not chunked")
+        if length is None:
+            if self.command == "POST":
+                raise HttpError(411, "POST needs a Content-Length and a JSON object body")
+            return {}
+        try:
+            n = int(length)
+        except ValueError:
+            raise HttpError(400, f"bad Content-Length {length!r}") from None
+        if n < 0:
+            raise HttpError(400, f"bad Content-Length {length!r}")
+        if n > MAX_BODY:
+            raise HttpError(413, f"body of {n} bytes is larger than {MAX_BODY}")
+        try:
+            raw = self.rfile.read(n)
+        except OSError as e:
+            raise HttpError(408, f"body not received: {e}") from None
+        if len(raw) != n:
+            raise HttpError(400, f"body truncated at {len(raw)} of {n} bytes")
+        if self.command != "POST":
+            return {}
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            raise HttpError(400, f"body is not JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise HttpError(400, "body must be a JSON object")
+        return body
+
+    def _dispatch(self) -> None:
+        try:
+            body = self._body()
+            # Who is asking comes first: nothing of the request is acted on before.
+            from lazarus.lazy.trust import check_peer
+            try:
+                check_peer(self.connection).close()
+            except LazarusError as e:
+                raise HttpError(403, str(e)) from None
+            status, obj = self._route(body)
+        except HttpError as e:
+            self._reply(e.status, {"error": e.message}, e.headers)
+            return
+        except UsageError as e:
+            self._reply(400, {"error": str(e)})
+            return
+        except LazarusError as e:
+            self._reply(422, {"error": str(e), "kind": type(e).__name__})
+            return
+        except Exception as e:  # noqa: BLE001 - a bug of ours answers 500 and the worker exits
+            log.exception("internal error")
+            self._reply(500, {"error": f"internal error ({type(e).__name__}: {e})"})
+            return
+        if status:
+            self._reply(status, obj)
+
+    def _route(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        url = urllib.parse.urlsplit(self.path)
+        path = url.path
+        m = re.fullmatch(r"/restores/([^/]+)", path)
+        allowed = ("GET",) if m else _ROUTES.get(path)
+        if allowed is None:
+            raise HttpError(404, f"no such path {path!r} (paths: /check, /dump, /restore, /restores/ID, /images)")
+        if self.command not in allowed:
+            raise HttpError(405, f"{path} takes {' or '.join(allowed)}, not {self.command}",
+                            {"Allow": ", ".join(allowed)})
+        query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
+        if m:
+            if not _ID.fullmatch(m.group(1)):
+                raise HttpError(404, f"no restore {m.group(1)[:40]!r}")
+            return 200, restore_state(self.server.state_dir, m.group(1))
+        if path == "/check":
+            from lazarus.api import check
+            return 200, check().as_dict()
+        if path == "/images":
+            dirs = query.get("dir")
+            if not dirs or len(dirs) != 1:
+                raise HttpError(400, "GET /images needs one query parameter dir=ABSOLUTE_PATH")
+            from lazarus.api import show
+            return 200, show(_image_dir("dir", dirs[0]))
+        if path == "/dump":
+            return self._dump(body)
+        return self._restore(body)
+
+    def _dump(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        f = _fields(body, {"pid": int, "dir": str}, {"leave_running": (bool, False), "shell_job": (bool, False)})
+        if f["pid"] <= 0:
+            raise HttpError(400, f"field 'pid' must be positive, not {f['pid']}")
+        from lazarus.api import dump
+        res = dump(f["pid"], _image_dir("dir", f["dir"]), leave_running=f["leave_running"],
+                   shell_job=f["shell_job"])
+        return 200, {"pid": res.pid, "dir": str(res.directory), "pages": res.pages,
+                     "seconds": round(res.seconds, 6), "left_running": res.left_running}
+
+    def _restore(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        f = _fields(body, {"dir": str}, {"lazy": (bool, False), "detach": (bool, False),
+                                         "background": (bool, True)})
+        directory = _image_dir("dir", f["dir"])
+        if not f["lazy"] and not f["background"]:
+            raise HttpError(400, "field 'background' needs 'lazy': true")
+        from lazarus import api
+        state: Path = self.server.state_dir
+        rid = secrets.token_hex(8)
+        status = None
+        if f["lazy"]:
+            from lazarus.lazy.trust import listen_private
+            status = listen_private(state / f"{rid}.sock")
+        try:
+            # Served from this worker either way (no daemon, no handoff: the worker is already a process of its
+            # own); `detach` only says whether it stays to see the process exit.
+            r = api.restore(directory, lazy=f["lazy"], background=f["background"],
+                            stats_path=state / f"{rid}.stats.json" if f["lazy"] else None)
+        except BaseException:
+            if status is not None:
+                status.close()
+            raise
+        rec = {"id": rid, "pid": r.pid, "dir": str(directory), "lazy": r.lazy, "detach": f["detach"],
+               "state": "detached" if f["detach"] else "running", "exit_code": None,
+               "seconds": round(r.seconds, 6), "pages_written": r.pages_written,
+               "service_seconds": round(time.monotonic() - self.t_start, 6)}
+        try:
+            _write_json(state / f"{rid}.json", rec)
+        except BaseException:
+            r.close()  # a lazy one cannot be served without its record: the guard's rule applies (killed)
+            raise
+        self._reply(200, rec)
+        self._hang_up()
+        # The client has its answer; a failure from here on has no one to go to but the log.
+        try:
+            if status is not None:
+                r.serve(status=status.sock)
+        except Exception:  # noqa: BLE001 - the guard saw to the process if its pages were lost
+            log.exception("restore %s (pid %d): serving its pages failed", rid, r.pid)
+        finally:
+            if status is not None:
+                status.close()
+        if f["detach"]:
+            return 0, {}  # this worker exits: the process is re-parented (to init or the nearest subreaper)
+        code = r.wait()
+        rec.update(state="exited", exit_code=code)
+        with contextlib.suppress(OSError):
+            _write_json(state / f"{rid}.json", rec)
+        return 0, {}
+
+
+# -- the service's side ----------------------------------------------------------------------------------------
+
+
+class _Server(socketserver.UnixStreamServer):
+    """The handler's view of the service (state directory, listening socket); never binds or listens itself."""
+
+    def __init__(self, sock: socket.socket, state_dir: Path) -> None:
+        socketserver.BaseServer.__init__(self, "", _Handler)
+        self.socket = sock
+        self.state_dir = state_dir
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.exception("worker failed")
+
+
+class _Pool:
+    """Workers forked ahead of need, each blocked in accept() for one connection: a request wakes a process
+    that is ready (no fork, and no wakeup of the service, on its path). A worker that takes a connection says
+    so (its pid on a pipe) and the service forks a spare to replace it; a worker that dies idle is replaced too.
+    """
+
+    def __init__(self, server: _Server, spares: int) -> None:
+        self.server = server
+        self.spares = max(1, spares)
+        self.idle: set[int] = set()
+        self.busy: set[int] = set()
+        self._r, self._w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self._r, False)
+        self._wake_r, self.wakeup_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)  # signal.set_wakeup_fd
+
+    def fill(self) -> None:
+        while len(self.idle) < self.spares:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - a worker; the tests talk to it over the socket
+                self._work()
+            self.idle.add(pid)
+
+    def _work(self) -> None:
+        code = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            for fd in (self._r, self._wake_r, self.wakeup_w):
+                os.close(fd)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            # The copy-on-write faults a fresh fork takes on its first request (~600, 2-10 ms here), taken now.
+            from lazarus.kernel.prefault import unshare_present_pages
+            with contextlib.suppress(Exception):
+                unshare_present_pages()
+            while True:
+                try:
+                    conn, _ = self.server.socket.accept()
+                    break
+                except InterruptedError:
+                    continue
+            os.write(self._w, os.getpid().to_bytes(4, "little"))
+            os.close(self._w)
+            self.server.socket.close()
+            try:
+                self.server.finish_request(conn, "")
+                code = 0
+            except Exception:  # noqa: BLE001 - reported, and the worker ends
+                self.server.handle_error(conn, "")
+            finally:
+                self.server.shutdown_request(conn)
+        finally:
+            os._exit(code)
+
+    def _taken(self) -> None:
+        """Read which workers took a connection."""
+        while True:
+            try:
+                data = os.read(self._r, 4096)
+            except BlockingIOError:
+                return
+            if not data:
+                return
+            for i in range(0, len(data) - 3, 4):
+                pid = int.from_bytes(data[i:i + 4], "little")
+                self.idle.discard(pid)
+                self.busy.add(pid)
+
+    def wait(self, timeout: float) -> None:
+        """Wait (up to `timeout`) for workers taking connections, reap those that ended, and fill up again."""
+        with contextlib.suppress(InterruptedError):
+            ready, _, _ = select.select([self._r, self._wake_r], [], [], timeout)
+            if self._wake_r in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+        self._taken()
+        while True:
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            self.idle.discard(pid)
+            self.busy.discard(pid)
+        self.fill()
+
+    def close(self) -> None:
+        """Stop the idle workers (those at work finish their request, and live on as their restore needs)."""
+        self._taken()
+        for pid in self.idle:
+            # SIGKILL: an idle worker has nothing to tidy, and one just forked may still run our own SIGTERM
+            # handler (which only notes it).
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in self.idle:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        self.idle.clear()
+        for fd in (self._r, self._w, self._wake_r, self.wakeup_w):
+            os.close(fd)
+
+
+def systemd_socket() -> socket.socket | None:
+    """The listening socket systemd passed (socket activation: LISTEN_PID, LISTEN_FDS, fd 3), or None.
+
+    Raises:
+        UsageError when what systemd passed is not one listening AF_UNIX stream socket.
+    """
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    try:
+        n = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        n = 0
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    if n != 1:
+        raise UsageError(f"socket activation passed {n} sockets; the service takes exactly one (ListenStream=)")
+    sock = socket.socket(fileno=3)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or \
+            not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise UsageError("socket activation passed fd 3, which is not a listening unix stream socket")
+    os.set_inheritable(3, False)
+    return sock
+
+
+def warm_up() -> None:
+    """Import what requests use and probe the kernel once, so that each worker starts with it done."""
+    import lazarus.dump
+    import lazarus.images.summary
+    import lazarus.kernel.prefault
+    import lazarus.lazy.daemon
+    import lazarus.lazy.guard
+    import lazarus.lazy.handoff
+    import lazarus.lazy.server
+    import lazarus.lazy.sources
+    import lazarus.restore  # noqa: F401
+    from lazarus.api import check
+    from lazarus.kernel.uffd import supported_features
+    check()
+    with contextlib.suppress(LazarusError):
+        supported_features()
+    # Objects made so far are never collected: a worker's garbage collections then do not touch (and copy)
+    # the pages the service shares with it.
+    gc.freeze()
+
+
+def serve(socket_path: Path | None, *, state_dir: Path | None = None, spares: int = 2,
+          on_ready: Callable[[str, Path], None] | None = None) -> None:
+    """Run the service until SIGTERM or SIGINT: on the socket systemd passed, else at `socket_path` (0600, in
+    a directory only root can write; trust.listen_private). `state_dir`: where restores are recorded (default:
+    a new 0700 directory beside the socket, removed at exit). `spares`: workers kept waiting for a request."""
+    from lazarus.lazy.trust import listen_private
+    private = None
+    sock = systemd_socket()
+    if sock is None:
+        if socket_path is None:
+            raise UsageError("service needs --socket PATH (or systemd socket activation)")
+        private = listen_private(socket_path, backlog=128, kind=socket.SOCK_STREAM)
+        sock = private.sock
+        where = str(socket_path)
+    else:
+        where = sock.getsockname() or "(systemd socket)"
+    made_state = state_dir is None
+    sock.setblocking(True)  # workers wait in accept()
+    try:
+        if state_dir is None:
+            base = Path(where).parent if where.startswith("/") else Path(tempfile.gettempdir())
+            state_dir = Path(tempfile.mkdtemp(prefix="lazarus-service-", dir=base))
+        else:
+            from lazarus.lazy.trust import open_checked_dir
+            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(open_checked_dir(state_dir))  # status sockets are made there: root's, not writable by others
+        warm_up()
+        server = _Server(sock, state_dir)
+        pool = _Pool(server, spares)
+
+        # SIGTERM and SIGINT only say "stop" (through the pool's wakeup pipe): whatever the loop was doing (a
+        # fork, a reap) completes, so every worker is known when the idle ones are stopped.
+        stop: list[int] = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, _frame: stop.append(signum))
+        signal.set_wakeup_fd(pool.wakeup_w)
+        try:
+            pool.fill()
+            if on_ready is not None:
+                on_ready(where, state_dir)
+            while not stop:
+                pool.wait(1.0)
+        finally:
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            pool.close()
+    finally:
+        if private is not None:
+            private.close()
+        else:
+            sock.close()
+        if made_state and state_dir is not None:
+            shutil.rmtree(state_dir, ignore_errors=True)
+
+
+__all__ = ["HttpError", "restore_state", "serve", "systemd_socket", "warm_up"]

@@ -1,0 +1,116 @@
+"""The library API (lazarus/api.py) called from a program of its own: lazy restores served here (serve() with
+a status socket) and by a private daemon (its status socket answered while it serves), an eager restore waited
+for, and one-line errors. Each runs in a fresh interpreter: a lazy restore forks helpers, which must happen
+in a process without threads (pytest's is not one)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+try:
+    import harness as H
+except ImportError:  # pragma: no cover
+    from tests import harness as H
+
+pytestmark = pytest.mark.root
+
+# argv: image dir, mode, status socket path. Prints one JSON line once the process runs, a second at the end.
+_PROGRAM = r"""
+import json, os, sys
+from pathlib import Path
+import lazarus
+from lazarus.lazy.trust import listen_private
+
+image, mode, sock = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+if mode == "eager":
+    r = lazarus.restore(image)
+    print(json.dumps({"pid": r.pid, "lazy": r.lazy, "served_by": r.served_by}), flush=True)
+    print(json.dumps({"exit": r.wait()}), flush=True)
+elif mode == "here":
+    r = lazarus.restore(image, lazy=True)
+    print(json.dumps({"pid": r.pid, "lazy": r.lazy, "served_by": r.served_by, "status": r.status()}), flush=True)
+    status = listen_private(sock)
+    stats = r.serve(status=status.sock)
+    status.close()
+    print(json.dumps({"stats": stats, "exit": r.wait()}), flush=True)
+else:
+    r = lazarus.restore(image, lazy=True, detach=True, status=listen_private(sock), background=False)
+    print(json.dumps({"pid": r.pid, "lazy": r.lazy, "served_by": r.served_by, "daemon": r.daemon_pid,
+                      "status": r.status()}), flush=True)
+"""
+
+
+def _dumped(harness: H.Harness) -> tuple[H.Case, H.Target, Path]:
+    case = H.CASES_BY_ID["memory-keep"]
+    target = harness.start_case(case)
+    image = harness.image_dir()
+    res = harness.dump(target, image)
+    assert res.returncode == 0, res.stderr
+    return case, target, image
+
+
+def _private(tmp_path: Path) -> Path:
+    d = tmp_path / "priv"
+    d.mkdir(mode=0o700)
+    os.chmod(d, 0o700)
+    return d / "status.sock"
+
+
+@pytest.mark.parametrize("mode", ["eager", "here", "daemon"])
+def test_restore_through_the_library(harness: H.Harness, tmp_path: Path, mode: str) -> None:
+    case, target, image = _dumped(harness)
+    since = target.log.stat().st_size
+    sock = _private(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", _PROGRAM, str(image), mode, str(sock)], cwd=H.REPO_ROOT,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    harness.popens.append(proc)
+    assert proc.stdout is not None
+    first = json.loads(proc.stdout.readline() or "{}")
+    assert first.get("pid") == target.pid, (first, proc.stderr.read() if proc.poll() is not None else "")
+    harness.register(first["pid"], "restored process")
+    assert first["lazy"] == (mode != "eager")
+    assert first["served_by"] == {"eager": None, "here": "here", "daemon": "daemon"}[mode]
+    if mode != "eager":
+        st = first["status"]
+        assert st["bytes_total"] > 0 and st["stats"]["processes"][0]["pid"] == target.pid, st
+    restored = H.Target(target.name, first["pid"], target.log, target.exe, None, since, target.args)
+    H.wait_restored(restored)
+    if mode == "daemon":
+        assert proc.wait(30) == 0, proc.stderr.read()
+        harness.register(first["daemon"], "lazy-pages daemon")
+    H.expect_pass(harness.run_case(case, restored), restored)
+    if mode == "daemon":
+        assert restored.wait_exit(15) == 0, restored.describe()
+        return
+    last = json.loads(proc.stdout.readline() or "{}")
+    assert last.get("exit") == 0, (last, proc.stderr.read())
+    if mode == "here":
+        assert last["stats"]["lost"] == [] and last["stats"]["processes"][0]["state"] in ("complete", "exited")
+    assert proc.wait(30) == 0, proc.stderr.read()
+    assert not sock.exists(), "the status socket outlived its server"
+
+
+def test_library_errors_are_lazarus_errors(tmp_path: Path) -> None:
+    code = ("import lazarus, sys\n"
+            "from lazarus.errors import LazarusError, UsageError\n"
+            "for call in (lambda: lazarus.restore(sys.argv[1]), lambda: lazarus.show(sys.argv[1]),\n"
+            "             lambda: lazarus.restore(sys.argv[1], background=False)):\n"
+            "    try:\n"
+            "        call()\n"
+            "    except UsageError as e:\n"
+            "        print('usage', e)\n"
+            "    except LazarusError as e:\n"
+            "        print('error', e)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing")], capture_output=True, text=True,
+                         timeout=60, cwd=H.REPO_ROOT)
+    lines = out.stdout.splitlines()
+    assert len(lines) == 3, (out.stdout, out.stderr)
+    assert lines[0].startswith("error ") and "missing" in lines[0]
+    assert lines[1].startswith("error ") and "missing" in lines[1]
+    assert lines[2].startswith("usage ") and "need --lazy" in lines[2]
