@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --lazy -d: where the lazy-pages daemon reports (default DIR/lazy-pages.log)")
     r.add_argument("--lazy-pages-socket", type=Path, metavar="SOCK",
                    help="with --lazy: hand the memory to a running `lazarus lazy-pages` instead of starting one")
+    r.add_argument("--pidns", action="store_true",
+                   help="restore into a new PID namespace (under a small init of ours) where the process keeps "
+                        "its pid: one image can then be restored any number of times at once")
 
     lp = sub.add_parser("lazy-pages", help="serve lazily restored processes' memory (several at once)")
     lp.add_argument("-D", "--images-dir", dest="dir", type=Path, required=True, metavar="DIR",
@@ -188,9 +191,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if not args.lazy and (args.no_background or args.stats or args.lazy_pages_socket):
         raise UsageError("--no-background, --stats and --lazy-pages-socket need --lazy")
     if not args.lazy:
-        res = restore(args.dir)
+        res = restore(args.dir, pidns=args.pidns)
         _report_restore(args, res)
-        return 0 if args.detach else _wait_exit(res.pid, wait)
+        return 0 if args.detach else _wait_exit(res, wait)
     _require_lazy_features()
     # The image is checked whole before any helper of ours (server, guard, daemon) exists: a bad image is
     # refused with nothing created.
@@ -203,13 +206,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
     # Serve from this process: the guard forks now, while we have no threads.
     server, guard, bar = _new_server(args, progress=sys.stderr.isatty())
     try:
-        res = restore(args.dir, lazy=True, on_lazy=server.add_process, image=args.image)
+        res = restore(args.dir, lazy=True, on_lazy=server.add_process, image=args.image, pidns=args.pidns)
         _report_restore(args, res)
         stats = server.run()
         log.info("lazy pages done: %s", stats)
     finally:
         _close_server(server, guard, bar)
-    return _wait_exit(res.pid, wait)
+    return _wait_exit(res, wait)
 
 
 class UsageError(LazarusError):
@@ -234,16 +237,20 @@ def _report_restore(args: argparse.Namespace, res: Any) -> None:
     if args.pidfile:
         args.pidfile.write_text(f"{res.pid}\n")
     since_start = (time.monotonic() - _T0) * 1000
-    print(f"restored pid {res.pid} in {res.seconds * 1000:.0f} ms ({since_start:.0f} ms since the command "
+    inside = f" (pid {res.ns_pid} in its own PID namespace, whose init is pid {res.init.pid})" if res.init else ""
+    print(f"restored pid {res.pid}{inside} in {res.seconds * 1000:.0f} ms ({since_start:.0f} ms since the command "
           f"started; {res.pages_written} pages written{', the rest served lazily' if args.lazy else ''})",
           file=sys.stdout if args.detach else sys.stderr)
     sys.stdout.flush()
 
 
-def _wait_exit(pid: int, wait: Any) -> int:
-    st = wait(pid, timeout=float("inf"))
+def _wait_exit(res: Any, wait: Any) -> int:
+    """The restored process's exit status (128+N for signal N); under --pidns the init's, which is that."""
+    if res.init is not None:
+        return res.init.wait()
+    st = wait(res.pid, timeout=float("inf"))
     while st.stopped:
-        st = wait(pid, timeout=float("inf"))
+        st = wait(res.pid, timeout=float("inf"))
     return st.exit_code if st.exited else 128 + st.term_sig
 
 
@@ -285,7 +292,7 @@ def _restore_handing_over(args: argparse.Namespace, sock: Any) -> Any:
         finally:
             uffd.close()  # the server holds its own copy now
     try:
-        res = restore(args.dir, lazy=True, on_lazy=hand, image=args.image)
+        res = restore(args.dir, lazy=True, on_lazy=hand, image=args.image, pidns=args.pidns)
     finally:
         sock.close()
     _report_restore(args, res)
@@ -296,7 +303,7 @@ def _restore_to_server(args: argparse.Namespace, wait: Any) -> int:
     """restore --lazy --lazy-pages-socket: hand the uffd to a running `lazarus lazy-pages`."""
     from lazarus.lazy.handoff import connect
     res = _restore_handing_over(args, connect(args.lazy_pages_socket))
-    return 0 if args.detach else _wait_exit(res.pid, wait)
+    return 0 if args.detach else _wait_exit(res, wait)
 
 
 def _restore_with_daemon(args: argparse.Namespace) -> int:

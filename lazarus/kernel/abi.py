@@ -89,6 +89,7 @@ class SYS:
     personality = 135
     prctl = 157
     arch_prctl = 158
+    mount = 165
     gettid = 186
     tkill = 200
     set_tid_address = 218
@@ -103,6 +104,7 @@ class SYS:
     pipe2 = 293
     rt_tgsigqueueinfo = 297
     prlimit64 = 302
+    setns = 308
     process_vm_readv = 310
     process_vm_writev = 311
     memfd_create = 319
@@ -328,6 +330,9 @@ CLONE_PTRACE = 0x2000
 CLONE_THREAD = 0x10000
 CLONE_SYSVSEM = 0x40000
 CLONE_SETTLS = 0x80000
+# restore --pidns: the init is made in new PID and mount namespaces
+CLONE_NEWNS = 0x20000
+CLONE_NEWPID = 0x20000000
 
 
 class clone_args(C.Structure):  # include/uapi/linux/sched.h
@@ -719,3 +724,12 @@ PR_FUTEX_HASH, PR_FUTEX_HASH_SET_SLOTS, PR_FUTEX_HASH_GET_SLOTS = 78, 1, 2
 SYS.setfsuid = 122  # type: ignore[attr-defined]
 SYS.setfsgid = 123  # type: ignore[attr-defined]
 O_NOFOLLOW = 0o400000
+
+
+# ---------------------------------------------------------------------------------------------
+# mount(2) flags (include/uapi/linux/mount.h): restore --pidns mounts the namespace's own /proc
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REC = 0x4000
+MS_SLAVE = 1 << 19

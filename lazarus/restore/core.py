@@ -73,14 +73,16 @@ def restore_signals(task: RemoteTask, sig: dict[str, Any]) -> None:
             t.syscall(abi.SYS.setitimer, which, t.put_struct(it), 0)
     # POSIX timers before the queued signals: restoring an overrun count delivers one signal of the timer.
     pending_thread, pending_shared = restore_timers(t, sig)
+    # Ids as the task sees them: under restore --pidns its pid out here is another.
+    me = t.syscall(abi.SYS.getpid) if pending_thread or pending_shared else 0
     for info_hex in pending_thread:
         info = bytes.fromhex(info_hex)
         signo = int.from_bytes(info[:4], "little")
-        t.syscall(abi.SYS.rt_tgsigqueueinfo, t.pid, t.pid, signo, t.put(info))
+        t.syscall(abi.SYS.rt_tgsigqueueinfo, me, me, signo, t.put(info))
     for info_hex in pending_shared:
         info = bytes.fromhex(info_hex)
         signo = int.from_bytes(info[:4], "little")
-        t.syscall(abi.SYS.rt_sigqueueinfo, t.pid, signo, t.put(info))
+        t.syscall(abi.SYS.rt_sigqueueinfo, me, signo, t.put(info))
 
 
 def restore_misc(task: RemoteTask, misc: dict[str, Any]) -> None:
@@ -100,9 +102,10 @@ def restore_misc(task: RemoteTask, misc: dict[str, Any]) -> None:
         t.syscall(abi.SYS.prctl, abi.PR_SET_TIMERSLACK, misc["timerslack_ns"], 0, 0, 0)
     # Session and process group: a leader becomes one again. Joining another process's group or session
     # is not possible (it may not exist here), so a member stays in the restorer's.
-    if misc.get("sid") == t.pid:
+    me = t.syscall(abi.SYS.getpid)  # as the task sees itself: not t.pid under restore --pidns
+    if misc.get("sid") == me:
         t.syscall(abi.SYS.setsid)
-    elif misc.get("pgid") == t.pid:
+    elif misc.get("pgid") == me:
         t.syscall(abi.SYS.setpgid, 0, 0)
     if misc.get("no_new_privs"):
         t.syscall(abi.SYS.prctl, abi.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
