@@ -41,6 +41,7 @@ NEEDS = {
     "test_mm_state.py": ("dump", "restore"), "test_lazy_anchor.py": ("dump", "restore", "lazy"),
     "test_lazy_trust.py": ("dump", "restore", "lazy"),
     "test_unsupported.py": ("dump",), "test_cli.py": ("dump",),
+    "test_pidns.py": ("dump", "restore", "pidns"),
 }
 
 
@@ -65,7 +66,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     from lazarus.kernel import features
 
     missing: dict[str, str] = {}
-    for purpose in ("dump", "restore", "lazy"):
+    for purpose in ("dump", "restore", "lazy", "pidns"):
         lacking = features.missing_for(purpose)
         if lacking:
             missing[purpose] = ", ".join(f"{f.name} ({f.detail})" for f in lacking)

@@ -57,6 +57,7 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "prctl": (),
     "refused_proc": (),
     "threads": ("-pthread",),
+    "pidns": ("-pthread",),
 }
 CFLAGS = ("-O1", "-g", "-Wall")
 
@@ -371,6 +372,7 @@ CASES: tuple[Case, ...] = (
     Case("sched", "sched"),
     Case("threads", "threads"),
     Case("threads-churn", "threads", ("churn",)),
+    Case("pidns", "pidns"),
 )
 CASES_BY_ID = {c.id: c for c in CASES}
 
