@@ -209,3 +209,71 @@ def _inner(pid: int) -> int | None:
     except (OSError, AssertionError):
         return None
     return ids[-1] if len(ids) > 1 else None
+
+
+def host_pid_of(inner: int, like: int) -> int:
+    """The pid out here of the process whose pid is `inner` in the PID namespace of process `like`."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for p in (int(n) for n in os.listdir("/proc") if n.isdigit()):
+            try:
+                if nspid(p)[-1] == inner and len(nspid(p)) > 1 and pidns_of(p) == pidns_of(like):
+                    return p
+            except (OSError, AssertionError):
+                continue
+        time.sleep(0.02)
+    raise AssertionError(f"no process with pid {inner} in the namespace of {like}")
+
+
+def test_lazy_fork_child_inside_the_namespace(harness: H.Harness) -> None:
+    """forkwait.c forks while its pages are still missing: the lazy server (which knows tasks by their pids out
+    here) serves the child too, in the namespace, and both pass their checks."""
+    target = harness.start_target("forkwait")
+    assert H.wait_in_syscall(target.pid, H.SYS_RT_SIGSUSPEND, 10)
+    image = harness.image_dir()
+    assert harness.dump(target, image).returncode == 0
+    (r,) = restore_copies(harness, image, target, 1, "--no-background", lazy=True)
+    init = check_copy(r, target.pid)
+    assert r.target is not None
+    r.target.mark()
+    r.target.signal(signal.SIGUSR2)
+    inner = 0
+    deadline = time.monotonic() + 20
+    while not inner and time.monotonic() < deadline:
+        found = [ln for ln in target.log.read_text().splitlines() if ln.startswith("# forked child ")]
+        inner = int(found[-1].split()[-1]) if found else 0
+        time.sleep(0.02)
+    assert inner, r.target.describe()
+    child = host_pid_of(inner, r.target.pid)
+    harness.register(child, "fork child")
+    assert ppid(child) == r.target.pid
+    assert H.wait_in_syscall(child, H.SYS_RT_SIGSUSPEND, 10)
+    os.kill(child, signal.SIGUSR2)
+    H.expect_pass(r.target.wait_result(60), r.target, r)
+    assert H.reap(init, 15) == 0
+
+
+def test_adopt_inside_the_namespace(harness: H.Harness) -> None:
+    """Every Lazarus process serving a --pidns lazy restore killed at once: the process waits in its fault;
+    `lazy-pages --adopt PID` with its pid out here finds its task in the image by its pid inside, and serves it."""
+    from test_lazy_anchor import kill_servers
+
+    case = H.CASES_BY_ID["memory-close"]
+    target = harness.start_case(case)
+    image = harness.image_dir()
+    assert harness.dump(target, image).returncode == 0
+    (r,) = restore_copies(harness, image, target, 1, "--no-background", lazy=True)
+    init = check_copy(r, target.pid)
+    assert r.pid is not None and r.target is not None
+    kill_servers(harness, r.pid)
+    harness.settle(case, r.target)
+    r.target.mark()
+    harness.trigger(case, r.target)
+    time.sleep(1.0)
+    assert H.is_alive(r.pid) and "userfault" in Path(f"/proc/{r.pid}/wchan").read_text()
+    adopt = subprocess.run([sys.executable, "-m", "lazarus", "lazy-pages", "--adopt", str(r.pid), "-D", str(image)],
+                           cwd=H.REPO_ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    H.expect_pass(r.target.wait_result(60), r.target, r)
+    assert adopt.returncode == 0, adopt.stderr
+    assert f"adopted pid {r.pid}" in adopt.stdout, adopt.stdout
+    assert H.reap(init, 15) == 0
