@@ -72,6 +72,11 @@ def check_copy(r: H.Restored, original: int) -> int:
     assert nspid(init) == [init, 1], f"parent {init} of {r.pid} is not its namespace's pid 1: {nspid(init)}"
     assert H.comm(init) == "lazarus-init"
     assert pidns_of(init) == pidns_of(r.pid)
+    assert os.getpgid(init) == init, "the init leads a process group of its own"
+    status = Path(f"/proc/{init}/status").read_text()
+    rss = re.search(r"^VmRSS:\s*(\d+) kB", status, re.M)
+    assert rss is not None and int(rss.group(1)) <= 16, f"init {init} is not tiny: {rss and rss.group(0)}"
+    assert os.listdir(f"/proc/{init}/fd") == [], "the init holds fds"
     return init
 
 

@@ -124,6 +124,9 @@ class NsInit:
             clear_address_space(r, (base, base + abi.PAGE_SIZE + r.scratch_size))
             r.syscall(abi.SYS.chdir, r.cstring("/"))
             r.syscall(abi.SYS.prctl, abi.PR_SET_NAME, r.cstring("lazarus-init"), 0, 0, 0)
+            # A group of its own (the root, cloned already, stays in ours): a terminal's ^C reaches the root
+            # as without --pidns, and not a second time through the init's forwarding.
+            r.syscall(abi.SYS.setpgid, 0, 0)
             r.write(base + nsinit.CODE_OFFSET, nsinit.CODE)
             r.write(base + nsinit.DATA_OFFSET, nsinit.SIGSET.to_bytes(8, "little") + bytes(8))
             # Last: the scratch pages (the code page, which holds the syscall we inject through, stays).
