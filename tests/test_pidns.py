@@ -161,21 +161,24 @@ def test_threaded_target(harness: H.Harness, mode: str) -> None:
     run_one(harness, case, r, check_copy(r, target.pid))
 
 
-def test_foreground_exit_status_and_forwarded_signal(harness: H.Harness) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_foreground_exit_status_and_forwarded_signal(harness: H.Harness, mode: str) -> None:
     """Without -d the restore waits for its namespace's init, which exits with the process's status: 0 once it
-    passes; and SIGTERM sent to the init is forwarded to the process, which dies of it (128 + 15)."""
+    passes; and SIGTERM sent to the init is forwarded to the process, which dies of it (128 + 15). Lazily, the
+    restore serves the pages itself meanwhile."""
     case = H.CASES_BY_ID["pidns"]
     target = harness.start_case(case)
     image = harness.image_dir()
     assert harness.dump(target, image).returncode == 0
-    r = harness.restore(image, "--pidns", like=target, detach=False)
+    lazy = mode == "lazy"
+    r = harness.restore(image, "--pidns", like=target, detach=False, lazy=lazy)
     assert r.pid is not None and r.target is not None, r.stderr
     init = check_copy(r, target.pid)
     run_one(harness, case, r, init)
     assert isinstance(r.proc, subprocess.Popen)
     assert r.proc.wait(30) == 0, r.stderr
 
-    r = harness.restore(image, "--pidns", like=target, detach=False)
+    r = harness.restore(image, "--pidns", like=target, detach=False, lazy=lazy)
     assert r.pid is not None and r.target is not None, r.stderr
     init = check_copy(r, target.pid)
     os.kill(init, signal.SIGTERM)
