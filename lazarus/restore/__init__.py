@@ -195,7 +195,6 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
                 # Made by the init of a new PID namespace, so that it is the init's child (restore/pidns.py).
                 ns = NsInit.start(tramp, TRAMPOLINE_SIZE, join_cgroups)
                 child = ns.clone_root(pid)
-                ns.finish(pid)
             else:
                 child = tramp.clone_with_pid(pid)
         except KernelError as e:
@@ -311,6 +310,9 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
             ptrace.detach(thread.pid)
         ptrace.detach(child)
         if ns is not None:
+            # Stripping the init (a few ms of injected calls) waits until the root runs: until then it is a
+            # stopped copy of us, sharing our pages.
+            ns.finish(pid)
             ns.run()
         timings["running"] = time.monotonic() - t0
         if page_file is not None and not lazy:

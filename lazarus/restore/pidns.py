@@ -8,10 +8,11 @@
       mount proc on /proc                             task's pid in N, as getpid() says
     inject into init: clone3(CLONE_PTRACE,   ----->  root: the image's pid in N (out here: any), init's
       set_tid=[image pid])                            child, a copy of init and so of us, traced by us
-    inject into init: reset inherited state, close    init: nothing left but the trampoline page, its
-      fds, unmap all, chdir /, program + registers    program on it (kernel/nsinit.py), stopped
     ... the whole restore of the root (restore/__init__.py), as for any restore ...
-    detach the root, then the init --------------->  init blocks every signal, loops in rt_sigtimedwait
+    detach the root: it runs
+    inject into init: reset inherited state, close    init: nothing left but the trampoline page, its
+      fds, unmap all, chdir /, program + registers    program on it (kernel/nsinit.py)
+    detach the init ------------------------------>  init blocks every signal, loops in rt_sigtimedwait
 
 set_tid with one entry sets the pid of the innermost level only (clone3(2)): the level the task and its
 namespace see; out here the kernel picks one. Threads (and, with process trees, children) are made by
@@ -114,7 +115,8 @@ class NsInit:
 
     def finish(self, root_pid: int) -> None:
         """Strip the init down to the trampoline page and set its program and registers (`root_pid`: the
-        root's pid inside). It stays stopped until run()."""
+        root's pid inside). It stays stopped until run(). Done once the root runs: the few ms it takes are not
+        on the way to that, and until then the init is a stopped copy of us sharing our pages."""
         r = self.remote
         assert r is not None
         base = r.scratch - abi.PAGE_SIZE
