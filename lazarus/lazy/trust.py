@@ -257,7 +257,8 @@ def check_peer(sock: socket.socket) -> Peer:
 
 
 def verify_named_task(peer: Peer, pid: int) -> PidFd:
-    """A pidfd of `pid` once it is the peer itself or a child of the peer (see the module docstring).
+    """A pidfd of `pid` once it is the peer itself, a child of the peer, or a child of a child of the peer that
+    is pid 1 of its own PID namespace (restore --pidns; see the module docstring).
 
     Raises:
         Untrusted naming both pids.
@@ -276,6 +277,9 @@ def verify_named_task(peer: Peer, pid: int) -> PidFd:
         init_fd = -1
         if pid != peer.pid and info.ppid != peer.pid:
             init_fd = _peer_namespace_init(peer, info.ppid)
+            if init_fd >= 0 and pidfd_info(fd).ppid != info.ppid:  # reparented meanwhile: the number may be reused
+                os.close(init_fd)
+                init_fd = -1
             if init_fd < 0:
                 raise Untrusted(f"peer pid {peer.pid} named pid {pid}, which is neither itself nor its child "
                                 f"(its parent is pid {info.ppid})")

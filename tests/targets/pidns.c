@@ -1,5 +1,6 @@
 /*
- * pidns.c - the ids a process sees of itself, as `restore --pidns` must give them back (and a plain restore).
+ * pidns.c - exercises the ids a process sees of itself, as `restore --pidns` must give them back (and a plain
+ * restore does).
  *
  * Before the dump it records its pid and the tid of a second thread, opens its own /proc/PID/stat by pid
  * (an fd on a /proc file of itself), and leaves signals pending that name it: SIGUSR1 queued to the process
