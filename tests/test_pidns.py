@@ -285,3 +285,23 @@ def test_adopt_inside_the_namespace(harness: H.Harness) -> None:
     assert adopt.returncode == 0, adopt.stderr
     assert f"adopted pid {r.pid}" in adopt.stdout, adopt.stdout
     assert H.reap(init, 15) == 0
+
+
+def test_restore_beside_the_running_original(harness: H.Harness) -> None:
+    """dump --leave-running, then restore --pidns while the original still runs with that pid: no "pid in
+    use" refusal, and the original and the copy each pass their checks."""
+    case = H.CASES_BY_ID["pidns"]
+    target = harness.start_case(case)
+    image = harness.image_dir()
+    res = harness.dump(target, image, "--leave-running")
+    assert res.returncode == 0, res.stderr
+    assert target.alive()
+    plain = harness.restore(image, like=None)
+    assert plain.returncode == 1 and f"pid {target.pid} is already in use" in plain.stderr, plain.stderr
+    (r,) = restore_copies(harness, image, target, 1)
+    init = check_copy(r, target.pid)
+    run_one(harness, case, r, init)
+    assert target.alive()
+    target.mark()
+    H.expect_pass(harness.run_case(case, target), target)
+    assert target.wait_exit(15) == 0

@@ -105,13 +105,11 @@ class NsInit:
                                pid=pid)
         if ret != pid:  # pragma: no cover - the kernel gives set_tid or fails
             raise RestoreError(f"pid {pid} was created as {ret} in the new PID namespace", stage="create", pid=pid)
-        kids = procfs.children(self.pid)
-        if len(kids) != 1:  # pragma: no cover - nothing else can make children of the init yet
-            raise RestoreError(f"the namespace's init has children {kids}", stage="create", pid=pid)
-        st = ptrace.wait(kids[0])
+        child = host_child(self.pid, pid)
+        st = ptrace.wait(child)
         if not (st.stopped and st.event == abi.PTRACE_EVENT_STOP):
-            raise RestoreError(f"new task {kids[0]} {st}", stage="create", pid=pid)
-        return kids[0]
+            raise RestoreError(f"new task {child} {st}", stage="create", pid=pid)
+        return child
 
     def finish(self, root_pid: int) -> None:
         """Strip the init down to the trampoline page and set its program and registers (`root_pid`: the
@@ -184,3 +182,14 @@ def host_tid(pid: int, tid: int) -> int:
             if own_pid(int(name)) == tid:
                 return int(name)
     raise RestoreError(f"thread {tid} of pid {pid} not found in /proc/{pid}/task", stage="threads", pid=pid)
+
+
+def host_child(parent: int, pid: int) -> int:
+    """The pid out here of the child of `parent` (a pid out here) whose pid in its own namespace is `pid`: what a
+    clone3 injected in a restored parent returns is the latter (under --pidns they differ)."""
+    for kid in procfs.children(parent):
+        with contextlib.suppress(LazarusError, OSError):
+            if own_pid(kid) == pid:
+                return kid
+    raise RestoreError(f"child {pid} of pid {parent} not found", stage="create", pid=parent)
+
