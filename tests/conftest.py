@@ -33,7 +33,7 @@ def pytest_configure(config: pytest.Config) -> None:
 NEEDS = {
     "test_dump_restore.py": ("dump", "restore"), "test_python_target.py": ("dump", "restore"),
     "test_lazy.py": ("dump", "restore", "lazy"), "test_lazy_server.py": ("lazy",), "test_uffd.py": ("lazy",),
-    "test_bad_input.py": ("dump", "restore"), "test_cpu.py": ("dump",),
+    "test_bad_input.py": ("dump", "restore"), "test_cpu.py": ("dump",), "test_pidns.py": ("dump", "restore", "pidns"),
     "test_membership.py": ("dump", "restore"), "test_thp.py": ("dump", "restore"),
     "test_hostile_images.py": ("dump", "restore", "lazy"), "test_python_asyncio.py": ("dump", "restore"),
     "test_anonfd.py": ("dump", "restore"), "test_files.py": ("dump", "restore"),
@@ -41,7 +41,6 @@ NEEDS = {
     "test_mm_state.py": ("dump", "restore"), "test_lazy_anchor.py": ("dump", "restore", "lazy"),
     "test_lazy_trust.py": ("dump", "restore", "lazy"),
     "test_unsupported.py": ("dump",), "test_cli.py": ("dump",),
-    "test_pidns.py": ("dump", "restore", "pidns"),
 }
 
 
