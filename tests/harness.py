@@ -52,12 +52,12 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "locks": (),
     "files_refuse": (),
     "sched": ("-pthread",),
+    "pidns": ("-pthread",),
     "survivor": (),
     "ptimers": (),
     "prctl": (),
     "refused_proc": (),
     "threads": ("-pthread",),
-    "pidns": ("-pthread",),
 }
 CFLAGS = ("-O1", "-g", "-Wall")
 
@@ -370,9 +370,9 @@ CASES: tuple[Case, ...] = (
     Case("ptimers", "ptimers"),
     Case("prctl", "prctl"),
     Case("sched", "sched"),
+    Case("pidns", "pidns"),
     Case("threads", "threads"),
     Case("threads-churn", "threads", ("churn",)),
-    Case("pidns", "pidns"),
 )
 CASES_BY_ID = {c.id: c for c in CASES}
 

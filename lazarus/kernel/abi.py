@@ -333,6 +333,12 @@ CLONE_SETTLS = 0x80000
 # restore --pidns: the init is made in new PID and mount namespaces
 CLONE_NEWNS = 0x20000
 CLONE_NEWPID = 0x20000000
+# mount(2) flags (include/uapi/linux/mount.h): restore --pidns mounts the namespace's own /proc
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REC = 0x4000
+MS_SLAVE = 1 << 19
 
 
 class clone_args(C.Structure):  # include/uapi/linux/sched.h
@@ -724,12 +730,3 @@ PR_FUTEX_HASH, PR_FUTEX_HASH_SET_SLOTS, PR_FUTEX_HASH_GET_SLOTS = 78, 1, 2
 SYS.setfsuid = 122  # type: ignore[attr-defined]
 SYS.setfsgid = 123  # type: ignore[attr-defined]
 O_NOFOLLOW = 0o400000
-
-
-# ---------------------------------------------------------------------------------------------
-# mount(2) flags (include/uapi/linux/mount.h): restore --pidns mounts the namespace's own /proc
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
-MS_REC = 0x4000
-MS_SLAVE = 1 << 19
