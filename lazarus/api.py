@@ -64,6 +64,8 @@ class Restoration:
     served_by: str | None = None
     daemon_pid: int | None = None
     status_path: Path | None = None
+    init: Any = None  # pidns: the namespace's init (restore/pidns.py NsInit), our child; the process is its
+    ns_pid: int = 0  # pidns: the process's pid inside its namespace (the image's pid)
     _serving: Serving | None = field(default=None, repr=False)
 
     def serve(self, status: socket.socket | None = None) -> dict[str, Any]:
@@ -93,7 +95,10 @@ class Restoration:
         raise LazarusError(f"pid {self.pid}: its lazy server keeps its progress to itself", pid=self.pid)
 
     def wait(self) -> int:
-        """Wait for the process to exit (it is our child): its exit code, or 128 + the signal that killed it."""
+        """Wait for the process to exit (it is our child): its exit code, or 128 + the signal that killed it.
+        Under pidns the init's, which exits with the process's status."""
+        if self.init is not None:
+            return self.init.wait()
         from lazarus.kernel.ptrace import wait
         st = wait(self.pid, timeout=float("inf"))
         while st.stopped:
@@ -126,7 +131,7 @@ def require_lazy_features() -> None:
 
 def restore(directory: str | Path, *, lazy: bool = False, detach: bool = False, background: bool = True,
             stats_path: Path | None = None, lazy_log: Path | None = None, lazy_pages_socket: Path | None = None,
-            on_progress: ProgressCallback | None = None, status: Any = None) -> Restoration:
+            on_progress: ProgressCallback | None = None, status: Any = None, pidns: bool = False) -> Restoration:
     """Restore the process saved in `directory`; returns once it runs.
 
     Parameters:
@@ -138,6 +143,8 @@ def restore(directory: str | Path, *, lazy: bool = False, detach: bool = False, 
         lazy_pages_socket: (lazy) hand the memory to the `lazarus lazy-pages` listening there.
         on_progress: (lazy, served here) called with (bytes done, bytes total) at most every 0.1 s.
         status: (lazy, detach) a trust.PrivateSocket the daemon answers status requests on.
+        pidns: restore into a new PID namespace under a small init of ours, where the process keeps its pid
+            (any number of restores of one image at once); `pid` is then its pid out here, `ns_pid` inside.
     Raises:
         UsageError for options that need `lazy`; FeatureMissing; ImageError; RestoreError; Untrusted.
     """
@@ -147,8 +154,8 @@ def restore(directory: str | Path, *, lazy: bool = False, detach: bool = False, 
     if not lazy:
         if not background or stats_path or lazy_pages_socket or on_progress or status is not None:
             raise UsageError("--no-background, --stats and --lazy-pages-socket need --lazy")
-        res = _restore(directory)
-        return Restoration(res.pid, res.seconds, res.pages_written, lazy=False)
+        res = _restore(directory, pidns=pidns)
+        return Restoration(res.pid, res.seconds, res.pages_written, lazy=False, init=res.init, ns_pid=res.ns_pid)
     require_lazy_features()
     # The image is checked whole before any helper of ours (server, guard, daemon) exists: a bad image is
     # refused with nothing created.
@@ -158,31 +165,35 @@ def restore(directory: str | Path, *, lazy: bool = False, detach: bool = False, 
         from lazarus.lazy.handoff import connect
         sock = connect(lazy_pages_socket)
         try:
-            res = _restore(directory, lazy=True, on_lazy=hand_over(sock, directory), image=image)
+            res = _restore(directory, lazy=True, on_lazy=hand_over(sock, directory), image=image, pidns=pidns)
         finally:
             sock.close()
-        return Restoration(res.pid, res.seconds, res.pages_written, lazy=True, served_by="server")
+        return Restoration(res.pid, res.seconds, res.pages_written, lazy=True, served_by="server", init=res.init,
+                           ns_pid=res.ns_pid)
     if detach:
         from lazarus.lazy.daemon import fork_daemon, hand_over
         daemon = fork_daemon(directory, lazy_log or _daemon_log(directory), background=background,
                              stats_path=stats_path, status=status)
         try:
-            res = _restore(directory, lazy=True, on_lazy=hand_over(daemon.sock, directory), image=image)
+            res = _restore(directory, lazy=True, on_lazy=hand_over(daemon.sock, directory), image=image,
+                           pidns=pidns)
         finally:
             daemon.sock.close()
             if status is not None:
                 status.forget()  # the daemon answers there now, and removes it when done
         return Restoration(res.pid, res.seconds, res.pages_written, lazy=True, served_by="daemon",
-                           daemon_pid=daemon.pid, status_path=status.path if status is not None else None)
+                           daemon_pid=daemon.pid, status_path=status.path if status is not None else None,
+                           init=res.init, ns_pid=res.ns_pid)
     # Served here: the guard forks now, while we have no threads.
     from lazarus.lazy.daemon import start_serving
     serving = start_serving(background=background, stats_path=stats_path, on_progress=on_progress)
     try:
-        res = _restore(directory, lazy=True, on_lazy=serving.server.add_process, image=image)
+        res = _restore(directory, lazy=True, on_lazy=serving.server.add_process, image=image, pidns=pidns)
     except BaseException:
         serving.close()
         raise
-    return Restoration(res.pid, res.seconds, res.pages_written, lazy=True, served_by="here", _serving=serving)
+    return Restoration(res.pid, res.seconds, res.pages_written, lazy=True, served_by="here", _serving=serving,
+                       init=res.init, ns_pid=res.ns_pid)
 
 
 def _daemon_log(directory: Path) -> Path:

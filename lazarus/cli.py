@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --lazy -d: where the lazy-pages daemon reports (default DIR/lazy-pages.log)")
     r.add_argument("--lazy-pages-socket", type=Path, metavar="SOCK",
                    help="with --lazy: hand the memory to a running `lazarus lazy-pages` instead of starting one")
+    r.add_argument("--pidns", action="store_true",
+                   help="restore into a new PID namespace (under a small init of ours) where the process keeps "
+                        "its pid: one image can then be restored any number of times at once")
 
     lp = sub.add_parser("lazy-pages", help="serve lazily restored processes' memory (several at once)")
     lp.add_argument("-D", "--images-dir", dest="dir", type=Path, required=True, metavar="DIR",
@@ -199,7 +202,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     try:
         res = api.restore(args.dir, lazy=args.lazy, detach=args.detach, background=not args.no_background,
                           stats_path=args.stats, lazy_log=args.lazy_log, lazy_pages_socket=args.lazy_pages_socket,
-                          on_progress=on_progress)
+                          on_progress=on_progress, pidns=args.pidns)
         try:
             _report_restore(args, res)
         except BaseException:
@@ -218,7 +221,8 @@ def _report_restore(args: argparse.Namespace, res: Any) -> None:
     if args.pidfile:
         args.pidfile.write_text(f"{res.pid}\n")
     since_start = (time.monotonic() - _T0) * 1000
-    print(f"restored pid {res.pid} in {res.seconds * 1000:.0f} ms ({since_start:.0f} ms since the command "
+    inside = f" (pid {res.ns_pid} in its own PID namespace, whose init is pid {res.init.pid})" if res.init else ""
+    print(f"restored pid {res.pid}{inside} in {res.seconds * 1000:.0f} ms ({since_start:.0f} ms since the command "
           f"started; {res.pages_written} pages written{', the rest served lazily' if args.lazy else ''})",
           file=sys.stdout if args.detach else sys.stderr)
     sys.stdout.flush()

@@ -319,7 +319,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _restore(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         f = _fields(body, {"dir": str}, {"lazy": (bool, False), "detach": (bool, False),
-                                         "background": (bool, True)})
+                                         "background": (bool, True), "pidns": (bool, False)})
         directory = _image_dir("dir", f["dir"])
         if not f["lazy"] and not f["background"]:
             raise HttpError(400, "field 'background' needs 'lazy': true")
@@ -334,12 +334,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             # Served from this worker either way (no daemon, no handoff: the worker is already a process of its
             # own); `detach` only says whether it stays to see the process exit.
             r = api.restore(directory, lazy=f["lazy"], background=f["background"],
-                            stats_path=state / f"{rid}.stats.json" if f["lazy"] else None)
+                            stats_path=state / f"{rid}.stats.json" if f["lazy"] else None, pidns=f["pidns"])
         except BaseException:
             if status is not None:
                 status.close()
             raise
-        rec = {"id": rid, "pid": r.pid, "dir": str(directory), "lazy": r.lazy, "detach": f["detach"],
+        rec = {"id": rid, "pid": r.pid, "ns_pid": r.ns_pid or None, "dir": str(directory), "lazy": r.lazy,
+               "detach": f["detach"],
                "state": "detached" if f["detach"] else "running", "exit_code": None,
                "seconds": round(r.seconds, 6), "pages_written": r.pages_written,
                "service_seconds": round(time.monotonic() - self.t_start, 6)}

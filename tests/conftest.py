@@ -33,7 +33,7 @@ def pytest_configure(config: pytest.Config) -> None:
 NEEDS = {
     "test_dump_restore.py": ("dump", "restore"), "test_python_target.py": ("dump", "restore"),
     "test_lazy.py": ("dump", "restore", "lazy"), "test_lazy_server.py": ("lazy",), "test_uffd.py": ("lazy",),
-    "test_bad_input.py": ("dump", "restore"), "test_cpu.py": ("dump",),
+    "test_bad_input.py": ("dump", "restore"), "test_cpu.py": ("dump",), "test_pidns.py": ("dump", "restore", "pidns"),
     "test_membership.py": ("dump", "restore"), "test_thp.py": ("dump", "restore"),
     "test_hostile_images.py": ("dump", "restore", "lazy"), "test_python_asyncio.py": ("dump", "restore"),
     "test_anonfd.py": ("dump", "restore"), "test_files.py": ("dump", "restore"),
@@ -66,7 +66,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     from lazarus.kernel import features
 
     missing: dict[str, str] = {}
-    for purpose in ("dump", "restore", "lazy"):
+    for purpose in ("dump", "restore", "lazy", "pidns"):
         lacking = features.missing_for(purpose)
         if lacking:
             missing[purpose] = ", ".join(f"{f.name} ({f.detail})" for f in lacking)

@@ -52,6 +52,7 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "locks": (),
     "files_refuse": (),
     "sched": ("-pthread",),
+    "pidns": ("-pthread",),
     "survivor": (),
     "ptimers": (),
     "prctl": (),
@@ -369,6 +370,7 @@ CASES: tuple[Case, ...] = (
     Case("ptimers", "ptimers"),
     Case("prctl", "prctl"),
     Case("sched", "sched"),
+    Case("pidns", "pidns"),
     Case("threads", "threads"),
     Case("threads-churn", "threads", ("churn",)),
 )

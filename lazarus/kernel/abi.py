@@ -89,6 +89,7 @@ class SYS:
     personality = 135
     prctl = 157
     arch_prctl = 158
+    mount = 165
     gettid = 186
     tkill = 200
     set_tid_address = 218
@@ -103,6 +104,7 @@ class SYS:
     pipe2 = 293
     rt_tgsigqueueinfo = 297
     prlimit64 = 302
+    setns = 308
     process_vm_readv = 310
     process_vm_writev = 311
     memfd_create = 319
@@ -329,6 +331,15 @@ CLONE_PTRACE = 0x2000
 CLONE_THREAD = 0x10000
 CLONE_SYSVSEM = 0x40000
 CLONE_SETTLS = 0x80000
+# restore --pidns: the init is made in new PID and mount namespaces
+CLONE_NEWNS = 0x20000
+CLONE_NEWPID = 0x20000000
+# mount(2) flags (include/uapi/linux/mount.h): restore --pidns mounts the namespace's own /proc
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REC = 0x4000
+MS_SLAVE = 1 << 19
 
 
 class clone_args(C.Structure):  # include/uapi/linux/sched.h

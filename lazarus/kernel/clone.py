@@ -132,11 +132,21 @@ class Trampoline:
 
     def clone_with_pid(self, pid: int) -> int:
         """clone3 a stopped-in-pause child whose PID is `pid`. Raises KernelError (EEXIST: pid in use)."""
-        tids = (C.c_int32 * 1)(pid)
+        return self._clone3(0, [pid], f"clone3 with pid {pid}", pid)
+
+    def clone_ns_init(self) -> int:
+        """clone3 a stopped-in-pause child that is pid 1 of a new PID namespace, in a new mount namespace (a
+        copy of ours). Returns its pid out here."""
+        return self._clone3(abi.CLONE_NEWPID | abi.CLONE_NEWNS, [], "clone3 of a PID namespace's init", None)
+
+    def _clone3(self, flags: int, tids_wanted: list[int], what: str, pid: int | None) -> int:
+        tids = (C.c_int32 * max(1, len(tids_wanted)))(*tids_wanted)
         args = abi.clone_args()
+        args.flags = flags
         args.exit_signal = signal.SIGCHLD
-        args.set_tid = C.addressof(tids)
-        args.set_tid_size = 1
+        if tids_wanted:
+            args.set_tid = C.addressof(tids)
+            args.set_tid_size = len(tids_wanted)
         fn = C.CFUNCTYPE(C.c_long, C.c_void_p, C.c_size_t)(self.addr)
         # Signals blocked here are inherited blocked by the child, so no Python handler can run there.
         old = signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.valid_signals()))
@@ -145,7 +155,7 @@ class Trampoline:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
         if ret < 0:
-            raise KernelError(f"clone3 with pid {pid}", -ret, pid=pid)
+            raise KernelError(what, -ret, pid=pid)
         return ret
 
     def unmap(self) -> None:

@@ -20,7 +20,7 @@ from lazarus.errors import FeatureMissing
 from lazarus.kernel import abi, procfs
 from lazarus.kernel.syscall import ioctl_raw, libc, raw_syscall
 
-PURPOSES = ("dump", "restore", "lazy", "pre-copy", "info")
+PURPOSES = ("dump", "restore", "lazy", "pre-copy", "info", "pidns")
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,6 +393,27 @@ def _probe_clone3_set_tid() -> Feature:
     return Feature("clone3 set_tid", False, f"clone3: {_strerror(err)}{hint}", "restore")
 
 
+def _probe_pidns_set_tid() -> Feature:
+    """restore --pidns: clone3(CLONE_NEWPID) with a pid per level. Asking for pid 1 in the new namespace and our
+    own pid out here must fail with EEXIST at the outer level, so no namespace and no child appear."""
+    tids = (C.c_int32 * 2)(1, os.getpid())
+    args = abi.clone_args()
+    args.flags = abi.CLONE_NEWPID
+    args.exit_signal = signal.SIGCHLD
+    args.set_tid = C.addressof(tids)
+    args.set_tid_size = 2
+    ret, err = raw_syscall(abi.SYS.clone3, C.byref(args), C.sizeof(args))
+    if ret == 0:  # pragma: no cover - only if the kernel ignored set_tid; leave at once
+        os._exit(0)
+    if ret > 0:
+        os.waitpid(ret, 0)
+        return Feature("clone3 NEWPID set_tid levels", False, f"set_tid ignored: a child got pid {ret}", "pidns")
+    if err == errno.EEXIST:
+        return Feature("clone3 NEWPID set_tid levels", True, "a pid per namespace level; in use -> EEXIST",
+                       "pidns")
+    return Feature("clone3 NEWPID set_tid levels", False, f"clone3(CLONE_NEWPID): {_strerror(err)}", "pidns")
+
+
 def _probe_pagemap_scan() -> Feature:
     try:
         fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
@@ -645,6 +666,7 @@ def probe() -> list[Feature]:
     rows += _probe_pidfd()
     rows += _probe_peer_identity()
     rows.append(_probe_clone3_set_tid())
+    rows.append(_probe_pidns_set_tid())
     rows.append(_probe_prctl_mm_map())
     rows.append(_probe_pagemap_scan())
     rows += _probe_process_vm()

@@ -558,6 +558,13 @@ def children(pid: int) -> list[int]:
     return sorted(out)
 
 
+def own_pid(pid: int) -> int:
+    """The id task `pid` (an id in our PID namespace) has in its own, innermost one (NSpid's last field):
+    what its getpid()/gettid() answer, and its id in an image restored with `restore --pidns`."""
+    nspid = read_status(pid).nspid
+    return nspid[-1] if nspid else pid
+
+
 def iter_pids() -> Iterator[int]:
     """Every process id visible in /proc."""
     for name in os.listdir("/proc"):
@@ -571,7 +578,7 @@ __all__ = [
     "parse_personality", "read_maps", "read_smaps", "read_status", "read_stat", "read_fdinfo",
     "list_fds", "read_auxv", "read_personality", "read_comm", "read_cwd", "read_exe", "tasks",
     "children", "is_kernel_thread", "start_time", "map_file_path", "read_bytes", "read_text", "readlink",
-    "iter_pids",
+    "iter_pids", "own_pid",
 ]
 
 

@@ -15,6 +15,7 @@ assumes none, and is refused when a registered range of the process lies outside
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -79,10 +80,11 @@ def adopt(server: Any, pid: int, images: Path) -> int:
             if any(same_file_across(a, fd, pid, task_fd) for fd in uffd_fds(a)):
                 raise AdoptError(f"pid {pid} holds the userfaultfd of its ancestor {a}, not its own: it cannot be "
                                  f"adopted", pid=pid)
-        task = img.task(origin)
+        ipid = procfs.own_pid(origin)  # its pid in the image (its own namespace's, under restore --pidns)
+        task = img.task(ipid)
         mm = task["mm"]
         served = lazy_vmas(mm, lazy_object_ids(mm, task["files"]))
-        source = ImagePageSource(served, img.page_file(origin), name=f"{images.name}/pages-{origin}.img")
+        source = ImagePageSource(served, img.page_file(ipid), name=f"{images.name}/pages-{ipid}.img")
         _check_layout(pid, served)
         present = 0
         with Pagemap(pid) as pm:
@@ -136,8 +138,9 @@ def _image_ancestry(pid: int, tasks: list[int]) -> list[int]:
     chain: list[int] = []
     while pid > 1 and pid not in chain:
         chain.append(pid)
-        if pid in tasks:
-            return chain
+        with contextlib.suppress(LazarusError, OSError):
+            if procfs.own_pid(pid) in tasks:
+                return chain
         try:
             pid = procfs.read_status(pid).ppid
         except (LazarusError, OSError):

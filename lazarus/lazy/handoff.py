@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lazarus.errors import LazarusError, ProtocolError
+from lazarus.kernel.procfs import own_pid
 from lazarus.kernel.uffd import Uffd
 from lazarus.lazy.trust import Peer, check_peer, connect_trusted, verify_named_task, verify_uffd_owner
 
@@ -176,12 +177,16 @@ class Listener:
                     img.close()
                     raise
                 self._images[str(images)] = img
-            task = img.task(pid)
+            # The image knows the task by its own pid, which differs from `pid` (ours) under restore --pidns;
+            # `pid` is held by pidfd and stopped, so its number cannot have moved to another task.
+            ipid = own_pid(pid)
+            task = img.task(ipid)
             mm = task["mm"]
             uffd.task_fd = find_anchor(pid, uffd.fd)  # the task has not run yet: its only copy is the anchor
             served = lazy_vmas(mm, lazy_object_ids(mm, task["files"]))
             # one mapping of a page file for every restore of it this server serves (lazy/pagefiles.py)
-            source = self.server.page_files.source(served, img.page_file(pid), name=f"{images.name}/pages-{pid}.img")
+            source = self.server.page_files.source(served, img.page_file(ipid),
+                                                   name=f"{images.name}/pages-{ipid}.img")
             verify_uffd_owner(pidfd, uffd, source)
         except BaseException:
             uffd.close()

@@ -42,6 +42,7 @@ from lazarus.restore.memory import (
     move_vdso,
     trampoline_candidates,
 )
+from lazarus.restore.pidns import NsInit
 from lazarus.restore.sched import apply_sched
 from lazarus.restore.thp import collapse_in_task
 from lazarus.restore.threads import check_threads, create_thread, restore_thread_creds, restore_thread_state
@@ -64,6 +65,8 @@ class Restored:
     timings: dict[str, float] = field(default_factory=dict)
     stops: int = 0  # times the new task was let run for one of our injections (a call or a batch of calls)
     calls: int = 0  # system calls injected
+    init: Any = None  # restore --pidns: the namespace's init (restore/pidns.py NsInit), running
+    ns_pid: int = 0  # restore --pidns: its pid inside its namespace (the image's pid)
 
 
 def open_image(directory: Path, *, verify_pages: bool) -> Image:
@@ -131,10 +134,11 @@ def verify_pages_two_cpus(img: Image, pid: int) -> None:
         raise ImageError(f"pages-{pid}.img: chunk {bad} does not match its checksum", path=str(img.path))
 
 
-def validate(img: Image, pid: int, task: dict[str, Any]) -> None:
-    """Everything checkable before creating anything."""
+def validate(img: Image, pid: int, task: dict[str, Any], *, pidns: bool = False) -> None:
+    """Everything checkable before creating anything. With `pidns` the pid and thread ids are those of a new
+    PID namespace, free by construction: a pid in use out here is no conflict."""
     deadline = time.monotonic() + 2.0
-    while os.path.exists(f"/proc/{pid}"):
+    while not pidns and os.path.exists(f"/proc/{pid}"):
         # A just-killed original may still be a zombie for a moment, until its parent reaps it.
         if not _is_zombie(pid) or time.monotonic() > deadline:
             raise RestoreError(f"pid {pid} is already in use", stage="validate", pid=pid)
@@ -151,9 +155,14 @@ def validate(img: Image, pid: int, task: dict[str, Any]) -> None:
                 or st.st_ctime_ns != want.get("ctime_ns", st.st_ctime_ns)):
             raise RestoreError(f"mapped file {path} changed since the dump (inode, size, mtime or ctime differ)",
                                stage="validate", path=path)
-    for rec in task.get("threads", []):
+    for rec in task.get("threads", []) if not pidns else []:
         if os.path.exists(f"/proc/{rec['tid']}"):
             raise RestoreError(f"thread id {rec['tid']} is already in use", stage="validate", pid=pid)
+    for f in task["files"] if pidns else []:
+        if f.get("handle"):
+            # It is reopened through /proc/<restorer>/fd, which the namespace's own /proc does not show.
+            raise RestoreError(f"fd {f['fd']} ({f.get('path')}): an unlinked file reopened through another link "
+                               f"cannot be restored with --pidns yet", stage="validate", pid=pid)
     exe = task["mm"]["exe"]
     if not os.path.exists(exe):
         raise RestoreError(f"executable {exe} is gone", stage="validate", path=exe)
@@ -171,33 +180,42 @@ def _is_zombie(pid: int) -> bool:
         return False
 
 
-def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHandoff | None = None) -> Restored:
-    """Create task `pid` from the image and leave it running (detached). Kills it on any failure."""
+def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHandoff | None = None,
+                 pidns: bool = False) -> Restored:
+    """Create task `pid` from the image and leave it running (detached). Kills it on any failure.
+    `pidns`: in a new PID namespace under an init of ours (restore/pidns.py), with `pid` as its pid there."""
     t0 = time.monotonic()
     task = img.task(pid)
-    validate(img, pid, task)
+    validate(img, pid, task, pidns=pidns)
     join_cgroups = cgroups.plan(task.get("cgroups"), pid)
     mm = task["mm"]
     tramp = Trampoline.map_at(trampoline_candidates(mm["vmas"], TRAMPOLINE_SIZE), TRAMPOLINE_SIZE)
     child = 0
+    ns: NsInit | None = None
     fdr: FdRestorer | None = None
     timings: dict[str, float] = {}
     threads: list[RemoteTask] = []
     thread_recs = task.get("threads", [])
     try:
         try:
-            child = tramp.clone_with_pid(pid)
+            if pidns:
+                # Made by the init of a new PID namespace, so that it is the init's child (restore/pidns.py).
+                ns = NsInit.start(tramp, TRAMPOLINE_SIZE, join_cgroups)
+                child = ns.clone_root(pid)
+            else:
+                child = tramp.clone_with_pid(pid)
         except KernelError as e:
             if e.errno == errno.EEXIST:
                 raise RestoreError(f"pid {pid} is already in use", stage="create", pid=pid) from e
             raise
         finally:
             tramp.unmap()
-        ptrace.seize(child, abi.PTRACE_O_TRACESYSGOOD | abi.PTRACE_O_EXITKILL)
-        ptrace.interrupt(child)
-        st = ptrace.wait(child)
-        if not (st.stopped and st.event == abi.PTRACE_EVENT_STOP):
-            raise RestoreError(f"new task {child} {st}", stage="create", pid=pid)
+        if ns is None:
+            ptrace.seize(child, abi.PTRACE_O_TRACESYSGOOD | abi.PTRACE_O_EXITKILL)
+            ptrace.interrupt(child)
+            st = ptrace.wait(child)
+            if not (st.stopped and st.event == abi.PTRACE_EVENT_STOP):
+                raise RestoreError(f"new task {child} {st}", stage="create", pid=pid)
         cgroups.join(child, join_cgroups)
         remote = RemoteTask(child, tramp.syscall_ip, batch_ip=tramp.batch_ip)
         remote.keep_state()
@@ -305,11 +323,17 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
         for thread in threads:
             ptrace.detach(thread.pid)
         ptrace.detach(child)
+        if ns is not None:
+            # Stripping the init (a few ms of injected calls) waits until the root runs: until then it is a
+            # stopped copy of us, sharing our pages.
+            ns.finish(pid)
+            ns.run()
         timings["running"] = time.monotonic() - t0
         if page_file is not None and not lazy:
             page_file.close()
         return Restored(child, time.monotonic() - t0, written, timings=timings,
-                        lazy=(handover, source) if handover is not None else None, stops=stops, calls=calls)
+                        lazy=(handover, source) if handover is not None else None, stops=stops, calls=calls,
+                        init=ns, ns_pid=pid)
     except BaseException as e:
         if child:
             rcore.kill_quietly(child)
@@ -324,6 +348,8 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
                     s = ptrace.wait(child, timeout=5)
                     if s.exited or s.signaled:
                         break
+        if ns is not None:
+            ns.kill()  # and with it whatever else is in its namespace
         if fdr is not None:
             fdr.cleanup()
         if isinstance(e, RestoreError):
@@ -381,15 +407,17 @@ def set_mm(remote: RemoteTask, mm: dict[str, Any], batch: Batch | None = None) -
 
 
 def restore(directory: Path, *, lazy: bool = False, on_lazy: LazyHandoff | None = None,
-            image: Image | None = None) -> Restored:
+            image: Image | None = None, pidns: bool = False) -> Restored:
     """Restore the process in `directory`. `image`: the same image already opened with open_image() (a caller
-    that must know the image is sound before it starts helpers of its own, as a lazy restore's server)."""
+    that must know the image is sound before it starts helpers of its own, as a lazy restore's server).
+    `pidns`: into a new PID namespace (restore/pidns.py); the root is then the child of the result's `init`,
+    whose exit status (`init.wait()`) is the root's."""
     img = image if image is not None else open_image(directory, verify_pages=not lazy)
     private.sweep_stale()  # what restores killed half-way left (restore/private.py)
     try:
         if len(img.tasks) != 1:
             raise RestoreError(f"image holds {len(img.tasks)} tasks; only single processes are supported")
-        return restore_task(img, img.tasks[0], lazy=lazy, on_lazy=on_lazy)
+        return restore_task(img, img.tasks[0], lazy=lazy, on_lazy=on_lazy, pidns=pidns)
     finally:
         private.done()
         if not lazy:

@@ -89,14 +89,16 @@ def restore_signals(task: RemoteTask, sig: dict[str, Any]) -> None:
             int.from_bytes(bytes.fromhex(h)[:4], "little") == abi.SIGTRAP for h in pending_thread + pending_shared):
         # A SIGTRAP that is or may become pending would be taken during a batch (which unblocks SIGTRAP).
         t.traps_ignored = True
+    # Ids as the task sees them: under restore --pidns its pid out here is another.
+    me = procfs.own_pid(t.pid) if pending_thread or pending_shared else 0
     for info_hex in pending_thread:
         info = bytes.fromhex(info_hex)
         signo = int.from_bytes(info[:4], "little")
-        t.syscall(abi.SYS.rt_tgsigqueueinfo, t.pid, t.pid, signo, t.put(info))
+        t.syscall(abi.SYS.rt_tgsigqueueinfo, me, me, signo, t.put(info))
     for info_hex in pending_shared:
         info = bytes.fromhex(info_hex)
         signo = int.from_bytes(info[:4], "little")
-        t.syscall(abi.SYS.rt_sigqueueinfo, t.pid, signo, t.put(info))
+        t.syscall(abi.SYS.rt_sigqueueinfo, me, signo, t.put(info))
 
 
 def restore_misc(task: RemoteTask, misc: dict[str, Any]) -> None:
@@ -117,9 +119,10 @@ def restore_misc(task: RemoteTask, misc: dict[str, Any]) -> None:
         b.call(abi.SYS.prctl, abi.PR_SET_TIMERSLACK, misc["timerslack_ns"], 0, 0, 0)
     # Session and process group: a leader becomes one again. Joining another process's group or session
     # is not possible (it may not exist here), so a member stays in the restorer's.
-    if misc.get("sid") == t.pid:
+    me = procfs.own_pid(t.pid)  # as the task sees itself: not t.pid under restore --pidns
+    if misc.get("sid") == me:
         b.call(abi.SYS.setsid)
-    elif misc.get("pgid") == t.pid:
+    elif misc.get("pgid") == me:
         b.call(abi.SYS.setpgid, 0, 0)
     if misc.get("no_new_privs"):
         b.call(abi.SYS.prctl, abi.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)

@@ -27,6 +27,7 @@ from lazarus.images.format import Schema, check_schema
 from lazarus.kernel import abi, ptrace
 from lazarus.remote import RemoteTask
 from lazarus.restore import core as rcore
+from lazarus.restore.pidns import host_tid
 
 THREAD_FLAGS = (abi.CLONE_VM | abi.CLONE_FS | abi.CLONE_FILES | abi.CLONE_SIGHAND | abi.CLONE_THREAD
                 | abi.CLONE_SYSVSEM | abi.CLONE_SETTLS | abi.CLONE_PTRACE)
@@ -82,6 +83,8 @@ def create_thread(leader: RemoteTask, rec: dict[str, Any]) -> RemoteTask:
         raise KernelError(f"clone3 of thread {tid} in task {leader.pid}", -ret, pid=leader.pid)
     if ret != tid:  # pragma: no cover - the kernel gives set_tid or fails
         raise RestoreError(f"thread {tid} was created as {ret}", stage="threads", pid=leader.pid)
+    # `ret` is the id in the leader's PID namespace; ptrace and /proc want ours (they differ under --pidns).
+    tid = host_tid(leader.pid, ret)
     st = ptrace.wait(tid)
     if not (st.stopped and st.event == abi.PTRACE_EVENT_STOP):
         raise RestoreError(f"new thread {tid} {st}", stage="threads", pid=leader.pid)
@@ -110,7 +113,9 @@ def restore_thread_state(t: RemoteTask, tgid: int, rec: dict[str, Any], leader_c
     for info_hex in rec["pending_thread"]:
         info = bytes.fromhex(info_hex)
         signo = int.from_bytes(info[:4], "little")
-        t.syscall(abi.SYS.rt_tgsigqueueinfo, tgid, t.pid, signo, t.put(info))
+        # The ids as the thread itself sees them (its PID namespace may be a new one: restore --pidns).
+        t.syscall(abi.SYS.rt_tgsigqueueinfo, t.syscall(abi.SYS.getpid), t.syscall(abi.SYS.gettid), signo,
+                  t.put(info))
 
 
 def restore_thread_creds(t: RemoteTask, misc: dict[str, Any]) -> None:
