@@ -177,8 +177,9 @@ def cmd_dump(args: argparse.Namespace) -> int:
     from lazarus.dump import dump
     res = dump(args.pid, args.dir, leave_running=args.leave_running, shell_job=args.shell_job)
     fate = "left running" if res.left_running else "killed"
-    print(f"dumped pid {res.pid} to {res.directory}: {res.pages} pages "
-          f"({res.pages * 4096 / 2**20:.1f} MiB) in {res.seconds * 1000:.0f} ms; original {fate}")
+    tree = f" and its tree ({res.processes} processes)" if res.processes > 1 else ""
+    print(f"dumped pid {res.pid}{tree} to {res.directory}: {res.pages} pages "
+          f"({res.pages * 4096 / 2**20:.1f} MiB) in {res.seconds * 1000:.0f} ms; original{'s' if tree else ''} {fate}")
     return 0
 
 
@@ -234,7 +235,8 @@ def _report_restore(args: argparse.Namespace, res: Any) -> None:
     if args.pidfile:
         args.pidfile.write_text(f"{res.pid}\n")
     since_start = (time.monotonic() - _T0) * 1000
-    print(f"restored pid {res.pid} in {res.seconds * 1000:.0f} ms ({since_start:.0f} ms since the command "
+    tree = f" and its tree ({res.tasks} processes)" if getattr(res, "tasks", 1) > 1 else ""
+    print(f"restored pid {res.pid}{tree} in {res.seconds * 1000:.0f} ms ({since_start:.0f} ms since the command "
           f"started; {res.pages_written} pages written{', the rest served lazily' if args.lazy else ''})",
           file=sys.stdout if args.detach else sys.stderr)
     sys.stdout.flush()
@@ -412,7 +414,8 @@ def _summary(img: Any) -> dict[str, Any]:
     inv = img.inventory
     out: dict[str, Any] = {"directory": str(img.path), "format": inv.get("format"), "version": inv.get("version"),
                            "kernel_release": inv.get("kernel_release"), "cpu": inv.get("cpu"),
-                           "created": inv.get("created"), "tasks": []}
+                           "created": inv.get("created"), "tasks": [],
+                           "tree": [n.record() for n in (img.tree[p] for p in img.tree.order)]}
     from lazarus.images.mm import is_lazy, lazy_object_ids
     from lazarus.kernel import abi
     from lazarus.restore.threads import check_threads
@@ -465,6 +468,12 @@ def cmd_show(args: argparse.Namespace) -> int:
     con = _console()
     con.print(f"image {summary['directory']}: {summary['format']} v{summary['version']}, kernel "
               f"{summary['kernel_release']}, {summary['total_bytes'] / 2**20:.1f} MiB in {len(summary['files'])} files")
+    if len(img.tree.nodes) > 1:
+        from lazarus.images.tree import draw
+        con.print(f"process tree ({len(img.tree.nodes)} processes):", markup=False)
+        nthreads = {t["pid"]: 1 + len(t["threads"]) for t in summary["tasks"]}
+        for line in draw(img.tree, nthreads):
+            con.print("  " + line, markup=False, highlight=False)
     for t in summary["tasks"]:
         r = t["registers"]
         con.print(f"pid {t['pid']} ({t['comm']}) {t['exe']}")

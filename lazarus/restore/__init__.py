@@ -1,5 +1,6 @@
 """Restore: validate images -> create the task with its PID -> rebuild its address space by injected syscalls
 -> pages (eager copy | lazy uffd) -> fds, signals, misc, creds -> registers -> detach, run.
+A process tree: every task created first (restore/tree.py), then each rebuilt, then all let go together.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import contextlib
 import errno
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +48,7 @@ from lazarus.restore.sched import apply_sched
 from lazarus.restore.thp import collapse_in_task
 from lazarus.restore.threads import check_threads, create_thread, restore_thread_creds, restore_thread_state
 from lazarus.restore.timers import check_timers
+from lazarus.restore.tree import create_child, join_group, lead, make_zombie
 from lazarus.restore.uffd import LAZY_FEATURES, copy_all, lazy_ranges, uffd_in_task
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,7 @@ class Restored:
     seconds: float  # from the start of the restore until the task runs
     pages_written: int
     lazy: Any = None  # handed to the lazy-pages server: uffd and what it must serve
+    tasks: int = 1  # processes restored (a tree's root reports the whole tree, zombies included)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -170,39 +174,105 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
     task = img.task(pid)
     validate(img, pid, task)
     join_cgroups = cgroups.plan(task.get("cgroups"), pid)
-    mm = task["mm"]
-    tramp = Trampoline.map_at(trampoline_candidates(mm["vmas"], TRAMPOLINE_SIZE), TRAMPOLINE_SIZE)
-    child = 0
-    fdr: FdRestorer | None = None
-    timings: dict[str, float] = {}
-    threads: list[RemoteTask] = []
-    thread_recs = task.get("threads", [])
+    tramp = Trampoline.map_at(trampoline_candidates(task["mm"]["vmas"], TRAMPOLINE_SIZE), TRAMPOLINE_SIZE)
+    build = TaskBuild(img, pid, task, lazy=lazy, on_lazy=on_lazy, t0=t0)
     try:
-        try:
-            child = tramp.clone_with_pid(pid)
-        except KernelError as e:
-            if e.errno == errno.EEXIST:
-                raise RestoreError(f"pid {pid} is already in use", stage="create", pid=pid) from e
+        build.attach(create_root(tramp, pid), tramp)
+        build.build(join_cgroups)
+        build.release()
+        return build.result()
+    except BaseException as e:
+        build.kill()
+        build.reap()
+        err = as_restore_error(e, pid)
+        if err is e:
             raise
-        finally:
-            tramp.unmap()
+        raise err from e
+
+
+def create_root(tramp: Trampoline, pid: int) -> int:
+    """The first task, cloned from the restorer by the trampoline with pid `pid`; returns it seized and in an
+    event stop. The trampoline is unmapped here (the task keeps its copy)."""
+    try:
+        child = tramp.clone_with_pid(pid)
+    except KernelError as e:
+        if e.errno == errno.EEXIST:
+            raise RestoreError(f"pid {pid} is already in use", stage="create", pid=pid) from e
+        raise
+    finally:
+        tramp.unmap()
+    try:
         ptrace.seize(child, abi.PTRACE_O_TRACESYSGOOD | abi.PTRACE_O_EXITKILL)
         ptrace.interrupt(child)
         st = ptrace.wait(child)
-        if not (st.stopped and st.event == abi.PTRACE_EVENT_STOP):
-            raise RestoreError(f"new task {child} {st}", stage="create", pid=pid)
-        cgroups.join(child, join_cgroups)
-        remote = RemoteTask(child, tramp.syscall_ip)
-        remote.keep_state()
-        remote.use_scratch(tramp.addr + abi.PAGE_SIZE, TRAMPOLINE_SIZE - abi.PAGE_SIZE)
-        timings["create"] = time.monotonic() - t0
+    except BaseException:
+        rcore.kill_quietly(child)
+        raise
+    if not (st.stopped and st.event == abi.PTRACE_EVENT_STOP):
+        rcore.kill_quietly(child)
+        raise RestoreError(f"new task {child} {st}", stage="create", pid=pid)
+    return child
 
+
+def as_restore_error(e: BaseException, pid: int) -> BaseException:
+    if isinstance(e, RestoreError):
+        return e
+    if isinstance(e, LazarusError):
+        return RestoreError(str(e), stage="restore", pid=pid)
+    if isinstance(e, OSError):
+        return RestoreError(f"{e.strerror or e}", stage="restore", pid=pid)
+    return e
+
+
+class TaskBuild:
+    """One process being restored, in stages: attach() to a new blank task (a copy of the restorer or of its
+    parent, with the trampoline page), build() everything up to its final registers (and the lazy handoff),
+    release() to let it run; kill() and reap() on failure. A tree restore runs each stage for all its
+    processes before the next (restore/tree.py)."""
+
+    def __init__(self, img: Image, pid: int, task: dict[str, Any], *, lazy: bool, on_lazy: LazyHandoff | None,
+                 t0: float, stopped: bool = False, leader_done: bool = False) -> None:
+        self.img, self.pid, self.task = img, pid, task
+        self.lazy, self.on_lazy, self.t0 = lazy, on_lazy, t0
+        self.stopped = stopped  # left in a job-control stop when released
+        self.leader_done = leader_done  # session and group leadership already set (restore/tree.py)
+        self.is_root = pid == img.root_pid
+        self.child = 0
+        self.remote: RemoteTask | None = None
+        self.tramp_addr = 0
+        self.fdr: FdRestorer | None = None
+        self.timings: dict[str, float] = {}
+        self.threads: list[RemoteTask] = []
+        self.thread_recs = task.get("threads", [])
+        self.written = 0
+        self.handover: Any = None
+        self.source: Any = None
+        self.page_file: Any = None
+
+    def attach(self, child: int, tramp: Trampoline | tuple[int, int]) -> None:
+        """Take the new task `child` (seized, in an event stop) with the trampoline at `tramp`."""
+        self.child = child
+        addr, ip = (tramp.addr, tramp.syscall_ip) if isinstance(tramp, Trampoline) else tramp
+        self.tramp_addr = addr
+        remote = RemoteTask(child, ip)
+        remote.keep_state()
+        remote.use_scratch(addr + abi.PAGE_SIZE, TRAMPOLINE_SIZE - abi.PAGE_SIZE)
+        self.remote = remote
+        self.timings["create"] = time.monotonic() - self.t0
+
+    def build(self, join_cgroups: Any) -> None:
+        img, pid, task, lazy, t0 = self.img, self.pid, self.task, self.lazy, self.t0
+        remote, child, timings, thread_recs = self.remote, self.child, self.timings, self.thread_recs
+        assert remote is not None
+        mm = task["mm"]
+        tramp_addr = self.tramp_addr
+        cgroups.join(child, join_cgroups)
         rcore.reset_inherited(remote)
         rcore.prepare_xstate(remote, task["core"])
         rcore.restore_guest_perm(remote, task["core"])
         close_inherited_fds(remote)
-        specials = clear_address_space(remote, (tramp.addr, tramp.addr + TRAMPOLINE_SIZE))
-        gaps = trampoline_candidates(mm["vmas"] + [{"start": tramp.addr, "end": tramp.addr + TRAMPOLINE_SIZE}],
+        specials = clear_address_space(remote, (tramp_addr, tramp_addr + TRAMPOLINE_SIZE))
+        gaps = trampoline_candidates(mm["vmas"] + [{"start": tramp_addr, "end": tramp_addr + TRAMPOLINE_SIZE}],
                                      1 << 20)
         move_vdso(remote, specials, mm["vmas"], gaps[0])
         # Before any mapping of the image exists: the kernel refuses a new exe_fd (EBUSY) while the old
@@ -216,6 +286,7 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
         space = SpaceBuilder(remote, img, child, access)
         space.verify = lazy
         page_file = img.page_file(pid) if img.has_pages(pid) else None
+        self.page_file = page_file
         lazy_ids = lazy_object_ids(mm, fds) if lazy else set()
         space.create_objects(mm["objects"], high_base, page_file, lazy_ids)
         space.map_vmas(mm["vmas"])
@@ -241,7 +312,7 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
         timings["pages"] = time.monotonic() - t0
 
         space.close_cached()
-        fdr = FdRestorer(remote, img, child, space.state.object_fds, high_base, access)
+        self.fdr = fdr = FdRestorer(remote, img, child, space.state.object_fds, high_base, access)
         fdr.restore(fds)
         for ofd in space.state.object_fds.values():
             remote.syscall(abi.SYS.close, ofd)
@@ -254,52 +325,70 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
                 if rseq:
                     written += space.write_range(mm["vmas"], page_file, rseq["addr"],
                                                  rseq["addr"] + rseq["size"])
-        restore_misc_and_cwd(remote, task["misc"])
+        misc = task["misc"]
+        if self.leader_done:
+            misc = {**misc, "sid": None, "pgid": None}
+        restore_misc_and_cwd(remote, misc)
         # The other threads, once everything they share with the leader is back (they inherit its no_new_privs,
         # personality and timer slack at the clone) and while the leader may still choose their ids.
         for rec in thread_recs:
             thread = create_thread(remote, rec)
-            threads.append(thread)
+            self.threads.append(thread)
             restore_thread_state(thread, child, rec, task["core"])
         timings["threads"] = time.monotonic() - t0
         if lazy and ranges:
             handover = uffd_in_task(remote, ranges, LAZY_FEATURES)
-        for thread in threads:
+        for thread in self.threads:
             restore_thread_creds(thread, task["misc"])
         rcore.restore_caps_before_creds(remote, task["misc"])
         rcore.restore_creds(remote, task["misc"]["creds"])
-        rcore.restore_after_creds(remote, task["misc"])
+        rcore.restore_after_creds(remote, task["misc"], is_root=self.is_root)
         rcore.restore_dumpable(remote, task["misc"])
-        for thread, rec in zip(threads, thread_recs, strict=True):
+        for thread, rec in zip(self.threads, thread_recs, strict=True):
             rcore.set_final_state(thread, rec["core"], rec["blocked"])
             thread.close()
         # Last injected call: remove the trampoline. We stop at its syscall exit (pitfall 16).
-        remote.syscall(abi.SYS.munmap, tramp.addr, TRAMPOLINE_SIZE)
+        remote.syscall(abi.SYS.munmap, tramp_addr, TRAMPOLINE_SIZE)
         rcore.set_final_state(remote, task["core"], task["signals"]["blocked"])
         remote.close()
-        source = None
+        self.written = written
         if handover is not None:
-            source = ImagePageSource(served, page_file, name=f"pages-{pid}.img")
-            if on_lazy is not None:
+            self.handover = handover
+            self.source = ImagePageSource(served, page_file, name=f"pages-{pid}.img")
+            if self.on_lazy is not None:
                 # The server (and its guard) must hold the uffd before the task runs: a task whose uffd is
                 # closed would fault in zeros instead of its data.
-                on_lazy(child, handover, source)
+                self.on_lazy(child, handover, self.source)
+
+    def release(self) -> None:
+        """Let it run (or, for a task stopped at the dump, go into its job-control stop)."""
+        child, task = self.child, self.task
         # Scheduling state from outside, last: a SCHED_IDLE or low-affinity task must not slow our own calls.
         apply_sched(child, task.get("sched"))
-        for thread, rec in zip(threads, thread_recs, strict=True):
+        for thread, rec in zip(self.threads, self.thread_recs, strict=True):
             apply_sched(thread.pid, rec.get("sched"))
-        for thread in threads:
+        if self.stopped:
+            # Queued while we hold it: taken before its first instruction, it starts the group stop.
+            os.kill(child, signal.SIGSTOP)
+        for thread in self.threads:
             ptrace.detach(thread.pid)
         ptrace.detach(child)
-        timings["running"] = time.monotonic() - t0
-        if page_file is not None and not lazy:
-            page_file.close()
-        return Restored(child, time.monotonic() - t0, written, timings=timings,
-                        lazy=(handover, source) if handover is not None else None)
-    except BaseException as e:
-        if child:
-            rcore.kill_quietly(child)
-            for thread in threads:  # traced by us: reaped by us, before the leader's exit is reported
+        self.timings["running"] = time.monotonic() - self.t0
+        if self.page_file is not None and not self.lazy:
+            self.page_file.close()
+
+    def result(self) -> Restored:
+        return Restored(self.child, time.monotonic() - self.t0, self.written, timings=self.timings,
+                        lazy=(self.handover, self.source) if self.handover is not None else None)
+
+    def kill(self) -> None:
+        if self.child:
+            rcore.kill_quietly(self.child)
+
+    def reap(self) -> None:
+        """After kill(): wait for its threads and itself (traced by us: reaped by us), clean up files."""
+        if self.child:
+            for thread in self.threads:  # before the leader's exit is reported
                 thread.close()
                 with contextlib.suppress(LazarusError, OSError):
                     for _ in range(100):
@@ -307,18 +396,11 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
                             break
             with contextlib.suppress(LazarusError, OSError):
                 for _ in range(100):
-                    s = ptrace.wait(child, timeout=5)
+                    s = ptrace.wait(self.child, timeout=5)
                     if s.exited or s.signaled:
                         break
-        if fdr is not None:
-            fdr.cleanup()
-        if isinstance(e, RestoreError):
-            raise
-        if isinstance(e, LazarusError):
-            raise RestoreError(str(e), stage="restore", pid=pid) from e
-        if isinstance(e, OSError):
-            raise RestoreError(f"{e.strerror or e}", stage="restore", pid=pid) from e
-        raise
+        if self.fdr is not None:
+            self.fdr.cleanup()
 
 
 def restore_misc_and_cwd(remote: RemoteTask, misc: dict[str, Any]) -> None:
@@ -360,15 +442,99 @@ def set_mm(remote: RemoteTask, mm: dict[str, Any]) -> None:
 
 def restore(directory: Path, *, lazy: bool = False, on_lazy: LazyHandoff | None = None,
             image: Image | None = None) -> Restored:
-    """Restore the process in `directory`. `image`: the same image already opened with open_image() (a caller
-    that must know the image is sound before it starts helpers of its own, as a lazy restore's server)."""
+    """Restore the process (or process tree) in `directory`. `image`: the same image already opened with
+    open_image() (a caller that must know the image is sound before it starts helpers of its own, as a lazy
+    restore's server). Returns the root's Restored."""
     img = image if image is not None else open_image(directory, verify_pages=not lazy)
     private.sweep_stale()  # what restores killed half-way left (restore/private.py)
     try:
+        if len(img.tree.nodes) > 1:
+            return restore_tree(img, lazy=lazy, on_lazy=on_lazy)
         if len(img.tasks) != 1:
-            raise RestoreError(f"image holds {len(img.tasks)} tasks; only single processes are supported")
+            raise RestoreError(f"image holds {len(img.tasks)} tasks but no tree (format version "
+                               f"{img.inventory.get('version')})")
         return restore_task(img, img.tasks[0], lazy=lazy, on_lazy=on_lazy)
     finally:
         private.done()
         if not lazy:
             img.close()
+
+
+def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None = None) -> Restored:
+    """Restore every process of the image's tree (restore/tree.py: order of creation, sessions, groups,
+    zombies); none runs before all are ready, and on any failure every task made is killed."""
+    t0 = time.monotonic()
+    tree = img.tree
+    live = tree.live()
+    tasks = {pid: img.task(pid) for pid in live}
+    for pid in live:
+        validate(img, pid, tasks[pid])
+    for node in tree.nodes.values():
+        if node.zombie and os.path.exists(f"/proc/{node.pid}"):
+            raise RestoreError(f"pid {node.pid} (a zombie of the image) is already in use", stage="validate",
+                               pid=node.pid)
+    joins = {pid: cgroups.plan(tasks[pid].get("cgroups"), pid) for pid in live}
+    # One trampoline address for all: each child is a copy of its parent and keeps its trampoline page,
+    # which must therefore be free in every process's layout.
+    every_vma = [v for pid in live for v in tasks[pid]["mm"]["vmas"]]
+    tramp = Trampoline.map_at(trampoline_candidates(every_vma, TRAMPOLINE_SIZE), TRAMPOLINE_SIZE)
+    where = (tramp.addr, tramp.syscall_ip)
+    builds: dict[int, TaskBuild] = {}
+    zombies: list[int] = []
+    created: list[int] = []  # children cloned, whether or not they have a TaskBuild yet
+    failed_pid = tree.root
+    try:
+        for pid in tree.order:
+            failed_pid = pid
+            node = tree[pid]
+            if pid == tree.root:
+                build = TaskBuild(img, pid, tasks[pid], lazy=lazy, on_lazy=on_lazy, t0=t0, leader_done=True)
+                builds[pid] = build
+                build.attach(create_root(tramp, pid), where)
+            else:
+                parent = builds[node.ppid].remote
+                assert parent is not None
+                create_child(parent, pid)
+                created.append(pid)
+                if node.zombie:
+                    zombies.append(pid)
+                    make_zombie(parent, pid, node.exit or 0, node.comm)
+                    continue
+                build = TaskBuild(img, pid, tasks[pid], lazy=lazy, on_lazy=on_lazy, t0=t0,
+                                  stopped=node.stopped, leader_done=True)
+                builds[pid] = build
+                build.attach(pid, where)
+            assert build.remote is not None
+            lead(build.remote, node)
+        root_group = tree[tree.root].pgid
+        for pid in live:
+            failed_pid = pid
+            remote = builds[pid].remote
+            assert remote is not None
+            if tree[pid].pgid == root_group and root_group != tree.root:
+                continue  # the root's group, led outside the image (--shell-job): all share the restorer's
+            join_group(remote, tree[pid], procfs.read_stat(pid).pgrp)
+        for pid in live:
+            failed_pid = pid
+            builds[pid].build(joins[pid])
+        for pid in live:
+            failed_pid = pid
+            builds[pid].release()
+        root = builds[tree.root].result()
+        root.tasks = len(tree.nodes)
+        root.pages_written = sum(b.written for b in builds.values())
+        return root
+    except BaseException as e:
+        for build in builds.values():
+            build.kill()
+        for pid in created:
+            if pid not in builds and pid not in zombies:
+                rcore.kill_quietly(pid)
+                with contextlib.suppress(LazarusError, OSError):
+                    ptrace.wait(pid, timeout=5)
+        for build in reversed(builds.values()):
+            build.reap()
+        err = as_restore_error(e, failed_pid)
+        if err is e:
+            raise
+        raise err from e

@@ -201,7 +201,7 @@ def restore_caps_before_creds(task: RemoteTask, misc: dict[str, Any]) -> None:
     task.syscall(abi.SYS.prctl, abi.PR_SET_KEEPCAPS, 1, 0, 0, 0)
 
 
-def restore_after_creds(task: RemoteTask, misc: dict[str, Any]) -> None:
+def restore_after_creds(task: RemoteTask, misc: dict[str, Any], *, is_root: bool = True) -> None:
     """State that a change of credentials would reset: capabilities, keep-caps and the parent-death signal."""
     t = task
     caps = misc.get("caps")
@@ -224,9 +224,11 @@ def restore_after_creds(task: RemoteTask, misc: dict[str, Any]) -> None:
     if keep is not None or caps:
         t.syscall(abi.SYS.prctl, abi.PR_SET_KEEPCAPS, keep or 0, 0, 0, 0)
     if pr.get("pdeathsig"):
-        # Its parent is now the restorer: the signal comes when the restorer exits (see README).
-        log.warning("pid %d: parent-death signal %d restored: it comes when this restorer exits", t.pid,
-                    pr["pdeathsig"])
+        # A tree's root has the restorer for its parent now: the signal comes when the restorer exits (see
+        # README). A child of the tree has its own parent back: nothing to say.
+        if is_root:
+            log.warning("pid %d: parent-death signal %d restored: it comes when this restorer exits", t.pid,
+                        pr["pdeathsig"])
         t.syscall(abi.SYS.prctl, abi.PR_SET_PDEATHSIG, pr["pdeathsig"], 0, 0, 0)
 
 
