@@ -328,7 +328,7 @@ def _restore_with_daemon(args: argparse.Namespace) -> int:
                   f"{args.dir}. Should both die before the process has all its pages, it waits for them: "
                   f"resume it with `lazarus lazy-pages --adopt PID -D {args.dir}`", file=sys.stderr, flush=True)
             try:
-                Listener(server, theirs, connected=True, once=True)
+                Listener(server, theirs, connected=True)
                 server.run()
             finally:
                 _close_server(server, guard, bar)

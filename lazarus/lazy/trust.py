@@ -10,9 +10,10 @@ only to a server run by root:
     peer       (server side) SO_PEERCRED says uid 0 (its credentials at connect time), and its process (the
                pidfd SO_PEERPIDFD gives; before Linux 6.5 pidfd_open of that pid) still runs with real and
                effective uid 0 when its request is read.
-    named pid  the peer itself or a child of it: a pidfd is opened on the number, the task behind that pidfd
-               names the peer as its parent (PIDFD_GET_INFO reads it from the task itself), and the peer's
-               pidfd and the new one are both unexited afterwards, so neither number was reused in between.
+    named pid  the peer itself or a descendant of it (a restored tree): a pidfd is opened on the number, the
+               task behind that pidfd names its parent (PIDFD_GET_INFO reads it from the task itself), and so
+               on up to the peer, each through a pidfd; the peer's pidfd and all those are unexited afterwards,
+               so no number was reused in between.
                From then on only that pidfd is used: it is watched, and the guard kills through it.
     uffd       must belong to the named task: one page it must be served and does not have yet (its
                pagemap shows no page there) is copied through the uffd, with its true contents from the
@@ -253,8 +254,11 @@ def check_peer(sock: socket.socket) -> Peer:
     return Peer(pid, pidfd)
 
 
+_MAX_DEPTH = 64  # how far below the peer a named process may be (a restored tree)
+
+
 def verify_named_task(peer: Peer, pid: int) -> PidFd:
-    """A pidfd of `pid` once it is the peer itself or a child of the peer (see the module docstring).
+    """A pidfd of `pid` once it is the peer itself or a descendant of it (see the module docstring).
 
     Raises:
         Untrusted naming both pids.
@@ -265,21 +269,28 @@ def verify_named_task(peer: Peer, pid: int) -> PidFd:
         fd = pidfd_open(pid)
     except NoSuchTask:
         raise Untrusted(f"peer pid {peer.pid} named pid {pid}: no such process") from None
+    chain: list[int] = []  # pidfds of the processes between `pid` and the peer
     try:
         try:
-            info = pidfd_info(fd)
+            ppid = pidfd_info(fd).ppid
+            while pid != peer.pid and ppid != peer.pid:
+                if len(chain) >= _MAX_DEPTH or ppid <= 1:
+                    raise Untrusted(f"peer pid {peer.pid} named pid {pid}, which is neither itself nor its "
+                                    f"descendant (its parent is pid {pidfd_info(fd).ppid})")
+                chain.append(pidfd_open(ppid))
+                ppid = pidfd_info(chain[-1]).ppid
         except NoSuchTask:
-            raise Untrusted(f"peer pid {peer.pid} named pid {pid}: it has exited") from None
-        if pid != peer.pid and info.ppid != peer.pid:
-            raise Untrusted(f"peer pid {peer.pid} named pid {pid}, which is neither itself nor its child "
-                            f"(its parent is pid {info.ppid})")
-        # Both still unexited now: neither number can have been handed to another process since the pidfd
-        # was opened and the parent read, so `fd` is the peer itself or its child.
-        if pidfd_exited(peer.pidfd) or pidfd_exited(fd):
+            raise Untrusted(f"peer pid {peer.pid} named pid {pid}: it or a parent of it has exited") from None
+        # All still unexited now: no number can have been handed to another process since its pidfd was opened
+        # and its parent read, so `fd` is the peer itself or its descendant.
+        if pidfd_exited(peer.pidfd) or pidfd_exited(fd) or any(pidfd_exited(a) for a in chain):
             raise Untrusted(f"peer pid {peer.pid} or the pid {pid} it named exited during the check")
     except BaseException:
         os.close(fd)
         raise
+    finally:
+        for a in chain:
+            os.close(a)
     return PidFd(fd, pid)
 
 

@@ -179,6 +179,7 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
     try:
         build.attach(create_root(tramp, pid), tramp)
         build.build(join_cgroups)
+        build.hand_over()
         build.release()
         return build.result()
     except BaseException as e:
@@ -355,10 +356,12 @@ class TaskBuild:
         if handover is not None:
             self.handover = handover
             self.source = ImagePageSource(served, page_file, name=f"pages-{pid}.img")
-            if self.on_lazy is not None:
-                # The server (and its guard) must hold the uffd before the task runs: a task whose uffd is
-                # closed would fault in zeros instead of its data.
-                self.on_lazy(child, handover, self.source)
+
+    def hand_over(self) -> None:
+        """Give the uffd to the lazy-pages server. The server (and its guard) must hold it before the task
+        runs: a task whose uffd is closed would fault in zeros instead of its data."""
+        if self.handover is not None and self.on_lazy is not None:
+            self.on_lazy(self.child, self.handover, self.source)
 
     def release(self) -> None:
         """Let it run (or, for a task stopped at the dump, go into its job-control stop)."""
@@ -500,7 +503,12 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
                     zombies.append(pid)
                     make_zombie(parent, pid, node.exit or 0, node.comm)
                     continue
-                build = TaskBuild(img, pid, tasks[pid], lazy=lazy, on_lazy=on_lazy, t0=t0,
+                # A stopped task is filled at once even in a lazy restore: it runs no code until continued,
+                # and the server could not take the anchor out of a task in a job-control stop.
+                eager_here = lazy and node.stopped
+                if eager_here and img.has_pages(pid):
+                    verify_pages_two_cpus(img, pid)
+                build = TaskBuild(img, pid, tasks[pid], lazy=lazy and not eager_here, on_lazy=on_lazy, t0=t0,
                                   stopped=node.stopped, leader_done=True)
                 builds[pid] = build
                 build.attach(pid, where)
@@ -517,6 +525,11 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
         for pid in live:
             failed_pid = pid
             builds[pid].build(joins[pid])
+        # Every task is complete but for running. Hand over the uffds one after the other, then let all go at
+        # once: the server may finish a small process meanwhile and wants it untraced to remove its anchor.
+        for pid in live:
+            failed_pid = pid
+            builds[pid].hand_over()
         for pid in live:
             failed_pid = pid
             builds[pid].release()
