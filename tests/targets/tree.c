@@ -2,7 +2,7 @@
  * tree.c - a process tree: parent links, sessions, process groups, a zombie, a stopped child, a parent-death
  * signal, and memory of every process, each process checking itself after the restore.
  *
- *   tree LOGFILE
+ *   tree LOGFILE [share|resession]
  *
  *   root (session and group leader, started by the harness in a new session)
  *   |-- a       plain child, a copy-on-write buffer of the root's and one of its own
@@ -18,6 +18,10 @@
  * child (a to g), each checks its pid, ppid, pgid, sid, parent-death signal and memory, and exits 0 or 1;
  * the root reaps them all, reaps the zombie expecting status 42, and writes PASS only if every one passed.
  * Each child opens the log itself (its own open file description) and /dev/null for its stdio.
+ *
+ * Trees a dump must refuse, naming the pids (the tree runs on and passes all the same):
+ *   share      the root keeps the read end of a pipe whose write end b holds (a pipe between processes)
+ *   resession  a calls setsid() after forking g: g is in the root's session but its parent is not
  */
 #include "common.h"
 
@@ -112,11 +116,15 @@ static void child_main(const char *name, int ready, void (*setup)(void), const c
 
 static pid_t b_pid; /* g joins b's group */
 static pid_t g_pid;
+static const char *mode = "";
+static int share_pipe[2] = {-1, -1};
 
 static void setup_b(void)
 {
 	if (setpgid(0, 0))
 		laz_die("setpgid b");
+	if (share_pipe[0] >= 0)
+		close(share_pipe[0]); /* b keeps the write end */
 }
 
 static void setup_c(void)
@@ -160,6 +168,8 @@ static void a_main(int ready)
 	if (read(gp[0], &c, 1) != 0)
 		laz_die("g not ready");
 	close(gp[0]);
+	if (!strcmp(mode, "resession") && setsid() < 0)
+		laz_die("setsid a");
 	struct who want = whoami();
 	close(ready);
 	laz_wait_usr2();
@@ -207,8 +217,16 @@ int main(int argc, char **argv)
 	laz_fill(shared_cow, SIZE, SEED);
 	laz_fill(own, SIZE, SEED + (uint64_t)getpid());
 	struct who root_want = whoami();
+	if (argc > 2)
+		mode = argv[2];
+	if (!strcmp(mode, "share") && pipe(share_pipe))
+		laz_die("pipe share");
 
 	b_pid = spawn("b", setup_b, "child", 0);
+	if (share_pipe[1] >= 0) {
+		close(share_pipe[1]); /* the root keeps the read end */
+		share_pipe[1] = -1;
+	}
 	pid_t a = spawn("a", NULL, NULL, 1);
 	pid_t c = spawn("c", setup_c, NULL, 0);
 	pid_t p = spawn("p", setup_p, NULL, 0);
