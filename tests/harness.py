@@ -57,7 +57,7 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "prctl": (),
     "refused_proc": (),
     "threads": ("-pthread",),
-    "tree": (),
+    "tree": ("-pthread",),
 }
 CFLAGS = ("-O1", "-g", "-Wall")
 

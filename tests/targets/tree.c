@@ -11,7 +11,7 @@
  *   |-- c       leader of a session of its own (setsid)
  *   |-- z       zombie: exited with status 42, not reaped before the dump
  *   |-- s       stopped (SIGSTOP) at the dump; the root sends SIGCONT after the restore and sees it run
- *   `-- p       PR_SET_PDEATHSIG(SIGHUP)
+ *   `-- p       PR_SET_PDEATHSIG(SIGHUP), and a second thread (its tid and thread-local value checked)
  *
  * Readiness goes up through pipes (end-of-file: the child closed its end) that every process closes before READY (pipes between processes are not
  * dumped yet); results come back as exit statuses: after the root's SIGUSR2 it sends SIGUSR2 to each live
@@ -25,7 +25,9 @@
  */
 #include "common.h"
 
+#include <pthread.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 
 #define SIZE (64 * LAZ_PAGE)
@@ -103,6 +105,9 @@ static int check_self(const char *name, const struct who *want, const char *corr
 /* A child's life after fork: set up, report ready through `ready`, wait for the trigger, check, exit. */
 static int inherited_ready = -1; /* a's own ready pipe, inherited by g */
 
+static void setup_p(void);
+static int check_p_thread(void);
+
 static void child_main(const char *name, int ready, void (*setup)(void), const char *point)
 {
 	if (inherited_ready >= 0)
@@ -115,7 +120,10 @@ static void child_main(const char *name, int ready, void (*setup)(void), const c
 	struct who want = whoami();
 	close(ready); /* the parent reads end-of-file once every copy of it is closed */
 	laz_wait_usr2();
-	_exit(check_self(name, &want, point));
+	int bad = check_self(name, &want, point);
+	if (setup == setup_p)
+		bad |= check_p_thread();
+	_exit(bad);
 }
 
 static pid_t b_pid; /* g joins b's group */
@@ -137,10 +145,51 @@ static void setup_c(void)
 		laz_die("setsid c");
 }
 
+static __thread uint64_t tls_value;
+static volatile pid_t p_thread_tid;
+static volatile uint64_t p_thread_saw;
+static volatile int p_thread_go;
+
+static void *p_thread(void *arg)
+{
+	(void)arg;
+	tls_value = 0x7ee5beefULL;
+	p_thread_tid = (pid_t)syscall(SYS_gettid);
+	while (!p_thread_go)
+		usleep(2000);
+	p_thread_saw = tls_value;
+	return NULL;
+}
+
+static pthread_t p_thr;
+
 static void setup_p(void)
 {
 	if (prctl(PR_SET_PDEATHSIG, SIGHUP))
 		laz_die("PR_SET_PDEATHSIG");
+	if (pthread_create(&p_thr, NULL, p_thread, NULL))
+		laz_die("pthread_create");
+	while (!p_thread_tid)
+		usleep(1000);
+}
+
+/* p after the trigger: its thread is still there with its id, and reads its own thread-local value. */
+static int check_p_thread(void)
+{
+	char path[64];
+
+	snprintf(path, sizeof(path), "/proc/self/task/%d", (int)p_thread_tid);
+	if (access(path, F_OK)) {
+		laz_log("# p: thread %d is gone", (int)p_thread_tid);
+		return 1;
+	}
+	p_thread_go = 1;
+	if (pthread_join(p_thr, NULL) || p_thread_saw != 0x7ee5beefULL) {
+		laz_log("# p: thread %d saw thread-local value %#llx", (int)p_thread_tid,
+			(unsigned long long)p_thread_saw);
+		return 1;
+	}
+	return 0;
 }
 
 static void setup_g(void)

@@ -65,3 +65,30 @@ def test_old_versions_have_no_tree() -> None:
         parse_tree(inv(GOOD, [10, 11, 12, 13, 15], version=2))
     with pytest.raises(ImageError, match="missing field 'tree'"):
         parse_tree({"version": 3, "root_pid": 10, "tasks": [10, 11]})
+
+
+def _nodes(*recs: dict[str, Any]) -> dict[int, Any]:
+    from lazarus.images.tree import Node
+    return {r["pid"]: Node(r["pid"], r["ppid"], r["pgid"], r["sid"], r["state"], r["comm"], r["exit"])
+            for r in recs}
+
+
+def test_dump_accepts_what_a_restore_rebuilds() -> None:
+    from lazarus.dump.tree import check_tree
+    check_tree(10, _nodes(*GOOD, node(16, 11, pgid=12)))  # a member of a group another child leads
+
+
+@pytest.mark.parametrize(("extra", "why"), [
+    (node(16, 11, sid=99, pgid=99), "pid 16 is in session 99, led by outside the tree, which it did not inherit "
+                                    "from its parent 11"),
+    (node(16, 13, sid=10, pgid=10), "pid 16 is in session 10, led by pid 10, which it did not inherit from its "
+                                    "parent 13"),
+    (node(16, 11, pgid=77), "pid 16 is in process group 77, whose leader is not a live process of the tree"),
+    (node(16, 11, pgid=11), "pid 16 is in process group 11, whose leader is not a live process of the tree"),
+    (node(16, 13, sid=13, pgid=16, state="zombie", exit=0), "pid 16 is a zombie in another session or process group"),
+])
+def test_dump_refuses_what_a_restore_cannot_rebuild(extra: dict[str, Any], why: str) -> None:
+    from lazarus.dump.tree import check_tree
+    from lazarus.errors import Unsupported
+    with pytest.raises(Unsupported, match=re.escape(why)):
+        check_tree(10, _nodes(*GOOD, extra))
