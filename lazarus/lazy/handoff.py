@@ -147,8 +147,8 @@ class Listener:
                 peer.close()
         with contextlib.suppress(OSError):
             conn.send(json.dumps(reply).encode())
-        if conn is not self.sock:
-            self._drop(conn)
+        # A connection stays open for the next process of the same restore (a tree hands them over one after
+        # the other); it is dropped when the restore closes it (above).
         if self.once and self.received:
             self.close()
 
