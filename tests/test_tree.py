@@ -59,7 +59,7 @@ def started(harness: H.Harness, *args: str) -> tuple[H.Target, dict[int, tuple[s
     harness.settle(CASE, target)
     want = tree_of(target.pid)
     states = sorted(s for s, *_ in want.values())
-    assert states.count("T") == 1 and states.count("Z") == 1 and len(want) == 8, want
+    assert states.count("T") == 1 and states.count("Z") == 2 and len(want) == 10, want
     return target, want
 
 
@@ -74,20 +74,24 @@ def test_show_draws_the_tree(harness: H.Harness) -> None:
     image = harness.image_dir()
     res = harness.dump(target, image)
     assert res.returncode == 0, res.stderr
-    assert re.search(r"and its tree \(8 processes\)", res.stdout), res.stdout
+    assert re.search(r"and its tree \(10 processes\)", res.stdout), res.stdout
     shown = harness.lazarus("show", str(image))
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
-    at = lines.index("process tree (8 processes):")
-    drawn = lines[at + 1:at + 9]
+    at = lines.index("process tree (10 processes):")
+    drawn = lines[at + 1:at + 11]
     assert drawn[0].strip() == f"{target.pid} (tree) pgid {target.pid} sid {target.pid}", drawn
-    zombie = [pid for pid, (s, *_) in want.items() if s == "Z"][0]
+    zombie = min(pid for pid, (s, *_) in want.items() if s == "Z")
     stopped = [pid for pid, (s, *_) in want.items() if s == "T"][0]
     assert any(line.endswith(f"{zombie} (tree) pgid {target.pid} sid {target.pid} [zombie, exit 42]")
                for line in drawn), drawn
     assert any(line.endswith(f"{stopped} (tree) pgid {target.pid} sid {target.pid} [stopped]") for line in drawn)
-    grandchild = [pid for pid, (_, _, ppid, _, _) in want.items() if ppid not in (target.pid, 1, os.getpid())]
-    assert len(grandchild) == 1 and any(f"`-- {grandchild[0]} (tree)" in line for line in drawn), drawn
+    assert any(line.endswith(f"{max(zombie for zombie, (s, *_) in want.items() if s == 'Z')} (tree) pgid "
+                             f"{target.pid} sid {target.pid} [zombie, killed by signal 15]") for line in drawn)
+    grandchildren = [pid for pid, (_, _, ppid, _, _) in want.items() if ppid not in (target.pid, 1, os.getpid())]
+    assert len(grandchildren) == 2, want
+    assert all(any(f"`-- {g} (tree)" in line for line in drawn) for g in grandchildren), drawn
+    assert any(line.endswith("[2 threads]") for line in drawn), drawn
 
 
 def test_lazy_restore_served_in_foreground(harness: H.Harness) -> None:

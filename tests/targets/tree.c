@@ -8,8 +8,10 @@
  *   |-- a       plain child, a copy-on-write buffer of the root's and one of its own
  *   |   `-- g   grandchild, member of b's process group (a group whose leader is another task)
  *   |-- b       leader of its own process group
- *   |-- c       leader of a session of its own (setsid)
+ *   |-- c       leader of a session of its own (setsid), and a child subreaper (PR_SET_CHILD_SUBREAPER)
+ *   |   `-- e   an orphan c adopted: its parent d (c's child) exited after forking it
  *   |-- z       zombie: exited with status 42, not reaped before the dump
+ *   |-- y       zombie: killed by SIGTERM
  *   |-- s       stopped (SIGSTOP) at the dump; the root sends SIGCONT after the restore and sees it run
  *   `-- p       PR_SET_PDEATHSIG(SIGHUP), and a second thread (its tid and thread-local value checked)
  *
@@ -139,10 +141,12 @@ static void setup_b(void)
 		close(share_pipe[0]); /* b keeps the write end */
 }
 
-static void setup_c(void)
+static pid_t c_pid;
+
+static void setup_e(void)
 {
-	if (setsid() < 0)
-		laz_die("setsid c");
+	while (getppid() != c_pid) /* until d has exited and e is c's */
+		usleep(1000);
 }
 
 static __thread uint64_t tls_value;
@@ -236,7 +240,64 @@ static void a_main(int ready)
 	_exit(bad);
 }
 
-static pid_t spawn(const char *name, void (*setup)(void), const char *point, int is_a)
+/* c: a session of its own, a subreaper; forks d, which forks e and exits: e is c's orphan. */
+static void c_main(int ready)
+{
+	int ep[2];
+	int32_t e_pid = 0;
+	char c;
+
+	own_stdio();
+	laz_usr2_seen = 0;
+	if (setsid() < 0)
+		laz_die("setsid c");
+	if (prctl(PR_SET_CHILD_SUBREAPER, 1))
+		laz_die("PR_SET_CHILD_SUBREAPER");
+	c_pid = getpid();
+	laz_fill(own, SIZE, SEED + (uint64_t)getpid());
+	if (pipe(ep))
+		laz_die("pipe c");
+	inherited_ready = ready;
+	pid_t d = fork();
+	if (d < 0)
+		laz_die("fork d");
+	if (d == 0) {
+		close(ep[0]);
+		inherited_ready = -1;
+		close(ready);
+		int32_t e = fork();
+		if (e == 0)
+			child_main("e", ep[1], setup_e, NULL);
+		if (e < 0 || write(ep[1], &e, sizeof(e)) != sizeof(e))
+			_exit(7);
+		_exit(0);
+	}
+	close(ep[1]);
+	int st = 0;
+	if (waitpid(d, &st, 0) != d || !WIFEXITED(st) || WEXITSTATUS(st))
+		laz_die("d ended with %#x", st);
+	if (read(ep[0], &e_pid, sizeof(e_pid)) != sizeof(e_pid) || read(ep[0], &c, 1) != 0)
+		laz_die("e not ready");
+	close(ep[0]);
+	struct who want = whoami();
+	close(ready);
+	laz_wait_usr2();
+	int bad = check_self("c", &want, NULL);
+	int sub = 0;
+	if (prctl(PR_GET_CHILD_SUBREAPER, &sub) || sub != 1) {
+		laz_log("# c: child subreaper %d", sub);
+		bad = 1;
+	}
+	kill(e_pid, SIGUSR2);
+	st = 0;
+	if (waitpid(e_pid, &st, 0) != e_pid || !WIFEXITED(st) || WEXITSTATUS(st)) {
+		laz_log("# c: orphan %d ended with status %#x", (int)e_pid, st);
+		bad = 1;
+	}
+	_exit(bad);
+}
+
+static pid_t spawn(const char *name, void (*setup)(void), const char *point, void (*own_main)(int))
 {
 	int p[2];
 	char c;
@@ -248,8 +309,8 @@ static pid_t spawn(const char *name, void (*setup)(void), const char *point, int
 		laz_die("fork %s", name);
 	if (pid == 0) {
 		close(p[0]);
-		if (is_a)
-			a_main(p[1]);
+		if (own_main)
+			own_main(p[1]);
 		child_main(name, p[1], setup, point);
 	}
 	close(p[1]);
@@ -275,14 +336,14 @@ int main(int argc, char **argv)
 	if (!strcmp(mode, "share") && pipe(share_pipe))
 		laz_die("pipe share");
 
-	b_pid = spawn("b", setup_b, "child", 0);
+	b_pid = spawn("b", setup_b, "child", NULL);
 	if (share_pipe[1] >= 0) {
 		close(share_pipe[1]); /* the root keeps the read end */
 		share_pipe[1] = -1;
 	}
-	pid_t a = spawn("a", NULL, NULL, 1);
-	pid_t c = spawn("c", setup_c, NULL, 0);
-	pid_t p = spawn("p", setup_p, NULL, 0);
+	pid_t a = spawn("a", NULL, NULL, a_main);
+	pid_t c = spawn("c", NULL, NULL, c_main);
+	pid_t p = spawn("p", setup_p, NULL, NULL);
 
 	pid_t z = fork();
 	if (z < 0)
@@ -292,14 +353,24 @@ int main(int argc, char **argv)
 	siginfo_t si;
 	if (waitid(P_PID, (id_t)z, &si, WEXITED | WNOWAIT)) /* exited, and left unreaped */
 		laz_die("waitid z");
+	pid_t y = fork();
+	if (y < 0)
+		laz_die("fork y");
+	if (y == 0) {
+		signal(SIGTERM, SIG_DFL);
+		raise(SIGTERM);
+		_exit(9);
+	}
+	if (waitid(P_PID, (id_t)y, &si, WEXITED | WNOWAIT))
+		laz_die("waitid y");
 
-	pid_t s = spawn("s", NULL, NULL, 0);
+	pid_t s = spawn("s", NULL, NULL, NULL);
 	kill(s, SIGSTOP);
 	int st = 0;
 	if (waitpid(s, &st, WUNTRACED) != s || !WIFSTOPPED(st))
 		laz_die("s did not stop");
-	laz_log("# tree: a %d (g), b %d, c %d, p %d, zombie %d, stopped %d", (int)a, (int)b_pid, (int)c, (int)p,
-		(int)z, (int)s);
+	laz_log("# tree: a %d (g), b %d, c %d (e), p %d, zombies %d %d, stopped %d", (int)a, (int)b_pid, (int)c,
+		(int)p, (int)z, (int)y, (int)s);
 
 	laz_ready(POINTS);
 	laz_wait_usr2();
@@ -326,6 +397,9 @@ int main(int argc, char **argv)
 	st = 0;
 	LAZ_CHECK(waitpid(z, &st, WNOHANG) == z && WIFEXITED(st) && WEXITSTATUS(st) == want_zombie,
 		  "zombie %d reaped with status %#x, expected exit %d", (int)z, st, want_zombie);
+	st = 0;
+	LAZ_CHECK(waitpid(y, &st, WNOHANG) == y && WIFSIGNALED(st) && WTERMSIG(st) == SIGTERM,
+		  "zombie %d reaped with status %#x, expected killed by SIGTERM", (int)y, st);
 
 	/* The stopped child: still stopped; SIGCONT makes it run again. */
 	snprintf(path, sizeof(path), "/proc/%d/stat", (int)s);
