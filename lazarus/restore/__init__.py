@@ -130,12 +130,7 @@ def verify_pages_two_cpus(img: Image, pid: int) -> None:
 
 def validate(img: Image, pid: int, task: dict[str, Any]) -> None:
     """Everything checkable before creating anything."""
-    deadline = time.monotonic() + 2.0
-    while os.path.exists(f"/proc/{pid}"):
-        # A just-killed original may still be a zombie for a moment, until its parent reaps it.
-        if not _is_zombie(pid) or time.monotonic() > deadline:
-            raise RestoreError(f"pid {pid} is already in use", stage="validate", pid=pid)
-        time.sleep(0.01)
+    _wait_pid_free(pid)
     for v in task["mm"]["vmas"]:
         if v["kind"] != "file":
             continue
@@ -159,6 +154,16 @@ def validate(img: Image, pid: int, task: dict[str, Any]) -> None:
         raise RestoreError(f"working directory {cwd} is gone", stage="validate", path=cwd)
     check_files(task["files"])
     precheck(task)  # the files it will open, tried under its credentials (restore/access.py)
+
+
+def _wait_pid_free(pid: int, what: str = "") -> None:
+    deadline = time.monotonic() + 2.0
+    while os.path.exists(f"/proc/{pid}"):
+        # A just-killed original may still be a zombie for a moment, until its parent reaps it.
+        if not _is_zombie(pid) or time.monotonic() > deadline:
+            raise RestoreError(f"pid {pid}{f' ({what})' if what else ''} is already in use", stage="validate",
+                               pid=pid)
+        time.sleep(0.01)
 
 
 def _is_zombie(pid: int) -> bool:
@@ -473,9 +478,8 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
     for pid in live:
         validate(img, pid, tasks[pid])
     for node in tree.nodes.values():
-        if node.zombie and os.path.exists(f"/proc/{node.pid}"):
-            raise RestoreError(f"pid {node.pid} (a zombie of the image) is already in use", stage="validate",
-                               pid=node.pid)
+        if node.zombie:
+            _wait_pid_free(node.pid, "a zombie of the image")
     joins = {pid: cgroups.plan(tasks[pid].get("cgroups"), pid) for pid in live}
     # One trampoline address for all: each child is a copy of its parent and keeps its trampoline page,
     # which must therefore be free in every process's layout.
