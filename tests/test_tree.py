@@ -123,6 +123,8 @@ def test_dump_killed_mid_tree_leaves_every_process_as_it_was(harness: H.Harness,
 @pytest.mark.parametrize(("mode", "why"), [
     ("share", r"pid \d+ fd \d+ and pid \d+ fd \d+ (share one open file description|are open on one pipe)"),
     ("resession", r"pid \d+ is in session \d+, led by pid \d+, which it did not inherit from its parent \d+"),
+    # met in the second process dumped, once the root's state has been read by injection and put back
+    ("kmsg", r"fd \d+ \(/dev/kmsg\).*character device.*\(pid \d+\)"),
 ])
 def test_refused_tree_resumes_every_process(harness: H.Harness, mode: str, why: str) -> None:
     """Refused after every process is frozen: one line naming the pids, and all of them run on as before."""

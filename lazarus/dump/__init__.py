@@ -219,7 +219,12 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: b
             refuse_shared(sorted(frozen))
             xstate = None
             for p, fr in frozen.items():
-                task, n, masks[p] = _dump_task(p, fr, writer, shell_job)
+                try:
+                    task, n, masks[p] = _dump_task(p, fr, writer, shell_job)
+                except LazarusError as e:
+                    if e.pid is None and len(frozen) > 1:
+                        e.pid = p  # which process of the tree it is about: shown with the message
+                    raise
                 npages += n
                 xstate = xstate if xstate is not None else task["core"]["xstate"]
             assert xstate is not None

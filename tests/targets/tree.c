@@ -24,6 +24,7 @@
  * Trees a dump must refuse, naming the pids (the tree runs on and passes all the same):
  *   share      the root keeps the read end of a pipe whose write end b holds (a pipe between processes)
  *   resession  a calls setsid() after forking g: g is in the root's session but its parent is not
+ *   kmsg       b holds /dev/kmsg open (a character device a dump refuses, met once the root is dumped)
  */
 #include "common.h"
 
@@ -139,6 +140,8 @@ static void setup_b(void)
 		laz_die("setpgid b");
 	if (share_pipe[0] >= 0)
 		close(share_pipe[0]); /* b keeps the write end */
+	if (!strcmp(mode, "kmsg") && open("/dev/kmsg", O_RDONLY) < 0)
+		laz_die("open /dev/kmsg");
 }
 
 static pid_t c_pid;
