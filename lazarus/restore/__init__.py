@@ -211,12 +211,13 @@ def create_root(tramp: Trampoline, pid: int) -> int:
         ptrace.seize(child, abi.PTRACE_O_TRACESYSGOOD | abi.PTRACE_O_EXITKILL)
         ptrace.interrupt(child)
         st = ptrace.wait(child)
+        if not (st.stopped and st.event == abi.PTRACE_EVENT_STOP):
+            raise RestoreError(f"new task {child} {st}", stage="create", pid=pid)
     except BaseException:
         rcore.kill_quietly(child)
+        with contextlib.suppress(OSError):
+            os.waitpid(child, 0)  # our own child: reaped here
         raise
-    if not (st.stopped and st.event == abi.PTRACE_EVENT_STOP):
-        rcore.kill_quietly(child)
-        raise RestoreError(f"new task {child} {st}", stage="create", pid=pid)
     return child
 
 
@@ -232,9 +233,9 @@ def as_restore_error(e: BaseException, pid: int) -> BaseException:
 
 class TaskBuild:
     """One process being restored, in stages: attach() to a new blank task (a copy of the restorer or of its
-    parent, with the trampoline page), build() everything up to its final registers (and the lazy handoff),
-    release() to let it run; kill() and reap() on failure. A tree restore runs each stage for all its
-    processes before the next (restore/tree.py)."""
+    parent, with the trampoline page), build() everything up to its final registers, hand_over() its uffd to
+    the lazy-pages server, release() to let it run; kill() and reap() on failure. A tree restore runs each
+    stage for all its processes before the next (restore_tree, docs/TREES.md)."""
 
     def __init__(self, img: Image, pid: int, task: dict[str, Any], *, lazy: bool, on_lazy: LazyHandoff | None,
                  t0: float, stopped: bool = False, leader_done: bool = False) -> None:
