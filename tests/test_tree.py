@@ -8,6 +8,7 @@ behind, and trees a dump must refuse, named by pid.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -173,3 +174,35 @@ def test_restore_killed_mid_tree_leaves_nothing(harness: H.Harness, kill_at: int
     while any(H.is_alive(pid) for pid in want) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not [pid for pid in want if H.is_alive(pid)], "processes of the tree left behind"
+
+
+def test_lazy_pages_server_serves_every_process(harness: H.Harness, tmp_path: Path) -> None:
+    """`lazarus lazy-pages` gets every process of the tree over one connection, each with its own uffd (the
+    stopped one excepted: it is filled at once), and serves them all."""
+    target, want = started(harness)
+    image = harness.image_dir()
+    assert harness.dump(target, image).returncode == 0
+    sockdir = tmp_path / "lp"
+    sockdir.mkdir()
+    stats = tmp_path / "lp-stats.json"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lazarus", "lazy-pages", "-D", str(sockdir), "--linger", "1", "--stats", str(stats)],
+        cwd=H.REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    harness.register(server.pid, "lazy-pages")
+    try:
+        sock = sockdir / "lazy-pages.sock"
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        r = harness.restore(image, "--lazy-pages-socket", str(sock), lazy=True, like=target)
+        assert r.returncode == 0 and r.target is not None, r.proc.stderr
+        H.expect_pass(harness.run_case(CASE, r.target), r.target, r)
+        _, err = server.communicate(timeout=60)
+        assert server.returncode == 0, err
+        served = {p["pid"] for p in json.loads(stats.read_text())["processes"]}
+        live = {pid for pid, (s, *_) in want.items() if s not in ("Z", "T")}
+        assert served == live, (served, live)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)
