@@ -1,5 +1,5 @@
 /*
- * tree.c - a process tree: parent links, sessions, process groups, a zombie, a stopped child, a parent-death
+ * tree.c - exercises a process tree: parent links, sessions, process groups, zombies, a stopped child, a parent-death
  * signal, and memory of every process, each process checking itself after the restore.
  *
  *   tree LOGFILE [share|resession]
