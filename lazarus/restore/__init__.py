@@ -512,7 +512,7 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
                 # and the server could not take the anchor out of a task in a job-control stop.
                 eager_here = lazy and node.stopped
                 if eager_here and img.has_pages(pid):
-                    verify_pages_two_cpus(img, pid)
+                    img.verify_pages(pid)  # no fork here: a lazy restore may already have server threads
                 build = TaskBuild(img, pid, tasks[pid], lazy=lazy and not eager_here, on_lazy=on_lazy, t0=t0,
                                   stopped=node.stopped, leader_done=True)
                 builds[pid] = build
