@@ -124,6 +124,7 @@ def test_dump_killed_mid_tree_leaves_every_process_as_it_was(harness: H.Harness,
 @pytest.mark.parametrize(("mode", "why"), [
     ("share", r"pid \d+ fd \d+ and pid \d+ fd \d+ (share one open file description|are open on one pipe)"),
     ("resession", r"pid \d+ is in session \d+, led by pid \d+, which it did not inherit from its parent \d+"),
+    ("shm", r"pid \d+ at 0x[0-9a-f]+ and pid \d+ at 0x[0-9a-f]+ map one shared memory object"),
     # met in the second process dumped, once the root's state has been read by injection and put back
     ("kmsg", r"fd \d+ \(/dev/kmsg\).*character device.*\(pid \d+\)"),
 ])

@@ -24,6 +24,7 @@
  * Trees a dump must refuse, naming the pids (the tree runs on and passes all the same):
  *   share      the root keeps the read end of a pipe whose write end b holds (a pipe between processes)
  *   resession  a calls setsid() after forking g: g is in the root's session but its parent is not
+ *   shm        the root maps shared anonymous memory before forking: every child maps it too
  *   kmsg       b holds /dev/kmsg open (a character device a dump refuses, met once the root is dumped)
  */
 #include "common.h"
@@ -338,6 +339,9 @@ int main(int argc, char **argv)
 		mode = argv[2];
 	if (!strcmp(mode, "share") && pipe(share_pipe))
 		laz_die("pipe share");
+	if (!strcmp(mode, "shm") &&
+	    mmap(NULL, LAZ_PAGE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0) == MAP_FAILED)
+		laz_die("mmap shared");
 
 	b_pid = spawn("b", setup_b, "child", NULL);
 	if (share_pipe[1] >= 0) {
