@@ -1,6 +1,7 @@
 /*
- * tree.c - exercises a process tree: parent links, sessions, process groups, zombies, a stopped child, a parent-death
- * signal, and memory of every process, each process checking itself after the restore.
+ * tree.c - exercises a process tree: parent links, sessions, process groups, zombies, a stopped child, a
+ * parent-death signal, a child subreaper, threads, and memory of every process, each process checking itself
+ * after the restore.
  *
  *   tree LOGFILE [share|resession]
  *
@@ -25,11 +26,14 @@
  *   share      the root keeps the read end of a pipe whose write end b holds (a pipe between processes)
  *   resession  a calls setsid() after forking g: g is in the root's session but its parent is not
  *   shm        the root maps shared anonymous memory before forking: every child maps it too
+ *   clonefiles the root also has a child made by clone(CLONE_FILES): one fd table for both
+ *   clonefs    the same with clone(CLONE_FS): one working directory, root and umask
  *   kmsg       b holds /dev/kmsg open (a character device a dump refuses, met once the root is dumped)
  */
 #include "common.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -301,6 +305,16 @@ static void c_main(int ready)
 	_exit(bad);
 }
 
+static char cf_stack[64 * 1024];
+
+static int cf_main(void *arg)
+{
+	(void)arg;
+	for (;;)
+		pause();
+	return 0;
+}
+
 static pid_t spawn(const char *name, void (*setup)(void), const char *point, void (*own_main)(int))
 {
 	int p[2];
@@ -371,6 +385,14 @@ int main(int argc, char **argv)
 	if (waitid(P_PID, (id_t)y, &si, WEXITED | WNOWAIT))
 		laz_die("waitid y");
 
+	pid_t cf = -1;
+	if (!strcmp(mode, "clonefiles") || !strcmp(mode, "clonefs")) {
+		int flags = !strcmp(mode, "clonefs") ? CLONE_FS : CLONE_FILES;
+		cf = clone(cf_main, cf_stack + sizeof(cf_stack), flags | SIGCHLD, NULL);
+		if (cf < 0)
+			laz_die("clone CLONE_FILES");
+	}
+
 	pid_t s = spawn("s", NULL, NULL, NULL);
 	kill(s, SIGSTOP);
 	int st = 0;
@@ -430,6 +452,10 @@ int main(int argc, char **argv)
 		while (got == kids[i] && !WIFEXITED(st) && !WIFSIGNALED(st));
 		LAZ_CHECK(got == kids[i] && WIFEXITED(st) && WEXITSTATUS(st) == 0, "child %s (%d) ended with status %#x",
 			  names[i], (int)kids[i], st);
+	}
+	if (cf > 0) {
+		kill(cf, SIGKILL);
+		waitpid(cf, &st, 0);
 	}
 	laz_finish();
 }
