@@ -3,7 +3,7 @@
  * parent-death signal, a child subreaper, threads, and memory of every process, each process checking itself
  * after the restore.
  *
- *   tree LOGFILE [share|resession]
+ *   tree LOGFILE [share|resession|shm|clonefiles|clonefs|kmsg]
  *
  *   root (session and group leader, started by the harness in a new session)
  *   |-- a       plain child, a copy-on-write buffer of the root's and one of its own
