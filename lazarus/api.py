@@ -64,6 +64,7 @@ class Restoration:
     served_by: str | None = None
     daemon_pid: int | None = None
     status_path: Path | None = None
+    tasks: int = 1  # processes restored: a tree's whole count (zombies included); `pid` is its root
     init: Any = None  # pidns: the namespace's init (restore/pidns.py NsInit), our child; the process is its
     ns_pid: int = 0  # pidns: the process's pid inside its namespace (the image's pid)
     _serving: Serving | None = field(default=None, repr=False)
@@ -155,7 +156,7 @@ def restore(directory: str | Path, *, lazy: bool = False, detach: bool = False, 
         if not background or stats_path or lazy_pages_socket or on_progress or status is not None:
             raise UsageError("--no-background, --stats and --lazy-pages-socket need --lazy")
         res = _restore(directory, pidns=pidns)
-        return Restoration(res.pid, res.seconds, res.pages_written, lazy=False, init=res.init, ns_pid=res.ns_pid)
+        return Restoration(res.pid, res.seconds, res.pages_written, tasks=res.tasks, lazy=False, init=res.init, ns_pid=res.ns_pid)
     require_lazy_features()
     # The image is checked whole before any helper of ours (server, guard, daemon) exists: a bad image is
     # refused with nothing created.
@@ -168,7 +169,7 @@ def restore(directory: str | Path, *, lazy: bool = False, detach: bool = False, 
             res = _restore(directory, lazy=True, on_lazy=hand_over(sock, directory), image=image, pidns=pidns)
         finally:
             sock.close()
-        return Restoration(res.pid, res.seconds, res.pages_written, lazy=True, served_by="server", init=res.init,
+        return Restoration(res.pid, res.seconds, res.pages_written, tasks=res.tasks, lazy=True, served_by="server", init=res.init,
                            ns_pid=res.ns_pid)
     if detach:
         from lazarus.lazy.daemon import fork_daemon, hand_over
@@ -181,7 +182,7 @@ def restore(directory: str | Path, *, lazy: bool = False, detach: bool = False, 
             daemon.sock.close()
             if status is not None:
                 status.forget()  # the daemon answers there now, and removes it when done
-        return Restoration(res.pid, res.seconds, res.pages_written, lazy=True, served_by="daemon",
+        return Restoration(res.pid, res.seconds, res.pages_written, tasks=res.tasks, lazy=True, served_by="daemon",
                            daemon_pid=daemon.pid, status_path=status.path if status is not None else None,
                            init=res.init, ns_pid=res.ns_pid)
     # Served here: the guard forks now, while we have no threads.
@@ -192,7 +193,7 @@ def restore(directory: str | Path, *, lazy: bool = False, detach: bool = False, 
     except BaseException:
         serving.close()
         raise
-    return Restoration(res.pid, res.seconds, res.pages_written, lazy=True, served_by="here", _serving=serving,
+    return Restoration(res.pid, res.seconds, res.pages_written, tasks=res.tasks, lazy=True, served_by="here", _serving=serving,
                        init=res.init, ns_pid=res.ns_pid)
 
 

@@ -188,8 +188,9 @@ def cmd_dump(args: argparse.Namespace) -> int:
     from lazarus.api import dump
     res = dump(args.pid, args.dir, leave_running=args.leave_running, shell_job=args.shell_job)
     fate = "left running" if res.left_running else "killed"
-    print(f"dumped pid {res.pid} to {res.directory}: {res.pages} pages "
-          f"({res.pages * 4096 / 2**20:.1f} MiB) in {res.seconds * 1000:.0f} ms; original {fate}")
+    tree = f" and its tree ({res.processes} processes)" if res.processes > 1 else ""
+    print(f"dumped pid {res.pid}{tree} to {res.directory}: {res.pages} pages "
+          f"({res.pages * 4096 / 2**20:.1f} MiB) in {res.seconds * 1000:.0f} ms; original{'s' if tree else ''} {fate}")
     return 0
 
 
@@ -222,7 +223,8 @@ def _report_restore(args: argparse.Namespace, res: Any) -> None:
         args.pidfile.write_text(f"{res.pid}\n")
     since_start = (time.monotonic() - _T0) * 1000
     inside = f" (pid {res.ns_pid} in its own PID namespace, whose init is pid {res.init.pid})" if res.init else ""
-    print(f"restored pid {res.pid}{inside} in {res.seconds * 1000:.0f} ms ({since_start:.0f} ms since the command "
+    tree = f" and its tree ({res.tasks} processes)" if res.tasks > 1 else ""
+    print(f"restored pid {res.pid}{inside}{tree} in {res.seconds * 1000:.0f} ms ({since_start:.0f} ms since the command "
           f"started; {res.pages_written} pages written{', the rest served lazily' if args.lazy else ''})",
           file=sys.stdout if args.detach else sys.stderr)
     sys.stdout.flush()
@@ -307,6 +309,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     con = _console()
     con.print(f"image {summary['directory']}: {summary['format']} v{summary['version']}, kernel "
               f"{summary['kernel_release']}, {summary['total_bytes'] / 2**20:.1f} MiB in {len(summary['files'])} files")
+    if "tree_drawing" in summary:
+        con.print(f"process tree ({len(summary['tree'])} processes):", markup=False)
+        for line in summary["tree_drawing"]:
+            con.print("  " + line, markup=False, highlight=False)
     for t in summary["tasks"]:
         r = t["registers"]
         con.print(f"pid {t['pid']} ({t['comm']}) {t['exe']}")

@@ -58,6 +58,7 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "prctl": (),
     "refused_proc": (),
     "threads": ("-pthread",),
+    "tree": ("-pthread",),
 }
 CFLAGS = ("-O1", "-g", "-Wall")
 
@@ -129,6 +130,17 @@ def children_of(ppid: int) -> set[int]:
             continue
         if int(stat[stat.rindex(")") + 2 :].split()[1]) == ppid:
             out.add(int(entry))
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, grandchildren, ...), parents first."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        kids = sorted(children_of(todo.pop(0)))
+        out.extend(kids)
+        todo.extend(kids)
     return out
 
 
@@ -373,6 +385,7 @@ CASES: tuple[Case, ...] = (
     Case("pidns", "pidns"),
     Case("threads", "threads"),
     Case("threads-churn", "threads", ("churn",)),
+    Case("tree", "tree"),  # the root reports PASS only once every process of its tree passed (tree.c)
 )
 CASES_BY_ID = {c.id: c for c in CASES}
 
@@ -639,6 +652,7 @@ class Harness:
         """`lazarus dump -t PID -D DIR EXTRA`. After a successful dump that did not
         --leave-running, the original is waited for (and reaped) so its pid is free again."""
         pid = target if isinstance(target, int) else target.pid
+        tree = descendants(pid)
         res = self.lazarus("dump", "-t", str(pid), "-D", str(image_dir), *extra, timeout=timeout)
         if (
             reap_original
@@ -647,6 +661,8 @@ class Harness:
             and "--leave-running" not in extra
         ):
             target.wait_exit(10.0)
+            for kid in tree:  # orphans adopted by us (a subreaper) once the tree was killed: their pids free up
+                reap(kid, 5.0)
         return res
 
     def restore(
@@ -713,6 +729,9 @@ class Harness:
         processes that were left behind by someone else (orphans adopted by pytest)."""
         ours = [proc for proc in self.procs if proc.same()]
         for proc in ours:
+            # A process tree: its descendants first (a stopped one would never exit by itself).
+            for pid in descendants(proc.pid):
+                Proc(pid, start_time(pid), "descendant").kill()
             proc.kill()
         for popen in self.popens:
             if popen.poll() is None:
@@ -914,15 +933,15 @@ def image_files(image_dir: Path) -> list[Path]:
     return sorted(p for p in image_dir.iterdir() if p.is_file())
 
 
-def reseal_task(image: Path, change: Callable[[dict], None]) -> None:
-    """Edit the image's (only) task file and recompute every checksum that covers it (its size and xxh3 in the
-    inventory, the inventory's self-check), so that only the change itself is wrong: what a hostile writer
-    who recomputes checksums can do."""
+def reseal_task(image: Path, change: Callable[[dict], None], pid: int | None = None) -> None:
+    """Edit the image's (only, or pid's) task file and recompute every checksum that covers it (its size and
+    xxh3 in the inventory, the inventory's self-check), so that only the change itself is wrong: what a hostile
+    writer who recomputes checksums can do."""
     import json
 
     from lazarus.images.format import hex64, inventory_bytes, inventory_self_check, json_bytes, xxh3
 
-    (task_path,) = image.glob("task-*.json")
+    (task_path,) = image.glob("task-*.json" if pid is None else f"task-{pid}.json")
     task = json.loads(task_path.read_text())
     change(task)
     data = json_bytes(task)

@@ -208,7 +208,7 @@ def test_socket_path_not_a_socket_is_left_alone(harness: H.Harness, tmp_path: Pa
 HOSTILE = {
     "other-uid": ("victim", "before", None),
     "drops-uid-after-connect": ("victim", "after", r"uid 65534"),
-    "names-a-stranger": ("victim", "never", r"neither itself nor its child"),
+    "names-a-stranger": ("victim", "never", r"neither itself nor its descendant"),
     "uffd-not-the-tasks": ("child", "never", r"not that process's"),
 }
 

@@ -1,5 +1,6 @@
-"""Dump: watchdog -> seize -> SIGSTOP -> read state -> pages -> images (DIR.tmp, verified, renamed) -> kill or
-resume. The group stop and the watchdog keep the original safe should the dump itself die (watchdog.py)."""
+"""Dump: for the root and each descendant (dump/tree.py): watchdog -> seize -> SIGSTOP; then per process: read
+state -> pages; images (DIR.tmp, verified, renamed) -> kill or resume them all. The group stop and each
+process's watchdog keep the originals safe should the dump itself die (watchdog.py)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,13 @@ from lazarus.dump.files import dump_cwd, dump_files
 from lazarus.dump.membership import check_namespaces, check_session, dump_cgroups
 from lazarus.dump.memory import MemoryDumper
 from lazarus.dump.sched import sched_state
+from lazarus.dump.shared import refuse_shared
 from lazarus.dump.thp import mark_huge
+from lazarus.dump.tree import Frozen, check_tree, node_of, precheck_child, refuse_zombie_leader
 from lazarus.dump.watchdog import Watchdog, continue_quietly, repair
 from lazarus.errors import DumpError, KernelError, LazarusError, NoSuchTask, Unsupported
 from lazarus.images import ImageWriter
+from lazarus.images.tree import Node
 from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.features import parse_xstate
 from lazarus.kernel.syscall import start_writeback
@@ -37,6 +41,7 @@ class DumpResult:
     pages: int
     seconds: float
     left_running: bool
+    processes: int = 1  # in the tree, zombies included
 
 
 def precheck(pid: int) -> procfs.Status:
@@ -64,9 +69,6 @@ def precheck(pid: int) -> procfs.Status:
 
 
 def check_resources(pid: int, status: procfs.Status) -> None:
-    kids = procfs.children(pid)
-    if kids:
-        raise Unsupported(f"pid {pid} has child process {kids[0]}; process trees are not supported yet")
     if status.seccomp:
         raise Unsupported(f"pid {pid} runs under seccomp (mode {status.seccomp}), which is not supported")
 
@@ -74,7 +76,7 @@ def check_resources(pid: int, status: procfs.Status) -> None:
 _STOP_SIGNALS = (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 
 
-def freeze(pid: int, watchdog: Watchdog, threads: list[int]) -> None:
+def freeze(pid: int, watchdog: Watchdog, threads: list[int], *, stopped: bool = False) -> None:
     """Seize every thread and put the process in a group stop (SIGSTOP) that outlives us (see watchdog.py).
 
     `threads` receives the ids of the other threads as they are seized (the caller lets go of them on failure).
@@ -82,6 +84,9 @@ def freeze(pid: int, watchdog: Watchdog, threads: list[int]) -> None:
     seized thread reports the group stop, the list is read again, and threads that appeared meanwhile (stopped
     by the group stop all the same, untraced) are seized and waited for, until a look finds none new. With the
     whole group stopped nobody can clone, so the last look is the final set.
+
+    `stopped`: the process is in a job-control stop already; seizing makes each thread report it, and a
+    SIGSTOP of ours would only wait in its queue and come out at the first injected call.
     """
     try:
         ptrace.seize(pid, abi.PTRACE_O_TRACESYSGOOD)
@@ -91,7 +96,8 @@ def freeze(pid: int, watchdog: Watchdog, threads: list[int]) -> None:
         raise
     _seize_new_threads(pid, threads)
     watchdog.stopping()
-    os.kill(pid, signal.SIGSTOP)
+    if not stopped:
+        os.kill(pid, signal.SIGSTOP)
     waiting = [pid, *threads]
     while waiting:
         for tid in _wait_group_stop(pid, waiting):
@@ -187,91 +193,50 @@ def check_image_dir(directory: Path) -> None:
 
 
 def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: bool = False) -> DumpResult:
-    """Dump process `pid` into `directory`. The original is killed only once the image is complete and
-    verified; on any failure it is resumed exactly as it was."""
+    """Dump process `pid` and every descendant into `directory`. The originals are killed only once the image
+    is complete and verified; on any failure each is resumed exactly as it was (stopped ones stay stopped)."""
     t0 = time.monotonic()
     check_image_dir(directory)
     precheck(pid)
-    watchdog = Watchdog.start(pid)  # before any thread exists: it is forked
+    root_wd = Watchdog.start(pid)  # before any thread exists: it is forked
     try:
         writer = ImageWriter(directory, writeback=start_writeback)
     except BaseException:
-        watchdog.release()
+        root_wd.release()
         raise
-    seized = False
-    remote: RemoteTask | None = None
-    threads: list[int] = []
+    frozen: dict[int, Frozen] = {}
+    nodes: dict[int, Node] = {}
+    masks: dict[int, int] = {}
+    npages = 0
     try:
         try:
-            seized = True
-            freeze(pid, watchdog, threads)
-            status = procfs.read_status(pid)
-            check_resources(pid, status)
-            stat = procfs.read_stat(pid)
-            check_session(pid, stat, shell_job)
-            vmas = procfs.read_smaps(pid)
-            vdso = _vdso_range(vmas)
-            exec_vmas = [(v.start, v.end) for v in vmas if v.prot & abi.PROT_EXEC and not v.shared]
-            sys_ip = None
-            for start, end in ([vdso] if vdso else []) + exec_vmas:
-                sys_ip = find_syscall_insn(pid, start, end)
-                if sys_ip:
-                    break
-            if sys_ip is None:
-                raise DumpError(f"pid {pid}: no syscall instruction found to inject through")
-            core = dump_registers(pid)
-            if not watchdog.check_alive():
-                raise DumpError(f"pid {pid}: the dump's watchdog (pid {watchdog.pid}) is gone; nothing changed")
-            # restart_after_freeze: for the original, should it resume
-            remote = RemoteTask(pid, sys_ip, adjust=restart_after_freeze, journal=watchdog)
-            core["xcomp_perm"] = dump_xcomp_perm(remote)
-            core["xcomp_guest_perm"] = dump_xcomp_perm(remote, abi.ARCH_GET_XCOMP_GUEST_PERM)
-            signals = dump_signals(remote)
-            misc = dump_misc(remote)
-            # The other threads, each through the leader's scratch (one address space) and journalled.
-            thread_recs = [dump_thread(pid, tid, remote, watchdog.for_thread(tid)) for tid in sorted(threads)]
-            brk = remote.syscall(abi.SYS.brk, 0)
-            remote.close()
-            remote = None
-            watchdog.clean()
-
-            pages = writer.pages(pid)
-            mem = MemoryDumper(pid, pages, writer.write_blob)
-            try:
-                vma_recs, objects = mem.dump(vmas)
-            finally:
-                mem.close()
-            mark_huge(pid, vma_recs)
-            syscall_ip = sys_ip
-            files = dump_files(pid, writer.write_blob, objects,
-                               lambda: RemoteTask(pid, syscall_ip, journal=watchdog))
-            cwd_deleted = dump_cwd(pid)
-            if cwd_deleted is not None:
-                misc["cwd_deleted"] = cwd_deleted
-            with open(f"/proc/{pid}/auxv", "rb") as f:
-                auxv = f.read()
-            exe = os.readlink(f"/proc/{pid}/exe")
-            mm = {
-                "start_code": stat.start_code, "end_code": stat.end_code, "start_data": stat.start_data,
-                "end_data": stat.end_data, "start_brk": stat.start_brk, "brk": brk,
-                "start_stack": stat.start_stack, "arg_start": stat.arg_start, "arg_end": stat.arg_end,
-                "env_start": stat.env_start, "env_end": stat.env_end, "auxv": auxv.hex(), "exe": exe,
-                "vmas": vma_recs, "objects": objects,
-            }
-            task: dict[str, Any] = {"pid": pid, "comm": misc["comm"], "core": core, "mm": mm,
-                                    "files": files, "signals": signals, "misc": misc,
-                                    "cgroups": dump_cgroups(pid), "shell_job": shell_job}
-            task["sched"] = sched_state(pid, pid)
-            for rec in thread_recs:
-                rec["sched"] = sched_state(pid, rec["tid"])
-            if thread_recs:
-                task["threads"] = thread_recs
-            writer.write_json(f"task-{pid}.json", task)
-            xcr0, xsize, _ = parse_xstate(bytes.fromhex(core["xstate"]))
-            writer.commit({
-                "root_pid": pid, "tasks": [pid], "kernel_release": os.uname().release,
+            _freeze_tree(pid, root_wd, frozen, nodes)
+            root_stat = procfs.read_stat(pid)
+            check_session(pid, root_stat, shell_job)
+            for p in frozen:
+                check_resources(p, procfs.read_status(p))
+            check_tree(pid, nodes)
+            refuse_shared(sorted(frozen))
+            xstate = None
+            for p, fr in frozen.items():
+                try:
+                    task, n, masks[p] = _dump_task(p, fr, writer, shell_job)
+                except LazarusError as e:
+                    if e.pid is None and len(frozen) > 1:
+                        e.pid = p  # which process of the tree it is about: shown with the message
+                    raise
+                npages += n
+                xstate = xstate if xstate is not None else task["core"]["xstate"]
+            assert xstate is not None
+            xcr0, xsize, _ = parse_xstate(bytes.fromhex(xstate))
+            fields: dict[str, Any] = {
+                "root_pid": pid, "tasks": sorted(frozen), "kernel_release": os.uname().release,
                 "arch": os.uname().machine, "cpu": {"xcr0": xcr0, "xstate_size": xsize},
-            })
+            }
+            if len(nodes) > 1:
+                order = [pid, *sorted(p for p in nodes if p != pid)]
+                fields["tree"] = [nodes[p].record() for p in order]
+            writer.commit(fields)
         except FileNotFoundError as e:
             raise NoSuchTask(f"pid {pid} exited during the dump", pid=pid) from e
         except ProcessLookupError as e:
@@ -279,34 +244,157 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: b
     except BaseException as e:
         with contextlib.suppress(Exception):
             writer.abort()
+        if not frozen:
+            root_wd.release()  # nothing was seized
+        for fr in frozen.values():
+            _resume_after_failure(fr.pid, fr.watchdog, True, fr.threads, fr.was_stopped)
+        if isinstance(e, NoSuchTask) or (isinstance(e, LazarusError) and not os.path.exists(f"/proc/{pid}")):
+            gone = e.pid if isinstance(e, NoSuchTask) and e.pid else pid
+            raise NoSuchTask(f"pid {gone} exited during the dump", pid=gone) from e
+        raise
+
+    if leave_running:
+        for fr in frozen.values():
+            try:
+                if fr.was_stopped:
+                    _let_go(fr.threads)
+                    ptrace.detach(fr.pid)  # back into the job-control stop it was in
+                else:
+                    continue_quietly(fr.pid, masks[fr.pid])
+                    _let_go(fr.threads)
+            except (LazarusError, OSError):
+                # The image is complete: only letting the original go failed. Not an error of the dump.
+                _resume_after_failure(fr.pid, fr.watchdog, True, fr.threads, fr.was_stopped)
+    else:
+        for fr in frozen.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(fr.pid, signal.SIGKILL)
+        for fr in frozen.values():
+            # Traced threads must be reaped by us before the leader's exit is reported.
+            for tid in [*fr.threads, fr.pid]:
+                with contextlib.suppress(LazarusError):
+                    while True:
+                        st = ptrace.wait(tid, timeout=10)
+                        if st.exited or st.signaled:
+                            break
+    for fr in frozen.values():
+        fr.watchdog.release()
+    return DumpResult(pid, directory, npages, time.monotonic() - t0, leave_running, len(nodes))
+
+
+def _freeze_tree(root: int, root_wd: Watchdog, frozen: dict[int, Frozen], nodes: dict[int, Node]) -> None:
+    """Freeze `root` and its descendants, each before its children are read (dump/tree.py). Fills `frozen`
+    as it goes (the caller resumes those on failure) and `nodes` with every process, zombies included."""
+    todo = [root]
+    while todo:
+        p = todo.pop(0)
+        if p in nodes:
+            continue
+        if p == root:
+            stat = procfs.read_stat(p)
+            wd = root_wd
+        else:
+            try:
+                stat = precheck_child(p)
+            except NoSuchTask:
+                continue  # exited and reaped meanwhile: no part of the tree
+            if stat.state in ("Z", "X"):
+                refuse_zombie_leader(p, nodes)
+                nodes[p] = node_of(p, stat, "zombie")
+                continue
+            wd = Watchdog.start(p)
+        was_stopped = p != root and stat.state == "T"
+        fr = Frozen(p, wd, was_stopped)
+        if was_stopped:
+            wd.was_stopped()
+        frozen[p] = fr
+        try:
+            freeze(p, wd, fr.threads, stopped=was_stopped)
+        except NoSuchTask:
+            if p == root:
+                raise
+            del frozen[p]
+            wd.release()
+            with contextlib.suppress(LazarusError):
+                st2 = procfs.read_stat(p)
+                if st2.state in ("Z", "X"):
+                    nodes[p] = node_of(p, st2, "zombie")
+            continue
+        stat = procfs.read_stat(p)  # frozen now: its ids cannot change any more
+        nodes[p] = node_of(p, stat, "stopped" if was_stopped else "running")
+        todo.extend(k for k in procfs.children(p) if k not in nodes)
+
+
+def _dump_task(pid: int, fr: Frozen, writer: ImageWriter, shell_job: bool) -> tuple[dict[str, Any], int, int]:
+    """Read one frozen process into task-PID.json and pages-PID.img; returns (task, pages, blocked mask)."""
+    watchdog, threads = fr.watchdog, fr.threads
+    remote: RemoteTask | None = None
+    try:
+        stat = procfs.read_stat(pid)
+        vmas = procfs.read_smaps(pid)
+        vdso = _vdso_range(vmas)
+        exec_vmas = [(v.start, v.end) for v in vmas if v.prot & abi.PROT_EXEC and not v.shared]
+        sys_ip = None
+        for start, end in ([vdso] if vdso else []) + exec_vmas:
+            sys_ip = find_syscall_insn(pid, start, end)
+            if sys_ip:
+                break
+        if sys_ip is None:
+            raise DumpError(f"pid {pid}: no syscall instruction found to inject through")
+        core = dump_registers(pid)
+        if not watchdog.check_alive():
+            raise DumpError(f"pid {pid}: the dump's watchdog (pid {watchdog.pid}) is gone; nothing changed")
+        # restart_after_freeze: for the original, should it resume
+        remote = RemoteTask(pid, sys_ip, adjust=restart_after_freeze, journal=watchdog)
+        core["xcomp_perm"] = dump_xcomp_perm(remote)
+        core["xcomp_guest_perm"] = dump_xcomp_perm(remote, abi.ARCH_GET_XCOMP_GUEST_PERM)
+        signals = dump_signals(remote)
+        misc = dump_misc(remote)
+        # The other threads, each through the leader's scratch (one address space) and journalled.
+        thread_recs = [dump_thread(pid, tid, remote, watchdog.for_thread(tid)) for tid in sorted(threads)]
+        brk = remote.syscall(abi.SYS.brk, 0)
+        remote.close()
+        remote = None
+        watchdog.clean()
+    except BaseException:
         if remote is not None:
             with contextlib.suppress(Exception):
                 remote.close()
                 watchdog.clean()
-        _resume_after_failure(pid, watchdog, seized, threads)
-        if isinstance(e, NoSuchTask) or (isinstance(e, LazarusError) and not os.path.exists(f"/proc/{pid}")):
-            raise NoSuchTask(f"pid {pid} exited during the dump", pid=pid) from e
         raise
 
-    npages = mem.total_pages
-    if leave_running:
-        try:
-            continue_quietly(pid, signals["blocked"])
-            _let_go(threads)
-        except (LazarusError, OSError):
-            # The image is complete: only letting the original go failed. Not an error of the dump.
-            _resume_after_failure(pid, watchdog, True, threads)
-    else:
-        os.kill(pid, signal.SIGKILL)
-        # Traced threads must be reaped by us before the leader's exit is reported.
-        for tid in [*threads, pid]:
-            with contextlib.suppress(LazarusError):
-                while True:
-                    st = ptrace.wait(tid, timeout=10)
-                    if st.exited or st.signaled:
-                        break
-    watchdog.release()
-    return DumpResult(pid, directory, npages, time.monotonic() - t0, leave_running)
+    pages = writer.pages(pid)
+    mem = MemoryDumper(pid, pages, writer.write_blob)
+    try:
+        vma_recs, objects = mem.dump(vmas)
+    finally:
+        mem.close()
+    mark_huge(pid, vma_recs)
+    syscall_ip = sys_ip
+    files = dump_files(pid, writer.write_blob, objects, lambda: RemoteTask(pid, syscall_ip, journal=watchdog))
+    cwd_deleted = dump_cwd(pid)
+    if cwd_deleted is not None:
+        misc["cwd_deleted"] = cwd_deleted
+    with open(f"/proc/{pid}/auxv", "rb") as f:
+        auxv = f.read()
+    exe = os.readlink(f"/proc/{pid}/exe")
+    mm = {
+        "start_code": stat.start_code, "end_code": stat.end_code, "start_data": stat.start_data,
+        "end_data": stat.end_data, "start_brk": stat.start_brk, "brk": brk,
+        "start_stack": stat.start_stack, "arg_start": stat.arg_start, "arg_end": stat.arg_end,
+        "env_start": stat.env_start, "env_end": stat.env_end, "auxv": auxv.hex(), "exe": exe,
+        "vmas": vma_recs, "objects": objects,
+    }
+    task: dict[str, Any] = {"pid": pid, "comm": misc["comm"], "core": core, "mm": mm,
+                            "files": files, "signals": signals, "misc": misc,
+                            "cgroups": dump_cgroups(pid), "shell_job": shell_job}
+    task["sched"] = sched_state(pid, pid)
+    for rec in thread_recs:
+        rec["sched"] = sched_state(pid, rec["tid"])
+    if thread_recs:
+        task["threads"] = thread_recs
+    writer.write_json(f"task-{pid}.json", task)
+    return task, mem.total_pages, signals["blocked"]
 
 
 def _let_go(threads: list[int]) -> None:
@@ -317,16 +405,21 @@ def _let_go(threads: list[int]) -> None:
             ptrace.detach(tid)
 
 
-def _resume_after_failure(pid: int, watchdog: Watchdog, seized: bool, threads: list[int] | None = None) -> None:
+def _resume_after_failure(pid: int, watchdog: Watchdog, seized: bool, threads: list[int] | None = None,
+                          was_stopped: bool = False) -> None:
     """After a failure we survived, let the original run on as it was before the error is reported: quietly if
     its state is back already, else by the watchdog's own repair run here. If that fails, the watchdog (not
-    released) tries again once we have exited."""
+    released) tries again once we have exited. A process that was stopped before the dump stays stopped."""
     st = watchdog.state
     threads = threads or []
     if seized and st.clean and st.mask is not None and not st.threads:
         try:
-            continue_quietly(pid, st.mask)
-            _let_go(threads)
+            if was_stopped:
+                _let_go(threads)
+                ptrace.detach(pid)
+            else:
+                continue_quietly(pid, st.mask)
+                _let_go(threads)
             watchdog.release()
             return
         except (LazarusError, OSError):

@@ -42,6 +42,10 @@ and the original crashes or runs deaf. Two things prevent it:
                                                       registers and mask from "saved"; continue_quietly();
                                                       one line on stderr saying what it did
 
+Trees: each process of a dumped tree has a watchdog of its own (started when the freeze reaches it), so any
+process the dump leaves half-way is repaired by its own. A process that was in a job-control stop before the
+dump is left stopped by repair() ("was-stopped"), never continued.
+
 Threads: every thread of the process is seized and stops in the same group stop (a tracer's death leaves each
 one in it). Injection is into the leader, and briefly into each other thread for the two things only the thread
 itself can answer (its sigaltstack and clear_child_tid), using the leader's scratch: those injections journal
@@ -95,6 +99,8 @@ class JournalState:
     scratch: tuple[int, int] | None = None
     clean: bool = False
     released: bool = False
+    # In a job-control stop before the dump (a stopped child of a tree): repaired, it is left stopped.
+    was_stopped: bool = False
     # Other threads of the process we injected into: tid -> (registers, mask) until that thread is clean again.
     threads: dict[int, tuple[bytes, int]] = field(default_factory=dict)
 
@@ -109,6 +115,8 @@ class JournalState:
             return
         if kind == "stopping":
             self.stopping = True
+        elif kind == "was-stopped":
+            self.was_stopped = True
         elif kind == "saved":
             self.clean = False  # a new injection session (the fd code's injector after the main one)
             self.regs = bytes.fromhex(msg["regs"])
@@ -198,6 +206,10 @@ class Watchdog:
     # -- the journal ---------------------------------------------------------------------------------------
     def stopping(self) -> None:
         self._send({"t": "stopping"})
+
+    def was_stopped(self) -> None:
+        """The task was stopped before the dump: repair() leaves it in its stop instead of continuing it."""
+        self._send({"t": "was-stopped"})
 
     def saved(self, regs: abi.user_regs_struct, mask: int, syscall_ip: int) -> None:
         self._send({"t": "saved", "regs": bytes(regs).hex(), "mask": mask, "ip": syscall_ip})
@@ -334,6 +346,9 @@ def repair(st: JournalState) -> str:
     remote.close()  # munmap, registers, mask, and into an event stop for a clean syscall restart
     st.scratch = None
     undone += _repair_threads(st)
+    if st.was_stopped:
+        ptrace.detach(st.pid)  # back into the stop it was in before the dump
+        return "registers and signal mask put back, left stopped as it was" + undone
     continue_quietly(st.pid, remote.saved_mask)
     if st.clean:
         return "continued (its state was already put back)"

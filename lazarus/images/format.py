@@ -15,8 +15,10 @@ from lazarus.errors import ImageError
 FORMAT_NAME = "lazarus-image"
 # 2: a task may list its other threads ("threads"); a reader of version 1 would restore the main thread alone, so
 # it must refuse these images. Version 1 images (single-threaded) are still read.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# 3: an image may hold a process tree (inventory "tree": parents, sessions, groups, zombies, stopped tasks,
+# lazarus/images/tree.py); a reader of version 2 would restore the root alone, so it must refuse these images.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 PAGE_SIZE = 4096
 # The unit of page-data checksumming: small enough that the lazy server verifies little more than it serves,

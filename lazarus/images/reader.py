@@ -20,6 +20,7 @@ from lazarus.errors import ImageError
 from lazarus.images.format import (
     CHUNK_SIZE,
     FORMAT_NAME,
+    FORMAT_VERSION,
     INVENTORY,
     INVENTORY_SCHEMA,
     PAGE_SIZE,
@@ -40,6 +41,7 @@ from lazarus.images.format import (
     sums_name,
     task_name,
 )
+from lazarus.images.tree import Tree, parse_tree
 
 _TASK_RE = re.compile(r"task-([0-9]+)\.json")
 _PAGES_RE = re.compile(r"pages-([0-9]+)\.img")
@@ -298,6 +300,7 @@ class Image:
         self.files: dict[str, dict[str, Any]] = inventory["files"]
         self.tasks: list[int] = list(inventory["tasks"])
         self.root_pid: int = inventory["root_pid"]
+        self.tree: Tree = parse_tree(inventory)
         self._jsons = jsons
         self._sums = sums
         self._verified = {pid: bytearray((len(s) + 7) // 8) for pid, s in sums.items()}
@@ -381,7 +384,8 @@ class Image:
             raise ImageError(f"{INVENTORY}: format {inv.get('format')!r}, not {FORMAT_NAME!r}")
         version = inv.get("version")
         if type(version) is not int or version not in READABLE_VERSIONS:
-            raise ImageError(f"{INVENTORY}: format version {version}, this lazarus reads versions "
+            newer = " (written by a newer lazarus)" if type(version) is int and version > FORMAT_VERSION else ""
+            raise ImageError(f"{INVENTORY}: format version {version}{newer}, this lazarus reads versions "
                              f"{', '.join(map(str, READABLE_VERSIONS))}")
         # The inventory cannot list its own checksum, so it carries one of its canonical form; the byte-for-byte
         # comparison then catches what the canonical form hides (whitespace, key order, duplicate keys).
@@ -404,6 +408,7 @@ class Image:
         if inv["root_pid"] not in tasks:
             raise ImageError(f"{INVENTORY}: root_pid {inv['root_pid']} is not in 'tasks'")
         _check_files(inv["files"], set(tasks))
+        parse_tree(inv)
         return inv
 
     # -- metadata -------------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ def summary(img: Any) -> dict[str, Any]:
     inv = img.inventory
     out: dict[str, Any] = {"directory": str(img.path), "format": inv.get("format"), "version": inv.get("version"),
                            "kernel_release": inv.get("kernel_release"), "cpu": inv.get("cpu"),
-                           "created": inv.get("created"), "tasks": []}
+                           "created": inv.get("created"), "tasks": [],
+                           "tree": [n.record() for n in (img.tree[p] for p in img.tree.order)]}
     from lazarus.images.mm import is_lazy, lazy_object_ids
     from lazarus.kernel import abi
     from lazarus.restore.threads import check_threads
@@ -76,6 +77,9 @@ def summary(img: Any) -> dict[str, Any]:
     files["inventory.json"] = (Path(img.path) / "inventory.json").stat().st_size
     out["files"] = files
     out["total_bytes"] = sum(files.values())
+    if len(img.tree.nodes) > 1:
+        from lazarus.images.tree import draw
+        out["tree_drawing"] = draw(img.tree, {t["pid"]: 1 + len(t["threads"]) for t in out["tasks"]})
     return out
 
 

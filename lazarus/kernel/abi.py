@@ -79,6 +79,7 @@ class SYS:
     fchdir = 81
     umask = 95
     setpgid = 109
+    getpgid = 121
     setsid = 112
     setgroups = 116
     setresuid = 117

@@ -155,3 +155,14 @@ def keep_only_fd(keep: int) -> None:
     gc.disable()
     os.closerange(3, keep)
     os.closerange(keep + 1, max(65536, os.sysconf("SC_OPEN_MAX")))
+
+
+KCMP_FS = 3
+
+
+def same_fs(pid1: int, pid2: int) -> bool:
+    """kcmp(KCMP_FS): whether two processes share one fs_struct (cwd, root, umask: clone with CLONE_FS)."""
+    ret, err = raw_syscall(312, pid1, pid2, KCMP_FS, 0, 0)  # SYS_kcmp
+    if ret == -1:
+        raise error("kcmp", err, pid=pid2)
+    return ret == 0

@@ -8,7 +8,7 @@ background step, i.e. inside run(). So every fork happens before the first run()
     ----------------------------                 ----------------------------------------------
     start_serving(): Guard.start() forks         fork_daemon(): socketpair(SEQPACKET), fork (no thread yet)
                      the guard, LazyServer         daemon: setsid, stdio to /dev/null, stderr to its log,
-    restore(on_lazy=server.add_process)                    start_serving() (forks its guard), Listener(once)
+    restore(on_lazy=server.add_process)                    start_serving() (forks its guard), Listener
     Serving.run(): the copy thread starts                  serve until the process is complete, exit
                                                  restore(on_lazy=hand_over(...)): the uffd goes over the
                                                  socketpair (handoff.py); the daemon checks the task and
@@ -179,7 +179,7 @@ def fork_daemon(images: Path, log_path: Path, *, background: bool = True, stats_
                   f"resume it with `lazarus lazy-pages --adopt PID -D {images}`", file=sys.stderr, flush=True)
             try:
                 from lazarus.lazy.handoff import Listener
-                Listener(serving.server, theirs, connected=True, once=True)
+                Listener(serving.server, theirs, connected=True)
                 if status is not None:
                     serving.answer_status(status.sock)
                 serving.run()

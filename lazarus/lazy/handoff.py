@@ -74,7 +74,8 @@ class Listener:
     """Accepts handoffs for a LazyServer, inside its event loop.
 
     Parameters: server, the LazyServer; sock, a listening SOCK_SEQPACKET socket, or (with `connected`) one
-    end of a socketpair whose peer is the restore; once, stop listening after the first process.
+    end of a socketpair whose peer is the restore (kept until the restore closes it: a tree hands over one
+    process after another); once, stop listening after the first process.
     The server keeps running while the listener waits for its first process; after that it exits once no
     process needs it.
     """
@@ -88,6 +89,7 @@ class Listener:
         self.once = once
         self.received = 0
         self.open = True
+        self.connected = connected
         self._images: dict[str, Any] = {}
         if connected:
             server.add_watch(sock.fileno(), lambda: self._receive(sock))
@@ -100,7 +102,8 @@ class Listener:
         for further restores before exiting."""
         if not self.open:
             return False
-        if self.received == 0:
+        if self.received == 0 or self.connected:
+            # A socketpair with the restore: it may hand over more processes (a tree) until it closes its end.
             return True
         now = time.monotonic()
         if self._idle_since is None:
@@ -145,8 +148,8 @@ class Listener:
                 peer.close()
         with contextlib.suppress(OSError):
             conn.send(json.dumps(reply).encode())
-        if conn is not self.sock:
-            self._drop(conn)
+        # A connection stays open for the next process of the same restore (a tree hands them over one after
+        # the other); it is dropped when the restore closes it (above).
         if self.once and self.received:
             self.close()
 

@@ -85,6 +85,18 @@ log = logging.getLogger("lazarus.lazy")
 _MASK = PAGE_SIZE - 1
 FORK_RESOLVE_TIMEOUT = 2.0
 RECENT_FAULT_NS = 50_000_000  # background transfer follows the last fault for 50 ms
+ANCHOR_LATER_TIMEOUT = 30.0  # how long a complete process may stay traced by its restore before we try anyway
+
+
+def _traced(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"TracerPid:"):
+                    return int(line.split()[1]) != 0
+    except (OSError, ValueError):
+        pass
+    return False
 
 ProgressCallback = Callable[[int, int], None]
 _NONE: tuple[str, None] = ("", None)
@@ -120,6 +132,7 @@ class _Proc:
     task_fd: int | None = None   # the anchor's fd number in the task (anchor.py), inherited by fork children
     anchor: int = -1              # our fd of the open file the task holds there: what kcmp compares with
     anchor_result: str = ""
+    anchor_since: float = 0.0  # when its anchor removal was put off (see LazyServer._anchor_later)
 
     @property
     def label(self) -> str:
@@ -206,6 +219,9 @@ class LazyServer:
         self._anchoring: int | None = None
         self._complete_later: set[int] = set()
         self._seized: list[int] = []  # tasks that did not stop for an anchor operation: detached once they do
+        # Complete processes whose restore still traces them (a tree is let go all at once, after every
+        # handoff): their anchor is removed from the loop once they are free, never waited for in it.
+        self._anchor_later: list[_Proc] = []
 
     # -- setup ---------------------------------------------------------------------------------------------
 
@@ -325,6 +341,8 @@ class LazyServer:
                 self._anchor_children()
             if self._seized:
                 self._seized = [pid for pid in self._seized if not detach_when_stopped(pid)]
+            if self._anchor_later:
+                self._anchor_later = [p for p in self._anchor_later if not self._remove_anchor_later(p)]
             if self.progress is not None:
                 self._report_progress()
         self._t_end = time.monotonic()
@@ -871,7 +889,7 @@ class LazyServer:
         if self.guard is not None and state != "lost":
             self.guard.complete(p.key)
         p.uffd.close()
-        if p.anchor >= 0:
+        if p.anchor >= 0 and p not in self._anchor_later:
             with contextlib.suppress(OSError):
                 os.close(p.anchor)
             p.anchor = -1
@@ -896,15 +914,37 @@ class LazyServer:
         wait on it whoever holds it), then take the anchor out of the task (anchor.py)."""
         if p.pid is None or p.pidfd is None or p.pidfd.exited():
             return
-        t0 = time.perf_counter()
-        n = unregister_all(p.uffd, p.pid)
+        unregister_all(p.uffd, p.pid)
         if p.task_fd is None or p.anchor < 0:
             return
-        p.anchor_result = remove_anchor(p.pid, p.task_fd, p.anchor, idle=lambda: self._drain_complete(p))
+        if _traced(p.pid):
+            p.anchor_since = time.monotonic()
+            self._anchor_later.append(p)
+            return
+        self._remove_anchor(p)
+
+    def _remove_anchor_later(self, p: _Proc, *, wait: bool = False) -> bool:
+        """Remove the anchor of a complete process once its restore has let it go; True when done with it."""
+        if not wait and _traced(p.pid) and time.monotonic() - p.anchor_since < ANCHOR_LATER_TIMEOUT:
+            return False
+        try:
+            self._remove_anchor(p, drain=False)  # its uffd is closed by now
+        except (LazarusError, OSError) as e:
+            log.warning("%s: complete, but removing its userfaultfd anchor failed: %s", p.label, e)
+        with contextlib.suppress(OSError):
+            os.close(p.anchor)
+        p.anchor = -1
+        return True
+
+    def _remove_anchor(self, p: _Proc, *, drain: bool = True) -> None:
+        assert p.pid is not None and p.task_fd is not None
+        t0 = time.perf_counter()
+        p.anchor_result = remove_anchor(p.pid, p.task_fd, p.anchor,
+                                        idle=(lambda: self._drain_complete(p)) if drain else None)
         if p.anchor_result.startswith(NOT_STOPPED):
             self._seized.append(p.pid)
         if p.anchor_result in ("closed", "exited", "not ours"):
-            log.debug("%s: %d ranges unregistered; anchor fd %d: %s (%.2f ms)", p.label, n, p.task_fd,
+            log.debug("%s: ranges unregistered; anchor fd %d: %s (%.2f ms)", p.label, p.task_fd,
                       p.anchor_result, (time.perf_counter() - t0) * 1000)
         else:
             log.warning("%s: complete, but its userfaultfd anchor (fd %d) stays in it: %s (harmless: nothing is "
@@ -961,6 +1001,9 @@ class LazyServer:
                 self._lose(p, "the lazy server stopped before the restore completed")
             else:
                 self._finish(p, "complete")
+        for p in self._anchor_later:
+            self._remove_anchor_later(p, wait=True)
+        self._anchor_later = []
         deadline = time.monotonic() + 1.0
         while self._seized and time.monotonic() < deadline:
             self._seized = [pid for pid in self._seized if not detach_when_stopped(pid)]

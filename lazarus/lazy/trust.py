@@ -10,11 +10,11 @@ only to a server run by root:
     peer       (server side) SO_PEERCRED says uid 0 (its credentials at connect time), and its process (the
                pidfd SO_PEERPIDFD gives; before Linux 6.5 pidfd_open of that pid) still runs with real and
                effective uid 0 when its request is read.
-    named pid  the peer itself or a child of it: a pidfd is opened on the number, the task behind that pidfd
-               names the peer as its parent (PIDFD_GET_INFO reads it from the task itself), and the peer's
-               pidfd and the new one are both unexited afterwards, so neither number was reused in between.
-               Or a child of a child of the peer that is pid 1 of its own PID namespace (the init of a
-               `restore --pidns`, whose child the restored task is), checked the same way.
+    named pid  the peer itself or a descendant of it (a restored tree): a pidfd is opened on the number, the
+               task behind that pidfd names its parent (PIDFD_GET_INFO reads it from the task itself), and so
+               on up to the peer, each through a pidfd; the peer's pidfd and all those are unexited afterwards,
+               so no number was reused in between. (The init of a `restore --pidns` is such a link: the restored
+               task is its child.)
                From then on only that pidfd is used: it is watched, and the guard kills through it.
     uffd       must belong to the named task: one page it must be served and does not have yet (its
                pagemap shows no page there) is copied through the uffd, with its true contents from the
@@ -40,7 +40,6 @@ from typing import Any
 from lazarus.errors import KernelError, LazarusError, NoSuchTask, Untrusted
 from lazarus.kernel import abi
 from lazarus.kernel.pidfd import PidFd, pidfd_exited, pidfd_info, pidfd_open
-from lazarus.kernel.procfs import own_pid
 from lazarus.kernel.uffd import Outcome, Uffd
 
 PAGE_SIZE = abi.PAGE_SIZE
@@ -264,9 +263,11 @@ def check_peer(sock: socket.socket) -> Peer:
     return Peer(pid, pidfd)
 
 
+_MAX_DEPTH = 64  # how far below the peer a named process may be (a restored tree)
+
+
 def verify_named_task(peer: Peer, pid: int) -> PidFd:
-    """A pidfd of `pid` once it is the peer itself, a child of the peer, or a child of a child of the peer that
-    is pid 1 of its own PID namespace (restore --pidns; see the module docstring).
+    """A pidfd of `pid` once it is the peer itself or a descendant of it (see the module docstring).
 
     Raises:
         Untrusted naming both pids.
@@ -277,48 +278,29 @@ def verify_named_task(peer: Peer, pid: int) -> PidFd:
         fd = pidfd_open(pid)
     except NoSuchTask:
         raise Untrusted(f"peer pid {peer.pid} named pid {pid}: no such process") from None
+    chain: list[int] = []  # pidfds of the processes between `pid` and the peer
     try:
         try:
-            info = pidfd_info(fd)
+            ppid = pidfd_info(fd).ppid
+            while pid != peer.pid and ppid != peer.pid:
+                if len(chain) >= _MAX_DEPTH or ppid <= 1:
+                    raise Untrusted(f"peer pid {peer.pid} named pid {pid}, which is neither itself nor its "
+                                    f"descendant (its parent is pid {pidfd_info(fd).ppid})")
+                chain.append(pidfd_open(ppid))
+                ppid = pidfd_info(chain[-1]).ppid
         except NoSuchTask:
-            raise Untrusted(f"peer pid {peer.pid} named pid {pid}: it has exited") from None
-        init_fd = -1
-        if pid != peer.pid and info.ppid != peer.pid:
-            init_fd = _peer_namespace_init(peer, info.ppid)
-            if init_fd >= 0 and pidfd_info(fd).ppid != info.ppid:  # reparented meanwhile: the number may be reused
-                os.close(init_fd)
-                init_fd = -1
-            if init_fd < 0:
-                raise Untrusted(f"peer pid {peer.pid} named pid {pid}, which is neither itself nor its child "
-                                f"(its parent is pid {info.ppid})")
-        # Both still unexited now: neither number can have been handed to another process since the pidfd
-        # was opened and the parent read, so `fd` is the peer itself or its child (or its init's).
-        try:
-            if pidfd_exited(peer.pidfd) or pidfd_exited(fd) or (init_fd >= 0 and pidfd_exited(init_fd)):
-                raise Untrusted(f"peer pid {peer.pid} or the pid {pid} it named exited during the check")
-        finally:
-            if init_fd >= 0:
-                os.close(init_fd)
+            raise Untrusted(f"peer pid {peer.pid} named pid {pid}: it or a parent of it has exited") from None
+        # All still unexited now: no number can have been handed to another process since its pidfd was opened
+        # and its parent read, so `fd` is the peer itself or its descendant.
+        if pidfd_exited(peer.pidfd) or pidfd_exited(fd) or any(pidfd_exited(a) for a in chain):
+            raise Untrusted(f"peer pid {peer.pid} or the pid {pid} it named exited during the check")
     except BaseException:
         os.close(fd)
         raise
+    finally:
+        for a in chain:
+            os.close(a)
     return PidFd(fd, pid)
-
-
-def _peer_namespace_init(peer: Peer, ppid: int) -> int:
-    """A pidfd of `ppid` if it is a child of the peer that is pid 1 of its own PID namespace (the init of a
-    `restore --pidns`, whose child the restored task is), else -1. The caller checks it unexited afterwards."""
-    try:
-        fd = pidfd_open(ppid)
-    except (NoSuchTask, KernelError):
-        return -1
-    try:
-        if pidfd_info(fd).ppid == peer.pid and own_pid(ppid) == 1:
-            return fd
-    except (LazarusError, OSError):
-        pass
-    os.close(fd)
-    return -1
 
 
 def _entries(pagemap_fd: int, addr: int, npages: int) -> list[int]:

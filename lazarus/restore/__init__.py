@@ -1,5 +1,6 @@
 """Restore: validate images -> create the task with its PID -> rebuild its address space by injected syscalls
 -> pages (eager copy | lazy uffd) -> fds, signals, misc, creds -> registers -> detach, run.
+A process tree: every task created first (restore/tree.py), then each rebuilt, then all let go together.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import contextlib
 import errno
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +49,7 @@ from lazarus.restore.sched import apply_sched
 from lazarus.restore.thp import collapse_in_task
 from lazarus.restore.threads import check_threads, create_thread, restore_thread_creds, restore_thread_state
 from lazarus.restore.timers import check_timers
+from lazarus.restore.tree import create_child, join_group, lead, make_zombie
 from lazarus.restore.uffd import LAZY_FEATURES, copy_all, lazy_ranges, uffd_in_task
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,7 @@ class Restored:
     seconds: float  # from the start of the restore until the task runs
     pages_written: int
     lazy: Any = None  # handed to the lazy-pages server: uffd and what it must serve
+    tasks: int = 1  # processes restored (a tree's root reports the whole tree, zombies included)
     timings: dict[str, float] = field(default_factory=dict)
     stops: int = 0  # times the new task was let run for one of our injections (a call or a batch of calls)
     calls: int = 0  # system calls injected
@@ -137,12 +141,8 @@ def verify_pages_two_cpus(img: Image, pid: int) -> None:
 def validate(img: Image, pid: int, task: dict[str, Any], *, pidns: bool = False) -> None:
     """Everything checkable before creating anything. With `pidns` the pid and thread ids are those of a new
     PID namespace, free by construction: a pid in use out here is no conflict."""
-    deadline = time.monotonic() + 2.0
-    while not pidns and os.path.exists(f"/proc/{pid}"):
-        # A just-killed original may still be a zombie for a moment, until its parent reaps it.
-        if not _is_zombie(pid) or time.monotonic() > deadline:
-            raise RestoreError(f"pid {pid} is already in use", stage="validate", pid=pid)
-        time.sleep(0.01)
+    if not pidns:
+        _wait_pid_free(pid)
     for v in task["mm"]["vmas"]:
         if v["kind"] != "file":
             continue
@@ -173,6 +173,16 @@ def validate(img: Image, pid: int, task: dict[str, Any], *, pidns: bool = False)
     precheck(task)  # the files it will open, tried under its credentials (restore/access.py)
 
 
+def _wait_pid_free(pid: int, what: str = "") -> None:
+    deadline = time.monotonic() + 2.0
+    while os.path.exists(f"/proc/{pid}"):
+        # A just-killed original may still be a zombie for a moment, until its parent reaps it.
+        if not _is_zombie(pid) or time.monotonic() > deadline:
+            raise RestoreError(f"pid {pid}{f' ({what})' if what else ''} is already in use", stage="validate",
+                               pid=pid)
+        time.sleep(0.01)
+
+
 def _is_zombie(pid: int) -> bool:
     try:
         return procfs.read_stat(pid).state in ("Z", "X")
@@ -188,47 +198,131 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
     task = img.task(pid)
     validate(img, pid, task, pidns=pidns)
     join_cgroups = cgroups.plan(task.get("cgroups"), pid)
-    mm = task["mm"]
-    tramp = Trampoline.map_at(trampoline_candidates(mm["vmas"], TRAMPOLINE_SIZE), TRAMPOLINE_SIZE)
-    child = 0
+    tramp = Trampoline.map_at(trampoline_candidates(task["mm"]["vmas"], TRAMPOLINE_SIZE), TRAMPOLINE_SIZE)
+    build = TaskBuild(img, pid, task, lazy=lazy, on_lazy=on_lazy, t0=t0)
     ns: NsInit | None = None
-    fdr: FdRestorer | None = None
-    timings: dict[str, float] = {}
-    threads: list[RemoteTask] = []
-    thread_recs = task.get("threads", [])
     try:
-        try:
-            if pidns:
-                # Made by the init of a new PID namespace, so that it is the init's child (restore/pidns.py).
-                ns = NsInit.start(tramp, TRAMPOLINE_SIZE, join_cgroups)
-                child = ns.clone_root(pid)
-            else:
-                child = tramp.clone_with_pid(pid)
-        except KernelError as e:
-            if e.errno == errno.EEXIST:
-                raise RestoreError(f"pid {pid} is already in use", stage="create", pid=pid) from e
+        child, ns = create_root(tramp, pid, pidns=pidns, join_cgroups=join_cgroups)
+        build.attach(child, (tramp.addr, tramp.syscall_ip, tramp.batch_ip))
+        build.build(join_cgroups)
+        build.hand_over()
+        build.release()
+        if ns is not None:
+            # Stripping the init (a few ms of injected calls) waits until the root runs: until then it is a
+            # stopped copy of us, sharing our pages.
+            ns.finish(pid)
+            ns.run()
+        return build.result(ns)
+    except BaseException as e:
+        build.kill()
+        build.reap()
+        if ns is not None:
+            ns.kill()  # and with it whatever else is in its namespace
+        err = as_restore_error(e, pid)
+        if err is e:
             raise
-        finally:
-            tramp.unmap()
-        if ns is None:
-            ptrace.seize(child, abi.PTRACE_O_TRACESYSGOOD | abi.PTRACE_O_EXITKILL)
-            ptrace.interrupt(child)
-            st = ptrace.wait(child)
-            if not (st.stopped and st.event == abi.PTRACE_EVENT_STOP):
-                raise RestoreError(f"new task {child} {st}", stage="create", pid=pid)
-        cgroups.join(child, join_cgroups)
-        remote = RemoteTask(child, tramp.syscall_ip, batch_ip=tramp.batch_ip)
-        remote.keep_state()
-        remote.use_scratch(tramp.addr + abi.PAGE_SIZE, TRAMPOLINE_SIZE - abi.PAGE_SIZE)
-        timings["create"] = time.monotonic() - t0
+        raise err from e
 
+
+def create_root(tramp: Trampoline, pid: int, *, pidns: bool = False,
+                join_cgroups: Any = None) -> tuple[int, NsInit | None]:
+    """The first task, cloned from the restorer by the trampoline with pid `pid`, seized and in an event stop;
+    with `pidns` by the init of a new PID namespace (restore/pidns.py), so that it is the init's child, and
+    with that init. The trampoline is unmapped here (the task keeps its copy)."""
+    ns: NsInit | None = None
+    try:
+        if pidns:
+            ns = NsInit.start(tramp, TRAMPOLINE_SIZE, join_cgroups)
+            return ns.clone_root(pid), ns
+        child = tramp.clone_with_pid(pid)
+    except KernelError as e:
+        if ns is not None:
+            ns.kill()
+        if e.errno == errno.EEXIST:
+            raise RestoreError(f"pid {pid} is already in use", stage="create", pid=pid) from e
+        raise
+    except BaseException:
+        if ns is not None:
+            ns.kill()
+        raise
+    finally:
+        tramp.unmap()
+    try:
+        ptrace.seize(child, abi.PTRACE_O_TRACESYSGOOD | abi.PTRACE_O_EXITKILL)
+        ptrace.interrupt(child)
+        st = ptrace.wait(child)
+        if not (st.stopped and st.event == abi.PTRACE_EVENT_STOP):
+            raise RestoreError(f"new task {child} {st}", stage="create", pid=pid)
+    except BaseException:
+        rcore.kill_quietly(child)
+        with contextlib.suppress(OSError):
+            os.waitpid(child, 0)  # our own child: reaped here
+        raise
+    return child, None
+
+
+def as_restore_error(e: BaseException, pid: int) -> BaseException:
+    if isinstance(e, RestoreError):
+        return e
+    if isinstance(e, LazarusError):
+        return RestoreError(str(e), stage="restore", pid=pid)
+    if isinstance(e, OSError):
+        return RestoreError(f"{e.strerror or e}", stage="restore", pid=pid)
+    return e
+
+
+class TaskBuild:
+    """One process being restored, in stages: attach() to a new blank task (a copy of the restorer or of its
+    parent, with the trampoline page), build() everything up to its final registers, hand_over() its uffd to
+    the lazy-pages server, release() to let it run; kill() and reap() on failure. A tree restore runs each
+    stage for all its processes before the next (restore_tree, docs/TREES.md)."""
+
+    def __init__(self, img: Image, pid: int, task: dict[str, Any], *, lazy: bool, on_lazy: LazyHandoff | None,
+                 t0: float, stopped: bool = False, leader_done: bool = False) -> None:
+        self.img, self.pid, self.task = img, pid, task
+        self.lazy, self.on_lazy, self.t0 = lazy, on_lazy, t0
+        self.stopped = stopped  # left in a job-control stop when released
+        self.leader_done = leader_done  # session and group leadership already set (restore/tree.py)
+        self.is_root = pid == img.root_pid
+        self.child = 0
+        self.remote: RemoteTask | None = None
+        self.tramp_addr = 0
+        self.fdr: FdRestorer | None = None
+        self.timings: dict[str, float] = {}
+        self.threads: list[RemoteTask] = []
+        self.thread_recs = task.get("threads", [])
+        self.written = 0
+        self.handover: Any = None
+        self.source: Any = None
+        self.page_file: Any = None
+        self.stops = self.calls = 0
+
+    def attach(self, child: int, tramp: tuple[int, int, int]) -> None:
+        """Take the new task `child` (seized, in an event stop) with the trampoline at `tramp`: its address,
+        syscall and batch entry points."""
+        self.child = child
+        addr, ip, batch_ip = tramp
+        self.tramp_addr = addr
+        remote = RemoteTask(child, ip, batch_ip=batch_ip)
+        remote.keep_state()
+        remote.use_scratch(addr + abi.PAGE_SIZE, TRAMPOLINE_SIZE - abi.PAGE_SIZE)
+        self.remote = remote
+        self.timings["create"] = time.monotonic() - self.t0
+
+    def build(self, join_cgroups: Any) -> None:
+        img, pid, task, lazy, t0 = self.img, self.pid, self.task, self.lazy, self.t0
+        remote, child, timings, thread_recs = self.remote, self.child, self.timings, self.thread_recs
+        assert remote is not None
+        mm = task["mm"]
+        tramp_addr = self.tramp_addr
+        cgroups.join(child, join_cgroups)
         # One batch: what the task inherited from the restorer (per-task state, fds, mappings) dropped, the vdso
         # moved.
         setup = remote.batch()
         rcore.reset_inherited(remote, setup)
         close_inherited_fds(remote, setup)
-        specials = clear_address_space(remote, (tramp.addr, tramp.addr + TRAMPOLINE_SIZE), setup)
-        gaps = trampoline_candidates(mm["vmas"] + [{"start": tramp.addr, "end": tramp.addr + TRAMPOLINE_SIZE}],
+        specials = clear_address_space(remote, (tramp_addr, tramp_addr + TRAMPOLINE_SIZE), setup)
+        gaps = trampoline_candidates(mm["vmas"] + [{"start": tramp_addr, "end": tramp_addr + TRAMPOLINE_SIZE}],
                                      1 << 20)
         move_vdso(remote, specials, mm["vmas"], gaps[0], setup)
         # Before any mapping of the image exists: the kernel refuses a new exe_fd (EBUSY) while the old
@@ -247,6 +341,7 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
         space = SpaceBuilder(remote, img, child, access)
         space.verify = lazy
         page_file = img.page_file(pid) if img.has_pages(pid) else None
+        self.page_file = page_file
         lazy_ids = lazy_object_ids(mm, fds) if lazy else set()
         space.create_objects(mm["objects"], high_base, page_file, lazy_ids)
         space.map_vmas(mm["vmas"])
@@ -272,7 +367,7 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
         timings["pages"] = time.monotonic() - t0
 
         space.close_cached()
-        fdr = FdRestorer(remote, img, child, space.state.object_fds, high_base, access)
+        self.fdr = fdr = FdRestorer(remote, img, child, space.state.object_fds, high_base, access)
         fdr.restore(fds)
         closes = remote.batch()
         for ofd in space.state.object_fds.values():
@@ -287,57 +382,72 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
                 if rseq:
                     written += space.write_range(mm["vmas"], page_file, rseq["addr"],
                                                  rseq["addr"] + rseq["size"])
-        restore_misc_and_cwd(remote, task["misc"])
+        misc = task["misc"]
+        if self.leader_done:
+            misc = {**misc, "sid": None, "pgid": None}
+        restore_misc_and_cwd(remote, misc)
         # The other threads, once everything they share with the leader is back (they inherit its no_new_privs,
         # personality and timer slack at the clone) and while the leader may still choose their ids.
         for rec in thread_recs:
             thread = create_thread(remote, rec)
-            threads.append(thread)
+            self.threads.append(thread)
             restore_thread_state(thread, child, rec, task["core"])
         timings["threads"] = time.monotonic() - t0
         if lazy and ranges:
             handover = uffd_in_task(remote, ranges, LAZY_FEATURES)
-        for thread in threads:
+        for thread in self.threads:
             restore_thread_creds(thread, task["misc"])
-        rcore.restore_all_creds(remote, task["misc"])
-        for thread, rec in zip(threads, thread_recs, strict=True):
+        rcore.restore_all_creds(remote, task["misc"], is_root=self.is_root)
+        for thread, rec in zip(self.threads, thread_recs, strict=True):
             rcore.set_final_state(thread, rec["core"], rec["blocked"])
             thread.close()
         # Last injected call: remove the trampoline. We stop at its syscall exit (pitfall 16).
-        remote.syscall(abi.SYS.munmap, tramp.addr, TRAMPOLINE_SIZE)
+        remote.syscall(abi.SYS.munmap, tramp_addr, TRAMPOLINE_SIZE)
         rcore.set_final_state(remote, task["core"], task["signals"]["blocked"])
         remote.close()
-        stops = remote.stops + sum(t.stops for t in threads)
-        calls = remote.calls + sum(t.calls for t in threads)
-        source = None
+        self.stops = remote.stops + sum(t.stops for t in self.threads)
+        self.calls = remote.calls + sum(t.calls for t in self.threads)
+        self.written = written
         if handover is not None:
-            source = ImagePageSource(served, page_file, name=f"pages-{pid}.img")
-            if on_lazy is not None:
-                # The server (and its guard) must hold the uffd before the task runs: a task whose uffd is
-                # closed would fault in zeros instead of its data.
-                on_lazy(child, handover, source)
+            self.handover = handover
+            self.source = ImagePageSource(served, page_file, name=f"pages-{pid}.img")
+
+    def hand_over(self) -> None:
+        """Give the uffd to the lazy-pages server. The server (and its guard) must hold it before the task
+        runs: a task whose uffd is closed would fault in zeros instead of its data."""
+        if self.handover is not None and self.on_lazy is not None:
+            self.on_lazy(self.child, self.handover, self.source)
+
+    def release(self) -> None:
+        """Let it run (or, for a task stopped at the dump, go into its job-control stop)."""
+        child, task = self.child, self.task
         # Scheduling state from outside, last: a SCHED_IDLE or low-affinity task must not slow our own calls.
         apply_sched(child, task.get("sched"))
-        for thread, rec in zip(threads, thread_recs, strict=True):
+        for thread, rec in zip(self.threads, self.thread_recs, strict=True):
             apply_sched(thread.pid, rec.get("sched"))
-        for thread in threads:
+        if self.stopped:
+            # Queued while we hold it: taken before its first instruction, it starts the group stop.
+            os.kill(child, signal.SIGSTOP)
+        for thread in self.threads:
             ptrace.detach(thread.pid)
         ptrace.detach(child)
-        if ns is not None:
-            # Stripping the init (a few ms of injected calls) waits until the root runs: until then it is a
-            # stopped copy of us, sharing our pages.
-            ns.finish(pid)
-            ns.run()
-        timings["running"] = time.monotonic() - t0
-        if page_file is not None and not lazy:
-            page_file.close()
-        return Restored(child, time.monotonic() - t0, written, timings=timings,
-                        lazy=(handover, source) if handover is not None else None, stops=stops, calls=calls,
-                        init=ns, ns_pid=pid)
-    except BaseException as e:
-        if child:
-            rcore.kill_quietly(child)
-            for thread in threads:  # traced by us: reaped by us, before the leader's exit is reported
+        self.timings["running"] = time.monotonic() - self.t0
+        if self.page_file is not None and not self.lazy:
+            self.page_file.close()
+
+    def result(self, ns: NsInit | None = None) -> Restored:
+        return Restored(self.child, time.monotonic() - self.t0, self.written, timings=self.timings,
+                        lazy=(self.handover, self.source) if self.handover is not None else None,
+                        stops=self.stops, calls=self.calls, init=ns, ns_pid=self.pid if ns is not None else 0)
+
+    def kill(self) -> None:
+        if self.child:
+            rcore.kill_quietly(self.child)
+
+    def reap(self) -> None:
+        """After kill(): wait for its threads and itself (traced by us: reaped by us), clean up files."""
+        if self.child:
+            for thread in self.threads:  # before the leader's exit is reported
                 thread.close()
                 with contextlib.suppress(LazarusError, OSError):
                     for _ in range(100):
@@ -345,20 +455,11 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
                             break
             with contextlib.suppress(LazarusError, OSError):
                 for _ in range(100):
-                    s = ptrace.wait(child, timeout=5)
+                    s = ptrace.wait(self.child, timeout=5)
                     if s.exited or s.signaled:
                         break
-        if ns is not None:
-            ns.kill()  # and with it whatever else is in its namespace
-        if fdr is not None:
-            fdr.cleanup()
-        if isinstance(e, RestoreError):
-            raise
-        if isinstance(e, LazarusError):
-            raise RestoreError(str(e), stage="restore", pid=pid) from e
-        if isinstance(e, OSError):
-            raise RestoreError(f"{e.strerror or e}", stage="restore", pid=pid) from e
-        raise
+        if self.fdr is not None:
+            self.fdr.cleanup()
 
 
 def restore_misc_and_cwd(remote: RemoteTask, misc: dict[str, Any]) -> None:
@@ -408,17 +509,121 @@ def set_mm(remote: RemoteTask, mm: dict[str, Any], batch: Batch | None = None) -
 
 def restore(directory: Path, *, lazy: bool = False, on_lazy: LazyHandoff | None = None,
             image: Image | None = None, pidns: bool = False) -> Restored:
-    """Restore the process in `directory`. `image`: the same image already opened with open_image() (a caller
-    that must know the image is sound before it starts helpers of its own, as a lazy restore's server).
-    `pidns`: into a new PID namespace (restore/pidns.py); the root is then the child of the result's `init`,
-    whose exit status (`init.wait()`) is the root's."""
+    """Restore the process (or process tree) in `directory`. `image`: the same image already opened with
+    open_image() (a caller that must know the image is sound before it starts helpers of its own, as a lazy
+    restore's server). Returns the root's Restored. `pidns`: into a new PID namespace (restore/pidns.py); the
+    root is then the child of the result's `init`, whose exit status (`init.wait()`) is the root's."""
     img = image if image is not None else open_image(directory, verify_pages=not lazy)
     private.sweep_stale()  # what restores killed half-way left (restore/private.py)
     try:
+        if len(img.tree.nodes) > 1:
+            return restore_tree(img, lazy=lazy, on_lazy=on_lazy, pidns=pidns)
         if len(img.tasks) != 1:
-            raise RestoreError(f"image holds {len(img.tasks)} tasks; only single processes are supported")
+            raise RestoreError(f"image holds {len(img.tasks)} tasks but no tree (format version "
+                               f"{img.inventory.get('version')})")
         return restore_task(img, img.tasks[0], lazy=lazy, on_lazy=on_lazy, pidns=pidns)
     finally:
         private.done()
         if not lazy:
             img.close()
+
+
+def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None = None,
+                 pidns: bool = False) -> Restored:
+    """Restore every process of the image's tree (restore/tree.py: order of creation, sessions, groups,
+    zombies); none runs before all are ready, and on any failure every task made is killed. `pidns`: the whole
+    tree in one new PID namespace, its root the child of our init there (its children take their pids in it)."""
+    t0 = time.monotonic()
+    tree = img.tree
+    live = tree.live()
+    tasks = {pid: img.task(pid) for pid in live}
+    for pid in live:
+        validate(img, pid, tasks[pid], pidns=pidns)
+    for node in tree.nodes.values():
+        if node.zombie and not pidns:
+            _wait_pid_free(node.pid, "a zombie of the image")
+    joins = {pid: cgroups.plan(tasks[pid].get("cgroups"), pid) for pid in live}
+    # One trampoline address for all: each child is a copy of its parent and keeps its trampoline page,
+    # which must therefore be free in every process's layout.
+    every_vma = [v for pid in live for v in tasks[pid]["mm"]["vmas"]]
+    tramp = Trampoline.map_at(trampoline_candidates(every_vma, TRAMPOLINE_SIZE), TRAMPOLINE_SIZE)
+    where = (tramp.addr, tramp.syscall_ip, tramp.batch_ip)
+    ns: NsInit | None = None
+    host: dict[int, int] = {}  # image pid -> pid out here (they differ under pidns)
+    builds: dict[int, TaskBuild] = {}
+    zombies: list[int] = []
+    created: list[int] = []  # children cloned, whether or not they have a TaskBuild yet
+    failed_pid = tree.root
+    try:
+        for pid in tree.order:
+            failed_pid = pid
+            node = tree[pid]
+            if pid == tree.root:
+                build = TaskBuild(img, pid, tasks[pid], lazy=lazy, on_lazy=on_lazy, t0=t0, leader_done=True)
+                builds[pid] = build
+                child, ns = create_root(tramp, pid, pidns=pidns, join_cgroups=joins[pid])
+                host[pid] = child
+                build.attach(child, where)
+            else:
+                parent = builds[node.ppid].remote
+                assert parent is not None
+                child = host[pid] = create_child(parent, pid)
+                created.append(child)
+                if node.zombie:
+                    zombies.append(child)
+                    make_zombie(parent, child, node.exit or 0, node.comm)
+                    continue
+                # A stopped task is filled at once even in a lazy restore: it runs no code until continued,
+                # and the server could not take the anchor out of a task in a job-control stop.
+                eager_here = lazy and node.stopped
+                if eager_here and img.has_pages(pid):
+                    img.verify_pages(pid)  # no fork here: a lazy restore may already have server threads
+                build = TaskBuild(img, pid, tasks[pid], lazy=lazy and not eager_here, on_lazy=on_lazy, t0=t0,
+                                  stopped=node.stopped, leader_done=True)
+                builds[pid] = build
+                build.attach(child, where)
+            assert build.remote is not None
+            lead(build.remote, node)
+        root_group = tree[tree.root].pgid
+        for pid in live:
+            failed_pid = pid
+            remote = builds[pid].remote
+            assert remote is not None
+            if tree[pid].pgid == root_group and root_group != tree.root:
+                continue  # the root's group, led outside the image (--shell-job): all share the restorer's
+            join_group(remote, tree[pid])
+        for pid in live:
+            failed_pid = pid
+            builds[pid].build(joins[pid])
+        # Every task is complete but for running. Hand over the uffds one after the other, then let all go at
+        # once: the server may finish a small process meanwhile and wants it untraced to remove its anchor.
+        for pid in live:
+            failed_pid = pid
+            builds[pid].hand_over()
+        for pid in live:
+            failed_pid = pid
+            builds[pid].release()
+        if ns is not None:
+            ns.finish(tree.root)  # once every task runs (restore_task says why)
+            ns.run()
+        root = builds[tree.root].result(ns)
+        root.tasks = len(tree.nodes)
+        root.pages_written = sum(b.written for b in builds.values())
+        return root
+    except BaseException as e:
+        for build in builds.values():
+            build.kill()
+        built = {b.child for b in builds.values()}
+        for pid in created:
+            if pid not in built and pid not in zombies:
+                rcore.kill_quietly(pid)
+                with contextlib.suppress(LazarusError, OSError):
+                    ptrace.wait(pid, timeout=5)
+        for build in reversed(builds.values()):
+            build.reap()
+        if ns is not None:
+            ns.kill()
+        err = as_restore_error(e, failed_pid)
+        if err is e:
+            raise
+        raise err from e

@@ -263,7 +263,8 @@ def restore_caps_before_creds(task: RemoteTask, misc: dict[str, Any], batch: Bat
         b.run()
 
 
-def restore_after_creds(task: RemoteTask, misc: dict[str, Any], batch: Batch | None = None) -> None:
+def restore_after_creds(task: RemoteTask, misc: dict[str, Any], batch: Batch | None = None, *,
+                        is_root: bool = True) -> None:
     """State that a change of credentials would reset: capabilities, keep-caps and the parent-death signal.
     batch: queue the calls there (its caller runs it, through run_creds_batch)."""
     t = task
@@ -284,9 +285,11 @@ def restore_after_creds(task: RemoteTask, misc: dict[str, Any], batch: Batch | N
     if keep is not None or caps:
         b.call(abi.SYS.prctl, abi.PR_SET_KEEPCAPS, keep or 0, 0, 0, 0)
     if pr.get("pdeathsig"):
-        # Its parent is now the restorer: the signal comes when the restorer exits (see README).
-        log.warning("pid %d: parent-death signal %d restored: it comes when this restorer exits", t.pid,
-                    pr["pdeathsig"])
+        # A tree's root has the restorer for its parent now: the signal comes when the restorer exits (see
+        # README). A child of the tree has its own parent back: nothing to say.
+        if is_root:
+            log.warning("pid %d: parent-death signal %d restored: it comes when this restorer exits", t.pid,
+                        pr["pdeathsig"])
         b.call(abi.SYS.prctl, abi.PR_SET_PDEATHSIG, pr["pdeathsig"], 0, 0, 0)
     if batch is None:
         run_creds_batch(b, misc)
@@ -333,13 +336,13 @@ def restore_dumpable(task: RemoteTask, misc: dict[str, Any], batch: Batch | None
             task.syscall(abi.SYS.prctl, abi.PR_SET_DUMPABLE, value, 0, 0, 0)
 
 
-def restore_all_creds(task: RemoteTask, misc: dict[str, Any]) -> None:
+def restore_all_creds(task: RemoteTask, misc: dict[str, Any], *, is_root: bool = True) -> None:
     """restore_caps_before_creds, restore_creds, restore_after_creds and restore_dumpable, in that order, by one
-    batch."""
+    batch. is_root: the task is the restore's root (its parent is the restorer)."""
     b = task.batch()
     restore_caps_before_creds(task, misc, b)
     restore_creds(task, misc["creds"], b)
-    restore_after_creds(task, misc, b)
+    restore_after_creds(task, misc, b, is_root=is_root)
     restore_dumpable(task, misc, b)
     run_creds_batch(b, misc)
 

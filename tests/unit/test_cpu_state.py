@@ -68,7 +68,9 @@ def test_xcomp_perm_round_trips_through_an_image(tmp_path: Path) -> None:
             w.write_task(pid, {"pid": pid, "core": core, "mm": {"vmas": []}, "files": [], "signals": {},
                                "misc": {"comm": "t"}})
         w.commit({"kernel_release": "6.18.0-test", "arch": "x86_64", "cpu": {"xcr0": 0xE7, "xstate_size": 2432},
-                  "root_pid": 7, "tasks": list(cores)})
+                  "root_pid": 7, "tasks": list(cores),
+                  "tree": [{"pid": p, "ppid": 7 if p != 7 else 1, "pgid": 7, "sid": 7, "state": "running",
+                            "comm": "t", "exit": None} for p in cores]})
     img = Image.open(tmp_path / "img")
     try:
         for pid, core in cores.items():

@@ -40,8 +40,13 @@ def task(pid: int, **changes: Any) -> dict[str, Any]:
 
 
 def inventory_fields(root: int = 42, tasks: list[int] | None = None) -> dict[str, Any]:
-    return {"kernel_release": KERNEL, "arch": "x86_64", "cpu": {"xcr0": XCR0, "xstate_size": XSTATE},
-            "root_pid": root, "tasks": tasks if tasks is not None else [42, 43, 44]}
+    tasks = tasks if tasks is not None else [42, 43, 44]
+    fields = {"kernel_release": KERNEL, "arch": "x86_64", "cpu": {"xcr0": XCR0, "xstate_size": XSTATE},
+              "root_pid": root, "tasks": tasks}
+    if len(tasks) > 1:  # the others children of the root
+        fields["tree"] = [{"pid": p, "ppid": 0 if p == root else root, "pgid": root, "sid": root,
+                           "state": "running", "comm": "t", "exit": None} for p in tasks]
+    return fields
 
 
 def page_data(npages: int, seed: int) -> bytes:
@@ -106,7 +111,7 @@ def test_round_trip(pristine: Path) -> None:
     assert not [p for p in os.listdir(pristine.parent) if ".tmp-" in p]
     with Image.open(pristine) as img:
         assert img.tasks == [42, 43, 44] and img.root_pid == 42
-        assert img.inventory["format"] == "lazarus-image" and img.inventory["version"] == 2
+        assert img.inventory["format"] == "lazarus-image" and img.inventory["version"] == 3
         assert img.inventory["page_chunk"] == CHUNK_SIZE
         for pid in (42, 43, 44):
             assert img.task(pid) == task(pid)
@@ -238,7 +243,7 @@ def test_uncommitted_with_block_leaves_nothing(tmp_path: Path) -> None:
     ({"arch": "x86_64"}, "missing field 'kernel_release'"),
     (inventory_fields(1, [1, 2]), "task-2.json: not written"),
     (inventory_fields(7, [1]), "root_pid 7 is not in 'tasks'"),
-    ({**inventory_fields(1, [1]), "version": 3}, "'version' is set by the writer"),
+    ({**inventory_fields(1, [1]), "version": 4}, "'version' is set by the writer"),
     ({**inventory_fields(1, [1]), "cpu": {"xcr0": 1}}, "missing field 'cpu.xstate_size'"),
 ])
 def test_commit_refuses_bad_inventory_and_cleans_up(tmp_path: Path, fields: dict[str, Any], message: str) -> None:
@@ -428,14 +433,16 @@ def test_wrong_format_name(image: Path) -> None:
 
 
 def test_other_version(image: Path) -> None:
-    rewrite_inventory(image, lambda inv: inv.update(version=3))
-    assert open_error(image).startswith("inventory.json: format version 3, this lazarus reads versions 1, 2")
+    rewrite_inventory(image, lambda inv: inv.update(version=4))
+    assert open_error(image).startswith(
+        "inventory.json: format version 4 (written by a newer lazarus), this lazarus reads versions 1, 2, 3")
 
 
 def test_version_1_still_read(image: Path) -> None:
-    rewrite_inventory(image, lambda inv: inv.update(version=1))
+    rewrite_inventory(image, lambda inv: (inv.update(version=1), inv.pop("tree")))
     with Image.open(image) as img:
         assert img.inventory["version"] == 1
+        assert list(img.tree.nodes) == [42]
 
 
 def test_inventory_edited_without_new_self_check(image: Path) -> None:

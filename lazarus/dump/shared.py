@@ -1,0 +1,105 @@
+"""Objects two processes of a dumped tree share: refused for now, with both pids named.
+
+Each process is dumped and restored on its own, so anything one process shares with another would come back
+as two separate copies: an open file description (one offset, one set of flags) inherited across fork, a pipe
+or FIFO with an end in each, shared anonymous memory or a memfd mapped by both, and an fd table or fs state
+shared by clone (CLONE_FILES, CLONE_FS). Until they are stored once and given back to both, a dump of a tree
+refuses them here, in one place meant to be replaced by the code that supports them.
+
+What is not refused: the same named file opened separately by two processes (each gets its own open again),
+MAP_SHARED mappings of a named regular file (mapped again from the file, they share its page cache), and
+copy-on-write private memory (each process's pages are saved; the sharing itself is not kept).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from dataclasses import dataclass
+
+from lazarus.errors import NoSuchTask, Unsupported
+from lazarus.kernel import procfs
+from lazarus.kernel.syscall import same_fd_table, same_file_across, same_fs
+
+_LATER = "objects shared between processes are not supported yet"
+
+
+@dataclass(frozen=True)
+class _Fd:
+    pid: int
+    fd: int
+    target: str
+    mode: int
+
+
+def _fds(pid: int) -> dict[tuple[int, int], list[_Fd]]:
+    """(dev, ino) -> the fds of `pid` open on it."""
+    out: dict[tuple[int, int], list[_Fd]] = {}
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        raise NoSuchTask(f"pid {pid} exited during the dump", pid=pid) from None
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            st = os.stat(f"/proc/{pid}/fd/{name}")
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+            out.setdefault((st.st_dev, st.st_ino), []).append(_Fd(pid, int(name), target, st.st_mode))
+    return out
+
+
+def _named(target: str, mode: int) -> bool:
+    """A file another open by name reaches again: a regular file, directory or device that still has that
+    name (not a pipe, socket, anonymous inode, memfd or deleted file)."""
+    if target.endswith(" (deleted)") or target.startswith(("/memfd:", "/dev/zero", "/SYSV")):
+        return False
+    return target.startswith("/") and (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISCHR(mode)
+                                       or stat.S_ISBLK(mode))
+
+
+def _shared_memory(pid: int) -> dict[tuple[int, int], tuple[int, str]]:
+    """(dev, ino) -> (start, path) of each MAP_SHARED mapping of `pid` that is not a named regular file."""
+    out: dict[tuple[int, int], tuple[int, str]] = {}
+    for v in procfs.read_maps(pid):
+        if not v.shared or not v.inode:
+            continue
+        if not v.deleted and v.path.startswith("/") and not v.path.startswith(("/memfd:", "/dev/zero", "/SYSV")):
+            continue
+        out.setdefault((v.dev[0] << 32 | v.dev[1], v.inode), (v.start, v.path or "anonymous shared memory"))
+    return out
+
+
+def refuse_shared(pids: list[int]) -> None:
+    """Raise Unsupported naming both pids (and the fd or address) for the first object two of `pids` share.
+
+    The processes must be stopped (their fds and mappings cannot change meanwhile)."""
+    if len(pids) < 2:
+        return
+    for i, p in enumerate(pids):
+        for q in pids[i + 1:]:
+            if same_fd_table(p, q):
+                raise Unsupported(f"pid {p} and pid {q} share one fd table (CLONE_FILES); {_LATER}", pid=q)
+            if same_fs(p, q):
+                raise Unsupported(f"pid {p} and pid {q} share cwd, root and umask (CLONE_FS); {_LATER}", pid=q)
+    seen: dict[tuple[int, int], list[_Fd]] = {}
+    for p in pids:
+        for key, fds in _fds(p).items():
+            for other in seen.get(key, []):
+                if other.pid == p:
+                    continue
+                for mine in fds:
+                    if same_file_across(other.pid, other.fd, p, mine.fd):
+                        raise Unsupported(f"pid {other.pid} fd {other.fd} and pid {p} fd {mine.fd} share one open "
+                                          f"file description ({mine.target}); {_LATER}", pid=p)
+                if not _named(fds[0].target, fds[0].mode):
+                    raise Unsupported(f"pid {other.pid} fd {other.fd} and pid {p} fd {fds[0].fd} are open on one "
+                                      f"{fds[0].target}; {_LATER}", pid=p)
+            seen.setdefault(key, []).extend(fds)
+    maps: dict[tuple[int, int], tuple[int, int, str]] = {}
+    for p in pids:
+        for key, (start, path) in _shared_memory(p).items():
+            if key in maps and maps[key][0] != p:
+                q, qstart, _ = maps[key]
+                raise Unsupported(f"pid {q} at {qstart:#x} and pid {p} at {start:#x} map one shared memory "
+                                  f"object ({path}); {_LATER}", pid=p)
+            maps.setdefault(key, (p, start, path))
