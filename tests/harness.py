@@ -57,6 +57,8 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "prctl": (),
     "refused_proc": (),
     "threads": ("-pthread",),
+    "share_tree": (),
+    "share_take": (),
 }
 CFLAGS = ("-O1", "-g", "-Wall")
 
