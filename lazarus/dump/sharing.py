@@ -331,7 +331,7 @@ def find_memory(snaps: Sequence[TaskSnap]) -> list[MemoryObject]:
     for key, kind in kinds.items():
         m, h = tuple(maps.get(key, ())), tuple(fds.get(key, ()))
         if len({x.pid for x in m} | {p for p, _ in h}) > 1:
-            first = min([(x.pid, x.start) for x in m] + [(p, fd) for p, fd in h])
+            first = min([(x.pid, 0, x.start) for x in m] + [(p, 1, fd) for p, fd in h])  # mappings, then fds
             cands.append((first, key, kind, m, h))
     for _, key, kind, m, h in sorted(cands, key=lambda c: c[0]):
         out.append(MemoryObject(f"mem-{len(out) + 1}", kind, key[0], key[1], m, h))
