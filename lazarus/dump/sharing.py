@@ -414,6 +414,74 @@ def _run(k: int, owner: int, at: tuple[tuple[int, int], ...], n: int) -> SharedP
     return SharedPages(f"cow-{k + 1}", owner, any(p == owner for p, _ in at), n, at)
 
 
+# -- what the image stores, what a restore cannot rebuild (pure) ----------------------------------------------
+Range = tuple[int, int]  # [start, end)
+
+
+def inherited_ranges(pages: Iterable[SharedPages], pid: int) -> list[Range]:
+    """The [start, end) ranges of `pid` that come to it by fork from an ancestor (runs it holds but does not
+    own): its page file leaves them out. Sorted and merged."""
+    out: list[Range] = []
+    for r in pages:
+        if r.owner == pid:
+            continue
+        for p, a in r.at:
+            if p == pid:
+                out.append((a, a + r.npages * abi.PAGE_SIZE))
+    return merge(out)
+
+
+def merge(ranges: Iterable[Range]) -> list[Range]:
+    out: list[Range] = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+def subtract(ranges: Iterable[Range], holes: Iterable[Range]) -> list[Range]:
+    """`ranges` minus `holes` (both [start, end) lists), sorted and merged: e.g. a task's present pages minus
+    the ones it inherits, which is what its own page file stores and its lazy ranges serve."""
+    hs = merge(holes)
+    out: list[Range] = []
+    for s, e in merge(ranges):
+        pos = s
+        for hs_, he in hs:
+            if he <= pos or hs_ >= e:
+                continue
+            if hs_ > pos:
+                out.append((pos, hs_))
+            pos = max(pos, he)
+            if pos >= e:
+                break
+        if pos < e:
+            out.append((pos, e))
+    return out
+
+
+_REFUSED_STATES = {"vm": "an address space (CLONE_VM) shared by processes that are not threads of one another",
+                   "sighand": "signal handlers (CLONE_SIGHAND) shared by processes"}
+
+
+def refusals(found: Sharing) -> list[str]:
+    """One line for each shared thing the restore primitives cannot rebuild yet, naming pids and fds; empty
+    when everything shared can come back shared."""
+    out = []
+    for d in found.descriptions:
+        if d.kind in ("socket", "anon", "other"):
+            where = ", ".join(f"pid {p} fd {fd}" for p, fd in d.holders)
+            out.append(f"{where}: one open {d.kind} file shared by several processes is not supported")
+    for m in found.memory:
+        if m.kind == "sysv":
+            out.append(f"pids {', '.join(map(str, m.pids))}: System V shared memory (shmid {m.ino}) is not supported")
+    for st in found.states:
+        if st.kind in _REFUSED_STATES:
+            out.append(f"pids {', '.join(map(str, st.pids))}: {_REFUSED_STATES[st.kind]} is not supported")
+    return out
+
+
 # -- all together ----------------------------------------------------------------------------------------------
 def _kcmp_file(a: Holder, b: Holder) -> bool:
     return kcmp.same_file(a[0], a[1], b[0], b[1])
@@ -437,4 +505,5 @@ def detect(pids: Sequence[int], *, pages: bool = True) -> Sharing:
 
 __all__ = ["FdSnap", "FileDescription", "Mapping", "MemoryObject", "PageFrames", "Pipe", "SharedPages",
            "SharedState", "Sharing", "TaskSnap", "common_ancestor", "detect", "find_descriptions", "find_memory",
-           "find_pages", "find_states", "frames", "group", "snapshot"]
+           "find_pages", "find_states", "frames", "group", "inherited_ranges", "merge", "refusals", "snapshot",
+           "subtract"]

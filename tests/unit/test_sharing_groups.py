@@ -189,3 +189,39 @@ def test_ids_do_not_depend_on_the_order_of_tasks() -> None:
                               "holders": [[10, 3], [11, 3]]}
     assert js["cow"] == [{"id": "cow-1", "owner": 1, "owner_has": True, "npages": 2,
                           "at": [[1, 0x1000], [2, 0x1000]]}]
+
+
+def test_inherited_ranges_and_what_each_task_stores() -> None:
+    base = 0x100000
+    frames = [S.PageFrames(1, base, entries(list(range(100, 108)))),
+              S.PageFrames(2, base, entries([200, *range(101, 108)])),
+              S.PageFrames(3, base, entries([200, *range(101, 108)]))]
+    runs = S.find_pages(frames, PARENTS)
+    end = base + 8 * PAGE
+    assert S.inherited_ranges(runs, 1) == []
+    assert S.inherited_ranges(runs, 2) == [(base + PAGE, end)]  # page 0 is 2's own (it owns it, with 3)
+    assert S.inherited_ranges(runs, 3) == [(base, end)]
+    assert S.subtract([(base, end)], S.inherited_ranges(runs, 2)) == [(base, base + PAGE)]
+    assert S.subtract([(base, end)], S.inherited_ranges(runs, 3)) == []
+
+
+def test_subtract_and_merge() -> None:
+    assert S.merge([(5, 7), (0, 2), (2, 3), (6, 9)]) == [(0, 3), (5, 9)]
+    assert S.subtract([(0, 10), (20, 30)], [(2, 4), (8, 22), (25, 26)]) == [(0, 2), (4, 8), (22, 25), (26, 30)]
+    assert S.subtract([(0, 10)], []) == [(0, 10)]
+    assert S.subtract([(0, 10)], [(0, 10)]) == []
+
+
+def test_refusals_name_pids_and_fds() -> None:
+    sock = S.FileDescription("file-1", "socket", 8, 77, 2, 0, ((5, 4), (6, 4)))
+    ok = S.FileDescription("file-2", "file", 8, 78, 2, 0, ((5, 3), (6, 3)))
+    sysv = S.MemoryObject("mem-1", "sysv", 1, 32768, (S.Mapping(5, 0x1000, 0x2000, 0, True),
+                                                      S.Mapping(6, 0x1000, 0x2000, 0, True)), ())
+    vm = S.SharedState("vm-1", "vm", (5, 6))
+    files = S.SharedState("files-1", "files", (5, 6))
+    out = S.refusals(S.Sharing(descriptions=(sock, ok), memory=(sysv,), states=(vm, files)))
+    assert out == ["pid 5 fd 4, pid 6 fd 4: one open socket file shared by several processes is not supported",
+                   "pids 5, 6: System V shared memory (shmid 32768) is not supported",
+                   "pids 5, 6: an address space (CLONE_VM) shared by processes that are not threads of one another "
+                   "is not supported"]
+    assert S.refusals(S.Sharing(descriptions=(ok,), states=(files,))) == []
