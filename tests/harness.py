@@ -59,6 +59,7 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "threads": ("-pthread",),
     "share_tree": (),
     "share_take": (),
+    "cow_fork": (),
 }
 CFLAGS = ("-O1", "-g", "-Wall")
 

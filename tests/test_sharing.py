@@ -244,3 +244,98 @@ def test_fd_delivery_pidfd_getfd_against_scm_rights(harness: H.Harness) -> None:
         for fd in ours:
             os.close(fd)
     t.signal(signal.SIGKILL)
+
+
+# -- the restore order for copy-on-write pages ----------------------------------------------------------------
+COW_SEED = 0xC0FE
+
+
+def _stamp(page: int, seed: int) -> bytes:
+    return _mix(page ^ seed).to_bytes(8, "little") * (PAGE // 8)
+
+
+def _tree_pss(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def test_cow_pages_placed_in_the_parent_before_fork_are_never_copied_twice(harness: H.Harness) -> None:
+    """The order docs/IMAGES.md proposes, on a real fork: the shared pages go into the parent before it forks;
+    the child drops only its own pages and serves them lazily from a userfaultfd registered over the whole
+    region. Only the child's own pages fault (exactly one in eight), and the tree's Pss is that of the
+    original tree (one copy of the shared pages), not that of a copy per task."""
+    from lazarus.kernel import vm
+    from lazarus.kernel.syscall import buffer_address
+    from lazarus.kernel.uffd import Outcome, PageFault
+    from lazarus.restore.uffd import uffd_in_task
+
+    mib = int(os.environ.get("LAZARUS_COW_MIB", "32"))  # the issue's tree is 256: LAZARUS_COW_MIB=256 pytest -s -k cow
+    t = harness.start_target("cow_fork", str(mib))
+    start, size = (int(x, 0) for x in re.search(r"# region (\S+) (\S+)", t.log_text()).groups())
+    npages = size // PAGE
+    for first in range(0, npages, 1024):  # the parent's pages: shared by both after the fork
+        n = min(1024, npages - first)
+        vm.write(t.pid, start + first * PAGE, b"".join(_stamp(p, COW_SEED) for p in range(first, first + n)))
+    parent_pss = _tree_pss([t.pid])
+    t.signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while not (m := re.search(r"# child: (\d+)", t.log_text())) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert m, t.describe()
+    child = int(m.group(1))
+    harness.register(child, "cow_fork child")
+    assert H.wait_in_syscall(child, H.SYS_RT_SIGSUSPEND), t.describe()
+    own = [(start + p * PAGE, start + (p + 1) * PAGE) for p in range(0, npages, 8)]
+    with injected(child) as task:
+        task.alloc_scratch(PAGE)
+        assert prim.drop_pages(task, own) == npages // 8 * PAGE
+        uffd = uffd_in_task(task, [(start, start + size)], 0)
+    src = bytearray(PAGE)
+    faults: list[int] = []
+    try:
+        t.signal(signal.SIGUSR2)
+        os.kill(child, signal.SIGUSR2)
+        deadline = time.monotonic() + 60
+        while "# checked" not in t.log_text() and time.monotonic() < deadline:
+            for ev in uffd.read_events():
+                if isinstance(ev, PageFault):
+                    page = (ev.address - start) // PAGE
+                    faults.append(page)
+                    src[:] = _stamp(page, COW_SEED + 1)
+                    _, outcome = uffd.copy(ev.address & ~(PAGE - 1), buffer_address(src), PAGE)
+                    assert outcome in (Outcome.DONE, Outcome.EXISTS), outcome
+            time.sleep(0.001)
+        assert "# checked" in t.log_text(), t.describe()
+        pss = _tree_pss([t.pid, child])
+    finally:
+        uffd.close()
+    assert sorted(faults) == list(range(0, npages, 8)), f"{len(faults)} faults, not the child's own pages only"
+    # One copy of the region, plus the child's own eighth, plus the two small processes' own memory.
+    expected = parent_pss + size // 8 + (parent_pss - size)
+    assert pss <= 1.15 * expected and pss < 1.5 * size, (pss / 2**20, expected / 2**20)
+    print(f"cow order, {mib} MiB region: tree Pss {pss / 2**20:.1f} MiB (one copy per task: "
+          f"{(2 * parent_pss) / 2**20:.1f} MiB), {len(faults)} lazy faults for {npages} pages")
+    t.signal(signal.SIGUSR2)
+    H.expect_pass(t.wait_result(), t)
+
+
+def test_cow_fork_fails_without_the_placed_pages(harness: H.Harness) -> None:
+    """cow_fork's checks can fail: nothing placed in the parent, nothing served to the child."""
+    t = harness.start_target("cow_fork", "1")
+    t.signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while not (m := re.search(r"# child: (\d+)", t.log_text())) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert m, t.describe()
+    harness.register(int(m.group(1)), "cow_fork child")
+    assert H.wait_in_syscall(int(m.group(1)), H.SYS_RT_SIGSUSPEND), t.describe()
+    t.signal(signal.SIGUSR2)
+    os.kill(int(m.group(1)), signal.SIGUSR2)
+    assert H.wait_for_line(t.log, "# checked", 10), t.describe()
+    t.signal(signal.SIGUSR2)
+    result = t.wait_result()
+    assert result.startswith("FAIL") and "parent: page 0" in result and "child: page 0" in result, result

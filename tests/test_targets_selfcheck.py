@@ -37,6 +37,7 @@ DRIVEN_ELSEWHERE = {"cgroup": "tests/test_membership.py (joins cgroups the test 
 DRIVEN_ELSEWHERE["forkwait"] = "tests/test_lazy_anchor.py"
 # Trees are not dumped yet: tests/test_sharing.py drives these (detection, restore primitives, their FAILs).
 DRIVEN_ELSEWHERE["share_tree"] = DRIVEN_ELSEWHERE["share_take"] = "tests/test_sharing.py"
+DRIVEN_ELSEWHERE["cow_fork"] = "tests/test_sharing.py"
 
 
 @pytest.mark.parametrize("case", SELF_CASES, ids=lambda c: c.id)

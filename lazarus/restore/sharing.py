@@ -233,5 +233,17 @@ def map_object(courier: FdCourier, ours: int, places: Iterable[Placement]) -> No
         t.raw(abi.SYS.close, tmp)
 
 
-__all__ = ["FdCourier", "Placement", "fill", "give_scm", "map_object", "new_memfd", "new_pipe", "new_shmem",
+def drop_pages(task: RemoteTask, ranges: Iterable[tuple[int, int]]) -> int:
+    """MADV_DONTNEED each [start, end) of the task's private memory: in a task just forked from its restored
+    parent, the pages it inherited but does not share with it (the parent's own, or shared with a sibling), so
+    that they read as the task had them, or fault into its lazy ranges. Returns the bytes dropped."""
+    total = 0
+    for start, end in ranges:
+        task.syscall(abi.SYS.madvise, start, end - start, abi.MADV_DONTNEED,
+                     what=f"madvise(MADV_DONTNEED) {start:#x}-{end:#x}")
+        total += end - start
+    return total
+
+
+__all__ = ["FdCourier", "drop_pages", "Placement", "fill", "give_scm", "map_object", "new_memfd", "new_pipe", "new_shmem",
            "set_status", "take"]
