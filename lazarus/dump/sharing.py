@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import stat as statmod
 from array import array
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -374,39 +375,44 @@ def find_pages(page_frames: Iterable[PageFrames], parents: dict[int, int], zero:
     pages are the page cache's, not copy-on-write copies), mapped more than once (PM_MMAP_EXCLUSIVE clear), and
     not the zero page. A frame a task maps at two addresses (KSM) is left to each task: it is not fork's doing.
     """
-    skip = abi.PM_FILE_SHARED | abi.PM_MMAP_EXCLUSIVE
-    holders: dict[int, list[tuple[int, int]]] = {}
+    test = abi.PM_PRESENT | abi.PM_FILE_SHARED | abi.PM_MMAP_EXCLUSIVE
+    pfn_mask, page = abi.PM_PFN_MASK, abi.PAGE_SIZE
+    holders: defaultdict[int, list[tuple[int, int]]] = defaultdict(list)
     for pf in page_frames:
-        addr = pf.start
-        for e in pf.entries:
-            if e & abi.PM_PRESENT and not e & skip:
-                f = e & abi.PM_PFN_MASK
+        pid, start = pf.pid, pf.start
+        for i, e in enumerate(pf.entries):
+            if e & test == abi.PM_PRESENT:  # present, anonymous, mapped more than once
+                f = e & pfn_mask
                 if f and f != zero:
-                    holders.setdefault(f, []).append((pf.pid, addr))
-            addr += abi.PAGE_SIZE
-    pages: list[tuple[tuple[tuple[int, int], ...], int]] = []
+                    holders[f].append((pid, start + i * page))
+    owners: dict[tuple[int, ...], int] = {}
+    pages = []
     for at in holders.values():
         if len(at) < 2:
             continue
-        pids = [p for p, _ in at]
+        at.sort()
+        pids = tuple(p for p, _ in at)
         if len(set(pids)) != len(pids):
             continue
-        at.sort()
-        pages.append((tuple(at), common_ancestor(pids, parents)))
-    pages.sort()
+        owner = owners.get(pids)
+        if owner is None:
+            owner = owners[pids] = common_ancestor(pids, parents)
+        base = at[0][1]
+        # Pages of one run have the same holders, owner, and distances between the holders' addresses.
+        pages.append((pids[0], base, (pids, tuple(a - base for _, a in at), owner), at))
+    pages.sort(key=lambda x: (x[0], x[1]))
     out: list[SharedPages] = []
-    run_at: tuple[tuple[int, int], ...] | None = None
-    run_owner, n = 0, 0
-    for at, owner in pages:
-        if (run_at is not None and owner == run_owner and len(at) == len(run_at)
-                and all(p == q and a == b + n * abi.PAGE_SIZE for (p, a), (q, b) in zip(at, run_at, strict=True))):
+    run: tuple[int, int, object, list[tuple[int, int]]] | None = None
+    n = 0
+    for page in pages:
+        if run is not None and page[2] == run[2] and page[0] == run[0] and page[1] == run[1] + n * abi.PAGE_SIZE:
             n += 1
             continue
-        if run_at is not None:
-            out.append(_run(len(out), run_owner, run_at, n))
-        run_at, run_owner, n = at, owner, 1
-    if run_at is not None:
-        out.append(_run(len(out), run_owner, run_at, n))
+        if run is not None:
+            out.append(_run(len(out), owners[run[2][0]], tuple(run[3]), n))  # type: ignore[index]
+        run, n = page, 1
+    if run is not None:
+        out.append(_run(len(out), owners[run[2][0]], tuple(run[3]), n))  # type: ignore[index]
     return out
 
 
