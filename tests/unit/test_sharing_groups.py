@@ -8,6 +8,9 @@ import os
 import stat
 from array import array
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from lazarus.dump import sharing as S
 from lazarus.kernel import abi
 from lazarus.kernel.procfs import Vma
@@ -225,3 +228,37 @@ def test_refusals_name_pids_and_fds() -> None:
                    "pids 5, 6: an address space (CLONE_VM) shared by processes that are not threads of one another "
                    "is not supported"]
     assert S.refusals(S.Sharing(descriptions=(ok,), states=(files,))) == []
+
+TREE = {1: 0, 2: 1, 3: 1, 4: 2, 5: 4}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(sorted(TREE)),
+                       st.lists(st.one_of(st.none(), st.integers(1, 12)), min_size=1, max_size=24),
+                       min_size=1, max_size=5),
+       st.integers(0, 3))
+def test_pages_against_brute_force(layout: dict[int, list[int | None]], shift: int) -> None:
+    """Every (task, page) whose frame another task maps too is in exactly one run, with exactly the tasks that
+    map that frame, owned by their nearest common ancestor; nothing else is."""
+    base = 0x10000
+    frames = [S.PageFrames(pid, base + (pid % 2) * shift * PAGE, entries(pfns)) for pid, pfns in layout.items()]
+    want: dict[tuple[int, int], frozenset[int]] = {}
+    by_frame: dict[int, list[tuple[int, int]]] = {}
+    for pf in frames:
+        for i, e in enumerate(pf.entries):
+            if e:
+                by_frame.setdefault(e & abi.PM_PFN_MASK, []).append((pf.pid, pf.start + i * PAGE))
+    for at in by_frame.values():
+        pids = [p for p, _ in at]
+        if len(at) > 1 and len(set(pids)) == len(pids):
+            for p, a in at:
+                want[(p, a)] = frozenset(pids)
+    got: dict[tuple[int, int], frozenset[int]] = {}
+    for run in S.find_pages(frames, TREE):
+        assert run.owner == S.common_ancestor(run.pids, TREE)
+        assert run.owner_has == (run.owner in run.pids)
+        for k in range(run.npages):
+            for p, a in run.at:
+                assert (p, a + k * PAGE) not in got
+                got[(p, a + k * PAGE)] = frozenset(run.pids)
+    assert got == want
