@@ -64,11 +64,17 @@ def test_detection_finds_exactly_what_the_tree_shares(harness: H.Harness) -> Non
     assert sorted(d34, key=min) == sorted([{(p, 34), (f, 34)}, {(c, 34), (g, 34)}], key=min)
     assert holders(33) == {(x, 33) for x in everyone}
     # The pipe: read end in C and G, write end in P and F; one pipe record naming both descriptions.
-    [pipe] = [x for x in found.pipes if x.pids == tuple(sorted(everyone)) and x.readers and x.writers]
+    [pipe] = [x for x in found.pipes if not x.fifo]
     byid = {d.id: d for d in found.descriptions}
     assert [set(byid[i].holders) for i in pipe.readers] == [{(c, 31), (g, 31)}]
     assert [set(byid[i].holders) for i in pipe.writers] == [{(p, 32), (f, 32)}]
     assert not pipe.fifo
+    # The FIFO opened read-write: one description, both a reader and a writer of one shared FIFO record.
+    [fifo] = [x for x in found.pipes if x.fifo]
+    assert fifo.readers == fifo.writers and set(byid[fifo.readers[0]].holders) == {(x, 36) for x in everyone}
+    # What cannot come back shared yet is named: the eventfd (and nothing of the rest).
+    [refused] = detect.refusals(found)
+    assert "fd 35" in refused and "anon" in refused and f"pid {g} fd 35" in refused, refused
     # Memory: the memfd (mapped and held at fd 33) and the shared anonymous memory, mapped by all four.
     kinds = {m.kind: m for m in found.memory}
     assert set(kinds) == {"memfd", "shmem"}, found.memory

@@ -8,6 +8,8 @@
  *   fd 30   a file opened O_RDWR at offset 37, inherited by every task (one open file description);
  *   fd 31/32 a pipe with PIPE_BYTES queued: C and G keep only the read end 31, P and F only the write end 32;
  *   fd 33   a memfd ("share-memfd", 2 pages) mapped shared at MEMFD_AT, inherited by all;
+ *   fd 35   an eventfd, inherited by all (shared, and not yet restorable as such: refused);
+ *   fd 36   a named FIFO opened read-write, inherited by all;
  *           shared anonymous memory (4 pages, MAP_SHARED | MAP_ANONYMOUS) at SHM_AT, inherited by all;
  *           a private anonymous COW region of COW_PAGES pages (default 64) filled with a pattern.
  * After forking, C rewrites page 0, 8, 16, ... of the COW region (one page in eight), then forks G; G and F
@@ -22,6 +24,7 @@
 #include "common.h"
 
 #include <sched.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -99,6 +102,11 @@ static void setup(void)
 		buf[i] = (char)('a' + i % 26);
 	if (write(32, buf, PIPE_BYTES) != PIPE_BYTES)
 		laz_die("pipe write");
+	laz_place(eventfd(3, 0), 35);
+	char fifo[PATH_MAX];
+	if (mkfifo(laz_tmpfile("fifo", fifo, sizeof(fifo)), 0600))
+		laz_die("mkfifo");
+	laz_place(open(fifo, O_RDWR), 36);
 	laz_place(memfd_create("share-memfd", 0), 33);
 	if (ftruncate(33, 2 * LAZ_PAGE))
 		laz_die("ftruncate");
