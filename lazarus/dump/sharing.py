@@ -15,8 +15,8 @@ Identity comes from the kernel, never from names: two fds are one open file desc
 mappings are one object when their device and inode agree; two processes share one fd table or fs state when
 kcmp (KCMP_FILES, KCMP_FS) says so; two pages are one copy-on-write page when pagemap gives the same frame.
 
-Ids are numbered in the order of the lowest (pid, fd) or (pid, address) holding each object, so the same tree
-always gets the same ids.
+Ids are numbered in the order of the lowest (pid, fd), or (pid, address) for memory and pages, holding each
+object, so the same tree always gets the same ids whatever order its pids are given in.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import stat as statmod
 from array import array
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from lazarus.errors import NoSuchTask
@@ -187,7 +187,6 @@ class Sharing:
     memory: tuple[MemoryObject, ...] = ()
     states: tuple[SharedState, ...] = ()
     pages: tuple[SharedPages, ...] = ()
-    notes: tuple[str, ...] = field(default=())
 
     def pages_between(self) -> dict[tuple[int, int], int]:
         """Pages shared by each pair of tasks (a < b)."""
