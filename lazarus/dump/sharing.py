@@ -21,6 +21,7 @@ object, so the same tree always gets the same ids whatever order its pids are gi
 
 from __future__ import annotations
 
+import errno
 import os
 import stat as statmod
 from array import array
@@ -29,7 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from lazarus.errors import NoSuchTask
+from lazarus.errors import KernelError, NoSuchTask
 from lazarus.kernel import abi, kcmp, pfn, procfs
 from lazarus.kernel.procfs import Vma
 
@@ -91,7 +92,14 @@ def frames(snap: TaskSnap) -> list[PageFrames]:
     """Pagemap entries of every private, ordinary mapping of the task (anonymous memory and the written pages
     of private file mappings can both be copy-on-write shared after a fork)."""
     out = []
-    with open(f"/proc/{snap.pid}/pagemap", "rb", buffering=0) as f:
+    path = f"/proc/{snap.pid}/pagemap"
+    try:
+        f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below, after the translation of its errors
+    except (FileNotFoundError, ProcessLookupError):
+        raise NoSuchTask(f"no such process {snap.pid}", pid=snap.pid) from None
+    except OSError as e:
+        raise KernelError(f"open {path}", e.errno or errno.EIO, pid=snap.pid, path=path) from None
+    with f:
         for v in snap.vmas:
             if v.shared or v.is_special or v.path == "[vsyscall]":
                 continue
