@@ -83,7 +83,7 @@ def snapshot(pid: int) -> TaskSnap:
         except OSError as e:
             if not os.path.exists(f"/proc/{pid}"):
                 raise NoSuchTask(f"no such process {pid}", pid=pid) from e
-            raise
+            raise KernelError(f"stat fd {fd} ({target})", e.errno or errno.EIO, pid=pid) from None
         fds.append(FdSnap(fd, target, st.st_dev, st.st_ino, st.st_mode, info.flags & ~abi.O_CLOEXEC, info.pos))
     return TaskSnap(pid, procfs.read_status(pid).ppid, tuple(fds), tuple(procfs.read_maps(pid)))
 
