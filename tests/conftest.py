@@ -41,6 +41,7 @@ NEEDS = {
     "test_mm_state.py": ("dump", "restore"), "test_lazy_anchor.py": ("dump", "restore", "lazy"),
     "test_lazy_trust.py": ("dump", "restore", "lazy"),
     "test_unsupported.py": ("dump",), "test_cli.py": ("dump",),
+    "test_sharing.py": ("dump", "restore"),  # and lazy for its COW test, which checks that itself
 }
 
 

@@ -274,11 +274,14 @@ def test_cow_pages_placed_in_the_parent_before_fork_are_never_copied_twice(harne
     the child drops only its own pages and serves them lazily from a userfaultfd registered over the whole
     region. Only the child's own pages fault (exactly one in eight), and the tree's Pss is that of the
     original tree (one copy of the shared pages), not that of a copy per task."""
-    from lazarus.kernel import vm
+    from lazarus.kernel import features, vm
     from lazarus.kernel.syscall import buffer_address
     from lazarus.kernel.uffd import Outcome, PageFault
     from lazarus.restore.uffd import uffd_in_task
 
+    lacking = features.missing_for("lazy")
+    if lacking:
+        pytest.skip("lazarus check: lazy needs " + ", ".join(f"{f.name} ({f.detail})" for f in lacking))
     mib = int(os.environ.get("LAZARUS_COW_MIB", "32"))  # the issue's tree is 256: LAZARUS_COW_MIB=256 pytest -s -k cow
     t = harness.start_target("cow_fork", str(mib))
     start, size = (int(x, 0) for x in re.search(r"# region (\S+) (\S+)", t.log_text()).groups())
