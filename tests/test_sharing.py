@@ -348,3 +348,28 @@ def test_cow_fork_fails_without_the_placed_pages(harness: H.Harness) -> None:
     t.signal(signal.SIGUSR2)
     result = t.wait_result()
     assert result.startswith("FAIL") and "parent: page 0" in result and "child: page 0" in result, result
+
+
+def test_a_file_opened_by_its_first_holder_is_taken_and_given_to_another(harness: H.Harness,
+                                                                        tmp_path: Path) -> None:
+    """take(): the description a task opened itself (under its own credentials) becomes ours, then b's."""
+    a = harness.start_target("share_take")
+    b = harness.start_target("share_take")
+    path = tmp_path / "opened-by-a"
+    path.write_bytes(b"y" * 32)
+    with injected(a.pid) as ta:
+        ta.alloc_scratch(PAGE)
+        fd = ta.syscall(abi.SYS.openat, abi.AT_FDCWD & (2**64 - 1), ta.cstring(str(path)), os.O_RDWR, 0)
+        ta.syscall(abi.SYS.lseek, fd, 5, os.SEEK_SET)
+        ours = prim.take(a.pid, fd)
+    try:
+        with injected(b.pid) as tb, prim.FdCourier(tb) as courier:
+            courier.give(ours, 43)
+        assert detect.kcmp.same_file(a.pid, fd, b.pid, 43)
+        assert not detect.kcmp.same_file(a.pid, fd, b.pid, 0)
+        assert _fd_offset(ours) == 5
+        assert os.readlink(f"/proc/{b.pid}/fd/43") == str(path)
+    finally:
+        os.close(ours)
+    for t in (a, b):
+        t.signal(signal.SIGKILL)
