@@ -42,6 +42,7 @@ NEEDS = {
     "test_lazy_trust.py": ("dump", "restore", "lazy"),
     "test_unsupported.py": ("dump",), "test_cli.py": ("dump",),
     "test_real_xz.py": ("dump", "restore"), "test_real_trees.py": ("dump", "restore"),
+    "test_sharing.py": ("dump", "restore"),  # and lazy for its COW test, which checks that itself
 }
 
 

@@ -59,6 +59,9 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "refused_proc": (),
     "threads": ("-pthread",),
     "tree": ("-pthread",),
+    "share_tree": (),
+    "share_take": (),
+    "cow_fork": (),
 }
 CFLAGS = ("-O1", "-g", "-Wall")
 

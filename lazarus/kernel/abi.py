@@ -732,3 +732,12 @@ PR_FUTEX_HASH, PR_FUTEX_HASH_SET_SLOTS, PR_FUTEX_HASH_GET_SLOTS = 78, 1, 2
 SYS.setfsuid = 122  # type: ignore[attr-defined]
 SYS.setfsgid = 123  # type: ignore[attr-defined]
 O_NOFOLLOW = 0o400000
+
+# --- objects shared between tasks (lazarus/kernel/kcmp.py, lazarus/kernel/pfn.py) ---
+KCMP_FILE, KCMP_VM, KCMP_FILES, KCMP_FS, KCMP_SIGHAND, KCMP_IO, KCMP_SYSVSEM = range(7)  # include/uapi/linux/kcmp.h
+# /proc/PID/pagemap entries (Documentation/admin-guide/mm/pagemap.rst): one u64 per page.
+PM_PFN_MASK = (1 << 55) - 1
+PM_MMAP_EXCLUSIVE = 1 << 56
+PM_FILE_SHARED = 1 << 61
+PM_SWAP = 1 << 62
+PM_PRESENT = 1 << 63
