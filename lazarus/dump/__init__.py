@@ -18,7 +18,6 @@ from lazarus.dump.files import dump_cwd, dump_files
 from lazarus.dump.membership import check_namespaces, check_session, dump_cgroups
 from lazarus.dump.memory import MemoryDumper
 from lazarus.dump.sched import sched_state
-from lazarus.dump.thp import mark_huge
 from lazarus.dump.watchdog import Watchdog, continue_quietly, repair
 from lazarus.errors import DumpError, KernelError, LazarusError, NoSuchTask, Unsupported
 from lazarus.images import ImageWriter
@@ -241,7 +240,6 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: b
                 vma_recs, objects = mem.dump(vmas)
             finally:
                 mem.close()
-            mark_huge(pid, vma_recs)
             syscall_ip = sys_ip
             files = dump_files(pid, writer.write_blob, objects,
                                lambda: RemoteTask(pid, syscall_ip, journal=watchdog))
