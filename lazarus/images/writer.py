@@ -89,6 +89,27 @@ def _fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
         os.close(fd)
 
 
+def _fsync_files(paths: list[Path], writeback: Callable[[int, int, int], None] | None) -> None:
+    """fsync every file of `paths`, having started the writeback of all of them first.
+
+    One fsync after another, each new file's fsync waits for its own data and then a journal commit of its
+    own (~4 ms each on the machine measured: 25-50 ms for an image's six files). With every file's data on its
+    way first, the first fsync's commit carries the others' block allocations too, and the later fsyncs find
+    their data written and their metadata committed."""
+    fds: list[int] = []
+    try:
+        for path in paths:
+            fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+            if writeback is not None:
+                with contextlib.suppress(OSError):
+                    writeback(fds[-1], 0, 0)  # 0: to the end of the file
+        for fd in fds:
+            os.fsync(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 class PagesWriter:
     """Writes raw page data to pages-PID.img and checksums it per 64 KiB chunk as it goes.
 
@@ -474,8 +495,7 @@ class ImageWriter:
             inv["self_check"] = inventory_self_check(inv)
             _write_file(self.tmp_dir / INVENTORY, inventory_bytes(inv))
             if self._fsync:
-                for name in (*files, INVENTORY):
-                    _fsync_path(self.tmp_dir / name)
+                _fsync_files([self.tmp_dir / name for name in (*files, INVENTORY)], self._writeback)
                 _fsync_path(self.tmp_dir, os.O_RDONLY | os.O_DIRECTORY)
             self._verify()
             if os.path.lexists(self.final_dir) and not (self._replace_empty and _is_empty_dir(self.final_dir)):
