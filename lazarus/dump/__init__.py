@@ -193,7 +193,7 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: b
     precheck(pid)
     watchdog = Watchdog.start(pid)  # before any thread exists: it is forked
     try:
-        writer = ImageWriter(directory, writeback=start_writeback)
+        writer = ImageWriter(directory, writeback=start_writeback, direct=True)
     except BaseException:
         watchdog.release()
         raise

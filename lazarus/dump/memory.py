@@ -14,23 +14,29 @@ Every vma also keeps its VmFlags (madvise, mlock and mseal state, re-applied at 
 come back are refused, see images/mm.py) and its guard regions (page-table markers, reinstalled at restore).
 A memfd the task holds open without mapping it is saved as an object too.
 
-The page data is copied once, from the task's memory straight into the page file's page cache:
+How the page data gets to the disk (measurements in docs/BENCHMARKS.md, "Dump: where the time goes"):
 
     1. plan: one PAGEMAP_SCAN per vma (which pages are present, which sit in huge pages), each object's data
        extents (SEEK_DATA/SEEK_HOLE); every run gets its place in pages-PID.img, in vma order;
-    2. the page file grows by the total at once (fallocate) and is mapped shared (PagesWriter.extend);
-    3. process_vm_readv writes the target's pages into that mapping, 16 MiB a call (objects: preadv);
-       after each call those bytes are hashed from the mapping and their writeback starts;
+    2. the page file grows by the total at once (fallocate, PagesWriter.extend);
+    3. two threads each take the next 8 MiB piece of the file, read it from the task with process_vm_readv
+       (objects: preadv) into their own buffer, hash it and write it with O_DIRECT: the data goes from the
+       buffer to the device, no page cache is filled, and the copy of one piece overlaps the other's write
+       (both threads are outside the GIL for all but the hashing);
     4. spot check: a sample of pages of every private run is read from the (still frozen) task again and
-       compared with the file, which proves the runs recorded point at the right place of the file.
+       compared with the file as read back from the device, which proves the runs recorded point at the
+       right place of the file and that the disk holds them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import mmap
 import os
 import stat as statmod
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,9 +49,10 @@ from lazarus.kernel.procfs import Vma
 from lazarus.kernel.syscall import buffer_address
 
 SPECIAL = {"[vdso]": "vdso", "[vvar]": "vvar", "[vvar_vclock]": "vvar_vclock"}
-# Bytes per process_vm_readv call: hashed and handed to writeback as soon as they are in. Measured on 512 MiB:
-# 4 MiB is within noise of 16 MiB, 64 MiB starts the disk later; the iovec lists stay far below IOV_MAX.
-_PIECE = 16 << 20
+# Bytes a copy thread reads, hashes and writes at a time (a multiple of the 64 KiB chunk). Measured on 512 MiB:
+# 8 MiB pieces with two threads beat 16 MiB ones (the device starts sooner); the iovecs stay below IOV_MAX.
+_PIECE = 8 << 20
+_THREADS = 2
 _PAGE = abi.PAGE_SIZE
 
 
@@ -127,22 +134,43 @@ class _Source:
         self.nbytes = sum(n for _, n in self.runs)
 
 
-def _pieces(runs: list[tuple[int, int]], size: int):
-    """Cut (start, length) runs into consecutive batches of at most `size` bytes: yields (batch, nbytes)."""
-    batch: list[tuple[int, int]] = []
+Piece = tuple[int, list[tuple["_Source", list[tuple[int, int]]]], int]
+
+
+def _pieces(sources: list[_Source], size: int) -> Iterator[Piece]:
+    """Cut the concatenated sources into consecutive pieces of `size` bytes (the last may be shorter): yields
+    (offset, [(source, [(start, length), ...]), ...], nbytes), a piece's runs grouped by source."""
+    off = 0
+    parts: list[tuple[_Source, list[tuple[int, int]]]] = []
     filled = 0
-    for start, length in runs:
-        pos, end = start, start + length
-        while pos < end:
-            n = min(end - pos, size - filled)
-            batch.append((pos, n))
-            filled += n
-            pos += n
-            if filled == size:
-                yield batch, filled
-                batch, filled = [], 0
-    if batch:
-        yield batch, filled
+    for src in sources:
+        for start, length in src.runs:
+            pos, end = start, start + length
+            while pos < end:
+                n = min(end - pos, size - filled)
+                if parts and parts[-1][0] is src:
+                    parts[-1][1].append((pos, n))
+                else:
+                    parts.append((src, [(pos, n)]))
+                filled += n
+                pos += n
+                if filled == size:
+                    yield off, parts, filled
+                    off += filled
+                    parts, filled = [], 0
+    if parts:
+        yield off, parts, filled
+
+
+_spare: list[mmap.mmap] = []
+
+
+def _buffers(n: int) -> list[mmap.mmap]:
+    """`n` page-aligned piece buffers, kept between dumps: a long-lived process (the service) finds them
+    touched already (first touches of fresh memory cost this VM 3x)."""
+    while len(_spare) < n:
+        _spare.append(mmap.mmap(-1, _PIECE))
+    return _spare[:n]
 
 
 def _spread(npages: int) -> list[int]:
@@ -316,26 +344,56 @@ class MemoryDumper:
                 "pages": runs, "inode": st.st_ino, **extra}
 
     def _copy(self) -> None:
-        """Fill the page file from every planned source in order (steps 2-4 of the module docstring)."""
+        """Fill the page file from every planned source (steps 2-4 of the module docstring)."""
         total = sum(src.nbytes for src in self._sources)
         if not total:
             return
         with self.pages.extend(total) as ext:
-            base = buffer_address(ext.mmap)
-            off = 0
-            for src in self._sources:
-                for batch, n in _pieces(src.runs, _PIECE):
-                    view = ext.view[off:off + n]
-                    if src.fd >= 0:
-                        _pread_file(src.fd, view, batch)
-                    elif src.readable:
-                        vm.readv(self.pid, [(base + off, n)], batch)
-                    else:
-                        self._read_mem(view, batch)
+            pieces = _pieces(self._sources, _PIECE)
+            lock = threading.Lock()
+            failed: list[BaseException] = []
+
+            def work(buf: mmap.mmap) -> None:
+                view = memoryview(buf)
+                try:
+                    while not failed:
+                        with lock:
+                            piece = next(pieces, None)
+                        if piece is None:
+                            return
+                        off, parts, n = piece
+                        self._fill(view[:n], buf, parts)
+                        ext.put(off, view[:n])
+                except BaseException as e:  # noqa: BLE001 - handed to the caller's thread below
+                    failed.append(e)
+                finally:
                     view.release()
-                    ext.filled(n)
-                    off += n
-            self._spot_check(ext.view)
+
+            nthreads = min(_THREADS, -(-total // _PIECE))
+            bufs = _buffers(nthreads)
+            helpers = [threading.Thread(target=work, args=(b,), name="pages-copy") for b in bufs[1:]]
+            for t in helpers:
+                t.start()
+            work(bufs[0])
+            for t in helpers:
+                t.join()
+            if failed:
+                raise failed[0]
+            self._spot_check(ext.offset)
+
+    def _fill(self, view: memoryview, buf: mmap.mmap, parts: list[tuple[_Source, list[tuple[int, int]]]]) -> None:
+        """Read one piece's runs, source after source, into `view` (the start of `buf`)."""
+        off = 0
+        base = buffer_address(buf)
+        for src, batch in parts:
+            n = sum(length for _, length in batch)
+            if src.fd >= 0:
+                _pread_file(src.fd, view[off:off + n], batch)
+            elif src.readable:
+                vm.readv(self.pid, [(base + off, n)], batch)
+            else:
+                self._read_mem(view[off:off + n], batch)
+            off += n
 
     def _read_mem(self, view: memoryview, batch: list[tuple[int, int]]) -> None:
         """Read task memory through /proc/PID/mem (mappings the task itself may not read, PROT_NONE)."""
@@ -346,13 +404,14 @@ class MemoryDumper:
                 raise OSError(5, f"short read of memory at {addr + got:#x}")
             off += n
 
-    def _spot_check(self, file_view: memoryview) -> None:
-        """Read a sample of each private run from the task again and compare it with the page file.
+    def _spot_check(self, file_offset: int) -> None:
+        """Read a sample of each private run from the task again and compare it with the page file as read
+        back (from the device itself when the file is written with O_DIRECT).
 
         The task is frozen, so its private memory cannot change: a difference means a page went to the wrong
         place of the file (or the file lost it), and the image would restore wrong memory."""
         want: list[tuple[int, int, bool]] = []  # (address, file offset, readable)
-        off = 0
+        off = file_offset
         for src in self._sources:
             if src.fd < 0:
                 pos = off
@@ -363,18 +422,26 @@ class MemoryDumper:
         if not want:
             return
         want.sort(key=lambda w: not w[2])  # readable ones first: one process_vm_readv for all of them
-        buf = bytearray(len(want) * _PAGE)
-        got = memoryview(buf)
-        nread = sum(1 for w in want if w[2])
-        if nread:
-            vm.read_into(self.pid, [(a, _PAGE) for a, _, _ in want[:nread]], buf)
-        for i, (a, _, _) in enumerate(want[nread:], nread):
-            self._read_mem(got[i * _PAGE:(i + 1) * _PAGE], [(a, _PAGE)])
-        for i, (a, fo, _) in enumerate(want):
-            if got[i * _PAGE:(i + 1) * _PAGE] != file_view[fo:fo + _PAGE]:
-                raise DumpError(f"pid {self.pid}: page {a:#x} differs from its copy at byte {fo} of "
-                                f"{self.pages.name}; the image would be wrong", pid=self.pid)
-        got.release()
+        mem = mmap.mmap(-1, len(want) * _PAGE)
+        disk = mmap.mmap(-1, len(want) * _PAGE)  # page-aligned, as an O_DIRECT read needs
+        got = memoryview(mem)
+        dview = memoryview(disk)
+        try:
+            nread = sum(1 for w in want if w[2])
+            if nread:
+                vm.read_into(self.pid, [(a, _PAGE) for a, _, _ in want[:nread]], mem)
+            for i, (a, _, _) in enumerate(want[nread:], nread):
+                self._read_mem(got[i * _PAGE:(i + 1) * _PAGE], [(a, _PAGE)])
+            self.pages.read_back([fo for _, fo, _ in want], disk)
+            for i, (a, fo, _) in enumerate(want):
+                if got[i * _PAGE:(i + 1) * _PAGE] != dview[i * _PAGE:(i + 1) * _PAGE]:
+                    raise DumpError(f"pid {self.pid}: page {a:#x} differs from its copy at byte {fo} of "
+                                    f"{self.pages.name}; the image would be wrong", pid=self.pid)
+        finally:
+            got.release()
+            dview.release()
+            mem.close()
+            disk.close()
 
     def finish(self) -> None:
         if self.pages.npages != self.next_index:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import mmap
+import errno
 import os
 import shutil
 import tempfile
+import threading
 import time
 from array import array
 from collections.abc import Callable
@@ -43,14 +44,16 @@ from lazarus.images.format import (
 from lazarus.images.reader import Image
 
 
-def _write_all(fd: int, data: memoryview, fname: str, pos: int | None = None) -> None:
-    """Write all of `data` at the file position (pos None) or at offset `pos`."""
+def _write_all(fd: int, data: memoryview, fname: str, pos: int | None = None, *, raw: bool = False) -> None:
+    """Write all of `data` at the file position (pos None) or at offset `pos`. raw: let OSError through."""
     off = 0
     end = len(data)
     while off < end:
         try:
             n = os.write(fd, data[off:]) if pos is None else os.pwrite(fd, data[off:], pos + off)
         except OSError as e:
+            if raw:
+                raise
             raise ImageError(f"{fname}: write failed: {e.strerror}") from e
         if n <= 0:  # pragma: no cover - os.write raises rather than returning 0 for regular files
             raise ImageError(f"{fname}: write made no progress at byte {off}")
@@ -115,23 +118,23 @@ class PagesWriter:
 
     Two ways in, which may be mixed (data always lands at the end of what is written so far):
 
-    - `extend(n)` (the dump's way, one copy): grows the file by n bytes with fallocate, maps that stretch
-      MAP_SHARED and hands out a PageExtent, into which the caller copies the pages (process_vm_readv writes
-      the target's pages straight into the page cache). As each part is reported filled, its chunks are
-      hashed by reading the file's own pages through that mapping, so the sums describe what the file holds;
-      and its writeback is started at once, so that the disk works while the next part is copied.
-    - `append(buf)`: writes a caller's buffer and hashes that buffer (through memoryview slices, no copies).
+    - `extend(n)` (the dump's way): reserves the next n bytes of the file (fallocate) and returns a PageExtent,
+      into which any number of threads `put()` whole chunks from their own buffers, in any order. Each put
+      hashes the caller's buffer and writes it with pwrite, through an O_DIRECT descriptor when the writer is
+      `direct` (the default of a dump: the data goes from the buffer to the device, no page cache is filled,
+      see docs/BENCHMARKS.md for why). An extent starts on a chunk boundary.
+    - `append(buf)`: writes a caller's buffer at the end and hashes that buffer (through memoryview slices, no
+      copies); a chunk may span several appends: it is fed to a streaming hasher, so the sums equal those of
+      the finished file.
 
-    A chunk may span several appends or extents: it is fed to a streaming hasher, so the sums equal those of
-    the finished file.
-
-        file:   [ appended | extent 1 (filled) | extent 2: filled | being filled ... ]
-                                                                  ^ size: hashed up to here
+        file:  | appended ........ | extent 1 ........ | extent 2 ... | appended ...
+                                   ^ on a 64 KiB chunk boundary: extend() refuses anywhere else
     """
 
     WRITEBACK_STEP = 32 << 20
 
-    def __init__(self, directory: Path, pid: int, writeback: Callable[[int, int, int], None] | None = None) -> None:
+    def __init__(self, directory: Path, pid: int, writeback: Callable[[int, int, int], None] | None = None,
+                 *, direct: bool = False) -> None:
         self.pid = pid
         # Starting writeback of each written stretch at once lets the disk work while we read the next,
         # so the final fsync finds little left to do (half the time of a dump that fsyncs at the end).
@@ -141,10 +144,16 @@ class PagesWriter:
         self._path = directory / self.name
         self._sums_path = directory / sums_name(pid)
         try:
-            # Read and write: a shared writable mapping of the file needs both.
             self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise ImageError(f"{self.name}: cannot create: {e.strerror}") from e
+        # A second descriptor for extents when direct: O_DIRECT needs aligned buffers, which appends need not
+        # have. A filesystem that refuses O_DIRECT (EINVAL) gets buffered writes instead.
+        self._dfd = -1
+        if direct:
+            with contextlib.suppress(OSError):
+                self._dfd = os.open(self._path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        self._lock = threading.Lock()
         self._size = 0
         self._sums = array("Q")
         self._partial = xxhash.xxh3_64()
@@ -152,8 +161,8 @@ class PagesWriter:
         self._closed = False
         self._broken = False  # an extent was left unfilled: nothing more may be written
         self._extent: PageExtent | None = None
-        # Whether any data came from a caller's buffer (append) rather than being hashed from the file's pages:
-        # only such data gains anything from being read back and hashed again (see ImageWriter._verify).
+        # Whether any data came in through append(): only that is read back and hashed again at commit (see
+        # ImageWriter._verify).
         self.appended = False
         self.sums_entry: tuple[int, int] | None = None
 
@@ -164,6 +173,11 @@ class PagesWriter:
     @property
     def size(self) -> int:
         return self._size
+
+    @property
+    def direct(self) -> bool:
+        """Whether extents are written with O_DIRECT (False: the filesystem refused it, or not asked for)."""
+        return self._dfd >= 0
 
     def _check_writable(self) -> None:
         if self._closed:
@@ -195,60 +209,72 @@ class PagesWriter:
         _write_all(self._fd, mv, self.name, self._size)
         self._hash(mv)
         self._size += n
-        self._maybe_writeback()
+        if self._writeback is not None and self._size - self._flushed >= self.WRITEBACK_STEP:
+            self._writeback(self._fd, self._flushed, self._size - self._flushed)
+            self._flushed = self._size
         return first
 
     def extend(self, nbytes: int) -> PageExtent:
-        """Grow the file by `nbytes` (a multiple of 4096) and map that stretch for the caller to fill in place.
+        """Reserve the next `nbytes` (a multiple of 4096) of the file for PageExtent.put().
 
-        Returns: a PageExtent; its first page is file page `extent.first`. Fill it, reporting each part done
-            with `extent.filled(n)` in order, then `close()` it (or use it as a context manager).
-        Raises: ImageError if the length is not page aligned, the writer is closed or filling another extent,
-            or the filesystem cannot give the space (ENOSPC is reported here, never as a SIGBUS later).
+        Returns: a PageExtent whose first page is file page `extent.first`; close() it once every chunk is in
+            (or use it as a context manager).
+        Raises: ImageError if the length is not page aligned, the file does not end on a chunk boundary, the
+            writer is closed or filling another extent, or the filesystem cannot give the space.
         """
         self._check_writable()
         if nbytes % PAGE_SIZE or nbytes <= 0:
             raise ImageError(f"{self.name}: extent of {nbytes} bytes, not a positive multiple of {PAGE_SIZE}")
+        if self._partial_len:
+            raise ImageError(f"{self.name}: an extent must start on a {CHUNK_SIZE}-byte chunk boundary, "
+                             f"not at byte {self._size}")
         off = self._size
         try:
-            # Blocks allocated up front (unwritten extents: no zeroes are written): writing through the
-            # mapping then never fails for want of space, and page faults on it skip the delayed-allocation
-            # work (a third less CPU per byte than a growing sparse file here).
+            # Blocks allocated up front (unwritten extents: no zeroes are written): O_DIRECT writes into them
+            # need not extend the file one by one (which ext4 serialises), and ENOSPC shows here, once.
             os.posix_fallocate(self._fd, off, nbytes)
         except OSError as e:
             raise ImageError(f"{self.name}: cannot allocate {nbytes} bytes at {off}: {e.strerror}") from e
-        try:
-            mm = mmap.mmap(self._fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE,
-                           offset=off)
-        except OSError as e:
-            raise ImageError(f"{self.name}: cannot map {nbytes} bytes at {off}: {e.strerror}") from e
-        if nbytes >= _HUGE:
-            # The page cache holds large folios here: mapped by PMD, a 512 MiB extent takes ~200 page faults
-            # instead of ~3000. Only advice: refused on some filesystems, which is fine.
-            with contextlib.suppress(OSError, AttributeError):
-                mm.madvise(mmap.MADV_HUGEPAGE)
-        self._extent = PageExtent(self, mm, off, nbytes)
+        self._extent = PageExtent(self, off, nbytes)
         return self._extent
 
-    def _filled(self, ext: PageExtent, mv: memoryview) -> None:
-        """`mv` (the next bytes of `ext`, already in the file) is complete: hash it and count it written."""
-        self._hash(mv)
-        self._size += len(mv)
-        self._maybe_writeback()
+    def _write_extent(self, mv: memoryview, pos: int) -> None:
+        """pwrite for PageExtent.put, from any thread: O_DIRECT if possible, else buffered with writeback."""
+        dfd = self._dfd
+        if dfd >= 0:
+            try:
+                _write_all(dfd, mv, self.name, pos, raw=True)
+                return
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise ImageError(f"{self.name}: write failed: {e.strerror}") from e
+                # The device wants larger or other alignment than pages: buffered from now on.
+                with self._lock:
+                    if self._dfd == dfd:
+                        self._dfd = -1
+                        os.close(dfd)
+        _write_all(self._fd, mv, self.name, pos)
+        if self._writeback is not None:
+            with contextlib.suppress(OSError):
+                self._writeback(self._fd, pos, len(mv))
 
     def _extent_closed(self, ext: PageExtent) -> None:
-        if self._extent is ext:
-            self._extent = None
-        if ext.done != ext.nbytes:
-            # Never half an extent in a finished file: a writer whose extent was not filled is unusable.
+        self._extent = None
+        missing = ext.missing()
+        if missing is not None:
+            # Never a hole in a finished file: a writer whose extent was not filled is unusable.
             self._broken = True
-            raise ImageError(f"{self.name}: extent at byte {ext.offset} closed with {ext.done} of "
-                             f"{ext.nbytes} bytes filled")
-
-    def _maybe_writeback(self) -> None:
-        if self._writeback is not None and self._size - self._flushed >= self.WRITEBACK_STEP:
-            self._writeback(self._fd, self._flushed, self._size - self._flushed)
-            self._flushed = self._size
+            raise ImageError(f"{self.name}: extent at byte {ext.offset} closed with chunk {missing} not written")
+        sums = ext.sums()
+        tail = ext.nbytes % CHUNK_SIZE
+        if tail:
+            # A partial last chunk goes on in the streaming hasher, as if it had been appended.
+            self._sums.extend(sums[:-1])
+            self._partial.update(ext.tail())
+            self._partial_len = tail
+        else:
+            self._sums.extend(sums)
+        self._size += ext.nbytes
 
     def _hash(self, mv: memoryview) -> None:
         off = 0
@@ -279,6 +305,9 @@ class PagesWriter:
             raise ImageError(f"{self.name}: an extent was left unfilled; the file is unusable")
         self._closed = True
         try:
+            if self._dfd >= 0:
+                os.close(self._dfd)
+                self._dfd = -1
             os.close(self._fd)
         except OSError as e:
             raise ImageError(f"{self.name}: close failed: {e.strerror}") from e
@@ -289,52 +318,91 @@ class PagesWriter:
         _write_file(self._sums_path, data)
         self.sums_entry = (len(data), xxh3(data))
 
+    def read_back(self, positions: list[int], buf: Any) -> None:
+        """Read the page at each byte offset of `positions` into `buf` (page-aligned, one page per position, in
+        order): from the device itself when the writer is direct, so that a spot check sees what the disk
+        holds, not a cache."""
+        fd, opened = self._fd, -1
+        if self._dfd >= 0:
+            with contextlib.suppress(OSError):
+                fd = opened = os.open(self._path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+        mv = memoryview(buf).cast("B")
+        try:
+            for i, pos in enumerate(positions):
+                page = mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+                if os.preadv(fd, [page], pos) != PAGE_SIZE:
+                    raise ImageError(f"{self.name}: short read at byte {pos}")
+        finally:
+            mv.release()
+            if opened >= 0:
+                os.close(opened)
+
     def _discard(self) -> None:
-        if self._extent is not None:
-            with contextlib.suppress(Exception):
-                self._extent.release()
+        self._extent = None
         if not self._closed:
             self._closed = True
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-
-
-_HUGE = 2 << 20
+            for fd in (self._dfd, self._fd):
+                if fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            self._dfd = -1
 
 
 class PageExtent:
-    """A stretch of pages-PID.img mapped shared and writable, being filled in place (PagesWriter.extend).
+    """The next stretch of pages-PID.img, filled by put() calls from any threads (PagesWriter.extend).
 
-    `mmap` is the mapping (its address is where process_vm_readv may write); `view` a memoryview of it. Bytes
-    are filled front to back: `filled(n)` says the next n bytes are in, which hashes them from the mapping.
+        extent:  | chunk 0 | chunk 1 | chunk 2 | ... | last (may be partial) |
+        put(off, buf): off on a chunk boundary; buf whole chunks, or running to the extent's end
+
+    Each put hashes its buffer and writes it; a chunk is put once. close() checks that every chunk is in and
+    hands the sums to the writer.
     """
 
-    def __init__(self, writer: PagesWriter, mm: mmap.mmap, offset: int, nbytes: int) -> None:
+    def __init__(self, writer: PagesWriter, offset: int, nbytes: int) -> None:
         self._writer = writer
-        self.mmap = mm
-        self.view = memoryview(mm)
         self.offset = offset
         self.nbytes = nbytes
         self.first = offset // PAGE_SIZE
-        self.done = 0
+        self._sums: list[int | None] = [None] * ((nbytes + CHUNK_SIZE - 1) // CHUNK_SIZE)
+        self._tail = b""
+        self._lock = threading.Lock()
 
-    def filled(self, n: int) -> None:
-        """The next `n` bytes (a multiple of 4096) of the extent hold their data now."""
-        if n % PAGE_SIZE or n < 0 or self.done + n > self.nbytes:
-            raise ImageError(f"{self._writer.name}: filled {n} bytes at {self.done} of a {self.nbytes}-byte extent")
-        self._writer._filled(self, self.view[self.done:self.done + n])
-        self.done += n
+    def put(self, off: int, buf: Any) -> None:
+        """Hash and write `buf` at byte `off` of the extent. Thread-safe; blocks for the write.
 
-    def release(self) -> None:
-        """Unmap (the data stays in the file)."""
-        if self.mmap.closed:
-            return
-        self.view.release()
-        self.mmap.close()
+        Parameters: off -- a multiple of 64 KiB; buf -- page-aligned in memory if the writer is direct (an mmap
+            slice), a multiple of 64 KiB long unless it ends exactly at the extent's end.
+        Raises: ImageError on misuse (misaligned, beyond the end, a chunk put twice) or a failed write.
+        """
+        mv = memoryview(buf).cast("B")
+        n = len(mv)
+        name = self._writer.name
+        if off % CHUNK_SIZE or off < 0 or off + n > self.nbytes or (n % CHUNK_SIZE and off + n != self.nbytes):
+            raise ImageError(f"{name}: put of {n} bytes at {off} of a {self.nbytes}-byte extent")
+        digest = xxhash.xxh3_64_intdigest
+        sums = [digest(mv[o:o + CHUNK_SIZE]) for o in range(0, n, CHUNK_SIZE)]
+        first = off // CHUNK_SIZE
+        with self._lock:
+            if any(s is not None for s in self._sums[first:first + len(sums)]):
+                raise ImageError(f"{name}: chunk put twice in [{off}, {off + n}) of an extent")
+            self._sums[first:first + len(sums)] = sums
+            if off + n == self.nbytes and self.nbytes % CHUNK_SIZE:
+                self._tail = bytes(mv[n - self.nbytes % CHUNK_SIZE:])
+        self._writer._write_extent(mv, self.offset + off)
+
+    def missing(self) -> int | None:
+        """The first chunk not put yet, or None."""
+        return next((i for i, s in enumerate(self._sums) if s is None), None)
+
+    def sums(self) -> list[int]:
+        return [s for s in self._sums if s is not None]
+
+    def tail(self) -> bytes:
+        """The bytes of a partial last chunk (b"" if the extent ends on a chunk boundary)."""
+        return self._tail
 
     def close(self) -> None:
-        """Unmap and give the writer back; raises ImageError if the extent was not filled completely."""
-        self.release()
+        """Hand the extent back to the writer; raises ImageError if a chunk was never put."""
         self._writer._extent_closed(self)
 
     def __enter__(self) -> PageExtent:
@@ -345,9 +413,8 @@ class PageExtent:
         if exc_type is None:
             self.close()
         else:
-            self.release()  # the image is being thrown away: the error in flight says why
-            if self._writer._extent is self:
-                self._writer._extent = None
+            # The image is being thrown away: the error in flight says why.
+            self._writer._extent = None
             self._writer._broken = True
 
 
@@ -400,8 +467,10 @@ class ImageWriter:
     """
 
     def __init__(self, final_dir: Path | str, *, fsync: bool = True,
-                 writeback: Callable[[int, int, int], None] | None = None) -> None:
+                 writeback: Callable[[int, int, int], None] | None = None, direct: bool = False) -> None:
+        """direct: page files' extents are written with O_DIRECT (see PagesWriter)."""
         self._writeback = writeback
+        self._direct = direct
         final = Path(final_dir)
         # An existing empty directory is taken (CRIU users create DIR first): commit() renames the finished
         # image over it, which rename(2) does atomically only while it is still an empty directory.
@@ -437,7 +506,8 @@ class ImageWriter:
         check_pid(pid)
         pw = self._pages.get(pid)
         if pw is None:
-            pw = self._pages[pid] = PagesWriter(self.tmp_dir, pid, self._writeback)
+            pw = self._pages[pid] = PagesWriter(self.tmp_dir, pid, self._writeback,
+                                                               direct=self._direct)
         return pw
 
     def write_json(self, name: str, obj: Any) -> str:

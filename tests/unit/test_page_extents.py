@@ -1,6 +1,7 @@
-"""The dump's one-copy page path: PagesWriter.extend (a shared mapping of the page file, hashed from the file's own
-pages) and MemoryDumper filling it from a process's memory, with its spot check. No root needed: the memory read
-is this process's own (process_vm_readv and PAGEMAP_SCAN of oneself need no privilege)."""
+"""The dump's page path: PagesWriter.extend/PageExtent.put (chunks hashed from the caller's buffer and written with
+O_DIRECT, from several threads in any order) and MemoryDumper filling it from a process's memory, with its spot
+check. No root needed: the memory read is this process's own (process_vm_readv and PAGEMAP_SCAN of oneself need no
+privilege)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import xxhash
 
 from lazarus.dump import memory as dump_memory
 from lazarus.errors import DumpError, ImageError
-from lazarus.images import CHUNK_SIZE, PAGE_SIZE, Image, ImageWriter
+from lazarus.images import CHUNK_SIZE, PAGE_SIZE, PAGES_PER_CHUNK, Image, ImageWriter
 from lazarus.images.writer import PageExtent
 from lazarus.kernel import procfs
 from lazarus.kernel.syscall import buffer_address
@@ -33,30 +34,39 @@ def sums_of(raw: bytes) -> list[int]:
     return [xxhash.xxh3_64_intdigest(raw[o:o + CHUNK_SIZE]) for o in range(0, len(raw), CHUNK_SIZE)]
 
 
-def test_extents_and_appends_mixed_give_the_sums_of_the_file(tmp_path: Path) -> None:
-    # 3 pages appended, 21 pages through an extent filled in 3 parts, 5 appended, 40 through another: chunk
-    # boundaries fall inside appends, inside extents and across the seams.
-    pieces = [("append", 3), ("extent", [4, 9, 8]), ("append", 5), ("extent", [40])]
-    expect = b""
+def aligned(raw: bytes) -> mmap.mmap:
+    """`raw` in a page-aligned buffer, as an O_DIRECT write needs."""
+    m = mmap.mmap(-1, max(len(raw), PAGE_SIZE))
+    m[:len(raw)] = raw
+    return m
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_extents_and_appends_mixed_give_the_sums_of_the_file(tmp_path: Path, direct: bool) -> None:
+    # 3 pages appended and 13 more to end on a chunk boundary (16 pages = 1 chunk); an extent of 37 chunks put in
+    # 3 pieces out of order (the last one partial: 2 pages over 36 chunks); then appends going on with that
+    # partial chunk and past it.
     d = tmp_path / "img"
-    with ImageWriter(d, fsync=False) as w:
+    expect = b""
+    with ImageWriter(d, fsync=False, direct=direct) as w:
         pw = w.pages(42)
-        for seed, (how, what) in enumerate(pieces):
-            if how == "append":
-                raw = data(what, seed)
-                assert pw.append(raw) == len(expect) // PAGE_SIZE
-                expect += raw
-                continue
-            total = sum(what) * PAGE_SIZE
-            raw = data(sum(what), seed)
-            with pw.extend(total) as ext:
-                assert ext.first == len(expect) // PAGE_SIZE
-                off = 0
-                for n in what:
-                    ext.view[off:off + n * PAGE_SIZE] = raw[off:off + n * PAGE_SIZE]
-                    ext.filled(n * PAGE_SIZE)
-                    off += n * PAGE_SIZE
+        for n, seed in ((3, 1), (13, 2)):
+            raw = data(n, seed)
+            assert pw.append(raw) == len(expect) // PAGE_SIZE
             expect += raw
+        total = 36 * CHUNK_SIZE + 2 * PAGE_SIZE
+        raw = data(total // PAGE_SIZE, 3)
+        with pw.extend(total) as ext:
+            assert ext.first == 16
+            for off, end in ((20 * CHUNK_SIZE, total), (0, 7 * CHUNK_SIZE), (7 * CHUNK_SIZE, 20 * CHUNK_SIZE)):
+                buf = aligned(raw[off:end])
+                ext.put(off, memoryview(buf)[:end - off])
+        expect += raw
+        for n, seed in ((5, 4), (30, 5)):
+            raw = data(n, seed)
+            assert pw.append(raw) == len(expect) // PAGE_SIZE
+            expect += raw
+        assert pw.direct == direct or not direct
         w.write_task(42, TASK)
         w.commit(FIELDS)
     assert (d / "pages-42.img").read_bytes() == expect
@@ -67,13 +77,13 @@ def test_extents_and_appends_mixed_give_the_sums_of_the_file(tmp_path: Path) -> 
 
 
 def test_extent_left_unfilled_makes_the_writer_unusable(tmp_path: Path) -> None:
-    with ImageWriter(tmp_path / "img", fsync=False) as w:
+    with ImageWriter(tmp_path / "img", fsync=False, direct=True) as w:
         pw = w.pages(42)
-        ext = pw.extend(4 * PAGE_SIZE)
+        ext = pw.extend(3 * CHUNK_SIZE)
         with pytest.raises(ImageError, match="still being filled"):
             pw.append(b"\0" * PAGE_SIZE)
-        ext.filled(2 * PAGE_SIZE)
-        with pytest.raises(ImageError, match="closed with 8192 of 16384 bytes filled"):
+        ext.put(CHUNK_SIZE, aligned(bytes(2 * CHUNK_SIZE)))
+        with pytest.raises(ImageError, match="closed with chunk 0 not written"):
             ext.close()
         with pytest.raises(ImageError, match="left unfilled"):
             pw.append(b"\0" * PAGE_SIZE)
@@ -90,11 +100,55 @@ def test_extent_sizes_must_be_whole_pages(tmp_path: Path, n: int) -> None:
         w.pages(42).extend(n)
 
 
-def test_extent_overfilled_is_refused(tmp_path: Path) -> None:
-    with ImageWriter(tmp_path / "img", fsync=False) as w, w.pages(42).extend(PAGE_SIZE) as ext:
-        with pytest.raises(ImageError, match="filled 8192 bytes at 0"):
-            ext.filled(2 * PAGE_SIZE)
-        ext.filled(PAGE_SIZE)
+def test_extent_starts_on_a_chunk_boundary(tmp_path: Path) -> None:
+    with ImageWriter(tmp_path / "img", fsync=False) as w:
+        pw = w.pages(42)
+        pw.append(data(3, 0))
+        with pytest.raises(ImageError, match="chunk boundary, not at byte 12288"):
+            pw.extend(PAGE_SIZE)
+
+
+@pytest.mark.parametrize(("off", "n"), [(PAGE_SIZE, CHUNK_SIZE), (0, PAGE_SIZE), (CHUNK_SIZE, 2 * CHUNK_SIZE)])
+def test_put_misaligned_or_beyond_the_end_is_refused(tmp_path: Path, off: int, n: int) -> None:
+    with ImageWriter(tmp_path / "img", fsync=False) as w:
+        ext = w.pages(42).extend(2 * CHUNK_SIZE)
+        with pytest.raises(ImageError, match=f"put of {n} bytes at {off} of a 131072-byte extent"):
+            ext.put(off, aligned(bytes(n)))
+
+
+def test_chunk_put_twice_is_refused(tmp_path: Path) -> None:
+    with ImageWriter(tmp_path / "img", fsync=False) as w:
+        ext = w.pages(42).extend(2 * CHUNK_SIZE)
+        ext.put(0, aligned(bytes(2 * CHUNK_SIZE)))
+        with pytest.raises(ImageError, match="chunk put twice"):
+            ext.put(CHUNK_SIZE, aligned(bytes(CHUNK_SIZE)))
+
+
+def test_direct_writes_refused_by_the_device_go_on_buffered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_pwrite = os.pwrite
+    refused: list[int] = []
+    with ImageWriter(tmp_path / "img", fsync=False, direct=True) as w:
+        pw = w.pages(42)
+        if not pw.direct:
+            pytest.skip("this filesystem refuses O_DIRECT at open already")
+        dfd = pw._dfd
+
+        def pwrite(fd: int, buf: object, pos: int) -> int:
+            if fd == dfd:
+                refused.append(pos)
+                raise OSError(22, "Invalid argument")
+            return real_pwrite(fd, buf, pos)
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        raw = data(2 * PAGES_PER_CHUNK, 9)
+        with pw.extend(len(raw)) as ext:
+            ext.put(0, aligned(raw[:CHUNK_SIZE]))
+            ext.put(CHUNK_SIZE, aligned(raw[CHUNK_SIZE:]))
+        assert not pw.direct
+        w.write_task(42, TASK)
+        w.commit(FIELDS)
+    assert refused == [0]
+    assert (tmp_path / "img" / "pages-42.img").read_bytes() == raw
 
 
 def test_commit_reads_back_only_appended_page_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -102,9 +156,9 @@ def test_commit_reads_back_only_appended_page_data(tmp_path: Path, monkeypatch: 
     real = Image.verify_pages
     monkeypatch.setattr(Image, "verify_pages", lambda self, pid: (verified.append(pid), real(self, pid))[1])
     fields = {**FIELDS, "tasks": [42, 43]}
-    with ImageWriter(tmp_path / "img", fsync=False) as w:
+    with ImageWriter(tmp_path / "img", fsync=False, direct=True) as w:
         with w.pages(42).extend(PAGE_SIZE) as ext:
-            ext.filled(PAGE_SIZE)
+            ext.put(0, aligned(data(1, 0)))
         w.pages(43).append(data(1, 0))
         w.write_task(42, TASK)
         w.write_task(43, {**TASK, "pid": 43})
@@ -132,7 +186,7 @@ class _Region:
 
 def _dump_region(tmp_path: Path, region: _Region) -> tuple[dict, Path]:
     d = tmp_path / "img"
-    with ImageWriter(d, fsync=False) as w:
+    with ImageWriter(d, fsync=False, direct=True) as w:
         mem = dump_memory.MemoryDumper(os.getpid(), w.pages(42), w.write_blob)
         try:
             recs, _ = mem.dump([region.vma])
@@ -143,8 +197,9 @@ def _dump_region(tmp_path: Path, region: _Region) -> tuple[dict, Path]:
     return recs[0], d
 
 
-def test_dumper_copies_a_mapping_into_the_page_file(tmp_path: Path) -> None:
-    region = _Region(300)
+@pytest.mark.parametrize("npages", [300, 5000])  # one piece, one thread; 3 pieces (8 MiB each), two threads
+def test_dumper_copies_a_mapping_into_the_page_file(tmp_path: Path, npages: int) -> None:
+    region = _Region(npages)
     rec, d = _dump_region(tmp_path, region)
     pagefile = (d / "pages-42.img").read_bytes()
     covered = 0
@@ -157,21 +212,21 @@ def test_dumper_copies_a_mapping_into_the_page_file(tmp_path: Path) -> None:
             got = pagefile[(index + i) * PAGE_SIZE:(index + i + 1) * PAGE_SIZE]
             assert got == region.raw[page * PAGE_SIZE:(page + 1) * PAGE_SIZE], f"page {page}"
             covered += 1
-    assert covered == 299
+    assert covered == npages - 1
 
 
 def test_spot_check_catches_a_page_file_that_does_not_hold_the_memory(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     # The file gets one wrong byte in its first page before it is hashed, so sums and file agree with each other:
     # only the comparison with the task's memory can tell.
-    real = PageExtent.filled
+    real = PageExtent.put
 
-    def corrupt(self: PageExtent, n: int) -> None:
-        if self.done == 0:
-            self.view[0] ^= 0xFF
-        real(self, n)
+    def corrupt(self: PageExtent, off: int, buf: memoryview) -> None:
+        if off == 0:
+            buf[0] ^= 0xFF
+        real(self, off, buf)
 
-    monkeypatch.setattr(PageExtent, "filled", corrupt)
+    monkeypatch.setattr(PageExtent, "put", corrupt)
     region = _Region(64)
     with pytest.raises(DumpError, match=r"differs from its copy at byte 0 of pages-42.img"):
         _dump_region(tmp_path, region)
