@@ -185,15 +185,17 @@ def check_image_dir(directory: Path) -> None:
             raise DumpError(f"{directory}: already exists and is not empty", path=str(directory))
 
 
-def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: bool = False) -> DumpResult:
+def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: bool = False,
+         direct: bool = False) -> DumpResult:
     """Dump process `pid` into `directory`. The original is killed only once the image is complete and
-    verified; on any failure it is resumed exactly as it was."""
+    verified; on any failure it is resumed exactly as it was. direct: write the page data with O_DIRECT
+    (images/writer.py; faster for large processes here, but the image is then not in the page cache)."""
     t0 = time.monotonic()
     check_image_dir(directory)
     precheck(pid)
     watchdog = Watchdog.start(pid)  # before any thread exists: it is forked
     try:
-        writer = ImageWriter(directory, writeback=start_writeback, direct=True)
+        writer = ImageWriter(directory, writeback=start_writeback, direct=direct)
     except BaseException:
         watchdog.release()
         raise

@@ -19,13 +19,14 @@ How the page data gets to the disk (measurements in docs/BENCHMARKS.md, "Dump: w
     1. plan: one PAGEMAP_SCAN per vma (which pages are present, which sit in huge pages), each object's data
        extents (SEEK_DATA/SEEK_HOLE); every run gets its place in pages-PID.img, in vma order;
     2. the page file grows by the total at once (fallocate, PagesWriter.extend);
-    3. two threads each take the next 8 MiB piece of the file, read it from the task with process_vm_readv
-       (objects: preadv) into their own buffer, hash it and write it with O_DIRECT: the data goes from the
-       buffer to the device, no page cache is filled, and the copy of one piece overlaps the other's write
-       (both threads are outside the GIL for all but the hashing);
+    3. two threads each take the next 8 MiB piece of the file and read it from the task with process_vm_readv
+       (objects: preadv); both are outside the GIL for all but the hashing. By default a piece is read
+       straight into a shared mapping of the page file (one copy, into the page cache; the extent's
+       writeback starts at once) and hashed from there; with `direct` (O_DIRECT) into the thread's own buffer,
+       hashed and written to the device, no page cache filled;
     4. spot check: a sample of pages of every private run is read from the (still frozen) task again and
-       compared with the file as read back from the device, which proves the runs recorded point at the
-       right place of the file and that the disk holds them.
+       compared with the file as read back (from the device itself when direct), which proves the runs
+       recorded point at the right place of the file.
 """
 
 from __future__ import annotations
@@ -353,8 +354,11 @@ class MemoryDumper:
             lock = threading.Lock()
             failed: list[BaseException] = []
 
+            # Without O_DIRECT, straight into the page cache: the extent mapped, read into in place.
+            mapped = None if self.pages.direct else ext.mapping()
+
             def work(buf: mmap.mmap) -> None:
-                view = memoryview(buf)
+                view = memoryview(buf if mapped is None else mapped)
                 try:
                     while not failed:
                         with lock:
@@ -362,6 +366,10 @@ class MemoryDumper:
                         if piece is None:
                             return
                         off, parts, n = piece
+                        if mapped is not None:
+                            self._fill(view[off:off + n], mapped, parts, off)
+                            ext.filled(off, n)
+                            continue
                         self._fill(view[:n], buf, parts)
                         ext.put(off, view[:n])
                 except BaseException as e:  # noqa: BLE001 - handed to the caller's thread below
@@ -370,7 +378,7 @@ class MemoryDumper:
                     view.release()
 
             nthreads = min(_THREADS, -(-total // _PIECE))
-            bufs = _buffers(nthreads)
+            bufs = _buffers(nthreads) if mapped is None else [mapped] * nthreads
             helpers = [threading.Thread(target=work, args=(b,), name="pages-copy") for b in bufs[1:]]
             for t in helpers:
                 t.start()
@@ -381,10 +389,11 @@ class MemoryDumper:
                 raise failed[0]
             self._spot_check(ext.offset)
 
-    def _fill(self, view: memoryview, buf: mmap.mmap, parts: list[tuple[_Source, list[tuple[int, int]]]]) -> None:
-        """Read one piece's runs, source after source, into `view` (the start of `buf`)."""
+    def _fill(self, view: memoryview, buf: mmap.mmap, parts: list[tuple[_Source, list[tuple[int, int]]]],
+              at: int = 0) -> None:
+        """Read one piece's runs, source after source, into `view` (`buf` from byte `at` on)."""
         off = 0
-        base = buffer_address(buf)
+        base = buffer_address(buf) + at
         for src, batch in parts:
             n = sum(length for _, length in batch)
             if src.fd >= 0:

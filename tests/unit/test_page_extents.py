@@ -184,9 +184,9 @@ class _Region:
         self.vma = dataclasses.replace(vma, start=self.start, end=self.start + npages * PAGE_SIZE)
 
 
-def _dump_region(tmp_path: Path, region: _Region) -> tuple[dict, Path]:
+def _dump_region(tmp_path: Path, region: _Region, direct: bool = True) -> tuple[dict, Path]:
     d = tmp_path / "img"
-    with ImageWriter(d, fsync=False, direct=True) as w:
+    with ImageWriter(d, fsync=False, direct=direct) as w:
         mem = dump_memory.MemoryDumper(os.getpid(), w.pages(42), w.write_blob)
         try:
             recs, _ = mem.dump([region.vma])
@@ -197,10 +197,11 @@ def _dump_region(tmp_path: Path, region: _Region) -> tuple[dict, Path]:
     return recs[0], d
 
 
+@pytest.mark.parametrize("direct", [True, False])  # O_DIRECT from buffers; in place through a shared mapping
 @pytest.mark.parametrize("npages", [300, 5000])  # one piece, one thread; 3 pieces (8 MiB each), two threads
-def test_dumper_copies_a_mapping_into_the_page_file(tmp_path: Path, npages: int) -> None:
+def test_dumper_copies_a_mapping_into_the_page_file(tmp_path: Path, npages: int, direct: bool) -> None:
     region = _Region(npages)
-    rec, d = _dump_region(tmp_path, region)
+    rec, d = _dump_region(tmp_path, region, direct)
     pagefile = (d / "pages-42.img").read_bytes()
     covered = 0
     npages = len(region.raw) // PAGE_SIZE
@@ -230,4 +231,19 @@ def test_spot_check_catches_a_page_file_that_does_not_hold_the_memory(tmp_path: 
     region = _Region(64)
     with pytest.raises(DumpError, match=r"differs from its copy at byte 0 of pages-42.img"):
         _dump_region(tmp_path, region)
+    assert not (tmp_path / "img").exists()
+
+
+def test_spot_check_catches_a_wrong_page_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same for the in-place (mapped) way: the page is spoilt in the mapping before filled() hashes it.
+    real = PageExtent.filled
+
+    def corrupt(self: PageExtent, off: int, n: int) -> None:
+        if off == 0:
+            self.mapping()[0] ^= 0xFF
+        real(self, off, n)
+
+    monkeypatch.setattr(PageExtent, "filled", corrupt)
+    with pytest.raises(DumpError, match=r"differs from its copy at byte 0 of pages-42.img"):
+        _dump_region(tmp_path, _Region(64), direct=False)
     assert not (tmp_path / "img").exists()
