@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lazarus.dump.thp import huge_runs
-from lazarus.errors import DumpError, Unsupported
+from lazarus.errors import DumpError, ImageError, Unsupported
 from lazarus.images.mm import refused_vmflag
 from lazarus.kernel import abi, procfs, vm
 from lazarus.kernel.pagemap import Pagemap
@@ -354,8 +354,12 @@ class MemoryDumper:
             lock = threading.Lock()
             failed: list[BaseException] = []
 
-            # Without O_DIRECT, straight into the page cache: the extent mapped, read into in place.
-            mapped = None if self.pages.direct else ext.mapping()
+            # Without O_DIRECT, straight into the page cache: the extent mapped, read into in place (a filesystem
+            # that cannot map it shared gets buffered writes from the threads' buffers instead).
+            mapped = None
+            if not self.pages.direct:
+                with contextlib.suppress(ImageError):
+                    mapped = ext.mapping()
 
             def work(buf: mmap.mmap) -> None:
                 view = memoryview(buf if mapped is None else mapped)

@@ -247,3 +247,17 @@ def test_spot_check_catches_a_wrong_page_in_place(tmp_path: Path, monkeypatch: p
     with pytest.raises(DumpError, match=r"differs from its copy at byte 0 of pages-42.img"):
         _dump_region(tmp_path, _Region(64), direct=False)
     assert not (tmp_path / "img").exists()
+
+
+def test_dumper_without_a_shared_mapping_writes_from_buffers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A filesystem that cannot map the page file shared: the copy threads write their buffers instead.
+    def refuse(self: PageExtent) -> None:
+        raise ImageError("pages-42.img: cannot map: No such device")
+
+    monkeypatch.setattr(PageExtent, "mapping", refuse)
+    region = _Region(3000)
+    rec, d = _dump_region(tmp_path, region, direct=False)
+    pagefile = (d / "pages-42.img").read_bytes()
+    for vaddr, n, index in rec["pages"]:
+        off = vaddr - region.start
+        assert pagefile[index * PAGE_SIZE:(index + n) * PAGE_SIZE] == region.raw[off:off + n * PAGE_SIZE]
