@@ -63,6 +63,9 @@ METRICS = ("dump_wall", "dump_tool", "restore_wall", "restore_tool", "restore_to
            "write_gbps", "criu_dump", "criu_restore")
 
 
+DUMP_ARGS: list[str] = []  # --direct adds "--direct"
+
+
 def lazarus_round(binary: Path, work: Path, mib: int) -> dict[str, Any]:
     """One dump + eager restore + check of an N MiB target, with the kernel-limit probes around it."""
     target = Target(binary, work / f"memhog-{mib}.log", str(mib))
@@ -74,7 +77,7 @@ def lazarus_round(binary: Path, work: Path, mib: int) -> dict[str, Any]:
         # Kernel-limit probes: the best of PROBES tries per run (this VM's memory is noisy), median over runs.
         out["pvm_gbps"] = max(process_vm_readv_gbps(target.pid, addr, length) for _ in range(PROBES))
 
-        d = lazarus("dump", "-t", str(target.pid), "-D", str(image)).check()
+        d = lazarus("dump", "-t", str(target.pid), "-D", str(image), *DUMP_ARGS).check()
         target.original_gone()
         out["dump_wall"], out["dump_tool"] = d.wall, dump_reported_s(d.stdout)
 
@@ -222,7 +225,11 @@ def _x(ref: float | None, ours: float | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Dump and eager restore throughput against kernel limits and CRIU.")
     add_run_arguments(ap, [64, 512, 2048])
+    ap.add_argument("--direct", action="store_true", help="dump with `lazarus dump --direct` (O_DIRECT page data; "
+                    "the restore that follows then reads the image from the disk)")
     args = ap.parse_args(argv)
+    if args.direct:
+        DUMP_ARGS.append("--direct")
     out = Out()
     if os.geteuid() != 0:
         out.say("dump_restore: needs root")

@@ -34,19 +34,22 @@ if TYPE_CHECKING:
     from lazarus.lazy.daemon import ProgressCallback, Serving
 
 
-def dump(pid: int, directory: str | Path, *, leave_running: bool = False, shell_job: bool = False) -> DumpResult:
+def dump(pid: int, directory: str | Path, *, leave_running: bool = False, shell_job: bool = False,
+         direct: bool = False) -> DumpResult:
     """Checkpoint process `pid` into `directory` (which must not exist, or be empty).
 
     Parameters:
         leave_running: resume the process after the dump (else it is killed once the images are verified).
         shell_job: allow a process in a session another process leads, or with a controlling terminal.
+        direct: write the page data with O_DIRECT (not through the page cache; a restore soon after then reads
+            the image from the disk).
     Returns:
         DumpResult(pid, directory, pages, seconds, left_running).
     Raises:
         DumpError / Unsupported naming what could not be saved; the process then runs on as it was.
     """
     from lazarus.dump import dump as _dump
-    return _dump(pid, Path(directory), leave_running=leave_running, shell_job=shell_job)
+    return _dump(pid, Path(directory), leave_running=leave_running, shell_job=shell_job, direct=direct)
 
 
 @dataclass

@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--shell-job", action="store_true",
                    help="allow a process in a session another process leads, or with a controlling terminal: "
                         "it is restored into the session and terminal of `lazarus restore`")
+    d.add_argument("--direct", action="store_true",
+                   help="write the page data with O_DIRECT, straight to the disk: faster for large processes where "
+                        "fresh page cache is slow, but a restore soon after reads the image from the disk")
 
     r = sub.add_parser("restore", help="restore a process from an image directory")
     r.add_argument("-D", "--images-dir", dest="dir", type=Path, required=True, metavar="DIR")
@@ -186,7 +189,8 @@ def cmd_check() -> int:
 
 def cmd_dump(args: argparse.Namespace) -> int:
     from lazarus.api import dump
-    res = dump(args.pid, args.dir, leave_running=args.leave_running, shell_job=args.shell_job)
+    res = dump(args.pid, args.dir, leave_running=args.leave_running, shell_job=args.shell_job,
+               direct=args.direct)
     fate = "left running" if res.left_running else "killed"
     tree = f" and its tree ({res.processes} processes)" if res.processes > 1 else ""
     print(f"dumped pid {res.pid}{tree} to {res.directory}: {res.pages} pages "

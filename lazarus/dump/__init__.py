@@ -20,7 +20,6 @@ from lazarus.dump.membership import check_namespaces, check_session, dump_cgroup
 from lazarus.dump.memory import MemoryDumper
 from lazarus.dump.sched import sched_state
 from lazarus.dump.shared import refuse_shared
-from lazarus.dump.thp import mark_huge
 from lazarus.dump.tree import Frozen, check_tree, node_of, precheck_child, refuse_zombie_leader
 from lazarus.dump.watchdog import Watchdog, continue_quietly, repair
 from lazarus.errors import DumpError, KernelError, LazarusError, NoSuchTask, Unsupported
@@ -192,15 +191,18 @@ def check_image_dir(directory: Path) -> None:
             raise DumpError(f"{directory}: already exists and is not empty", path=str(directory))
 
 
-def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: bool = False) -> DumpResult:
+def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: bool = False,
+         direct: bool = False) -> DumpResult:
     """Dump process `pid` and every descendant into `directory`. The originals are killed only once the image
-    is complete and verified; on any failure each is resumed exactly as it was (stopped ones stay stopped)."""
+    is complete and verified; on any failure each is resumed exactly as it was (stopped ones stay stopped).
+    direct: write the page data with O_DIRECT (images/writer.py; faster for large processes here, but the
+    image is then not in the page cache)."""
     t0 = time.monotonic()
     check_image_dir(directory)
     precheck(pid)
     root_wd = Watchdog.start(pid)  # before any thread exists: it is forked
     try:
-        writer = ImageWriter(directory, writeback=start_writeback)
+        writer = ImageWriter(directory, writeback=start_writeback, direct=direct)
     except BaseException:
         root_wd.release()
         raise
@@ -369,7 +371,6 @@ def _dump_task(pid: int, fr: Frozen, writer: ImageWriter, shell_job: bool) -> tu
         vma_recs, objects = mem.dump(vmas)
     finally:
         mem.close()
-    mark_huge(pid, vma_recs)
     syscall_ip = sys_ip
     files = dump_files(pid, writer.write_blob, objects, lambda: RemoteTask(pid, syscall_ip, journal=watchdog))
     cwd_deleted = dump_cwd(pid)

@@ -13,25 +13,48 @@
 Every vma also keeps its VmFlags (madvise, mlock and mseal state, re-applied at restore; flags that cannot
 come back are refused, see images/mm.py) and its guard regions (page-table markers, reinstalled at restore).
 A memfd the task holds open without mapping it is saved as an object too.
+
+How the page data gets to the disk (measurements in docs/BENCHMARKS.md, "Dump: where the time goes"):
+
+    1. plan: one PAGEMAP_SCAN per vma (which pages are present, which sit in huge pages), each object's data
+       extents (SEEK_DATA/SEEK_HOLE); every run gets its place in pages-PID.img, in vma order;
+    2. the page file grows by the total at once (fallocate, PagesWriter.extend);
+    3. two threads each take the next 8 MiB piece of the file and read it from the task with process_vm_readv
+       (objects: preadv); both are outside the GIL for all but the hashing. By default a piece is read
+       straight into a shared mapping of the page file (one copy, into the page cache; the extent's
+       writeback starts at once) and hashed from there; with `direct` (O_DIRECT) into the thread's own buffer,
+       hashed and written to the device, no page cache filled;
+    4. spot check: a sample of pages of every private run is read from the (still frozen) task again and
+       compared with the file as read back (from the device itself when direct), which proves the runs
+       recorded point at the right place of the file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import mmap
 import os
 import stat as statmod
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
-from lazarus.errors import Unsupported
+from lazarus.dump.thp import huge_runs
+from lazarus.errors import DumpError, ImageError, Unsupported
 from lazarus.images.mm import refused_vmflag
 from lazarus.kernel import abi, procfs, vm
 from lazarus.kernel.pagemap import Pagemap
 from lazarus.kernel.procfs import Vma
+from lazarus.kernel.syscall import buffer_address
 
 SPECIAL = {"[vdso]": "vdso", "[vvar]": "vvar", "[vvar_vclock]": "vvar_vclock"}
-_READ_CHUNK = 16 << 20
+# Bytes a copy thread reads, hashes and writes at a time (a multiple of the 64 KiB chunk). Measured on 512 MiB:
+# 8 MiB pieces with two threads beat 16 MiB ones (the device starts sooner); the iovecs stay below IOV_MAX.
+_PIECE = 8 << 20
+_THREADS = 2
+_PAGE = abi.PAGE_SIZE
 
 
 def vma_kind(vma: Vma) -> str:
@@ -97,25 +120,86 @@ def _pread_file(fd: int, view: memoryview, batch: list[tuple[int, int]]) -> None
             off, pos, n = off + got, pos + got, n - got
 
 
+@dataclass
+class _Source:
+    """A stretch of the page file to fill: task memory (`runs` of (address, length), read with
+    process_vm_readv, or through /proc/PID/mem if the task cannot read it itself) or an object's file
+    (`fd` and runs of (offset, length))."""
+
+    runs: list[tuple[int, int]]
+    readable: bool = True
+    fd: int = -1
+    nbytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.nbytes = sum(n for _, n in self.runs)
+
+
+Piece = tuple[int, list[tuple["_Source", list[tuple[int, int]]]], int]
+
+
+def _pieces(sources: list[_Source], size: int) -> Iterator[Piece]:
+    """Cut the concatenated sources into consecutive pieces of `size` bytes (the last may be shorter): yields
+    (offset, [(source, [(start, length), ...]), ...], nbytes), a piece's runs grouped by source."""
+    off = 0
+    parts: list[tuple[_Source, list[tuple[int, int]]]] = []
+    filled = 0
+    for src in sources:
+        for start, length in src.runs:
+            pos, end = start, start + length
+            while pos < end:
+                n = min(end - pos, size - filled)
+                if parts and parts[-1][0] is src:
+                    parts[-1][1].append((pos, n))
+                else:
+                    parts.append((src, [(pos, n)]))
+                filled += n
+                pos += n
+                if filled == size:
+                    yield off, parts, filled
+                    off += filled
+                    parts, filled = [], 0
+    if parts:
+        yield off, parts, filled
+
+
+_spare: list[mmap.mmap] = []
+
+
+def _buffers(n: int) -> list[mmap.mmap]:
+    """`n` page-aligned piece buffers, kept between dumps: a long-lived process (the service) finds them
+    touched already (first touches of fresh memory cost this VM 3x)."""
+    while len(_spare) < n:
+        _spare.append(mmap.mmap(-1, _PIECE))
+    return _spare[:n]
+
+
+def _spread(npages: int) -> list[int]:
+    """Which pages of a run of `npages` the spot check reads: its first and last, and one per 16 MiB."""
+    k = min(npages, 2 + npages // 4096)
+    if k <= 1:
+        return [0]
+    return sorted({i * (npages - 1) // (k - 1) for i in range(k)})
+
+
 class MemoryDumper:
-    """Reads every mapping of a stopped task into the image."""
+    """Reads every mapping of a stopped task into the image (see the module docstring for the steps)."""
 
     def __init__(self, pid: int, pages_writer: Any, write_blob: Any) -> None:
         self.pid = pid
         self.pages = pages_writer
         self.write_blob = write_blob
         self.mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
-        self.bufs = (bytearray(_READ_CHUNK), bytearray(_READ_CHUNK))
-        self.cur = 0
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="pages-writer")
-        self.busy: list[Future[int] | None] = [None, None]
         self.next_index = pages_writer.npages
         self.total_pages = 0
+        self._sources: list[_Source] = []
+        self._fds: list[int] = []
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.finish()
-        self.pool.shutdown(wait=True)
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
         os.close(self.mem)
 
     def dump(self, vmas: list[Vma]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -126,12 +210,22 @@ class MemoryDumper:
                 kind = vma_kind(vma)
                 if kind == "vsyscall":
                     continue
-                out.append(self._dump_vma(pm, vma, kind, objects))
+                out.append(self._plan_vma(pm, vma, kind, objects))
         self._dump_unmapped_memfds(objects)
+        self._copy()
         self.finish()
         return out, list(objects.values())
 
-    def _dump_vma(self, pm: Pagemap, vma: Vma, kind: str,
+    def _place(self, source: _Source) -> int:
+        """Give the source its place in the page file; returns its first file page index."""
+        first = self.next_index
+        if source.nbytes:
+            self._sources.append(source)
+            self.next_index += source.nbytes // _PAGE
+            self.total_pages += source.nbytes // _PAGE
+        return first
+
+    def _plan_vma(self, pm: Pagemap, vma: Vma, kind: str,
                   objects: dict[tuple[Any, int, str], dict[str, Any]]) -> dict[str, Any]:
         where = f"mapping {vma.start:#x}-{vma.end:#x} {vma.path or '[anon]'}"
         rec: dict[str, Any] = {
@@ -145,21 +239,29 @@ class MemoryDumper:
         if why:
             raise Unsupported(f"{where}: {why}")
         # Guard markers read as EFAULT and are no data: record them, and never read them.
-        rec["guards"] = [[s, (e - s) // abi.PAGE_SIZE] for s, e in pm.guard_pages(vma.start, vma.end)]
+        rec["guards"] = [[s, (e - s) // _PAGE] for s, e in pm.guard_pages(vma.start, vma.end)]
         if kind == "file":
             rec["file"] = file_identity(self.pid, vma)
         if kind != "shmem" and not vma.shared:
             # Private mappings keep the pages the process wrote (copies); shared ones live in their file
             # or object.
-            runs = pm.present_pages(vma.start, vma.end, anon_only=(kind != "anon"))
-            rec["pages"] = self._read_runs(runs, readable=bool(vma.prot & abi.PROT_READ))
+            runs, huge = pm.present_and_huge(vma.start, vma.end, anon_only=(kind != "anon"))
+            index = self._place(_Source([(s, e - s) for s, e in runs], readable=bool(vma.prot & abi.PROT_READ)))
+            for s, e in runs:
+                rec["pages"].append([s, (e - s) // _PAGE, index])
+                index += (e - s) // _PAGE
+            if kind == "anon":
+                # Which of them sit in transparent huge pages, from the same scan (see thp.py).
+                hr = huge_runs(huge)
+                if hr:
+                    rec["huge"] = hr
         if kind in ("shmem", "memfd", "deleted"):
             key = (vma.dev, vma.inode, kind)
             obj = objects.get(key)
             if obj is None:
                 # The exact name (maps escapes newlines) of a deleted file: it is recreated there if free.
                 vpath = procfs.map_file_path(self.pid, vma) if kind == "deleted" else vma.path
-                obj = self._dump_object(f"/proc/{self.pid}/map_files/{vma.start:x}-{vma.end:x}", kind,
+                obj = self._plan_object(f"/proc/{self.pid}/map_files/{vma.start:x}-{vma.end:x}", kind,
                                         len(objects), where, vpath)
                 objects[key] = obj
             rec["object"] = obj["id"]
@@ -190,115 +292,170 @@ class MemoryDumper:
                 name_part = link[len("/memfd:"):]
                 if name_part.endswith(" (deleted)"):
                     name_part = name_part[: -len(" (deleted)")]
-                obj = self._dump_object(f"{fd_dir}/{name}", "memfd", len(objects), f"fd {name} ({link})",
+                obj = self._plan_object(f"{fd_dir}/{name}", "memfd", len(objects), f"fd {name} ({link})",
                                         "/memfd:" + name_part)
                 objects[(st.st_dev, st.st_ino, "memfd")] = obj
                 inodes.add(st.st_ino)
 
-    def _dump_object(self, path: str, kind: str, index: int, where: str, vpath: str) -> dict[str, Any]:
-        """Save the content of an object shared by mappings (shared anonymous memory, a memfd, a deleted
-        file) into the page file, with what makes it that object (memfd name and seals; a deleted file's
-        path, mode and owner).
+    def _plan_object(self, path: str, kind: str, index: int, where: str, vpath: str) -> dict[str, Any]:
+        """Record an object shared by mappings (shared anonymous memory, a memfd, a deleted file) and place
+        its content in the page file, with what makes it that object (memfd name and seals; a deleted file's
+        path, mode and owner). The fd stays open until the copy.
 
         The object is read through map_files (or the fd), skipping holes (SEEK_DATA/SEEK_HOLE), so a sparse
         object stays small. Its runs are [object offset, npages, file page index].
         """
         fd = os.open(path, os.O_RDONLY)
+        self._fds.append(fd)
         runs: list[list[int]] = []
-        try:
-            st = os.fstat(fd)
-            size = st.st_size
-            extra: dict[str, Any] = {}
-            if kind == "deleted":
-                if not statmod.S_ISREG(st.st_mode):
-                    raise Unsupported(f"{where}: mapping of a deleted non-regular file is not supported")
-                if st.st_nlink:
-                    raise Unsupported(f"{where}: the deleted file still has {st.st_nlink} other link(s), "
-                                      f"which a restore could not reach")
-                extra = {"path": vpath, "mode": statmod.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid}
-            elif kind == "memfd":
-                if st.st_blksize > abi.PAGE_SIZE:
-                    raise Unsupported(f"{where}: hugetlb memfds are not supported")
-                extra = {"seals": fcntl.fcntl(fd, abi.F_GET_SEALS), "mode": statmod.S_IMODE(st.st_mode),
-                         "uid": st.st_uid, "gid": st.st_gid}
-            off = 0
-            while off < size:
-                try:
-                    data = os.lseek(fd, off, os.SEEK_DATA)
-                except OSError:
-                    break  # ENXIO: no data after off
-                hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
-                start = data & ~(abi.PAGE_SIZE - 1)
-                end = min((hole + abi.PAGE_SIZE - 1) & ~(abi.PAGE_SIZE - 1), (size + abi.PAGE_SIZE - 1)
-                          & ~(abi.PAGE_SIZE - 1))
-                runs.append([start, (end - start) // abi.PAGE_SIZE, self.next_index])
-                self.next_index += (end - start) // abi.PAGE_SIZE
-                pos = start
-                while pos < end:
-                    n = min(end - pos, _READ_CHUNK)
-                    self._flush([(pos, n)], n, reader=lambda view, batch, fd=fd: _pread_file(fd, view, batch))
-                    pos += n
-                off = end
-        finally:
-            os.close(fd)
-        self.total_pages += sum(r[1] for r in runs)
+        st = os.fstat(fd)
+        size = st.st_size
+        extra: dict[str, Any] = {}
+        if kind == "deleted":
+            if not statmod.S_ISREG(st.st_mode):
+                raise Unsupported(f"{where}: mapping of a deleted non-regular file is not supported")
+            if st.st_nlink:
+                raise Unsupported(f"{where}: the deleted file still has {st.st_nlink} other link(s), "
+                                  f"which a restore could not reach")
+            extra = {"path": vpath, "mode": statmod.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid}
+        elif kind == "memfd":
+            if st.st_blksize > _PAGE:
+                raise Unsupported(f"{where}: hugetlb memfds are not supported")
+            extra = {"seals": fcntl.fcntl(fd, abi.F_GET_SEALS), "mode": statmod.S_IMODE(st.st_mode),
+                     "uid": st.st_uid, "gid": st.st_gid}
+        extents: list[tuple[int, int]] = []
+        off = 0
+        rounded = (size + _PAGE - 1) & ~(_PAGE - 1)
+        while off < size:
+            try:
+                data = os.lseek(fd, off, os.SEEK_DATA)
+            except OSError:
+                break  # ENXIO: no data after off
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+            start = data & ~(_PAGE - 1)
+            end = min((hole + _PAGE - 1) & ~(_PAGE - 1), rounded)
+            extents.append((start, end - start))
+            off = end
+        page = self._place(_Source(extents, fd=fd))
+        for start, n in extents:
+            runs.append([start, n // _PAGE, page])
+            page += n // _PAGE
         name = vpath[len("/memfd:"):] if kind == "memfd" else ""
-        return {"id": index, "kind": kind, "name": name, "size": size, "pages": runs, "inode": st.st_ino,
-                **extra}
+        return {"id": index, "kind": kind, "name": name, "size": size,
+                "pages": runs, "inode": st.st_ino, **extra}
 
-    def _read_runs(self, runs: list[tuple[int, int]], readable: bool) -> list[list[int]]:
-        """Copy the pages of `runs` ([start, end) byte ranges) into the page file; returns [vaddr, n, index].
+    def _copy(self) -> None:
+        """Fill the page file from every planned source (steps 2-4 of the module docstring)."""
+        total = sum(src.nbytes for src in self._sources)
+        if not total:
+            return
+        with self.pages.extend(total) as ext:
+            pieces = _pieces(self._sources, _PIECE)
+            lock = threading.Lock()
+            failed: list[BaseException] = []
 
-        Runs are gathered into buffer-sized batches read with one process_vm_readv each (or /proc/pid/mem
-        for mappings the task cannot read itself); a writer thread appends one buffer to the page file while
-        the next is being read.
-        """
-        out: list[list[int]] = []
-        batch: list[tuple[int, int]] = []
-        filled = 0
-        for start, end in runs:
-            addr = start
-            out.append([start, (end - start) // abi.PAGE_SIZE, self.next_index])
-            self.next_index += (end - start) // abi.PAGE_SIZE
-            while addr < end:
-                n = min(end - addr, _READ_CHUNK - filled)
-                batch.append((addr, n))
-                filled += n
-                addr += n
-                if filled == _READ_CHUNK:
-                    self._flush(batch, filled, readable)
-                    batch, filled = [], 0
-        if batch:
-            self._flush(batch, filled, readable)
-        self.total_pages += sum(n for _, n, _ in out)
-        return out
+            # Without O_DIRECT, straight into the page cache: the extent mapped, read into in place (a filesystem
+            # that cannot map it shared gets buffered writes from the threads' buffers instead).
+            mapped = None
+            if not self.pages.direct:
+                with contextlib.suppress(ImageError):
+                    mapped = ext.mapping()
 
-    def _flush(self, batch: list[tuple[int, int]], nbytes: int, readable: bool = True,
-               reader: Any = None) -> None:
-        buf = self.bufs[self.cur]
-        busy = self.busy[self.cur]
-        if busy is not None:
-            busy.result()  # the writer is done with this buffer: it may be filled again
-        view = memoryview(buf)[:nbytes]
-        if reader is not None:
-            reader(view, batch)
-        elif readable:
-            vm.read_into(self.pid, batch, buf)
-        else:
-            off = 0
-            for addr, n in batch:
-                got = os.preadv(self.mem, [view[off:off + n]], addr)
-                if got != n:
-                    raise OSError(5, f"short read of memory at {addr + got:#x}")
-                off += n
-        # Appends stay in order: the pool has a single thread.
-        self.busy[self.cur] = self.pool.submit(self.pages.append, view)
-        self.cur ^= 1
+            def work(buf: mmap.mmap) -> None:
+                view = memoryview(buf if mapped is None else mapped)
+                try:
+                    while not failed:
+                        with lock:
+                            piece = next(pieces, None)
+                        if piece is None:
+                            return
+                        off, parts, n = piece
+                        if mapped is not None:
+                            self._fill(view[off:off + n], mapped, parts, off)
+                            ext.filled(off, n)
+                            continue
+                        self._fill(view[:n], buf, parts)
+                        ext.put(off, view[:n])
+                except BaseException as e:  # noqa: BLE001 - handed to the caller's thread below
+                    failed.append(e)
+                finally:
+                    view.release()
+
+            nthreads = min(_THREADS, -(-total // _PIECE))
+            bufs = _buffers(nthreads) if mapped is None else [mapped] * nthreads
+            helpers = [threading.Thread(target=work, args=(b,), name="pages-copy") for b in bufs[1:]]
+            for t in helpers:
+                t.start()
+            work(bufs[0])
+            for t in helpers:
+                t.join()
+            if failed:
+                raise failed[0]
+            self._spot_check(ext.offset)
+
+    def _fill(self, view: memoryview, buf: mmap.mmap, parts: list[tuple[_Source, list[tuple[int, int]]]],
+              at: int = 0) -> None:
+        """Read one piece's runs, source after source, into `view` (`buf` from byte `at` on)."""
+        off = 0
+        base = buffer_address(buf) + at
+        for src, batch in parts:
+            n = sum(length for _, length in batch)
+            if src.fd >= 0:
+                _pread_file(src.fd, view[off:off + n], batch)
+            elif src.readable:
+                vm.readv(self.pid, [(base + off, n)], batch)
+            else:
+                self._read_mem(view[off:off + n], batch)
+            off += n
+
+    def _read_mem(self, view: memoryview, batch: list[tuple[int, int]]) -> None:
+        """Read task memory through /proc/PID/mem (mappings the task itself may not read, PROT_NONE)."""
+        off = 0
+        for addr, n in batch:
+            got = os.preadv(self.mem, [view[off:off + n]], addr)
+            if got != n:
+                raise OSError(5, f"short read of memory at {addr + got:#x}")
+            off += n
+
+    def _spot_check(self, file_offset: int) -> None:
+        """Read a sample of each private run from the task again and compare it with the page file as read
+        back (from the device itself when the file is written with O_DIRECT).
+
+        The task is frozen, so its private memory cannot change: a difference means a page went to the wrong
+        place of the file (or the file lost it), and the image would restore wrong memory."""
+        want: list[tuple[int, int, bool]] = []  # (address, file offset, readable)
+        off = file_offset
+        for src in self._sources:
+            if src.fd < 0:
+                pos = off
+                for addr, n in src.runs:
+                    want += [(addr + i * _PAGE, pos + i * _PAGE, src.readable) for i in _spread(n // _PAGE)]
+                    pos += n
+            off += src.nbytes
+        if not want:
+            return
+        want.sort(key=lambda w: not w[2])  # readable ones first: one process_vm_readv for all of them
+        mem = mmap.mmap(-1, len(want) * _PAGE)
+        disk = mmap.mmap(-1, len(want) * _PAGE)  # page-aligned, as an O_DIRECT read needs
+        got = memoryview(mem)
+        dview = memoryview(disk)
+        try:
+            nread = sum(1 for w in want if w[2])
+            if nread:
+                vm.read_into(self.pid, [(a, _PAGE) for a, _, _ in want[:nread]], mem)
+            for i, (a, _, _) in enumerate(want[nread:], nread):
+                self._read_mem(got[i * _PAGE:(i + 1) * _PAGE], [(a, _PAGE)])
+            self.pages.read_back([fo for _, fo, _ in want], disk)
+            for i, (a, fo, _) in enumerate(want):
+                if got[i * _PAGE:(i + 1) * _PAGE] != dview[i * _PAGE:(i + 1) * _PAGE]:
+                    raise DumpError(f"pid {self.pid}: page {a:#x} differs from its copy at byte {fo} of "
+                                    f"{self.pages.name}; the image would be wrong", pid=self.pid)
+        finally:
+            got.release()
+            dview.release()
+            mem.close()
+            disk.close()
 
     def finish(self) -> None:
-        for i, fut in enumerate(self.busy):
-            if fut is not None:
-                fut.result()
-                self.busy[i] = None
         if self.pages.npages != self.next_index:
             raise OSError(5, f"page file holds {self.pages.npages} pages, expected {self.next_index}")

@@ -14,26 +14,36 @@ from lazarus.kernel.pagemap import Pagemap
 HUGE = abi.HPAGE_PMD_SIZE
 
 
+def huge_runs(regions: list[tuple[int, int]]) -> list[list[int]]:
+    """[[start, npages], ...]: the whole 2 MiB aligned stretches of [start, end) runs of huge-page-mapped memory
+    (Pagemap.present_and_huge), touching ones joined. MemoryDumper records these from the scan that finds the
+    present pages, so no second PAGEMAP_SCAN pass is needed."""
+    runs: list[list[int]] = []
+    for start, end in regions:
+        lo = -(-start // HUGE) * HUGE
+        hi = end // HUGE * HUGE
+        if lo < hi:
+            if runs and runs[-1][0] + runs[-1][1] * abi.PAGE_SIZE == lo:
+                runs[-1][1] += (hi - lo) // abi.PAGE_SIZE
+            else:
+                runs.append([lo, (hi - lo) // abi.PAGE_SIZE])
+    return runs
+
+
 def mark_huge(pid: int, vma_recs: list[dict[str, Any]]) -> int:
     """Add "huge": [[start, npages], ...] (2 MiB aligned runs) to each anonymous private vma that has huge pages.
-    Returns the number of 2 MiB pages found."""
+    Returns the number of 2 MiB pages found.
+
+    A second scan of the whole address space: the dump itself no longer calls this (MemoryDumper records
+    "huge" from its own scan, see huge_runs); kept for callers holding vma records from elsewhere."""
     total = 0
+    want = abi.PAGE_IS_HUGE | abi.PAGE_IS_PRESENT
     with Pagemap(pid) as pm:
         for v in vma_recs:
             if v["kind"] != "anon" or v["shared"] or v["end"] - v["start"] < HUGE:
                 continue
-            runs = []
-            want = abi.PAGE_IS_HUGE | abi.PAGE_IS_PRESENT
-            for start, end, _cat in pm.scan(v["start"], v["end"], want, return_mask=want):
-                lo = -(-start // HUGE) * HUGE
-                hi = end // HUGE * HUGE
-                if lo < hi:
-                    if runs and runs[-1][0] + runs[-1][1] * abi.PAGE_SIZE == lo:
-                        runs[-1][1] += (hi - lo) // abi.PAGE_SIZE
-                    else:
-                        runs.append([lo, (hi - lo) // abi.PAGE_SIZE])
-                    total += (hi - lo) // HUGE
+            runs = huge_runs([(s, e) for s, e, _ in pm.scan(v["start"], v["end"], want, return_mask=want)])
+            total += sum(n for _, n in runs) * abi.PAGE_SIZE // HUGE
             if runs:
                 v["huge"] = runs
     return total
-

@@ -187,6 +187,30 @@ class Pagemap:
                             return_mask=abi.PAGE_IS_PRESENT)
         return merge_runs(regions)
 
+    def present_and_huge(self, start: int, end: int, anon_only: bool = False
+                         ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """present_pages(start, end, anon_only) and, from the same single scan, the [start, end) runs of pages
+        mapped by transparent huge pages (present, PAGE_IS_HUGE; the huge zero page among them, as a scan for
+        PAGE_IS_HUGE | PAGE_IS_PRESENT alone finds it).
+
+        The zero page filter of present_pages moves from the kernel's category masks to here: pages mapped to
+        the zero page come back tagged PAGE_IS_PFNZERO and are left out of the first list.
+        """
+        mask = inverted = 0
+        if anon_only:
+            mask |= abi.PAGE_IS_FILE
+            inverted |= abi.PAGE_IS_FILE
+        if guard_supported():
+            mask |= abi.PAGE_IS_GUARD
+            inverted |= abi.PAGE_IS_GUARD
+        want = abi.PAGE_IS_PRESENT | abi.PAGE_IS_HUGE | abi.PAGE_IS_PFNZERO
+        regions = self.scan(start, end, mask, category_inverted=inverted,
+                            category_anyof_mask=abi.PAGE_IS_PRESENT | abi.PAGE_IS_SWAPPED, return_mask=want)
+        present = merge_runs([r for r in regions if not r[2] & abi.PAGE_IS_PFNZERO])
+        huge_bits = abi.PAGE_IS_PRESENT | abi.PAGE_IS_HUGE
+        huge = merge_runs([r for r in regions if r[2] & huge_bits == huge_bits])
+        return present, huge
+
     def guard_pages(self, start: int, end: int) -> list[tuple[int, int]]:
         """Merged [start, end) runs of guard-region markers ([] on kernels that cannot report them)."""
         if not guard_supported():
