@@ -18,11 +18,14 @@ import os
 import stat
 from dataclasses import dataclass
 
+from lazarus.dump.sharing import Sharing, detect, refusals
 from lazarus.errors import NoSuchTask, Unsupported
 from lazarus.kernel import procfs
 from lazarus.kernel.syscall import same_fd_table, same_file_across, same_fs
 
 _LATER = "objects shared between processes are not supported yet"
+# Open file descriptions a restore makes once and gives to every holder (dump/sharefds.py, restore/sharefds.py).
+SHAREABLE = ("file", "pipe", "fifo")
 
 
 @dataclass(frozen=True)
@@ -69,31 +72,45 @@ def _shared_memory(pid: int) -> dict[tuple[int, int], tuple[int, str]]:
     return out
 
 
-def refuse_shared(pids: list[int]) -> None:
-    """Raise Unsupported naming both pids (and the fd or address) for the first object two of `pids` share.
+def refuse_shared(pids: list[int]) -> Sharing:
+    """What the processes `pids` share, found once (dump/sharing.py). Open file descriptions of files, pipes
+    and FIFOs come back shared (dump/sharefds.py stores them once); for everything else still refused, raise
+    Unsupported naming both pids (and the fd or address).
 
     The processes must be stopped (their fds and mappings cannot change meanwhile)."""
     if len(pids) < 2:
-        return
+        return Sharing()
     for i, p in enumerate(pids):
         for q in pids[i + 1:]:
             if same_fd_table(p, q):
                 raise Unsupported(f"pid {p} and pid {q} share one fd table (CLONE_FILES); {_LATER}", pid=q)
             if same_fs(p, q):
                 raise Unsupported(f"pid {p} and pid {q} share cwd, root and umask (CLONE_FS); {_LATER}", pid=q)
+    found = detect(pids, pages=False)
+    problems = refusals(found)
+    if problems:
+        raise Unsupported(problems[0])
+    kept = {(p, fd) for d in found.descriptions if d.kind in SHAREABLE for p, fd in d.holders}
+    for d in found.descriptions:
+        if d.kind not in SHAREABLE:
+            (p, pfd), (q, qfd) = d.holders[0], next(h for h in d.holders if h[0] != d.holders[0][0])
+            raise Unsupported(f"pid {p} fd {pfd} and pid {q} fd {qfd} share one open {d.kind} file "
+                              f"description; {_LATER}", pid=q)
     seen: dict[tuple[int, int], list[_Fd]] = {}
     for p in pids:
         for key, fds in _fds(p).items():
             for other in seen.get(key, []):
-                if other.pid == p:
+                if other.pid == p or (other.pid, other.fd) in kept:
                     continue
                 for mine in fds:
-                    if same_file_across(other.pid, other.fd, p, mine.fd):
+                    if (p, mine.fd) in kept:
+                        continue
+                    if same_file_across(other.pid, other.fd, p, mine.fd):  # pragma: no cover - found above
                         raise Unsupported(f"pid {other.pid} fd {other.fd} and pid {p} fd {mine.fd} share one open "
                                           f"file description ({mine.target}); {_LATER}", pid=p)
-                if not _named(fds[0].target, fds[0].mode):
-                    raise Unsupported(f"pid {other.pid} fd {other.fd} and pid {p} fd {fds[0].fd} are open on one "
-                                      f"{fds[0].target}; {_LATER}", pid=p)
+                    if not _named(mine.target, mine.mode):
+                        raise Unsupported(f"pid {other.pid} fd {other.fd} and pid {p} fd {mine.fd} are open on one "
+                                          f"{mine.target}; {_LATER}", pid=p)
             seen.setdefault(key, []).extend(fds)
     maps: dict[tuple[int, int], tuple[int, int, str]] = {}
     for p in pids:
@@ -103,3 +120,4 @@ def refuse_shared(pids: list[int]) -> None:
                 raise Unsupported(f"pid {q} at {qstart:#x} and pid {p} at {start:#x} map one shared memory "
                                   f"object ({path}); {_LATER}", pid=p)
             maps.setdefault(key, (p, start, path))
+    return found
