@@ -47,6 +47,11 @@ def check_shared(shared: Any, tasks: dict[int, dict[str, Any]], has_blob: Callab
     if not isinstance(shared, dict) or not isinstance(shared.get("files"), list) \
             or not isinstance(shared.get("pipes"), list):
         raise ImageError(f"{SHARED_JSON}: must be an object with arrays 'files' and 'pipes'")
+    known = {d.get("id") for d in shared["files"] if isinstance(d, dict)}
+    for (pid, fd), stub in stubs.items():
+        if stub.get("shared") not in known:
+            raise ImageError(f"{task_name(pid)}: fd {fd} names shared object {stub.get('shared')!r}, which "
+                             f"{SHARED_JSON} does not have")
     descs: dict[str, dict[str, Any]] = {}
     held: set[tuple[int, int]] = set()
     for i, d in enumerate(shared["files"]):
@@ -83,8 +88,8 @@ def check_shared(shared: Any, tasks: dict[int, dict[str, Any]], has_blob: Callab
         descs[d["id"]] = d
     for (pid, fd), stub in stubs.items():
         if (pid, fd) not in held:
-            raise ImageError(f"{task_name(pid)}: fd {fd} names shared object {stub.get('shared')!r}, which "
-                             f"{SHARED_JSON} does not list it in")
+            raise ImageError(f"{task_name(pid)}: fd {fd} names shared object {stub.get('shared')!r}, whose "
+                             "holders leave it out")
     in_pipe: dict[str, str] = {}
     ids = set(descs)
     for i, p in enumerate(shared["pipes"]):
