@@ -103,6 +103,9 @@ HOSTILE: dict[str, tuple[str, Callable[[dict], None] | None, str]] = {
                       r"shared\.json: files\[1\]\.holders: pid \d+ fd \d+ is claimed by"),
     "blob-missing": ("shared.json", lambda s: next(p for p in s["pipes"] if p["data"]).update(data="nothing-here"),
                      r"shared\.json: pipes\[\d+\]\.data: names blob 'nothing-here'"),
+    "fs-group-of-siblings": ("shared.json", lambda s: s.update(states=[{
+        "id": "fs-1", "kind": "fs", "pids": sorted({h[0] for h in s["files"][0]["holders"]})[1:]}]),
+        r"shared\.json: states\[0\]\.pids: must be one process and descendants of it made with CLONE_FS"),
 }
 
 

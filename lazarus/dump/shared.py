@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from lazarus.dump.sharing import Sharing, detect, refusals
 from lazarus.errors import NoSuchTask, Unsupported
 from lazarus.kernel import procfs
-from lazarus.kernel.syscall import same_fd_table, same_file_across, same_fs
+from lazarus.kernel.syscall import same_fd_table, same_file_across
 
 _LATER = "objects shared between processes are not supported yet"
 # Open file descriptions a restore makes once and gives to every holder (dump/sharefds.py, restore/sharefds.py).
@@ -72,6 +72,15 @@ def _shared_memory(pid: int) -> dict[tuple[int, int], tuple[int, str]]:
     return out
 
 
+def check_fs_group(pids: tuple[int, ...], parents: dict[int, int]) -> None:
+    """Processes sharing cwd, root and umask (CLONE_FS) come back shared only as a parent and descendants made
+    from it with CLONE_FS, one by one: every member but one must have its parent in the group."""
+    tops = [p for p in pids if parents[p] not in pids]
+    if len(tops) != 1:
+        raise Unsupported(f"pids {', '.join(map(str, pids))} share cwd, root and umask (CLONE_FS) without one "
+                          f"of them being the parent of the others; {_LATER}", pid=tops[-1])
+
+
 def refuse_shared(pids: list[int]) -> Sharing:
     """What the processes `pids` share, found once (dump/sharing.py). Open file descriptions of files, pipes
     and FIFOs come back shared (dump/sharefds.py stores them once); for everything else still refused, raise
@@ -84,9 +93,10 @@ def refuse_shared(pids: list[int]) -> Sharing:
         for q in pids[i + 1:]:
             if same_fd_table(p, q):
                 raise Unsupported(f"pid {p} and pid {q} share one fd table (CLONE_FILES); {_LATER}", pid=q)
-            if same_fs(p, q):
-                raise Unsupported(f"pid {p} and pid {q} share cwd, root and umask (CLONE_FS); {_LATER}", pid=q)
     found = detect(pids, pages=False)
+    for st in found.states:
+        if st.kind == "fs":
+            check_fs_group(st.pids, {p: procfs.read_status(p).ppid for p in st.pids})
     problems = refusals(found)
     if problems:
         raise Unsupported(problems[0])

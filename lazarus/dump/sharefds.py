@@ -54,7 +54,8 @@ def store(found: Sharing, tasks: dict[int, dict[str, Any]], write_blob: Any) -> 
     """Move the shared descriptions out of the task records (`tasks`: pid -> task, changed in place) into
     the "shared" object (None when nothing is shared). The tasks must still be frozen."""
     descs = [d for d in found.descriptions if d.kind in SHAREABLE]
-    if not descs:
+    states = [{"id": st.id, "kind": st.kind, "pids": list(st.pids)} for st in found.states if st.kind == "fs"]
+    if not descs and not states:
         return None
     by_fd = {pid: {r["fd"]: r for r in t["files"]} for pid, t in tasks.items()}
     files: list[dict[str, Any]] = []
@@ -95,7 +96,10 @@ def store(found: Sharing, tasks: dict[int, dict[str, Any]], write_blob: Any) -> 
         pipes.append({"id": p.id, "ino": p.ino, "fifo": p.fifo, "readers": list(p.readers),
                       "writers": list(p.writers), "pipe_size": size,
                       "data": write_blob(f"shared-{p.id}", data) if data else None})
-    return {"files": files, "pipes": pipes}
+    out: dict[str, Any] = {"files": files, "pipes": pipes}
+    if states:
+        out["states"] = states  # only "fs" groups for now: CLONE_FILES is refused (dump/shared.py)
+    return out
 
 
 __all__ = ["SHARED_JSON", "shared_pipes", "store"]

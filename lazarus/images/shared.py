@@ -30,7 +30,36 @@ def _int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def check_shared(shared: Any, tasks: dict[int, dict[str, Any]], has_blob: Callable[[str], bool]) -> None:
+def fs_parents(shared: Any, parents: dict[int, int]) -> set[int]:
+    """Pids made with CLONE_FS from their parent (members of an "fs" group whose parent is in it too), of a
+    checked shared.json (None: none)."""
+    out: set[int] = set()
+    for st in (shared or {}).get("states", []):
+        out |= {p for p in st["pids"] if parents.get(p) in st["pids"]}
+    return out
+
+
+def _check_states(states: Any, parents: dict[int, int]) -> None:
+    if not isinstance(states, list):
+        raise _fail("states", "must be an array")
+    seen: set[int] = set()
+    for i, st in enumerate(states):
+        f = f"states[{i}]"
+        if not isinstance(st, dict) or st.get("kind") != "fs":
+            raise _fail(f, "only 'fs' groups (CLONE_FS) are supported")
+        pids = st.get("pids")
+        if not isinstance(pids, list) or len(pids) < 2 or not all(_int(p) and p in parents for p in pids):
+            raise _fail(f + ".pids", "must list two or more live processes of the image")
+        if seen & set(pids) or len(set(pids)) != len(pids):
+            raise _fail(f + ".pids", "names a process twice, or one of another group")
+        seen |= set(pids)
+        tops = [p for p in pids if parents[p] not in pids]
+        if len(tops) != 1:
+            raise _fail(f + ".pids", "must be one process and descendants of it made with CLONE_FS")
+
+
+def check_shared(shared: Any, tasks: dict[int, dict[str, Any]], has_blob: Callable[[str], bool],
+                 parents: dict[int, int] | None = None) -> None:
     """Refuse, in one line naming the field, a shared.json that does not fit the tasks: ids unknown or
     repeated, a holder whose task has no stub for it (or a stub naming another id), holders disagreeing with
     the description (flags, offset), pipe ends that are not pipe descriptions of the right access. Stubs in
@@ -47,6 +76,8 @@ def check_shared(shared: Any, tasks: dict[int, dict[str, Any]], has_blob: Callab
     if not isinstance(shared, dict) or not isinstance(shared.get("files"), list) \
             or not isinstance(shared.get("pipes"), list):
         raise ImageError(f"{SHARED_JSON}: must be an object with arrays 'files' and 'pipes'")
+    if "states" in shared:
+        _check_states(shared["states"], parents if parents is not None else {p: 0 for p in tasks})
     known = {d.get("id") for d in shared["files"] if isinstance(d, dict)}
     for (pid, fd), stub in stubs.items():
         if stub.get("shared") not in known:
@@ -126,4 +157,4 @@ def check_shared(shared: Any, tasks: dict[int, dict[str, Any]], has_blob: Callab
             raise ImageError(f"{SHARED_JSON}: {did!r} is a pipe end of no pipe in 'pipes'")
 
 
-__all__ = ["KINDS", "SHARED_JSON", "check_shared"]
+__all__ = ["KINDS", "SHARED_JSON", "check_shared", "fs_parents"]

@@ -286,7 +286,8 @@ def validate_image(img: Any) -> None:
         check_task(task, task_name(pid), size // PAGE_SIZE,
                    lambda name: isinstance(name, str) and blob_name(name) in img.files, pid)
     check_shared(img.json(SHARED_JSON) if SHARED_JSON in img.files else None,
-                 {pid: img.task(pid) for pid in img.tasks}, lambda name: blob_name(name) in img.files)
+                 {pid: img.task(pid) for pid in img.tasks}, lambda name: blob_name(name) in img.files,
+                 {pid: img.tree[pid].ppid for pid in img.tasks})
 
 
 def check_ownership(path: Path, names: list[str] | None = None) -> None:

@@ -20,6 +20,7 @@ from lazarus.errors import ImageError, KernelError, LazarusError, RestoreError
 from lazarus.images import Image
 from lazarus.images.format import PAGES_PER_CHUNK, task_name
 from lazarus.images.mm import is_lazy, lazy_object_ids, lazy_vmas
+from lazarus.images.shared import SHARED_JSON, fs_parents
 from lazarus.images.validate import validate_image
 from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.clone import Trampoline
@@ -572,6 +573,8 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
     created: list[int] = []  # children cloned, whether or not they have a TaskBuild yet
     failed_pid = tree.root
     shared: SharedFds | None = None
+    with_fs = fs_parents(img.json(SHARED_JSON) if SHARED_JSON in img.files else None,
+                         {p: n.ppid for p, n in tree.nodes.items()})
     try:
         for pid in tree.order:
             failed_pid = pid
@@ -585,7 +588,7 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
             else:
                 parent = builds[node.ppid].remote
                 assert parent is not None
-                child = host[pid] = create_child(parent, pid)
+                child = host[pid] = create_child(parent, pid, abi.CLONE_FS if pid in with_fs else 0)
                 created.append(child)
                 if node.zombie:
                     zombies.append(child)
