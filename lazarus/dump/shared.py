@@ -1,10 +1,12 @@
-"""Objects two processes of a dumped tree share: refused for now, with both pids named.
+"""Objects two processes of a dumped tree share: found once (dump/sharing.py), and refused where a restore
+cannot give them back shared yet, with both pids named.
 
-Each process is dumped and restored on its own, so anything one process shares with another would come back
-as two separate copies: an open file description (one offset, one set of flags) inherited across fork, a pipe
-or FIFO with an end in each, shared anonymous memory or a memfd mapped by both, and an fd table or fs state
-shared by clone (CLONE_FILES, CLONE_FS). Until they are stored once and given back to both, a dump of a tree
-refuses them here, in one place meant to be replaced by the code that supports them.
+Given back shared (stored once by dump/sharefds.py): an open file description of a file, device, pipe or
+FIFO held by several processes (inherited across fork: stdin/stdout/stderr, a log), every description of a
+pipe or FIFO with ends in several processes, fs state shared by clone(CLONE_FS) down one line of descent.
+Refused here: an fd table shared by clone (CLONE_FILES), fs state shared otherwise, shared anonymous memory
+or a memfd or deleted file mapped by two processes, and sockets, anonymous-inode files (eventfd, epoll...)
+and unlinked files open in two processes.
 
 What is not refused: the same named file opened separately by two processes (each gets its own open again),
 MAP_SHARED mappings of a named regular file (mapped again from the file, they share its page cache), and
