@@ -1,5 +1,5 @@
 /*
- * tree_share.c - open file descriptions, pipes and a FIFO shared by the processes of a tree come back
+ * tree_share.c - exercises open file descriptions, pipes and a FIFO shared by the processes of a tree: they come back
  * shared (one offset, one set of status flags, queued bytes once).
  *
  *   tree_share LOGFILE
