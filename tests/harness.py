@@ -60,6 +60,7 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "threads": ("-pthread",),
     "tree": ("-pthread",),
     "share_tree": (),
+    "tree_share": (),
     "share_take": (),
     "cow_fork": (),
 }
@@ -389,6 +390,7 @@ CASES: tuple[Case, ...] = (
     Case("threads", "threads"),
     Case("threads-churn", "threads", ("churn",)),
     Case("tree", "tree"),  # the root reports PASS only once every process of its tree passed (tree.c)
+    Case("tree-share", "tree_share"),  # descriptions, pipes and a FIFO shared by the tree's processes
 )
 CASES_BY_ID = {c.id: c for c in CASES}
 

@@ -3,11 +3,11 @@ feed a multiprocessing.Pool of forked workers (tests/targets/pypool.py), and a s
 producer, a filter and a compressor writing a file. Restored eagerly and lazily, each must finish with exactly
 the result of an uninterrupted run.
 
-Process trees are not dumped yet (README, "Today's limits"): today each test asserts that the dump is refused
-in one line naming the child (or, with trees but not yet objects shared between processes, the pipe or open
-file two of them share), that nothing is left behind, and that the program then finishes untouched with
-the uninterrupted run's result (nothing lost). Each `# TREE:` comment shows the call that replaces the
-refusal check once `lazarus dump` takes trees: restore_tree_to_reference(), written and ready below.
+The shell pipeline is dumped mid-work and restored (restore_tree_to_reference). The Python pool is still
+refused (README, "Today's limits"): the test asserts that the dump is refused in one line naming the shared
+memory object (its semaphores), that nothing is left behind, and that the program then finishes untouched
+with the uninterrupted run's result (nothing lost). Its `# TREE:` comment shows the call that replaces the
+refusal check once shared memory between processes is dumped.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def refused_then_finishes(
     tree: list[int],
     result: Callable[[], object],
     reference: object,
-) -> None:
+) -> str:
     """Today: the dump of a tree is refused in one line naming processes of the tree, creates nothing, and the
     program, every process of it still there, goes on to the uninterrupted run's result."""
     line = H.assert_clean_error(res, TREE_REFUSAL.format(pid=target.pid))
@@ -59,6 +59,7 @@ def refused_then_finishes(
     code = target.wait_exit(180)
     assert code == 0, f"{target.name} ended with {code} after the refused dump: {R.stderr_of(target)}"
     assert result() == reference, f"{target.name}: another result after the refused dump"
+    return line
 
 
 def restore_tree_to_reference(
@@ -119,8 +120,12 @@ def test_python_pool_and_threads_mid_work(harness: H.Harness, pypool_reference: 
     def result() -> str | None:
         return H.result_line(target.log)
 
+    # Its pipes and inherited files are dumped now; the semaphores multiprocessing maps MAP_SHARED from
+    # /dev/shm/sem.* (unlinked at once: "deleted" memory objects, one mapped by every worker) are shared memory
+    # between processes, still refused (the [cow] part of issue 9), so this waits for that:
     # TREE: restore_tree_to_reference(harness, res, image, target, tree, mode, result, pypool_reference)
-    refused_then_finishes(harness, res, image, target, tree, result, pypool_reference)
+    line = refused_then_finishes(harness, res, image, target, tree, result, pypool_reference)
+    assert re.search(r"map one shared memory object \(/dev/shm/sem\.", line), line
     assert "PASS" in target.log_text().splitlines(), target.describe()
 
 
@@ -166,6 +171,4 @@ def test_shell_pipeline_mid_work(harness: H.Harness, pipeline_reference: bytes, 
     def result() -> bytes:
         return out.read_bytes()
 
-    # TREE: restore_tree_to_reference(harness, res, image, target, tree, mode, result, pipeline_reference)
-    refused_then_finishes(harness, res, image, target, tree, result, pipeline_reference)
-    assert R.stderr_of(target) == "", R.stderr_of(target)
+    restore_tree_to_reference(harness, res, image, target, tree, mode, result, pipeline_reference)

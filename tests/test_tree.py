@@ -123,10 +123,8 @@ def test_dump_killed_mid_tree_leaves_every_process_as_it_was(harness: H.Harness,
 
 
 @pytest.mark.parametrize(("mode", "why"), [
-    ("share", r"pid \d+ fd \d+ and pid \d+ fd \d+ (share one open file description|are open on one pipe)"),
     ("resession", r"pid \d+ is in session \d+, led by pid \d+, which it did not inherit from its parent \d+"),
     ("clonefiles", r"pid \d+ and pid \d+ share one fd table \(CLONE_FILES\)"),
-    ("clonefs", r"pid \d+ and pid \d+ share cwd, root and umask \(CLONE_FS\)"),
     ("shm", r"pid \d+ at 0x[0-9a-f]+ and pid \d+ at 0x[0-9a-f]+ map one shared memory object"),
     # met in the second process dumped, once the root's state has been read by injection and put back
     ("kmsg", r"fd \d+ \(/dev/kmsg\).*character device.*\(pid \d+\)"),
@@ -140,6 +138,44 @@ def test_refused_tree_resumes_every_process(harness: H.Harness, mode: str, why: 
     assert not image.exists()
     settled(target.pid, want, f"{mode} refused")
     passes(harness, target)
+
+
+@pytest.mark.parametrize("mode", ["eager", "lazy"])
+def test_tree_sharing_a_pipe_restores(harness: H.Harness, mode: str) -> None:
+    """tree.c "share": the root keeps the read end of a pipe whose write end is its child's (refused until the
+    tree's shared descriptions were stored once): dumped, restored, and every process passes its checks."""
+    target, _ = started(harness, "share")
+    image = harness.image_dir()
+    res = harness.dump(target, image)
+    assert res.returncode == 0, res.stderr
+    shared = json.loads((image / "shared.json").read_text())
+    assert [p["readers"] and p["writers"] for p in shared["pipes"]], shared
+    r = harness.restore(image, lazy=mode == "lazy", like=target)
+    assert r.returncode == 0, r.stderr
+    assert r.target is not None
+    H.expect_pass(harness.run_case(CASE, r.target), r.target, r)
+
+
+@pytest.mark.parametrize("mode", ["eager", "lazy"])
+def test_tree_sharing_fs_state_restores_shared(harness: H.Harness, mode: str) -> None:
+    """tree.c "clonefs": a child made by clone(CLONE_FS) shares cwd, root and umask with the root; after the
+    restore the kernel (kcmp KCMP_FS) says the two share one fs state again, and the tree passes."""
+    from lazarus.kernel import kcmp
+
+    target, _ = started(harness, "clonefs")
+    image = harness.image_dir()
+    res = harness.dump(target, image)
+    assert res.returncode == 0, res.stderr
+    (group,) = json.loads((image / "shared.json").read_text())["states"]
+    assert group["kind"] == "fs" and target.pid in group["pids"] and len(group["pids"]) == 2, group
+    r = harness.restore(image, lazy=mode == "lazy", like=target)
+    assert r.returncode == 0, r.stderr
+    assert r.target is not None
+    a, b = group["pids"]
+    assert kcmp.same_resource(a, b, "fs"), f"pids {a} and {b} do not share their fs state after the restore"
+    others = [p for p in [target.pid, *H.descendants(target.pid)] if p not in group["pids"]]
+    assert not any(kcmp.same_resource(a, p, "fs") for p in others if H.proc_state(p) not in ("Z", None))
+    H.expect_pass(harness.run_case(CASE, r.target), r.target, r)
 
 
 def test_restore_failing_mid_tree_leaves_nothing(harness: H.Harness) -> None:

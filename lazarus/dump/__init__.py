@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lazarus.dump import sharefds
 from lazarus.dump.core import dump_misc, dump_registers, dump_signals, dump_thread, dump_xcomp_perm
 from lazarus.dump.files import dump_cwd, dump_files
 from lazarus.dump.membership import check_namespaces, check_session, dump_cgroups
@@ -218,18 +219,27 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: b
             for p in frozen:
                 check_resources(p, procfs.read_status(p))
             check_tree(pid, nodes)
-            refuse_shared(sorted(frozen))
+            found = refuse_shared(sorted(frozen))
+            share = (sharefds.shared_pipes(found), set(frozen))
             xstate = None
+            tasks: dict[int, dict[str, Any]] = {}
             for p, fr in frozen.items():
                 try:
-                    task, n, masks[p] = _dump_task(p, fr, writer, shell_job)
+                    task, n, masks[p] = _dump_task(p, fr, writer, shell_job, share)
                 except LazarusError as e:
                     if e.pid is None and len(frozen) > 1:
                         e.pid = p  # which process of the tree it is about: shown with the message
                     raise
                 npages += n
+                tasks[p] = task
                 xstate = xstate if xstate is not None else task["core"]["xstate"]
             assert xstate is not None
+            # Shared descriptions move out of the task files (stubs stay), which are written only then.
+            shared = sharefds.store(found, tasks, writer.write_blob)
+            if shared is not None:
+                writer.write_json(sharefds.SHARED_JSON, shared)
+            for p, task in tasks.items():
+                writer.write_json(f"task-{p}.json", task)
             xcr0, xsize, _ = parse_xstate(bytes.fromhex(xstate))
             fields: dict[str, Any] = {
                 "root_pid": pid, "tasks": sorted(frozen), "kernel_release": os.uname().release,
@@ -327,7 +337,8 @@ def _freeze_tree(root: int, root_wd: Watchdog, frozen: dict[int, Frozen], nodes:
         todo.extend(k for k in procfs.children(p) if k not in nodes)
 
 
-def _dump_task(pid: int, fr: Frozen, writer: ImageWriter, shell_job: bool) -> tuple[dict[str, Any], int, int]:
+def _dump_task(pid: int, fr: Frozen, writer: ImageWriter, shell_job: bool,
+               share: tuple[set[tuple[int, int]], set[int]] | None = None) -> tuple[dict[str, Any], int, int]:
     """Read one frozen process into task-PID.json and pages-PID.img; returns (task, pages, blocked mask)."""
     watchdog, threads = fr.watchdog, fr.threads
     remote: RemoteTask | None = None
@@ -372,7 +383,8 @@ def _dump_task(pid: int, fr: Frozen, writer: ImageWriter, shell_job: bool) -> tu
     finally:
         mem.close()
     syscall_ip = sys_ip
-    files = dump_files(pid, writer.write_blob, objects, lambda: RemoteTask(pid, syscall_ip, journal=watchdog))
+    files = dump_files(pid, writer.write_blob, objects, lambda: RemoteTask(pid, syscall_ip, journal=watchdog),
+                       shared=share)
     cwd_deleted = dump_cwd(pid)
     if cwd_deleted is not None:
         misc["cwd_deleted"] = cwd_deleted
@@ -394,7 +406,6 @@ def _dump_task(pid: int, fr: Frozen, writer: ImageWriter, shell_job: bool) -> tu
         rec["sched"] = sched_state(pid, rec["tid"])
     if thread_recs:
         task["threads"] = thread_recs
-    writer.write_json(f"task-{pid}.json", task)
     return task, mem.total_pages, signals["blocked"]
 
 

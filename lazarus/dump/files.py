@@ -38,9 +38,10 @@ _LINK_SCAN_LIMIT = 100_000
 _SPLICE_F_NONBLOCK = 2  # include/linux/splice.h
 
 
-def _others_holding(ino: int, pid: int) -> list[int]:
-    """Other processes that hold pipe `ino` open (a pipe shared with them cannot be captured)."""
-    want = f"pipe:[{ino}]"
+def _others_holding(ino: int, pid: int, want: str | None = None) -> list[int]:
+    """Other processes that hold pipe `ino` (or the FIFO whose link is `want`) open (a pipe shared with them
+    cannot be captured)."""
+    want = want or f"pipe:[{ino}]"
     out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == pid or int(entry) == os.getpid():
@@ -52,6 +53,13 @@ def _others_holding(ino: int, pid: int) -> list[int]:
                         out.append(int(entry))
                         break
     return out
+
+
+def _refuse_outside(pid: int, fd: int, link: str, ino: int, tree: set[int], *, fifo: bool = False) -> None:
+    """A pipe shared inside the tree must not also have an end in a process outside it."""
+    others = [p for p in _others_holding(ino, pid, link if fifo else None) if p not in tree]
+    if others:
+        raise Unsupported(f"fd {fd} ({link}): the pipe is shared with pid {others[0]}, outside the dumped tree")
 
 
 def peek_pipe(path: str) -> tuple[bytes, int]:
@@ -283,9 +291,13 @@ def _proc_owner(link: str, st: os.stat_result) -> int | None:
 
 
 def dump_files(pid: int, write_blob: Any, objects: list[dict[str, Any]],
-               inject: Callable[[], RemoteTask] | None = None) -> list[dict[str, Any]]:
+               inject: Callable[[], RemoteTask] | None = None, *,
+               shared: tuple[set[tuple[int, int]], set[int]] | None = None) -> list[dict[str, Any]]:
     """Describe every fd of `pid`; raises Unsupported (naming the fd) for anything not capturable.
-    `inject` makes a RemoteTask on the (frozen) process, for what must be asked from inside it."""
+    `inject` makes a RemoteTask on the (frozen) process, for what must be asked from inside it. `shared`:
+    the (dev, ino) of pipes and FIFOs with ends in other processes of the dumped tree, and the tree's pids:
+    their data is saved once for the tree (dump/sharefds.py), not here."""
+    shared_keys, tree = shared if shared is not None else (set(), set())
     fds: list[dict[str, Any]] = []
     pipes: dict[int, list[dict[str, Any]]] = {}
     objects_by_inode = {o["inode"]: o for o in objects}
@@ -321,7 +333,10 @@ def dump_files(pid: int, write_blob: Any, objects: list[dict[str, Any]],
             if m:
                 ino = int(m.group(1))
                 rec.update(type="pipe", pipe=ino)
-                pipes.setdefault(ino, []).append(rec)
+                if (os.stat(f"{fd_dir}/{name}").st_dev, ino) in shared_keys:
+                    _refuse_outside(pid, fd, link, ino, tree)
+                else:
+                    pipes.setdefault(ino, []).append(rec)
                 fds.append(rec)
                 continue
             st = os.stat(f"{fd_dir}/{name}")
@@ -352,7 +367,10 @@ def dump_files(pid: int, write_blob: Any, objects: list[dict[str, Any]],
                         rec.update(deleted=True, mode=statmod.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid)
                     elif deleted:
                         rec.update(_other_link(pid, fd, path, st))
-                fifos.setdefault(key, []).append(rec)
+                if key in shared_keys:
+                    _refuse_outside(pid, fd, link, st.st_ino, tree, fifo=True)
+                else:
+                    fifos.setdefault(key, []).append(rec)
             elif statmod.S_ISREG(st.st_mode) or statmod.S_ISDIR(st.st_mode):
                 proc_pid = _proc_owner(link, st)
                 if proc_pid is not None and proc_pid != pid:

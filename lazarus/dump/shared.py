@@ -1,10 +1,12 @@
-"""Objects two processes of a dumped tree share: refused for now, with both pids named.
+"""Objects two processes of a dumped tree share: found once (dump/sharing.py), and refused where a restore
+cannot give them back shared yet, with both pids named.
 
-Each process is dumped and restored on its own, so anything one process shares with another would come back
-as two separate copies: an open file description (one offset, one set of flags) inherited across fork, a pipe
-or FIFO with an end in each, shared anonymous memory or a memfd mapped by both, and an fd table or fs state
-shared by clone (CLONE_FILES, CLONE_FS). Until they are stored once and given back to both, a dump of a tree
-refuses them here, in one place meant to be replaced by the code that supports them.
+Given back shared (stored once by dump/sharefds.py): an open file description of a file, device, pipe or
+FIFO held by several processes (inherited across fork: stdin/stdout/stderr, a log), every description of a
+pipe or FIFO with ends in several processes, fs state shared by clone(CLONE_FS) down one line of descent.
+Refused here: an fd table shared by clone (CLONE_FILES), fs state shared otherwise, shared anonymous memory
+or a memfd or deleted file mapped by two processes, and sockets, anonymous-inode files (eventfd, epoll...)
+and unlinked files open in two processes.
 
 What is not refused: the same named file opened separately by two processes (each gets its own open again),
 MAP_SHARED mappings of a named regular file (mapped again from the file, they share its page cache), and
@@ -18,11 +20,14 @@ import os
 import stat
 from dataclasses import dataclass
 
+from lazarus.dump.sharing import Sharing, detect, refusals
 from lazarus.errors import NoSuchTask, Unsupported
 from lazarus.kernel import procfs
-from lazarus.kernel.syscall import same_fd_table, same_file_across, same_fs
+from lazarus.kernel.syscall import same_fd_table, same_file_across
 
 _LATER = "objects shared between processes are not supported yet"
+# Open file descriptions a restore makes once and gives to every holder (dump/sharefds.py, restore/sharefds.py).
+SHAREABLE = ("file", "pipe", "fifo")
 
 
 @dataclass(frozen=True)
@@ -69,31 +74,55 @@ def _shared_memory(pid: int) -> dict[tuple[int, int], tuple[int, str]]:
     return out
 
 
-def refuse_shared(pids: list[int]) -> None:
-    """Raise Unsupported naming both pids (and the fd or address) for the first object two of `pids` share.
+def check_fs_group(pids: tuple[int, ...], parents: dict[int, int]) -> None:
+    """Processes sharing cwd, root and umask (CLONE_FS) come back shared only as a parent and descendants made
+    from it with CLONE_FS, one by one: every member but one must have its parent in the group."""
+    tops = [p for p in pids if parents[p] not in pids]
+    if len(tops) != 1:
+        raise Unsupported(f"pids {', '.join(map(str, pids))} share cwd, root and umask (CLONE_FS) without one "
+                          f"of them being the parent of the others; {_LATER}", pid=tops[-1])
+
+
+def refuse_shared(pids: list[int]) -> Sharing:
+    """What the processes `pids` share, found once (dump/sharing.py). Open file descriptions of files, pipes
+    and FIFOs come back shared (dump/sharefds.py stores them once); for everything else still refused, raise
+    Unsupported naming both pids (and the fd or address).
 
     The processes must be stopped (their fds and mappings cannot change meanwhile)."""
     if len(pids) < 2:
-        return
+        return Sharing()
     for i, p in enumerate(pids):
         for q in pids[i + 1:]:
             if same_fd_table(p, q):
                 raise Unsupported(f"pid {p} and pid {q} share one fd table (CLONE_FILES); {_LATER}", pid=q)
-            if same_fs(p, q):
-                raise Unsupported(f"pid {p} and pid {q} share cwd, root and umask (CLONE_FS); {_LATER}", pid=q)
+    found = detect(pids, pages=False)
+    for st in found.states:
+        if st.kind == "fs":
+            check_fs_group(st.pids, {p: procfs.read_status(p).ppid for p in st.pids})
+    problems = refusals(found)
+    if problems:
+        raise Unsupported(problems[0])
+    kept = {(p, fd) for d in found.descriptions if d.kind in SHAREABLE for p, fd in d.holders}
+    for d in found.descriptions:
+        if d.kind not in SHAREABLE:
+            (p, pfd), (q, qfd) = d.holders[0], next(h for h in d.holders if h[0] != d.holders[0][0])
+            raise Unsupported(f"pid {p} fd {pfd} and pid {q} fd {qfd} share one open {d.kind} file "
+                              f"description; {_LATER}", pid=q)
     seen: dict[tuple[int, int], list[_Fd]] = {}
     for p in pids:
         for key, fds in _fds(p).items():
             for other in seen.get(key, []):
-                if other.pid == p:
+                if other.pid == p or (other.pid, other.fd) in kept:
                     continue
                 for mine in fds:
-                    if same_file_across(other.pid, other.fd, p, mine.fd):
+                    if (p, mine.fd) in kept:
+                        continue
+                    if same_file_across(other.pid, other.fd, p, mine.fd):  # pragma: no cover - found above
                         raise Unsupported(f"pid {other.pid} fd {other.fd} and pid {p} fd {mine.fd} share one open "
                                           f"file description ({mine.target}); {_LATER}", pid=p)
-                if not _named(fds[0].target, fds[0].mode):
-                    raise Unsupported(f"pid {other.pid} fd {other.fd} and pid {p} fd {fds[0].fd} are open on one "
-                                      f"{fds[0].target}; {_LATER}", pid=p)
+                    if not _named(mine.target, mine.mode):
+                        raise Unsupported(f"pid {other.pid} fd {other.fd} and pid {p} fd {mine.fd} are open on one "
+                                          f"{mine.target}; {_LATER}", pid=p)
             seen.setdefault(key, []).extend(fds)
     maps: dict[tuple[int, int], tuple[int, int, str]] = {}
     for p in pids:
@@ -103,3 +132,4 @@ def refuse_shared(pids: list[int]) -> None:
                 raise Unsupported(f"pid {q} at {qstart:#x} and pid {p} at {start:#x} map one shared memory "
                                   f"object ({path}); {_LATER}", pid=p)
             maps.setdefault(key, (p, start, path))
+    return found

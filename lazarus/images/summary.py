@@ -28,6 +28,14 @@ def fd_target(f: dict[str, Any]) -> str:
     return kind
 
 
+def _shared_target(f: dict[str, Any], shared: dict[str, dict[str, Any]]) -> str:
+    """A stub's target: the shared description's id and target (shared.json), as "file-3 (/tmp/log)"."""
+    if f["type"] != "shared":
+        return fd_target(f)
+    d = shared.get(str(f.get("shared")))
+    return f"{f.get('shared')} ({fd_target(d)})" if isinstance(d, dict) and "type" in d else str(f.get("shared"))
+
+
 def summary(img: Any) -> dict[str, Any]:
     """The summary of opened image `img`: format, tasks (registers, threads, VMAs, fds, signals), files.
 
@@ -42,6 +50,7 @@ def summary(img: Any) -> dict[str, Any]:
     from lazarus.images.mm import is_lazy, lazy_object_ids
     from lazarus.kernel import abi
     from lazarus.restore.threads import check_threads
+    shared = {d["id"]: d for d in img.json("shared.json")["files"]} if "shared.json" in img.files else {}
     for pid in img.tasks:
         t = img.task(pid)
         check_threads(t, f"task-{pid}.json")
@@ -57,7 +66,7 @@ def summary(img: Any) -> dict[str, Any]:
                          "prot": prot + ("s" if v["shared"] else "p"), "kind": v["kind"], "path": v["path"],
                          "pages": npages, "lazy": is_lazy(v) or (obj is not None and obj["id"] in lazy_ids),
                          "vmflags": " ".join(v["vmflags"])})
-        fds = [{"fd": f["fd"], "type": f["type"], "target": fd_target(f),
+        fds = [{"fd": f["fd"], "type": f["type"], "target": _shared_target(f, shared),
                 "flags": f"{f['flags']:o}", "pos": f["pos"], "cloexec": f["cloexec"]} for f in t["files"]]
         out["tasks"].append({
             "pid": pid, "comm": t["comm"], "exe": t["mm"]["exe"],

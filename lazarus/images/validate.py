@@ -41,6 +41,7 @@ from lazarus.images.format import (
     pages_name,
     task_name,
 )
+from lazarus.images.shared import SHARED_JSON, check_shared
 
 PAGE_SIZE = 4096
 USER_TOP = 0x7FFF_FFFF_F000 + PAGE_SIZE  # TASK_SIZE on x86-64 with 4-level paging (the vsyscall page is not a vma)
@@ -284,6 +285,9 @@ def validate_image(img: Any) -> None:
         size = img.files[pages_name(pid)]["size"] if img.has_pages(pid) else 0
         check_task(task, task_name(pid), size // PAGE_SIZE,
                    lambda name: isinstance(name, str) and blob_name(name) in img.files, pid)
+    check_shared(img.json(SHARED_JSON) if SHARED_JSON in img.files else None,
+                 {pid: img.task(pid) for pid in img.tasks}, lambda name: blob_name(name) in img.files,
+                 {pid: img.tree[pid].ppid for pid in img.tasks})
 
 
 def check_ownership(path: Path, names: list[str] | None = None) -> None:

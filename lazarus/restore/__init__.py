@@ -20,6 +20,7 @@ from lazarus.errors import ImageError, KernelError, LazarusError, RestoreError
 from lazarus.images import Image
 from lazarus.images.format import PAGES_PER_CHUNK, task_name
 from lazarus.images.mm import is_lazy, lazy_object_ids, lazy_vmas
+from lazarus.images.shared import SHARED_JSON, fs_parents
 from lazarus.images.validate import validate_image
 from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.clone import Trampoline
@@ -46,6 +47,7 @@ from lazarus.restore.memory import (
 )
 from lazarus.restore.pidns import NsInit
 from lazarus.restore.sched import apply_sched
+from lazarus.restore.sharefds import SharedFds, check_made, check_shared_files
 from lazarus.restore.thp import collapse_in_task
 from lazarus.restore.threads import check_threads, create_thread, restore_thread_creds, restore_thread_state
 from lazarus.restore.timers import check_timers
@@ -296,6 +298,7 @@ class TaskBuild:
         self.source: Any = None
         self.page_file: Any = None
         self.stops = self.calls = 0
+        self.shared: SharedFds | None = None  # descriptions shared with other tasks of the tree
 
     def attach(self, child: int, tramp: tuple[int, int, int]) -> None:
         """Take the new task `child` (seized, in an event stop) with the trampoline at `tramp`: its address,
@@ -368,12 +371,15 @@ class TaskBuild:
 
         space.close_cached()
         self.fdr = fdr = FdRestorer(remote, img, child, space.state.object_fds, high_base, access)
-        fdr.restore(fds)
+        own, checked = self._shared_fds_first(fds)
+        fdr.restore(own)
         closes = remote.batch()
         for ofd in space.state.object_fds.values():
             closes.call(abi.SYS.close, ofd)
         closes.run()
-        fdr.finish(fds)
+        if self.shared is not None:
+            self.shared.settle(pid, remote)
+        fdr.finish(checked)
         rcore.restore_signals(remote, task["signals"])
         if lazy and ranges:
             # The kernel writes the rseq area when it is registered: that page must be in before the
@@ -411,6 +417,17 @@ class TaskBuild:
         if handover is not None:
             self.handover = handover
             self.source = ImagePageSource(served, page_file, name=f"pages-{pid}.img")
+
+    def _shared_fds_first(self, fds: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Descriptions shared with tasks built before this one are given now (restore/sharefds.py); returns
+        the records this task restores itself, and every record to read back at the end."""
+        if self.shared is None:
+            return fds, fds
+        assert self.remote is not None
+        own, give = self.shared.plan(self.pid, fds)
+        self.shared.give(self.remote, give)
+        mine = {r["fd"] for r in own}
+        return own, own + [r for r in fds if r["fd"] not in mine]
 
     def hand_over(self) -> None:
         """Give the uffd to the lazy-pages server. The server (and its guard) must hold it before the task
@@ -539,6 +556,7 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
     tasks = {pid: img.task(pid) for pid in live}
     for pid in live:
         validate(img, pid, tasks[pid], pidns=pidns)
+    check_shared_files(img)
     for node in tree.nodes.values():
         if node.zombie and not pidns:
             _wait_pid_free(node.pid, "a zombie of the image")
@@ -554,6 +572,9 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
     zombies: list[int] = []
     created: list[int] = []  # children cloned, whether or not they have a TaskBuild yet
     failed_pid = tree.root
+    shared: SharedFds | None = None
+    with_fs = fs_parents(img.json(SHARED_JSON) if SHARED_JSON in img.files else None,
+                         {p: n.ppid for p, n in tree.nodes.items()})
     try:
         for pid in tree.order:
             failed_pid = pid
@@ -567,7 +588,7 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
             else:
                 parent = builds[node.ppid].remote
                 assert parent is not None
-                child = host[pid] = create_child(parent, pid)
+                child = host[pid] = create_child(parent, pid, abi.CLONE_FS if pid in with_fs else 0)
                 created.append(child)
                 if node.zombie:
                     zombies.append(child)
@@ -592,9 +613,15 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
             if tree[pid].pgid == root_group and root_group != tree.root:
                 continue  # the root's group, led outside the image (--shell-job): all share the restorer's
             join_group(remote, tree[pid])
+        shared = SharedFds(img, host)
+        if not shared.empty:
+            shared.make_pipes()
+            for pid in live:
+                builds[pid].shared = shared
         for pid in live:
             failed_pid = pid
             builds[pid].build(joins[pid])
+        check_made(shared)
         # Every task is complete but for running. Hand over the uffds one after the other, then let all go at
         # once: the server may finish a small process meanwhile and wants it untraced to remove its anchor.
         for pid in live:
@@ -603,6 +630,7 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
         for pid in live:
             failed_pid = pid
             builds[pid].release()
+        shared.close()
         if ns is not None:
             ns.finish(tree.root)  # once every task runs (restore_task says why)
             ns.run()
@@ -611,6 +639,8 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
         root.pages_written = sum(b.written for b in builds.values())
         return root
     except BaseException as e:
+        if shared is not None:
+            shared.close()
         for build in builds.values():
             build.kill()
         built = {b.child for b in builds.values()}

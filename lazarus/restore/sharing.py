@@ -94,6 +94,15 @@ def give_scm(task: RemoteTask, fds: Iterable[tuple[int, int, bool]]) -> None:
     task.syscall(abi.SYS.socketpair, socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, 0, scratch,
                  what="socketpair")
     sv0, sv1 = struct.unpack("<ii", task.read(scratch, 8))
+    targets = {at for _, at, _ in items}
+    if sv0 in targets or sv1 in targets:
+        # The pair took numbers some fds are to be put at: closing it afterwards would close those.
+        high = max(targets) + 1
+        moved = [task.syscall(abi.SYS.fcntl, sv, fcntl.F_DUPFD_CLOEXEC, high, what="fcntl(F_DUPFD_CLOEXEC)")
+                 for sv in (sv0, sv1)]
+        task.raw(abi.SYS.close, sv0)
+        task.raw(abi.SYS.close, sv1)
+        sv0, sv1 = moved
     try:
         with PidFd.open(task.pid) as pfd:
             end = socket.socket(fileno=pfd.getfd(sv0))
@@ -102,6 +111,10 @@ def give_scm(task: RemoteTask, fds: Iterable[tuple[int, int, bool]]) -> None:
                 batch = items[i:i + _MAX_SCM]
                 socket.send_fds(end, [b"\0"], [ours for ours, _, _ in batch])
                 got = _recv_fds(task, sv1, len(batch))
+                for j, ((_, at, _), tmp) in enumerate(zip(batch, got, strict=True)):
+                    if tmp != at and tmp in targets:  # another fd's place: out of the way first
+                        got[j] = task.syscall(abi.SYS.fcntl, tmp, fcntl.F_DUPFD_CLOEXEC, max(targets) + 1)
+                        task.raw(abi.SYS.close, tmp)
                 for (_, at, cloexec), tmp in zip(batch, got, strict=True):
                     if tmp != at:
                         task.syscall(abi.SYS.dup3, tmp, at, abi.O_CLOEXEC if cloexec else 0, what=f"dup3 to fd {at}")

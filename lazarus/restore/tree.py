@@ -36,12 +36,13 @@ _ARGS_OFFSET = 2048  # in the scratch, clear of what other helpers put at 0 (as 
 _NEG1 = (1 << 64) - 1
 
 
-def create_child(parent: RemoteTask, pid: int) -> int:
+def create_child(parent: RemoteTask, pid: int, flags: int = 0) -> int:
     """clone3 process `pid` (its pid in the parent's namespace) from `parent`; it is left traced by us and in an
-    event stop. Returns its pid out here (another under restore --pidns)."""
+    event stop. Returns its pid out here (another under restore --pidns). `flags`: more clone flags
+    (CLONE_FS for a child that shares its parent's cwd, root and umask)."""
     tids = parent.put(pid.to_bytes(4, "little"), _ARGS_OFFSET)
     args = abi.clone_args()
-    args.flags = abi.CLONE_PTRACE
+    args.flags = abi.CLONE_PTRACE | flags
     args.exit_signal = signal.SIGCHLD
     args.set_tid = tids
     args.set_tid_size = 1
