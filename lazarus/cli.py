@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
 
 from lazarus import __version__
 from lazarus.errors import LazarusError, UsageError
@@ -34,17 +36,70 @@ def _setup_logging(verbose: int) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
-def _parser() -> argparse.ArgumentParser:
+COMMANDS = ("check", "dump", "restore", "lazy-pages", "service", "show")
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's formatter, sized as it sizes itself but without `shutil`, which it imports for
+    get_terminal_size and which brings zlib, bz2 and lzma with it (~2 ms of every command's start-up)."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        if width is None:
+            width = _columns() - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+def _columns() -> int:
+    with contextlib.suppress(ValueError):
+        if int(os.environ.get("COLUMNS", "0")) > 0:
+            return int(os.environ["COLUMNS"])
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+def _command_of(argv: list[str] | None) -> str | None:
+    """The command named on the line (the first word that is not one of the top-level flags), if it is one."""
+    for word in sys.argv[1:] if argv is None else argv:
+        if not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
+
+
+def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for `argv`: with only the named command's subparser when one is named (building all six,
+    with their help formatters, costs a few ms of every command), with all of them otherwise (`--help`,
+    a misspelt command: the error lists them)."""
+    command = _command_of(argv)
+
+    def wanted(name: str) -> bool:
+        return command is None or command == name
+
     p = argparse.ArgumentParser(prog="lazarus", description="Checkpoint/restore of Linux processes, "
-                                "with lazy restore through userfaultfd.")
+                                "with lazy restore through userfaultfd.", formatter_class=_Formatter)
     p.add_argument("-v", "--verbose", action="count", default=0, help="log what happens")
     p.add_argument("--debug", action="store_true", help="show a traceback on errors")
     p.add_argument("--version", action="version", version=f"lazarus {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    if wanted("check"):
+        sub.add_parser("check", help="probe the kernel for every feature lazarus uses", formatter_class=_Formatter)
+    if wanted("dump"):
+        _dump_parser(sub)
+    if wanted("restore"):
+        _restore_parser(sub)
+    if wanted("lazy-pages"):
+        _lazy_pages_parser(sub)
+    if wanted("service"):
+        _service_parser(sub)
+    if wanted("show"):
+        _show_parser(sub)
+    return p
 
-    sub.add_parser("check", help="probe the kernel for every feature lazarus uses")
 
-    d = sub.add_parser("dump", help="checkpoint a running process into an image directory")
+def _dump_parser(sub: Any) -> None:
+    d = sub.add_parser("dump", help="checkpoint a running process into an image directory", formatter_class=_Formatter)
     d.add_argument("-t", "--tree", dest="pid", type=int, required=True, metavar="PID", help="process to dump")
     d.add_argument("-D", "--images-dir", dest="dir", type=Path, required=True, metavar="DIR",
                    help="image directory to create (must not exist)")
@@ -53,7 +108,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="allow a process in a session another process leads, or with a controlling terminal: "
                         "it is restored into the session and terminal of `lazarus restore`")
 
-    r = sub.add_parser("restore", help="restore a process from an image directory")
+
+def _restore_parser(sub: Any) -> None:
+    r = sub.add_parser("restore", help="restore a process from an image directory", formatter_class=_Formatter)
     r.add_argument("-D", "--images-dir", dest="dir", type=Path, required=True, metavar="DIR")
     r.add_argument("-d", "--detach", action="store_true", help="return once the process runs")
     r.add_argument("--pidfile", type=Path, metavar="FILE", help="write the restored pid here")
@@ -68,7 +125,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="restore into a new PID namespace (under a small init of ours) where the process keeps "
                         "its pid: one image can then be restored any number of times at once")
 
-    lp = sub.add_parser("lazy-pages", help="serve lazily restored processes' memory (several at once)")
+
+def _lazy_pages_parser(sub: Any) -> None:
+    lp = sub.add_parser("lazy-pages", help="serve lazily restored processes' memory (several at once)",
+                        formatter_class=_Formatter)
     lp.add_argument("-D", "--images-dir", dest="dir", type=Path, required=True, metavar="DIR",
                     help="directory for the socket (DIR/lazy-pages.sock unless --socket); root's, not writable by "
                     "group or others")
@@ -81,7 +141,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="serve process PID, restored lazily from the image DIR, whose lazy-pages servers all "
                          "died (it waits for its pages); no socket")
 
-    sv = sub.add_parser("service", help="serve the API as HTTP/1.1 + JSON on a unix socket (docs/SERVICE.md)")
+
+def _service_parser(sub: Any) -> None:
+    sv = sub.add_parser("service", help="serve the API as HTTP/1.1 + JSON on a unix socket (docs/SERVICE.md)",
+                        formatter_class=_Formatter)
     sv.add_argument("--socket", type=Path, metavar="PATH",
                     help="listen here (0600, in a directory only root can write); not with systemd socket activation")
     sv.add_argument("--state-dir", type=Path, metavar="DIR",
@@ -89,10 +152,11 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--spare-workers", type=int, default=2, metavar="N",
                     help="worker processes kept waiting for requests (default 2)")
 
-    s = sub.add_parser("show", help="summarize an image directory")
+
+def _show_parser(sub: Any) -> None:
+    s = sub.add_parser("show", help="summarize an image directory", formatter_class=_Formatter)
     s.add_argument("dir", type=Path, metavar="DIR")
     s.add_argument("--json", action="store_true", help="machine-readable output")
-    return p
 
 
 def entry() -> None:
@@ -109,7 +173,7 @@ def entry() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    parser = _parser(argv)
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     try:
@@ -303,6 +367,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from lazarus.api import show
     summary = show(args.dir)
     if args.json:
+        import json
         print(json.dumps(summary, indent=2))
         return 0
     from rich.table import Table
