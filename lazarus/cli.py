@@ -165,7 +165,8 @@ def entry() -> None:
     interpreter's teardown, which spent ~30 ms freeing what a restore had loaded (measured: whole restore
     command 75-90 ms after "since start" with it, 35-55 ms without). Output is flushed first; files, threads
     and children are all closed or detached by the commands themselves before main() returns."""
-    code = main()
+    _gc_off()
+    code = _main(None)  # the collector stays off to the end: the process exits without one more pass
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
@@ -174,14 +175,8 @@ def entry() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Start-up makes ~100k objects (modules, classes, functions) and frees almost none: the cyclic collector's
-    # passes over them would be ~5-8% of the imports. It is back on before any command runs for long (_run,
-    # cmd_restore once the process runs) and in every process we fork (a lazy daemon, its guard).
-    global _fork_hook
-    gc.disable()
-    if not _fork_hook:
-        os.register_at_fork(after_in_child=gc.enable)
-        _fork_hook = True
+    """The command, called from Python (tests): as entry() but returning, with the collector on again."""
+    _gc_off()
     try:
         return _main(argv)
     finally:
@@ -189,6 +184,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _fork_hook = False
+
+
+def _gc_off() -> None:
+    """Start-up makes ~100k objects (modules, classes, functions) and frees almost none: the cyclic collector's
+    passes over them cost ~5-8% of the imports, and one more full pass (~5 ms) once it is turned back on. It
+    is back on before a command that may run for long (_run; cmd_restore unless -d, once the process runs) and
+    in every process we fork (a lazy daemon, its guard); a `restore -d` exits without it."""
+    global _fork_hook
+    gc.disable()
+    if not _fork_hook:
+        os.register_at_fork(after_in_child=gc.enable)
+        _fork_hook = True
 
 
 def _main(argv: list[str] | None) -> int:
@@ -289,7 +296,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         res = api.restore(args.dir, lazy=args.lazy, detach=args.detach, background=not args.no_background,
                           stats_path=args.stats, lazy_log=args.lazy_log, lazy_pages_socket=args.lazy_pages_socket,
                           on_progress=on_progress, pidns=args.pidns)
-        gc.enable()  # the process runs: what follows (serving its pages, waiting for it) may last
+        if not args.detach:
+            gc.enable()  # the process runs: what follows (serving its pages, waiting for it) may last
         try:
             _report_restore(args, res)
         except BaseException:
