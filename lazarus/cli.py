@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import logging
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import argparse
     from typing import Any
 
 from lazarus import __version__
@@ -40,15 +40,18 @@ def _setup_logging(verbose: int) -> None:
 COMMANDS = ("check", "dump", "restore", "lazy-pages", "service", "show")
 
 
-class _Formatter(argparse.HelpFormatter):
-    """argparse's formatter, sized as it sizes itself but without `shutil`, which it imports for
+def _formatter() -> type:
+    """argparse's help formatter, sized as it sizes itself but without `shutil`, which it imports for
     get_terminal_size and which brings zlib, bz2 and lzma with it (~2 ms of every command's start-up)."""
+    import argparse
 
-    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
-                 width: int | None = None) -> None:
-        if width is None:
-            width = _columns() - 2
-        super().__init__(prog, indent_increment, max_help_position, width)
+    class Formatter(argparse.HelpFormatter):
+        def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                     width: int | None = None) -> None:
+            if width is None:
+                width = _columns() - 2
+            super().__init__(prog, indent_increment, max_help_position, width)
+    return Formatter
 
 
 def _columns() -> int:
@@ -73,34 +76,78 @@ def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser for `argv`: with only the named command's subparser when one is named (building all six,
     with their help formatters, costs a few ms of every command), with all of them otherwise (`--help`,
     a misspelt command: the error lists them)."""
+    import argparse
     command = _command_of(argv)
+    fmt = _formatter()
 
     def wanted(name: str) -> bool:
         return command is None or command == name
 
     p = argparse.ArgumentParser(prog="lazarus", description="Checkpoint/restore of Linux processes, "
-                                "with lazy restore through userfaultfd.", formatter_class=_Formatter)
+                                "with lazy restore through userfaultfd.", formatter_class=fmt)
     p.add_argument("-v", "--verbose", action="count", default=0, help="log what happens")
     p.add_argument("--debug", action="store_true", help="show a traceback on errors")
     p.add_argument("--version", action="version", version=f"lazarus {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     if wanted("check"):
-        sub.add_parser("check", help="probe the kernel for every feature lazarus uses", formatter_class=_Formatter)
+        sub.add_parser("check", help="probe the kernel for every feature lazarus uses", formatter_class=fmt)
     if wanted("dump"):
-        _dump_parser(sub)
+        _dump_parser(sub, fmt)
     if wanted("restore"):
-        _restore_parser(sub)
+        _restore_parser(sub, fmt)
     if wanted("lazy-pages"):
-        _lazy_pages_parser(sub)
+        _lazy_pages_parser(sub, fmt)
     if wanted("service"):
-        _service_parser(sub)
+        _service_parser(sub, fmt)
     if wanted("show"):
-        _show_parser(sub)
+        _show_parser(sub, fmt)
     return p
 
 
-def _dump_parser(sub: Any) -> None:
-    d = sub.add_parser("dump", help="checkpoint a running process into an image directory", formatter_class=_Formatter)
+# `restore`'s options for _plain_restore: flag -> attribute, and option with a value -> attribute (a Path)
+_RESTORE_FLAGS = {"-d": "detach", "--detach": "detach", "--lazy": "lazy", "--no-background": "no_background",
+                  "--pidns": "pidns"}
+_RESTORE_VALUES = {"-D": "dir", "--images-dir": "dir", "--pidfile": "pidfile", "--stats": "stats",
+                   "--lazy-log": "lazy_log", "--lazy-pages-socket": "lazy_pages_socket"}
+
+
+def _plain_restore(argv: list[str]) -> Any:
+    """The arguments of a plain, well-formed `restore` line (the command a restore's start-up time is measured
+    on), read without argparse, which with gettext and locale and the parser's construction costs ~4-6 ms;
+    the same namespace _parser() would make (tests/unit/test_cli_fastpath.py compares them). None for anything
+    else (another command, help, an unknown or abbreviated option, `--opt=value`, a value that looks like an
+    option, -D missing): argparse then parses it, and words its errors."""
+    import types
+    args = types.SimpleNamespace(verbose=0, debug=False, command="restore", dir=None, detach=False, pidfile=None,
+                                 lazy=False, no_background=False, stats=None, lazy_log=None,
+                                 lazy_pages_socket=None, pidns=False)
+    words = iter(argv)
+    for word in words:
+        if word in ("-v", "--verbose"):
+            args.verbose += 1
+        elif word == "--debug":
+            args.debug = True
+        elif word == "restore":
+            break
+        else:
+            return None
+    else:
+        return None
+    for word in words:
+        if word in _RESTORE_FLAGS:
+            setattr(args, _RESTORE_FLAGS[word], True)
+        elif word in _RESTORE_VALUES:
+            value = next(words, None)
+            if value is None or value.startswith("-") or not value:
+                return None
+            setattr(args, _RESTORE_VALUES[word], Path(value))
+        else:
+            return None
+    return args if args.dir is not None else None
+
+
+def _dump_parser(sub: Any, fmt: type) -> None:
+    d = sub.add_parser("dump", help="checkpoint a running process into an image directory", formatter_class=fmt)
     d.add_argument("-t", "--tree", dest="pid", type=int, required=True, metavar="PID", help="process to dump")
     d.add_argument("-D", "--images-dir", dest="dir", type=Path, required=True, metavar="DIR",
                    help="image directory to create (must not exist)")
@@ -110,8 +157,8 @@ def _dump_parser(sub: Any) -> None:
                         "it is restored into the session and terminal of `lazarus restore`")
 
 
-def _restore_parser(sub: Any) -> None:
-    r = sub.add_parser("restore", help="restore a process from an image directory", formatter_class=_Formatter)
+def _restore_parser(sub: Any, fmt: type) -> None:
+    r = sub.add_parser("restore", help="restore a process from an image directory", formatter_class=fmt)
     r.add_argument("-D", "--images-dir", dest="dir", type=Path, required=True, metavar="DIR")
     r.add_argument("-d", "--detach", action="store_true", help="return once the process runs")
     r.add_argument("--pidfile", type=Path, metavar="FILE", help="write the restored pid here")
@@ -127,9 +174,9 @@ def _restore_parser(sub: Any) -> None:
                         "its pid: one image can then be restored any number of times at once")
 
 
-def _lazy_pages_parser(sub: Any) -> None:
+def _lazy_pages_parser(sub: Any, fmt: type) -> None:
     lp = sub.add_parser("lazy-pages", help="serve lazily restored processes' memory (several at once)",
-                        formatter_class=_Formatter)
+                        formatter_class=fmt)
     lp.add_argument("-D", "--images-dir", dest="dir", type=Path, required=True, metavar="DIR",
                     help="directory for the socket (DIR/lazy-pages.sock unless --socket); root's, not writable by "
                     "group or others")
@@ -143,9 +190,9 @@ def _lazy_pages_parser(sub: Any) -> None:
                          "died (it waits for its pages); no socket")
 
 
-def _service_parser(sub: Any) -> None:
+def _service_parser(sub: Any, fmt: type) -> None:
     sv = sub.add_parser("service", help="serve the API as HTTP/1.1 + JSON on a unix socket (docs/SERVICE.md)",
-                        formatter_class=_Formatter)
+                        formatter_class=fmt)
     sv.add_argument("--socket", type=Path, metavar="PATH",
                     help="listen here (0600, in a directory only root can write); not with systemd socket activation")
     sv.add_argument("--state-dir", type=Path, metavar="DIR",
@@ -154,8 +201,8 @@ def _service_parser(sub: Any) -> None:
                     help="worker processes kept waiting for requests (default 2)")
 
 
-def _show_parser(sub: Any) -> None:
-    s = sub.add_parser("show", help="summarize an image directory", formatter_class=_Formatter)
+def _show_parser(sub: Any, fmt: type) -> None:
+    s = sub.add_parser("show", help="summarize an image directory", formatter_class=fmt)
     s.add_argument("dir", type=Path, metavar="DIR")
     s.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -199,8 +246,9 @@ def _gc_off() -> None:
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = _parser(argv)
-    args = parser.parse_args(argv)
+    args = _plain_restore(sys.argv[1:] if argv is None else argv)
+    if args is None:
+        args = _parser(argv).parse_args(argv)
     _setup_logging(args.verbose)
     try:
         return _run(args)
