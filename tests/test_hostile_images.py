@@ -390,8 +390,9 @@ def test_root_only_file_not_opened_for_nobody(harness: H.Harness, images: dict[s
     # The check that counts is the task's own open (the file may change after the early check in a child):
     # with the early check switched off, the same image is still refused, by the open injected in the task.
     before = H.children_of(os.getpid())
-    patched = ("import sys, lazarus.restore as R; R.precheck = lambda task: None; from lazarus.cli import main; "
-               "sys.exit(main(sys.argv[1:]))")
+    # the module by sys.modules: `lazarus.restore` as an attribute is the API's function (lazarus/__init__.py)
+    patched = ("import sys, lazarus.restore; R = sys.modules['lazarus.restore']; R.precheck = lambda task: None; "
+               "from lazarus.cli import main; sys.exit(main(sys.argv[1:]))")
     res = subprocess.run([sys.executable, "-c", patched, "restore", "-D", str(image), "-d",
                           *(["--lazy"] if mode == "lazy" else [])], capture_output=True, text=True, timeout=60)
     line = H.assert_clean_error(res, r"uid 65534", re.escape(str(secret)), r"fd \d+", "reading and writing")
