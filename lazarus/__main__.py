@@ -1,3 +1,8 @@
-from lazarus.cli import entry
+# The cyclic collector stays off through start-up's imports (cli.main turns it back on; see there).
+import gc
+
+gc.disable()
+
+from lazarus.cli import entry  # noqa: E402
 
 entry()

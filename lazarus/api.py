@@ -177,7 +177,7 @@ def restore(directory: str | Path, *, lazy: bool = False, detach: bool = False, 
     if detach:
         from lazarus.lazy.daemon import fork_daemon, hand_over
         daemon = fork_daemon(directory, lazy_log or _daemon_log(directory), background=background,
-                             stats_path=stats_path, status=status)
+                             stats_path=stats_path, status=status, image=image)
         try:
             res = _restore(directory, lazy=True, on_lazy=hand_over(daemon.sock, directory), image=image,
                            pidns=pidns)

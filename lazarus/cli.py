@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
+import gc
 import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any
 
 from lazarus import __version__
 from lazarus.errors import LazarusError, UsageError
@@ -34,17 +37,117 @@ def _setup_logging(verbose: int) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
-def _parser() -> argparse.ArgumentParser:
+COMMANDS = ("check", "dump", "restore", "lazy-pages", "service", "show")
+
+
+def _formatter() -> type:
+    """argparse's help formatter, sized as it sizes itself but without `shutil`, which it imports for
+    get_terminal_size and which brings zlib, bz2 and lzma with it (~2 ms of every command's start-up)."""
+    import argparse
+
+    class Formatter(argparse.HelpFormatter):
+        def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                     width: int | None = None) -> None:
+            if width is None:
+                width = _columns() - 2
+            super().__init__(prog, indent_increment, max_help_position, width)
+    return Formatter
+
+
+def _columns() -> int:
+    with contextlib.suppress(ValueError):
+        if int(os.environ.get("COLUMNS", "0")) > 0:
+            return int(os.environ["COLUMNS"])
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+def _command_of(argv: list[str] | None) -> str | None:
+    """The command named on the line (the first word that is not one of the top-level flags), if it is one."""
+    for word in sys.argv[1:] if argv is None else argv:
+        if not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
+
+
+def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for `argv`: with only the named command's subparser when one is named (building all six,
+    with their help formatters, costs a few ms of every command), with all of them otherwise (`--help`,
+    a misspelt command: the error lists them)."""
+    import argparse
+    command = _command_of(argv)
+    fmt = _formatter()
+
+    def wanted(name: str) -> bool:
+        return command is None or command == name
+
     p = argparse.ArgumentParser(prog="lazarus", description="Checkpoint/restore of Linux processes, "
-                                "with lazy restore through userfaultfd.")
+                                "with lazy restore through userfaultfd.", formatter_class=fmt)
     p.add_argument("-v", "--verbose", action="count", default=0, help="log what happens")
     p.add_argument("--debug", action="store_true", help="show a traceback on errors")
     p.add_argument("--version", action="version", version=f"lazarus {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    if wanted("check"):
+        sub.add_parser("check", help="probe the kernel for every feature lazarus uses", formatter_class=fmt)
+    if wanted("dump"):
+        _dump_parser(sub, fmt)
+    if wanted("restore"):
+        _restore_parser(sub, fmt)
+    if wanted("lazy-pages"):
+        _lazy_pages_parser(sub, fmt)
+    if wanted("service"):
+        _service_parser(sub, fmt)
+    if wanted("show"):
+        _show_parser(sub, fmt)
+    return p
 
-    sub.add_parser("check", help="probe the kernel for every feature lazarus uses")
 
-    d = sub.add_parser("dump", help="checkpoint a running process into an image directory")
+# `restore`'s options for _plain_restore: flag -> attribute, and option with a value -> attribute (a Path)
+_RESTORE_FLAGS = {"-d": "detach", "--detach": "detach", "--lazy": "lazy", "--no-background": "no_background",
+                  "--pidns": "pidns"}
+_RESTORE_VALUES = {"-D": "dir", "--images-dir": "dir", "--pidfile": "pidfile", "--stats": "stats",
+                   "--lazy-log": "lazy_log", "--lazy-pages-socket": "lazy_pages_socket"}
+
+
+def _plain_restore(argv: list[str]) -> Any:
+    """The arguments of a plain, well-formed `restore` line (the command a restore's start-up time is measured
+    on), read without argparse, which with gettext and locale and the parser's construction costs ~4-6 ms;
+    the same namespace _parser() would make (tests/unit/test_cli_fastpath.py compares them). None for anything
+    else (another command, help, an unknown or abbreviated option, `--opt=value`, a value that looks like an
+    option, -D missing): argparse then parses it, and words its errors."""
+    import types
+    args = types.SimpleNamespace(verbose=0, debug=False, command="restore", dir=None, detach=False, pidfile=None,
+                                 lazy=False, no_background=False, stats=None, lazy_log=None,
+                                 lazy_pages_socket=None, pidns=False)
+    words = iter(argv)
+    for word in words:
+        if word in ("-v", "--verbose"):
+            args.verbose += 1
+        elif word == "--debug":
+            args.debug = True
+        elif word == "restore":
+            break
+        else:
+            return None
+    else:
+        return None
+    for word in words:
+        if word in _RESTORE_FLAGS:
+            setattr(args, _RESTORE_FLAGS[word], True)
+        elif word in _RESTORE_VALUES:
+            value = next(words, None)
+            if value is None or value.startswith("-") or not value:
+                return None
+            setattr(args, _RESTORE_VALUES[word], Path(value))
+        else:
+            return None
+    return args if args.dir is not None else None
+
+
+def _dump_parser(sub: Any, fmt: type) -> None:
+    d = sub.add_parser("dump", help="checkpoint a running process into an image directory", formatter_class=fmt)
     d.add_argument("-t", "--tree", dest="pid", type=int, required=True, metavar="PID", help="process to dump")
     d.add_argument("-D", "--images-dir", dest="dir", type=Path, required=True, metavar="DIR",
                    help="image directory to create (must not exist)")
@@ -56,7 +159,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="write the page data with O_DIRECT, straight to the disk: faster for large processes where "
                         "fresh page cache is slow, but a restore soon after reads the image from the disk")
 
-    r = sub.add_parser("restore", help="restore a process from an image directory")
+
+def _restore_parser(sub: Any, fmt: type) -> None:
+    r = sub.add_parser("restore", help="restore a process from an image directory", formatter_class=fmt)
     r.add_argument("-D", "--images-dir", dest="dir", type=Path, required=True, metavar="DIR")
     r.add_argument("-d", "--detach", action="store_true", help="return once the process runs")
     r.add_argument("--pidfile", type=Path, metavar="FILE", help="write the restored pid here")
@@ -71,7 +176,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="restore into a new PID namespace (under a small init of ours) where the process keeps "
                         "its pid: one image can then be restored any number of times at once")
 
-    lp = sub.add_parser("lazy-pages", help="serve lazily restored processes' memory (several at once)")
+
+def _lazy_pages_parser(sub: Any, fmt: type) -> None:
+    lp = sub.add_parser("lazy-pages", help="serve lazily restored processes' memory (several at once)",
+                        formatter_class=fmt)
     lp.add_argument("-D", "--images-dir", dest="dir", type=Path, required=True, metavar="DIR",
                     help="directory for the socket (DIR/lazy-pages.sock unless --socket); root's, not writable by "
                     "group or others")
@@ -84,7 +192,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="serve process PID, restored lazily from the image DIR, whose lazy-pages servers all "
                          "died (it waits for its pages); no socket")
 
-    sv = sub.add_parser("service", help="serve the API as HTTP/1.1 + JSON on a unix socket (docs/SERVICE.md)")
+
+def _service_parser(sub: Any, fmt: type) -> None:
+    sv = sub.add_parser("service", help="serve the API as HTTP/1.1 + JSON on a unix socket (docs/SERVICE.md)",
+                        formatter_class=fmt)
     sv.add_argument("--socket", type=Path, metavar="PATH",
                     help="listen here (0600, in a directory only root can write); not with systemd socket activation")
     sv.add_argument("--state-dir", type=Path, metavar="DIR",
@@ -92,10 +203,11 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--spare-workers", type=int, default=2, metavar="N",
                     help="worker processes kept waiting for requests (default 2)")
 
-    s = sub.add_parser("show", help="summarize an image directory")
+
+def _show_parser(sub: Any, fmt: type) -> None:
+    s = sub.add_parser("show", help="summarize an image directory", formatter_class=fmt)
     s.add_argument("dir", type=Path, metavar="DIR")
     s.add_argument("--json", action="store_true", help="machine-readable output")
-    return p
 
 
 def entry() -> None:
@@ -103,7 +215,8 @@ def entry() -> None:
     interpreter's teardown, which spent ~30 ms freeing what a restore had loaded (measured: whole restore
     command 75-90 ms after "since start" with it, 35-55 ms without). Output is flushed first; files, threads
     and children are all closed or detached by the commands themselves before main() returns."""
-    code = main()
+    _gc_off()
+    code = _main(None)  # the collector stays off to the end: the process exits without one more pass
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
@@ -112,8 +225,33 @@ def entry() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    """The command, called from Python (tests): as entry() but returning, with the collector on again."""
+    _gc_off()
+    try:
+        return _main(argv)
+    finally:
+        gc.enable()
+
+
+_fork_hook = False
+
+
+def _gc_off() -> None:
+    """Start-up makes ~100k objects (modules, classes, functions) and frees almost none: the cyclic collector's
+    passes over them cost ~5-8% of the imports, and one more full pass (~5 ms) once it is turned back on. It
+    is back on before a command that may run for long (_run; cmd_restore unless -d, once the process runs) and
+    in every process we fork (a lazy daemon, its guard); a `restore -d` exits without it."""
+    global _fork_hook
+    gc.disable()
+    if not _fork_hook:
+        os.register_at_fork(after_in_child=gc.enable)
+        _fork_hook = True
+
+
+def _main(argv: list[str] | None) -> int:
+    args = _plain_restore(sys.argv[1:] if argv is None else argv)
+    if args is None:
+        args = _parser(argv).parse_args(argv)
     _setup_logging(args.verbose)
     try:
         return _run(args)
@@ -142,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command != "restore":
+        gc.enable()
     if args.command == "check":
         return cmd_check()
     if args.command == "dump":
@@ -208,6 +348,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         res = api.restore(args.dir, lazy=args.lazy, detach=args.detach, background=not args.no_background,
                           stats_path=args.stats, lazy_log=args.lazy_log, lazy_pages_socket=args.lazy_pages_socket,
                           on_progress=on_progress, pidns=args.pidns)
+        if not args.detach:
+            gc.enable()  # the process runs: what follows (serving its pages, waiting for it) may last
         try:
             _report_restore(args, res)
         except BaseException:
@@ -307,6 +449,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from lazarus.api import show
     summary = show(args.dir)
     if args.json:
+        import json
         print(json.dumps(summary, indent=2))
         return 0
     from rich.table import Table

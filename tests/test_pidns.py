@@ -305,3 +305,66 @@ def test_restore_beside_the_running_original(harness: H.Harness) -> None:
     target.mark()
     H.expect_pass(harness.run_case(case, target), target)
     assert target.wait_exit(15) == 0
+
+
+def tree_in_namespace(root: int) -> dict[int, tuple[int, int, int, int]]:
+    """pid out here -> (pid, ppid, pgid, sid) inside the namespace, for `root` and every descendant."""
+    out = {}
+    for pid in [root, *H.descendants(root)]:
+        status = Path(f"/proc/{pid}/status").read_text()
+        ids = [re.search(rf"^{k}:\s*(.*)$", status, re.M) for k in ("NSpid", "NSpgid", "NSsid")]
+        assert all(ids), status
+        inner = [int(m.group(1).split()[-1]) for m in ids if m]
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        parent = int(stat[stat.rindex(")") + 2:].split()[1])
+        parent_inner = 1 if parent == ppid(root) else nspid(parent)[-1]
+        out[pid] = (inner[0], parent_inner, inner[1], inner[2])
+    return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_concurrent_restores_of_a_tree(harness: H.Harness, mode: str) -> None:
+    """Three --pidns restores of one image of a process tree (tests/targets/tree.c: sessions, groups, zombies,
+    a stopped child, a subreaper) at once: each tree has the image's pids, parents, groups and sessions inside
+    its own namespace under its own init, the pidfile holds the root's pid out here, and each passes its check."""
+    from test_tree import started
+
+    case = H.CASES_BY_ID["tree"]
+    target, want = started(harness)
+    image = harness.image_dir()
+    res = harness.dump(target, image)
+    assert res.returncode == 0, res.stderr
+    # the image's view: pid -> (pid, ppid, pgid, sid), the root's parent being the namespace's init
+    expected = sorted((pid, 1 if pid == target.pid else pp, pg, sid) for pid, (_, _, pp, pg, sid) in want.items())
+    copies = restore_copies(harness, image, target, COPIES, lazy=mode == "lazy")
+    ns_inits = [check_copy(r, target.pid) for r in copies]
+    assert len(set(ns_inits)) == COPIES and len({pidns_of(r.pid) for r in copies if r.pid}) == COPIES
+    for r in copies:
+        assert r.pid is not None
+        seen = tree_in_namespace(r.pid)
+        assert sorted(seen.values()) == expected, f"copy {r.pid}: {sorted(seen.values())} != {expected}"
+        assert {pidns_of(p) for p in seen} == {pidns_of(r.pid)}
+        states = sorted(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] for p in seen)
+        assert states == sorted(s for s, *_ in want.values()), f"copy {r.pid}: states {states}"
+    for r, init in zip(copies, ns_inits, strict=True):
+        run_one(harness, case, r, init)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tree_in_foreground(harness: H.Harness, mode: str) -> None:
+    """restore --pidns of a tree without -d: it waits for the namespace's init (serving every process's pages
+    itself when lazy) and exits with the root's status once the tree has passed its check."""
+    from test_tree import started
+
+    case = H.CASES_BY_ID["tree"]
+    target, _ = started(harness)
+    image = harness.image_dir()
+    assert harness.dump(target, image).returncode == 0
+    r = harness.restore(image, "--pidns", like=target, detach=False, lazy=mode == "lazy")
+    assert r.pid is not None and r.target is not None, r.stderr
+    init = check_copy(r, target.pid)
+    assert len(H.descendants(r.pid)) == 9
+    run_one(harness, case, r, init)
+    assert isinstance(r.proc, subprocess.Popen)
+    assert r.proc.wait(30) == 0, r.stderr
+    assert not H.is_alive(init)

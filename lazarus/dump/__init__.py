@@ -27,8 +27,8 @@ from lazarus.errors import DumpError, KernelError, LazarusError, NoSuchTask, Uns
 from lazarus.images import ImageWriter
 from lazarus.images.tree import Node
 from lazarus.kernel import abi, procfs, ptrace
-from lazarus.kernel.features import parse_xstate
 from lazarus.kernel.syscall import start_writeback
+from lazarus.kernel.xstate import parse_xstate
 from lazarus.remote import RemoteTask, find_syscall_insn, restart_after_freeze
 
 log = logging.getLogger(__name__)

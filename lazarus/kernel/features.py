@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from lazarus.errors import FeatureMissing
 from lazarus.kernel import abi, procfs
 from lazarus.kernel.syscall import ioctl_raw, libc, raw_syscall
+from lazarus.kernel.xstate import parse_xstate, regset, write_cache
 
 PURPOSES = ("dump", "restore", "lazy", "pre-copy", "info", "pidns")
 
@@ -201,27 +202,12 @@ def _probe_child() -> _ChildProbe:
         rseq = (None if rseq_err else
                 (conf.rseq_abi_pointer, conf.rseq_abi_size, conf.signature, conf.flags))
 
-        xerr, xstate = _xstate_regset(pid)
+        xerr, xstate = regset(pid)
         return _ChildProbe("", exitkill, rseq_err, rseq, xerr, xstate)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-
-
-def _xstate_regset(pid: int) -> tuple[int, bytes]:
-    """(errno, the whole NT_X86_XSTATE regset) of a stopped tracee. The kernel trims iov_len to the regset's
-    length without saying it truncated, so the buffer grows until the answer is shorter than it."""
-    size = 16384
-    while True:
-        buf = C.create_string_buffer(size)
-        iov = abi.iovec(C.cast(buf, C.c_void_p), size)
-        err = _ptrace_call(abi.PTRACE_GETREGSET, pid, abi.NT_X86_XSTATE, C.byref(iov))
-        if err:
-            return err, b""
-        if iov.iov_len < size:
-            return 0, buf.raw[: iov.iov_len]
-        size *= 4
 
 
 _child_cache: _ChildProbe | None = None
@@ -239,29 +225,9 @@ def _child() -> _ChildProbe:
         return _child_cache
 
 
-def parse_xstate(data: bytes) -> tuple[int, int, int]:
-    """(xcr0, xstate_size, xstate_bv) from an NT_X86_XSTATE regset.
-
-    The regset is an XSAVE image in the standard (uncompacted) format, so its length is the user xstate size
-    and component offsets follow from XCR0. The kernel stores XCR0 in the first word of the FXSAVE area's
-    sw_usable bytes (offset 464; the words after it are zero). xstate_bv, the first word of the XSAVE header,
-    lists the components this task had in use. Raises ValueError on a regset that is not shaped like that.
-    """
-    if len(data) < abi.XSAVE_HEADER_OFFSET + 64:
-        raise ValueError(f"xstate regset too short: {len(data)} bytes")
-    (xcr0,) = struct.unpack_from("<Q", data, abi.USER_XSTATE_XCR0_OFFSET)
-    bv, comp = struct.unpack_from("<QQ", data, abi.XSAVE_HEADER_OFFSET)
-    if xcr0 & 3 != 3:  # x87 and SSE are architecturally always on
-        raise ValueError(f"xstate regset: implausible xcr0 {xcr0:#x} at offset {abi.USER_XSTATE_XCR0_OFFSET}")
-    if comp:
-        raise ValueError(f"xstate regset in compacted format (xcomp_bv {comp:#x})")
-    if bv & ~xcr0:
-        raise ValueError(f"xstate regset: xstate_bv {bv:#x} not within xcr0 {xcr0:#x}")
-    return xcr0, len(data), bv
-
-
 def cpu_xstate() -> tuple[int, int]:
-    """(xcr0, xstate_size) of this machine, from the XSTATE regset of a traced child.
+    """(xcr0, xstate_size) of this machine, from the XSTATE regset of a traced child, probed afresh (once per
+    process); dump and restore use kernel/xstate.py machine_xstate(), the same answer cached for the boot.
 
     xcr0 is XCR0 as Linux programs it (the user xfeatures; supervisor ones such as CET live in IA32_XSS and are
     not part of it) and xstate_size the NT_X86_XSTATE regset length; together they pin the layout registers
@@ -523,6 +489,7 @@ def _probe_cpu_xstate() -> Feature:
         xcr0, size = cpu_xstate()
     except FeatureMissing as e:
         return Feature("cpu xstate", False, str(e), "dump", also_for=("restore",))
+    write_cache(xcr0, size)  # what dump and restore read in place of a probe of their own (kernel/xstate.py)
     return Feature("cpu xstate", True, f"xcr0 {xcr0:#x}, XSTATE regset {size} bytes", "dump",
                    also_for=("restore",))
 

@@ -148,12 +148,13 @@ class Daemon:
 
 
 def fork_daemon(images: Path, log_path: Path, *, background: bool = True, stats_path: Path | None = None,
-                status: Any = None, close_fds: tuple[int, ...] = ()) -> Daemon:
+                status: Any = None, close_fds: tuple[int, ...] = (), image: Any = None) -> Daemon:
     """Fork a lazy-pages daemon that serves the one process a restore will hand it over the returned socket,
     then exits. Call it while this process has no thread. `status`: a trust.PrivateSocket to answer status
     requests on (closed, and its file removed, when the daemon is done). `close_fds`: fds the daemon closes at
     once, what its parent's callers wait on (a connection); their objects stay referenced by the frames the
-    daemon never returns to, so no finaliser closes those numbers again.
+    daemon never returns to, so no finaliser closes those numbers again. `image`: the Image of `images` the
+    restore opened and validated (restore.open_image), which the daemon serves from without reading it again.
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
@@ -179,7 +180,8 @@ def fork_daemon(images: Path, log_path: Path, *, background: bool = True, stats_
                   f"resume it with `lazarus lazy-pages --adopt PID -D {images}`", file=sys.stderr, flush=True)
             try:
                 from lazarus.lazy.handoff import Listener
-                Listener(serving.server, theirs, connected=True)
+                seeded = {str(images.resolve()): image} if image is not None else None
+                Listener(serving.server, theirs, connected=True, images=seeded)
                 if status is not None:
                     serving.answer_status(status.sock)
                 serving.run()

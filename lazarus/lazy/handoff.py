@@ -27,12 +27,15 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lazarus.errors import LazarusError, ProtocolError
 from lazarus.kernel.procfs import own_pid
 from lazarus.kernel.uffd import Uffd
-from lazarus.lazy.trust import Peer, check_peer, connect_trusted, verify_named_task, verify_uffd_owner
+
+if TYPE_CHECKING:
+    # trust.py is the server's side: a restore handing a process over (send_process) does not load it
+    from lazarus.lazy.trust import Peer
 
 log = logging.getLogger(__name__)
 MAX_MSG = 64 << 10
@@ -67,6 +70,7 @@ def connect(path: Path) -> socket.socket:
     Raises:
         Untrusted, or LazarusError when nobody answers there.
     """
+    from lazarus.lazy.trust import connect_trusted
     return connect_trusted(path)
 
 
@@ -81,7 +85,7 @@ class Listener:
     """
 
     def __init__(self, server: Any, sock: socket.socket, *, connected: bool = False, once: bool = False,
-                 linger: float = 0.0) -> None:
+                 linger: float = 0.0, images: dict[str, Any] | None = None) -> None:
         self.server = server
         self.linger = linger
         self._idle_since: float | None = None
@@ -90,7 +94,9 @@ class Listener:
         self.received = 0
         self.open = True
         self.connected = connected
-        self._images: dict[str, Any] = {}
+        # resolved image directory -> Image, opened and validated: the private daemon of a restore starts with
+        # the restore's own (it forked after the restore checked it), instead of reading it again
+        self._images: dict[str, Any] = dict(images or {})
         if connected:
             server.add_watch(sock.fileno(), lambda: self._receive(sock))
         else:
@@ -127,6 +133,7 @@ class Listener:
             if conn is self.sock:
                 self.close()
             return
+        from lazarus.lazy.trust import check_peer
         reply: dict[str, Any] = {"ok": True}
         peer: Peer | None = None
         try:
@@ -158,6 +165,7 @@ class Listener:
         from lazarus.images.mm import lazy_object_ids, lazy_vmas
         from lazarus.images.validate import validate_image
         from lazarus.lazy.anchor import find_anchor
+        from lazarus.lazy.trust import verify_named_task, verify_uffd_owner
 
         try:
             pidfd = verify_named_task(peer, pid)

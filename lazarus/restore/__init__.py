@@ -24,7 +24,7 @@ from lazarus.images.shared import SHARED_JSON, fs_parents
 from lazarus.images.validate import validate_image
 from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.clone import Trampoline
-from lazarus.kernel.features import cpu_xstate
+from lazarus.kernel.xstate import machine_xstate as cpu_xstate
 from lazarus.lazy.sources import ImagePageSource
 from lazarus.remote import Batch, RemoteTask
 from lazarus.restore import cgroups, private

@@ -11,8 +11,9 @@ from typing import Any
 from lazarus.errors import ImageError, KernelError, LazarusError, RestoreError
 from lazarus.images.format import Schema, check_schema
 from lazarus.kernel import abi, procfs, ptrace
-from lazarus.kernel.features import cpu_xstate, parse_xstate
 from lazarus.kernel.syscall import prlimit
+from lazarus.kernel.xstate import machine_xstate as cpu_xstate
+from lazarus.kernel.xstate import parse_xstate
 from lazarus.remote import Batch, Ref, RemoteTask, restart_after_freeze
 from lazarus.restore.timers import restore_timers
 
