@@ -213,6 +213,47 @@ def run(argv: Sequence[str], timeout: float = 600) -> Run:
     return Run(list(argv), res.returncode, res.stdout, res.stderr, time.perf_counter() - t0)
 
 
+def lazarus_dump(target: Target, image: Path, *extra: str) -> Run:
+    """`lazarus dump` of `target` into `image`; the original is reaped and its pid is free again."""
+    d = lazarus("dump", "-t", str(target.pid), "-D", str(image), *extra).check()
+    target.original_gone()
+    wait_pid_gone(target.pid, 30)
+    return d
+
+
+def run_until(argv: Sequence[str], what: str, running: Callable[[], bool], t0: float, timeout: float = 300,
+              poll: float = 0.00025) -> tuple[float, float, str]:
+    """Start a command (a restore) and poll `running` while it works: returns (seconds from t0 until running()
+    held, seconds from t0 until the command returned, its stdout and stderr together). Raises BenchError when
+    the command fails, or nothing runs or it does not return within `timeout`."""
+    proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    ran: float | None = None
+    try:
+        deadline = time.monotonic() + timeout
+        while ran is None and proc.poll() in (None, 0):
+            if running():
+                ran = time.perf_counter() - t0
+            elif time.monotonic() > deadline:
+                raise BenchError(f"{what}: not running after {timeout:.0f} s")
+            else:
+                time.sleep(poll)
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise BenchError(f"{what}: the command did not return within {timeout:.0f} s") from e
+    finally:
+        stop(proc)
+    returned = time.perf_counter() - t0
+    if proc.returncode:
+        lines = output.strip().splitlines()
+        raise BenchError(f"{what}: exit {proc.returncode}: {lines[-1] if lines else ''}")
+    if ran is None:  # it returned 0 before we saw it run: it must be running now
+        wait_for(f"{what}: the restored program to run", running, 30, poll)
+        ran = time.perf_counter() - t0
+    return ran, returned, output
+
+
 def cache_bytecode(directory: Path) -> None:
     """Let the Python commands we start keep compiled bytecode in `directory` (PYTHONPYCACHEPREFIX), even if
     PYTHONDONTWRITEBYTECODE is set here: otherwise every `python -m lazarus` compiles its modules from source
@@ -272,6 +313,23 @@ def proc_status(pid: int) -> dict[str, str]:
     return out
 
 
+def status_kib(pid: int, fields: Iterable[str]) -> dict[str, int] | None:
+    """Fields of /proc/PID/status given in kB (VmRSS, RssAnon, ...), in KiB; None once the process is gone."""
+    st = proc_status(pid)
+    if not st:
+        return None
+    return {f: int(st[f].split()[0]) for f in fields if f in st}
+
+
+def rollup_kib(pid: int, field: str) -> int:
+    """A field of /proc/PID/smaps_rollup (Pss, Rss, ...) in KiB."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith(field + ":"))
+    except (OSError, StopIteration) as e:
+        raise BenchError(f"no {field} in /proc/{pid}/smaps_rollup: {e!r}") from e
+
+
 def running_untraced(pid: int, exe: Path) -> bool:
     """`pid` runs `exe` (so it is the restored program, not the restorer's fresh clone), no tracer is
     attached and it is not in a stop: a restore has handed it over."""
@@ -289,15 +347,38 @@ def wait_pid_gone(pid: int, timeout: float) -> None:
     wait_for(f"pid {pid} to be free", lambda: not os.path.exists(f"/proc/{pid}"), timeout, 0.002)
 
 
-def children() -> list[int]:
-    """Our own children (from /proc/self/task/*/children): as a subreaper, also orphans re-parented to us."""
+def children(pid: int | None = None) -> list[int]:
+    """The children of `pid` (default: ourselves; as a subreaper, also orphans re-parented to us), from
+    /proc/PID/task/*/children."""
     out: list[int] = []
-    base = f"/proc/{os.getpid()}/task"
+    base = f"/proc/{os.getpid() if pid is None else pid}/task"
     with contextlib.suppress(OSError):
         for tid in os.listdir(base):
             with contextlib.suppress(OSError), open(f"{base}/{tid}/children") as f:
                 out += [int(x) for x in f.read().split()]
     return out
+
+
+def is_lazarus_command(pid: int) -> bool:
+    """`pid` runs `python -m lazarus ...` (a restore command, or a lazy-pages daemon or guard it forked)."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"lazarus" in cmd and b"-m" in cmd
+
+
+def lazarus_children(exclude: Iterable[int] = ()) -> list[int]:
+    """Our children that run lazarus (a lazy-pages daemon and its guard), but those in `exclude`."""
+    skip = set(exclude)
+    return [p for p in children() if p not in skip and is_lazarus_command(p)]
+
+
+def stop(proc: subprocess.Popen[Any] | None) -> None:
+    """Kill a command we started if it still runs, and reap it (bounded)."""
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
 
 
 def reap_lazarus_children(exclude: Iterable[int], timeout: float) -> list[int]:
@@ -316,11 +397,7 @@ def reap_lazarus_children(exclude: Iterable[int], timeout: float) -> list[int]:
             return killed
         if time.monotonic() > deadline:
             for p in left:
-                try:
-                    cmd = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
-                except OSError:
-                    continue
-                if b"lazarus" in cmd and b"-m" in cmd:
+                if is_lazarus_command(p):
                     os.kill(p, signal.SIGKILL)
                     reap(p, 10)
                     killed.append(p)
@@ -438,6 +515,39 @@ def criu_binary(minimum: int = 4, given: str | None = None) -> tuple[str, str] |
     if not m or int(m.group(1)) < minimum:
         return None
     return path, ".".join(g for g in m.groups() if g is not None)
+
+
+def criu_dump(criu: str, target: Target, image: Path) -> Run:
+    """`criu dump` of `target` into a new directory `image`; the original is reaped and its pid is free again."""
+    image.mkdir()
+    d = run([criu, "dump", "-t", str(target.pid), "-D", str(image), "-o", "dump.log"]).check()
+    target.original_gone()
+    wait_pid_gone(target.pid, 30)
+    return d
+
+
+def criu_lazy_pages(criu: str, image: Path) -> subprocess.Popen[bytes]:
+    """Start `criu lazy-pages` for `image` and wait for its socket: `criu restore --lazy-pages` connects to it
+    at once and fails (exit 1) if it is not there yet."""
+    lp = subprocess.Popen([criu, "lazy-pages", "-D", str(image), "-o", "lazy-pages.log"],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sock = image / "lazy-pages.socket"
+    try:
+        wait_for(f"criu lazy-pages to make {sock.name}", lambda: sock.exists() or lp.poll() is not None, 30, 0.0005)
+        if not sock.exists():
+            raise BenchError(f"criu lazy-pages made no {sock.name} (exit {lp.poll()})")
+    except BaseException:
+        stop(lp)
+        raise
+    return lp
+
+
+def criu_lazy_pages_end(lp: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait for `criu lazy-pages` to exit (it does once every page is transferred)."""
+    try:
+        lp.wait(timeout)
+    except subprocess.TimeoutExpired as e:
+        raise BenchError("criu lazy-pages did not end") from e
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -566,10 +676,12 @@ def filesystem_of(path: Path) -> str:
     return kind
 
 
-def add_run_arguments(ap: Any, sizes: list[int], *, sizes_nargs: str = "+", sizes_help: str | None = None,
+def add_run_arguments(ap: Any, sizes: list[int] | None, *, sizes_nargs: str = "+", sizes_help: str | None = None,
                       warmup_what: str = "size") -> None:
-    """The options every benchmark takes: --sizes, --runs, --json, --workdir, --no-warmup, --no-criu, --markdown."""
-    ap.add_argument("--sizes", type=int, nargs=sizes_nargs, default=sizes, metavar="MIB", help=sizes_help)
+    """The options every benchmark takes: --sizes (unless `sizes` is None), --runs, --json, --workdir, --no-warmup,
+    --no-criu, --criu, --markdown."""
+    if sizes is not None:
+        ap.add_argument("--sizes", type=int, nargs=sizes_nargs, default=sizes, metavar="MIB", help=sizes_help)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", type=Path, metavar="FILE", help="write the results here")
     ap.add_argument("--workdir", type=Path, metavar="DIR",
@@ -586,7 +698,8 @@ def run_info(args: Any, work: Path, criu: tuple[str, str] | None, **extra: Any) 
     return {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "date": now_iso(),
             "source": source_version(), "machine": machine(), "images_on": filesystem_of(work),
             "sizes": args.sizes, "runs": args.runs, **extra, "warmup": not args.no_warmup,
-            "criu": {"path": criu[0], "version": criu[1]} if criu else None}
+            "criu": {"path": criu[0], "version": criu[1]} if criu else None,
+            "no_criu": bool(getattr(args, "no_criu", False))}
 
 
 def say_start(out: Out, info: dict[str, Any], work: Path, more: str = "") -> None:
@@ -594,8 +707,10 @@ def say_start(out: Out, info: dict[str, Any], work: Path, more: str = "") -> Non
     m = info["machine"]
     out.say(f"{info['date']}: lazarus {info['source']}, kernel {m['kernel']}, {m['cpus']} CPUs ({m['cpu']}), "
             f"images on {info['images_on']} ({work}), load {' '.join(f'{x:.2f}' for x in m['loadavg'])}{more}")
-    if not info["criu"]:
-        out.say("criu >= 4 not found on PATH: CRIU is not measured here; its reference figures are shown instead")
+    if info.get("no_criu"):
+        out.say("--no-criu: CRIU is not measured in this run")
+    elif not info["criu"]:
+        out.say("no criu >= 4 (--criu PATH, or on PATH): CRIU is not measured in this run")
 
 
 def timed_rounds(out: Out, label: str, runs: int, warmup: bool, one_round: Callable[[], dict[str, Any]],
@@ -633,6 +748,20 @@ def fmt(v: float | None, digits: int = 3) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def ms(seconds: float | None, digits: int = 1) -> str:
+    """Seconds shown as milliseconds ("-" for none)."""
+    return "-" if seconds is None else f"{seconds * 1000:.{digits}f}"
+
+
+def clean_up(work: Path) -> None:
+    """At the end of a run, whatever happened: end the lazy-pages daemons and guards left as our children, reap
+    what was re-parented to us, remove the temporary directory."""
+    with contextlib.suppress(BenchError):
+        reap_lazarus_children([], 5)
+    reap_leftovers(3)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 class Out:
     """rich when stdout is a terminal, plain lines otherwise; tables are rich tables either way."""
 
@@ -656,6 +785,12 @@ class Out:
         for r in rows:
             t.add_row(*r)
         self.console.print(t)
+
+    def markdown_tables(self, tables: Iterable[tuple[Sequence[str], Sequence[Sequence[str]]]]) -> None:
+        """Print tables (columns, rows) as markdown, each after an empty line."""
+        for columns, rows in tables:
+            self.say("")
+            self.say(self.markdown(columns, rows))
 
     @staticmethod
     def markdown(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

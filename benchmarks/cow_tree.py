@@ -24,19 +24,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import TARGETS, build, reap, set_child_subreaper, wait_for  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    TARGETS,
+    MiB,
+    build,
+    reap,
+    rollup_kib,
+    set_child_subreaper,
+    wait_for,
+)
 from lazarus.dump import sharing  # noqa: E402
 from lazarus.kernel import abi  # noqa: E402
-
-MiB = 1 << 20
-
-
-def rollup(pid: int, field: str) -> int:
-    """A field of /proc/PID/smaps_rollup, in bytes."""
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in smaps_rollup of {pid}")
 
 
 def measure(mib: int) -> dict[str, object]:
@@ -51,8 +49,8 @@ def measure(mib: int) -> dict[str, object]:
             lines = dict(line.split(" ", 1) for line in log.read_text().splitlines() if " " in line)
             pids = [int(x) for x in lines["tree"].split()]
             addr, size = (int(x, 0) for x in lines["region"].split())
-            pss = {p: rollup(p, "Pss") for p in pids}
-            rss = {p: rollup(p, "Rss") for p in pids}
+            pss = {p: rollup_kib(p, "Pss") * 1024 for p in pids}
+            rss = {p: rollup_kib(p, "Rss") * 1024 for p in pids}
             t0 = time.perf_counter()
             found = sharing.detect(pids)
             took = time.perf_counter() - t0

@@ -34,18 +34,20 @@ from common import (
     Target,
     add_run_arguments,
     build,
+    clean_up,
     criu_binary,
+    criu_dump,
     dump_reported_s,
     file_write_gbps,
     finish_run,
     fmt,
     gbps,
     lazarus,
+    lazarus_dump,
     median,
     process_vm_readv_gbps,
     python_startup_s,
     read_reference,
-    reap_leftovers,
     record_end,
     region_of,
     restore_reported,
@@ -77,8 +79,7 @@ def lazarus_round(binary: Path, work: Path, mib: int) -> dict[str, Any]:
         # Kernel-limit probes: the best of PROBES tries per run (this VM's memory is noisy), median over runs.
         out["pvm_gbps"] = max(process_vm_readv_gbps(target.pid, addr, length) for _ in range(PROBES))
 
-        d = lazarus("dump", "-t", str(target.pid), "-D", str(image), *DUMP_ARGS).check()
-        target.original_gone()
+        d = lazarus_dump(target, image, *DUMP_ARGS)
         out["dump_wall"], out["dump_tool"] = d.wall, dump_reported_s(d.stdout)
 
         pidfile.unlink(missing_ok=True)
@@ -108,9 +109,7 @@ def criu_round(criu: str, binary: Path, work: Path, mib: int) -> dict[str, Any]:
     image = work / f"criu-image-{mib}"
     try:
         target.wait_ready(timeout=300)
-        image.mkdir()
-        d = run([criu, "dump", "-t", str(target.pid), "-D", str(image), "-o", "dump.log"]).check()
-        target.original_gone()
+        d = criu_dump(criu, target, image)
         r = run([criu, "restore", "-D", str(image), "-d", "-o", "restore.log"]).check()
         target.restored()
         return {"criu_dump": d.wall, "criu_restore": r.wall, "criu_result": target.check()}
@@ -213,9 +212,7 @@ def report(out: Out, results: list[dict[str, Any]], ref: Any, criu: tuple[str, s
               f"{fmt(ref_pvm, 2)} GB/s, UFFDIO_COPY 2 MiB {fmt(ref_uffd, 2)} GB/s")
     tables.append((cols2, rows2))
     if markdown:
-        for c, rs in tables:
-            out.say("")
-            out.say(Out.markdown(c, rs))
+        out.markdown_tables(tables)
 
 
 def _x(ref: float | None, ours: float | None) -> str:
@@ -253,8 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         out.say(f"dump_restore: {e}")
         return 1
     finally:
-        reap_leftovers(3)
-        shutil.rmtree(work, ignore_errors=True)
+        clean_up(work)
     info["python_startup_s"] = startup
     info["results"] = results
     record_end(info, ref)

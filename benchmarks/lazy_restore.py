@@ -74,31 +74,36 @@ from common import (
     add_run_arguments,
     build,
     cache_bytecode,
-    children,
+    clean_up,
     criu_binary,
+    criu_dump,
+    criu_lazy_pages,
+    criu_lazy_pages_end,
     finish_run,
     fmt,
     gbps,
     interpreter_startup_s,
-    lazarus,
+    lazarus_children,
+    lazarus_dump,
     median,
+    ms,
     python_startup_s,
     read_reference,
     reap_lazarus_children,
-    reap_leftovers,
     record_end,
     region_of,
     restore_reported,
     restore_since_start_s,
     run,
     run_info,
+    run_until,
     running_untraced,
     say_start,
     set_child_subreaper,
+    stop,
     timed_rounds,
     uffdio_copy_gbps,
     wait_for,
-    wait_pid_gone,
 )
 
 PROBES = 3
@@ -137,42 +142,14 @@ def lazy_restore(image: Path, target: Target, work: Path, *extra: str, complete_
         f.unlink(missing_ok=True)
     argv = [*LAZARUS, "restore", "-D", str(image), "-d", "--lazy", "--stats", str(stats_path), "--pidfile",
             str(pidfile), "--lazy-log", str(lazy_log), *extra]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=REPO)
-    running: float | None = None
-    deadline = t0 + 120
-    try:
-        while running is None:
-            if running_untraced(target.pid, target.binary):
-                running = time.perf_counter() - t0
-                break
-            if proc.poll() is not None and proc.returncode != 0:
-                break
-            if time.perf_counter() > deadline:
-                raise BenchError(f"restore of {target.pid}: not running after 120 s")
-            time.sleep(POLL_S)
-        try:
-            stdout, stderr = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired as e:
-            raise BenchError(f"restore of {target.pid}: the command did not return within 120 s") from e
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    command_wall = time.perf_counter() - t0
-    if proc.returncode:
-        msg = (stderr.strip() or stdout.strip()).splitlines()
-        raise BenchError(f"lazarus restore --lazy of {target.pid}: exit {proc.returncode}: {msg[-1] if msg else ''}")
+    what = f"lazarus restore --lazy of {target.pid}"
+    running, command_wall, output = run_until(argv, what, lambda: running_untraced(target.pid, target.binary),
+                                              time.perf_counter(), timeout=120, poll=POLL_S)
     target.restored()
-    rep = restore_reported(stdout + stderr)
+    rep = restore_reported(output)
     if rep is None or rep[0] != target.pid or int(pidfile.read_text()) != target.pid:
-        raise BenchError(f"restore of {target.pid}: unexpected report {stdout.strip()!r}")
-    if running is None:  # it returned 0 before we saw it run: it must be running now
-        wait_for(f"restored {target.pid} to run untraced",
-                 lambda: running_untraced(target.pid, target.binary), 10, POLL_S)
-        running = time.perf_counter() - t0
-    return {"tool_s": rep[1], "since_start_s": restore_since_start_s(stdout + stderr), "running_wall_s": running,
+        raise BenchError(f"restore of {target.pid}: unexpected report {output.strip()!r}")
+    return {"tool_s": rep[1], "since_start_s": restore_since_start_s(output), "running_wall_s": running,
             "command_wall_s": command_wall, "stats_path": stats_path, "lazy_log": lazy_log,
             "complete_timeout": complete_timeout}
 
@@ -212,9 +189,7 @@ def size_round(binary: Path, work: Path, mib: int) -> dict[str, Any]:
         _addr, length = region_of(target.wait_ready(timeout=300))
         out: dict[str, Any] = {"pid": target.pid, "loadavg": os.getloadavg()[0],
                                "python_c_pass_s": interpreter_startup_s(3)}
-        lazarus("dump", "-t", str(target.pid), "-D", str(image)).check()
-        target.original_gone()
-        wait_pid_gone(target.pid, 30)
+        lazarus_dump(target, image)
         pages = image / f"pages-{target.pid}.img"
         # The kernel limit, taken just before the restore and again after it: memory the VM has just freed is
         # fast to fill and memory it has handed back to the host is slow, so the restore and the probes all
@@ -252,34 +227,18 @@ def criu_round(criu: str, binary: Path, work: Path, mib: int) -> dict[str, Any]:
     lp: subprocess.Popen[bytes] | None = None
     try:
         target.wait_ready(timeout=300)
-        image.mkdir()
-        run([criu, "dump", "-t", str(target.pid), "-D", str(image), "-o", "dump.log"]).check()
-        target.original_gone()
-        wait_pid_gone(target.pid, 30)
+        criu_dump(criu, target, image)
         t0 = time.perf_counter()
-        lp = subprocess.Popen([criu, "lazy-pages", "-D", str(image), "-o", "lazy-pages.log"],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # criu restore --lazy-pages connects to this socket at once and fails if it is not there yet.
-        sock = image / "lazy-pages.socket"
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if lp.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(f"criu lazy-pages made no {sock.name} (exit {lp.poll()})")
-            time.sleep(0.001)
+        lp = criu_lazy_pages(criu, image)
         r = run([criu, "restore", "-D", str(image), "--lazy-pages", "-d", "-o", "restore.log"]).check()
         running = time.perf_counter() - t0
         target.restored()
-        try:
-            lp.wait(60 + mib / 50)
-        except subprocess.TimeoutExpired as e:
-            raise BenchError("criu lazy-pages did not end") from e
+        criu_lazy_pages_end(lp, 60 + mib / 50)
         complete = time.perf_counter() - t0
         return {"criu_running_s": running, "criu_restore_wall_s": r.wall, "criu_complete_s": complete,
                 "criu_result": target.check(timeout=120 + mib / 20)}
     finally:
-        if lp is not None and lp.poll() is None:
-            lp.kill()
-            lp.wait(10)
+        stop(lp)
         target.kill()
         shutil.rmtree(image, ignore_errors=True)
 
@@ -296,8 +255,8 @@ def bench_size(out: Out, binary: Path, work: Path, mib: int, runs: int, warmup: 
 
     def describe(res: dict[str, Any]) -> str:
         return (f" (load {res['loadavg']:.2f}): running after "
-                f"(a) {_ms(res['tool_s'])} (b) {_ms(res['since_start_s'])} (c) {_ms(res['running_wall_s'])} ms "
-                f"[command {_ms(res['command_wall_s'])} ms, python -c pass {_ms(res['python_c_pass_s'])} ms]; "
+                f"(a) {ms(res['tool_s'])} (b) {ms(res['since_start_s'])} (c) {ms(res['running_wall_s'])} ms "
+                f"[command {ms(res['command_wall_s'])} ms, python -c pass {ms(res['python_c_pass_s'])} ms]; "
                 f"every page in after {fmt(res['complete_s'])} s = {fmt(gbps(nbytes, res['complete_s']), 2)} GB/s "
                 f"(process {fmt(res['process_s'])} s, background {fmt(res['background_gbps'], 2)} GB/s, "
                 f"{res['pages_fault']} pages by fault); UFFDIO_COPY 2M {fmt(res['uffd_gbps'], 2)} GB/s "
@@ -317,10 +276,6 @@ def bench_size(out: Out, binary: Path, work: Path, mib: int, runs: int, warmup: 
                "ratio_process": median(ratios_p),
                "ratio_background": median(ratios_b)}
     return {"mib": mib, "runs": rounds, "median": med, "derived": derived}
-
-
-def _ms(s: float | None) -> str:
-    return "-" if s is None else f"{s * 1000:.1f}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -481,18 +436,6 @@ class RawReference:
         return float(med), float(p99)
 
 
-def lazarus_children(exclude: int) -> list[int]:
-    """Our children that are lazarus processes (the lazy-pages daemon of the last restore)."""
-    out = []
-    for p in children():
-        if p == exclude:
-            continue
-        with contextlib.suppress(OSError):
-            if b"lazarus" in Path(f"/proc/{p}/cmdline").read_bytes():
-                out.append(p)
-    return out
-
-
 def fault_round(binary: Path, work: Path, mib: int, k: int, raw: RawReference,
                 place: tuple[set[int] | None, set[int] | None]) -> dict[str, Any]:
     out: dict[str, Any] = {"loadavg": os.getloadavg()[0]}
@@ -501,12 +444,10 @@ def fault_round(binary: Path, work: Path, mib: int, k: int, raw: RawReference,
     image = work / "image-faulter"
     try:
         target.wait_ready(timeout=120)
-        lazarus("dump", "-t", str(target.pid), "-D", str(image)).check()
-        target.original_gone()
-        wait_pid_gone(target.pid, 30)
+        lazarus_dump(target, image)
         r = lazy_restore(image, target, work, "--no-background", complete_timeout=120)
         out["restore_tool_s"] = r["tool_s"]
-        for daemon in lazarus_children(target.pid):
+        for daemon in lazarus_children([target.pid]):
             set_affinity(daemon, place[0])
         set_affinity(target.pid, place[1])
         out["result"] = target.check(timeout=120)
@@ -582,19 +523,19 @@ def report(out: Out, info: dict[str, Any], ref: Any, criu: tuple[str, str] | Non
             m = r["median"]
             meets = [x for x, v in (("a", m["tool_s"]), ("b", m["since_start_s"]), ("c", m["running_wall_s"]))
                      if v is not None and v <= 0.040]
-            row = [f"{r['mib']} MiB", _ms(m["tool_s"]), _ms(m["since_start_s"]), _ms(m["running_wall_s"]),
-                   _ms(m["command_wall_s"]), _ms(m["python_c_pass_s"]), _ms(ref_run.get(r["mib"])),
+            row = [f"{r['mib']} MiB", ms(m["tool_s"]), ms(m["since_start_s"]), ms(m["running_wall_s"]),
+                   ms(m["command_wall_s"]), ms(m["python_c_pass_s"]), ms(ref_run.get(r["mib"])),
                    ", ".join(meets) or "none"]
             if criu:
-                row.insert(6, _ms(m["criu_running_s"]))
+                row.insert(6, ms(m["criu_running_s"]))
             rows.append(row)
         caption = ("median ms; (a) = \"restored pid N in X ms\" (from creating the task until it is detached); "
                    "(b) = \"Y ms since the command started\" (after the interpreter's start-up); (c) = measured "
                    "here from spawning `python -m lazarus restore` until the pid runs its program untraced; "
                    f"command wall = until the command returned; `python -m lazarus --version` alone: "
-                   f"{_ms(info['lazarus_version_s'])} ms")
+                   f"{ms(info['lazarus_version_s'])} ms")
         if ref_run:
-            caption += f"; {name} reference sizes: " + ", ".join(f"{s} MiB {_ms(v)} ms" for s, v in ref_run.items())
+            caption += f"; {name} reference sizes: " + ", ".join(f"{s} MiB {ms(v)} ms" for s, v in ref_run.items())
         out.table("Lazy restore: time until the process runs", cols, rows, caption)
         tables.append((cols, rows))
 
@@ -656,9 +597,7 @@ def report(out: Out, info: dict[str, Any], ref: Any, criu: tuple[str, str] | Non
         tables.append((cols3, rows3))
 
     if markdown:
-        for c, rs in tables:
-            out.say("")
-            out.say(Out.markdown(c, rs))
+        out.markdown_tables(tables)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -711,10 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         out.say(f"lazy_restore: {e}")
         return 1
     finally:
-        with contextlib.suppress(BenchError):
-            reap_lazarus_children([], 5)
-        reap_leftovers(3)
-        shutil.rmtree(work, ignore_errors=True)
+        clean_up(work)
     record_end(info, ref)
     report(out, info, ref, criu, args.markdown)
     finish_run(out, info, args.json)

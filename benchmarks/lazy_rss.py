@@ -38,56 +38,23 @@ from common import (
     build,
     cache_bytecode,
     children,
+    clean_up,
+    lazarus_children,
+    lazarus_dump,
     median,
     reap_lazarus_children,
-    reap_leftovers,
     region_of,
-    run,
     set_child_subreaper,
-    wait_pid_gone,
+    status_kib,
 )
 
 FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
 KiB = 1024
 
 
-def status_kib(pid: int) -> dict[str, int] | None:
-    """The RSS fields of /proc/PID/status in KiB, or None once the process is gone."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    out = {}
-    for line in text.splitlines():
-        key, _, rest = line.partition(":")
-        if key in FIELDS:
-            out[key] = int(rest.split()[0])
-    return out
-
-
-def lazarus_daemon(exclude: int) -> int | None:
-    """The lazy-pages daemon: our child running lazarus that is not the restore command itself."""
-    for p in children():
-        if p == exclude:
-            continue
-        with contextlib.suppress(OSError):
-            if b"lazarus" in Path(f"/proc/{p}/cmdline").read_bytes():
-                return p
-    return None
-
-
-def child_pids(pid: int) -> list[int]:
-    out: list[int] = []
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError):
-                out += [int(x) for x in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
-    return out
-
-
 def verifier_of(daemon: int) -> int | None:
     """The daemon's verify-ahead child: a fork of the daemon that holds no fd at all (its guard holds some)."""
-    for c in child_pids(daemon):
+    for c in children(daemon):
         with contextlib.suppress(OSError):
             if not os.listdir(f"/proc/{c}/fd"):
                 return c
@@ -101,9 +68,7 @@ def rss_round(binary: Path, work: Path, mib: int) -> dict[str, Any]:
     stats_path.unlink(missing_ok=True)
     try:
         region_of(target.wait_ready(timeout=300))
-        run([*LAZARUS, "dump", "-t", str(target.pid), "-D", str(image)]).check()
-        target.original_gone()
-        wait_pid_gone(target.pid, 30)
+        lazarus_dump(target, image)
         argv = [*LAZARUS, "restore", "-D", str(image), "-d", "--lazy", "--stats", str(stats_path),
                 "--lazy-log", str(work / "lazy.log")]
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -117,9 +82,9 @@ def rss_round(binary: Path, work: Path, mib: int) -> dict[str, Any]:
             if time.monotonic() > deadline:
                 raise BenchError(f"{mib} MiB: no stats from the lazy-pages daemon within the time allowed")
             if daemon is None:
-                daemon = lazarus_daemon(proc.pid)
+                daemon = next(iter(lazarus_children([proc.pid])), None)
             else:
-                st = status_kib(daemon)
+                st = status_kib(daemon, FIELDS)
                 if st is None:
                     break
                 samples += 1
@@ -128,7 +93,7 @@ def rss_round(binary: Path, work: Path, mib: int) -> dict[str, Any]:
                 if verifier is None:
                     verifier = verifier_of(daemon)
                 if verifier is not None:
-                    vst = status_kib(verifier)
+                    vst = status_kib(verifier, FIELDS)
                     for f in FIELDS:
                         vpeak[f] = max(vpeak[f], (vst or {}).get(f, 0))
             time.sleep(0.002)
@@ -182,10 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         out.say(f"lazy_rss: {e}")
         return 1
     finally:
-        with contextlib.suppress(BenchError):
-            reap_lazarus_children([], 5)
-        reap_leftovers(3)
-        shutil.rmtree(work, ignore_errors=True)
+        clean_up(work)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -44,23 +44,29 @@ from common import (
     BenchError,
     Out,
     Target,
+    add_run_arguments,
     build,
     cache_bytecode,
+    clean_up,
     criu_binary,
+    criu_dump,
+    criu_lazy_pages,
+    criu_lazy_pages_end,
     finish_run,
     fmt,
     interpreter_startup_s,
     lazarus,
+    lazarus_dump,
     median,
+    ms,
     reap_lazarus_children,
-    reap_leftovers,
     record_end,
     run,
     run_info,
     say_start,
     set_child_subreaper,
+    stop,
     timed_rounds,
-    wait_pid_gone,
 )
 
 WAYS = ("inproc", "command", "criu")
@@ -74,9 +80,7 @@ def dumped(binary: Path, work: Path, mib: int, tag: str) -> tuple[Target, Path]:
     shutil.rmtree(image, ignore_errors=True)
     try:
         target.wait_ready(timeout=300)
-        lazarus("dump", "-t", str(target.pid), "-D", str(image)).check()
-        target.original_gone()
-        wait_pid_gone(target.pid, 30)
+        lazarus_dump(target, image)
     except BaseException:
         target.kill()
         raise
@@ -143,34 +147,19 @@ def criu_round(criu: str, binary: Path, work: Path, mib: int, lazy: bool) -> dic
     lp: subprocess.Popen[bytes] | None = None
     try:
         target.wait_ready(timeout=300)
-        image.mkdir()
-        run([criu, "dump", "-t", str(target.pid), "-D", str(image), "-o", "dump.log"]).check()
-        target.original_gone()
-        wait_pid_gone(target.pid, 30)
+        criu_dump(criu, target, image)
         t0 = time.perf_counter()
         if lazy:
-            lp = subprocess.Popen([criu, "lazy-pages", "-D", str(image), "-o", "lazy-pages.log"],
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            sock = image / "lazy-pages.socket"  # criu restore --lazy-pages fails if it is not there yet
-            deadline = time.monotonic() + 30
-            while not sock.exists():
-                if lp.poll() is not None or time.monotonic() > deadline:
-                    raise BenchError(f"criu lazy-pages made no {sock.name} (exit {lp.poll()})")
-                time.sleep(0.0005)
+            lp = criu_lazy_pages(criu, image)
         run([criu, "restore", "-D", str(image), "-d", "-o", "restore.log",
              *(["--lazy-pages"] if lazy else [])]).check()
         running = time.perf_counter() - t0
         target.restored()
         if lp is not None:
-            try:
-                lp.wait(60 + mib / 50)
-            except subprocess.TimeoutExpired as e:
-                raise BenchError("criu lazy-pages did not end") from e
+            criu_lazy_pages_end(lp, 60 + mib / 50)
         return {"criu_s": running, "criu_result": target.check(timeout=120 + mib / 20)}
     finally:
-        if lp is not None and lp.poll() is None:
-            lp.kill()
-            lp.wait(10)
+        stop(lp)
         target.kill()
         shutil.rmtree(image, ignore_errors=True)
 
@@ -188,19 +177,15 @@ def bench(out: Out, binary: Path, work: Path, mib: int, lazy: bool, runs: int, w
         return res
 
     def describe(r: dict[str, Any]) -> str:
-        phases = " ".join(f"{k} {_ms(r.get(f'phase_{k}_s'))}" for k in PHASES)
-        return (f" (load {r['loadavg']:.2f}): in-process {_ms(r['running_s'])} ms [{phases}; {r['stops']} stops for "
-                f"{r['calls']} calls], command {_ms(r['command_s'])} ms"
-                + (f", CRIU command {_ms(r['criu_s'])} ms" if criu else "") + f"; {r['result']}")
+        phases = " ".join(f"{k} {ms(r.get(f'phase_{k}_s'))}" for k in PHASES)
+        return (f" (load {r['loadavg']:.2f}): in-process {ms(r['running_s'])} ms [{phases}; {r['stops']} stops for "
+                f"{r['calls']} calls], command {ms(r['command_s'])} ms"
+                + (f", CRIU command {ms(r['criu_s'])} ms" if criu else "") + f"; {r['result']}")
 
     rounds = timed_rounds(out, f"{kind} {mib} MiB", runs, warmup, one_round, describe)
     keys = ["running_s", "command_s", "stops", "calls", *(f"phase_{k}_s" for k in PHASES),
             *(["criu_s"] if criu else [])]
     return {"mib": mib, "kind": kind, "runs": rounds, "median": {k: median(r.get(k) for r in rounds) for k in keys}}
-
-
-def _ms(s: float | None) -> str:
-    return "-" if s is None else f"{s * 1000:.1f}"
 
 
 def report(out: Out, results: list[dict[str, Any]], criu: tuple[str, str] | None, startup: float,
@@ -212,28 +197,21 @@ def report(out: Out, results: list[dict[str, Any]], criu: tuple[str, str] | None
     for res in results:
         m = res["median"]
         c = m.get("criu_s")
-        rows.append([f"{res['kind']} {res['mib']} MiB", _ms(m["running_s"]), _ms(c),
-                     "-" if not c else f"{c / m['running_s']:.2f}x", _ms(m["command_s"]),
+        rows.append([f"{res['kind']} {res['mib']} MiB", ms(m["running_s"]), ms(c),
+                     "-" if not c else f"{c / m['running_s']:.2f}x", ms(m["command_s"]),
                      "-" if not c else f"{m['command_s'] / c:.2f}x", f"{m['stops']:.0f} / {m['calls']:.0f}"])
     caption = (f"medians; until the process runs; `python -c pass` here: {fmt(startup * 1000, 1)} ms "
                "(inside every command figure)")
     out.table("restore's fixed cost", cols, rows, caption)
     if markdown:
-        out.say(Out.markdown(cols, rows))
+        out.markdown_tables([(cols, rows)])
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Time until a restored process runs: in-process, whole command, CRIU.")
     ap.add_argument("--eager", type=int, nargs="*", default=[64], metavar="MIB", help="sizes restored eagerly")
     ap.add_argument("--lazy", type=int, nargs="*", default=[64, 1024], metavar="MIB", help="sizes restored lazily")
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--json", type=Path, metavar="FILE", help="write the results here")
-    ap.add_argument("--workdir", type=Path, metavar="DIR", help="where images are written (default: system temp)")
-    ap.add_argument("--no-warmup", action="store_true", help="skip the untimed round before each size")
-    ap.add_argument("--no-criu", action="store_true", help="do not run criu even if it is installed")
-    ap.add_argument("--criu", metavar="PATH", help="the criu binary (default: criu on PATH; "
-                    "../shared/peers/build-criu builds CRIU 4.2 and prints its path)")
-    ap.add_argument("--markdown", action="store_true", help="also print the table as markdown")
+    add_run_arguments(ap, None)
     args = ap.parse_args(argv)
     out = Out()
     if os.geteuid() != 0:
@@ -263,8 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         out.say(f"restore_fixed: {e}")
         return 1
     finally:
-        reap_leftovers(3)
-        shutil.rmtree(work, ignore_errors=True)
+        clean_up(work)
     info["python_c_pass_s"] = startup
     info["lazarus_command"] = " ".join(LAZARUS)
     info["results"] = results

@@ -42,16 +42,21 @@ from common import (
     Target,
     add_run_arguments,
     build,
+    clean_up,
     criu_binary,
+    criu_dump,
+    criu_lazy_pages,
+    criu_lazy_pages_end,
     finish_run,
     fmt,
     median,
-    reap_leftovers,
+    ms,
     record_end,
     run,
     run_info,
     say_start,
     set_child_subreaper,
+    stop,
     timed_rounds,
     wait_pid_gone,
 )
@@ -153,10 +158,7 @@ def criu_round(criu: str, binary: Path, work: Path, mib: int) -> dict[str, Any]:
     image = work / f"criu-image-{mib}"
     try:
         target.wait_ready(timeout=300)
-        image.mkdir()
-        out["criu_dump"] = run([criu, "dump", "-t", str(target.pid), "-D", str(image), "-o", "dump.log"]).check().wall
-        target.original_gone()
-        wait_pid_gone(target.pid, 30)
+        out["criu_dump"] = criu_dump(criu, target, image).wall
         out["criu_restore"] = run([criu, "restore", "-D", str(image), "-d", "-o", "restore.log"]).check().wall
         target.restored()
         target.check(timeout=120 + mib / 20)
@@ -167,29 +169,17 @@ def criu_round(criu: str, binary: Path, work: Path, mib: int) -> dict[str, Any]:
     lp: subprocess.Popen[bytes] | None = None
     try:
         target.wait_ready(timeout=300)
-        image.mkdir()
-        run([criu, "dump", "-t", str(target.pid), "-D", str(image), "-o", "dump.log"]).check()
-        target.original_gone()
-        wait_pid_gone(target.pid, 30)
+        criu_dump(criu, target, image)
         t0 = time.perf_counter()
-        lp = subprocess.Popen([criu, "lazy-pages", "-D", str(image), "-o", "lazy-pages.log"],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        sock = image / "lazy-pages.socket"  # `criu restore --lazy-pages` fails unless it is there already
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if lp.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(f"criu lazy-pages made no {sock.name} (exit {lp.poll()})")
-            time.sleep(0.001)
+        lp = criu_lazy_pages(criu, image)
         r = run([criu, "restore", "-D", str(image), "--lazy-pages", "-d", "-o", "restore.log"]).check()
         out["criu_lazy_running"] = time.perf_counter() - t0
         out["criu_lazy_restore"] = r.wall
         target.restored()
         target.check(timeout=120 + mib / 20)
-        lp.wait(60 + mib / 50)
+        criu_lazy_pages_end(lp, 60 + mib / 50)
     finally:
-        if lp is not None and lp.poll() is None:
-            lp.kill()
-            lp.wait(10)
+        stop(lp)
         target.kill()
         shutil.rmtree(image, ignore_errors=True)
     return out
@@ -202,10 +192,6 @@ def check_round_trip(svc: Service, n: int = 20) -> float:
         time.sleep(0.1)
         times.append(svc.request("GET", "/check")[1])
     return statistics.median(times)
-
-
-def _ms(v: float | None) -> str:
-    return "-" if v is None else f"{v * 1000:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         binary = build(TARGETS / "memhog.c", work)
         svc = Service(work)
         info["check_round_trip_s"] = check_round_trip(svc)
-        out.say(f"GET /check round trip (accept, fork, peer check, answer): {_ms(info['check_round_trip_s'])} ms")
+        out.say(f"GET /check round trip (accept, fork, peer check, answer): {ms(info['check_round_trip_s'])} ms")
         for mib in args.sizes:
             def one_round(mib: int = mib) -> dict[str, Any]:
                 assert svc is not None
@@ -239,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
             def describe(res: dict[str, Any]) -> str:
                 return " (load {:.2f}): ".format(res["loadavg"]) + ", ".join(
-                    f"{k} {_ms(res.get(k))} ms" for k in METRICS if res.get(k) is not None)
+                    f"{k} {ms(res.get(k))} ms" for k in METRICS if res.get(k) is not None)
             rounds = timed_rounds(out, f"{mib} MiB", args.runs, not args.no_warmup, one_round, describe)
             results.append({"mib": mib, "rounds": rounds,
                             "median": {k: median(r.get(k) for r in rounds) for k in METRICS}})
@@ -249,8 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if svc is not None:
             svc.close()
-        reap_leftovers(3)
-        shutil.rmtree(work, ignore_errors=True)
+        clean_up(work)
     info["results"] = results
     record_end(info, None)
     cols = ["MiB", "service dump", "CRIU dump", "service restore", "CRIU restore -d", "service lazy -d",
@@ -260,13 +245,13 @@ def main(argv: list[str] | None = None) -> int:
         m = r["median"]
         ratio = (m["svc_lazy_detached"] / m["criu_lazy_restore"]) if m["svc_lazy_detached"] and m["criu_lazy_restore"] \
             else None
-        rows.append([str(r["mib"]), _ms(m["svc_dump"]), _ms(m["criu_dump"]), _ms(m["svc_restore"]),
-                     _ms(m["criu_restore"]), _ms(m["svc_lazy_detached"]), _ms(m["svc_lazy_attached"]),
-                     _ms(m["criu_lazy_restore"]), fmt(ratio, 2)])
+        rows.append([str(r["mib"]), ms(m["svc_dump"]), ms(m["criu_dump"]), ms(m["svc_restore"]),
+                     ms(m["criu_restore"]), ms(m["svc_lazy_detached"]), ms(m["svc_lazy_attached"]),
+                     ms(m["criu_lazy_restore"]), fmt(ratio, 2)])
     out.table("through the service (ms, until the answer: the process runs) against CRIU's whole commands",
               cols, rows)
     if args.markdown:
-        print(Out.markdown(cols, rows))
+        out.markdown_tables([(cols, rows)])
     finish_run(out, info, args.json)
     return 0
 

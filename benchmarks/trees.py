@@ -51,20 +51,27 @@ from common import (
     add_run_arguments,
     build,
     cache_bytecode,
+    clean_up,
     criu_binary,
+    criu_dump,
+    criu_lazy_pages,
+    criu_lazy_pages_end,
     finish_run,
     fmt,
     lazarus,
     median,
+    ms,
     reap,
     reap_lazarus_children,
-    reap_leftovers,
     record_end,
+    rollup_kib,
     run,
     run_info,
+    run_until,
     running_untraced,
     say_start,
     set_child_subreaper,
+    stop,
     timed_rounds,
     wait_for,
 )
@@ -93,14 +100,7 @@ class Tree:
 
     def pss_mib(self) -> float:
         """The tree's total Pss (MiB): the sum of Pss: in /proc/PID/smaps_rollup of each of its processes."""
-        kib = 0
-        for pid in self.pids:
-            try:
-                with open(f"/proc/{pid}/smaps_rollup") as f:
-                    kib += next(int(ln.split()[1]) for ln in f if ln.startswith("Pss:"))
-            except (OSError, StopIteration) as e:
-                raise BenchError(f"no Pss for pid {pid} of the tree of {self.root.pid}: {e}") from e
-        return kib / 1024
+        return sum(rollup_kib(pid, "Pss") for pid in self.pids) / 1024
 
     def gone(self, timeout: float = 60) -> None:
         """After a dump that ended the tree: reap the root and the children re-parented to us (we are a
@@ -131,36 +131,6 @@ class Tree:
             reap(pid, 2)
 
 
-def timed_until_running(argv: list[str], tree: Tree, t0: float) -> tuple[float, float, str]:
-    """Run a restore command; returns (seconds from t0 until every process of the tree runs untraced, seconds
-    from t0 until the command returned, its output)."""
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=REPO)
-    running: float | None = None
-    try:
-        deadline = time.monotonic() + 300
-        while running is None and proc.poll() in (None, 0):
-            if tree.running():
-                running = time.perf_counter() - t0
-            elif time.monotonic() > deadline:
-                raise BenchError(f"{' '.join(argv)}: the tree is not running after 300 s")
-            else:
-                time.sleep(POLL_S)
-        output, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    returned = time.perf_counter() - t0
-    if proc.returncode:
-        lines = output.strip().splitlines()
-        raise BenchError(f"{' '.join(argv)}: exit {proc.returncode}: {lines[-1] if lines else ''}")
-    if running is None:
-        wait_for("the restored tree to run", tree.running, 30, POLL_S)
-        running = time.perf_counter() - t0
-    return running, returned, output
-
-
 # ---------------------------------------------------------------------------------------------------------
 # one tool: dump, eager restore, lazy restore
 
@@ -177,8 +147,7 @@ def dump(tool: str, criu: str | None, tree: Tree, image: Path) -> float:
             raise Refused(line.removeprefix("lazarus: error: "))
     else:
         assert criu is not None
-        image.mkdir()
-        d = run([criu, "dump", "-t", str(tree.root.pid), "-D", str(image), "-o", "dump.log"]).check()
+        d = criu_dump(criu, tree.root, image)
     tree.gone()
     return d.wall
 
@@ -221,7 +190,8 @@ def lazy_round(tool: str, criu: str | None, binary: Path, work: Path, mib: int, 
             argv = [*LAZARUS, "restore", "-D", str(image), "-d", "--lazy", "--stats", str(stats), "--pidfile",
                     str(work / "restored.pid")]
             t0 = time.perf_counter()
-            out["lazy_running_s"], out["lazy_command_s"], _ = timed_until_running(argv, tree, t0)
+            out["lazy_running_s"], out["lazy_command_s"], _ = run_until(argv, f"restore of the tree of {tree.root.pid}",
+                                                                        tree.running, t0)
             tree.root.restored()
             wait_for("the lazy-pages daemon's stats", stats.exists, complete_timeout, 0.002)
             out["lazy_complete_s"] = time.perf_counter() - t0
@@ -231,30 +201,19 @@ def lazy_round(tool: str, criu: str | None, binary: Path, work: Path, mib: int, 
         else:
             assert criu is not None
             t0 = time.perf_counter()
-            lp = subprocess.Popen([criu, "lazy-pages", "-D", str(image), "-o", "lazy-pages.log"],
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            # criu restore --lazy-pages connects to this socket at once and fails if it is not there yet.
-            sock = image / "lazy-pages.socket"
-            wait_for(f"criu lazy-pages to make {sock.name}", lambda: sock.exists() or lp.poll() is not None,
-                     30, 0.0005)
-            if not sock.exists():
-                raise BenchError(f"criu lazy-pages made no {sock.name} (exit {lp.poll()})")
+            lp = criu_lazy_pages(criu, image)
             argv = [criu, "restore", "-D", str(image), "--lazy-pages", "-d", "-o", "restore.log"]
-            out["lazy_running_s"], out["lazy_command_s"], _ = timed_until_running(argv, tree, t0)
+            out["lazy_running_s"], out["lazy_command_s"], _ = run_until(
+                argv, f"criu restore of the tree of {tree.root.pid}", tree.running, t0)
             tree.root.restored()
-            try:
-                lp.wait(complete_timeout)
-            except subprocess.TimeoutExpired as e:
-                raise BenchError("criu lazy-pages did not end") from e
+            criu_lazy_pages_end(lp, complete_timeout)
             out["lazy_complete_s"] = time.perf_counter() - t0
         if pss:
             out["pss_lazy_mib"] = tree.pss_mib()
         out["lazy_result"] = tree.check()
         return out
     finally:
-        if lp is not None and lp.poll() is None:
-            lp.kill()
-            lp.wait(10)
+        stop(lp)
         tree.kill()
         shutil.rmtree(image, ignore_errors=True)
 
@@ -286,12 +245,8 @@ def describe_tool(tool: str, res: dict[str, Any]) -> str:
         return f"{tool}: dump refused ({res['refused']})"
     return (f"{tool}: Pss {fmt(res['pss_before_mib'], 0)} MiB, dump {fmt(res['dump_s'])} s, eager restore "
             f"{fmt(res['eager_restore_s'])} s (Pss {fmt(res['pss_eager_mib'], 0)} MiB, {res['eager_result']}), "
-            f"lazy running {_ms(res['lazy_running_s'])} ms, complete {fmt(res['lazy_complete_s'])} s "
+            f"lazy running {ms(res['lazy_running_s'], 0)} ms, complete {fmt(res['lazy_complete_s'])} s "
             f"(Pss {fmt(res['pss_lazy_mib'], 0)} MiB, {res['lazy_result']})")
-
-
-def _ms(s: float | None) -> str:
-    return "-" if s is None else f"{s * 1000:.0f}"
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -313,8 +268,8 @@ def report(out: Out, info: dict[str, Any], markdown: bool) -> None:
                 rows.append([label, name, "dump refused", *["-"] * 9])
                 refusals.add(m["refused"])
                 continue
-            rows.append([label, name, fmt(m["dump_s"]), fmt(m["eager_restore_s"]), _ms(m["lazy_running_s"]),
-                         _ms(m["lazy_command_s"]), fmt(m["lazy_complete_s"]), fmt(m["pss_before_mib"], 0),
+            rows.append([label, name, fmt(m["dump_s"]), fmt(m["eager_restore_s"]), ms(m["lazy_running_s"], 0),
+                         ms(m["lazy_command_s"], 0), fmt(m["lazy_complete_s"]), fmt(m["pss_before_mib"], 0),
                          fmt(m["pss_eager_mib"], 0), _ratio(m["pss_eager_mib"], m["pss_before_mib"]),
                          fmt(m["pss_lazy_mib"], 0), _ratio(m["pss_lazy_mib"], m["pss_before_mib"])])
     out.table("Process tree with shared copy-on-write pages: dump, eager and lazy restore", cols, rows,
@@ -340,7 +295,7 @@ def report(out: Out, info: dict[str, Any], markdown: bool) -> None:
                 if "refused" in m:
                     refusals.add(m["refused"])
                 row += (["dump refused", "-"] if "refused" in m
-                        else [_ms(m["lazy_running_s"]), _ms(m["lazy_command_s"])])
+                        else [ms(m["lazy_running_s"], 0), ms(m["lazy_command_s"], 0)])
             if len(info["grow_tools"]) == 2:
                 ours, theirs = g["median"]["ours"], g["median"]["criu"]
                 row.append("-" if "refused" in ours or "refused" in theirs
@@ -354,9 +309,7 @@ def report(out: Out, info: dict[str, Any], markdown: bool) -> None:
     for reason in sorted({re.sub(r"\b\d+\b", "N", r) for r in refusals}):
         out.say(f"our dump refused: {reason}")
     if markdown:
-        for c, rs in tables:
-            out.say("")
-            out.say(Out.markdown(c, rs))
+        out.markdown_tables(tables)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -423,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
 
             def grow_line(res: dict[str, Any]) -> str:
                 return "".join(f"; {t}: " + (f"refused ({res[t]['refused']})" if "refused" in res[t] else
-                                             f"running {_ms(res[t]['lazy_running_s'])} ms, "
+                                             f"running {ms(res[t]['lazy_running_s'], 0)} ms, "
                                              f"{res[t]['lazy_result']}") for t in tools)
 
             rounds = timed_rounds(out, f"lazy, tree of {n}", args.runs, not args.no_warmup, grow_round, grow_line)
@@ -438,10 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         out.say(f"trees: {e}")
         return 1
     finally:
-        with contextlib.suppress(BenchError):
-            reap_lazarus_children([], 5)
-        reap_leftovers(3)
-        shutil.rmtree(work, ignore_errors=True)
+        clean_up(work)
     record_end(info, None)
     report(out, info, args.markdown)
     finish_run(out, info, args.json)

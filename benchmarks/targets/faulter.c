@@ -82,8 +82,7 @@ static int setup_raw(const char *sockpath, uint64_t *mem, size_t len, uint64_t s
 		laz_log("FAIL: setup: mmap memfd: %s", strerror(errno));
 		return -1;
 	}
-	for (size_t i = 0; i < words; i++)
-		src[i] = laz_mix(seed + i);
+	fill_words(src, words, seed);
 	munmap(src, len);
 	uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
 	if (uffd < 0 || ioctl(uffd, UFFDIO_API, &api)) {
@@ -182,8 +181,7 @@ int main(int argc, char **argv)
 		if (setup_raw(argv[5], mem, len, seed))
 			return 1;
 	} else {
-		for (size_t i = 0; i < words; i++)
-			mem[i] = laz_mix(seed + i);
+		fill_words(mem, words, seed);
 	}
 	laz_log("# region %p %zu fill-seconds %.3f", (void *)mem, len, now() - t0);
 	laz_log("READY");

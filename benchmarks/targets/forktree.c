@@ -134,8 +134,7 @@ int main(int argc, char **argv)
 		laz_die("mmap %lu MiB", mib);
 	seed = laz_mix((uint64_t)getpid() << 20 ^ (uint64_t)(now() * 1e6));
 	t0 = now();
-	for (size_t i = 0; i < words; i++)
-		mem[i] = laz_mix(seed + i);
+	fill_words(mem, words, seed);
 
 	for (unsigned long k = 1; k < nproc; k++) {
 		pid_t pid = fork();

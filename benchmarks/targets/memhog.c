@@ -51,8 +51,7 @@ int main(int argc, char **argv)
 	clock_gettime(CLOCK_REALTIME, &ts);
 	seed = laz_mix((uint64_t)ts.tv_nsec ^ ((uint64_t)getpid() << 32));
 	t0 = now();
-	for (size_t i = 0; i < words; i++)
-		mem[i] = laz_mix(seed + i);
+	fill_words(mem, words, seed);
 	laz_log("# region %p %zu fill-seconds %.3f", (void *)mem, words * sizeof(uint64_t), now() - t0);
 	laz_log("READY");
 

@@ -51,6 +51,14 @@ def guard_supported() -> bool:
 Region = tuple[int, int, int]  # start, end, categories & return_mask
 
 
+def _left_out(anon_only: bool, skip_zero: bool) -> int:
+    """The categories a scan for present pages leaves out (each in both category_mask and category_inverted:
+    a page is kept only without them): page-cache pages with `anon_only`, the zero page with `skip_zero`, and
+    guard regions where the kernel knows them."""
+    bits = (abi.PAGE_IS_FILE if anon_only else 0) | (abi.PAGE_IS_PFNZERO if skip_zero else 0)
+    return bits | (abi.PAGE_IS_GUARD if guard_supported() else 0)
+
+
 class Pagemap:
     """An open /proc/PID/pagemap and a reusable result vector. Use as a context manager.
 
@@ -172,17 +180,8 @@ class Pagemap:
         the pages the process wrote to (COW copies), the only ones a dump must save.
         skip_zero: leave out pages mapped to the shared zero page; they read as zeros, as an absent page does.
         """
-        mask = inverted = 0
-        if anon_only:
-            mask |= abi.PAGE_IS_FILE
-            inverted |= abi.PAGE_IS_FILE
-        if skip_zero:
-            mask |= abi.PAGE_IS_PFNZERO
-            inverted |= abi.PAGE_IS_PFNZERO
-        if guard_supported():
-            mask |= abi.PAGE_IS_GUARD
-            inverted |= abi.PAGE_IS_GUARD
-        regions = self.scan(start, end, mask, category_inverted=inverted,
+        left_out = _left_out(anon_only, skip_zero)
+        regions = self.scan(start, end, left_out, category_inverted=left_out,
                             category_anyof_mask=abi.PAGE_IS_PRESENT | abi.PAGE_IS_SWAPPED,
                             return_mask=abi.PAGE_IS_PRESENT)
         return merge_runs(regions)
@@ -196,15 +195,9 @@ class Pagemap:
         The zero page filter of present_pages moves from the kernel's category masks to here: pages mapped to
         the zero page come back tagged PAGE_IS_PFNZERO and are left out of the first list.
         """
-        mask = inverted = 0
-        if anon_only:
-            mask |= abi.PAGE_IS_FILE
-            inverted |= abi.PAGE_IS_FILE
-        if guard_supported():
-            mask |= abi.PAGE_IS_GUARD
-            inverted |= abi.PAGE_IS_GUARD
+        left_out = _left_out(anon_only, skip_zero=False)
         want = abi.PAGE_IS_PRESENT | abi.PAGE_IS_HUGE | abi.PAGE_IS_PFNZERO
-        regions = self.scan(start, end, mask, category_inverted=inverted,
+        regions = self.scan(start, end, left_out, category_inverted=left_out,
                             category_anyof_mask=abi.PAGE_IS_PRESENT | abi.PAGE_IS_SWAPPED, return_mask=want)
         present = merge_runs([r for r in regions if not r[2] & abi.PAGE_IS_PFNZERO])
         huge_bits = abi.PAGE_IS_PRESENT | abi.PAGE_IS_HUGE

@@ -106,35 +106,37 @@ def tee(fd_in: int, fd_out: int, length: int, flags: int = 0) -> int:
     return ret
 
 
-KCMP_FILE = 0
+def _kcmp(pid1: int, pid2: int, kind: int, idx1: int = 0, idx2: int = 0, *, closed_ok: bool = False) -> bool | None:
+    """kcmp(2) equality (SYS_kcmp, include/uapi/linux/kcmp.h): whether the two objects are one. With
+    `closed_ok`, None when either fd is not open (EBADF); any other failure raises (NoSuchTask when a process
+    is gone)."""
+    ret, err = raw_syscall(312, pid1, pid2, kind, idx1, idx2)  # SYS_kcmp
+    if ret == -1:
+        if closed_ok and err == errno.EBADF:
+            return None
+        raise error("kcmp", err, pid=pid2)
+    return ret == 0
 
 
 def same_file_description(pid: int, fd1: int, fd2: int) -> bool:
     """kcmp(KCMP_FILE): whether two fds of `pid` share one open file description (dup'ed)."""
-    ret = syscall(312, pid, pid, KCMP_FILE, fd1, fd2, what="kcmp", pid=pid)  # SYS_kcmp
-    return ret == 0
-
-
-KCMP_FILES = 2
+    return bool(_kcmp(pid, pid, 0, fd1, fd2))  # KCMP_FILE
 
 
 def same_fd_table(pid1: int, pid2: int) -> bool:
     """kcmp(KCMP_FILES): whether two processes share one fd table (clone with CLONE_FILES)."""
-    ret, err = raw_syscall(312, pid1, pid2, KCMP_FILES, 0, 0)  # SYS_kcmp
-    if ret == -1:
-        raise error("kcmp", err, pid=pid2)
-    return ret == 0
+    return bool(_kcmp(pid1, pid2, 2))  # KCMP_FILES
 
 
 def same_file_across(pid1: int, fd1: int, pid2: int, fd2: int) -> bool | None:
     """kcmp(KCMP_FILE) across two processes: whether fd1 of pid1 and fd2 of pid2 are one open file
     description. None when either fd is not open (EBADF); raises NoSuchTask when a process is gone."""
-    ret, err = raw_syscall(312, pid1, pid2, KCMP_FILE, fd1, fd2)  # SYS_kcmp
-    if ret == -1:
-        if err == errno.EBADF:
-            return None
-        raise error("kcmp", err, pid=pid2)
-    return ret == 0
+    return _kcmp(pid1, pid2, 0, fd1, fd2, closed_ok=True)  # KCMP_FILE
+
+
+def same_fs(pid1: int, pid2: int) -> bool:
+    """kcmp(KCMP_FS): whether two processes share one fs_struct (cwd, root, umask: clone with CLONE_FS)."""
+    return bool(_kcmp(pid1, pid2, 3))  # KCMP_FS
 
 
 _sync_file_range = libc.sync_file_range
@@ -156,13 +158,3 @@ def keep_only_fd(keep: int) -> None:
     os.closerange(3, keep)
     os.closerange(keep + 1, max(65536, os.sysconf("SC_OPEN_MAX")))
 
-
-KCMP_FS = 3
-
-
-def same_fs(pid1: int, pid2: int) -> bool:
-    """kcmp(KCMP_FS): whether two processes share one fs_struct (cwd, root, umask: clone with CLONE_FS)."""
-    ret, err = raw_syscall(312, pid1, pid2, KCMP_FS, 0, 0)  # SYS_kcmp
-    if ret == -1:
-        raise error("kcmp", err, pid=pid2)
-    return ret == 0

@@ -449,32 +449,17 @@ class LazyServer:
                 self._done_bytes += PAGE_SIZE
                 p.pages_fault += 1
             else:
-                res = self._fill(p, addr, 1, fidx, first=(n, out))
-                if res is Outcome.RETRY:
-                    p.deferred.append((ev, t_read))
-                    self._ndeferred += 1
+                if not self._fault_filled(p, self._fill(p, addr, 1, fidx, first=(n, out)), ev, t_read, addr):
                     return
-                if res is not Outcome.DONE:
-                    return  # gone or lost: already handled
-                if self._skipped:
-                    p.uffd.wake(addr, PAGE_SIZE)
                 self._latencies.append(perf_counter_ns() - t_read)
-            p.faults += 1
-            if tid:
-                p.fault_tids.add(tid)
-            p.cursor = addr
-            p.last_fault_ns = monotonic_ns()
-            self._last_faulted = p
-            if not p.pending and p.key in self._procs:
-                self._finish(p, "complete")
+            self._fault_served(p, addr, tid)
             return
         if w is None:
             n, out = p.uffd.zeropage(addr, PAGE_SIZE)
             if out is Outcome.DONE:
                 p.zero_pages += 1
             elif out is Outcome.RETRY:
-                p.deferred.append((ev, t_read))
-                self._ndeferred += 1
+                self._defer(p, ev, t_read)
                 return
             elif out is Outcome.GONE:
                 self._finish(p, "gone")
@@ -488,15 +473,8 @@ class LazyServer:
             # the VM must first get the memory back from its host).
             k = (addr - start) // PAGE_SIZE
             first = (addr, 1, fidx + k) if npages > 1 and 0 <= k < npages else (start, npages, fidx)
-            res = self._fill(p, *first)
-            if res is Outcome.RETRY:
-                p.deferred.append((ev, t_read))
-                self._ndeferred += 1
+            if not self._fault_filled(p, self._fill(p, *first), ev, t_read, addr):
                 return
-            if res is not Outcome.DONE:
-                return  # gone or lost: already handled
-            if self._skipped:  # the faulting page may have been found present: make sure the thread runs
-                p.uffd.wake(addr, PAGE_SIZE)
             if first[1] != npages:
                 self._latencies.append(time.perf_counter_ns() - t_read)
                 t_read = 0  # recorded: the thread is running
@@ -505,14 +483,35 @@ class LazyServer:
                     self._fill(p, start, k, fidx)
                 if npages - k - 1 and p.key in self._procs:
                     self._fill(p, addr + PAGE_SIZE, npages - k - 1, fidx + k + 1)
-        p.faults += 1
-        if ev.tid:
-            p.fault_tids.add(ev.tid)
-        p.cursor = addr
-        p.last_fault_ns = time.monotonic_ns()
-        self._last_faulted = p
         if t_read:
             self._latencies.append(time.perf_counter_ns() - t_read)
+        self._fault_served(p, addr, ev.tid)
+
+    def _defer(self, p: _Proc, ev: PageFault, t_read: int) -> None:
+        """The fault could not be served now (UFFDIO_COPY said EAGAIN: the mm is changing): serve it later."""
+        p.deferred.append((ev, t_read))
+        self._ndeferred += 1
+
+    def _fault_filled(self, p: _Proc, res: Outcome, ev: PageFault, t_read: int, addr: int) -> bool:
+        """After filling the faulting page: whether it is in and its thread runs. A RETRY defers the fault; a
+        process gone or lost is already handled (False either way)."""
+        if res is Outcome.RETRY:
+            self._defer(p, ev, t_read)
+            return False
+        if res is not Outcome.DONE:
+            return False
+        if self._skipped:  # the faulting page may have been found present: make sure the thread runs
+            p.uffd.wake(addr, PAGE_SIZE)
+        return True
+
+    def _fault_served(self, p: _Proc, addr: int, tid: int) -> None:
+        """The books after a fault is served: counts, where the next background steps start, completion."""
+        p.faults += 1
+        if tid:
+            p.fault_tids.add(tid)
+        p.cursor = addr
+        p.last_fault_ns = monotonic_ns()
+        self._last_faulted = p
         if not p.pending and p.key in self._procs:
             self._finish(p, "complete")
 

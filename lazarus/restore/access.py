@@ -232,15 +232,11 @@ class Access:
             stats = []
             for (path, flags, check, where), pfd in zip(wanted, pfds, strict=True):
                 if pfd < 0:
-                    if pfd in (-errno.EACCES, -errno.EPERM):
-                        raise RestoreError(denied_message(where, path, self.uids, flags, -pfd), stage="files",
-                                           pid=self.pid, path=path)
-                    raise RestoreError(f"{where}: cannot open {path}: {os.strerror(-pfd)}", stage="files",
-                                       pid=self.pid, path=path)
+                    raise self._open_error(where, path, flags, -pfd)
                 st = os.stat(f"/proc/{self.pid}/fd/{pfd}")
                 bad = check(st)
                 if bad:
-                    raise RestoreError(f"{where}: {path} {bad}", stage="files", pid=self.pid, path=path)
+                    raise self._error(where, path, bad)
                 stats.append(st)
             for (path, flags, _, _), pfd in zip(wanted, pfds, strict=True):
                 # A magic link cannot be opened with O_NOFOLLOW: open the name again, and compare below.
@@ -252,15 +248,10 @@ class Access:
             pfds = []
             for (path, flags, _, where), fd, st in zip(wanted, fds, stats, strict=True):
                 if fd < 0:
-                    if fd in (-errno.EACCES, -errno.EPERM):
-                        raise RestoreError(denied_message(where, path, self.uids, flags, -fd), stage="files",
-                                           pid=self.pid, path=path)
-                    raise RestoreError(f"{where}: cannot open {path}: {os.strerror(-fd)}", stage="files",
-                                       pid=self.pid, path=path)
+                    raise self._open_error(where, path, flags, -fd)
                 got = os.stat(f"/proc/{self.pid}/fd/{fd}")
                 if (got.st_dev, got.st_ino) != (st.st_dev, st.st_ino):
-                    raise RestoreError(f"{where}: {path} was replaced while it was opened", stage="files",
-                                       pid=self.pid, path=path)
+                    raise self._error(where, path, "was replaced while it was opened")
             return fds
         except BaseException:
             for fd in fds:
@@ -273,6 +264,17 @@ class Access:
                     b.call(abi.SYS.close, pfd, check=False)
             b.run()  # nothing queued once every pfd is closed
 
+    def _error(self, where: str, path: str, what: str) -> RestoreError:
+        return RestoreError(f"{where}: {path} {what}", stage="files", pid=self.pid, path=path)
+
+    def _open_error(self, where: str, path: str, flags: int, err: int) -> RestoreError:
+        """Why the task could not open `path` (errno `err`): for EACCES/EPERM, which credentials were denied."""
+        if err in (errno.EACCES, errno.EPERM):
+            return RestoreError(denied_message(where, path, self.uids, flags, err), stage="files", pid=self.pid,
+                                path=path)
+        return RestoreError(f"{where}: cannot open {path}: {os.strerror(err)}", stage="files", pid=self.pid,
+                            path=path)
+
     def _open_checked(self, path: str, flags: int, check: Check, where: str, ours: bool) -> int:
         """The new fd, or -errno when permission was denied; RestoreError on anything else."""
         t = self.task
@@ -281,13 +283,12 @@ class Access:
         if pfd in (-errno.EACCES, -errno.EPERM):
             return pfd
         if pfd < 0:
-            raise RestoreError(f"{where}: cannot open {path}: {os.strerror(-pfd)}", stage="files", pid=self.pid,
-                               path=path)
+            raise self._open_error(where, path, flags, -pfd)
         try:
             st = os.stat(f"/proc/{self.pid}/fd/{pfd}")
             bad = check(st)
             if bad:
-                raise RestoreError(f"{where}: {path} {bad}", stage="files", pid=self.pid, path=path)
+                raise self._error(where, path, bad)
             if flags & abi.O_NOFOLLOW:
                 # A magic link cannot be opened with O_NOFOLLOW: open the name again, and compare below.
                 fd = t.raw(abi.SYS.openat, abi.AT_FDCWD & _NEG1, t.cstring(path), flags, 0)
@@ -299,11 +300,9 @@ class Access:
         if fd in (-errno.EACCES, -errno.EPERM):
             return fd
         if fd < 0:
-            raise RestoreError(f"{where}: cannot open {path}: {os.strerror(-fd)}", stage="files", pid=self.pid,
-                               path=path)
+            raise self._open_error(where, path, flags, -fd)
         got = os.stat(f"/proc/{self.pid}/fd/{fd}")
         if (got.st_dev, got.st_ino) != (st.st_dev, st.st_ino):
             t.raw(abi.SYS.close, fd)
-            raise RestoreError(f"{where}: {path} was replaced while it was opened", stage="files", pid=self.pid,
-                               path=path)
+            raise self._error(where, path, "was replaced while it was opened")
         return fd
