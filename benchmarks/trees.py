@@ -18,9 +18,10 @@ tool (ours, and CRIU when there is one):
 Part 2, lazy restore until running as the tree grows (--grow 1 2 4 8 16 processes of --grow-mib MiB each),
 ours and CRIU: the wall time until every process of the tree runs.
 
-Until `lazarus dump` takes process trees, our dump of a tree of more than one process is refused: the tables
-say so (with the one-line reason) and CRIU's figures stand alone; a tree of one process (--procs 1, --grow 1)
-measures ours fully. Medians of --runs runs; an untimed warm-up round first unless --no-warmup.
+`lazarus dump` takes process trees (lazarus/dump/tree.py, docs/TREES.md), so both tools are measured. Should
+our dump refuse a tree (something its processes share that a restore cannot bring back yet; the dump names it
+in one line), the tables say so with the reason and CRIU's figures stand alone. Medians of --runs runs; an
+untimed warm-up round first unless --no-warmup.
 
 Run as root: .venv/bin/python benchmarks/trees.py [--criu PATH] [--procs 8] [--sizes 128] [--runs 3]
 (`../shared/peers/build-criu` builds CRIU 4.2 and prints its path.)
@@ -136,7 +137,7 @@ class Tree:
 
 
 class Refused(Exception):
-    """Our dump of the tree was refused (process trees not supported yet): the one-line reason."""
+    """Our dump of the tree was refused (something shared it cannot restore yet): the one-line reason."""
 
 
 def dump(tool: str, criu: str | None, tree: Tree, image: Path) -> float:
