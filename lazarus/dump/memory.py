@@ -47,13 +47,16 @@ from lazarus.images.mm import refused_vmflag
 from lazarus.kernel import abi, procfs, vm
 from lazarus.kernel.pagemap import Pagemap
 from lazarus.kernel.procfs import Vma
-from lazarus.kernel.syscall import buffer_address
+from lazarus.kernel.syscall import buffer_address, populate_write
 
 SPECIAL = {"[vdso]": "vdso", "[vvar]": "vvar", "[vvar_vclock]": "vvar_vclock"}
 # Bytes a copy thread reads, hashes and writes at a time (a multiple of the 64 KiB chunk). Measured on 512 MiB:
 # 8 MiB pieces with two threads beat 16 MiB ones (the device starts sooner); the iovecs stay below IOV_MAX.
 _PIECE = 8 << 20
 _THREADS = 2
+# Whether each piece of the mapped page file is populated (MADV_POPULATE_WRITE) before it is read into; off only
+# to measure the difference (benchmarks/dump_ways.py).
+_POPULATE = True
 _PAGE = abi.PAGE_SIZE
 
 
@@ -361,6 +364,9 @@ class MemoryDumper:
                 with contextlib.suppress(ImageError):
                     mapped = ext.mapping()
 
+            base = buffer_address(mapped) if mapped is not None else 0
+            populate = _POPULATE
+
             def work(buf: mmap.mmap) -> None:
                 view = memoryview(buf if mapped is None else mapped)
                 try:
@@ -371,6 +377,11 @@ class MemoryDumper:
                             return
                         off, parts, n = piece
                         if mapped is not None:
+                            if populate:
+                                # The piece's page-cache folios made and mapped writable in one call: else
+                                # process_vm_readv takes a fault (and a page_mkwrite) per folio, which at
+                                # 2 GiB cost 3x the CPU of the copy (docs/BENCHMARKS.md, "vmsplice").
+                                populate_write(base + off, n)
                             self._fill(view[off:off + n], mapped, parts, off)
                             ext.filled(off, n)
                             continue
