@@ -36,7 +36,10 @@ def main() -> None:
         for mib in a.mib:
             walls: dict[str, list[float]] = {k: [] for k in tools}
             for i in range(a.runs):
-                for name, argv in tools.items():
+                names = list(tools)
+                # A rotating order: this VM's cost of fresh memory drifts within a round.
+                for name in names[i % 3:] + names[:i % 3]:
+                    argv = tools[name]
                     t = Target(exe, work / f"memhog-{name}-{mib}-{i}.log", str(mib))
                     image = work / f"image-{name}-{mib}-{i}"
                     try:

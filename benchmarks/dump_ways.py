@@ -11,6 +11,9 @@ fsync's share. Ways:
     map_pop    the same, each piece MADV_POPULATE_WRITE'd first (one call per piece, not one fault per folio)
     map_trunc  the same as map with ftruncate instead of fallocate (holes, not unwritten extents)
     pwrite     fallocate, two threads process_vm_readv into their own 8 MiB buffers, hash, pwrite (buffered)
+    api        the real dump in this process (lazarus.dump, leave_running), as the service runs it
+    api_nopop  the same without MADV_POPULATE_WRITE (dump/memory.py _POPULATE off)
+    criu       `criu dump --leave-running` (whole command)
     vmsplice   the target (ptrace-stopped) vmsplices 1 MiB at a time into a pipe it made, of which we hold the read
                end (pidfd_getfd); we splice the pipe into the file (one copy), then hash from a read-only mapping
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import importlib
 import mmap
 import os
 import shutil
@@ -37,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import TARGETS, Target, build, region_of  # noqa: E402
 
+import lazarus  # noqa: E402
 from lazarus.kernel import abi, ptrace, vm  # noqa: E402
 from lazarus.kernel.pidfd import pidfd_getfd, pidfd_open  # noqa: E402
 from lazarus.kernel.syscall import buffer_address, populate_write, start_writeback  # noqa: E402
@@ -203,6 +208,7 @@ def main() -> None:
     ap.add_argument("--criu", default=None)
     ap.add_argument("--ways", nargs="+", default=["map", "map_pop", "map_trunc", "pwrite", "vmsplice"])
     a = ap.parse_args()
+    memory = importlib.import_module("lazarus.dump.memory")
     global PIPE
     PIPE = a.pipe_mib << 20
     work = Path(tempfile.mkdtemp(prefix="dump-ways-", dir=a.dir))
@@ -213,7 +219,8 @@ def main() -> None:
             addr, n = region_of(proc.wait_ready(timeout=300))
             res: dict[str, list[tuple[float, float, float, str]]] = {w: [] for w in a.ways}
             for i in range(a.runs):
-                for w in a.ways:
+                # A rotating order: this VM's cost of fresh memory drifts within a round.
+                for w in a.ways[i % len(a.ways):] + a.ways[:i % len(a.ways)]:
                     path = work / f"dump-ways-{os.getpid()}-{w}-{i}"
                     c0 = time.process_time()
                     t0 = time.perf_counter()
@@ -226,6 +233,12 @@ def main() -> None:
                         fs = way_map(proc.pid, addr, n, path, falloc=False)
                     elif w == "pwrite":
                         fs = way_pwrite(proc.pid, addr, n, path)
+                    elif w in ("api", "api_nopop"):
+                        # The real dump in-process (leave_running), with or without the populate step.
+                        memory._POPULATE = w == "api"
+                        lazarus.dump(proc.pid, path, leave_running=True)
+                        memory._POPULATE = True
+                        fs = 0.0
                     elif w == "criu":
                         path.mkdir()
                         subprocess.run([a.criu, "dump", "-t", str(proc.pid), "-D", str(path), "-o", "dump.log",

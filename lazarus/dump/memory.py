@@ -54,9 +54,10 @@ SPECIAL = {"[vdso]": "vdso", "[vvar]": "vvar", "[vvar_vclock]": "vvar_vclock"}
 # 8 MiB pieces with two threads beat 16 MiB ones (the device starts sooner); the iovecs stay below IOV_MAX.
 _PIECE = 8 << 20
 _THREADS = 2
-# Whether each piece of the mapped page file is populated (MADV_POPULATE_WRITE) before it is read into; off only
-# to measure the difference (benchmarks/dump_ways.py).
-_POPULATE = True
+# Whether each piece of the mapped page file is populated (MADV_POPULATE_WRITE) before it is read into. Off: in
+# the real dump at 2 GiB it measured slower (median 3.7 s against 2.5 s, 7 runs), though in a bare copy loop it
+# was sometimes 3x faster; benchmarks/dump_ways.py (ways api / api_nopop) flips it to measure again.
+_POPULATE = False
 _PAGE = abi.PAGE_SIZE
 
 
@@ -378,9 +379,8 @@ class MemoryDumper:
                         off, parts, n = piece
                         if mapped is not None:
                             if populate:
-                                # The piece's page-cache folios made and mapped writable in one call: else
-                                # process_vm_readv takes a fault (and a page_mkwrite) per folio, which at
-                                # 2 GiB cost 3x the CPU of the copy (docs/BENCHMARKS.md, "vmsplice").
+                                # The piece's page-cache folios made and mapped writable in one call instead
+                                # of one fault (and page_mkwrite) per folio inside process_vm_readv.
                                 populate_write(base + off, n)
                             self._fill(view[off:off + n], mapped, parts, off)
                             ext.filled(off, n)
