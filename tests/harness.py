@@ -62,6 +62,7 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "share_tree": (),
     "share_take": (),
     "cow_fork": (),
+    "cow_tree": (),
 }
 CFLAGS = ("-O1", "-g", "-Wall")
 
@@ -389,6 +390,7 @@ CASES: tuple[Case, ...] = (
     Case("threads", "threads"),
     Case("threads-churn", "threads", ("churn",)),
     Case("tree", "tree"),  # the root reports PASS only once every process of its tree passed (tree.c)
+    Case("cow-tree", "cow_tree"),  # copy-on-write pages kept shared; each process checks its memory (cow_tree.c)
 )
 CASES_BY_ID = {c.id: c for c in CASES}
 

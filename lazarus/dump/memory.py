@@ -24,6 +24,7 @@ import stat as statmod
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from lazarus.dump.sharing import subtract
 from lazarus.errors import Unsupported
 from lazarus.images.mm import refused_vmflag
 from lazarus.kernel import abi, procfs, vm
@@ -111,6 +112,8 @@ class MemoryDumper:
         self.busy: list[Future[int] | None] = [None, None]
         self.next_index = pages_writer.npages
         self.total_pages = 0
+        # Copy-on-write runs its parent gives it back at restore (dump/cow.py): stored in the owner's file only.
+        self.skip: list[tuple[int, int]] = []
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -152,6 +155,8 @@ class MemoryDumper:
             # Private mappings keep the pages the process wrote (copies); shared ones live in their file
             # or object.
             runs = pm.present_pages(vma.start, vma.end, anon_only=(kind != "anon"))
+            if self.skip:
+                runs = subtract(runs, self.skip)
             rec["pages"] = self._read_runs(runs, readable=bool(vma.prot & abi.PROT_READ))
         if kind in ("shmem", "memfd", "deleted"):
             key = (vma.dev, vma.inode, kind)

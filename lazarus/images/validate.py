@@ -284,6 +284,67 @@ def validate_image(img: Any) -> None:
         size = img.files[pages_name(pid)]["size"] if img.has_pages(pid) else 0
         check_task(task, task_name(pid), size // PAGE_SIZE,
                    lambda name: isinstance(name, str) and blob_name(name) in img.files, pid)
+    if "cow.json" in img.files:
+        if img.inventory.get("version", 0) < 4:
+            raise ImageError("cow.json in a version "
+                             f"{img.inventory.get('version')} image (copy-on-write runs came with version 4)")
+        tree = img.tree
+        check_cow(img.json("cow.json"), {p: n.ppid for p, n in tree.nodes.items()},
+                  {p: img.task(p) for p in tree.live()})
+
+
+def check_cow(runs: object, parents: dict[int, int], tasks: dict[int, dict[str, Any]]) -> None:
+    """cow.json (format 4, dump/cow.py): each run a list of page-aligned holders, all live tasks of the image at
+    one address, its owner among them, every other holder's parent a holder too, and inside a private vma that
+    holder has exactly as its parent has it (the restore keeps that vma from the fork). No two runs of a task
+    overlap. Raises ImageError "cow.json: run 2: ..." ."""
+    name = "cow.json"
+    if not isinstance(runs, list):
+        raise ImageError(f"{name}: must be an array")
+    seen: dict[int, list[tuple[int, int, str]]] = {}
+    for i, r in enumerate(runs):
+        where = f"{name}: run {i + 1}"
+        if not isinstance(r, dict) or not isinstance(r.get("at"), list) or len(r["at"]) < 2:
+            raise ImageError(f"{where}: must be an object with at least two holders in 'at'")
+        owner, npages = r.get("owner"), r.get("npages")
+        if type(owner) is not int or type(npages) is not int or not 0 < npages <= (1 << 36):
+            raise ImageError(f"{where}: 'owner' and 'npages' must be integers, npages > 0")
+        at = r["at"]
+        if not all(isinstance(a, list) and len(a) == 2 and all(type(x) is int for x in a) for a in at):
+            raise ImageError(f"{where}: 'at' must hold [pid, address] pairs")
+        pids = [p for p, _ in at]
+        addrs = {a for _, a in at}
+        if len(set(pids)) != len(pids) or owner not in pids:
+            raise ImageError(f"{where}: holders must be distinct and include the owner {owner}")
+        (addr,) = addrs if len(addrs) == 1 else (None,)
+        if addr is None or addr % PAGE_SIZE or not 0 < addr < addr + npages * PAGE_SIZE <= USER_TOP:
+            raise ImageError(f"{where}: holders must map it at one page-aligned user address")
+        end = addr + npages * PAGE_SIZE
+        for p in pids:
+            if p not in tasks:
+                raise ImageError(f"{where}: pid {p} is not a live task of the image")
+            if p != owner and parents.get(p) not in pids:
+                raise ImageError(f"{where}: pid {p}'s parent does not hold the run")
+            mine = _vma_holding(tasks[p], addr, end)
+            if mine is None:
+                raise ImageError(f"{where}: pid {p} has no private vma holding {addr:#x}-{end:#x}")
+            if p != owner and _vma_holding(tasks[parents[p]], mine["start"], mine["end"], exact=True) is None:
+                raise ImageError(f"{where}: pid {p}'s vma at {mine['start']:#x} is not its parent's")
+            seen.setdefault(p, []).append((addr, end, where))
+    for p, ranges in seen.items():
+        ranges.sort()
+        for (_, e1, _), (s2, _, w2) in zip(ranges, ranges[1:], strict=False):
+            if s2 < e1:
+                raise ImageError(f"{w2}: overlaps another run of pid {p}")
+
+
+def _vma_holding(task: dict[str, Any], start: int, end: int, exact: bool = False) -> dict[str, Any] | None:
+    for v in task["mm"]["vmas"]:
+        if v["shared"] or v["kind"] not in ("anon", "file"):
+            continue
+        if (v["start"], v["end"]) == (start, end) if exact else v["start"] <= start and end <= v["end"]:
+            return v
+    return None
 
 
 def check_ownership(path: Path, names: list[str] | None = None) -> None:
