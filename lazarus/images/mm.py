@@ -95,3 +95,41 @@ def huge_ranges(vmas: list[dict[str, Any]]) -> list[tuple[int, int]]:
     """(address, length) of every range a task held in transparent huge pages at dump ("huge" runs of its
     anonymous vmas), for MADV_COLLAPSE once the range is filled."""
     return [(int(a), int(n) * PAGE_SIZE) for v in vmas for a, n in v.get("huge", ())]
+
+
+def owned_cow(img: Any, pid: int) -> list[tuple[int, int]]:
+    """[start, end) of the copy-on-write runs (cow.json, format 4) task `pid` owns: a restore writes them before
+    it forks the children that share them, so a lazy server never serves them."""
+    if "cow.json" not in img.files:
+        return []
+    return sorted((a, a + r["npages"] * PAGE_SIZE) for r in img.json("cow.json") if r["owner"] == pid
+                  for p, a in r["at"] if p == pid)
+
+
+def without(vmas: list[dict[str, Any]], ranges: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    """The vmas with their page runs ([vaddr, npages, file index]) minus the sorted, disjoint `ranges`."""
+    if not ranges:
+        return vmas
+    out = []
+    for v in vmas:
+        runs = []
+        for vaddr, n, idx in v["pages"]:
+            pos, end = vaddr, vaddr + n * PAGE_SIZE
+            for s, e in ranges:
+                if e <= pos or s >= end:
+                    continue
+                if s > pos:
+                    runs.append([pos, (s - pos) // PAGE_SIZE, idx + (pos - vaddr) // PAGE_SIZE])
+                pos = max(pos, e)
+                if pos >= end:
+                    break
+            if pos < end:
+                runs.append([pos, (end - pos) // PAGE_SIZE, idx + (pos - vaddr) // PAGE_SIZE])
+        out.append({**v, "pages": runs})
+    return out
+
+
+def served_vmas(img: Any, pid: int, lazy_ids: set[int]) -> list[dict[str, Any]]:
+    """What a lazy server serves task `pid` of `img`: lazy_vmas less the copy-on-write runs it owns."""
+    mm = img.task(pid)["mm"]
+    return without(lazy_vmas(mm, lazy_ids), owned_cow(img, pid))

@@ -19,7 +19,7 @@ from typing import Any
 from lazarus.errors import ImageError, KernelError, LazarusError, RestoreError
 from lazarus.images import Image
 from lazarus.images.format import COW_FILE, PAGES_PER_CHUNK, task_name
-from lazarus.images.mm import is_lazy, lazy_object_ids, lazy_vmas
+from lazarus.images.mm import is_lazy, lazy_object_ids, lazy_vmas, without
 from lazarus.images.validate import validate_image
 from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.clone import Trampoline
@@ -386,6 +386,7 @@ class TaskBuild:
                 # page into two processes); the lazy server finds them present.
                 for start, end in self.cow.owned:
                     written += space.write_range(mm["vmas"], page_file, start, end)
+                served = without(served, self.cow.owned)
         space.finish_vmas(mm["vmas"], page_file)
         space.check_vmflags(mm["vmas"])
         timings["pages"] = time.monotonic() - t0

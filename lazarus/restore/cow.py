@@ -64,3 +64,4 @@ def plans(runs: list[dict[str, Any]], parents: dict[int, int], exes: dict[int, s
         plan.inherited, plan.owned = merge(plan.inherited), merge(plan.owned)
         plan.same_exe = bool(plan.inherited) and exes.get(pid) == exes.get(parents.get(pid, 0))
     return out
+
