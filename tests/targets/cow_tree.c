@@ -3,7 +3,9 @@
  * with MIB MiB of private anonymous memory, a child that rewrote one page in eight of it, and a grandchild
  * (forked by the child afterwards) that rewrote one page in 64 of its own (page 1, 65, 129, ...).
  *
- *   cow_tree LOGFILE [MIB [split]]     (MIB: 32 unless given)
+ *   cow_tree LOGFILE [MIB [split|still]]     (MIB: 32 unless given)
+ *
+ * still: the grandchild writes nothing (the issue's tree exactly; benchmarks/targets/cowtree.c is this file).
  *
  * split: the child makes the last page of its region read-only after writing, so its mapping is no longer its
  * parent's (two vmas): the pages it shares with the parent cannot be kept shared by a restore (private copies).
@@ -25,10 +27,11 @@
 
 static unsigned char *mem;
 static size_t npages;
+static int gwrites = 1; /* the grandchild rewrites one page in 64 (not with "still") */
 
 static uint64_t want_of(size_t p, int who)
 {
-	if (who >= 2 && p % 64 == 1)
+	if (who >= 2 && gwrites && p % 64 == 1)
 		return laz_mix(p ^ (SEED + 2));
 	if (who >= 1 && p % 8 == 0)
 		return laz_mix(p ^ (SEED + 1));
@@ -88,6 +91,7 @@ int main(int argc, char **argv)
 	laz_init(argc, argv);
 	size_t size = (argc > 2 ? strtoul(argv[2], NULL, 0) : 32) << 20;
 	npages = size / LAZ_PAGE;
+	gwrites = !(argc > 3 && !strcmp(argv[3], "still"));
 	mem = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (mem == MAP_FAILED || pipe(up) || pipe(info))
 		laz_die("setup");
@@ -116,7 +120,7 @@ int main(int argc, char **argv)
 			close(up[1]);
 			close(info[1]);
 			own_stdio();
-			for (size_t p = 1; p < npages; p += 64)
+			for (size_t p = 1; gwrites && p < npages; p += 64)
 				stamp(p, want_of(p, 2));
 			close(gup[1]);
 			laz_wait_usr2();
