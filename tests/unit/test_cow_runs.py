@@ -1,0 +1,101 @@
+"""The pure parts of copy-on-write runs kept by a tree restore: which runs dump/cow.py keeps (a fork can give
+them back), cow.json's validation (images/validate.py check_cow), and what a lazy server is left to serve
+(images/mm.py without)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from lazarus.dump.cow import keepable
+from lazarus.dump.sharing import SharedPages
+from lazarus.errors import ImageError
+from lazarus.images.mm import without
+from lazarus.images.validate import check_cow
+from lazarus.kernel.procfs import Vma
+from lazarus.restore.cow import plans
+
+PAGE = 4096
+A = 0x7F00_0000_0000
+PARENTS = {1: 0, 2: 1, 3: 2, 4: 1}
+
+
+def vma(start: int = A, end: int = A + 64 * PAGE, path: str = "") -> Vma:
+    return Vma(start, end, 3, False, start // PAGE, (0, 0), 0, path)
+
+
+def run(owner: int, pids: tuple[int, ...], n: int = 4, at: int = A, owner_has: bool = True) -> SharedPages:
+    return SharedPages("x", owner, owner_has, n, tuple((p, at) for p in pids))
+
+
+VMAS = {p: [vma()] for p in (1, 2, 3, 4)}
+
+
+def test_kept_down_the_tree() -> None:
+    got = keepable([run(1, (1, 2, 3)), run(2, (2, 3), at=A + 8 * PAGE)], PARENTS, VMAS)
+    assert [(r.id, r.owner) for r in got] == [("cow-1", 1), ("cow-2", 2)]
+
+
+@pytest.mark.parametrize("r, vmas", [
+    (run(1, (2, 4), owner_has=False), VMAS),  # siblings sharing a page their parent rewrote
+    (run(1, (1, 3)), VMAS),  # the grandchild's parent (2) does not hold it: no way down
+    (run(1, (1, 2)), {**VMAS, 2: [vma(end=A + 32 * PAGE)]}),  # the child's vma is no longer its parent's
+    (run(1, (1, 2), n=80), VMAS),  # beyond the vma
+])
+def test_not_kept(r: SharedPages, vmas: dict[int, list[Vma]]) -> None:
+    assert keepable([r], PARENTS, vmas) == []
+
+
+def task(vmas: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"mm": {"exe": "/bin/x", "vmas": vmas if vmas is not None else [
+        {"start": A, "end": A + 64 * PAGE, "shared": False, "kind": "anon", "pages": []}]}}
+
+
+TASKS = {p: task() for p in (1, 2, 3)}
+
+
+def rec(owner: int = 1, at: list[list[int]] | None = None, npages: int = 4) -> dict[str, Any]:
+    return {"id": "cow-1", "owner": owner, "npages": npages, "at": at or [[1, A], [2, A], [3, A]]}
+
+
+def test_check_cow_accepts() -> None:
+    check_cow([rec(), rec(2, [[2, A + 8 * PAGE], [3, A + 8 * PAGE]])], PARENTS, TASKS)
+
+
+@pytest.mark.parametrize("runs, why", [
+    ({}, "must be an array"),
+    ([rec(at=[[1, A]])], "at least two holders"),
+    ([rec(owner=4)], "include the owner"),
+    ([rec(at=[[1, A], [2, A + PAGE]])], "one page-aligned"),
+    ([rec(at=[[1, A + 1], [2, A + 1]])], "one page-aligned"),
+    ([rec(at=[[1, A], [9, A]])], "pid 9 is not a live task"),
+    ([rec(at=[[1, A], [3, A]])], "pid 3's parent does not hold"),
+    ([rec(npages=65)], "no private vma"),
+    ([rec(), rec()], "overlaps"),
+])
+def test_check_cow_refuses(runs: Any, why: str) -> None:
+    with pytest.raises(ImageError, match=why):
+        check_cow(runs, PARENTS, TASKS)
+
+
+def test_check_cow_refuses_a_vma_not_the_parents() -> None:
+    tasks = {**TASKS, 2: task([{"start": A, "end": A + 32 * PAGE, "shared": False, "kind": "anon"}])}
+    with pytest.raises(ImageError, match="not its parent's"):
+        check_cow([rec(at=[[1, A], [2, A]])], PARENTS, tasks)
+
+
+def test_without_cuts_served_runs() -> None:
+    v = {"start": A, "end": A + 16 * PAGE, "pages": [[A, 16, 100]]}
+    got = without([v], [(A + 2 * PAGE, A + 4 * PAGE), (A + 15 * PAGE, A + 20 * PAGE)])
+    assert got[0]["pages"] == [[A, 2, 100], [A + 4 * PAGE, 11, 104]]
+    assert without([v], []) == [v]
+
+
+def test_plans_split_owned_and_inherited() -> None:
+    p = plans([rec(), rec(2, [[2, A + 8 * PAGE], [3, A + 8 * PAGE]])], PARENTS,
+              {1: "/bin/x", 2: "/bin/x", 3: "/bin/y"})
+    assert p[1].owned == [(A, A + 4 * PAGE)] and not p[1].inherited
+    assert p[2].inherited == [(A, A + 4 * PAGE)] and p[2].owned == [(A + 8 * PAGE, A + 12 * PAGE)]
+    assert p[2].same_exe and not p[3].same_exe
+    assert p[3].inherited == [(A, A + 4 * PAGE), (A + 8 * PAGE, A + 12 * PAGE)]
