@@ -19,7 +19,7 @@ from typing import Any
 from lazarus.errors import ImageError, KernelError, LazarusError, RestoreError
 from lazarus.images import Image
 from lazarus.images.format import COW_FILE, PAGES_PER_CHUNK, task_name
-from lazarus.images.mm import is_lazy, lazy_object_ids, lazy_vmas, without
+from lazarus.images.mm import is_lazy, lazy_object_ids, lazy_vmas, only, without
 from lazarus.images.validate import validate_image
 from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.clone import Trampoline
@@ -384,8 +384,7 @@ class TaskBuild:
             elif lazy and self.cow:
                 # The runs its children are to share: in before they are forked (userfaultfd cannot map one
                 # page into two processes); the lazy server finds them present.
-                for start, end in self.cow.owned:
-                    written += space.write_range(mm["vmas"], page_file, start, end)
+                written += space.write_pages(only(mm["vmas"], self.cow.owned), page_file, skip_lazy=False)
                 served = without(served, self.cow.owned)
         space.finish_vmas(mm["vmas"], page_file)
         space.check_vmflags(mm["vmas"])

@@ -99,3 +99,19 @@ def test_plans_split_owned_and_inherited() -> None:
     assert p[2].inherited == [(A, A + 4 * PAGE)] and p[2].owned == [(A + 8 * PAGE, A + 12 * PAGE)]
     assert p[2].same_exe and not p[3].same_exe
     assert p[3].inherited == [(A, A + 4 * PAGE), (A + 8 * PAGE, A + 12 * PAGE)]
+
+
+def test_only_keeps_the_ranges() -> None:
+    from lazarus.images.mm import only
+    v = {"start": A, "end": A + 16 * PAGE, "pages": [[A, 4, 100], [A + 8 * PAGE, 8, 104]]}
+    got = only([v], [(A + 2 * PAGE, A + 3 * PAGE), (A + 7 * PAGE, A + 10 * PAGE), (A + 15 * PAGE, A + 20 * PAGE)])
+    assert got[0]["pages"] == [[A + 2 * PAGE, 1, 102], [A + 8 * PAGE, 2, 104], [A + 15 * PAGE, 1, 111]]
+    assert only([v], [(A + 4 * PAGE, A + 8 * PAGE)]) == []
+
+
+def test_without_many_ranges_is_linear() -> None:
+    n = 20000
+    v = {"start": A, "end": A + 8 * n * PAGE, "pages": [[A + 8 * i * PAGE, 1, i] for i in range(n)]}
+    holes = [(A + 8 * i * PAGE, A + (8 * i + 7) * PAGE) for i in range(0, n, 2)]
+    got = without([v], holes)
+    assert len(got[0]["pages"]) == n // 2
