@@ -302,6 +302,8 @@ def check_cow(runs: object, parents: dict[int, int], tasks: dict[int, dict[str, 
     if not isinstance(runs, list):
         raise ImageError(f"{name}: must be an array")
     seen: dict[int, list[tuple[int, int, str]]] = {}
+    last: dict[int, dict[str, Any]] = {}  # pid -> the vma that held its previous run (runs come in order)
+    good: set[tuple[int, int]] = set()  # (pid, vma start) found identical to its parent's
     for i, r in enumerate(runs):
         where = f"{name}: run {i + 1}"
         if not isinstance(r, dict) or not isinstance(r.get("at"), list) or len(r["at"]) < 2:
@@ -325,11 +327,15 @@ def check_cow(runs: object, parents: dict[int, int], tasks: dict[int, dict[str, 
                 raise ImageError(f"{where}: pid {p} is not a live task of the image")
             if p != owner and parents.get(p) not in pids:
                 raise ImageError(f"{where}: pid {p}'s parent does not hold the run")
-            mine = _vma_holding(tasks[p], addr, end)
+            mine = last.get(p)
+            if mine is None or not mine["start"] <= addr < end <= mine["end"]:
+                mine = last[p] = _vma_holding(tasks[p], addr, end)  # type: ignore[assignment]
             if mine is None:
                 raise ImageError(f"{where}: pid {p} has no private vma holding {addr:#x}-{end:#x}")
-            if p != owner and _vma_holding(tasks[parents[p]], mine["start"], mine["end"], exact=True) is None:
-                raise ImageError(f"{where}: pid {p}'s vma at {mine['start']:#x} is not its parent's")
+            if p != owner and (p, mine["start"]) not in good:
+                if _vma_holding(tasks[parents[p]], mine["start"], mine["end"], exact=True) is None:
+                    raise ImageError(f"{where}: pid {p}'s vma at {mine['start']:#x} is not its parent's")
+                good.add((p, mine["start"]))
             seen.setdefault(p, []).append((addr, end, where))
     for p, ranges in seen.items():
         ranges.sort()

@@ -12,6 +12,7 @@ other), so an inherited page never faults and is never copied.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +36,13 @@ class CowPlan:
 
     def kept_vmas(self, vmas: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Its image vmas that hold inherited runs: kept as they come from the parent."""
-        return [v for v in vmas if any(s < v["end"] and v["start"] < e for s, e in self.inherited)]
+        starts = [s for s, _ in self.inherited]
+        out = []
+        for v in vmas:
+            i = bisect.bisect_left(starts, v["end"])  # the ranges starting before its end
+            if i and self.inherited[i - 1][1] > v["start"]:  # merged and sorted: the last one decides
+                out.append(v)
+        return out
 
     def drop_others(self, task: RemoteTask, kept: list[dict[str, Any]]) -> None:
         """MADV_DONTNEED every page of the kept vmas that is not in one of its inherited runs: what its parent
