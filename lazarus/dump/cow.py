@@ -18,7 +18,6 @@ Other shared frames are stored once per task (private copies after a restore): t
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 from lazarus.dump import sharing
 from lazarus.dump.sharing import SharedPages
@@ -77,6 +76,17 @@ def inherited(runs: Iterable[SharedPages], pid: int) -> list[Range]:
     return sharing.inherited_ranges(runs, pid)
 
 
-def to_json(runs: Iterable[SharedPages]) -> list[dict[str, Any]]:
-    """cow.json: [{id, owner, npages, at: [[pid, addr], ...]}] (docs/IMAGES.md, "Copy-on-write runs")."""
-    return [{"id": r.id, "owner": r.owner, "npages": r.npages, "at": [list(a) for a in r.at]} for r in runs]
+def to_json(runs: Iterable[SharedPages]) -> dict[str, dict[str, list[list[int]]]]:
+    """cow.json: for each task with a part in a kept run, the page ranges it owns (writes before it forks) and
+    those it inherits (keeps from the fork), each as sorted, merged [start, npages] (docs/IMAGES.md)."""
+    owned: dict[int, list[Range]] = {}
+    kept: dict[int, list[Range]] = {}
+    for r in runs:
+        size = r.npages * abi.PAGE_SIZE
+        for pid, addr in r.at:
+            (owned if pid == r.owner else kept).setdefault(pid, []).append((addr, addr + size))
+    out: dict[str, dict[str, list[list[int]]]] = {}
+    for pid in sorted(set(owned) | set(kept)):
+        out[str(pid)] = {k: [[s, (e - s) // abi.PAGE_SIZE] for s, e in sharing.merge(src.get(pid, []))]
+                         for k, src in (("owned", owned), ("inherited", kept))}
+    return out

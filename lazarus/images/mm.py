@@ -102,8 +102,8 @@ def owned_cow(img: Any, pid: int) -> list[tuple[int, int]]:
     it forks the children that share them, so a lazy server never serves them."""
     if "cow.json" not in img.files:
         return []
-    return sorted((a, a + r["npages"] * PAGE_SIZE) for r in img.json("cow.json") if r["owner"] == pid
-                  for p, a in r["at"] if p == pid)
+    rec = img.json("cow.json").get(str(pid))
+    return [(s, s + n * PAGE_SIZE) for s, n in rec["owned"]] if rec else []
 
 
 def without(vmas: list[dict[str, Any]], ranges: list[tuple[int, int]]) -> list[dict[str, Any]]:

@@ -293,63 +293,83 @@ def validate_image(img: Any) -> None:
                   {p: img.task(p) for p in tree.live()})
 
 
-def check_cow(runs: object, parents: dict[int, int], tasks: dict[int, dict[str, Any]]) -> None:
-    """cow.json (format 4, dump/cow.py): each run a list of page-aligned holders, all live tasks of the image at
-    one address, its owner among them, every other holder's parent a holder too, and inside a private vma that
-    holder has exactly as its parent has it (the restore keeps that vma from the fork). No two runs of a task
-    overlap. Raises ImageError "cow.json: run 2: ..." ."""
+def check_cow(cow: object, parents: dict[int, int], tasks: dict[int, dict[str, Any]]) -> None:
+    """cow.json (format 4, dump/cow.py): for live tasks of the image, "owned" and "inherited" page ranges
+    [start, npages], each list sorted, page aligned, not overlapping, in user space; a task's owned and inherited
+    ranges disjoint; what a task inherits held by its parent (owned or inherited there), inside private vmas the
+    task has exactly as its parent has them (the restore keeps them from the fork). Linear in the ranges.
+    Raises ImageError "cow.json: pid 12: ..."."""
     name = "cow.json"
-    if not isinstance(runs, list):
-        raise ImageError(f"{name}: must be an array")
-    seen: dict[int, list[tuple[int, int, str]]] = {}
-    last: dict[int, dict[str, Any]] = {}  # pid -> the vma that held its previous run (runs come in order)
-    good: set[tuple[int, int]] = set()  # (pid, vma start) found identical to its parent's
-    for i, r in enumerate(runs):
-        where = f"{name}: run {i + 1}"
-        if not isinstance(r, dict) or not isinstance(r.get("at"), list) or len(r["at"]) < 2:
-            raise ImageError(f"{where}: must be an object with at least two holders in 'at'")
-        owner, npages = r.get("owner"), r.get("npages")
-        if type(owner) is not int or type(npages) is not int or not 0 < npages <= (1 << 36):
-            raise ImageError(f"{where}: 'owner' and 'npages' must be integers, npages > 0")
-        at = r["at"]
-        if not all(isinstance(a, list) and len(a) == 2 and all(type(x) is int for x in a) for a in at):
-            raise ImageError(f"{where}: 'at' must hold [pid, address] pairs")
-        pids = [p for p, _ in at]
-        addrs = {a for _, a in at}
-        if len(set(pids)) != len(pids) or owner not in pids:
-            raise ImageError(f"{where}: holders must be distinct and include the owner {owner}")
-        (addr,) = addrs if len(addrs) == 1 else (None,)
-        if addr is None or addr % PAGE_SIZE or not 0 < addr < addr + npages * PAGE_SIZE <= USER_TOP:
-            raise ImageError(f"{where}: holders must map it at one page-aligned user address")
-        end = addr + npages * PAGE_SIZE
-        for p in pids:
-            if p not in tasks:
-                raise ImageError(f"{where}: pid {p} is not a live task of the image")
-            if p != owner and parents.get(p) not in pids:
-                raise ImageError(f"{where}: pid {p}'s parent does not hold the run")
-            mine = last.get(p)
-            if mine is None or not mine["start"] <= addr < end <= mine["end"]:
-                mine = last[p] = _vma_holding(tasks[p], addr, end)  # type: ignore[assignment]
-            if mine is None:
-                raise ImageError(f"{where}: pid {p} has no private vma holding {addr:#x}-{end:#x}")
-            if p != owner and (p, mine["start"]) not in good:
-                if _vma_holding(tasks[parents[p]], mine["start"], mine["end"], exact=True) is None:
-                    raise ImageError(f"{where}: pid {p}'s vma at {mine['start']:#x} is not its parent's")
-                good.add((p, mine["start"]))
-            seen.setdefault(p, []).append((addr, end, where))
-    for p, ranges in seen.items():
-        ranges.sort()
-        for (_, e1, _), (s2, _, w2) in zip(ranges, ranges[1:], strict=False):
-            if s2 < e1:
-                raise ImageError(f"{w2}: overlaps another run of pid {p}")
-
-
-def _vma_holding(task: dict[str, Any], start: int, end: int, exact: bool = False) -> dict[str, Any] | None:
-    for v in task["mm"]["vmas"]:
-        if v["shared"] or v["kind"] not in ("anon", "file"):
+    if not isinstance(cow, dict):
+        raise ImageError(f"{name}: must be an object")
+    ranges: dict[int, dict[str, list[tuple[int, int]]]] = {}
+    for key, rec in cow.items():
+        where = f"{name}: pid {key}"
+        if not key.isdigit() or int(key) not in tasks:
+            raise ImageError(f"{where}: not a live task of the image")
+        if not isinstance(rec, dict) or set(rec) != {"owned", "inherited"}:
+            raise ImageError(f"{where}: must be an object with 'owned' and 'inherited' only")
+        mine = ranges[int(key)] = {}
+        for field, runs in rec.items():
+            if not isinstance(runs, list) or not all(
+                    isinstance(r, list) and len(r) == 2 and type(r[0]) is int and type(r[1]) is int for r in runs):
+                raise ImageError(f"{where}: '{field}' must be an array of [start, npages]")
+            out = mine[field] = []
+            prev = 0
+            for start, n in runs:
+                end = start + n * PAGE_SIZE
+                if start % PAGE_SIZE or n <= 0 or start < prev or end > USER_TOP:
+                    raise ImageError(f"{where}: '{field}' range {start:#x} (+{n} pages) is unaligned, empty, "
+                                     "out of order or outside user space")
+                out.append((start, end))
+                prev = end
+        if _overlap(mine["owned"], mine["inherited"]):
+            raise ImageError(f"{where}: a range both owned and inherited")
+    for pid, mine in ranges.items():
+        if not mine["inherited"]:
             continue
-        if (v["start"], v["end"]) == (start, end) if exact else v["start"] <= start and end <= v["end"]:
-            return v
+        where = f"{name}: pid {pid}"
+        parent = ranges.get(parents.get(pid, -1))
+        held = sorted((parent["owned"] + parent["inherited"]) if parent else [])
+        bad = _not_within(mine["inherited"], held)
+        if bad is not None:
+            raise ImageError(f"{where}: inherits {bad:#x}, which its parent does not hold")
+        vmas = [v for v in tasks[pid]["mm"]["vmas"] if not v["shared"] and v["kind"] in ("anon", "file")]
+        bad = _not_within(mine["inherited"], [(v["start"], v["end"]) for v in vmas])
+        if bad is not None:
+            raise ImageError(f"{where}: inherits {bad:#x}, outside its private vmas")
+        theirs = {(v["start"], v["end"]) for v in tasks[parents[pid]]["mm"]["vmas"]
+                  if not v["shared"] and v["kind"] in ("anon", "file")}
+        for v in vmas:
+            if (v["start"], v["end"]) not in theirs and _overlap([(v["start"], v["end"])], mine["inherited"]):
+                raise ImageError(f"{where}: its vma at {v['start']:#x} is not its parent's")
+
+
+def _overlap(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> bool:
+    """Two sorted lists of disjoint [start, end) ranges: does any range of one overlap one of the other?"""
+    i = j = 0
+    while i < len(a) and j < len(b):
+        if a[i][1] <= b[j][0]:
+            i += 1
+        elif b[j][1] <= a[i][0]:
+            j += 1
+        else:
+            return True
+    return False
+
+
+def _not_within(inner: list[tuple[int, int]], outer: list[tuple[int, int]]) -> int | None:
+    """The first address of sorted `inner` not covered by sorted `outer` (adjacent outer ranges join), or
+    None."""
+    j = 0
+    for s, e in inner:
+        pos = s
+        while pos < e:
+            while j < len(outer) and outer[j][1] <= pos:
+                j += 1
+            if j == len(outer) or outer[j][0] > pos:
+                return pos
+            pos = outer[j][1]
     return None
 
 

@@ -16,7 +16,7 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Any
 
-from lazarus.dump.sharing import merge, subtract
+from lazarus.dump.sharing import subtract
 from lazarus.kernel import abi
 from lazarus.remote import RemoteTask
 
@@ -59,16 +59,15 @@ class CowPlan:
         b.run()
 
 
-def plans(runs: list[dict[str, Any]], parents: dict[int, int], exes: dict[int, str]) -> dict[int, CowPlan]:
-    """Each task's CowPlan from cow.json's records (checked by images/validate.py check_cow)."""
+def plans(cow: dict[str, Any], parents: dict[int, int], exes: dict[int, str]) -> dict[int, CowPlan]:
+    """Each task's CowPlan from cow.json (checked by images/validate.py check_cow)."""
     out: dict[int, CowPlan] = {}
-    for r in runs:
-        size = r["npages"] * abi.PAGE_SIZE
-        for pid, addr in r["at"]:
-            plan = out.setdefault(pid, CowPlan(pid))
-            (plan.owned if pid == r["owner"] else plan.inherited).append((addr, addr + size))
-    for pid, plan in out.items():
-        plan.inherited, plan.owned = merge(plan.inherited), merge(plan.owned)
+    for key, rec in cow.items():
+        pid = int(key)
+        plan = out[pid] = CowPlan(pid, _ranges(rec["inherited"]), _ranges(rec["owned"]))
         plan.same_exe = bool(plan.inherited) and exes.get(pid) == exes.get(parents.get(pid, 0))
     return out
 
+
+def _ranges(runs: list[list[int]]) -> list[Range]:
+    return [(s, s + n * abi.PAGE_SIZE) for s, n in runs]

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from lazarus.dump.cow import keepable
+from lazarus.dump.cow import keepable, to_json
 from lazarus.dump.sharing import SharedPages
 from lazarus.errors import ImageError
 from lazarus.images.mm import without
@@ -55,34 +55,41 @@ def task(vmas: list[dict[str, Any]] | None = None) -> dict[str, Any]:
 TASKS = {p: task() for p in (1, 2, 3)}
 
 
-def rec(owner: int = 1, at: list[list[int]] | None = None, npages: int = 4) -> dict[str, Any]:
-    return {"id": "cow-1", "owner": owner, "npages": npages, "at": at or [[1, A], [2, A], [3, A]]}
+def cow(**over: Any) -> dict[str, Any]:
+    base = {"1": {"owned": [[A, 4]], "inherited": []},
+            "2": {"owned": [[A + 8 * PAGE, 4]], "inherited": [[A, 4]]},
+            "3": {"owned": [], "inherited": [[A, 4], [A + 8 * PAGE, 4]]}}
+    return {**base, **over}
 
 
 def test_check_cow_accepts() -> None:
-    check_cow([rec(), rec(2, [[2, A + 8 * PAGE], [3, A + 8 * PAGE]])], PARENTS, TASKS)
+    check_cow(cow(), PARENTS, TASKS)
 
 
-@pytest.mark.parametrize("runs, why", [
-    ({}, "must be an array"),
-    ([rec(at=[[1, A]])], "at least two holders"),
-    ([rec(owner=4)], "include the owner"),
-    ([rec(at=[[1, A], [2, A + PAGE]])], "one page-aligned"),
-    ([rec(at=[[1, A + 1], [2, A + 1]])], "one page-aligned"),
-    ([rec(at=[[1, A], [9, A]])], "pid 9 is not a live task"),
-    ([rec(at=[[1, A], [3, A]])], "pid 3's parent does not hold"),
-    ([rec(npages=65)], "no private vma"),
-    ([rec(), rec()], "overlaps"),
+@pytest.mark.parametrize("bad, why", [
+    ([], "must be an object"),
+    (cow(**{"9": {"owned": [], "inherited": []}}), "pid 9: not a live task"),
+    (cow(**{"1": {"owned": [[A, 4]]}}), "'owned' and 'inherited' only"),
+    (cow(**{"1": {"owned": [[A, "4"]], "inherited": []}}), "array of \\[start, npages\\]"),
+    (cow(**{"1": {"owned": [[A + 1, 4]], "inherited": []}}), "unaligned"),
+    (cow(**{"1": {"owned": [[A + 8 * PAGE, 1], [A, 4]], "inherited": []}}), "out of order"),
+    (cow(**{"1": {"owned": [[A, 0]], "inherited": []}}), "empty"),
+    (cow(**{"2": {"owned": [[A, 4]], "inherited": [[A, 4]]}}), "both owned and inherited"),
+    (cow(**{"3": {"owned": [], "inherited": [[A, 5]]}}), "pid 3: inherits 0x7f0000004000, which its parent"),
+    (cow(**{"2": {"owned": [], "inherited": [[A, 4]]}, "1": {"owned": [[A, 4]], "inherited": []},
+            "3": {"owned": [], "inherited": [[A + 8 * PAGE, 1]]}}), "pid 3: inherits"),
+    (cow(**{"1": {"owned": [[A, 80]], "inherited": []}, "2": {"owned": [], "inherited": [[A, 80]]}}),
+     "outside its private vmas"),
 ])
-def test_check_cow_refuses(runs: Any, why: str) -> None:
+def test_check_cow_refuses(bad: Any, why: str) -> None:
     with pytest.raises(ImageError, match=why):
-        check_cow(runs, PARENTS, TASKS)
+        check_cow(bad, PARENTS, TASKS)
 
 
 def test_check_cow_refuses_a_vma_not_the_parents() -> None:
     tasks = {**TASKS, 2: task([{"start": A, "end": A + 32 * PAGE, "shared": False, "kind": "anon"}])}
     with pytest.raises(ImageError, match="not its parent's"):
-        check_cow([rec(at=[[1, A], [2, A]])], PARENTS, tasks)
+        check_cow(cow(), PARENTS, tasks)
 
 
 def test_without_cuts_served_runs() -> None:
@@ -92,13 +99,18 @@ def test_without_cuts_served_runs() -> None:
     assert without([v], []) == [v]
 
 
-def test_plans_split_owned_and_inherited() -> None:
-    p = plans([rec(), rec(2, [[2, A + 8 * PAGE], [3, A + 8 * PAGE]])], PARENTS,
-              {1: "/bin/x", 2: "/bin/x", 3: "/bin/y"})
-    assert p[1].owned == [(A, A + 4 * PAGE)] and not p[1].inherited
-    assert p[2].inherited == [(A, A + 4 * PAGE)] and p[2].owned == [(A + 8 * PAGE, A + 12 * PAGE)]
+def test_to_json_and_plans() -> None:
+    runs = [run(1, (1, 2, 3)), run(2, (2, 3), at=A + 8 * PAGE), run(1, (1, 2), at=A + 4 * PAGE)]
+    got = to_json(runs)
+    assert got == {"1": {"owned": [[A, 8]], "inherited": []},
+                   "2": {"owned": [[A + 8 * PAGE, 4]], "inherited": [[A, 8]]},
+                   "3": {"owned": [], "inherited": [[A, 4], [A + 8 * PAGE, 4]]}}
+    check_cow(got, PARENTS, TASKS)
+    p = plans(got, PARENTS, {1: "/bin/x", 2: "/bin/x", 3: "/bin/y"})
+    assert p[1].owned == [(A, A + 8 * PAGE)] and not p[1].inherited
+    assert p[2].inherited == [(A, A + 8 * PAGE)] and p[2].owned == [(A + 8 * PAGE, A + 12 * PAGE)]
     assert p[2].same_exe and not p[3].same_exe
-    assert p[3].inherited == [(A, A + 4 * PAGE), (A + 8 * PAGE, A + 12 * PAGE)]
+    assert p[2].kept_vmas(TASKS[2]["mm"]["vmas"]) == TASKS[2]["mm"]["vmas"] and p[1].kept_vmas([]) == []
 
 
 def test_only_keeps_the_ranges() -> None:
