@@ -50,13 +50,27 @@ class CowPlan:
         drop = subtract([(v["start"], v["end"]) for v in kept], self.inherited)
         if not drop:
             return
-        b = task.batch()
-        for start, end in drop:
-            if not b.fits(1):
-                b.run()
-            b.call(abi.SYS.madvise, start, end - start, abi.MADV_DONTNEED,
-                   what=f"madvise(MADV_DONTNEED) {start:#x}-{end:#x}")
-        b.run()
+        # Thousands of holes where a child rewrote scattered pages: a scratch area of their own lets each
+        # injection run thousands of calls instead of the trampoline scratch's few dozen.
+        old = (task.scratch, task.scratch_size)
+        big = 0
+        if len(drop) > 64:
+            size = min(len(drop) * 64 + abi.PAGE_SIZE, 1 << 20) + abi.PAGE_SIZE - 1 & ~(abi.PAGE_SIZE - 1)
+            big = task.syscall(abi.SYS.mmap, 0, size, abi.PROT_READ | abi.PROT_WRITE,
+                               abi.MAP_PRIVATE | abi.MAP_ANONYMOUS, (1 << 64) - 1, 0, what="mmap of scratch")
+            task.use_scratch(big, size)
+        try:
+            b = task.batch()
+            for start, end in drop:
+                if not b.fits(1):
+                    b.run()
+                b.call(abi.SYS.madvise, start, end - start, abi.MADV_DONTNEED,
+                       what=f"madvise(MADV_DONTNEED) {start:#x}-{end:#x}")
+            b.run()
+        finally:
+            if big:
+                task.use_scratch(*old)
+                task.syscall(abi.SYS.munmap, big, size)
 
 
 def plans(cow: dict[str, Any], parents: dict[int, int], exes: dict[int, str]) -> dict[int, CowPlan]:
