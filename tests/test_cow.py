@@ -107,3 +107,25 @@ def test_cow_tree_unshareable_restores_with_private_copies(harness: H.Harness) -
     assert r.returncode == 0 and r.target is not None, r.stderr
     H.expect_pass(harness.run_case(CASE, r.target), r.target, r)
     assert r.target.wait_exit(15) == 0, r.target.describe()
+
+
+def test_cow_tree_under_pidns_twice(harness: H.Harness) -> None:
+    """Two lazy --pidns restores of one copy-on-write tree at once: each keeps the sharing inside its own
+    namespace (children forked there from their restored parents) and passes its checks."""
+    from test_pidns import check_copy, restore_copies, run_one
+
+    target, pids, rss, before = started(harness)
+    image = harness.image_dir()
+    res = harness.dump(target, image)
+    assert res.returncode == 0, res.stderr
+    copies = restore_copies(harness, image, target, 2, lazy=True)
+    inits = [check_copy(r, target.pid) for r in copies]
+    for r in copies:
+        assert r.target is not None and r.pid is not None
+        tree = [r.pid, *H.descendants(r.pid)]
+        assert len(tree) == 3, tree
+        all_in(tree, dict(zip(tree, rss.values(), strict=True)))
+        after = sum(rollup(p, "Pss") for p in tree)
+        assert after <= 1.15 * before, f"copy {r.pid}: tree Pss {after / 2**20:.1f} MiB, {before / 2**20:.1f} before"
+    for r, init in zip(copies, inits, strict=True):
+        run_one(harness, CASE, r, init)
