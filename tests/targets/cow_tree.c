@@ -1,7 +1,8 @@
 /*
  * cow_tree.c - exercises copy-on-write pages kept shared by a tree restore (issue 9's Pss requirement), each
  * process checking its own memory after the restore: a parent with MIB MiB of private anonymous memory, a
- * child that rewrote one page in eight of it, and a grandchild (forked by the child afterwards) that rewrote one page in 64 of its own (page 1, 65, 129, ...).
+ * child that rewrote one page in eight of it, and a grandchild (forked by the child afterwards) that rewrote
+ * one page in 64 of its own (page 1, 65, 129, ...).
  *
  *   cow_tree LOGFILE [MIB [split|still]]     (MIB: 32 unless given)
  *
