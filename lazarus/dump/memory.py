@@ -41,6 +41,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from lazarus.dump.sharing import subtract
 from lazarus.dump.thp import huge_runs
 from lazarus.errors import DumpError, ImageError, Unsupported
 from lazarus.images.mm import refused_vmflag
@@ -198,6 +199,8 @@ class MemoryDumper:
         self.total_pages = 0
         self._sources: list[_Source] = []
         self._fds: list[int] = []
+        # Copy-on-write runs its parent gives it back at restore (dump/cow.py): stored in the owner's file only.
+        self.skip: list[tuple[int, int]] = []
 
     def close(self) -> None:
         for fd in self._fds:
@@ -250,6 +253,8 @@ class MemoryDumper:
             # Private mappings keep the pages the process wrote (copies); shared ones live in their file
             # or object.
             runs, huge = pm.present_and_huge(vma.start, vma.end, anon_only=(kind != "anon"))
+            if self.skip:
+                runs = subtract(runs, self.skip)
             index = self._place(_Source([(s, e - s) for s, e in runs], readable=bool(vma.prot & abi.PROT_READ)))
             for s, e in runs:
                 rec["pages"].append([s, (e - s) // _PAGE, index])
