@@ -154,8 +154,8 @@ def dump(tool: str, criu: str | None, tree: Tree, image: Path) -> float:
 
 
 def eager_round(tool: str, criu: str | None, binary: Path, work: Path, mib: int, procs: int,
-                permille: int) -> dict[str, Any]:
-    tree = Tree(binary, work, mib, procs, permille, f"{tool}-eager")
+                permille: int, *, make: type[Tree] = Tree) -> dict[str, Any]:
+    tree = make(binary, work, mib, procs, permille, f"{tool}-eager")
     image = work / f"image-{tool}-eager"
     try:
         out: dict[str, Any] = {"pss_before_mib": tree.pss_mib()}
@@ -177,8 +177,8 @@ def eager_round(tool: str, criu: str | None, binary: Path, work: Path, mib: int,
 
 
 def lazy_round(tool: str, criu: str | None, binary: Path, work: Path, mib: int, procs: int,
-               permille: int, *, pss: bool = True) -> dict[str, Any]:
-    tree = Tree(binary, work, mib, procs, permille, f"{tool}-lazy")
+               permille: int, *, pss: bool = True, make: type[Tree] = Tree) -> dict[str, Any]:
+    tree = make(binary, work, mib, procs, permille, f"{tool}-lazy")
     image = work / f"image-{tool}-lazy"
     lp: subprocess.Popen[bytes] | None = None
     try:

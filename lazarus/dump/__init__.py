@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lazarus.dump import sharefds
+from lazarus.dump import cow, sharefds
 from lazarus.dump.core import dump_misc, dump_registers, dump_signals, dump_thread, dump_xcomp_perm
 from lazarus.dump.files import dump_cwd, dump_files
 from lazarus.dump.membership import check_namespaces, check_session, dump_cgroups
@@ -25,6 +25,7 @@ from lazarus.dump.tree import Frozen, check_tree, node_of, precheck_child, refus
 from lazarus.dump.watchdog import Watchdog, continue_quietly, repair
 from lazarus.errors import DumpError, KernelError, LazarusError, NoSuchTask, Unsupported
 from lazarus.images import ImageWriter
+from lazarus.images.format import COW_FILE
 from lazarus.images.tree import Node
 from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.syscall import start_writeback
@@ -221,11 +222,12 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: b
             check_tree(pid, nodes)
             found = refuse_shared(sorted(frozen))
             share = (sharefds.shared_pipes(found), set(frozen))
+            runs = cow.find(sorted(frozen), {p: n.ppid for p, n in nodes.items()})
             xstate = None
             tasks: dict[int, dict[str, Any]] = {}
             for p, fr in frozen.items():
                 try:
-                    task, n, masks[p] = _dump_task(p, fr, writer, shell_job, share)
+                    task, n, masks[p] = _dump_task(p, fr, writer, shell_job, share, cow.inherited(runs, p))
                 except LazarusError as e:
                     if e.pid is None and len(frozen) > 1:
                         e.pid = p  # which process of the tree it is about: shown with the message
@@ -245,6 +247,8 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: b
                 "root_pid": pid, "tasks": sorted(frozen), "kernel_release": os.uname().release,
                 "arch": os.uname().machine, "cpu": {"xcr0": xcr0, "xstate_size": xsize},
             }
+            if runs:  # written before commit: an image with it is format COW_VERSION (images/format.py)
+                writer.write_json(COW_FILE, cow.to_json(runs))
             if len(nodes) > 1:
                 order = [pid, *sorted(p for p in nodes if p != pid)]
                 fields["tree"] = [nodes[p].record() for p in order]
@@ -338,8 +342,10 @@ def _freeze_tree(root: int, root_wd: Watchdog, frozen: dict[int, Frozen], nodes:
 
 
 def _dump_task(pid: int, fr: Frozen, writer: ImageWriter, shell_job: bool,
-               share: tuple[set[tuple[int, int]], set[int]] | None = None) -> tuple[dict[str, Any], int, int]:
-    """Read one frozen process into task-PID.json and pages-PID.img; returns (task, pages, blocked mask)."""
+               share: tuple[set[tuple[int, int]], set[int]] | None = None,
+               inherited: list[tuple[int, int]] | None = None) -> tuple[dict[str, Any], int, int]:
+    """Read one frozen process into task-PID.json and pages-PID.img; returns (task, pages, blocked mask).
+    `inherited`: copy-on-write runs its parent gives it at restore (dump/cow.py), left out of its page file."""
     watchdog, threads = fr.watchdog, fr.threads
     remote: RemoteTask | None = None
     try:
@@ -378,6 +384,7 @@ def _dump_task(pid: int, fr: Frozen, writer: ImageWriter, shell_job: bool,
 
     pages = writer.pages(pid)
     mem = MemoryDumper(pid, pages, writer.write_blob)
+    mem.skip = inherited or []
     try:
         vma_recs, objects = mem.dump(vmas)
     finally:

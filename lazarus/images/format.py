@@ -18,7 +18,12 @@ FORMAT_NAME = "lazarus-image"
 # 3: an image may hold a process tree (inventory "tree": parents, sessions, groups, zombies, stopped tasks,
 # lazarus/images/tree.py); a reader of version 2 would restore the root alone, so it must refuse these images.
 FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# 4: a tree image whose copy-on-write runs are stored once, in their owner (COW_FILE, lazarus/dump/cow.py): the
+# other holders' page files leave them out, so a reader of version 3 would restore those pages as zeros; it must
+# refuse these images. A dump writes 4 only when it writes COW_FILE, 3 otherwise.
+COW_VERSION = 4
+COW_FILE = "cow.json"
+READABLE_VERSIONS = (1, 2, 3, 4)
 
 PAGE_SIZE = 4096
 # The unit of page-data checksumming: small enough that the lazy server verifies little more than it serves,

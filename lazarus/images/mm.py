@@ -95,3 +95,66 @@ def huge_ranges(vmas: list[dict[str, Any]]) -> list[tuple[int, int]]:
     """(address, length) of every range a task held in transparent huge pages at dump ("huge" runs of its
     anonymous vmas), for MADV_COLLAPSE once the range is filled."""
     return [(int(a), int(n) * PAGE_SIZE) for v in vmas for a, n in v.get("huge", ())]
+
+
+def owned_cow(img: Any, pid: int) -> list[tuple[int, int]]:
+    """[start, end) of the copy-on-write runs (cow.json, format 4) task `pid` owns: a restore writes them before
+    it forks the children that share them, so a lazy server never serves them."""
+    if "cow.json" not in img.files:
+        return []
+    rec = img.json("cow.json").get(str(pid))
+    return [(s, s + n * PAGE_SIZE) for s, n in rec["owned"]] if rec else []
+
+
+def without(vmas: list[dict[str, Any]], ranges: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    """The vmas with their page runs ([vaddr, npages, file index]) minus the sorted, disjoint `ranges`."""
+    if not ranges:
+        return vmas
+    out = []
+    for v in vmas:
+        runs = []
+        j = 0  # page runs are sorted: the ranges before this one's start are behind for good
+        for vaddr, n, idx in v["pages"]:
+            pos, end = vaddr, vaddr + n * PAGE_SIZE
+            while j < len(ranges) and ranges[j][1] <= pos:
+                j += 1
+            k = j
+            while k < len(ranges) and ranges[k][0] < end:
+                s, e = ranges[k]
+                if s > pos:
+                    runs.append([pos, (s - pos) // PAGE_SIZE, idx + (pos - vaddr) // PAGE_SIZE])
+                pos = max(pos, e)
+                if pos >= end:
+                    break
+                k += 1
+            if pos < end:
+                runs.append([pos, (end - pos) // PAGE_SIZE, idx + (pos - vaddr) // PAGE_SIZE])
+        out.append({**v, "pages": runs})
+    return out
+
+
+def served_vmas(img: Any, pid: int, lazy_ids: set[int]) -> list[dict[str, Any]]:
+    """What a lazy server serves task `pid` of `img`: lazy_vmas less the copy-on-write runs it owns."""
+    mm = img.task(pid)["mm"]
+    return without(lazy_vmas(mm, lazy_ids), owned_cow(img, pid))
+
+
+def only(vmas: list[dict[str, Any]], ranges: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    """The vmas with their page runs cut down to the sorted, disjoint `ranges` (vmas left with none dropped):
+    one pass, however many runs (a child that rewrote one page in eight leaves its parent thousands)."""
+    out = []
+    for v in vmas:
+        runs = []
+        j = 0
+        for vaddr, n, idx in v["pages"]:
+            end = vaddr + n * PAGE_SIZE
+            while j < len(ranges) and ranges[j][1] <= vaddr:
+                j += 1
+            k = j
+            while k < len(ranges) and ranges[k][0] < end:
+                a, b = max(vaddr, ranges[k][0]), min(end, ranges[k][1])
+                runs.append([a, (b - a) // PAGE_SIZE, idx + (a - vaddr) // PAGE_SIZE])
+                k += 1
+        if runs:
+            out.append({**v, "pages": runs})
+    return out

@@ -288,6 +288,93 @@ def validate_image(img: Any) -> None:
     check_shared(img.json(SHARED_JSON) if SHARED_JSON in img.files else None,
                  {pid: img.task(pid) for pid in img.tasks}, lambda name: blob_name(name) in img.files,
                  {pid: img.tree[pid].ppid for pid in img.tasks})
+    if "cow.json" in img.files:
+        if img.inventory.get("version", 0) < 4:
+            raise ImageError("cow.json in a version "
+                             f"{img.inventory.get('version')} image (copy-on-write runs came with version 4)")
+        tree = img.tree
+        check_cow(img.json("cow.json"), {p: n.ppid for p, n in tree.nodes.items()},
+                  {p: img.task(p) for p in tree.live()})
+
+
+def check_cow(cow: object, parents: dict[int, int], tasks: dict[int, dict[str, Any]]) -> None:
+    """cow.json (format 4, dump/cow.py): for live tasks of the image, "owned" and "inherited" page ranges
+    [start, npages], each list sorted, page aligned, not overlapping, in user space; a task's owned and inherited
+    ranges disjoint; what a task inherits held by its parent (owned or inherited there), inside private vmas the
+    task has exactly as its parent has them (the restore keeps them from the fork). Linear in the ranges.
+    Raises ImageError "cow.json: pid 12: ..."."""
+    name = "cow.json"
+    if not isinstance(cow, dict):
+        raise ImageError(f"{name}: must be an object")
+    ranges: dict[int, dict[str, list[tuple[int, int]]]] = {}
+    for key, rec in cow.items():
+        where = f"{name}: pid {key}"
+        if not key.isdigit() or int(key) not in tasks:
+            raise ImageError(f"{where}: not a live task of the image")
+        if not isinstance(rec, dict) or set(rec) != {"owned", "inherited"}:
+            raise ImageError(f"{where}: must be an object with 'owned' and 'inherited' only")
+        mine = ranges[int(key)] = {}
+        for field, runs in rec.items():
+            if not isinstance(runs, list) or not all(
+                    isinstance(r, list) and len(r) == 2 and type(r[0]) is int and type(r[1]) is int for r in runs):
+                raise ImageError(f"{where}: '{field}' must be an array of [start, npages]")
+            out = mine[field] = []
+            prev = 0
+            for start, n in runs:
+                end = start + n * PAGE_SIZE
+                if start % PAGE_SIZE or n <= 0 or start < prev or end > USER_TOP:
+                    raise ImageError(f"{where}: '{field}' range {start:#x} (+{n} pages) is unaligned, empty, "
+                                     "out of order or outside user space")
+                out.append((start, end))
+                prev = end
+        if _overlap(mine["owned"], mine["inherited"]):
+            raise ImageError(f"{where}: a range both owned and inherited")
+    for pid, mine in ranges.items():
+        if not mine["inherited"]:
+            continue
+        where = f"{name}: pid {pid}"
+        parent = ranges.get(parents.get(pid, -1))
+        held = sorted((parent["owned"] + parent["inherited"]) if parent else [])
+        bad = _not_within(mine["inherited"], held)
+        if bad is not None:
+            raise ImageError(f"{where}: inherits {bad:#x}, which its parent does not hold")
+        vmas = [v for v in tasks[pid]["mm"]["vmas"] if not v["shared"] and v["kind"] in ("anon", "file")]
+        bad = _not_within(mine["inherited"], [(v["start"], v["end"]) for v in vmas])
+        if bad is not None:
+            raise ImageError(f"{where}: inherits {bad:#x}, outside its private vmas")
+        theirs = {(v["start"], v["end"]) for v in tasks[parents[pid]]["mm"]["vmas"]
+                  if not v["shared"] and v["kind"] in ("anon", "file")}
+        for v in vmas:
+            if (v["start"], v["end"]) not in theirs and _overlap([(v["start"], v["end"])], mine["inherited"]):
+                raise ImageError(f"{where}: its vma at {v['start']:#x} is not its parent's")
+
+
+def _overlap(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> bool:
+    """Two sorted lists of disjoint [start, end) ranges: does any range of one overlap one of the other?"""
+    i = j = 0
+    while i < len(a) and j < len(b):
+        if a[i][1] <= b[j][0]:
+            i += 1
+        elif b[j][1] <= a[i][0]:
+            j += 1
+        else:
+            return True
+    return False
+
+
+def _not_within(inner: list[tuple[int, int]], outer: list[tuple[int, int]]) -> int | None:
+    """The first address of sorted `inner` not covered by sorted `outer` (adjacent outer ranges join), or
+    None."""
+    j = 0
+    for s, e in inner:
+        pos = s
+        while pos < e:
+            while j < len(outer) and outer[j][1] <= pos:
+                j += 1
+            if j == len(outer) or outer[j][0] > pos:
+                return pos
+            pos = outer[j][1]
+    return None
 
 
 def check_ownership(path: Path, names: list[str] | None = None) -> None:

@@ -22,6 +22,8 @@ from lazarus.errors import ImageError
 from lazarus.images.format import (
     CALLER_INVENTORY_FIELDS,
     CHUNK_SIZE,
+    COW_FILE,
+    COW_VERSION,
     FORMAT_NAME,
     FORMAT_VERSION,
     INVENTORY,
@@ -649,7 +651,8 @@ class ImageWriter:
             canonical_json(fields)
         except (TypeError, ValueError) as e:
             raise ImageError(f"{INVENTORY}: cannot encode as JSON: {e}") from e
-        inv: dict[str, Any] = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "page_chunk": CHUNK_SIZE,
+        version = COW_VERSION if COW_FILE in self._files else FORMAT_VERSION
+        inv: dict[str, Any] = {"format": FORMAT_NAME, "version": version, "page_chunk": CHUNK_SIZE,
                                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                **fields, "files": {}, "self_check": ""}
         check_schema(inv, INVENTORY_SCHEMA, INVENTORY)

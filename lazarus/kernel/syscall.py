@@ -8,6 +8,7 @@ import gc
 import os
 
 from lazarus.errors import KernelError, NoSuchTask
+from lazarus.kernel.abi import MADV_POPULATE_WRITE
 
 libc = C.CDLL(None, use_errno=True)
 _syscall = libc.syscall
@@ -149,6 +150,18 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 
     Advisory: a failure only means the final fsync does the work."""
     _sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+
+
+_madvise = libc.madvise
+_madvise.argtypes = [C.c_void_p, C.c_size_t, C.c_int]
+_madvise.restype = C.c_int
+
+
+def populate_write(address: int, length: int) -> bool:
+    """madvise(MADV_POPULATE_WRITE) of our own [address, address+length): fault it in writable in one call,
+    outside the GIL. Returns whether it did (False: a kernel before 5.14, or any failure; the caller's own
+    accesses then fault as usual and report a real error themselves)."""
+    return _madvise(address, length, MADV_POPULATE_WRITE) == 0
 
 
 def keep_only_fd(keep: int) -> None:

@@ -46,7 +46,7 @@ def adopt(server: Any, pid: int, images: Path) -> int:
     the image (nor a descendant of a process in it), or its layout no longer matches the image.
     """
     from lazarus.images import Image
-    from lazarus.images.mm import lazy_object_ids, lazy_vmas
+    from lazarus.images.mm import lazy_object_ids, served_vmas
     from lazarus.images.validate import validate_image
     from lazarus.lazy.sources import ImagePageSource
 
@@ -83,7 +83,7 @@ def adopt(server: Any, pid: int, images: Path) -> int:
         ipid = procfs.own_pid(origin)  # its pid in the image (its own namespace's, under restore --pidns)
         task = img.task(ipid)
         mm = task["mm"]
-        served = lazy_vmas(mm, lazy_object_ids(mm, task["files"]))
+        served = served_vmas(img, ipid, lazy_object_ids(mm, task["files"]))
         source = ImagePageSource(served, img.page_file(ipid), name=f"{images.name}/pages-{ipid}.img")
         _check_layout(pid, served)
         present = 0

@@ -162,7 +162,7 @@ class Listener:
 
     def _add(self, peer: Peer, pid: int, images: Path, fd: int) -> None:
         from lazarus.images import Image
-        from lazarus.images.mm import lazy_object_ids, lazy_vmas
+        from lazarus.images.mm import lazy_object_ids, served_vmas
         from lazarus.images.validate import validate_image
         from lazarus.lazy.anchor import find_anchor
         from lazarus.lazy.trust import verify_named_task, verify_uffd_owner
@@ -194,7 +194,7 @@ class Listener:
             task = img.task(ipid)
             mm = task["mm"]
             uffd.task_fd = find_anchor(pid, uffd.fd)  # the task has not run yet: its only copy is the anchor
-            served = lazy_vmas(mm, lazy_object_ids(mm, task["files"]))
+            served = served_vmas(img, ipid, lazy_object_ids(mm, task["files"]))
             # one mapping of a page file for every restore of it this server serves (lazy/pagefiles.py)
             source = self.server.page_files.source(served, img.page_file(ipid),
                                                    name=f"{images.name}/pages-{ipid}.img")

@@ -18,8 +18,8 @@ from typing import Any
 
 from lazarus.errors import ImageError, KernelError, LazarusError, RestoreError
 from lazarus.images import Image
-from lazarus.images.format import PAGES_PER_CHUNK, task_name
-from lazarus.images.mm import is_lazy, lazy_object_ids, lazy_vmas
+from lazarus.images.format import COW_FILE, PAGES_PER_CHUNK, task_name
+from lazarus.images.mm import is_lazy, lazy_object_ids, lazy_vmas, only, without
 from lazarus.images.shared import SHARED_JSON, fs_parents
 from lazarus.images.validate import validate_image
 from lazarus.kernel import abi, procfs, ptrace
@@ -27,9 +27,10 @@ from lazarus.kernel.clone import Trampoline
 from lazarus.kernel.xstate import machine_xstate as cpu_xstate
 from lazarus.lazy.sources import ImagePageSource
 from lazarus.remote import Batch, RemoteTask
-from lazarus.restore import cgroups, private
+from lazarus.restore import cgroups, cow, private
 from lazarus.restore import core as rcore
 from lazarus.restore.access import Access, precheck
+from lazarus.restore.cow import CowPlan
 from lazarus.restore.files import (
     FdRestorer,
     check_fd_fields,
@@ -299,6 +300,12 @@ class TaskBuild:
         self.page_file: Any = None
         self.stops = self.calls = 0
         self.shared: SharedFds | None = None  # descriptions shared with other tasks of the tree
+        self.cow: CowPlan | None = None  # copy-on-write runs it keeps from its parent or gives its children
+        self.space: SpaceBuilder | None = None
+        self._served: list[Any] = []
+        self._ranges: list[Any] = []
+        self._high_base = 0
+        self._access: Access | None = None
 
     def attach(self, child: int, tramp: tuple[int, int, int]) -> None:
         """Take the new task `child` (seized, in an event stop) with the trampoline at `tramp`: its address,
@@ -313,8 +320,14 @@ class TaskBuild:
         self.timings["create"] = time.monotonic() - self.t0
 
     def build(self, join_cgroups: Any) -> None:
+        self.build_memory(join_cgroups)
+        self.build_rest()
+
+    def build_memory(self, join_cgroups: Any) -> None:
+        """Its address space and pages (those a lazy restore serves left out): all a child forked from it
+        inherits (restore/cow.py)."""
         img, pid, task, lazy, t0 = self.img, self.pid, self.task, self.lazy, self.t0
-        remote, child, timings, thread_recs = self.remote, self.child, self.timings, self.thread_recs
+        remote, child, timings = self.remote, self.child, self.timings
         assert remote is not None
         mm = task["mm"]
         tramp_addr = self.tramp_addr
@@ -324,13 +337,15 @@ class TaskBuild:
         setup = remote.batch()
         rcore.reset_inherited(remote, setup)
         close_inherited_fds(remote, setup)
-        specials = clear_address_space(remote, (tramp_addr, tramp_addr + TRAMPOLINE_SIZE), setup)
+        kept = self.cow.kept_vmas(mm["vmas"]) if self.cow else []
+        specials = clear_address_space(remote, (tramp_addr, tramp_addr + TRAMPOLINE_SIZE), setup,
+                                       also=[(v["start"], v["end"]) for v in kept])
         gaps = trampoline_candidates(mm["vmas"] + [{"start": tramp_addr, "end": tramp_addr + TRAMPOLINE_SIZE}],
                                      1 << 20)
         move_vdso(remote, specials, mm["vmas"], gaps[0], setup)
         # Before any mapping of the image exists: the kernel refuses a new exe_fd (EBUSY) while the old
         # executable is still mapped, and the image may map that very file (a Python restored by a Python).
-        set_mm(remote, mm, setup)
+        set_mm(remote, mm, setup, exe=not (self.cow and self.cow.same_exe))
         xcomp = rcore.queue_xcomp_reads(setup, task["core"])
         setup.run()
         known = rcore.xcomp_known(setup, xcomp)
@@ -347,10 +362,13 @@ class TaskBuild:
         self.page_file = page_file
         lazy_ids = lazy_object_ids(mm, fds) if lazy else set()
         space.create_objects(mm["objects"], high_base, page_file, lazy_ids)
+        if kept:
+            assert self.cow is not None
+            self.cow.drop_others(remote, kept)  # before any page of its own is written
+            space.kept = {v["start"] for v in kept}
         space.map_vmas(mm["vmas"])
         timings["map"] = time.monotonic() - t0
         written = 0
-        handover = None
         served = lazy_vmas(mm, lazy_ids) if page_file is not None else []
         ranges = lazy_ranges(served if lazy else [v for v in mm["vmas"] if is_lazy(v)])
         if page_file is not None:
@@ -364,11 +382,29 @@ class TaskBuild:
                 finally:
                     uffd.close()
                 # After the uffd is gone: collapse needs every pte of a 2 MiB range present, which it now is.
-                collapse_in_task(remote, mm["vmas"])
+                # Not over pages kept shared with the parent: a collapse would copy them.
+                collapse_in_task(remote, [v for v in mm["vmas"] if v not in kept])
+            elif lazy and self.cow:
+                # The runs its children are to share: in before they are forked (userfaultfd cannot map one
+                # page into two processes); the lazy server finds them present.
+                written += space.write_pages(only(mm["vmas"], self.cow.owned), page_file, skip_lazy=False)
+                served = without(served, self.cow.owned)
         space.finish_vmas(mm["vmas"], page_file)
         space.check_vmflags(mm["vmas"])
         timings["pages"] = time.monotonic() - t0
+        self.space, self.page_file, self.written = space, page_file, written
+        self._served, self._ranges, self._high_base = served, ranges, high_base
+        self._access = access
 
+    def build_rest(self) -> None:
+        """Everything after the memory: fds, signals, threads, credentials, registers."""
+        img, pid, task, lazy, t0 = self.img, self.pid, self.task, self.lazy, self.t0
+        remote, child, timings, thread_recs = self.remote, self.child, self.timings, self.thread_recs
+        assert remote is not None and self.space is not None
+        mm, space, page_file, written = task["mm"], self.space, self.page_file, self.written
+        served, ranges, high_base, tramp_addr = self._served, self._ranges, self._high_base, self.tramp_addr
+        handover = None
+        access, fds = self._access, task["files"]
         space.close_cached()
         self.fdr = fdr = FdRestorer(remote, img, child, space.state.object_fds, high_base, access)
         own, checked = self._shared_fds_first(fds)
@@ -498,9 +534,10 @@ def restore_misc_and_cwd(remote: RemoteTask, misc: dict[str, Any]) -> None:
     give_back(f"/proc/{remote.pid}/cwd", gone)
 
 
-def set_mm(remote: RemoteTask, mm: dict[str, Any], batch: Batch | None = None) -> None:
+def set_mm(remote: RemoteTask, mm: dict[str, Any], batch: Batch | None = None, *, exe: bool = True) -> None:
     """PR_SET_MM_MAP: code/data/brk/stack/args/env boundaries, auxv and the executable link. batch: queued there
-    (checked when it runs), else made now."""
+    (checked when it runs), else made now. exe=False: the executable link is left as it is (a child forked
+    from its restored parent has it already, and may keep a mapping of it, which makes a new one EBUSY)."""
     auxv = bytes.fromhex(mm["auxv"])
     b = batch if batch is not None else remote.batch()
     auxv_addr = b.put(auxv)
@@ -508,13 +545,17 @@ def set_mm(remote: RemoteTask, mm: dict[str, Any], batch: Batch | None = None) -
         mm["start_code"], mm["end_code"], mm["start_data"], mm["end_data"], mm["start_brk"], mm["brk"],
         mm["start_stack"], mm["arg_start"], mm["arg_end"], mm["env_start"], mm["env_end"], auxv_addr,
         len(auxv), 0)
+    if not exe:
+        m.exe_fd = 0xFFFF_FFFF  # (u32)-1: the kernel leaves the link alone
     addr = b.put(bytes(m) + bytes(8))  # room for the 8-byte store of exe_fd, a 4-byte field
-    exe_fd = b.call(abi.SYS.openat, abi.AT_FDCWD & _NEG1, b.cstring(mm["exe"]), abi.O_RDONLY | abi.O_CLOEXEC, 0,
-                    what=f"open {mm['exe']}")
-    b.store(exe_fd, addr + abi.prctl_mm_map.exe_fd.offset)
+    if exe:
+        exe_fd = b.call(abi.SYS.openat, abi.AT_FDCWD & _NEG1, b.cstring(mm["exe"]), abi.O_RDONLY | abi.O_CLOEXEC,
+                        0, what=f"open {mm['exe']}")
+        b.store(exe_fd, addr + abi.prctl_mm_map.exe_fd.offset)
     prctl = b.call(abi.SYS.prctl, abi.PR_SET_MM, abi.PR_SET_MM_MAP, addr, abi.sizeof(abi.prctl_mm_map), 0,
                    check=False)
-    b.call(abi.SYS.close, exe_fd)
+    if exe:
+        b.call(abi.SYS.close, exe_fd)
 
     def check(results: list[int]) -> None:
         if results[prctl.index] < 0:
@@ -545,6 +586,14 @@ def restore(directory: Path, *, lazy: bool = False, on_lazy: LazyHandoff | None 
             img.close()
 
 
+def cow_plans(img: Image, tasks: dict[int, dict[str, Any]]) -> dict[int, CowPlan]:
+    """Each task's part in the image's copy-on-write runs (cow.json, format 4); empty without any."""
+    if COW_FILE not in img.files:
+        return {}
+    parents = {p: n.ppid for p, n in img.tree.nodes.items()}
+    return cow.plans(img.json(COW_FILE), parents, {p: t["mm"]["exe"] for p, t in tasks.items()})
+
+
 def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None = None,
                  pidns: bool = False) -> Restored:
     """Restore every process of the image's tree (restore/tree.py: order of creation, sessions, groups,
@@ -566,6 +615,9 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
     every_vma = [v for pid in live for v in tasks[pid]["mm"]["vmas"]]
     tramp = Trampoline.map_at(trampoline_candidates(every_vma, TRAMPOLINE_SIZE), TRAMPOLINE_SIZE)
     where = (tramp.addr, tramp.syscall_ip, tramp.batch_ip)
+    # With copy-on-write runs each process is built up to its memory before it forks its children, which keep
+    # the pages they share with it (restore/cow.py); otherwise every child is made from its blank parent first.
+    cow_of = cow_plans(img, tasks)
     ns: NsInit | None = None
     host: dict[int, int] = {}  # image pid -> pid out here (they differ under pidns)
     builds: dict[int, TaskBuild] = {}
@@ -605,6 +657,9 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
                 build.attach(child, where)
             assert build.remote is not None
             lead(build.remote, node)
+            if cow_of:
+                build.cow = cow_of.get(pid)
+                build.build_memory(joins[pid])
         root_group = tree[tree.root].pgid
         for pid in live:
             failed_pid = pid
@@ -620,7 +675,10 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
                 builds[pid].shared = shared
         for pid in live:
             failed_pid = pid
-            builds[pid].build(joins[pid])
+            if cow_of:
+                builds[pid].build_rest()
+            else:
+                builds[pid].build(joins[pid])
         check_made(shared)
         # Every task is complete but for running. Hand over the uffds one after the other, then let all go at
         # once: the server may finish a small process meanwhile and wants it untraced to remove its anchor.

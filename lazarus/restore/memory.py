@@ -65,7 +65,8 @@ def trampoline_candidates(vmas: list[dict[str, Any]], size: int) -> list[int]:
 TASK_SIZE = 0x7FFF_FFFF_F000
 
 
-def clear_address_space(task: RemoteTask, keep: tuple[int, int], batch: Batch | None = None) -> dict[str, procfs.Vma]:
+def clear_address_space(task: RemoteTask, keep: tuple[int, int], batch: Batch | None = None,
+                        also: list[tuple[int, int]] | None = None) -> dict[str, procfs.Vma]:
     """Unmap everything the task inherited from the restorer except `keep` and the vdso block.
 
     A few munmaps over the gaps between what stays (munmap accepts holes), instead of one per vma: the
@@ -73,7 +74,7 @@ def clear_address_space(task: RemoteTask, keep: tuple[int, int], batch: Batch | 
     runs it), else run them now.
     """
     specials: dict[str, procfs.Vma] = {}
-    stay = [keep]
+    stay = [keep, *(also or [])]  # also: vmas a child keeps from its parent (copy-on-write runs, restore/cow.py)
     for vma in procfs.read_maps(task.pid):
         if vma.path in ("[vdso]", "[vvar]", "[vvar_vclock]"):
             specials[vma.path.strip("[]")] = vma
@@ -152,6 +153,7 @@ class SpaceBuilder:
         self.late_seals: list[tuple[int, int, str]] = []  # (task fd, seals, memfd name) added after mapping
         # A lazy restore checks page data chunk by chunk as it uses it (an eager one checked it all first).
         self.verify = False
+        self.kept: set[int] = set()  # starts of vmas a child keeps from its parent (restore/cow.py)
 
     def _open(self, path: str, flags: int) -> int:
         key = (path, flags)
@@ -313,7 +315,10 @@ class SpaceBuilder:
             map_prot = prot
             if not v["shared"] and "ac" in v["vmflags"] and not prot & abi.PROT_WRITE:
                 map_prot |= abi.PROT_WRITE
-            if kind == "anon":
+            if start in self.kept:
+                # Inherited from its parent with the pages they share (restore/cow.py): kept, not mapped again.
+                b.call(abi.SYS.mprotect, start, length, map_prot, what=f"mprotect of kept {start:#x}")
+            elif kind == "anon":
                 flags |= abi.MAP_PRIVATE | abi.MAP_ANONYMOUS
                 if "gd" in v["vmflags"]:
                     flags |= abi.MAP_GROWSDOWN

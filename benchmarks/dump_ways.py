@@ -1,0 +1,268 @@
+"""Ways to move a process's pages into a page file, measured side by side (issue 10, branch vmsplice).
+
+    .venv/bin/python benchmarks/dump_ways.py [--mib 512 2048] [--runs 3] [--dir /var/tmp] [--ways ...]
+
+One memhog per size holds MIB MiB of filled memory; each way writes all of it to a fresh file in DIR, computes the
+xxh3 sums of every 64 KiB chunk from the bytes written, and fsyncs (the fsync is timed apart too). Printed:
+median wall seconds, CPU seconds of this process (all threads; the kernel's copies in our syscalls count), and the
+fsync's share. Ways:
+
+    map        today's default: fallocate, two threads process_vm_readv 8 MiB pieces into a MAP_SHARED mapping
+    map_pop    the same, each piece MADV_POPULATE_WRITE'd first (one call per piece, not one fault per folio)
+    map_trunc  the same as map with ftruncate instead of fallocate (holes, not unwritten extents)
+    pwrite     fallocate, two threads process_vm_readv into their own 8 MiB buffers, hash, pwrite (buffered)
+    api        the real dump in this process (lazarus.dump, leave_running), as the service runs it
+    api_nopop  the same without MADV_POPULATE_WRITE (dump/memory.py _POPULATE off)
+    criu       `criu dump --leave-running` (whole command)
+    vmsplice   the target (ptrace-stopped) vmsplices 1 MiB at a time into a pipe it made, of which we hold the read
+               end (pidfd_getfd); we splice the pipe into the file (one copy), then hash from a read-only mapping
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import importlib
+import mmap
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import xxhash
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import TARGETS, Target, build, region_of  # noqa: E402
+
+import lazarus  # noqa: E402
+from lazarus.kernel import abi, ptrace, vm  # noqa: E402
+from lazarus.kernel.pidfd import pidfd_getfd, pidfd_open  # noqa: E402
+from lazarus.kernel.syscall import buffer_address, populate_write, start_writeback  # noqa: E402
+from lazarus.remote import RemoteTask, find_syscall_insn  # noqa: E402
+
+PIECE = 8 << 20
+PIPE = 1 << 20
+LAST_SPLICE = (0.0, 0.0)
+CHUNK = 64 << 10
+SYS_VMSPLICE = 278
+
+
+def _sums(view: memoryview) -> list[int]:
+    d = xxhash.xxh3_64_intdigest
+    return [d(view[o:o + CHUNK]) for o in range(0, len(view), CHUNK)]
+
+
+def _threads(n: int, work) -> None:  # type: ignore[no-untyped-def]
+    lock = threading.Lock()
+    pieces = iter(range(0, n, PIECE))
+
+    def run() -> None:
+        while True:
+            with lock:
+                off = next(pieces, None)
+            if off is None:
+                return
+            work(off, min(PIECE, n - off))
+
+    ts = [threading.Thread(target=run) for _ in range(1)]
+    for t in ts:
+        t.start()
+    run()
+    for t in ts:
+        t.join()
+
+
+def way_map(pid: int, addr: int, n: int, path: Path, *, populate: bool = False, falloc: bool = True) -> float:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    if falloc:
+        os.posix_fallocate(fd, 0, n)
+    else:
+        os.ftruncate(fd, n)
+    mm = mmap.mmap(fd, n, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    mm.madvise(mmap.MADV_HUGEPAGE)
+    base = buffer_address(mm)
+    view = memoryview(mm)
+
+    def work(off: int, k: int) -> None:
+        if populate and not populate_write(base + off, k):
+            raise OSError("madvise(MADV_POPULATE_WRITE) failed")
+        vm.readv(pid, [(base + off, k)], [(addr + off, k)])
+        _sums(view[off:off + k])
+        start_writeback(fd, off, k)
+
+    _threads(n, work)
+    view.release()
+    mm.close()
+    t = time.perf_counter()
+    os.fsync(fd)
+    os.close(fd)
+    return time.perf_counter() - t
+
+
+def way_pwrite(pid: int, addr: int, n: int, path: Path) -> float:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.posix_fallocate(fd, 0, n)
+    local = threading.local()
+
+    def work(off: int, k: int) -> None:
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = mmap.mmap(-1, PIECE)
+        vm.readv(pid, [(buffer_address(buf), k)], [(addr + off, k)])
+        mv = memoryview(buf)[:k]
+        _sums(mv)
+        os.pwrite(fd, mv, off)
+        mv.release()
+        start_writeback(fd, off, k)
+
+    _threads(n, work)
+    t = time.perf_counter()
+    os.fsync(fd)
+    os.close(fd)
+    return time.perf_counter() - t
+
+
+def way_vmsplice(pid: int, addr: int, n: int, path: Path, *, falloc: bool = True) -> tuple[float, float, int]:
+    """Returns (fsync seconds, injection seconds, injections)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    if falloc:
+        os.posix_fallocate(fd, 0, n)
+    ptrace.seize(pid)
+    ptrace.interrupt(pid)
+    ptrace.wait(pid)
+    inj = spl = 0.0
+    calls = 0
+    try:
+        vmas = Path(f"/proc/{pid}/maps").read_text().splitlines()
+        sys_ip = None
+        for line in vmas:
+            rng, perms = line.split()[:2]
+            if "x" in perms:
+                s, e = (int(x, 16) for x in rng.split("-"))
+                sys_ip = find_syscall_insn(pid, s, e)
+                if sys_ip:
+                    break
+        assert sys_ip
+        with RemoteTask(pid, sys_ip) as r:
+            scratch = r.alloc_scratch()
+            r.syscall(abi.SYS.pipe2, scratch, os.O_CLOEXEC)
+            wr = int.from_bytes(r.read(scratch, 8), "little")
+            tr, tw = wr & 0xFFFFFFFF, wr >> 32
+            pidfd = pidfd_open(pid)
+            rfd = pidfd_getfd(pidfd, tr, pid=pid)
+            os.close(pidfd)
+            # Sized from our side: with CAP_SYS_RESOURCE past fs.pipe-max-size (fewer round trips).
+            try:
+                psize = fcntl.fcntl(rfd, abi.F_SETPIPE_SZ, PIPE)
+            except PermissionError:
+                psize = fcntl.fcntl(rfd, abi.F_SETPIPE_SZ, int(Path("/proc/sys/fs/pipe-max-size").read_text()))
+            iov = scratch + 64
+            off = 0
+            while off < n:
+                k = min(psize, n - off)
+                r.write(iov, (addr + off).to_bytes(8, "little") + k.to_bytes(8, "little"))
+                t = time.perf_counter()
+                got = r.syscall(SYS_VMSPLICE, tw, iov, 1, 0)
+                inj += time.perf_counter() - t
+                calls += 1
+                done = 0
+                t = time.perf_counter()
+                while done < got:
+                    done += os.splice(rfd, fd, got - done, offset_dst=off + done, flags=os.SPLICE_F_MOVE)
+                spl += time.perf_counter() - t
+                start_writeback(fd, off, got)
+                off += got
+            r.syscall(abi.SYS.close, tw)
+            r.syscall(abi.SYS.close, tr)
+            os.close(rfd)
+    finally:
+        ptrace.detach(pid)
+    t = time.perf_counter()
+    mm = mmap.mmap(fd, n, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    mm.madvise(mmap.MADV_HUGEPAGE)
+    v = memoryview(mm)
+    _sums(v)
+    global LAST_SPLICE
+    LAST_SPLICE = (spl, time.perf_counter() - t)
+    v.release()
+    mm.close()
+    t = time.perf_counter()
+    os.fsync(fd)
+    os.close(fd)
+    return time.perf_counter() - t, inj, calls
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mib", type=int, nargs="+", default=[512, 2048])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--dir", default="/var/tmp")
+    ap.add_argument("--pipe-mib", type=int, default=1)
+    ap.add_argument("--criu", default=None)
+    ap.add_argument("--ways", nargs="+", default=["map", "map_pop", "map_trunc", "pwrite", "vmsplice"])
+    a = ap.parse_args()
+    memory = importlib.import_module("lazarus.dump.memory")
+    global PIPE
+    PIPE = a.pipe_mib << 20
+    work = Path(tempfile.mkdtemp(prefix="dump-ways-", dir=a.dir))
+    exe = build(TARGETS / "memhog.c", work)
+    for mib in a.mib:
+        proc = Target(exe, work / f"memhog-{mib}.log", str(mib))
+        try:
+            addr, n = region_of(proc.wait_ready(timeout=300))
+            res: dict[str, list[tuple[float, float, float, str]]] = {w: [] for w in a.ways}
+            for i in range(a.runs):
+                # A rotating order: this VM's cost of fresh memory drifts within a round.
+                for w in a.ways[i % len(a.ways):] + a.ways[:i % len(a.ways)]:
+                    path = work / f"dump-ways-{os.getpid()}-{w}-{i}"
+                    c0 = time.process_time()
+                    t0 = time.perf_counter()
+                    extra = ""
+                    if w == "map":
+                        fs = way_map(proc.pid, addr, n, path)
+                    elif w == "map_pop":
+                        fs = way_map(proc.pid, addr, n, path, populate=True)
+                    elif w == "map_trunc":
+                        fs = way_map(proc.pid, addr, n, path, falloc=False)
+                    elif w == "pwrite":
+                        fs = way_pwrite(proc.pid, addr, n, path)
+                    elif w in ("api", "api_nopop"):
+                        # The real dump in-process (leave_running), with or without the populate step.
+                        memory._POPULATE = w == "api"
+                        lazarus.dump(proc.pid, path, leave_running=True)
+                        memory._POPULATE = True
+                        fs = 0.0
+                    elif w == "criu":
+                        path.mkdir()
+                        subprocess.run([a.criu, "dump", "-t", str(proc.pid), "-D", str(path), "-o", "dump.log",
+                                        "--leave-running"], check=True, capture_output=True)
+                        fs = 0.0
+                    else:
+                        fs, inj, calls = way_vmsplice(proc.pid, addr, n, path)
+                        extra = (f"{calls} injections {inj * 1e6 / calls:.0f} us each, splice {LAST_SPLICE[0]:.3f} s, "
+                                 f"hash {LAST_SPLICE[1]:.3f} s")
+                    wall = time.perf_counter() - t0
+                    cpu = time.process_time() - c0
+                    res[w].append((wall, cpu, fs, extra))
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+            for w, rs in res.items():
+                print(f"{mib:5d} MiB {w:10s} wall {statistics.median(r[0] for r in rs):.3f} s  "
+                      f"cpu {statistics.median(r[1] for r in rs):.3f} s  fsync {statistics.median(r[2] for r in rs):.3f} s"
+                      f"  {rs[-1][3]}  (walls {' '.join(f'{r[0]:.3f}' for r in rs)})", flush=True)
+        finally:
+            proc.kill()
+    shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()

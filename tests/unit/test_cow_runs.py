@@ -1,0 +1,129 @@
+"""The pure parts of copy-on-write runs kept by a tree restore: which runs dump/cow.py keeps (a fork can give
+them back), cow.json's validation (images/validate.py check_cow), and what a lazy server is left to serve
+(images/mm.py without)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from lazarus.dump.cow import keepable, to_json
+from lazarus.dump.sharing import SharedPages
+from lazarus.errors import ImageError
+from lazarus.images.mm import without
+from lazarus.images.validate import check_cow
+from lazarus.kernel.procfs import Vma
+from lazarus.restore.cow import plans
+
+PAGE = 4096
+A = 0x7F00_0000_0000
+PARENTS = {1: 0, 2: 1, 3: 2, 4: 1}
+
+
+def vma(start: int = A, end: int = A + 64 * PAGE, path: str = "") -> Vma:
+    return Vma(start, end, 3, False, start // PAGE, (0, 0), 0, path)
+
+
+def run(owner: int, pids: tuple[int, ...], n: int = 4, at: int = A, owner_has: bool = True) -> SharedPages:
+    return SharedPages("x", owner, owner_has, n, tuple((p, at) for p in pids))
+
+
+VMAS = {p: [vma()] for p in (1, 2, 3, 4)}
+
+
+def test_kept_down_the_tree() -> None:
+    got = keepable([run(1, (1, 2, 3)), run(2, (2, 3), at=A + 8 * PAGE)], PARENTS, VMAS)
+    assert [(r.id, r.owner) for r in got] == [("cow-1", 1), ("cow-2", 2)]
+
+
+@pytest.mark.parametrize("r, vmas", [
+    (run(1, (2, 4), owner_has=False), VMAS),  # siblings sharing a page their parent rewrote
+    (run(1, (1, 3)), VMAS),  # the grandchild's parent (2) does not hold it: no way down
+    (run(1, (1, 2)), {**VMAS, 2: [vma(end=A + 32 * PAGE)]}),  # the child's vma is no longer its parent's
+    (run(1, (1, 2), n=80), VMAS),  # beyond the vma
+])
+def test_not_kept(r: SharedPages, vmas: dict[int, list[Vma]]) -> None:
+    assert keepable([r], PARENTS, vmas) == []
+
+
+def task(vmas: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"mm": {"exe": "/bin/x", "vmas": vmas if vmas is not None else [
+        {"start": A, "end": A + 64 * PAGE, "shared": False, "kind": "anon", "pages": []}]}}
+
+
+TASKS = {p: task() for p in (1, 2, 3)}
+
+
+def cow(**over: Any) -> dict[str, Any]:
+    base = {"1": {"owned": [[A, 4]], "inherited": []},
+            "2": {"owned": [[A + 8 * PAGE, 4]], "inherited": [[A, 4]]},
+            "3": {"owned": [], "inherited": [[A, 4], [A + 8 * PAGE, 4]]}}
+    return {**base, **over}
+
+
+def test_check_cow_accepts() -> None:
+    check_cow(cow(), PARENTS, TASKS)
+
+
+@pytest.mark.parametrize("bad, why", [
+    ([], "must be an object"),
+    (cow(**{"9": {"owned": [], "inherited": []}}), "pid 9: not a live task"),
+    (cow(**{"1": {"owned": [[A, 4]]}}), "'owned' and 'inherited' only"),
+    (cow(**{"1": {"owned": [[A, "4"]], "inherited": []}}), "array of \\[start, npages\\]"),
+    (cow(**{"1": {"owned": [[A + 1, 4]], "inherited": []}}), "unaligned"),
+    (cow(**{"1": {"owned": [[A + 8 * PAGE, 1], [A, 4]], "inherited": []}}), "out of order"),
+    (cow(**{"1": {"owned": [[A, 0]], "inherited": []}}), "empty"),
+    (cow(**{"2": {"owned": [[A, 4]], "inherited": [[A, 4]]}}), "both owned and inherited"),
+    (cow(**{"3": {"owned": [], "inherited": [[A, 5]]}}), "pid 3: inherits 0x7f0000004000, which its parent"),
+    (cow(**{"2": {"owned": [], "inherited": [[A, 4]]}, "1": {"owned": [[A, 4]], "inherited": []},
+            "3": {"owned": [], "inherited": [[A + 8 * PAGE, 1]]}}), "pid 3: inherits"),
+    (cow(**{"1": {"owned": [[A, 80]], "inherited": []}, "2": {"owned": [], "inherited": [[A, 80]]}}),
+     "outside its private vmas"),
+])
+def test_check_cow_refuses(bad: Any, why: str) -> None:
+    with pytest.raises(ImageError, match=why):
+        check_cow(bad, PARENTS, TASKS)
+
+
+def test_check_cow_refuses_a_vma_not_the_parents() -> None:
+    tasks = {**TASKS, 2: task([{"start": A, "end": A + 32 * PAGE, "shared": False, "kind": "anon"}])}
+    with pytest.raises(ImageError, match="not its parent's"):
+        check_cow(cow(), PARENTS, tasks)
+
+
+def test_without_cuts_served_runs() -> None:
+    v = {"start": A, "end": A + 16 * PAGE, "pages": [[A, 16, 100]]}
+    got = without([v], [(A + 2 * PAGE, A + 4 * PAGE), (A + 15 * PAGE, A + 20 * PAGE)])
+    assert got[0]["pages"] == [[A, 2, 100], [A + 4 * PAGE, 11, 104]]
+    assert without([v], []) == [v]
+
+
+def test_to_json_and_plans() -> None:
+    runs = [run(1, (1, 2, 3)), run(2, (2, 3), at=A + 8 * PAGE), run(1, (1, 2), at=A + 4 * PAGE)]
+    got = to_json(runs)
+    assert got == {"1": {"owned": [[A, 8]], "inherited": []},
+                   "2": {"owned": [[A + 8 * PAGE, 4]], "inherited": [[A, 8]]},
+                   "3": {"owned": [], "inherited": [[A, 4], [A + 8 * PAGE, 4]]}}
+    check_cow(got, PARENTS, TASKS)
+    p = plans(got, PARENTS, {1: "/bin/x", 2: "/bin/x", 3: "/bin/y"})
+    assert p[1].owned == [(A, A + 8 * PAGE)] and not p[1].inherited
+    assert p[2].inherited == [(A, A + 8 * PAGE)] and p[2].owned == [(A + 8 * PAGE, A + 12 * PAGE)]
+    assert p[2].same_exe and not p[3].same_exe
+    assert p[2].kept_vmas(TASKS[2]["mm"]["vmas"]) == TASKS[2]["mm"]["vmas"] and p[1].kept_vmas([]) == []
+
+
+def test_only_keeps_the_ranges() -> None:
+    from lazarus.images.mm import only
+    v = {"start": A, "end": A + 16 * PAGE, "pages": [[A, 4, 100], [A + 8 * PAGE, 8, 104]]}
+    got = only([v], [(A + 2 * PAGE, A + 3 * PAGE), (A + 7 * PAGE, A + 10 * PAGE), (A + 15 * PAGE, A + 20 * PAGE)])
+    assert got[0]["pages"] == [[A + 2 * PAGE, 1, 102], [A + 8 * PAGE, 2, 104], [A + 15 * PAGE, 1, 111]]
+    assert only([v], [(A + 4 * PAGE, A + 8 * PAGE)]) == []
+
+
+def test_without_many_ranges_is_linear() -> None:
+    n = 20000
+    v = {"start": A, "end": A + 8 * n * PAGE, "pages": [[A + 8 * i * PAGE, 1, i] for i in range(n)]}
+    holes = [(A + 8 * i * PAGE, A + (8 * i + 7) * PAGE) for i in range(0, n, 2)]
+    got = without([v], holes)
+    assert len(got[0]["pages"]) == n // 2
