@@ -7,7 +7,6 @@ clone3 probe is built to fail (it asks for a pid that is in use).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes as C
 import errno
 import os
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from lazarus.errors import FeatureMissing
 from lazarus.kernel import abi, procfs
 from lazarus.kernel.syscall import ioctl_raw, libc, raw_syscall
-from lazarus.kernel.xstate import parse_xstate, regset, write_cache
+from lazarus.kernel.xstate import parse_xstate, regset, stopped_child, write_cache
 
 PURPOSES = ("dump", "restore", "lazy", "pre-copy", "info", "pidns")
 
@@ -184,16 +183,8 @@ class _ChildProbe:
 
 
 def _probe_child() -> _ChildProbe:
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child only stops itself and dies
-        try:
-            if _ptrace_call(abi.PTRACE_TRACEME, 0, 0, None) == 0:
-                os.kill(os.getpid(), signal.SIGSTOP)
-        finally:
-            os._exit(1)
-    try:
-        _, status = os.waitpid(pid, 0)
-        if not os.WIFSTOPPED(status):
+    with stopped_child() as pid:
+        if pid is None:
             return _ChildProbe("PTRACE_TRACEME failed in the child", -1, -1, None, -1, b"")
         exitkill = _ptrace_call(abi.PTRACE_SETOPTIONS, pid, 0, C.c_void_p(abi.PTRACE_O_EXITKILL))
 
@@ -204,10 +195,6 @@ def _probe_child() -> _ChildProbe:
 
         xerr, xstate = regset(pid)
         return _ChildProbe("", exitkill, rseq_err, rseq, xerr, xstate)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
 
 
 _child_cache: _ChildProbe | None = None

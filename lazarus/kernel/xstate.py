@@ -17,6 +17,7 @@ import os
 import signal
 import stat
 import struct
+from collections.abc import Iterator
 
 from lazarus.errors import FeatureMissing
 from lazarus.kernel import abi
@@ -75,9 +76,10 @@ def parse_xstate(data: bytes) -> tuple[int, int, int]:
     return xcr0, len(data), bv
 
 
-def probe() -> tuple[int, int]:
-    """(xcr0, xstate_size) from the regset of a child that stops itself under our trace, then is killed.
-    Raises FeatureMissing if it cannot be read."""
+@contextlib.contextmanager
+def stopped_child() -> Iterator[int | None]:
+    """A forked child that asked to be traced by us and stopped itself: its pid, or None if PTRACE_TRACEME
+    failed in it. Killed and reaped on leaving."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child only stops itself and dies
         try:
@@ -87,13 +89,21 @@ def probe() -> tuple[int, int]:
             os._exit(1)
     try:
         _, status = os.waitpid(pid, 0)
-        if not os.WIFSTOPPED(status):
-            raise FeatureMissing("cpu xstate unavailable: PTRACE_TRACEME failed in the child")
-        err, data = regset(pid)
+        yield pid if os.WIFSTOPPED(status) else None
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+def probe() -> tuple[int, int]:
+    """(xcr0, xstate_size) from the regset of a child that stops itself under our trace, then is killed.
+    Raises FeatureMissing if it cannot be read."""
+    with stopped_child() as pid:
+        if pid is None:
+            raise FeatureMissing("cpu xstate unavailable: PTRACE_TRACEME failed in the child")
+        err, data = regset(pid)
     if err:
         raise FeatureMissing(f"cpu xstate unavailable: {os.strerror(err)}")
     try:

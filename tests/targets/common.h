@@ -43,6 +43,30 @@
 
 static int laz_log_fd = -1;
 static char laz_log_path[PATH_MAX];
+
+/* A child of a tree target: stdio on /dev/null and its own description of the log (none shared with its parent,
+ * for trees that must not share descriptions). LAZ_SELFTEST_CORRUPT=1 ("the first point reached") is left to the
+ * process that forked it: one damage in the whole tree. */
+static void __attribute__((unused)) laz_child_own_stdio(void)
+{
+	int fd = open("/dev/null", O_RDWR);
+	const char *corrupt = getenv("LAZ_SELFTEST_CORRUPT");
+
+	if (corrupt && !strcmp(corrupt, "1"))
+		unsetenv("LAZ_SELFTEST_CORRUPT");
+
+	if (fd < 0)
+		_exit(5);
+	for (int i = 0; i < 3; i++)
+		if (dup2(fd, i) != i)
+			_exit(5);
+	if (fd > 2)
+		close(fd);
+	close(laz_log_fd);
+	laz_log_fd = open(laz_log_path, O_WRONLY | O_APPEND);
+	if (laz_log_fd < 0)
+		_exit(5);
+}
 static volatile sig_atomic_t laz_usr2_seen;
 static char laz_fail_buf[2048];
 static size_t laz_fail_len;

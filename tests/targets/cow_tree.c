@@ -59,26 +59,6 @@ static long bad_page(int who)
 	return -1;
 }
 
-static void own_stdio(void)
-{
-	int fd = open("/dev/null", O_RDWR);
-	const char *corrupt = getenv("LAZ_SELFTEST_CORRUPT");
-
-	if (corrupt && !strcmp(corrupt, "1"))
-		unsetenv("LAZ_SELFTEST_CORRUPT"); /* "the first point reached" is the parent's: one damage in all */
-
-	if (fd < 0)
-		_exit(5);
-	for (int i = 0; i < 3; i++)
-		if (dup2(fd, i) != i)
-			_exit(5);
-	if (fd > 2)
-		close(fd);
-	close(laz_log_fd);
-	laz_log_fd = open(laz_log_path, O_WRONLY | O_APPEND);
-	if (laz_log_fd < 0)
-		_exit(5);
-}
 
 static void wait_eof(int fd)
 {
@@ -110,7 +90,7 @@ int main(int argc, char **argv)
 	if (child == 0) {
 		close(up[0]);
 		close(info[0]);
-		own_stdio();
+		laz_child_own_stdio();
 		for (size_t p = 0; p < npages; p += 8)
 			stamp(p, want_of(p, 1));
 		if (argc > 3 && !strcmp(argv[3], "split") && mprotect(mem + size - LAZ_PAGE, LAZ_PAGE, PROT_READ))
@@ -124,7 +104,7 @@ int main(int argc, char **argv)
 			close(gup[0]);
 			close(up[1]);
 			close(info[1]);
-			own_stdio();
+			laz_child_own_stdio();
 			for (size_t p = 1; gwrites && p < npages; p += 64)
 				stamp(p, want_of(p, 2));
 			close(gup[1]);

@@ -51,26 +51,6 @@ struct who {
 	int pdeathsig;
 };
 
-static void own_stdio(void)
-{
-	int fd = open("/dev/null", O_RDWR);
-	const char *corrupt = getenv("LAZ_SELFTEST_CORRUPT");
-
-	if (corrupt && !strcmp(corrupt, "1"))
-		unsetenv("LAZ_SELFTEST_CORRUPT"); /* "the first point reached" is the root's: one damage in all */
-
-	if (fd < 0)
-		_exit(5);
-	for (int i = 0; i < 3; i++)
-		if (dup2(fd, i) != i)
-			_exit(5);
-	if (fd > 2)
-		close(fd);
-	close(laz_log_fd);
-	laz_log_fd = open(laz_log_path, O_WRONLY | O_APPEND);
-	if (laz_log_fd < 0)
-		_exit(5);
-}
 
 static struct who whoami(void)
 {
@@ -120,7 +100,7 @@ static void child_main(const char *name, int ready, void (*setup)(void), const c
 {
 	if (inherited_ready >= 0)
 		close(inherited_ready);
-	own_stdio();
+	laz_child_own_stdio();
 	laz_usr2_seen = 0;
 	if (setup)
 		setup();
@@ -216,7 +196,7 @@ static void a_main(int ready)
 	int gp[2];
 	char c;
 
-	own_stdio();
+	laz_child_own_stdio();
 	laz_usr2_seen = 0;
 	laz_fill(own, SIZE, SEED + (uint64_t)getpid());
 	if (pipe(gp))
@@ -255,7 +235,7 @@ static void c_main(int ready)
 	int32_t e_pid = 0;
 	char c;
 
-	own_stdio();
+	laz_child_own_stdio();
 	laz_usr2_seen = 0;
 	if (setsid() < 0)
 		laz_die("setsid c");
