@@ -94,9 +94,12 @@ class Listener:
         self.received = 0
         self.open = True
         self.connected = connected
-        # resolved image directory -> Image, opened and validated: the private daemon of a restore starts with
-        # the restore's own (it forked after the restore checked it), instead of reading it again
-        self._images: dict[str, Any] = dict(images or {})
+        # resolved image directory -> (its inventory's identity, Image opened and validated): the private daemon
+        # of a restore starts with the restore's own (it forked after the restore checked it), instead of reading
+        # it again. The identity makes a directory dumped again (a new inventory) be opened again, not served
+        # from the old image.
+        self._images: dict[str, tuple[tuple[int, int, int], Any]] = {
+            path: (_inventory_id(path), img) for path, img in (images or {}).items()}
         if connected:
             server.add_watch(sock.fileno(), lambda: self._receive(sock))
         else:
@@ -179,7 +182,9 @@ class Listener:
             pidfd.close()
             raise
         try:
-            img = self._images.get(str(images))
+            ident = _inventory_id(str(images))
+            cached = self._images.get(str(images))
+            img = cached[1] if cached is not None and cached[0] == ident else None
             if img is None:
                 img = Image.open(images)
                 try:
@@ -187,7 +192,7 @@ class Listener:
                 except BaseException:
                     img.close()
                     raise
-                self._images[str(images)] = img
+                self._images[str(images)] = (ident, img)
             # The image knows the task by its own pid, which differs from `pid` (ours) under restore --pidns;
             # `pid` is held by pidfd and stopped, so its number cannot have moved to another task.
             ipid = own_pid(pid)
@@ -214,3 +219,13 @@ class Listener:
         if self.open:
             self.open = False
             self._drop(self.sock)
+
+
+def _inventory_id(directory: str) -> tuple[int, int, int]:
+    """(device, inode, mtime) of DIRECTORY/inventory.json, or zeros if it cannot be read (Image.open then
+    reports it)."""
+    try:
+        st = os.stat(os.path.join(directory, "inventory.json"))
+    except OSError:
+        return (0, 0, 0)
+    return (st.st_dev, st.st_ino, st.st_mtime_ns)
