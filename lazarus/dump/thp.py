@@ -6,10 +6,7 @@ filled (MADV_COLLAPSE, by injection or process_madvise), and the task gets back 
 
 from __future__ import annotations
 
-from typing import Any
-
 from lazarus.kernel import abi
-from lazarus.kernel.pagemap import Pagemap
 
 HUGE = abi.HPAGE_PMD_SIZE
 
@@ -28,22 +25,3 @@ def huge_runs(regions: list[tuple[int, int]]) -> list[list[int]]:
             else:
                 runs.append([lo, (hi - lo) // abi.PAGE_SIZE])
     return runs
-
-
-def mark_huge(pid: int, vma_recs: list[dict[str, Any]]) -> int:
-    """Add "huge": [[start, npages], ...] (2 MiB aligned runs) to each anonymous private vma that has huge pages.
-    Returns the number of 2 MiB pages found.
-
-    A second scan of the whole address space: the dump itself no longer calls this (MemoryDumper records
-    "huge" from its own scan, see huge_runs); kept for callers holding vma records from elsewhere."""
-    total = 0
-    want = abi.PAGE_IS_HUGE | abi.PAGE_IS_PRESENT
-    with Pagemap(pid) as pm:
-        for v in vma_recs:
-            if v["kind"] != "anon" or v["shared"] or v["end"] - v["start"] < HUGE:
-                continue
-            runs = huge_runs([(s, e) for s, e, _ in pm.scan(v["start"], v["end"], want, return_mask=want)])
-            total += sum(n for _, n in runs) * abi.PAGE_SIZE // HUGE
-            if runs:
-                v["huge"] = runs
-    return total

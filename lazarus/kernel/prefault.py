@@ -14,7 +14,7 @@ import os
 import struct
 
 from lazarus.kernel import abi
-from lazarus.kernel.syscall import raw_syscall
+from lazarus.kernel.syscall import populate_write
 
 _PRESENT = 1 << 63
 _CHUNK = 4096  # pagemap entries read at a time
@@ -62,12 +62,10 @@ def unshare_present_pages() -> int:
     try:
         for lo, hi in _private_writable():
             for a, b in _present_runs(fd, lo, hi):
-                ret, err = raw_syscall(abi.SYS.madvise, a * abi.PAGE_SIZE, (b - a) * abi.PAGE_SIZE,
-                                       abi.MADV_POPULATE_WRITE)
-                if ret == 0:
+                # A failure (no MADV_POPULATE_WRITE here, or a mapping that refuses it) leaves those pages to
+                # fault as usual.
+                if populate_write(a * abi.PAGE_SIZE, (b - a) * abi.PAGE_SIZE):
                     done += (b - a) * abi.PAGE_SIZE
-                elif err == 22:  # EINVAL: no MADV_POPULATE_WRITE here (or a mapping that refuses it)
-                    continue
     finally:
         os.close(fd)
     return done

@@ -79,18 +79,17 @@ class Listener:
 
     Parameters: server, the LazyServer; sock, a listening SOCK_SEQPACKET socket, or (with `connected`) one
     end of a socketpair whose peer is the restore (kept until the restore closes it: a tree hands over one
-    process after another); once, stop listening after the first process.
+    process after another).
     The server keeps running while the listener waits for its first process; after that it exits once no
     process needs it.
     """
 
-    def __init__(self, server: Any, sock: socket.socket, *, connected: bool = False, once: bool = False,
+    def __init__(self, server: Any, sock: socket.socket, *, connected: bool = False,
                  linger: float = 0.0, images: dict[str, Any] | None = None) -> None:
         self.server = server
         self.linger = linger
         self._idle_since: float | None = None
         self.sock = sock
-        self.once = once
         self.received = 0
         self.open = True
         self.connected = connected
@@ -160,8 +159,6 @@ class Listener:
             conn.send(json.dumps(reply).encode())
         # A connection stays open for the next process of the same restore (a tree hands them over one after
         # the other); it is dropped when the restore closes it (above).
-        if self.once and self.received:
-            self.close()
 
     def _add(self, peer: Peer, pid: int, images: Path, fd: int) -> None:
         from lazarus.images import Image
