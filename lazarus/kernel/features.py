@@ -327,19 +327,29 @@ def _probe_peer_identity() -> list[Feature]:
     return [peer, info]
 
 
-def _probe_clone3_set_tid() -> Feature:
-    # Ask for our own pid: a kernel that honours set_tid must refuse with EEXIST, so no child appears.
-    tids = (C.c_int32 * 1)(os.getpid())
+def _try_set_tid(tids: list[int], flags: int) -> tuple[int, int]:
+    """clone3 asking for `tids` (innermost level first) that must fail: (the child's pid if the kernel ignored
+    set_tid and made one, reaped already, else 0; errno)."""
+    arr = (C.c_int32 * len(tids))(*tids)
     args = abi.clone_args()
+    args.flags = flags
     args.exit_signal = signal.SIGCHLD
-    args.set_tid = C.addressof(tids)
-    args.set_tid_size = 1
+    args.set_tid = C.addressof(arr)
+    args.set_tid_size = len(tids)
     ret, err = raw_syscall(abi.SYS.clone3, C.byref(args), C.sizeof(args))
     if ret == 0:  # pragma: no cover - only if the kernel ignored set_tid; leave at once
         os._exit(0)
     if ret > 0:
         os.waitpid(ret, 0)
-        return Feature("clone3 set_tid", False, f"set_tid ignored: a child got pid {ret}", "restore")
+        return ret, 0
+    return 0, err
+
+
+def _probe_clone3_set_tid() -> Feature:
+    # Ask for our own pid: a kernel that honours set_tid must refuse with EEXIST, so no child appears.
+    child, err = _try_set_tid([os.getpid()], 0)
+    if child:
+        return Feature("clone3 set_tid", False, f"set_tid ignored: a child got pid {child}", "restore")
     if err == errno.EEXIST:
         return Feature("clone3 set_tid", True, "pid in use -> EEXIST, as expected", "restore")
     hint = " (needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN)" if err == errno.EPERM else ""
@@ -349,18 +359,9 @@ def _probe_clone3_set_tid() -> Feature:
 def _probe_pidns_set_tid() -> Feature:
     """restore --pidns: clone3(CLONE_NEWPID) with a pid per level. Asking for pid 1 in the new namespace and our
     own pid out here must fail with EEXIST at the outer level, so no namespace and no child appear."""
-    tids = (C.c_int32 * 2)(1, os.getpid())
-    args = abi.clone_args()
-    args.flags = abi.CLONE_NEWPID
-    args.exit_signal = signal.SIGCHLD
-    args.set_tid = C.addressof(tids)
-    args.set_tid_size = 2
-    ret, err = raw_syscall(abi.SYS.clone3, C.byref(args), C.sizeof(args))
-    if ret == 0:  # pragma: no cover - only if the kernel ignored set_tid; leave at once
-        os._exit(0)
-    if ret > 0:
-        os.waitpid(ret, 0)
-        return Feature("clone3 NEWPID set_tid levels", False, f"set_tid ignored: a child got pid {ret}", "pidns")
+    child, err = _try_set_tid([1, os.getpid()], abi.CLONE_NEWPID)
+    if child:
+        return Feature("clone3 NEWPID set_tid levels", False, f"set_tid ignored: a child got pid {child}", "pidns")
     if err == errno.EEXIST:
         return Feature("clone3 NEWPID set_tid levels", True, "a pid per namespace level; in use -> EEXIST",
                        "pidns")
