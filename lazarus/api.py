@@ -70,6 +70,8 @@ class Restoration:
     tasks: int = 1  # processes restored: a tree's whole count (zombies included); `pid` is its root
     init: Any = None  # pidns: the namespace's init (restore/pidns.py NsInit), our child; the process is its
     ns_pid: int = 0  # pidns: the process's pid inside its namespace (the image's pid)
+    timings: dict[str, float] = field(default_factory=dict)  # phases, seconds since the call (restore())
+    stops: int = 0  # times the new task(s) ran for injected calls (one call or one batch each)
     _serving: Serving | None = field(default=None, repr=False)
 
     def serve(self, status: socket.socket | None = None) -> dict[str, Any]:
@@ -152,18 +154,36 @@ def restore(directory: str | Path, *, lazy: bool = False, detach: bool = False, 
     Raises:
         UsageError for options that need `lazy`; FeatureMissing; ImageError; RestoreError; Untrusted.
     """
+    import time
+    t0 = time.monotonic()
+    stamps: dict[str, float] = {}
+    r = _restore_impl(Path(directory), lazy=lazy, detach=detach, background=background, stats_path=stats_path,
+                      lazy_log=lazy_log, lazy_pages_socket=lazy_pages_socket, on_progress=on_progress,
+                      status=status, pidns=pidns, stamp=lambda name: stamps.setdefault(name, time.monotonic() - t0))
+    # The restore's own phases are measured from its own start: put on this call's clock.
+    start = r.timings.pop("start", t0) - t0
+    r.timings = {**stamps, **{f"restore.{k}": start + v for k, v in r.timings.items()},
+                 "returned": time.monotonic() - t0}
+    return r
+
+
+def _restore_impl(directory: Path, *, lazy: bool, detach: bool, background: bool, stats_path: Path | None,
+                  lazy_log: Path | None, lazy_pages_socket: Path | None, on_progress: ProgressCallback | None,
+                  status: Any, pidns: bool, stamp: Any) -> Restoration:
     from lazarus.restore import open_image
     from lazarus.restore import restore as _restore
-    directory = Path(directory)
     if not lazy:
         if not background or stats_path or lazy_pages_socket or on_progress or status is not None:
             raise UsageError("--no-background, --stats and --lazy-pages-socket need --lazy")
         res = _restore(directory, pidns=pidns)
-        return Restoration(res.pid, res.seconds, res.pages_written, tasks=res.tasks, lazy=False, init=res.init, ns_pid=res.ns_pid)
+        return Restoration(res.pid, res.seconds, res.pages_written, tasks=res.tasks, lazy=False, init=res.init,
+                           ns_pid=res.ns_pid, timings=res.timings, stops=res.stops)
     require_lazy_features()
+    stamp("features")
     # The image is checked whole before any helper of ours (server, guard, daemon) exists: a bad image is
     # refused with nothing created.
     image = open_image(directory, verify_pages=False)
+    stamp("image")
     if lazy_pages_socket is not None:
         from lazarus.lazy.daemon import hand_over
         from lazarus.lazy.handoff import connect
@@ -190,14 +210,43 @@ def restore(directory: str | Path, *, lazy: bool = False, detach: bool = False, 
                            init=res.init, ns_pid=res.ns_pid)
     # Served here: the guard forks now, while we have no threads.
     from lazarus.lazy.daemon import start_serving
-    serving = start_serving(background=background, stats_path=stats_path, on_progress=on_progress)
+    serving = start_serving(background=background, stats_path=stats_path, on_progress=on_progress,
+                            guard=_prepared.pop("guard", None))
+    stamp("serving")
     try:
         res = _restore(directory, lazy=True, on_lazy=serving.server.add_process, image=image, pidns=pidns)
     except BaseException:
         serving.close()
         raise
-    return Restoration(res.pid, res.seconds, res.pages_written, tasks=res.tasks, lazy=True, served_by="here", _serving=serving,
-                       init=res.init, ns_pid=res.ns_pid)
+    return Restoration(res.pid, res.seconds, res.pages_written, tasks=res.tasks, lazy=True, served_by="here",
+                       _serving=serving, init=res.init, ns_pid=res.ns_pid, timings=res.timings, stops=res.stops)
+
+
+# What prepare_restore() made for the next restore here.
+_prepared: dict[str, Any] = {}
+
+
+def prepare_restore() -> None:
+    """Do now, ahead of the next restore() in this process, what it would otherwise do on its way: fork the
+    lazy server's guard, and make a seed task that the restored process is cloned from (restore/seed.py: not
+    a clone of this whole process). For a process that waits for restores (a service worker); call it while
+    the process has no thread, and release_prepared() when done (it kills what was not used)."""
+    from lazarus.lazy.guard import Guard
+    from lazarus.restore import TRAMPOLINE_SIZE, seed
+    if "guard" not in _prepared:
+        _prepared["guard"] = Guard.start()
+    seed.prepare(TRAMPOLINE_SIZE)
+
+
+def release_prepared() -> None:
+    """Stop what prepare_restore() made and restore() did not use, and the spent seeds."""
+    from lazarus.restore import seed
+    guard = _prepared.pop("guard", None)
+    try:
+        if guard is not None:
+            guard.close()
+    finally:
+        seed.discard()
 
 
 def _daemon_log(directory: Path) -> Path:
@@ -243,4 +292,5 @@ def show(directory: str | Path) -> dict[str, Any]:
         img.close()
 
 
-__all__ = ["CheckResult", "Restoration", "UsageError", "check", "dump", "require_lazy_features", "restore", "show"]
+__all__ = ["CheckResult", "Restoration", "UsageError", "check", "dump", "prepare_restore", "release_prepared",
+           "require_lazy_features", "restore", "show"]

@@ -256,12 +256,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         try:
             body = self._body()
+            self.t_read = time.monotonic()
             # Who is asking comes first: nothing of the request is acted on before.
             from lazarus.lazy.trust import check_peer
             try:
                 check_peer(self.connection).close()
             except LazarusError as e:
                 raise HttpError(403, str(e)) from None
+            self.t_peer = time.monotonic()
             status, obj = self._route(body)
         except HttpError as e:
             self._reply(e.status, {"error": e.message}, e.headers)
@@ -330,6 +332,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if f["lazy"]:
             from lazarus.lazy.trust import listen_private
             status = listen_private(state / f"{rid}.sock")
+        t_called = time.monotonic()
         try:
             # Served from this worker either way (no daemon, no handoff: the worker is already a process of its
             # own); `detach` only says whether it stays to see the process exit.
@@ -339,11 +342,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if status is not None:
                 status.close()
             raise
+        t_done = time.monotonic()
+        phases = {"request": self.t_read - self.t_start, "peer": self.t_peer - self.t_start,
+                  **{k: t_called - self.t_start + v for k, v in r.timings.items()},
+                  "answer": t_done - self.t_start}
         rec = {"id": rid, "pid": r.pid, "ns_pid": r.ns_pid or None, "dir": str(directory), "lazy": r.lazy,
                "detach": f["detach"],
                "state": "detached" if f["detach"] else "running", "exit_code": None,
                "seconds": round(r.seconds, 6), "pages_written": r.pages_written,
-               "service_seconds": round(time.monotonic() - self.t_start, 6)}
+               "service_seconds": round(t_done - self.t_start, 6),
+               "stops": r.stops, "phases": {k: round(v, 6) for k, v in phases.items()}}
         try:
             _write_json(state / f"{rid}.json", rec)
         except BaseException:
@@ -351,6 +359,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise
         self._reply(200, rec)
         self._hang_up()
+        from lazarus.api import release_prepared
+        with contextlib.suppress(Exception):
+            release_prepared()
         # The client has its answer; a failure from here on has no one to go to but the log.
         try:
             if status is not None:
@@ -418,6 +429,13 @@ class _Pool:
             from lazarus.kernel.prefault import unshare_present_pages
             with contextlib.suppress(Exception):
                 unshare_present_pages()
+            # What a restore would fork on its way (the lazy server's guard, the seed its process is cloned
+            # from), forked now, while the worker waits: a restore request then forks nothing of ours.
+            from lazarus.api import prepare_restore, release_prepared
+            try:
+                prepare_restore()
+            except LazarusError as e:
+                log.warning("worker %d: restores will fork on their way: %s", os.getpid(), e)
             while True:
                 try:
                     conn, _ = self.server.socket.accept()
@@ -434,6 +452,8 @@ class _Pool:
                 self.server.handle_error(conn, "")
             finally:
                 self.server.shutdown_request(conn)
+                with contextlib.suppress(Exception):
+                    release_prepared()
         finally:
             os._exit(code)
 

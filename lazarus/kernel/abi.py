@@ -329,6 +329,7 @@ CLONE_FS = 0x200
 CLONE_FILES = 0x400
 CLONE_SIGHAND = 0x800
 CLONE_PTRACE = 0x2000
+CLONE_PARENT = 0x8000  # <linux/sched.h>: the new task is its creator's sibling (restore/seed.py)
 CLONE_THREAD = 0x10000
 CLONE_SYSVSEM = 0x40000
 CLONE_SETTLS = 0x80000

@@ -134,6 +134,10 @@ class Trampoline:
         """clone3 a stopped-in-pause child whose PID is `pid`. Raises KernelError (EEXIST: pid in use)."""
         return self._clone3(0, [pid], f"clone3 with pid {pid}", pid)
 
+    def clone_any(self) -> int:
+        """clone3 a stopped-in-pause child with whatever PID the kernel gives (restore/seed.py)."""
+        return self._clone3(0, [], "clone3 of a seed task", None)
+
     def clone_ns_init(self) -> int:
         """clone3 a stopped-in-pause child that is pid 1 of a new PID namespace, in a new mount namespace (a
         copy of ours). Returns its pid out here."""

@@ -105,11 +105,12 @@ class Serving:
 
 
 def start_serving(*, background: bool = True, stats_path: Path | None = None,
-                  on_progress: ProgressCallback | None = None) -> Serving:
-    """Fork the guard and make its server. Call it while this process has no thread (see the module docstring)."""
+                  on_progress: ProgressCallback | None = None, guard: Any = None) -> Serving:
+    """Fork the guard and make its server. Call it while this process has no thread (see the module docstring).
+    `guard`: one started ahead (Guard.start(), by this process) to use instead."""
     from lazarus.lazy.guard import Guard
     from lazarus.lazy.server import LazyServer
-    guard = Guard.start()
+    guard = guard if guard is not None else Guard.start()
     serving = Serving(server=None, guard=guard, on_progress=on_progress)
     try:
         serving.server = LazyServer(background=background, stats_path=stats_path, progress=serving._report,

@@ -27,7 +27,7 @@ from lazarus.kernel.clone import Trampoline
 from lazarus.kernel.xstate import machine_xstate as cpu_xstate
 from lazarus.lazy.sources import ImagePageSource
 from lazarus.remote import Batch, RemoteTask
-from lazarus.restore import cgroups, cow, private
+from lazarus.restore import cgroups, cow, private, seed
 from lazarus.restore import core as rcore
 from lazarus.restore.access import Access, precheck
 from lazarus.restore.cow import CowPlan
@@ -200,15 +200,26 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
     t0 = time.monotonic()
     task = img.task(pid)
     validate(img, pid, task, pidns=pidns)
+    t_valid = time.monotonic() - t0
     join_cgroups = cgroups.plan(task.get("cgroups"), pid)
-    tramp = Trampoline.map_at(trampoline_candidates(task["mm"]["vmas"], TRAMPOLINE_SIZE), TRAMPOLINE_SIZE)
+    # A seed made ahead (restore/seed.py) spares the clone of this whole process and its teardown.
+    warm = None if pidns else seed.take(task["mm"]["vmas"], TRAMPOLINE_SIZE)
+    tramp = None if warm is not None else \
+        Trampoline.map_at(trampoline_candidates(task["mm"]["vmas"], TRAMPOLINE_SIZE), TRAMPOLINE_SIZE)
     build = TaskBuild(img, pid, task, lazy=lazy, on_lazy=on_lazy, t0=t0)
+    build.timings["validate"] = t_valid
+    build.timings["trampoline"] = time.monotonic() - t0
     ns: NsInit | None = None
     try:
-        child, ns = create_root(tramp, pid, pidns=pidns, join_cgroups=join_cgroups)
-        build.attach(child, (tramp.addr, tramp.syscall_ip, tramp.batch_ip))
+        if warm is not None:
+            build.attach(warm.clone(pid), warm.where)
+        else:
+            assert tramp is not None
+            child, ns = create_root(tramp, pid, pidns=pidns, join_cgroups=join_cgroups)
+            build.attach(child, (tramp.addr, tramp.syscall_ip, tramp.batch_ip))
         build.build(join_cgroups)
         build.hand_over()
+        build.timings["handed"] = time.monotonic() - t0
         build.release()
         if ns is not None:
             # Stripping the init (a few ms of injected calls) waits until the root runs: until then it is a
@@ -348,6 +359,7 @@ class TaskBuild:
         set_mm(remote, mm, setup, exe=not (self.cow and self.cow.same_exe))
         xcomp = rcore.queue_xcomp_reads(setup, task["core"])
         setup.run()
+        timings["cleared"] = time.monotonic() - t0
         known = rcore.xcomp_known(setup, xcomp)
         rcore.prepare_xstate(remote, task["core"], known)
         rcore.restore_guest_perm(remote, task["core"], known)
@@ -355,6 +367,7 @@ class TaskBuild:
         fds = task["files"]
         high_base = max([f["fd"] for f in fds], default=2) + 1
         # Existing files (mapped, and the fds below) are opened as the restored credentials could open them.
+        timings["xstate"] = time.monotonic() - t0
         access = Access(remote, child, task["misc"]["creds"])
         space = SpaceBuilder(remote, img, child, access)
         space.verify = lazy
@@ -362,6 +375,7 @@ class TaskBuild:
         self.page_file = page_file
         lazy_ids = lazy_object_ids(mm, fds) if lazy else set()
         space.create_objects(mm["objects"], high_base, page_file, lazy_ids)
+        timings["objects"] = time.monotonic() - t0
         if kept:
             assert self.cow is not None
             self.cow.drop_others(remote, kept)  # before any page of its own is written
@@ -416,7 +430,9 @@ class TaskBuild:
         if self.shared is not None:
             self.shared.settle(pid, remote)
         fdr.finish(checked)
+        timings["fds"] = time.monotonic() - t0
         rcore.restore_signals(remote, task["signals"])
+        timings["signals"] = time.monotonic() - t0
         if lazy and ranges:
             # The kernel writes the rseq area when it is registered: that page must be in before the
             # range is handed to userfaultfd, or the injected call would wait on a fault nobody serves.
@@ -428,6 +444,7 @@ class TaskBuild:
         if self.leader_done:
             misc = {**misc, "sid": None, "pgid": None}
         restore_misc_and_cwd(remote, misc)
+        timings["misc"] = time.monotonic() - t0
         # The other threads, once everything they share with the leader is back (they inherit its no_new_privs,
         # personality and timer slack at the clone) and while the leader may still choose their ids.
         for rec in thread_recs:
@@ -437,9 +454,11 @@ class TaskBuild:
         timings["threads"] = time.monotonic() - t0
         if lazy and ranges:
             handover = uffd_in_task(remote, ranges, LAZY_FEATURES)
+            timings["uffd"] = time.monotonic() - t0
         for thread in self.threads:
             restore_thread_creds(thread, task["misc"])
         rcore.restore_all_creds(remote, task["misc"], is_root=self.is_root)
+        timings["creds"] = time.monotonic() - t0
         for thread, rec in zip(self.threads, thread_recs, strict=True):
             rcore.set_final_state(thread, rec["core"], rec["blocked"])
             thread.close()
@@ -447,6 +466,7 @@ class TaskBuild:
         remote.syscall(abi.SYS.munmap, tramp_addr, TRAMPOLINE_SIZE)
         rcore.set_final_state(remote, task["core"], task["signals"]["blocked"])
         remote.close()
+        timings["regs"] = time.monotonic() - t0
         self.stops = remote.stops + sum(t.stops for t in self.threads)
         self.calls = remote.calls + sum(t.calls for t in self.threads)
         self.written = written
@@ -489,7 +509,7 @@ class TaskBuild:
             self.page_file.close()
 
     def result(self, ns: NsInit | None = None) -> Restored:
-        return Restored(self.child, time.monotonic() - self.t0, self.written, timings=self.timings,
+        return Restored(self.child, time.monotonic() - self.t0, self.written, timings={"start": self.t0, **self.timings},
                         lazy=(self.handover, self.source) if self.handover is not None else None,
                         stops=self.stops, calls=self.calls, init=ns, ns_pid=self.pid if ns is not None else 0)
 
