@@ -65,6 +65,8 @@ from lazarus.errors import LazarusError, UsageError
 log = logging.getLogger("lazarus.service")
 
 MAX_BODY = 1 << 20
+REFILL_DELAY = 0.25  # seconds a spare's replacement waits at most for the request it replaces to be answered
+_ANSWERED = 1 << 31  # on the pool's pipe: the worker whose pid this flags has answered its client
 REQUEST_TIMEOUT = 30.0
 _ID = re.compile(r"[0-9a-f]{16}")
 _ROUTES = {"/check": ("GET",), "/dump": ("POST",), "/restore": ("POST",), "/images": ("GET",)}
@@ -212,6 +214,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
         except OSError as e:
             log.info("client went away before its answer: %s", e)
+        self.server.answered()
 
     def _hang_up(self) -> None:
         """Let the client go (it has its answer) while this worker goes on (serving, waiting)."""
@@ -390,6 +393,7 @@ class _Server(socketserver.UnixStreamServer):
         socketserver.BaseServer.__init__(self, "", _Handler)
         self.socket = sock
         self.state_dir = state_dir
+        self.answered: Callable[[], None] = lambda: None  # a worker tells the pool (_Pool._answered)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.exception("worker failed")
@@ -406,11 +410,21 @@ class _Pool:
         self.spares = max(1, spares)
         self.idle: set[int] = set()
         self.busy: set[int] = set()
+        # Workers that took a connection and have not answered yet: while one remains idle for the next
+        # request, the replacement is forked once they answer (or after REFILL_DELAY), not at once: forking
+        # and preparing a spare (~10 ms of CPU) would take a CPU from the request being answered.
+        self.answering: dict[int, float] = {}
         self._r, self._w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self._r, False)
         self._wake_r, self.wakeup_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)  # signal.set_wakeup_fd
 
     def fill(self) -> None:
+        now = time.monotonic()
+        for pid, since in list(self.answering.items()):
+            if now - since > REFILL_DELAY:
+                del self.answering[pid]
+        if self.idle and self.answering:
+            return
         while len(self.idle) < self.spares:
             pid = os.fork()
             if pid == 0:  # pragma: no cover - a worker; the tests talk to it over the socket
@@ -443,7 +457,7 @@ class _Pool:
                 except InterruptedError:
                     continue
             os.write(self._w, os.getpid().to_bytes(4, "little"))
-            os.close(self._w)
+            self.server.answered = self._answered
             self.server.socket.close()
             try:
                 self.server.finish_request(conn, "")
@@ -457,6 +471,14 @@ class _Pool:
         finally:
             os._exit(code)
 
+    def _answered(self) -> None:
+        """In a worker: its client has the answer (the service may fork a spare now)."""
+        if self._w >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._w, (os.getpid() | _ANSWERED).to_bytes(4, "little"))
+                os.close(self._w)
+            self._w = -1
+
     def _taken(self) -> None:
         """Read which workers took a connection."""
         while True:
@@ -468,8 +490,12 @@ class _Pool:
                 return
             for i in range(0, len(data) - 3, 4):
                 pid = int.from_bytes(data[i:i + 4], "little")
+                if pid & _ANSWERED:
+                    self.answering.pop(pid & ~_ANSWERED, None)
+                    continue
                 self.idle.discard(pid)
                 self.busy.add(pid)
+                self.answering[pid] = time.monotonic()
 
     def wait(self, timeout: float) -> None:
         """Wait (up to `timeout`) for workers taking connections, reap those that ended, and fill up again."""
@@ -488,6 +514,7 @@ class _Pool:
                 break
             self.idle.discard(pid)
             self.busy.discard(pid)
+            self.answering.pop(pid, None)
         self.fill()
 
     def close(self) -> None:
@@ -592,7 +619,7 @@ def serve(socket_path: Path | None, *, state_dir: Path | None = None, spares: in
             if on_ready is not None:
                 on_ready(where, state_dir)
             while not stop:
-                pool.wait(1.0)
+                pool.wait(REFILL_DELAY if pool.answering else 1.0)
         finally:
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGTERM, signal.SIGINT):
