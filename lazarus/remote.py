@@ -339,6 +339,9 @@ class Batch:
         self.entries_failed_what = ""  # and its `what`
         self.results: list[int] = []  # of the last run(), also when it raised: the calls made
         self._done: list[Callable[[list[int]], object]] = []
+        # What put() placed, written to the task with the call table in one write at run() (a restore puts a
+        # few hundred small structures: one write each was a system call and a page walk each).
+        self._data = bytearray()
 
     def call(self, nr: int, *args: int | Ref, what: str = "", check: bool = True) -> Ref:
         """Queue syscall `nr`; check=False: a failure is returned in the results, not raised."""
@@ -359,11 +362,14 @@ class Batch:
         self.entries[ref.index].into.append(addr)
 
     def put(self, data: bytes) -> int:
-        """Copy `data` into the batch's scratch now (8-byte aligned); returns its address in the task."""
+        """Place `data` in the batch's scratch (8-byte aligned; written to the task when the batch runs);
+        returns its address in the task."""
         self._room(len(data) + 8)
         addr = self.task.scratch + self.used
-        self.task.write(addr, data)
-        self.used += (len(data) + 7) & ~7
+        size = (len(data) + 7) & ~7
+        self._data += data
+        self._data += bytes(size - len(data))
+        self.used += size
         return addr
 
     def put_struct(self, obj: object) -> int:
@@ -406,7 +412,9 @@ class Batch:
                     flags |= 1 << (k + 1)
             words += [e.nr, *[results_at + 8 * a.index if isinstance(a, Ref) else a & _NEG1 for a in e.args],
                       flags, e.into[0] if e.into else 0]
-        t.write(table, b"".join(w.to_bytes(8, "little") for w in words))
+        # The data and the table after it, in one write.
+        t.write(t.scratch, bytes(self._data) + b"".join(w.to_bytes(8, "little") for w in words))
+        self._data.clear()
         ran = t.run_batch_code(table, n, results_at)
         raw = t.read(results_at, 8 * ran) if ran else b""
         out = [int.from_bytes(raw[8 * i:8 * i + 8], "little", signed=True) for i in range(ran)]
@@ -419,6 +427,7 @@ class Batch:
     def _finish(self, out: list[int]) -> list[int]:
         self.entries.clear()
         self.used = 0
+        self._data.clear()
         done, self._done = self._done, []
         for check in done:
             check(out)
@@ -435,12 +444,16 @@ class Batch:
         self.entries_failed_what = e.what
         self.entries.clear()
         self.used = 0
+        self._data.clear()
         self._done = []
         name = e.what or next((k for k, v in vars(abi.SYS).items() if v == e.nr), str(e.nr))
         raise KernelError(f"{name} in task {self.task.pid}", -ret, pid=self.task.pid)
 
     def _one_by_one(self) -> list[int]:
         t = self.task
+        if self._data:
+            t.write(t.scratch, bytes(self._data))
+            self._data.clear()
         out: list[int] = []
         self.results = out
         for i, e in enumerate(self.entries):
