@@ -431,8 +431,6 @@ class TaskBuild:
             self.shared.settle(pid, remote)
         fdr.finish(checked)
         timings["fds"] = time.monotonic() - t0
-        rcore.restore_signals(remote, task["signals"])
-        timings["signals"] = time.monotonic() - t0
         if lazy and ranges:
             # The kernel writes the rseq area when it is registered: that page must be in before the
             # range is handed to userfaultfd, or the injected call would wait on a fault nobody serves.
@@ -443,7 +441,14 @@ class TaskBuild:
         misc = task["misc"]
         if self.leader_done:
             misc = {**misc, "sid": None, "pgid": None}
-        restore_misc_and_cwd(remote, misc)
+        if misc.get("cwd_deleted"):
+            rcore.restore_signals(remote, task["signals"])
+            restore_misc_and_cwd(remote, misc)
+        else:
+            # One injection for both (the signal actions are set after the rest, as they do not depend on it).
+            both = remote.batch()
+            rcore.restore_misc(remote, misc, both)
+            rcore.restore_signals(remote, task["signals"], both)
         timings["misc"] = time.monotonic() - t0
         # The other threads, once everything they share with the leader is back (they inherit its no_new_privs,
         # personality and timer slack at the clone) and while the leader may still choose their ids.

@@ -58,9 +58,10 @@ def restore_rlimits(pid: int, rlimits: list[list[int]]) -> None:
                                stage="misc", pid=pid) from e
 
 
-def restore_signals(task: RemoteTask, sig: dict[str, Any]) -> None:
+def restore_signals(task: RemoteTask, sig: dict[str, Any], batch: Batch | None = None) -> None:
+    """batch: calls queued by the caller, run first in the same injection as the signal actions."""
     t = task
-    b = t.batch()
+    b = batch if batch is not None else t.batch()
     trap_ignored = False
     for signo, (handler, flags, restorer, mask) in enumerate(sig["actions"], start=1):
         if signo in (abi.SIGKILL, abi.SIGSTOP):
@@ -102,9 +103,10 @@ def restore_signals(task: RemoteTask, sig: dict[str, Any]) -> None:
         t.syscall(abi.SYS.rt_sigqueueinfo, me, signo, t.put(info))
 
 
-def restore_misc(task: RemoteTask, misc: dict[str, Any]) -> None:
+def restore_misc(task: RemoteTask, misc: dict[str, Any], batch: Batch | None = None) -> None:
+    """batch: queue the calls there (its caller runs it), else run them now."""
     t = task
-    b = t.batch()
+    b = batch if batch is not None else t.batch()
     b.call(abi.SYS.set_tid_address, misc["clear_child_tid"])
     rl = misc["robust_list"]
     if rl["head"]:
@@ -128,7 +130,8 @@ def restore_misc(task: RemoteTask, misc: dict[str, Any]) -> None:
     if misc.get("no_new_privs"):
         b.call(abi.SYS.prctl, abi.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     restore_prctl(t, misc.get("prctl") or {}, b)  # its reads join this batch
-    b.run()
+    if batch is None:
+        b.run()
 
 
 def _spec_ctrl(value: int) -> int:
