@@ -72,6 +72,7 @@ class Restoration:
     ns_pid: int = 0  # pidns: the process's pid inside its namespace (the image's pid)
     timings: dict[str, float] = field(default_factory=dict)  # phases, seconds since the call (restore())
     stops: int = 0  # times the new task(s) ran for injected calls (one call or one batch each)
+    seeded: bool = False  # cloned from the seed prepare_restore() made (restore/seed.py)
     _serving: Serving | None = field(default=None, repr=False)
 
     def serve(self, status: socket.socket | None = None) -> dict[str, Any]:
@@ -177,7 +178,8 @@ def _restore_impl(directory: Path, *, lazy: bool, detach: bool, background: bool
             raise UsageError("--no-background, --stats and --lazy-pages-socket need --lazy")
         res = _restore(directory, pidns=pidns)
         return Restoration(res.pid, res.seconds, res.pages_written, tasks=res.tasks, lazy=False, init=res.init,
-                           ns_pid=res.ns_pid, timings=res.timings, stops=res.stops)
+                           ns_pid=res.ns_pid, timings=res.timings, stops=res.stops,
+                           seeded=res.seeded)
     require_lazy_features()
     stamp("features")
     # The image is checked whole before any helper of ours (server, guard, daemon) exists: a bad image is
@@ -219,7 +221,8 @@ def _restore_impl(directory: Path, *, lazy: bool, detach: bool, background: bool
         serving.close()
         raise
     return Restoration(res.pid, res.seconds, res.pages_written, tasks=res.tasks, lazy=True, served_by="here",
-                       _serving=serving, init=res.init, ns_pid=res.ns_pid, timings=res.timings, stops=res.stops)
+                       _serving=serving, init=res.init, ns_pid=res.ns_pid, timings=res.timings, stops=res.stops,
+                           seeded=res.seeded)
 
 
 # What prepare_restore() made for the next restore here.
@@ -238,15 +241,16 @@ def prepare_restore() -> None:
     seed.prepare(TRAMPOLINE_SIZE)
 
 
-def release_prepared() -> None:
-    """Stop what prepare_restore() made and restore() did not use, and the spent seeds."""
+def release_prepared(wait: bool = True) -> None:
+    """Stop what prepare_restore() made and restore() did not use, and the spent seeds. wait=False: without
+    waiting for them to exit (for a process about to exit: they are then init's, or its subreaper's, to reap)."""
     from lazarus.restore import seed
     guard = _prepared.pop("guard", None)
     try:
         if guard is not None:
-            guard.close()
+            guard.close(timeout=10.0 if wait else 0.0)
     finally:
-        seed.discard()
+        seed.discard(wait)
 
 
 def _daemon_log(directory: Path) -> Path:

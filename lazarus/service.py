@@ -354,7 +354,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                "state": "detached" if f["detach"] else "running", "exit_code": None,
                "seconds": round(r.seconds, 6), "pages_written": r.pages_written,
                "service_seconds": round(t_done - self.t_start, 6),
-               "stops": r.stops, "phases": {k: round(v, 6) for k, v in phases.items()}}
+               "stops": r.stops, "seeded": r.seeded, "phases": {k: round(v, 6) for k, v in phases.items()}}
         try:
             _write_json(state / f"{rid}.json", rec)
         except BaseException:
@@ -362,6 +362,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise
         self._reply(200, rec)
         self._hang_up()
+        if f["detach"] and status is None:
+            # Nothing left to do here: exit at once (what was prepared is killed on the way out, not waited
+            # for), so that the process, should it exit soon, is re-parented rather than left our zombie.
+            return 0, {}
         from lazarus.api import release_prepared
         with contextlib.suppress(Exception):
             release_prepared()
@@ -467,7 +471,7 @@ class _Pool:
             finally:
                 self.server.shutdown_request(conn)
                 with contextlib.suppress(Exception):
-                    release_prepared()
+                    release_prepared(wait=False)
         finally:
             os._exit(code)
 

@@ -74,6 +74,7 @@ class Restored:
     calls: int = 0  # system calls injected
     init: Any = None  # restore --pidns: the namespace's init (restore/pidns.py NsInit), running
     ns_pid: int = 0  # restore --pidns: its pid inside its namespace (the image's pid)
+    seeded: bool = False  # cloned from a seed made ahead (restore/seed.py), not from this process
 
 
 def open_image(directory: Path, *, verify_pages: bool) -> Image:
@@ -213,6 +214,7 @@ def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHando
     try:
         if warm is not None:
             build.attach(warm.clone(pid), warm.where)
+            build.seeded = True
         else:
             assert tramp is not None
             child, ns = create_root(tramp, pid, pidns=pidns, join_cgroups=join_cgroups)
@@ -317,6 +319,7 @@ class TaskBuild:
         self._ranges: list[Any] = []
         self._high_base = 0
         self._access: Access | None = None
+        self.seeded = False
 
     def attach(self, child: int, tramp: tuple[int, int, int]) -> None:
         """Take the new task `child` (seized, in an event stop) with the trampoline at `tramp`: its address,
@@ -516,7 +519,8 @@ class TaskBuild:
     def result(self, ns: NsInit | None = None) -> Restored:
         return Restored(self.child, time.monotonic() - self.t0, self.written, timings={"start": self.t0, **self.timings},
                         lazy=(self.handover, self.source) if self.handover is not None else None,
-                        stops=self.stops, calls=self.calls, init=ns, ns_pid=self.pid if ns is not None else 0)
+                        stops=self.stops, calls=self.calls, init=ns, ns_pid=self.pid if ns is not None else 0,
+                        seeded=self.seeded)
 
     def kill(self) -> None:
         if self.child:

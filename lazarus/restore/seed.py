@@ -76,9 +76,7 @@ class Seed:
         return seed
 
     def fits(self, vmas: list[dict[str, Any]]) -> bool:
-        """The seed's trampoline (with a guard gap each side) lies in a gap of the image's layout."""
-        lo, hi = self.addr - _GUARD, self.addr + self.size + _GUARD
-        return any(start <= lo and hi <= end for start, end in free_gaps(vmas))
+        return fits(vmas, self.addr, self.size)
 
     def clone(self, pid: int) -> int:
         """The new task `pid`, our child, traced and in an event stop, with the trampoline at `addr`. The seed
@@ -86,10 +84,18 @@ class Seed:
         _spent.append(self)
         return create_child(self.remote, pid, abi.CLONE_PARENT)
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Kill it; wait=False: do not reap it (a caller about to exit leaves that to init or its subreaper)."""
         rcore.kill_quietly(self.pid)
-        with contextlib.suppress(OSError):
-            os.waitpid(self.pid, 0)
+        if wait:
+            with contextlib.suppress(OSError):
+                os.waitpid(self.pid, 0)
+
+
+def fits(vmas: list[dict[str, Any]], addr: int, size: int) -> bool:
+    """A trampoline at `addr` (with a guard gap each side) lies in a gap of the image's layout `vmas`."""
+    lo, hi = addr - _GUARD, addr + size + _GUARD
+    return any(start <= lo and hi <= end for start, end in free_gaps(vmas))
 
 
 def prepare(size: int) -> None:
@@ -109,11 +115,11 @@ def take(vmas: list[dict[str, Any]], size: int) -> Seed | None:
     return seed
 
 
-def discard() -> None:
-    """Kill the ready seed and those spent, if any."""
+def discard(wait: bool = True) -> None:
+    """Kill the ready seed and those spent, if any (wait: and reap them)."""
     global _ready
     seeds = [*_spent, *([_ready] if _ready is not None else [])]
     _ready = None
     _spent.clear()
     for s in seeds:
-        s.close()
+        s.close(wait)
