@@ -391,12 +391,14 @@ class Batch:
         return (self.used + data + 8 * calls + (len(self.entries) + calls) * (_ENTRY_SIZE + 8)
                 <= self.task.scratch_size)
 
-    def run(self) -> list[int]:
-        """Make the calls; returns their results (negative errno on failure); KernelError at a checked failure."""
+    def run(self, *, one_stop: bool = False) -> list[int]:
+        """Make the calls; returns their results (negative errno on failure); KernelError at a checked failure.
+        one_stop: a single call too goes through BATCH_CODE (one stop of the task, where a call by itself takes
+        two: its entry and its exit; worth it where the task waits for a CPU between stops)."""
         t = self.task
         if not self.entries:
             return self._finish([])
-        if not t.batch_ip or t.traps_ignored or len(self.entries) == 1:
+        if not t.batch_ip or t.traps_ignored or (len(self.entries) == 1 and not one_stop):
             return self._one_by_one()
         n = len(self.entries)
         table = t.scratch + self.used

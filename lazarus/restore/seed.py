@@ -16,16 +16,16 @@ restored the usual way. The seed dies with the restorer (PDEATHSIG, and PTRACE_O
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from typing import Any
 
-from lazarus.errors import RestoreError
+from lazarus.errors import KernelError, RestoreError
 from lazarus.kernel import abi, ptrace
 from lazarus.kernel.clone import BATCH_OFFSET, SYSCALL_OFFSET, Trampoline
 from lazarus.remote import RemoteTask
 from lazarus.restore import core as rcore
 from lazarus.restore.memory import clear_address_space, close_inherited_fds, free_gaps
-from lazarus.restore.tree import create_child
 
 SEED_ADDR = 0x3000_0000_0000
 _GUARD = 1 << 20
@@ -79,10 +79,31 @@ class Seed:
         return fits(vmas, self.addr, self.size)
 
     def clone(self, pid: int) -> int:
-        """The new task `pid`, our child, traced and in an event stop, with the trampoline at `addr`. The seed
-        is spent: discard() kills it (off the restore's path)."""
+        """The new task `pid`, our child (CLONE_PARENT), traced (CLONE_PTRACE) and in an event stop, with the
+        trampoline at `addr`. The seed is spent: discard() kills it (off the restore's path)."""
         _spent.append(self)
-        return create_child(self.remote, pid, abi.CLONE_PARENT)
+        b = self.remote.batch()
+        args = abi.clone_args()
+        args.flags = abi.CLONE_PTRACE | abi.CLONE_PARENT
+        args.exit_signal = 0  # clone3 wants 0 with CLONE_PARENT: the child takes the seed's (SIGCHLD)
+        args.set_tid = b.put(pid.to_bytes(4, "little"))
+        args.set_tid_size = 1
+        b.call(abi.SYS.clone3, b.put_struct(args), abi.sizeof(abi.clone_args), check=False)
+        ret = b.run(one_stop=True)[0]  # the new task never runs BATCH_CODE: it starts in an event stop
+        if ret == -errno.EEXIST:
+            raise RestoreError(f"pid {pid} is already in use", stage="create", pid=pid)
+        if ret < 0:
+            raise KernelError(f"clone3 of {pid} in seed task {self.pid}", -ret, pid=self.pid)
+        if ret != pid:  # pragma: no cover - the kernel gives set_tid or fails
+            rcore.kill_quietly(ret)
+            raise RestoreError(f"task {pid} was created as {ret}", stage="create", pid=pid)
+        st = ptrace.wait(pid)
+        if not (st.stopped and st.event == abi.PTRACE_EVENT_STOP):
+            rcore.kill_quietly(pid)
+            with contextlib.suppress(OSError):
+                os.waitpid(pid, 0)  # our child (CLONE_PARENT)
+            raise RestoreError(f"new task {pid} {st}", stage="create", pid=pid)
+        return pid
 
     def close(self, wait: bool = True) -> None:
         """Kill it; wait=False: do not reap it (a caller about to exit leaves that to init or its subreaper)."""

@@ -43,8 +43,7 @@ def create_child(parent: RemoteTask, pid: int, flags: int = 0) -> int:
     tids = parent.put(pid.to_bytes(4, "little"), _ARGS_OFFSET)
     args = abi.clone_args()
     args.flags = abi.CLONE_PTRACE | flags
-    # CLONE_PARENT (restore/seed.py): the child takes its parent's exit signal, and clone3 wants 0 here.
-    args.exit_signal = 0 if flags & abi.CLONE_PARENT else signal.SIGCHLD
+    args.exit_signal = signal.SIGCHLD
     args.set_tid = tids
     args.set_tid_size = 1
     ret = parent.raw(abi.SYS.clone3, parent.put_struct(args, _ARGS_OFFSET + 64), abi.sizeof(abi.clone_args))
