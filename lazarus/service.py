@@ -12,14 +12,18 @@ Process model, and why (docs/SERVICE.md says more):
 
     service (one thread)           imports done and the kernel probed once at start; forks spares, reaps
       |-- spare workers            forked ahead, each waiting in accept() for one connection, its
-      |                            copy-on-write faults taken already (kernel/prefault.py); the service forks
-      |                            a new spare whenever one takes a connection (or dies idle)
+      |                            copy-on-write faults taken already (kernel/prefault.py), the lazy server's
+      |                            guard and a seed task forked ahead (api.prepare_restore, restore/seed.py);
+      |                            the service forks a new spare once one has answered its request (at once
+      |                            when no spare is left), or when one dies idle
       |-- worker (one connection)  reads the request, checks the peer, does the work, answers, exits
-            |-- restored process   the worker's child; the worker serves its lazy pages (it is a process of its
+            |-- restored process   the worker's child (cloned from the seed with CLONE_PARENT); the worker
+            |                      serves its lazy pages (it is a process of its
             |                      own already: no daemon, no handoff), then with detach=false waits for it and
             |                      records its exit status, with detach=true exits (the process is re-parented
             |                      to init, or the nearest subreaper)
-            |-- guard              forked by the worker (which has no thread) for a lazy restore
+            |-- guard              forked by the worker while idle (it has no thread then), used by a lazy
+                                   restore; what a request did not use is killed after its answer
 
 A dump or restore ptraces and forks; in a worker, a crash, a leak, a stuck tracee or a signal stays there and
 the service is as it was. A request wakes a process that is ready: neither a fork nor the service itself is on
