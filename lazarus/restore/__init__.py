@@ -378,7 +378,6 @@ class TaskBuild:
         self.page_file = page_file
         lazy_ids = lazy_object_ids(mm, fds) if lazy else set()
         space.create_objects(mm["objects"], high_base, page_file, lazy_ids)
-        timings["objects"] = time.monotonic() - t0
         if kept:
             assert self.cow is not None
             self.cow.drop_others(remote, kept)  # before any page of its own is written
