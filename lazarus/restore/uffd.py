@@ -31,7 +31,13 @@ def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int)
     (close-on-exec) at the highest fd its RLIMIT_NOFILE allows (the anchor, lazy/anchor.py: should every
     Lazarus process serving it die, its faults wait rather than read zeros), recorded as the returned Uffd's
     task_fd. Its fds must be in place already (F_DUPFD_CLOEXEC never takes one, as dup3 would)."""
-    # In one batch as far as scratch allows: the uffd, its handshake and the ranges.
+    # In one batch as far as scratch allows: the uffd, its handshake, the ranges, and for a lazy restore the
+    # anchor's copy and the close of the original (usually the number wanted is free).
+    anchor = bool(features & abi.UFFD_FEATURE_EVENT_FORK)
+    want = -1
+    if anchor:
+        from lazarus.lazy.anchor import anchor_fd_number  # lazy restores only (it brings socket)
+        want = anchor_fd_number(prlimit(task.pid, RLIMIT_NOFILE)[0], ())
     b = task.batch()
     made = b.call(abi.SYS.userfaultfd, os.O_CLOEXEC | os.O_NONBLOCK, what="userfaultfd")
     b.call(abi.SYS.ioctl, made, abi.UFFDIO_API, b.put_struct(abi.uffdio_api(abi.UFFD_API, features, 0)),
@@ -45,8 +51,16 @@ def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int)
             reg = abi.uffdio_register(abi.uffdio_range(start, end - start), abi.UFFDIO_REGISTER_MODE_MISSING, 0)
             b.call(abi.SYS.ioctl, fd, abi.UFFDIO_REGISTER, b.put_struct(reg),
                    what=f"UFFDIO_REGISTER {start:#x}-{end:#x}")
+        dup = None
+        if anchor:
+            if not b.fits(2):
+                fd = b.run()[0] if isinstance(fd, Ref) else fd
+            dup = b.call(abi.SYS.fcntl, fd, _F_DUPFD_CLOEXEC, want, check=False)
+            b.call(abi.SYS.close, fd, check=False)
         got = b.run()
         fd = got[0] if isinstance(fd, Ref) else fd
+        if dup is not None:
+            fd = got[dup.index]  # the original is closed: the copy (if made) is the task's uffd now
     except BaseException:
         if isinstance(fd, Ref) and b.results and b.results[0] >= 0:
             fd = b.results[0]  # made, then a later call failed
@@ -55,31 +69,23 @@ def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int)
         task.raw(abi.SYS.close, fd)
         raise
     try:
+        if anchor and fd < 0:
+            raise RestoreError(f"pid {task.pid}: no fd at or below {want} for the userfaultfd anchor: "
+                               f"{os.strerror(-fd)}", stage="memory")
         pidfd = pidfd_open(task.pid)
         try:
             ours = pidfd_getfd(pidfd, fd, pid=task.pid)
         finally:
             os.close(pidfd)
-        if features & abi.UFFD_FEATURE_EVENT_FORK:
-            from lazarus.lazy.anchor import anchor_fd_number  # lazy restores only (it brings socket)
-
-            # Usually the number wanted is free: the copy and the close of the original in one batch.
-            want = anchor_fd_number(prlimit(task.pid, RLIMIT_NOFILE)[0], ())
-            b = task.batch()
-            b.call(abi.SYS.fcntl, fd, _F_DUPFD_CLOEXEC, want, check=False)
-            b.call(abi.SYS.close, fd)
-            got = b.run()[0]
-            fd = -1
-            if got == want:
+        if anchor:
+            copy, fd = fd, -1
+            if copy == want:
                 kept = want
-            elif got >= 0:  # taken: look below it, from the copy made
+            else:  # taken: look below it, from the copy made
                 try:
-                    kept = _dup_at_or_below(task, got, want)
+                    kept = _dup_at_or_below(task, copy, want)
                 finally:
-                    task.syscall(abi.SYS.close, got)
-            else:
-                raise RestoreError(f"pid {task.pid}: no fd at or below {want} for the userfaultfd anchor: "
-                                   f"{os.strerror(-got)}", stage="memory")
+                    task.syscall(abi.SYS.close, copy)
     finally:
         if fd >= 0:
             task.syscall(abi.SYS.close, fd)
