@@ -171,7 +171,6 @@ def restore(directory: str | Path, *, lazy: bool = False, detach: bool = False, 
 def _restore_impl(directory: Path, *, lazy: bool, detach: bool, background: bool, stats_path: Path | None,
                   lazy_log: Path | None, lazy_pages_socket: Path | None, on_progress: ProgressCallback | None,
                   status: Any, pidns: bool, stamp: Any) -> Restoration:
-    from lazarus.restore import open_image
     from lazarus.restore import restore as _restore
     if not lazy:
         if not background or stats_path or lazy_pages_socket or on_progress or status is not None:
@@ -184,7 +183,7 @@ def _restore_impl(directory: Path, *, lazy: bool, detach: bool, background: bool
     stamp("features")
     # The image is checked whole before any helper of ours (server, guard, daemon) exists: a bad image is
     # refused with nothing created.
-    image = open_image(directory, verify_pages=False)
+    image = _checked_image(directory)
     stamp("image")
     if lazy_pages_socket is not None:
         from lazarus.lazy.daemon import hand_over
@@ -227,6 +226,60 @@ def _restore_impl(directory: Path, *, lazy: bool, detach: bool, background: bool
 
 # What prepare_restore() made for the next restore here.
 _prepared: dict[str, Any] = {}
+# Images opened and checked ahead (preopen_image): directory -> (signature of its files then, Image).
+_opened: dict[str, tuple[Any, Any]] = {}
+_SETTLED_NS = 100_000_000  # a file changed less than this before is not trusted to stay as read (timestamps are coarse)
+
+
+def _signature(directory: Path) -> Any:
+    """What must not change for an image opened earlier to be used: the directory's and each file's inode, size,
+    mtime and ctime. None when it cannot be read, or changed too recently to tell."""
+    try:
+        st = os.stat(directory)
+        sig = [(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)]
+        for name in sorted(os.listdir(directory)):
+            f = os.lstat(directory / name)
+            sig.append((name, f.st_ino, f.st_size, f.st_mtime_ns, f.st_ctime_ns))
+    except OSError:
+        return None
+    import time
+    if max(x[-1] for x in sig) > time.time_ns() - _SETTLED_NS:
+        return None
+    return tuple(sig)
+
+
+def preopen_image(directory: str | Path) -> bool:
+    """Open and check the image in `directory` now (all but its page data, as a lazy restore does before it
+    creates anything), for a lazy restore of it later in this process, which uses it if no file of the image
+    has changed since (inode, size, mtime and ctime of each, and of the directory). For a process that waits
+    for restores (a service worker). Returns whether it is kept."""
+    directory = Path(directory)
+    sig = _signature(directory)
+    if sig is None:
+        return False
+    from lazarus.restore import open_image
+    try:
+        img = open_image(directory, verify_pages=False)
+    except LazarusError:
+        return False  # refused again, with its message, when a restore asks for it
+    old = _opened.pop(str(directory), None)
+    if old is not None:
+        old[1].close()
+    _opened[str(directory)] = (sig, img)
+    return True
+
+
+def _checked_image(directory: Path) -> Any:
+    """The image in `directory`, opened and checked (page data excepted): the one preopen_image() kept if its
+    files are as they were, else opened now."""
+    entry = _opened.pop(str(directory), None)
+    if entry is not None:
+        sig, img = entry
+        if sig == _signature(directory):
+            return img
+        img.close()
+    from lazarus.restore import open_image
+    return open_image(directory, verify_pages=False)
 
 
 def prepare_restore() -> None:
@@ -296,5 +349,6 @@ def show(directory: str | Path) -> dict[str, Any]:
         img.close()
 
 
-__all__ = ["CheckResult", "Restoration", "UsageError", "check", "dump", "prepare_restore", "release_prepared",
+__all__ = ["CheckResult", "Restoration", "UsageError", "check", "dump", "prepare_restore", "preopen_image",
+           "release_prepared",
            "require_lazy_features", "restore", "show"]

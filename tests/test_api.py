@@ -114,3 +114,33 @@ def test_library_errors_are_lazarus_errors(tmp_path: Path) -> None:
     assert lines[0].startswith("error ") and "missing" in lines[0]
     assert lines[1].startswith("error ") and "missing" in lines[1]
     assert lines[2].startswith("usage ") and "need --lazy" in lines[2]
+
+
+def test_preopened_image_is_used_only_while_its_files_are_unchanged(harness: H.Harness) -> None:
+    """preopen_image (a service worker's, while idle): the image kept is the one a lazy restore then uses, unless
+    a file of it changed since; a file corrupted after the preopen is refused as without it."""
+    import time
+
+    from lazarus import api
+    from lazarus.errors import ImageError
+    _, target, image = _dumped(harness)
+    assert target.wait_exit(10) is not None
+    time.sleep(0.2)  # timestamps settled (a file changed within 0.1 s is not trusted to stay as read)
+    try:
+        assert api.preopen_image(image)
+        kept = api._opened[str(image)][1]
+        assert api._checked_image(image) is kept
+        assert api.preopen_image(image)
+        kept = api._opened[str(image)][1]
+        os.utime(image / "inventory.json")
+        fresh = api._checked_image(image)
+        assert fresh is not kept and fresh.tasks == kept.tasks
+        fresh.close()
+        time.sleep(0.2)
+        assert api.preopen_image(image)
+        with open(image / "inventory.json", "ab") as f:
+            f.write(b" ")
+        with pytest.raises(ImageError, match="inventory.json"):
+            api._checked_image(image)
+    finally:
+        api._opened.clear()
