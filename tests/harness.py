@@ -64,6 +64,7 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "share_take": (),
     "cow_fork": (),
     "cow_tree": (),
+    "shm_tree": ("-pthread",),
 }
 CFLAGS = ("-O1", "-g", "-Wall")
 
@@ -393,6 +394,7 @@ CASES: tuple[Case, ...] = (
     Case("tree", "tree"),  # the root reports PASS only once every process of its tree passed (tree.c)
     Case("tree-share", "tree_share"),  # descriptions, pipes and a FIFO shared by the tree's processes
     Case("cow-tree", "cow_tree"),  # copy-on-write pages kept shared; each process checks its memory (cow_tree.c)
+    Case("shm-tree", "shm_tree"),  # shared memory objects made once for the tree; each sees the others' writes
 )
 CASES_BY_ID = {c.id: c for c in CASES}
 

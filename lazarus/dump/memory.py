@@ -201,6 +201,9 @@ class MemoryDumper:
         self._fds: list[int] = []
         # Copy-on-write runs its parent gives it back at restore (dump/cow.py): stored in the owner's file only.
         self.skip: list[tuple[int, int]] = []
+        # Memory objects other tasks of the tree hold too (dump/sharing.py find_memory): (st_dev, inode) ->
+        # (shared id, the pid whose page file stores the content once).
+        self.shared: dict[tuple[int, int], tuple[str, int]] = {}
 
     def close(self) -> None:
         for fd in self._fds:
@@ -271,7 +274,7 @@ class MemoryDumper:
                 # The exact name (maps escapes newlines) of a deleted file: it is recreated there if free.
                 vpath = procfs.map_file_path(self.pid, vma) if kind == "deleted" else vma.path
                 obj = self._plan_object(f"/proc/{self.pid}/map_files/{vma.start:x}-{vma.end:x}", kind,
-                                        len(objects), where, vpath)
+                                        len(objects), where, vpath, (os.makedev(*vma.dev), vma.inode))
                 objects[key] = obj
             rec["object"] = obj["id"]
         return rec
@@ -302,17 +305,21 @@ class MemoryDumper:
                 if name_part.endswith(" (deleted)"):
                     name_part = name_part[: -len(" (deleted)")]
                 obj = self._plan_object(f"{fd_dir}/{name}", "memfd", len(objects), f"fd {name} ({link})",
-                                        "/memfd:" + name_part)
+                                        "/memfd:" + name_part, (st.st_dev, st.st_ino))
                 objects[(st.st_dev, st.st_ino, "memfd")] = obj
                 inodes.add(st.st_ino)
 
-    def _plan_object(self, path: str, kind: str, index: int, where: str, vpath: str) -> dict[str, Any]:
+    def _plan_object(self, path: str, kind: str, index: int, where: str, vpath: str,
+                     key: tuple[int, int] = (0, 0)) -> dict[str, Any]:
         """Record an object shared by mappings (shared anonymous memory, a memfd, a deleted file) and place
         its content in the page file, with what makes it that object (memfd name and seals; a deleted file's
         path, mode and owner). The fd stays open until the copy.
 
         The object is read through map_files (or the fd), skipping holes (SEEK_DATA/SEEK_HOLE), so a sparse
         object stays small. Its runs are [object offset, npages, file page index].
+
+        An object other tasks of the tree hold too (self.shared) is marked with its shared id; its content is
+        stored once, by one of them: the others record "content" (that pid) and no runs (docs/IMAGES.md).
         """
         fd = os.open(path, os.O_RDONLY)
         self._fds.append(fd)
@@ -345,11 +352,17 @@ class MemoryDumper:
             end = min((hole + _PAGE - 1) & ~(_PAGE - 1), rounded)
             extents.append((start, end - start))
             off = end
+        name = vpath[len("/memfd:"):] if kind == "memfd" else ""
+        shared = self.shared.get(key)
+        if shared is not None:
+            extra["shared"] = shared[0]
+            if shared[1] != self.pid:
+                extra["content"] = shared[1]
+                extents = []
         page = self._place(_Source(extents, fd=fd))
         for start, n in extents:
             runs.append([start, n // _PAGE, page])
             page += n // _PAGE
-        name = vpath[len("/memfd:"):] if kind == "memfd" else ""
         return {"id": index, "kind": kind, "name": name, "size": size,
                 "pages": runs, "inode": st.st_ino, **extra}
 

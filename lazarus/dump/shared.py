@@ -4,9 +4,11 @@ cannot give them back shared yet, with both pids named.
 Given back shared (stored once by dump/sharefds.py): an open file description of a file, device, pipe or
 FIFO held by several processes (inherited across fork: stdin/stdout/stderr, a log), every description of a
 pipe or FIFO with ends in several processes, fs state shared by clone(CLONE_FS) down one line of descent.
-Refused here: an fd table shared by clone (CLONE_FILES), fs state shared otherwise, shared anonymous memory
-or a memfd or deleted file mapped by two processes, and sockets, anonymous-inode files (eventfd, epoll...)
-and unlinked files open in two processes.
+Given back shared too (stored once by dump/memory.py, made once by restore/sharing.py SharedMemory): shared
+anonymous memory, a memfd or a deleted file mapped (or, a memfd, held) by several processes.
+Refused here: an fd table shared by clone (CLONE_FILES), fs state shared otherwise, System V shared memory
+in several processes, and sockets, anonymous-inode files (eventfd, epoll...), memfds and unlinked files open
+(as fds, not mappings) in two processes.
 
 What is not refused: the same named file opened separately by two processes (each gets its own open again),
 MAP_SHARED mappings of a named regular file (mapped again from the file, they share its page cache), and
@@ -62,18 +64,6 @@ def _named(target: str, mode: int) -> bool:
                                        or stat.S_ISBLK(mode))
 
 
-def _shared_memory(pid: int) -> dict[tuple[int, int], tuple[int, str]]:
-    """(dev, ino) -> (start, path) of each MAP_SHARED mapping of `pid` that is not a named regular file."""
-    out: dict[tuple[int, int], tuple[int, str]] = {}
-    for v in procfs.read_maps(pid):
-        if not v.shared or not v.inode:
-            continue
-        if not v.deleted and v.path.startswith("/") and not v.path.startswith(("/memfd:", "/dev/zero", "/SYSV")):
-            continue
-        out.setdefault((v.dev[0] << 32 | v.dev[1], v.inode), (v.start, v.path or "anonymous shared memory"))
-    return out
-
-
 def check_fs_group(pids: tuple[int, ...], parents: dict[int, int]) -> None:
     """Processes sharing cwd, root and umask (CLONE_FS) come back shared only as a parent and descendants made
     from it with CLONE_FS, one by one: every member but one must have its parent in the group."""
@@ -124,12 +114,12 @@ def refuse_shared(pids: list[int]) -> Sharing:
                         raise Unsupported(f"pid {other.pid} fd {other.fd} and pid {p} fd {mine.fd} are open on one "
                                           f"{mine.target}; {_LATER}", pid=p)
             seen.setdefault(key, []).extend(fds)
-    maps: dict[tuple[int, int], tuple[int, int, str]] = {}
-    for p in pids:
-        for key, (start, path) in _shared_memory(p).items():
-            if key in maps and maps[key][0] != p:
-                q, qstart, _ = maps[key]
-                raise Unsupported(f"pid {q} at {qstart:#x} and pid {p} at {start:#x} map one shared memory "
-                                  f"object ({path}); {_LATER}", pid=p)
-            maps.setdefault(key, (p, start, path))
     return found
+
+
+def shared_memory(found: Sharing) -> dict[tuple[int, int], tuple[str, int]]:
+    """(st_dev, inode) -> (shared id, storing pid) of each memory object several processes map or hold
+    (shared anonymous memory, a memfd, a deleted file): its content goes once into the page file of the
+    lowest pid holding it, and every holder's object record names the id (dump/memory.py _plan_object).
+    System V segments never get here: refusals() names them."""
+    return {(m.dev, m.ino): (m.id, m.pids[0]) for m in found.memory if m.kind != "sysv"}

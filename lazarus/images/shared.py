@@ -5,6 +5,10 @@
               that belong to the description (path, ino, dev, locks, owner, sig, pipe)}
     pipes[]  {id, ino, fifo, readers: [file ids], writers: [file ids], pipe_size, data: blob or null}
     task-PID.json files[]: {fd, type: "shared", shared: id, flags, cloexec, pos} for every holder
+
+Memory objects several tasks map (format 5) stay in each holder's task-PID.json mm.objects[], marked
+{..., shared: "mem-N"}; one holder stores the content (its runs), the others have no runs and
+{content: PID of that holder} (check_shared_memory).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lazarus.errors import ImageError
-from lazarus.images.format import task_name
+from lazarus.images.format import SHMEM_VERSION, task_name
 
 SHARED_JSON = "shared.json"
 KINDS = ("file", "fifo", "pipe")
@@ -158,3 +162,38 @@ def check_shared(shared: Any, tasks: dict[int, dict[str, Any]], has_blob: Callab
 
 
 __all__ = ["KINDS", "SHARED_JSON", "check_shared", "fs_parents"]
+
+
+def check_shared_memory(tasks: dict[int, dict[str, Any]], version: int) -> None:
+    """Memory objects stored once (mm.objects[] with "shared"): each id has exactly one record holding the
+    content, in a task of the image, and every other record of that id names it ("content") and agrees on
+    kind, size and name; all of this only in a version 5 image (older readers would restore them empty)."""
+    stores: dict[str, tuple[int, dict[str, Any]]] = {}
+    refs: list[tuple[str, str, dict[str, Any]]] = []
+    for pid, task in tasks.items():
+        for i, o in enumerate(task["mm"]["objects"]):
+            if "shared" not in o and "content" not in o:
+                continue
+            f = f"{task_name(pid)}: mm.objects[{i}]"
+            sid = o.get("shared")
+            if not isinstance(sid, str) or not sid.startswith("mem-"):
+                raise ImageError(f"{f}.shared: must be a memory object id (mem-N)")
+            if version < SHMEM_VERSION:
+                raise ImageError(f"{f}.shared: in a version {version} image (shared memory objects came with "
+                                 f"version {SHMEM_VERSION})")
+            if o["kind"] not in ("shmem", "memfd", "deleted"):
+                raise ImageError(f"{f}.kind: {o['kind']!r} cannot be shared between tasks")
+            if "content" in o:
+                if not _int(o["content"]) or o["content"] == pid or o["pages"]:
+                    raise ImageError(f"{f}.content: must name another task's pid, with no runs of its own")
+                refs.append((f, sid, o))
+            elif sid in stores:
+                raise ImageError(f"{f}.shared: {sid} stored by pid {stores[sid][0]} already")
+            else:
+                stores[sid] = (pid, o)
+    for f, sid, o in refs:
+        pid, store = stores.get(sid, (0, {}))
+        if pid != o["content"]:
+            raise ImageError(f"{f}.content: pid {o['content']} does not store {sid}")
+        if any(store[k] != o[k] for k in ("kind", "size", "name")):
+            raise ImageError(f"{f}: {sid} has another kind, size or name in pid {pid}")

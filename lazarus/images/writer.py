@@ -543,6 +543,7 @@ class ImageWriter:
         self._pages: dict[int, PagesWriter] = {}
         # name -> (size, xxh3) of the json and blob files, hashed from the bytes we wrote
         self._files: dict[str, tuple[int, int]] = {}
+        self.min_version = FORMAT_VERSION  # raised by a dump that writes what older readers misread (format.py)
         self._state = "open"
 
     # -- writing --------------------------------------------------------------------------------------------
@@ -651,7 +652,7 @@ class ImageWriter:
             canonical_json(fields)
         except (TypeError, ValueError) as e:
             raise ImageError(f"{INVENTORY}: cannot encode as JSON: {e}") from e
-        version = COW_VERSION if COW_FILE in self._files else FORMAT_VERSION
+        version = max(COW_VERSION if COW_FILE in self._files else FORMAT_VERSION, self.min_version)
         inv: dict[str, Any] = {"format": FORMAT_NAME, "version": version, "page_chunk": CHUNK_SIZE,
                                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                **fields, "files": {}, "self_check": ""}

@@ -49,6 +49,7 @@ from lazarus.restore.memory import (
 from lazarus.restore.pidns import NsInit
 from lazarus.restore.sched import apply_sched
 from lazarus.restore.sharefds import SharedFds, check_made, check_shared_files
+from lazarus.restore.sharing import SharedMemory
 from lazarus.restore.thp import collapse_in_task
 from lazarus.restore.threads import check_threads, create_thread, restore_thread_creds, restore_thread_state
 from lazarus.restore.timers import check_timers
@@ -301,6 +302,7 @@ class TaskBuild:
         self.stops = self.calls = 0
         self.shared: SharedFds | None = None  # descriptions shared with other tasks of the tree
         self.cow: CowPlan | None = None  # copy-on-write runs it keeps from its parent or gives its children
+        self.shmem: SharedMemory | None = None  # memory objects made once for the tree (restore/sharing.py)
         self.space: SpaceBuilder | None = None
         self._served: list[Any] = []
         self._ranges: list[Any] = []
@@ -361,7 +363,7 @@ class TaskBuild:
         page_file = img.page_file(pid) if img.has_pages(pid) else None
         self.page_file = page_file
         lazy_ids = lazy_object_ids(mm, fds) if lazy else set()
-        space.create_objects(mm["objects"], high_base, page_file, lazy_ids)
+        space.create_objects(mm["objects"], high_base, page_file, lazy_ids, self.shmem)
         if kept:
             assert self.cow is not None
             self.cow.drop_others(remote, kept)  # before any page of its own is written
@@ -625,6 +627,7 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
     created: list[int] = []  # children cloned, whether or not they have a TaskBuild yet
     failed_pid = tree.root
     shared: SharedFds | None = None
+    shmem = SharedMemory(img)
     with_fs = fs_parents(img.json(SHARED_JSON) if SHARED_JSON in img.files else None,
                          {p: n.ppid for p, n in tree.nodes.items()})
     try:
@@ -634,6 +637,7 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
             if pid == tree.root:
                 build = TaskBuild(img, pid, tasks[pid], lazy=lazy, on_lazy=on_lazy, t0=t0, leader_done=True)
                 builds[pid] = build
+                build.shmem = shmem
                 child, ns = create_root(tramp, pid, pidns=pidns, join_cgroups=joins[pid])
                 host[pid] = child
                 build.attach(child, where)
@@ -654,6 +658,7 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
                 build = TaskBuild(img, pid, tasks[pid], lazy=lazy and not eager_here, on_lazy=on_lazy, t0=t0,
                                   stopped=node.stopped, leader_done=True)
                 builds[pid] = build
+                build.shmem = shmem
                 build.attach(child, where)
             assert build.remote is not None
             lead(build.remote, node)
@@ -680,6 +685,7 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
             else:
                 builds[pid].build(joins[pid])
         check_made(shared)
+        shmem.close()
         # Every task is complete but for running. Hand over the uffds one after the other, then let all go at
         # once: the server may finish a small process meanwhile and wants it untraced to remove its anchor.
         for pid in live:
@@ -697,6 +703,7 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
         root.pages_written = sum(b.written for b in builds.values())
         return root
     except BaseException as e:
+        shmem.close()
         if shared is not None:
             shared.close()
         for build in builds.values():

@@ -17,6 +17,7 @@ from lazarus.kernel import abi, procfs
 from lazarus.remote import Batch, RemoteTask
 from lazarus.restore import private
 from lazarus.restore.access import Access, mapped_access
+from lazarus.restore.sharing import SharedMemory
 
 _NEG1 = (1 << 64) - 1
 _MADVISE = {"dd": abi.MADV_DONTDUMP, "hg": abi.MADV_HUGEPAGE, "nh": abi.MADV_NOHUGEPAGE,
@@ -181,57 +182,78 @@ class SpaceBuilder:
         self.fd_cache.clear()
 
     def create_objects(self, objects: list[dict[str, Any]], hold_above: int, page_file: Any,
-                       lazy_ids: set[int]) -> None:
+                       lazy_ids: set[int], shared: SharedMemory | None = None) -> None:
         """Create each shared object (shared anonymous memory, memfd, recreated deleted file), with its
         content unless it is served lazily, then its owner, mode and seals; its fd is kept at >= hold_above
-        until the fds are restored."""
+        until the fds are restored. An object other tasks of the tree hold too (a record with "shared") is
+        made by the first of them built, with the content from the record storing it, and given to the
+        others as that very object (`shared`, restore/sharing.py)."""
         t = self.task
         for obj in objects:
-            size = obj["size"]
-            seals = obj.get("seals", SEALS_NONE)
-            if obj["kind"] == "deleted":
-                high = self._recreate_deleted(obj, hold_above, page_file)
-                self.state.object_fds[obj["id"]] = high
-                continue
-            if obj["kind"] == "memfd":
-                flags = 0
-                if seals != SEALS_NONE:
-                    flags |= abi.MFD_ALLOW_SEALING
-                    if seals & abi.F_SEAL_EXEC and not obj.get("mode", 0o777) & 0o111:
-                        flags |= abi.MFD_NOEXEC_SEAL
-                fd = t.syscall(abi.SYS.memfd_create, t.cstring(obj["name"]), flags, what="memfd_create")
-                t.syscall(abi.SYS.ftruncate, fd, size)
-            else:
-                # A shared anonymous object only exists as a mapping; its file is reachable through
-                # map_files, which lets us map it again at each vma and write its content.
-                length = max(size, abi.PAGE_SIZE)
-                addr = t.syscall(abi.SYS.mmap, 0, length, abi.PROT_READ | abi.PROT_WRITE,
-                                 abi.MAP_SHARED | abi.MAP_ANONYMOUS, _NEG1, 0)
-                fd = t.syscall(abi.SYS.openat, abi.AT_FDCWD & _NEG1,
-                               t.cstring(f"/proc/self/map_files/{addr:x}-{addr + length:x}"), abi.O_RDWR, 0)
-                t.syscall(abi.SYS.munmap, addr, length)
-            high = t.syscall(abi.SYS.fcntl, fd, abi.F_DUPFD, hold_above)
-            t.syscall(abi.SYS.close, fd)
-            if obj["pages"] and obj["id"] not in lazy_ids:
-                wfd = os.open(f"/proc/{self.pid}/fd/{high}", os.O_WRONLY)
-                try:
-                    _write_runs(wfd, obj, page_file, self.verify)
-                finally:
-                    os.close(wfd)
-            if obj["kind"] == "memfd":
-                self._owner_and_mode(f"/proc/{self.pid}/fd/{high}", obj)
-                if seals != SEALS_NONE:
-                    # Once the content is in and the size set (a write or shrink seal forbids both), and
-                    # before the mappings: a read-only shared mapping of a write-sealed memfd is made without
-                    # VM_MAYWRITE. But F_SEAL_FUTURE_WRITE after them: it allows the writable mappings made
-                    # before it and no new ones (and F_SEAL_SEAL would forbid adding it later).
-                    late = seals & (abi.F_SEAL_FUTURE_WRITE | abi.F_SEAL_SEAL)
-                    if seals & ~late:
-                        t.syscall(abi.SYS.fcntl, high, abi.F_ADD_SEALS, seals & ~late,
-                                  what=f"memfd {obj['name']!r} seals")
-                    if late:
-                        self.late_seals.append((high, late, obj["name"]))
+            sid = obj.get("shared") if shared is not None else None
+            content, pf = obj, page_file
+            if sid is not None:
+                assert shared is not None
+                given = shared.give(t, sid, hold_above)
+                if given is not None:
+                    self.state.object_fds[obj["id"]] = given
+                    continue
+                content, other = shared.stored(obj)
+                pf = other if other is not None else page_file
+            high = self._create_object(obj, content, hold_above, pf, lazy_ids)
             self.state.object_fds[obj["id"]] = high
+            if sid is not None:
+                assert shared is not None
+                shared.lend(sid, self.pid, high)
+
+    def _create_object(self, obj: dict[str, Any], content: dict[str, Any], hold_above: int, page_file: Any,
+                       lazy_ids: set[int]) -> int:
+        """One object made in the task, its content from `content` (obj itself, or the record storing a shared
+        object's content); returns the task's fd of it (>= hold_above)."""
+        t = self.task
+        size = obj["size"]
+        seals = obj.get("seals", SEALS_NONE)
+        if obj["kind"] == "deleted":
+            return self._recreate_deleted(obj, hold_above, page_file, content)
+        if obj["kind"] == "memfd":
+            flags = 0
+            if seals != SEALS_NONE:
+                flags |= abi.MFD_ALLOW_SEALING
+                if seals & abi.F_SEAL_EXEC and not obj.get("mode", 0o777) & 0o111:
+                    flags |= abi.MFD_NOEXEC_SEAL
+            fd = t.syscall(abi.SYS.memfd_create, t.cstring(obj["name"]), flags, what="memfd_create")
+            t.syscall(abi.SYS.ftruncate, fd, size)
+        else:
+            # A shared anonymous object only exists as a mapping; its file is reachable through
+            # map_files, which lets us map it again at each vma and write its content.
+            length = max(size, abi.PAGE_SIZE)
+            addr = t.syscall(abi.SYS.mmap, 0, length, abi.PROT_READ | abi.PROT_WRITE,
+                             abi.MAP_SHARED | abi.MAP_ANONYMOUS, _NEG1, 0)
+            fd = t.syscall(abi.SYS.openat, abi.AT_FDCWD & _NEG1,
+                           t.cstring(f"/proc/self/map_files/{addr:x}-{addr + length:x}"), abi.O_RDWR, 0)
+            t.syscall(abi.SYS.munmap, addr, length)
+        high = t.syscall(abi.SYS.fcntl, fd, abi.F_DUPFD, hold_above)
+        t.syscall(abi.SYS.close, fd)
+        if content["pages"] and obj["id"] not in lazy_ids:
+            wfd = os.open(f"/proc/{self.pid}/fd/{high}", os.O_WRONLY)
+            try:
+                _write_runs(wfd, content, page_file, self.verify)
+            finally:
+                os.close(wfd)
+        if obj["kind"] == "memfd":
+            self._owner_and_mode(f"/proc/{self.pid}/fd/{high}", obj)
+            if seals != SEALS_NONE:
+                # Once the content is in and the size set (a write or shrink seal forbids both), and
+                # before the mappings: a read-only shared mapping of a write-sealed memfd is made without
+                # VM_MAYWRITE. But F_SEAL_FUTURE_WRITE after them: it allows the writable mappings made
+                # before it and no new ones (and F_SEAL_SEAL would forbid adding it later).
+                late = seals & (abi.F_SEAL_FUTURE_WRITE | abi.F_SEAL_SEAL)
+                if seals & ~late:
+                    t.syscall(abi.SYS.fcntl, high, abi.F_ADD_SEALS, seals & ~late,
+                              what=f"memfd {obj['name']!r} seals")
+                if late:
+                    self.late_seals.append((high, late, obj["name"]))
+        return high
 
     @staticmethod
     def _owner_and_mode(path: str, obj: dict[str, Any]) -> None:
@@ -240,7 +262,8 @@ class SpaceBuilder:
         if "mode" in obj:
             os.chmod(path, obj["mode"])
 
-    def _recreate_deleted(self, obj: dict[str, Any], hold_above: int, page_file: Any) -> int:
+    def _recreate_deleted(self, obj: dict[str, Any], hold_above: int, page_file: Any,
+                          content: dict[str, Any] | None = None) -> int:
         """A mapped file that was deleted: recreated with its content (root's, mode 0600 and O_EXCL) under its
         old name inside a private directory of ours (restore/private.py: never at the path the image names),
         opened by the task, unlinked again, and only then given its owner and mode, through the task's fd.
@@ -255,7 +278,7 @@ class SpaceBuilder:
                                    stage="memory", path=obj["path"]) from e
             try:
                 os.ftruncate(fd, obj["size"])
-                _write_runs(fd, obj, page_file, self.verify)
+                _write_runs(fd, content or obj, page_file, self.verify)
             finally:
                 os.close(fd)
             t = self.task
