@@ -355,6 +355,10 @@ class MemoryDumper:
         name = vpath[len("/memfd:"):] if kind == "memfd" else ""
         shared = self.shared.get(key)
         if shared is not None:
+            if kind == "memfd" and extra["seals"] & abi.F_SEAL_FUTURE_WRITE:
+                # Made once, sealed by the task making it: the other holders could not map it writable after.
+                raise Unsupported(f"{where}: a memfd sealed against future writes (F_SEAL_FUTURE_WRITE) that "
+                                  f"several processes hold is not supported")
             extra["shared"] = shared[0]
             if shared[1] != self.pid:
                 extra["content"] = shared[1]
