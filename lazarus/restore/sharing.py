@@ -269,17 +269,17 @@ class SharedMemory:
         """Keep our own copy of fd `fd` of task `pid`, the object `sid` it just made."""
         self.fds[sid] = take(pid, fd)
 
-    def give(self, task: RemoteTask, sid: str, above: int) -> int | None:
-        """The object `sid` as a new fd (>= above) of the task, or None if no task has made it yet."""
+    def give(self, courier: FdCourier, sid: str, above: int) -> int | None:
+        """The object `sid` as a new fd (>= above) of the courier's task, or None if no task has made it yet."""
         ours = self.fds.get(sid)
         if ours is None:
             return None
-        with FdCourier(task) as courier:
-            tmp = courier.borrow(ours)
-            try:
-                return task.syscall(abi.SYS.fcntl, tmp, abi.F_DUPFD, above, what=f"fcntl(F_DUPFD) of {sid}")
-            finally:
-                task.raw(abi.SYS.close, tmp)
+        task = courier.task
+        tmp = courier.borrow(ours)
+        try:
+            return task.syscall(abi.SYS.fcntl, tmp, abi.F_DUPFD, above, what=f"fcntl(F_DUPFD) of {sid}")
+        finally:
+            task.raw(abi.SYS.close, tmp)
 
     def close(self) -> None:
         for fd in self.fds.values():
