@@ -10,9 +10,10 @@
  *   MEMFD  a memfd "laz-shm", 8 pages, pages 0-3 and 6 written, 4, 5, 7 holes; its fd closed after mmap;
  *   FILE   /dev/shm/laz-shm-PID, 3 pages, mapped shared, then closed and unlinked (a deleted tmpfs file).
  * After the fork:
- *   LATE   C makes a memfd "laz-late" (2 pages), maps it and sends its fd to P (SCM_RIGHTS), P maps it;
+ *   LATE   C makes a memfd "laz-late" (2 pages), maps it and sends its fd to P (SCM_RIGHTS), P maps it; C
+ *          keeps its fd open as fd 50 and reads P's mark through it too;
  *   LATEF  D makes /dev/shm/laz-late-PID (2 pages), maps it, sends its fd to P, unlinks it; P maps it.
- * Every fd and socket used for that is closed again: only the mappings are shared at the dump. C waits for
+ * Every other fd and socket used for that is closed again: only the mappings are shared at the dump. C waits for
  * SIGUSR2 (rt_sigsuspend); D waits on the semaphore (a futex wait on a shared page). P logs READY once both
  * are in those waits.
  *
@@ -167,12 +168,17 @@ static void c_main(void)
 	reg[LATE] = map_fd(fd, pages_of[LATE]);
 	stamp(LATE);
 	send_fd(sv_c[1], fd);
+	if (dup2(fd, 50) != 50) /* kept open: the object is reached through an fd too */
+		_exit(92);
 	close(fd);
 	close_socks();
 	laz_wait_usr2();
 	int bad = check_all(1, 1);
 	if (bad)
 		_exit(bad);
+	uint64_t got = 0;
+	if (pread(50, &got, sizeof(got), LAZ_PAGE) != sizeof(got) || got != mark_of(LATE, 0))
+		_exit(LATE * 16 + 6); /* P's write, read through C's fd */
 	mark_all(1);
 	_exit(0);
 }
