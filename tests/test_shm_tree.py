@@ -85,3 +85,36 @@ def test_system_v_segment_between_processes_refused(harness: H.Harness) -> None:
     H.assert_clean_error(res, r"System V shared memory")
     assert not image.exists()
     H.expect_pass(harness.run_case(SYSV, target), target)
+
+
+def test_two_pidns_restores_each_with_its_own_objects(harness: H.Harness) -> None:
+    """Two lazy --pidns restores of one image at once: inside a new PID namespace a task cannot see lazarus's
+    pid, so the objects reach later holders through SCM_RIGHTS; each copy's processes share their objects, and
+    no object is shared between the copies."""
+    from test_pidns import check_copy, nspid, restore_copies, run_one
+
+    target = harness.start_case(CASE)
+    image = harness.image_dir()
+    res = harness.dump(target, image)
+    assert res.returncode == 0, res.stderr
+    mms = _objects(image)
+    copies = restore_copies(harness, image, target, 2, lazy=True)
+    inits = [check_copy(r, target.pid) for r in copies]
+    per_copy = []
+    for r in copies:
+        assert r.pid is not None
+        tree = [r.pid, *R.descendants(r.pid)]
+        assert len(tree) == 3, tree
+        host = {nspid(p)[-1]: p for p in tree}  # the image's pid (inside the namespace) -> ours
+        assert sorted(host) == sorted(mms), host
+        seen: dict[str, set[tuple[int, int]]] = defaultdict(set)
+        for pid, mm in mms.items():
+            ids = {o["id"]: o["shared"] for o in mm["objects"]}
+            for v in mm["vmas"]:
+                if "object" in v:
+                    seen[ids[v["object"]]].add(_identity(host[pid], v))
+        assert all(len(s) == 1 for s in seen.values()), dict(seen)
+        per_copy.append(set().union(*seen.values()))
+    assert not per_copy[0] & per_copy[1], "the two copies share a memory object"
+    for r, init in zip(copies, inits, strict=True):
+        run_one(harness, CASE, r, init)

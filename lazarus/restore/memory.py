@@ -17,7 +17,7 @@ from lazarus.kernel import abi, procfs
 from lazarus.remote import Batch, RemoteTask
 from lazarus.restore import private
 from lazarus.restore.access import Access, mapped_access
-from lazarus.restore.sharing import FdCourier, SharedMemory
+from lazarus.restore.sharing import SharedMemory
 
 _NEG1 = (1 << 64) - 1
 _MADVISE = {"dd": abi.MADV_DONTDUMP, "hg": abi.MADV_HUGEPAGE, "nh": abi.MADV_NOHUGEPAGE,
@@ -188,24 +188,27 @@ class SpaceBuilder:
         until the fds are restored. An object other tasks of the tree hold too (a record with "shared") is
         made by the first of them built, with the content from the record storing it, and given to the
         others as that very object (`shared`, restore/sharing.py)."""
-        t = self.task
-        with FdCourier(t) as courier:  # one pidfd of ours in the task for all the objects it is given
-            for obj in objects:
-                sid = obj.get("shared") if shared is not None else None
-                content, pf = obj, page_file
-                if sid is not None:
-                    assert shared is not None
-                    given = shared.give(courier, sid, hold_above)
-                    if given is not None:
-                        self.state.object_fds[obj["id"]] = given
-                        continue
-                    content, other = shared.stored(obj)
-                    pf = other if other is not None else page_file
-                high = self._create_object(obj, content, hold_above, pf, lazy_ids)
-                self.state.object_fds[obj["id"]] = high
-                if sid is not None:
-                    assert shared is not None
-                    shared.lend(sid, self.pid, high)
+        given: list[dict[str, Any]] = []
+        for obj in objects:
+            sid = obj.get("shared") if shared is not None else None
+            content, pf = obj, page_file
+            if sid is not None:
+                assert shared is not None
+                if shared.made(sid):
+                    given.append(obj)
+                    continue
+                content, other = shared.stored(obj)
+                pf = other if other is not None else page_file
+            high = self._create_object(obj, content, hold_above, pf, lazy_ids)
+            self.state.object_fds[obj["id"]] = high
+            if sid is not None:
+                assert shared is not None
+                shared.lend(sid, self.pid, high)
+        if given:
+            assert shared is not None
+            fds = shared.give(self.task, [o["shared"] for o in given], hold_above)
+            for obj, fd in zip(given, fds, strict=True):
+                self.state.object_fds[obj["id"]] = fd
 
     def _create_object(self, obj: dict[str, Any], content: dict[str, Any], hold_above: int, page_file: Any,
                        lazy_ids: set[int]) -> int:

@@ -269,17 +269,25 @@ class SharedMemory:
         """Keep our own copy of fd `fd` of task `pid`, the object `sid` it just made."""
         self.fds[sid] = take(pid, fd)
 
-    def give(self, courier: FdCourier, sid: str, above: int) -> int | None:
-        """The object `sid` as a new fd (>= above) of the courier's task, or None if no task has made it yet."""
-        ours = self.fds.get(sid)
-        if ours is None:
-            return None
-        task = courier.task
-        tmp = courier.borrow(ours)
+    def made(self, sid: str) -> bool:
+        return sid in self.fds
+
+    def give(self, task: RemoteTask, sids: list[str], above: int) -> list[int]:
+        """The objects `sids` (all made) as new fds of the task, at the lowest free numbers >= above; returns
+        them. Through one SCM_RIGHTS message (give_scm): inside a --pidns restore the task cannot see lazarus's
+        pid, so it could not pidfd_getfd from it."""
         try:
-            return task.syscall(abi.SYS.fcntl, tmp, abi.F_DUPFD, above, what=f"fcntl(F_DUPFD) of {sid}")
-        finally:
-            task.raw(abi.SYS.close, tmp)
+            used = {int(n) for n in os.listdir(f"/proc/{task.pid}/fd")}
+        except OSError as e:
+            raise KernelError(f"list /proc/{task.pid}/fd", e.errno or errno.EIO, pid=task.pid) from e
+        at: list[int] = []
+        n = above
+        while len(at) < len(sids):
+            if n not in used:
+                at.append(n)
+            n += 1
+        give_scm(task, [(self.fds[sid], fd, False) for sid, fd in zip(sids, at, strict=True)])
+        return at
 
     def close(self) -> None:
         for fd in self.fds.values():
