@@ -20,7 +20,7 @@ from lazarus.dump.files import dump_cwd, dump_files
 from lazarus.dump.membership import check_namespaces, check_session, dump_cgroups
 from lazarus.dump.memory import MemoryDumper
 from lazarus.dump.sched import sched_state
-from lazarus.dump.shared import refuse_shared, shared_memory
+from lazarus.dump.shared import refuse_shared, shared_memory, sysv_attaches
 from lazarus.dump.tree import Frozen, check_tree, node_of, precheck_child, refuse_zombie_leader
 from lazarus.dump.watchdog import Watchdog, continue_quietly, repair
 from lazarus.errors import DumpError, KernelError, LazarusError, NoSuchTask, Unsupported
@@ -223,13 +223,14 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: b
             found = refuse_shared(sorted(frozen))
             share = (sharefds.shared_pipes(found), set(frozen))
             memory = shared_memory(found)
+            attaches = sysv_attaches(found)
             runs = cow.find(sorted(frozen), {p: n.ppid for p, n in nodes.items()})
             xstate = None
             tasks: dict[int, dict[str, Any]] = {}
             for p, fr in frozen.items():
                 try:
                     task, n, masks[p] = _dump_task(p, fr, writer, shell_job, share, cow.inherited(runs, p),
-                                                     memory)
+                                                     memory, attaches)
                 except LazarusError as e:
                     if e.pid is None and len(frozen) > 1:
                         e.pid = p  # which process of the tree it is about: shown with the message
@@ -348,7 +349,8 @@ def _freeze_tree(root: int, root_wd: Watchdog, frozen: dict[int, Frozen], nodes:
 def _dump_task(pid: int, fr: Frozen, writer: ImageWriter, shell_job: bool,
                share: tuple[set[tuple[int, int]], set[int]] | None = None,
                inherited: list[tuple[int, int]] | None = None,
-               memory: dict[tuple[int, int], tuple[str, int]] | None = None) -> tuple[dict[str, Any], int, int]:
+               memory: dict[tuple[int, int], tuple[str, int]] | None = None,
+               attaches: dict[int, int] | None = None) -> tuple[dict[str, Any], int, int]:
     """Read one frozen process into task-PID.json and pages-PID.img; returns (task, pages, blocked mask).
     `inherited`: copy-on-write runs its parent gives it at restore (dump/cow.py), left out of its page file.
     `memory`: memory objects of the tree stored once (dump/shared.py shared_memory)."""
@@ -392,6 +394,7 @@ def _dump_task(pid: int, fr: Frozen, writer: ImageWriter, shell_job: bool,
     mem = MemoryDumper(pid, pages, writer.write_blob)
     mem.skip = inherited or []
     mem.shared = memory or {}
+    mem.attaches = attaches or {}
     try:
         vma_recs, objects = mem.dump(vmas)
     finally:

@@ -75,7 +75,7 @@ def vma_kind(vma: Vma) -> str:
     if vma.shared and (path == "/dev/zero" or path == "") and (vma.deleted or path == ""):
         return "shmem"
     if path.startswith("/SYSV"):
-        raise Unsupported(f"{where}: System V shared memory is not supported")
+        return "sysv"
     if "ht" in vma.vmflags:
         raise Unsupported(f"{where}: hugetlb mappings are not supported")
     if path == "" or path.startswith("[heap]") or path.startswith("[stack]") or path.startswith("[anon"):
@@ -204,6 +204,11 @@ class MemoryDumper:
         # Memory objects other tasks of the tree hold too (dump/sharing.py find_memory): (st_dev, inode) ->
         # (shared id, the pid whose page file stores the content once).
         self.shared: dict[tuple[int, int], tuple[str, int]] = {}
+        # System V segments: shmid -> how many mappings the dumped processes have of it (the segment's nattch
+        # must be that: no process outside holds it). Unset ones: this task's own mappings.
+        self.attaches: dict[int, int] = {}
+        self._own_attaches: dict[int, int] = {}
+        self._sysv: dict[int, procfs.SysvShm] | None = None
 
     def close(self) -> None:
         for fd in self._fds:
@@ -215,6 +220,9 @@ class MemoryDumper:
     def dump(self, vmas: list[Vma]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         out: list[dict[str, Any]] = []
         objects: dict[tuple[Any, int, str], dict[str, Any]] = {}
+        for vma in vmas:
+            if vma.path.startswith("/SYSV"):
+                self._own_attaches[vma.inode] = self._own_attaches.get(vma.inode, 0) + 1
         with Pagemap(self.pid) as pm:
             for vma in vmas:
                 kind = vma_kind(vma)
@@ -267,7 +275,7 @@ class MemoryDumper:
                 hr = huge_runs(huge)
                 if hr:
                     rec["huge"] = hr
-        if kind in ("shmem", "memfd", "deleted"):
+        if kind in ("shmem", "memfd", "deleted", "sysv"):
             key = (vma.dev, vma.inode, kind)
             obj = objects.get(key)
             if obj is None:
@@ -277,6 +285,9 @@ class MemoryDumper:
                                         len(objects), where, vpath, (os.makedev(*vma.dev), vma.inode))
                 objects[key] = obj
             rec["object"] = obj["id"]
+            if kind == "sysv" and (vma.offset or vma.end - vma.start != -(-obj["size"] // _PAGE) * _PAGE):
+                raise Unsupported(f"{where}: part of a System V segment mapped (split by mprotect or munmap) is "
+                                  f"not supported")
         return rec
 
     def _dump_unmapped_memfds(self, objects: dict[tuple[Any, int, str], dict[str, Any]]) -> None:
@@ -334,6 +345,8 @@ class MemoryDumper:
                 raise Unsupported(f"{where}: the deleted file still has {st.st_nlink} other link(s), "
                                   f"which a restore could not reach")
             extra = {"path": vpath, "mode": statmod.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid}
+        elif kind == "sysv":
+            extra = self._sysv_segment(st.st_ino, where)
         elif kind == "memfd":
             if st.st_blksize > _PAGE:
                 raise Unsupported(f"{where}: hugetlb memfds are not supported")
@@ -369,6 +382,25 @@ class MemoryDumper:
             page += n // _PAGE
         return {"id": index, "kind": kind, "name": name, "size": size,
                 "pages": runs, "inode": st.st_ino, **extra}
+
+    def _sysv_segment(self, shmid: int, where: str) -> dict[str, Any]:
+        """What makes a System V segment again: removed (IPC_RMID) while attached, and attached only by the
+        dumped processes, each mapping the whole segment. A segment still in the IPC namespace is refused: it
+        outlives the dump, and a restore would meet it (or its key) there."""
+        if self._sysv is None:
+            self._sysv = procfs.read_sysv_shm()
+        seg = self._sysv.get(shmid)
+        if seg is None:
+            raise Unsupported(f"{where}: System V segment {shmid} is not in /proc/sysvipc/shm (another IPC "
+                              f"namespace?)")
+        if not seg.mode & abi.SHM_DEST:
+            raise Unsupported(f"{where}: System V segment {shmid} (key {seg.key:#x}) is still in the IPC "
+                              f"namespace; only one removed with IPC_RMID while attached is supported")
+        mine = self.attaches.get(shmid, self._own_attaches.get(shmid, 0))
+        if seg.nattch != mine:
+            raise Unsupported(f"{where}: System V segment {shmid} is attached {seg.nattch} times, {mine} of them "
+                              f"by the dumped processes")
+        return {"shmid": shmid, "key": seg.key, "mode": seg.mode & 0o777, "uid": seg.uid, "gid": seg.gid}
 
     def _copy(self) -> None:
         """Fill the page file from every planned source (steps 2-4 of the module docstring)."""

@@ -5,9 +5,8 @@ Given back shared (stored once by dump/sharefds.py): an open file description of
 FIFO held by several processes (inherited across fork: stdin/stdout/stderr, a log), every description of a
 pipe or FIFO with ends in several processes, fs state shared by clone(CLONE_FS) down one line of descent.
 Given back shared too (stored once by dump/memory.py, made once by restore/sharing.py SharedMemory): shared
-anonymous memory, a memfd or a deleted file mapped (or, a memfd, held) by several processes.
-Refused here: an fd table shared by clone (CLONE_FILES), fs state shared otherwise, System V shared memory
-in several processes, and sockets, anonymous-inode files (eventfd, epoll...), memfds and unlinked files open
+anonymous memory, a memfd, a deleted file or a removed System V segment mapped (or, a memfd, held) by several
+processes. Refused here: an fd table shared by clone (CLONE_FILES), fs state shared otherwise, and sockets, anonymous-inode files (eventfd, epoll...), memfds and unlinked files open
 (as fds, not mappings) in two processes.
 
 What is not refused: the same named file opened separately by two processes (each gets its own open again),
@@ -119,7 +118,12 @@ def refuse_shared(pids: list[int]) -> Sharing:
 
 def shared_memory(found: Sharing) -> dict[tuple[int, int], tuple[str, int]]:
     """(st_dev, inode) -> (shared id, storing pid) of each memory object several processes map or hold
-    (shared anonymous memory, a memfd, a deleted file): its content goes once into the page file of the
-    lowest pid holding it, and every holder's object record names the id (dump/memory.py _plan_object).
-    System V segments never get here: refusals() names them."""
-    return {(m.dev, m.ino): (m.id, m.pids[0]) for m in found.memory if m.kind != "sysv"}
+    (shared anonymous memory, a memfd, a deleted file, a System V segment): its content goes once into the
+    page file of the lowest pid holding it, and every holder's object record names the id (dump/memory.py
+    _plan_object)."""
+    return {(m.dev, m.ino): (m.id, m.pids[0]) for m in found.memory}
+
+
+def sysv_attaches(found: Sharing) -> dict[int, int]:
+    """shmid -> mappings the processes have of each System V segment several of them attached."""
+    return {m.ino: len(m.mappings) for m in found.memory if m.kind == "sysv"}

@@ -486,9 +486,6 @@ def refusals(found: Sharing) -> list[str]:
         if d.kind in ("socket", "anon", "other"):
             where = ", ".join(f"pid {p} fd {fd}" for p, fd in d.holders)
             out.append(f"{where}: one open {d.kind} file shared by several processes is not supported")
-    for m in found.memory:
-        if m.kind == "sysv":
-            out.append(f"pids {', '.join(map(str, m.pids))}: System V shared memory (shmid {m.ino}) is not supported")
     for st in found.states:
         if st.kind in _REFUSED_STATES:
             out.append(f"pids {', '.join(map(str, st.pids))}: {_REFUSED_STATES[st.kind]} is not supported")

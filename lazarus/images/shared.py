@@ -181,7 +181,7 @@ def check_shared_memory(tasks: dict[int, dict[str, Any]], version: int) -> None:
             if version < SHMEM_VERSION:
                 raise ImageError(f"{f}.shared: in a version {version} image (shared memory objects came with "
                                  f"version {SHMEM_VERSION})")
-            if o["kind"] not in ("shmem", "memfd", "deleted"):
+            if o["kind"] not in ("shmem", "memfd", "deleted", "sysv"):
                 raise ImageError(f"{f}.kind: {o['kind']!r} cannot be shared between tasks")
             if "content" in o:
                 if not _int(o["content"]) or o["content"] == pid or o["pages"]:

@@ -155,6 +155,10 @@ class SpaceBuilder:
         # A lazy restore checks page data chunk by chunk as it uses it (an eager one checked it all first).
         self.verify = False
         self.kept: set[int] = set()  # starts of vmas a child keeps from its parent (restore/cow.py)
+        self.sysv_ids: dict[int, int] = {}  # image object id -> shmid of a System V segment (attached by shmat)
+        # Segments this task makes (object, record holding the content, its page file): made, attached and
+        # removed in map_vmas (a segment removed before anything attached it would be gone at once).
+        self.sysv_new: list[tuple[dict[str, Any], dict[str, Any], Any]] = []
 
     def _open(self, path: str, flags: int) -> int:
         key = (path, flags)
@@ -192,6 +196,10 @@ class SpaceBuilder:
         for obj in objects:
             sid = obj.get("shared") if shared is not None else None
             content, pf = obj, page_file
+            if obj["kind"] == "sysv":
+                self.sysv_ids[obj["id"]] = obj["shmid"]
+                if sid is not None and shared is not None and shared.made(sid):
+                    continue  # attached by its id: made by a task built before
             if sid is not None:
                 assert shared is not None
                 if shared.made(sid):
@@ -199,6 +207,12 @@ class SpaceBuilder:
                     continue
                 content, other = shared.stored(obj)
                 pf = other if other is not None else page_file
+            if obj["kind"] == "sysv":
+                self.sysv_new.append((obj, content, pf))
+                if sid is not None:
+                    assert shared is not None
+                    shared.fds[sid] = -1  # no fd: the others attach it by its id
+                continue
             high = self._create_object(obj, content, hold_above, pf, lazy_ids)
             self.state.object_fds[obj["id"]] = high
             if sid is not None:
@@ -326,6 +340,50 @@ class SpaceBuilder:
                 fds[i] = self._open_mapped(v, mapped_access(v))
             elif v["kind"] in ("shmem", "memfd", "deleted"):
                 fds[i] = self._object_fd(v)
+        made = [self._make_sysv(obj) for obj, _, _ in self.sysv_new]
+        try:
+            self._map_all(vmas, fds)
+        except BaseException:
+            for shmid in made:
+                self.task.raw(abi.SYS.shmctl, shmid, abi.IPC_RMID, 0)
+            raise
+        for (obj, content, pf), shmid in zip(self.sysv_new, made, strict=True):
+            # Removed at once, as it was: alive while attached (the other holders attach it by its id, which
+            # Linux allows after IPC_RMID), gone with the last detach, also if the restore fails.
+            self.task.syscall(abi.SYS.shmctl, shmid, abi.IPC_RMID, 0, what=f"shmctl(IPC_RMID) of segment {shmid}")
+            if content["pages"]:
+                self._fill_sysv(obj, content, pf, vmas)
+        self.sysv_new.clear()
+
+    def _make_sysv(self, obj: dict[str, Any]) -> int:
+        """shmget of a new private segment with the dumped id (kernel.shm_next_id), size and mode."""
+        shmid, t = obj["shmid"], self.task
+        try:
+            with open("/proc/sys/kernel/shm_next_id", "w") as f:
+                f.write(str(shmid))
+        except OSError as e:
+            raise RestoreError(f"System V segment {shmid}: cannot set kernel.shm_next_id: {e.strerror}",
+                               stage="memory") from e
+        got = t.syscall(abi.SYS.shmget, abi.IPC_PRIVATE, obj["size"], abi.IPC_CREAT | abi.IPC_EXCL | obj["mode"],
+                        what=f"shmget of System V segment {shmid}")
+        if got != shmid:
+            t.raw(abi.SYS.shmctl, got, abi.IPC_RMID, 0)
+            raise RestoreError(f"System V segment {shmid}: that id is taken here (the new segment got {got})",
+                               stage="memory", pid=self.pid)
+        return shmid
+
+    def _fill_sysv(self, obj: dict[str, Any], content: dict[str, Any], page_file: Any,
+                   vmas: list[dict[str, Any]]) -> None:
+        """The content of a segment this task made, written once through one of its attaches (map_files)."""
+        v = next(v for v in vmas if v.get("object") == obj["id"])
+        path = f"/proc/{self.pid}/map_files/{v['start']:x}-{v['end']:x}"
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            _write_runs(fd, content, page_file, self.verify)
+        finally:
+            os.close(fd)
+
+    def _map_all(self, vmas: list[dict[str, Any]], fds: dict[int, int]) -> None:
         b = self.task.batch()
         for i, v in enumerate(vmas):
             kind = v["kind"]
@@ -353,6 +411,13 @@ class SpaceBuilder:
             elif kind in ("file", "shmem", "memfd", "deleted"):
                 flags |= abi.MAP_SHARED if v["shared"] else abi.MAP_PRIVATE
                 b.call(abi.SYS.mmap, start, length, map_prot, flags, fds[i], v["offset"], what=f"mmap {v['path']}")
+            elif kind == "sysv":
+                shmid = self.sysv_ids[v["object"]]
+                how = (0 if prot & abi.PROT_WRITE else abi.SHM_RDONLY) | (abi.SHM_EXEC if prot & abi.PROT_EXEC else 0)
+                b.call(abi.SYS.shmat, shmid, start, how, what=f"shmat of System V segment {shmid} at {start:#x}")
+                got = abi.PROT_READ | (prot & (abi.PROT_WRITE | abi.PROT_EXEC))
+                if got != prot:
+                    b.call(abi.SYS.mprotect, start, length, prot)
             else:
                 raise RestoreError(f"unknown vma kind {kind!r} at {start:#x}", stage="memory")
             if map_prot != prot:

@@ -291,8 +291,9 @@ class SharedMemory:
 
     def close(self) -> None:
         for fd in self.fds.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            if fd >= 0:  # -1: a System V segment, attached by its id
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         self.fds.clear()
 
 

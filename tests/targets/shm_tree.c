@@ -23,8 +23,10 @@
  * D checks the content and both marks, writes its own (word 2), exits; P checks D's marks; PASS or FAIL.
  * A child's failed check is its exit status (the region number times 16 plus what failed).
  *
- * sysv: P also attaches a System V segment before the fork (IPC_RMID at once), which every process then
- * holds: the dump must refuse it, naming it.
+ * sysv: P also attaches a System V segment SYSV (3 pages, mode 0640) before the fork and removes it at once
+ * (IPC_RMID), so that every process holds it; at the end P checks it has its id, mode and size again, still
+ * removed. sysvkeep: the same, not removed (still in the IPC namespace): the dump must refuse it, naming it;
+ * P removes it at the end.
  */
 #include "common.h"
 
@@ -36,9 +38,11 @@
 #include <sys/wait.h>
 
 #define POINTS "content share"
-enum { SEM, ANON, MEMFD, FILEM, LATE, LATEF, NREG };
-static const char *names[NREG] = {"sem", "anon", "memfd", "file", "late", "latef"};
-static const size_t pages_of[NREG] = {1, 4, 8, 3, 2, 2};
+enum { SEM, ANON, MEMFD, FILEM, LATE, LATEF, SYSVR, NREG };
+static const char *names[NREG] = {"sem", "anon", "memfd", "file", "late", "latef", "sysv"};
+static const size_t pages_of[NREG] = {1, 4, 8, 3, 2, 2, 3};
+static int sysv_mode; /* 1: "sysv" (removed at once), 2: "sysvkeep" (left in the IPC namespace) */
+static int sysv_id = -1;
 static unsigned char *reg[NREG];
 static sem_t *sem;
 
@@ -71,6 +75,8 @@ static void stamp(int r)
 /* Whether process `who` (0 P, 1 C, 2 D) maps region r: each child does not map the other's late region. */
 static int maps(int who, int r)
 {
+	if (r == SYSVR)
+		return sysv_mode != 0;
 	return !((who == 1 && r == LATEF) || (who == 2 && r == LATE));
 }
 
@@ -253,7 +259,9 @@ static void child_ok(pid_t p, const char *name)
 int main(int argc, char **argv)
 {
 	char path[64];
-	int sysv = argc > 2 && !strcmp(argv[2], "sysv");
+
+	if (argc > 2)
+		sysv_mode = !strcmp(argv[2], "sysv") ? 1 : !strcmp(argv[2], "sysvkeep") ? 2 : 0;
 
 	laz_init(argc, argv);
 	laz_points = POINTS;
@@ -279,12 +287,13 @@ int main(int argc, char **argv)
 	unlink(path);
 	for (int r = ANON; r <= FILEM; r++)
 		stamp(r);
-	if (sysv) {
-		int id = shmget(IPC_PRIVATE, LAZ_PAGE, IPC_CREAT | 0600);
-		void *at = id < 0 ? (void *)-1 : shmat(id, NULL, 0);
-		if (at == (void *)-1 || shmctl(id, IPC_RMID, NULL))
+	if (sysv_mode) {
+		sysv_id = shmget(IPC_PRIVATE, pages_of[SYSVR] * LAZ_PAGE, IPC_CREAT | 0640);
+		reg[SYSVR] = sysv_id < 0 ? (void *)-1 : shmat(sysv_id, NULL, 0);
+		if (reg[SYSVR] == (void *)-1 || (sysv_mode == 1 && shmctl(sysv_id, IPC_RMID, NULL)))
 			laz_die("shmget/shmat");
-		memset(at, 0x5b, LAZ_PAGE);
+		laz_log("# sysv %d", sysv_id);
+		stamp(SYSVR);
 	}
 	if (socketpair(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0, sv_c) ||
 	    socketpair(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0, sv_d))
@@ -326,6 +335,18 @@ int main(int argc, char **argv)
 	if (!bad) {
 		bad = check_all(0, 3);
 		LAZ_CHECK(!bad, "root: region %s (check %d): d's write not seen", names[bad / 16], bad % 16);
+	}
+	if (sysv_mode) {
+		struct shmid_ds ds;
+		/* The same id as before the dump, its mode, removed or not as it was, attached by this one alone. */
+		LAZ_CHECK(shmctl(sysv_id, IPC_STAT, &ds) == 0, "shmctl(IPC_STAT) of segment %d: %s", sysv_id,
+			  strerror(errno));
+		LAZ_CHECK((ds.shm_perm.mode & 0777) == 0640 && ds.shm_segsz == pages_of[SYSVR] * LAZ_PAGE &&
+				  ds.shm_nattch == 1 && !!(ds.shm_perm.mode & SHM_DEST) == (sysv_mode == 1),
+			  "segment %d: mode %o, size %zu, %lu attaches", sysv_id, ds.shm_perm.mode,
+			  (size_t)ds.shm_segsz, (unsigned long)ds.shm_nattch);
+		if (sysv_mode == 2)
+			shmctl(sysv_id, IPC_RMID, NULL);
 	}
 	laz_finish();
 }
