@@ -131,6 +131,7 @@ IPC_PRIVATE = 0
 IPC_CREAT = 0o1000
 IPC_EXCL = 0o2000
 IPC_RMID = 0
+IPC_SET = 1
 SHM_RDONLY = 0o10000
 SHM_EXEC = 0o100000
 SHM_DEST = 0o1000  # in a segment's mode: removed (IPC_RMID), alive while attached

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -370,6 +371,11 @@ class SpaceBuilder:
             t.raw(abi.SYS.shmctl, got, abi.IPC_RMID, 0)
             raise RestoreError(f"System V segment {shmid}: that id is taken here (the new segment got {got})",
                                stage="memory", pid=self.pid)
+        if (obj["uid"], obj["gid"]) != (0, 0):
+            # Its owner (the creator stays this task, root now): IPC_SET reads uid, gid and mode of the
+            # struct ipc64_perm that begins struct shmid64_ds (key, uid, gid, cuid, cgid, mode).
+            t.write(t.scratch, struct.pack("<iIIIII", 0, obj["uid"], obj["gid"], 0, 0, obj["mode"]) + bytes(88))
+            t.syscall(abi.SYS.shmctl, shmid, abi.IPC_SET, t.scratch, what=f"shmctl(IPC_SET) of segment {shmid}")
         return shmid
 
     def _fill_sysv(self, obj: dict[str, Any], content: dict[str, Any], page_file: Any,

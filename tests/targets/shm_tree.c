@@ -24,8 +24,8 @@
  * A child's failed check is its exit status (the region number times 16 plus what failed).
  *
  * sysv: P also attaches a System V segment SYSV (3 pages, mode 0640) before the fork and removes it at once
- * (IPC_RMID), so that every process holds it; at the end P checks it has its id, mode and size again, still
- * removed. sysvkeep: the same, not removed (still in the IPC namespace): the dump must refuse it, naming it;
+ * (IPC_RMID), so that every process holds it; at the end P checks it has its id, owner (set to 4321:4322), mode and size again,
+ * still removed. sysvkeep: the same, not removed (still in the IPC namespace): the dump must refuse it, naming it;
  * P removes it at the end.
  */
 #include "common.h"
@@ -290,8 +290,13 @@ int main(int argc, char **argv)
 	if (sysv_mode) {
 		sysv_id = shmget(IPC_PRIVATE, pages_of[SYSVR] * LAZ_PAGE, IPC_CREAT | 0640);
 		reg[SYSVR] = sysv_id < 0 ? (void *)-1 : shmat(sysv_id, NULL, 0);
-		if (reg[SYSVR] == (void *)-1 || (sysv_mode == 1 && shmctl(sysv_id, IPC_RMID, NULL)))
+		struct shmid_ds ds;
+		if (reg[SYSVR] == (void *)-1 || shmctl(sysv_id, IPC_STAT, &ds))
 			laz_die("shmget/shmat");
+		ds.shm_perm.uid = 4321; /* another owner than its creator's */
+		ds.shm_perm.gid = 4322;
+		if (shmctl(sysv_id, IPC_SET, &ds) || (sysv_mode == 1 && shmctl(sysv_id, IPC_RMID, NULL)))
+			laz_die("shmctl");
 		laz_log("# sysv %d", sysv_id);
 		stamp(SYSVR);
 	}
@@ -341,6 +346,8 @@ int main(int argc, char **argv)
 		/* The same id as before the dump, its mode, removed or not as it was, attached by this one alone. */
 		LAZ_CHECK(shmctl(sysv_id, IPC_STAT, &ds) == 0, "shmctl(IPC_STAT) of segment %d: %s", sysv_id,
 			  strerror(errno));
+		LAZ_CHECK(ds.shm_perm.uid == 4321 && ds.shm_perm.gid == 4322, "segment %d: owner %d:%d, expected 4321:4322",
+			  sysv_id, (int)ds.shm_perm.uid, (int)ds.shm_perm.gid);
 		LAZ_CHECK((ds.shm_perm.mode & 0777) == 0640 && ds.shm_segsz == pages_of[SYSVR] * LAZ_PAGE &&
 				  ds.shm_nattch == 1 && !!(ds.shm_perm.mode & SHM_DEST) == (sysv_mode == 1),
 			  "segment %d: mode %o, size %zu, %lu attaches", sysv_id, ds.shm_perm.mode,
