@@ -48,3 +48,17 @@ def test_damaged(damage: Any, why: str) -> None:
 def test_older_version_refused() -> None:
     with pytest.raises(ImageError, match=r"in a version 4 image \(shared memory objects came with version 5\)"):
         check_shared_memory(_tasks(), 4)
+
+
+def test_dump_stores_each_object_in_its_lowest_holder() -> None:
+    from lazarus.dump import sharing as S
+    from lazarus.dump.shared import shared_memory, sysv_attaches
+
+    def maps(*pids: int) -> tuple[S.Mapping, ...]:
+        return tuple(S.Mapping(p, 0x1000, 0x3000, 0, True) for p in pids)
+
+    memfd = S.MemoryObject("mem-1", "memfd", 1, 300, maps(7, 5), ((9, 4),))
+    sysv = S.MemoryObject("mem-2", "sysv", 1, 32768, maps(6, 7, 7), ())
+    found = S.Sharing(memory=(memfd, sysv))
+    assert shared_memory(found) == {(1, 300): ("mem-1", 5), (1, 32768): ("mem-2", 6)}
+    assert sysv_attaches(found) == {32768: 3}
