@@ -14,6 +14,7 @@ import os
 import subprocess
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -127,3 +128,24 @@ def test_two_pidns_restores_each_with_its_own_objects(harness: H.Harness) -> Non
     assert not per_copy[0] & per_copy[1], "the two copies share a memory object"
     for r, init in zip(copies, inits, strict=True):
         run_one(harness, CASE, r, init)
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    (lambda o, root: o.update(content=o["content"] + 100000), r"pid \d+ does not store mem-\d+"),
+    (lambda o, root: o.update(size=o["size"] + 4096), r"mem-\d+ has another kind, size or name in pid \d+"),
+])
+def test_damaged_shared_object_refused_before_anything_runs(harness: H.Harness, change: Any, why: str) -> None:
+    """A hostile image (checksums recomputed) whose referring record no longer matches the stored object: one
+    line naming the task file and object, nothing restored."""
+    target = harness.start_case(CASE)
+    child = R.descendants(target.pid)[0]
+    image = harness.image_dir()
+    assert harness.dump(target, image).returncode == 0
+
+    def damage(task: dict) -> None:
+        change(next(o for o in task["mm"]["objects"] if "content" in o), target.pid)
+
+    H.reseal_task(image, damage, child)
+    r = harness.restore(image)
+    H.assert_clean_error(r.proc, rf"task-{child}\.json: mm\.objects\[\d+\].*" + why)
+    assert not H.is_alive(target.pid)
