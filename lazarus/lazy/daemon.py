@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import socket
 import sys
@@ -36,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from lazarus.errors import LazarusError
+from lazarus.logs import getLogger
 
-log = logging.getLogger("lazarus.lazy")
+log = getLogger("lazarus.lazy")
 
 ProgressCallback = Callable[[int, int], None]
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import logging
 import os
 import select
 import signal
@@ -44,8 +43,9 @@ from pathlib import Path
 from lazarus.errors import LazarusError, NoSuchTask
 from lazarus.kernel.pidfd import pidfd_exited, pidfd_info, pidfd_open, pidfd_send_signal
 from lazarus.kernel.syscall import keep_only_fd
+from lazarus.logs import getLogger
 
-log = logging.getLogger("lazarus.lazy")
+log = getLogger("lazarus.lazy")
 
 _MAX_MSG = 65536
 _KILL_WAIT = 5.0
