@@ -146,6 +146,27 @@ class Daemon:
     pid: int
     sock: socket.socket
 
+    def end(self, timeout: float = 5.0) -> None:
+        """The restore failed: close our end (the daemon then has nothing to serve and exits, closing its guard)
+        and reap it; killed if it has not exited within `timeout` seconds."""
+        import time
+        self.sock.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                pid, _ = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid:
+                return
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, 9)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(self.pid, 0)
+                return
+            time.sleep(0.002)
+
 
 def fork_daemon(images: Path, log_path: Path, *, background: bool = True, stats_path: Path | None = None,
                 status: Any = None, close_fds: tuple[int, ...] = (), image: Any = None) -> Daemon:
@@ -154,7 +175,9 @@ def fork_daemon(images: Path, log_path: Path, *, background: bool = True, stats_
     requests on (closed, and its file removed, when the daemon is done). `close_fds`: fds the daemon closes at
     once, what its parent's callers wait on (a connection); their objects stay referenced by the frames the
     daemon never returns to, so no finaliser closes those numbers again. `image`: the Image of `images` the
-    restore opened and validated (restore.open_image), which the daemon serves from without reading it again.
+    restore opened and validated (restore.open_image), which the daemon serves from without reading it again;
+    without it (the daemon forked before the restore read the image, so that both start at once) the daemon
+    opens and checks it itself before it waits for the handoff.
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
@@ -180,6 +203,8 @@ def fork_daemon(images: Path, log_path: Path, *, background: bool = True, stats_
                   f"resume it with `lazarus lazy-pages --adopt PID -D {images}`", file=sys.stderr, flush=True)
             try:
                 from lazarus.lazy.handoff import Listener
+                if image is None:
+                    image = _open_image(images)
                 seeded = {str(images.resolve()): image} if image is not None else None
                 Listener(serving.server, theirs, connected=True, images=seeded)
                 if status is not None:
@@ -198,6 +223,27 @@ def fork_daemon(images: Path, log_path: Path, *, background: bool = True, stats_
             os._exit(code)
     theirs.close()
     return Daemon(pid, ours)
+
+
+def _open_image(images: Path) -> Any:
+    """The image a daemon forked before the restore opened it will serve, opened and checked as the handoff
+    would (lazy/handoff.py Listener._add), but now, while the restore process has its own start-up to do,
+    rather than at the handoff, which the restore waits for. None if it cannot be read: the restore finds that
+    too and ends us, or the handoff reports it. The handoff's other imports are made now for the same reason."""
+    from lazarus.images import Image
+    from lazarus.images import mm as _mm  # noqa: F401 - used at the handoff
+    from lazarus.images.validate import validate_image
+    from lazarus.lazy import trust as _trust  # noqa: F401 - used at the handoff
+    try:
+        img = Image.open(images)
+    except Exception:  # noqa: BLE001 - reported by the restore or the handoff, which read it too
+        return None
+    try:
+        validate_image(img)
+    except Exception:  # noqa: BLE001 - as above
+        img.close()
+        return None
+    return img
 
 
 def hand_over(sock: socket.socket, images: Path) -> Callable[[int, Any, Any], None]:
