@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml
 	# Compiled once here: a restore's start-up is on the path to the process running, and some
 	# environments set PYTHONDONTWRITEBYTECODE, which would recompile every module on every command.
 	$(PY) -m compileall -q lazarus
+	@# The `lazarus` command starts the interpreter without site's scan of the venv (lazarus/launcher.py);
+	@# pip's console script stays where the launcher cannot be written.
+	$(PY) -m lazarus.launcher $(VENV)/bin/lazarus || true
 	touch $(STAMP)
 
 install: $(STAMP)
