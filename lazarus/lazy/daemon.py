@@ -190,21 +190,24 @@ def fork_daemon(images: Path, log_path: Path, *, background: bool = True, stats_
             # Detach from the caller's pipes (a caller reading our output to EOF must not wait for the daemon);
             # what the daemon and its guard report (a process killed for a lost page source) goes to the log.
             devnull = os.open(os.devnull, os.O_RDWR)
-            logfd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             os.dup2(devnull, 0)
             os.dup2(devnull, 1)
-            os.dup2(logfd, 2)
+            os.dup2(devnull, 2)
             for fd in close_fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+            if image is None:
+                image = _open_image(images)
+            # The log only for an image that can be served: a restore refused for a bad image leaves no file in
+            # its directory (the handoff, if one comes, reports the image's error to the restore itself).
+            if image is not None:
+                os.dup2(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600), 2)
             serving = start_serving(background=background, stats_path=stats_path)
             print(f"lazarus: lazy-pages daemon {os.getpid()} (guard {serving.guard.pid}) serves the lazy restore "
                   f"from {images}. Should both die before the process has all its pages, it waits for them: "
                   f"resume it with `lazarus lazy-pages --adopt PID -D {images}`", file=sys.stderr, flush=True)
             try:
                 from lazarus.lazy.handoff import Listener
-                if image is None:
-                    image = _open_image(images)
                 seeded = {str(images.resolve()): image} if image is not None else None
                 Listener(serving.server, theirs, connected=True, images=seeded)
                 if status is not None:
