@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LAUNCHER := $(VENV)/.launcher
 DEB_PACKAGES := gcc libc6-dev make python3-venv
 # Real programs the tests dump mid-work (tests/test_real_*.py): xz; gzip, grep and seq (coreutils) are essential.
 TEST_DEB_PACKAGES := xz-utils gzip grep coreutils
@@ -23,12 +24,15 @@ $(STAMP): pyproject.toml
 	# Compiled once here: a restore's start-up is on the path to the process running, and some
 	# environments set PYTHONDONTWRITEBYTECODE, which would recompile every module on every command.
 	$(PY) -m compileall -q lazarus
-	@# The `lazarus` command starts the interpreter without site's scan of the venv (lazarus/launcher.py);
-	@# pip's console script stays where the launcher cannot be written.
-	$(PY) -m lazarus.launcher $(VENV)/bin/lazarus || true
 	touch $(STAMP)
 
-install: $(STAMP)
+# The `lazarus` command starts the interpreter without site's scan of the venv (lazarus/launcher.py), written
+# over pip's console script after every install (which rewrites it); pip's stays where it cannot be written.
+$(LAUNCHER): $(STAMP) lazarus/launcher.py
+	$(PY) -m lazarus.launcher $(VENV)/bin/lazarus || true
+	touch $(LAUNCHER)
+
+install: $(STAMP) $(LAUNCHER)
 
 deb-deps:
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_PACKAGES)
