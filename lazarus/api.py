@@ -12,7 +12,8 @@ function is called, not when this module is imported (the command's start-up tim
 Where a lazy restore's pages are served from (lazy/daemon.py has the fork order):
     lazy=True                      from this process: the guard is forked now, and the caller runs
                                    Restoration.serve() once the restore returns (the CLI's `restore --lazy`)
-    lazy=True, detach=True         from a private daemon forked now; this process is free at once
+    lazy=True, detach=True         from a private daemon, forked before anything else (its start-up runs beside
+                                   the restore's); this process is free once the process runs
     lazy=True, lazy_pages_socket   from a running `lazarus lazy-pages` server
 A lazy restore forks helpers; call it while the calling process has no thread (fork safety).
 """

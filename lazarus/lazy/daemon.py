@@ -6,13 +6,17 @@ background step, i.e. inside run(). So every fork happens before the first run()
 
     served here (restore --lazy)                 served by a private daemon (restore --lazy -d)
     ----------------------------                 ----------------------------------------------
-    start_serving(): Guard.start() forks         fork_daemon(): socketpair(SEQPACKET), fork (no thread yet)
-                     the guard, LazyServer         daemon: setsid, stdio to /dev/null, stderr to its log,
-    restore(on_lazy=server.add_process)                    start_serving() (forks its guard), Listener
-    Serving.run(): the copy thread starts                  serve until the process is complete, exit
+    start_serving(): Guard.start() forks         fork_daemon(): socketpair(SEQPACKET), fork (no thread yet),
+                     the guard, LazyServer         first thing (api.py), so that the daemon's start-up runs
+    restore(on_lazy=server.add_process)            beside the restore's imports and image checks
+    Serving.run(): the copy thread starts          daemon: setsid, stdio to /dev/null, opens and checks the
+                                                           image, stderr to its log (only then), start_serving()
+                                                           (forks its guard), Listener, serve until the process
+                                                           is complete (or the restore closes its end), exit
                                                  restore(on_lazy=hand_over(...)): the uffd goes over the
                                                  socketpair (handoff.py); the daemon checks the task and
                                                  answers before the task runs; the restore returns then.
+                                                 A restore that fails closes its end and reaps the daemon.
 
     served by a running server (lazy-pages)      serve_socket(): listen (trust.py), start_serving(), serve
                                                  every restore handed over until none needs it (linger)
