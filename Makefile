@@ -33,6 +33,9 @@ $(LAUNCHER): $(STAMP) lazarus/launcher.py
 	touch $(LAUNCHER)
 
 install: $(STAMP) $(LAUNCHER)
+	@# Bytecode of modules changed since the install (a pull, a merge): with PYTHONDONTWRITEBYTECODE set,
+	@# every command would otherwise compile them again.
+	@$(PY) -m compileall -q lazarus
 
 deb-deps:
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_PACKAGES)
