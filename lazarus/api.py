@@ -12,7 +12,8 @@ function is called, not when this module is imported (the command's start-up tim
 Where a lazy restore's pages are served from (lazy/daemon.py has the fork order):
     lazy=True                      from this process: the guard is forked now, and the caller runs
                                    Restoration.serve() once the restore returns (the CLI's `restore --lazy`)
-    lazy=True, detach=True         from a private daemon forked now; this process is free at once
+    lazy=True, detach=True         from a private daemon, forked before anything else (its start-up runs beside
+                                   the restore's); this process is free once the process runs
     lazy=True, lazy_pages_socket   from a running `lazarus lazy-pages` server
 A lazy restore forks helpers; call it while the calling process has no thread (fork safety).
 """
@@ -152,17 +153,20 @@ def restore(directory: str | Path, *, lazy: bool = False, detach: bool = False, 
     Raises:
         UsageError for options that need `lazy`; FeatureMissing; ImageError; RestoreError; Untrusted.
     """
+    directory = Path(directory)
+    if lazy and detach and lazy_pages_socket is None:
+        return _restore_detached(directory, background=background, stats_path=stats_path, lazy_log=lazy_log,
+                                 status=status, pidns=pidns)
     from lazarus.restore import open_image
     from lazarus.restore import restore as _restore
-    directory = Path(directory)
     if not lazy:
         if not background or stats_path or lazy_pages_socket or on_progress or status is not None:
             raise UsageError("--no-background, --stats and --lazy-pages-socket need --lazy")
         res = _restore(directory, pidns=pidns)
         return Restoration(res.pid, res.seconds, res.pages_written, tasks=res.tasks, lazy=False, init=res.init, ns_pid=res.ns_pid)
     require_lazy_features()
-    # The image is checked whole before any helper of ours (server, guard, daemon) exists: a bad image is
-    # refused with nothing created.
+    # The image is checked whole before any helper of ours (server, guard) exists: a bad image is refused with
+    # nothing created.
     image = open_image(directory, verify_pages=False)
     if lazy_pages_socket is not None:
         from lazarus.lazy.daemon import hand_over
@@ -174,20 +178,6 @@ def restore(directory: str | Path, *, lazy: bool = False, detach: bool = False, 
             sock.close()
         return Restoration(res.pid, res.seconds, res.pages_written, tasks=res.tasks, lazy=True, served_by="server", init=res.init,
                            ns_pid=res.ns_pid)
-    if detach:
-        from lazarus.lazy.daemon import fork_daemon, hand_over
-        daemon = fork_daemon(directory, lazy_log or _daemon_log(directory), background=background,
-                             stats_path=stats_path, status=status, image=image)
-        try:
-            res = _restore(directory, lazy=True, on_lazy=hand_over(daemon.sock, directory), image=image,
-                           pidns=pidns)
-        finally:
-            daemon.sock.close()
-            if status is not None:
-                status.forget()  # the daemon answers there now, and removes it when done
-        return Restoration(res.pid, res.seconds, res.pages_written, tasks=res.tasks, lazy=True, served_by="daemon",
-                           daemon_pid=daemon.pid, status_path=status.path if status is not None else None,
-                           init=res.init, ns_pid=res.ns_pid)
     # Served here: the guard forks now, while we have no threads.
     from lazarus.lazy.daemon import start_serving
     serving = start_serving(background=background, stats_path=stats_path, on_progress=on_progress)
@@ -197,6 +187,34 @@ def restore(directory: str | Path, *, lazy: bool = False, detach: bool = False, 
         serving.close()
         raise
     return Restoration(res.pid, res.seconds, res.pages_written, tasks=res.tasks, lazy=True, served_by="here", _serving=serving,
+                       init=res.init, ns_pid=res.ns_pid)
+
+
+def _restore_detached(directory: Path, *, background: bool, stats_path: Path | None, lazy_log: Path | None,
+                      status: Any, pidns: bool) -> Restoration:
+    """restore(lazy=True, detach=True): served by a private daemon. The daemon is forked first, before this
+    process imports the restore or reads the image, so that its own start-up (its imports, its guard's fork,
+    reading and checking the image) runs beside this process's instead of after it, while the restore waits
+    for its answer at the handoff. Anything that fails before the handoff (features missing, a bad image, the
+    restore itself) ends the daemon before the error is raised: nothing of ours is left."""
+    from lazarus.lazy.daemon import fork_daemon, hand_over
+    daemon = fork_daemon(directory, lazy_log or _daemon_log(directory), background=background,
+                         stats_path=stats_path, status=status)
+    try:
+        require_lazy_features()
+        from lazarus.restore import open_image
+        from lazarus.restore import restore as _restore
+        image = open_image(directory, verify_pages=False)
+        res = _restore(directory, lazy=True, on_lazy=hand_over(daemon.sock, directory), image=image, pidns=pidns)
+    except BaseException:
+        daemon.end()
+        raise
+    finally:
+        daemon.sock.close()
+        if status is not None:
+            status.forget()  # the daemon answers there now, and removes it when done
+    return Restoration(res.pid, res.seconds, res.pages_written, tasks=res.tasks, lazy=True, served_by="daemon",
+                       daemon_pid=daemon.pid, status_path=status.path if status is not None else None,
                        init=res.init, ns_pid=res.ns_pid)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import logging
 import os
 import sys
 import time
@@ -15,22 +14,32 @@ if TYPE_CHECKING:
     import argparse
     from typing import Any
 
-from lazarus import __version__
+from lazarus import __version__, logs
 from lazarus.errors import LazarusError, UsageError
 
-log = logging.getLogger("lazarus")
+log = logs.getLogger("lazarus")
 _T0 = time.monotonic()
 
 
-class _PidFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.pid_ = os.getpid()
-        return True
-
-
 def _setup_logging(verbose: int) -> None:
+    """-v: every message to stderr. Otherwise warnings and errors, and logging is imported only when the
+    first of them comes (lazarus/logs.py): importing it cost ~6-9 ms of every command."""
+    if verbose or "logging" in sys.modules:
+        _log_to_stderr(verbose)
+    else:
+        logs.on_first_use = lambda: _log_to_stderr(0)
+
+
+def _log_to_stderr(verbose: int) -> None:
+    import logging
+
+    class PidFilter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.pid_ = os.getpid()
+            return True
+
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_PidFilter())
+    handler.addFilter(PidFilter())
     handler.setFormatter(logging.Formatter("%(asctime)s [%(pid_)d] %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
@@ -55,9 +64,11 @@ def _formatter() -> type:
 
 
 def _columns() -> int:
-    with contextlib.suppress(ValueError):
+    try:
         if int(os.environ.get("COLUMNS", "0")) > 0:
             return int(os.environ["COLUMNS"])
+    except ValueError:
+        pass
     try:
         return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80  # type: ignore[union-attr]
     except (AttributeError, ValueError, OSError):
@@ -220,7 +231,8 @@ def entry() -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    logging.shutdown()
+    if "logging" in sys.modules:  # imported only if something was logged (lazarus/logs.py)
+        sys.modules["logging"].shutdown()
     os._exit(code)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,8 +24,9 @@ from typing import Protocol
 from lazarus.errors import KernelError, LazarusError, NoSuchTask
 from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.clone import BATCH_TRAP_OFFSET
+from lazarus.logs import getLogger
 
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 
 _ALL_SIGNALS = (1 << 64) - 1 & ~((1 << (abi.SIGKILL - 1)) | (1 << (abi.SIGSTOP - 1)))
 # While a batch runs, SIGTRAP is left unblocked: the kernel forces the batch's closing int3 trap through a

@@ -43,7 +43,6 @@ import contextlib
 import gc
 import http.server
 import json
-import logging
 import os
 import re
 import secrets
@@ -61,8 +60,9 @@ from typing import Any
 
 from lazarus import __version__
 from lazarus.errors import LazarusError, UsageError
+from lazarus.logs import getLogger
 
-log = logging.getLogger("lazarus.service")
+log = getLogger("lazarus.service")
 
 MAX_BODY = 1 << 20
 REQUEST_TIMEOUT = 30.0

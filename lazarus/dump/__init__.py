@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import signal
 import time
@@ -30,9 +29,10 @@ from lazarus.images.tree import Node
 from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.syscall import start_writeback
 from lazarus.kernel.xstate import parse_xstate
+from lazarus.logs import getLogger
 from lazarus.remote import RemoteTask, find_syscall_insn, restart_after_freeze
 
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 
 
 @dataclass

@@ -15,7 +15,6 @@ group member whose group or session is not its parent's.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 from lazarus.dump.membership import check_namespaces
@@ -23,8 +22,9 @@ from lazarus.dump.watchdog import Watchdog
 from lazarus.errors import DumpError, NoSuchTask, Unsupported
 from lazarus.images.tree import Node
 from lazarus.kernel import procfs
+from lazarus.logs import getLogger
 
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 
 
 @dataclass

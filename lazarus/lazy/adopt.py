@@ -16,7 +16,6 @@ assumes none, and is refused when a registered range of the process lies outside
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,9 @@ from lazarus.kernel.pidfd import PidFd
 from lazarus.kernel.syscall import same_file_across
 from lazarus.kernel.uffd import Uffd
 from lazarus.lazy.anchor import uffd_fds
+from lazarus.logs import getLogger
 
-log = logging.getLogger("lazarus.lazy")
+log = getLogger("lazarus.lazy")
 
 
 class AdoptError(LazarusError):

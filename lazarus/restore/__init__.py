@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import signal
 import time
@@ -26,6 +25,7 @@ from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.clone import Trampoline
 from lazarus.kernel.xstate import machine_xstate as cpu_xstate
 from lazarus.lazy.sources import ImagePageSource
+from lazarus.logs import getLogger
 from lazarus.remote import Batch, RemoteTask
 from lazarus.restore import cgroups, cow, private
 from lazarus.restore import core as rcore
@@ -56,7 +56,7 @@ from lazarus.restore.timers import check_timers
 from lazarus.restore.tree import create_child, join_group, lead, make_zombie
 from lazarus.restore.uffd import LAZY_FEATURES, copy_all, lazy_ranges, uffd_in_task
 
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 # Called with (pid, uffd, page source) once a lazily restored task is ready to run, before it runs.
 LazyHandoff = Callable[[int, Any, Any], None]
 TRAMPOLINE_SIZE = 4 * abi.PAGE_SIZE
