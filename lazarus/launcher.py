@@ -40,6 +40,13 @@ def _sys_path(*flags: str) -> list[str]:
     return out.splitlines()
 
 
+def _imports(python: str, paths: list[str]) -> bool:
+    """Whether the launcher's interpreter, started as the launcher starts it, finds lazarus.cli on `paths`."""
+    import subprocess
+    code = f"import sys; sys.path.extend({paths!r}); import lazarus.cli"
+    return subprocess.run([python, "-S", "-c", code], capture_output=True).returncode == 0
+
+
 def script(python: str, paths: list[str]) -> str:
     return (f"#!{python} -S\n"
             "# The lazarus command, written by `make install` (lazarus/launcher.py): the interpreter starts without\n"
@@ -60,6 +67,13 @@ def write(path: str) -> bool:
     if len(python) + len(" -S") + 2 > _SHEBANG_MAX or sys.flags.no_site:
         return False
     paths = site_paths()
+    # setuptools' default editable install (taken where compat mode is gone) puts no directory on sys.path: it
+    # installs an import hook from a .pth, which -S skips. The repository itself is then what must be added.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in paths:
+        paths.append(root)
+    if not _imports(python, paths):
+        return False
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(script(python, paths))
