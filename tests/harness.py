@@ -64,6 +64,7 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "share_take": (),
     "cow_fork": (),
     "cow_tree": (),
+    "clone_files": (),
 }
 CFLAGS = ("-O1", "-g", "-Wall")
 
@@ -392,7 +393,8 @@ CASES: tuple[Case, ...] = (
     Case("threads-churn", "threads", ("churn",)),
     Case("tree", "tree"),  # the root reports PASS only once every process of its tree passed (tree.c)
     Case("tree-share", "tree_share"),  # descriptions, pipes and a FIFO shared by the tree's processes
-    Case("cow-tree", "cow_tree"),  # copy-on-write pages kept shared; each process checks its memory (cow_tree.c)
+    Case("cow-tree", "cow_tree"),
+    Case("clone-files", "clone_files"),  # one fd table for a parent and its child (clone(CLONE_FILES))  # copy-on-write pages kept shared; each process checks its memory (cow_tree.c)
 )
 CASES_BY_ID = {c.id: c for c in CASES}
 

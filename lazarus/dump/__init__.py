@@ -20,7 +20,7 @@ from lazarus.dump.files import dump_cwd, dump_files
 from lazarus.dump.membership import check_namespaces, check_session, dump_cgroups
 from lazarus.dump.memory import MemoryDumper
 from lazarus.dump.sched import sched_state
-from lazarus.dump.shared import refuse_shared
+from lazarus.dump.shared import refuse_shared, table_holders
 from lazarus.dump.tree import Frozen, check_tree, node_of, precheck_child, refuse_zombie_leader
 from lazarus.dump.watchdog import Watchdog, continue_quietly, repair
 from lazarus.errors import DumpError, KernelError, LazarusError, NoSuchTask, Unsupported
@@ -223,11 +223,13 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: b
             found = refuse_shared(sorted(frozen))
             share = (sharefds.shared_pipes(found), set(frozen))
             runs = cow.find(sorted(frozen), {p: n.ppid for p, n in nodes.items()})
+            in_table = table_holders(found, {p: n.ppid for p, n in nodes.items()})  # CLONE_FILES
             xstate = None
             tasks: dict[int, dict[str, Any]] = {}
             for p, fr in frozen.items():
                 try:
-                    task, n, masks[p] = _dump_task(p, fr, writer, shell_job, share, cow.inherited(runs, p))
+                    task, n, masks[p] = _dump_task(p, fr, writer, shell_job, share, cow.inherited(runs, p),
+                                                   own_table=p not in in_table)
                 except LazarusError as e:
                     if e.pid is None and len(frozen) > 1:
                         e.pid = p  # which process of the tree it is about: shown with the message
@@ -343,9 +345,11 @@ def _freeze_tree(root: int, root_wd: Watchdog, frozen: dict[int, Frozen], nodes:
 
 def _dump_task(pid: int, fr: Frozen, writer: ImageWriter, shell_job: bool,
                share: tuple[set[tuple[int, int]], set[int]] | None = None,
-               inherited: list[tuple[int, int]] | None = None) -> tuple[dict[str, Any], int, int]:
+               inherited: list[tuple[int, int]] | None = None, own_table: bool = True) -> tuple[dict[str, Any],
+                                                                                             int, int]:
     """Read one frozen process into task-PID.json and pages-PID.img; returns (task, pages, blocked mask).
-    `inherited`: copy-on-write runs its parent gives it at restore (dump/cow.py), left out of its page file."""
+    `inherited`: copy-on-write runs its parent gives it at restore (dump/cow.py), left out of its page file.
+    `own_table` False: its fd table is another process's (CLONE_FILES), whose image holds it: no files here."""
     watchdog, threads = fr.watchdog, fr.threads
     remote: RemoteTask | None = None
     try:
@@ -391,7 +395,7 @@ def _dump_task(pid: int, fr: Frozen, writer: ImageWriter, shell_job: bool,
         mem.close()
     syscall_ip = sys_ip
     files = dump_files(pid, writer.write_blob, objects, lambda: RemoteTask(pid, syscall_ip, journal=watchdog),
-                       shared=share)
+                       shared=share) if own_table else []
     cwd_deleted = dump_cwd(pid)
     if cwd_deleted is not None:
         misc["cwd_deleted"] = cwd_deleted
