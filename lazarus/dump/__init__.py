@@ -21,7 +21,14 @@ from lazarus.dump.membership import check_namespaces, check_session, dump_cgroup
 from lazarus.dump.memory import MemoryDumper
 from lazarus.dump.sched import sched_state
 from lazarus.dump.shared import refuse_shared, table_holders
-from lazarus.dump.tree import Frozen, check_tree, node_of, precheck_child, refuse_zombie_leader
+from lazarus.dump.tree import (
+    Frozen,
+    check_tree,
+    node_of,
+    precheck_child,
+    refuse_shared_mm,
+    refuse_zombie_leader,
+)
 from lazarus.dump.watchdog import Watchdog, continue_quietly, repair
 from lazarus.errors import DumpError, KernelError, LazarusError, NoSuchTask, Unsupported
 from lazarus.images import ImageWriter
@@ -309,6 +316,7 @@ def _freeze_tree(root: int, root_wd: Watchdog, frozen: dict[int, Frozen], nodes:
         if p in nodes:
             continue
         if p == root:
+            refuse_shared_mm(p, root=True)
             stat = procfs.read_stat(p)
             wd = root_wd
         else:
@@ -320,6 +328,7 @@ def _freeze_tree(root: int, root_wd: Watchdog, frozen: dict[int, Frozen], nodes:
                 refuse_zombie_leader(p, nodes)
                 nodes[p] = node_of(p, stat, "zombie")
                 continue
+            refuse_shared_mm(p, root=False)
             wd = Watchdog.start(p)
         was_stopped = p != root and stat.state == "T"
         fr = Frozen(p, wd, was_stopped)

@@ -3,7 +3,7 @@
  * with its own memory); and G, C's child by a plain fork, with a copy of the table of its own. Each checks itself
  * after the restore.
  *
- *   clone_files LOGFILE
+ *   clone_files LOGFILE [siblings|vfork|clonevm]
  *
  * P sets up, before the clone:
  *   fd 20   a file opened O_RDWR, 100 bytes, at offset 10 (G inherits this open file description);
@@ -24,6 +24,13 @@
  *   C   exits with G's result or its own
  *   P   C exited 0; fd 20 at offset 18, bytes 10..17 are "CCCCGGGG"; fd N still open (the table is P's too)
  * Children report through exit statuses and "# " lines; only P writes the result line.
+ *
+ * Trees a dump must refuse, naming the pids (the harness checks the refusal, then kills the tree):
+ *   siblings  P makes two children with clone(CLONE_FILES), then unshare(CLONE_FILES): the two share a table
+ *             that is not their parent's (no clone can rebuild it)
+ *   vfork     P vfork()s; the child stops itself (SIGSTOP) before any exec: P waits for it, sharing its memory
+ *   clonevm   P makes a child with clone(CLONE_VM | CLONE_SIGHAND) on a stack of its own: one address space
+ *             and one signal handler table for two processes, neither a thread of the other
  */
 #include "common.h"
 
@@ -183,11 +190,80 @@ static void setup(void)
 	laz_log("# tree P %d C %d G %d", (int)getpid(), (int)c_pid, (int)g_pid);
 }
 
+static char vm_stack[64 * 1024];
+
+static int idle_main(void *arg)
+{
+	sigset_t none;
+
+	(void)arg;
+	sigemptyset(&none);
+	for (;;)
+		sigsuspend(&none);
+	return 0;
+}
+
+/* The refused shapes: set up, log the children and READY, and wait to be killed. */
+static void refused_shape(const char *mode)
+{
+	pid_t kids[2] = {-1, -1};
+
+	if (!strcmp(mode, "siblings")) {
+		int p[2];
+		char c;
+		if (pipe(p))
+			laz_die("pipe");
+		for (int i = 0; i < 2; i++) {
+			kids[i] = (pid_t)syscall(SYS_clone, CLONE_FILES | SIGCHLD, NULL, NULL, NULL, 0);
+			if (kids[i] < 0)
+				laz_die("clone(CLONE_FILES)");
+			if (kids[i] == 0) {
+				if (write(p[1], "k", 1) != 1)
+					_exit(4);
+				idle_main(NULL);
+			}
+			if (read_full(p[0], &c, 1))
+				laz_die("child ready");
+		}
+		if (unshare(CLONE_FILES)) /* P's own copy from now on; the children keep the table */
+			laz_die("unshare(CLONE_FILES)");
+	} else if (!strcmp(mode, "vfork")) {
+		char line[64];
+		int len;
+		pid_t v = vfork();
+		if (v == 0) {
+			/* Shares P's memory and stack until exec or _exit: only async-signal-safe calls here. */
+			len = snprintf(line, sizeof(line), "# child: %d\nREADY\n", (int)getpid());
+			if (write(laz_log_fd, line, (size_t)len) != len)
+				_exit(4);
+			kill(getpid(), SIGSTOP);
+			_exit(0);
+		}
+		laz_log("# vfork child %d went on", (int)v); /* after the harness continued or killed it */
+		for (;;)
+			pause();
+	} else if (!strcmp(mode, "clonevm")) {
+		kids[0] = clone(idle_main, vm_stack + sizeof(vm_stack), CLONE_VM | CLONE_SIGHAND | SIGCHLD, NULL);
+		if (kids[0] < 0)
+			laz_die("clone(CLONE_VM | CLONE_SIGHAND)");
+	} else {
+		laz_die("unknown mode %s", mode);
+	}
+	for (int i = 0; i < 2; i++)
+		if (kids[i] > 0)
+			laz_log("# child: %d", (int)kids[i]);
+	laz_ready(POINTS);
+	for (;;)
+		pause();
+}
+
 int main(int argc, char **argv)
 {
 	int n = -1;
 
 	laz_init(argc, argv);
+	if (argc > 2)
+		refused_shape(argv[2]);
 	setup();
 	laz_ready(POINTS);
 	laz_wait_usr2();
