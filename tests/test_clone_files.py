@@ -58,6 +58,12 @@ def test_one_fd_table_stored_once_and_restored_shared(harness: H.Harness, mode: 
     assert r.target is not None
     assert kcmp.same_resource(p, c, "files"), f"pids {p} and {c} do not share one fd table after the restore"
     assert not kcmp.same_resource(p, g, "files") and not kcmp.same_resource(c, g, "files")
+    # Nothing of the restore's own left in the table (objects, temporaries): its fds are P's, plus the lazy
+    # anchors (one per process, at numbers of their own) until every page is in.
+    now = {int(fd): os.readlink(f"/proc/{p}/fd/{fd}") for fd in os.listdir(f"/proc/{p}/fd")}
+    extra = {fd: link for fd, link in now.items() if fd not in {f["fd"] for f in files[p]}}
+    assert all(link == "anon_inode:[userfaultfd]" for link in extra.values()) and len(extra) <= (mode == "lazy") * 2, \
+        f"fds in the table after the restore that P did not have: {extra}"
     H.expect_pass(harness.run_case(CASE, r.target), r.target, r)
 
 
@@ -109,3 +115,15 @@ def test_image_naming_fds_for_a_table_member_is_refused(harness: H.Harness) -> N
     r = harness.restore(image, like=target)
     assert r.returncode != 0
     H.assert_clean_error(r.proc, rf"pid {c} shares the fd table of pid \d+, and its task file lists fds")
+
+
+def test_root_sharing_its_table_with_its_parent_is_refused(harness: H.Harness) -> None:
+    """C alone (with G): its table is also P's, outside the dumped tree; a restore would give C a table of its
+    own. Refused naming both, and the tree runs on to pass its checks."""
+    target = harness.start_case(CASE)
+    p, c, _ = _tree(target.log)
+    image = harness.image_dir()
+    res = harness.dump(c, image, "--shell-job")  # C is in P's session: a shell job, as far as the dump is told
+    H.assert_clean_error(res, rf"pid {c} shares its fd table \(CLONE_FILES\) with pid {p}, outside the dumped tree")
+    assert not image.exists()
+    H.expect_pass(harness.run_case(CASE, target), target)

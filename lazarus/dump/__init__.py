@@ -20,7 +20,7 @@ from lazarus.dump.files import dump_cwd, dump_files
 from lazarus.dump.membership import check_namespaces, check_session, dump_cgroups
 from lazarus.dump.memory import MemoryDumper
 from lazarus.dump.sched import sched_state
-from lazarus.dump.shared import refuse_shared, table_holders
+from lazarus.dump.shared import refuse_shared, refuse_table_outside, table_holders
 from lazarus.dump.tree import (
     Frozen,
     check_tree,
@@ -227,6 +227,7 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: b
             for p in frozen:
                 check_resources(p, procfs.read_status(p))
             check_tree(pid, nodes)
+            refuse_table_outside(pid, set(nodes))
             found = refuse_shared(sorted(frozen))
             share = (sharefds.shared_pipes(found), set(frozen))
             runs = cow.find(sorted(frozen), {p: n.ppid for p, n in nodes.items()})

@@ -23,7 +23,7 @@ import stat
 from dataclasses import dataclass
 
 from lazarus.dump.sharing import Sharing, detect, refusals
-from lazarus.errors import NoSuchTask, Unsupported
+from lazarus.errors import LazarusError, NoSuchTask, Unsupported
 from lazarus.kernel import procfs
 from lazarus.kernel.syscall import same_fd_table, same_file_across
 
@@ -106,6 +106,27 @@ def check_table_group(pids: tuple[int, ...], parents: dict[int, int]) -> None:
         raise Unsupported(f"pids {', '.join(map(str, pids))} share one fd table (CLONE_FILES) without one of "
                           "them being the parent of the others (clone can only give a table to a child); "
                           "not supported", pid=tops[-1])
+
+
+def refuse_table_outside(root: int, tree: set[int]) -> None:
+    """The root of a dump sharing its fd table with a process outside the tree (its parent, or a sibling made
+    by the same parent with CLONE_FILES): the restored root would get a table of its own, and the sharing would
+    be lost. Only the root can: any other process of the tree got its table from its parent, in the tree."""
+    ppid = procfs.read_status(root).ppid
+    try:
+        siblings = procfs.children(ppid) if ppid > 0 else []
+    except LazarusError:
+        siblings = []
+    for other in [ppid, *siblings]:
+        if other <= 0 or other in tree:
+            continue
+        try:
+            same = same_fd_table(root, other)
+        except LazarusError:
+            continue  # gone meanwhile, or not ours to compare
+        if same:
+            raise Unsupported(f"pid {root} shares its fd table (CLONE_FILES) with pid {other}, outside the dumped "
+                              "tree; not supported (dump the tree of a process that holds every sharer)", pid=root)
 
 
 def table_holders(found: Sharing, parents: dict[int, int]) -> dict[int, int]:

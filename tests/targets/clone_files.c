@@ -84,8 +84,6 @@ static int g_main(void)
 	char path[64], link[64];
 
 	laz_fill(buf, BUF_PAGES * LAZ_PAGE, SEED + 2);
-	if (write(23, "G", 1) != 1)
-		_exit(4);
 	for (int fd = 22; fd <= 25; fd++)
 		close(fd); /* its own copy of the table: the pipes are P's and C's */
 	wait_usr2_child();
@@ -120,11 +118,24 @@ static int c_main(void)
 	char one;
 
 	laz_fill(buf, BUF_PAGES * LAZ_PAGE, SEED + 1);
+	int gp[2];
+	char tag;
+	if (pipe(gp)) /* G's readiness, to C only (the table's pipes are P's too) */
+		_exit(5);
 	g_pid = fork();
 	if (g_pid < 0)
 		_exit(5);
-	if (g_pid == 0)
+	if (g_pid == 0) {
+		close(gp[0]);
+		if (write(gp[1], "G", 1) != 1)
+			_exit(4);
+		close(gp[1]);
 		_exit(g_main());
+	}
+	close(gp[1]);
+	if (read_full(gp[0], &tag, 1))
+		_exit(4);
+	close(gp[0]);
 	if (write(23, &g_pid, sizeof(g_pid)) != sizeof(g_pid) || write(23, "C", 1) != 1)
 		_exit(4);
 	wait_usr2_child();
@@ -182,8 +193,8 @@ static void setup(void)
 		laz_die("clone(CLONE_FILES)");
 	if (c_pid == 0)
 		_exit(c_main());
-	char tags[2] = {0, 0};
-	if (read_full(22, &g_pid, sizeof(g_pid)) || read_full(22, tags, 2))
+	char tag;
+	if (read_full(22, &g_pid, sizeof(g_pid)) || read_full(22, &tag, 1))
 		laz_die("children ready");
 	laz_log("# child: %d", (int)c_pid);
 	laz_log("# child: %d", (int)g_pid);
