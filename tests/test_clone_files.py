@@ -52,6 +52,9 @@ def test_one_fd_table_stored_once_and_restored_shared(harness: H.Harness, mode: 
     holders = [d["holders"] for d in json.loads((image / "shared.json").read_text())["files"]
                if [p, 20] in d["holders"]]
     assert holders == [[[p, 20], [g, 20]]], holders
+    shown = harness.lazarus("show", str(image))
+    assert shown.returncode == 0, shown.stderr
+    assert f"  fds: the fd table of pid {p} (clone with CLONE_FILES), listed there" in shown.stdout.splitlines()
 
     r = harness.restore(image, lazy=mode == "lazy", like=target)
     assert r.returncode == 0, r.stderr
