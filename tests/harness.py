@@ -394,7 +394,8 @@ CASES: tuple[Case, ...] = (
     Case("tree", "tree"),  # the root reports PASS only once every process of its tree passed (tree.c)
     Case("tree-share", "tree_share"),  # descriptions, pipes and a FIFO shared by the tree's processes
     Case("cow-tree", "cow_tree"),
-    Case("clone-files", "clone_files"),  # one fd table for a parent and its child (clone(CLONE_FILES))  # copy-on-write pages kept shared; each process checks its memory (cow_tree.c)
+    Case("clone-files", "clone_files"),  # one fd table for a parent and its child (clone(CLONE_FILES))
+    Case("clone-files-private", "clone_files", ("private",)),  # the same, no copy-on-write page left shared  # copy-on-write pages kept shared; each process checks its memory (cow_tree.c)
 )
 CASES_BY_ID = {c.id: c for c in CASES}
 

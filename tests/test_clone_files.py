@@ -34,14 +34,20 @@ def _tree(log: Path) -> tuple[int, int, int]:
 
 
 @pytest.mark.parametrize("mode", ["eager", "lazy"])
-def test_one_fd_table_stored_once_and_restored_shared(harness: H.Harness, mode: str) -> None:
+@pytest.mark.parametrize("case_id", ["clone-files", "clone-files-private"])
+def test_one_fd_table_stored_once_and_restored_shared(harness: H.Harness, mode: str, case_id: str) -> None:
+    """Both orders of a tree restore (docs/TREES.md): with copy-on-write pages kept (each parent built up to
+    its memory before it clones its children), and without ("private": every child made from its blank parent
+    first, the top's fd phase then closing what the whole table inherited from the restorer)."""
     from lazarus.kernel import kcmp
 
-    target = harness.start_case(CASE)
+    case = H.CASES_BY_ID[case_id]
+    target = harness.start_case(case)
     p, c, g = _tree(target.log)
     image = harness.image_dir()
     res = harness.dump(target, image)
     assert res.returncode == 0, res.stderr
+    assert (image / "cow.json").exists() == (case_id == "clone-files"), "copy-on-write runs kept, or none"
     states = json.loads((image / "shared.json").read_text())["states"]
     assert [s for s in states if s["kind"] == "files"] == [{"id": "files-1", "kind": "files", "pids": [p, c]}], states
     files = {pid: json.loads((image / f"task-{pid}.json").read_text())["files"] for pid in (p, c, g)}
@@ -67,7 +73,7 @@ def test_one_fd_table_stored_once_and_restored_shared(harness: H.Harness, mode: 
     extra = {fd: link for fd, link in now.items() if fd not in {f["fd"] for f in files[p]}}
     assert all(link == "anon_inode:[userfaultfd]" for link in extra.values()) and len(extra) <= (mode == "lazy") * 2, \
         f"fds in the table after the restore that P did not have: {extra}"
-    H.expect_pass(harness.run_case(CASE, r.target), r.target, r)
+    H.expect_pass(harness.run_case(case, r.target), r.target, r)
 
 
 def _refused(harness: H.Harness, shape: str, why: str) -> None:

@@ -3,7 +3,7 @@
  * with its own memory); and G, C's child by a plain fork, with a copy of the table of its own. Each checks itself
  * after the restore.
  *
- *   clone_files LOGFILE [siblings|vfork|clonevm]
+ *   clone_files LOGFILE [private|siblings|vfork|clonevm]
  *
  * P sets up, before the clone:
  *   fd 20   a file opened O_RDWR, 100 bytes, at offset 10 (G inherits this open file description);
@@ -24,6 +24,9 @@
  *   C   exits with G's result or its own
  *   P   C exited 0; fd 20 at offset 18, bytes 10..17 are "CCCCGGGG"; fd N still open (the table is P's too)
  * Children report through exit statuses and "# " lines; only P writes the result line.
+ * "private": the same, but C and G first write every page of their private mappings (each page then its own
+ * copy): no copy-on-write page is left shared, and the restore builds the tree without any kept (docs/TREES.md:
+ * every child made from its blank parent first, then each rebuilt).
  *
  * Trees a dump must refuse, naming the pids (the harness checks the refusal, then kills the tree):
  *   siblings  P makes two children with clone(CLONE_FILES), then unshare(CLONE_FILES): the two share a table
@@ -78,12 +81,53 @@ static void wait_usr2_child(void)
 	laz_wait_usr2();
 }
 
-static int g_main(void)
+static int private_pages; /* "private" */
+
+/* Write every page of the private mappings back as it is (made writable for the moment where it is not):
+ * none is shared with another process after this. */
+static void own_every_page(void)
+{
+	char line[512];
+	FILE *maps;
+
+	if (!private_pages)
+		return;
+	maps = fopen("/proc/self/maps", "re");
+	if (!maps)
+		_exit(8);
+	char (*all)[512] = calloc(256, sizeof(*all)); /* read first: mprotect changes the list while reading */
+	int n = 0;
+	while (n < 256 && fgets(all[n], sizeof(all[n]), maps))
+		n++;
+	fclose(maps);
+	for (int i = 0; i < n; i++) {
+		unsigned long start, end;
+		char perms[5];
+		memcpy(line, all[i], sizeof(line));
+		if (sscanf(line, "%lx-%lx %4s", &start, &end, perms) != 3 || perms[3] != 'p' || perms[2] == 'x' ||
+		    strstr(line, "[v"))
+			continue;
+		int prot = (perms[0] == 'r' ? PROT_READ : 0) | (perms[1] == 'w' ? PROT_WRITE : 0);
+		if (prot != (PROT_READ | PROT_WRITE) && mprotect((void *)start, end - start, PROT_READ | PROT_WRITE))
+			continue;
+		for (unsigned long a = start; a < end; a += LAZ_PAGE)
+			*(volatile char *)a = *(volatile char *)a;
+		if (prot != (PROT_READ | PROT_WRITE))
+			mprotect((void *)start, end - start, prot);
+	}
+	free(all);
+}
+
+static int g_main(int ready)
 {
 	int bad = 0;
 	char path[64], link[64];
 
 	laz_fill(buf, BUF_PAGES * LAZ_PAGE, SEED + 2);
+	own_every_page();
+	if (write(ready, "G", 1) != 1)
+		_exit(4);
+	close(ready);
 	for (int fd = 22; fd <= 25; fd++)
 		close(fd); /* its own copy of the table: the pipes are P's and C's */
 	wait_usr2_child();
@@ -127,15 +171,13 @@ static int c_main(void)
 		_exit(5);
 	if (g_pid == 0) {
 		close(gp[0]);
-		if (write(gp[1], "G", 1) != 1)
-			_exit(4);
-		close(gp[1]);
-		_exit(g_main());
+		_exit(g_main(gp[1]));
 	}
 	close(gp[1]);
 	if (read_full(gp[0], &tag, 1))
 		_exit(4);
 	close(gp[0]);
+	own_every_page(); /* after the fork: G's pages are not C's either */
 	if (write(23, &g_pid, sizeof(g_pid)) != sizeof(g_pid) || write(23, "C", 1) != 1)
 		_exit(4);
 	wait_usr2_child();
@@ -273,7 +315,8 @@ int main(int argc, char **argv)
 	int n = -1;
 
 	laz_init(argc, argv);
-	if (argc > 2)
+	private_pages = argc > 2 && !strcmp(argv[2], "private");
+	if (argc > 2 && !private_pages)
 		refused_shape(argv[2]);
 	setup();
 	laz_ready(POINTS);
