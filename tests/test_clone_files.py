@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -81,7 +82,10 @@ def _refused(harness: H.Harness, shape: str, why: str) -> None:
     target = harness.start_target("clone_files", shape)
     kids = [int(line.split()[-1]) for line in target.log_text().splitlines() if line.startswith("# child: ")]
     assert kids, target.describe()
-    before = {pid: H.proc_state(pid) for pid in [target.pid, *kids]}
+    deadline = time.monotonic() + 10
+    while "R" in (before := {pid: H.proc_state(pid) for pid in [target.pid, *kids]}).values():
+        assert time.monotonic() < deadline, f"{shape}: still running after READY: {before}"
+        time.sleep(0.02)  # a child may not have reached its wait yet
     image = harness.image_dir()
     res = harness.dump(target, image)
     H.assert_clean_error(res, why)

@@ -1,7 +1,7 @@
 /*
- * clone_files.c - a parent P and its child C made by clone(CLONE_FILES): one fd table for both processes (each
- * with its own memory); and G, C's child by a plain fork, with a copy of the table of its own. Each checks itself
- * after the restore.
+ * clone_files.c - exercises one fd table shared by two processes: a parent P and its child C made by
+ * clone(CLONE_FILES) (each with its own memory); and G, C's child by a plain fork, with a copy of the table of
+ * its own. Each checks itself after the restore.
  *
  *   clone_files LOGFILE [private|siblings|vfork|clonevm]
  *
