@@ -75,7 +75,11 @@ def refuse_shared_mm(pid: int, *, root: bool) -> None:
     vfork) cannot be rebuilt, and a process waiting in vfork() would never stop for the dump (the wait takes
     only fatal signals): refused by name at once, not after a stop that times out. The root sharing its
     parent's address space (a vfork child before its exec) is refused too: a restore gives it its own."""
-    for k in procfs.children(pid):
+    try:
+        kids = procfs.children(pid)
+    except NoSuchTask:
+        return  # gone meanwhile: the freeze that follows finds it so
+    for k in kids:
         if not _same_vm(pid, k):
             continue
         if _in_vfork(pid):
@@ -84,7 +88,10 @@ def refuse_shared_mm(pid: int, *, root: bool) -> None:
         raise Unsupported(f"pid {pid} and its child {k} share one address space (clone with CLONE_VM) without "
                           "being threads of one process; not supported", pid=k)
     if root:
-        ppid = procfs.read_stat(pid).ppid
+        try:
+            ppid = procfs.read_stat(pid).ppid
+        except NoSuchTask:
+            return
         if ppid > 0 and _same_vm(pid, ppid):
             raise Unsupported(f"pid {pid} shares the address space of its parent {ppid} (a vfork child before "
                               "its exec, or clone with CLONE_VM); not supported", pid=pid)
