@@ -490,6 +490,9 @@ def cmd_show(args: argparse.Namespace) -> int:
             vt.add_row(v["start"], v["end"], v["prot"], v["kind"], str(v["pages"]), "lazy" if v["lazy"] else "",
                        v["path"])
         con.print(vt)
+        if "fd_table_of" in t:
+            con.print(f"  fds: the fd table of pid {t['fd_table_of']} (clone with CLONE_FILES), listed there")
+            continue
         ft = Table(show_edge=False)
         for col in ("fd", "type", "target", "flags", "pos", "cloexec"):
             ft.add_column(col)

@@ -65,6 +65,7 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "cow_fork": (),
     "cow_tree": (),
     "shm_tree": ("-pthread",),
+    "clone_files": (),
 }
 CFLAGS = ("-O1", "-g", "-Wall")
 
@@ -397,6 +398,8 @@ CASES: tuple[Case, ...] = (
     Case("shm-tree", "shm_tree"),  # shared memory objects made once for the tree; each sees the others' writes
     Case("shm-tree-sysv", "shm_tree", ("sysv",)),  # ... and a removed System V segment all three attached
     Case("sysvshm", "unsupported", ("sysvshm",)),  # a removed System V segment (unsupported.c, once refused)
+    Case("clone-files", "clone_files"),  # one fd table for a parent and its child (clone(CLONE_FILES))
+    Case("clone-files-private", "clone_files", ("private",)),  # the same, no copy-on-write page left shared
 )
 CASES_BY_ID = {c.id: c for c in CASES}
 

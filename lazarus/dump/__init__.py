@@ -19,8 +19,21 @@ from lazarus.dump.files import dump_cwd, dump_files
 from lazarus.dump.membership import check_namespaces, check_session, dump_cgroups
 from lazarus.dump.memory import MemoryDumper
 from lazarus.dump.sched import sched_state
-from lazarus.dump.shared import refuse_shared, shared_memory, sysv_attaches
-from lazarus.dump.tree import Frozen, check_tree, node_of, precheck_child, refuse_zombie_leader
+from lazarus.dump.shared import (
+    refuse_shared,
+    refuse_table_outside,
+    shared_memory,
+    sysv_attaches,
+    table_holders,
+)
+from lazarus.dump.tree import (
+    Frozen,
+    check_tree,
+    node_of,
+    precheck_child,
+    refuse_shared_mm,
+    refuse_zombie_leader,
+)
 from lazarus.dump.watchdog import Watchdog, continue_quietly, repair
 from lazarus.errors import DumpError, KernelError, LazarusError, NoSuchTask, Unsupported
 from lazarus.images import ImageWriter
@@ -220,17 +233,19 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: b
             for p in frozen:
                 check_resources(p, procfs.read_status(p))
             check_tree(pid, nodes)
+            refuse_table_outside(pid, set(nodes))
             found = refuse_shared(sorted(frozen))
             share = (sharefds.shared_pipes(found), set(frozen))
             memory = shared_memory(found)
             attaches = sysv_attaches(found)
             runs = cow.find(sorted(frozen), {p: n.ppid for p, n in nodes.items()})
+            in_table = table_holders(found, {p: n.ppid for p, n in nodes.items()})  # CLONE_FILES
             xstate = None
             tasks: dict[int, dict[str, Any]] = {}
             for p, fr in frozen.items():
                 try:
                     task, n, masks[p] = _dump_task(p, fr, writer, shell_job, share, cow.inherited(runs, p),
-                                                     memory, attaches)
+                                                     memory, attaches, own_table=p not in in_table)
                 except LazarusError as e:
                     if e.pid is None and len(frozen) > 1:
                         e.pid = p  # which process of the tree it is about: shown with the message
@@ -312,6 +327,7 @@ def _freeze_tree(root: int, root_wd: Watchdog, frozen: dict[int, Frozen], nodes:
         if p in nodes:
             continue
         if p == root:
+            refuse_shared_mm(p, root=True)
             stat = procfs.read_stat(p)
             wd = root_wd
         else:
@@ -323,6 +339,7 @@ def _freeze_tree(root: int, root_wd: Watchdog, frozen: dict[int, Frozen], nodes:
                 refuse_zombie_leader(p, nodes)
                 nodes[p] = node_of(p, stat, "zombie")
                 continue
+            refuse_shared_mm(p, root=False)
             wd = Watchdog.start(p)
         was_stopped = p != root and stat.state == "T"
         fr = Frozen(p, wd, was_stopped)
@@ -350,10 +367,11 @@ def _dump_task(pid: int, fr: Frozen, writer: ImageWriter, shell_job: bool,
                share: tuple[set[tuple[int, int]], set[int]] | None = None,
                inherited: list[tuple[int, int]] | None = None,
                memory: dict[tuple[int, int], tuple[str, int]] | None = None,
-               attaches: dict[int, int] | None = None) -> tuple[dict[str, Any], int, int]:
+               attaches: dict[int, int] | None = None, own_table: bool = True) -> tuple[dict[str, Any], int, int]:
     """Read one frozen process into task-PID.json and pages-PID.img; returns (task, pages, blocked mask).
     `inherited`: copy-on-write runs its parent gives it at restore (dump/cow.py), left out of its page file.
-    `memory`: memory objects of the tree stored once (dump/shared.py shared_memory)."""
+    `memory`: memory objects of the tree stored once (dump/shared.py shared_memory).
+    `own_table` False: its fd table is another process's (CLONE_FILES), whose image holds it: no files here."""
     watchdog, threads = fr.watchdog, fr.threads
     remote: RemoteTask | None = None
     try:
@@ -401,7 +419,7 @@ def _dump_task(pid: int, fr: Frozen, writer: ImageWriter, shell_job: bool,
         mem.close()
     syscall_ip = sys_ip
     files = dump_files(pid, writer.write_blob, objects, lambda: RemoteTask(pid, syscall_ip, journal=watchdog),
-                       shared=share)
+                       shared=share) if own_table else []
     cwd_deleted = dump_cwd(pid)
     if cwd_deleted is not None:
         misc["cwd_deleted"] = cwd_deleted

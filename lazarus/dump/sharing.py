@@ -501,9 +501,13 @@ def _kcmp_state(a: int, b: int, kind: str) -> bool:
     return kcmp.same_resource(a, b, kind)
 
 
-def detect(pids: Sequence[int], *, pages: bool = True) -> Sharing:
-    """Everything the tasks `pids` (frozen, and traced or ptrace-accessible to us) share with each other."""
+def detect(pids: Sequence[int], *, pages: bool = True, tables: Iterable[int] = ()) -> Sharing:
+    """Everything the tasks `pids` (frozen, and traced or ptrace-accessible to us) share with each other.
+    `tables`: pids whose fd table is another one's of `pids` (CLONE_FILES): their fds are that one's, counted
+    once, so a description is shared only when a process with a table of its own holds it too."""
+    same_table = set(tables)
     snaps = [snapshot(p) for p in sorted(set(pids))]
+    snaps = [TaskSnap(s.pid, s.ppid, (), s.vmas) if s.pid in same_table else s for s in snaps]
     descs, pipes = find_descriptions(snaps, _kcmp_file)
     runs: list[SharedPages] = []
     if pages:

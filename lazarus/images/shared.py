@@ -4,6 +4,8 @@
     files[]  {id, kind: file|fifo|pipe, holders: [[pid, fd], ...], type, flags, pos, ...the fd record's fields
               that belong to the description (path, ino, dev, locks, owner, sig, pipe)}
     pipes[]  {id, ino, fifo, readers: [file ids], writers: [file ids], pipe_size, data: blob or null}
+    states[] {id, kind: fs|files, pids: [pid, ...]}: processes sharing cwd/root/umask (CLONE_FS) or one fd
+              table (CLONE_FILES), a process and descendants; a table's fds are in its top's task file only
     task-PID.json files[]: {fd, type: "shared", shared: id, flags, cloexec, pos} for every holder
 
 Memory objects several tasks map (format 5) stay in each holder's task-PID.json mm.objects[], marked
@@ -34,32 +36,52 @@ def _int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def fs_parents(shared: Any, parents: dict[int, int]) -> set[int]:
-    """Pids made with CLONE_FS from their parent (members of an "fs" group whose parent is in it too), of a
-    checked shared.json (None: none)."""
+def fs_parents(shared: Any, parents: dict[int, int], kind: str = "fs") -> set[int]:
+    """Pids made with CLONE_FS (kind "fs") or CLONE_FILES (kind "files") from their parent (members of such a
+    group whose parent is in it too), of a checked shared.json (None: none)."""
     out: set[int] = set()
     for st in (shared or {}).get("states", []):
-        out |= {p for p in st["pids"] if parents.get(p) in st["pids"]}
+        if st["kind"] == kind:
+            out |= {p for p in st["pids"] if parents.get(p) in st["pids"]}
     return out
 
 
-def _check_states(states: Any, parents: dict[int, int]) -> None:
+def fd_table_tops(shared: Any, parents: dict[int, int]) -> dict[int, int]:
+    """pid -> the top of the fd table group (CLONE_FILES) it belongs to, for every member, top included;
+    the top's task file holds the table (docs/IMAGES.md)."""
+    out: dict[int, int] = {}
+    for st in (shared or {}).get("states", []):
+        if st["kind"] == "files":
+            top = next(p for p in st["pids"] if parents.get(p) not in st["pids"])
+            out.update({p: top for p in st["pids"]})
+    return out
+
+
+_STATE_FLAG = {"fs": "CLONE_FS", "files": "CLONE_FILES"}
+
+
+def _check_states(states: Any, parents: dict[int, int], tasks: dict[int, dict[str, Any]] | None = None) -> None:
     if not isinstance(states, list):
         raise _fail("states", "must be an array")
-    seen: set[int] = set()
+    seen: dict[str, set[int]] = {k: set() for k in _STATE_FLAG}
     for i, st in enumerate(states):
         f = f"states[{i}]"
-        if not isinstance(st, dict) or st.get("kind") != "fs":
-            raise _fail(f, "only 'fs' groups (CLONE_FS) are supported")
+        if not isinstance(st, dict) or st.get("kind") not in _STATE_FLAG:
+            raise _fail(f, "only 'fs' (CLONE_FS) and 'files' (CLONE_FILES) groups are supported")
+        flag = _STATE_FLAG[st["kind"]]
         pids = st.get("pids")
         if not isinstance(pids, list) or len(pids) < 2 or not all(_int(p) and p in parents for p in pids):
             raise _fail(f + ".pids", "must list two or more live processes of the image")
-        if seen & set(pids) or len(set(pids)) != len(pids):
+        if seen[st["kind"]] & set(pids) or len(set(pids)) != len(pids):
             raise _fail(f + ".pids", "names a process twice, or one of another group")
-        seen |= set(pids)
+        seen[st["kind"]] |= set(pids)
         tops = [p for p in pids if parents[p] not in pids]
         if len(tops) != 1:
-            raise _fail(f + ".pids", "must be one process and descendants of it made with CLONE_FS")
+            raise _fail(f + ".pids", f"must be one process and descendants of it made with {flag}")
+        for p in pids if st["kind"] == "files" and tasks is not None else []:
+            if p != tops[0] and tasks.get(p, {}).get("files"):
+                raise _fail(f + ".pids", f"pid {p} shares the fd table of pid {tops[0]}, and its task file "
+                            "lists fds of its own")
 
 
 def check_shared(shared: Any, tasks: dict[int, dict[str, Any]], has_blob: Callable[[str], bool],
@@ -81,7 +103,7 @@ def check_shared(shared: Any, tasks: dict[int, dict[str, Any]], has_blob: Callab
             or not isinstance(shared.get("pipes"), list):
         raise ImageError(f"{SHARED_JSON}: must be an object with arrays 'files' and 'pipes'")
     if "states" in shared:
-        _check_states(shared["states"], parents if parents is not None else {p: 0 for p in tasks})
+        _check_states(shared["states"], parents if parents is not None else {p: 0 for p in tasks}, tasks)
     known = {d.get("id") for d in shared["files"] if isinstance(d, dict)}
     for (pid, fd), stub in stubs.items():
         if stub.get("shared") not in known:
@@ -161,7 +183,7 @@ def check_shared(shared: Any, tasks: dict[int, dict[str, Any]], has_blob: Callab
             raise ImageError(f"{SHARED_JSON}: {did!r} is a pipe end of no pipe in 'pipes'")
 
 
-__all__ = ["KINDS", "SHARED_JSON", "check_shared", "fs_parents"]
+__all__ = ["KINDS", "SHARED_JSON", "check_shared", "fd_table_tops", "fs_parents"]
 
 
 def check_shared_memory(tasks: dict[int, dict[str, Any]], version: int) -> None:

@@ -48,7 +48,7 @@ from lazarus.restore.memory import (
 )
 from lazarus.restore.pidns import NsInit
 from lazarus.restore.sched import apply_sched
-from lazarus.restore.sharefds import SharedFds, check_made, check_shared_files
+from lazarus.restore.sharefds import FdTable, SharedFds, check_made, check_shared_files, fd_tables
 from lazarus.restore.sharing import SharedMemory
 from lazarus.restore.thp import collapse_in_task
 from lazarus.restore.threads import check_threads, create_thread, restore_thread_creds, restore_thread_state
@@ -301,6 +301,7 @@ class TaskBuild:
         self.page_file: Any = None
         self.stops = self.calls = 0
         self.shared: SharedFds | None = None  # descriptions shared with other tasks of the tree
+        self.table: FdTable | None = None  # an fd table it shares with other processes (CLONE_FILES)
         self.cow: CowPlan | None = None  # copy-on-write runs it keeps from its parent or gives its children
         self.shmem: SharedMemory | None = None  # memory objects made once for the tree (restore/sharing.py)
         self.space: SpaceBuilder | None = None
@@ -338,7 +339,8 @@ class TaskBuild:
         # moved.
         setup = remote.batch()
         rcore.reset_inherited(remote, setup)
-        close_inherited_fds(remote, setup)
+        if not self.in_table:
+            close_inherited_fds(remote, setup)  # not in a table made from its parent's: the parent's fds
         kept = self.cow.kept_vmas(mm["vmas"]) if self.cow else []
         specials = clear_address_space(remote, (tramp_addr, tramp_addr + TRAMPOLINE_SIZE), setup,
                                        also=[(v["start"], v["end"]) for v in kept])
@@ -355,7 +357,7 @@ class TaskBuild:
         rcore.restore_guest_perm(remote, task["core"], known)
         rcore.restore_rlimits(child, task["misc"]["rlimits"])
         fds = task["files"]
-        high_base = max([f["fd"] for f in fds], default=2) + 1
+        high_base = self.table.base if self.table else max([f["fd"] for f in fds], default=2) + 1
         # Existing files (mapped, and the fds below) are opened as the restored credentials could open them.
         access = Access(remote, child, task["misc"]["creds"])
         space = SpaceBuilder(remote, img, child, access)
@@ -409,13 +411,14 @@ class TaskBuild:
         access, fds = self._access, task["files"]
         space.close_cached()
         self.fdr = fdr = FdRestorer(remote, img, child, space.state.object_fds, high_base, access)
-        own, checked = self._shared_fds_first(fds)
+        in_table = self.in_table  # its fds are the table's top's, restored there (no fd phase of its own)
+        own, checked = self._shared_fds_first(fds) if not in_table else ([], [])
         fdr.restore(own)
         closes = remote.batch()
         for ofd in space.state.object_fds.values():
             closes.call(abi.SYS.close, ofd)
         closes.run()
-        if self.shared is not None:
+        if self.shared is not None and not in_table:
             self.shared.settle(pid, remote)
         fdr.finish(checked)
         rcore.restore_signals(remote, task["signals"])
@@ -438,7 +441,10 @@ class TaskBuild:
             restore_thread_state(thread, child, rec, task["core"])
         timings["threads"] = time.monotonic() - t0
         if lazy and ranges:
-            handover = uffd_in_task(remote, ranges, LAZY_FEATURES)
+            # In a shared fd table each member's anchor takes a number of its own.
+            handover = uffd_in_task(remote, ranges, LAZY_FEATURES, taken=self.table.anchors if self.table else ())
+            if self.table is not None and handover.task_fd is not None:
+                self.table.anchors.append(handover.task_fd)
         for thread in self.threads:
             restore_thread_creds(thread, task["misc"])
         rcore.restore_all_creds(remote, task["misc"], is_root=self.is_root)
@@ -455,6 +461,11 @@ class TaskBuild:
         if handover is not None:
             self.handover = handover
             self.source = ImagePageSource(served, page_file, name=f"pages-{pid}.img")
+
+    @property
+    def in_table(self) -> bool:
+        """It shares the fd table of an ancestor of the tree, which restores it (CLONE_FILES)."""
+        return self.table is not None and self.table.top != self.pid
 
     def _shared_fds_first(self, fds: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Descriptions shared with tasks built before this one are given now (restore/sharefds.py); returns
@@ -628,8 +639,11 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
     failed_pid = tree.root
     shared: SharedFds | None = None
     shmem = SharedMemory(img)
-    with_fs = fs_parents(img.json(SHARED_JSON) if SHARED_JSON in img.files else None,
-                         {p: n.ppid for p, n in tree.nodes.items()})
+    shared_json = img.json(SHARED_JSON) if SHARED_JSON in img.files else None
+    parents = {p: n.ppid for p, n in tree.nodes.items()}
+    with_fs = fs_parents(shared_json, parents)
+    with_files = fs_parents(shared_json, parents, "files")  # made with CLONE_FILES: one fd table (sharefds.py)
+    tables = fd_tables(shared_json, parents, tasks)
     try:
         for pid in tree.order:
             failed_pid = pid
@@ -644,7 +658,8 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
             else:
                 parent = builds[node.ppid].remote
                 assert parent is not None
-                child = host[pid] = create_child(parent, pid, abi.CLONE_FS if pid in with_fs else 0)
+                flags = (abi.CLONE_FS if pid in with_fs else 0) | (abi.CLONE_FILES if pid in with_files else 0)
+                child = host[pid] = create_child(parent, pid, flags)
                 created.append(child)
                 if node.zombie:
                     zombies.append(child)
@@ -660,6 +675,7 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
                 builds[pid] = build
                 build.shmem = shmem
                 build.attach(child, where)
+            build.table = tables.get(pid)
             assert build.remote is not None
             lead(build.remote, node)
             if cow_of:
