@@ -59,6 +59,10 @@ _THREADS = 2
 # the real dump at 2 GiB it measured slower (median 3.7 s against 2.5 s, 7 runs), though in a bare copy loop it
 # was sometimes 3x faster; benchmarks/dump_ways.py (ways api / api_nopop) flips it to measure again.
 _POPULATE = False
+# Whether the page file is filled through a shared mapping of it (one copy) rather than by pwrite from each
+# thread's buffer (two copies, the second from a buffer in use again and again). benchmarks/dump_ways.py (ways
+# api_map / api_pwrite) flips it.
+_MAPPED = True
 _PAGE = abi.PAGE_SIZE
 
 
@@ -366,7 +370,7 @@ class MemoryDumper:
             # Without O_DIRECT, straight into the page cache: the extent mapped, read into in place (a filesystem
             # that cannot map it shared gets buffered writes from the threads' buffers instead).
             mapped = None
-            if not self.pages.direct:
+            if not self.pages.direct and _MAPPED:
                 with contextlib.suppress(ImageError):
                     mapped = ext.mapping()
 
