@@ -135,6 +135,7 @@ class PagesWriter:
     """
 
     WRITEBACK_STEP = 32 << 20
+    WRITEBACK_WINDOW = 8 << 20
 
     def __init__(self, directory: Path, pid: int, writeback: Callable[[int, int, int], None] | None = None,
                  *, direct: bool = False) -> None:
@@ -258,8 +259,14 @@ class PagesWriter:
                         os.close(dfd)
         _write_all(self._fd, mv, self.name, pos)
         if self._writeback is not None:
-            with contextlib.suppress(OSError):
-                self._writeback(self._fd, pos, len(mv))
+            # Once per WRITEBACK_WINDOW of the file (small puts would make one call each): the window that
+            # this put completes, whatever other threads have written of it by now (advisory).
+            end = pos + len(mv)
+            win = self.WRITEBACK_WINDOW
+            if len(mv) >= win or end // win != pos // win:
+                start = pos if len(mv) >= win else end // win * win - win
+                with contextlib.suppress(OSError):
+                    self._writeback(self._fd, start, end - start)
 
     def _extent_closed(self, ext: PageExtent) -> None:
         self._extent = None
