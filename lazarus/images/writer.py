@@ -123,9 +123,10 @@ class PagesWriter:
 
     - `extend(n)` (the dump's way): reserves the next n bytes of the file (fallocate) and returns a PageExtent,
       into which any number of threads `put()` whole chunks from their own buffers, in any order. Each put
-      hashes the caller's buffer and writes it with pwrite, through an O_DIRECT descriptor when the writer is
-      `direct` (the default of a dump: the data goes from the buffer to the device, no page cache is filled,
-      see docs/BENCHMARKS.md for why). An extent starts on a chunk boundary.
+      hashes the caller's buffer and writes it with pwrite: into the page cache (a dump's default; the
+      writeback of each 8 MiB window is started once a put completes it, if the writer has a writeback
+      function), or through an O_DIRECT descriptor when the writer is `direct` (`lazarus dump --direct`: from
+      the buffer to the device, no page cache filled). An extent starts on a chunk boundary.
     - `append(buf)`: writes a caller's buffer at the end and hashes that buffer (through memoryview slices, no
       copies); a chunk may span several appends: it is fed to a streaming hasher, so the sums equal those of
       the finished file.
