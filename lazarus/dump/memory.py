@@ -63,7 +63,7 @@ _POPULATE = False
 # Whether the page file is filled through a shared mapping of it (one copy, but each fresh page-cache folio
 # faulted in, zeroed and then overwritten) rather than by pwrite from each thread's small buffer (two copies,
 # the second from the CPU's cache). Off: measured in one run (docs/BENCHMARKS.md, "Dump: pwrite from small
-# buffers, --no-sync, batched injection"), the mapping took 2.2-2.7x the CPU at 2 GiB and 1.6-2.4x at 512 MiB.
+# buffers, --no-sync, batched injection"), the mapping took 2.6-2.7x the CPU at 2 GiB and 1.7-2.4x at 512 MiB.
 # benchmarks/dump_ways.py (ways api_map / api_pwrite) flips it.
 _MAPPED = False
 # The piece of a thread that writes from its own buffer into the page cache (not direct): 256 KiB stays in the
@@ -372,8 +372,8 @@ class MemoryDumper:
             lock = threading.Lock()
             failed: list[BaseException] = []
 
-            # Without O_DIRECT, straight into the page cache: the extent mapped, read into in place (a filesystem
-            # that cannot map it shared gets buffered writes from the threads' buffers instead).
+            # With _MAPPED (not the default), the extent is mapped and read into in place (a filesystem that cannot
+            # map it shared gets buffered writes from the threads' buffers instead).
             mapped = None
             if not self.pages.direct and _MAPPED:
                 with contextlib.suppress(ImageError):
