@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 
 def dump(pid: int, directory: str | Path, *, leave_running: bool = False, shell_job: bool = False,
-         direct: bool = False) -> DumpResult:
+         direct: bool = False, sync: bool = True) -> DumpResult:
     """Checkpoint process `pid` into `directory` (which must not exist, or be empty).
 
     Parameters:
@@ -44,13 +44,17 @@ def dump(pid: int, directory: str | Path, *, leave_running: bool = False, shell_
         shell_job: allow a process in a session another process leads, or with a controlling terminal.
         direct: write the page data with O_DIRECT (not through the page cache; a restore soon after then reads
             the image from the disk).
+        sync: fsync the image before the process is killed or let go (default). False: the kernel writes it
+            back later, as CRIU does; faster, but a later write error or a crash loses the image while the
+            original is gone (docs/CONTRACTS.md, "Durability of a dump").
     Returns:
         DumpResult(pid, directory, pages, seconds, left_running).
     Raises:
         DumpError / Unsupported naming what could not be saved; the process then runs on as it was.
     """
     from lazarus.dump import dump as _dump
-    return _dump(pid, Path(directory), leave_running=leave_running, shell_job=shell_job, direct=direct)
+    return _dump(pid, Path(directory), leave_running=leave_running, shell_job=shell_job, direct=direct,
+                 sync=sync)
 
 
 @dataclass

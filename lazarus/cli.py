@@ -169,6 +169,9 @@ def _dump_parser(sub: Any, fmt: type) -> None:
     d.add_argument("--direct", action="store_true",
                    help="write the page data with O_DIRECT, straight to the disk: faster for large processes where "
                         "fresh page cache is slow, but a restore soon after reads the image from the disk")
+    d.add_argument("--no-sync", dest="sync", action="store_false",
+                   help="do not fsync the image before killing the original (CRIU never does): faster, but a "
+                        "write error reported later, or a crash before the kernel wrote it back, loses the image")
 
 
 def _restore_parser(sub: Any, fmt: type) -> None:
@@ -342,7 +345,7 @@ def cmd_check() -> int:
 def cmd_dump(args: argparse.Namespace) -> int:
     from lazarus.api import dump
     res = dump(args.pid, args.dir, leave_running=args.leave_running, shell_job=args.shell_job,
-               direct=args.direct)
+               direct=args.direct, sync=args.sync)
     fate = "left running" if res.left_running else "killed"
     tree = f" and its tree ({res.processes} processes)" if res.processes > 1 else ""
     print(f"dumped pid {res.pid}{tree} to {res.directory}: {res.pages} pages "

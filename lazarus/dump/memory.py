@@ -19,11 +19,12 @@ How the page data gets to the disk (measurements in docs/BENCHMARKS.md, "Dump: w
     1. plan: one PAGEMAP_SCAN per vma (which pages are present, which sit in huge pages), each object's data
        extents (SEEK_DATA/SEEK_HOLE); every run gets its place in pages-PID.img, in vma order;
     2. the page file grows by the total at once (fallocate, PagesWriter.extend);
-    3. two threads each take the next 8 MiB piece of the file and read it from the task with process_vm_readv
-       (objects: preadv); both are outside the GIL for all but the hashing. By default a piece is read
-       straight into a shared mapping of the page file (one copy, into the page cache; the extent's
-       writeback starts at once) and hashed from there; with `direct` (O_DIRECT) into the thread's own buffer,
-       hashed and written to the device, no page cache filled;
+    3. two threads each take the next piece of the file and read it from the task with process_vm_readv
+       (objects: preadv); both are outside the GIL for all but the hashing. By default a 256 KiB piece is
+       read into the thread's own buffer (which stays in the CPU's cache), hashed, and written with pwrite into
+       the page cache; the writeback of every 8 MiB starts at once unless the dump is not synced. With
+       `direct` (O_DIRECT) 8 MiB pieces go from the buffer to the device, no page cache filled. (_MAPPED: the
+       one-copy way, reading straight into a shared mapping of the page file, measured slower here);
     4. spot check: a sample of pages of every private run is read from the (still frozen) task again and
        compared with the file as read back (from the device itself when direct), which proves the runs
        recorded point at the right place of the file.
@@ -59,6 +60,15 @@ _THREADS = 2
 # the real dump at 2 GiB it measured slower (median 3.7 s against 2.5 s, 7 runs), though in a bare copy loop it
 # was sometimes 3x faster; benchmarks/dump_ways.py (ways api / api_nopop) flips it to measure again.
 _POPULATE = False
+# Whether the page file is filled through a shared mapping of it (one copy, but each fresh page-cache folio
+# faulted in, zeroed and then overwritten) rather than by pwrite from each thread's small buffer (two copies,
+# the second from the CPU's cache). Off: measured in one run (docs/BENCHMARKS.md, "Dump: pwrite from small
+# buffers, --no-sync, batched injection"), the mapping took 2.6-2.7x the CPU at 2 GiB and 1.7-2.4x at 512 MiB.
+# benchmarks/dump_ways.py (ways api_map / api_pwrite) flips it.
+_MAPPED = False
+# The piece of a thread that writes from its own buffer into the page cache (not direct): 256 KiB stays in the
+# L2 cache from process_vm_readv to pwrite (8 MiB buffers measured 1.6x the CPU at 64 MiB).
+_SMALL = 256 << 10
 _PAGE = abi.PAGE_SIZE
 
 
@@ -408,16 +418,18 @@ class MemoryDumper:
         if not total:
             return
         with self.pages.extend(total) as ext:
-            pieces = _pieces(self._sources, _PIECE)
             lock = threading.Lock()
             failed: list[BaseException] = []
 
-            # Without O_DIRECT, straight into the page cache: the extent mapped, read into in place (a filesystem
-            # that cannot map it shared gets buffered writes from the threads' buffers instead).
+            # With _MAPPED (not the default), the extent is mapped and read into in place (a filesystem that cannot
+            # map it shared gets buffered writes from the threads' buffers instead).
             mapped = None
-            if not self.pages.direct:
+            if not self.pages.direct and _MAPPED:
                 with contextlib.suppress(ImageError):
                     mapped = ext.mapping()
+            # Buffered writes go from small buffers, which stay in the CPU's cache between the read and the write.
+            step = _SMALL if mapped is None and not self.pages.direct else _PIECE
+            pieces = _pieces(self._sources, step)
 
             base = buffer_address(mapped) if mapped is not None else 0
             populate = _POPULATE
@@ -446,7 +458,7 @@ class MemoryDumper:
                 finally:
                     view.release()
 
-            nthreads = min(_THREADS, -(-total // _PIECE))
+            nthreads = min(_THREADS, -(-total // step))
             bufs = _buffers(nthreads) if mapped is None else [mapped] * nthreads
             helpers = [threading.Thread(target=work, args=(b,), name="pages-copy") for b in bufs[1:]]
             for t in helpers:
