@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LAUNCHER := $(VENV)/.launcher
 DEB_PACKAGES := gcc libc6-dev make python3-venv
 # Real programs the tests dump mid-work (tests/test_real_*.py): xz; gzip, grep and seq (coreutils) are essential.
 TEST_DEB_PACKAGES := xz-utils gzip grep coreutils
@@ -25,7 +26,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m compileall -q lazarus
 	touch $(STAMP)
 
-install: $(STAMP)
+# The `lazarus` command starts the interpreter without site's scan of the venv (lazarus/launcher.py), written
+# over pip's console script after every install (which rewrites it); pip's stays where it cannot be written.
+$(LAUNCHER): $(STAMP) lazarus/launcher.py
+	$(PY) -m lazarus.launcher $(VENV)/bin/lazarus || true
+	touch $(LAUNCHER)
+
+install: $(STAMP) $(LAUNCHER)
+	@# Bytecode of modules changed since the install (a pull, a merge): with PYTHONDONTWRITEBYTECODE set,
+	@# every command would otherwise compile them again.
+	@$(PY) -m compileall -q lazarus
 
 deb-deps:
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_PACKAGES)

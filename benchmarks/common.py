@@ -360,12 +360,13 @@ def children(pid: int | None = None) -> list[int]:
 
 
 def is_lazarus_command(pid: int) -> bool:
-    """`pid` runs `python -m lazarus ...` (a restore command, or a lazy-pages daemon or guard it forked)."""
+    """`pid` runs `python -m lazarus ...` or the installed `lazarus` command (a restore command, or a lazy-pages
+    daemon or guard it forked)."""
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"lazarus" in cmd and b"-m" in cmd
+    return (b"lazarus" in cmd and b"-m" in cmd) or any(c.endswith(b"/bin/lazarus") for c in cmd[:3])
 
 
 def lazarus_children(exclude: Iterable[int] = ()) -> list[int]:

@@ -1,15 +1,18 @@
-"""Whole `dump` commands of two Lazarus checkouts and CRIU, alternating on fresh memhogs (same window).
+"""Whole `dump` commands of Lazarus variants and CRIU, alternating on fresh memhogs (same window).
 
     .venv/bin/python benchmarks/dump_ab.py --criu PATH [--other /work/main] [--mib 512 2048] [--runs 3]
 
-Each round starts one memhog per tool and times `lazarus dump -t PID -D DIR` of this checkout, of the other
-checkout (its .venv/bin/lazarus), and `criu dump -t PID -D DIR`; every dump kills the original. Prints the medians
-and CRIU/ours.
+Each round starts one memhog per tool and times `lazarus dump -t PID -D DIR` of this checkout (with the fsync,
+the default, and with `--no-sync`, CRIU's durability), of the other checkout if --other is given (its
+.venv/bin/lazarus), and `criu dump -t PID -D DIR`; every dump kills the original. Prints the medians of the wall
+time and of the command's CPU time (user + system, from the kernel's accounting of the reaped child: on this
+shared 2-vCPU VM the wall time waits for other sessions, the CPU time much less), CRIU/ours, and the load.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
 import statistics
 import sys
@@ -21,45 +24,62 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import LAZARUS, TARGETS, Target, build, run  # noqa: E402
 
 
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--criu", required=True)
-    ap.add_argument("--other", default="/work/main")
+    ap.add_argument("--other", default=None, help="another checkout to compare (its .venv/bin/lazarus)")
     ap.add_argument("--mib", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dir", default="/var/tmp")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dump-ab-", dir=a.dir))
     exe = build(TARGETS / "memhog.c", work)
-    tools = {"this": list(LAZARUS), "other": [str(Path(a.other) / ".venv/bin/lazarus")], "criu": [a.criu]}
+    tools: dict[str, tuple[list[str], list[str]]] = {
+        "sync": (list(LAZARUS), []), "no-sync": (list(LAZARUS), ["--no-sync"]), "criu": ([a.criu], [])}
+    if a.other:
+        tools["other"] = ([str(Path(a.other) / ".venv/bin/lazarus")], [])
+    print(f"load {_load()}", flush=True)
     try:
         for mib in a.mib:
             walls: dict[str, list[float]] = {k: [] for k in tools}
+            cpus: dict[str, list[float]] = {k: [] for k in tools}
             for i in range(a.runs):
                 names = list(tools)
                 # A rotating order: this VM's cost of fresh memory drifts within a round.
-                for name in names[i % 3:] + names[:i % 3]:
-                    argv = tools[name]
+                for name in names[i % len(names):] + names[:i % len(names)]:
+                    argv, extra = tools[name]
                     t = Target(exe, work / f"memhog-{name}-{mib}-{i}.log", str(mib))
                     image = work / f"image-{name}-{mib}-{i}"
                     try:
                         t.wait_ready(timeout=300)
+                        c0 = _children_cpu()
                         if name == "criu":
                             image.mkdir()
                             r = run([*argv, "dump", "-t", str(t.pid), "-D", str(image), "-o", "dump.log"]).check()
                         else:
-                            r = run([*argv, "dump", "-t", str(t.pid), "-D", str(image)]).check()
+                            r = run([*argv, "dump", "-t", str(t.pid), "-D", str(image), *extra]).check()
+                        cpus[name].append(_children_cpu() - c0)
                         t.original_gone()
                         walls[name].append(r.wall)
                     finally:
                         t.kill()
                         shutil.rmtree(image, ignore_errors=True)
             med = {k: statistics.median(v) for k, v in walls.items()}
-            print(f"{mib:5d} MiB  this {med['this']:.3f} s  other {med['other']:.3f} s  criu {med['criu']:.3f} s  "
-                  f"CRIU/this {med['criu'] / med['this']:.2f}x  CRIU/other {med['criu'] / med['other']:.2f}x  "
-                  f"(this {' '.join(f'{w:.3f}' for w in walls['this'])}; other "
-                  f"{' '.join(f'{w:.3f}' for w in walls['other'])}; criu {' '.join(f'{w:.3f}' for w in walls['criu'])})",
-                  flush=True)
+            cpu = {k: statistics.median(v) for k, v in cpus.items()}
+            print(f"{mib:5d} MiB (load {_load()})", flush=True)
+            for k in tools:
+                ratio = "" if k == "criu" else f"  CRIU/{k} {med['criu'] / med[k]:.2f}x"
+                print(f"  {k:8s} wall {med[k]:.3f} s  cpu {cpu[k]:.3f} s{ratio}  "
+                      f"(walls {' '.join(f'{w:.3f}' for w in walls[k])})", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

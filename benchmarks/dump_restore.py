@@ -65,7 +65,7 @@ METRICS = ("dump_wall", "dump_tool", "restore_wall", "restore_tool", "restore_to
            "write_gbps", "criu_dump", "criu_restore")
 
 
-DUMP_ARGS: list[str] = []  # --direct adds "--direct"
+DUMP_ARGS: list[str] = []  # --direct adds "--direct", --no-sync "--no-sync"
 
 
 def lazarus_round(binary: Path, work: Path, mib: int) -> dict[str, Any]:
@@ -224,9 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     add_run_arguments(ap, [64, 512, 2048])
     ap.add_argument("--direct", action="store_true", help="dump with `lazarus dump --direct` (O_DIRECT page data; "
                     "the restore that follows then reads the image from the disk)")
+    ap.add_argument("--no-sync", action="store_true", help="dump with `lazarus dump --no-sync` (no fsync before "
+                    "the original is killed: CRIU's durability)")
     args = ap.parse_args(argv)
     if args.direct:
         DUMP_ARGS.append("--direct")
+    if args.no_sync:
+        DUMP_ARGS.append("--no-sync")
     out = Out()
     if os.geteuid() != 0:
         out.say("dump_restore: needs root")

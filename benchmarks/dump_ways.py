@@ -1,18 +1,25 @@
-"""Ways to move a process's pages into a page file, measured side by side (issue 10, branch vmsplice).
+"""Ways to move a process's pages into a page file, measured side by side (issue 10, branches vmsplice, dumpfast).
 
-    .venv/bin/python benchmarks/dump_ways.py [--mib 512 2048] [--runs 3] [--dir /var/tmp] [--ways ...]
+    .venv/bin/python benchmarks/dump_ways.py [--mib 512 2048] [--runs 3] [--dir /var/tmp] [--ways ...] [--no-sync]
 
 One memhog per size holds MIB MiB of filled memory; each way writes all of it to a fresh file in DIR, computes the
 xxh3 sums of every 64 KiB chunk from the bytes written, and fsyncs (the fsync is timed apart too). Printed:
 median wall seconds, CPU seconds of this process (all threads; the kernel's copies in our syscalls count), and the
-fsync's share. Ways:
+fsync's share. With --no-sync no way starts writeback or fsyncs (CRIU's durability: the kernel writes the page
+cache back later), and the api ways dump with sync=False. Ways:
 
     map        today's default: fallocate, two threads process_vm_readv 8 MiB pieces into a MAP_SHARED mapping
     map_pop    the same, each piece MADV_POPULATE_WRITE'd first (one call per piece, not one fault per folio)
     map_trunc  the same as map with ftruncate instead of fallocate (holes, not unwritten extents)
     pwrite     fallocate, two threads process_vm_readv into their own 8 MiB buffers, hash, pwrite (buffered)
+    pwrite_trunc  the same without fallocate (the file grows by the writes)
+    pwrite_small  fallocate, two threads, each process_vm_readv into its own --small-kib buffer (kept in the CPU's
+               cache), hash, pwrite: the second copy reads from the cache, not from memory
+    vmsplice_trunc  vmsplice (below) without fallocate
     api        the real dump in this process (lazarus.dump, leave_running), as the service runs it
-    api_nopop  the same without MADV_POPULATE_WRITE (dump/memory.py _POPULATE off)
+    api_pop    the same with MADV_POPULATE_WRITE of each piece (dump/memory.py _POPULATE on)
+    api_map / api_pwrite  the same, the page file filled through its shared mapping / by pwrite from each
+               thread's buffer (dump/memory.py _MAPPED)
     criu       `criu dump --leave-running` (whole command)
     vmsplice   the target (ptrace-stopped) vmsplices 1 MiB at a time into a pipe it made, of which we hold the read
                end (pidfd_getfd); we splice the pipe into the file (one copy), then hash from a read-only mapping
@@ -49,6 +56,8 @@ from lazarus.remote import RemoteTask, find_syscall_insn  # noqa: E402
 
 PIECE = 8 << 20
 PIPE = 1 << 20
+SMALL = 256 << 10
+SYNC = True
 LAST_SPLICE = (0.0, 0.0)
 CHUNK = 64 << 10
 SYS_VMSPLICE = 278
@@ -95,38 +104,50 @@ def way_map(pid: int, addr: int, n: int, path: Path, *, populate: bool = False, 
             raise OSError("madvise(MADV_POPULATE_WRITE) failed")
         vm.readv(pid, [(base + off, k)], [(addr + off, k)])
         _sums(view[off:off + k])
-        start_writeback(fd, off, k)
+        if SYNC:
+            start_writeback(fd, off, k)
 
     _threads(n, work)
     view.release()
     mm.close()
+    return _finish(fd)
+
+
+def _finish(fd: int) -> float:
+    """fsync (if SYNC) and close; returns the fsync's seconds."""
     t = time.perf_counter()
-    os.fsync(fd)
+    if SYNC:
+        os.fsync(fd)
     os.close(fd)
     return time.perf_counter() - t
 
 
-def way_pwrite(pid: int, addr: int, n: int, path: Path) -> float:
+def way_pwrite(pid: int, addr: int, n: int, path: Path, *, falloc: bool = True, step: int = PIECE) -> float:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    os.posix_fallocate(fd, 0, n)
+    if falloc:
+        os.posix_fallocate(fd, 0, n)
     local = threading.local()
 
     def work(off: int, k: int) -> None:
         buf = getattr(local, "buf", None)
         if buf is None:
-            buf = local.buf = mmap.mmap(-1, PIECE)
-        vm.readv(pid, [(buffer_address(buf), k)], [(addr + off, k)])
-        mv = memoryview(buf)[:k]
-        _sums(mv)
-        os.pwrite(fd, mv, off)
-        mv.release()
-        start_writeback(fd, off, k)
+            buf = local.buf = mmap.mmap(-1, step)
+            buf.write(bytes(step))  # touched once: the buffer stays resident (and cached when small)
+        base = buffer_address(buf)
+        whole = memoryview(buf)
+        for o in range(off, off + k, step):
+            m = min(step, off + k - o)
+            vm.readv(pid, [(base, m)], [(addr + o, m)])
+            mv = whole[:m]
+            _sums(mv)
+            os.pwrite(fd, mv, o)
+            mv.release()
+        whole.release()
+        if SYNC:
+            start_writeback(fd, off, k)
 
     _threads(n, work)
-    t = time.perf_counter()
-    os.fsync(fd)
-    os.close(fd)
-    return time.perf_counter() - t
+    return _finish(fd)
 
 
 def way_vmsplice(pid: int, addr: int, n: int, path: Path, *, falloc: bool = True) -> tuple[float, float, int]:
@@ -177,7 +198,8 @@ def way_vmsplice(pid: int, addr: int, n: int, path: Path, *, falloc: bool = True
                 while done < got:
                     done += os.splice(rfd, fd, got - done, offset_dst=off + done, flags=os.SPLICE_F_MOVE)
                 spl += time.perf_counter() - t
-                start_writeback(fd, off, got)
+                if SYNC:
+                    start_writeback(fd, off, got)
                 off += got
             r.syscall(abi.SYS.close, tw)
             r.syscall(abi.SYS.close, tr)
@@ -193,10 +215,7 @@ def way_vmsplice(pid: int, addr: int, n: int, path: Path, *, falloc: bool = True
     LAST_SPLICE = (spl, time.perf_counter() - t)
     v.release()
     mm.close()
-    t = time.perf_counter()
-    os.fsync(fd)
-    os.close(fd)
-    return time.perf_counter() - t, inj, calls
+    return _finish(fd), inj, calls
 
 
 def main() -> None:
@@ -206,11 +225,16 @@ def main() -> None:
     ap.add_argument("--dir", default="/var/tmp")
     ap.add_argument("--pipe-mib", type=int, default=1)
     ap.add_argument("--criu", default=None)
+    ap.add_argument("--small-kib", type=int, default=256)
+    ap.add_argument("--no-sync", dest="sync", action="store_false")
     ap.add_argument("--ways", nargs="+", default=["map", "map_pop", "map_trunc", "pwrite", "vmsplice"])
     a = ap.parse_args()
     memory = importlib.import_module("lazarus.dump.memory")
-    global PIPE
+    global PIPE, SMALL, SYNC
     PIPE = a.pipe_mib << 20
+    SMALL = a.small_kib << 10
+    SYNC = a.sync
+    print(f"sync {SYNC}; load {Path('/proc/loadavg').read_text().split()[:3]}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="dump-ways-", dir=a.dir))
     exe = build(TARGETS / "memhog.c", work)
     for mib in a.mib:
@@ -233,11 +257,18 @@ def main() -> None:
                         fs = way_map(proc.pid, addr, n, path, falloc=False)
                     elif w == "pwrite":
                         fs = way_pwrite(proc.pid, addr, n, path)
-                    elif w in ("api", "api_nopop"):
-                        # The real dump in-process (leave_running), with or without the populate step.
-                        memory._POPULATE = w == "api"
-                        lazarus.dump(proc.pid, path, leave_running=True)
-                        memory._POPULATE = True
+                    elif w == "pwrite_trunc":
+                        fs = way_pwrite(proc.pid, addr, n, path, falloc=False)
+                    elif w == "pwrite_small":
+                        fs = way_pwrite(proc.pid, addr, n, path, step=SMALL)
+                    elif w in ("api", "api_pop", "api_map", "api_pwrite"):
+                        # The real dump in-process (leave_running), as shipped, with the populate step, or with
+                        # the page file filled through its mapping / by pwrite.
+                        saved = memory._POPULATE, memory._MAPPED
+                        memory._POPULATE = saved[0] or w == "api_pop"
+                        memory._MAPPED = {"api_map": True, "api_pwrite": False}.get(w, saved[1])
+                        lazarus.dump(proc.pid, path, leave_running=True, sync=SYNC)
+                        memory._POPULATE, memory._MAPPED = saved
                         fs = 0.0
                     elif w == "criu":
                         path.mkdir()
@@ -245,7 +276,7 @@ def main() -> None:
                                         "--leave-running"], check=True, capture_output=True)
                         fs = 0.0
                     else:
-                        fs, inj, calls = way_vmsplice(proc.pid, addr, n, path)
+                        fs, inj, calls = way_vmsplice(proc.pid, addr, n, path, falloc=w != "vmsplice_trunc")
                         extra = (f"{calls} injections {inj * 1e6 / calls:.0f} us each, splice {LAST_SPLICE[0]:.3f} s, "
                                  f"hash {LAST_SPLICE[1]:.3f} s")
                     wall = time.perf_counter() - t0
@@ -255,6 +286,7 @@ def main() -> None:
                         shutil.rmtree(path)
                     else:
                         path.unlink()
+            print(f"load after {mib} MiB: {Path('/proc/loadavg').read_text().split()[:3]}", flush=True)
             for w, rs in res.items():
                 print(f"{mib:5d} MiB {w:10s} wall {statistics.median(r[0] for r in rs):.3f} s  "
                       f"cpu {statistics.median(r[1] for r in rs):.3f} s  fsync {statistics.median(r[2] for r in rs):.3f} s"

@@ -10,9 +10,11 @@ it check every word of its memory, and it must log PASS. The ways, each timed un
   - in-process lazy: a LazyServer and its guard made before the clock (a service keeps them), then
     open_image(DIR) and restore(DIR, lazy=True, on_lazy=server.add_process) inside it; after the clock the
     server serves the rest (background transfer) until every page is in;
-  - whole commands: `python -m lazarus restore -D DIR -d` and `... restore -D DIR --lazy -d`, from spawning
-    the command until it exits (it exits once the process runs); compiled bytecode is kept in the temporary
-    directory (as an installed lazarus has it);
+  - whole commands: `lazarus restore -D DIR -d` and `lazarus restore -D DIR --lazy -d`, the command as
+    `make install` installs it (.venv/bin/lazarus beside this interpreter, lazarus/launcher.py; `python -m
+    lazarus` where it is missing: the run's JSON says which), from spawning the command until it exits (it
+    exits once the process runs); compiled bytecode is kept in the temporary directory (as an installed
+    lazarus has it);
   - CRIU, whole commands: `criu restore -d`; lazily `criu lazy-pages` in the background (waiting for its
     socket) then `criu restore --lazy-pages -d`, the clock starting with `criu lazy-pages`.
 In-process rounds also report restore_task's own phases (Restored.timings: create, map, pages, threads, running,
@@ -70,6 +72,9 @@ from common import (
 )
 
 WAYS = ("inproc", "command", "criu")
+# The plain CLI as installed; `python -m lazarus` without an install beside this interpreter.
+_SCRIPT = Path(sys.executable).with_name("lazarus")
+COMMAND = [str(_SCRIPT)] if _SCRIPT.is_file() else LAZARUS
 PHASES = ("create", "map", "pages", "threads", "running")
 
 
@@ -126,7 +131,7 @@ def command_round(binary: Path, work: Path, mib: int, lazy: bool) -> dict[str, A
     target, image = dumped(binary, work, mib, "cmd")
     try:
         argv = ["restore", "-D", str(image), "-d", *(["--lazy", "--lazy-log", str(work / "lazy.log")] if lazy else [])]
-        r = lazarus(*argv).check()
+        r = run([*COMMAND, *argv], 600).check()
         target.restored()
         out: dict[str, Any] = {"command_s": r.wall}
         out["result"] = target.check(timeout=120 + mib / 20)
@@ -243,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         clean_up(work)
     info["python_c_pass_s"] = startup
-    info["lazarus_command"] = " ".join(LAZARUS)
+    info["lazarus_command"] = " ".join(COMMAND)
     info["results"] = results
     record_end(info, None)
     report(out, results, criu, startup, args.markdown)

@@ -117,8 +117,11 @@ class Service:
                 self.proc.wait(10)
 
 
+DUMP_FIELDS: dict[str, object] = {}  # --no-sync: {"sync": False}
+
+
 def _dump(svc: Service, target: Target, image: Path) -> float:
-    ans, wall = svc.request("POST", "/dump", {"pid": target.pid, "dir": str(image)})
+    ans, wall = svc.request("POST", "/dump", {"pid": target.pid, "dir": str(image), **DUMP_FIELDS})
     target.original_gone()
     wait_pid_gone(target.pid, 30)
     return wall
@@ -201,7 +204,11 @@ def check_round_trip(svc: Service, n: int = 20) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="The restore service against CRIU's whole commands, same run.")
     add_run_arguments(ap, [64])
+    ap.add_argument("--no-sync", action="store_true", help="dump with sync false (no fsync before the original "
+                    "is killed: CRIU's durability)")
     args = ap.parse_args(argv)
+    if args.no_sync:
+        DUMP_FIELDS["sync"] = False
     out = Out()
     if os.geteuid() != 0:
         out.say("service: needs root")

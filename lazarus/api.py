@@ -12,7 +12,8 @@ function is called, not when this module is imported (the command's start-up tim
 Where a lazy restore's pages are served from (lazy/daemon.py has the fork order):
     lazy=True                      from this process: the guard is forked now, and the caller runs
                                    Restoration.serve() once the restore returns (the CLI's `restore --lazy`)
-    lazy=True, detach=True         from a private daemon forked now; this process is free at once
+    lazy=True, detach=True         from a private daemon, forked before anything else (its start-up runs beside
+                                   the restore's); this process is free once the process runs
     lazy=True, lazy_pages_socket   from a running `lazarus lazy-pages` server
 A lazy restore forks helpers; call it while the calling process has no thread (fork safety).
 """
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 
 
 def dump(pid: int, directory: str | Path, *, leave_running: bool = False, shell_job: bool = False,
-         direct: bool = False) -> DumpResult:
+         direct: bool = False, sync: bool = True) -> DumpResult:
     """Checkpoint process `pid` into `directory` (which must not exist, or be empty).
 
     Parameters:
@@ -43,13 +44,17 @@ def dump(pid: int, directory: str | Path, *, leave_running: bool = False, shell_
         shell_job: allow a process in a session another process leads, or with a controlling terminal.
         direct: write the page data with O_DIRECT (not through the page cache; a restore soon after then reads
             the image from the disk).
+        sync: fsync the image before the process is killed or let go (default). False: the kernel writes it
+            back later, as CRIU does; faster, but a later write error or a crash loses the image while the
+            original is gone (docs/CONTRACTS.md, "Durability of a dump").
     Returns:
         DumpResult(pid, directory, pages, seconds, left_running).
     Raises:
         DumpError / Unsupported naming what could not be saved; the process then runs on as it was.
     """
     from lazarus.dump import dump as _dump
-    return _dump(pid, Path(directory), leave_running=leave_running, shell_job=shell_job, direct=direct)
+    return _dump(pid, Path(directory), leave_running=leave_running, shell_job=shell_job, direct=direct,
+                 sync=sync)
 
 
 @dataclass
@@ -155,10 +160,14 @@ def restore(directory: str | Path, *, lazy: bool = False, detach: bool = False, 
     Raises:
         UsageError for options that need `lazy`; FeatureMissing; ImageError; RestoreError; Untrusted.
     """
+    directory = Path(directory)
+    if lazy and detach and lazy_pages_socket is None:
+        return _restore_detached(directory, background=background, stats_path=stats_path, lazy_log=lazy_log,
+                                 status=status, pidns=pidns)
     import time
     t0 = time.monotonic()
     stamps: dict[str, float] = {}
-    r = _restore_impl(Path(directory), lazy=lazy, detach=detach, background=background, stats_path=stats_path,
+    r = _restore_impl(directory, lazy=lazy, detach=detach, background=background, stats_path=stats_path,
                       lazy_log=lazy_log, lazy_pages_socket=lazy_pages_socket, on_progress=on_progress,
                       status=status, pidns=pidns, stamp=lambda name: stamps.setdefault(name, time.monotonic() - t0))
     # The restore's own phases are measured from its own start: put on this call's clock.
@@ -181,8 +190,8 @@ def _restore_impl(directory: Path, *, lazy: bool, detach: bool, background: bool
                            seeded=res.seeded)
     require_lazy_features()
     stamp("features")
-    # The image is checked whole before any helper of ours (server, guard, daemon) exists: a bad image is
-    # refused with nothing created.
+    # The image is checked whole before any helper of ours (server, guard) exists: a bad image is refused with
+    # nothing created.
     image = _checked_image(directory)
     stamp("image")
     if lazy_pages_socket is not None:
@@ -195,20 +204,6 @@ def _restore_impl(directory: Path, *, lazy: bool, detach: bool, background: bool
             sock.close()
         return Restoration(res.pid, res.seconds, res.pages_written, tasks=res.tasks, lazy=True, served_by="server", init=res.init,
                            ns_pid=res.ns_pid)
-    if detach:
-        from lazarus.lazy.daemon import fork_daemon, hand_over
-        daemon = fork_daemon(directory, lazy_log or _daemon_log(directory), background=background,
-                             stats_path=stats_path, status=status, image=image)
-        try:
-            res = _restore(directory, lazy=True, on_lazy=hand_over(daemon.sock, directory), image=image,
-                           pidns=pidns)
-        finally:
-            daemon.sock.close()
-            if status is not None:
-                status.forget()  # the daemon answers there now, and removes it when done
-        return Restoration(res.pid, res.seconds, res.pages_written, tasks=res.tasks, lazy=True, served_by="daemon",
-                           daemon_pid=daemon.pid, status_path=status.path if status is not None else None,
-                           init=res.init, ns_pid=res.ns_pid)
     # Served here: the guard forks now, while we have no threads.
     from lazarus.lazy.daemon import start_serving
     serving = start_serving(background=background, stats_path=stats_path, on_progress=on_progress,
@@ -221,7 +216,7 @@ def _restore_impl(directory: Path, *, lazy: bool, detach: bool, background: bool
         raise
     return Restoration(res.pid, res.seconds, res.pages_written, tasks=res.tasks, lazy=True, served_by="here",
                        _serving=serving, init=res.init, ns_pid=res.ns_pid, timings=res.timings, stops=res.stops,
-                           seeded=res.seeded)
+                       seeded=res.seeded)
 
 
 # What prepare_restore() made for the next restore here.
@@ -304,6 +299,34 @@ def release_prepared(wait: bool = True) -> None:
             guard.close(timeout=10.0 if wait else 0.0)
     finally:
         seed.discard(wait)
+
+
+def _restore_detached(directory: Path, *, background: bool, stats_path: Path | None, lazy_log: Path | None,
+                      status: Any, pidns: bool) -> Restoration:
+    """restore(lazy=True, detach=True): served by a private daemon. The daemon is forked first, before this
+    process imports the restore or reads the image, so that its own start-up (its imports, its guard's fork,
+    reading and checking the image) runs beside this process's instead of after it, while the restore waits
+    for its answer at the handoff. Anything that fails before the handoff (features missing, a bad image, the
+    restore itself) ends the daemon before the error is raised: nothing of ours is left."""
+    from lazarus.lazy.daemon import fork_daemon, hand_over
+    daemon = fork_daemon(directory, lazy_log or _daemon_log(directory), background=background,
+                         stats_path=stats_path, status=status)
+    try:
+        require_lazy_features()
+        from lazarus.restore import open_image
+        from lazarus.restore import restore as _restore
+        image = open_image(directory, verify_pages=False)
+        res = _restore(directory, lazy=True, on_lazy=hand_over(daemon.sock, directory), image=image, pidns=pidns)
+    except BaseException:
+        daemon.end()
+        raise
+    finally:
+        daemon.sock.close()
+        if status is not None:
+            status.forget()  # the daemon answers there now, and removes it when done
+    return Restoration(res.pid, res.seconds, res.pages_written, tasks=res.tasks, lazy=True, served_by="daemon",
+                       daemon_pid=daemon.pid, status_path=status.path if status is not None else None,
+                       init=res.init, ns_pid=res.ns_pid)
 
 
 def _daemon_log(directory: Path) -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import logging
 import os
 import sys
 import time
@@ -15,22 +14,32 @@ if TYPE_CHECKING:
     import argparse
     from typing import Any
 
-from lazarus import __version__
+from lazarus import __version__, logs
 from lazarus.errors import LazarusError, UsageError
 
-log = logging.getLogger("lazarus")
+log = logs.getLogger("lazarus")
 _T0 = time.monotonic()
 
 
-class _PidFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.pid_ = os.getpid()
-        return True
-
-
 def _setup_logging(verbose: int) -> None:
+    """-v: every message to stderr. Otherwise warnings and errors, and logging is imported only when the
+    first of them comes (lazarus/logs.py): importing it cost ~6-9 ms of every command."""
+    if verbose or "logging" in sys.modules:
+        _log_to_stderr(verbose)
+    else:
+        logs.on_first_use = lambda: _log_to_stderr(0)
+
+
+def _log_to_stderr(verbose: int) -> None:
+    import logging
+
+    class PidFilter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.pid_ = os.getpid()
+            return True
+
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_PidFilter())
+    handler.addFilter(PidFilter())
     handler.setFormatter(logging.Formatter("%(asctime)s [%(pid_)d] %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
@@ -55,9 +64,11 @@ def _formatter() -> type:
 
 
 def _columns() -> int:
-    with contextlib.suppress(ValueError):
+    try:
         if int(os.environ.get("COLUMNS", "0")) > 0:
             return int(os.environ["COLUMNS"])
+    except ValueError:
+        pass
     try:
         return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80  # type: ignore[union-attr]
     except (AttributeError, ValueError, OSError):
@@ -158,6 +169,9 @@ def _dump_parser(sub: Any, fmt: type) -> None:
     d.add_argument("--direct", action="store_true",
                    help="write the page data with O_DIRECT, straight to the disk: faster for large processes where "
                         "fresh page cache is slow, but a restore soon after reads the image from the disk")
+    d.add_argument("--no-sync", dest="sync", action="store_false",
+                   help="do not fsync the image before killing the original (CRIU never does): faster, but a "
+                        "write error reported later, or a crash before the kernel wrote it back, loses the image")
 
 
 def _restore_parser(sub: Any, fmt: type) -> None:
@@ -220,7 +234,8 @@ def entry() -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    logging.shutdown()
+    if "logging" in sys.modules:  # imported only if something was logged (lazarus/logs.py)
+        sys.modules["logging"].shutdown()
     os._exit(code)
 
 
@@ -330,7 +345,7 @@ def cmd_check() -> int:
 def cmd_dump(args: argparse.Namespace) -> int:
     from lazarus.api import dump
     res = dump(args.pid, args.dir, leave_running=args.leave_running, shell_job=args.shell_job,
-               direct=args.direct)
+               direct=args.direct, sync=args.sync)
     fate = "left running" if res.left_running else "killed"
     tree = f" and its tree ({res.processes} processes)" if res.processes > 1 else ""
     print(f"dumped pid {res.pid}{tree} to {res.directory}: {res.pages} pages "
@@ -478,6 +493,9 @@ def cmd_show(args: argparse.Namespace) -> int:
             vt.add_row(v["start"], v["end"], v["prot"], v["kind"], str(v["pages"]), "lazy" if v["lazy"] else "",
                        v["path"])
         con.print(vt)
+        if "fd_table_of" in t:
+            con.print(f"  fds: the fd table of pid {t['fd_table_of']} (clone with CLONE_FILES), listed there")
+            continue
         ft = Table(show_edge=False)
         for col in ("fd", "type", "target", "flags", "pos", "cloexec"):
             ft.add_column(col)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,9 +23,10 @@ from typing import Protocol
 
 from lazarus.errors import KernelError, LazarusError, NoSuchTask
 from lazarus.kernel import abi, procfs, ptrace
-from lazarus.kernel.clone import BATCH_TRAP_OFFSET
+from lazarus.kernel.clone import BATCH_CODE, BATCH_TRAP_OFFSET
+from lazarus.logs import getLogger
 
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 
 _ALL_SIGNALS = (1 << 64) - 1 & ~((1 << (abi.SIGKILL - 1)) | (1 << (abi.SIGSTOP - 1)))
 # While a batch runs, SIGTRAP is left unblocked: the kernel forces the batch's closing int3 trap through a
@@ -117,6 +117,7 @@ class RemoteTask:
         self.scratch = 0
         self.scratch_size = 0
         self._own_scratch = False
+        self._mapping: tuple[int, int] | None = None  # (address, size) of our scratch mapping, if more than scratch
         # Someone who can put things back should we die half way (the dump's watchdog): told the original
         # registers, mask and syscall address before anything changes, and every scratch mapping before it exists.
         self.journal = journal
@@ -141,10 +142,11 @@ class RemoteTask:
         try:
             if self._restore_on_exit:
                 with contextlib.suppress(NoSuchTask):
-                    if self.scratch and self._own_scratch and scratch_present(self.pid, self.scratch,
-                                                                             self.scratch_size):
-                        self.syscall(abi.SYS.munmap, self.scratch, self.scratch_size)
+                    base, total = self._mapping or (self.scratch, self.scratch_size)
+                    if self.scratch and self._own_scratch and scratch_present(self.pid, base, total):
+                        self.syscall(abi.SYS.munmap, base, total)
                         self.scratch = 0
+                        self._mapping = None
                         if self.journal is not None:
                             self.journal.scratch_gone()
                     ptrace.set_regs(self.pid, self.saved_regs)
@@ -235,11 +237,33 @@ class RemoteTask:
         return ran
 
     # -- memory ---------------------------------------------------------------------------------------
-    def alloc_scratch(self, size: int = 4 * abi.PAGE_SIZE) -> int:
+    def alloc_batch_scratch(self, size: int = 4 * abi.PAGE_SIZE) -> bool:
+        """Map scratch (as alloc_scratch) behind one page holding BATCH_CODE, so that a Batch runs in one stop in a
+        task that has no code of ours (the dump's). Returns whether it did: False where the task may not have a
+        writable and executable mapping (PR_SET_MDWE, a security module: EACCES/EPERM), or already has scratch;
+        plain scratch is made instead and batches run call by call.
+
+        The one mapping is read, write and exec (one mmap, no mprotect splitting it), and goes with close()."""
+        if self.scratch:
+            return bool(self.batch_ip)
+        page = abi.PAGE_SIZE
+        try:
+            base = self.alloc_scratch(size + page, prot=abi.PROT_READ | abi.PROT_WRITE | abi.PROT_EXEC)
+        except KernelError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM):
+                raise
+            self.alloc_scratch(size)
+            return False
+        self.write(base, BATCH_CODE)
+        self._mapping = (base, size + page)
+        self.batch_ip = base
+        self.scratch, self.scratch_size = base + page, size
+        return True
+
+    def alloc_scratch(self, size: int = 4 * abi.PAGE_SIZE, *, prot: int = abi.PROT_READ | abi.PROT_WRITE) -> int:
         """Map a private scratch area in the task for passing structures and strings."""
         if self.scratch:
             return self.scratch
-        prot = abi.PROT_READ | abi.PROT_WRITE
         if self.journal is None:
             self.scratch = self.syscall(abi.SYS.mmap, 0, size, prot, abi.MAP_PRIVATE | abi.MAP_ANONYMOUS, _NEG1, 0)
             self.scratch_size, self._own_scratch = size, True

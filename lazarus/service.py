@@ -1,7 +1,7 @@
 """`lazarus service`: the library API (api.py) as HTTP/1.1 with JSON bodies on a unix socket.
 
     GET  /check                                   what `lazarus check` probes: {ok, missing, features}
-    POST /dump     {pid, dir, leave_running, shell_job}
+    POST /dump     {pid, dir, leave_running, shell_job, sync}
                                                   {pid, dir, pages, seconds, left_running}
     POST /restore  {dir, lazy, detach, background}
                                                   answered once the process runs: {id, pid, seconds, ...}
@@ -47,7 +47,6 @@ import contextlib
 import gc
 import http.server
 import json
-import logging
 import os
 import re
 import secrets
@@ -65,8 +64,9 @@ from typing import Any
 
 from lazarus import __version__
 from lazarus.errors import LazarusError, UsageError
+from lazarus.logs import getLogger
 
-log = logging.getLogger("lazarus.service")
+log = getLogger("lazarus.service")
 
 MAX_BODY = 1 << 20
 REFILL_DELAY = 0.25  # seconds a spare's replacement waits at most for the request it replaces to be answered
@@ -317,12 +317,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return self._restore(body)
 
     def _dump(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        f = _fields(body, {"pid": int, "dir": str}, {"leave_running": (bool, False), "shell_job": (bool, False)})
+        f = _fields(body, {"pid": int, "dir": str}, {"leave_running": (bool, False), "shell_job": (bool, False),
+                                                            "sync": (bool, True)})
         if f["pid"] <= 0:
             raise HttpError(400, f"field 'pid' must be positive, not {f['pid']}")
         from lazarus.api import dump
         res = dump(f["pid"], _image_dir("dir", f["dir"]), leave_running=f["leave_running"],
-                   shell_job=f["shell_job"])
+                   shell_job=f["shell_job"], sync=f["sync"])
         return 200, {"pid": res.pid, "dir": str(res.directory), "pages": res.pages,
                      "seconds": round(res.seconds, 6), "left_running": res.left_running}
 

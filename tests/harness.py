@@ -64,6 +64,8 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "share_take": (),
     "cow_fork": (),
     "cow_tree": (),
+    "shm_tree": ("-pthread",),
+    "clone_files": (),
 }
 CFLAGS = ("-O1", "-g", "-Wall")
 
@@ -393,10 +395,15 @@ CASES: tuple[Case, ...] = (
     Case("tree", "tree"),  # the root reports PASS only once every process of its tree passed (tree.c)
     Case("tree-share", "tree_share"),  # descriptions, pipes and a FIFO shared by the tree's processes
     Case("cow-tree", "cow_tree"),  # copy-on-write pages kept shared; each process checks its memory (cow_tree.c)
+    Case("shm-tree", "shm_tree"),  # shared memory objects made once for the tree; each sees the others' writes
+    Case("shm-tree-sysv", "shm_tree", ("sysv",)),  # ... and a removed System V segment all three attached
+    Case("sysvshm", "unsupported", ("sysvshm",)),  # a removed System V segment (unsupported.c, once refused)
+    Case("clone-files", "clone_files"),  # one fd table for a parent and its child (clone(CLONE_FILES))
+    Case("clone-files-private", "clone_files", ("private",)),  # the same, no copy-on-write page left shared
 )
 CASES_BY_ID = {c.id: c for c in CASES}
 
-UNSUPPORTED_MODES = ("tcp", "thread", "child", "pty", "seccomp", "uffd", "sysvshm", "chardev", "plain")
+UNSUPPORTED_MODES = ("tcp", "thread", "child", "pty", "seccomp", "uffd", "chardev", "plain")
 FILES_REFUSE_MODES = ("owner", "pgrp", "lease", "procother")  # tests/targets/files_refuse.c
 REFUSED_PROC_MODES = ("securebits", "cpu_overrun")  # tests/targets/refused_proc.c
 

@@ -159,9 +159,9 @@ def good_image(tmp_path_factory: pytest.TempPathFactory, target_bins: dict[str, 
         shutil.rmtree(work / "img-good", ignore_errors=True)
 
 
-def restore_refused(h: H.Harness, image: Path, *patterns: str) -> str:
+def restore_refused(h: H.Harness, image: Path, *patterns: str, lazy: bool = False) -> str:
     before = H.children_of(os.getpid())
-    r = h.restore(image)
+    r = h.restore(image, lazy=lazy)
     assert isinstance(r.proc, subprocess.CompletedProcess)
     line = H.assert_clean_error(r.proc, *patterns)
     time.sleep(0.1)
@@ -185,6 +185,24 @@ def test_restore_empty_dir(harness: H.Harness) -> None:
     empty = harness.image_dir()
     empty.mkdir()
     restore_refused(harness, empty, r"inventory|empty|image")
+
+
+def test_lazy_detached_restore_of_a_bad_image_leaves_no_daemon(harness: H.Harness, good_image: Path) -> None:
+    """`restore --lazy -d` forks its lazy-pages daemon before it reads the image (so that both start at once):
+    a bad image still gets its one-line error, neither the daemon nor its guard outlives the command, and
+    nothing is written into the directory."""
+    missing = harness.image_dir()
+    restore_refused(harness, missing, str(missing.name), lazy=True)
+    empty = harness.image_dir()
+    empty.mkdir()
+    restore_refused(harness, empty, r"inventory|empty|image", lazy=True)
+    assert not (empty / "lazy-pages.log").exists(), "a refused restore left the daemon's log in the image directory"
+
+    def drop_pages(image: Path) -> None:
+        for pages in image.glob("pages-*.img"):
+            pages.unlink()
+
+    restore_refused(harness, broken_copy(harness, good_image, drop_pages), r"pages-\d+\.img", lazy=True)
 
 
 def test_restore_truncated_pages(harness: H.Harness, good_image: Path) -> None:

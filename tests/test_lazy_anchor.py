@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -347,3 +348,22 @@ def test_remove_anchor_closes_only_its_own_file(replace: bool) -> None:
         with contextlib.suppress(ChildProcessError, ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+
+
+def test_anchors_of_one_fd_table(harness: H.Harness) -> None:
+    """clone_files.c restored lazily: P and C share one fd table (CLONE_FILES), and each has its own anchor in
+    it, at a number of its own (the highest free, then the next). With every Lazarus process killed, neither can
+    be adopted (nothing seen from outside tells whose uffd is whose): refused by name rather than guessed."""
+    case, target, image = dumped(harness, "clone-files")
+    r = harness.restore(image, "--no-background", lazy=True, like=target)
+    assert r.returncode == 0, r.stderr
+    p = r.pid
+    c = next(int(ln.split()[-1]) for ln in target.log.read_text().splitlines() if ln.startswith("# child: "))
+    want = min(soft_nofile(p), ANCHOR_FD_CAP) - 1
+    assert sorted(H.uffd_fds(p)) == [want - 1, want] == sorted(H.uffd_fds(c)), f"table: uffds {H.uffd_fds(p)}"
+    kill_servers(harness, p)
+    for pid, other in ((c, p), (p, c)):
+        proc = adopt(pid, image)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 1, err
+        assert re.search(rf"pid {pid} shares its fd table with pid {other} \(CLONE_FILES\)", err), err

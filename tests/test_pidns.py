@@ -368,3 +368,17 @@ def test_tree_in_foreground(harness: H.Harness, mode: str) -> None:
     assert isinstance(r.proc, subprocess.Popen)
     assert r.proc.wait(30) == 0, r.stderr
     assert not H.is_alive(init)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_shared_fd_table_in_each_copy(harness: H.Harness, mode: str) -> None:
+    """clone_files.c (a parent and its child sharing one fd table) restored twice with --pidns: each copy's pair
+    shares its own table again (each checks it: one process's open and close seen by the other)."""
+    case = H.CASES_BY_ID["clone-files"]
+    target = harness.start_case(case)
+    image = harness.image_dir()
+    assert harness.dump(target, image).returncode == 0
+    copies = restore_copies(harness, image, target, 2, lazy=mode == "lazy")
+    inits = [check_copy(r, target.pid) for r in copies]
+    for r, init in zip(copies, inits, strict=True):
+        run_one(harness, case, r, init)

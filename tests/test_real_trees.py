@@ -3,18 +3,14 @@ feed a multiprocessing.Pool of forked workers (tests/targets/pypool.py), and a s
 producer, a filter and a compressor writing a file. Restored eagerly and lazily, each must finish with exactly
 the result of an uninterrupted run.
 
-The shell pipeline is dumped mid-work and restored (restore_tree_to_reference). The Python pool is still
-refused (README, "Today's limits"): the test asserts that the dump is refused in one line naming the shared
-memory object (its semaphores), that nothing is left behind, and that the program then finishes untouched
-with the uninterrupted run's result (nothing lost). Its `# TREE:` comment shows the call that replaces the
-refusal check once shared memory between processes is dumped.
+Both are dumped mid-work and restored (restore_tree_to_reference); the Python pool's semaphores are shared
+memory between its processes (deleted /dev/shm/sem.* files every worker maps), made once at restore.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
-import re
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,36 +26,9 @@ except ImportError:  # pragma: no cover
 
 pytestmark = pytest.mark.root
 
-# What `lazarus dump` says of a process with children today (lazarus/dump/__init__.py, check_resources), or,
-# once trees are dumped but objects shared between processes not yet (pipes, inherited open files), that.
-TREE_REFUSAL = (r"^lazarus: error: (pid {pid} has child process \d+; process trees are not supported yet"
-                r"|pid \d+ .*pid \d+ .*; objects shared between processes are not supported yet)$")
-
 # seq | grep | gzip: about 2 s on two idle cores. gzip -n leaves out name and time: the same bytes every run.
 PIPELINE_LAST = 12_000_000
 PIPELINE = f"seq 1 {PIPELINE_LAST} | grep 7 | gzip -n > out.gz"
-
-
-def refused_then_finishes(
-    harness: H.Harness,
-    res: subprocess.CompletedProcess,
-    image: Path,
-    target: H.Target,
-    tree: list[int],
-    result: Callable[[], object],
-    reference: object,
-) -> str:
-    """Today: the dump of a tree is refused in one line naming processes of the tree, creates nothing, and the
-    program, every process of it still there, goes on to the uninterrupted run's result."""
-    line = H.assert_clean_error(res, TREE_REFUSAL.format(pid=target.pid))
-    named = [int(p) for p in re.findall(r"(?:pid|child process) (\d+)", line)]
-    assert named and set(named) <= set(tree), f"the refusal names pids {named}, not of the tree {tree}: {line}"
-    assert H.sibling_leftovers(image) == [], f"the refused dump left {H.sibling_leftovers(image)}"
-    assert target.alive(), f"the refused dump ended the program: {target.describe()}"
-    code = target.wait_exit(180)
-    assert code == 0, f"{target.name} ended with {code} after the refused dump: {R.stderr_of(target)}"
-    assert result() == reference, f"{target.name}: another result after the refused dump"
-    return line
 
 
 def restore_tree_to_reference(
@@ -72,7 +41,7 @@ def restore_tree_to_reference(
     result: Callable[[], object],
     reference: object,
 ) -> None:
-    """Once trees land: the dump took every process of the tree mid-work and ended them; the restore (eager or
+    """The dump took every process of the tree mid-work and ended them; the restore (eager or
     lazy) brings the tree back under the same pids and it finishes with the uninterrupted run's result."""
     assert res.returncode == 0, f"dump of the tree of {target.pid} failed: {res.stderr}"
     held = R.wait_pids_free(tree)
@@ -120,13 +89,9 @@ def test_python_pool_and_threads_mid_work(harness: H.Harness, pypool_reference: 
     def result() -> str | None:
         return H.result_line(target.log)
 
-    # Its pipes and inherited files are dumped now; the semaphores multiprocessing maps MAP_SHARED from
-    # /dev/shm/sem.* (unlinked at once: "deleted" memory objects, one mapped by every worker) are shared memory
-    # between processes, still refused (the [cow] part of issue 9), so this waits for that:
-    # TREE: restore_tree_to_reference(harness, res, image, target, tree, mode, result, pypool_reference)
-    line = refused_then_finishes(harness, res, image, target, tree, result, pypool_reference)
-    assert re.search(r"map one shared memory object \(/dev/shm/sem\.", line), line
-    assert "PASS" in target.log_text().splitlines(), target.describe()
+    # Its pipes, inherited files and the semaphores multiprocessing maps MAP_SHARED from /dev/shm/sem.*
+    # (unlinked at once: "deleted" memory objects, one mapped by every worker) come back shared.
+    restore_tree_to_reference(harness, res, image, target, tree, mode, result, pypool_reference)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -144,6 +144,7 @@ def test_check_endpoint(service: Service) -> None:
     ("POST", "/dump", {"pid": "12", "dir": "/tmp/x"}, None, 400, "field 'pid' must be an integer"),
     ("POST", "/dump", {"pid": True, "dir": "/tmp/x"}, None, 400, "field 'pid' must be an integer"),
     ("POST", "/dump", {"pid": 1, "dir": "relative/dir"}, None, 400, "must be an absolute path"),
+    ("POST", "/dump", {"pid": 1, "dir": "/tmp/x", "sync": "no"}, None, 400, "field 'sync' must be true or false"),
     ("POST", "/restore", {"dir": "/tmp/x", "lazzy": True}, None, 400, "unknown field 'lazzy'"),
     ("POST", "/restore", {"dir": "/tmp/x", "lazy": "yes"}, None, 400, "field 'lazy' must be true or false"),
     ("POST", "/restore", {}, None, 400, "missing field 'dir'"),
@@ -316,7 +317,9 @@ def test_dump_then_restore_through_the_service(service: Service, harness: H.Harn
     case = H.CASES_BY_ID["memory-keep"]
     target = harness.start_case(case)
     image = harness.image_dir()
-    status, dumped, _ = service.request("POST", "/dump", {"pid": target.pid, "dir": str(image)})
+    # The detached restores start from a dump without fsync (`sync`: false), the others from a synced one.
+    status, dumped, _ = service.request("POST", "/dump", {"pid": target.pid, "dir": str(image),
+                                                          **({"sync": False} if detach else {})})
     assert status == 200, dumped
     assert dumped["pid"] == target.pid and dumped["pages"] > 0 and dumped["left_running"] is False
     assert target.wait_exit(10) is not None, "the original still runs after the dump"

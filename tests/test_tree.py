@@ -125,8 +125,6 @@ def test_dump_killed_mid_tree_leaves_every_process_as_it_was(harness: H.Harness,
 
 @pytest.mark.parametrize(("mode", "why"), [
     ("resession", r"pid \d+ is in session \d+, led by pid \d+, which it did not inherit from its parent \d+"),
-    ("clonefiles", r"pid \d+ and pid \d+ share one fd table \(CLONE_FILES\)"),
-    ("shm", r"pid \d+ at 0x[0-9a-f]+ and pid \d+ at 0x[0-9a-f]+ map one shared memory object"),
     # met in the second process dumped, once the root's state has been read by injection and put back
     ("kmsg", r"fd \d+ \(/dev/kmsg\).*character device.*\(pid \d+\)"),
 ])
@@ -158,24 +156,51 @@ def test_tree_sharing_a_pipe_restores(harness: H.Harness, mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["eager", "lazy"])
-def test_tree_sharing_fs_state_restores_shared(harness: H.Harness, mode: str) -> None:
-    """tree.c "clonefs": a child made by clone(CLONE_FS) shares cwd, root and umask with the root; after the
-    restore the kernel (kcmp KCMP_FS) says the two share one fs state again, and the tree passes."""
+def test_tree_sharing_anonymous_memory_restores(harness: H.Harness, mode: str) -> None:
+    """tree.c "shm": shared anonymous memory the root mapped before forking, so every live child maps it (and
+    one of them is stopped): stored once, made once, and every process maps the one object again."""
+    target, _ = started(harness, "shm")
+    image = harness.image_dir()
+    res = harness.dump(target, image)
+    assert res.returncode == 0, res.stderr
+    holders = {}
+    for f in image.glob("task-*.json"):
+        mm = json.loads(f.read_text())["mm"]
+        for o in mm["objects"]:
+            v = next(v for v in mm["vmas"] if v.get("object") == o["id"])
+            holders[int(f.stem[5:])] = (o["shared"], "content" in o, v)
+    assert len(holders) >= 7 and len({sid for sid, _, _ in holders.values()}) == 1, holders
+    assert [pid for pid, (_, ref, _) in holders.items() if not ref] == [target.pid], holders
+    r = harness.restore(image, lazy=mode == "lazy", like=target)
+    assert r.returncode == 0, r.stderr
+    assert r.target is not None
+    inodes = {os.stat(f"/proc/{pid}/map_files/{v['start']:x}-{v['end']:x}").st_ino for pid, (_, _, v) in
+              holders.items()}
+    assert len(inodes) == 1, f"the processes map {len(inodes)} objects, not one"
+    H.expect_pass(harness.run_case(CASE, r.target), r.target, r)
+
+
+@pytest.mark.parametrize("mode", ["eager", "lazy"])
+@pytest.mark.parametrize(("how", "kind"), [("clonefs", "fs"), ("clonefiles", "files")])
+def test_tree_sharing_fs_state_restores_shared(harness: H.Harness, mode: str, how: str, kind: str) -> None:
+    """tree.c "clonefs" ("clonefiles"): a child made by clone(CLONE_FS) (CLONE_FILES) shares cwd, root and umask
+    (its fd table) with the root; after the restore the kernel (kcmp KCMP_FS, KCMP_FILES) says the two share
+    one again, no other process does, and the tree passes."""
     from lazarus.kernel import kcmp
 
-    target, _ = started(harness, "clonefs")
+    target, _ = started(harness, how)
     image = harness.image_dir()
     res = harness.dump(target, image)
     assert res.returncode == 0, res.stderr
     (group,) = json.loads((image / "shared.json").read_text())["states"]
-    assert group["kind"] == "fs" and target.pid in group["pids"] and len(group["pids"]) == 2, group
+    assert group["kind"] == kind and target.pid in group["pids"] and len(group["pids"]) == 2, group
     r = harness.restore(image, lazy=mode == "lazy", like=target)
     assert r.returncode == 0, r.stderr
     assert r.target is not None
     a, b = group["pids"]
-    assert kcmp.same_resource(a, b, "fs"), f"pids {a} and {b} do not share their fs state after the restore"
+    assert kcmp.same_resource(a, b, kind), f"pids {a} and {b} do not share their {kind} after the restore"
     others = [p for p in [target.pid, *H.descendants(target.pid)] if p not in group["pids"]]
-    assert not any(kcmp.same_resource(a, p, "fs") for p in others if H.proc_state(p) not in ("Z", None))
+    assert not any(kcmp.same_resource(a, p, kind) for p in others if H.proc_state(p) not in ("Z", None))
     H.expect_pass(harness.run_case(CASE, r.target), r.target, r)
 
 

@@ -33,7 +33,6 @@ EXPECTED = {
     "seccomp": ("seccomp", None, PID + r".*seccomp"),
     # its registered mapping (VmFlags um) or its fd, whichever the dump meets first
     "uffd": ("uffd", None, r"(fd \d+ |mapping 0x[0-9a-f]+-0x[0-9a-f]+ ).*(userfault|uffd)"),
-    "sysvshm": ("sysvshm", None, r"SYSV|System V"),
     "chardev": ("chardev", None, r"fd \d+ \(/dev/kmsg\).*character device"),
     "pipe-to-other": ("plain", "pipe", r"fd 1 .*pipe"),  # its stdout is a pipe whose other end the harness holds
     "socket-to-other": ("plain", "socket", r"fd 1 .*socket"),  # ... a unix socket whose other end it holds

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from typing import Any
 
 from lazarus.dump.timers import dump_timers
@@ -20,48 +21,114 @@ def dump_registers(pid: int) -> dict[str, Any]:
     return {"regs": bytes(regs).hex(), "xstate": xstate.hex()}
 
 
-def dump_xcomp_perm(task: RemoteTask, option: int = abi.ARCH_GET_XCOMP_PERM) -> int | None:
+class Reads:
+    """Read-only system calls queued for one injection (remote.Batch: one stop where the task has BATCH_CODE,
+    else call by call), each with its output buffer in scratch; after run(), every result and every buffer is
+    at hand (the buffers read back in one go).
+
+        r = Reads(task); i = r.call(nr, args..., r.out(size)); ...; r.run(); r.ret(i), r.data(addr, size)
+    """
+
+    def __init__(self, task: RemoteTask) -> None:
+        self.task = task
+        self.batch = task.batch()
+        self._results: list[int] = []
+        self._mem = b""
+
+    def out(self, size: int) -> int:
+        """A zeroed buffer of `size` bytes in scratch for a call to write into; returns its address."""
+        return self.batch.put(bytes(size))
+
+    def call(self, nr: int, *args: int) -> int:
+        """Queue a call (a failure is a result, not an error); returns its index."""
+        return self.batch.call(nr, *args, check=False).index
+
+    def run(self) -> None:
+        used = self.batch.used
+        self._results = self.batch.run()
+        self._mem = self.task.read(self.task.scratch, used) if used else b""
+
+    def ret(self, i: int) -> int:
+        return self._results[i]
+
+    def checked(self, i: int, what: str) -> int:
+        """The result of call `i`, or KernelError as an unbatched RemoteTask.syscall would raise."""
+        ret = self._results[i]
+        if -4096 < ret < 0:
+            raise KernelError(f"{what} in task {self.task.pid}", -ret, pid=self.task.pid)
+        return ret
+
+    def data(self, addr: int, size: int) -> bytes:
+        off = addr - self.task.scratch
+        return self._mem[off:off + size]
+
+    def struct(self, cls: type, addr: int):  # type: ignore[no-untyped-def]
+        return cls.from_buffer_copy(self.data(addr, abi.sizeof(cls)))
+
+
+def queue_xcomp_perm(r: Reads, option: int = abi.ARCH_GET_XCOMP_PERM) -> Callable[[], int | None]:
     """The process's permission mask for dynamically enabled XSTATE features (AMX tile data), by injected
     arch_prctl(ARCH_GET_XCOMP_PERM, or ARCH_GET_XCOMP_GUEST_PERM for the features its KVM guests may use);
     None on a kernel without the call (before 5.16), which has no such features. A restore must grant the same
-    permission before it sets the XSTATE (restore/core.py)."""
-    scratch = task.alloc_scratch()
-    ret = task.raw(abi.SYS.arch_prctl, option, scratch)
-    if ret == -errno.EINVAL:
-        return None
-    if ret < 0:
-        raise KernelError(f"arch_prctl({option:#x}) in task {task.pid}", -ret, pid=task.pid)
-    return int.from_bytes(task.read(scratch, 8), "little")
+    permission before it sets the XSTATE (restore/core.py). Queued in `r`; the returned function answers
+    after r.run()."""
+    buf = r.out(8)
+    i = r.call(abi.SYS.arch_prctl, option, buf)
+
+    def done() -> int | None:
+        ret = r.ret(i)
+        if ret == -errno.EINVAL:
+            return None
+        if ret < 0:
+            raise KernelError(f"arch_prctl({option:#x}) in task {r.task.pid}", -ret, pid=r.task.pid)
+        return int.from_bytes(r.data(buf, 8), "little")
+    return done
 
 
-def dump_signals(task: RemoteTask) -> dict[str, Any]:
-    """Handlers (by injected rt_sigaction), masks, queues, altstack, itimers and POSIX timers."""
+def queue_signals(r: Reads) -> Callable[[], dict[str, Any]]:
+    """Handlers (by injected rt_sigaction), masks, queues, altstack, itimers and POSIX timers. Queued in `r`;
+    the returned function answers after r.run() (the timers, read by calls of their own, then)."""
+    task = r.task
     pid = task.pid
-    scratch = task.alloc_scratch()
-    actions: list[list[int]] = []
+    size = abi.sizeof(abi.kernel_sigaction)
+    acts = r.out(size * abi.NSIG)
+    calls: dict[int, int] = {}
     for sig in range(1, abi.NSIG + 1):
-        if sig in (abi.SIGKILL, abi.SIGSTOP):
-            actions.append([0, 0, 0, 0])
-            continue
-        task.syscall(abi.SYS.rt_sigaction, sig, 0, scratch, 8)
-        act = task.get_struct(abi.kernel_sigaction, scratch)
-        actions.append([act.sa_handler, act.sa_flags, act.sa_restorer, act.sa_mask])
-    task.syscall(abi.SYS.sigaltstack, 0, scratch)
-    ss = task.get_struct(abi.stack_t, scratch)
-    itimers = []
-    for which in (abi.ITIMER_REAL, abi.ITIMER_VIRTUAL, abi.ITIMER_PROF):
-        task.syscall(abi.SYS.getitimer, which, scratch)
-        it = task.get_struct(abi.itimerval, scratch)
-        itimers.append([it.it_interval.tv_sec, it.it_interval.tv_usec, it.it_value.tv_sec, it.it_value.tv_usec])
-    return {
-        "actions": actions,
-        "blocked": task.saved_mask,
-        "pending_thread": [s.hex() for s in ptrace.peek_siginfo(pid, shared=False)],
-        "pending_shared": [s.hex() for s in ptrace.peek_siginfo(pid, shared=True)],
-        "altstack": {"sp": ss.ss_sp, "flags": ss.ss_flags, "size": ss.ss_size},
-        "itimers": itimers,
-        "timers": dump_timers(task),
-    }
+        if sig not in (abi.SIGKILL, abi.SIGSTOP):
+            calls[sig] = r.call(abi.SYS.rt_sigaction, sig, 0, acts + size * (sig - 1), 8)
+    ss_buf = r.out(abi.sizeof(abi.stack_t))
+    ss_call = r.call(abi.SYS.sigaltstack, 0, ss_buf)
+    it_size = abi.sizeof(abi.itimerval)
+    it_buf = r.out(3 * it_size)
+    it_calls = [r.call(abi.SYS.getitimer, which, it_buf + k * it_size)
+                for k, which in enumerate((abi.ITIMER_REAL, abi.ITIMER_VIRTUAL, abi.ITIMER_PROF))]
+
+    def done() -> dict[str, Any]:
+        actions: list[list[int]] = []
+        for sig in range(1, abi.NSIG + 1):
+            if sig not in calls:
+                actions.append([0, 0, 0, 0])
+                continue
+            r.checked(calls[sig], "rt_sigaction")
+            act = r.struct(abi.kernel_sigaction, acts + size * (sig - 1))
+            actions.append([act.sa_handler, act.sa_flags, act.sa_restorer, act.sa_mask])
+        r.checked(ss_call, "sigaltstack")
+        ss = r.struct(abi.stack_t, ss_buf)
+        itimers = []
+        for k, i in enumerate(it_calls):
+            r.checked(i, "getitimer")
+            it = r.struct(abi.itimerval, it_buf + k * it_size)
+            itimers.append([it.it_interval.tv_sec, it.it_interval.tv_usec, it.it_value.tv_sec, it.it_value.tv_usec])
+        return {
+            "actions": actions,
+            "blocked": task.saved_mask,
+            "pending_thread": [s.hex() for s in ptrace.peek_siginfo(pid, shared=False)],
+            "pending_shared": [s.hex() for s in ptrace.peek_siginfo(pid, shared=True)],
+            "altstack": {"sp": ss.ss_sp, "flags": ss.ss_flags, "size": ss.ss_size},
+            "itimers": itimers,
+            "timers": dump_timers(task),
+        }
+    return done
 
 
 def rseq_record(tid: int) -> dict[str, int] | None:
@@ -74,39 +141,48 @@ def rseq_record(tid: int) -> dict[str, int] | None:
             if conf.rseq_abi_pointer else None)
 
 
-def dump_misc(task: RemoteTask) -> dict[str, Any]:
-    pid = task.pid
-    scratch = task.alloc_scratch()
-    task.syscall(abi.SYS.prctl, abi.PR_GET_TID_ADDRESS, scratch, 0, 0, 0)
-    clear_child_tid = int.from_bytes(task.read(scratch, 8), "little")
-    rseq = rseq_record(pid)
-    head, length = get_robust_list(pid)
-    status = read_status(pid)
-    stat = read_stat(pid)
-    timerslack = task.syscall(abi.SYS.prctl, abi.PR_GET_TIMERSLACK, 0, 0, 0, 0)
-    dumpable = task.syscall(abi.SYS.prctl, abi.PR_GET_DUMPABLE, 0, 0, 0, 0)
-    with open(f"/proc/{pid}/personality") as f:
-        personality = int(f.read().strip(), 16)
-    with open(f"/proc/{pid}/comm") as f:
-        comm = f.read().rstrip("\n")
-    return {
-        "clear_child_tid": clear_child_tid,
-        "rseq": rseq,
-        "robust_list": {"head": head, "len": length},
-        "personality": personality,
-        "umask": status.umask,
-        "cwd": os.readlink(f"/proc/{pid}/cwd"),
-        "comm": comm,
-        "rlimits": [list(lim) for lim in read_limits(pid)],
-        "creds": {"uids": list(status.uids), "gids": list(status.gids), "groups": list(status.groups)},
-        "no_new_privs": int(getattr(status, "no_new_privs", 0) or 0),
-        "timerslack_ns": timerslack,
-        "dumpable": dumpable,
-        "sid": stat.session,
-        "pgid": stat.pgrp,
-        "prctl": dump_prctl(task, stat.flags),
-        "caps": dump_caps(pid, status),
-    }
+def queue_misc(r: Reads, task_flags: int) -> Callable[[], dict[str, Any]]:
+    """clear_child_tid, rseq, robust list, creds, prctl state and the rest (queued in `r`; the returned function
+    answers after r.run()). `task_flags`: the task's PF_* flags (/proc/PID/stat)."""
+    pid = r.task.pid
+    tid_buf = r.out(8)
+    tid_call = r.call(abi.SYS.prctl, abi.PR_GET_TID_ADDRESS, tid_buf, 0, 0, 0)
+    slack_call = r.call(abi.SYS.prctl, abi.PR_GET_TIMERSLACK, 0, 0, 0, 0)
+    dumpable_call = r.call(abi.SYS.prctl, abi.PR_GET_DUMPABLE, 0, 0, 0, 0)
+    prctl = queue_prctl(r, task_flags)
+
+    def done() -> dict[str, Any]:
+        r.checked(tid_call, "prctl(PR_GET_TID_ADDRESS)")
+        clear_child_tid = int.from_bytes(r.data(tid_buf, 8), "little")
+        rseq = rseq_record(pid)
+        head, length = get_robust_list(pid)
+        status = read_status(pid)
+        stat = read_stat(pid)
+        timerslack = r.checked(slack_call, "prctl(PR_GET_TIMERSLACK)")
+        dumpable = r.checked(dumpable_call, "prctl(PR_GET_DUMPABLE)")
+        with open(f"/proc/{pid}/personality") as f:
+            personality = int(f.read().strip(), 16)
+        with open(f"/proc/{pid}/comm") as f:
+            comm = f.read().rstrip("\n")
+        return {
+            "clear_child_tid": clear_child_tid,
+            "rseq": rseq,
+            "robust_list": {"head": head, "len": length},
+            "personality": personality,
+            "umask": status.umask,
+            "cwd": os.readlink(f"/proc/{pid}/cwd"),
+            "comm": comm,
+            "rlimits": [list(lim) for lim in read_limits(pid)],
+            "creds": {"uids": list(status.uids), "gids": list(status.gids), "groups": list(status.groups)},
+            "no_new_privs": int(getattr(status, "no_new_privs", 0) or 0),
+            "timerslack_ns": timerslack,
+            "dumpable": dumpable,
+            "sid": stat.session,
+            "pgid": stat.pgrp,
+            "prctl": prctl(),
+            "caps": dump_caps(pid, status),
+        }
+    return done
 
 
 def dump_caps(pid: int, status: Status) -> dict[str, int]:
@@ -127,41 +203,35 @@ def dump_caps(pid: int, status: Status) -> dict[str, int]:
 _SECBIT_KEEP_CAPS = 1 << 4
 
 
-def dump_prctl(task: RemoteTask, task_flags: int) -> dict[str, Any]:
+def queue_prctl(r: Reads, task_flags: int) -> Callable[[], dict[str, Any]]:
     """The prctl() state a process can set on itself (and that no other field holds), read by injected
-    prctl calls. A value the kernel does not support here is None. Refuses what a restore cannot set."""
-    pid = task.pid
-    scratch = task.alloc_scratch()
-
-    def get(option: int, arg: int = 0) -> int | None:
-        ret = task.raw(abi.SYS.prctl, option, arg, 0, 0, 0)
-        return None if ret < 0 else ret
-
-    def get_into(option: int) -> int | None:
-        task.write(scratch, bytes(8))
-        if task.raw(abi.SYS.prctl, option, scratch, 0, 0, 0) < 0:
-            return None
-        return int.from_bytes(task.read(scratch, 4), "little", signed=True)
-
+    prctl calls (queued in `r`). A value the kernel does not support here is None. Refuses what a restore cannot
+    set."""
+    pid = r.task.pid
     if task_flags & abi.PF_MEMALLOC_NOIO and task_flags & abi.PF_LOCAL_THROTTLE:
         raise Unsupported(f"pid {pid}: PR_SET_IO_FLUSHER is set; restoring it needs CAP_SYS_RESOURCE", pid=pid)
-    securebits = get(abi.PR_GET_SECUREBITS) or 0
-    if securebits & ~_SECBIT_KEEP_CAPS:
-        raise Unsupported(f"pid {pid}: securebits {securebits:#x} are set, which are not restored", pid=pid)
-    task.write(scratch, bytes(8))
-    if task.raw(abi.SYS.arch_prctl, abi.ARCH_SHSTK_STATUS, scratch) == 0 and task.read(scratch, 8) != bytes(8):
-        raise Unsupported(f"pid {pid}: it uses a user shadow stack (CET), which is not supported", pid=pid)
-    task.write(scratch, bytes(8))
-    if task.raw(abi.SYS.arch_prctl, abi.ARCH_GET_UNTAG_MASK, scratch) == 0 and task.read(scratch, 8) != b"\xff" * 8:
-        raise Unsupported(f"pid {pid}: it uses linear address masking (LAM), which is not supported", pid=pid)
-    task.write(scratch, bytes(8))
-    if (task.raw(abi.SYS.prctl, abi.PR_SCHED_CORE, abi.PR_SCHED_CORE_GET, 0, 0, scratch) == 0
-            and task.read(scratch, 8) != bytes(8)):
-        raise Unsupported(f"pid {pid}: it has a core-scheduling cookie (PR_SCHED_CORE), which is not restored",
-                          pid=pid)
-    cpuid = task.raw(abi.SYS.arch_prctl, abi.ARCH_GET_CPUID, 0)
-    return {
-        "cpuid": None if cpuid < 0 else cpuid,
+
+    def get(option: int, arg: int = 0) -> Callable[[], int | None]:
+        i = r.call(abi.SYS.prctl, option, arg, 0, 0, 0)
+        return lambda: None if r.ret(i) < 0 else r.ret(i)
+
+    def get_into(option: int) -> Callable[[], int | None]:
+        buf = r.out(8)
+        i = r.call(abi.SYS.prctl, option, buf, 0, 0, 0)
+        return lambda: None if r.ret(i) < 0 else int.from_bytes(r.data(buf, 4), "little", signed=True)
+
+    def zero_into(nr: int, *args: int) -> Callable[[], bytes | None]:
+        """A call whose last argument is an 8-byte buffer; its content if the call succeeded."""
+        buf = r.out(8)
+        i = r.call(nr, *args, buf)
+        return lambda: None if r.ret(i) != 0 else r.data(buf, 8)
+
+    securebits = get(abi.PR_GET_SECUREBITS)
+    shstk = zero_into(abi.SYS.arch_prctl, abi.ARCH_SHSTK_STATUS)
+    untag = zero_into(abi.SYS.arch_prctl, abi.ARCH_GET_UNTAG_MASK)
+    core_sched = zero_into(abi.SYS.prctl, abi.PR_SCHED_CORE, abi.PR_SCHED_CORE_GET, 0, 0)
+    cpuid_call = r.call(abi.SYS.arch_prctl, abi.ARCH_GET_CPUID, 0)
+    values = {
         "futex_hash_slots": get(abi.PR_FUTEX_HASH, abi.PR_FUTEX_HASH_GET_SLOTS),
         "child_subreaper": get_into(abi.PR_GET_CHILD_SUBREAPER),
         "pdeathsig": get_into(abi.PR_GET_PDEATHSIG),
@@ -169,11 +239,33 @@ def dump_prctl(task: RemoteTask, task_flags: int) -> dict[str, Any]:
         "thp_disable": get(abi.PR_GET_THP_DISABLE),
         "mce_kill": get(abi.PR_MCE_KILL_GET),
         "tsc": get_into(abi.PR_GET_TSC),
-        "speculation": [get(abi.PR_GET_SPECULATION_CTRL, which) for which in
-                        (abi.PR_SPEC_STORE_BYPASS, abi.PR_SPEC_INDIRECT_BRANCH, abi.PR_SPEC_L1D_FLUSH)],
-        "mdwe": get(abi.PR_GET_MDWE),
-        "memory_merge": get(abi.PR_GET_MEMORY_MERGE),
     }
+    speculation = [get(abi.PR_GET_SPECULATION_CTRL, which) for which in
+                   (abi.PR_SPEC_STORE_BYPASS, abi.PR_SPEC_INDIRECT_BRANCH, abi.PR_SPEC_L1D_FLUSH)]
+    later = {"mdwe": get(abi.PR_GET_MDWE), "memory_merge": get(abi.PR_GET_MEMORY_MERGE)}
+
+    def done() -> dict[str, Any]:
+        bits = securebits() or 0
+        if bits & ~_SECBIT_KEEP_CAPS:
+            raise Unsupported(f"pid {pid}: securebits {bits:#x} are set, which are not restored", pid=pid)
+        got = shstk()
+        if got is not None and got != bytes(8):
+            raise Unsupported(f"pid {pid}: it uses a user shadow stack (CET), which is not supported", pid=pid)
+        got = untag()
+        if got is not None and got != b"\xff" * 8:
+            raise Unsupported(f"pid {pid}: it uses linear address masking (LAM), which is not supported", pid=pid)
+        got = core_sched()
+        if got is not None and got != bytes(8):
+            raise Unsupported(f"pid {pid}: it has a core-scheduling cookie (PR_SCHED_CORE), which is not "
+                              f"restored", pid=pid)
+        cpuid = r.ret(cpuid_call)
+        return {
+            "cpuid": None if cpuid < 0 else cpuid,
+            **{k: f() for k, f in values.items()},
+            "speculation": [f() for f in speculation],
+            **{k: f() for k, f in later.items()},
+        }
+    return done
 
 
 def dump_thread(pid: int, tid: int, leader: RemoteTask, journal: Any) -> dict[str, Any]:

@@ -19,13 +19,13 @@ from typing import Any
 
 from lazarus.dump.anonfd import check_epolls, describe_anon
 from lazarus.dump.unixsk import UnixSockets
-from lazarus.errors import KernelError, Unsupported
+from lazarus.errors import KernelError, LazarusError, Unsupported
 from lazarus.images.format import STATELESS_DEVICES
 from lazarus.kernel import abi
 from lazarus.kernel.handles import name_to_handle
 from lazarus.kernel.pidfd import pidfd_getfd, pidfd_open
 from lazarus.kernel.procfs import FdInfo, fd_locks, parse_lock, read_fdinfo, read_mount_points, read_stat
-from lazarus.kernel.syscall import same_file_description, tee
+from lazarus.kernel.syscall import same_fd_table, same_file_description, tee
 from lazarus.remote import RemoteTask
 
 # (major, minor) of character devices whose open file carries no state worth saving.
@@ -53,6 +53,13 @@ def _others_holding(ino: int, pid: int, want: str | None = None) -> list[int]:
                         out.append(int(entry))
                         break
     return out
+
+
+def _one_table(pid: int, other: int) -> bool:
+    try:
+        return same_fd_table(pid, other)
+    except LazarusError:
+        return False  # gone, or not ours to compare: another holder as far as we can tell
 
 
 def _refuse_outside(pid: int, fd: int, link: str, ino: int, tree: set[int], *, fifo: bool = False) -> None:
@@ -417,7 +424,8 @@ def dump_files(pid: int, write_blob: Any, objects: list[dict[str, Any]],
         modes = {e["flags"] & abi.O_ACCMODE for e in ends}
         if abi.O_RDONLY not in modes or abi.O_WRONLY not in modes:
             raise Unsupported(f"fd {ends[0]['fd']} (pipe:[{ino}]): a pipe to another process is not supported")
-        others = _others_holding(ino, pid)
+        # A process sharing this fd table (CLONE_FILES) holds these very fds: not another holder.
+        others = [p for p in _others_holding(ino, pid) if not _one_table(pid, p)]
         if others:
             raise Unsupported(f"fd {ends[0]['fd']} (pipe:[{ino}]): the pipe is shared with pid {others[0]}")
         reader = next(e for e in ends if e["flags"] & abi.O_ACCMODE == abi.O_RDONLY)

@@ -19,11 +19,12 @@ How the page data gets to the disk (measurements in docs/BENCHMARKS.md, "Dump: w
     1. plan: one PAGEMAP_SCAN per vma (which pages are present, which sit in huge pages), each object's data
        extents (SEEK_DATA/SEEK_HOLE); every run gets its place in pages-PID.img, in vma order;
     2. the page file grows by the total at once (fallocate, PagesWriter.extend);
-    3. two threads each take the next 8 MiB piece of the file and read it from the task with process_vm_readv
-       (objects: preadv); both are outside the GIL for all but the hashing. By default a piece is read
-       straight into a shared mapping of the page file (one copy, into the page cache; the extent's
-       writeback starts at once) and hashed from there; with `direct` (O_DIRECT) into the thread's own buffer,
-       hashed and written to the device, no page cache filled;
+    3. two threads each take the next piece of the file and read it from the task with process_vm_readv
+       (objects: preadv); both are outside the GIL for all but the hashing. By default a 256 KiB piece is
+       read into the thread's own buffer (which stays in the CPU's cache), hashed, and written with pwrite into
+       the page cache; the writeback of every 8 MiB starts at once unless the dump is not synced. With
+       `direct` (O_DIRECT) 8 MiB pieces go from the buffer to the device, no page cache filled. (_MAPPED: the
+       one-copy way, reading straight into a shared mapping of the page file, measured slower here);
     4. spot check: a sample of pages of every private run is read from the (still frozen) task again and
        compared with the file as read back (from the device itself when direct), which proves the runs
        recorded point at the right place of the file.
@@ -59,6 +60,15 @@ _THREADS = 2
 # the real dump at 2 GiB it measured slower (median 3.7 s against 2.5 s, 7 runs), though in a bare copy loop it
 # was sometimes 3x faster; benchmarks/dump_ways.py (ways api / api_nopop) flips it to measure again.
 _POPULATE = False
+# Whether the page file is filled through a shared mapping of it (one copy, but each fresh page-cache folio
+# faulted in, zeroed and then overwritten) rather than by pwrite from each thread's small buffer (two copies,
+# the second from the CPU's cache). Off: measured in one run (docs/BENCHMARKS.md, "Dump: pwrite from small
+# buffers, --no-sync, batched injection"), the mapping took 2.6-2.7x the CPU at 2 GiB and 1.7-2.4x at 512 MiB.
+# benchmarks/dump_ways.py (ways api_map / api_pwrite) flips it.
+_MAPPED = False
+# The piece of a thread that writes from its own buffer into the page cache (not direct): 256 KiB stays in the
+# L2 cache from process_vm_readv to pwrite (8 MiB buffers measured 1.6x the CPU at 64 MiB).
+_SMALL = 256 << 10
 _PAGE = abi.PAGE_SIZE
 
 
@@ -75,7 +85,7 @@ def vma_kind(vma: Vma) -> str:
     if vma.shared and (path == "/dev/zero" or path == "") and (vma.deleted or path == ""):
         return "shmem"
     if path.startswith("/SYSV"):
-        raise Unsupported(f"{where}: System V shared memory is not supported")
+        return "sysv"
     if "ht" in vma.vmflags:
         raise Unsupported(f"{where}: hugetlb mappings are not supported")
     if path == "" or path.startswith("[heap]") or path.startswith("[stack]") or path.startswith("[anon"):
@@ -201,6 +211,14 @@ class MemoryDumper:
         self._fds: list[int] = []
         # Copy-on-write runs its parent gives it back at restore (dump/cow.py): stored in the owner's file only.
         self.skip: list[tuple[int, int]] = []
+        # Memory objects other tasks of the tree hold too (dump/sharing.py find_memory): (st_dev, inode) ->
+        # (shared id, the pid whose page file stores the content once).
+        self.shared: dict[tuple[int, int], tuple[str, int]] = {}
+        # System V segments: shmid -> how many mappings the dumped processes have of it (the segment's nattch
+        # must be that: no process outside holds it). Unset ones: this task's own mappings.
+        self.attaches: dict[int, int] = {}
+        self._own_attaches: dict[int, int] = {}
+        self._sysv: dict[int, procfs.SysvShm] | None = None
 
     def close(self) -> None:
         for fd in self._fds:
@@ -212,6 +230,9 @@ class MemoryDumper:
     def dump(self, vmas: list[Vma]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         out: list[dict[str, Any]] = []
         objects: dict[tuple[Any, int, str], dict[str, Any]] = {}
+        for vma in vmas:
+            if vma.path.startswith("/SYSV"):
+                self._own_attaches[vma.inode] = self._own_attaches.get(vma.inode, 0) + 1
         with Pagemap(self.pid) as pm:
             for vma in vmas:
                 kind = vma_kind(vma)
@@ -264,16 +285,19 @@ class MemoryDumper:
                 hr = huge_runs(huge)
                 if hr:
                     rec["huge"] = hr
-        if kind in ("shmem", "memfd", "deleted"):
+        if kind in ("shmem", "memfd", "deleted", "sysv"):
             key = (vma.dev, vma.inode, kind)
             obj = objects.get(key)
             if obj is None:
                 # The exact name (maps escapes newlines) of a deleted file: it is recreated there if free.
                 vpath = procfs.map_file_path(self.pid, vma) if kind == "deleted" else vma.path
                 obj = self._plan_object(f"/proc/{self.pid}/map_files/{vma.start:x}-{vma.end:x}", kind,
-                                        len(objects), where, vpath)
+                                        len(objects), where, vpath, (os.makedev(*vma.dev), vma.inode))
                 objects[key] = obj
             rec["object"] = obj["id"]
+            if kind == "sysv" and (vma.offset or vma.end - vma.start != -(-obj["size"] // _PAGE) * _PAGE):
+                raise Unsupported(f"{where}: part of a System V segment mapped (split by mprotect or munmap) is "
+                                  f"not supported")
         return rec
 
     def _dump_unmapped_memfds(self, objects: dict[tuple[Any, int, str], dict[str, Any]]) -> None:
@@ -302,17 +326,21 @@ class MemoryDumper:
                 if name_part.endswith(" (deleted)"):
                     name_part = name_part[: -len(" (deleted)")]
                 obj = self._plan_object(f"{fd_dir}/{name}", "memfd", len(objects), f"fd {name} ({link})",
-                                        "/memfd:" + name_part)
+                                        "/memfd:" + name_part, (st.st_dev, st.st_ino))
                 objects[(st.st_dev, st.st_ino, "memfd")] = obj
                 inodes.add(st.st_ino)
 
-    def _plan_object(self, path: str, kind: str, index: int, where: str, vpath: str) -> dict[str, Any]:
+    def _plan_object(self, path: str, kind: str, index: int, where: str, vpath: str,
+                     key: tuple[int, int] = (0, 0)) -> dict[str, Any]:
         """Record an object shared by mappings (shared anonymous memory, a memfd, a deleted file) and place
         its content in the page file, with what makes it that object (memfd name and seals; a deleted file's
         path, mode and owner). The fd stays open until the copy.
 
         The object is read through map_files (or the fd), skipping holes (SEEK_DATA/SEEK_HOLE), so a sparse
         object stays small. Its runs are [object offset, npages, file page index].
+
+        An object other tasks of the tree hold too (self.shared) is marked with its shared id; its content is
+        stored once, by one of them: the others record "content" (that pid) and no runs (docs/IMAGES.md).
         """
         fd = os.open(path, os.O_RDONLY)
         self._fds.append(fd)
@@ -327,6 +355,8 @@ class MemoryDumper:
                 raise Unsupported(f"{where}: the deleted file still has {st.st_nlink} other link(s), "
                                   f"which a restore could not reach")
             extra = {"path": vpath, "mode": statmod.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid}
+        elif kind == "sysv":
+            extra = self._sysv_segment(st.st_ino, where)
         elif kind == "memfd":
             if st.st_blksize > _PAGE:
                 raise Unsupported(f"{where}: hugetlb memfds are not supported")
@@ -345,13 +375,42 @@ class MemoryDumper:
             end = min((hole + _PAGE - 1) & ~(_PAGE - 1), rounded)
             extents.append((start, end - start))
             off = end
+        name = vpath[len("/memfd:"):] if kind == "memfd" else ""
+        shared = self.shared.get(key)
+        if shared is not None:
+            if kind == "memfd" and extra["seals"] & abi.F_SEAL_FUTURE_WRITE:
+                # Made once, sealed by the task making it: the other holders could not map it writable after.
+                raise Unsupported(f"{where}: a memfd sealed against future writes (F_SEAL_FUTURE_WRITE) that "
+                                  f"several processes hold is not supported")
+            extra["shared"] = shared[0]
+            if shared[1] != self.pid:
+                extra["content"] = shared[1]
+                extents = []
         page = self._place(_Source(extents, fd=fd))
         for start, n in extents:
             runs.append([start, n // _PAGE, page])
             page += n // _PAGE
-        name = vpath[len("/memfd:"):] if kind == "memfd" else ""
         return {"id": index, "kind": kind, "name": name, "size": size,
                 "pages": runs, "inode": st.st_ino, **extra}
+
+    def _sysv_segment(self, shmid: int, where: str) -> dict[str, Any]:
+        """What makes a System V segment again: removed (IPC_RMID) while attached, and attached only by the
+        dumped processes, each mapping the whole segment. A segment still in the IPC namespace is refused: it
+        outlives the dump, and a restore would meet it (or its key) there."""
+        if self._sysv is None:
+            self._sysv = procfs.read_sysv_shm()
+        seg = self._sysv.get(shmid)
+        if seg is None:
+            raise Unsupported(f"{where}: System V segment {shmid} is not in /proc/sysvipc/shm (another IPC "
+                              f"namespace?)")
+        if not seg.mode & abi.SHM_DEST:
+            raise Unsupported(f"{where}: System V segment {shmid} (key {seg.key:#x}) is still in the IPC "
+                              f"namespace; only one removed with IPC_RMID while attached is supported")
+        mine = self.attaches.get(shmid, self._own_attaches.get(shmid, 0))
+        if seg.nattch != mine:
+            raise Unsupported(f"{where}: System V segment {shmid} is attached {seg.nattch} times, {mine} of them "
+                              f"by the dumped processes")
+        return {"shmid": shmid, "key": seg.key, "mode": seg.mode & 0o777, "uid": seg.uid, "gid": seg.gid}
 
     def _copy(self) -> None:
         """Fill the page file from every planned source (steps 2-4 of the module docstring)."""
@@ -359,16 +418,18 @@ class MemoryDumper:
         if not total:
             return
         with self.pages.extend(total) as ext:
-            pieces = _pieces(self._sources, _PIECE)
             lock = threading.Lock()
             failed: list[BaseException] = []
 
-            # Without O_DIRECT, straight into the page cache: the extent mapped, read into in place (a filesystem
-            # that cannot map it shared gets buffered writes from the threads' buffers instead).
+            # With _MAPPED (not the default), the extent is mapped and read into in place (a filesystem that cannot
+            # map it shared gets buffered writes from the threads' buffers instead).
             mapped = None
-            if not self.pages.direct:
+            if not self.pages.direct and _MAPPED:
                 with contextlib.suppress(ImageError):
                     mapped = ext.mapping()
+            # Buffered writes go from small buffers, which stay in the CPU's cache between the read and the write.
+            step = _SMALL if mapped is None and not self.pages.direct else _PIECE
+            pieces = _pieces(self._sources, step)
 
             base = buffer_address(mapped) if mapped is not None else 0
             populate = _POPULATE
@@ -397,7 +458,7 @@ class MemoryDumper:
                 finally:
                     view.release()
 
-            nthreads = min(_THREADS, -(-total // _PIECE))
+            nthreads = min(_THREADS, -(-total // step))
             bufs = _buffers(nthreads) if mapped is None else [mapped] * nthreads
             helpers = [threading.Thread(target=work, args=(b,), name="pages-copy") for b in bufs[1:]]
             for t in helpers:

@@ -4,9 +4,12 @@ cannot give them back shared yet, with both pids named.
 Given back shared (stored once by dump/sharefds.py): an open file description of a file, device, pipe or
 FIFO held by several processes (inherited across fork: stdin/stdout/stderr, a log), every description of a
 pipe or FIFO with ends in several processes, fs state shared by clone(CLONE_FS) down one line of descent.
-Refused here: an fd table shared by clone (CLONE_FILES), fs state shared otherwise, shared anonymous memory
-or a memfd or deleted file mapped by two processes, and sockets, anonymous-inode files (eventfd, epoll...)
-and unlinked files open in two processes.
+Given back shared too (stored once by dump/memory.py, made once by restore/sharing.py SharedMemory): shared
+anonymous memory, a memfd, a deleted file or a removed System V segment mapped (or, a memfd, held) by several
+processes. An fd table shared by clone (CLONE_FILES) down one line of descent is stored once, in the top
+process's image (the others' fds are its fds: they are not counted as holders of anything). Refused here: an fd
+table shared otherwise (siblings without their parent), fs state shared otherwise, and sockets, anonymous-inode
+files (eventfd, epoll...), memfds and unlinked files open (as fds, not mappings) in two processes.
 
 What is not refused: the same named file opened separately by two processes (each gets its own open again),
 MAP_SHARED mappings of a named regular file (mapped again from the file, they share its page cache), and
@@ -21,7 +24,7 @@ import stat
 from dataclasses import dataclass
 
 from lazarus.dump.sharing import Sharing, detect, refusals
-from lazarus.errors import NoSuchTask, Unsupported
+from lazarus.errors import LazarusError, NoSuchTask, Unsupported
 from lazarus.kernel import procfs
 from lazarus.kernel.syscall import same_fd_table, same_file_across
 
@@ -62,18 +65,6 @@ def _named(target: str, mode: int) -> bool:
                                        or stat.S_ISBLK(mode))
 
 
-def _shared_memory(pid: int) -> dict[tuple[int, int], tuple[int, str]]:
-    """(dev, ino) -> (start, path) of each MAP_SHARED mapping of `pid` that is not a named regular file."""
-    out: dict[tuple[int, int], tuple[int, str]] = {}
-    for v in procfs.read_maps(pid):
-        if not v.shared or not v.inode:
-            continue
-        if not v.deleted and v.path.startswith("/") and not v.path.startswith(("/memfd:", "/dev/zero", "/SYSV")):
-            continue
-        out.setdefault((v.dev[0] << 32 | v.dev[1], v.inode), (v.start, v.path or "anonymous shared memory"))
-    return out
-
-
 def check_fs_group(pids: tuple[int, ...], parents: dict[int, int]) -> None:
     """Processes sharing cwd, root and umask (CLONE_FS) come back shared only as a parent and descendants made
     from it with CLONE_FS, one by one: every member but one must have its parent in the group."""
@@ -83,19 +74,76 @@ def check_fs_group(pids: tuple[int, ...], parents: dict[int, int]) -> None:
                           f"of them being the parent of the others; {_LATER}", pid=tops[-1])
 
 
+def fd_tables(pids: list[int]) -> list[tuple[int, ...]]:
+    """Groups of processes sharing one fd table (clone with CLONE_FILES), as kcmp KCMP_FILES tells."""
+    groups: list[list[int]] = []
+    for p in sorted(pids):
+        for g in groups:
+            if same_fd_table(g[0], p):
+                g.append(p)
+                break
+        else:
+            groups.append([p])
+    return [tuple(g) for g in groups if len(g) > 1]
+
+
+def check_table_group(pids: tuple[int, ...], parents: dict[int, int]) -> None:
+    """Processes sharing one fd table come back sharing it only as a parent and descendants each made from its
+    parent with CLONE_FILES: the restore clones each member from its parent, which holds the table already."""
+    tops = [p for p in pids if parents[p] not in pids]
+    if len(tops) != 1:
+        raise Unsupported(f"pids {', '.join(map(str, pids))} share one fd table (CLONE_FILES) without one of "
+                          "them being the parent of the others (clone can only give a table to a child); "
+                          "not supported", pid=tops[-1])
+
+
+def refuse_table_outside(root: int, tree: set[int]) -> None:
+    """The root of a dump sharing its fd table with a process outside the tree (its parent, or a sibling made
+    by the same parent with CLONE_FILES): the restored root would get a table of its own, and the sharing would
+    be lost. Only the root can: any other process of the tree got its table from its parent, in the tree."""
+    ppid = procfs.read_status(root).ppid
+    try:
+        siblings = procfs.children(ppid) if ppid > 0 else []
+    except LazarusError:
+        siblings = []
+    for other in [ppid, *siblings]:
+        if other <= 0 or other in tree:
+            continue
+        try:
+            same = same_fd_table(root, other)
+        except LazarusError:
+            continue  # gone meanwhile, or not ours to compare
+        if same:
+            raise Unsupported(f"pid {root} shares its fd table (CLONE_FILES) with pid {other}, outside the dumped "
+                              "tree; not supported (dump the tree of a process that holds every sharer)", pid=root)
+
+
+def table_holders(found: Sharing, parents: dict[int, int]) -> dict[int, int]:
+    """pid -> the process whose fd table it shares and whose image holds it (the group's top: the one whose
+    parent is not in the group), for every member of an fd table group but that top."""
+    out: dict[int, int] = {}
+    for st in found.states:
+        if st.kind == "files":
+            top = next(p for p in st.pids if parents.get(p) not in st.pids)
+            out.update({p: top for p in st.pids if p != top})
+    return out
+
+
 def refuse_shared(pids: list[int]) -> Sharing:
-    """What the processes `pids` share, found once (dump/sharing.py). Open file descriptions of files, pipes
+    """What the processes `pids` share, found once (dump/sharing.py). An fd table shared by a parent and its
+    descendants comes back shared (dump/sharefds.py); open file descriptions of files, pipes
     and FIFOs come back shared (dump/sharefds.py stores them once); for everything else still refused, raise
     Unsupported naming both pids (and the fd or address).
 
     The processes must be stopped (their fds and mappings cannot change meanwhile)."""
     if len(pids) < 2:
         return Sharing()
-    for i, p in enumerate(pids):
-        for q in pids[i + 1:]:
-            if same_fd_table(p, q):
-                raise Unsupported(f"pid {p} and pid {q} share one fd table (CLONE_FILES); {_LATER}", pid=q)
-    found = detect(pids, pages=False)
+    parents = {p: procfs.read_status(p).ppid for p in pids}
+    tables = fd_tables(pids)
+    for group in tables:
+        check_table_group(group, parents)
+    others = {p for group in tables for p in group if parents[p] in group}
+    found = detect(pids, pages=False, tables=others)
     for st in found.states:
         if st.kind == "fs":
             check_fs_group(st.pids, {p: procfs.read_status(p).ppid for p in st.pids})
@@ -110,6 +158,8 @@ def refuse_shared(pids: list[int]) -> Sharing:
                               f"description; {_LATER}", pid=q)
     seen: dict[tuple[int, int], list[_Fd]] = {}
     for p in pids:
+        if p in others:
+            continue  # its fds are its parent's, one table
         for key, fds in _fds(p).items():
             for other in seen.get(key, []):
                 if other.pid == p or (other.pid, other.fd) in kept:
@@ -124,12 +174,17 @@ def refuse_shared(pids: list[int]) -> Sharing:
                         raise Unsupported(f"pid {other.pid} fd {other.fd} and pid {p} fd {mine.fd} are open on one "
                                           f"{mine.target}; {_LATER}", pid=p)
             seen.setdefault(key, []).extend(fds)
-    maps: dict[tuple[int, int], tuple[int, int, str]] = {}
-    for p in pids:
-        for key, (start, path) in _shared_memory(p).items():
-            if key in maps and maps[key][0] != p:
-                q, qstart, _ = maps[key]
-                raise Unsupported(f"pid {q} at {qstart:#x} and pid {p} at {start:#x} map one shared memory "
-                                  f"object ({path}); {_LATER}", pid=p)
-            maps.setdefault(key, (p, start, path))
     return found
+
+
+def shared_memory(found: Sharing) -> dict[tuple[int, int], tuple[str, int]]:
+    """(st_dev, inode) -> (shared id, storing pid) of each memory object several processes map or hold
+    (shared anonymous memory, a memfd, a deleted file, a System V segment): its content goes once into the
+    page file of the lowest pid holding it, and every holder's object record names the id (dump/memory.py
+    _plan_object)."""
+    return {(m.dev, m.ino): (m.id, m.pids[0]) for m in found.memory}
+
+
+def sysv_attaches(found: Sharing) -> dict[int, int]:
+    """shmid -> mappings the processes have of each System V segment several of them attached."""
+    return {m.ino: len(m.mappings) for m in found.memory if m.kind == "sysv"}

@@ -7,7 +7,10 @@ objects (format 3)").
     store(found, tasks, write_blob)        per shared description: the first holder's full record moves to
                                            shared.json "files"; every holder keeps a stub {fd, type "shared",
                                            shared: id, flags, cloexec, pos}; each shared pipe's queued bytes
-                                           are read once (tee through a reader) into one blob
+                                           are read once (tee through a reader) into one blob;
+                                           processes sharing cwd/root/umask (CLONE_FS) or one fd table
+                                           (CLONE_FILES) listed as groups in "states": a table's fds are in
+                                           its top process's files only, the others have none (dump/shared.py)
 
 Why a stub keeps flags and pos: they belong to the description, but the restore reads every fd back and
 compares (restore/files.py verify), so each holder proves it got the one description.
@@ -54,7 +57,8 @@ def store(found: Sharing, tasks: dict[int, dict[str, Any]], write_blob: Any) -> 
     """Move the shared descriptions out of the task records (`tasks`: pid -> task, changed in place) into
     the "shared" object (None when nothing is shared). The tasks must still be frozen."""
     descs = [d for d in found.descriptions if d.kind in SHAREABLE]
-    states = [{"id": st.id, "kind": st.kind, "pids": list(st.pids)} for st in found.states if st.kind == "fs"]
+    states = [{"id": st.id, "kind": st.kind, "pids": list(st.pids)} for st in found.states
+              if st.kind in ("fs", "files")]
     if not descs and not states:
         return None
     by_fd = {pid: {r["fd"]: r for r in t["files"]} for pid, t in tasks.items()}
@@ -98,7 +102,7 @@ def store(found: Sharing, tasks: dict[int, dict[str, Any]], write_blob: Any) -> 
                       "data": write_blob(f"shared-{p.id}", data) if data else None})
     out: dict[str, Any] = {"files": files, "pipes": pipes}
     if states:
-        out["states"] = states  # only "fs" groups for now: CLONE_FILES is refused (dump/shared.py)
+        out["states"] = states  # "fs" (CLONE_FS) and "files" (CLONE_FILES) groups
     return out
 
 

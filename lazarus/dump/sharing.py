@@ -486,9 +486,6 @@ def refusals(found: Sharing) -> list[str]:
         if d.kind in ("socket", "anon", "other"):
             where = ", ".join(f"pid {p} fd {fd}" for p, fd in d.holders)
             out.append(f"{where}: one open {d.kind} file shared by several processes is not supported")
-    for m in found.memory:
-        if m.kind == "sysv":
-            out.append(f"pids {', '.join(map(str, m.pids))}: System V shared memory (shmid {m.ino}) is not supported")
     for st in found.states:
         if st.kind in _REFUSED_STATES:
             out.append(f"pids {', '.join(map(str, st.pids))}: {_REFUSED_STATES[st.kind]} is not supported")
@@ -504,9 +501,13 @@ def _kcmp_state(a: int, b: int, kind: str) -> bool:
     return kcmp.same_resource(a, b, kind)
 
 
-def detect(pids: Sequence[int], *, pages: bool = True) -> Sharing:
-    """Everything the tasks `pids` (frozen, and traced or ptrace-accessible to us) share with each other."""
+def detect(pids: Sequence[int], *, pages: bool = True, tables: Iterable[int] = ()) -> Sharing:
+    """Everything the tasks `pids` (frozen, and traced or ptrace-accessible to us) share with each other.
+    `tables`: pids whose fd table is another one's of `pids` (CLONE_FILES): their fds are that one's, counted
+    once, so a description is shared only when a process with a table of its own holds it too."""
+    same_table = set(tables)
     snaps = [snapshot(p) for p in sorted(set(pids))]
+    snaps = [TaskSnap(s.pid, s.ppid, (), s.vmas) if s.pid in same_table else s for s in snaps]
     descs, pipes = find_descriptions(snaps, _kcmp_file)
     runs: list[SharedPages] = []
     if pages:

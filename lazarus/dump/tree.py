@@ -15,16 +15,16 @@ group member whose group or session is not its parent's.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 from lazarus.dump.membership import check_namespaces
 from lazarus.dump.watchdog import Watchdog
-from lazarus.errors import DumpError, NoSuchTask, Unsupported
+from lazarus.errors import DumpError, LazarusError, NoSuchTask, Unsupported
 from lazarus.images.tree import Node
-from lazarus.kernel import procfs
+from lazarus.kernel import kcmp, procfs
+from lazarus.logs import getLogger
 
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 
 
 @dataclass
@@ -47,6 +47,54 @@ def precheck_child(pid: int) -> procfs.Stat:
         raise DumpError(f"pid {pid} (a child in the tree) is already traced by pid {status.tracer_pid}", pid=pid)
     check_namespaces(pid)
     return stat
+
+
+def _same_vm(a: int, b: int) -> bool:
+    try:
+        return kcmp.same_resource(a, b, "vm")
+    except (LazarusError, OSError):
+        return False  # gone meanwhile: it shares nothing any more
+
+
+def _in_vfork(pid: int) -> bool:
+    """A thread of `pid` waits in vfork() for its child (wait_for_vfork_done; killable, so shown as "D")."""
+    for tid in procfs.tasks(pid):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+                wchan = f.read()
+            state = procfs.read_stat(tid).state
+        except (LazarusError, OSError):
+            continue
+        if "vfork" in wchan or state == "D":
+            return True
+    return False
+
+
+def refuse_shared_mm(pid: int, *, root: bool) -> None:
+    """Before `pid` is seized: a child sharing its address space (clone with CLONE_VM and no CLONE_THREAD,
+    vfork) cannot be rebuilt, and a process waiting in vfork() would never stop for the dump (the wait takes
+    only fatal signals): refused by name at once, not after a stop that times out. The root sharing its
+    parent's address space (a vfork child before its exec) is refused too: a restore gives it its own."""
+    try:
+        kids = procfs.children(pid)
+    except NoSuchTask:
+        return  # gone meanwhile: the freeze that follows finds it so
+    for k in kids:
+        if not _same_vm(pid, k):
+            continue
+        if _in_vfork(pid):
+            raise Unsupported(f"pid {pid} is in vfork(), waiting for its child {k}, which shares its address "
+                              "space until it calls exec or exits; not supported (dump again once it has)", pid=pid)
+        raise Unsupported(f"pid {pid} and its child {k} share one address space (clone with CLONE_VM) without "
+                          "being threads of one process; not supported", pid=k)
+    if root:
+        try:
+            ppid = procfs.read_stat(pid).ppid
+        except NoSuchTask:
+            return
+        if ppid > 0 and _same_vm(pid, ppid):
+            raise Unsupported(f"pid {pid} shares the address space of its parent {ppid} (a vfork child before "
+                              "its exec, or clone with CLONE_VM); not supported", pid=pid)
 
 
 def node_of(pid: int, stat: procfs.Stat, state: str) -> Node:

@@ -65,7 +65,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import logging
 import os
 import select
 import signal
@@ -77,9 +76,10 @@ from dataclasses import dataclass, field
 from lazarus.errors import KernelError, LazarusError, NoSuchTask
 from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.syscall import keep_only_fd
+from lazarus.logs import getLogger
 from lazarus.remote import RemoteTask, restart_after_freeze, scratch_present
 
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 
 _MAX_MSG = 4096
 _READY_TIMEOUT = 5.0

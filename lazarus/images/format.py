@@ -23,7 +23,11 @@ FORMAT_VERSION = 3
 # refuse these images. A dump writes 4 only when it writes COW_FILE, 3 otherwise.
 COW_VERSION = 4
 COW_FILE = "cow.json"
-READABLE_VERSIONS = (1, 2, 3, 4)
+# 5: a tree image whose memory objects shared between processes (shared anonymous memory, memfds, deleted files)
+# are stored once: the other holders' records carry "content" (the storing pid) and no runs, so a reader of
+# version 4 would restore them empty; it must refuse these images. Written only by a dump with such objects.
+SHMEM_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 
 PAGE_SIZE = 4096
 # The unit of page-data checksumming: small enough that the lazy server verifies little more than it serves,

@@ -50,7 +50,8 @@ def lazy_object_ids(mm: dict[str, Any], fds: list[dict[str, Any]]) -> set[int]:
     for v in mm["vmas"]:
         if "object" in v and (not v["shared"] or v.get("guards") or any(f in v["vmflags"] for f in ("lo", "sl"))):
             held.add(v["object"])
-    return {o["id"] for o in mm["objects"] if o["id"] not in held and o["pages"]
+    # Nor objects shared with other tasks (one content for all: filled at once by the task that makes them).
+    return {o["id"] for o in mm["objects"] if o["id"] not in held and o["pages"] and "shared" not in o
             and o["kind"] in ("shmem", "memfd") and o.get("seals", SEALS_NONE) == SEALS_NONE}
 
 

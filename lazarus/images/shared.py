@@ -4,7 +4,13 @@
     files[]  {id, kind: file|fifo|pipe, holders: [[pid, fd], ...], type, flags, pos, ...the fd record's fields
               that belong to the description (path, ino, dev, locks, owner, sig, pipe)}
     pipes[]  {id, ino, fifo, readers: [file ids], writers: [file ids], pipe_size, data: blob or null}
+    states[] {id, kind: fs|files, pids: [pid, ...]}: processes sharing cwd/root/umask (CLONE_FS) or one fd
+              table (CLONE_FILES), a process and descendants; a table's fds are in its top's task file only
     task-PID.json files[]: {fd, type: "shared", shared: id, flags, cloexec, pos} for every holder
+
+Memory objects several tasks map (format 5) stay in each holder's task-PID.json mm.objects[], marked
+{..., shared: "mem-N"}; one holder stores the content (its runs), the others have no runs and
+{content: PID of that holder} (check_shared_memory).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lazarus.errors import ImageError
-from lazarus.images.format import task_name
+from lazarus.images.format import SHMEM_VERSION, task_name
 
 SHARED_JSON = "shared.json"
 KINDS = ("file", "fifo", "pipe")
@@ -30,32 +36,52 @@ def _int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def fs_parents(shared: Any, parents: dict[int, int]) -> set[int]:
-    """Pids made with CLONE_FS from their parent (members of an "fs" group whose parent is in it too), of a
-    checked shared.json (None: none)."""
+def fs_parents(shared: Any, parents: dict[int, int], kind: str = "fs") -> set[int]:
+    """Pids made with CLONE_FS (kind "fs") or CLONE_FILES (kind "files") from their parent (members of such a
+    group whose parent is in it too), of a checked shared.json (None: none)."""
     out: set[int] = set()
     for st in (shared or {}).get("states", []):
-        out |= {p for p in st["pids"] if parents.get(p) in st["pids"]}
+        if st["kind"] == kind:
+            out |= {p for p in st["pids"] if parents.get(p) in st["pids"]}
     return out
 
 
-def _check_states(states: Any, parents: dict[int, int]) -> None:
+def fd_table_tops(shared: Any, parents: dict[int, int]) -> dict[int, int]:
+    """pid -> the top of the fd table group (CLONE_FILES) it belongs to, for every member, top included;
+    the top's task file holds the table (docs/IMAGES.md)."""
+    out: dict[int, int] = {}
+    for st in (shared or {}).get("states", []):
+        if st["kind"] == "files":
+            top = next(p for p in st["pids"] if parents.get(p) not in st["pids"])
+            out.update({p: top for p in st["pids"]})
+    return out
+
+
+_STATE_FLAG = {"fs": "CLONE_FS", "files": "CLONE_FILES"}
+
+
+def _check_states(states: Any, parents: dict[int, int], tasks: dict[int, dict[str, Any]] | None = None) -> None:
     if not isinstance(states, list):
         raise _fail("states", "must be an array")
-    seen: set[int] = set()
+    seen: dict[str, set[int]] = {k: set() for k in _STATE_FLAG}
     for i, st in enumerate(states):
         f = f"states[{i}]"
-        if not isinstance(st, dict) or st.get("kind") != "fs":
-            raise _fail(f, "only 'fs' groups (CLONE_FS) are supported")
+        if not isinstance(st, dict) or st.get("kind") not in _STATE_FLAG:
+            raise _fail(f, "only 'fs' (CLONE_FS) and 'files' (CLONE_FILES) groups are supported")
+        flag = _STATE_FLAG[st["kind"]]
         pids = st.get("pids")
         if not isinstance(pids, list) or len(pids) < 2 or not all(_int(p) and p in parents for p in pids):
             raise _fail(f + ".pids", "must list two or more live processes of the image")
-        if seen & set(pids) or len(set(pids)) != len(pids):
+        if seen[st["kind"]] & set(pids) or len(set(pids)) != len(pids):
             raise _fail(f + ".pids", "names a process twice, or one of another group")
-        seen |= set(pids)
+        seen[st["kind"]] |= set(pids)
         tops = [p for p in pids if parents[p] not in pids]
         if len(tops) != 1:
-            raise _fail(f + ".pids", "must be one process and descendants of it made with CLONE_FS")
+            raise _fail(f + ".pids", f"must be one process and descendants of it made with {flag}")
+        for p in pids if st["kind"] == "files" and tasks is not None else []:
+            if p != tops[0] and tasks.get(p, {}).get("files"):
+                raise _fail(f + ".pids", f"pid {p} shares the fd table of pid {tops[0]}, and its task file "
+                            "lists fds of its own")
 
 
 def check_shared(shared: Any, tasks: dict[int, dict[str, Any]], has_blob: Callable[[str], bool],
@@ -77,7 +103,7 @@ def check_shared(shared: Any, tasks: dict[int, dict[str, Any]], has_blob: Callab
             or not isinstance(shared.get("pipes"), list):
         raise ImageError(f"{SHARED_JSON}: must be an object with arrays 'files' and 'pipes'")
     if "states" in shared:
-        _check_states(shared["states"], parents if parents is not None else {p: 0 for p in tasks})
+        _check_states(shared["states"], parents if parents is not None else {p: 0 for p in tasks}, tasks)
     known = {d.get("id") for d in shared["files"] if isinstance(d, dict)}
     for (pid, fd), stub in stubs.items():
         if stub.get("shared") not in known:
@@ -157,4 +183,39 @@ def check_shared(shared: Any, tasks: dict[int, dict[str, Any]], has_blob: Callab
             raise ImageError(f"{SHARED_JSON}: {did!r} is a pipe end of no pipe in 'pipes'")
 
 
-__all__ = ["KINDS", "SHARED_JSON", "check_shared", "fs_parents"]
+__all__ = ["KINDS", "SHARED_JSON", "check_shared", "fd_table_tops", "fs_parents"]
+
+
+def check_shared_memory(tasks: dict[int, dict[str, Any]], version: int) -> None:
+    """Memory objects stored once (mm.objects[] with "shared"): each id has exactly one record holding the
+    content, in a task of the image, and every other record of that id names it ("content") and agrees on
+    kind, size and name; all of this only in a version 5 image (older readers would restore them empty)."""
+    stores: dict[str, tuple[int, dict[str, Any]]] = {}
+    refs: list[tuple[str, str, dict[str, Any]]] = []
+    for pid, task in tasks.items():
+        for i, o in enumerate(task["mm"]["objects"]):
+            if "shared" not in o and "content" not in o:
+                continue
+            f = f"{task_name(pid)}: mm.objects[{i}]"
+            sid = o.get("shared")
+            if not isinstance(sid, str) or not sid.startswith("mem-"):
+                raise ImageError(f"{f}.shared: must be a memory object id (mem-N)")
+            if version < SHMEM_VERSION:
+                raise ImageError(f"{f}.shared: in a version {version} image (shared memory objects came with "
+                                 f"version {SHMEM_VERSION})")
+            if o["kind"] not in ("shmem", "memfd", "deleted", "sysv"):
+                raise ImageError(f"{f}.kind: {o['kind']!r} cannot be shared between tasks")
+            if "content" in o:
+                if not _int(o["content"]) or o["content"] == pid or o["pages"]:
+                    raise ImageError(f"{f}.content: must name another task's pid, with no runs of its own")
+                refs.append((f, sid, o))
+            elif sid in stores:
+                raise ImageError(f"{f}.shared: {sid} stored by pid {stores[sid][0]} already")
+            else:
+                stores[sid] = (pid, o)
+    for f, sid, o in refs:
+        pid, store = stores.get(sid, (0, {}))
+        if pid != o["content"]:
+            raise ImageError(f"{f}.content: pid {o['content']} does not store {sid}")
+        if any(store[k] != o[k] for k in ("kind", "size", "name")):
+            raise ImageError(f"{f}: {sid} has another kind, size or name in pid {pid}")

@@ -51,6 +51,9 @@ def summary(img: Any) -> dict[str, Any]:
     from lazarus.kernel import abi
     from lazarus.restore.threads import check_threads
     shared = {d["id"]: d for d in img.json("shared.json")["files"]} if "shared.json" in img.files else {}
+    from lazarus.images.shared import fd_table_tops
+    tops = fd_table_tops(img.json("shared.json") if "shared.json" in img.files else None,
+                         {p: n.ppid for p, n in img.tree.nodes.items()})
     for pid in img.tasks:
         t = img.task(pid)
         check_threads(t, f"task-{pid}.json")
@@ -76,7 +79,7 @@ def summary(img: Any) -> dict[str, Any]:
             "threads": [{"tid": th["tid"], "comm": th["comm"],
                          "rip": f"{abi.user_regs_struct.from_buffer_copy(bytes.fromhex(th['core']['regs'])).rip:#x}"}
                         for th in t.get("threads", [])],
-            "vmas": vmas, "fds": fds,
+            "vmas": vmas, "fds": fds, **({"fd_table_of": tops[pid]} if tops.get(pid, pid) != pid else {}),
             "pages": sum(v["pages"] for v in vmas), "lazy_pages": sum(v["pages"] for v in vmas if v["lazy"]),
             "signals": {"blocked": f"{t['signals']['blocked']:#x}",
                         "pending": len(t["signals"]["pending_thread"]) + len(t["signals"]["pending_shared"]),

@@ -41,7 +41,7 @@ from lazarus.images.format import (
     pages_name,
     task_name,
 )
-from lazarus.images.shared import SHARED_JSON, check_shared
+from lazarus.images.shared import SHARED_JSON, check_shared, check_shared_memory
 
 PAGE_SIZE = 4096
 USER_TOP = 0x7FFF_FFFF_F000 + PAGE_SIZE  # TASK_SIZE on x86-64 with 4-level paging (the vsyscall page is not a vma)
@@ -288,6 +288,7 @@ def validate_image(img: Any) -> None:
     check_shared(img.json(SHARED_JSON) if SHARED_JSON in img.files else None,
                  {pid: img.task(pid) for pid in img.tasks}, lambda name: blob_name(name) in img.files,
                  {pid: img.tree[pid].ppid for pid in img.tasks})
+    check_shared_memory({pid: img.task(pid) for pid in img.tasks}, img.inventory.get("version", 0))
     if "cow.json" in img.files:
         if img.inventory.get("version", 0) < 4:
             raise ImageError("cow.json in a version "

@@ -123,9 +123,10 @@ class PagesWriter:
 
     - `extend(n)` (the dump's way): reserves the next n bytes of the file (fallocate) and returns a PageExtent,
       into which any number of threads `put()` whole chunks from their own buffers, in any order. Each put
-      hashes the caller's buffer and writes it with pwrite, through an O_DIRECT descriptor when the writer is
-      `direct` (the default of a dump: the data goes from the buffer to the device, no page cache is filled,
-      see docs/BENCHMARKS.md for why). An extent starts on a chunk boundary.
+      hashes the caller's buffer and writes it with pwrite: into the page cache (a dump's default; the
+      writeback of each 8 MiB window is started once a put completes it, if the writer has a writeback
+      function), or through an O_DIRECT descriptor when the writer is `direct` (`lazarus dump --direct`: from
+      the buffer to the device, no page cache filled). An extent starts on a chunk boundary.
     - `append(buf)`: writes a caller's buffer at the end and hashes that buffer (through memoryview slices, no
       copies); a chunk may span several appends: it is fed to a streaming hasher, so the sums equal those of
       the finished file.
@@ -135,6 +136,7 @@ class PagesWriter:
     """
 
     WRITEBACK_STEP = 32 << 20
+    WRITEBACK_WINDOW = 8 << 20
 
     def __init__(self, directory: Path, pid: int, writeback: Callable[[int, int, int], None] | None = None,
                  *, direct: bool = False) -> None:
@@ -258,8 +260,14 @@ class PagesWriter:
                         os.close(dfd)
         _write_all(self._fd, mv, self.name, pos)
         if self._writeback is not None:
-            with contextlib.suppress(OSError):
-                self._writeback(self._fd, pos, len(mv))
+            # Once per WRITEBACK_WINDOW of the file (small puts would make one call each): the window that
+            # this put completes, whatever other threads have written of it by now (advisory).
+            end = pos + len(mv)
+            win = self.WRITEBACK_WINDOW
+            if len(mv) >= win or end // win != pos // win:
+                start = pos if len(mv) >= win else end // win * win - win
+                with contextlib.suppress(OSError):
+                    self._writeback(self._fd, start, end - start)
 
     def _extent_closed(self, ext: PageExtent) -> None:
         self._extent = None
@@ -543,6 +551,7 @@ class ImageWriter:
         self._pages: dict[int, PagesWriter] = {}
         # name -> (size, xxh3) of the json and blob files, hashed from the bytes we wrote
         self._files: dict[str, tuple[int, int]] = {}
+        self.min_version = FORMAT_VERSION  # raised by a dump that writes what older readers misread (format.py)
         self._state = "open"
 
     # -- writing --------------------------------------------------------------------------------------------
@@ -651,7 +660,7 @@ class ImageWriter:
             canonical_json(fields)
         except (TypeError, ValueError) as e:
             raise ImageError(f"{INVENTORY}: cannot encode as JSON: {e}") from e
-        version = COW_VERSION if COW_FILE in self._files else FORMAT_VERSION
+        version = max(COW_VERSION if COW_FILE in self._files else FORMAT_VERSION, self.min_version)
         inv: dict[str, Any] = {"format": FORMAT_NAME, "version": version, "page_chunk": CHUNK_SIZE,
                                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                **fields, "files": {}, "self_check": ""}

@@ -43,6 +43,10 @@ def sizeof(struct: type) -> int:
 # ---------------------------------------------------------------------------------------------
 # syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl)
 class SYS:
+    shmget = 29  # System V shared memory (restore/memory.py)
+    shmat = 30
+    shmctl = 31
+    shmdt = 67
     read = 0
     write = 1
     open = 2
@@ -122,6 +126,15 @@ class SYS:
 
 # Syscall restart return values (include/linux/errno.h, kernel-internal)
 ERESTARTSYS = 512
+# System V shared memory (linux/ipc.h, linux/shm.h)
+IPC_PRIVATE = 0
+IPC_CREAT = 0o1000
+IPC_EXCL = 0o2000
+IPC_RMID = 0
+IPC_SET = 1
+SHM_RDONLY = 0o10000
+SHM_EXEC = 0o100000
+SHM_DEST = 0o1000  # in a segment's mode: removed (IPC_RMID), alive while attached
 ERESTARTNOINTR = 513
 ERESTARTNOHAND = 514
 ERESTART_RESTARTBLOCK = 516

@@ -670,3 +670,28 @@ def unescape_mount(s: str) -> str:
 
 def read_mount_points(pid: int) -> dict[int, str]:
     return parse_mount_points(read_text(f"/proc/{pid}/mountinfo", pid))
+
+
+@dataclass(frozen=True, slots=True)
+class SysvShm:
+    """One System V shared memory segment of our IPC namespace, as /proc/sysvipc/shm shows it."""
+    key: int
+    shmid: int
+    mode: int  # permission bits, and SHM_DEST once removed
+    size: int
+    nattch: int
+    uid: int
+    gid: int
+
+
+def read_sysv_shm() -> dict[int, SysvShm]:
+    """Every System V shared memory segment of our IPC namespace, by shmid."""
+    out: dict[int, SysvShm] = {}
+    with open("/proc/sysvipc/shm") as f:
+        next(f, None)
+        for line in f:
+            w = line.split()
+            if len(w) >= 11:
+                out[int(w[1])] = SysvShm(int(w[0]), int(w[1]), int(w[2], 8), int(w[3]), int(w[6]), int(w[7]),
+                                         int(w[8]))
+    return out

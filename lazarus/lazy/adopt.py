@@ -16,7 +16,6 @@ assumes none, and is refused when a registered range of the process lies outside
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,12 @@ from lazarus.errors import LazarusError, NoSuchTask
 from lazarus.kernel import procfs
 from lazarus.kernel.pagemap import Pagemap
 from lazarus.kernel.pidfd import PidFd
-from lazarus.kernel.syscall import same_file_across
+from lazarus.kernel.syscall import same_fd_table, same_file_across
 from lazarus.kernel.uffd import Uffd
 from lazarus.lazy.anchor import uffd_fds
+from lazarus.logs import getLogger
 
-log = logging.getLogger("lazarus.lazy")
+log = getLogger("lazarus.lazy")
 
 
 class AdoptError(LazarusError):
@@ -62,6 +62,12 @@ def adopt(server: Any, pid: int, images: Path) -> int:
                              f"not restored lazily)", pid=pid)
         task_fd = fds[0]
         holders = _other_holders(pid, task_fd)
+        sharers = [q for q in _relatives(pid) if _one_table(pid, q)]
+        if sharers:
+            # Every uffd of the table is in every member's fds, and nothing seen from outside tells whose mm
+            # each one serves: adopting the wrong one would fill another process with this one's pages.
+            raise AdoptError(f"pid {pid} shares its fd table with pid {sharers[0]} (CLONE_FILES): which userfaultfd "
+                             "in it is its own cannot be told; not supported", pid=pid)
         if holders:
             # two servers reading one uffd would each miss the other's events (a discarded page refilled)
             raise AdoptError(f"pid {pid} is still served: pid {', '.join(map(str, holders))} holds its "
@@ -101,6 +107,21 @@ def adopt(server: Any, pid: int, images: Path) -> int:
         if uffd is not None:
             uffd.close()
         pidfd.close()
+
+
+def _relatives(pid: int) -> list[int]:
+    """Its parent and children: a process shares an fd table (clone) with one of them, if with any."""
+    try:
+        return [procfs.read_status(pid).ppid, *procfs.children(pid)]
+    except (LazarusError, OSError):
+        return []
+
+
+def _one_table(pid: int, other: int) -> bool:
+    try:
+        return same_fd_table(pid, other)
+    except (LazarusError, OSError):
+        return False
 
 
 def _other_holders(pid: int, task_fd: int) -> list[int]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import socket
 import struct
@@ -36,9 +35,10 @@ from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.pidfd import PidFd
 from lazarus.kernel.syscall import same_file_across
 from lazarus.kernel.uffd import Uffd
+from lazarus.logs import getLogger
 from lazarus.remote import RemoteTask, find_syscall_insn, restart_after_freeze
 
-log = logging.getLogger("lazarus.lazy")
+log = getLogger("lazarus.lazy")
 
 # The anchor sits below the soft RLIMIT_NOFILE, but never above this: the kernel's fd table grows to the
 # highest fd in use and never shrinks (1M fds would cost the task 8 MiB of kernel memory for good).

@@ -6,13 +6,17 @@ background step, i.e. inside run(). So every fork happens before the first run()
 
     served here (restore --lazy)                 served by a private daemon (restore --lazy -d)
     ----------------------------                 ----------------------------------------------
-    start_serving(): Guard.start() forks         fork_daemon(): socketpair(SEQPACKET), fork (no thread yet)
-                     the guard, LazyServer         daemon: setsid, stdio to /dev/null, stderr to its log,
-    restore(on_lazy=server.add_process)                    start_serving() (forks its guard), Listener
-    Serving.run(): the copy thread starts                  serve until the process is complete, exit
+    start_serving(): Guard.start() forks         fork_daemon(): socketpair(SEQPACKET), fork (no thread yet),
+                     the guard, LazyServer         first thing (api.py), so that the daemon's start-up runs
+    restore(on_lazy=server.add_process)            beside the restore's imports and image checks
+    Serving.run(): the copy thread starts          daemon: setsid, stdio to /dev/null, opens and checks the
+                                                           image, stderr to its log (only then), start_serving()
+                                                           (forks its guard), Listener, serve until the process
+                                                           is complete (or the restore closes its end), exit
                                                  restore(on_lazy=hand_over(...)): the uffd goes over the
                                                  socketpair (handoff.py); the daemon checks the task and
                                                  answers before the task runs; the restore returns then.
+                                                 A restore that fails closes its end and reaps the daemon.
 
     served by a running server (lazy-pages)      serve_socket(): listen (trust.py), start_serving(), serve
                                                  every restore handed over until none needs it (linger)
@@ -26,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import socket
 import sys
@@ -36,8 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from lazarus.errors import LazarusError
+from lazarus.logs import getLogger
 
-log = logging.getLogger("lazarus.lazy")
+log = getLogger("lazarus.lazy")
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -147,6 +151,27 @@ class Daemon:
     pid: int
     sock: socket.socket
 
+    def end(self, timeout: float = 5.0) -> None:
+        """The restore failed: close our end (the daemon then has nothing to serve and exits, closing its guard)
+        and reap it; killed if it has not exited within `timeout` seconds."""
+        import time
+        self.sock.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                pid, _ = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid:
+                return
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, 9)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(self.pid, 0)
+                return
+            time.sleep(0.002)
+
 
 def fork_daemon(images: Path, log_path: Path, *, background: bool = True, stats_path: Path | None = None,
                 status: Any = None, close_fds: tuple[int, ...] = (), image: Any = None) -> Daemon:
@@ -155,7 +180,9 @@ def fork_daemon(images: Path, log_path: Path, *, background: bool = True, stats_
     requests on (closed, and its file removed, when the daemon is done). `close_fds`: fds the daemon closes at
     once, what its parent's callers wait on (a connection); their objects stay referenced by the frames the
     daemon never returns to, so no finaliser closes those numbers again. `image`: the Image of `images` the
-    restore opened and validated (restore.open_image), which the daemon serves from without reading it again.
+    restore opened and validated (restore.open_image), which the daemon serves from without reading it again;
+    without it (the daemon forked before the restore read the image, so that both start at once) the daemon
+    opens and checks it itself before it waits for the handoff.
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
@@ -168,13 +195,18 @@ def fork_daemon(images: Path, log_path: Path, *, background: bool = True, stats_
             # Detach from the caller's pipes (a caller reading our output to EOF must not wait for the daemon);
             # what the daemon and its guard report (a process killed for a lost page source) goes to the log.
             devnull = os.open(os.devnull, os.O_RDWR)
-            logfd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             os.dup2(devnull, 0)
             os.dup2(devnull, 1)
-            os.dup2(logfd, 2)
+            os.dup2(devnull, 2)
             for fd in close_fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+            if image is None:
+                image = _open_image(images)
+            # The log only for an image that can be served: a restore refused for a bad image leaves no file in
+            # its directory (the handoff, if one comes, reports the image's error to the restore itself).
+            if image is not None:
+                os.dup2(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600), 2)
             serving = start_serving(background=background, stats_path=stats_path)
             print(f"lazarus: lazy-pages daemon {os.getpid()} (guard {serving.guard.pid}) serves the lazy restore "
                   f"from {images}. Should both die before the process has all its pages, it waits for them: "
@@ -199,6 +231,27 @@ def fork_daemon(images: Path, log_path: Path, *, background: bool = True, stats_
             os._exit(code)
     theirs.close()
     return Daemon(pid, ours)
+
+
+def _open_image(images: Path) -> Any:
+    """The image a daemon forked before the restore opened it will serve, opened and checked as the handoff
+    would (lazy/handoff.py Listener._add), but now, while the restore process has its own start-up to do,
+    rather than at the handoff, which the restore waits for. None if it cannot be read: the restore finds that
+    too and ends us, or the handoff reports it. The handoff's other imports are made now for the same reason."""
+    from lazarus.images import Image
+    from lazarus.images import mm as _mm  # noqa: F401 - used at the handoff
+    from lazarus.images.validate import validate_image
+    from lazarus.lazy import trust as _trust  # noqa: F401 - used at the handoff
+    try:
+        img = Image.open(images)
+    except Exception:  # noqa: BLE001 - reported by the restore or the handoff, which read it too
+        return None
+    try:
+        validate_image(img)
+    except Exception:  # noqa: BLE001 - as above
+        img.close()
+        return None
+    return img
 
 
 def hand_over(sock: socket.socket, images: Path) -> Callable[[int, Any, Any], None]:

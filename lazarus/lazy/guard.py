@@ -30,22 +30,25 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import logging
 import os
 import select
 import signal
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lazarus.errors import LazarusError, NoSuchTask
 from lazarus.kernel.pidfd import pidfd_exited, pidfd_info, pidfd_open, pidfd_send_signal
 from lazarus.kernel.syscall import keep_only_fd
+from lazarus.logs import getLogger
 
-log = logging.getLogger("lazarus.lazy")
+if TYPE_CHECKING:
+    import subprocess
+
+log = getLogger("lazarus.lazy")
 
 _MAX_MSG = 65536
 _KILL_WAIT = 5.0
@@ -69,6 +72,7 @@ class Guard:
         server_pid = os.getpid()
         report = str(report_path) if report_path is not None else None
         if spawn:
+            import subprocess  # here: a forked guard (every restore's) does not need it, ~2-3 ms to import
             args = [sys.executable, "-m", "lazarus.lazy.guard", "--fd", str(child_sock.fileno()),
                     "--server-pid", str(server_pid)]
             if report:
@@ -131,6 +135,7 @@ class Guard:
             self._sock.shutdown(socket.SHUT_WR)
         status: int | None = None
         if self._proc is not None:
+            import subprocess
             try:
                 status = self._proc.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import socket
 import time
@@ -32,12 +31,13 @@ from typing import TYPE_CHECKING, Any
 from lazarus.errors import LazarusError, ProtocolError
 from lazarus.kernel.procfs import own_pid
 from lazarus.kernel.uffd import Uffd
+from lazarus.logs import getLogger
 
 if TYPE_CHECKING:
     # trust.py is the server's side: a restore handing a process over (send_process) does not load it
     from lazarus.lazy.trust import Peer
 
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 MAX_MSG = 64 << 10
 REPLY_TIMEOUT = 30.0
 

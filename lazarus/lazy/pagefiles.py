@@ -16,13 +16,13 @@ so is a file whose sums differ (never served from a mapping checked against othe
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from lazarus.lazy.sources import ImagePageSource, SharedVerifier
+from lazarus.logs import getLogger
 
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 
 Identity = tuple[int, int, int, int]
 

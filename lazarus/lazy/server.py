@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import select
 import signal
@@ -79,8 +78,9 @@ from lazarus.lazy.guard import Guard
 from lazarus.lazy.pagefiles import MappedPageFiles
 from lazarus.lazy.ranges import PAGE_SIZE, PendingPages, Run
 from lazarus.lazy.sources import PageSource
+from lazarus.logs import getLogger
 
-log = logging.getLogger("lazarus.lazy")
+log = getLogger("lazarus.lazy")
 
 _MASK = PAGE_SIZE - 1
 FORK_RESOLVE_TIMEOUT = 2.0

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import logging
 import mmap
 import os
 import signal
@@ -34,10 +33,11 @@ from lazarus.images.mm import huge_ranges
 from lazarus.kernel.abi import MADV_DONTNEED
 from lazarus.kernel.vm import madvise
 from lazarus.lazy.ranges import PAGE_SIZE, PendingPages
+from lazarus.logs import getLogger
 
 CHUNK_BYTES = 65536
 PAGES_PER_CHUNK = CHUNK_BYTES // PAGE_SIZE
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 
 
 @runtime_checkable

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import signal
 import time
@@ -26,6 +25,7 @@ from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.clone import Trampoline
 from lazarus.kernel.xstate import machine_xstate as cpu_xstate
 from lazarus.lazy.sources import ImagePageSource
+from lazarus.logs import getLogger
 from lazarus.remote import Batch, RemoteTask
 from lazarus.restore import cgroups, cow, private, seed
 from lazarus.restore import core as rcore
@@ -48,14 +48,15 @@ from lazarus.restore.memory import (
 )
 from lazarus.restore.pidns import NsInit
 from lazarus.restore.sched import apply_sched
-from lazarus.restore.sharefds import SharedFds, check_made, check_shared_files
+from lazarus.restore.sharefds import FdTable, SharedFds, check_made, check_shared_files, fd_tables
+from lazarus.restore.sharing import SharedMemory
 from lazarus.restore.thp import collapse_in_task
 from lazarus.restore.threads import check_threads, create_thread, restore_thread_creds, restore_thread_state
 from lazarus.restore.timers import check_timers
 from lazarus.restore.tree import create_child, join_group, lead, make_zombie
 from lazarus.restore.uffd import LAZY_FEATURES, copy_all, lazy_ranges, uffd_in_task
 
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 # Called with (pid, uffd, page source) once a lazily restored task is ready to run, before it runs.
 LazyHandoff = Callable[[int, Any, Any], None]
 TRAMPOLINE_SIZE = 4 * abi.PAGE_SIZE
@@ -313,7 +314,9 @@ class TaskBuild:
         self.page_file: Any = None
         self.stops = self.calls = 0
         self.shared: SharedFds | None = None  # descriptions shared with other tasks of the tree
+        self.table: FdTable | None = None  # an fd table it shares with other processes (CLONE_FILES)
         self.cow: CowPlan | None = None  # copy-on-write runs it keeps from its parent or gives its children
+        self.shmem: SharedMemory | None = None  # memory objects made once for the tree (restore/sharing.py)
         self.space: SpaceBuilder | None = None
         self._served: list[Any] = []
         self._ranges: list[Any] = []
@@ -350,7 +353,8 @@ class TaskBuild:
         # moved.
         setup = remote.batch()
         rcore.reset_inherited(remote, setup)
-        close_inherited_fds(remote, setup)
+        if not self.in_table:
+            close_inherited_fds(remote, setup)  # not in a table made from its parent's: the parent's fds
         kept = self.cow.kept_vmas(mm["vmas"]) if self.cow else []
         specials = clear_address_space(remote, (tramp_addr, tramp_addr + TRAMPOLINE_SIZE), setup,
                                        also=[(v["start"], v["end"]) for v in kept])
@@ -368,7 +372,7 @@ class TaskBuild:
         rcore.restore_guest_perm(remote, task["core"], known)
         rcore.restore_rlimits(child, task["misc"]["rlimits"])
         fds = task["files"]
-        high_base = max([f["fd"] for f in fds], default=2) + 1
+        high_base = self.table.base if self.table else max([f["fd"] for f in fds], default=2) + 1
         # Existing files (mapped, and the fds below) are opened as the restored credentials could open them.
         timings["xstate"] = time.monotonic() - t0
         access = Access(remote, child, task["misc"]["creds"])
@@ -377,7 +381,7 @@ class TaskBuild:
         page_file = img.page_file(pid) if img.has_pages(pid) else None
         self.page_file = page_file
         lazy_ids = lazy_object_ids(mm, fds) if lazy else set()
-        space.create_objects(mm["objects"], high_base, page_file, lazy_ids)
+        space.create_objects(mm["objects"], high_base, page_file, lazy_ids, self.shmem)
         if kept:
             assert self.cow is not None
             self.cow.drop_others(remote, kept)  # before any page of its own is written
@@ -423,13 +427,14 @@ class TaskBuild:
         access, fds = self._access, task["files"]
         space.close_cached()
         self.fdr = fdr = FdRestorer(remote, img, child, space.state.object_fds, high_base, access)
-        own, checked = self._shared_fds_first(fds)
+        in_table = self.in_table  # its fds are the table's top's, restored there (no fd phase of its own)
+        own, checked = self._shared_fds_first(fds) if not in_table else ([], [])
         fdr.restore(own)
         closes = remote.batch()
         for ofd in space.state.object_fds.values():
             closes.call(abi.SYS.close, ofd)
         closes.run()
-        if self.shared is not None:
+        if self.shared is not None and not in_table:
             self.shared.settle(pid, remote)
         fdr.finish(checked)
         timings["fds"] = time.monotonic() - t0
@@ -460,7 +465,10 @@ class TaskBuild:
             restore_thread_state(thread, child, rec, task["core"])
         timings["threads"] = time.monotonic() - t0
         if lazy and ranges:
-            handover = uffd_in_task(remote, ranges, LAZY_FEATURES)
+            # In a shared fd table each member's anchor takes a number of its own.
+            handover = uffd_in_task(remote, ranges, LAZY_FEATURES, taken=self.table.anchors if self.table else ())
+            if self.table is not None and handover.task_fd is not None:
+                self.table.anchors.append(handover.task_fd)
             timings["uffd"] = time.monotonic() - t0
         for thread in self.threads:
             restore_thread_creds(thread, task["misc"])
@@ -480,6 +488,11 @@ class TaskBuild:
         if handover is not None:
             self.handover = handover
             self.source = ImagePageSource(served, page_file, name=f"pages-{pid}.img")
+
+    @property
+    def in_table(self) -> bool:
+        """It shares the fd table of an ancestor of the tree, which restores it (CLONE_FILES)."""
+        return self.table is not None and self.table.top != self.pid
 
     def _shared_fds_first(self, fds: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Descriptions shared with tasks built before this one are given now (restore/sharefds.py); returns
@@ -653,8 +666,12 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
     created: list[int] = []  # children cloned, whether or not they have a TaskBuild yet
     failed_pid = tree.root
     shared: SharedFds | None = None
-    with_fs = fs_parents(img.json(SHARED_JSON) if SHARED_JSON in img.files else None,
-                         {p: n.ppid for p, n in tree.nodes.items()})
+    shmem = SharedMemory(img)
+    shared_json = img.json(SHARED_JSON) if SHARED_JSON in img.files else None
+    parents = {p: n.ppid for p, n in tree.nodes.items()}
+    with_fs = fs_parents(shared_json, parents)
+    with_files = fs_parents(shared_json, parents, "files")  # made with CLONE_FILES: one fd table (sharefds.py)
+    tables = fd_tables(shared_json, parents, tasks)
     try:
         for pid in tree.order:
             failed_pid = pid
@@ -662,13 +679,15 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
             if pid == tree.root:
                 build = TaskBuild(img, pid, tasks[pid], lazy=lazy, on_lazy=on_lazy, t0=t0, leader_done=True)
                 builds[pid] = build
+                build.shmem = shmem
                 child, ns = create_root(tramp, pid, pidns=pidns, join_cgroups=joins[pid])
                 host[pid] = child
                 build.attach(child, where)
             else:
                 parent = builds[node.ppid].remote
                 assert parent is not None
-                child = host[pid] = create_child(parent, pid, abi.CLONE_FS if pid in with_fs else 0)
+                flags = (abi.CLONE_FS if pid in with_fs else 0) | (abi.CLONE_FILES if pid in with_files else 0)
+                child = host[pid] = create_child(parent, pid, flags)
                 created.append(child)
                 if node.zombie:
                     zombies.append(child)
@@ -682,7 +701,9 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
                 build = TaskBuild(img, pid, tasks[pid], lazy=lazy and not eager_here, on_lazy=on_lazy, t0=t0,
                                   stopped=node.stopped, leader_done=True)
                 builds[pid] = build
+                build.shmem = shmem
                 build.attach(child, where)
+            build.table = tables.get(pid)
             assert build.remote is not None
             lead(build.remote, node)
             if cow_of:
@@ -708,6 +729,7 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
             else:
                 builds[pid].build(joins[pid])
         check_made(shared)
+        shmem.close()
         # Every task is complete but for running. Hand over the uffds one after the other, then let all go at
         # once: the server may finish a small process meanwhile and wants it untraced to remove its anchor.
         for pid in live:
@@ -725,6 +747,7 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
         root.pages_written = sum(b.written for b in builds.values())
         return root
     except BaseException as e:
+        shmem.close()
         if shared is not None:
             shared.close()
         for build in builds.values():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 from typing import Any
@@ -14,11 +13,12 @@ from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.syscall import prlimit
 from lazarus.kernel.xstate import machine_xstate as cpu_xstate
 from lazarus.kernel.xstate import parse_xstate
+from lazarus.logs import getLogger
 from lazarus.remote import Batch, Ref, RemoteTask, restart_after_freeze
 from lazarus.restore.timers import restore_timers
 
 _NEG1 = (1 << 64) - 1
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 RLIMIT_NOFILE = 7
 
 

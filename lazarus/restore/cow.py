@@ -16,7 +16,6 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Any
 
-from lazarus.dump.sharing import subtract
 from lazarus.kernel import abi
 from lazarus.remote import RemoteTask
 
@@ -47,6 +46,9 @@ class CowPlan:
     def drop_others(self, task: RemoteTask, kept: list[dict[str, Any]]) -> None:
         """MADV_DONTNEED every page of the kept vmas that is not in one of its inherited runs: what its parent
         has there is not its data (its own pages are written or served after this)."""
+        from lazarus.dump.sharing import (
+            subtract,  # here: importing lazarus.dump loads the whole dump (~15 ms)
+        )
         drop = subtract([(v["start"], v["end"]) for v in kept], self.inherited)
         if not drop:
             return

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from lazarus.kernel import abi, procfs
 from lazarus.remote import Batch, RemoteTask
 from lazarus.restore import private
 from lazarus.restore.access import Access, mapped_access
+from lazarus.restore.sharing import SharedMemory
 
 _NEG1 = (1 << 64) - 1
 _MADVISE = {"dd": abi.MADV_DONTDUMP, "hg": abi.MADV_HUGEPAGE, "nh": abi.MADV_NOHUGEPAGE,
@@ -154,6 +156,10 @@ class SpaceBuilder:
         # A lazy restore checks page data chunk by chunk as it uses it (an eager one checked it all first).
         self.verify = False
         self.kept: set[int] = set()  # starts of vmas a child keeps from its parent (restore/cow.py)
+        self.sysv_ids: dict[int, int] = {}  # image object id -> shmid of a System V segment (attached by shmat)
+        # Segments this task makes (object, record holding the content, its page file): made, attached and
+        # removed in map_vmas (a segment removed before anything attached it would be gone at once).
+        self.sysv_new: list[tuple[dict[str, Any], dict[str, Any], Any]] = []
 
     def _open(self, path: str, flags: int) -> int:
         key = (path, flags)
@@ -181,57 +187,92 @@ class SpaceBuilder:
         self.fd_cache.clear()
 
     def create_objects(self, objects: list[dict[str, Any]], hold_above: int, page_file: Any,
-                       lazy_ids: set[int]) -> None:
+                       lazy_ids: set[int], shared: SharedMemory | None = None) -> None:
         """Create each shared object (shared anonymous memory, memfd, recreated deleted file), with its
         content unless it is served lazily, then its owner, mode and seals; its fd is kept at >= hold_above
-        until the fds are restored."""
-        t = self.task
+        until the fds are restored. An object other tasks of the tree hold too (a record with "shared") is
+        made by the first of them built, with the content from the record storing it, and given to the
+        others as that very object (`shared`, restore/sharing.py)."""
+        given: list[dict[str, Any]] = []
         for obj in objects:
-            size = obj["size"]
-            seals = obj.get("seals", SEALS_NONE)
-            if obj["kind"] == "deleted":
-                high = self._recreate_deleted(obj, hold_above, page_file)
-                self.state.object_fds[obj["id"]] = high
+            sid = obj.get("shared") if shared is not None else None
+            content, pf = obj, page_file
+            if obj["kind"] == "sysv":
+                self.sysv_ids[obj["id"]] = obj["shmid"]
+                if sid is not None and shared is not None and shared.made(sid):
+                    continue  # attached by its id: made by a task built before
+            if sid is not None:
+                assert shared is not None
+                if shared.made(sid):
+                    given.append(obj)
+                    continue
+                content, other = shared.stored(obj)
+                pf = other if other is not None else page_file
+            if obj["kind"] == "sysv":
+                self.sysv_new.append((obj, content, pf))
+                if sid is not None:
+                    assert shared is not None
+                    shared.fds[sid] = -1  # no fd: the others attach it by its id
                 continue
-            if obj["kind"] == "memfd":
-                flags = 0
-                if seals != SEALS_NONE:
-                    flags |= abi.MFD_ALLOW_SEALING
-                    if seals & abi.F_SEAL_EXEC and not obj.get("mode", 0o777) & 0o111:
-                        flags |= abi.MFD_NOEXEC_SEAL
-                fd = t.syscall(abi.SYS.memfd_create, t.cstring(obj["name"]), flags, what="memfd_create")
-                t.syscall(abi.SYS.ftruncate, fd, size)
-            else:
-                # A shared anonymous object only exists as a mapping; its file is reachable through
-                # map_files, which lets us map it again at each vma and write its content.
-                length = max(size, abi.PAGE_SIZE)
-                addr = t.syscall(abi.SYS.mmap, 0, length, abi.PROT_READ | abi.PROT_WRITE,
-                                 abi.MAP_SHARED | abi.MAP_ANONYMOUS, _NEG1, 0)
-                fd = t.syscall(abi.SYS.openat, abi.AT_FDCWD & _NEG1,
-                               t.cstring(f"/proc/self/map_files/{addr:x}-{addr + length:x}"), abi.O_RDWR, 0)
-                t.syscall(abi.SYS.munmap, addr, length)
-            high = t.syscall(abi.SYS.fcntl, fd, abi.F_DUPFD, hold_above)
-            t.syscall(abi.SYS.close, fd)
-            if obj["pages"] and obj["id"] not in lazy_ids:
-                wfd = os.open(f"/proc/{self.pid}/fd/{high}", os.O_WRONLY)
-                try:
-                    _write_runs(wfd, obj, page_file, self.verify)
-                finally:
-                    os.close(wfd)
-            if obj["kind"] == "memfd":
-                self._owner_and_mode(f"/proc/{self.pid}/fd/{high}", obj)
-                if seals != SEALS_NONE:
-                    # Once the content is in and the size set (a write or shrink seal forbids both), and
-                    # before the mappings: a read-only shared mapping of a write-sealed memfd is made without
-                    # VM_MAYWRITE. But F_SEAL_FUTURE_WRITE after them: it allows the writable mappings made
-                    # before it and no new ones (and F_SEAL_SEAL would forbid adding it later).
-                    late = seals & (abi.F_SEAL_FUTURE_WRITE | abi.F_SEAL_SEAL)
-                    if seals & ~late:
-                        t.syscall(abi.SYS.fcntl, high, abi.F_ADD_SEALS, seals & ~late,
-                                  what=f"memfd {obj['name']!r} seals")
-                    if late:
-                        self.late_seals.append((high, late, obj["name"]))
+            high = self._create_object(obj, content, hold_above, pf, lazy_ids)
             self.state.object_fds[obj["id"]] = high
+            if sid is not None:
+                assert shared is not None
+                shared.lend(sid, self.pid, high)
+        if given:
+            assert shared is not None
+            fds = shared.give(self.task, [o["shared"] for o in given], hold_above)
+            for obj, fd in zip(given, fds, strict=True):
+                self.state.object_fds[obj["id"]] = fd
+
+    def _create_object(self, obj: dict[str, Any], content: dict[str, Any], hold_above: int, page_file: Any,
+                       lazy_ids: set[int]) -> int:
+        """One object made in the task, its content from `content` (obj itself, or the record storing a shared
+        object's content); returns the task's fd of it (>= hold_above)."""
+        t = self.task
+        size = obj["size"]
+        seals = obj.get("seals", SEALS_NONE)
+        if obj["kind"] == "deleted":
+            return self._recreate_deleted(obj, hold_above, page_file, content)
+        if obj["kind"] == "memfd":
+            flags = 0
+            if seals != SEALS_NONE:
+                flags |= abi.MFD_ALLOW_SEALING
+                if seals & abi.F_SEAL_EXEC and not obj.get("mode", 0o777) & 0o111:
+                    flags |= abi.MFD_NOEXEC_SEAL
+            fd = t.syscall(abi.SYS.memfd_create, t.cstring(obj["name"]), flags, what="memfd_create")
+            t.syscall(abi.SYS.ftruncate, fd, size)
+        else:
+            # A shared anonymous object only exists as a mapping; its file is reachable through
+            # map_files, which lets us map it again at each vma and write its content.
+            length = max(size, abi.PAGE_SIZE)
+            addr = t.syscall(abi.SYS.mmap, 0, length, abi.PROT_READ | abi.PROT_WRITE,
+                             abi.MAP_SHARED | abi.MAP_ANONYMOUS, _NEG1, 0)
+            fd = t.syscall(abi.SYS.openat, abi.AT_FDCWD & _NEG1,
+                           t.cstring(f"/proc/self/map_files/{addr:x}-{addr + length:x}"), abi.O_RDWR, 0)
+            t.syscall(abi.SYS.munmap, addr, length)
+        high = t.syscall(abi.SYS.fcntl, fd, abi.F_DUPFD, hold_above)
+        t.syscall(abi.SYS.close, fd)
+        if content["pages"] and obj["id"] not in lazy_ids:
+            wfd = os.open(f"/proc/{self.pid}/fd/{high}", os.O_WRONLY)
+            try:
+                _write_runs(wfd, content, page_file, self.verify)
+            finally:
+                os.close(wfd)
+        if obj["kind"] == "memfd":
+            self._owner_and_mode(f"/proc/{self.pid}/fd/{high}", obj)
+            if seals != SEALS_NONE:
+                # Once the content is in and the size set (a write or shrink seal forbids both), and
+                # before the mappings: a read-only shared mapping of a write-sealed memfd is made without
+                # VM_MAYWRITE. But F_SEAL_FUTURE_WRITE after them: it allows the writable mappings made
+                # before it and no new ones (and F_SEAL_SEAL would forbid adding it later).
+                late = seals & (abi.F_SEAL_FUTURE_WRITE | abi.F_SEAL_SEAL)
+                if seals & ~late:
+                    t.syscall(abi.SYS.fcntl, high, abi.F_ADD_SEALS, seals & ~late,
+                              what=f"memfd {obj['name']!r} seals")
+                if late:
+                    self.late_seals.append((high, late, obj["name"]))
+        return high
 
     @staticmethod
     def _owner_and_mode(path: str, obj: dict[str, Any]) -> None:
@@ -240,7 +281,8 @@ class SpaceBuilder:
         if "mode" in obj:
             os.chmod(path, obj["mode"])
 
-    def _recreate_deleted(self, obj: dict[str, Any], hold_above: int, page_file: Any) -> int:
+    def _recreate_deleted(self, obj: dict[str, Any], hold_above: int, page_file: Any,
+                          content: dict[str, Any] | None = None) -> int:
         """A mapped file that was deleted: recreated with its content (root's, mode 0600 and O_EXCL) under its
         old name inside a private directory of ours (restore/private.py: never at the path the image names),
         opened by the task, unlinked again, and only then given its owner and mode, through the task's fd.
@@ -255,7 +297,7 @@ class SpaceBuilder:
                                    stage="memory", path=obj["path"]) from e
             try:
                 os.ftruncate(fd, obj["size"])
-                _write_runs(fd, obj, page_file, self.verify)
+                _write_runs(fd, content or obj, page_file, self.verify)
             finally:
                 os.close(fd)
             t = self.task
@@ -299,6 +341,55 @@ class SpaceBuilder:
                 fds[i] = self._open_mapped(v, mapped_access(v))
             elif v["kind"] in ("shmem", "memfd", "deleted"):
                 fds[i] = self._object_fd(v)
+        made = [self._make_sysv(obj) for obj, _, _ in self.sysv_new]
+        try:
+            self._map_all(vmas, fds)
+        except BaseException:
+            for shmid in made:
+                self.task.raw(abi.SYS.shmctl, shmid, abi.IPC_RMID, 0)
+            raise
+        for (obj, content, pf), shmid in zip(self.sysv_new, made, strict=True):
+            # Removed at once, as it was: alive while attached (the other holders attach it by its id, which
+            # Linux allows after IPC_RMID), gone with the last detach, also if the restore fails.
+            self.task.syscall(abi.SYS.shmctl, shmid, abi.IPC_RMID, 0, what=f"shmctl(IPC_RMID) of segment {shmid}")
+            if content["pages"]:
+                self._fill_sysv(obj, content, pf, vmas)
+        self.sysv_new.clear()
+
+    def _make_sysv(self, obj: dict[str, Any]) -> int:
+        """shmget of a new private segment with the dumped id (kernel.shm_next_id), size and mode."""
+        shmid, t = obj["shmid"], self.task
+        try:
+            with open("/proc/sys/kernel/shm_next_id", "w") as f:
+                f.write(str(shmid))
+        except OSError as e:
+            raise RestoreError(f"System V segment {shmid}: cannot set kernel.shm_next_id: {e.strerror}",
+                               stage="memory") from e
+        got = t.syscall(abi.SYS.shmget, abi.IPC_PRIVATE, obj["size"], abi.IPC_CREAT | abi.IPC_EXCL | obj["mode"],
+                        what=f"shmget of System V segment {shmid}")
+        if got != shmid:
+            t.raw(abi.SYS.shmctl, got, abi.IPC_RMID, 0)
+            raise RestoreError(f"System V segment {shmid}: that id is taken here (the new segment got {got})",
+                               stage="memory", pid=self.pid)
+        if (obj["uid"], obj["gid"]) != (0, 0):
+            # Its owner (the creator stays this task, root now): IPC_SET reads uid, gid and mode of the
+            # struct ipc64_perm that begins struct shmid64_ds (key, uid, gid, cuid, cgid, mode).
+            t.write(t.scratch, struct.pack("<iIIIII", 0, obj["uid"], obj["gid"], 0, 0, obj["mode"]) + bytes(88))
+            t.syscall(abi.SYS.shmctl, shmid, abi.IPC_SET, t.scratch, what=f"shmctl(IPC_SET) of segment {shmid}")
+        return shmid
+
+    def _fill_sysv(self, obj: dict[str, Any], content: dict[str, Any], page_file: Any,
+                   vmas: list[dict[str, Any]]) -> None:
+        """The content of a segment this task made, written once through one of its attaches (map_files)."""
+        v = next(v for v in vmas if v.get("object") == obj["id"])
+        path = f"/proc/{self.pid}/map_files/{v['start']:x}-{v['end']:x}"
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            _write_runs(fd, content, page_file, self.verify)
+        finally:
+            os.close(fd)
+
+    def _map_all(self, vmas: list[dict[str, Any]], fds: dict[int, int]) -> None:
         b = self.task.batch()
         for i, v in enumerate(vmas):
             kind = v["kind"]
@@ -326,6 +417,13 @@ class SpaceBuilder:
             elif kind in ("file", "shmem", "memfd", "deleted"):
                 flags |= abi.MAP_SHARED if v["shared"] else abi.MAP_PRIVATE
                 b.call(abi.SYS.mmap, start, length, map_prot, flags, fds[i], v["offset"], what=f"mmap {v['path']}")
+            elif kind == "sysv":
+                shmid = self.sysv_ids[v["object"]]
+                how = (0 if prot & abi.PROT_WRITE else abi.SHM_RDONLY) | (abi.SHM_EXEC if prot & abi.PROT_EXEC else 0)
+                b.call(abi.SYS.shmat, shmid, start, how, what=f"shmat of System V segment {shmid} at {start:#x}")
+                got = abi.PROT_READ | (prot & (abi.PROT_WRITE | abi.PROT_EXEC))
+                if got != prot:
+                    b.call(abi.SYS.mprotect, start, length, prot)
             else:
                 raise RestoreError(f"unknown vma kind {kind!r} at {start:#x}", stage="memory")
             if map_prot != prot:

@@ -30,7 +30,6 @@ what is left in it). Should the restore fail, or the restorer die, before the in
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 
@@ -38,12 +37,13 @@ from lazarus.errors import KernelError, LazarusError, RestoreError
 from lazarus.kernel import abi, nsinit, procfs, ptrace
 from lazarus.kernel.clone import Trampoline
 from lazarus.kernel.procfs import own_pid
+from lazarus.logs import getLogger
 from lazarus.remote import RemoteTask
 from lazarus.restore import cgroups
 from lazarus.restore import core as rcore
 from lazarus.restore.memory import clear_address_space, close_inherited_fds
 
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 _NEG1 = (1 << 64) - 1
 _ALL = (1 << 64) - 1
 

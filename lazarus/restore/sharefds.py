@@ -15,16 +15,20 @@ A FIFO's queued bytes go with every one of its descriptions' records: the first 
 the later ones find them queued already (restore/files.py _fifo). Descriptions are given through SCM_RIGHTS
 (restore/sharing.py give_scm), not pidfd_getfd from inside the task: in a --pidns restore lazarus has no pid
 in the task's namespace.
+
+An fd table shared by clone (CLONE_FILES) is one table: its top process restores it in its fd phase, the
+members made from it with CLONE_FILES have none (FdTable below; restore/tree.py creates them).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 from lazarus.errors import RestoreError
-from lazarus.images.shared import SHARED_JSON
+from lazarus.images.shared import SHARED_JSON, fd_table_tops
 from lazarus.kernel import abi
 from lazarus.remote import RemoteTask
 from lazarus.restore.files import check_files
@@ -123,6 +127,28 @@ class SharedFds:
         self.ours.clear()
 
 
+@dataclass
+class FdTable:
+    """One fd table several processes share (clone with CLONE_FILES): restored once, by `top` (whose task file
+    holds it) in its fd phase; each other member is cloned from its parent with CLONE_FILES and has no fd
+    phase. Temporary fds of every member go at or above `base` (above every fd of the table), and each
+    member's userfaultfd anchor at a number no other member's anchor holds (`anchors`, filled as they come)."""
+    top: int
+    base: int
+    anchors: list[int] = field(default_factory=list)
+
+
+def fd_tables(shared: Any, parents: dict[int, int], tasks: dict[int, dict[str, Any]]) -> dict[int, FdTable]:
+    """pid -> its FdTable, for every member of an fd table group of a checked shared.json (None: none)."""
+    tables: dict[int, FdTable] = {}
+    out: dict[int, FdTable] = {}
+    for pid, top in fd_table_tops(shared, parents).items():
+        if top not in tables:
+            tables[top] = FdTable(top, max([f["fd"] for f in tasks[top]["files"]], default=2) + 1)
+        out[pid] = tables[top]
+    return out
+
+
 def check_shared_files(img: Any) -> None:
     """Before any task exists: each shared file or FIFO is still there and the same (restore/files.py
     check_files, as for a task's own records)."""
@@ -139,4 +165,4 @@ def check_made(shared: SharedFds) -> None:
         raise RestoreError(f"shared description {missing[0]} was made by no task", stage="files")
 
 
-__all__ = ["SharedFds", "check_made", "check_shared_files"]
+__all__ = ["FdTable", "SharedFds", "check_made", "check_shared_files", "fd_tables"]

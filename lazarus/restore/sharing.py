@@ -29,6 +29,7 @@ import socket
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from lazarus.errors import KernelError, LazarusError, RestoreError
 from lazarus.kernel import abi
@@ -246,6 +247,56 @@ def map_object(courier: FdCourier, ours: int, places: Iterable[Placement]) -> No
         t.raw(abi.SYS.close, tmp)
 
 
+class SharedMemory:
+    """Memory objects of a tree stored once (mm.objects[] records with "shared", images/shared.py): the first
+    task built that holds one makes it (restore/memory.py create_objects, with the content from the record
+    that stores it) and lends it here; every later holder gets that very object by pidfd_getfd (FdCourier),
+    whether it was inherited across a fork or mapped after one, and maps it at its own places."""
+
+    def __init__(self, img: Any) -> None:
+        self.img = img
+        self.fds: dict[str, int] = {}  # shared id -> our fd of the object
+
+    def stored(self, obj: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        """The record that holds the content of `obj` (itself or the "content" task's) and its page file."""
+        pid = obj.get("content")
+        if pid is None:
+            return obj, None
+        rec = next(o for o in self.img.task(pid)["mm"]["objects"] if o.get("shared") == obj["shared"])
+        return rec, self.img.page_file(pid) if rec["pages"] else None
+
+    def lend(self, sid: str, pid: int, fd: int) -> None:
+        """Keep our own copy of fd `fd` of task `pid`, the object `sid` it just made."""
+        self.fds[sid] = take(pid, fd)
+
+    def made(self, sid: str) -> bool:
+        return sid in self.fds
+
+    def give(self, task: RemoteTask, sids: list[str], above: int) -> list[int]:
+        """The objects `sids` (all made) as new fds of the task, at the lowest free numbers >= above; returns
+        them. Through one SCM_RIGHTS message (give_scm): inside a --pidns restore the task cannot see lazarus's
+        pid, so it could not pidfd_getfd from it."""
+        try:
+            used = {int(n) for n in os.listdir(f"/proc/{task.pid}/fd")}
+        except OSError as e:
+            raise KernelError(f"list /proc/{task.pid}/fd", e.errno or errno.EIO, pid=task.pid) from e
+        at: list[int] = []
+        n = above
+        while len(at) < len(sids):
+            if n not in used:
+                at.append(n)
+            n += 1
+        give_scm(task, [(self.fds[sid], fd, False) for sid, fd in zip(sids, at, strict=True)])
+        return at
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            if fd >= 0:  # -1: a System V segment, attached by its id
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.fds.clear()
+
+
 def drop_pages(task: RemoteTask, ranges: Iterable[tuple[int, int]]) -> int:
     """MADV_DONTNEED each [start, end) of the task's private memory: in a task just forked from its restored
     parent, the pages it inherited but does not share with it (the parent's own, or shared with a sibling), so
@@ -258,5 +309,5 @@ def drop_pages(task: RemoteTask, ranges: Iterable[tuple[int, int]]) -> int:
     return total
 
 
-__all__ = ["FdCourier", "drop_pages", "Placement", "fill", "give_scm", "map_object", "new_memfd", "new_pipe", "new_shmem",
+__all__ = ["FdCourier", "SharedMemory", "drop_pages", "Placement", "fill", "give_scm", "map_object", "new_memfd", "new_pipe", "new_shmem",
            "set_status", "take"]

@@ -7,15 +7,15 @@ A collapse the kernel declines (no free huge page just now, THP disabled since) 
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from lazarus.errors import KernelError
 from lazarus.images.mm import huge_ranges
 from lazarus.kernel import abi
+from lazarus.logs import getLogger
 from lazarus.remote import RemoteTask
 
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 
 
 def collapse_in_task(task: RemoteTask, vmas: list[dict[str, Any]]) -> int:

@@ -24,16 +24,16 @@ A pending SI_TIMER signal of a timer that no longer exists is dropped: the kerne
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
 from lazarus.errors import ImageError, KernelError, RestoreError
 from lazarus.images.format import Schema, check_schema
 from lazarus.kernel import abi, procfs
+from lazarus.logs import getLogger
 from lazarus.remote import RemoteTask
 
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 
 NSEC = 1_000_000_000
 # First budget for the injected calls between reading a timer's clock and delivering its signal.

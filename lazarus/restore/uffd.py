@@ -9,6 +9,7 @@ a lazy restore hands the uffd to the lazy-pages server.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from lazarus.errors import PageSourceLost, RestoreError
@@ -24,20 +25,22 @@ LAZY_FEATURES = (abi.UFFD_FEATURE_EVENT_FORK | abi.UFFD_FEATURE_EVENT_REMAP | ab
                  | abi.UFFD_FEATURE_THREAD_ID)  # which thread faulted: per-thread statistics, fork children's pids
 
 
-def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int) -> Uffd:
+def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int, *,
+                 taken: Iterable[int] = ()) -> Uffd:
     """Create a uffd inside `task`, register `ranges` ([start, end)) for missing faults, and take it out.
 
     A uffd with fork events is a lazy restore's, handed to a lazy-pages server: the task keeps a copy of it
     (close-on-exec) at the highest fd its RLIMIT_NOFILE allows (the anchor, lazy/anchor.py: should every
     Lazarus process serving it die, its faults wait rather than read zeros), recorded as the returned Uffd's
-    task_fd. Its fds must be in place already (F_DUPFD_CLOEXEC never takes one, as dup3 would)."""
+    task_fd. Its fds must be in place already (F_DUPFD_CLOEXEC never takes one, as dup3 would). `taken`:
+    anchor numbers of other processes sharing its fd table (CLONE_FILES), left to them."""
     # In one batch as far as scratch allows: the uffd, its handshake, the ranges, and for a lazy restore the
     # anchor's copy and the close of the original (usually the number wanted is free).
     anchor = bool(features & abi.UFFD_FEATURE_EVENT_FORK)
     want = -1
     if anchor:
         from lazarus.lazy.anchor import anchor_fd_number  # lazy restores only (it brings socket)
-        want = anchor_fd_number(prlimit(task.pid, RLIMIT_NOFILE)[0], ())
+        want = anchor_fd_number(prlimit(task.pid, RLIMIT_NOFILE)[0], taken)
     b = task.batch()
     made = b.call(abi.SYS.userfaultfd, os.O_CLOEXEC | os.O_NONBLOCK, what="userfaultfd")
     b.call(abi.SYS.ioctl, made, abi.UFFDIO_API, b.put_struct(abi.uffdio_api(abi.UFFD_API, features, 0)),

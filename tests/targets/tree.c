@@ -22,10 +22,12 @@
  * the root reaps them all, reaps the zombie expecting status 42, and writes PASS only if every one passed.
  * Each child opens the log itself (its own open file description) and /dev/null for its stdio.
  *
+ *   shm        the root maps shared anonymous memory before forking: every child maps it too (restored as
+ *              one object, tests/test_tree.py)
+ *
  * Trees a dump must refuse, naming the pids (the tree runs on and passes all the same):
  *   share      the root keeps the read end of a pipe whose write end b holds (a pipe between processes)
  *   resession  a calls setsid() after forking g: g is in the root's session but its parent is not
- *   shm        the root maps shared anonymous memory before forking: every child maps it too
  *   clonefiles the root also has a child made by clone(CLONE_FILES): one fd table for both
  *   clonefs    the same with clone(CLONE_FS): one working directory, root and umask
  *   kmsg       b holds /dev/kmsg open (a character device a dump refuses, met once the root is dumped)

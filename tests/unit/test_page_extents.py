@@ -199,11 +199,14 @@ def _dump_region(tmp_path: Path, region: _Region, direct: bool = True) -> tuple[
     return recs[0], d
 
 
-@pytest.mark.parametrize("direct", [True, False])  # O_DIRECT from buffers; in place through a shared mapping
-@pytest.mark.parametrize("npages", [300, 5000])  # one piece, one thread; 3 pieces (8 MiB each), two threads
-def test_dumper_copies_a_mapping_into_the_page_file(tmp_path: Path, npages: int, direct: bool) -> None:
+# O_DIRECT from buffers; pwrite from small buffers (the default); in place through a shared mapping
+@pytest.mark.parametrize("way", ["direct", "buffered", "mapped"])
+@pytest.mark.parametrize("npages", [300, 5000])  # 1 or 3 pieces of 8 MiB (direct, mapped), 5 or 79 of 256 KiB
+def test_dumper_copies_a_mapping_into_the_page_file(tmp_path: Path, npages: int, way: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dump_memory, "_MAPPED", way == "mapped")
     region = _Region(npages)
-    rec, d = _dump_region(tmp_path, region, direct)
+    rec, d = _dump_region(tmp_path, region, way == "direct")
     pagefile = (d / "pages-42.img").read_bytes()
     covered = 0
     npages = len(region.raw) // PAGE_SIZE
@@ -218,7 +221,8 @@ def test_dumper_copies_a_mapping_into_the_page_file(tmp_path: Path, npages: int,
     assert covered == npages - 1
 
 
-def test_spot_check_catches_a_page_file_that_does_not_hold_the_memory(tmp_path: Path,
+@pytest.mark.parametrize("direct", (True, False), ids=("direct", "buffered"))
+def test_spot_check_catches_a_page_file_that_does_not_hold_the_memory(tmp_path: Path, direct: bool,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     # The file gets one wrong byte in its first page before it is hashed, so sums and file agree with each other:
     # only the comparison with the task's memory can tell.
@@ -232,7 +236,7 @@ def test_spot_check_catches_a_page_file_that_does_not_hold_the_memory(tmp_path: 
     monkeypatch.setattr(PageExtent, "put", corrupt)
     region = _Region(64)
     with pytest.raises(DumpError, match=r"differs from its copy at byte 0 of pages-42.img"):
-        _dump_region(tmp_path, region)
+        _dump_region(tmp_path, region, direct=direct)
     assert not (tmp_path / "img").exists()
 
 
@@ -246,6 +250,7 @@ def test_spot_check_catches_a_wrong_page_in_place(tmp_path: Path, monkeypatch: p
         real(self, off, n)
 
     monkeypatch.setattr(PageExtent, "filled", corrupt)
+    monkeypatch.setattr(dump_memory, "_MAPPED", True)  # not the default way any more
     with pytest.raises(DumpError, match=r"differs from its copy at byte 0 of pages-42.img"):
         _dump_region(tmp_path, _Region(64), direct=False)
     assert not (tmp_path / "img").exists()

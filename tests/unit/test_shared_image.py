@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from lazarus.errors import ImageError
-from lazarus.images.shared import check_shared, fs_parents
+from lazarus.images.shared import check_shared, fd_table_tops, fs_parents
 
 O_RDONLY, O_WRONLY, O_RDWR, O_APPEND = 0, 1, 2, 0o2000
 
@@ -52,6 +52,18 @@ def test_sound_image_passes_and_names_the_clone_fs_child() -> None:
     assert fs_parents(None, PARENTS) == set()
 
 
+def test_fd_table_group_names_its_clone_files_child_and_its_top() -> None:
+    """A 'files' group (CLONE_FILES) of P and its child F: F has no fds of its own (P's table is F's); F is made
+    with CLONE_FILES, not CLONE_FS, and P's task file holds the table."""
+    shared, tasks = sample()
+    shared["states"].append({"id": "files-1", "kind": "files", "pids": [10, 12]})
+    tasks[12] = {"files": []}
+    check(shared, tasks)
+    assert fs_parents(shared, PARENTS) == {11}
+    assert fs_parents(shared, PARENTS, "files") == {12}
+    assert fd_table_tops(shared, PARENTS) == {10: 10, 12: 10}
+
+
 def _edit(path: str, value: Any) -> Any:
     def go(shared: dict[str, Any], tasks: dict[int, dict[str, Any]]) -> None:
         where: Any = {"shared": shared, "tasks": tasks}
@@ -76,7 +88,10 @@ BAD = {
     "per-fd field": (_edit("shared.files.0.dup_of", 1), r"files\[0\]: holds a per-fd"),
     "fs siblings": (_edit("shared.states.0.pids", [11, 12]), r"states\[0\]\.pids: must be one process and desc"),
     "fs stranger": (_edit("shared.states.0.pids", [10, 13]), r"states\[0\]\.pids: must list two or more live"),
-    "files state": (_edit("shared.states.0.kind", "files"), r"states\[0\]: only 'fs' groups"),
+    "vm state": (_edit("shared.states.0.kind", "vm"), r"states\[0\]: only 'fs' \(CLONE_FS\) and 'files'"),
+    "files group with own fds": (_edit("shared.states.0.kind", "files"),
+                                 r"states\[0\]\.pids: pid 11 shares the fd table of pid 10, and its task file "
+                                 "lists fds of its own"),
 }
 
 
