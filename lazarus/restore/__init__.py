@@ -296,6 +296,7 @@ class TaskBuild:
         self.thread_recs = task.get("threads", [])
         self.written = 0
         self.handover: Any = None
+        self.handover_sent = False
         self.source: Any = None
         self.page_file: Any = None
         self.stops = self.calls = 0
@@ -452,7 +453,8 @@ class TaskBuild:
         self.written = written
         if handover is not None:
             self.handover = handover
-            self.source = ImagePageSource(served, page_file, name=f"pages-{pid}.img")
+            if getattr(self.on_lazy, "wants_source", True):  # a server of another process builds its own
+                self.source = ImagePageSource(served, page_file, name=f"pages-{pid}.img")
 
     def _shared_fds_first(self, fds: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Descriptions shared with tasks built before this one are given now (restore/sharefds.py); returns
@@ -465,11 +467,17 @@ class TaskBuild:
         mine = {r["fd"] for r in own}
         return own, own + [r for r in fds if r["fd"] not in mine]
 
-    def hand_over(self) -> None:
+    def hand_over(self, *, early: bool = False) -> None:
         """Give the uffd to the lazy-pages server. The server (and its guard) must hold it before the task
-        runs: a task whose uffd is closed would fault in zeros instead of its data."""
+        runs: a task whose uffd is closed would fault in zeros instead of its data. `early`: only send it where
+        the callback can (a server behind a socket), its answer read by settle_handover() before any runs."""
         if self.handover is not None and self.on_lazy is not None:
-            self.on_lazy(self.child, self.handover, self.source)
+            send = getattr(self.on_lazy, "send", None) if early else None
+            if send is not None:
+                send(self.child, self.handover)
+            else:
+                self.on_lazy(self.child, self.handover, self.source)
+            self.handover_sent = True
 
     def release(self) -> None:
         """Let it run (or, for a task stopped at the dump, go into its job-control stop)."""
@@ -679,12 +687,21 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
                 builds[pid].build_rest()
             else:
                 builds[pid].build(joins[pid])
+            # A server behind a socket gets each process as soon as it is complete, and checks it while the next
+            # is built (its answers are read below, before any task runs).
+            builds[pid].hand_over(early=True)
         check_made(shared)
-        # Every task is complete but for running. Hand over the uffds one after the other, then let all go at
-        # once: the server may finish a small process meanwhile and wants it untraced to remove its anchor.
+        # Every task is complete but for running. Hand over the uffds not sent yet one after the other, then let
+        # all go at once: the server may finish a small process meanwhile and wants it untraced to remove its
+        # anchor.
         for pid in live:
             failed_pid = pid
-            builds[pid].hand_over()
+            if not builds[pid].handover_sent:
+                builds[pid].hand_over()
+        settle = getattr(on_lazy, "settle", None)
+        if settle is not None:
+            failed_pid = tree.root
+            settle()
         for pid in live:
             failed_pid = pid
             builds[pid].release()
