@@ -348,6 +348,8 @@ class TaskBuild:
         # executable is still mapped, and the image may map that very file (a Python restored by a Python).
         set_mm(remote, mm, setup, exe=not (self.cow and self.cow.same_exe))
         xcomp = rcore.queue_xcomp_reads(setup, task["core"])
+        holes = self.cow.holes(kept) if self.cow and kept else []
+        table = self.cow.table_area(setup, holes, gaps[0]) if self.cow and holes else None  # gaps[0]: vdso moved
         setup.run()
         known = rcore.xcomp_known(setup, xcomp)
         rcore.prepare_xstate(remote, task["core"], known)
@@ -365,7 +367,8 @@ class TaskBuild:
         space.create_objects(mm["objects"], high_base, page_file, lazy_ids)
         if kept:
             assert self.cow is not None
-            self.cow.drop_others(remote, kept)  # before any page of its own is written
+            area = setup.results[table.index] if table is not None else 0
+            self.cow.drop(remote, holes, area if area > 0 else 0)  # before any page of its own is written
             space.kept = {v["start"] for v in kept}
         space.map_vmas(mm["vmas"])
         timings["map"] = time.monotonic() - t0
