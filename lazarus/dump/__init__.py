@@ -223,11 +223,12 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: b
             found = refuse_shared(sorted(frozen))
             share = (sharefds.shared_pipes(found), set(frozen))
             runs = cow.find(sorted(frozen), {p: n.ppid for p, n in nodes.items()})
+            inherited = cow.inherited_by_pid(runs)
             xstate = None
             tasks: dict[int, dict[str, Any]] = {}
             for p, fr in frozen.items():
                 try:
-                    task, n, masks[p] = _dump_task(p, fr, writer, shell_job, share, cow.inherited(runs, p))
+                    task, n, masks[p] = _dump_task(p, fr, writer, shell_job, share, inherited.get(p, []))
                 except LazarusError as e:
                     if e.pid is None and len(frozen) > 1:
                         e.pid = p  # which process of the tree it is about: shown with the message
