@@ -136,13 +136,15 @@ def _layout(pid: int) -> list[str]:
     return [" ".join(x.split()[:3] + x.split()[5:]) for x in Path(f"/proc/{pid}/maps").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("way", ["process_madvise", "one_by_one"])
+@pytest.mark.parametrize(("way", "mode"), [("process_madvise", "lazy"), ("one_by_one", "lazy"),
+                                           ("process_madvise", "eager")])
 def test_cow_tree_holes_dropped(harness: H.Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                way: str) -> None:
+                                way: str, mode: str) -> None:
     """The child's thousands of holes (its parent's pages where it has its own: one in eight) are dropped with a
     few process_madvise calls, or, where the kernel refuses that (forced here: its stand-in answers False), one
     madvise each: either way every process checks its memory, the tree's Pss stays one copy, and no process is
-    left with a mapping the original did not have (the holes' table is unmapped)."""
+    left with a mapping the original did not have (the holes' table is unmapped). Eagerly, the child's own
+    pages are then written into the holes by process_vm_writev (restore/cow.py write_kept)."""
     asked = tmp_path / "asked"
     if way == "one_by_one":
         (tmp_path / "sitecustomize.py").write_text(
@@ -159,7 +161,7 @@ def test_cow_tree_holes_dropped(harness: H.Harness, tmp_path: Path, monkeypatch:
     assert res.returncode == 0, res.stderr
     cow = json.loads((image / "cow.json").read_text())
     assert len(cow[str(pids[1])]["inherited"]) > 1000, "the child should have thousands of holes"
-    r = harness.restore(image, lazy=True, like=target)
+    r = harness.restore(image, lazy=mode == "lazy", like=target)
     assert r.returncode == 0 and r.target is not None, r.stderr
     assert asked.exists() == (way == "one_by_one")  # the stand-in was in effect
     assert {p: _layout(p) for p in pids} == layouts

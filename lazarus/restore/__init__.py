@@ -380,9 +380,15 @@ class TaskBuild:
             # the task: filled now by large UFFDIO_COPYs (eager) or served on demand (lazy).
             written = space.write_pages(mm["vmas"], page_file, skip_lazy=True)
             if ranges and not lazy:
+                by_uffd = mm["vmas"]
+                if kept:  # a child: its own pages there are one per hole (restore/cow.py write_kept)
+                    n, left = cow.write_kept(child, kept, page_file)
+                    written += n
+                    done = {id(v) for v in kept} - {id(v) for v in left}
+                    by_uffd = [v for v in mm["vmas"] if id(v) not in done]
                 uffd = uffd_in_task(remote, ranges, 0)
                 try:
-                    written += copy_all(uffd, mm["vmas"], page_file)
+                    written += copy_all(uffd, by_uffd, page_file)
                 finally:
                     uffd.close()
                 # After the uffd is gone: collapse needs every pte of a 2 MiB range present, which it now is.
