@@ -244,11 +244,12 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: b
             attaches = sysv_attaches(found)
             runs = cow.find(sorted(frozen), {p: n.ppid for p, n in nodes.items()})
             in_table = table_holders(found, {p: n.ppid for p, n in nodes.items()})  # CLONE_FILES
+            inherited = cow.inherited_by_pid(runs)
             xstate = None
             tasks: dict[int, dict[str, Any]] = {}
             for p, fr in frozen.items():
                 try:
-                    task, n, masks[p] = _dump_task(p, fr, writer, shell_job, share, cow.inherited(runs, p),
+                    task, n, masks[p] = _dump_task(p, fr, writer, shell_job, share, inherited.get(p, []),
                                                      memory, attaches, own_table=p not in in_table)
                 except LazarusError as e:
                     if e.pid is None and len(frozen) > 1:

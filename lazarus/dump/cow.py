@@ -17,6 +17,7 @@ Other shared frames are stored once per task (private copies after a restore): t
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Sequence
 
 from lazarus.dump import sharing
@@ -27,11 +28,17 @@ from lazarus.kernel.procfs import Vma
 Range = tuple[int, int]
 
 
-def _vma_at(vmas: Sequence[Vma], addr: int) -> Vma | None:
-    for v in vmas:
-        if v.start <= addr < v.end:
-            return v
-    return None
+class _Layout:
+    """One task's vmas, found by address with bisect (a tree's runs number in the tens of thousands)."""
+
+    def __init__(self, vmas: Sequence[Vma]) -> None:
+        self.vmas = sorted(vmas, key=lambda v: v.start)
+        self.starts = [v.start for v in self.vmas]
+
+    def index(self, addr: int) -> int:
+        """The index of the vma holding `addr`, or -1."""
+        i = bisect.bisect_right(self.starts, addr) - 1
+        return i if i >= 0 and addr < self.vmas[i].end else -1
 
 
 def _same_vma(a: Vma, b: Vma) -> bool:
@@ -42,6 +49,10 @@ def _same_vma(a: Vma, b: Vma) -> bool:
 def keepable(runs: Iterable[SharedPages], parents: dict[int, int],
              vmas: dict[int, Sequence[Vma]]) -> list[SharedPages]:
     """The runs a restore can give back by fork (module docstring), renumbered "cow-1", "cow-2", ..."""
+    layouts = {p: _Layout(v) for p, v in vmas.items()}
+    empty = _Layout(())
+    # (pid, index of its vma): whether that private vma is exactly its parent's, asked once per vma
+    as_parents: dict[tuple[int, int], bool] = {}
     out: list[SharedPages] = []
     for r in runs:
         if not r.owner_has or len({a for _, a in r.at}) != 1:
@@ -52,9 +63,18 @@ def keepable(runs: Iterable[SharedPages], parents: dict[int, int],
         ok = True
         for p in holders - {r.owner}:
             q = parents.get(p)
-            mine = _vma_at(vmas.get(p, ()), start)
-            theirs = _vma_at(vmas.get(q, ()), start) if q in holders else None
-            if mine is None or theirs is None or mine.shared or end > mine.end or not _same_vma(mine, theirs):
+            mine = layouts.get(p, empty)
+            i = mine.index(start)
+            if q not in holders or i < 0 or end > mine.vmas[i].end:
+                ok = False
+                break
+            same = as_parents.get((p, i))
+            if same is None:
+                theirs = layouts.get(q, empty) if q is not None else empty
+                j = theirs.index(start)
+                same = as_parents[(p, i)] = (not mine.vmas[i].shared and j >= 0
+                                             and _same_vma(mine.vmas[i], theirs.vmas[j]))
+            if not same:
                 ok = False
                 break
         if ok:
@@ -71,9 +91,15 @@ def find(pids: Sequence[int], parents: dict[int, int]) -> list[SharedPages]:
     return keepable(runs, parents, {s.pid: s.vmas for s in snaps})
 
 
-def inherited(runs: Iterable[SharedPages], pid: int) -> list[Range]:
-    """What `pid`'s page file leaves out: runs it holds and does not own (its parent gives them)."""
-    return sharing.inherited_ranges(runs, pid)
+def inherited_by_pid(runs: Iterable[SharedPages]) -> dict[int, list[Range]]:
+    """inherited() of every task at once, in one pass over the runs (sorted and merged)."""
+    out: dict[int, list[Range]] = {}
+    for r in runs:
+        size = r.npages * abi.PAGE_SIZE
+        for p, a in r.at:
+            if p != r.owner:
+                out.setdefault(p, []).append((a, a + size))
+    return {p: sharing.merge(v) for p, v in out.items()}
 
 
 def to_json(runs: Iterable[SharedPages]) -> dict[str, dict[str, list[list[int]]]]:

@@ -42,7 +42,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from lazarus.dump.sharing import subtract
+from lazarus.dump.sharing import subtract, window
 from lazarus.dump.thp import huge_runs
 from lazarus.errors import DumpError, ImageError, Unsupported
 from lazarus.images.mm import refused_vmflag
@@ -275,7 +275,7 @@ class MemoryDumper:
             # or object.
             runs, huge = pm.present_and_huge(vma.start, vma.end, anon_only=(kind != "anon"))
             if self.skip:
-                runs = subtract(runs, self.skip)
+                runs = subtract(runs, window(self.skip, vma.start, vma.end))
             index = self._place(_Source([(s, e - s) for s, e in runs], readable=bool(vma.prot & abi.PROT_READ)))
             for s, e in runs:
                 rec["pages"].append([s, (e - s) // _PAGE, index])

@@ -21,6 +21,7 @@ object, so the same tree always gets the same ids whatever order its pids are gi
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import stat as statmod
@@ -454,21 +455,33 @@ def merge(ranges: Iterable[Range]) -> list[Range]:
     return out
 
 
+def window(ranges: list[Range], lo: int, hi: int) -> list[Range]:
+    """The ranges of sorted, disjoint `ranges` that overlap [lo, hi), found by bisection (a task's thousands of
+    inherited runs, cut down to one vma)."""
+    first = bisect.bisect_right(ranges, lo, key=lambda r: r[1])
+    last = bisect.bisect_left(ranges, hi, lo=first, key=lambda r: r[0])
+    return ranges[first:last]
+
+
 def subtract(ranges: Iterable[Range], holes: Iterable[Range]) -> list[Range]:
     """`ranges` minus `holes` (both [start, end) lists), sorted and merged: e.g. a task's present pages minus
     the ones it inherits, which is what its own page file stores and its lazy ranges serve."""
     hs = merge(holes)
     out: list[Range] = []
+    j = 0  # both sorted: the holes ending before a range are behind every later range too (linear in all)
     for s, e in merge(ranges):
         pos = s
-        for hs_, he in hs:
-            if he <= pos or hs_ >= e:
-                continue
+        while j < len(hs) and hs[j][1] <= pos:
+            j += 1
+        k = j
+        while k < len(hs) and hs[k][0] < e:
+            hs_, he = hs[k]
             if hs_ > pos:
                 out.append((pos, hs_))
             pos = max(pos, he)
             if pos >= e:
                 break
+            k += 1
         if pos < e:
             out.append((pos, e))
     return out

@@ -49,6 +49,7 @@ USER_TOP = 0x7FFF_FFFF_F000 + PAGE_SIZE  # TASK_SIZE on x86-64 with 4-level pagi
 # which can) must not put a mapping there on an image's say-so.
 MMAP_MIN = 0x10000
 U64 = (1 << 64) - 1
+_MAX_RUN = U64 // PAGE_SIZE
 U32 = (1 << 32) - 1
 FD_MAX = 1 << 20  # fs.nr_open's ceiling
 PIPE_MAX = 1 << 20  # fs.pipe-max-size: what a restorer without CAP_SYS_RESOURCE may ask for
@@ -81,6 +82,13 @@ class _Checker:
     def triples(self, value: object, field: str) -> list[tuple[int, int, int]]:
         if not isinstance(value, list):
             raise self.fail(field, "must be an array of [address, npages, file page] runs")
+        # Thousands of runs per task (a tree's child that rewrote scattered pages): checked in two passes over
+        # the whole list; the run-by-run loop below only finds which one to name.
+        if all(type(run) is list and len(run) == 3 for run in value):
+            out = [(a, n, idx) for a, n, idx in value]
+            if all(type(a) is int and type(n) is int and type(idx) is int and 0 <= a <= U64
+                   and 1 <= n <= _MAX_RUN and 0 <= idx <= U64 for a, n, idx in out):
+                return out
         out = []
         for i, run in enumerate(value):
             if not isinstance(run, list) or len(run) != 3:
@@ -92,12 +100,16 @@ class _Checker:
         return out
 
 
-def _no_overlap(runs: list[tuple[int, int, str]], c: _Checker, what: str) -> None:
-    """runs: (first, count, field); refuse two that share a unit."""
-    runs = sorted(runs)
+def _no_overlap(runs: list[tuple[int, int, tuple[str, int, int]]], c: _Checker, what: str) -> None:
+    """runs: (first, count, (list, i, j): the field LIST[i].pages[j]); refuse two that share a unit."""
+    runs.sort()
     for (a, n, fa), (b, _m, fb) in zip(runs, runs[1:], strict=False):
         if b < a + n:
-            raise c.fail(fb, f"overlaps {fa} ({what})")
+            raise c.fail(_run_field(fb), f"overlaps {_run_field(fa)} ({what})")
+
+
+def _run_field(where: tuple[str, int, int]) -> str:
+    return f"{where[0]}[{where[1]}].pages[{where[2]}]"
 
 
 def _recreated_mode(c: _Checker, f: str, rec: dict[str, Any], creds: dict[str, Any], *, is_dir: bool) -> None:
@@ -125,11 +137,11 @@ def check_task(task: dict[str, Any], fname: str, npages: int, has_blob: Callable
     """
     c = _Checker(fname)
     mm = task["mm"]
-    file_runs: list[tuple[int, int, str]] = []
+    file_runs: list[tuple[int, int, tuple[str, int, int]]] = []
 
     vmas = mm["vmas"]
     prev_end, prev = 0, ""
-    addr_runs: list[tuple[int, int, str]] = []
+    addr_runs: list[tuple[int, int, tuple[str, int, int]]] = []
     for i, v in enumerate(vmas):
         f = f"mm.vmas[{i}]"
         start = c.aligned(v["start"], f + ".start", MMAP_MIN)
@@ -143,26 +155,31 @@ def check_task(task: dict[str, Any], fname: str, npages: int, has_blob: Callable
         c.int_in(v["offset"], 0, 1 << 62, f + ".offset")
         if v["kind"] == "file":
             c.path(v["path"], f + ".path")
-        for j, (a, n, idx) in enumerate(c.triples(v["pages"], f + ".pages")):
-            rf = f"{f}.pages[{j}]"
-            if a % PAGE_SIZE or a < start or a + n * PAGE_SIZE > end:
-                raise c.fail(rf, f"run {a:#x}+{n} pages lies outside its vma {start:#x}-{end:#x}")
-            if idx + n > npages:
-                raise c.fail(rf, f"run reaches file page {idx + n}, past the page file's {npages}")
-            addr_runs.append((a // PAGE_SIZE, n, rf))
-            file_runs.append((idx, n, rf))
+        runs = c.triples(v["pages"], f + ".pages")
+        if not all(a % PAGE_SIZE == 0 and start <= a and a + n * PAGE_SIZE <= end and idx + n <= npages
+                   for a, n, idx in runs):
+            for j, (a, n, idx) in enumerate(runs):  # which one
+                if a % PAGE_SIZE or a < start or a + n * PAGE_SIZE > end:
+                    raise c.fail(f"{f}.pages[{j}]", f"run {a:#x}+{n} pages lies outside its vma "
+                                 f"{start:#x}-{end:#x}")
+                if idx + n > npages:
+                    raise c.fail(f"{f}.pages[{j}]", f"run reaches file page {idx + n}, past the page file's "
+                                 f"{npages}")
+        # the field is named only should a run overlap another (a task may have thousands of runs)
+        addr_runs += [(a // PAGE_SIZE, n, ("mm.vmas", i, j)) for j, (a, n, _) in enumerate(runs)]
+        file_runs += [(idx, n, ("mm.vmas", i, j)) for j, (_, n, idx) in enumerate(runs)]
     _no_overlap(addr_runs, c, "two runs for one address")
 
     for i, o in enumerate(mm["objects"]):
         f = f"mm.objects[{i}]"
         size = c.int_in(o["size"], 0, 1 << 46, f + ".size")
         for j, (off, n, idx) in enumerate(c.triples(o["pages"], f + ".pages")):
-            rf = f"{f}.pages[{j}]"
             if off % PAGE_SIZE or off + n * PAGE_SIZE > -(-size // PAGE_SIZE) * PAGE_SIZE:
-                raise c.fail(rf, f"run at offset {off}+{n} pages lies outside the object's {size} bytes")
+                raise c.fail(f"{f}.pages[{j}]", f"run at offset {off}+{n} pages lies outside the object's {size} "
+                             "bytes")
             if idx + n > npages:
-                raise c.fail(rf, f"run reaches file page {idx + n}, past the page file's {npages}")
-            file_runs.append((idx, n, rf))
+                raise c.fail(f"{f}.pages[{j}]", f"run reaches file page {idx + n}, past the page file's {npages}")
+            file_runs.append((idx, n, ("mm.objects", i, j)))
     _no_overlap(file_runs, c, "two runs for one file page")
     covered = sum(n for _, n, _ in file_runs)
     if covered != npages:

@@ -254,16 +254,39 @@ def _open_image(images: Path) -> Any:
     return img
 
 
-def hand_over(sock: socket.socket, images: Path) -> Callable[[int, Any, Any], None]:
-    """The restore's on_lazy callback that hands the task's uffd to the server behind `sock`."""
-    from lazarus.lazy.handoff import send_process
+class Hand:
+    """The restore's on_lazy callback that hands a task's uffd to the server behind a socket. Called, it waits
+    for the server's answer; a tree restore instead send()s each process once it is built and settle()s before
+    letting any run, so that the server checks one while the next is built."""
 
-    def hand(pid: int, uffd: Any, _source: Any) -> None:
+    wants_source = False  # the server builds its own page source from the image
+
+    def __init__(self, sock: socket.socket, images: Path) -> None:
+        self.sock, self.images = sock, images
+        self.pending: list[int] = []
+
+    def __call__(self, pid: int, uffd: Any, _source: Any = None) -> None:
+        self.send(pid, uffd)
+        self.settle()
+
+    def send(self, pid: int, uffd: Any) -> None:
+        from lazarus.lazy.handoff import send_only
         try:
-            send_process(sock, pid, images, uffd.fd)
+            send_only(self.sock, pid, self.images, uffd.fd)
+            self.pending.append(pid)
         finally:
             uffd.close()  # the server holds its own copy now
-    return hand
+
+    def settle(self) -> None:
+        """Every answer not read yet; ProtocolError at the first refusal."""
+        from lazarus.lazy.handoff import await_reply
+        while self.pending:
+            await_reply(self.sock, self.pending.pop(0))
+
+
+def hand_over(sock: socket.socket, images: Path) -> Hand:
+    """The restore's on_lazy callback that hands the task's uffd to the server behind `sock`."""
+    return Hand(sock, images)
 
 
 def serve_socket(path: Path, *, background: bool = True, linger: float = 5.0, stats_path: Path | None = None,
@@ -303,5 +326,5 @@ def adopt_and_serve(pid: int, images: Path, *, background: bool = True, stats_pa
         serving.close()
 
 
-__all__ = ["Daemon", "Serving", "adopt_and_serve", "fork_daemon", "hand_over", "query_status", "serve_socket",
+__all__ = ["Daemon", "Hand", "Serving", "adopt_and_serve", "fork_daemon", "hand_over", "query_status", "serve_socket",
            "start_serving"]

@@ -47,10 +47,27 @@ def send_process(sock: socket.socket, pid: int, images: Path, uffd_fd: int) -> N
 
     Raises ProtocolError when the server refuses or does not answer.
     """
+    send_only(sock, pid, images, uffd_fd)
+    await_reply(sock, pid)
+
+
+def send_only(sock: socket.socket, pid: int, images: Path, uffd_fd: int) -> None:
+    """The request of send_process() without waiting for its answer: a tree sends each process as soon as it is
+    built, and the server checks it while the restore builds the next (await_reply() once per process, in
+    order, before any of them runs)."""
     msg = json.dumps({"pid": pid, "images": str(Path(images).resolve())}).encode()
     sock.settimeout(REPLY_TIMEOUT)
     try:
         socket.send_fds(sock, [msg], [uffd_fd])
+    except OSError as e:
+        raise ProtocolError(f"lazy-pages server: {e.strerror or e}") from e
+
+
+def await_reply(sock: socket.socket, pid: int) -> None:
+    """The server's answer to the request for `pid` (the oldest one unanswered); ProtocolError when it refused
+    or does not answer."""
+    sock.settimeout(REPLY_TIMEOUT)
+    try:
         reply = sock.recv(MAX_MSG)
     except OSError as e:
         raise ProtocolError(f"lazy-pages server: {e.strerror or e}") from e

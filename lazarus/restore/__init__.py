@@ -310,6 +310,7 @@ class TaskBuild:
         self.thread_recs = task.get("threads", [])
         self.written = 0
         self.handover: Any = None
+        self.handover_sent = False
         self.source: Any = None
         self.page_file: Any = None
         self.stops = self.calls = 0
@@ -365,6 +366,8 @@ class TaskBuild:
         # executable is still mapped, and the image may map that very file (a Python restored by a Python).
         set_mm(remote, mm, setup, exe=not (self.cow and self.cow.same_exe))
         xcomp = rcore.queue_xcomp_reads(setup, task["core"])
+        holes = self.cow.holes(kept) if self.cow and kept else []
+        table = self.cow.table_area(setup, holes, gaps[0]) if self.cow and holes else None  # gaps[0]: vdso moved
         setup.run()
         timings["cleared"] = time.monotonic() - t0
         known = rcore.xcomp_known(setup, xcomp)
@@ -384,7 +387,8 @@ class TaskBuild:
         space.create_objects(mm["objects"], high_base, page_file, lazy_ids, self.shmem)
         if kept:
             assert self.cow is not None
-            self.cow.drop_others(remote, kept)  # before any page of its own is written
+            area = setup.results[table.index] if table is not None else 0
+            self.cow.drop(remote, holes, area if area > 0 else 0)  # before any page of its own is written
             space.kept = {v["start"] for v in kept}
         space.map_vmas(mm["vmas"])
         timings["map"] = time.monotonic() - t0
@@ -396,9 +400,15 @@ class TaskBuild:
             # the task: filled now by large UFFDIO_COPYs (eager) or served on demand (lazy).
             written = space.write_pages(mm["vmas"], page_file, skip_lazy=True)
             if ranges and not lazy:
+                by_uffd = mm["vmas"]
+                if kept:  # a child: its own pages there are one per hole (restore/cow.py write_kept)
+                    n, left = cow.write_kept(child, kept, page_file)
+                    written += n
+                    done = {id(v) for v in kept} - {id(v) for v in left}
+                    by_uffd = [v for v in mm["vmas"] if id(v) not in done]
                 uffd = uffd_in_task(remote, ranges, 0)
                 try:
-                    written += copy_all(uffd, mm["vmas"], page_file)
+                    written += copy_all(uffd, by_uffd, page_file)
                 finally:
                     uffd.close()
                 # After the uffd is gone: collapse needs every pte of a 2 MiB range present, which it now is.
@@ -487,7 +497,8 @@ class TaskBuild:
         self.written = written
         if handover is not None:
             self.handover = handover
-            self.source = ImagePageSource(served, page_file, name=f"pages-{pid}.img")
+            if getattr(self.on_lazy, "wants_source", True):  # a server of another process builds its own
+                self.source = ImagePageSource(served, page_file, name=f"pages-{pid}.img")
 
     @property
     def in_table(self) -> bool:
@@ -505,11 +516,17 @@ class TaskBuild:
         mine = {r["fd"] for r in own}
         return own, own + [r for r in fds if r["fd"] not in mine]
 
-    def hand_over(self) -> None:
+    def hand_over(self, *, early: bool = False) -> None:
         """Give the uffd to the lazy-pages server. The server (and its guard) must hold it before the task
-        runs: a task whose uffd is closed would fault in zeros instead of its data."""
+        runs: a task whose uffd is closed would fault in zeros instead of its data. `early`: only send it where
+        the callback can (a server behind a socket), its answer read by settle_handover() before any runs."""
         if self.handover is not None and self.on_lazy is not None:
-            self.on_lazy(self.child, self.handover, self.source)
+            send = getattr(self.on_lazy, "send", None) if early else None
+            if send is not None:
+                send(self.child, self.handover)
+            else:
+                self.on_lazy(self.child, self.handover, self.source)
+            self.handover_sent = True
 
     def release(self) -> None:
         """Let it run (or, for a task stopped at the dump, go into its job-control stop)."""
@@ -728,13 +745,22 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
                 builds[pid].build_rest()
             else:
                 builds[pid].build(joins[pid])
+            # A server behind a socket gets each process as soon as it is complete, and checks it while the next
+            # is built (its answers are read below, before any task runs).
+            builds[pid].hand_over(early=True)
         check_made(shared)
         shmem.close()
-        # Every task is complete but for running. Hand over the uffds one after the other, then let all go at
-        # once: the server may finish a small process meanwhile and wants it untraced to remove its anchor.
+        # Every task is complete but for running. Hand over the uffds not sent yet one after the other, then let
+        # all go at once: the server may finish a small process meanwhile and wants it untraced to remove its
+        # anchor.
         for pid in live:
             failed_pid = pid
-            builds[pid].hand_over()
+            if not builds[pid].handover_sent:
+                builds[pid].hand_over()
+        settle = getattr(on_lazy, "settle", None)
+        if settle is not None:
+            failed_pid = tree.root
+            settle()
         for pid in live:
             failed_pid = pid
             builds[pid].release()

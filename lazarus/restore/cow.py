@@ -12,14 +12,17 @@ other), so an inherited page never faults and is never copied.
 
 from __future__ import annotations
 
+import array
 import bisect
 from dataclasses import dataclass, field
 from typing import Any
 
-from lazarus.kernel import abi
-from lazarus.remote import RemoteTask
+from lazarus.errors import KernelError
+from lazarus.kernel import abi, vm
+from lazarus.remote import Batch, Ref, RemoteTask
 
 Range = tuple[int, int]
+_NEG1 = (1 << 64) - 1
 
 
 @dataclass
@@ -43,36 +46,130 @@ class CowPlan:
                 out.append(v)
         return out
 
-    def drop_others(self, task: RemoteTask, kept: list[dict[str, Any]]) -> None:
-        """MADV_DONTNEED every page of the kept vmas that is not in one of its inherited runs: what its parent
-        has there is not its data (its own pages are written or served after this)."""
+    def holes(self, kept: list[dict[str, Any]]) -> list[Range]:
+        """Every range of the kept vmas that is not in one of its inherited runs: what its parent has there is
+        not its data (its own pages are written or served after drop())."""
         from lazarus.dump.sharing import (
             subtract,  # here: importing lazarus.dump loads the whole dump (~15 ms)
         )
-        drop = subtract([(v["start"], v["end"]) for v in kept], self.inherited)
-        if not drop:
+        return subtract([(v["start"], v["end"]) for v in kept], self.inherited)
+
+    def table_area(self, setup: Batch, holes: list[Range], gap: int) -> Ref | None:
+        """Queue in `setup` (the batch that clears the new task's address space) the mmap of an area at `gap`
+        (1 MiB free in the image's layout, guarded on both sides) for the table drop() hands process_madvise,
+        so that the drop costs the task one stop in all. None where a table is not worth it or too large."""
+        if not _FEW < len(holes) <= _AREA // 16:
+            return None
+        return setup.call(abi.SYS.mmap, gap, _AREA, abi.PROT_READ | abi.PROT_WRITE,
+                          abi.MAP_PRIVATE | abi.MAP_ANONYMOUS | abi.MAP_FIXED_NOREPLACE, _NEG1, 0, check=False)
+
+    def drop(self, task: RemoteTask, holes: list[Range], area: int = 0) -> None:
+        """MADV_DONTNEED the holes (before any page of its own is written). `area`: the address table_area()
+        mapped (0: none, or its mmap failed); drop() unmaps it."""
+        if not holes:
             return
-        # Thousands of holes where a child rewrote scattered pages: a scratch area of their own lets each
-        # injection run thousands of calls instead of the trampoline scratch's few dozen.
-        old = (task.scratch, task.scratch_size)
-        big = 0
-        if len(drop) > 64:
-            size = min(len(drop) * 64 + abi.PAGE_SIZE, 1 << 20) + abi.PAGE_SIZE - 1 & ~(abi.PAGE_SIZE - 1)
-            big = task.syscall(abi.SYS.mmap, 0, size, abi.PROT_READ | abi.PROT_WRITE,
-                               abi.MAP_PRIVATE | abi.MAP_ANONYMOUS, (1 << 64) - 1, 0, what="mmap of scratch")
-            task.use_scratch(big, size)
+        if len(holes) > _FEW and _drop_vector(task, holes, area):
+            return
+        if area:
+            task.syscall(abi.SYS.munmap, area, _AREA, what="munmap of the holes' table")
+        _drop_one_by_one(task, holes)
+
+
+# Up to this many holes, a batch of madvise calls in the trampoline's scratch costs no more than the table.
+_FEW = 16
+_UIO_MAXIOV = 1024  # iovecs per process_madvise call
+_AREA = 1 << 20  # the table's area mapped with the address space's clearing: 65536 holes
+
+
+def _drop_vector(task: RemoteTask, drop: list[Range], area: int = 0) -> bool:
+    """Drop the holes with one process_madvise per 1024 of them, on the task itself (a child that rewrote one
+    page in eight has thousands of one-page holes: one madvise each was most of its restore). Its iovec table
+    goes in `area` (mapped already, _AREA bytes) or else in an area mapped for it; either is unmapped here.
+    Returns False where the kernel does not take MADV_DONTNEED there (before 6.13 process_madvise took only a
+    few advices); then nothing or part is dropped, and dropping again is harmless: nothing of the task's own is
+    written yet."""
+    table = array.array("Q")
+    for start, end in drop:
+        table.append(start)
+        table.append(end - start)
+    data = table.tobytes()
+    if area and len(data) <= _AREA:
+        size = _AREA
+    else:
+        if area:
+            task.syscall(abi.SYS.munmap, area, _AREA, what="munmap of the holes' table")
+        size = len(data) + abi.PAGE_SIZE - 1 & ~(abi.PAGE_SIZE - 1)
+        area = task.syscall(abi.SYS.mmap, 0, size, abi.PROT_READ | abi.PROT_WRITE,
+                            abi.MAP_PRIVATE | abi.MAP_ANONYMOUS, _NEG1, 0, what="mmap of the holes' table")
+    unmapped = False
+    try:
+        task.write(area, data)
+        b = task.batch()
+        pidfd = b.call(abi.SYS.pidfd_open, b.call(abi.SYS.getpid), 0, check=False)
+        want = []
+        for i in range(0, len(drop), _UIO_MAXIOV):
+            part = drop[i:i + _UIO_MAXIOV]
+            b.call(abi.SYS.process_madvise, pidfd, area + 16 * i, len(part), abi.MADV_DONTNEED, 0, check=False)
+            want.append(sum(e - s for s, e in part))
+        b.call(abi.SYS.close, pidfd, check=False)
+        unmap = b.call(abi.SYS.munmap, area, size, check=False)
         try:
-            b = task.batch()
-            for start, end in drop:
-                if not b.fits(1):
-                    b.run()
-                b.call(abi.SYS.madvise, start, end - start, abi.MADV_DONTNEED,
-                       what=f"madvise(MADV_DONTNEED) {start:#x}-{end:#x}")
-            b.run()
-        finally:
-            if big:
-                task.use_scratch(*old)
-                task.syscall(abi.SYS.munmap, big, size)
+            got = b.run()
+        except KernelError:  # pidfd_open refused: the one-by-one way needs no pidfd
+            return False
+        unmapped = got[unmap.index] == 0
+        return got[2:2 + len(want)] == want
+    finally:
+        if not unmapped:
+            task.syscall(abi.SYS.munmap, area, size, what="munmap of the holes' table")
+
+
+def _drop_one_by_one(task: RemoteTask, drop: list[Range]) -> None:
+    """One madvise per hole, in batches."""
+    # Thousands of holes where a child rewrote scattered pages: a scratch area of their own lets each
+    # injection run thousands of calls instead of the trampoline scratch's few dozen.
+    old = (task.scratch, task.scratch_size)
+    big = size = 0
+    if len(drop) > 64:
+        size = min(len(drop) * 64 + abi.PAGE_SIZE, 1 << 20) + abi.PAGE_SIZE - 1 & ~(abi.PAGE_SIZE - 1)
+        big = task.syscall(abi.SYS.mmap, 0, size, abi.PROT_READ | abi.PROT_WRITE,
+                           abi.MAP_PRIVATE | abi.MAP_ANONYMOUS, _NEG1, 0, what="mmap of scratch")
+        task.use_scratch(big, size)
+    try:
+        b = task.batch()
+        for start, end in drop:
+            if not b.fits(1):
+                b.run()
+            b.call(abi.SYS.madvise, start, end - start, abi.MADV_DONTNEED,
+                   what=f"madvise(MADV_DONTNEED) {start:#x}-{end:#x}")
+        b.run()
+    finally:
+        if big:
+            task.use_scratch(*old)
+            task.syscall(abi.SYS.munmap, big, size)
+
+
+def write_kept(pid: int, kept: list[dict[str, Any]], page_file: Any) -> tuple[int, list[dict[str, Any]]]:
+    """Eager restore of a child: write its own pages inside the writable vmas it keeps from its parent (one
+    per hole, thousands where it rewrote scattered pages) with a few process_vm_writev calls of up to 1024
+    ranges each, instead of one UFFDIO_COPY per page. Before its uffd is registered over them (a write into
+    a registered missing page would wait for a fault nobody serves). Returns the pages written and the kept
+    vmas left for the uffd (read-only ones: process_vm_writev honours the protection)."""
+    local: list[tuple[int, int]] = []
+    remote: list[tuple[int, int]] = []
+    rest = []
+    pages = 0
+    for v in kept:
+        if not v["prot"] & abi.PROT_WRITE:
+            rest.append(v)
+            continue
+        for vaddr, n, idx in v["pages"]:
+            local.append((page_file.address(idx), n * abi.PAGE_SIZE))
+            remote.append((vaddr, n * abi.PAGE_SIZE))
+            pages += n
+    if remote:
+        vm.writev(pid, local, remote)
+    return pages, rest
 
 
 def plans(cow: dict[str, Any], parents: dict[int, int], exes: dict[int, str]) -> dict[int, CowPlan]:
