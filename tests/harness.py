@@ -406,7 +406,7 @@ REFUSED_PROC_MODES = ("securebits", "cpu_overrun")  # tests/targets/refused_proc
 
 
 PYTHONS = ("system", "lazarus")
-PY_TARGETS = ("pyscript", "pyasync", "pythreads", "pypool")  # tests/targets/NAME.py, run by target_python()
+PY_TARGETS = ("pyscript", "pyasync", "pythreads", "pypool", "pyshared")  # tests/targets/NAME.py, run by target_python()
 
 
 def target_python(kind: str = "system") -> Path:

@@ -44,6 +44,7 @@ from lazarus.restore.memory import (
     clear_address_space,
     close_inherited_fds,
     move_vdso,
+    reopen_records,
     trampoline_candidates,
 )
 from lazarus.restore.pidns import NsInit
@@ -363,6 +364,7 @@ class TaskBuild:
         page_file = img.page_file(pid) if img.has_pages(pid) else None
         self.page_file = page_file
         lazy_ids = lazy_object_ids(mm, fds) if lazy else set()
+        space.reopen = reopen_records(fds, img.json(SHARED_JSON) if SHARED_JSON in img.files else None, pid)
         space.create_objects(mm["objects"], high_base, page_file, lazy_ids, self.shmem)
         if kept:
             assert self.cow is not None
@@ -409,10 +411,13 @@ class TaskBuild:
         access, fds = self._access, task["files"]
         space.close_cached()
         self.fdr = fdr = FdRestorer(remote, img, child, space.state.object_fds, high_base, access)
+        fdr.reopened = space.state.reopened
         own, checked = self._shared_fds_first(fds)
         fdr.restore(own)
         closes = remote.batch()
-        for ofd in space.state.object_fds.values():
+        for ofd in [*space.state.object_fds.values(), *space.state.reopened.values()]:
+            if not closes.fits(1):
+                closes.run()
             closes.call(abi.SYS.close, ofd)
         closes.run()
         if self.shared is not None:
