@@ -1,7 +1,8 @@
 """Memory objects shared by the processes of a tree (tests/targets/shm_tree.c): shared anonymous memory, memfds
 and deleted /dev/shm files, some inherited across fork, some mapped after it from an fd passed over a socket.
 The dump stores each one once (image format 5); the restore makes each once and every holder maps that very
-object (the kernel's device and inode of each mapping agree across the processes); the target's own checks
+object (the kernel's device and inode of each mapping agree across the processes, and with the deleted
+file's fd all three inherited, stored once as a description of type object_file); the target's own checks
 (harness CASES "shm-tree", eager and lazy in test_dump_restore.py) prove each sees the others' writes.
 A System V segment removed with IPC_RMID comes back too (harness CASES "shm-tree-sysv"); one left in the IPC
 namespace is refused, by name.
@@ -62,6 +63,10 @@ def test_each_shared_object_stored_once_and_made_once(harness: H.Harness, mode: 
     # sem, anon, memfd, file (all three), late memfd (P and C), late deleted file (P and D): stored once each.
     assert sorted(len(v) for v in stores.values()) == [1] * 6, stores
     assert sorted(len(v) for v in refs.values()) == [1, 1, 2, 2, 2, 2], refs
+    # The deleted file's fd 60, one description inherited by all three: stored once, naming P's object.
+    descs = [d for d in json.loads((image / "shared.json").read_text())["files"] if d["type"] == "object_file"]
+    assert [sorted(h[0] for h in d["holders"]) for d in descs] == [sorted(tree)], descs
+    assert all(h[1] == 60 for h in descs[0]["holders"]), descs
 
     r = harness.restore(image, lazy=mode == "lazy", like=target)
     assert r.returncode == 0, r.stderr
@@ -75,6 +80,12 @@ def test_each_shared_object_stored_once_and_made_once(harness: H.Harness, mode: 
                 seen[ids[v["object"]]].add(_identity(pid, v))
     assert len(seen) == 6 and all(len(s) == 1 for s in seen.values()), dict(seen)
     assert len({next(iter(s)) for s in seen.values()}) == 6, "two shared ids came back as one object"
+    # Each process's fd 60 is the very file its FILE mapping maps (one inode for fd and mapping).
+    root_objects = {o["id"]: o for o in mms[target.pid]["objects"]}
+    file_id = root_objects[descs[0]["object"]]["shared"]
+    for pid in tree:
+        st = os.stat(f"/proc/{pid}/fd/60")
+        assert {(st.st_dev, st.st_ino)} == seen[file_id], f"pid {pid}: fd 60 is not the mapped deleted file"
     H.expect_pass(harness.run_case(CASE, r.target), r.target, r)
     assert r.target.wait_exit(15) == 0, r.target.describe()
 
