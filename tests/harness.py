@@ -381,6 +381,7 @@ CASES: tuple[Case, ...] = (
     Case("madvise", "madvise"),
     Case("guard", "guard"),
     Case("deleted-map", "deleted_map"),
+    Case("deleted-map-withfd", "deleted_map", ("withfd",)),  # ... also open at fd 30: the mapped inode itself
     Case("memfd-seals", "memfd_seals"),
     Case("files2", "files2"),
     Case("locks", "locks"),
