@@ -2,7 +2,8 @@
 and deleted /dev/shm files, some inherited across fork, some mapped after it from an fd passed over a socket.
 The dump stores each one once (image format 5); the restore makes each once and every holder maps that very
 object (the kernel's device and inode of each mapping agree across the processes, and with the deleted
-file's fd all three inherited, stored once as a description of type object_file); the target's own checks
+file's fd all three inherited, stored once as a description of type object_file, and with a description of
+it one child opened on its own); the target's own checks
 (harness CASES "shm-tree", eager and lazy in test_dump_restore.py) prove each sees the others' writes.
 A System V segment removed with IPC_RMID comes back too (harness CASES "shm-tree-sysv"); one left in the IPC
 namespace is refused, by name.
@@ -67,6 +68,10 @@ def test_each_shared_object_stored_once_and_made_once(harness: H.Harness, mode: 
     descs = [d for d in json.loads((image / "shared.json").read_text())["files"] if d["type"] == "object_file"]
     assert [sorted(h[0] for h in d["holders"]) for d in descs] == [sorted(tree)], descs
     assert all(h[1] == 60 for h in descs[0]["holders"]), descs
+    # D's own read-only description of it (fd 61): a record of D's, opened again on the object D is given.
+    own = {pid: [f["fd"] for f in json.loads((image / f"task-{pid}.json").read_text())["files"]
+                 if f["type"] == "object_file"] for pid in tree}
+    assert sorted(own.values()) == [[], [], [61]], own
 
     r = harness.restore(image, lazy=mode == "lazy", like=target)
     assert r.returncode == 0, r.stderr
@@ -86,6 +91,9 @@ def test_each_shared_object_stored_once_and_made_once(harness: H.Harness, mode: 
     for pid in tree:
         st = os.stat(f"/proc/{pid}/fd/60")
         assert {(st.st_dev, st.st_ino)} == seen[file_id], f"pid {pid}: fd 60 is not the mapped deleted file"
+    d_pid = next(pid for pid, fds in own.items() if fds)
+    st = os.stat(f"/proc/{d_pid}/fd/61")
+    assert {(st.st_dev, st.st_ino)} == seen[file_id], f"pid {d_pid}: fd 61 is not the mapped deleted file"
     H.expect_pass(harness.run_case(CASE, r.target), r.target, r)
     assert r.target.wait_exit(15) == 0, r.target.describe()
 

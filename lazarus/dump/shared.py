@@ -6,8 +6,10 @@ FIFO held by several processes (inherited across fork: stdin/stdout/stderr, a lo
 pipe or FIFO with ends in several processes, fs state shared by clone(CLONE_FS) down one line of descent.
 Given back shared too (stored once by dump/memory.py, made once by restore/sharing.py SharedMemory): shared
 anonymous memory, a memfd, a deleted file or a removed System V segment mapped (or, a memfd, held) by several
-processes. Refused here: an fd table shared by clone (CLONE_FILES), fs state shared otherwise, and sockets, anonymous-inode files (eventfd, epoll...), memfds and unlinked files open
-(as fds, not mappings) in two processes.
+processes. An fd to a deleted file that is also mapped is opened again on that object, whether its description is
+shared or each process has its own (then each must map the file too). Refused here: an fd table shared by clone
+(CLONE_FILES), fs state shared otherwise, and sockets, anonymous-inode files (eventfd, epoll...), memfds and
+unlinked files open (as fds, not mappings) in two processes.
 
 What is not refused: the same named file opened separately by two processes (each gets its own open again),
 MAP_SHARED mappings of a named regular file (mapped again from the file, they share its page cache), and
@@ -92,6 +94,9 @@ def refuse_shared(pids: list[int]) -> Sharing:
     if problems:
         raise Unsupported(problems[0])
     kept = {(p, fd) for d in found.descriptions if d.kind in SHAREABLE for p, fd in d.holders}
+    # A deleted file several processes map: each fd of it is opened again on the one object made for the
+    # mappings (dump/files.py "object_file"), if its process maps it too (else it would be a copy of its own).
+    mapped = {(m.dev, m.ino): {x.pid for x in m.mappings} for m in found.memory if m.kind == "deleted"}
     for d in found.descriptions:
         if d.kind not in SHAREABLE:
             (p, pfd), (q, qfd) = d.holders[0], next(h for h in d.holders if h[0] != d.holders[0][0])
@@ -104,7 +109,7 @@ def refuse_shared(pids: list[int]) -> Sharing:
                 if other.pid == p or (other.pid, other.fd) in kept:
                     continue
                 for mine in fds:
-                    if (p, mine.fd) in kept:
+                    if (p, mine.fd) in kept or {other.pid, p} <= mapped.get(key, set()):
                         continue
                     if same_file_across(other.pid, other.fd, p, mine.fd):  # pragma: no cover - found above
                         raise Unsupported(f"pid {other.pid} fd {other.fd} and pid {p} fd {mine.fd} share one open "

@@ -10,7 +10,8 @@
  *   MEMFD  a memfd "laz-shm", 8 pages, pages 0-3 and 6 written, 4, 5, 7 holes; its fd closed after mmap;
  *   FILE   /dev/shm/laz-shm-PID, 3 pages, mapped shared, then unlinked (a deleted tmpfs file); its fd (O_RDWR,
  *          O_NOFOLLOW, close-on-exec) stays open as fd 60 at offset FILE_POS, one description inherited by C and D
- *          (multiprocessing's heap arena is such a file).
+ *          (multiprocessing's heap arena is such a file); D also opens a read-only description of its own of
+ *          it (fd 61, through /proc/self/fd/60) and reads C's mark through it.
  * After the fork:
  *   LATE   C makes a memfd "laz-late" (2 pages), maps it and sends its fd to P (SCM_RIGHTS), P maps it; C
  *          keeps its fd open as fd 50 and reads P's mark through it too;
@@ -225,11 +226,18 @@ static void d_main(void)
 	close(fd);
 	unlink(path);
 	close_socks();
+	/* A description of FILE of its own, read-only: it must come back on the one recreated FILE too. */
+	fd = open("/proc/self/fd/60", O_RDONLY | O_CLOEXEC); /* FILE_FD */
+	if (fd < 0 || dup2(fd, FILE_FD + 1) != FILE_FD + 1 || close(fd))
+		_exit(93);
 	while (sem_wait(sem) && errno == EINTR)
 		;
 	int bad = check_all(2, 2);
 	if (bad)
 		_exit(bad);
+	uint64_t got = 0;
+	if (pread(FILE_FD + 1, &got, sizeof(got), LAZ_PAGE + 8) != sizeof(got) || got != mark_of(FILEM, 1))
+		_exit(FILEM * 16 + 9); /* C's write into its mapping, read through D's own description */
 	mark_all(2);
 	_exit(0);
 }
