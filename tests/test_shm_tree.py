@@ -73,6 +73,9 @@ def test_each_shared_object_stored_once_and_made_once(harness: H.Harness, mode: 
                  if f["type"] == "object_file"] for pid in tree}
     assert sorted(own.values()) == [[], [], [61]], own
 
+    if mode == "eager":
+        _show_names_the_store(harness, image, mms)
+
     r = harness.restore(image, lazy=mode == "lazy", like=target)
     assert r.returncode == 0, r.stderr
     assert r.target is not None
@@ -96,6 +99,34 @@ def test_each_shared_object_stored_once_and_made_once(harness: H.Harness, mode: 
     assert {(st.st_dev, st.st_ino)} == seen[file_id], f"pid {d_pid}: fd 61 is not the mapped deleted file"
     H.expect_pass(harness.run_case(CASE, r.target), r.target, r)
     assert r.target.wait_exit(15) == 0, r.target.describe()
+
+
+def _show_names_the_store(harness: H.Harness, image: Path, mms: dict[int, dict]) -> None:
+    """`show` counts an object's pages at every holder, naming the process whose file stores them, and sums a
+    task's own pages apart from those."""
+    shown = harness.lazarus("show", "--json", str(image))
+    assert shown.returncode == 0, shown.stderr
+    tasks = {t["pid"]: t for t in json.loads(shown.stdout)["tasks"]}
+    pages_of = {o["shared"]: sum(n for _, n, _ in o["pages"]) for mm in mms.values() for o in mm["objects"]
+                if "content" not in o}
+    checked = 0
+    for pid, mm in mms.items():
+        objects = {o["id"]: o for o in mm["objects"]}
+        rows = tasks[pid]["vmas"]
+        assert len(rows) == len(mm["vmas"])
+        for v, row in zip(mm["vmas"], rows, strict=True):
+            obj = objects.get(v.get("object", -1))
+            if obj is None or "content" not in obj:
+                assert "stored_by" not in row, row
+                continue
+            assert row["stored_by"] == obj["content"] and row["pages"] == pages_of[obj["shared"]], (pid, row)
+            checked += row["pages"] > 0
+        assert tasks[pid]["shared_pages"] == sum(r["pages"] for r in rows if "stored_by" in r)
+        assert tasks[pid]["pages"] == sum(r["pages"] for r in rows if "stored_by" not in r)
+    assert checked, "no holder of an object stored elsewhere shows pages"
+    text = harness.lazarus("show", str(image))
+    assert text.returncode == 0, text.stderr
+    assert "shared with pid" in text.stdout and "saved by another process" in text.stdout, text.stdout
 
 
 def test_system_v_segment_left_in_the_namespace_refused(harness: H.Harness) -> None:

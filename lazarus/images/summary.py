@@ -51,8 +51,12 @@ def summary(img: Any) -> dict[str, Any]:
     from lazarus.kernel import abi
     from lazarus.restore.threads import check_threads
     shared = {d["id"]: d for d in img.json("shared.json")["files"]} if "shared.json" in img.files else {}
-    for pid in img.tasks:
-        t = img.task(pid)
+    records = {pid: img.task(pid) for pid in img.tasks}
+    # Shared id -> pages of a memory object several processes hold, as stored once by one of them (the others'
+    # records name that pid as "content" and hold no runs: docs/IMAGES.md).
+    stored = {o["shared"]: sum(n for _, n, _ in o["pages"]) for t in records.values() for o in t["mm"]["objects"]
+              if "shared" in o and "content" not in o}
+    for pid, t in records.items():
         check_threads(t, f"task-{pid}.json")
         lazy_ids = lazy_object_ids(t["mm"], t["files"])
         objects = {o["id"]: o for o in t["mm"]["objects"]}
@@ -62,10 +66,14 @@ def summary(img: Any) -> dict[str, Any]:
             prot = "".join(c if v["prot"] & b else "-" for c, b in (("r", 1), ("w", 2), ("x", 4)))
             obj = objects.get(v.get("object", -1))
             npages = sum(n for _, n, _ in (obj["pages"] if obj else v["pages"]))
-            vmas.append({"start": f"{v['start']:#x}", "end": f"{v['end']:#x}",
-                         "prot": prot + ("s" if v["shared"] else "p"), "kind": v["kind"], "path": v["path"],
-                         "pages": npages, "lazy": is_lazy(v) or (obj is not None and obj["id"] in lazy_ids),
-                         "vmflags": " ".join(v["vmflags"])})
+            vma = {"start": f"{v['start']:#x}", "end": f"{v['end']:#x}",
+                   "prot": prot + ("s" if v["shared"] else "p"), "kind": v["kind"], "path": v["path"],
+                   "pages": npages, "lazy": is_lazy(v) or (obj is not None and obj["id"] in lazy_ids),
+                   "vmflags": " ".join(v["vmflags"])}
+            if obj is not None and "content" in obj:
+                # Its pages are in the storing process's file: count them there, say whose.
+                vma.update(pages=stored.get(obj.get("shared"), 0), stored_by=obj["content"])
+            vmas.append(vma)
         fds = [{"fd": f["fd"], "type": f["type"], "target": _shared_target(f, shared),
                 "flags": f"{f['flags']:o}", "pos": f["pos"], "cloexec": f["cloexec"]} for f in t["files"]]
         out["tasks"].append({
@@ -77,7 +85,9 @@ def summary(img: Any) -> dict[str, Any]:
                          "rip": f"{abi.user_regs_struct.from_buffer_copy(bytes.fromhex(th['core']['regs'])).rip:#x}"}
                         for th in t.get("threads", [])],
             "vmas": vmas, "fds": fds,
-            "pages": sum(v["pages"] for v in vmas), "lazy_pages": sum(v["pages"] for v in vmas if v["lazy"]),
+            "pages": sum(v["pages"] for v in vmas if "stored_by" not in v),
+            "lazy_pages": sum(v["pages"] for v in vmas if v["lazy"] and "stored_by" not in v),
+            "shared_pages": sum(v["pages"] for v in vmas if "stored_by" in v),
             "signals": {"blocked": f"{t['signals']['blocked']:#x}",
                         "pending": len(t["signals"]["pending_thread"]) + len(t["signals"]["pending_shared"]),
                         "handlers": sum(1 for a in t["signals"]["actions"] if a[0] > 1)},
