@@ -221,7 +221,7 @@ class SpaceBuilder:
                     assert shared is not None
                     shared.fds[sid] = -1  # no fd: the others attach it by its id
                 continue
-            high = self._create_object(obj, content, hold_above, pf, lazy_ids)
+            high = self._create_object(obj, content, hold_above, pf, lazy_ids, shared if sid is not None else None)
             self.state.object_fds[obj["id"]] = high
             if sid is not None:
                 assert shared is not None
@@ -231,8 +231,12 @@ class SpaceBuilder:
             fds = shared.give(self.task, [o["shared"] for o in given], hold_above)
             for obj, fd in zip(given, fds, strict=True):
                 self.state.object_fds[obj["id"]] = fd
+                name = shared.names.get(obj["shared"])
                 for rec in self.reopen.get(obj["id"], ()):
-                    self._reopen(rec, f"/proc/self/fd/{fd}", hold_above, magic=True)
+                    if name is not None:
+                        self._reopen(rec, name[1], hold_above)
+                    else:
+                        self._reopen(rec, f"/proc/self/fd/{fd}", hold_above, magic=True)
 
     def _reopen(self, rec: dict[str, Any], path: str, hold_above: int, *, magic: bool = False) -> None:
         """Open the deleted file's object at `path` (its recreated name, or the task's own fd link of it when
@@ -251,14 +255,14 @@ class SpaceBuilder:
         t.syscall(abi.SYS.close, tfd)
 
     def _create_object(self, obj: dict[str, Any], content: dict[str, Any], hold_above: int, page_file: Any,
-                       lazy_ids: set[int]) -> int:
+                       lazy_ids: set[int], shared: SharedMemory | None = None) -> int:
         """One object made in the task, its content from `content` (obj itself, or the record storing a shared
         object's content); returns the task's fd of it (>= hold_above)."""
         t = self.task
         size = obj["size"]
         seals = obj.get("seals", SEALS_NONE)
         if obj["kind"] == "deleted":
-            return self._recreate_deleted(obj, hold_above, page_file, content)
+            return self._recreate_deleted(obj, hold_above, page_file, content, shared)
         if obj["kind"] == "memfd":
             flags = 0
             if seals != SEALS_NONE:
@@ -307,11 +311,13 @@ class SpaceBuilder:
             os.chmod(path, obj["mode"])
 
     def _recreate_deleted(self, obj: dict[str, Any], hold_above: int, page_file: Any,
-                          content: dict[str, Any] | None = None) -> int:
+                          content: dict[str, Any] | None = None, shared: SharedMemory | None = None) -> int:
         """A mapped file that was deleted: recreated with its content (root's, mode 0600 and O_EXCL) under its
         old name inside a private directory of ours (restore/private.py: never at the path the image names),
         opened by the task, unlinked again, and only then given its owner and mode, through the task's fd.
-        Returns the task's fd (>= hold_above)."""
+        One several tasks hold, some of which open fds of it (`shared`), keeps its name in the private
+        directory (root's, 0700) until every task is built (SharedMemory.close). Returns the task's fd
+        (>= hold_above)."""
         top = private.make(obj["path"], None)
         path = private.name_in(top, obj["path"], "file")
         try:
@@ -332,8 +338,11 @@ class SpaceBuilder:
             t.syscall(abi.SYS.close, tfd)
             for rec in self.reopen.get(obj["id"], ()):
                 self._reopen(rec, path, hold_above)  # while it has a name: its open flags may hold O_NOFOLLOW
+            if shared is not None and obj["shared"] in shared.reopened():
+                shared.names[obj["shared"]] = (top, path)  # later holders open their fds of it by name too
         finally:
-            private.remove(top)
+            if shared is None or obj.get("shared") not in shared.names:
+                private.remove(top)
         self._owner_and_mode(f"/proc/{self.pid}/fd/{high}", obj)
         self.state.recreated[obj["inode"]] = (path, high)
         return high

@@ -10,8 +10,9 @@
  *   MEMFD  a memfd "laz-shm", 8 pages, pages 0-3 and 6 written, 4, 5, 7 holes; its fd closed after mmap;
  *   FILE   /dev/shm/laz-shm-PID, 3 pages, mapped shared, then unlinked (a deleted tmpfs file); its fd (O_RDWR,
  *          O_NOFOLLOW, close-on-exec) stays open as fd 60 at offset FILE_POS, one description inherited by C and D
- *          (multiprocessing's heap arena is such a file); D also opens a read-only description of its own of
- *          it (fd 61, through /proc/self/fd/60) and reads C's mark through it.
+ *          (multiprocessing's heap arena is such a file). Fd 61, a read-only O_NOFOLLOW description of it, is
+ *          inherited by C and D and closed by P; D also opens a read-only description of its own of it (fd 62,
+ *          through /proc/self/fd/60). D reads C's mark through both.
  * After the fork:
  *   LATE   C makes a memfd "laz-late" (2 pages), maps it and sends its fd to P (SCM_RIGHTS), P maps it; C
  *          keeps its fd open as fd 50 and reads P's mark through it too;
@@ -228,7 +229,7 @@ static void d_main(void)
 	close_socks();
 	/* A description of FILE of its own, read-only: it must come back on the one recreated FILE too. */
 	fd = open("/proc/self/fd/60", O_RDONLY | O_CLOEXEC); /* FILE_FD */
-	if (fd < 0 || dup2(fd, FILE_FD + 1) != FILE_FD + 1 || close(fd))
+	if (fd < 0 || dup2(fd, FILE_FD + 2) != FILE_FD + 2 || close(fd))
 		_exit(93);
 	while (sem_wait(sem) && errno == EINTR)
 		;
@@ -236,8 +237,11 @@ static void d_main(void)
 	if (bad)
 		_exit(bad);
 	uint64_t got = 0;
-	if (pread(FILE_FD + 1, &got, sizeof(got), LAZ_PAGE + 8) != sizeof(got) || got != mark_of(FILEM, 1))
+	if (pread(FILE_FD + 2, &got, sizeof(got), LAZ_PAGE + 8) != sizeof(got) || got != mark_of(FILEM, 1))
 		_exit(FILEM * 16 + 9); /* C's write into its mapping, read through D's own description */
+	if (pread(FILE_FD + 1, &got, sizeof(got), LAZ_PAGE + 8) != sizeof(got) || got != mark_of(FILEM, 1) ||
+	    !(fcntl(FILE_FD + 1, F_GETFL) & O_NOFOLLOW))
+		_exit(FILEM * 16 + 10); /* ... and through the description C and D alone hold (P closed it) */
 	mark_all(2);
 	_exit(0);
 }
@@ -344,6 +348,9 @@ int main(int argc, char **argv)
 	if (dup3(fd, FILE_FD, O_CLOEXEC) != FILE_FD || lseek(FILE_FD, FILE_POS, SEEK_SET) != FILE_POS)
 		laz_die("fd %d", FILE_FD);
 	close(fd);
+	fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0 || dup3(fd, FILE_FD + 1, O_CLOEXEC) != FILE_FD + 1 || close(fd))
+		laz_die("fd %d", FILE_FD + 1);
 	unlink(path);
 	for (int r = ANON; r <= FILEM; r++)
 		stamp(r);
@@ -365,6 +372,7 @@ int main(int argc, char **argv)
 		laz_die("socketpair");
 	pid_t c = spawn(c_main);
 	pid_t d = spawn(d_main);
+	close(FILE_FD + 1); /* held by C and D alone: restored by a task the object is given to */
 	fd = recv_fd(sv_c[0]);
 	reg[LATE] = map_fd(fd, pages_of[LATE]);
 	close(fd);
