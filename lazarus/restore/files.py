@@ -249,7 +249,7 @@ class FdRestorer:
                 # Opened on the deleted file's object by the memory phase (restore/memory.py _reopen).
                 tmp = self.reopened.pop(rec["fd"], None)
                 if tmp is None:
-                    raise RestoreError(f"fd {rec['fd']} ({rec['path']} (deleted)): its mapped object was not "
+                    raise RestoreError(f"fd {rec['fd']} ({rec.get('path')} (deleted)): its mapped object was not "
                                        f"opened for it", stage="files", pid=self.pid)
                 self._place(tmp, rec, seek=True)
             elif kind == "pipe":

@@ -243,12 +243,12 @@ class SpaceBuilder:
         the object was given: `magic`) with the fd record's access and open flags; kept >= hold_above until
         the fd phase places it (restore/files.py)."""
         flags = rec["flags"] & _OPEN_MASK
-        where = f"fd {rec['fd']} ({rec['path']} (deleted))"
+        where = f"fd {rec['fd']} ({rec.get('path')} (deleted))"
         if magic and flags & abi.O_NOFOLLOW:
             # The kernel refuses O_NOFOLLOW on the /proc link, and the name is only known to the task that made
             # the object.
             raise RestoreError(f"{where}: opened with O_NOFOLLOW by a process that did not make its mapped "
-                               f"object; not supported", stage="files", pid=self.pid, path=rec["path"])
+                               f"object; not supported", stage="files", pid=self.pid, path=rec.get("path"))
         t = self.task
         tfd = t.syscall(abi.SYS.openat, abi.AT_FDCWD & _NEG1, t.cstring(path), flags, 0, what=f"open {where}")
         self.state.reopened[rec["fd"]] = t.syscall(abi.SYS.fcntl, tfd, abi.F_DUPFD, hold_above)
@@ -614,7 +614,7 @@ def reopen_records(fds: list[dict[str, Any]], shared: dict[str, Any] | None, pid
     out: dict[int, list[dict[str, Any]]] = {}
     for rec in fds:
         if rec["type"] == "object_file" and "dup_of" not in rec:
-            out.setdefault(rec["object"], []).append(rec)
+            out.setdefault(rec.get("object", -1), []).append(rec)
     for d in (shared or {}).get("files", ()):
         if d.get("type") == "object_file" and d["holders"][0][0] == pid:
             out.setdefault(d["object"], []).append({**d, "fd": d["holders"][0][1]})
