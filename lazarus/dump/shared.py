@@ -6,10 +6,8 @@ FIFO held by several processes (inherited across fork: stdin/stdout/stderr, a lo
 pipe or FIFO with ends in several processes, fs state shared by clone(CLONE_FS) down one line of descent.
 Given back shared too (stored once by dump/memory.py, made once by restore/sharing.py SharedMemory): shared
 anonymous memory, a memfd, a deleted file or a removed System V segment mapped (or, a memfd, held) by several
-processes. An fd to a deleted file that is also mapped is opened again on that object, whether its description is
-shared or each process has its own (then each must map the file too). Refused here: an fd table shared by clone
-(CLONE_FILES), fs state shared otherwise, and sockets, anonymous-inode files (eventfd, epoll...), memfds and
-unlinked files open (as fds, not mappings) in two processes.
+processes. Refused here: an fd table shared by clone (CLONE_FILES), fs state shared otherwise, and sockets, anonymous-inode files (eventfd, epoll...), memfds and unlinked files open
+(as fds, not mappings) in two processes.
 
 What is not refused: the same named file opened separately by two processes (each gets its own open again),
 MAP_SHARED mappings of a named regular file (mapped again from the file, they share its page cache), and
@@ -75,7 +73,9 @@ def check_fs_group(pids: tuple[int, ...], parents: dict[int, int]) -> None:
 
 
 def refuse_shared(pids: list[int]) -> Sharing:
-    """What the processes `pids` share, found once (dump/sharing.py). Open file descriptions of files, pipes
+    """What the processes `pids` share, found once (dump/sharing.py). An fd to a deleted file that is also mapped
+    comes back on that object, whether its description is shared or each process has its own (then each must
+    map the file too: dump/files.py "object_file"). Open file descriptions of files, pipes
     and FIFOs come back shared (dump/sharefds.py stores them once); for everything else still refused, raise
     Unsupported naming both pids (and the fd or address).
 

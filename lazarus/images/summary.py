@@ -50,13 +50,14 @@ def summary(img: Any) -> dict[str, Any]:
     from lazarus.images.mm import is_lazy, lazy_object_ids
     from lazarus.kernel import abi
     from lazarus.restore.threads import check_threads
-    shared = {d["id"]: d for d in img.json("shared.json")["files"]} if "shared.json" in img.files else {}
-    records = {pid: img.task(pid) for pid in img.tasks}
     # Shared id -> pages of a memory object several processes hold, as stored once by one of them (the others'
     # records name that pid as "content" and hold no runs: docs/IMAGES.md).
-    stored = {o["shared"]: sum(n for _, n, _ in o["pages"]) for t in records.values() for o in t["mm"]["objects"]
+    stored = {o["shared"]: sum(n for _, n, _ in o["pages"]) for p in img.tasks for o in img.task(p)["mm"]["objects"]
               if "shared" in o and "content" not in o}
-    for pid, t in records.items():
+
+    shared = {d["id"]: d for d in img.json("shared.json")["files"]} if "shared.json" in img.files else {}
+    for pid in img.tasks:
+        t = img.task(pid)
         check_threads(t, f"task-{pid}.json")
         lazy_ids = lazy_object_ids(t["mm"], t["files"])
         objects = {o["id"]: o for o in t["mm"]["objects"]}
@@ -85,13 +86,17 @@ def summary(img: Any) -> dict[str, Any]:
                          "rip": f"{abi.user_regs_struct.from_buffer_copy(bytes.fromhex(th['core']['regs'])).rip:#x}"}
                         for th in t.get("threads", [])],
             "vmas": vmas, "fds": fds,
-            "pages": sum(v["pages"] for v in vmas if "stored_by" not in v),
-            "lazy_pages": sum(v["pages"] for v in vmas if v["lazy"] and "stored_by" not in v),
-            "shared_pages": sum(v["pages"] for v in vmas if "stored_by" in v),
+            "pages": sum(v["pages"] for v in vmas), "lazy_pages": sum(v["pages"] for v in vmas if v["lazy"]),
             "signals": {"blocked": f"{t['signals']['blocked']:#x}",
                         "pending": len(t["signals"]["pending_thread"]) + len(t["signals"]["pending_shared"]),
                         "handlers": sum(1 for a in t["signals"]["actions"] if a[0] > 1)},
         })
+        if any("stored_by" in v for v in vmas):
+            # "pages" counts what its own page file holds; the objects another process stores apart.
+            mine = [v for v in vmas if "stored_by" not in v]
+            out["tasks"][-1].update(pages=sum(v["pages"] for v in mine),
+                                    lazy_pages=sum(v["pages"] for v in mine if v["lazy"]),
+                                    shared_pages=sum(v["pages"] for v in vmas if "stored_by" in v))
     files = {n: m["size"] for n, m in inv["files"].items()}
     files["inventory.json"] = (Path(img.path) / "inventory.json").stat().st_size
     out["files"] = files

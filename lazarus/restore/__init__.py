@@ -411,7 +411,6 @@ class TaskBuild:
         access, fds = self._access, task["files"]
         space.close_cached()
         self.fdr = fdr = FdRestorer(remote, img, child, space.state.object_fds, high_base, access)
-        fdr.reopened = space.state.reopened
         own, checked = self._shared_fds_first(fds)
         fdr.restore(own)
         closes = remote.batch()
@@ -464,6 +463,8 @@ class TaskBuild:
     def _shared_fds_first(self, fds: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Descriptions shared with tasks built before this one are given now (restore/sharefds.py); returns
         the records this task restores itself, and every record to read back at the end."""
+        assert self.fdr is not None and self.space is not None
+        self.fdr.reopened = self.space.state.reopened  # fds opened on deleted files' objects (restore/memory.py)
         if self.shared is None:
             return fds, fds
         assert self.remote is not None
