@@ -73,9 +73,7 @@ def check_fs_group(pids: tuple[int, ...], parents: dict[int, int]) -> None:
 
 
 def refuse_shared(pids: list[int]) -> Sharing:
-    """What the processes `pids` share, found once (dump/sharing.py). An fd to a deleted file that is also mapped
-    comes back on that object, whether its description is shared or each process has its own (then each must
-    map the file too: dump/files.py "object_file"). Open file descriptions of files, pipes
+    """What the processes `pids` share, found once (dump/sharing.py). Open file descriptions of files, pipes
     and FIFOs come back shared (dump/sharefds.py stores them once); for everything else still refused, raise
     Unsupported naming both pids (and the fd or address).
 
@@ -94,8 +92,9 @@ def refuse_shared(pids: list[int]) -> Sharing:
     if problems:
         raise Unsupported(problems[0])
     kept = {(p, fd) for d in found.descriptions if d.kind in SHAREABLE for p, fd in d.holders}
-    # A deleted file several processes map: each fd of it is opened again on the one object made for the
-    # mappings (dump/files.py "object_file"), if its process maps it too (else it would be a copy of its own).
+    # A deleted file several processes map: each fd of it comes back on the one object made for the mappings
+    # (dump/files.py "object_file"), whether its description is shared or each process has its own; an fd of
+    # its own only if its process maps the file too (else it would come back as a copy of its own).
     mapped = {(m.dev, m.ino): {x.pid for x in m.mappings} for m in found.memory if m.kind == "deleted"}
     for d in found.descriptions:
         if d.kind not in SHAREABLE:
