@@ -485,13 +485,14 @@ def cmd_show(args: argparse.Namespace) -> int:
         if t["threads"]:
             con.print(f"  threads: {len(t['threads'])} more: "
                       + ", ".join(f"{th['tid']} ({th['comm']}) rip {th['rip']}" for th in t["threads"]))
-        con.print(f"  memory: {t['pages']} pages saved, {t['lazy_pages']} of them served lazily by --lazy")
+        more = f"; {t['shared_pages']} more shared, saved by another process" if t.get("shared_pages") else ""
+        con.print(f"  memory: {t['pages']} pages saved, {t['lazy_pages']} of them served lazily by --lazy{more}")
         vt = Table(show_edge=False)
         for col in ("start", "end", "prot", "kind", "pages", "lazy", "path"):
             vt.add_column(col)
         for v in t["vmas"]:
-            vt.add_row(v["start"], v["end"], v["prot"], v["kind"], str(v["pages"]), "lazy" if v["lazy"] else "",
-                       v["path"])
+            pages = f"{v['pages']} shared with pid {v['stored_by']}" if "stored_by" in v else str(v["pages"])
+            vt.add_row(v["start"], v["end"], v["prot"], v["kind"], pages, "lazy" if v["lazy"] else "", v["path"])
         con.print(vt)
         if "fd_table_of" in t:
             con.print(f"  fds: the fd table of pid {t['fd_table_of']} (clone with CLONE_FILES), listed there")

@@ -382,6 +382,7 @@ CASES: tuple[Case, ...] = (
     Case("madvise", "madvise"),
     Case("guard", "guard"),
     Case("deleted-map", "deleted_map"),
+    Case("deleted-map-withfd", "deleted_map", ("withfd",)),  # ... also open at fd 30: the mapped inode itself
     Case("memfd-seals", "memfd_seals"),
     Case("files2", "files2"),
     Case("locks", "locks"),
@@ -409,7 +410,7 @@ REFUSED_PROC_MODES = ("securebits", "cpu_overrun")  # tests/targets/refused_proc
 
 
 PYTHONS = ("system", "lazarus")
-PY_TARGETS = ("pyscript", "pyasync", "pythreads", "pypool")  # tests/targets/NAME.py, run by target_python()
+PY_TARGETS = ("pyscript", "pyasync", "pythreads", "pypool", "pyshared")  # tests/targets/NAME.py, run by target_python()
 
 
 def target_python(kind: str = "system") -> Path:

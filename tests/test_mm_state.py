@@ -19,8 +19,6 @@ pytestmark = pytest.mark.root
     # Unlinked from its name but still linked elsewhere: a restore would recreate a copy, cut off from
     # that other link.
     ("linked", (r"mapping 0x[0-9a-f]+-0x[0-9a-f]+ .*deleted-a", r"other link")),
-    # Mapped and also open: the fd would come back as a second inode.
-    ("withfd", (r"fd 30 \(.*deleted-a \(deleted\)\)", r"also mapped")),
 ])
 def test_dump_refuses_deleted_file(harness: H.Harness, mode: str, names: tuple[str, ...]) -> None:
     """The dump refuses naming the mapping or fd, and the process runs on unchanged."""

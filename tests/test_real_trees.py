@@ -3,7 +3,7 @@ feed a multiprocessing.Pool of forked workers (tests/targets/pypool.py), and a s
 producer, a filter and a compressor writing a file. Restored eagerly and lazily, each must finish with exactly
 the result of an uninterrupted run.
 
-Both are dumped mid-work and restored (restore_tree_to_reference); the Python pool's semaphores are shared
+All are dumped mid-work and restored (restore_tree_to_reference); the Python pool's semaphores are shared
 memory between its processes (deleted /dev/shm/sem.* files every worker maps), made once at restore.
 """
 
@@ -92,6 +92,44 @@ def test_python_pool_and_threads_mid_work(harness: H.Harness, pypool_reference: 
     # Its pipes, inherited files and the semaphores multiprocessing maps MAP_SHARED from /dev/shm/sem.*
     # (unlinked at once: "deleted" memory objects, one mapped by every worker) come back shared.
     restore_tree_to_reference(harness, res, image, target, tree, mode, result, pypool_reference)
+
+
+# ----------------------------------------------------------------------------------------------
+# Python: multiprocessing.Value and Array filled by forked Process workers
+
+
+@pytest.fixture(scope="module")
+def pyshared_reference(tmp_path_factory: pytest.TempPathFactory, target_bins: dict[str, Path]) -> Iterator[str]:
+    h = H.Harness(target_bins, tmp_path_factory.mktemp("pyshared_reference"))
+    try:
+        target = h.start_target("pyshared", python="lazarus")
+        H.expect_pass(target.wait_result(180), target)
+        assert target.wait_exit(15) == 0
+        line = H.result_line(target.log)
+        assert line is not None, target.describe()
+        yield line
+    finally:
+        h.cleanup()
+
+
+@pytest.mark.parametrize("mode", ["eager", "lazy"])
+def test_python_value_and_array_mid_work(harness: H.Harness, pyshared_reference: str, mode: str) -> None:
+    target = harness.start_target("pyshared", python="lazarus")  # READY: a quarter of the slots done
+    R.wait_until(lambda: len(R.descendants(target.pid)) >= 3, 30, "three workers", target)
+    tree = [target.pid, *R.descendants(target.pid)]
+    image = harness.image_dir()
+    res = harness.dump(target, image)
+
+    def result() -> str | None:
+        return H.result_line(target.log)
+
+    # The arena (an unlinked /dev/shm/pym-* file) is both an fd and a MAP_SHARED mapping in every process: the
+    # fd's description is stored once (shared.json, type object_file) and opened again on the one recreated
+    # object the mappings use, so the main process's pwrite through the fd is seen in its Array (its own check).
+    if res.returncode == 0:
+        shared = json.loads((image / "shared.json").read_text())
+        assert any(d.get("type") == "object_file" for d in shared["files"]), shared["files"]
+    restore_tree_to_reference(harness, res, image, target, tree, mode, result, pyshared_reference)
 
 
 # ----------------------------------------------------------------------------------------------

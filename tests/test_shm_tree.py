@@ -1,7 +1,9 @@
 """Memory objects shared by the processes of a tree (tests/targets/shm_tree.c): shared anonymous memory, memfds
 and deleted /dev/shm files, some inherited across fork, some mapped after it from an fd passed over a socket.
 The dump stores each one once (image format 5); the restore makes each once and every holder maps that very
-object (the kernel's device and inode of each mapping agree across the processes); the target's own checks
+object (the kernel's device and inode of each mapping agree across the processes, and with the deleted
+file's fd all three inherited, stored once as a description of type object_file, and with a description of
+it one child opened on its own); the target's own checks
 (harness CASES "shm-tree", eager and lazy in test_dump_restore.py) prove each sees the others' writes.
 A System V segment removed with IPC_RMID comes back too (harness CASES "shm-tree-sysv"); one left in the IPC
 namespace is refused, by name.
@@ -62,6 +64,19 @@ def test_each_shared_object_stored_once_and_made_once(harness: H.Harness, mode: 
     # sem, anon, memfd, file (all three), late memfd (P and C), late deleted file (P and D): stored once each.
     assert sorted(len(v) for v in stores.values()) == [1] * 6, stores
     assert sorted(len(v) for v in refs.values()) == [1, 1, 2, 2, 2, 2], refs
+    # The deleted file's fd 60, one description inherited by all three: stored once, naming P's object.
+    descs = [d for d in json.loads((image / "shared.json").read_text())["files"] if d["type"] == "object_file"]
+    # Fd 61, held by the children alone (made by one the object is given to; its O_NOFOLLOW needs the name).
+    assert sorted((len(d["holders"]), d["holders"][0][1]) for d in descs) == [(2, 61), (3, 60)], descs
+    assert sorted(h[0] for h in descs[0]["holders"]) == sorted(tree) or \
+        sorted(h[0] for h in descs[1]["holders"]) == sorted(tree), descs
+    # D's own read-only description of it (fd 62): a record of D's, opened again on the object D is given.
+    own = {pid: [f["fd"] for f in json.loads((image / f"task-{pid}.json").read_text())["files"]
+                 if f["type"] == "object_file"] for pid in tree}
+    assert sorted(own.values()) == [[], [], [62]], own
+
+    if mode == "eager":
+        _show_names_the_store(harness, image, mms)
 
     r = harness.restore(image, lazy=mode == "lazy", like=target)
     assert r.returncode == 0, r.stderr
@@ -75,8 +90,46 @@ def test_each_shared_object_stored_once_and_made_once(harness: H.Harness, mode: 
                 seen[ids[v["object"]]].add(_identity(pid, v))
     assert len(seen) == 6 and all(len(s) == 1 for s in seen.values()), dict(seen)
     assert len({next(iter(s)) for s in seen.values()}) == 6, "two shared ids came back as one object"
+    # Each process's fd 60 is the very file its FILE mapping maps (one inode for fd and mapping).
+    root_objects = {o["id"]: o for o in mms[target.pid]["objects"]}
+    file_id = root_objects[next(d for d in descs if d["holders"][0][0] == target.pid)["object"]]["shared"]
+    for pid in tree:
+        st = os.stat(f"/proc/{pid}/fd/60")
+        assert {(st.st_dev, st.st_ino)} == seen[file_id], f"pid {pid}: fd 60 is not the mapped deleted file"
+    d_pid = next(pid for pid, fds in own.items() if fds)
+    for fd in (61, 62):
+        st = os.stat(f"/proc/{d_pid}/fd/{fd}")
+        assert {(st.st_dev, st.st_ino)} == seen[file_id], f"pid {d_pid}: fd {fd} is not the mapped deleted file"
     H.expect_pass(harness.run_case(CASE, r.target), r.target, r)
     assert r.target.wait_exit(15) == 0, r.target.describe()
+
+
+def _show_names_the_store(harness: H.Harness, image: Path, mms: dict[int, dict]) -> None:
+    """`show` counts an object's pages at every holder, naming the process whose file stores them, and sums a
+    task's own pages apart from those."""
+    shown = harness.lazarus("show", "--json", str(image))
+    assert shown.returncode == 0, shown.stderr
+    tasks = {t["pid"]: t for t in json.loads(shown.stdout)["tasks"]}
+    pages_of = {o["shared"]: sum(n for _, n, _ in o["pages"]) for mm in mms.values() for o in mm["objects"]
+                if "content" not in o}
+    checked = 0
+    for pid, mm in mms.items():
+        objects = {o["id"]: o for o in mm["objects"]}
+        rows = tasks[pid]["vmas"]
+        assert len(rows) == len(mm["vmas"])
+        for v, row in zip(mm["vmas"], rows, strict=True):
+            obj = objects.get(v.get("object", -1))
+            if obj is None or "content" not in obj:
+                assert "stored_by" not in row, row
+                continue
+            assert row["stored_by"] == obj["content"] and row["pages"] == pages_of[obj["shared"]], (pid, row)
+            checked += row["pages"] > 0
+        assert tasks[pid].get("shared_pages", 0) == sum(r["pages"] for r in rows if "stored_by" in r)
+        assert tasks[pid]["pages"] == sum(r["pages"] for r in rows if "stored_by" not in r)
+    assert checked, "no holder of an object stored elsewhere shows pages"
+    text = harness.lazarus("show", str(image))
+    assert text.returncode == 0, text.stderr
+    assert "shared with pid" in text.stdout and "saved by another process" in text.stdout, text.stdout
 
 
 def test_system_v_segment_left_in_the_namespace_refused(harness: H.Harness) -> None:

@@ -28,6 +28,7 @@ SELF_CASES: tuple[H.Case, ...] = (
     H.Case("pyscript", "pyscript", ("150000",), "none", None),
     H.Case("pythreads", "pythreads", ("400",), "none", None),
     H.Case("pypool", "pypool", ("60",), "none", None),
+    H.Case("pyshared", "pyshared", ("120",), "none", None),
     H.Case("thp", "thp"),
     H.Case("guestperm-plain", "guestperm", ("plain",)),
 )

@@ -297,6 +297,14 @@ def _proc_owner(link: str, st: os.stat_result) -> int | None:
     return int(m.group(1))
 
 
+def _mapped_deleted(objects: list[dict[str, Any]], st: os.stat_result, path: str) -> dict[str, Any] | None:
+    """The memory object of a deleted regular file the task also maps (dump/memory.py), or None."""
+    if not statmod.S_ISREG(st.st_mode):
+        return None
+    return next((o for o in objects if o["kind"] == "deleted" and o["inode"] == st.st_ino and o["path"] == path),
+                None)
+
+
 def dump_files(pid: int, write_blob: Any, objects: list[dict[str, Any]],
                inject: Callable[[], RemoteTask] | None = None, *,
                shared: tuple[set[tuple[int, int]], set[int]] | None = None) -> list[dict[str, Any]]:
@@ -385,6 +393,12 @@ def dump_files(pid: int, write_blob: Any, objects: list[dict[str, Any]],
                 if proc_pid == pid:
                     # Reopened once the restored task exists, as that task's own file.
                     rec.update(type="file", path=link, proc_self=True)
+                elif deleted and st.st_nlink == 0 and _mapped_deleted(objects, st, path) is not None:
+                    # Also mapped: the memory object recreated for the mappings is this very inode, and the fd is
+                    # opened again on it (restore/memory.py _reopen), so writes through either reach both.
+                    obj = _mapped_deleted(objects, st, path)
+                    assert obj is not None
+                    rec.update(type="object_file", object=obj["id"], path=path)
                 elif deleted and st.st_nlink == 0:
                     rec.update(type="ghost", path=path, ino=st.st_ino, dev=st.st_dev,
                                mode=statmod.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid)

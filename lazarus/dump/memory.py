@@ -304,19 +304,13 @@ class MemoryDumper:
         """A memfd the task holds only through an fd: saved as an object like a mapped one (the fd code
         finds it by inode).
 
-        Also refuses an fd to a deleted file that is mapped too: the fd code recreates its own copy, and the
-        two would come back as two inodes (MemoryState.recreated is where it could find the mapped one)."""
+        An fd to a deleted file that is mapped too needs nothing here: the fd code finds its object by inode
+        (dump/files.py, type "object_file")."""
         inodes = {o["inode"] for o in objects.values()}
-        deleted = {(k[0], o["inode"]) for k, o in objects.items() if o["kind"] == "deleted"}
         fd_dir = f"/proc/{self.pid}/fd"
         for name in sorted(os.listdir(fd_dir), key=int):
             with contextlib.suppress(FileNotFoundError):
                 link = os.readlink(f"{fd_dir}/{name}")
-                if deleted and link.endswith(" (deleted)") and not link.startswith("/memfd:"):
-                    st = os.stat(f"{fd_dir}/{name}")
-                    if (_dev_pair(st.st_dev), st.st_ino) in deleted:
-                        raise Unsupported(f"fd {name} ({link}): a deleted file that is also mapped is not "
-                                          f"supported as an open file yet")
                 if not link.startswith("/memfd:"):
                     continue
                 st = os.stat(f"{fd_dir}/{name}")

@@ -151,6 +151,10 @@ def refuse_shared(pids: list[int]) -> Sharing:
     if problems:
         raise Unsupported(problems[0])
     kept = {(p, fd) for d in found.descriptions if d.kind in SHAREABLE for p, fd in d.holders}
+    # A deleted file several processes map: each fd of it comes back on the one object made for the mappings
+    # (dump/files.py "object_file"), whether its description is shared or each process has its own; an fd of
+    # its own only if its process maps the file too (else it would come back as a copy of its own).
+    mapped = {(m.dev, m.ino): {x.pid for x in m.mappings} for m in found.memory if m.kind == "deleted"}
     for d in found.descriptions:
         if d.kind not in SHAREABLE:
             (p, pfd), (q, qfd) = d.holders[0], next(h for h in d.holders if h[0] != d.holders[0][0])
@@ -165,7 +169,7 @@ def refuse_shared(pids: list[int]) -> Sharing:
                 if other.pid == p or (other.pid, other.fd) in kept:
                     continue
                 for mine in fds:
-                    if (p, mine.fd) in kept:
+                    if (p, mine.fd) in kept or {other.pid, p} <= mapped.get(key, set()):
                         continue
                     if same_file_across(other.pid, other.fd, p, mine.fd):  # pragma: no cover - found above
                         raise Unsupported(f"pid {other.pid} fd {other.fd} and pid {p} fd {mine.fd} share one open "

@@ -25,7 +25,7 @@ SHARED_JSON = "shared.json"
 KINDS = ("file", "fifo", "pipe")
 _ACCMODE, _RDONLY, _WRONLY = 3, 0, 1
 _PIPE_MAX = 1 << 20
-_DESC_TYPES = {"file": ("file", "dev"), "fifo": ("fifo",), "pipe": ("pipe",)}
+_DESC_TYPES = {"file": ("file", "dev", "object_file"), "fifo": ("fifo",), "pipe": ("pipe",)}
 
 
 def _fail(field: str, why: str) -> ImageError:
@@ -119,7 +119,7 @@ def check_shared(shared: Any, tasks: dict[int, dict[str, Any]], has_blob: Callab
             raise _fail(f, f"kind {d.get('kind')!r} / type {d.get('type')!r} is not a shareable description")
         if not _int(d.get("flags")) or not _int(d.get("pos")) or d["flags"] < 0 or d["pos"] < 0:
             raise _fail(f, "needs integer 'flags' and 'pos'")
-        if d["type"] in ("file", "dev", "fifo") and not (isinstance(d.get("path"), str) and d["path"].startswith("/")):
+        if d["type"] in ("file", "dev", "fifo", "object_file") and not (isinstance(d.get("path"), str) and d["path"].startswith("/")):
             raise _fail(f + ".path", "must be an absolute path")
         if d["kind"] == "pipe" and ({"owner", "locks"} & d.keys()):
             raise _fail(f, "a shared pipe end with a signal owner or locks is not supported")

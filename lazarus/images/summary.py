@@ -50,6 +50,11 @@ def summary(img: Any) -> dict[str, Any]:
     from lazarus.images.mm import is_lazy, lazy_object_ids
     from lazarus.kernel import abi
     from lazarus.restore.threads import check_threads
+    # Shared id -> pages of a memory object several processes hold, as stored once by one of them (the others'
+    # records name that pid as "content" and hold no runs: docs/IMAGES.md).
+    stored = {o["shared"]: sum(n for _, n, _ in o["pages"]) for p in img.tasks for o in img.task(p)["mm"]["objects"]
+              if "shared" in o and "content" not in o}
+
     shared = {d["id"]: d for d in img.json("shared.json")["files"]} if "shared.json" in img.files else {}
     from lazarus.images.shared import fd_table_tops
     tops = fd_table_tops(img.json("shared.json") if "shared.json" in img.files else None,
@@ -65,10 +70,14 @@ def summary(img: Any) -> dict[str, Any]:
             prot = "".join(c if v["prot"] & b else "-" for c, b in (("r", 1), ("w", 2), ("x", 4)))
             obj = objects.get(v.get("object", -1))
             npages = sum(n for _, n, _ in (obj["pages"] if obj else v["pages"]))
-            vmas.append({"start": f"{v['start']:#x}", "end": f"{v['end']:#x}",
-                         "prot": prot + ("s" if v["shared"] else "p"), "kind": v["kind"], "path": v["path"],
-                         "pages": npages, "lazy": is_lazy(v) or (obj is not None and obj["id"] in lazy_ids),
-                         "vmflags": " ".join(v["vmflags"])})
+            vma = {"start": f"{v['start']:#x}", "end": f"{v['end']:#x}",
+                   "prot": prot + ("s" if v["shared"] else "p"), "kind": v["kind"], "path": v["path"],
+                   "pages": npages, "lazy": is_lazy(v) or (obj is not None and obj["id"] in lazy_ids),
+                   "vmflags": " ".join(v["vmflags"])}
+            if obj is not None and "content" in obj:
+                # Its pages are in the storing process's file: count them there, say whose.
+                vma.update(pages=stored.get(obj.get("shared"), 0), stored_by=obj["content"])
+            vmas.append(vma)
         fds = [{"fd": f["fd"], "type": f["type"], "target": _shared_target(f, shared),
                 "flags": f"{f['flags']:o}", "pos": f["pos"], "cloexec": f["cloexec"]} for f in t["files"]]
         out["tasks"].append({
@@ -85,6 +94,12 @@ def summary(img: Any) -> dict[str, Any]:
                         "pending": len(t["signals"]["pending_thread"]) + len(t["signals"]["pending_shared"]),
                         "handlers": sum(1 for a in t["signals"]["actions"] if a[0] > 1)},
         })
+        if any("stored_by" in v for v in vmas):
+            # "pages" counts what its own page file holds; the objects another process stores apart.
+            mine = [v for v in vmas if "stored_by" not in v]
+            out["tasks"][-1].update(pages=sum(v["pages"] for v in mine),
+                                    lazy_pages=sum(v["pages"] for v in mine if v["lazy"]),
+                                    shared_pages=sum(v["pages"] for v in vmas if "stored_by" in v))
     files = {n: m["size"] for n, m in inv["files"].items()}
     files["inventory.json"] = (Path(img.path) / "inventory.json").stat().st_size
     out["files"] = files

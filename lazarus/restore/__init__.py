@@ -44,6 +44,7 @@ from lazarus.restore.memory import (
     clear_address_space,
     close_inherited_fds,
     move_vdso,
+    reopen_records,
     trampoline_candidates,
 )
 from lazarus.restore.pidns import NsInit
@@ -384,6 +385,7 @@ class TaskBuild:
         page_file = img.page_file(pid) if img.has_pages(pid) else None
         self.page_file = page_file
         lazy_ids = lazy_object_ids(mm, fds) if lazy else set()
+        space.reopen = reopen_records(fds, img.json(SHARED_JSON) if SHARED_JSON in img.files else None, pid)
         space.create_objects(mm["objects"], high_base, page_file, lazy_ids, self.shmem)
         if kept:
             assert self.cow is not None
@@ -441,7 +443,9 @@ class TaskBuild:
         own, checked = self._shared_fds_first(fds) if not in_table else ([], [])
         fdr.restore(own)
         closes = remote.batch()
-        for ofd in space.state.object_fds.values():
+        for ofd in [*space.state.object_fds.values(), *space.state.reopened.values()]:
+            if not closes.fits(1):
+                closes.run()
             closes.call(abi.SYS.close, ofd)
         closes.run()
         if self.shared is not None and not in_table:
@@ -508,6 +512,8 @@ class TaskBuild:
     def _shared_fds_first(self, fds: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Descriptions shared with tasks built before this one are given now (restore/sharefds.py); returns
         the records this task restores itself, and every record to read back at the end."""
+        assert self.fdr is not None and self.space is not None
+        self.fdr.reopened = self.space.state.reopened  # fds opened on deleted files' objects (restore/memory.py)
         if self.shared is None:
             return fds, fds
         assert self.remote is not None

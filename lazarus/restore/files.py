@@ -147,6 +147,7 @@ class FdRestorer:
         # directories we created (private ones, restore/private.py), removed once the task holds what it needs
         self.dirs: list[str] = []
         self.held: list[int] = []  # our fds (file handles) the task opens through /proc
+        self.reopened: dict[int, int] = {}  # fd number -> task fd opened on a deleted file's object (MemoryState)
 
     def _place(self, tmp: int, rec: dict[str, Any], *, seek: bool = False) -> None:
         """Move `tmp` to the record's fd number with its close-on-exec flag; seek: first set its offset."""
@@ -244,6 +245,13 @@ class FdRestorer:
                 if rec["pos"]:
                     t.syscall(abi.SYS.lseek, tmp, rec["pos"], 0)
                 self._place(tmp, rec)
+            elif kind == "object_file":
+                # Opened on the deleted file's object by the memory phase (restore/memory.py _reopen).
+                tmp = self.reopened.pop(rec["fd"], None)
+                if tmp is None:
+                    raise RestoreError(f"fd {rec['fd']} ({rec.get('path')} (deleted)): its mapped object was not "
+                                       f"opened for it", stage="files", pid=self.pid)
+                self._place(tmp, rec, seek=True)
             elif kind == "pipe":
                 pipes.setdefault(rec["pipe"], []).append(rec)
             elif kind in anonfd.KINDS:  # restore/anonfd.py; epoll registrations come last, below

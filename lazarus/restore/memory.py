@@ -18,6 +18,7 @@ from lazarus.kernel import abi, procfs
 from lazarus.remote import Batch, RemoteTask
 from lazarus.restore import private
 from lazarus.restore.access import Access, mapped_access
+from lazarus.restore.files import _OPEN_MASK
 from lazarus.restore.sharing import SharedMemory
 
 _NEG1 = (1 << 64) - 1
@@ -36,6 +37,9 @@ class MemoryState:
     # the task's fd, held like object_fds): an fd of the task to the same deleted file can dup it to stay
     # on the same inode.
     recreated: dict[int, tuple[str, int]] = field(default_factory=dict)
+    # fd number -> the task's fd (held like object_fds) opened again on a deleted file's object for an fd record
+    # of type "object_file": its own open file description, with the record's access and open flags.
+    reopened: dict[int, int] = field(default_factory=dict)
 
 
 def free_gaps(vmas: list[dict[str, Any]], lo: int = 0x10000, hi: int = 0x7FFF_FFFF_F000) -> list[tuple[int, int]]:
@@ -160,6 +164,9 @@ class SpaceBuilder:
         # Segments this task makes (object, record holding the content, its page file): made, attached and
         # removed in map_vmas (a segment removed before anything attached it would be gone at once).
         self.sysv_new: list[tuple[dict[str, Any], dict[str, Any], Any]] = []
+        # Image object id -> the fd records ("object_file") this task opens on that deleted file's object
+        # itself (reopen_records).
+        self.reopen: dict[int, list[dict[str, Any]]] = {}
 
     def _open(self, path: str, flags: int) -> int:
         key = (path, flags)
@@ -214,7 +221,7 @@ class SpaceBuilder:
                     assert shared is not None
                     shared.fds[sid] = -1  # no fd: the others attach it by its id
                 continue
-            high = self._create_object(obj, content, hold_above, pf, lazy_ids)
+            high = self._create_object(obj, content, hold_above, pf, lazy_ids, shared if sid is not None else None)
             self.state.object_fds[obj["id"]] = high
             if sid is not None:
                 assert shared is not None
@@ -224,16 +231,38 @@ class SpaceBuilder:
             fds = shared.give(self.task, [o["shared"] for o in given], hold_above)
             for obj, fd in zip(given, fds, strict=True):
                 self.state.object_fds[obj["id"]] = fd
+                name = shared.names.get(obj["shared"])
+                for rec in self.reopen.get(obj["id"], ()):
+                    if name is not None:
+                        self._reopen(rec, name[1], hold_above)
+                    else:
+                        self._reopen(rec, f"/proc/self/fd/{fd}", hold_above, magic=True)
+
+    def _reopen(self, rec: dict[str, Any], path: str, hold_above: int, *, magic: bool = False) -> None:
+        """Open the deleted file's object at `path` (its recreated name, or the task's own fd link of it when
+        the object was given: `magic`) with the fd record's access and open flags; kept >= hold_above until
+        the fd phase places it (restore/files.py)."""
+        flags = rec["flags"] & _OPEN_MASK
+        where = f"fd {rec['fd']} ({rec.get('path')} (deleted))"
+        if magic and flags & abi.O_NOFOLLOW:
+            # The kernel refuses O_NOFOLLOW on the /proc link, and the name is only known to the task that made
+            # the object.
+            raise RestoreError(f"{where}: opened with O_NOFOLLOW by a process that did not make its mapped "
+                               f"object; not supported", stage="files", pid=self.pid, path=rec.get("path"))
+        t = self.task
+        tfd = t.syscall(abi.SYS.openat, abi.AT_FDCWD & _NEG1, t.cstring(path), flags, 0, what=f"open {where}")
+        self.state.reopened[rec["fd"]] = t.syscall(abi.SYS.fcntl, tfd, abi.F_DUPFD, hold_above)
+        t.syscall(abi.SYS.close, tfd)
 
     def _create_object(self, obj: dict[str, Any], content: dict[str, Any], hold_above: int, page_file: Any,
-                       lazy_ids: set[int]) -> int:
+                       lazy_ids: set[int], shared: SharedMemory | None = None) -> int:
         """One object made in the task, its content from `content` (obj itself, or the record storing a shared
         object's content); returns the task's fd of it (>= hold_above)."""
         t = self.task
         size = obj["size"]
         seals = obj.get("seals", SEALS_NONE)
         if obj["kind"] == "deleted":
-            return self._recreate_deleted(obj, hold_above, page_file, content)
+            return self._recreate_deleted(obj, hold_above, page_file, content, shared)
         if obj["kind"] == "memfd":
             flags = 0
             if seals != SEALS_NONE:
@@ -282,11 +311,13 @@ class SpaceBuilder:
             os.chmod(path, obj["mode"])
 
     def _recreate_deleted(self, obj: dict[str, Any], hold_above: int, page_file: Any,
-                          content: dict[str, Any] | None = None) -> int:
+                          content: dict[str, Any] | None = None, shared: SharedMemory | None = None) -> int:
         """A mapped file that was deleted: recreated with its content (root's, mode 0600 and O_EXCL) under its
         old name inside a private directory of ours (restore/private.py: never at the path the image names),
         opened by the task, unlinked again, and only then given its owner and mode, through the task's fd.
-        Returns the task's fd (>= hold_above)."""
+        One several tasks hold, some of which open fds of it (`shared`), keeps its name in the private
+        directory (root's, 0700) until every task is built (SharedMemory.close). Returns the task's fd
+        (>= hold_above)."""
         top = private.make(obj["path"], None)
         path = private.name_in(top, obj["path"], "file")
         try:
@@ -305,8 +336,13 @@ class SpaceBuilder:
                             what=f"open recreated {path}")
             high = t.syscall(abi.SYS.fcntl, tfd, abi.F_DUPFD, hold_above)
             t.syscall(abi.SYS.close, tfd)
+            for rec in self.reopen.get(obj["id"], ()):
+                self._reopen(rec, path, hold_above)  # while it has a name: its open flags may hold O_NOFOLLOW
+            if shared is not None and obj["shared"] in shared.reopened():
+                shared.names[obj["shared"]] = (top, path)  # later holders open their fds of it by name too
         finally:
-            private.remove(top)
+            if shared is None or obj.get("shared") not in shared.names:
+                private.remove(top)
         self._owner_and_mode(f"/proc/{self.pid}/fd/{high}", obj)
         self.state.recreated[obj["inode"]] = (path, high)
         return high
@@ -569,3 +605,17 @@ def close_inherited_fds(task: RemoteTask, batch: Batch | None = None) -> None:
         return
     with contextlib.suppress(Exception):
         task.syscall(abi.SYS.close_range, 0, 0xFFFFFFFF, 0)
+
+
+def reopen_records(fds: list[dict[str, Any]], shared: dict[str, Any] | None, pid: int) -> dict[int, list[dict[str, Any]]]:
+    """Image object id -> the fd records of type "object_file" (an fd to a deleted file the task maps too) that
+    task `pid` opens itself: its own, and each description shared with other tasks that it holds first
+    (shared.json "files", restored by its first holder: restore/sharefds.py plan)."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for rec in fds:
+        if rec["type"] == "object_file" and "dup_of" not in rec:
+            out.setdefault(rec.get("object", -1), []).append(rec)
+    for d in (shared or {}).get("files", ()):
+        if d.get("type") == "object_file" and d["holders"][0][0] == pid:
+            out.setdefault(d["object"], []).append({**d, "fd": d["holders"][0][1]})
+    return out

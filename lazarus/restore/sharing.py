@@ -35,6 +35,7 @@ from lazarus.errors import KernelError, LazarusError, RestoreError
 from lazarus.kernel import abi
 from lazarus.kernel.pidfd import PidFd
 from lazarus.remote import RemoteTask
+from lazarus.restore import private
 
 _NEG1 = (1 << 64) - 1
 
@@ -256,6 +257,27 @@ class SharedMemory:
     def __init__(self, img: Any) -> None:
         self.img = img
         self.fds: dict[str, int] = {}  # shared id -> our fd of the object
+        # Shared id -> (private directory, name) of a recreated deleted file kept named until every task is built:
+        # a later holder opens its fds of it ("object_file") by that name, which O_NOFOLLOW allows.
+        self.names: dict[str, tuple[str, str]] = {}
+        self._reopened: set[str] | None = None
+
+    def reopened(self) -> set[str]:
+        """Shared ids of deleted files some task has an "object_file" fd of (its own, or a description in
+        shared.json, which names its first holder's object)."""
+        if self._reopened is None:
+            out: set[object] = set()
+            sid_of = {pid: {o["id"]: o.get("shared") for o in self.img.task(pid)["mm"]["objects"]}
+                      for pid in self.img.tasks}
+            for pid in self.img.tasks:
+                out.update(sid_of[pid].get(f.get("object")) for f in self.img.task(pid)["files"]
+                           if f.get("type") == "object_file")
+            shared = self.img.json("shared.json") if "shared.json" in self.img.files else {"files": []}
+            for d in shared["files"]:
+                if d.get("type") == "object_file":
+                    out.add(sid_of.get(d["holders"][0][0], {}).get(d.get("object")))
+            self._reopened = {sid for sid in out if isinstance(sid, str)}
+        return self._reopened
 
     def stored(self, obj: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         """The record that holds the content of `obj` (itself or the "content" task's) and its page file."""
@@ -295,6 +317,9 @@ class SharedMemory:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self.fds.clear()
+        for top, _ in self.names.values():
+            private.remove(top)
+        self.names.clear()
 
 
 def drop_pages(task: RemoteTask, ranges: Iterable[tuple[int, int]]) -> int:

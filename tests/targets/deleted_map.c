@@ -8,7 +8,8 @@
  *
  * Usage: deleted_map LOGFILE [linked]      Trigger: SIGUSR2.
  * "linked": file A keeps a second hard link (a dump must refuse it: a restore could not reach that link).
- * "withfd": file A also stays open at fd 30 (refused for now: the fd would come back as another inode).
+ * "withfd": file A also stays open at fd 30 (O_RDONLY, offset 777): after the restore it must be the very inode
+ *          the mappings map (a write through the shared mapping is read through it), at its offset.
  * "replaced": a new file takes file A's name after the unlink; it must be left alone by the restore (file A
  * then comes back under another name in its directory, and nothing else is left there).
  */
@@ -103,7 +104,7 @@ static void setup(void)
 	if (withfd) {
 		int fd = open(path_a, O_RDONLY);
 
-		if (fd < 0 || dup2(fd, 30) != 30 || close(fd))
+		if (fd < 0 || dup2(fd, 30) != 30 || close(fd) || lseek(30, 777, SEEK_SET) != 777)
 			laz_die("open fd 30");
 	}
 	if (linked && link(path_a, laz_tmpfile("deleted-a-link", path_link, sizeof(path_link))))
@@ -234,6 +235,18 @@ int main(int argc, char **argv)
 	/* One inode: a write through the shared mapping shows in the read-only one. */
 	sh[10 * LAZ_PAGE] ^= 0xff;
 	LAZ_CHECK(ro[2 * LAZ_PAGE] == sh[10 * LAZ_PAGE], "rdonly: does not see a write to the shared mapping");
+	if (withfd) {
+		unsigned char b = 0;
+		struct stat s_fd;
+
+		LAZ_CHECK(pread(30, &b, 1, 10 * LAZ_PAGE) == 1 && b == sh[10 * LAZ_PAGE],
+			  "fd 30: does not see a write to the shared mapping");
+		LAZ_CHECK(lseek(30, 0, SEEK_CUR) == 777, "fd 30: offset %ld, expected 777", (long)lseek(30, 0, SEEK_CUR));
+		LAZ_CHECK((fcntl(30, F_GETFL) & O_ACCMODE) == O_RDONLY, "fd 30: not read-only");
+		LAZ_CHECK(fstat(30, &s_fd) == 0 && stat_mapping(sh, NPAGES * LAZ_PAGE, &s_sh) == 0 &&
+				  s_fd.st_ino == s_sh.st_ino && s_fd.st_dev == s_sh.st_dev,
+			  "fd 30 and the shared mapping are two files");
+	}
 	sh[10 * LAZ_PAGE] ^= 0xff;
 
 	if (stat_mapping(sh, NPAGES * LAZ_PAGE, &s_sh) || stat_mapping(priv, 8 * LAZ_PAGE, &s_priv) ||

@@ -8,7 +8,11 @@
  *   SEM    one page of shared anonymous memory holding a process-shared semaphore (sem_init pshared, 0);
  *   ANON   4 pages of shared anonymous memory (MAP_SHARED|MAP_ANONYMOUS);
  *   MEMFD  a memfd "laz-shm", 8 pages, pages 0-3 and 6 written, 4, 5, 7 holes; its fd closed after mmap;
- *   FILE   /dev/shm/laz-shm-PID, 3 pages, mapped shared, then closed and unlinked (a deleted tmpfs file).
+ *   FILE   /dev/shm/laz-shm-PID, 3 pages, mapped shared, then unlinked (a deleted tmpfs file); its fd (O_RDWR,
+ *          O_NOFOLLOW, close-on-exec) stays open as fd 60 at offset FILE_POS, one description inherited by C and D
+ *          (multiprocessing's heap arena is such a file). Fd 61, a read-only O_NOFOLLOW description of it, is
+ *          inherited by C and D and closed by P; D also opens a read-only description of its own of it (fd 62,
+ *          through /proc/self/fd/60). D reads C's mark through both.
  * After the fork:
  *   LATE   C makes a memfd "laz-late" (2 pages), maps it and sends its fd to P (SCM_RIGHTS), P maps it; C
  *          keeps its fd open as fd 50 and reads P's mark through it too;
@@ -22,6 +26,9 @@
  * checks the content and P's marks, writes its own (word 1), exits; P checks C's marks, posts the semaphore;
  * D checks the content and both marks, writes its own (word 2), exits; P checks D's marks; PASS or FAIL.
  * A child's failed check is its exit status (the region number times 16 plus what failed).
+ * Through fd 60: P checks its size, flags, offset and that it is the deleted file; C reads P's mark through it
+ * (moving the shared offset by 8, which P then sees), D writes its mark through it with pwrite, and P sees that
+ * write in its mapping.
  *
  * sysv: P also attaches a System V segment SYSV (3 pages, mode 0640) before the fork and removes it at once
  * (IPC_RMID), so that every process holds it; at the end P checks it has its id, owner (set to 4321:4322), mode and size again,
@@ -34,6 +41,7 @@
 #include <sys/ipc.h>
 #include <sys/shm.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 
@@ -41,6 +49,8 @@
 enum { SEM, ANON, MEMFD, FILEM, LATE, LATEF, SYSVR, NREG };
 static const char *names[NREG] = {"sem", "anon", "memfd", "file", "late", "latef", "sysv"};
 static const size_t pages_of[NREG] = {1, 4, 8, 3, 2, 2, 3};
+#define FILE_FD 60
+#define FILE_POS 1234
 static int sysv_mode; /* 1: "sysv" (removed at once), 2: "sysvkeep" (left in the IPC namespace) */
 static int sysv_id = -1;
 static unsigned char *reg[NREG];
@@ -115,9 +125,17 @@ static int check_all(int who, int marks)
 
 static void mark_all(int who)
 {
-	for (int r = ANON; r < NREG; r++)
-		if (maps(who, r))
-			((uint64_t *)(reg[r] + LAZ_PAGE))[who] = mark_of(r, who);
+	for (int r = ANON; r < NREG; r++) {
+		uint64_t m = mark_of(r, who);
+		if (!maps(who, r))
+			continue;
+		if (r == FILEM && who == 2) { /* D writes through the fd: the mappings must see it */
+			if (pwrite(FILE_FD, &m, sizeof(m), LAZ_PAGE + 8 * who) != sizeof(m))
+				_exit(FILEM * 16 + 8);
+			continue;
+		}
+		((uint64_t *)(reg[r] + LAZ_PAGE))[who] = m;
+	}
 }
 
 static unsigned char *map_fd(int fd, size_t pages)
@@ -185,6 +203,12 @@ static void c_main(void)
 	uint64_t got = 0;
 	if (pread(50, &got, sizeof(got), LAZ_PAGE) != sizeof(got) || got != mark_of(LATE, 0))
 		_exit(LATE * 16 + 6); /* P's write, read through C's fd */
+	/* P's write into the deleted file's mapping, read through the inherited fd at its offset (moved by 8). */
+	if (lseek(FILE_FD, LAZ_PAGE, SEEK_SET) != LAZ_PAGE || read(FILE_FD, &got, sizeof(got)) != sizeof(got) ||
+	    got != mark_of(FILEM, 0))
+		_exit(FILEM * 16 + 6);
+	if (lseek(FILE_FD, FILE_POS + 8, SEEK_SET) != FILE_POS + 8)
+		_exit(FILEM * 16 + 7);
 	mark_all(1);
 	_exit(0);
 }
@@ -203,13 +227,51 @@ static void d_main(void)
 	close(fd);
 	unlink(path);
 	close_socks();
+	/* A description of FILE of its own, read-only: it must come back on the one recreated FILE too. */
+	fd = open("/proc/self/fd/60", O_RDONLY | O_CLOEXEC); /* FILE_FD */
+	if (fd < 0 || dup2(fd, FILE_FD + 2) != FILE_FD + 2 || close(fd))
+		_exit(93);
 	while (sem_wait(sem) && errno == EINTR)
 		;
 	int bad = check_all(2, 2);
 	if (bad)
 		_exit(bad);
+	uint64_t got = 0;
+	if (pread(FILE_FD + 2, &got, sizeof(got), LAZ_PAGE + 8) != sizeof(got) || got != mark_of(FILEM, 1))
+		_exit(FILEM * 16 + 9); /* C's write into its mapping, read through D's own description */
+	if (pread(FILE_FD + 1, &got, sizeof(got), LAZ_PAGE + 8) != sizeof(got) || got != mark_of(FILEM, 1) ||
+	    !(fcntl(FILE_FD + 1, F_GETFL) & O_NOFOLLOW))
+		_exit(FILEM * 16 + 10); /* ... and through the description C and D alone hold (P closed it) */
 	mark_all(2);
 	_exit(0);
+}
+
+/* fd FILE_FD is still the deleted file FILE (of its size, with its flags and offset) and it is the file mapped. */
+static void check_file_fd(const char *path, off_t pos)
+{
+	char link[128] = {0}, want[96];
+	struct stat st, mst;
+	char fdpath[80];
+
+	snprintf(fdpath, sizeof(fdpath), "/proc/self/fd/%d", FILE_FD);
+	snprintf(want, sizeof(want), "%s (deleted)", path);
+	ssize_t n = readlink(fdpath, link, sizeof(link) - 1);
+	/* A restore recreates it in a private directory beside the old one: the basename and "(deleted)" stay. */
+	const char *base = strrchr(want, '/');
+	LAZ_CHECK(n > 0 && strlen(link) >= strlen(base) && !strcmp(link + strlen(link) - strlen(base), base),
+		  "fd %d is %s, expected a link ending in %s", FILE_FD, n > 0 ? link : "?", base);
+	LAZ_CHECK(fstat(FILE_FD, &st) == 0 && st.st_size == (off_t)(pages_of[FILEM] * LAZ_PAGE) && st.st_nlink == 0,
+		  "fd %d: size %ld, %ld links", FILE_FD, (long)st.st_size, (long)st.st_nlink);
+	int fl = fcntl(FILE_FD, F_GETFL), fdf = fcntl(FILE_FD, F_GETFD);
+	LAZ_CHECK((fl & O_ACCMODE) == O_RDWR && (fl & O_NOFOLLOW) && (fdf & FD_CLOEXEC), "fd %d: flags %#o, fd flags %d",
+		  FILE_FD, fl, fdf);
+	LAZ_CHECK(lseek(FILE_FD, 0, SEEK_CUR) == pos, "fd %d: offset %ld, expected %ld", FILE_FD,
+		  (long)lseek(FILE_FD, 0, SEEK_CUR), (long)pos);
+	/* The same inode as the mapping: what the kernel shows for the mapping's file. */
+	snprintf(fdpath, sizeof(fdpath), "/proc/self/map_files/%lx-%lx", (unsigned long)reg[FILEM],
+		 (unsigned long)(reg[FILEM] + pages_of[FILEM] * LAZ_PAGE));
+	LAZ_CHECK(stat(fdpath, &mst) == 0 && mst.st_ino == st.st_ino && mst.st_dev == st.st_dev,
+		  "fd %d and the mapping of %s are two files", FILE_FD, path);
 }
 
 static pid_t spawn(void (*body)(void))
@@ -279,11 +341,16 @@ int main(int argc, char **argv)
 	reg[MEMFD] = map_fd(fd, pages_of[MEMFD]);
 	close(fd);
 	snprintf(path, sizeof(path), "/dev/shm/laz-shm-%d", (int)getpid());
-	fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+	fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
 	if (fd < 0 || ftruncate(fd, (off_t)(pages_of[FILEM] * LAZ_PAGE)))
 		laz_die("open %s", path);
 	reg[FILEM] = map_fd(fd, pages_of[FILEM]);
+	if (dup3(fd, FILE_FD, O_CLOEXEC) != FILE_FD || lseek(FILE_FD, FILE_POS, SEEK_SET) != FILE_POS)
+		laz_die("fd %d", FILE_FD);
 	close(fd);
+	fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0 || dup3(fd, FILE_FD + 1, O_CLOEXEC) != FILE_FD + 1 || close(fd))
+		laz_die("fd %d", FILE_FD + 1);
 	unlink(path);
 	for (int r = ANON; r <= FILEM; r++)
 		stamp(r);
@@ -305,6 +372,7 @@ int main(int argc, char **argv)
 		laz_die("socketpair");
 	pid_t c = spawn(c_main);
 	pid_t d = spawn(d_main);
+	close(FILE_FD + 1); /* held by C and D alone: restored by a task the object is given to */
 	fd = recv_fd(sv_c[0]);
 	reg[LATE] = map_fd(fd, pages_of[LATE]);
 	close(fd);
@@ -325,11 +393,14 @@ int main(int argc, char **argv)
 		((uint64_t *)(reg[MEMFD] + 2 * LAZ_PAGE))[7] ^= 1;
 	int bad = check_all(0, 0);
 	LAZ_CHECK(!bad, "root: region %s (check %d) is not as before the dump", names[bad / 16], bad % 16);
+	check_file_fd(path, FILE_POS);
 	mark_all(0);
 	if (laz_corrupt("share"))
 		((uint64_t *)(reg[ANON] + LAZ_PAGE))[0] = word_of(ANON, 1); /* as if C had its own copy */
 	kill(c, SIGUSR2);
 	child_ok(c, "c");
+	LAZ_CHECK(lseek(FILE_FD, 0, SEEK_CUR) == FILE_POS + 8, "fd %d: offset %ld after c moved it to %d: not one "
+		  "description", FILE_FD, (long)lseek(FILE_FD, 0, SEEK_CUR), FILE_POS + 8);
 	if (!bad) {
 		bad = check_all(0, 2);
 		LAZ_CHECK(!bad, "root: region %s (check %d): c's write not seen", names[bad / 16], bad % 16);
