@@ -13,16 +13,19 @@ other), so an inherited page never faults and is never copied.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
-from typing import Any
 
 from lazarus.kernel import abi
+from lazarus.records import field, record
 from lazarus.remote import RemoteTask
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 Range = tuple[int, int]
 
 
-@dataclass
+@record
 class CowPlan:
     """What one task of the tree does with the runs of cow.json."""
     pid: int

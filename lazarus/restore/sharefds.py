@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any
 
 from lazarus.errors import RestoreError
 from lazarus.images.shared import SHARED_JSON
@@ -29,6 +28,10 @@ from lazarus.kernel import abi
 from lazarus.remote import RemoteTask
 from lazarus.restore.files import check_files
 from lazarus.restore.sharing import give_scm, new_pipe, set_status, take
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 _DESC_ONLY = ("id", "kind", "holders")
 
