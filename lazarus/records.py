@@ -3,9 +3,10 @@
 Importing dataclasses imports inspect (with ast, dis, tokenize, ...): ~15 ms of each `lazarus` command, a fifth
 of a lazy restore's whole command; each @dataclass then costs 0.3-1 ms more (it compiles __init__, __repr__,
 __eq__ and, for frozen classes, __setattr__ with exec; slots=True builds the class twice; a class without a
-docstring gets one from inspect.signature). `record` does what lazarus uses of it, at ~0.05 ms a class: only
-__init__ is compiled (one small exec, so that making an instance costs what a dataclass's does: the uffd events
-are made once per fault); __repr__, __eq__ and __hash__ are shared functions that read the class's fields.
+docstring gets one from inspect.signature). `record` does what lazarus uses of it for ~0.02 ms a class: __init__
+is compiled as a dataclass's (one small exec, so that making an instance costs what it did: the uffd events are
+made once per fault), but only when the class makes its first instance (most of the classes a restore imports
+never make one there); __repr__, __eq__ and __hash__ are shared functions that read the class's fields.
 
 What it keeps from dataclasses, as lazarus relies on it: fields from the class's annotations in order (ClassVar
 ones skipped; with `from __future__ import annotations` they are strings and are not evaluated), defaults and
@@ -100,32 +101,24 @@ def _make(cls: type, frozen: bool, slots: bool) -> type:
         flds.append(f)
         if value is not _MISSING and (slots or isinstance(value, Field)):
             del ns[name]  # a slot cannot share its name with a class attribute; a Field is no default
-    # __init__: compiled once, as dataclasses does, so that making an instance costs no more than a dataclass's.
-    scope: dict[str, object] = {"_MISSING": _MISSING}
-    params, body = [], []
     seen_default = False
     for f in flds:
-        if f.default is not _MISSING:
-            scope[f"_d_{f.name}"] = f.default
-            params.append(f"{f.name}=_d_{f.name}")
+        if f.default is not _MISSING or f.default_factory is not _MISSING:
             seen_default = True
-        elif f.default_factory is not _MISSING:
-            scope[f"_f_{f.name}"] = f.default_factory
-            params.append(f"{f.name}=_MISSING")
-            seen_default = True
-        else:
-            if seen_default:
-                raise TypeError(f"non-default argument {f.name!r} follows default argument")
-            params.append(f.name)
-        value = f"_f_{f.name}() if {f.name} is _MISSING else {f.name}" if f.default_factory is not _MISSING \
-            else f.name
-        body.append(f"    _set(self, {f.name!r}, {value})" if frozen else f"    self.{f.name} = {value}")
-    scope["_set"] = object.__setattr__
-    src = f"def __init__(self, {', '.join(params)}):\n" + ("\n".join(body) or "    pass") + "\n"
-    exec(src, scope)  # noqa: S102 - our own source, made from the class's field names
-    init = scope["__init__"]
-    init.__qualname__ = f"{cls.__qualname__}.__init__"  # type: ignore[attr-defined]
-    ns["__init__"] = init
+        elif seen_default:
+            raise TypeError(f"non-default argument {f.name!r} follows default argument")
+    made: list[type] = []
+    qualname = f"{cls.__qualname__}.__init__"
+
+    def __init__(self: object, *args: object, **kwargs: object) -> None:
+        # The first instance compiles the class's own __init__ and puts it in place: a class the command never
+        # instantiates (most of them, in a restore) costs no exec at all.
+        init = _compile_init(flds, frozen, qualname)
+        made[0].__init__ = init  # type: ignore[misc]
+        init(self, *args, **kwargs)
+
+    __init__.__qualname__ = qualname
+    ns["__init__"] = __init__
     ns["__record_fields__"] = tuple(flds)
     ns["__record_repr__"] = tuple(f.name for f in flds if f.repr)
     ns["__record_compare__"] = tuple(f.name for f in flds if f.compare)
@@ -145,10 +138,36 @@ def _make(cls: type, frozen: bool, slots: bool) -> type:
         for f in flds:
             if isinstance(cls.__dict__.get(f.name), Field):
                 delattr(cls, f.name)
+        made.append(cls)
         return cls
     ns["__slots__"] = tuple(f.name for f in flds)
     ns.pop("__dict__", None)
     ns.pop("__weakref__", None)
     new = type(cls)(cls.__name__, cls.__bases__, ns)
     new.__qualname__ = cls.__qualname__
+    made.append(new)
     return new
+
+
+def _compile_init(flds: list[Field], frozen: bool, qualname: str):  # type: ignore[no-untyped-def]
+    """The record's __init__, compiled as dataclasses compiles it, so that making an instance costs no more
+    than a dataclass's (the uffd events are made once per fault)."""
+    scope: dict[str, object] = {"_MISSING": _MISSING, "_set": object.__setattr__}
+    params, body = [], []
+    for f in flds:
+        if f.default is not _MISSING:
+            scope[f"_d_{f.name}"] = f.default
+            params.append(f"{f.name}=_d_{f.name}")
+        elif f.default_factory is not _MISSING:
+            scope[f"_f_{f.name}"] = f.default_factory
+            params.append(f"{f.name}=_MISSING")
+        else:
+            params.append(f.name)
+        value = f"_f_{f.name}() if {f.name} is _MISSING else {f.name}" if f.default_factory is not _MISSING \
+            else f.name
+        body.append(f"    _set(self, {f.name!r}, {value})" if frozen else f"    self.{f.name} = {value}")
+    src = f"def __init__(self, {', '.join(params)}):\n" + ("\n".join(body) or "    pass") + "\n"
+    exec(src, scope)  # noqa: S102 - our own source, made from the class's field names
+    init = scope["__init__"]
+    init.__qualname__ = qualname  # type: ignore[attr-defined]
+    return init

@@ -109,3 +109,15 @@ def test_lazarus_records_stay_values() -> None:
         a.start = 0  # type: ignore[misc]
     assert repr(a).startswith("Vma(start=139637976727552, end=139637976735744, prot=3, shared=False")
     assert uffd.PageFault(address=0x1000, flags=0, tid=1) == uffd.PageFault(0x1000, 0, 1) != uffd.PageFault(0, 0, 1)
+
+
+@pytest.mark.parametrize("opts", [{}, {"frozen": True, "slots": True}])
+def test_init_is_compiled_at_the_first_instance_even_of_a_subclass(opts: dict[str, bool]) -> None:
+    cls = record(type("L", (), {"__annotations__": {"a": "int", "b": "int"}, "b": 2}), **opts)
+    stub = cls.__init__
+    sub = type("S", (cls,), {"__slots__": ()} if opts else {})
+    s = sub(1)
+    assert (s.a, s.b) == (1, 2) and cls.__init__ is not stub and sub.__init__ is cls.__init__
+    assert cls(3, b=4) == cls(3, 4) and repr(cls(3)) == "L(a=3, b=2)"
+    with pytest.raises(TypeError):
+        cls(1, 2, 3)
