@@ -20,7 +20,6 @@ import enum
 import errno
 import fcntl
 import os
-import queue
 import struct
 import threading
 
@@ -197,6 +196,8 @@ class CopyHelper:
     """
 
     def __init__(self) -> None:
+        import queue  # only the lazy server's background transfer makes a helper; a restore never does
+
         self._jobs: queue.SimpleQueue[tuple[int, int, int, int, int] | None] = queue.SimpleQueue()
         self._results: queue.SimpleQueue[tuple[int, Outcome] | BaseException] = queue.SimpleQueue()
         self._busy = False
