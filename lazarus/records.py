@@ -70,6 +70,13 @@ def _frozen_delattr(self: object, name: str) -> None:
     raise FrozenInstanceError(f"cannot delete field {name!r}")
 
 
+def _frozen_setstate(self: object, state: object) -> None:
+    # copy and pickle set a slots instance's fields by setattr, which a frozen record refuses (as dataclasses).
+    for part in state if isinstance(state, tuple) else (state,):
+        for name, value in (part or {}).items():
+            object.__setattr__(self, name, value)
+
+
 def fields(obj: object) -> tuple[Field, ...]:
     """The fields of a record class or instance, in order."""
     return obj.__record_fields__  # type: ignore[attr-defined,no-any-return]
@@ -131,6 +138,7 @@ def _make(cls: type, frozen: bool, slots: bool) -> type:
     if frozen:
         ns["__setattr__"] = _frozen_setattr
         ns["__delattr__"] = _frozen_delattr
+        ns["__setstate__"] = _frozen_setstate
     if not slots:
         for name, value in ns.items():
             if cls.__dict__.get(name, _MISSING) is not value:

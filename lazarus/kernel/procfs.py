@@ -1,6 +1,6 @@
-"""Parsers of /proc/<pid>/... text into dataclasses, plus thin readers that map errors to Lazarus ones.
+"""Parsers of /proc/<pid>/... text into records, plus thin readers that map errors to Lazarus ones.
 
-The `parse_*` functions are pure (text in, dataclass out) so they can be tested on fixtures; the `read_*`
+The `parse_*` functions are pure (text in, record out) so they can be tested on fixtures; the `read_*`
 functions only read the file and call them. The dump reads these for every task, so the parsers avoid per-line
 regexes and parse only the fields somebody uses.
 

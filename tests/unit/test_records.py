@@ -121,3 +121,20 @@ def test_init_is_compiled_at_the_first_instance_even_of_a_subclass(opts: dict[st
     assert cls(3, b=4) == cls(3, 4) and repr(cls(3)) == "L(a=3, b=2)"
     with pytest.raises(TypeError):
         cls(1, 2, 3)
+
+
+@pytest.mark.parametrize("opts", [{}, {"slots": True}, {"frozen": True}, {"frozen": True, "slots": True}])
+def test_a_record_copies_and_pickles(opts: dict[str, bool]) -> None:
+    import copy
+    import pickle
+    line = "7f0000000000-7f0000002000 rw-p 00000000 00:00 0 \n"
+    vma = procfs.parse_maps(line)[0]
+    assert copy.copy(vma) == vma and pickle.loads(pickle.dumps(vma)) == vma and copy.deepcopy(vma) == vma
+    rec, _ = _pair(**opts)
+    globals()["R"] = rec  # pickle finds the class by its module and name
+    try:
+        x = rec(1, "y", [2])
+        for y in (copy.copy(x), copy.deepcopy(x), pickle.loads(pickle.dumps(x))):
+            assert y == x and (y.c, y.d) == ([2], {})
+    finally:
+        del globals()["R"]
