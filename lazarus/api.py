@@ -21,14 +21,15 @@ A lazy restore forks helpers; call it while the calling process has no thread (f
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from lazarus.errors import FeatureMissing, LazarusError, UsageError
+from lazarus.records import field, record
 
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     import socket
+    from typing import Any
 
     from lazarus.dump import DumpResult
     from lazarus.kernel.features import Feature
@@ -57,7 +58,7 @@ def dump(pid: int, directory: str | Path, *, leave_running: bool = False, shell_
                  sync=sync)
 
 
-@dataclass
+@record
 class Restoration:
     """A restored process. `pid` runs (it is the caller's child); for a lazy restore its memory arrives
     from the server given by `served_by`: "here" (call serve()), "daemon" (pid `daemon_pid`) or "server"
@@ -333,7 +334,7 @@ def _daemon_log(directory: Path) -> Path:
     return directory / "lazy-pages.log" if os.access(directory, os.W_OK) else Path(os.devnull)
 
 
-@dataclass
+@record
 class CheckResult:
     """`features`: every probed kernel feature; `ok`: dump and restore can work here; `missing`: names of the
     features dump or restore need and lack."""

@@ -8,14 +8,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import argparse
-    from typing import Any
 
 from lazarus import __version__, logs
 from lazarus.errors import LazarusError, UsageError
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any
 
 log = logs.getLogger("lazarus")
 _T0 = time.monotonic()

@@ -18,13 +18,12 @@ import contextlib
 import errno
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol
 
 from lazarus.errors import KernelError, LazarusError, NoSuchTask
 from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.clone import BATCH_CODE, BATCH_TRAP_OFFSET
 from lazarus.logs import getLogger
+from lazarus.records import field, record
 
 log = getLogger(__name__)
 
@@ -83,12 +82,16 @@ def scratch_present(pid: int, addr: int, size: int) -> bool:
     return any(v.start <= addr and addr + size <= v.end and not v.path for v in procfs.read_maps(pid))
 
 
-class Journal(Protocol):
-    """What a RemoteTask tells a watchdog before it changes the task (see lazarus/dump/watchdog.py)."""
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Protocol
 
-    def saved(self, regs: abi.user_regs_struct, mask: int, syscall_ip: int) -> None: ...
-    def scratch(self, addr: int, size: int) -> None: ...
-    def scratch_gone(self) -> None: ...
+    class Journal(Protocol):
+        """What a RemoteTask tells a watchdog before it changes the task (see lazarus/dump/watchdog.py)."""
+
+        def saved(self, regs: abi.user_regs_struct, mask: int, syscall_ip: int) -> None: ...
+        def scratch(self, addr: int, size: int) -> None: ...
+        def scratch_gone(self) -> None: ...
 
 
 class RemoteTask:
@@ -325,14 +328,14 @@ class RemoteTask:
         return self.put(b + b"\0", offset)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Ref:
     """The result of an earlier call of the same Batch, passed as an argument of a later one."""
 
     index: int
 
 
-@dataclass
+@record
 class _Entry:
     nr: int
     args: list[int | Ref]

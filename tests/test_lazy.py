@@ -256,3 +256,53 @@ def test_lazy_pages_socket_and_linger(harness: H.Harness, tmp_path: Path) -> Non
         if server.poll() is None:
             server.kill()
             server.wait(10)
+
+
+_IMPORT_SPY = """
+import atexit, os, sys
+out = sys.argv.pop(1)
+sys.path[:0] = PATHS
+AVOIDED = ("dataclasses", "inspect", "typing", "ast", "dis", "tokenize")
+def note():
+    with open(out, "a") as f:
+        f.write(f"{os.getpid()} {' '.join(m for m in AVOIDED if m in sys.modules) or '-'}\\n")
+real_exit = os._exit
+def _exit(code):
+    note()
+    real_exit(code)
+os._exit = _exit
+atexit.register(note)
+import runpy
+runpy.run_module("lazarus", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_restore_command_and_its_daemon_never_import_dataclasses_or_typing(
+        harness: H.Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start-up cost: `restore --lazy -d` run for real, as the installed command starts it (python -S), neither
+    the command nor its lazy-pages daemon (nor its guard) imports dataclasses, inspect or typing, before or
+    while it serves (lazarus/records.py)."""
+    spy, seen = tmp_path / "spy.py", tmp_path / "seen"
+    spy.write_text(f"PATHS = {sys.path!r}\n" + _IMPORT_SPY)
+    commands: list[int] = []
+
+    def lazarus(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        p = subprocess.Popen([sys.executable, "-S", str(spy), str(seen), *args], cwd=H.REPO_ROOT, text=True,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        commands.append(p.pid)
+        out, err = p.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+    target, image = dumped(harness, "lazy_events", "all")
+    monkeypatch.setattr(harness, "lazarus", lazarus)
+    r = harness.restore(image, lazy=True, like=target)
+    assert r.returncode == 0, r.stderr
+    r.target.signal(signal.SIGUSR2)
+    H.expect_pass(r.target.wait_result(60), r.target, r)
+    assert r.target.wait_exit(15) == 0
+    deadline = time.monotonic() + 20  # the daemon ends once its process has ended
+    while time.monotonic() < deadline and len(seen.read_text().splitlines()) < 2:
+        time.sleep(0.05)
+    lines = dict(line.split(" ", 1) for line in seen.read_text().splitlines())
+    assert str(commands[0]) in lines and len(lines) >= 2, lines  # the command and at least its daemon
+    assert all(v.strip() == "-" for v in lines.values()), lines

@@ -6,11 +6,14 @@ import json
 import re
 import sys
 from array import array
-from typing import Any
 
 import xxhash
 
 from lazarus.errors import ImageError
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 FORMAT_NAME = "lazarus-image"
 # 2: a task may list its other threads ("threads"); a reader of version 1 would restore the main thread alone, so

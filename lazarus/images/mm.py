@@ -6,7 +6,9 @@ two always agree; free of syscalls like the rest of this package.
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 PAGE_SIZE = 4096
 

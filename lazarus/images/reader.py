@@ -12,7 +12,6 @@ import time
 from array import array
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 import xxhash
 
@@ -42,6 +41,10 @@ from lazarus.images.format import (
     task_name,
 )
 from lazarus.images.tree import Tree, parse_tree
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 _TASK_RE = re.compile(r"task-([0-9]+)\.json")
 _PAGES_RE = re.compile(r"pages-([0-9]+)\.img")

@@ -16,10 +16,13 @@ Memory objects several tasks map (format 5) stay in each holder's task-PID.json 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from lazarus.errors import ImageError
 from lazarus.images.format import SHMEM_VERSION, task_name
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 SHARED_JSON = "shared.json"
 KINDS = ("file", "fifo", "pipe")

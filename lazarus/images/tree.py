@@ -12,17 +12,19 @@ for a version 3 image of a single process, which may omit it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 from lazarus.errors import ImageError
+from lazarus.records import record
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 INVENTORY = "inventory.json"
 STATES = ("running", "stopped", "zombie")
 NODE_SCHEMA = {"pid": int, "ppid": int, "pgid": int, "sid": int, "state": str, "comm": str}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Node:
     pid: int
     ppid: int

@@ -27,7 +27,6 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from lazarus.errors import ImageError
 from lazarus.images.format import (
@@ -42,6 +41,10 @@ from lazarus.images.format import (
     task_name,
 )
 from lazarus.images.shared import SHARED_JSON, check_shared, check_shared_memory
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 PAGE_SIZE = 4096
 USER_TOP = 0x7FFF_FFFF_F000 + PAGE_SIZE  # TASK_SIZE on x86-64 with 4-level paging (the vsyscall page is not a vma)

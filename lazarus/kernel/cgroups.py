@@ -8,16 +8,16 @@ one mounted at .../unified), so every hierarchy is looked up by its line in /pro
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from lazarus.errors import LazarusError
 from lazarus.kernel.procfs import unescape_mount
+from lazarus.records import record
 
 NAMESPACES = ("cgroup", "ipc", "mnt", "net", "pid", "pid_for_children", "time", "time_for_children", "user",
               "uts")
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Membership:
     """One line of /proc/PID/cgroup: hierarchy id, its controllers ("" for v2, "name=systemd" for a named
     v1 hierarchy) and the cgroup's path within it."""

@@ -7,11 +7,11 @@ import contextlib
 import errno
 import os
 import select
-from dataclasses import dataclass
 
 from lazarus.errors import KernelError, NoSuchTask
 from lazarus.kernel import abi
 from lazarus.kernel.syscall import ioctl_raw, raw_syscall
+from lazarus.records import record
 
 
 def pidfd_open(pid: int, flags: int = 0) -> int:
@@ -55,7 +55,7 @@ def pidfd_exited(pidfd: int) -> bool:
     return bool(p.poll(0))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PidInfo:
     """What a pidfd says about its process, in our pid namespace: pid, parent's pid, real and effective uid."""
     pid: int

@@ -1,6 +1,6 @@
-"""Parsers of /proc/<pid>/... text into dataclasses, plus thin readers that map errors to Lazarus ones.
+"""Parsers of /proc/<pid>/... text into records, plus thin readers that map errors to Lazarus ones.
 
-The `parse_*` functions are pure (text in, dataclass out) so they can be tested on fixtures; the `read_*`
+The `parse_*` functions are pure (text in, record out) so they can be tested on fixtures; the `read_*`
 functions only read the file and call them. The dump reads these for every task, so the parsers avoid per-line
 regexes and parse only the fields somebody uses.
 
@@ -14,10 +14,10 @@ import errno
 import os
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 from lazarus.errors import KernelError, NoSuchTask
 from lazarus.kernel import abi
+from lazarus.records import field, record
 
 PF_KTHREAD = abi.PF_KTHREAD
 
@@ -73,7 +73,7 @@ def _listdir_ints(path: str, pid: int) -> list[int]:
 # maps / smaps
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Vma:
     """One line of /proc/pid/maps, optionally with VmFlags and Rss from smaps.
 
@@ -256,7 +256,7 @@ def map_file_path(pid: int, vma: Vma) -> str:
 # status
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Status:
     """/proc/pid/status (the fields Lazarus uses). Signal sets and capabilities are bit masks."""
 
@@ -344,7 +344,7 @@ def read_status(pid: int, tid: int | None = None) -> Status:
 # stat
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Stat:
     """/proc/pid/stat. Addresses read as 0 unless the reader may ptrace the task."""
 
@@ -421,7 +421,7 @@ def start_time(pid: int) -> int:
 # fd, fdinfo
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class FdInfo:
     """/proc/pid/fdinfo/N. `extra` keeps every other line in order (epoll's repeated "tfd:" lines...)."""
 
@@ -612,7 +612,7 @@ def read_limits(pid: int) -> list[tuple[int, int]]:
 # file locks (the "lock:" lines of /proc/pid/fdinfo/N, in /proc/locks' format) and mounts
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class FileLock:
     """One held lock: kind "POSIX", "FLOCK", "OFDLCK", "LEASE", "DELEG"...; access "READ"/"WRITE"/...;
     pid (-1 for OFD locks); start and end byte (end None for EOF)."""
@@ -672,7 +672,7 @@ def read_mount_points(pid: int) -> dict[int, str]:
     return parse_mount_points(read_text(f"/proc/{pid}/mountinfo", pid))
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class SysvShm:
     """One System V shared memory segment of our IPC namespace, as /proc/sysvipc/shm shows it."""
     key: int

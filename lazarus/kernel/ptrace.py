@@ -8,11 +8,11 @@ import errno
 import os
 import signal
 import time
-from dataclasses import dataclass
 
 from lazarus.errors import KernelError, LazarusError, NoSuchTask
 from lazarus.kernel import abi
 from lazarus.kernel.syscall import libc
+from lazarus.records import record
 
 _ptrace = libc.ptrace
 _ptrace.restype = C.c_long
@@ -65,7 +65,7 @@ def ptrace(req: int, pid: int, addr: int | object = 0, data: int | object = 0, *
     return ret
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class WaitStatus:
     """A decoded waitpid status."""
 

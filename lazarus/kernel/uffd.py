@@ -20,15 +20,17 @@ import enum
 import errno
 import fcntl
 import os
-import queue
 import struct
 import threading
-from dataclasses import dataclass
-from typing import ClassVar
 
 from lazarus.errors import FeatureMissing, KernelError
 from lazarus.kernel import abi
 from lazarus.kernel.syscall import ioctl, ioctl_raw, raw_syscall
+from lazarus.records import record
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import ClassVar
 
 PAGE_SIZE = abi.PAGE_SIZE
 _MSG_SIZE = 32
@@ -36,10 +38,10 @@ _INTERNAL_FEATURES = abi.UFFD_FEATURE_INITIALIZED
 
 
 # ---------------------------------------------------------------------------------------------
-# typed events (plain slotted dataclasses: creating a frozen one costs 3x more, and one is made per fault)
+# typed events (plain slotted records: creating a frozen one costs 3x more, and one is made per fault)
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class PageFault:
     """A thread touched a missing page. `address` is page aligned unless EXACT_ADDRESS was enabled; `tid` is
     the faulting thread's id with THREAD_ID enabled, else 0."""
@@ -53,14 +55,14 @@ class PageFault:
         return bool(self.flags & abi.UFFD_PAGEFAULT_FLAG_WRITE)
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class Fork:
     """The process forked; `ufd` is a NEW fd in the reader's fd table serving the child (adopt it)."""
 
     ufd: int
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class Remap:
     """mremap moved [from_, from_+len) to [to, to+len). An Unmap of the old range follows: see ranges.py."""
 
@@ -69,7 +71,7 @@ class Remap:
     len: int
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class Remove:
     """madvise(MADV_DONTNEED/MADV_REMOVE) dropped [start, end): those pages read as zeros from now on."""
 
@@ -77,7 +79,7 @@ class Remove:
     end: int
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class Unmap:
     """munmap (or the unmapped side of mremap / MAP_FIXED) removed [start, end)."""
 
@@ -85,7 +87,7 @@ class Unmap:
     end: int
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class TaskDone:
     """Not a kernel message: reading failed with EBADF/ESRCH, i.e. the task behind this uffd is gone
     (KERNEL-NOTES pitfall 14). Treat as "that process is done", never as a crash."""
@@ -194,6 +196,8 @@ class CopyHelper:
     """
 
     def __init__(self) -> None:
+        import queue  # only the lazy server's background transfer makes a helper; a restore never does
+
         self._jobs: queue.SimpleQueue[tuple[int, int, int, int, int] | None] = queue.SimpleQueue()
         self._results: queue.SimpleQueue[tuple[int, Outcome] | BaseException] = queue.SimpleQueue()
         self._busy = False
@@ -262,7 +266,7 @@ class CopyHelper:
 # fdinfo
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class UffdInfo:
     """The userfaultfd lines of /proc/PID/fdinfo/FD. `features` are the ENABLED ones (pitfall 2)."""
 

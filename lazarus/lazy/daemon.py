@@ -34,19 +34,22 @@ import os
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from lazarus.errors import LazarusError
 from lazarus.logs import getLogger
+from lazarus.records import field, record
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 log = getLogger("lazarus.lazy")
 
 ProgressCallback = Callable[[int, int], None]
 
 
-@dataclass
+@record
 class Serving:
     """A LazyServer with its guard (which kills the served processes should the server die).
 
@@ -144,7 +147,7 @@ def query_status(path: Path, timeout: float = 5.0) -> dict[str, Any]:
     return json.loads(data)
 
 
-@dataclass
+@record
 class Daemon:
     """A private lazy-pages daemon forked for one restore; `sock` carries the handoff (handoff.send_process)."""
 

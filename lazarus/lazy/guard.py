@@ -36,15 +36,15 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from lazarus.errors import LazarusError, NoSuchTask
 from lazarus.kernel.pidfd import pidfd_exited, pidfd_info, pidfd_open, pidfd_send_signal
 from lazarus.kernel.syscall import keep_only_fd
 from lazarus.logs import getLogger
+from lazarus.records import record
 
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     import subprocess
 
@@ -163,7 +163,7 @@ class Guard:
 # the guard process
 
 
-@dataclass
+@record
 class _Entry:
     key: int
     uffd: int

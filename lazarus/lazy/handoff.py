@@ -26,15 +26,17 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from lazarus.errors import LazarusError, ProtocolError
 from lazarus.kernel.procfs import own_pid
 from lazarus.kernel.uffd import Uffd
 from lazarus.logs import getLogger
 
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     # trust.py is the server's side: a restore handing a process over (send_process) does not load it
+    from typing import Any
+
     from lazarus.lazy.trust import Peer
 
 log = getLogger(__name__)

@@ -17,10 +17,13 @@ so is a file whose sums differ (never served from a mapping checked against othe
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 from lazarus.lazy.sources import ImagePageSource, SharedVerifier
 from lazarus.logs import getLogger
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 log = getLogger(__name__)
 

@@ -48,7 +48,6 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from time import monotonic_ns, perf_counter_ns
 
@@ -77,8 +76,12 @@ from lazarus.lazy.anchor import (
 from lazarus.lazy.guard import Guard
 from lazarus.lazy.pagefiles import MappedPageFiles
 from lazarus.lazy.ranges import PAGE_SIZE, PendingPages, Run
-from lazarus.lazy.sources import PageSource
 from lazarus.logs import getLogger
+from lazarus.records import field, record
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from lazarus.lazy.sources import PageSource
 
 log = getLogger("lazarus.lazy")
 
@@ -102,7 +105,7 @@ ProgressCallback = Callable[[int, int], None]
 _NONE: tuple[str, None] = ("", None)
 
 
-@dataclass
+@record
 class _Proc:
     key: int                      # the uffd fd number: stable while served
     uffd: Uffd

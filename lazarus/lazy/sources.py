@@ -26,7 +26,6 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol, runtime_checkable
 
 from lazarus.errors import ImageError, KernelError, PageSourceLost
 from lazarus.images.mm import huge_ranges
@@ -40,44 +39,46 @@ PAGES_PER_CHUNK = CHUNK_BYTES // PAGE_SIZE
 log = getLogger(__name__)
 
 
-@runtime_checkable
-class PageFileLike(Protocol):
-    """What ImagePageSource needs of lazarus.images.PageFile."""
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any, Protocol
 
-    def address(self, file_page_index: int) -> int: ...
+    class PageFileLike(Protocol):
+        """What ImagePageSource needs of lazarus.images.PageFile."""
 
-    def verify_chunk_for(self, page_index: int) -> None: ...
+        def address(self, file_page_index: int) -> int: ...
+
+        def verify_chunk_for(self, page_index: int) -> None: ...
 
 
-@runtime_checkable
-class PageSource(Protocol):
-    """A provider of page contents for one address space (shared by the fork children of that space)."""
+    class PageSource(Protocol):
+        """A provider of page contents for one address space (shared by the fork children of that space)."""
 
-    name: str
-    synchronous: bool
+        name: str
+        synchronous: bool
 
-    def pending(self) -> PendingPages:
-        """A fresh set of the pages this source holds (the pages still to fill at the start)."""
-        ...
+        def pending(self) -> PendingPages:
+            """A fresh set of the pages this source holds (the pages still to fill at the start)."""
+            ...
 
-    def address(self, file_index: int, npages: int) -> int:
-        """Address (in this process) of file pages [file_index, file_index+npages), readable as one block.
+        def address(self, file_index: int, npages: int) -> int:
+            """Address (in this process) of file pages [file_index, file_index+npages), readable as one block.
 
-        Raises:
-            PageSourceLost when the data cannot be trusted or read.
-        """
-        ...
+            Raises:
+                PageSourceLost when the data cannot be trusted or read.
+            """
+            ...
 
-    def prefetch(self, file_index: int, npages: int) -> None:
-        """Hint that these file pages come next (a source may start reading/verifying them). Optional."""
-        ...
+        def prefetch(self, file_index: int, npages: int) -> None:
+            """Hint that these file pages come next (a source may start reading/verifying them). Optional."""
+            ...
 
-    def served(self, file_index: int, npages: int) -> None:
-        """These file pages were copied into a process: the source may let go of them (a local file source
-        drops them from its mapping, so that the server's RSS does not grow with what it has served)."""
-        ...
+        def served(self, file_index: int, npages: int) -> None:
+            """These file pages were copied into a process: the source may let go of them (a local file source
+            drops them from its mapping, so that the server's RSS does not grow with what it has served)."""
+            ...
 
-    def close(self) -> None: ...
+        def close(self) -> None: ...
 
 
 class ImagePageSource:

@@ -33,14 +33,17 @@ import os
 import socket
 import stat
 import struct
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from lazarus.errors import KernelError, LazarusError, NoSuchTask, Untrusted
 from lazarus.kernel import abi
 from lazarus.kernel.pidfd import PidFd, pidfd_exited, pidfd_info, pidfd_open
 from lazarus.kernel.uffd import Outcome, Uffd
+from lazarus.records import record
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 PAGE_SIZE = abi.PAGE_SIZE
 SOCKET_MODE = 0o600
@@ -208,7 +211,7 @@ def peer_ucred(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
-@dataclass
+@record
 class Peer:
     """A checked peer: root, alive when checked. Owns `pidfd` (close())."""
     pid: int

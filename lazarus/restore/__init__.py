@@ -11,9 +11,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from lazarus.errors import ImageError, KernelError, LazarusError, RestoreError
 from lazarus.images import Image
@@ -26,6 +24,7 @@ from lazarus.kernel.clone import Trampoline
 from lazarus.kernel.xstate import machine_xstate as cpu_xstate
 from lazarus.lazy.sources import ImagePageSource
 from lazarus.logs import getLogger
+from lazarus.records import field, record
 from lazarus.remote import Batch, RemoteTask
 from lazarus.restore import cgroups, cow, private, seed
 from lazarus.restore import core as rcore
@@ -57,14 +56,19 @@ from lazarus.restore.timers import check_timers
 from lazarus.restore.tree import create_child, join_group, lead, make_zombie
 from lazarus.restore.uffd import LAZY_FEATURES, copy_all, lazy_ranges, uffd_in_task
 
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
+
+    # Called with (pid, uffd, page source) once a lazily restored task is ready to run, before it runs.
+    LazyHandoff = Callable[[int, Any, Any], None]
+
 log = getLogger(__name__)
-# Called with (pid, uffd, page source) once a lazily restored task is ready to run, before it runs.
-LazyHandoff = Callable[[int, Any, Any], None]
 TRAMPOLINE_SIZE = 4 * abi.PAGE_SIZE
 _NEG1 = (1 << 64) - 1
 
 
-@dataclass
+@record
 class Restored:
     pid: int
     seconds: float  # from the start of the restore until the task runs

@@ -28,12 +28,15 @@ import errno
 import os
 import stat
 from collections.abc import Callable
-from typing import Any
 
 from lazarus.errors import RestoreError
 from lazarus.images.format import STATELESS_DEVICES
 from lazarus.kernel import abi
 from lazarus.remote import RemoteTask
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 _NEG1 = (1 << 64) - 1
 DEVICES = {path: dev for dev, path in STATELESS_DEVICES.items()}

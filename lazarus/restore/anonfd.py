@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
-from typing import Any
 
 from lazarus.errors import RestoreError
 from lazarus.images.format import Schema, check_schema
@@ -27,6 +26,10 @@ from lazarus.kernel import abi
 from lazarus.kernel.anonfd import read_all_ready
 from lazarus.kernel.pidfd import PidFd
 from lazarus.remote import RemoteTask
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 KINDS = ("eventfd", "signalfd", "timerfd", "epoll", "inotify")
 _NS = 1_000_000_000

@@ -8,10 +8,13 @@ A hierarchy where the task was in the same cgroup as the restorer needs nothing.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from lazarus.errors import LazarusError, RestoreError
 from lazarus.kernel import cgroups
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def plan(saved: list[dict[str, Any]] | None, pid: int) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from typing import Any
 
 from lazarus.errors import ImageError, KernelError, LazarusError, RestoreError
 from lazarus.images.format import Schema, check_schema
@@ -16,6 +15,10 @@ from lazarus.kernel.xstate import parse_xstate
 from lazarus.logs import getLogger
 from lazarus.remote import Batch, Ref, RemoteTask, restart_after_freeze
 from lazarus.restore.timers import restore_timers
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 _NEG1 = (1 << 64) - 1
 log = getLogger(__name__)

@@ -14,18 +14,21 @@ from __future__ import annotations
 
 import array
 import bisect
-from dataclasses import dataclass, field
-from typing import Any
 
 from lazarus.errors import KernelError
 from lazarus.kernel import abi, vm
+from lazarus.records import field, record
 from lazarus.remote import Batch, Ref, RemoteTask
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 Range = tuple[int, int]
 _NEG1 = (1 << 64) - 1
 
 
-@dataclass
+@record
 class CowPlan:
     """What one task of the tree does with the runs of cow.json."""
     pid: int

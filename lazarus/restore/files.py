@@ -17,7 +17,6 @@ import stat
 import struct
 import termios
 from collections.abc import Callable
-from typing import Any
 
 from lazarus.errors import ImageError, KernelError, RestoreError
 from lazarus.kernel import abi
@@ -26,6 +25,10 @@ from lazarus.kernel.procfs import read_fdinfo
 from lazarus.remote import Batch, Ref, RemoteTask
 from lazarus.restore import anonfd, private, unixsk
 from lazarus.restore.access import Access, kind_problem
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 _NEG1 = (1 << 64) - 1
 _O_NOCTTY = 0o400

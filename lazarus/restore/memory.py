@@ -9,17 +9,20 @@ import os
 import stat
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 from lazarus.errors import RestoreError
 from lazarus.images.mm import SEALS_NONE, VMFLAGS_COMPARED, is_lazy
 from lazarus.kernel import abi, procfs
+from lazarus.records import field, record
 from lazarus.remote import Batch, RemoteTask
 from lazarus.restore import private
 from lazarus.restore.access import Access, mapped_access
 from lazarus.restore.files import _OPEN_MASK
 from lazarus.restore.sharing import SharedMemory
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 _NEG1 = (1 << 64) - 1
 _MADVISE = {"dd": abi.MADV_DONTDUMP, "hg": abi.MADV_HUGEPAGE, "nh": abi.MADV_NOHUGEPAGE,
@@ -28,7 +31,7 @@ _MADVISE = {"dd": abi.MADV_DONTDUMP, "hg": abi.MADV_HUGEPAGE, "nh": abi.MADV_NOH
 VDSO_KINDS = ("vvar", "vvar_vclock", "vdso")
 
 
-@dataclass
+@record
 class MemoryState:
     """What the address-space rebuild leaves for later stages."""
 

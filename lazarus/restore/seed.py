@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from typing import Any
 
 from lazarus.errors import KernelError, RestoreError
 from lazarus.kernel import abi, ptrace
@@ -26,6 +25,10 @@ from lazarus.kernel.clone import BATCH_OFFSET, SYSCALL_OFFSET, Trampoline
 from lazarus.remote import RemoteTask
 from lazarus.restore import core as rcore
 from lazarus.restore.memory import clear_address_space, close_inherited_fds, free_gaps
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 SEED_ADDR = 0x3000_0000_0000
 _GUARD = 1 << 20

@@ -24,15 +24,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, field
-from typing import Any
 
 from lazarus.errors import RestoreError
 from lazarus.images.shared import SHARED_JSON, fd_table_tops
 from lazarus.kernel import abi
+from lazarus.records import field, record
 from lazarus.remote import RemoteTask
 from lazarus.restore.files import check_files
 from lazarus.restore.sharing import give_scm, new_pipe, set_status, take
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 _DESC_ONLY = ("id", "kind", "holders")
 
@@ -127,7 +130,7 @@ class SharedFds:
         self.ours.clear()
 
 
-@dataclass
+@record
 class FdTable:
     """One fd table several processes share (clone with CLONE_FILES): restored once, by `top` (whose task file
     holds it) in its fd phase; each other member is cloned from its parent with CLONE_FILES and has no fd

@@ -28,14 +28,17 @@ import os
 import socket
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
 
 from lazarus.errors import KernelError, LazarusError, RestoreError
 from lazarus.kernel import abi
 from lazarus.kernel.pidfd import PidFd
+from lazarus.records import record
 from lazarus.remote import RemoteTask
 from lazarus.restore import private
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 _NEG1 = (1 << 64) - 1
 
@@ -222,7 +225,7 @@ def fill(ours: int, runs: Iterable[tuple[int, bytes | memoryview]]) -> int:
     return total
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Placement:
     """Where one task maps a memory object: [start, end) at `offset` in it."""
     start: int

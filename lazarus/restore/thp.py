@@ -7,13 +7,15 @@ A collapse the kernel declines (no free huge page just now, THP disabled since) 
 
 from __future__ import annotations
 
-from typing import Any
-
 from lazarus.errors import KernelError
 from lazarus.images.mm import huge_ranges
 from lazarus.kernel import abi
 from lazarus.logs import getLogger
 from lazarus.remote import RemoteTask
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 log = getLogger(__name__)
 

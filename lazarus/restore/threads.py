@@ -20,7 +20,6 @@ or its own before its registers are set.
 from __future__ import annotations
 
 import errno
-from typing import Any
 
 from lazarus.errors import ImageError, KernelError, RestoreError
 from lazarus.images.format import Schema, check_schema
@@ -28,6 +27,10 @@ from lazarus.kernel import abi, ptrace
 from lazarus.remote import RemoteTask
 from lazarus.restore import core as rcore
 from lazarus.restore.pidns import host_tid
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 THREAD_FLAGS = (abi.CLONE_VM | abi.CLONE_FS | abi.CLONE_FILES | abi.CLONE_SIGHAND | abi.CLONE_THREAD
                 | abi.CLONE_SYSVSEM | abi.CLONE_SETTLS | abi.CLONE_PTRACE)

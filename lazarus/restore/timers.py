@@ -25,13 +25,16 @@ A pending SI_TIMER signal of a timer that no longer exists is dropped: the kerne
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from lazarus.errors import ImageError, KernelError, RestoreError
 from lazarus.images.format import Schema, check_schema
 from lazarus.kernel import abi, procfs
 from lazarus.logs import getLogger
 from lazarus.remote import RemoteTask
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 log = getLogger(__name__)
 

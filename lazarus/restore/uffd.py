@@ -9,8 +9,6 @@ a lazy restore hands the uffd to the lazy-pages server.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
-from typing import Any
 
 from lazarus.errors import PageSourceLost, RestoreError
 from lazarus.images.mm import is_lazy
@@ -19,6 +17,11 @@ from lazarus.kernel.pidfd import pidfd_getfd, pidfd_open
 from lazarus.kernel.syscall import prlimit
 from lazarus.kernel.uffd import CopyHelper, Outcome, Uffd
 from lazarus.remote import Ref, RemoteTask
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Any
 
 LAZY_FEATURES = (abi.UFFD_FEATURE_EVENT_FORK | abi.UFFD_FEATURE_EVENT_REMAP | abi.UFFD_FEATURE_EVENT_REMOVE
                  | abi.UFFD_FEATURE_EVENT_UNMAP | abi.UFFD_FEATURE_MISSING_SHMEM

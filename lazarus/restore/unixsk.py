@@ -9,15 +9,16 @@ numbers with their file flags.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
 
 from lazarus.errors import RestoreError
 from lazarus.kernel import abi
 from lazarus.kernel.pidfd import PidFd
 from lazarus.remote import RemoteTask
 
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     import socket
+    from typing import Any
 
 # The options read at dump (lazarus/dump/unixsk.py), by name.
 _INT = {"passcred": abi.SO_PASSCRED, "passsec": abi.SO_PASSSEC, "passpidfd": abi.SO_PASSPIDFD,

@@ -5,7 +5,6 @@ privilege)."""
 
 from __future__ import annotations
 
-import dataclasses
 import mmap
 import os
 import random
@@ -20,6 +19,7 @@ from lazarus.images import CHUNK_SIZE, PAGE_SIZE, PAGES_PER_CHUNK, Image, ImageW
 from lazarus.images.writer import PageExtent
 from lazarus.kernel import procfs
 from lazarus.kernel.syscall import buffer_address
+from lazarus.records import replace
 
 FIELDS = {"kernel_release": "6.18.0-test", "arch": "x86_64", "cpu": {"xcr0": 0x2E7, "xstate_size": 2432},
           "root_pid": 42, "tasks": [42]}
@@ -183,7 +183,7 @@ class _Region:
         vma = next(v for v in procfs.read_smaps(os.getpid()) if v.start <= self.start < v.end)
         # Only the region: the vma may have merged with neighbouring anonymous memory this process writes to
         # (malloc arenas), which would change under the spot check.
-        self.vma = dataclasses.replace(vma, start=self.start, end=self.start + npages * PAGE_SIZE)
+        self.vma = replace(vma, start=self.start, end=self.start + npages * PAGE_SIZE)
 
 
 def _dump_region(tmp_path: Path, region: _Region, direct: bool = True) -> tuple[dict, Path]:
