@@ -283,7 +283,7 @@ def test_restore_command_and_its_daemon_never_import_dataclasses_or_typing(
     the command nor its lazy-pages daemon (nor its guard) imports dataclasses, inspect or typing, before or
     while it serves (lazarus/records.py)."""
     spy, seen = tmp_path / "spy.py", tmp_path / "seen"
-    spy.write_text(f"PATHS = {sys.path!r}\n" + _IMPORT_SPY)
+    spy.write_text(f"PATHS = {[str(H.REPO_ROOT), *sys.path]!r}\n" + _IMPORT_SPY)
     commands: list[int] = []
 
     def lazarus(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
