@@ -141,6 +141,10 @@ def _serve_and_lose(harness: H.Harness, tmp_path: Path, lose) -> tuple[H.Target,
     assert "PASS" not in text.split("READY", 1)[-1] and "FAIL" not in text.split("READY", 1)[-1], text
     with contextlib.suppress(subprocess.TimeoutExpired):
         server.wait(15)
+    # The guard kills the process first and reports after: the line may come a moment after the process is gone.
+    deadline = time.monotonic() + 10
+    while f"pid {target.pid} killed" not in err_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
     return target, err_path.read_text()
 
 
