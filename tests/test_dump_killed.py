@@ -319,3 +319,76 @@ def test_threaded_dump_killed_across_the_dump(harness: H.Harness) -> None:
             for leftover in tmp_dirs(image):
                 shutil.rmtree(image.parent / leftover)
     H.expect_pass(harness.run_case(case, target), target)
+
+
+def _dump_killed_in_batch(pid: int, image: Path, moment: str) -> tuple[int, int | None]:
+    """Fork a dump that SIGKILLs itself at `moment` of its batch of injected calls (remote.RemoteTask
+    .run_batch_code): "running" right after it let the task run the batch (the task runs on untraced, through
+    the batch's end, as the dumper dies), "ended" once the task stopped at the batch's end, before the dumper
+    took that stop's signal away. Returns the child's wait status and its watchdog's pid."""
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            os.close(r)
+            from lazarus import remote as remote_mod
+
+            start = Watchdog.start
+
+            def tell_pid(target_pid: int) -> Watchdog:
+                wd = start(target_pid)
+                os.write(w, f"{wd.pid}\n".encode())
+                return wd
+
+            Watchdog.start = tell_pid  # type: ignore[method-assign]
+            real_cont, real_wait = ptrace.cont, ptrace.wait
+
+            def cont(p: int, sig: int = 0) -> None:
+                real_cont(p, sig)
+                if moment == "running":
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            def wait(p: int, timeout: float = 10.0) -> ptrace.WaitStatus:
+                st = real_wait(p, timeout)
+                if moment == "ended":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return st
+
+            run = remote_mod.RemoteTask.run_batch_code
+
+            def run_batch_code(self: remote_mod.RemoteTask, *a: int) -> int:
+                # only inside the batch: ptrace.cont/wait as remote.py sees them
+                remote_mod.ptrace.cont, remote_mod.ptrace.wait = cont, wait  # type: ignore[assignment]
+                return run(self, *a)
+
+            remote_mod.RemoteTask.run_batch_code = run_batch_code  # type: ignore[method-assign]
+            dump(pid, image, leave_running=True)
+        finally:
+            os._exit(1)  # the dump got past its batch without being killed: the parent fails the test
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        got = [int(x) for x in f.read().split()]
+    _, status = os.waitpid(child, 0)
+    return status, got[0] if got else None
+
+
+@pytest.mark.parametrize("moment", ["running", "ended"])
+def test_dump_killed_while_its_batch_runs(harness: H.Harness, moment: str) -> None:
+    """The dump killed while the original runs the batch of injected calls or stands at its end: the original
+    stops in the group stop (never meets a trap or signal of ours untraced), the watchdog puts it back, and it
+    passes its checks, 10 times in a row (the task's progress through the batch at the kill varies)."""
+    target = harness.start_target("survivor")
+    image = harness.image_dir()
+    for i in range(1, 11):
+        status, watchdog = _dump_killed_in_batch(target.pid, image, moment)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, \
+            f"{moment} {i}: the dump was not killed in its batch (status {status:#x})"
+        what = f"dump killed with its batch {moment} ({i})"
+        wait_running(target, what, watchdog)
+        assert check_ok(target, i, what) == 0, f"{what}: SIGCONT let through"
+        assert not image.exists()
+        for leftover in tmp_dirs(image):
+            shutil.rmtree(image.parent / leftover)
+    target.mark()
+    target.signal(signal.SIGUSR2)
+    assert target.wait_result() == "PASS", target.describe()

@@ -423,16 +423,26 @@ def continue_quietly(pid: int, mask: int) -> None:
 
 
 def _wait_event_stop(pid: int) -> None:
-    while True:
+    """Wait for the event stop a seize (or an interrupt) brings, with no SIGSTOP left pending in the task.
+
+    A SIGSTOP is ours (the dump's stop, or the end of a batch of injected calls, lazarus/kernel/clone.py
+    BATCH_STOP_CODE, sent by the task to itself and left pending when the dump died and the group stop came
+    first) or has no effect the SIGCONT that ends our stop would not undo (that SIGCONT discards pending stop
+    signals): it is taken away here, before any injected call would run into its signal-delivery stop."""
+    for _ in range(64):
         s = ptrace.wait(pid)
         if s.exited or s.signaled:
             raise NoSuchTask(f"pid {pid} {s}", pid=pid)
         if s.stopped and s.event == abi.PTRACE_EVENT_STOP:
-            return
-        # A signal stop. Only possible before any injection (after it every signal is blocked): deliver the
-        # signal as the kernel would, and stop again before the program runs on.
+            if not _stop_pending(pid):
+                return
+            ptrace.cont(pid)  # into get_signal: the SIGSTOP's signal-delivery stop comes next
+            continue
+        # A signal stop. Only possible before any injection (after it every signal is blocked but SIGSTOP):
+        # deliver the signal as the kernel would (a SIGSTOP: see above), and stop again before the program runs on.
         ptrace.interrupt(pid)
-        ptrace.cont(pid, 0 if s.syscall_stop or s.event else s.stop_sig)
+        ptrace.cont(pid, 0 if s.syscall_stop or s.event or s.stop_sig == signal.SIGSTOP else s.stop_sig)
+    raise LazarusError(f"pid {pid}: no event stop after 64 signal stops", pid=pid)
 
 
 def _watchdog_main(sock_fd: int, pid: int, start: int) -> int:
