@@ -325,7 +325,9 @@ def _dump_killed_in_batch(pid: int, image: Path, moment: str) -> tuple[int, int 
     """Fork a dump that SIGKILLs itself at `moment` of its batch of injected calls (remote.RemoteTask
     .run_batch_code): "running" right after it let the task run the batch (the task runs on untraced, through
     the batch's end, as the dumper dies), "ended" once the task stopped at the batch's end, before the dumper
-    took that stop's signal away. Returns the child's wait status and its watchdog's pid."""
+    took that stop's signal away, "pending" there too with another SIGSTOP left pending (as when the task sent
+    its own while the group stop of a dead dumper came first). Returns the child's wait status and its
+    watchdog's pid."""
     r, w = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the child
@@ -350,7 +352,9 @@ def _dump_killed_in_batch(pid: int, image: Path, moment: str) -> tuple[int, int 
 
             def wait(p: int, timeout: float = 10.0) -> ptrace.WaitStatus:
                 st = real_wait(p, timeout)
-                if moment == "ended":
+                if moment == "pending":
+                    os.kill(p, signal.SIGSTOP)
+                if moment in ("ended", "pending"):
                     os.kill(os.getpid(), signal.SIGKILL)
                 return st
 
@@ -372,7 +376,7 @@ def _dump_killed_in_batch(pid: int, image: Path, moment: str) -> tuple[int, int 
     return status, got[0] if got else None
 
 
-@pytest.mark.parametrize("moment", ["running", "ended"])
+@pytest.mark.parametrize("moment", ["running", "ended", "pending"])
 def test_dump_killed_while_its_batch_runs(harness: H.Harness, moment: str) -> None:
     """The dump killed while the original runs the batch of injected calls or stands at its end: the original
     stops in the group stop (never meets a trap or signal of ours untraced), the watchdog puts it back, and it
