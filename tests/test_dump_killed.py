@@ -396,3 +396,47 @@ def test_dump_killed_while_its_batch_runs(harness: H.Harness, moment: str) -> No
     target.mark()
     target.signal(signal.SIGUSR2)
     assert target.wait_result() == "PASS", target.describe()
+
+
+def test_batched_dump_keeps_an_ignored_and_pending_sigtrap(harness: H.Harness) -> None:
+    """The dump's batch ends in a SIGSTOP, not a trap, so it also batches in a process whose SIGTRAP is ignored
+    and pending (blocked): the disposition, the mask and the pending SIGTRAP are as they were afterwards."""
+    code = ("import os, signal, sys, time\n"
+            "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTRAP})\n"
+            "signal.signal(signal.SIGTRAP, signal.SIG_IGN)\n"
+            "os.kill(os.getpid(), signal.SIGTRAP)\n"
+            "print('READY', flush=True)\n"
+            "time.sleep(60)\n")
+    image = harness.image_dir()
+    log_path = image.parent / "sigtrap.log"
+    with open(log_path, "w") as log:  # a file, not a pipe: a pipe to another process is refused
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stdin=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    harness.popens.append(proc)
+    try:
+        deadline = time.monotonic() + 10
+        while "READY" not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.01)
+        fields = ("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")
+
+        def sig_status() -> dict[str, str]:
+            lines = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+            return {k: v.strip() for k, v in (ln.split(":", 1) for ln in lines) if k in fields}
+
+        before = sig_status()
+        trap = 1 << (signal.SIGTRAP - 1)
+        assert int(before["SigIgn"], 16) & trap and int(before["ShdPnd"], 16) & trap, before
+        status, watchdog, total = forked_dump(proc.pid, image, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and total, f"the dump failed: {status:#x}"
+        assert total < 100, f"{total} ptrace calls: the injected calls were not batched"
+        assert watchdog is None or H.reap(watchdog, RECOVER_TIMEOUT) is not None
+        deadline = time.monotonic() + RECOVER_TIMEOUT
+        while H.proc_state(proc.pid) not in ("S", "R") or traced_by(proc.pid):
+            assert time.monotonic() < deadline, f"pid {proc.pid} is {H.proc_state(proc.pid)} after the dump"
+            time.sleep(0.002)
+        assert sig_status() == before
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
