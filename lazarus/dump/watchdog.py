@@ -58,8 +58,7 @@ the watchdog, not released, repairs once the dump exits. repair() is idempotent:
 
 The batch of injected calls (lazarus/remote.py Batch) lets the original run code of ours (BATCH_STOP_CODE) with
 no syscall stops in between; it ends in a SIGSTOP the task sends itself, not in a trap: a dump killed while the
-batch runs, or at its end, leaves the task in the group stop (a trap's SIGTRAP would be delivered untraced and
-kill it). A SIGSTOP left pending by that end is taken away by repair() before it injects anything.
+batch runs, or at its end, leaves the task in the group stop (a trap met untraced would kill it with SIGTRAP). A SIGSTOP left pending by that end is taken away by repair() before it injects anything.
 
 If the dump and its watchdog are both killed before "clean", the original stays stopped on injected state:
 never SIGCONT it by hand then. A SIGCONT someone else sends during the dump ends the protecting stop early.

@@ -104,8 +104,8 @@ BATCH_CODE = _BATCH_LOOP + bytes.fromhex("cc")  # done: int3
 BATCH_TRAP_OFFSET = len(BATCH_CODE)  # rip after the int3, relative to the code
 
 # The same loop for a task that must survive its tracer's death at any instant (the dump's original). An int3
-# met untraced (the tracer died while the batch ran), or a SIGTRAP signal-delivery stop whose tracer dies, ends
-# in a SIGTRAP the kernel delivers: the original dies of it. This end sends the task SIGSTOP instead: traced,
+# met untraced (the tracer died while the batch ran) is a SIGTRAP the kernel delivers: the original dies of it
+# (tests/test_dump_killed.py test_dump_killed_while_its_batch_runs). This end sends the task SIGSTOP instead: traced,
 # a signal-delivery stop the tracer suppresses; untraced, a group stop, which is where a dead dump must leave
 # the task anyway (its watchdog takes it from there). tgkill with the ids as the task sees them (pid namespaces).
 BATCH_STOP_CODE = _BATCH_LOOP + bytes.fromhex("".join([
