@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from lazarus.errors import KernelError, LazarusError, NoSuchTask
 from lazarus.kernel import abi, procfs, ptrace
-from lazarus.kernel.clone import BATCH_CODE, BATCH_TRAP_OFFSET
+from lazarus.kernel.clone import BATCH_STOP_CODE, BATCH_STOP_OFFSET, BATCH_TRAP_OFFSET
 from lazarus.logs import getLogger
 from lazarus.records import field, record
 
@@ -109,6 +109,8 @@ class RemoteTask:
         self.syscall_ip = syscall_ip
         # Where BATCH_CODE lies in the task (restore: the trampoline page), or 0: batches then run call by call.
         self.batch_ip = batch_ip
+        # The code at batch_ip is BATCH_STOP_CODE (ends in a SIGSTOP to itself) rather than BATCH_CODE (int3).
+        self.batch_stops = False
         # Set once the task's own SIGTRAP disposition is SIG_IGN: the batch's trap would reset it to SIG_DFL.
         self.traps_ignored = False
         self.stops = 0  # times the task was let run for us (one per call; one per batch)
@@ -216,24 +218,30 @@ class RemoteTask:
         return Batch(self)
 
     def run_batch_code(self, table: int, count: int, results: int) -> int:
-        """Let the task run BATCH_CODE over `count` entries at `table`; returns how many it ran."""
+        """Let the task run BATCH_CODE (or BATCH_STOP_CODE) over `count` entries at `table`; returns how many it ran."""
         pid = self.pid
         regs = abi.user_regs_struct.from_buffer_copy(self.saved_regs)
         regs.rip = self.batch_ip
         regs.orig_rax = _NEG1
         regs.r12, regs.r13, regs.r14 = table, count, results
         ptrace.set_regs(pid, regs)
-        ptrace.set_sigmask(pid, _BATCH_SIGNALS)
+        # BATCH_STOP_CODE ends in a SIGSTOP, which no mask blocks; BATCH_CODE in a trap, whose SIGTRAP must not be
+        # blocked (see _BATCH_SIGNALS).
+        end_sig, end_at = ((abi.SIGSTOP, BATCH_STOP_OFFSET) if self.batch_stops else (abi.SIGTRAP, BATCH_TRAP_OFFSET))
+        if not self.batch_stops:
+            ptrace.set_sigmask(pid, _BATCH_SIGNALS)
         ptrace.cont(pid)
         st = ptrace.wait(pid)
-        if not (st.stopped and st.stop_sig == abi.SIGTRAP):
+        # The end's signal-delivery stop (not an event stop); resuming from it with no signal takes the signal away.
+        if not (st.stopped and st.stop_sig == end_sig and not st.event and not st.syscall_stop):
             if st.exited or st.signaled:
                 raise NoSuchTask(f"task {pid} {st} during a batch of injected syscalls", pid=pid)
-            raise LazarusError(f"task {pid} {st} instead of the batch's trap", pid=pid)
+            raise LazarusError(f"task {pid} {st} instead of the batch's end", pid=pid)
         out = ptrace.get_regs(pid)
-        ptrace.set_sigmask(pid, _ALL_SIGNALS)
-        if out.rip != self.batch_ip + BATCH_TRAP_OFFSET:
-            raise LazarusError(f"task {pid} stopped at {out.rip:#x}, not at the batch's trap", pid=pid)
+        if not self.batch_stops:
+            ptrace.set_sigmask(pid, _ALL_SIGNALS)
+        if out.rip != self.batch_ip + end_at:
+            raise LazarusError(f"task {pid} stopped at {out.rip:#x}, not at the batch's end", pid=pid)
         self.stops += 1
         ran = count - out.r13
         self.calls += ran
@@ -241,8 +249,9 @@ class RemoteTask:
 
     # -- memory ---------------------------------------------------------------------------------------
     def alloc_batch_scratch(self, size: int = 4 * abi.PAGE_SIZE) -> bool:
-        """Map scratch (as alloc_scratch) behind one page holding BATCH_CODE, so that a Batch runs in one stop in a
-        task that has no code of ours (the dump's). Returns whether it did: False where the task may not have a
+        """Map scratch (as alloc_scratch) behind one page holding BATCH_STOP_CODE, so that a Batch runs in one stop
+        in a task that has no code of ours (the dump's): its end is a SIGSTOP, never a trap, so that the task
+        survives our death at any instant (lazarus/dump/watchdog.py). Returns whether it did: False where the task may not have a
         writable and executable mapping (PR_SET_MDWE, a security module: EACCES/EPERM), or already has scratch;
         plain scratch is made instead and batches run call by call.
 
@@ -257,9 +266,10 @@ class RemoteTask:
                 raise
             self.alloc_scratch(size)
             return False
-        self.write(base, BATCH_CODE)
+        self.write(base, BATCH_STOP_CODE)
         self._mapping = (base, size + page)
         self.batch_ip = base
+        self.batch_stops = True
         self.scratch, self.scratch_size = base + page, size
         return True
 

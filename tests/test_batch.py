@@ -15,7 +15,7 @@ import pytest
 
 from lazarus.errors import KernelError
 from lazarus.kernel import abi, ptrace
-from lazarus.kernel.clone import Trampoline
+from lazarus.kernel.clone import BATCH_STOP_CODE, Trampoline
 from lazarus.remote import Ref, RemoteTask
 
 SIZE = 4 * abi.PAGE_SIZE
@@ -142,6 +142,30 @@ def test_sigtrap_disposition_and_mask_kept(blank: RemoteTask) -> None:
     assert int(status["SigCgt"], 16) >> (abi.SIGTRAP - 1) & 1
     blocked = ptrace.get_sigmask(blank.pid)
     assert blocked >> (abi.SIGTRAP - 1) & 1 and blocked >> (abi.SIGUSR1 - 1) & 1
+
+
+def test_batch_ending_in_sigstop(blank: RemoteTask) -> None:
+    """BATCH_STOP_CODE (the dump's: it ends in a SIGSTOP the task sends itself, never a trap) gives the same
+    results in one stop, and leaves nothing pending, the mask all blocked and the task stopped for us (not in a
+    group stop) between batches."""
+    blank.write(blank.batch_ip, BATCH_STOP_CODE)
+    blank.batch_stops = True
+    before = blank.stops
+    for _ in range(3):
+        b = blank.batch()
+        pid = b.call(abi.SYS.getpid)
+        old_umask = b.call(abi.SYS.umask, 0o27)
+        b.call(abi.SYS.umask, old_umask)
+        b.call(abi.SYS.kill, pid, 0)
+        out = b.run()
+        assert out[0] == blank.pid and out[2] == 0o27 and out[3] == 0, out
+    assert blank.stops == before + 3, "a batch took more than one stop"
+    assert blank.syscall(abi.SYS.getpid) == blank.pid  # a plain injected call right after: no stop in its way
+    with open(f"/proc/{blank.pid}/status") as f:
+        status = dict(ln.split(":\t", 1) for ln in f.read().splitlines() if ":\t" in ln)
+    assert int(status["SigPnd"], 16) == 0 and int(status["ShdPnd"], 16) == 0, status
+    assert status["State"].startswith("t"), status["State"]  # a ptrace stop, not a job-control stop (T)
+    assert ptrace.get_sigmask(blank.pid) >> (abi.SIGUSR1 - 1) & 1
 
 
 def test_more_calls_than_fit_are_refused(blank: RemoteTask) -> None:

@@ -319,3 +319,124 @@ def test_threaded_dump_killed_across_the_dump(harness: H.Harness) -> None:
             for leftover in tmp_dirs(image):
                 shutil.rmtree(image.parent / leftover)
     H.expect_pass(harness.run_case(case, target), target)
+
+
+def _dump_killed_in_batch(pid: int, image: Path, moment: str) -> tuple[int, int | None]:
+    """Fork a dump that SIGKILLs itself at `moment` of its batch of injected calls (remote.RemoteTask
+    .run_batch_code): "running" right after it let the task run the batch (the task runs on untraced, through
+    the batch's end, as the dumper dies), "ended" once the task stopped at the batch's end, before the dumper
+    took that stop's signal away, "pending" there too with another SIGSTOP left pending (as when the task sent
+    its own while the group stop of a dead dumper came first). Returns the child's wait status and its
+    watchdog's pid."""
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            os.close(r)
+            from lazarus import remote as remote_mod
+
+            start = Watchdog.start
+
+            def tell_pid(target_pid: int) -> Watchdog:
+                wd = start(target_pid)
+                os.write(w, f"{wd.pid}\n".encode())
+                return wd
+
+            Watchdog.start = tell_pid  # type: ignore[method-assign]
+            real_cont, real_wait = ptrace.cont, ptrace.wait
+
+            def cont(p: int, sig: int = 0) -> None:
+                real_cont(p, sig)
+                if moment == "running":
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            def wait(p: int, timeout: float = 10.0) -> ptrace.WaitStatus:
+                st = real_wait(p, timeout)
+                if moment == "pending":
+                    os.kill(p, signal.SIGSTOP)
+                if moment in ("ended", "pending"):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return st
+
+            run = remote_mod.RemoteTask.run_batch_code
+
+            def run_batch_code(self: remote_mod.RemoteTask, *a: int) -> int:
+                # only inside the batch: ptrace.cont/wait as remote.py sees them
+                remote_mod.ptrace.cont, remote_mod.ptrace.wait = cont, wait  # type: ignore[assignment]
+                return run(self, *a)
+
+            remote_mod.RemoteTask.run_batch_code = run_batch_code  # type: ignore[method-assign]
+            dump(pid, image, leave_running=True)
+        finally:
+            os._exit(1)  # the dump got past its batch without being killed: the parent fails the test
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        got = [int(x) for x in f.read().split()]
+    _, status = os.waitpid(child, 0)
+    return status, got[0] if got else None
+
+
+@pytest.mark.parametrize("moment", ["running", "ended", "pending"])
+def test_dump_killed_while_its_batch_runs(harness: H.Harness, moment: str) -> None:
+    """The dump killed while the original runs the batch of injected calls or stands at its end: the original
+    stops in the group stop (never meets a trap or signal of ours untraced), the watchdog puts it back, and it
+    passes its checks, 10 times in a row (the task's progress through the batch at the kill varies)."""
+    target = harness.start_target("survivor")
+    image = harness.image_dir()
+    for i in range(1, 11):
+        status, watchdog = _dump_killed_in_batch(target.pid, image, moment)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, \
+            f"{moment} {i}: the dump was not killed in its batch (status {status:#x})"
+        what = f"dump killed with its batch {moment} ({i})"
+        wait_running(target, what, watchdog)
+        assert check_ok(target, i, what) == 0, f"{what}: SIGCONT let through"
+        assert not image.exists()
+        for leftover in tmp_dirs(image):
+            shutil.rmtree(image.parent / leftover)
+    target.mark()
+    target.signal(signal.SIGUSR2)
+    assert target.wait_result() == "PASS", target.describe()
+
+
+def test_batched_dump_keeps_an_ignored_and_pending_sigtrap(harness: H.Harness) -> None:
+    """The dump's batch ends in a SIGSTOP, not a trap, so it also batches in a process whose SIGTRAP is ignored
+    and pending (blocked): the disposition, the mask and the pending SIGTRAP are as they were afterwards."""
+    code = ("import os, signal, sys, time\n"
+            "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTRAP})\n"
+            "signal.signal(signal.SIGTRAP, signal.SIG_IGN)\n"
+            "os.kill(os.getpid(), signal.SIGTRAP)\n"
+            "print('READY', flush=True)\n"
+            "time.sleep(60)\n")
+    image = harness.image_dir()
+    log_path = image.parent / "sigtrap.log"
+    with open(log_path, "w") as log:  # a file, not a pipe: a pipe to another process is refused
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stdin=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    harness.popens.append(proc)
+    try:
+        deadline = time.monotonic() + 10
+        while "READY" not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.01)
+        fields = ("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")
+
+        def sig_status() -> dict[str, str]:
+            lines = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+            return {k: v.strip() for k, v in (ln.split(":", 1) for ln in lines) if k in fields}
+
+        before = sig_status()
+        trap = 1 << (signal.SIGTRAP - 1)
+        assert int(before["SigIgn"], 16) & trap and int(before["ShdPnd"], 16) & trap, before
+        status, watchdog, total = forked_dump(proc.pid, image, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and total, f"the dump failed: {status:#x}"
+        assert total < 100, f"{total} ptrace calls: the injected calls were not batched"
+        assert watchdog is None or H.reap(watchdog, RECOVER_TIMEOUT) is not None
+        deadline = time.monotonic() + RECOVER_TIMEOUT
+        while H.proc_state(proc.pid) not in ("S", "R") or traced_by(proc.pid):
+            assert time.monotonic() < deadline, f"pid {proc.pid} is {H.proc_state(proc.pid)} after the dump"
+            time.sleep(0.002)
+        assert sig_status() == before
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)

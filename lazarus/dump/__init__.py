@@ -459,15 +459,15 @@ def _dump_task(pid: int, fr: Frozen, writer: ImageWriter, shell_job: bool,
     return task, mem.total_pages, signals["blocked"]
 
 
-_TRAP = 1 << (abi.SIGTRAP - 1)
+_STOP = 1 << (abi.SIGSTOP - 1)
 
 
 def _may_batch(pid: int) -> bool:
-    """Whether the dump may run its injected calls as one batch in task `pid`: the batch ends in a trap, i.e. a
-    SIGTRAP that the tracer takes away, which must not meet one of the task's own (pending: it would be taken
-    in its place and lost) nor an ignored SIGTRAP (the kernel would reset that disposition to SIG_DFL)."""
+    """Whether the dump may run its injected calls as one batch in task `pid`: the batch ends in a SIGSTOP the
+    task sends itself and the tracer takes away (never a trap: see lazarus/kernel/clone.py BATCH_STOP_CODE), so
+    a SIGSTOP someone else left pending would be taken for that end at the batch's first call."""
     st = procfs.read_status(pid)
-    return not (st.sig_ign | st.sig_pnd | st.shd_pnd) & _TRAP
+    return not (st.sig_pnd | st.shd_pnd) & _STOP
 
 
 def _let_go(threads: list[int]) -> None:

@@ -56,6 +56,10 @@ On a failure it survives, the dump puts the original back itself (continue_quiet
 else detach and the same repair()) before it reports the error, then releases the watchdog; should that fail,
 the watchdog, not released, repairs once the dump exits. repair() is idempotent: the watchdog may redo it.
 
+The batch of injected calls (lazarus/remote.py Batch) lets the original run code of ours (BATCH_STOP_CODE) with
+no syscall stops in between; it ends in a SIGSTOP the task sends itself, not in a trap: a dump killed while the
+batch runs, or at its end, leaves the task in the group stop (a trap met untraced would kill it with SIGTRAP). A SIGSTOP left pending by that end is taken away by repair() before it injects anything.
+
 If the dump and its watchdog are both killed before "clean", the original stays stopped on injected state:
 never SIGCONT it by hand then. A SIGCONT someone else sends during the dump ends the protecting stop early.
 """
@@ -423,16 +427,26 @@ def continue_quietly(pid: int, mask: int) -> None:
 
 
 def _wait_event_stop(pid: int) -> None:
-    while True:
+    """Wait for the event stop a seize (or an interrupt) brings, with no SIGSTOP left pending in the task.
+
+    A SIGSTOP is ours (the dump's stop, or the end of a batch of injected calls, lazarus/kernel/clone.py
+    BATCH_STOP_CODE, sent by the task to itself and left pending when the dump died and the group stop came
+    first) or has no effect the SIGCONT that ends our stop would not undo (that SIGCONT discards pending stop
+    signals): it is taken away here, before any injected call would run into its signal-delivery stop."""
+    for _ in range(64):
         s = ptrace.wait(pid)
         if s.exited or s.signaled:
             raise NoSuchTask(f"pid {pid} {s}", pid=pid)
         if s.stopped and s.event == abi.PTRACE_EVENT_STOP:
-            return
-        # A signal stop. Only possible before any injection (after it every signal is blocked): deliver the
-        # signal as the kernel would, and stop again before the program runs on.
+            if not _stop_pending(pid):
+                return
+            ptrace.cont(pid)  # into get_signal: the SIGSTOP's signal-delivery stop comes next
+            continue
+        # A signal stop. Only possible before any injection (after it every signal is blocked but SIGSTOP):
+        # deliver the signal as the kernel would (a SIGSTOP: see above), and stop again before the program runs on.
         ptrace.interrupt(pid)
-        ptrace.cont(pid, 0 if s.syscall_stop or s.event else s.stop_sig)
+        ptrace.cont(pid, 0 if s.syscall_stop or s.event or s.stop_sig == signal.SIGSTOP else s.stop_sig)
+    raise LazarusError(f"pid {pid}: no event stop after 64 signal stops", pid=pid)
 
 
 def _watchdog_main(sock_fd: int, pid: int, start: int) -> int:

@@ -98,9 +98,33 @@ BATCH_CODE = bytes.fromhex("".join([
     "0f8469ffffff",        #        jz loop
     "488901",              #        mov [rcx],rax
     "e961ffffff",          #        jmp loop
-    "cc",                  # done:  int3
 ]))
+_BATCH_LOOP = BATCH_CODE
+BATCH_CODE = _BATCH_LOOP + bytes.fromhex("cc")  # done: int3
 BATCH_TRAP_OFFSET = len(BATCH_CODE)  # rip after the int3, relative to the code
+
+# The same loop for a task that must survive its tracer's death at any instant (the dump's original). An int3
+# met untraced (the tracer died while the batch ran) is a SIGTRAP the kernel delivers: the original dies of it
+# (tests/test_dump_killed.py test_dump_killed_while_its_batch_runs). This end sends the task SIGSTOP instead: traced,
+# a signal-delivery stop the tracer suppresses; untraced, a group stop, which is where a dead dump must leave
+# the task anyway (its watchdog takes it from there). tgkill with the ids as the task sees them (pid namespaces).
+BATCH_STOP_CODE = _BATCH_LOOP + bytes.fromhex("".join([
+    "b827000000",          # done:  mov eax, 39 (getpid)
+    "0f05",                #        syscall
+    "89c7",                #        mov edi, eax
+    "b8ba000000",          #        mov eax, 186 (gettid)
+    "0f05",                #        syscall
+    "89c6",                #        mov esi, eax
+    "ba13000000",          #        mov edx, 19 (SIGSTOP)
+    "b8ea000000",          #        mov eax, 234 (tgkill)
+    "0f05",                #        syscall
+    # Only reached untraced (traced, the tracer takes the task away at the SIGSTOP): wait for the stop that a
+    # dead tracer's group stop brings at the next return to user mode, without running anything of the program.
+    "b822000000",          # park:  mov eax, 34 (pause)
+    "0f05",                #        syscall
+    "ebf7",                #        jmp park
+]))
+BATCH_STOP_OFFSET = len(BATCH_STOP_CODE) - 9  # rip after the tgkill syscall, relative to the code
 
 
 class Trampoline:
