@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import re
 import shutil
@@ -1007,3 +1008,20 @@ def expect_pass(result: str, *context: str | Target | subprocess.CompletedProces
 
 def argv_str(args: Sequence[object]) -> str:
     return " ".join(str(a) for a in args)
+
+
+def dump_with_then_restore(harness: Harness, case: Case, lazy: bool, *dump_args: str) -> None:
+    """Dump `case` with `dump_args` (the original ends), restore it, and have it pass its own check and exit 0:
+    the shape of every test of a dump option (--direct, --no-sync)."""
+    target = harness.start_case(case)
+    image = harness.image_dir()
+    res = harness.dump(target, image, *dump_args)
+    assert res.returncode == 0, res.stderr
+    assert not target.alive(), f"the original pid {target.pid} still runs after the dump"
+    inv = json.loads((image / "inventory.json").read_text())
+    assert inv["files"][f"pages-{target.pid}.img"]["size"] > 0
+    r = harness.restore(image, lazy=lazy, like=target)
+    assert r.returncode == 0, r.stderr
+    assert r.target is not None
+    expect_pass(harness.run_case(case, r.target), r.target, r)
+    assert r.target.wait_exit(15) == 0, r.target.describe()

@@ -59,15 +59,12 @@ def restore_tree_to_reference(
     assert result() == reference, f"another result after a {mode} restore:\n{target.describe()}"
 
 
-# ----------------------------------------------------------------------------------------------
-# Python: ThreadPoolExecutor threads feeding a multiprocessing.Pool (fork)
-
-
-@pytest.fixture(scope="module")
-def pypool_reference(tmp_path_factory: pytest.TempPathFactory, target_bins: dict[str, Path]) -> Iterator[str]:
-    h = H.Harness(target_bins, tmp_path_factory.mktemp("pypool_reference"))
+def _python_reference(tmp_path_factory: pytest.TempPathFactory, target_bins: dict[str, Path],
+                      name: str) -> Iterator[str]:
+    """The result line of the Python target `name` run to its end without a dump: what a restored run must give."""
+    h = H.Harness(target_bins, tmp_path_factory.mktemp(f"{name}_reference"))
     try:
-        target = h.start_target("pypool", python="lazarus")
+        target = h.start_target(name, python="lazarus")
         H.expect_pass(target.wait_result(180), target)
         assert target.wait_exit(15) == 0
         line = H.result_line(target.log)
@@ -75,6 +72,15 @@ def pypool_reference(tmp_path_factory: pytest.TempPathFactory, target_bins: dict
         yield line
     finally:
         h.cleanup()
+
+
+# ----------------------------------------------------------------------------------------------
+# Python: ThreadPoolExecutor threads feeding a multiprocessing.Pool (fork)
+
+
+@pytest.fixture(scope="module")
+def pypool_reference(tmp_path_factory: pytest.TempPathFactory, target_bins: dict[str, Path]) -> Iterator[str]:
+    yield from _python_reference(tmp_path_factory, target_bins, "pypool")
 
 
 @pytest.mark.parametrize("mode", ["eager", "lazy"])
@@ -100,16 +106,7 @@ def test_python_pool_and_threads_mid_work(harness: H.Harness, pypool_reference: 
 
 @pytest.fixture(scope="module")
 def pyshared_reference(tmp_path_factory: pytest.TempPathFactory, target_bins: dict[str, Path]) -> Iterator[str]:
-    h = H.Harness(target_bins, tmp_path_factory.mktemp("pyshared_reference"))
-    try:
-        target = h.start_target("pyshared", python="lazarus")
-        H.expect_pass(target.wait_result(180), target)
-        assert target.wait_exit(15) == 0
-        line = H.result_line(target.log)
-        assert line is not None, target.describe()
-        yield line
-    finally:
-        h.cleanup()
+    yield from _python_reference(tmp_path_factory, target_bins, "pyshared")
 
 
 @pytest.mark.parametrize("mode", ["eager", "lazy"])

@@ -270,11 +270,7 @@ def create_root(tramp: Trampoline, pid: int, *, pidns: bool = False,
     finally:
         tramp.unmap()
     try:
-        ptrace.seize(child, abi.PTRACE_O_TRACESYSGOOD | abi.PTRACE_O_EXITKILL)
-        ptrace.interrupt(child)
-        st = ptrace.wait(child)
-        if not (st.stopped and st.event == abi.PTRACE_EVENT_STOP):
-            raise RestoreError(f"new task {child} {st}", stage="create", pid=pid)
+        rcore.seize_new(child, "new task", stage="create", pid=pid)
     except BaseException:
         rcore.kill_quietly(child)
         with contextlib.suppress(OSError):

@@ -544,6 +544,16 @@ def set_final_state(task: RemoteTask, core: dict[str, Any], blocked: int) -> Non
         task.stop_in_signal_context()
 
 
+def seize_new(pid: int, what: str, /, **err: Any) -> None:
+    """Seize a task we just created (dying with us: EXITKILL) and hold it in a ptrace stop; RestoreError naming
+    `what` if it is not there to be held (it died, or stopped otherwise)."""
+    ptrace.seize(pid, abi.PTRACE_O_TRACESYSGOOD | abi.PTRACE_O_EXITKILL)
+    ptrace.interrupt(pid)
+    st = ptrace.wait(pid)
+    if not (st.stopped and st.event == abi.PTRACE_EVENT_STOP):
+        raise RestoreError(f"{what} {pid} {st}", **err)
+
+
 def kill_quietly(pid: int) -> None:
     with contextlib.suppress(OSError):
         os.kill(pid, signal.SIGKILL)

@@ -67,11 +67,7 @@ class NsInit:
             raise RestoreError(f"cannot make a new PID namespace: {e}", stage="pidns") from e
         init = cls(pid)
         try:
-            ptrace.seize(pid, abi.PTRACE_O_TRACESYSGOOD | abi.PTRACE_O_EXITKILL)
-            ptrace.interrupt(pid)
-            st = ptrace.wait(pid)
-            if not (st.stopped and st.event == abi.PTRACE_EVENT_STOP):
-                raise RestoreError(f"new init {pid} {st}", stage="pidns")
+            rcore.seize_new(pid, "new init", stage="pidns")
             cgroups.join(pid, join)
             r = init.remote = RemoteTask(pid, tramp.syscall_ip)
             r.keep_state()

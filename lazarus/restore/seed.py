@@ -58,11 +58,7 @@ class Seed:
         finally:
             tramp.unmap()
         try:
-            ptrace.seize(child, abi.PTRACE_O_TRACESYSGOOD | abi.PTRACE_O_EXITKILL)
-            ptrace.interrupt(child)
-            st = ptrace.wait(child)
-            if not (st.stopped and st.event == abi.PTRACE_EVENT_STOP):
-                raise RestoreError(f"seed task {child} {st}", stage="create")
+            rcore.seize_new(child, "seed task", stage="create")
             seed = cls(child, size)
             b = seed.remote.batch()
             # rseq first (its area is about to go: pitfall 15); but the seed keeps dying with us.
