@@ -53,7 +53,7 @@ from lazarus.restore.sharing import SharedMemory
 from lazarus.restore.thp import collapse_in_task
 from lazarus.restore.threads import check_threads, create_thread, restore_thread_creds, restore_thread_state
 from lazarus.restore.timers import check_timers
-from lazarus.restore.tree import create_child, join_group, lead, make_zombie
+from lazarus.restore.tree import born_groups, create_child, join_group, lead, make_zombie
 from lazarus.restore.uffd import LAZY_FEATURES, copy_all, lazy_ranges, uffd_in_task
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
@@ -733,13 +733,14 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
                 build.cow = cow_of.get(pid)
                 build.build_memory(joins[pid])
         root_group = tree[tree.root].pgid
+        born = born_groups(tree.nodes, tree.order, tree.root)
         for pid in live:
             failed_pid = pid
             remote = builds[pid].remote
             assert remote is not None
             if tree[pid].pgid == root_group and root_group != tree.root:
                 continue  # the root's group, led outside the image (--shell-job): all share the restorer's
-            join_group(remote, tree[pid])
+            join_group(remote, tree[pid], born.get(pid))
         shared = SharedFds(img, host)
         if not shared.empty:
             shared.make_pipes()

@@ -274,9 +274,12 @@ class FdRestorer:
             b.call(abi.SYS.dup2, rec["dup_of"], rec["fd"])
             if rec["cloexec"]:
                 b.call(abi.SYS.fcntl, rec["fd"], abi.F_SETFD, abi.FD_CLOEXEC)
-        b.run()
-        # After every fd and dup exists: the registrations name them.
-        anonfd.register_epolls(t, [r for r in fds if r["type"] == "epoll" and "dup_of" not in r])
+        epolls = [r for r in fds if r["type"] == "epoll" and "dup_of" not in r]
+        if epolls:
+            b.run()
+            # After every fd and dup exists: the registrations name them.
+            anonfd.register_epolls(t, epolls)
+        # Without epolls the dups and the status calls below are one injection (run in the order queued).
         for rec in fds:
             if "dup_of" not in rec:
                 if not b.fits(3, 64):

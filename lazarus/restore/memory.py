@@ -486,7 +486,14 @@ class SpaceBuilder:
             if not b.fits(1):
                 b.run()
             b.call(abi.SYS.fcntl, fd, abi.F_ADD_SEALS, seals, what=f"memfd {name!r} seals")
+        # The files opened for mapping serve nothing once mapped (map_vmas alone uses them): closed in this
+        # same injection rather than one of their own later (close_cached finds none left then).
+        for fd in self.fd_cache.values():
+            if not b.fits(1):
+                b.run()
+            b.call(abi.SYS.close, fd)
         b.run()
+        self.fd_cache.clear()
         self.late_seals.clear()
 
     def finish_vmas(self, vmas: list[dict[str, Any]], page_file: Any) -> None:

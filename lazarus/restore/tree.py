@@ -69,12 +69,29 @@ def lead(task: RemoteTask, node: Node) -> None:
         task.syscall(abi.SYS.setpgid, 0, 0, what="setpgid(0, 0)")
 
 
-def join_group(task: RemoteTask, node: Node) -> None:
-    """A member of a group another task leads: join it (its leader exists by now, in the same session)."""
+def join_group(task: RemoteTask, node: Node, born_in: int | None = None) -> None:
+    """A member of a group another task leads: join it (its leader exists by now, in the same session).
+    `born_in`: the group it has had since its creation when known (born_groups), which spares asking the task."""
     if node.pgid == node.pid or node.sid == node.pid:
         return
-    if node.pgid != task.syscall(abi.SYS.getpgid, 0):  # as the task numbers it
+    if born_in is None:
+        born_in = task.syscall(abi.SYS.getpgid, 0)  # as the task numbers it
+    if node.pgid != born_in:
         task.syscall(abi.SYS.setpgid, 0, node.pgid, what=f"setpgid(0, {node.pgid})")
+
+
+def born_groups(nodes: dict[int, Node], order: list[int], root: int) -> dict[int, int]:
+    """The process group each task of the tree is in once created and led (lead()), before any joins one:
+    a leader its own, a child its parent's at the clone (the parent has led by then, and joins later). The
+    root's, when it leads nothing, is the restorer's (or the namespace init's): unknown, as are its heirs'."""
+    groups: dict[int, int] = {}
+    for pid in order:
+        node = nodes[pid]
+        if node.sid == pid or node.pgid == pid:
+            groups[pid] = pid
+        elif pid != root and node.ppid in groups:
+            groups[pid] = groups[node.ppid]
+    return groups
 
 
 def make_zombie(parent: RemoteTask, pid: int, status: int, comm: str = "") -> None:

@@ -127,3 +127,38 @@ def test_without_many_ranges_is_linear() -> None:
     holes = [(A + 8 * i * PAGE, A + (8 * i + 7) * PAGE) for i in range(0, n, 2)]
     got = without([v], holes)
     assert len(got[0]["pages"]) == n // 2
+
+
+def test_restore_subtract_matches_the_dumps() -> None:
+    """restore/cow.py's own subtract (no import of lazarus.dump at restore) gives what dump/sharing.py's does
+    on sorted, disjoint input, adjacent ranges included."""
+    import random
+
+    from lazarus.dump.sharing import subtract
+    from lazarus.restore.cow import _subtract
+    rng = random.Random(9)
+
+    def runs(k: int) -> list[tuple[int, int]]:
+        pos, out = rng.randrange(50) * 4096, []
+        for _ in range(k):
+            pos += rng.choice([0, 0, 1, 2, 5]) * 4096
+            n = rng.randrange(1, 8) * 4096
+            out.append((pos, pos + n))
+            pos += n
+        return out
+    for _ in range(3000):
+        r, h = runs(rng.randrange(6)), runs(rng.randrange(30))
+        assert _subtract(r, h) == subtract(r, h), (r, h)
+    assert _subtract([(0, 4096), (4096, 3 * 4096)], [(4096, 8192)]) == [(0, 4096), (8192, 3 * 4096)]
+
+
+def test_check_cow_names_the_first_address_outside() -> None:
+    """The bisection that passes a child's thousands of inherited runs at once still finds the same first
+    address outside when one is (validate.py _not_within)."""
+    from lazarus.images.validate import _not_within
+    outer = [(0, 100), (100, 200), (300, 400)]
+    assert _not_within([(10, 20), (150, 210)], outer) == 200
+    assert _not_within([(10, 20), (150, 200), (300, 310)], outer) is None
+    assert _not_within([(250, 260)], outer) == 250
+    assert _not_within([], outer) is None
+    assert _not_within([(0, 1)], []) == 0
