@@ -42,10 +42,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from lazarus.dump.sharing import subtract, window
 from lazarus.dump.thp import huge_runs
 from lazarus.errors import DumpError, ImageError, Unsupported
 from lazarus.images.mm import refused_vmflag
+from lazarus.images.ranges import subtract, window
 from lazarus.kernel import abi, procfs, vm
 from lazarus.kernel.pagemap import Pagemap
 from lazarus.kernel.procfs import Vma

@@ -21,7 +21,6 @@ object, so the same tree always gets the same ids whatever order its pids are gi
 
 from __future__ import annotations
 
-import bisect
 import errno
 import os
 import stat as statmod
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from lazarus.errors import KernelError, NoSuchTask
+from lazarus.images.ranges import Range, merge, subtract
 from lazarus.kernel import abi, kcmp, pfn, procfs
 from lazarus.kernel.procfs import Vma
 
@@ -429,7 +429,6 @@ def _run(k: int, owner: int, at: tuple[tuple[int, int], ...], n: int) -> SharedP
 
 
 # -- what the image stores, what a restore cannot rebuild (pure) ----------------------------------------------
-Range = tuple[int, int]  # [start, end)
 
 
 def inherited_ranges(pages: Iterable[SharedPages], pid: int) -> list[Range]:
@@ -443,48 +442,6 @@ def inherited_ranges(pages: Iterable[SharedPages], pid: int) -> list[Range]:
             if p == pid:
                 out.append((a, a + r.npages * abi.PAGE_SIZE))
     return merge(out)
-
-
-def merge(ranges: Iterable[Range]) -> list[Range]:
-    out: list[Range] = []
-    for s, e in sorted(ranges):
-        if out and s <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], e))
-        else:
-            out.append((s, e))
-    return out
-
-
-def window(ranges: list[Range], lo: int, hi: int) -> list[Range]:
-    """The ranges of sorted, disjoint `ranges` that overlap [lo, hi), found by bisection (a task's thousands of
-    inherited runs, cut down to one vma)."""
-    first = bisect.bisect_right(ranges, lo, key=lambda r: r[1])
-    last = bisect.bisect_left(ranges, hi, lo=first, key=lambda r: r[0])
-    return ranges[first:last]
-
-
-def subtract(ranges: Iterable[Range], holes: Iterable[Range]) -> list[Range]:
-    """`ranges` minus `holes` (both [start, end) lists), sorted and merged: e.g. a task's present pages minus
-    the ones it inherits, which is what its own page file stores and its lazy ranges serve."""
-    hs = merge(holes)
-    out: list[Range] = []
-    j = 0  # both sorted: the holes ending before a range are behind every later range too (linear in all)
-    for s, e in merge(ranges):
-        pos = s
-        while j < len(hs) and hs[j][1] <= pos:
-            j += 1
-        k = j
-        while k < len(hs) and hs[k][0] < e:
-            hs_, he = hs[k]
-            if hs_ > pos:
-                out.append((pos, hs_))
-            pos = max(pos, he)
-            if pos >= e:
-                break
-            k += 1
-        if pos < e:
-            out.append((pos, e))
-    return out
 
 
 _REFUSED_STATES = {"vm": "an address space (CLONE_VM) shared by processes that are not threads of one another",

@@ -16,6 +16,7 @@ import array
 import bisect
 
 from lazarus.errors import KernelError
+from lazarus.images.ranges import Range, subtract
 from lazarus.kernel import abi, vm
 from lazarus.records import field, record
 from lazarus.remote import Batch, Ref, RemoteTask
@@ -24,7 +25,6 @@ TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     from typing import Any
 
-Range = tuple[int, int]
 _NEG1 = (1 << 64) - 1
 
 
@@ -52,7 +52,7 @@ class CowPlan:
     def holes(self, kept: list[dict[str, Any]]) -> list[Range]:
         """Every range of the kept vmas that is not in one of its inherited runs: what its parent has there is
         not its data (its own pages are written or served after drop())."""
-        return _subtract(sorted((v["start"], v["end"]) for v in kept), self.inherited)
+        return subtract(sorted((v["start"], v["end"]) for v in kept), self.inherited)
 
     def table_area(self, setup: Batch, holes: list[Range], gap: int) -> Ref | None:
         """Queue in `setup` (the batch that clears the new task's address space) the mmap of an area at `gap`
@@ -73,36 +73,6 @@ class CowPlan:
         if area:
             task.syscall(abi.SYS.munmap, area, _AREA, what="munmap of the holes' table")
         _drop_one_by_one(task, holes)
-
-
-def _subtract(ranges: list[Range], holes: list[Range]) -> list[Range]:
-    """Sorted, disjoint `ranges` minus sorted, disjoint `holes`, in one pass over both (dump/sharing.py's
-    subtract does the same for any input, but importing lazarus.dump loads the whole dump: ~15 ms a restore)."""
-    out: list[Range] = []
-    j, n = 0, len(holes)
-    for s, e in ranges:
-        pos = s
-        while j < n and holes[j][1] <= pos:
-            j += 1
-        k = j
-        while k < n and holes[k][0] < e:
-            hs, he = holes[k]
-            if hs > pos:
-                if out and out[-1][1] == pos:  # adjacent vmas: one range, as subtract() merges them
-                    out[-1] = (out[-1][0], hs)
-                else:
-                    out.append((pos, hs))
-            if he > pos:
-                pos = he
-            if pos >= e:
-                break
-            k += 1
-        if pos < e:
-            if out and out[-1][1] == pos:  # adjacent vmas: one range, as subtract() merges them
-                out[-1] = (out[-1][0], e)
-            else:
-                out.append((pos, e))
-    return out
 
 
 # Up to this many holes, a batch of madvise calls in the trampoline's scratch costs no more than the table.

@@ -129,13 +129,13 @@ def test_without_many_ranges_is_linear() -> None:
     assert len(got[0]["pages"]) == n // 2
 
 
-def test_restore_subtract_matches_the_dumps() -> None:
-    """restore/cow.py's own subtract (no import of lazarus.dump at restore) gives what dump/sharing.py's does
-    on sorted, disjoint input, adjacent ranges included."""
+def test_subtract_is_the_page_set_difference() -> None:
+    """images/ranges.py subtract (the dump's page runs, the restore's holes) is the set difference of the pages,
+    merged into maximal ranges, on sorted, disjoint input with adjacent ranges, as both callers give it."""
+    import itertools
     import random
 
-    from lazarus.dump.sharing import subtract
-    from lazarus.restore.cow import _subtract
+    from lazarus.images.ranges import subtract
     rng = random.Random(9)
 
     def runs(k: int) -> list[tuple[int, int]]:
@@ -146,10 +146,15 @@ def test_restore_subtract_matches_the_dumps() -> None:
             out.append((pos, pos + n))
             pos += n
         return out
+
+    def pages(rs: list[tuple[int, int]]) -> set[int]:
+        return {p for s, e in rs for p in range(s, e, 4096)}
     for _ in range(3000):
         r, h = runs(rng.randrange(6)), runs(rng.randrange(30))
-        assert _subtract(r, h) == subtract(r, h), (r, h)
-    assert _subtract([(0, 4096), (4096, 3 * 4096)], [(4096, 8192)]) == [(0, 4096), (8192, 3 * 4096)]
+        got = subtract(r, h)
+        assert pages(got) == pages(r) - pages(h), (r, h)
+        assert all(a[1] < b[0] for a, b in itertools.pairwise(got)), got  # sorted, merged: no two touch
+    assert subtract([(0, 4096), (4096, 3 * 4096)], [(4096, 8192)]) == [(0, 4096), (8192, 3 * 4096)]
 
 
 def test_check_cow_names_the_first_address_outside() -> None:
