@@ -205,13 +205,15 @@ def wait_in_syscall(pid: int, nr: int, timeout: float = 10.0, *, restarted: bool
 
 def reap(pid: int, timeout: float) -> int | None:
     """Wait for a child (or adopted orphan) to exit and reap it. Returns the exit code (-signal),
-    or None on timeout. A pid that is not our child is only waited for until it disappears."""
+    or None on timeout. A pid that is not our child is only waited for until it disappears (reaped by
+    its parent). A zombie that is not ours yet is waited for: its parent may be about to exit (a
+    detached service worker), and the zombie then passes to us, the subreaper, with its exit code."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             got, status = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
-            if not is_alive(pid):
+            if proc_state(pid) is None:
                 return None
         else:
             if got == pid:

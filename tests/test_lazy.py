@@ -226,9 +226,10 @@ def test_lazy_pages_socket_and_linger(harness: H.Harness, tmp_path: Path) -> Non
     sockdir = tmp_path / "lp"
     sockdir.mkdir()
     sock = tmp_path / "elsewhere.sock"
+    stats_path = tmp_path / "stats.json"
     server = subprocess.Popen(
         [sys.executable, "-m", "lazarus", "lazy-pages", "-D", str(sockdir), "--socket", str(sock),
-         "--linger", str(linger)],
+         "--linger", str(linger), "--stats", str(stats_path)],
         cwd=H.REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     harness.register(server.pid, "lazy-pages")
     try:
@@ -252,7 +253,13 @@ def test_lazy_pages_socket_and_linger(harness: H.Harness, tmp_path: Path) -> Non
         out, err = server.communicate(timeout=linger + 30)
         ended = time.monotonic()
         assert server.returncode == 0, err
-        assert "served 2 process(es)" in out, out
+        # The two handed over, plus the memory target's own fork child when it forked (its shared-memory check)
+        # before all its pages were in: that child inherits the uffd registration and is served too.
+        procs = json.loads(stats_path.read_text())["processes"]
+        handed_over = sorted(p["pid"] for p in procs if p["parent_pid"] is None)
+        assert handed_over == sorted([r1.target.pid, r2.target.pid]), procs
+        assert all(p["parent_pid"] == r1.target.pid for p in procs if p["parent_pid"] is not None), procs
+        assert f"served {len(procs)} process(es)" in out, out
         # it lingered (for more restores) after the last one completed, then went on its own
         assert ended - handed >= linger, f"exited {ended - handed:.1f} s after the hand-over, linger {linger}"
         assert not sock.exists(), "lazy-pages left its socket behind"

@@ -350,6 +350,8 @@ def test_dump_then_restore_through_the_service(service: Service, harness: H.Harn
     H.expect_pass(harness.run_case(case, restored), restored)
     if detach:
         assert st["state"] == "detached", st
+        # It may exit while its worker is still on its way out: a zombie of the worker's for a moment, then ours
+        # (pytest is a subreaper); wait_exit waits through that (test_reap_waits_for_a_zombie_passed_to_us).
         assert restored.wait_exit(15) == 0, restored.describe()
     else:
         final = _wait_state(service, r["id"], "exited")
@@ -446,3 +448,31 @@ def test_service_refuses_to_start_with_one_line(harness: H.Harness, tmp_path: Pa
     assert res.returncode != 0
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lazarus: error:") and words in lines[0], res.stderr
+
+
+_EXITS_THEN_ORPHANED = """
+import os, sys, time
+kid = os.fork()
+if kid == 0:
+    os._exit(7)
+print(kid, flush=True)
+time.sleep(1.0)  # not reaping it: the child stays our zombie until we exit (a detached service worker's case)
+"""
+
+
+def test_reap_waits_for_a_zombie_passed_to_us() -> None:
+    """A detached restore's process is a child of the service worker that answered; it can exit (a zombie of
+    the worker's) before the worker has. The harness must wait until the zombie passes to pytest (a child
+    subreaper) and give its exit code, not take the zombie for a process gone."""
+    parent = subprocess.Popen([sys.executable, "-c", _EXITS_THEN_ORPHANED], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        kid = int(parent.stdout.readline())
+        deadline = time.monotonic() + 10
+        while H.proc_state(kid) != "Z" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert H.proc_state(kid) == "Z" and parent.poll() is None, "the child is not its living parent's zombie"
+        assert H.reap(kid, 15) == 7
+    finally:
+        parent.kill()
+        parent.wait(10)
