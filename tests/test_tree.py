@@ -277,3 +277,20 @@ def test_lazy_pages_server_serves_every_process(harness: H.Harness, tmp_path: Pa
         if server.poll() is None:
             server.kill()
             server.wait(10)
+
+
+def test_root_sharing_its_fs_state_outside_the_tree_is_refused(harness: H.Harness) -> None:
+    """tree.c "clonefs": the child made by clone(CLONE_FS) dumped alone shares cwd, root and umask with the
+    root, outside the dumped tree; a restore would give it an fs state of its own. Refused naming both, nothing
+    written, and the tree runs on to pass its checks."""
+    from lazarus.kernel.kcmp import same_resource
+    target, want = started(harness, "clonefs")
+    sharers = [p for p in want if p != target.pid and same_resource(target.pid, p, "fs")]
+    assert len(sharers) == 1, f"tree.c clonefs: {sharers} share the root's fs state, expected one child"
+    child = H.Target(target.name, sharers[0], target.log, target.exe, None, target.since, target.args)
+    image = harness.image_dir()
+    res = harness.dump(child, image, "--shell-job")
+    H.assert_clean_error(res, rf"pid {sharers[0]} shares its fs state \(CLONE_FS: cwd, root, umask\) with pid "
+                              rf"{target.pid}, outside the dumped tree")
+    assert not image.exists()
+    passes(harness, target)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from lazarus.dump.sharing import Sharing, detect, refusals
 from lazarus.errors import LazarusError, NoSuchTask, Unsupported
 from lazarus.kernel import procfs
+from lazarus.kernel.kcmp import same_resource
 from lazarus.kernel.syscall import same_fd_table, same_file_across
 
 _LATER = "objects shared between processes are not supported yet"
@@ -98,9 +99,9 @@ def check_table_group(pids: tuple[int, ...], parents: dict[int, int]) -> None:
 
 
 def refuse_table_outside(root: int, tree: set[int]) -> None:
-    """The root of a dump sharing its fd table with a process outside the tree (its parent, or a sibling made
-    by the same parent with CLONE_FILES): the restored root would get a table of its own, and the sharing would
-    be lost. Only the root can: any other process of the tree got its table from its parent, in the tree."""
+    """The root of a dump sharing its fd table or its fs state with a process outside the tree (its parent, or a
+    sibling made by the same parent with CLONE_FILES or CLONE_FS): the restored root would get one of its own,
+    and the sharing would be lost. Only the root can: any other process of the tree got them from its parent, in the tree."""
     ppid = procfs.read_status(root).ppid
     try:
         siblings = procfs.children(ppid) if ppid > 0 else []
@@ -110,12 +111,16 @@ def refuse_table_outside(root: int, tree: set[int]) -> None:
         if other <= 0 or other in tree:
             continue
         try:
-            same = same_fd_table(root, other)
+            same, same_fs = same_fd_table(root, other), same_resource(root, other, "fs")
         except LazarusError:
             continue  # gone meanwhile, or not ours to compare
         if same:
             raise Unsupported(f"pid {root} shares its fd table (CLONE_FILES) with pid {other}, outside the dumped "
                               "tree; not supported (dump the tree of a process that holds every sharer)", pid=root)
+        if same_fs:
+            raise Unsupported(f"pid {root} shares its fs state (CLONE_FS: cwd, root, umask) with pid {other}, "
+                              "outside the dumped tree; not supported (dump the tree of a process that holds every "
+                              "sharer)", pid=root)
 
 
 def table_holders(found: Sharing, parents: dict[int, int]) -> dict[int, int]:
