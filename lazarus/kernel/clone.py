@@ -54,7 +54,7 @@ BATCH_OFFSET = 0x100  # BATCH_CODE: several injected calls for one stop
 # stop at this call if it fails (-4095..-1); bit k (1-6) = argument k holds the address of its value (another
 # call's result). It ends in int3: the task stops with SIGTRAP (a signal-delivery stop the tracer suppresses),
 # r13 = the entries not run. Only rax, rcx and r11 are changed by the kernel; r12-r14 survive syscalls.
-BATCH_CODE = bytes.fromhex("".join([
+_BATCH_LOOP = bytes.fromhex("".join([
     "4d85ed",              # loop:  test r13,r13
     "0f8496000000",        #        jz done
     "498b4c2438",          #        mov rcx,[r12+56]       flags
@@ -99,7 +99,6 @@ BATCH_CODE = bytes.fromhex("".join([
     "488901",              #        mov [rcx],rax
     "e961ffffff",          #        jmp loop
 ]))
-_BATCH_LOOP = BATCH_CODE
 BATCH_CODE = _BATCH_LOOP + bytes.fromhex("cc")  # done: int3
 BATCH_TRAP_OFFSET = len(BATCH_CODE)  # rip after the int3, relative to the code
 
@@ -118,13 +117,15 @@ BATCH_STOP_CODE = _BATCH_LOOP + bytes.fromhex("".join([
     "ba13000000",          #        mov edx, 19 (SIGSTOP)
     "b8ea000000",          #        mov eax, 234 (tgkill)
     "0f05",                #        syscall
-    # Only reached untraced (traced, the tracer takes the task away at the SIGSTOP): wait for the stop that a
-    # dead tracer's group stop brings at the next return to user mode, without running anything of the program.
+]))
+BATCH_STOP_OFFSET = len(BATCH_STOP_CODE)  # rip after the tgkill syscall, relative to the code
+# Only reached untraced (traced, the tracer takes the task away at the SIGSTOP): wait for the stop that a dead
+# tracer's group stop brings at the next return to user mode, without running anything of the program.
+BATCH_STOP_CODE += bytes.fromhex("".join([
     "b822000000",          # park:  mov eax, 34 (pause)
     "0f05",                #        syscall
     "ebf7",                #        jmp park
 ]))
-BATCH_STOP_OFFSET = len(BATCH_STOP_CODE) - 9  # rip after the tgkill syscall, relative to the code
 
 
 class Trampoline:
