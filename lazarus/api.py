@@ -314,9 +314,8 @@ def _restore_detached(directory: Path, *, background: bool, stats_path: Path | N
                          stats_path=stats_path, status=status)
     try:
         require_lazy_features()
-        from lazarus.restore import open_image
         from lazarus.restore import restore as _restore
-        image = open_image(directory, verify_pages=False)
+        image = _checked_image(directory)
         res = _restore(directory, lazy=True, on_lazy=hand_over(daemon.sock, directory), image=image, pidns=pidns)
     except BaseException:
         daemon.end()
