@@ -210,8 +210,14 @@ def _restore_impl(directory: Path, *, lazy: bool, detach: bool, background: bool
     serving = start_serving(background=background, stats_path=stats_path, on_progress=on_progress,
                             guard=_prepared.pop("guard", None))
     stamp("serving")
+    server = serving.server
+
+    def add_process(pid: int, uffd: Any, source: Any) -> None:
+        # What the source starts (a verify-ahead process for a large page file: a fork) waits for the loop
+        # (serve()): the process runs first, and a restore's time to running stays flat in its size.
+        server.add_process(pid, uffd, source, start_later=True)
     try:
-        res = _restore(directory, lazy=True, on_lazy=serving.server.add_process, image=image, pidns=pidns)
+        res = _restore(directory, lazy=True, on_lazy=add_process, image=image, pidns=pidns)
     except BaseException:
         serving.close()
         raise

@@ -125,6 +125,7 @@ def _make(cls: type, frozen: bool, slots: bool) -> type:
         init(self, *args, **kwargs)
 
     __init__.__qualname__ = qualname
+    _uncompiled.append((flds, frozen, qualname, made, __init__))
     ns["__init__"] = __init__
     ns["__record_fields__"] = tuple(flds)
     ns["__record_repr__"] = tuple(f.name for f in flds if f.repr)
@@ -155,6 +156,19 @@ def _make(cls: type, frozen: bool, slots: bool) -> type:
     new.__qualname__ = cls.__qualname__
     made.append(new)
     return new
+
+
+# Record classes whose __init__ is still the compiling stub: (fields, frozen, qualname, [class], stub).
+_uncompiled: list[tuple[list[Field], bool, str, list[type], object]] = []
+
+
+def compile_pending() -> None:
+    """Compile now the __init__ of every record class made so far that has not made an instance yet: for a
+    process that forks workers (the service), so that each worker's first instances cost no exec."""
+    while _uncompiled:
+        flds, frozen, qualname, made, stub = _uncompiled.pop()
+        if made and made[0].__dict__.get("__init__") is stub:
+            made[0].__init__ = _compile_init(flds, frozen, qualname)  # type: ignore[misc]
 
 
 def _compile_init(flds: list[Field], frozen: bool, qualname: str):  # type: ignore[no-untyped-def]

@@ -448,10 +448,6 @@ class _Pool:
                 os.close(fd)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            # The copy-on-write faults a fresh fork takes on its first request (~600, 2-10 ms here), taken now.
-            from lazarus.kernel.prefault import unshare_present_pages
-            with contextlib.suppress(Exception):
-                unshare_present_pages()
             # What a restore would fork on its way (the lazy server's guard, the seed its process is cloned
             # from), forked now, while the worker waits: a restore request then forks nothing of ours.
             from lazarus.api import prepare_restore, release_prepared
@@ -459,6 +455,12 @@ class _Pool:
                 prepare_restore()
             except LazarusError as e:
                 log.warning("worker %d: restores will fork on their way: %s", os.getpid(), e)
+            # The copy-on-write faults a fresh fork takes on its first request (~600, 2-10 ms here), taken now;
+            # after the forks above, which share every page again (the guard keeps them: each write of the
+            # request would copy one).
+            from lazarus.kernel.prefault import unshare_present_pages
+            with contextlib.suppress(Exception):
+                unshare_present_pages()
             # The images restored lazily of late, opened and checked now: a lazy restore of one of them again
             # (unchanged) skips that work (~1.5 ms in a fresh worker).
             with contextlib.suppress(Exception):
@@ -617,8 +619,40 @@ def warm_up() -> None:
     from lazarus.kernel.xstate import machine_xstate
     with contextlib.suppress(LazarusError):
         machine_xstate()
+    # What a restore's first pass in a process would make (~1 ms in each worker otherwise): the __init__ of
+    # every record class, and the codec of the bytes it decodes as ASCII.
+    from lazarus.records import compile_pending
+    compile_pending()
+    import codecs
+    codecs.lookup("ascii")
     # Objects made so far are never collected: a worker's garbage collections then do not touch (and copy)
     # the pages the service shares with it.
+    gc.freeze()
+
+
+_WARM_REQUESTS = (b"GET /check HTTP/1.1\r\nHost: warm-up\r\n\r\n",
+                  b'POST /restore HTTP/1.1\r\nHost: warm-up\r\nContent-Length: 12\r\n\r\n{"dir": "."}')
+
+
+def _warm_requests(server: _Server) -> None:
+    """A GET /check and a refused POST /restore through the handler, in the service over a socket pair, before
+    any worker is forked: what a request's first pass imports and builds (http.server's header parsing and the
+    email package under it, the JSON codecs, the peer check) is then done in every worker (~1.5 ms of each
+    request otherwise)."""
+    for raw in _WARM_REQUESTS:
+        ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            peer.sendall(raw)
+            peer.shutdown(socket.SHUT_WR)
+            _Handler(ours, "", server)
+            ours.close()
+            while peer.recv(65536):
+                pass
+        except OSError as e:
+            log.debug("warm-up request: %s", e)
+        finally:
+            ours.close()
+            peer.close()
     gc.freeze()
 
 
@@ -650,6 +684,7 @@ def serve(socket_path: Path | None, *, state_dir: Path | None = None, spares: in
             os.close(open_checked_dir(state_dir))  # status sockets are made there: root's, not writable by others
         warm_up()
         server = _Server(sock, state_dir)
+        _warm_requests(server)
         pool = _Pool(server, spares)
 
         # SIGTERM and SIGINT only say "stop" (through the pool's wakeup pipe): whatever the loop was doing (a

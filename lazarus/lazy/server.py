@@ -225,14 +225,19 @@ class LazyServer:
         # Complete processes whose restore still traces them (a tree is let go all at once, after every
         # handoff): their anchor is removed from the loop once they are free, never waited for in it.
         self._anchor_later: list[_Proc] = []
+        self._start_later: list[PageSource] = []  # sources whose start() waits for the loop (add_process)
 
     # -- setup ---------------------------------------------------------------------------------------------
 
-    def add_process(self, pid: int | None, uffd: Uffd, source: PageSource, *, pidfd: PidFd | None = None) -> None:
+    def add_process(self, pid: int | None, uffd: Uffd, source: PageSource, *, pidfd: PidFd | None = None,
+                    start_later: bool = False) -> None:
         """Serve `uffd` of process `pid` from `source`; both are owned by the server from now on (closed by it:
         the uffd when the process is complete, the source at close()). One source may serve several processes.
         `pidfd`, owned from now on too, is the process's when the caller checked it (lazy/trust.py); without
         it one is opened on `pid`, which must then be a child of ours (a number nobody else can reuse).
+        `start_later`: the source's start (the fork of a verify-ahead process for a large page file, ~2-5 ms)
+        waits for the loop (run()), so that a restore lets its process run first; what is faulted before is
+        checked inline.
 
         Raises:
             NoSuchTask if pid is given and already gone.
@@ -240,7 +245,10 @@ class LazyServer:
         if pidfd is None and pid is not None:
             pidfd = PidFd.open(pid)
         if hasattr(source, "start"):
-            source.start(self.background)
+            if start_later:
+                self._start_later.append(source)
+            else:
+                source.start(self.background)
         p = _Proc(key=uffd.fd, uffd=uffd, source=source, pending=source.pending(), pid=pid, pidfd=pidfd)
         if uffd.task_fd is not None:
             # the process holds its own copy at that fd (anchor.py): taken out of it once it is complete
@@ -251,6 +259,12 @@ class LazyServer:
         self._register(p)
         if self.guard is not None:
             self.guard.add(p.key, uffd.fd, pid=pid, pidfd=pidfd.fd if pidfd else None)
+
+    def _start_sources(self) -> None:
+        while self._start_later:
+            source = self._start_later.pop(0)
+            if id(source) in self._source_users:  # not closed meanwhile
+                source.start(self.background)
 
     def _register(self, p: _Proc) -> None:
         self._source_users[id(p.source)] = self._source_users.get(id(p.source), 0) + 1
@@ -302,6 +316,8 @@ class LazyServer:
                 self._finish(p, "complete")
         procs = self._procs
         while procs or (self.keep_alive is not None and self.keep_alive()):
+            if self._start_later:
+                self._start_sources()
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"lazy server: {len(procs)} process(es) still served after {timeout}s")
             if self._ndeferred:
