@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import struct
 from collections.abc import Callable
 
 from lazarus.errors import KernelError, LazarusError, NoSuchTask
@@ -452,11 +453,10 @@ class Batch:
             words += [e.nr, *[results_at + 8 * a.index if isinstance(a, Ref) else a & _NEG1 for a in e.args],
                       flags, e.into[0] if e.into else 0]
         # The data and the table after it, in one write.
-        t.write(t.scratch, bytes(self._data) + b"".join(w.to_bytes(8, "little") for w in words))
+        t.write(t.scratch, bytes(self._data) + struct.pack(f"<{len(words)}Q", *words))
         self._data.clear()
         ran = t.run_batch_code(table, n, results_at)
-        raw = t.read(results_at, 8 * ran) if ran else b""
-        out = [int.from_bytes(raw[8 * i:8 * i + 8], "little", signed=True) for i in range(ran)]
+        out = list(struct.unpack(f"<{ran}q", t.read(results_at, 8 * ran))) if ran else []
         self.results = out
         if ran < n or (out and self._failed(n - 1, out[-1])):
             i = ran - 1

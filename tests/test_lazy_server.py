@@ -166,6 +166,22 @@ def test_background_completes_and_closes_uffd(helpers, page_file, tmp_path, monk
     assert source.checked_ahead + source.checked_inline == chunks
 
 
+def test_a_source_started_later_starts_with_the_loop(helpers, page_file, monkeypatch):
+    """add_process(start_later=True) (a restore's: its process runs first): the verify-ahead process is forked
+    when the server's loop starts, not before; every chunk is still checked before use."""
+    monkeypatch.setattr(ImagePageSource, "VERIFY_AHEAD_MIN", 0)
+    n = 1024
+    h = helpers(npages=n, hole_every=0, scenario="rread")
+    pf = page_file(n, 0)
+    server = LazyServer(background=True)
+    source = ImagePageSource(h.vmas(), pf, name=pf.name)
+    server.add_process(h.pid, h.take_uffd(), source, start_later=True)
+    assert not source.verified_ahead, "the verify-ahead process was forked before the loop"
+    serve(server, [h])
+    assert source.verified_ahead
+    assert pf.unchecked_chunks() == [], "chunks copied in without a checksum check"
+
+
 def test_faults_only_never_wait_for_a_hash(helpers, page_file, monkeypatch):
     """Without background transfer faults come anywhere: the verify-ahead process checks the whole page file,
     unpaced, so that a fault finds its chunk checked instead of hashing 64 KiB before its copy."""

@@ -476,3 +476,26 @@ def test_reap_waits_for_a_zombie_passed_to_us() -> None:
     finally:
         parent.kill()
         parent.wait(10)
+
+
+@pytest.mark.parametrize("mode", ["eager", "lazy"])
+def test_seeded_restore_brings_back_every_signal_action(service: Service, harness: H.Harness, mode: str) -> None:
+    """The process is cloned from the worker's seed, whose signal actions were all reset to the kernel's default
+    (the worker's Python ignores SIGXFSZ, handles SIGINT...): the restore then sets only the image's others
+    (restore/seed.py). The target compares every action with what it had before the dump (signals.c)."""
+    case = H.CASES_BY_ID["signals"]
+    target = harness.start_case(case)
+    image = harness.image_dir()
+    status, dumped, _ = service.request("POST", "/dump", {"pid": target.pid, "dir": str(image)})
+    assert status == 200, dumped
+    assert target.wait_exit(10) is not None, "the original still runs after the dump"
+    since = target.log.stat().st_size
+    status, r, _ = service.request("POST", "/restore", {"dir": str(image), "lazy": mode == "lazy",
+                                                        "detach": True})
+    assert status == 200 and r["seeded"] is True, r
+    harness.register(r["pid"], "restored process")
+    restored = H.Target(target.name, r["pid"], target.log, target.exe, None, since, target.args)
+    H.wait_restored(restored)
+    H.expect_pass(harness.run_case(case, restored), restored)
+    assert restored.wait_exit(15) == 0, restored.describe()
+    _no_workers_left(service)

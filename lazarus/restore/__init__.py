@@ -462,14 +462,15 @@ class TaskBuild:
         misc = task["misc"]
         if self.leader_done:
             misc = {**misc, "sid": None, "pgid": None}
+        fresh = self.seeded  # cloned from a seed: its signal actions are all default (restore/seed.py)
         if misc.get("cwd_deleted"):
-            rcore.restore_signals(remote, task["signals"])
+            rcore.restore_signals(remote, task["signals"], defaults_known=fresh)
             restore_misc_and_cwd(remote, misc)
         else:
             # One injection for both (the signal actions are set after the rest, as they do not depend on it).
             both = remote.batch()
             rcore.restore_misc(remote, misc, both)
-            rcore.restore_signals(remote, task["signals"], both)
+            rcore.restore_signals(remote, task["signals"], both, defaults_known=fresh)
         timings["misc"] = time.monotonic() - t0
         # The other threads, once everything they share with the leader is back (they inherit its no_new_privs,
         # personality and timer slack at the clone) and while the leader may still choose their ids.

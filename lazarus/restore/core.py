@@ -61,13 +61,18 @@ def restore_rlimits(pid: int, rlimits: list[list[int]]) -> None:
                                stage="misc", pid=pid) from e
 
 
-def restore_signals(task: RemoteTask, sig: dict[str, Any], batch: Batch | None = None) -> None:
-    """batch: calls queued by the caller, run first in the same injection as the signal actions."""
+def restore_signals(task: RemoteTask, sig: dict[str, Any], batch: Batch | None = None, *,
+                    defaults_known: bool = False) -> None:
+    """batch: calls queued by the caller, run first in the same injection as the signal actions.
+    defaults_known: every action of the task is the kernel's default (all 0: a task cloned from a seed,
+    restore/seed.py), so only the others are set."""
     t = task
     b = batch if batch is not None else t.batch()
     trap_ignored = False
     for signo, (handler, flags, restorer, mask) in enumerate(sig["actions"], start=1):
         if signo in (abi.SIGKILL, abi.SIGSTOP):
+            continue
+        if defaults_known and not (handler or flags or restorer or mask):
             continue
         act = abi.kernel_sigaction(handler, flags, restorer, mask)
         if signo == abi.SIGTRAP and handler == abi.SIG_IGN:

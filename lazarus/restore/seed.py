@@ -67,6 +67,13 @@ class Seed:
             close_inherited_fds(seed.remote, b)
             clear_address_space(seed.remote, (SEED_ADDR, SEED_ADDR + size), b)
             b.run()
+            # Every signal action back to the kernel's default (the worker's Python set some): a task cloned
+            # from the seed then starts with them all default, and its restore sets only the others.
+            zero = b.put_struct(abi.kernel_sigaction(abi.SIG_DFL, 0, 0, 0))
+            for signo in range(1, abi.NSIG + 1):
+                if signo not in (abi.SIGKILL, abi.SIGSTOP):
+                    b.call(abi.SYS.rt_sigaction, signo, zero, 0, 8)
+            b.run()
         except BaseException:
             rcore.kill_quietly(child)
             with contextlib.suppress(OSError):

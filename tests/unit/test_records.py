@@ -138,3 +138,30 @@ def test_a_record_copies_and_pickles(opts: dict[str, bool]) -> None:
             assert y == x and (y.c, y.d) == ([2], {})
     finally:
         del globals()["R"]
+
+
+def test_compile_pending_puts_every_waiting_init_in_place() -> None:
+    """The service compiles ahead the __init__ of every record class (records.compile_pending) so that its
+    workers' first instances cost no exec; the compiled __init__ behaves as the one the first instance makes."""
+    from lazarus.records import compile_pending
+
+    @record
+    class Plain:
+        a: int
+        b: list = field(default_factory=list)
+
+    @record(frozen=True, slots=True)
+    class Frozen:
+        x: int
+        y: int = 2
+
+    stubs = (Plain.__dict__["__init__"], Frozen.__dict__["__init__"])
+    compile_pending()
+    assert Plain.__dict__["__init__"] is not stubs[0] and Frozen.__dict__["__init__"] is not stubs[1]
+    p, q = Plain(1), Plain(1)
+    assert p.b == [] and p.b is not q.b and Plain(3, [4]).b == [4]
+    f = Frozen(1)
+    assert (f.x, f.y) == (1, 2) and Frozen(1, 5).y == 5
+    with pytest.raises(FrozenInstanceError):
+        f.x = 3  # type: ignore[misc]
+    compile_pending()  # nothing left: a no-op
