@@ -536,16 +536,38 @@ class _Pool:
         """Stop the idle workers (those at work finish their request, and live on as their restore needs)."""
         self._taken()
         for pid in self.idle:
-            # SIGKILL: an idle worker has nothing to tidy, and one just forked may still run our own SIGTERM
-            # handler (which only notes it).
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for pid in self.idle:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
+            _kill_idle(pid)
         self.idle.clear()
         for fd in (self._r, self._w, self._wake_r, self.wakeup_w):
             os.close(fd)
+
+
+def _kill_idle(pid: int) -> None:
+    """SIGKILL an idle worker (it has nothing to tidy, and one just forked may still run our own SIGTERM
+    handler, which only notes it), and what it forked ahead of a request: its guard and its seed, which it may
+    be making still (a seed not yet traced waits forever, and the guard, whose socket the seed then holds, with
+    it). The worker is stopped first, so that it forks nothing more while its children are pinned by pidfds."""
+    from lazarus.kernel.pidfd import pidfd_open, pidfd_send_signal
+    from lazarus.kernel.procfs import children
+    pinned: list[int] = []
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        _, status = os.waitpid(pid, os.WUNTRACED)
+    except (ProcessLookupError, ChildProcessError):
+        return
+    if not os.WIFSTOPPED(status):
+        return  # it ended (and is reaped): its pid is no longer ours to signal
+    with contextlib.suppress(LazarusError):
+        for child in children(pid):
+            with contextlib.suppress(LazarusError):
+                pinned.append(pidfd_open(child))
+    os.kill(pid, signal.SIGKILL)
+    for fd in pinned:
+        with contextlib.suppress(LazarusError):
+            pidfd_send_signal(fd, signal.SIGKILL)
+        os.close(fd)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
 
 
 PREOPEN_IMAGES = 2  # distinct image directories of the latest lazy restores that an idle worker opens ahead
