@@ -70,9 +70,6 @@ log = getLogger("lazarus.service")
 
 MAX_BODY = 1 << 20
 REFILL_DELAY = 0.25  # seconds a spare's replacement waits at most for the request it replaces to be answered
-# ... and after that answer, while another spare is ready: the client reads its answer (and the restored process
-# starts) without a fork and a spare's preparation (~10-20 ms of CPU) competing with them for two CPUs.
-REFILL_AFTER_ANSWER = 0.02
 _ANSWERED = 1 << 31  # on the pool's pipe: the worker whose pid this flags has answered its client
 REQUEST_TIMEOUT = 30.0
 _ID = re.compile(r"[0-9a-f]{16}")
@@ -511,8 +508,7 @@ class _Pool:
             for i in range(0, len(data) - 3, 4):
                 pid = int.from_bytes(data[i:i + 4], "little")
                 if pid & _ANSWERED:
-                    if (pid & ~_ANSWERED) in self.answering:
-                        self.answering[pid & ~_ANSWERED] = time.monotonic() - REFILL_DELAY + REFILL_AFTER_ANSWER
+                    self.answering.pop(pid & ~_ANSWERED, None)
                     continue
                 self.idle.discard(pid)
                 self.busy.add(pid)
