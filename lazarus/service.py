@@ -354,7 +354,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise
         t_done = time.monotonic()
         phases = {"request": self.t_read - self.t_start, "peer": self.t_peer - self.t_start,
-                  **{k: t_called - self.t_start + v for k, v in r.timings.items()},
+                  "called": t_called - self.t_start, **{k: t_called - self.t_start + v for k, v in r.timings.items()},
                   "answer": t_done - self.t_start}
         rec = {"id": rid, "pid": r.pid, "ns_pid": r.ns_pid or None, "dir": str(directory), "lazy": r.lazy,
                "detach": f["detach"],
