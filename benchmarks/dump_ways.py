@@ -218,6 +218,116 @@ def way_vmsplice(pid: int, addr: int, n: int, path: Path, *, falloc: bool = True
     return _finish(fd), inj, calls
 
 
+SYS_PWRITEV = 296
+TARGET_PIECE = 32 << 20
+TARGET_BATCH = 2
+LAST_TARGET = (0.0, 0.0, 0)
+
+
+def way_target(pid: int, addr: int, n: int, path: Path, *, falloc: bool = True) -> float:
+    """The target writes its own memory into the page file (one copy): our fd given to it by SCM_RIGHTS, then
+    injected pwritev calls of TARGET_PIECE each, TARGET_BATCH per batch (one stop each); meanwhile a thread of
+    ours hashes what is already written, read back from the page cache into a small buffer."""
+    import socket
+    import struct
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    if falloc:
+        os.posix_fallocate(fd, 0, n)
+    ptrace.seize(pid)
+    ptrace.interrupt(pid)
+    ptrace.wait(pid)
+    written = [0]
+    cond = threading.Condition()
+    hashed: list[int] = []
+    stop = [False]
+
+    def hasher() -> None:
+        buf = mmap.mmap(-1, SMALL)
+        view = memoryview(buf)
+        done = 0
+        while done < n:
+            with cond:
+                while written[0] <= done and not stop[0]:
+                    cond.wait()
+                if stop[0] and written[0] <= done:
+                    break
+                upto = written[0]
+            while done < upto:
+                k = min(SMALL, upto - done)
+                got = os.preadv(fd, [view[:k]], done)
+                assert got == k
+                hashed.extend(_sums(view[:k]))
+                done += k
+        view.release()
+        buf.close()
+
+    ht = threading.Thread(target=hasher)
+    ht.start()
+    inj = 0.0
+    stops = 0
+    try:
+        vmas = Path(f"/proc/{pid}/maps").read_text().splitlines()
+        sys_ip = None
+        for line in vmas:
+            rng, perms = line.split()[:2]
+            if "x" in perms:
+                s, e = (int(x, 16) for x in rng.split("-"))
+                sys_ip = find_syscall_insn(pid, s, e)
+                if sys_ip:
+                    break
+        assert sys_ip
+        with RemoteTask(pid, sys_ip) as r:
+            assert r.alloc_batch_scratch(16 * abi.PAGE_SIZE)
+            scratch = r.scratch
+            r.syscall(abi.SYS.socketpair, socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, 0, scratch)
+            sv0, sv1 = struct.unpack("<ii", r.read(scratch, 8))
+            pidfd = pidfd_open(pid)
+            end = socket.socket(fileno=pidfd_getfd(pidfd, sv0, pid=pid))
+            os.close(pidfd)
+            socket.send_fds(end, [b"\0"], [fd])
+            end.close()
+            from lazarus.restore.sharing import _recv_fds
+            tfd = _recv_fds(r, sv1, 1)[0]
+            r.raw(abi.SYS.close, sv0)
+            r.raw(abi.SYS.close, sv1)
+            off = 0
+            while off < n:
+                b = r.batch()
+                calls = []
+                for _ in range(TARGET_BATCH):
+                    if off >= n:
+                        break
+                    k = min(TARGET_PIECE, n - off)
+                    iov = b.put(struct.pack("<QQ", addr + off, k))
+                    b.call(SYS_PWRITEV, tfd, iov, 1, off, 0, check=True)
+                    calls.append((off, k))
+                    off += k
+                t = time.perf_counter()
+                res = b.run(one_stop=True)
+                inj += time.perf_counter() - t
+                stops += 1
+                for (o, k), got in zip(calls, res, strict=True):
+                    assert got == k, (o, k, got)
+                with cond:
+                    written[0] = off
+                    cond.notify()
+            r.raw(abi.SYS.close, tfd)
+    finally:
+        tj = time.perf_counter()
+        with cond:
+            stop[0] = True
+            cond.notify()
+        ht.join()
+        tj = time.perf_counter() - tj
+        ptrace.detach(pid)
+    assert len(hashed) == -(-n // CHUNK)
+    global LAST_TARGET
+    LAST_TARGET = (inj, tj, stops)
+    if SYNC:
+        start_writeback(fd, 0, n)
+    return _finish(fd)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=int, nargs="+", default=[512, 2048])
@@ -275,6 +385,9 @@ def main() -> None:
                         subprocess.run([a.criu, "dump", "-t", str(proc.pid), "-D", str(path), "-o", "dump.log",
                                         "--leave-running"], check=True, capture_output=True)
                         fs = 0.0
+                    elif w == "target":
+                        fs = way_target(proc.pid, addr, n, path)
+                        extra = f"{LAST_TARGET[2]} batches, in them {LAST_TARGET[0]:.3f} s"
                     else:
                         fs, inj, calls = way_vmsplice(proc.pid, addr, n, path, falloc=w != "vmsplice_trunc")
                         extra = (f"{calls} injections {inj * 1e6 / calls:.0f} us each, splice {LAST_SPLICE[0]:.3f} s, "

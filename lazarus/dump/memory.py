@@ -42,6 +42,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from lazarus.dump import selfwrite
 from lazarus.dump.thp import huge_runs
 from lazarus.errors import DumpError, ImageError, Unsupported
 from lazarus.images.mm import refused_vmflag
@@ -50,6 +51,7 @@ from lazarus.kernel import abi, procfs, vm
 from lazarus.kernel.pagemap import Pagemap
 from lazarus.kernel.procfs import Vma
 from lazarus.kernel.syscall import buffer_address, populate_write
+from lazarus.remote import RemoteTask
 
 SPECIAL = {"[vdso]": "vdso", "[vvar]": "vvar", "[vvar_vclock]": "vvar_vclock"}
 # Bytes a copy thread reads, hashes and writes at a time (a multiple of the 64 KiB chunk). Measured on 512 MiB:
@@ -219,6 +221,10 @@ class MemoryDumper:
         self.attaches: dict[int, int] = {}
         self._own_attaches: dict[int, int] = {}
         self._sysv: dict[int, procfs.SysvShm] | None = None
+        # How to inject into the task for its own pwritev of its pages (dump/selfwrite.py): (syscall address,
+        # journal, whether batches may run as code); None: the old copy only.
+        self.inject: tuple[int, Any, bool] | None = None
+        self.selfwrite = ""  # what the task wrote itself, or why not (for the log and the tests)
 
     def close(self) -> None:
         for fd in self._fds:
@@ -452,6 +458,10 @@ class MemoryDumper:
                 finally:
                     view.release()
 
+            if mapped is None and not self.pages.direct:
+                self._copy_small(ext, total)
+                self._spot_check(ext.offset)
+                return
             nthreads = min(_THREADS, -(-total // step))
             bufs = _buffers(nthreads) if mapped is None else [mapped] * nthreads
             helpers = [threading.Thread(target=work, args=(b,), name="pages-copy") for b in bufs[1:]]
@@ -463,6 +473,116 @@ class MemoryDumper:
             if failed:
                 raise failed[0]
             self._spot_check(ext.offset)
+
+    def _copy_small(self, ext: Any, total: int) -> None:
+        """Buffered: the task writes its own pieces of readable memory into the page file where it may
+        (dump/selfwrite.py) while a helper thread hashes each piece written and copies the rest the old way
+        (process_vm_readv into a small buffer, pwrite); else two threads copy everything the old way."""
+        plan = list(_pieces(self._sources, selfwrite.PIECE))
+        own = [i for i, (_, parts, _) in enumerate(plan) if all(src.fd < 0 and src.readable for src, _ in parts)]
+        writer: selfwrite.SelfWriter | None = None
+        why = "not asked"
+        if self.inject is not None:
+            why = "less than the minimum"
+            if sum(plan[i][2] for i in own) >= selfwrite.MIN:
+                why = selfwrite.refusal(self.pid, ext.offset + total) or ""
+        if not why:
+            ip, journal, batch = self.inject  # type: ignore[misc]
+            writer = selfwrite.SelfWriter(RemoteTask(self.pid, ip, journal=journal), self.pages.fileno(), batch)
+        cond = threading.Condition()
+        tasks: list[tuple[str, int, Any, int]] = []  # ("copy", off, parts, n) / ("hash", off, None, n)
+        closed = [False]
+        failed: list[BaseException] = []
+
+        def old_way(pieces: list[int]) -> None:
+            for i in pieces:
+                off, parts, _ = plan[i]
+                srcs = [_Source(batch, readable=src.readable, fd=src.fd) for src, batch in parts]
+                tasks.extend(("copy", off + o, sub, m) for o, sub, m in _pieces(srcs, _SMALL))
+
+        def work(buf: mmap.mmap) -> None:
+            view = memoryview(buf)
+            try:
+                while not failed:
+                    with cond:
+                        while not tasks and not closed[0] and not failed:
+                            cond.wait()
+                        if not tasks:
+                            return
+                        kind, off, parts, n = tasks.pop(0)
+                    if kind == "hash":
+                        ext.written(off, n, view[:_SMALL])
+                    else:
+                        self._fill(view[:n], buf, parts)
+                        ext.put(off, view[:n])
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread below
+                failed.append(e)
+                with cond:
+                    cond.notify_all()
+            finally:
+                view.release()
+
+        opened = False
+        try:
+            if writer is not None:
+                opened = writer.open()
+                if not opened:
+                    self.selfwrite = f"not used: {writer.failure}"
+            mine = set(own) if opened else set()
+            old_way([i for i in range(len(plan)) if i not in mine])
+            bufs = _buffers(_THREADS)
+            helper = threading.Thread(target=work, args=(bufs[1],), name="pages-copy")
+            helper.start()
+            try:
+                if opened:
+                    assert writer is not None
+
+                    def done(i: int) -> None:
+                        with cond:
+                            tasks.append(("hash", plan[i][0], None, plan[i][2]))
+                            cond.notify()
+
+                    calls = [c for i in own for c in selfwrite.calls_for(
+                        i, ext.offset + plan[i][0], [r for _, batch in plan[i][1] for r in batch])]
+                    rest = writer.write(calls, done, lambda: bool(failed))
+                    if rest and not failed:
+                        # The rest the old way, unhashed, then each such piece hashed whole from the file.
+                        self._write_rest(ext, rest, bufs[0])
+                        with cond:
+                            for i in sorted({c[0] for c in rest}):
+                                tasks.append(("hash", plan[i][0], None, plan[i][2]))
+                            cond.notify()
+                    written = sum(plan[i][2] for i in own) - sum(n for c in rest for _, n in c[2])
+                    self.selfwrite = f"{written} bytes by the task itself" + (
+                        f", the rest copied: {writer.failure}" if rest else "")
+                    writer.close()
+                    writer = None
+                elif writer is None:
+                    self.selfwrite = f"not used: {why}"
+            finally:
+                with cond:
+                    closed[0] = True
+                    cond.notify_all()
+                work(bufs[0])
+                helper.join()
+        finally:
+            if writer is not None:
+                selfwrite.close_quietly(writer)
+        if failed:
+            raise failed[0]
+
+    def _write_rest(self, ext: Any, rest: list[selfwrite.Call], buf: mmap.mmap) -> None:
+        """What the task did not write: read here and written (not hashed: whole pieces are, after)."""
+        view = memoryview(buf)
+        base = buffer_address(buf)
+        try:
+            for _, pos, iovs in rest:
+                src = _Source(iovs)
+                for o, parts, m in _pieces([src], _PIECE):
+                    vm.readv(self.pid, [(base, m)], parts[0][1])
+                    ext.write(pos - ext.offset + o, view[:m])
+        finally:
+            view.release()
 
     def _fill(self, view: memoryview, buf: mmap.mmap, parts: list[tuple[_Source, list[tuple[int, int]]]],
               at: int = 0) -> None:
