@@ -430,6 +430,8 @@ def _dump_task(pid: int, fr: Frozen, writer: ImageWriter, shell_job: bool,
     mem.shared = memory or {}
     mem.attaches = attaches or {}
     mem.inject = (sys_ip, watchdog, may_batch) if _SELF_WRITE else None
+    if misc.get("rseq"):
+        mem.volatile = [(misc["rseq"]["addr"], misc["rseq"]["size"])]
     try:
         vma_recs, objects = mem.dump(vmas)
     finally:

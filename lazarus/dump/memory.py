@@ -225,6 +225,9 @@ class MemoryDumper:
         # journal, whether batches may run as code); None: the old copy only.
         self.inject: tuple[int, Any, bool] | None = None
         self.selfwrite = ""  # what the task wrote itself, or why not (for the log and the tests)
+        # Memory the kernel itself writes whenever the task runs (its rseq area: cpu_id, mm_cid), [(addr, size)]:
+        # while the task writes its own pages it runs, so those pieces are copied only after it stopped for good.
+        self.volatile: list[tuple[int, int]] = []
 
     def close(self) -> None:
         for fd in self._fds:
@@ -480,6 +483,9 @@ class MemoryDumper:
         (process_vm_readv into a small buffer, pwrite); else two threads copy everything the old way."""
         plan = list(_pieces(self._sources, selfwrite.PIECE))
         own = [i for i, (_, parts, _) in enumerate(plan) if all(src.fd < 0 and src.readable for src, _ in parts)]
+        hot = {i for i in own if any(a < v + vn and v < a + n for _, batch in plan[i][1] for a, n in batch
+                                     for v, vn in self.volatile)}
+        own = [i for i in own if i not in hot]
         writer: selfwrite.SelfWriter | None = None
         why = "not asked"
         if self.inject is not None:
@@ -528,7 +534,7 @@ class MemoryDumper:
                 opened = writer.open()
                 if not opened:
                     self.selfwrite = f"not used: {writer.failure}"
-            mine = set(own) if opened else set()
+            mine = set(own) | hot if opened else set()
             old_way([i for i in range(len(plan)) if i not in mine])
             bufs = _buffers(_THREADS)
             helper = threading.Thread(target=work, args=(bufs[1],), name="pages-copy")
@@ -557,6 +563,9 @@ class MemoryDumper:
                         f", the rest copied: {writer.failure}" if rest else "")
                     writer.close()
                     writer = None
+                    with cond:
+                        old_way(sorted(hot))  # the task runs no more: its rseq area holds still
+                        cond.notify_all()
                 elif writer is None:
                     self.selfwrite = f"not used: {why}"
             finally:
