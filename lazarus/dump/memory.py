@@ -191,6 +191,24 @@ def _buffers(n: int) -> list[mmap.mmap]:
     return _spare[:n]
 
 
+def _cut(addr: int, n: int, hot: list[tuple[int, int]]) -> list[tuple[int, int, bool]]:
+    """The run [addr, addr+n) cut at the page ranges `hot`: [(start, length, inside a hot range)], in order."""
+    out: list[tuple[int, int, bool]] = []
+    pos, end = addr, addr + n
+    for hs, he in sorted(hot):
+        if he <= pos or hs >= end:
+            continue
+        if hs > pos:
+            out.append((pos, hs - pos, False))
+        s2 = max(hs, pos)
+        e2 = min(he, end)
+        out.append((s2, e2 - s2, True))
+        pos = e2
+    if pos < end:
+        out.append((pos, end - pos, False))
+    return out
+
+
 def _spread(npages: int) -> list[int]:
     """Which pages of a run of `npages` the spot check reads: its first and last, and one per 16 MiB."""
     k = min(npages, 2 + npages // 4096)
@@ -478,33 +496,66 @@ class MemoryDumper:
             self._spot_check(ext.offset)
 
     def _copy_small(self, ext: Any, total: int) -> None:
-        """Buffered: the task writes its own pieces of readable memory into the page file where it may
-        (dump/selfwrite.py) while a helper thread hashes each piece written and copies the rest the old way
-        (process_vm_readv into a small buffer, pwrite); else two threads copy everything the old way."""
+        """Buffered: where it may (dump/selfwrite.py), the task writes its own runs of readable memory into the
+        page file, 16 MiB pieces at a time, while a helper thread hashes each piece written (read back from the
+        page cache) and copies what the task cannot (objects, unreadable mappings) the old way; else two threads
+        copy everything the old way (process_vm_readv into a small buffer, hash, pwrite)."""
         plan = list(_pieces(self._sources, selfwrite.PIECE))
-        own = [i for i, (_, parts, _) in enumerate(plan) if all(src.fd < 0 and src.readable for src, _ in parts)]
-        hot = {i for i in own if any(a < v + vn and v < a + n for _, batch in plan[i][1] for a, n in batch
-                                     for v, vn in self.volatile)}
-        own = [i for i in own if i not in hot]
+        # Per piece: the task's pwritev calls (its readable memory), the rest (extent offset, source, runs), and
+        # the pages holding its rseq area (written once it runs no more: the kernel rewrites them as it runs).
+        own: dict[int, list[selfwrite.Call]] = {}
+        raw: dict[int, list[tuple[int, _Source, list[tuple[int, int]]]]] = {}
+        late: dict[int, list[tuple[int, _Source, list[tuple[int, int]]]]] = {}
+        hot = [(v & ~(_PAGE - 1), (v + vn + _PAGE - 1) & ~(_PAGE - 1)) for v, vn in self.volatile]
+        for i, (off, parts, _) in enumerate(plan):
+            pos = off
+            for src, batch in parts:
+                if not (src.fd < 0 and src.readable):
+                    raw.setdefault(i, []).append((pos, src, batch))
+                    pos += sum(n for _, n in batch)
+                    continue
+                start, runs = pos, []
+                for a, n in batch:
+                    for sa, sn, is_hot in _cut(a, n, hot):
+                        if is_hot:
+                            if runs:
+                                own.setdefault(i, []).extend(selfwrite.calls_for(i, ext.offset + start, runs))
+                            late.setdefault(i, []).append((pos, src, [(sa, sn)]))
+                            start, runs = pos + sn, []
+                        else:
+                            runs.append((sa, sn))
+                        pos += sn
+                if runs:
+                    own.setdefault(i, []).extend(selfwrite.calls_for(i, ext.offset + start, runs))
         writer: selfwrite.SelfWriter | None = None
         why = "not asked"
         if self.inject is not None:
             why = "less than the minimum"
-            if sum(plan[i][2] for i in own) >= selfwrite.MIN:
+            if sum(n for calls in own.values() for _, _, iovs in calls for _, n in iovs) >= selfwrite.MIN:
                 why = selfwrite.refusal(self.pid, ext.offset + total) or ""
         if not why:
             ip, journal, batch = self.inject  # type: ignore[misc]
             writer = selfwrite.SelfWriter(RemoteTask(self.pid, ip, journal=journal), self.pages.fileno(), batch)
         cond = threading.Condition()
-        tasks: list[tuple[str, int, Any, int]] = []  # ("copy", off, parts, n) / ("hash", off, None, n)
+        # ("copy", off, parts, n): read, hash, write; ("raw", piece, items, 0): read and write unhashed;
+        # ("hash", off, None, n): hash from the file.
+        tasks: list[tuple[str, int, Any, int]] = []
         closed = [False]
         failed: list[BaseException] = []
+        left: dict[int, int] = {}  # piece -> its parts (the task's calls, the raw rest) not written yet
 
         def old_way(pieces: list[int]) -> None:
             for i in pieces:
                 off, parts, _ = plan[i]
                 srcs = [_Source(batch, readable=src.readable, fd=src.fd) for src, batch in parts]
                 tasks.extend(("copy", off + o, sub, m) for o, sub, m in _pieces(srcs, _SMALL))
+
+        def finish(i: int) -> None:
+            with cond:
+                left[i] -= 1
+                if not left[i]:
+                    tasks.append(("hash", plan[i][0], None, plan[i][2]))
+                    cond.notify()
 
         def work(buf: mmap.mmap) -> None:
             view = memoryview(buf)
@@ -518,6 +569,12 @@ class MemoryDumper:
                         kind, off, parts, n = tasks.pop(0)
                     if kind == "hash":
                         ext.written(off, n, view[:_SMALL])
+                    elif kind == "raw":
+                        for pos, src, batch in parts:
+                            for o, sub, m in _pieces([_Source(batch, readable=src.readable, fd=src.fd)], _SMALL):
+                                self._fill(view[:m], buf, sub)
+                                ext.write(pos + o, view[:m])
+                        finish(off)
                     else:
                         self._fill(view[:n], buf, parts)
                         ext.put(off, view[:n])
@@ -534,37 +591,32 @@ class MemoryDumper:
                 opened = writer.open()
                 if not opened:
                     self.selfwrite = f"not used: {writer.failure}"
-            mine = set(own) | hot if opened else set()
+            mine = set(own) if opened else set()
             old_way([i for i in range(len(plan)) if i not in mine])
+            for i in mine:
+                left[i] = 1 + (i in raw) + (i in late)
+                if i in raw:
+                    tasks.append(("raw", i, raw[i], 0))
             bufs = _buffers(_THREADS)
             helper = threading.Thread(target=work, args=(bufs[1],), name="pages-copy")
             helper.start()
             try:
                 if opened:
                     assert writer is not None
-
-                    def done(i: int) -> None:
-                        with cond:
-                            tasks.append(("hash", plan[i][0], None, plan[i][2]))
-                            cond.notify()
-
-                    calls = [c for i in own for c in selfwrite.calls_for(
-                        i, ext.offset + plan[i][0], [r for _, batch in plan[i][1] for r in batch])]
-                    rest = writer.write(calls, done, lambda: bool(failed))
+                    calls = [c for i in sorted(mine) for c in own[i]]
+                    rest = writer.write(calls, finish, lambda: bool(failed))
                     if rest and not failed:
-                        # The rest the old way, unhashed, then each such piece hashed whole from the file.
+                        # The rest the old way, unhashed; each such piece is hashed whole from the file after.
                         self._write_rest(ext, rest, bufs[0])
-                        with cond:
-                            for i in sorted({c[0] for c in rest}):
-                                tasks.append(("hash", plan[i][0], None, plan[i][2]))
-                            cond.notify()
-                    written = sum(plan[i][2] for i in own) - sum(n for c in rest for _, n in c[2])
+                        for i in sorted({c[0] for c in rest}):
+                            finish(i)
+                    written = sum(n for c in calls for _, n in c[2]) - sum(n for c in rest for _, n in c[2])
                     self.selfwrite = f"{written} bytes by the task itself" + (
                         f", the rest copied: {writer.failure}" if rest else "")
                     writer.close()
                     writer = None
-                    with cond:
-                        old_way(sorted(hot))  # the task runs no more: its rseq area holds still
+                    with cond:  # the task runs no more: its rseq area holds still
+                        tasks.extend(("raw", i, items, 0) for i, items in late.items() if i in mine)
                         cond.notify_all()
                 elif writer is None:
                     self.selfwrite = f"not used: {why}"
@@ -586,8 +638,7 @@ class MemoryDumper:
         base = buffer_address(buf)
         try:
             for _, pos, iovs in rest:
-                src = _Source(iovs)
-                for o, parts, m in _pieces([src], _PIECE):
+                for o, parts, m in _pieces([_Source(iovs)], _PIECE):
                     vm.readv(self.pid, [(base, m)], parts[0][1])
                     ext.write(pos - ext.offset + o, view[:m])
         finally:

@@ -44,7 +44,7 @@ from lazarus.remote import RemoteTask
 
 PIECE = 16 << 20  # bytes per pwritev (a multiple of the 64 KiB chunk): hashed while the next one is written
 PER_STOP = 2  # pwritev calls per stop of the task: ~30-60 ms each, so a watchdog or a kill is never kept long
-MIN = 1  # less than this is copied the old way (the pair and the fd cost three stops)
+MIN = 4 << 20  # less than this is copied the old way (the pair and the fd cost three stops)
 _SCRATCH = 256 << 10  # iovec arrays: PER_STOP pieces of up to 4096 runs (16 KiB of iovecs per IOV_MAX)
 _NAP = 0.0005  # poll the end of a batch closely: each one is followed by handing its piece to the hasher
 _MSGHDR = struct.Struct("<QI4xQQQQi4x")  # struct msghdr (x86-64)
