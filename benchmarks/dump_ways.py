@@ -18,6 +18,8 @@ cache back later), and the api ways dump with sync=False. Ways:
     vmsplice_trunc  vmsplice (below) without fallocate
     api        the real dump in this process (lazarus.dump, leave_running), as the service runs it
     api_pop    the same with MADV_POPULATE_WRITE of each piece (dump/memory.py _POPULATE on)
+    api_self / api_old  the same with the task writing its own pages (dump/selfwrite.py) or not
+    target     the bare one-copy way: the task pwritev's 32 MiB pieces into the file we gave it, we hash meanwhile
     api_map / api_pwrite  the same, the page file filled through its shared mapping / by pwrite from each
                thread's buffer (dump/memory.py _MAPPED)
     criu       `criu dump --leave-running` (whole command)
@@ -328,6 +330,12 @@ def way_target(pid: int, addr: int, n: int, path: Path, *, falloc: bool = True) 
     return _finish(fd)
 
 
+def _task_cpu(pid: int) -> float:
+    """utime + stime of the memhog (what it spent writing its own pages, in the selfwrite ways)."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=int, nargs="+", default=[512, 2048])
@@ -357,6 +365,7 @@ def main() -> None:
                 for w in a.ways[i % len(a.ways):] + a.ways[:i % len(a.ways)]:
                     path = work / f"dump-ways-{os.getpid()}-{w}-{i}"
                     c0 = time.process_time()
+                    tc0 = _task_cpu(proc.pid)
                     t0 = time.perf_counter()
                     extra = ""
                     if w == "map":
@@ -371,6 +380,14 @@ def main() -> None:
                         fs = way_pwrite(proc.pid, addr, n, path, falloc=False)
                     elif w == "pwrite_small":
                         fs = way_pwrite(proc.pid, addr, n, path, step=SMALL)
+                    elif w in ("api_self", "api_old"):
+                        # The real dump with the task writing its own pages (dump/selfwrite.py) or not.
+                        pkg = sys.modules["lazarus.dump"]
+                        saved_sw = pkg._SELF_WRITE
+                        pkg._SELF_WRITE = w == "api_self"
+                        lazarus.dump(proc.pid, path, leave_running=True, sync=SYNC)
+                        pkg._SELF_WRITE = saved_sw
+                        fs = 0.0
                     elif w in ("api", "api_pop", "api_map", "api_pwrite"):
                         # The real dump in-process (leave_running), as shipped, with the populate step, or with
                         # the page file filled through its mapping / by pwrite.
@@ -394,6 +411,7 @@ def main() -> None:
                                  f"hash {LAST_SPLICE[1]:.3f} s")
                     wall = time.perf_counter() - t0
                     cpu = time.process_time() - c0
+                    extra = f"task cpu {_task_cpu(proc.pid) - tc0:.3f} s " + extra
                     res[w].append((wall, cpu, fs, extra))
                     if path.is_dir():
                         shutil.rmtree(path)

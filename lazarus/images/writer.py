@@ -116,6 +116,10 @@ def _fsync_files(paths: list[Path], writeback: Callable[[int, int, int], None] |
             os.close(fd)
 
 
+# Whether PageExtent.written() hashes through a read-only mapping of the file (else pread into the caller's buffer).
+_WRITTEN_MAPPED = True
+
+
 class PagesWriter:
     """Writes raw page data to pages-PID.img and checksums it per 64 KiB chunk as it goes.
 
@@ -459,9 +463,27 @@ class PageExtent:
         dumped task's own pwritev, dump/selfwrite.py): hash them as the file holds them (read back from the page
         cache through `buf`, a multiple of 64 KiB long) and start their writeback. Same alignment rules and
         thread safety as put()."""
+        fd = self._writer._fd
+        if _WRITTEN_MAPPED:
+            # Hashed straight from the page cache through a read-only mapping: no copy into a buffer first.
+            try:
+                mm = mmap.mmap(fd, n, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=self.offset + off)
+            except OSError:
+                mm = None
+            if mm is not None:
+                view = memoryview(mm)
+                try:
+                    self._record(off, view)
+                finally:
+                    view.release()
+                    mm.close()
+                wb = self._writer._writeback
+                if wb is not None:
+                    with contextlib.suppress(OSError):
+                        wb(fd, self.offset + off, n)
+                return
         mv = memoryview(buf).cast("B")
         step = len(mv)
-        fd = self._writer._fd
         try:
             for o in range(off, off + n, step):
                 k = min(step, off + n - o)
