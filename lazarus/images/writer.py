@@ -118,6 +118,7 @@ def _fsync_files(paths: list[Path], writeback: Callable[[int, int, int], None] |
 
 # Whether PageExtent.written() hashes through a read-only mapping of the file (else pread into the caller's buffer).
 _WRITTEN_MAPPED = True
+_WRITTEN_WRITEBACK = True
 
 
 class PagesWriter:
@@ -478,7 +479,7 @@ class PageExtent:
                     view.release()
                     mm.close()
                 wb = self._writer._writeback
-                if wb is not None:
+                if wb is not None and _WRITTEN_WRITEBACK:
                     with contextlib.suppress(OSError):
                         wb(fd, self.offset + off, n)
                 return
