@@ -174,6 +174,8 @@ def _dump_killed_while_writing(pid: int, image: Path, moment: str) -> tuple[int,
                     die()
                 real_close(self)
 
+            # 1 MiB pieces, two per stop: the task still holds the page file after its first piece.
+            selfwrite.PIECE = 1 << 20
             selfwrite.SelfWriter.open = opened  # type: ignore[method-assign]
             selfwrite.SelfWriter.write = write  # type: ignore[method-assign]
             selfwrite.SelfWriter.close = close  # type: ignore[method-assign]
@@ -213,6 +215,30 @@ def test_dump_killed_while_the_task_writes(harness: H.Harness, moment: str) -> N
     target.mark()
     target.signal(signal.SIGUSR2)
     H.expect_pass(target.wait_result(), target)
+
+
+def test_calls_cut_at_call_size_and_iov_max() -> None:
+    """calls_for(): consecutive file offsets, at most CALL bytes and IOV_MAX iovecs a call; _skip() drops a
+    short write's part."""
+    page = 4096
+    runs = [(0x10000000 + 2 * i * page, page) for i in range(3000)] + [(0x20000000, 3 * selfwrite.CALL)]
+    calls = selfwrite.calls_for(7, 1 << 20, runs)
+    pos = 1 << 20
+    flat = []
+    for piece, at, iovs in calls:
+        assert piece == 7 and at == pos
+        assert len(iovs) <= 1024 and sum(n for _, n in iovs) <= selfwrite.CALL
+        pos += sum(n for _, n in iovs)
+        flat += iovs
+    assert pos == (1 << 20) + sum(n for _, n in runs)
+    merged: list[tuple[int, int]] = []
+    for a, n in flat:
+        if merged and merged[-1][0] + merged[-1][1] == a and a >= 0x20000000:
+            merged[-1] = (merged[-1][0], merged[-1][1] + n)
+        else:
+            merged.append((a, n))
+    assert merged == runs
+    assert selfwrite._skip([(0x1000, 8192), (0x9000, 4096)], 8192 + 100) == [(0x9000 + 100, 4096 - 100)]
 
 
 def test_memory_limit_read_from_cgroup_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

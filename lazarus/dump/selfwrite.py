@@ -124,7 +124,6 @@ class SelfWriter:
             r.alloc_batch_scratch(_SCRATCH)
         else:
             r.alloc_scratch(_SCRATCH)
-        r.batch_nap = _NAP
         b = self._batch()
         self._pair_at = r.scratch
         r.write(self._pair_at, _PAIR.pack(-1, -1))  # before the journal names the place
@@ -173,6 +172,7 @@ class SelfWriter:
         """Make the task pwritev each call's iovecs at its offset, PER_STOP pieces per stop; done(piece) once a
         piece's calls are all written. Returns the calls (or their unwritten rests) left to the caller: none,
         unless an injected pwritev failed or stop() said so."""
+        self.remote.batch_nap = _NAP  # from here on, each stop takes milliseconds
         todo = list(calls)
         left = {}
         for piece, _, _ in todo:
@@ -190,22 +190,34 @@ class SelfWriter:
                 b.call(abi.SYS.pwritev, self.tfd, at, len(iovs), pos, 0, check=False)
                 taken.append(todo.pop(0))
                 pieces.add(piece)
+            last = not todo and self.tfd >= 0
+            if last:
+                # The task's descriptor closed in the same stop as its last writes (a short write left after
+                # them goes the old way: the caller copies what is returned).
+                b.call(abi.SYS.close, self.tfd, check=False)
             results = b.run(one_stop=True)
-            for k, (call, got) in enumerate(zip(taken, results, strict=True)):
+            if last:
+                self.tfd = -1
+                results = results[:-1]
+            # Every call of the stop ran (none is checked): the short ones' rests go first into the next stop.
+            again: list[Call] = []
+            lost: list[Call] = []
+            for call, got in zip(taken, results, strict=True):
                 piece, pos, iovs = call
                 want = sum(n for _, n in iovs)
                 if got == want:
                     left[piece] -= 1
                     if not left[piece]:
                         done(piece)
-                    continue
-                if 0 < got < want:
-                    # Short: the rest goes first into the next stop.
-                    todo.insert(0, (piece, pos + got, _skip(iovs, got)))
-                    todo[1:1] = taken[k + 1:]
-                    break
-                self.failure = f"pwritev in the task failed: {os.strerror(-got) if got < 0 else 'wrote nothing'}"
-                return [call, *taken[k + 1:], *todo]
+                elif got > 0:
+                    (again if self.tfd >= 0 else lost).append((piece, pos + got, _skip(iovs, got)))
+                else:
+                    lost.append(call)
+                    self.failure = f"pwritev in the task failed: {os.strerror(-got) if got < 0 else 'wrote nothing'}"
+            if lost:
+                self.failure = self.failure or "a short write in the last stop"
+                return [*lost, *again, *todo]
+            todo[0:0] = again
         return todo
 
     def close(self) -> None:
