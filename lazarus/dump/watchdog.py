@@ -34,6 +34,10 @@ and the original crashes or runs deaf. Two things prevent it:
     "scratch" addr, size; mmap FIXED there  ------>
     ... munmap; "scratch-gone" ------------------->
     regs, mask put back; "clean" ----------------->   (from here on: nothing to put back on EOF)
+    the task writes its own pages (dump/selfwrite.py): a second injection session as above, and
+    "fds" (scratch address of the pair's numbers, ---->   repair() then also closes in the task the socket
+      the page file's dev and inode)                      pair (if made) and every fd of the page file
+    ... close them in the task; "fds-gone" ------->
     pages, files, image written and verified
     SIGCONT, taken at its delivery stop; detach
       (or SIGKILL the original); "release" ------->   exits, touching nothing
