@@ -591,10 +591,10 @@ class MemoryDumper:
                 opened = writer.open()
                 if not opened:
                     self.selfwrite = f"not used: {writer.failure}"
-            mine = set(own) if opened else set()
+            mine = set(own) | set(late) if opened else set()
             old_way([i for i in range(len(plan)) if i not in mine])
             for i in mine:
-                left[i] = 1 + (i in raw) + (i in late)
+                left[i] = (i in own) + (i in raw) + (i in late)
                 if i in raw:
                     tasks.append(("raw", i, raw[i], 0))
             bufs = _buffers(_THREADS)
@@ -603,7 +603,7 @@ class MemoryDumper:
             try:
                 if opened:
                     assert writer is not None
-                    calls = [c for i in sorted(mine) for c in own[i]]
+                    calls = [c for i in sorted(own) for c in own[i]]
                     rest = writer.write(calls, finish, lambda: bool(failed))
                     if rest and not failed:
                         # The rest the old way, unhashed; each such piece is hashed whole from the file after.
@@ -620,6 +620,9 @@ class MemoryDumper:
                         cond.notify_all()
                 elif writer is None:
                     self.selfwrite = f"not used: {why}"
+            except BaseException as e:
+                failed.append(e)  # the helper stops at once: the dump fails
+                raise
             finally:
                 with cond:
                     closed[0] = True
