@@ -7,11 +7,11 @@
                                                       socketpair(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC) -> sv
     pidfd_getfd(sv[0]); sendmsg(page file, SCM_RIGHTS)
                                                       recvmsg(sv[1], MSG_CMSG_CLOEXEC) -> k; close(sv[0], sv[1])
-                                                      pwritev(k, iov[<= IOV_MAX], n, off) x PER_STOP, 16 MiB each
-    a helper thread hashes each piece written, read
-      back from the page cache, while the task writes
-      the next (dump/memory.py)
-                                                      close(k)
+                                                      pwritev(k, iov[<= IOV_MAX], n, off), 256 KiB each: two
+                                                        16 MiB pieces per stop; close(k) in the last stop
+    a helper thread hashes each piece written, through
+      a read-only mapping of the page cache, while the
+      task writes the next (dump/memory.py)
     journal "fds-gone"; registers, mask, scratch back; "clean"
 
 Why: our own copy (process_vm_readv into a buffer, then pwrite into the page cache) copies every byte twice in
@@ -42,14 +42,14 @@ from lazarus.kernel import abi, procfs
 from lazarus.kernel.pidfd import PidFd
 from lazarus.remote import RemoteTask
 
-PIECE = 16 << 20  # bytes per pwritev (a multiple of the 64 KiB chunk): hashed while the next one is written
+PIECE = 16 << 20  # bytes hashed at a time (a multiple of the 64 KiB chunk), while the task writes the next piece
 # Bytes per pwritev: the page cache takes folios as large as one write (up to 2 MiB); large ones need free memory in
 # large blocks, which direct compaction makes in the task's own time when memory is fragmented (measured: the
 # same 2 GiB dump 1.1 s or 5-7 s, whether or not the memory freed just before was in small folios).
-CALL = int(os.environ.get("LAZ_CALL", str(256 << 10)))
-PER_STOP = 2  # pwritev calls per stop of the task: ~30-60 ms each, so a watchdog or a kill is never kept long
+CALL = 256 << 10
+PER_STOP = 2  # pieces per stop of the task: ~10-60 ms each, so a watchdog or a kill is never kept waiting long
 MIN = 4 << 20  # less than this is copied the old way (the pair and the fd cost three stops)
-_SCRATCH = 256 << 10  # iovec arrays: PER_STOP pieces of up to 4096 runs (16 KiB of iovecs per IOV_MAX)
+_SCRATCH = 256 << 10  # a stop's call table and iovecs: PER_STOP pieces of up to 4096 runs (16 bytes each)
 _NAP = 0.0005  # poll the end of a batch closely: each one is followed by handing its piece to the hasher
 _MSGHDR = struct.Struct("<QI4xQQQQi4x")  # struct msghdr (x86-64)
 _CMSGHDR = struct.Struct("<QiI")  # cmsg_len, cmsg_level, cmsg_type (then the int fd)
