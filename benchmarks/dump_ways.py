@@ -18,6 +18,8 @@ cache back later), and the api ways dump with sync=False. Ways:
     vmsplice_trunc  vmsplice (below) without fallocate
     api        the real dump in this process (lazarus.dump, leave_running), as the service runs it
     api_pop    the same with MADV_POPULATE_WRITE of each piece (dump/memory.py _POPULATE on)
+    api_self / api_old  the same with the task writing its own pages (dump/selfwrite.py) or not
+    target     the bare one-copy way: the task pwritev's 32 MiB pieces into the file we gave it, we hash meanwhile
     api_map / api_pwrite  the same, the page file filled through its shared mapping / by pwrite from each
                thread's buffer (dump/memory.py _MAPPED)
     criu       `criu dump --leave-running` (whole command)
@@ -218,6 +220,122 @@ def way_vmsplice(pid: int, addr: int, n: int, path: Path, *, falloc: bool = True
     return _finish(fd), inj, calls
 
 
+SYS_PWRITEV = 296
+TARGET_PIECE = 32 << 20
+TARGET_BATCH = 2
+LAST_TARGET = (0.0, 0.0, 0)
+
+
+def way_target(pid: int, addr: int, n: int, path: Path, *, falloc: bool = True) -> float:
+    """The target writes its own memory into the page file (one copy): our fd given to it by SCM_RIGHTS, then
+    injected pwritev calls of TARGET_PIECE each, TARGET_BATCH per batch (one stop each); meanwhile a thread of
+    ours hashes what is already written, read back from the page cache into a small buffer."""
+    import socket
+    import struct
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    if falloc:
+        os.posix_fallocate(fd, 0, n)
+    ptrace.seize(pid)
+    ptrace.interrupt(pid)
+    ptrace.wait(pid)
+    written = [0]
+    cond = threading.Condition()
+    hashed: list[int] = []
+    stop = [False]
+
+    def hasher() -> None:
+        buf = mmap.mmap(-1, SMALL)
+        view = memoryview(buf)
+        done = 0
+        while done < n:
+            with cond:
+                while written[0] <= done and not stop[0]:
+                    cond.wait()
+                if stop[0] and written[0] <= done:
+                    break
+                upto = written[0]
+            while done < upto:
+                k = min(SMALL, upto - done)
+                got = os.preadv(fd, [view[:k]], done)
+                assert got == k
+                hashed.extend(_sums(view[:k]))
+                done += k
+        view.release()
+        buf.close()
+
+    ht = threading.Thread(target=hasher)
+    ht.start()
+    inj = 0.0
+    stops = 0
+    try:
+        vmas = Path(f"/proc/{pid}/maps").read_text().splitlines()
+        sys_ip = None
+        for line in vmas:
+            rng, perms = line.split()[:2]
+            if "x" in perms:
+                s, e = (int(x, 16) for x in rng.split("-"))
+                sys_ip = find_syscall_insn(pid, s, e)
+                if sys_ip:
+                    break
+        assert sys_ip
+        with RemoteTask(pid, sys_ip) as r:
+            assert r.alloc_batch_scratch(16 * abi.PAGE_SIZE)
+            scratch = r.scratch
+            r.syscall(abi.SYS.socketpair, socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, 0, scratch)
+            sv0, sv1 = struct.unpack("<ii", r.read(scratch, 8))
+            pidfd = pidfd_open(pid)
+            end = socket.socket(fileno=pidfd_getfd(pidfd, sv0, pid=pid))
+            os.close(pidfd)
+            socket.send_fds(end, [b"\0"], [fd])
+            end.close()
+            from lazarus.restore.sharing import _recv_fds
+            tfd = _recv_fds(r, sv1, 1)[0]
+            r.raw(abi.SYS.close, sv0)
+            r.raw(abi.SYS.close, sv1)
+            off = 0
+            while off < n:
+                b = r.batch()
+                calls = []
+                for _ in range(TARGET_BATCH):
+                    if off >= n:
+                        break
+                    k = min(TARGET_PIECE, n - off)
+                    iov = b.put(struct.pack("<QQ", addr + off, k))
+                    b.call(SYS_PWRITEV, tfd, iov, 1, off, 0, check=True)
+                    calls.append((off, k))
+                    off += k
+                t = time.perf_counter()
+                res = b.run(one_stop=True)
+                inj += time.perf_counter() - t
+                stops += 1
+                for (o, k), got in zip(calls, res, strict=True):
+                    assert got == k, (o, k, got)
+                with cond:
+                    written[0] = off
+                    cond.notify()
+            r.raw(abi.SYS.close, tfd)
+    finally:
+        tj = time.perf_counter()
+        with cond:
+            stop[0] = True
+            cond.notify()
+        ht.join()
+        tj = time.perf_counter() - tj
+        ptrace.detach(pid)
+    assert len(hashed) == -(-n // CHUNK)
+    global LAST_TARGET
+    LAST_TARGET = (inj, tj, stops)
+    if SYNC:
+        start_writeback(fd, 0, n)
+    return _finish(fd)
+
+
+def _task_cpu(pid: int) -> float:
+    """utime + stime of the memhog (what it spent writing its own pages, in the selfwrite ways)."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=int, nargs="+", default=[512, 2048])
@@ -247,6 +365,7 @@ def main() -> None:
                 for w in a.ways[i % len(a.ways):] + a.ways[:i % len(a.ways)]:
                     path = work / f"dump-ways-{os.getpid()}-{w}-{i}"
                     c0 = time.process_time()
+                    tc0 = _task_cpu(proc.pid)
                     t0 = time.perf_counter()
                     extra = ""
                     if w == "map":
@@ -261,6 +380,14 @@ def main() -> None:
                         fs = way_pwrite(proc.pid, addr, n, path, falloc=False)
                     elif w == "pwrite_small":
                         fs = way_pwrite(proc.pid, addr, n, path, step=SMALL)
+                    elif w in ("api_self", "api_old"):
+                        # The real dump with the task writing its own pages (dump/selfwrite.py) or not.
+                        pkg = sys.modules["lazarus.dump"]
+                        saved_sw = pkg._SELF_WRITE
+                        pkg._SELF_WRITE = w == "api_self"
+                        lazarus.dump(proc.pid, path, leave_running=True, sync=SYNC)
+                        pkg._SELF_WRITE = saved_sw
+                        fs = 0.0
                     elif w in ("api", "api_pop", "api_map", "api_pwrite"):
                         # The real dump in-process (leave_running), as shipped, with the populate step, or with
                         # the page file filled through its mapping / by pwrite.
@@ -275,12 +402,16 @@ def main() -> None:
                         subprocess.run([a.criu, "dump", "-t", str(proc.pid), "-D", str(path), "-o", "dump.log",
                                         "--leave-running"], check=True, capture_output=True)
                         fs = 0.0
+                    elif w == "target":
+                        fs = way_target(proc.pid, addr, n, path)
+                        extra = f"{LAST_TARGET[2]} batches, in them {LAST_TARGET[0]:.3f} s"
                     else:
                         fs, inj, calls = way_vmsplice(proc.pid, addr, n, path, falloc=w != "vmsplice_trunc")
                         extra = (f"{calls} injections {inj * 1e6 / calls:.0f} us each, splice {LAST_SPLICE[0]:.3f} s, "
                                  f"hash {LAST_SPLICE[1]:.3f} s")
                     wall = time.perf_counter() - t0
                     cpu = time.process_time() - c0
+                    extra = f"task cpu {_task_cpu(proc.pid) - tc0:.3f} s " + extra
                     res[w].append((wall, cpu, fs, extra))
                     if path.is_dir():
                         shutil.rmtree(path)

@@ -115,6 +115,8 @@ class RemoteTask:
         # Set once the task's own SIGTRAP disposition is SIG_IGN: the batch's trap would reset it to SIG_DFL.
         self.traps_ignored = False
         self.stops = 0  # times the task was let run for us (one per call; one per batch)
+        # The longest sleep while waiting for a batch's end (ptrace.wait's nap), or 0 for its default.
+        self.batch_nap = 0.0
         self.saved_regs = ptrace.get_regs(pid)
         if adjust is not None:
             adjust(self.saved_regs)
@@ -232,7 +234,7 @@ class RemoteTask:
         if not self.batch_stops:
             ptrace.set_sigmask(pid, _BATCH_SIGNALS)
         ptrace.cont(pid)
-        st = ptrace.wait(pid)
+        st = ptrace.wait(pid, nap=self.batch_nap) if self.batch_nap else ptrace.wait(pid)
         # The end's signal-delivery stop (not an event stop); resuming from it with no signal takes the signal away.
         if not (st.stopped and st.stop_sig == end_sig and not st.event and not st.syscall_stop):
             if st.exited or st.signaled:

@@ -396,7 +396,8 @@ def _dump_task(pid: int, fr: Frozen, writer: ImageWriter, shell_job: bool,
             raise DumpError(f"pid {pid}: the dump's watchdog (pid {watchdog.pid}) is gone; nothing changed")
         # restart_after_freeze: for the original, should it resume
         remote = RemoteTask(pid, sys_ip, adjust=restart_after_freeze, journal=watchdog)
-        if _may_batch(pid):
+        may_batch = _may_batch(pid)
+        if may_batch:
             # ~90 read-only calls in one stop instead of one each (the dump's fixed cost; docs/BENCHMARKS.md)
             remote.alloc_batch_scratch()
         reads = Reads(remote)
@@ -428,6 +429,9 @@ def _dump_task(pid: int, fr: Frozen, writer: ImageWriter, shell_job: bool,
     mem.skip = inherited or []
     mem.shared = memory or {}
     mem.attaches = attaches or {}
+    mem.inject = (sys_ip, watchdog, may_batch) if _SELF_WRITE else None
+    if misc.get("rseq"):
+        mem.volatile = [(misc["rseq"]["addr"], misc["rseq"]["size"])]
     try:
         vma_recs, objects = mem.dump(vmas)
     finally:
@@ -460,6 +464,8 @@ def _dump_task(pid: int, fr: Frozen, writer: ImageWriter, shell_job: bool,
 
 
 _STOP = 1 << (abi.SIGSTOP - 1)
+# Whether the task writes its own pages into the page file where it may (dump/selfwrite.py); off: the old copy.
+_SELF_WRITE = True
 
 
 def _may_batch(pid: int) -> bool:
@@ -485,7 +491,7 @@ def _resume_after_failure(pid: int, watchdog: Watchdog, seized: bool, threads: l
     released) tries again once we have exited. A process that was stopped before the dump stays stopped."""
     st = watchdog.state
     threads = threads or []
-    if seized and st.clean and st.mask is not None and not st.threads:
+    if seized and st.clean and st.mask is not None and not st.threads and st.target_fds is None:
         try:
             if was_stopped:
                 _let_go(threads)

@@ -42,6 +42,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from lazarus.dump import selfwrite
 from lazarus.dump.thp import huge_runs
 from lazarus.errors import DumpError, ImageError, Unsupported
 from lazarus.images.mm import refused_vmflag
@@ -50,6 +51,7 @@ from lazarus.kernel import abi, procfs, vm
 from lazarus.kernel.pagemap import Pagemap
 from lazarus.kernel.procfs import Vma
 from lazarus.kernel.syscall import buffer_address, populate_write
+from lazarus.remote import RemoteTask
 
 SPECIAL = {"[vdso]": "vdso", "[vvar]": "vvar", "[vvar_vclock]": "vvar_vclock"}
 # Bytes a copy thread reads, hashes and writes at a time (a multiple of the 64 KiB chunk). Measured on 512 MiB:
@@ -189,6 +191,24 @@ def _buffers(n: int) -> list[mmap.mmap]:
     return _spare[:n]
 
 
+def _cut(addr: int, n: int, hot: list[tuple[int, int]]) -> list[tuple[int, int, bool]]:
+    """The run [addr, addr+n) cut at the page ranges `hot`: [(start, length, inside a hot range)], in order."""
+    out: list[tuple[int, int, bool]] = []
+    pos, end = addr, addr + n
+    for hs, he in sorted(hot):
+        if he <= pos or hs >= end:
+            continue
+        if hs > pos:
+            out.append((pos, hs - pos, False))
+        s2 = max(hs, pos)
+        e2 = min(he, end)
+        out.append((s2, e2 - s2, True))
+        pos = e2
+    if pos < end:
+        out.append((pos, end - pos, False))
+    return out
+
+
 def _spread(npages: int) -> list[int]:
     """Which pages of a run of `npages` the spot check reads: its first and last, and one per 16 MiB."""
     k = min(npages, 2 + npages // 4096)
@@ -219,6 +239,13 @@ class MemoryDumper:
         self.attaches: dict[int, int] = {}
         self._own_attaches: dict[int, int] = {}
         self._sysv: dict[int, procfs.SysvShm] | None = None
+        # How to inject into the task for its own pwritev of its pages (dump/selfwrite.py): (syscall address,
+        # journal, whether batches may run as code); None: the old copy only.
+        self.inject: tuple[int, Any, bool] | None = None
+        self.selfwrite = ""  # what the task wrote itself, or why not (for the log and the tests)
+        # Memory the kernel itself writes whenever the task runs (its rseq area: cpu_id, mm_cid), [(addr, size)]:
+        # while the task writes its own pages it runs, so those pieces are copied only after it stopped for good.
+        self.volatile: list[tuple[int, int]] = []
 
     def close(self) -> None:
         for fd in self._fds:
@@ -452,6 +479,10 @@ class MemoryDumper:
                 finally:
                     view.release()
 
+            if mapped is None and not self.pages.direct:
+                self._copy_small(ext, total)
+                self._spot_check(ext.offset)
+                return
             nthreads = min(_THREADS, -(-total // step))
             bufs = _buffers(nthreads) if mapped is None else [mapped] * nthreads
             helpers = [threading.Thread(target=work, args=(b,), name="pages-copy") for b in bufs[1:]]
@@ -463,6 +494,158 @@ class MemoryDumper:
             if failed:
                 raise failed[0]
             self._spot_check(ext.offset)
+
+    def _copy_small(self, ext: Any, total: int) -> None:
+        """Buffered: where it may (dump/selfwrite.py), the task writes its own runs of readable memory into the
+        page file, 16 MiB pieces at a time, while a helper thread hashes each piece written (read back from the
+        page cache) and copies what the task cannot (objects, unreadable mappings) the old way; else two threads
+        copy everything the old way (process_vm_readv into a small buffer, hash, pwrite)."""
+        plan = list(_pieces(self._sources, selfwrite.PIECE))
+        # Per piece: the task's pwritev calls (its readable memory), the rest (extent offset, source, runs), and
+        # the pages holding its rseq area (written once it runs no more: the kernel rewrites them as it runs).
+        own: dict[int, list[selfwrite.Call]] = {}
+        raw: dict[int, list[tuple[int, _Source, list[tuple[int, int]]]]] = {}
+        late: dict[int, list[tuple[int, _Source, list[tuple[int, int]]]]] = {}
+        hot = [(v & ~(_PAGE - 1), (v + vn + _PAGE - 1) & ~(_PAGE - 1)) for v, vn in self.volatile]
+        for i, (off, parts, _) in enumerate(plan):
+            pos = off
+            for src, batch in parts:
+                if not (src.fd < 0 and src.readable):
+                    raw.setdefault(i, []).append((pos, src, batch))
+                    pos += sum(n for _, n in batch)
+                    continue
+                start, runs = pos, []
+                for a, n in batch:
+                    for sa, sn, is_hot in _cut(a, n, hot):
+                        if is_hot:
+                            if runs:
+                                own.setdefault(i, []).extend(selfwrite.calls_for(i, ext.offset + start, runs))
+                            late.setdefault(i, []).append((pos, src, [(sa, sn)]))
+                            start, runs = pos + sn, []
+                        else:
+                            runs.append((sa, sn))
+                        pos += sn
+                if runs:
+                    own.setdefault(i, []).extend(selfwrite.calls_for(i, ext.offset + start, runs))
+        writer: selfwrite.SelfWriter | None = None
+        why = "not asked"
+        if self.inject is not None:
+            why = "less than the minimum"
+            if sum(n for calls in own.values() for _, _, iovs in calls for _, n in iovs) >= selfwrite.MIN:
+                why = selfwrite.refusal(self.pid, ext.offset + total) or ""
+        if not why:
+            ip, journal, batch = self.inject  # type: ignore[misc]
+            writer = selfwrite.SelfWriter(RemoteTask(self.pid, ip, journal=journal), self.pages.fileno(), batch)
+        cond = threading.Condition()
+        # ("copy", off, parts, n): read, hash, write; ("raw", piece, items, 0): read and write unhashed;
+        # ("hash", off, None, n): hash from the file.
+        tasks: list[tuple[str, int, Any, int]] = []
+        closed = [False]
+        failed: list[BaseException] = []
+        left: dict[int, int] = {}  # piece -> its parts (the task's calls, the raw rest) not written yet
+
+        def old_way(pieces: list[int]) -> None:
+            for i in pieces:
+                off, parts, _ = plan[i]
+                srcs = [_Source(batch, readable=src.readable, fd=src.fd) for src, batch in parts]
+                tasks.extend(("copy", off + o, sub, m) for o, sub, m in _pieces(srcs, _SMALL))
+
+        def finish(i: int) -> None:
+            with cond:
+                left[i] -= 1
+                if not left[i]:
+                    tasks.append(("hash", plan[i][0], None, plan[i][2]))
+                    cond.notify()
+
+        def work(buf: mmap.mmap) -> None:
+            view = memoryview(buf)
+            try:
+                while not failed:
+                    with cond:
+                        while not tasks and not closed[0] and not failed:
+                            cond.wait()
+                        if not tasks:
+                            return
+                        kind, off, parts, n = tasks.pop(0)
+                    if kind == "hash":
+                        ext.written(off, n, view[:_SMALL])
+                    elif kind == "raw":
+                        for pos, src, batch in parts:
+                            for o, sub, m in _pieces([_Source(batch, readable=src.readable, fd=src.fd)], _SMALL):
+                                self._fill(view[:m], buf, sub)
+                                ext.write(pos + o, view[:m])
+                        finish(off)
+                    else:
+                        self._fill(view[:n], buf, parts)
+                        ext.put(off, view[:n])
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread below
+                failed.append(e)
+                with cond:
+                    cond.notify_all()
+            finally:
+                view.release()
+
+        opened = False
+        try:
+            if writer is not None:
+                opened = writer.open()
+                if not opened:
+                    self.selfwrite = f"not used: {writer.failure}"
+            mine = set(own) | set(late) if opened else set()
+            old_way([i for i in range(len(plan)) if i not in mine])
+            for i in mine:
+                left[i] = (i in own) + (i in raw) + (i in late)
+                if i in raw:
+                    tasks.append(("raw", i, raw[i], 0))
+            bufs = _buffers(_THREADS)
+            helper = threading.Thread(target=work, args=(bufs[1],), name="pages-copy")
+            helper.start()
+            try:
+                if opened:
+                    assert writer is not None
+                    calls = [c for i in sorted(own) for c in own[i]]
+                    rest = writer.write(calls, finish, lambda: bool(failed))
+                    if rest and not failed:
+                        # The rest the old way, unhashed; each such piece is hashed whole from the file after.
+                        self._write_rest(ext, rest, bufs[0])
+                        for i in sorted({c[0] for c in rest}):
+                            finish(i)
+                    written = sum(n for c in calls for _, n in c[2]) - sum(n for c in rest for _, n in c[2])
+                    self.selfwrite = f"{written} bytes by the task itself" + (
+                        f", the rest copied: {writer.failure}" if rest else "")
+                    writer.close()
+                    writer = None
+                    with cond:  # the task runs no more: its rseq area holds still
+                        tasks.extend(("raw", i, items, 0) for i, items in late.items() if i in mine)
+                        cond.notify_all()
+                elif writer is None:
+                    self.selfwrite = f"not used: {why}"
+            except BaseException as e:
+                failed.append(e)  # the helper stops at once: the dump fails
+                raise
+            finally:
+                with cond:
+                    closed[0] = True
+                    cond.notify_all()
+                work(bufs[0])
+                helper.join()
+        finally:
+            if writer is not None:
+                selfwrite.close_quietly(writer)
+        if failed:
+            raise failed[0]
+
+    def _write_rest(self, ext: Any, rest: list[selfwrite.Call], buf: mmap.mmap) -> None:
+        """What the task did not write: read here and written (not hashed: whole pieces are, after)."""
+        view = memoryview(buf)
+        base = buffer_address(buf)
+        try:
+            for _, pos, iovs in rest:
+                for o, parts, m in _pieces([_Source(iovs)], _PIECE):
+                    vm.readv(self.pid, [(base, m)], parts[0][1])
+                    ext.write(pos - ext.offset + o, view[:m])
+        finally:
+            view.release()
 
     def _fill(self, view: memoryview, buf: mmap.mmap, parts: list[tuple[_Source, list[tuple[int, int]]]],
               at: int = 0) -> None:

@@ -34,6 +34,10 @@ and the original crashes or runs deaf. Two things prevent it:
     "scratch" addr, size; mmap FIXED there  ------>
     ... munmap; "scratch-gone" ------------------->
     regs, mask put back; "clean" ----------------->   (from here on: nothing to put back on EOF)
+    the task writes its own pages (dump/selfwrite.py): a second injection session as above, and
+    "fds" (scratch address of the pair's numbers, ---->   repair() then also closes in the task the socket
+      the page file's dev and inode)                      pair (if made) and every fd of the page file
+    ... close them in the task; "fds-gone" ------->
     pages, files, image written and verified
     SIGCONT, taken at its delivery stop; detach
       (or SIGKILL the original); "release" ------->   exits, touching nothing
@@ -107,6 +111,9 @@ class JournalState:
     was_stopped: bool = False
     # Other threads of the process we injected into: tid -> (registers, mask) until that thread is clean again.
     threads: dict[int, tuple[bytes, int]] = field(default_factory=dict)
+    # Descriptors the dump gave the task (dump/selfwrite.py): (address in scratch of the socket pair's two fd
+    # numbers, -1 until made; st_dev and st_ino of the page file), until they are closed again.
+    target_fds: tuple[int, int, int] | None = None
 
     def apply(self, msg: dict) -> None:
         kind = msg.get("t")
@@ -132,6 +139,10 @@ class JournalState:
             self.scratch = None
         elif kind == "clean":
             self.clean = True
+        elif kind == "fds":
+            self.target_fds = (int(msg["at"]), int(msg["dev"]), int(msg["ino"]))
+        elif kind == "fds-gone":
+            self.target_fds = None
         elif kind == "release":
             self.released = True
 
@@ -226,6 +237,14 @@ class Watchdog:
 
     def clean(self) -> None:
         self._send({"t": "clean"})
+
+    def target_fds(self, at: int, dev: int, ino: int) -> None:
+        """The dump is about to give the task descriptors of its own (dump/selfwrite.py): a socket pair whose two
+        numbers the task's scratch holds at `at` (-1 until made), and the page file (st_dev, st_ino)."""
+        self._send({"t": "fds", "at": at, "dev": dev, "ino": ino})
+
+    def target_fds_gone(self) -> None:
+        self._send({"t": "fds-gone"})
 
     def for_thread(self, tid: int) -> ThreadJournal:
         """The journal of an injection into another thread of the process (its registers and mask)."""
@@ -343,10 +362,14 @@ def repair(st: JournalState) -> str:
     if st.mask is not None:
         remote.saved_mask = st.mask
     undone = ""
-    if st.scratch is not None and scratch_present(st.pid, *st.scratch):
+    present = st.scratch is not None and scratch_present(st.pid, *st.scratch)
+    if st.target_fds is not None:
+        undone += _close_target_fds(remote, st.target_fds, present)
+        st.target_fds = None
+    if st.scratch is not None and present:
         remote.scratch, remote.scratch_size = st.scratch
         remote._own_scratch = True
-        undone = f", unmapped scratch {st.scratch[0]:#x}"
+        undone += f", unmapped scratch {st.scratch[0]:#x}"
     remote.close()  # munmap, registers, mask, and into an event stop for a clean syscall restart
     st.scratch = None
     undone += _repair_threads(st)
@@ -358,6 +381,30 @@ def repair(st: JournalState) -> str:
         return "continued (its state was already put back)"
     what = "registers and signal mask put back" if st.regs is not None else "continued"
     return what + undone
+
+
+def _close_target_fds(remote: RemoteTask, fds: tuple[int, int, int], scratch: bool) -> str:
+    """Close in the task the descriptors the dump gave it (dump/selfwrite.py): the socket pair whose numbers
+    scratch holds (if it was made: they were -1 before, and the task, stopped, made no socket since) and every
+    descriptor of the page file. Returns what it closed, for the log line."""
+    at, dev, ino = fds
+    mine: list[int] = []
+    if scratch:
+        with contextlib.suppress(LazarusError, OSError):
+            pair = remote.read(at, 8)
+            for k in (int.from_bytes(pair[:4], "little", signed=True), int.from_bytes(pair[4:], "little", signed=True)):
+                with contextlib.suppress(OSError):
+                    if k >= 0 and os.readlink(f"/proc/{remote.pid}/fd/{k}").startswith("socket:"):
+                        mine.append(k)
+    with contextlib.suppress(OSError):
+        for name in os.listdir(f"/proc/{remote.pid}/fd"):
+            with contextlib.suppress(OSError):
+                fst = os.stat(f"/proc/{remote.pid}/fd/{name}")
+                if (fst.st_dev, fst.st_ino) == (dev, ino):
+                    mine.append(int(name))
+    for k in sorted(set(mine)):
+        remote.raw(abi.SYS.close, k)
+    return f", closed fds {', '.join(map(str, sorted(set(mine))))} the dump gave it" if mine else ""
 
 
 def _repair_threads(st: JournalState) -> str:

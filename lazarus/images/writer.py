@@ -116,6 +116,11 @@ def _fsync_files(paths: list[Path], writeback: Callable[[int, int, int], None] |
             os.close(fd)
 
 
+# Whether PageExtent.written() hashes through a read-only mapping of the file (else pread into the caller's buffer).
+_WRITTEN_MAPPED = True
+_WRITTEN_WRITEBACK = True
+
+
 class PagesWriter:
     """Writes raw page data to pages-PID.img and checksums it per 64 KiB chunk as it goes.
 
@@ -178,6 +183,11 @@ class PagesWriter:
     @property
     def size(self) -> int:
         return self._size
+
+    def fileno(self) -> int:
+        """The page file's (buffered) descriptor: a dump hands it to the task that writes its own pages into it
+        (dump/selfwrite.py), then fills in the sums with PageExtent.written()."""
+        return self._fd
 
     @property
     def direct(self) -> bool:
@@ -440,6 +450,57 @@ class PageExtent:
         if wb is not None:
             with contextlib.suppress(OSError):
                 wb(self._writer._fd, self.offset + off, n)
+
+    def write(self, off: int, buf: Any) -> None:
+        """Write `buf` at byte `off` of the extent without hashing it: part of a stretch someone else wrote the
+        rest of (dump/selfwrite.py, a short write continued), whose sums written() takes from the file after."""
+        mv = memoryview(buf).cast("B")
+        if off < 0 or off + len(mv) > self.nbytes:
+            raise ImageError(f"{self._writer.name}: write of {len(mv)} bytes at {off} of a {self.nbytes}-byte extent")
+        _write_all(self._writer._fd, mv, self._writer.name, self.offset + off)
+
+    def written(self, off: int, n: int, buf: Any) -> None:
+        """Bytes [off, off+n) of the extent are in the file, written through another descriptor of it (the
+        dumped task's own pwritev, dump/selfwrite.py): hash them as the file holds them (read back from the page
+        cache through `buf`, a multiple of 64 KiB long) and start their writeback. Same alignment rules and
+        thread safety as put()."""
+        fd = self._writer._fd
+        if _WRITTEN_MAPPED:
+            # Hashed straight from the page cache through a read-only mapping: no copy into a buffer first.
+            try:
+                mm = mmap.mmap(fd, n, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=self.offset + off)
+            except OSError:
+                mm = None
+            if mm is not None:
+                view = memoryview(mm)
+                try:
+                    self._record(off, view)
+                finally:
+                    view.release()
+                    mm.close()
+                wb = self._writer._writeback
+                if wb is not None and _WRITTEN_WRITEBACK:
+                    with contextlib.suppress(OSError):
+                        wb(fd, self.offset + off, n)
+                return
+        mv = memoryview(buf).cast("B")
+        step = len(mv)
+        try:
+            for o in range(off, off + n, step):
+                k = min(step, off + n - o)
+                got = 0
+                while got < k:
+                    r = os.preadv(fd, [mv[got:k]], self.offset + o + got)
+                    if r <= 0:
+                        raise ImageError(f"{self._writer.name}: short read at byte {self.offset + o + got}")
+                    got += r
+                self._record(o, mv[:k])
+        finally:
+            mv.release()
+        wb = self._writer._writeback
+        if wb is not None:
+            with contextlib.suppress(OSError):
+                wb(fd, self.offset + off, n)
 
     def missing(self) -> int | None:
         """The first chunk not put yet, or None."""

@@ -755,3 +755,8 @@ PM_MMAP_EXCLUSIVE = 1 << 56
 PM_FILE_SHARED = 1 << 61
 PM_SWAP = 1 << 62
 PM_PRESENT = 1 << 63
+
+# ---------------------------------------------------------------------------------------------
+# [onecopy] the target writes its own pages into the page file (lazarus/dump/selfwrite.py)
+SYS.pwritev = 296  # type: ignore[attr-defined]  # syscall_64.tbl
+RLIMIT_FSIZE = 1  # include/uapi/asm-generic/resource.h

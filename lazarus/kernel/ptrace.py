@@ -114,8 +114,10 @@ class WaitStatus:
         return f"status {self.raw:#x}"
 
 
-def wait(pid: int, timeout: float = 10.0) -> WaitStatus:
-    """waitpid(pid, __WALL) bounded by `timeout` seconds."""
+def wait(pid: int, timeout: float = 10.0, nap: float = 0.005) -> WaitStatus:
+    """waitpid(pid, __WALL) bounded by `timeout` seconds; `nap`: the longest sleep between two polls (a caller
+    whose task works for milliseconds, and who hands on its results at once, polls closer, and never spins: the
+    task needs the CPU more than we do)."""
     start = time.monotonic()
     deadline = start + timeout
     while True:
@@ -131,8 +133,8 @@ def wait(pid: int, timeout: float = 10.0) -> WaitStatus:
         # Injected syscalls stop again within tens of microseconds: spin for the first 2 ms rather
         # than sleep (a sleep costs far more than the stop itself), then back off. The spin yields the CPU
         # each time: on a busy machine the task we wait for may need this very CPU to get there.
-        if now - start > 0.002:
-            time.sleep(min(0.005, (now - start) / 10))
+        if now - start > (0.002 if nap >= 0.005 else 0.0):
+            time.sleep(min(nap, (now - start) / 10))
         else:
             os.sched_yield()
 
