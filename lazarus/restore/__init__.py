@@ -419,7 +419,7 @@ class TaskBuild:
             elif lazy and self.cow:
                 # The runs its children are to share: in before they are forked (userfaultfd cannot map one
                 # page into two processes); the lazy server finds them present.
-                written += space.write_pages(only(mm["vmas"], self.cow.owned), page_file, skip_lazy=False)
+                written += cow.write_owned(remote, space, only(mm["vmas"], self.cow.owned), page_file)
                 served = without(served, self.cow.owned)
         space.finish_vmas(mm["vmas"], page_file)
         space.check_vmflags(mm["vmas"])
