@@ -125,9 +125,12 @@ def _runs_in_order(vmas: list[dict[str, Any]], objects: list[dict[str, Any]], np
             return 0
         if not runs:
             continue
-        if set(map(type, runs)) != {list} or set(map(len, runs)) != {3}:
+        if set(map(type, runs)) != {list}:
             return 0
-        addrs, counts, idxs = zip(*runs, strict=True)
+        try:  # a run of another length: zip or the unpacking raises
+            addrs, counts, idxs = zip(*runs, strict=True)
+        except ValueError:
+            return 0
         if set(map(type, addrs)) | set(map(type, counts)) | set(map(type, idxs)) != {int}:
             return 0
         if min(counts) < 1 or any(map(_PAGE_MASK.__and__, addrs)) or addrs[0] < lo or idxs[0] < file_end:
@@ -428,9 +431,12 @@ def _ranges_in_order(runs: object) -> list[tuple[int, int]] | None:
         return None
     if not runs:
         return []
-    if set(map(type, runs)) != {list} or set(map(len, runs)) != {2}:
+    if set(map(type, runs)) != {list}:
         return None
-    starts, counts = zip(*runs, strict=True)
+    try:  # a range of another length: zip or the unpacking raises
+        starts, counts = zip(*runs, strict=True)
+    except ValueError:
+        return None
     if set(map(type, starts)) | set(map(type, counts)) != {int}:
         return None
     if min(counts) < 1 or starts[0] < 0 or any(map(_PAGE_MASK.__and__, starts)):

@@ -167,3 +167,29 @@ def test_check_cow_names_the_first_address_outside() -> None:
     assert _not_within([(250, 260)], outer) == 250
     assert _not_within([], outer) is None
     assert _not_within([(0, 1)], []) == 0
+
+
+def test_holes_are_the_subtraction() -> None:
+    """CowPlan.holes (gaps between runs, by C-level maps) gives what ranges.subtract gives, on random runs
+    (touching, spanning two kept vmas, reaching past them) and kept vmas (adjacent, apart)."""
+    import random
+
+    from lazarus.images.ranges import subtract
+    from lazarus.restore.cow import CowPlan
+    rng = random.Random(3)
+    page = 4096
+    for _ in range(500):
+        kept, pos = [], 0x400000
+        for _ in range(rng.randint(1, 4)):
+            pos += page * rng.choice([0, 0, 5])
+            n = rng.randint(1, 40)
+            kept.append({"start": pos, "end": pos + n * page})
+            pos += n * page
+        runs, a = [], 0x400000 - 3 * page
+        while a < pos + 3 * page:
+            a += page * rng.randint(0, 3)
+            n = rng.randint(1, 6)
+            runs.append((a, a + n * page))
+            a += n * page
+        plan = CowPlan(1, inherited=runs)
+        assert plan.holes(kept) == subtract(sorted((v["start"], v["end"]) for v in kept), runs), (kept, runs)
