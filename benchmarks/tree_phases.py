@@ -87,7 +87,7 @@ def one_restore(image: Path, tree: Tree, profile: str | None) -> dict[str, Any]:
         return orig
     wrapped = [(owner, name, timed(owner, name)) for owner, name in (
         (rst.TaskBuild, "build_memory"), (rst.TaskBuild, "build_rest"), (rst.TaskBuild, "hand_over"),
-        (rst, "create_child"), (rst, "join_group"))]
+        (rst, "create_child"), (rst, "join_group"), (rst.TaskBuild, "release"))]
     prof = None
     if profile:
         import cProfile

@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+from collections.abc import Callable
 
 from lazarus.errors import KernelError, RestoreError
 from lazarus.images.tree import Node
@@ -34,6 +35,50 @@ from lazarus.restore.pidns import host_child
 
 _ARGS_OFFSET = 2048  # in the scratch, clear of what other helpers put at 0 (as restore/threads.py)
 _NEG1 = (1 << 64) - 1
+
+
+class BackgroundChecks:
+    """Checks of a tree's tasks that only read /proc, run one after the other on a thread of their own while the
+    restorer builds the next task: a task's VmFlags check reads its smaps, for which the kernel walks every page
+    of its memory (0.6-0.9 ms for a child keeping 64 MiB from its parent). The restorer collects them all
+    (wait()) before it changes a task's mappings again, and so before any task runs; a check's error is raised
+    there. The thread reads files only (never ptrace: a tracee answers the thread that seized it alone)."""
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., object], tuple[object, ...]] | None] = queue.SimpleQueue()
+        self._errors: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, name="tree-checks", daemon=True)
+        self._started = False
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if self._errors:
+                continue  # the restore fails at wait(): the rest need not run
+            fn, args = job
+            try:
+                fn(*args)
+            except BaseException as e:  # noqa: BLE001 - raised by wait()
+                self._errors.append(e)
+
+    def submit(self, fn: Callable[..., object], *args: object) -> None:
+        if not self._started:
+            self._thread.start()
+            self._started = True
+        self._jobs.put((fn, args))
+
+    def wait(self) -> None:
+        """Every check submitted, done; the first error raised."""
+        self.close()
+        if self._errors:
+            raise self._errors[0]
+
+    def close(self) -> None:
+        if self._started:
+            self._jobs.put(None)
+            self._thread.join()
+            self._started = False
 
 
 def create_child(parent: RemoteTask, pid: int, flags: int = 0) -> int:
