@@ -736,6 +736,8 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
             lead(build.remote, node)
             if cow_of:
                 build.cow = cow_of.get(pid)
+                if build.cow is not None and pid != tree.root:
+                    build.cow.parent_vmas = tasks[node.ppid]["mm"]["vmas"]
                 build.checks = checks
                 build.build_memory(joins[pid])
         if checks is not None:

@@ -36,17 +36,41 @@ class CowPlan:
     inherited: list[Range] = field(default_factory=list)  # runs it holds, owned by an ancestor: kept
     owned: list[Range] = field(default_factory=list)  # runs it owns: written before it forks
     same_exe: bool = False  # its executable is its parent's: the link it inherits is already right
+    parent_vmas: list[dict[str, Any]] = field(default_factory=list)  # its parent's image vmas (restore_tree)
 
     def __bool__(self) -> bool:
         return bool(self.inherited or self.owned)
 
     def kept_vmas(self, vmas: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Its image vmas that hold inherited runs: kept as they come from the parent."""
+        """Its image vmas that hold inherited runs, and its file mappings that are its parent's (same_files):
+        kept as they come from the parent."""
         starts = [s for s, _ in self.inherited]
+        same = {v["start"] for v in self.same_files(vmas)}
         out = []
         for v in vmas:
             i = bisect.bisect_left(starts, v["end"])  # the ranges starting before its end
-            if i and self.inherited[i - 1][1] > v["start"]:  # merged and sorted: the last one decides
+            if (i and self.inherited[i - 1][1] > v["start"]) or v["start"] in same:  # merged and sorted: the
+                out.append(v)  # last range starting before its end decides
+        return out
+
+    def same_files(self, vmas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Its private file mappings that are exactly its parent's (an executable's or a library's): kept from
+        the fork too (kept_vmas), rather than unmapped, the file opened again (2 of a child's stops: the opens
+        and their checks) and mapped anew. Whatever the fork left in them that is not its own (its parent's
+        written pages) is dropped as a hole, and its own pages are written after, as in any kept vma. Only
+        beside runs it inherits, with its parent's executable (set_mm leaves the link alone then: a new one is
+        refused while the old file is mapped); not where the fork does not hand the mapping over as it is:
+        locked, sealed, not copied or wiped on fork, guard regions (their markers), userfaultfd."""
+        if not (self.inherited and self.same_exe and self.parent_vmas):
+            return []
+        theirs = {v["start"]: v for v in self.parent_vmas}
+        out = []
+        for v in vmas:
+            p = theirs.get(v["start"])
+            if (p is None or v["kind"] != "file" or v["shared"] or v.get("guards") or p.get("guards")
+                    or not _FORK_KEEPS.isdisjoint(v["vmflags"]) or len(v) != len(p)):
+                continue
+            if all(v[k] == p.get(k) for k in v if k != "pages"):
                 out.append(v)
         return out
 
@@ -88,6 +112,10 @@ class CowPlan:
             task.syscall(abi.SYS.munmap, area, _AREA, what="munmap of the holes' table")
         _drop_one_by_one(task, holes)
 
+
+# VmFlags of a mapping a fork does not hand its child exactly as it is (kept_files): locked, lock-on-fault, sealed,
+# not copied, wiped, guard regions, userfaultfd-registered.
+_FORK_KEEPS = frozenset({"lo", "lf", "sl", "dc", "wf", "gu", "um", "uw"})
 
 # Up to this many holes, a batch of madvise calls in the trampoline's scratch costs no more than the table.
 _FEW = 16
