@@ -146,7 +146,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tree-phases-") as tmp:
         work = Path(tmp)
         binary = build(TARGETS / "forktree.c", work)
+        summary = []
         for n in args.procs:
+            walls: list[float] = []
             tree = Tree(binary, work, args.mib, n, 125, f"p{n}")
             image = work / f"image-{n}"
             try:
@@ -159,6 +161,7 @@ def main() -> None:
                     reap_lazarus_children(tree.pids, 30)
                     if i == 0:
                         continue
+                    walls.append(res["wall"])
                     ph = " ".join(f"{k} {v:.2f}" for k, v in res["child_phases_ms"].items())
                     print(f"procs {n:2d} run {i}: wall {1000 * res['wall']:.1f} ms, restorer cpu "
                           f"{1000 * res['cpu']:.0f} ms, daemon cpu {1000 * res['daemon_cpu']:.0f} ms, settle "
@@ -171,6 +174,9 @@ def main() -> None:
                           flush=True)
             finally:
                 _kill(tree)
+            walls.sort()
+            summary.append(f"{n}: {1000 * walls[len(walls) // 2]:.1f}")
+        print(f"# median wall (ms) by processes: {'; '.join(summary)}; load {os.getloadavg()}", flush=True)
 
 
 def _kill(tree: Tree) -> None:

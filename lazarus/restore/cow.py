@@ -44,7 +44,7 @@ class CowPlan:
     def kept_vmas(self, vmas: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Its image vmas that hold inherited runs, and its file mappings that are its parent's (same_files):
         kept as they come from the parent."""
-        starts = [s for s, _ in self.inherited]
+        starts = list(map(operator.itemgetter(0), self.inherited))
         same = {v["start"] for v in self.same_files(vmas)}
         out = []
         for v in vmas:
@@ -226,7 +226,11 @@ def plans(cow: dict[str, Any], parents: dict[int, int], exes: dict[int, str]) ->
 
 
 def _ranges(runs: list[list[int]]) -> list[Range]:
-    return [(s, s + n * abi.PAGE_SIZE) for s, n in runs]
+    """[start, npages] runs as [start, end) (C-level maps: thousands a child)."""
+    if not runs:
+        return []
+    starts, counts = zip(*runs, strict=True)
+    return list(zip(starts, map(operator.add, starts, map(abi.PAGE_SIZE.__mul__, counts)), strict=True))
 
 
 def write_owned(remote: RemoteTask, space: Any, vmas: list[dict[str, Any]], page_file: Any) -> int:
