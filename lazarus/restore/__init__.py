@@ -424,7 +424,7 @@ class TaskBuild:
                 served = without(served, self.cow.owned)
         space.finish_vmas(mm["vmas"], page_file)
         if self.checks is not None:  # a tree's: on another thread while the next task is built (tree.py)
-            self.checks.submit(space.check_vmflags, mm["vmas"])
+            self.checks.submit(pid, space.check_vmflags, mm["vmas"])
         else:
             space.check_vmflags(mm["vmas"])
         timings["pages"] = time.monotonic() - t0

@@ -27,7 +27,7 @@ import os
 import signal
 from collections.abc import Callable
 
-from lazarus.errors import KernelError, RestoreError
+from lazarus.errors import KernelError, LazarusError, RestoreError
 from lazarus.images.tree import Node
 from lazarus.kernel import abi, procfs, ptrace
 from lazarus.remote import RemoteTask
@@ -47,8 +47,9 @@ class BackgroundChecks:
     def __init__(self) -> None:
         import queue
         import threading
-        self._jobs: queue.SimpleQueue[tuple[Callable[..., object], tuple[object, ...]] | None] = queue.SimpleQueue()
-        self._errors: list[BaseException] = []
+        self._jobs: queue.SimpleQueue[tuple[int, Callable[..., object], tuple[object, ...]] | None] = \
+            queue.SimpleQueue()
+        self._errors: list[tuple[int, BaseException]] = []
         self._thread = threading.Thread(target=self._run, name="tree-checks", daemon=True)
         self._started = False
 
@@ -56,23 +57,33 @@ class BackgroundChecks:
         while (job := self._jobs.get()) is not None:
             if self._errors:
                 continue  # the restore fails at wait(): the rest need not run
-            fn, args = job
+            pid, fn, args = job
             try:
                 fn(*args)
             except BaseException as e:  # noqa: BLE001 - raised by wait()
-                self._errors.append(e)
+                self._errors.append((pid, e))
 
-    def submit(self, fn: Callable[..., object], *args: object) -> None:
+    def submit(self, pid: int, fn: Callable[..., object], *args: object) -> None:
+        """Run fn(*args), a check of task `pid`, on the thread."""
         if not self._started:
             self._thread.start()
             self._started = True
-        self._jobs.put((fn, args))
+        self._jobs.put((pid, fn, args))
 
     def wait(self) -> None:
-        """Every check submitted, done; the first error raised."""
+        """Every check submitted, done; the first error raised, naming its task."""
         self.close()
-        if self._errors:
-            raise self._errors[0]
+        if not self._errors:
+            return
+        pid, e = self._errors[0]
+        if isinstance(e, LazarusError):
+            if e.pid is None:
+                e.pid = pid
+            raise e
+        if isinstance(e, OSError):  # its /proc files gone: it died
+            raise RestoreError(f"cannot read the mappings of task {pid}: {e.strerror or e}", stage="memory",
+                               pid=pid) from e
+        raise e
 
     def close(self) -> None:
         if self._started:
