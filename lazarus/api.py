@@ -322,7 +322,8 @@ def _restore_detached(directory: Path, *, background: bool, stats_path: Path | N
         require_lazy_features()
         from lazarus.restore import restore as _restore
         image = _checked_image(directory)
-        res = _restore(directory, lazy=True, on_lazy=hand_over(daemon.sock, directory), image=image, pidns=pidns)
+        res = _restore(directory, lazy=True, image=image, pidns=pidns,
+                       on_lazy=hand_over(daemon.sock, directory, image.inventory.get("self_check")))
     except BaseException:
         daemon.end()
         raise

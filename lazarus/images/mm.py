@@ -145,6 +145,8 @@ def served_vmas(img: Any, pid: int, lazy_ids: set[int]) -> list[dict[str, Any]]:
 def only(vmas: list[dict[str, Any]], ranges: list[tuple[int, int]]) -> list[dict[str, Any]]:
     """The vmas with their page runs cut down to the sorted, disjoint `ranges` (vmas left with none dropped):
     one pass, however many runs (a child that rewrote one page in eight leaves its parent thousands)."""
+    if not ranges:  # a task that owns no run (each leaf of a tree): nothing to walk
+        return []
     out = []
     for v in vmas:
         runs = []

@@ -24,6 +24,7 @@ Python, no syscalls, like the rest of this package.
 from __future__ import annotations
 
 import bisect
+import operator
 import os
 import stat
 from collections.abc import Callable
@@ -54,6 +55,7 @@ USER_TOP = 0x7FFF_FFFF_F000 + PAGE_SIZE  # TASK_SIZE on x86-64 with 4-level pagi
 MMAP_MIN = 0x10000
 U64 = (1 << 64) - 1
 _MAX_RUN = U64 // PAGE_SIZE
+_PAGE_MASK = PAGE_SIZE - 1
 U32 = (1 << 32) - 1
 FD_MAX = 1 << 20  # fs.nr_open's ceiling
 PIPE_MAX = 1 << 20  # fs.pipe-max-size: what a restorer without CAP_SYS_RESOURCE may ask for
@@ -104,6 +106,45 @@ class _Checker:
         return out
 
 
+def _runs_in_order(vmas: list[dict[str, Any]], objects: list[dict[str, Any]], npages: int) -> int:
+    """The pages a task's runs cover, if every run is well formed and where it may be, checked in one pass of
+    C-level maps per list (a tree's child has thousands of runs): each vma's runs [address, npages, file page]
+    page aligned, in address order without overlap, inside the vma; each object's within its size; and every
+    run's file pages after the previous run's (vmas, then objects, as the dump writes them), inside the page
+    file. 0 when any of it does not hold, or no page at all: the run-by-run checks then decide, and name the
+    field (an image merely written in another order passes them too)."""
+    file_end = covered = 0
+    lists = [(v["pages"], v["start"], v["end"]) for v in vmas]
+    for o in objects:
+        size = o["size"]
+        if type(size) is not int or size < 0:
+            return 0
+        lists.append((o["pages"], 0, -(-size // PAGE_SIZE) * PAGE_SIZE))
+    for runs, lo, hi in lists:
+        if type(runs) is not list or type(lo) is not int or type(hi) is not int:
+            return 0
+        if not runs:
+            continue
+        if set(map(type, runs)) != {list}:
+            return 0
+        try:  # a run of another length: zip or the unpacking raises
+            addrs, counts, idxs = zip(*runs, strict=True)
+        except ValueError:
+            return 0
+        if set(map(type, addrs)) | set(map(type, counts)) | set(map(type, idxs)) != {int}:
+            return 0
+        if min(counts) < 1 or any(map(_PAGE_MASK.__and__, addrs)) or addrs[0] < lo or idxs[0] < file_end:
+            return 0
+        ends = list(map(operator.add, addrs, map(PAGE_SIZE.__mul__, counts)))
+        file_ends = list(map(operator.add, idxs, counts))
+        if ends[-1] > hi or not all(map(operator.le, ends, addrs[1:])) \
+                or not all(map(operator.le, file_ends, idxs[1:])):
+            return 0
+        file_end = file_ends[-1]
+        covered += sum(counts)
+    return covered if file_end <= npages else 0
+
+
 def _no_overlap(runs: list[tuple[int, int, tuple[str, int, int]]], c: _Checker, what: str) -> None:
     """runs: (first, count, (list, i, j): the field LIST[i].pages[j]); refuse two that share a unit."""
     runs.sort()
@@ -144,6 +185,9 @@ def check_task(task: dict[str, Any], fname: str, npages: int, has_blob: Callable
     file_runs: list[tuple[int, int, tuple[str, int, int]]] = []
 
     vmas = mm["vmas"]
+    # Most images pass the page runs' checks in one pass of C-level maps (_runs_in_order); only one that does
+    # not (out of order, or wrong) takes the run-by-run checks below, which name the field.
+    in_order = _runs_in_order(vmas, mm["objects"], npages)
     prev_end, prev = 0, ""
     addr_runs: list[tuple[int, int, tuple[str, int, int]]] = []
     for i, v in enumerate(vmas):
@@ -159,6 +203,8 @@ def check_task(task: dict[str, Any], fname: str, npages: int, has_blob: Callable
         c.int_in(v["offset"], 0, 1 << 62, f + ".offset")
         if v["kind"] == "file":
             c.path(v["path"], f + ".path")
+        if in_order:
+            continue
         runs = c.triples(v["pages"], f + ".pages")
         if not all(a % PAGE_SIZE == 0 and start <= a and a + n * PAGE_SIZE <= end and idx + n <= npages
                    for a, n, idx in runs):
@@ -177,6 +223,8 @@ def check_task(task: dict[str, Any], fname: str, npages: int, has_blob: Callable
     for i, o in enumerate(mm["objects"]):
         f = f"mm.objects[{i}]"
         size = c.int_in(o["size"], 0, 1 << 46, f + ".size")
+        if in_order:
+            continue
         for j, (off, n, idx) in enumerate(c.triples(o["pages"], f + ".pages")):
             if off % PAGE_SIZE or off + n * PAGE_SIZE > -(-size // PAGE_SIZE) * PAGE_SIZE:
                 raise c.fail(f"{f}.pages[{j}]", f"run at offset {off}+{n} pages lies outside the object's {size} "
@@ -185,7 +233,7 @@ def check_task(task: dict[str, Any], fname: str, npages: int, has_blob: Callable
                 raise c.fail(f"{f}.pages[{j}]", f"run reaches file page {idx + n}, past the page file's {npages}")
             file_runs.append((idx, n, ("mm.objects", i, j)))
     _no_overlap(file_runs, c, "two runs for one file page")
-    covered = sum(n for _, n, _ in file_runs)
+    covered = in_order if in_order else sum(n for _, n, _ in file_runs)
     if covered != npages:
         # The writer stores exactly the pages the runs name: a run cut short would leave data unused and its
         # addresses zero-filled.
@@ -337,6 +385,10 @@ def check_cow(cow: object, parents: dict[int, int], tasks: dict[int, dict[str, A
             raise ImageError(f"{where}: must be an object with 'owned' and 'inherited' only")
         mine = ranges[int(key)] = {}
         for field, runs in rec.items():
+            fast = _ranges_in_order(runs)
+            if fast is not None:
+                mine[field] = fast
+                continue
             if not isinstance(runs, list) or not all(
                     isinstance(r, list) and len(r) == 2 and type(r[0]) is int and type(r[1]) is int for r in runs):
                 raise ImageError(f"{where}: '{field}' must be an array of [start, npages]")
@@ -369,6 +421,30 @@ def check_cow(cow: object, parents: dict[int, int], tasks: dict[int, dict[str, A
         for v in vmas:
             if (v["start"], v["end"]) not in theirs and _overlap([(v["start"], v["end"])], mine["inherited"]):
                 raise ImageError(f"{where}: its vma at {v['start']:#x} is not its parent's")
+
+
+def _ranges_in_order(runs: object) -> list[tuple[int, int]] | None:
+    """cow.json's [start, npages] ranges as [start, end) when all are well formed, page aligned, in order without
+    overlap and in user space, checked by C-level maps (a child inherits thousands); else None, and check_cow
+    walks them one by one to name the first that is not."""
+    if type(runs) is not list:
+        return None
+    if not runs:
+        return []
+    if set(map(type, runs)) != {list}:
+        return None
+    try:  # a range of another length: zip or the unpacking raises
+        starts, counts = zip(*runs, strict=True)
+    except ValueError:
+        return None
+    if set(map(type, starts)) | set(map(type, counts)) != {int}:
+        return None
+    if min(counts) < 1 or starts[0] < 0 or any(map(_PAGE_MASK.__and__, starts)):
+        return None
+    ends = list(map(operator.add, starts, map(PAGE_SIZE.__mul__, counts)))
+    if ends[-1] > USER_TOP or not all(map(operator.le, ends, starts[1:])):
+        return None
+    return list(zip(starts, ends, strict=True))
 
 
 def _overlap(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> bool:

@@ -204,6 +204,7 @@ def fork_daemon(images: Path, log_path: Path, *, background: bool = True, stats_
             for fd in close_fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+            unchecked = image is None
             if image is None:
                 image = _open_image(images)
             # The log only for an image that can be served: a restore refused for a bad image leaves no file in
@@ -217,7 +218,7 @@ def fork_daemon(images: Path, log_path: Path, *, background: bool = True, stats_
             try:
                 from lazarus.lazy.handoff import Listener
                 seeded = {str(images.resolve()): image} if image is not None else None
-                Listener(serving.server, theirs, connected=True, images=seeded)
+                Listener(serving.server, theirs, connected=True, images=seeded, unchecked=unchecked)
                 if status is not None:
                     serving.answer_status(status.sock)
                 serving.run()
@@ -237,24 +238,22 @@ def fork_daemon(images: Path, log_path: Path, *, background: bool = True, stats_
 
 
 def _open_image(images: Path) -> Any:
-    """The image a daemon forked before the restore opened it will serve, opened and checked as the handoff
-    would (lazy/handoff.py Listener._add), but now, while the restore process has its own start-up to do,
-    rather than at the handoff, which the restore waits for. None if it cannot be read: the restore finds that
-    too and ends us, or the handoff reports it. The handoff's other imports are made now for the same reason."""
+    """The image a daemon forked before the restore opened it will serve, opened (its files read, each matching
+    the checksum its inventory lists) now, while the restore process has its own start-up to do, rather than at
+    the handoff, which the restore waits for. Not checked (validate_image): the restore checks its own copy
+    before it creates anything and says so at the handoff with that copy's inventory self_check, which the
+    Listener compares with this one's (the same bytes), checking this copy only if they differ (Listener
+    `unchecked`). A tree of 16 processes was checked twice at once on two CPUs before: 40-50 ms of this
+    process's CPU beside the restore's own. None if it cannot be read: the restore finds that too and ends
+    us, or the handoff reports it. The handoff's other imports are made now for the same reason."""
     from lazarus.images import Image
     from lazarus.images import mm as _mm  # noqa: F401 - used at the handoff
-    from lazarus.images.validate import validate_image
+    from lazarus.images import validate as _validate  # noqa: F401 - used at the handoff should it check
     from lazarus.lazy import trust as _trust  # noqa: F401 - used at the handoff
     try:
-        img = Image.open(images)
+        return Image.open(images)
     except Exception:  # noqa: BLE001 - reported by the restore or the handoff, which read it too
         return None
-    try:
-        validate_image(img)
-    except Exception:  # noqa: BLE001 - as above
-        img.close()
-        return None
-    return img
 
 
 class Hand:
@@ -264,8 +263,8 @@ class Hand:
 
     wants_source = False  # the server builds its own page source from the image
 
-    def __init__(self, sock: socket.socket, images: Path) -> None:
-        self.sock, self.images = sock, images
+    def __init__(self, sock: socket.socket, images: Path, checked: str | None = None) -> None:
+        self.sock, self.images, self.checked = sock, images, checked
         self.pending: list[int] = []
 
     def __call__(self, pid: int, uffd: Any, _source: Any = None) -> None:
@@ -275,7 +274,7 @@ class Hand:
     def send(self, pid: int, uffd: Any) -> None:
         from lazarus.lazy.handoff import send_only
         try:
-            send_only(self.sock, pid, self.images, uffd.fd)
+            send_only(self.sock, pid, self.images, uffd.fd, self.checked)
             self.pending.append(pid)
         finally:
             uffd.close()  # the server holds its own copy now
@@ -287,9 +286,10 @@ class Hand:
             await_reply(self.sock, self.pending.pop(0))
 
 
-def hand_over(sock: socket.socket, images: Path) -> Hand:
-    """The restore's on_lazy callback that hands the task's uffd to the server behind `sock`."""
-    return Hand(sock, images)
+def hand_over(sock: socket.socket, images: Path, checked: str | None = None) -> Hand:
+    """The restore's on_lazy callback that hands the task's uffd to the server behind `sock`. `checked`: the
+    inventory self_check of the image the restore checked (handoff.send_only)."""
+    return Hand(sock, images, checked)
 
 
 def serve_socket(path: Path, *, background: bool = True, linger: float = 5.0, stats_path: Path | None = None,

@@ -53,11 +53,15 @@ def send_process(sock: socket.socket, pid: int, images: Path, uffd_fd: int) -> N
     await_reply(sock, pid)
 
 
-def send_only(sock: socket.socket, pid: int, images: Path, uffd_fd: int) -> None:
+def send_only(sock: socket.socket, pid: int, images: Path, uffd_fd: int, checked: str | None = None) -> None:
     """The request of send_process() without waiting for its answer: a tree sends each process as soon as it is
     built, and the server checks it while the restore builds the next (await_reply() once per process, in
-    order, before any of them runs)."""
-    msg = json.dumps({"pid": pid, "images": str(Path(images).resolve())}).encode()
+    order, before any of them runs). `checked`: the self_check of the inventory whose image the restore
+    checked whole (validate_image), which spares the private daemon that check of the same image."""
+    req: dict[str, Any] = {"pid": pid, "images": str(Path(images).resolve())}
+    if checked is not None:
+        req["checked"] = checked
+    msg = json.dumps(req).encode()
     sock.settimeout(REPLY_TIMEOUT)
     try:
         socket.send_fds(sock, [msg], [uffd_fd])
@@ -104,7 +108,7 @@ class Listener:
     """
 
     def __init__(self, server: Any, sock: socket.socket, *, connected: bool = False,
-                 linger: float = 0.0, images: dict[str, Any] | None = None) -> None:
+                 linger: float = 0.0, images: dict[str, Any] | None = None, unchecked: bool = False) -> None:
         self.server = server
         self.linger = linger
         self._idle_since: float | None = None
@@ -118,6 +122,12 @@ class Listener:
         # from the old image.
         self._images: dict[str, tuple[tuple[int, int, int], Any]] = {
             path: (_inventory_id(path), img) for path, img in (images or {}).items()}
+        # `unchecked`: those images were opened (files read, checksums matched) but not checked (validate_image):
+        # the private daemon of a restore that checks them itself. Each is checked at its first handoff unless
+        # the restore says it checked one with this very inventory (the self_check of its own copy; equal, both
+        # copies are the same bytes, each file matching the checksum the inventory lists); it is the restore,
+        # our parent, behind a socketpair (connected), that says so.
+        self._unchecked: set[str] = set(self._images) if unchecked and connected else set()
         if connected:
             server.add_watch(sock.fileno(), lambda: self._receive(sock))
         else:
@@ -163,7 +173,9 @@ class Listener:
             if len(fds) != 1:
                 raise ProtocolError(f"expected one userfaultfd, got {len(fds)} descriptors")
             req = json.loads(msg)
-            self._add(peer, int(req["pid"]), Path(req["images"]), fds.pop())
+            checked = req.get("checked")
+            self._add(peer, int(req["pid"]), Path(req["images"]), fds.pop(),
+                      checked if isinstance(checked, str) else None)
             self.received += 1
             self._idle_since = None
         except (LazarusError, ValueError, KeyError, TypeError) as e:
@@ -179,7 +191,7 @@ class Listener:
         # A connection stays open for the next process of the same restore (a tree hands them over one after
         # the other); it is dropped when the restore closes it (above).
 
-    def _add(self, peer: Peer, pid: int, images: Path, fd: int) -> None:
+    def _add(self, peer: Peer, pid: int, images: Path, fd: int, checked: str | None = None) -> None:
         from lazarus.images import Image
         from lazarus.images.mm import lazy_object_ids, served_vmas
         from lazarus.images.validate import validate_image
@@ -201,6 +213,10 @@ class Listener:
             ident = _inventory_id(str(images))
             cached = self._images.get(str(images))
             img = cached[1] if cached is not None and cached[0] == ident else None
+            if img is not None and str(images) in self._unchecked:
+                if checked is None or checked != img.inventory.get("self_check"):
+                    validate_image(img)  # not the image the restore checked (or it did not say): here, then
+                self._unchecked.discard(str(images))
             if img is None:
                 img = Image.open(images)
                 try:

@@ -53,7 +53,7 @@ from lazarus.restore.sharing import SharedMemory
 from lazarus.restore.thp import collapse_in_task
 from lazarus.restore.threads import check_threads, create_thread, restore_thread_creds, restore_thread_state
 from lazarus.restore.timers import check_timers
-from lazarus.restore.tree import born_groups, create_child, join_group, lead, make_zombie
+from lazarus.restore.tree import BackgroundChecks, born_groups, create_child, join_group, lead, make_zombie
 from lazarus.restore.uffd import LAZY_FEATURES, copy_all, lazy_ranges, uffd_in_task
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
@@ -319,6 +319,7 @@ class TaskBuild:
         self.table: FdTable | None = None  # an fd table it shares with other processes (CLONE_FILES)
         self.cow: CowPlan | None = None  # copy-on-write runs it keeps from its parent or gives its children
         self.shmem: SharedMemory | None = None  # memory objects made once for the tree (restore/sharing.py)
+        self.checks: BackgroundChecks | None = None  # a tree's checks that only read /proc (restore/tree.py)
         self.space: SpaceBuilder | None = None
         self._served: list[Any] = []
         self._ranges: list[Any] = []
@@ -419,10 +420,13 @@ class TaskBuild:
             elif lazy and self.cow:
                 # The runs its children are to share: in before they are forked (userfaultfd cannot map one
                 # page into two processes); the lazy server finds them present.
-                written += space.write_pages(only(mm["vmas"], self.cow.owned), page_file, skip_lazy=False)
+                written += cow.write_owned(remote, space, only(mm["vmas"], self.cow.owned), page_file)
                 served = without(served, self.cow.owned)
         space.finish_vmas(mm["vmas"], page_file)
-        space.check_vmflags(mm["vmas"])
+        if self.checks is not None:  # a tree's: on another thread while the next task is built (tree.py)
+            self.checks.submit(pid, space.check_vmflags, mm["vmas"])
+        else:
+            space.check_vmflags(mm["vmas"])
         timings["pages"] = time.monotonic() - t0
         self.space, self.page_file, self.written = space, page_file, written
         self._served, self._ranges, self._high_base = served, ranges, high_base
@@ -696,6 +700,7 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
     with_fs = fs_parents(shared_json, parents)
     with_files = fs_parents(shared_json, parents, "files")  # made with CLONE_FILES: one fd table (sharefds.py)
     tables = fd_tables(shared_json, parents, tasks)
+    checks = BackgroundChecks() if cow_of else None  # every memory first, then the rest: time to overlap
     try:
         for pid in tree.order:
             failed_pid = pid
@@ -732,7 +737,12 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
             lead(build.remote, node)
             if cow_of:
                 build.cow = cow_of.get(pid)
+                if build.cow is not None and pid != tree.root:
+                    build.cow.parent_vmas = tasks[node.ppid]["mm"]["vmas"]
+                build.checks = checks
                 build.build_memory(joins[pid])
+        if checks is not None:
+            checks.wait()  # before anything else changes a task's mappings (its uffd, say)
         root_group = tree[tree.root].pgid
         born = born_groups(tree.nodes, tree.order, tree.root)
         for pid in live:
@@ -781,6 +791,8 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
         root.pages_written = sum(b.written for b in builds.values())
         return root
     except BaseException as e:
+        if checks is not None:
+            checks.close()
         shmem.close()
         if shared is not None:
             shared.close()

@@ -372,11 +372,11 @@ class SpaceBuilder:
         wanted: dict[tuple[str, int], tuple[str, int, Any, str]] = {}
         for v in vmas:
             key = (v["path"], mapped_access(v))
-            if v["kind"] == "file" and key not in self.fd_cache and key not in wanted:
+            if v["kind"] == "file" and v["start"] not in self.kept and key not in self.fd_cache and key not in wanted:
                 wanted[key] = (v["path"], key[1], _same_file(v), f"mapping {v['start']:#x}")
         self.fd_cache.update(zip(wanted, self.access.open_many(list(wanted.values())), strict=True))
         for i, v in enumerate(vmas):
-            if v["kind"] == "file":
+            if v["kind"] == "file" and v["start"] not in self.kept:  # kept: from the fork (restore/cow.py)
                 fds[i] = self._open_mapped(v, mapped_access(v))
             elif v["kind"] in ("shmem", "memfd", "deleted"):
                 fds[i] = self._object_fd(v)

@@ -167,3 +167,54 @@ def test_check_cow_names_the_first_address_outside() -> None:
     assert _not_within([(250, 260)], outer) == 250
     assert _not_within([], outer) is None
     assert _not_within([(0, 1)], []) == 0
+
+
+def test_holes_are_the_subtraction() -> None:
+    """CowPlan.holes (gaps between runs, by C-level maps) gives what ranges.subtract gives, on random runs
+    (touching, spanning two kept vmas, reaching past them) and kept vmas (adjacent, apart)."""
+    import random
+
+    from lazarus.images.ranges import subtract
+    from lazarus.restore.cow import CowPlan
+    rng = random.Random(3)
+    page = 4096
+    for _ in range(500):
+        kept, pos = [], 0x400000
+        for _ in range(rng.randint(1, 4)):
+            pos += page * rng.choice([0, 0, 5])
+            n = rng.randint(1, 40)
+            kept.append({"start": pos, "end": pos + n * page})
+            pos += n * page
+        runs, a = [], 0x400000 - 3 * page
+        while a < pos + 3 * page:
+            a += page * rng.randint(0, 3)
+            n = rng.randint(1, 6)
+            runs.append((a, a + n * page))
+            a += n * page
+        plan = CowPlan(1, inherited=runs)
+        assert plan.holes(kept) == subtract(sorted((v["start"], v["end"]) for v in kept), runs), (kept, runs)
+
+
+def test_same_files_kept_from_the_fork() -> None:
+    """A child's private file mapping exactly its parent's is kept (restore/cow.py same_files), pages or not;
+    one that differs in anything but its pages, or that a fork does not hand over as it is, is mapped anew."""
+    from lazarus.restore.cow import CowPlan
+
+    def vma(start: int, **changes: Any) -> dict[str, Any]:
+        v = {"start": start, "end": start + 0x2000, "kind": "file", "path": "/usr/lib/libc.so.6", "offset": 0,
+             "prot": 5, "shared": False, "vmflags": ["rd", "ex", "mr", "mw", "me"], "pages": [],
+             "file": {"ino": 7, "size": 100, "mtime_ns": 1}}
+        return {**v, **changes}
+    parent = [vma(0x1000), vma(0x10000, pages=[[0x10000, 1, 0]]), vma(0x20000), vma(0x30000), vma(0x40000),
+              vma(0x50000, vmflags=["rd", "lo"]), vma(0x60000, shared=True), vma(0x70000, guards=[[0x70000, 1]]),
+              vma(0x80000, kind="anon", path="")]
+    child = [vma(0x1000), vma(0x10000, pages=[[0x10000, 1, 3]]), vma(0x20000, offset=0x1000), vma(0x30000, prot=1),
+             vma(0x40000, file={"ino": 8, "size": 100, "mtime_ns": 1}), vma(0x50000, vmflags=["rd", "lo"]),
+             vma(0x60000, shared=True), vma(0x70000, guards=[[0x70000, 1]]), vma(0x80000, kind="anon", path=""),
+             vma(0x90000)]
+    plan = CowPlan(2, inherited=[(0x80000, 0x81000)], same_exe=True, parent_vmas=parent)
+    assert [v["start"] for v in plan.same_files(child)] == [0x1000, 0x10000]
+    assert [v["start"] for v in plan.kept_vmas(child)] == [0x1000, 0x10000, 0x80000]
+    plan.same_exe = False  # another executable: set_mm must be able to set its link
+    assert plan.same_files(child) == []
+    assert CowPlan(2, same_exe=True, parent_vmas=parent).same_files(child) == []  # no run inherited
