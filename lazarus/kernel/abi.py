@@ -62,6 +62,9 @@ def _union(fields):  # noqa: ANN001, ANN202
 
 
 def __getattr__(name: str) -> type:
+    made = globals().get(name)  # _t() of a struct made already: the same class (ctypes compares classes)
+    if made is not None:
+        return made
     maker = _MAKERS.get(name)
     if maker is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -248,6 +251,7 @@ PR_SET_NO_NEW_PRIVS = 38
 
 # arch_prctl (arch/x86/include/uapi/asm/prctl.h)
 ARCH_MAP_VDSO_64 = 0x2003
+ARCH_GET_FS = 0x1003  # the thread pointer (fs_base): kernel/clone.py keeps its page in a lean clone
 # Dynamically enabled XSTATE features (Documentation/arch/x86/xstate.rst): per-process permission, by the
 # number of the highest XSTATE component the facility needs.
 ARCH_GET_XCOMP_SUPP = 0x1021

@@ -40,6 +40,7 @@ def test_structs_are_made_on_first_use_once() -> None:
     import subprocess
     import sys
     code = ("import lazarus.kernel.abi as a; made = [n for n in a._MAKERS if n in vars(a)]; "
+            "t = a.timeval; assert a.itimerval._fields_[0][1] is t; "
             "c = a.uffdio_copy; r = a.uffdio_register; from lazarus.kernel.abi import uffd_msg; "
             "print(made, c is a.uffdio_copy, a.uffdio_range in [f[1] for f in r._fields_], "
             "issubclass(a._uffd_arg, __import__('ctypes').Union), uffd_msg.__module__, a.pidfd_info.__doc__[:7])")
