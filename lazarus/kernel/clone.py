@@ -207,13 +207,18 @@ def _not_inherited(trampoline: tuple[int, int]) -> list[tuple[int, int]]:
     A clone of a Python process copies the page tables of its ~20 MB of present pages, and the new task must
     then unmap them all again: ~5 ms of a restore command under load, for memory the task never reads. It runs
     only the trampoline's code, which uses no stack, with every signal blocked, so it needs just the trampoline
-    page, the vdso and vvar (moved to the image's place later), and the page holding the thread's TLS: the
-    kernel writes the rseq area there (glibc registers it in the thread's control block) every time the task
-    returns to user space, until the restore unregisters it. Everything else is left out of the copy. A mapping
-    that was DONTFORK already (nothing of ours makes one) would be DOFORK after this."""
+    page, the vdso and vvar (moved to the image's place later), and the mapping holding the thread's rseq area
+    (glibc's, at __rseq_offset from the thread pointer; the thread pointer's own mapping too): the kernel writes
+    that area every time the task returns to user space, until the restore unregisters it. Everything else is
+    left out of the copy. A mapping that was DONTFORK already (nothing of ours makes one) would be DOFORK after."""
     fs_base = C.c_uint64()
     libc.syscall(abi.SYS.arch_prctl, abi.ARCH_GET_FS, C.byref(fs_base))
-    tls = fs_base.value
+    keep = [trampoline, (fs_base.value, fs_base.value + 1)]
+    try:  # glibc 2.35+: where it registered the thread's rseq area, relative to the thread pointer
+        offset, size = C.c_ssize_t.in_dll(libc, "__rseq_offset").value, C.c_uint.in_dll(libc, "__rseq_size").value
+        keep.append((fs_base.value + offset, fs_base.value + offset + max(size, 1)))
+    except ValueError:
+        pass  # no such symbol: glibc registers no rseq area
     ranges = []
     with open("/proc/self/maps", "rb") as f:
         for line in f:
@@ -221,7 +226,7 @@ def _not_inherited(trampoline: tuple[int, int]) -> list[tuple[int, int]]:
             lo, hi = (int(x, 16) for x in fields[0].split(b"-"))
             if len(fields) > 5 and fields[5].startswith(b"[v"):  # [vdso], [vvar], [vvar_vclock], [vsyscall]
                 continue
-            if lo <= tls < hi or (lo < trampoline[1] and trampoline[0] < hi):
+            if any(lo < k_hi and k_lo < hi for k_lo, k_hi in keep):
                 continue
             if _madvise(lo, hi - lo, abi.MADV_DONTFORK) == 0:  # EINVAL for VM_IO/PFNMAP: copied as before
                 ranges.append((lo, hi))
