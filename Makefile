@@ -36,6 +36,9 @@ install: $(STAMP) $(LAUNCHER)
 	@# Bytecode of modules changed since the install (a pull, a merge): with PYTHONDONTWRITEBYTECODE set,
 	@# every command would otherwise compile them again.
 	@$(PY) -m compileall -q lazarus
+	@# The launcher's code cache (lazarus/codecache.py) again, for the same reason: a module changed since it
+	@# was written is imported the slow way.
+	@$(PY) -m lazarus.launcher $(VENV)/bin/lazarus || true
 
 deb-deps:
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_PACKAGES)

@@ -13,6 +13,7 @@ lazarus does not use, and `.pth` files added to the venv after the install (run 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -47,7 +48,9 @@ def _imports(python: str, paths: list[str]) -> bool:
     return subprocess.run([python, "-S", "-c", code], capture_output=True).returncode == 0
 
 
-def script(python: str, paths: list[str]) -> str:
+def script(python: str, paths: list[str], cache: str | None = None) -> str:
+    use_cache = ("from lazarus.codecache import install\n"
+                 f"install({cache!r})  # the modules' code in one file (lazarus/codecache.py)\n") if cache else ""
     return (f"#!{python} -S\n"
             "# The lazarus command, written by `make install` (lazarus/launcher.py): the interpreter starts without\n"
             "# site's scan of the venv, and these are the paths that scan gave at install time.\n"
@@ -56,8 +59,27 @@ def script(python: str, paths: list[str]) -> str:
             "\n"
             "gc.disable()  # through start-up's imports, as python -m lazarus does (cli._gc_off)\n"
             f"sys.path.extend({paths!r})\n"
+            f"{use_cache}"
             "from lazarus.cli import entry\n"
             "entry()\n")
+
+
+def cache_path(launcher: str) -> str:
+    """Where the launcher at `launcher` keeps its code cache: beside it (VENV/bin/lazarus-code.cache)."""
+    return f"{os.path.abspath(launcher)}-code.cache"
+
+
+def _write_cache(python: str, paths: list[str], out: str) -> bool:
+    """The code cache for the launcher (lazarus/codecache.py), written by its interpreter started as the launcher
+    starts it; False (and no file) if that fails."""
+    import subprocess
+    code = (f"import sys; del sys.path[0]; sys.path.extend({paths!r}); "
+            f"from lazarus.codecache import write; write({out!r})")
+    if subprocess.run([python, "-S", "-c", code], capture_output=True, cwd="/").returncode == 0:
+        return True
+    with contextlib.suppress(OSError):
+        os.unlink(out)
+    return False
 
 
 def write(path: str) -> bool:
@@ -74,9 +96,10 @@ def write(path: str) -> bool:
         paths.append(root)
     if not _imports(python, paths):
         return False
+    cache = cache_path(path)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        f.write(script(python, paths))
+        f.write(script(python, paths, cache if _write_cache(python, paths, cache) else None))
     os.chmod(tmp, 0o755)
     os.replace(tmp, path)
     return True

@@ -117,9 +117,18 @@ def _make(cls: type, frozen: bool, slots: bool) -> type:
     made: list[type] = []
     qualname = f"{cls.__qualname__}.__init__"
 
+    generic = _generic_init(flds, frozen)
+    count = [0]
+
     def __init__(self: object, *args: object, **kwargs: object) -> None:
-        # The first instance compiles the class's own __init__ and puts it in place: a class the command never
-        # instantiates (most of them, in a restore) costs no exec at all.
+        # The first instances are made by a generic __init__ (~2 us each, no compile); the COMPILE_AFTER-th
+        # compiles the class's own and puts it in place. Compiling costs ~0.1-0.2 ms, which a class made a few
+        # times never earns back: a restore command makes ~13 classes' first instance on its way (~2 ms), its
+        # lazy-pages daemon 5 while it answers the handoff; a class made per fault (uffd events) compiles soon.
+        count[0] += 1
+        if count[0] < COMPILE_AFTER:
+            generic(self, *args, **kwargs)
+            return
         init = _compile_init(flds, frozen, qualname)
         made[0].__init__ = init  # type: ignore[misc]
         init(self, *args, **kwargs)
@@ -169,6 +178,38 @@ def compile_pending() -> None:
         flds, frozen, qualname, made, stub = _uncompiled.pop()
         if made and made[0].__dict__.get("__init__") is stub:
             made[0].__init__ = _compile_init(flds, frozen, qualname)  # type: ignore[misc]
+
+
+COMPILE_AFTER = 32  # instances made by the generic __init__ before a class compiles its own
+
+
+def _generic_init(flds: list[Field], frozen: bool):  # type: ignore[no-untyped-def]
+    """An __init__ for any fields, binding arguments as the compiled one does (the same TypeErrors)."""
+    names = [f.name for f in flds]
+    known = set(names)
+    setter = object.__setattr__ if frozen else setattr
+
+    def init(self: object, *args: object, **kwargs: object) -> None:
+        if len(args) > len(names):
+            raise TypeError(f"__init__() takes {len(names) + 1} positional arguments but {len(args) + 1} were given")
+        values = dict(zip(names, args, strict=False))  # fewer args than fields: the rest by keyword
+        for k, v in kwargs.items():
+            if k not in known:
+                raise TypeError(f"__init__() got an unexpected keyword argument {k!r}")
+            if k in values:
+                raise TypeError(f"__init__() got multiple values for argument {k!r}")
+            values[k] = v
+        for f in flds:
+            v = values.get(f.name, _MISSING)
+            if v is _MISSING:
+                if f.default_factory is not _MISSING:
+                    v = f.default_factory()
+                elif f.default is not _MISSING:
+                    v = f.default
+                else:
+                    raise TypeError(f"__init__() missing 1 required positional argument: {f.name!r}")
+            setter(self, f.name, v)
+    return init
 
 
 def _compile_init(flds: list[Field], frozen: bool, qualname: str):  # type: ignore[no-untyped-def]

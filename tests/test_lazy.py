@@ -288,6 +288,42 @@ runpy.run_module("lazarus", run_name="__main__", alter_sys=True)
 """
 
 
+# The modules a plain `restore --lazy -d` of one process no longer loads (tests/unit/test_startup_imports.py has
+# the list's reasons); its daemon may.
+_OFF_THE_COMMAND_PATH = ("socket", "selectors", "threading", "logging", "argparse", "lazarus.dump",
+                         "lazarus.restore.tree", "lazarus.restore.sharefds", "lazarus.restore.cow",
+                         "lazarus.restore.thp", "lazarus.lazy.server", "lazarus.lazy.guard")
+
+
+def test_restore_command_keeps_its_import_set(harness: H.Harness, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start-up cost, on a real `restore --lazy -d` (python -S, as the launcher starts it): at its exit, once
+    the process ran, the command had loaded none of the modules taken off its path, and its process was served
+    and checked itself PASS."""
+    spy, seen = tmp_path / "spy.py", tmp_path / "seen"
+    spy.write_text(f"PATHS = {[str(H.REPO_ROOT), *sys.path]!r}\n"
+                   + _IMPORT_SPY.replace('AVOIDED = ("dataclasses", "inspect", "typing", "ast", "dis", "tokenize")',
+                                         f"AVOIDED = {_OFF_THE_COMMAND_PATH!r}"))
+    commands: list[int] = []
+
+    def lazarus(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        p = subprocess.Popen([sys.executable, "-S", str(spy), str(seen), *args], cwd=H.REPO_ROOT, text=True,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        commands.append(p.pid)
+        out, err = p.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+    target, image = dumped(harness, "lazy_events", "all")
+    monkeypatch.setattr(harness, "lazarus", lazarus)
+    r = harness.restore(image, lazy=True, like=target)
+    assert r.returncode == 0, r.stderr
+    r.target.signal(signal.SIGUSR2)
+    H.expect_pass(r.target.wait_result(60), r.target, r)
+    assert r.target.wait_exit(15) == 0
+    lines = dict(line.split(" ", 1) for line in seen.read_text().splitlines())
+    assert lines.get(str(commands[0]), "").strip() == "-", lines  # the command: none of them
+
+
 def test_restore_command_and_its_daemon_never_import_dataclasses_or_typing(
         harness: H.Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Start-up cost: `restore --lazy -d` run for real, as the installed command starts it (python -S), neither

@@ -682,8 +682,8 @@ def test_decode_events_matches_abi_layout():
 def test_fill_arg_layouts_match_abi():
     from lazarus.kernel import uffd as U
 
-    assert U._COPY_ARG.size == abi.STRUCT_SIZES[abi.uffdio_copy]
-    assert U._ZERO_ARG.size == abi.STRUCT_SIZES[abi.uffdio_zeropage]
+    assert U._COPY_ARG.size == abi.STRUCT_SIZES["uffdio_copy"]
+    assert U._ZERO_ARG.size == abi.STRUCT_SIZES["uffdio_zeropage"]
     assert abi.uffdio_copy.copy.offset == 32 and abi.uffdio_zeropage.zeropage.offset == 24
 
 

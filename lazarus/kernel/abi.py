@@ -21,16 +21,18 @@ def _IOC(direction: int, typ: int, nr: int, size: int) -> int:  # noqa: N802 - k
     return (direction << _IOC_DIRSHIFT) | (typ << _IOC_TYPESHIFT) | (nr << _IOC_NRSHIFT) | (size << _IOC_SIZESHIFT)
 
 
-def _IOR(typ: int, nr: int, struct: type) -> int:  # noqa: N802
-    return _IOC(_IOC_READ, typ, nr, C.sizeof(struct))
+# An ioctl number from the size of its argument, a struct named here (STRUCT_SIZES: the ctypes class itself is
+# made only when something uses it, see _struct).
+def _IOR(typ: int, nr: int, struct: str) -> int:  # noqa: N802
+    return _IOC(_IOC_READ, typ, nr, STRUCT_SIZES[struct])
 
 
-def _IOW(typ: int, nr: int, struct: type) -> int:  # noqa: N802
-    return _IOC(_IOC_WRITE, typ, nr, C.sizeof(struct))
+def _IOW(typ: int, nr: int, struct: str) -> int:  # noqa: N802
+    return _IOC(_IOC_WRITE, typ, nr, STRUCT_SIZES[struct])
 
 
-def _IOWR(typ: int, nr: int, struct: type) -> int:  # noqa: N802
-    return _IOC(_IOC_READ | _IOC_WRITE, typ, nr, C.sizeof(struct))
+def _IOWR(typ: int, nr: int, struct: str) -> int:  # noqa: N802
+    return _IOC(_IOC_READ | _IOC_WRITE, typ, nr, STRUCT_SIZES[struct])
 
 
 PAGE_SIZE = 4096
@@ -39,6 +41,52 @@ PAGE_SIZE = 4096
 def sizeof(struct: type) -> int:
     """ctypes.sizeof for layers that must not import ctypes."""
     return C.sizeof(struct)
+
+
+# The structs are ctypes classes made on first use: making the ~40 of them at import cost ~1 ms of every
+# command's start-up, and a restore uses a handful. `def _NAME(): return FIELDS` under @_struct (or @_union)
+# defines abi.NAME, which module __getattr__ makes once, when it is first asked for; inside a fields
+# function, another struct is named with _t("NAME"). Their sizes, which the ioctl numbers below need at
+# import, are written in STRUCT_SIZES (tests/unit/test_abi.py checks them against the classes).
+_MAKERS: dict[str, tuple[object, type]] = {}
+
+
+def _struct(fields):  # noqa: ANN001, ANN202 - a decorator of the fields functions below
+    _MAKERS[fields.__name__[1:]] = (fields, C.Structure)
+    return fields
+
+
+def _union(fields):  # noqa: ANN001, ANN202
+    _MAKERS[fields.__name__[1:]] = (fields, C.Union)
+    return fields
+
+
+def __getattr__(name: str) -> type:
+    made = globals().get(name)  # _t() of a struct made already: the same class (ctypes compares classes)
+    if made is not None:
+        return made
+    maker = _MAKERS.get(name)
+    if maker is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    fields, base = maker
+    cls = type(name, (base,), {"_fields_": fields(), "__module__": __name__, "__doc__": fields.__doc__})
+    globals()[name] = cls
+    return cls
+
+
+_t = __getattr__
+
+
+# Sizes the kernel expects, by struct name; checked by tests/unit/test_abi.py.
+STRUCT_SIZES: dict[str, int] = {
+    "user_regs_struct": 216, "iovec": 16, "peeksiginfo_args": 16, "ptrace_rseq_configuration": 24,
+    "kernel_sigaction": 32, "stack_t": 24, "itimerval": 32, "rlimit64": 16, "prctl_mm_map": 104,
+    "clone_args": 88, "page_region": 24, "pm_scan_arg": 96, "uffdio_api": 24, "uffdio_range": 16,
+    "uffdio_register": 32, "uffdio_copy": 40, "uffdio_zeropage": 32, "uffdio_writeprotect": 24,
+    "uffdio_continue": 32, "uffdio_poison": 32, "uffdio_move": 40, "uffd_msg": 32,
+    "pidfd_info": 64, "flock": 32, "f_owner_ex": 8, "timespec": 16, "itimerspec": 32, "sigevent": 64,
+    "user_cap_header": 8, "user_cap_data": 12,
+}
 
 # ---------------------------------------------------------------------------------------------
 # syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl)
@@ -203,6 +251,7 @@ PR_SET_NO_NEW_PRIVS = 38
 
 # arch_prctl (arch/x86/include/uapi/asm/prctl.h)
 ARCH_MAP_VDSO_64 = 0x2003
+ARCH_GET_FS = 0x1003  # the thread pointer (fs_base): kernel/clone.py keeps its page in a lean clone
 # Dynamically enabled XSTATE features (Documentation/arch/x86/xstate.rst): per-process permission, by the
 # number of the highest XSTATE component the facility needs.
 ARCH_GET_XCOMP_SUPP = 0x1021
@@ -280,8 +329,9 @@ ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF = 0, 1, 2
 # structs
 
 
-class user_regs_struct(C.Structure):  # arch/x86/include/asm/user_64.h
-    _fields_ = [(n, C.c_uint64) for n in (
+@_struct
+def _user_regs_struct() -> list[tuple]:  # arch/x86/include/asm/user_64.h
+    return [(n, C.c_uint64) for n in (
         "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx", "rdx",
         "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base", "gs_base",
         "ds", "es", "fs", "gs")]
@@ -291,46 +341,55 @@ USER_REGS_SIZE = 216
 FPREGS_SIZE = 512
 
 
-class iovec(C.Structure):  # include/uapi/linux/uio.h
-    _fields_ = [("iov_base", C.c_void_p), ("iov_len", C.c_size_t)]
+@_struct
+def _iovec() -> list[tuple]:  # include/uapi/linux/uio.h
+    return [("iov_base", C.c_void_p), ("iov_len", C.c_size_t)]
 
 
-class peeksiginfo_args(C.Structure):  # include/uapi/linux/ptrace.h
-    _fields_ = [("off", C.c_uint64), ("flags", C.c_uint32), ("nr", C.c_int32)]
+@_struct
+def _peeksiginfo_args() -> list[tuple]:  # include/uapi/linux/ptrace.h
+    return [("off", C.c_uint64), ("flags", C.c_uint32), ("nr", C.c_int32)]
 
 
 SIGINFO_SIZE = 128
 
 
-class ptrace_rseq_configuration(C.Structure):  # include/uapi/linux/ptrace.h
-    _fields_ = [("rseq_abi_pointer", C.c_uint64), ("rseq_abi_size", C.c_uint32),
-                ("signature", C.c_uint32), ("flags", C.c_uint32), ("pad", C.c_uint32)]
+@_struct
+def _ptrace_rseq_configuration() -> list[tuple]:  # include/uapi/linux/ptrace.h
+    return [("rseq_abi_pointer", C.c_uint64), ("rseq_abi_size", C.c_uint32),
+            ("signature", C.c_uint32), ("flags", C.c_uint32), ("pad", C.c_uint32)]
 
 
-class kernel_sigaction(C.Structure):  # arch/x86/include/asm/signal.h (struct sigaction, kernel view)
-    _fields_ = [("sa_handler", C.c_uint64), ("sa_flags", C.c_uint64), ("sa_restorer", C.c_uint64),
-                ("sa_mask", C.c_uint64)]
+@_struct
+def _kernel_sigaction() -> list[tuple]:  # arch/x86/include/asm/signal.h (struct sigaction, kernel view)
+    return [("sa_handler", C.c_uint64), ("sa_flags", C.c_uint64), ("sa_restorer", C.c_uint64),
+            ("sa_mask", C.c_uint64)]
 
 
-class stack_t(C.Structure):  # include/uapi/asm-generic/signal.h
-    _fields_ = [("ss_sp", C.c_uint64), ("ss_flags", C.c_int32), ("_pad", C.c_int32),
-                ("ss_size", C.c_uint64)]
+@_struct
+def _stack_t() -> list[tuple]:  # include/uapi/asm-generic/signal.h
+    return [("ss_sp", C.c_uint64), ("ss_flags", C.c_int32), ("_pad", C.c_int32),
+            ("ss_size", C.c_uint64)]
 
 
-class timeval(C.Structure):  # include/uapi/linux/time_types.h (__kernel_old_timeval)
-    _fields_ = [("tv_sec", C.c_int64), ("tv_usec", C.c_int64)]
+@_struct
+def _timeval() -> list[tuple]:  # include/uapi/linux/time_types.h (__kernel_old_timeval)
+    return [("tv_sec", C.c_int64), ("tv_usec", C.c_int64)]
 
 
-class itimerval(C.Structure):  # include/uapi/linux/time.h
-    _fields_ = [("it_interval", timeval), ("it_value", timeval)]
+@_struct
+def _itimerval() -> list[tuple]:  # include/uapi/linux/time.h
+    return [("it_interval", _t("timeval")), ("it_value", _t("timeval"))]
 
 
-class rlimit64(C.Structure):  # include/uapi/linux/resource.h
-    _fields_ = [("rlim_cur", C.c_uint64), ("rlim_max", C.c_uint64)]
+@_struct
+def _rlimit64() -> list[tuple]:  # include/uapi/linux/resource.h
+    return [("rlim_cur", C.c_uint64), ("rlim_max", C.c_uint64)]
 
 
-class prctl_mm_map(C.Structure):  # include/uapi/linux/prctl.h
-    _fields_ = [(n, C.c_uint64) for n in (
+@_struct
+def _prctl_mm_map() -> list[tuple]:  # include/uapi/linux/prctl.h
+    return [(n, C.c_uint64) for n in (
         "start_code", "end_code", "start_data", "end_data", "start_brk", "brk", "start_stack",
         "arg_start", "arg_end", "env_start", "env_end", "auxv")] + [
         ("auxv_size", C.c_uint32), ("exe_fd", C.c_uint32)]
@@ -357,20 +416,23 @@ MS_REC = 0x4000
 MS_SLAVE = 1 << 19
 
 
-class clone_args(C.Structure):  # include/uapi/linux/sched.h
-    _fields_ = [(n, C.c_uint64) for n in (
+@_struct
+def _clone_args() -> list[tuple]:  # include/uapi/linux/sched.h
+    return [(n, C.c_uint64) for n in (
         "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack", "stack_size", "tls",
         "set_tid", "set_tid_size", "cgroup")]
 
 
 # ---------------------------------------------------------------------------------------------
 # PAGEMAP_SCAN (include/uapi/linux/fs.h)
-class page_region(C.Structure):
-    _fields_ = [("start", C.c_uint64), ("end", C.c_uint64), ("categories", C.c_uint64)]
+@_struct
+def _page_region() -> list[tuple]:
+    return [("start", C.c_uint64), ("end", C.c_uint64), ("categories", C.c_uint64)]
 
 
-class pm_scan_arg(C.Structure):
-    _fields_ = [(n, C.c_uint64) for n in (
+@_struct
+def _pm_scan_arg() -> list[tuple]:
+    return [(n, C.c_uint64) for n in (
         "size", "flags", "start", "end", "walk_end", "vec", "vec_len", "max_pages",
         "category_inverted", "category_mask", "category_anyof_mask", "return_mask")]
 
@@ -386,7 +448,7 @@ PAGE_IS_SOFT_DIRTY = 1 << 7
 PAGE_IS_GUARD = 1 << 8  # Linux 6.14+; older kernels refuse the bit (EINVAL)
 PM_SCAN_WP_MATCHING = 1 << 0
 PM_SCAN_CHECK_WPASYNC = 1 << 1
-PAGEMAP_SCAN = _IOWR(ord("f"), 16, pm_scan_arg)
+PAGEMAP_SCAN = _IOWR(ord("f"), 16, "pm_scan_arg")
 
 # ---------------------------------------------------------------------------------------------
 # userfaultfd (include/uapi/linux/userfaultfd.h)
@@ -396,72 +458,88 @@ UFFD_USER_MODE_ONLY = 1
 USERFAULTFD_IOC = 0xAA
 
 
-class uffdio_api(C.Structure):
-    _fields_ = [("api", C.c_uint64), ("features", C.c_uint64), ("ioctls", C.c_uint64)]
+@_struct
+def _uffdio_api() -> list[tuple]:
+    return [("api", C.c_uint64), ("features", C.c_uint64), ("ioctls", C.c_uint64)]
 
 
-class uffdio_range(C.Structure):
-    _fields_ = [("start", C.c_uint64), ("len", C.c_uint64)]
+@_struct
+def _uffdio_range() -> list[tuple]:
+    return [("start", C.c_uint64), ("len", C.c_uint64)]
 
 
-class uffdio_register(C.Structure):
-    _fields_ = [("range", uffdio_range), ("mode", C.c_uint64), ("ioctls", C.c_uint64)]
+@_struct
+def _uffdio_register() -> list[tuple]:
+    return [("range", _t("uffdio_range")), ("mode", C.c_uint64), ("ioctls", C.c_uint64)]
 
 
-class uffdio_copy(C.Structure):
-    _fields_ = [("dst", C.c_uint64), ("src", C.c_uint64), ("len", C.c_uint64), ("mode", C.c_uint64),
-                ("copy", C.c_int64)]
+@_struct
+def _uffdio_copy() -> list[tuple]:
+    return [("dst", C.c_uint64), ("src", C.c_uint64), ("len", C.c_uint64), ("mode", C.c_uint64),
+            ("copy", C.c_int64)]
 
 
-class uffdio_zeropage(C.Structure):
-    _fields_ = [("range", uffdio_range), ("mode", C.c_uint64), ("zeropage", C.c_int64)]
+@_struct
+def _uffdio_zeropage() -> list[tuple]:
+    return [("range", _t("uffdio_range")), ("mode", C.c_uint64), ("zeropage", C.c_int64)]
 
 
-class uffdio_writeprotect(C.Structure):
-    _fields_ = [("range", uffdio_range), ("mode", C.c_uint64)]
+@_struct
+def _uffdio_writeprotect() -> list[tuple]:
+    return [("range", _t("uffdio_range")), ("mode", C.c_uint64)]
 
 
-class uffdio_continue(C.Structure):
-    _fields_ = [("range", uffdio_range), ("mode", C.c_uint64), ("mapped", C.c_int64)]
+@_struct
+def _uffdio_continue() -> list[tuple]:
+    return [("range", _t("uffdio_range")), ("mode", C.c_uint64), ("mapped", C.c_int64)]
 
 
-class uffdio_poison(C.Structure):
-    _fields_ = [("range", uffdio_range), ("mode", C.c_uint64), ("updated", C.c_int64)]
+@_struct
+def _uffdio_poison() -> list[tuple]:
+    return [("range", _t("uffdio_range")), ("mode", C.c_uint64), ("updated", C.c_int64)]
 
 
-class uffdio_move(C.Structure):
-    _fields_ = [("dst", C.c_uint64), ("src", C.c_uint64), ("len", C.c_uint64), ("mode", C.c_uint64),
-                ("move", C.c_int64)]
+@_struct
+def _uffdio_move() -> list[tuple]:
+    return [("dst", C.c_uint64), ("src", C.c_uint64), ("len", C.c_uint64), ("mode", C.c_uint64),
+            ("move", C.c_int64)]
 
 
-class _uffd_pagefault(C.Structure):
-    _fields_ = [("flags", C.c_uint64), ("address", C.c_uint64), ("ptid", C.c_uint32), ("_pad", C.c_uint32)]
+@_struct
+def __uffd_pagefault() -> list[tuple]:
+    return [("flags", C.c_uint64), ("address", C.c_uint64), ("ptid", C.c_uint32), ("_pad", C.c_uint32)]
 
 
-class _uffd_fork(C.Structure):
-    _fields_ = [("ufd", C.c_uint32)]
+@_struct
+def __uffd_fork() -> list[tuple]:
+    return [("ufd", C.c_uint32)]
 
 
-class _uffd_remap(C.Structure):
-    _fields_ = [("from_", C.c_uint64), ("to", C.c_uint64), ("len", C.c_uint64)]
+@_struct
+def __uffd_remap() -> list[tuple]:
+    return [("from_", C.c_uint64), ("to", C.c_uint64), ("len", C.c_uint64)]
 
 
-class _uffd_remove(C.Structure):
-    _fields_ = [("start", C.c_uint64), ("end", C.c_uint64)]
+@_struct
+def __uffd_remove() -> list[tuple]:
+    return [("start", C.c_uint64), ("end", C.c_uint64)]
 
 
-class _uffd_reserved(C.Structure):
-    _fields_ = [("reserved1", C.c_uint64), ("reserved2", C.c_uint64), ("reserved3", C.c_uint64)]
+@_struct
+def __uffd_reserved() -> list[tuple]:
+    return [("reserved1", C.c_uint64), ("reserved2", C.c_uint64), ("reserved3", C.c_uint64)]
 
 
-class _uffd_arg(C.Union):
-    _fields_ = [("pagefault", _uffd_pagefault), ("fork", _uffd_fork), ("remap", _uffd_remap),
-                ("remove", _uffd_remove), ("reserved", _uffd_reserved)]
+@_union
+def __uffd_arg() -> list[tuple]:
+    return [("pagefault", _t("_uffd_pagefault")), ("fork", _t("_uffd_fork")), ("remap", _t("_uffd_remap")),
+            ("remove", _t("_uffd_remove")), ("reserved", _t("_uffd_reserved"))]
 
 
-class uffd_msg(C.Structure):
-    _fields_ = [("event", C.c_uint8), ("reserved1", C.c_uint8), ("reserved2", C.c_uint16),
-                ("reserved3", C.c_uint32), ("arg", _uffd_arg)]
+@_struct
+def _uffd_msg() -> list[tuple]:
+    return [("event", C.c_uint8), ("reserved1", C.c_uint8), ("reserved2", C.c_uint16),
+            ("reserved3", C.c_uint32), ("arg", _t("_uffd_arg"))]
 
 
 UFFD_EVENT_PAGEFAULT = 0x12
@@ -507,26 +585,18 @@ UFFDIO_COPY_MODE_DONTWAKE = 1
 UFFDIO_COPY_MODE_WP = 2
 UFFDIO_ZEROPAGE_MODE_DONTWAKE = 1
 
-UFFDIO_API = _IOWR(UFFDIO, 0x3F, uffdio_api)
-UFFDIO_REGISTER = _IOWR(UFFDIO, 0x00, uffdio_register)
-UFFDIO_UNREGISTER = _IOR(UFFDIO, 0x01, uffdio_range)
-UFFDIO_WAKE = _IOR(UFFDIO, 0x02, uffdio_range)
-UFFDIO_COPY = _IOWR(UFFDIO, 0x03, uffdio_copy)
-UFFDIO_ZEROPAGE = _IOWR(UFFDIO, 0x04, uffdio_zeropage)
-UFFDIO_MOVE = _IOWR(UFFDIO, 0x05, uffdio_move)
-UFFDIO_WRITEPROTECT = _IOWR(UFFDIO, 0x06, uffdio_writeprotect)
-UFFDIO_CONTINUE = _IOWR(UFFDIO, 0x07, uffdio_continue)
-UFFDIO_POISON = _IOWR(UFFDIO, 0x08, uffdio_poison)
+UFFDIO_API = _IOWR(UFFDIO, 0x3F, "uffdio_api")
+UFFDIO_REGISTER = _IOWR(UFFDIO, 0x00, "uffdio_register")
+UFFDIO_UNREGISTER = _IOR(UFFDIO, 0x01, "uffdio_range")
+UFFDIO_WAKE = _IOR(UFFDIO, 0x02, "uffdio_range")
+UFFDIO_COPY = _IOWR(UFFDIO, 0x03, "uffdio_copy")
+UFFDIO_ZEROPAGE = _IOWR(UFFDIO, 0x04, "uffdio_zeropage")
+UFFDIO_MOVE = _IOWR(UFFDIO, 0x05, "uffdio_move")
+UFFDIO_WRITEPROTECT = _IOWR(UFFDIO, 0x06, "uffdio_writeprotect")
+UFFDIO_CONTINUE = _IOWR(UFFDIO, 0x07, "uffdio_continue")
+UFFDIO_POISON = _IOWR(UFFDIO, 0x08, "uffdio_poison")
 USERFAULTFD_IOC_NEW = _IOC(_IOC_NONE, USERFAULTFD_IOC, 0x00, 0)
 
-# Sizes the kernel expects; checked by tests/unit/test_abi.py.
-STRUCT_SIZES: dict[type, int] = {
-    user_regs_struct: 216, iovec: 16, peeksiginfo_args: 16, ptrace_rseq_configuration: 24,
-    kernel_sigaction: 32, stack_t: 24, itimerval: 32, rlimit64: 16, prctl_mm_map: 104,
-    clone_args: 88, page_region: 24, pm_scan_arg: 96, uffdio_api: 24, uffdio_range: 16,
-    uffdio_register: 32, uffdio_copy: 40, uffdio_zeropage: 32, uffdio_writeprotect: 24,
-    uffdio_continue: 32, uffdio_poison: 32, uffdio_move: 40, uffd_msg: 32,
-}
 
 # ---------------------------------------------------------------------------------------------
 # [anonfd helper] additions: eventfd, signalfd, timerfd, epoll, inotify and unix socket pairs
@@ -612,14 +682,14 @@ PIDFD_INFO_PID = 1 << 0  # always returned
 PIDFD_INFO_CREDS = 1 << 1  # always returned
 
 
-class pidfd_info(C.Structure):
+@_struct
+def _pidfd_info() -> list[tuple]:
     """include/uapi/linux/pidfd.h, PIDFD_INFO_SIZE_VER0 (64 bytes; later kernels append fields)."""
-    _fields_ = [("mask", C.c_uint64), ("cgroupid", C.c_uint64)] + [(n, C.c_uint32) for n in (
+    return [("mask", C.c_uint64), ("cgroupid", C.c_uint64)] + [(n, C.c_uint32) for n in (
         "pid", "tgid", "ppid", "ruid", "rgid", "euid", "egid", "suid", "sgid", "fsuid", "fsgid", "spare0")]
 
 
-PIDFD_GET_INFO = _IOWR(PIDFS_IOCTL_MAGIC, 11, pidfd_info)  # Linux 6.13+
-STRUCT_SIZES[pidfd_info] = 64
+PIDFD_GET_INFO = _IOWR(PIDFS_IOCTL_MAGIC, 11, "pidfd_info")  # Linux 6.13+
 # [end peers helper additions]
 # [files helper] additions: status flags, owners, locks, file handles
 SYS.flock = 73  # type: ignore[attr-defined]  # syscall_64.tbl
@@ -651,20 +721,22 @@ AT_SYMLINK_FOLLOW = 0x400
 MAX_HANDLE_SZ = 128  # include/linux/exportfs.h
 
 
-class flock(C.Structure):  # include/uapi/asm-generic/fcntl.h struct flock (x86-64)
-    _fields_ = [("l_type", C.c_int16), ("l_whence", C.c_int16), ("l_start", C.c_int64), ("l_len", C.c_int64),
-                ("l_pid", C.c_int32)]
+@_struct
+def _flock() -> list[tuple]:  # include/uapi/asm-generic/fcntl.h struct flock (x86-64)
+    return [("l_type", C.c_int16), ("l_whence", C.c_int16), ("l_start", C.c_int64), ("l_len", C.c_int64),
+            ("l_pid", C.c_int32)]
 
 
-class f_owner_ex(C.Structure):  # include/uapi/asm-generic/fcntl.h
-    _fields_ = [("type", C.c_int32), ("pid", C.c_int32)]
+@_struct
+def _f_owner_ex() -> list[tuple]:  # include/uapi/asm-generic/fcntl.h
+    return [("type", C.c_int32), ("pid", C.c_int32)]
 
 
-class file_handle(C.Structure):  # include/linux/fs.h (with the largest f_handle[] the kernel hands out)
-    _fields_ = [("handle_bytes", C.c_uint32), ("handle_type", C.c_int32), ("f_handle", C.c_ubyte * MAX_HANDLE_SZ)]
+@_struct
+def _file_handle() -> list[tuple]:  # include/linux/fs.h (with the largest f_handle[] the kernel hands out)
+    return [("handle_bytes", C.c_uint32), ("handle_type", C.c_int32), ("f_handle", C.c_ubyte * MAX_HANDLE_SZ)]
 
 
-STRUCT_SIZES.update({flock: 32, f_owner_ex: 8})
 # [end files helper additions]
 # [proc helper: POSIX timers and prctl state] additions
 SYS.timer_create = 222  # type: ignore[attr-defined]  # syscall_64.tbl
@@ -705,20 +777,22 @@ PF_MEMALLOC_NOIO = 0x00080000
 PF_LOCAL_THROTTLE = 0x00100000
 
 
-class timespec(C.Structure):  # include/uapi/linux/time_types.h (__kernel_timespec)
-    _fields_ = [("tv_sec", C.c_int64), ("tv_nsec", C.c_int64)]
+@_struct
+def _timespec() -> list[tuple]:  # include/uapi/linux/time_types.h (__kernel_timespec)
+    return [("tv_sec", C.c_int64), ("tv_nsec", C.c_int64)]
 
 
-class itimerspec(C.Structure):  # include/uapi/linux/time_types.h (__kernel_itimerspec)
-    _fields_ = [("it_interval", timespec), ("it_value", timespec)]
+@_struct
+def _itimerspec() -> list[tuple]:  # include/uapi/linux/time_types.h (__kernel_itimerspec)
+    return [("it_interval", _t("timespec")), ("it_value", _t("timespec"))]
 
 
-class sigevent(C.Structure):  # include/uapi/asm-generic/siginfo.h (sigevent_t, 64 bytes)
-    _fields_ = [("sigev_value", C.c_uint64), ("sigev_signo", C.c_int32), ("sigev_notify", C.c_int32),
-                ("sigev_notify_thread_id", C.c_int32), ("_pad", C.c_int32 * 11)]
+@_struct
+def _sigevent() -> list[tuple]:  # include/uapi/asm-generic/siginfo.h (sigevent_t, 64 bytes)
+    return [("sigev_value", C.c_uint64), ("sigev_signo", C.c_int32), ("sigev_notify", C.c_int32),
+            ("sigev_notify_thread_id", C.c_int32), ("_pad", C.c_int32 * 11)]
 
 
-STRUCT_SIZES.update({timespec: 16, itimerspec: 32, sigevent: 64})
 # [end proc helper additions]
 # [proc helper: capabilities] include/uapi/linux/capability.h, include/uapi/linux/prctl.h
 SYS.capget, SYS.capset = 125, 126  # type: ignore[attr-defined]
@@ -727,15 +801,16 @@ PR_CAPBSET_DROP = 24
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 47, 2
 
 
-class user_cap_header(C.Structure):  # struct __user_cap_header_struct
-    _fields_ = [("version", C.c_uint32), ("pid", C.c_int32)]
+@_struct
+def _user_cap_header() -> list[tuple]:  # struct __user_cap_header_struct
+    return [("version", C.c_uint32), ("pid", C.c_int32)]
 
 
-class user_cap_data(C.Structure):  # struct __user_cap_data_struct (two of them for version 3)
-    _fields_ = [("effective", C.c_uint32), ("permitted", C.c_uint32), ("inheritable", C.c_uint32)]
+@_struct
+def _user_cap_data() -> list[tuple]:  # struct __user_cap_data_struct (two of them for version 3)
+    return [("effective", C.c_uint32), ("permitted", C.c_uint32), ("inheritable", C.c_uint32)]
 
 
-STRUCT_SIZES.update({user_cap_header: 8, user_cap_data: 12})
 # [proc helper: more per-process switches] arch/x86/include/uapi/asm/prctl.h, include/uapi/linux/prctl.h
 ARCH_GET_CPUID, ARCH_SET_CPUID = 0x1011, 0x1012
 ARCH_GET_UNTAG_MASK = 0x4001

@@ -26,6 +26,8 @@ _mmap.restype = C.c_void_p
 _mmap.argtypes = [C.c_void_p, C.c_size_t, C.c_int, C.c_int, C.c_int, C.c_long]
 _munmap = libc.munmap
 _munmap.argtypes = [C.c_void_p, C.c_size_t]
+_madvise = libc.madvise
+_madvise.argtypes = [C.c_void_p, C.c_size_t, C.c_int]
 
 # x86_64 machine code, assembled by hand; each line is one instruction.
 _CODE = bytes.fromhex("".join([
@@ -156,8 +158,16 @@ class Trampoline:
         raise KernelError("no free address for the restore trampoline", 12)
 
     def clone_with_pid(self, pid: int) -> int:
-        """clone3 a stopped-in-pause child whose PID is `pid`. Raises KernelError (EEXIST: pid in use)."""
-        return self._clone3(0, [pid], f"clone3 with pid {pid}", pid)
+        """clone3 a stopped-in-pause child whose PID is `pid`. Raises KernelError (EEXIST: pid in use).
+
+        The child gets no copy of this process's memory but the trampoline and the thread's TLS (see
+        _not_inherited): it only ever runs the trampoline, and the restore unmaps all it inherited."""
+        ranges = _not_inherited((self.addr, self.addr + self.size))
+        try:
+            return self._clone3(0, [pid], f"clone3 with pid {pid}", pid)
+        finally:
+            for lo, hi in ranges:
+                _madvise(lo, hi - lo, abi.MADV_DOFORK)
 
     def clone_any(self) -> int:
         """clone3 a stopped-in-pause child with whatever PID the kernel gives (restore/seed.py)."""
@@ -189,3 +199,35 @@ class Trampoline:
 
     def unmap(self) -> None:
         _munmap(self.addr, self.size)
+
+
+def _not_inherited(trampoline: tuple[int, int]) -> list[tuple[int, int]]:
+    """Mark this process's mappings MADV_DONTFORK for the next clone, and return them (for MADV_DOFORK after).
+
+    A clone of a Python process copies the page tables of its ~20 MB of present pages, and the new task must
+    then unmap them all again: ~5 ms of a restore command under load, for memory the task never reads. It runs
+    only the trampoline's code, which uses no stack, with every signal blocked, so it needs just the trampoline
+    page, the vdso and vvar (moved to the image's place later), and the mapping holding the thread's rseq area
+    (glibc's, at __rseq_offset from the thread pointer; the thread pointer's own mapping too): the kernel writes
+    that area every time the task returns to user space, until the restore unregisters it. Everything else is
+    left out of the copy. A mapping that was DONTFORK already (nothing of ours makes one) would be DOFORK after."""
+    fs_base = C.c_uint64()
+    libc.syscall(abi.SYS.arch_prctl, abi.ARCH_GET_FS, C.byref(fs_base))
+    keep = [trampoline, (fs_base.value, fs_base.value + 1)]
+    try:  # glibc 2.35+: where it registered the thread's rseq area, relative to the thread pointer
+        offset, size = C.c_ssize_t.in_dll(libc, "__rseq_offset").value, C.c_uint.in_dll(libc, "__rseq_size").value
+        keep.append((fs_base.value + offset, fs_base.value + offset + max(size, 1)))
+    except ValueError:
+        pass  # no such symbol: glibc registers no rseq area
+    ranges = []
+    with open("/proc/self/maps", "rb") as f:
+        for line in f:
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split(b"-"))
+            if len(fields) > 5 and fields[5].startswith(b"[v"):  # [vdso], [vvar], [vvar_vclock], [vsyscall]
+                continue
+            if any(lo < k_hi and k_lo < hi for k_lo, k_hi in keep):
+                continue
+            if _madvise(lo, hi - lo, abi.MADV_DONTFORK) == 0:  # EINVAL for VM_IO/PFNMAP: copied as before
+                ranges.append((lo, hi))
+    return ranges

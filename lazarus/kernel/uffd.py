@@ -21,7 +21,6 @@ import errno
 import fcntl
 import os
 import struct
-import threading
 
 from lazarus.errors import FeatureMissing, KernelError
 from lazarus.kernel import abi
@@ -196,7 +195,9 @@ class CopyHelper:
     """
 
     def __init__(self) -> None:
-        import queue  # only the lazy server's background transfer makes a helper; a restore never does
+        # Only the lazy server's background transfer makes a helper: a restore never does (start-up cost).
+        import queue
+        import threading
 
         self._jobs: queue.SimpleQueue[tuple[int, int, int, int, int] | None] = queue.SimpleQueue()
         self._results: queue.SimpleQueue[tuple[int, Outcome] | BaseException] = queue.SimpleQueue()

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import socket
 import struct
 import time
 from collections.abc import Callable, Iterable
@@ -184,6 +183,7 @@ _CMSG_SPACE = 24
 
 
 def _receive_and_place(remote: RemoteTask, task_fd: int, expected: int, uffd_fd: int) -> str:
+    import socket  # here, not at import: a lazy restore imports this module for anchor_fd_number (start-up cost)
     pid = remote.pid
     scratch = remote.alloc_scratch(abi.PAGE_SIZE)
     remote.syscall(abi.SYS.socketpair, socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, 0, scratch,

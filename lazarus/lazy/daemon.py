@@ -28,10 +28,10 @@ as for a handoff (root only, trust.py). This module never imports restore/ (DESI
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import json
 import os
-import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +42,7 @@ from lazarus.records import field, record
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
+    import socket
     from typing import Any
 
 log = getLogger("lazarus.lazy")
@@ -98,7 +99,7 @@ class Serving:
             except LazarusError as e:
                 reply = {"error": str(e)}
             with contextlib.suppress(OSError):
-                conn.send(json.dumps(reply).encode(), socket.MSG_NOSIGNAL)
+                conn.send(json.dumps(reply).encode(), _socket.MSG_NOSIGNAL)
 
     def run(self) -> dict[str, Any]:
         """Serve until no process needs the server; the stats."""
@@ -187,10 +188,14 @@ def fork_daemon(images: Path, log_path: Path, *, background: bool = True, stats_
     without it (the daemon forked before the restore read the image, so that both start at once) the daemon
     opens and checks it itself before it waits for the handoff.
     """
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    # _socket's pair, not socket's: `socket` (the enum conversion of its constants, selectors) costs the restore
+    # command ~2 ms of start-up, and the restore only sends one message and reads the answer (handoff.py).
+    ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the daemon child; the tests observe it from outside
         ours.close()
+        import socket
+        theirs = socket.socket(fileno=theirs.detach())  # what the server's side expects
         code = 0
         try:
             # Its own session: the caller's terminal or process group going away does not involve it.

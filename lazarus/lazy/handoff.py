@@ -20,10 +20,11 @@ whom is trust.py's business (its docstring has the rules).
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import json
 import os
-import socket
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from lazarus.logs import getLogger
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
+    import socket
+
     # trust.py is the server's side: a restore handing a process over (send_process) does not load it
     from typing import Any
 
@@ -64,7 +67,8 @@ def send_only(sock: socket.socket, pid: int, images: Path, uffd_fd: int, checked
     msg = json.dumps(req).encode()
     sock.settimeout(REPLY_TIMEOUT)
     try:
-        socket.send_fds(sock, [msg], [uffd_fd])
+        # socket.send_fds without `socket` (the restore command's start-up: see daemon.fork_daemon)
+        sock.sendmsg([msg], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, uffd_fd.to_bytes(4, sys.byteorder))])
     except OSError as e:
         raise ProtocolError(f"lazy-pages server: {e.strerror or e}") from e
 
@@ -156,6 +160,7 @@ class Listener:
 
     def _receive(self, conn: socket.socket) -> None:
         try:
+            import socket  # the server's side, which has it loaded already
             msg, fds, _flags, _addr = socket.recv_fds(conn, MAX_MSG, 4)
         except OSError:
             msg, fds = b"", []

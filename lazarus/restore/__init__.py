@@ -26,10 +26,9 @@ from lazarus.lazy.sources import ImagePageSource
 from lazarus.logs import getLogger
 from lazarus.records import field, record
 from lazarus.remote import Batch, RemoteTask
-from lazarus.restore import cgroups, cow, private, seed
+from lazarus.restore import cgroups, private, seed
 from lazarus.restore import core as rcore
 from lazarus.restore.access import Access, precheck
-from lazarus.restore.cow import CowPlan
 from lazarus.restore.files import (
     FdRestorer,
     check_fd_fields,
@@ -46,19 +45,20 @@ from lazarus.restore.memory import (
     reopen_records,
     trampoline_candidates,
 )
-from lazarus.restore.pidns import NsInit
 from lazarus.restore.sched import apply_sched
-from lazarus.restore.sharefds import FdTable, SharedFds, check_made, check_shared_files, fd_tables
-from lazarus.restore.sharing import SharedMemory
-from lazarus.restore.thp import collapse_in_task
 from lazarus.restore.threads import check_threads, create_thread, restore_thread_creds, restore_thread_state
 from lazarus.restore.timers import check_timers
-from lazarus.restore.tree import BackgroundChecks, born_groups, create_child, join_group, lead, make_zombie
 from lazarus.restore.uffd import LAZY_FEATURES, copy_all, lazy_ranges, uffd_in_task
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     from typing import Any
+
+    from lazarus.restore.cow import CowPlan
+    from lazarus.restore.pidns import NsInit
+    from lazarus.restore.sharefds import FdTable, SharedFds
+    from lazarus.restore.sharing import SharedMemory
+    from lazarus.restore.tree import BackgroundChecks
 
     # Called with (pid, uffd, page source) once a lazily restored task is ready to run, before it runs.
     LazyHandoff = Callable[[int, Any, Any], None]
@@ -254,6 +254,7 @@ def create_root(tramp: Trampoline, pid: int, *, pidns: bool = False,
     ns: NsInit | None = None
     try:
         if pidns:
+            from lazarus.restore.pidns import NsInit
             ns = NsInit.start(tramp, TRAMPOLINE_SIZE, join_cgroups)
             return ns.clone_root(pid), ns
         child = tramp.clone_with_pid(pid)
@@ -405,6 +406,7 @@ class TaskBuild:
             if ranges and not lazy:
                 by_uffd = mm["vmas"]
                 if kept:  # a child: its own pages there are one per hole (restore/cow.py write_kept)
+                    from lazarus.restore import cow
                     n, left = cow.write_kept(child, kept, page_file)
                     written += n
                     done = {id(v) for v in kept} - {id(v) for v in left}
@@ -416,6 +418,7 @@ class TaskBuild:
                     uffd.close()
                 # After the uffd is gone: collapse needs every pte of a 2 MiB range present, which it now is.
                 # Not over pages kept shared with the parent: a collapse would copy them.
+                from lazarus.restore.thp import collapse_in_task
                 collapse_in_task(remote, [v for v in mm["vmas"] if v not in kept])
             elif lazy and self.cow:
                 # The runs its children are to share: in before they are forked (userfaultfd cannot map one
@@ -659,6 +662,7 @@ def cow_plans(img: Image, tasks: dict[int, dict[str, Any]]) -> dict[int, CowPlan
     """Each task's part in the image's copy-on-write runs (cow.json, format 4); empty without any."""
     if COW_FILE not in img.files:
         return {}
+    from lazarus.restore import cow
     parents = {p: n.ppid for p, n in img.tree.nodes.items()}
     return cow.plans(img.json(COW_FILE), parents, {p: t["mm"]["exe"] for p, t in tasks.items()})
 
@@ -668,6 +672,17 @@ def restore_tree(img: Image, *, lazy: bool = False, on_lazy: LazyHandoff | None 
     """Restore every process of the image's tree (restore/tree.py: order of creation, sessions, groups,
     zombies); none runs before all are ready, and on any failure every task made is killed. `pidns`: the whole
     tree in one new PID namespace, its root the child of our init there (its children take their pids in it)."""
+    # Only a tree needs these (a single process's restore does not load them: start-up cost).
+    from lazarus.restore.sharefds import SharedFds, check_made, check_shared_files, fd_tables
+    from lazarus.restore.sharing import SharedMemory
+    from lazarus.restore.tree import (
+        BackgroundChecks,
+        born_groups,
+        create_child,
+        join_group,
+        lead,
+        make_zombie,
+    )
     t0 = time.monotonic()
     tree = img.tree
     live = tree.live()

@@ -25,7 +25,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import socket
 import struct
 from collections.abc import Iterable
 
@@ -92,6 +91,7 @@ def give_scm(task: RemoteTask, fds: Iterable[tuple[int, int, bool]]) -> None:
     """The same as FdCourier.give for each (ours, at, cloexec), through SCM_RIGHTS: an injected socketpair,
     one sendmsg of ours, one injected recvmsg per 253 fds, then dup3 + close of each. Needs scratch memory in
     the task (task.alloc_scratch or use_scratch) of at least one page."""
+    import socket  # here, not at import: a restore command without shared fds never loads it (start-up cost)
     items = list(fds)
     if not items:
         return
@@ -132,6 +132,7 @@ def give_scm(task: RemoteTask, fds: Iterable[tuple[int, int, bool]]) -> None:
 
 
 def _recv_fds(task: RemoteTask, sock: int, n: int) -> list[int]:
+    import socket  # as in give_scm
     scratch = task.scratch
     ctrl_len = (_CMSGHDR.size + 4 * n + 7) & ~7
     if 256 + ctrl_len > task.scratch_size:

@@ -26,12 +26,28 @@ def test_struct_size(name: str) -> None:
     assert ctypes.sizeof(getattr(abi, name)) == KERNEL_SIZES[name]
 
 
-@pytest.mark.parametrize("struct,size", list(abi.STRUCT_SIZES.items()), ids=lambda x: getattr(x, "__name__", str(x)))
-def test_struct_size_table(struct: type, size: int) -> None:
-    """abi.STRUCT_SIZES (used at import) agrees with the layouts; the kernel's values are KERNEL_SIZES."""
-    assert ctypes.sizeof(struct) == size
-    if struct.__name__ in KERNEL_SIZES:
-        assert size == KERNEL_SIZES[struct.__name__]
+@pytest.mark.parametrize("name,size", list(abi.STRUCT_SIZES.items()), ids=lambda x: str(x))
+def test_struct_size_table(name: str, size: int) -> None:
+    """abi.STRUCT_SIZES (the ioctl numbers' sizes at import, before any struct class is made) agrees with the
+    layouts; the kernel's values are KERNEL_SIZES."""
+    assert ctypes.sizeof(getattr(abi, name)) == size
+    if name in KERNEL_SIZES:
+        assert size == KERNEL_SIZES[name]
+
+
+def test_structs_are_made_on_first_use_once() -> None:
+    """Importing abi makes no ctypes class (start-up cost); each is made when first asked for, then kept."""
+    import subprocess
+    import sys
+    code = ("import lazarus.kernel.abi as a; made = [n for n in a._MAKERS if n in vars(a)]; "
+            "t = a.timeval; assert a.itimerval._fields_[0][1] is t; "
+            "c = a.uffdio_copy; r = a.uffdio_register; from lazarus.kernel.abi import uffd_msg; "
+            "print(made, c is a.uffdio_copy, a.uffdio_range in [f[1] for f in r._fields_], "
+            "issubclass(a._uffd_arg, __import__('ctypes').Union), uffd_msg.__module__, a.pidfd_info.__doc__[:7])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["[]", "True", "True", "True", "lazarus.kernel.abi", "include"], out
+    with pytest.raises(AttributeError):
+        abi.no_such_struct  # noqa: B018
 
 
 # Values as the kernel headers expand them on x86_64 (checked against <linux/userfaultfd.h>, <linux/fs.h>).

@@ -112,15 +112,26 @@ def test_lazarus_records_stay_values() -> None:
 
 
 @pytest.mark.parametrize("opts", [{}, {"frozen": True, "slots": True}])
-def test_init_is_compiled_at_the_first_instance_even_of_a_subclass(opts: dict[str, bool]) -> None:
+def test_init_is_compiled_after_the_first_instances_even_of_a_subclass(opts: dict[str, bool]) -> None:
+    """The first instances go through the generic __init__ (the same checks), then the class compiles its own."""
+    from lazarus import records
     cls = record(type("L", (), {"__annotations__": {"a": "int", "b": "int"}, "b": 2}), **opts)
     stub = cls.__init__
+    for args, kwargs in (((1, 2, 3), {}), ((), {}), ((1,), {"a": 2}), ((1,), {"e": 2})):
+        with pytest.raises(TypeError):
+            cls(*args, **kwargs)
+    assert cls(3, b=4) == cls(3, 4) and repr(cls(3)) == "L(a=3, b=2)" and cls.__init__ is stub
     sub = type("S", (cls,), {"__slots__": ()} if opts else {})
-    s = sub(1)
-    assert (s.a, s.b) == (1, 2) and cls.__init__ is not stub and sub.__init__ is cls.__init__
+    for _ in range(records.COMPILE_AFTER):
+        s = sub(1)
+        assert (s.a, s.b) == (1, 2)
+    assert cls.__init__ is not stub and sub.__init__ is cls.__init__
     assert cls(3, b=4) == cls(3, 4) and repr(cls(3)) == "L(a=3, b=2)"
     with pytest.raises(TypeError):
         cls(1, 2, 3)
+    if opts:
+        with pytest.raises(records.FrozenInstanceError):
+            s.a = 5
 
 
 @pytest.mark.parametrize("opts", [{}, {"slots": True}, {"frozen": True}, {"frozen": True, "slots": True}])

@@ -1,0 +1,49 @@
+"""The restore command's import set (start-up cost): what a plain `lazarus restore --lazy -d` loads before it
+restores, in a fresh interpreter started as the launcher starts it (python -S). The modules listed here were
+taken off that path (docs/BENCHMARKS.md, "The plain CLI's start-up, sixth session"); they must stay off.
+tests/test_lazy.py checks the same on a real restore, and tests/unit/test_records.py dataclasses and typing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import lazarus
+
+# What the command imports at module level on its way to a single process's lazy restore (cli._plain_restore,
+# api._restore_detached, lazy/daemon.fork_daemon, the restore, its uffd and the handoff).
+COMMAND_MODULES = ("lazarus.cli", "lazarus.api", "lazarus.lazy.daemon", "lazarus.kernel.uffd", "lazarus.restore.uffd",
+                   "lazarus.restore", "lazarus.lazy.handoff", "lazarus.lazy.anchor")
+# Off the path: socket (its enum conversions, selectors; the handoff uses _socket), threading (the lazy server's
+# copy helper only), what only a tree, --pidns, an eager restore or the daemon use, and what the clifast
+# branches took off before (logging, argparse for a plain restore line, the dump, dataclasses and typing).
+OFF_PATH = ("socket", "selectors", "threading", "logging", "argparse", "dataclasses", "typing", "inspect",
+            "lazarus.dump", "lazarus.restore.tree", "lazarus.restore.sharefds", "lazarus.restore.cow",
+            "lazarus.restore.thp", "lazarus.lazy.server", "lazarus.lazy.guard", "lazarus.lazy.trust")
+
+
+def _imported(modules: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    root = lazarus.__path__[0].rsplit("/", 1)[0]
+    code = (f"import sys; sys.path[:0] = {[root, *sys.path]!r}\n"
+            f"for m in {modules!r}: __import__(m)\n"
+            "abi = sys.modules['lazarus.kernel.abi']\n"
+            "got = [sorted(sys.modules), [n for n in abi._MAKERS if n in vars(abi)]]\n"
+            "import json; print(json.dumps(got))")
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True).stdout
+    mods, structs = json.loads(out.splitlines()[-1])
+    return mods, structs
+
+
+def test_restore_command_imports_none_of_the_modules_taken_off_its_path() -> None:
+    mods, structs = _imported(COMMAND_MODULES)
+    assert not set(OFF_PATH) & set(mods), sorted(set(OFF_PATH) & set(mods))
+    assert structs == []  # kernel/abi.py makes its ctypes structs on first use
+
+
+def test_the_modules_taken_off_are_still_reachable() -> None:
+    """The list above means something: the lazy server does load socket, a tree restore its modules."""
+    mods, _ = _imported(("lazarus.restore", "lazarus.lazy.server"))
+    assert {"socket", "lazarus.lazy.guard"} <= set(mods)
+    import lazarus.restore.sharefds  # noqa: F401
+    import lazarus.restore.tree  # noqa: F401 - imported where restore_tree runs
