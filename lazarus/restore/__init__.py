@@ -423,6 +423,7 @@ class TaskBuild:
             elif lazy and self.cow:
                 # The runs its children are to share: in before they are forked (userfaultfd cannot map one
                 # page into two processes); the lazy server finds them present.
+                from lazarus.restore import cow
                 written += cow.write_owned(remote, space, only(mm["vmas"], self.cow.owned), page_file)
                 served = without(served, self.cow.owned)
         space.finish_vmas(mm["vmas"], page_file)
