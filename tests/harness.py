@@ -58,6 +58,7 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "ptimers": (),
     "prctl": (),
     "refused_proc": (),
+    "sigcont": (),
     "threads": ("-pthread",),
     "tree": ("-pthread",),
     "share_tree": (),
@@ -371,6 +372,8 @@ CASES: tuple[Case, ...] = (
     Case("memory-close", "memory", ("close",)),
     Case("regs", "regs", syscall=None),
     Case("signals", "signals"),
+    Case("sigcont", "sigcont"),  # blocked SIGCONTs pending (process and thread queue) kept through the dump
+    Case("sigcont-none", "sigcont", ("none",)),  # ... and none pending: none after it (not the dump's own)
     Case("fds", "fds"),
     Case("anonfd", "anonfd", ("all",)),
     Case("misc", "misc"),

@@ -440,3 +440,53 @@ def test_batched_dump_keeps_an_ignored_and_pending_sigtrap(harness: H.Harness) -
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def pending_conts(pid: int) -> list[tuple[str, int, int, int]]:
+    """(queue, si_code, si_pid, si_value) of each SIGCONT queued in `pid`, read through ptrace (seize, interrupt,
+    peek, detach: no signal is generated, nothing changes)."""
+    ptrace.seize(pid, 0)
+    try:
+        ptrace.interrupt(pid)
+        st = ptrace.wait(pid)
+        assert st.stopped, f"pid {pid}: {st}"
+        out = []
+        for queue, shared in (("thread", False), ("process", True)):
+            for info in ptrace.peek_siginfo(pid, shared):
+                signo, _, code = (int.from_bytes(info[k:k + 4], "little", signed=True) for k in (0, 4, 8))
+                if signo == signal.SIGCONT:
+                    out.append((queue, code, int.from_bytes(info[16:20], "little"),
+                                int.from_bytes(info[24:28], "little")))
+        return out
+    finally:
+        ptrace.detach(pid)
+
+
+@pytest.mark.parametrize("how", ("fail", "kill"))
+@pytest.mark.parametrize("mode", ("pending", "none"))
+def test_blocked_sigcont_kept_when_the_dump_fails_or_dies(harness: H.Harness, how: str, mode: str) -> None:
+    """A blocked SIGCONT pending in the original (sigcont.c: one on the process queue, one on the thread queue)
+    is still pending with its siginfo after a dump that fails, or is killed, at each of its ptrace calls, and
+    after a complete --leave-running dump; with none pending, none is (the SIGCONT ending the dump's stop is not
+    left behind). The dump's SIGSTOP would have discarded them (dump/sigcont.py)."""
+    target = harness.start_target("sigcont", *(("none",) if mode == "none" else ()))
+    want = pending_conts(target.pid)
+    pid = target.pid
+    assert want == ([] if mode == "none" else [("thread", -6, pid, 0), ("process", -1, pid, 4711)]), want
+    image = harness.image_dir()
+    status, watchdog, total = forked_dump(pid, image, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and total, f"a clean dump failed: {status:#x}"
+    wait_running(target, "clean dump", watchdog)
+    assert pending_conts(pid) == want, "after a complete --leave-running dump"
+    shutil.rmtree(image)
+    for k in range(1, total + 1):
+        status, watchdog, _ = forked_dump(pid, image, k, fail=how == "fail")
+        wait_running(target, f"dump {how}ing at ptrace call {k}", watchdog)
+        assert pending_conts(pid) == want, f"K={k} of {total} ({how})"
+        if image.exists():
+            shutil.rmtree(image)
+        for d in tmp_dirs(image):
+            shutil.rmtree(image.parent / d)
+    target.mark()
+    target.signal(signal.SIGUSR2)
+    assert target.wait_result() == "PASS", target.describe()

@@ -77,11 +77,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from lazarus.dump import sigcont
 from lazarus.errors import KernelError, LazarusError, NoSuchTask
 from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.syscall import keep_only_fd
 from lazarus.logs import getLogger
-from lazarus.remote import RemoteTask, restart_after_freeze, scratch_present
+from lazarus.remote import RemoteTask, find_syscall_insn, restart_after_freeze, scratch_present
 
 log = getLogger(__name__)
 
@@ -107,6 +108,9 @@ class JournalState:
     was_stopped: bool = False
     # Other threads of the process we injected into: tid -> (registers, mask) until that thread is clean again.
     threads: dict[int, tuple[bytes, int]] = field(default_factory=dict)
+    # Blocked SIGCONTs pending before our SIGSTOP discarded them (dump/sigcont.py): queued back when let go.
+    held: sigcont.Held = field(default_factory=dict)
+    resume: bool = False  # asked to let the original go (Watchdog.resume), not repairing after a death
 
     def apply(self, msg: dict) -> None:
         kind = msg.get("t")
@@ -121,6 +125,8 @@ class JournalState:
             self.stopping = True
         elif kind == "was-stopped":
             self.was_stopped = True
+        elif kind == "held-cont":
+            self.held = sigcont.from_json(msg["held"])
         elif kind == "saved":
             self.clean = False  # a new injection session (the fd code's injector after the main one)
             self.regs = bytes.fromhex(msg["regs"])
@@ -134,6 +140,8 @@ class JournalState:
             self.clean = True
         elif kind == "release":
             self.released = True
+        elif kind == "resume":
+            self.resume = True
 
 
 class Watchdog:
@@ -215,6 +223,9 @@ class Watchdog:
         """The task was stopped before the dump: repair() leaves it in its stop instead of continuing it."""
         self._send({"t": "was-stopped"})
 
+    def held_cont(self, held: sigcont.Held) -> None:
+        self._send({"t": "held-cont", "held": sigcont.to_json(held)})
+
     def saved(self, regs: abi.user_regs_struct, mask: int, syscall_ip: int) -> None:
         self._send({"t": "saved", "regs": bytes(regs).hex(), "mask": mask, "ip": syscall_ip})
 
@@ -230,6 +241,23 @@ class Watchdog:
     def for_thread(self, tid: int) -> ThreadJournal:
         """The journal of an injection into another thread of the process (its registers and mask)."""
         return ThreadJournal(self, tid)
+
+    def resume(self, timeout: float = 10.0) -> str:
+        """Have the watchdog let the original go (repair(): its state is clean, it is detached in our group stop),
+        and wait until it did. For a task that blocks SIGCONT, whose letting go takes injected calls after our
+        stop has ended (dump/sigcont.py put_back): should the dump die then, the task would run on injected
+        registers; the watchdog outlives such a death. Returns what it did; raises if it gave no answer."""
+        self._send({"t": "resume"})
+        try:
+            r, _, _ = select.select([self._sock], [], [], timeout)
+            answer = self._sock.recv(_MAX_MSG) if r else b""
+        except OSError:
+            answer = b""
+        self.close()
+        if not answer.startswith(b"resumed:"):
+            raise LazarusError(f"the dump's watchdog (pid {self.pid}) did not let pid {self.state.pid} go",
+                               pid=self.state.pid)
+        return answer[len(b"resumed:"):].decode(errors="replace")
 
     def release(self) -> None:
         """The original is as it was (or killed on purpose): the watchdog exits without touching it."""
@@ -322,7 +350,7 @@ def repair(st: JournalState) -> str:
         return "gone"
     if why is not None:
         if why.startswith("not stopped") and (st.regs is None or st.clean):
-            return f"nothing changed in it; {why}"
+            return f"nothing changed in it; {why}" + _requeue_held(st)
         return f"cannot repair: {why}"
     for _ in range(1000):
         try:
@@ -353,11 +381,54 @@ def repair(st: JournalState) -> str:
     if st.was_stopped:
         ptrace.detach(st.pid)  # back into the stop it was in before the dump
         return "registers and signal mask put back, left stopped as it was" + undone
-    continue_quietly(st.pid, remote.saved_mask)
+    extra = _seize_held_threads(st)
+    try:
+        continue_quietly(st.pid, remote.saved_mask, syscall_ip=st.syscall_ip, held=st.held, threads=extra)
+    finally:
+        for tid in extra:
+            with contextlib.suppress(LazarusError):
+                ptrace.detach(tid)
     if st.clean:
         return "continued (its state was already put back)"
     what = "registers and signal mask put back" if st.regs is not None else "continued"
     return what + undone
+
+
+def _seize_held_threads(st: JournalState) -> list[int]:
+    """The other threads with held SIGCONTs of their own (dump/sigcont.py), seized in our group stop for
+    put_back(); those that cannot be are left out (their SIGCONT is then lost)."""
+    out = []
+    for tid in st.held:
+        if tid in (0, st.pid):
+            continue
+        try:
+            ptrace.seize(tid, abi.PTRACE_O_TRACESYSGOOD)
+            _wait_event_stop(tid)
+        except LazarusError:
+            continue
+        out.append(tid)
+    return out
+
+
+def _requeue_held(st: JournalState) -> str:
+    """In a task our SIGSTOP never stopped (its delivery failed) but whose pending SIGCONTs it discarded: queue
+    those back (dump/sigcont.py). A SIGCONT still pending (no SIGSTOP was sent) keeps its place: a standard
+    signal is queued once."""
+    if not st.held:
+        return ""
+    try:
+        ptrace.seize(st.pid, abi.PTRACE_O_TRACESYSGOOD)
+        ptrace.interrupt(st.pid)
+        _wait_event_stop(st.pid)
+        ip = st.syscall_ip or _vdso_syscall(st.pid)
+        if ip:
+            sigcont.put_back(st.pid, ip, st.held, [])
+        ptrace.detach(st.pid)
+    except LazarusError as e:
+        with contextlib.suppress(LazarusError):
+            ptrace.detach(st.pid)
+        return f"; its pending SIGCONT could not be queued back: {e}"
+    return "; its pending SIGCONT queued back"
 
 
 def _repair_threads(st: JournalState) -> str:
@@ -391,17 +462,33 @@ def _repair_threads(st: JournalState) -> str:
     return f", threads {', '.join(map(str, done))} put back" if done else ""
 
 
-def continue_quietly(pid: int, mask: int) -> None:
+def continue_quietly(pid: int, mask: int, *, syscall_ip: int = 0, held: sigcont.Held | None = None,
+                     threads: list[int] | None = None, watchdog: Watchdog | None = None) -> None:
     """End our group stop and detach, without the program receiving the SIGCONT that ends it.
 
     We are the tracer; the task is in an event stop with its own registers and mask back. While traced, the
     SIGCONT waits in the queue for us: we take it at its signal-delivery stop and detach suppressing it, so a
-    SIGCONT handler does not run for our stop. A blocked SIGCONT cannot be taken that way: it then stays
-    pending, as after `kill -CONT`. Should we die in between, the kernel delivers it: the state is back by then.
+    SIGCONT handler does not run for our stop. A blocked SIGCONT cannot be taken that way: it stays pending, so
+    it is taken away by an injected rt_sigtimedwait, and the SIGCONTs the program had pending before our
+    SIGSTOP discarded them (`held`, dump/sigcont.py) are queued back (`threads`: its other threads, still
+    seized, for those on their own queues). Should we die in between, the kernel delivers it: the state is
+    back by then. `watchdog`: the dump's, alive; the calls that need injection after our stop has ended are left
+    to it (Watchdog.resume), with `threads` let go first into our stop.
     """
-    if mask & (1 << (signal.SIGCONT - 1)):
+    if mask & sigcont.CONT_BIT:
+        if watchdog is not None and watchdog.alive:
+            for tid in threads or []:
+                with contextlib.suppress(LazarusError, OSError):
+                    ptrace.detach(tid)
+            ptrace.detach(pid)  # its state is back: in our group stop, as after a death of the dump
+            watchdog.resume()
+            return
+        ip = syscall_ip or _vdso_syscall(pid)
+        if ip:
+            sigcont.put_back(pid, ip, held or {}, threads or [])  # ends the group stop
+        else:  # pragma: no cover - no vdso: ours stays pending
+            os.kill(pid, signal.SIGCONT)
         ptrace.detach(pid)
-        os.kill(pid, signal.SIGCONT)
         return
     os.kill(pid, signal.SIGCONT)
     deliver = 0
@@ -424,6 +511,15 @@ def continue_quietly(pid: int, mask: int) -> None:
                 return
             deliver = s.stop_sig  # another signal came first: deliver it as the kernel would
     ptrace.detach(pid)  # pragma: no cover - a signal storm: give up being quiet
+
+
+def _vdso_syscall(pid: int) -> int:
+    """A `syscall` instruction in the task's vdso, or 0."""
+    with contextlib.suppress(LazarusError, OSError):
+        for v in procfs.read_maps(pid):
+            if v.path == "[vdso]":
+                return find_syscall_insn(pid, v.start, v.end) or 0
+    return 0
 
 
 def _wait_event_stop(pid: int) -> None:
@@ -469,10 +565,16 @@ def _watchdog_main(sock_fd: int, pid: int, start: int) -> int:
             st.apply(json.loads(data))
         if st.released:
             return 0
+        if st.resume:
+            break
     try:
         what = repair(st)
     except LazarusError as e:
         what = f"repair failed: {e}"
+    if st.resume:
+        with contextlib.suppress(OSError):
+            sock.send(f"resumed:{what}".encode())
+        return 0
     with contextlib.suppress(OSError):
         sys.stderr.write(f"lazarus: watchdog: the dump of pid {pid} died; pid {pid}: {what}\n")
         sys.stderr.flush()
