@@ -542,6 +542,8 @@ class Harness:
     procs: list[Proc] = field(default_factory=list)
     popens: list[subprocess.Popen] = field(default_factory=list)
     _counter: int = 0
+    # Where files that a restore opens as another uid than root go (conftest.py open_root), or None: in `work`.
+    open_work: Path | None = None
 
     # -- paths -------------------------------------------------------------------------------
 
@@ -575,6 +577,8 @@ class Harness:
         unsupported case)."""
         log = self.path(f"{name}.log")
         if name in DROPS_PRIVILEGES:
+            if self.open_work is not None:
+                log = self.open_work / log.name
             searchable_by_all(log.parent)
             searchable_by_all(self.bins[name].parent)
         if name in PY_TARGETS:
