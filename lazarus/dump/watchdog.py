@@ -17,7 +17,9 @@ and the original crashes or runs deaf. Two things prevent it:
    of ours) needs memory we can only make by an injection that is itself unprotected.
    The price of the stop is that it is a real job-control stop: the parent gets SIGCHLD with CLD_STOPPED and
    then CLD_CONTINUED (a shell sees its job stop and continue). The program itself does not see the SIGCONT
-   (continue_quietly() takes it away at its delivery stop) unless it blocks SIGCONT (then it stays pending).
+   (continue_quietly() takes it away at its delivery stop, or, if the program blocks SIGCONT, by an injected
+   rt_sigtimedwait, with the SIGCONTs it had pending queued back: dump/sigcont.py; the dump leaves those
+   injections to the watchdog, Watchdog.resume, since they run after the stop has ended).
 2. A watchdog process, forked before the seize (double fork, own session: not our child, not in our
    process group, and small, so neither a kill of the dump's group nor the OOM killer's choice takes it), is
    told the original registers, mask and syscall address before any of them change, and every scratch
