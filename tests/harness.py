@@ -58,7 +58,7 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "ptimers": (),
     "prctl": (),
     "refused_proc": (),
-    "sigcont": (),
+    "sigcont": ("-pthread",),
     "threads": ("-pthread",),
     "tree": ("-pthread",),
     "share_tree": (),
@@ -374,6 +374,7 @@ CASES: tuple[Case, ...] = (
     Case("signals", "signals"),
     Case("sigcont", "sigcont"),  # blocked SIGCONTs pending (process and thread queue) kept through the dump
     Case("sigcont-none", "sigcont", ("none",)),  # ... and none pending: none after it (not the dump's own)
+    Case("sigcont-thread", "sigcont", ("thread",)),  # ... and one on a second thread's own queue
     Case("fds", "fds"),
     Case("anonfd", "anonfd", ("all",)),
     Case("misc", "misc"),

@@ -418,18 +418,29 @@ def _requeue_held(st: JournalState) -> str:
     signal is queued once."""
     if not st.held:
         return ""
+    seized: list[int] = []
     try:
-        ptrace.seize(st.pid, abi.PTRACE_O_TRACESYSGOOD)
-        ptrace.interrupt(st.pid)
-        _wait_event_stop(st.pid)
+        for tid in [st.pid, *(t for t in st.held if t not in (0, st.pid))]:
+            try:
+                ptrace.seize(tid, abi.PTRACE_O_TRACESYSGOOD)
+            except NoSuchTask:
+                continue  # a thread that has exited
+            except KernelError as e:
+                # Still ours: a failed dump could not detach a thread it had let run (this runs in the dump then).
+                if e.errno != errno.EPERM or procfs.read_status(st.pid, tid).tracer_pid != os.getpid():
+                    raise
+            seized.append(tid)
+            ptrace.interrupt(tid)
+            _wait_event_stop(tid)
         ip = st.syscall_ip or _vdso_syscall(st.pid)
         if ip:
-            sigcont.put_back(st.pid, ip, st.held, [])
-        ptrace.detach(st.pid)
+            sigcont.put_back(st.pid, ip, st.held, [t for t in seized if t != st.pid])
     except LazarusError as e:
-        with contextlib.suppress(LazarusError):
-            ptrace.detach(st.pid)
         return f"; its pending SIGCONT could not be queued back: {e}"
+    finally:
+        for tid in seized:
+            with contextlib.suppress(LazarusError):
+                ptrace.detach(tid)
     return "; its pending SIGCONT queued back"
 
 
@@ -480,8 +491,8 @@ def continue_quietly(pid: int, mask: int, *, syscall_ip: int = 0, held: sigcont.
     if mask & sigcont.CONT_BIT:
         if watchdog is not None and watchdog.alive:
             for tid in threads or []:
-                with contextlib.suppress(LazarusError, OSError):
-                    ptrace.detach(tid)
+                with contextlib.suppress(NoSuchTask):  # exited, or let go already (a second try)
+                    ptrace.detach(tid)  # else raise: a thread still ours could not be reached by the watchdog
             ptrace.detach(pid)  # its state is back: in our group stop, as after a death of the dump
             watchdog.resume()
             return

@@ -12,18 +12,47 @@
  *
  * Mode "none" (argv[2]): SIGCONT blocked and none pending; it must still have none (the SIGCONT that ends the
  * dump's stop is not the program's).
+ * Mode "thread": as the default, and a second thread (blocked in read() on a pipe) has a SIGCONT of its own
+ * pending (tgkill from the main thread: SI_TKILL, si_pid); asked through the pipe, it takes it (and finds no
+ * other) and answers.
  *
- * Usage: sigcont LOGFILE [none]
+ * Usage: sigcont LOGFILE [none|thread]
  * Trigger: SIGUSR2.
  */
 #include "common.h"
 
+#include <pthread.h>
 #include <sys/syscall.h>
 
 static const char POINTS[] = "thread shared";
 
 static pid_t me;
-static int none;
+static int none, threaded;
+static int req[2], resp[2];
+static volatile pid_t worker_tid;
+
+static int take(siginfo_t *si);
+
+/* The second thread: on each request byte, take its SIGCONTs and answer (signo, code, pid) of the first and
+ * whether a second one was there. */
+static void *worker(void *arg)
+{
+	char c;
+	siginfo_t si, more;
+	int ans[4];
+
+	(void)arg;
+	worker_tid = (pid_t)syscall(SYS_gettid);
+	while (read(req[0], &c, 1) == 1) {
+		ans[0] = take(&si);
+		ans[1] = si.si_code;
+		ans[2] = si.si_pid;
+		ans[3] = take(&more) >= 0;
+		if (write(resp[1], ans, sizeof(ans)) != sizeof(ans))
+			break;
+	}
+	return NULL;
+}
 
 static unsigned long long status_mask(const char *key)
 {
@@ -56,6 +85,16 @@ static void setup(void)
 	if (none) {
 		laz_log("# pid %d: SIGCONT blocked, none pending", me);
 		return;
+	}
+	if (threaded) {
+		pthread_t th;
+
+		if (pipe(req) || pipe(resp) || pthread_create(&th, NULL, worker, NULL))
+			laz_die("thread");
+		while (!worker_tid)
+			usleep(1000);
+		if (syscall(SYS_tgkill, me, worker_tid, SIGCONT))
+			laz_die("tgkill thread");
 	}
 	if (sigqueue(me, SIGCONT, (union sigval){ .sival_int = 4711 }))
 		laz_die("sigqueue");
@@ -123,6 +162,15 @@ static void check(void)
 		  got, si.si_code, si.si_pid, si.si_value.sival_int, SI_QUEUE, me);
 	got = take(&si);
 	LAZ_CHECK(got < 0 && errno == EAGAIN, "a third SIGCONT pending: code %d pid %d", si.si_code, si.si_pid);
+	if (threaded) {
+		int ans[4] = { 0, 0, 0, 0 };
+
+		if (write(req[1], "?", 1) != 1 || read(resp[0], ans, sizeof(ans)) != sizeof(ans))
+			laz_die("ask the thread");
+		LAZ_CHECK(ans[0] == SIGCONT && ans[1] == SI_TKILL && ans[2] == me && !ans[3],
+			  "the thread's SIGCONT: got %d code %d pid %d (and another: %d), want code %d pid %d", ans[0],
+			  ans[1], ans[2], ans[3], SI_TKILL, me);
+	}
 }
 
 int main(int argc, char **argv)
@@ -130,5 +178,6 @@ int main(int argc, char **argv)
 	static const laz_step checks[] = { check, NULL };
 
 	none = argc > 2 && !strcmp(argv[2], "none");
+	threaded = argc > 2 && !strcmp(argv[2], "thread");
 	laz_main(argc, argv, POINTS, setup, corrupt, checks);
 }
