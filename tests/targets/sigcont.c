@@ -1,7 +1,7 @@
 /*
- * sigcont.c - a blocked SIGCONT left pending, once on the process queue and once on the thread queue, must
- * still be pending after a dump (--leave-running or failed: in the original; else in the restored copy), each
- * with its own siginfo. The dump stops the process with SIGSTOP, and generating a stop signal discards every
+ * sigcont.c - exercises blocked SIGCONTs left pending, once on the process queue and once on the thread queue,
+ * which must still be pending after a dump (--leave-running or failed: in the original; else in the restored
+ * copy), each with its own siginfo. The dump stops the process with SIGSTOP, and generating a stop signal discards every
  * pending SIGCONT (kernel/signal.c prepare_signal); the SIGCONT that ends the dump's stop must not be left
  * pending in their place either (it would name the dump's pid).
  *
