@@ -122,14 +122,46 @@ class Tree:
         return self.root.check(timeout=300)
 
     def kill(self) -> None:
-        """Kill what is left of the tree: only our own binary at the tree's pids."""
-        for pid in self.pids:
+        """Kill what is left of the tree, by pid: the processes it is made of now, i.e. our child the root and
+        its descendants, and those of the tree's pids re-parented to us (we are a subreaper) with theirs. A pid
+        is never killed for the program it runs: another process may have that pid and binary meanwhile."""
+        doomed = self._ours()
+        for pid in doomed:
             with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/{pid}/exe") == str(self.binary):
-                    os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
         self.root.kill()
-        for pid in self.pids:
+        for pid in doomed:
             reap(pid, 2)
+
+    def _ours(self) -> list[int]:
+        me = os.getpid()
+        todo = [p for p in {self.root.pid, *self.pids} if _ppid(p) == me]
+        seen: list[int] = []
+        while todo:
+            p = todo.pop()
+            if p in seen:
+                continue
+            seen.append(p)
+            todo.extend(_children(p))
+        return seen
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _children(pid: int) -> list[int]:
+    """The children of every thread of `pid` (/proc/PID/task/TID/children)."""
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(x) for x in f.read().split())
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -486,12 +486,16 @@ def cmd_show(args: argparse.Namespace) -> int:
             con.print(f"  threads: {len(t['threads'])} more: "
                       + ", ".join(f"{th['tid']} ({th['comm']}) rip {th['rip']}" for th in t["threads"]))
         more = f"; {t['shared_pages']} more shared, saved by another process" if t.get("shared_pages") else ""
+        if t.get("inherited_pages"):
+            more += f"; {t['inherited_pages']} inherited from pid {t['inherited_from']} (copy-on-write, saved there)"
         con.print(f"  memory: {t['pages']} pages saved, {t['lazy_pages']} of them served lazily by --lazy{more}")
         vt = Table(show_edge=False)
         for col in ("start", "end", "prot", "kind", "pages", "lazy", "path"):
             vt.add_column(col)
         for v in t["vmas"]:
             pages = f"{v['pages']} shared with pid {v['stored_by']}" if "stored_by" in v else str(v["pages"])
+            if v.get("inherited"):
+                pages += f", {v['inherited']} inherited from pid {v['inherited_from']}"
             vt.add_row(v["start"], v["end"], v["prot"], v["kind"], pages, "lazy" if v["lazy"] else "", v["path"])
         con.print(vt)
         if "fd_table_of" in t:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,11 +92,25 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 @pytest.fixture(scope="session")
-def target_bins(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The C targets, compiled once per session."""
+def open_root() -> Iterator[Path]:
+    """A directory of this session outside pytest's temp root, searchable by every uid (0711): the targets'
+    binaries, and the files of targets a restore opens as another uid than root (harness.DROPS_PRIVILEGES).
+    Not under /tmp/pytest-of-USER: pytest makes that 0700 again whenever a session starts (_pytest/tmpdir.py),
+    so another session starting (another worktree's, a rerun) while a test runs took those files away from the
+    restored process ("uid 2002 may not open misc.log-1"; a failure depending on who else runs pytest).
+    Removed at the end of the session."""
+    d = Path(tempfile.mkdtemp(prefix="lazarus-tests-"))
+    d.chmod(0o711)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def target_bins(open_root: Path) -> dict[str, Path]:
+    """The C targets, compiled once per session (in open_root: an executable is opened as the process's uid)."""
     if shutil.which(os.environ.get("CC", "gcc")) is None:
         pytest.fail("gcc is needed to build tests/targets")
-    return H.build_targets(tmp_path_factory.mktemp("targets"))
+    return H.build_targets(open_root / "targets")
 
 
 @pytest.fixture(scope="session")
@@ -112,11 +127,14 @@ def python_references(
 
 @pytest.fixture
 def harness(
-    request: pytest.FixtureRequest, target_bins: dict[str, Path], tmp_path: Path
+    request: pytest.FixtureRequest, target_bins: dict[str, Path], tmp_path: Path, open_root: Path
 ) -> Iterator[H.Harness]:
-    """A Harness working in this test's tmp_path; kills what it started afterwards and fails
-    the test (as an error in teardown) if a process was left behind by the code under test."""
-    h = H.Harness(target_bins, tmp_path)
+    """A Harness working in this test's tmp_path (and a directory of its own in open_root for files other uids
+    open); kills what it started afterwards and fails the test (as an error in teardown) if a process was left
+    behind by the code under test."""
+    open_work = Path(tempfile.mkdtemp(dir=open_root))
+    open_work.chmod(0o711)
+    h = H.Harness(target_bins, tmp_path, open_work=open_work)
     request.node.lazarus_work = tmp_path
     yield h
     leftovers = h.cleanup()
@@ -124,5 +142,6 @@ def harness(
     if call is not None and call.passed:
         for image in tmp_path.glob("img*"):
             shutil.rmtree(image, ignore_errors=True)
+        shutil.rmtree(open_work, ignore_errors=True)
     if leftovers:
         pytest.fail(f"processes left behind (killed now): {', '.join(leftovers)}", pytrace=False)

@@ -58,6 +58,7 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "ptimers": (),
     "prctl": (),
     "refused_proc": (),
+    "sigcont": ("-pthread",),
     "threads": ("-pthread",),
     "tree": ("-pthread",),
     "share_tree": (),
@@ -371,6 +372,9 @@ CASES: tuple[Case, ...] = (
     Case("memory-close", "memory", ("close",)),
     Case("regs", "regs", syscall=None),
     Case("signals", "signals"),
+    Case("sigcont", "sigcont"),  # blocked SIGCONTs pending (process and thread queue) kept through the dump
+    Case("sigcont-none", "sigcont", ("none",)),  # ... and none pending: none after it (not the dump's own)
+    Case("sigcont-thread", "sigcont", ("thread",)),  # ... and one on a second thread's own queue
     Case("fds", "fds"),
     Case("anonfd", "anonfd", ("all",)),
     Case("misc", "misc"),
@@ -539,6 +543,8 @@ class Harness:
     procs: list[Proc] = field(default_factory=list)
     popens: list[subprocess.Popen] = field(default_factory=list)
     _counter: int = 0
+    # Where files that a restore opens as another uid than root go (conftest.py open_root), or None: in `work`.
+    open_work: Path | None = None
 
     # -- paths -------------------------------------------------------------------------------
 
@@ -572,6 +578,8 @@ class Harness:
         unsupported case)."""
         log = self.path(f"{name}.log")
         if name in DROPS_PRIVILEGES:
+            if self.open_work is not None:
+                log = self.open_work / log.name
             searchable_by_all(log.parent)
             searchable_by_all(self.bins[name].parent)
         if name in PY_TARGETS:

@@ -170,3 +170,34 @@ def test_cow_tree_holes_dropped(harness: H.Harness, tmp_path: Path, monkeypatch:
     assert after <= 1.15 * before, f"tree Pss {after / 2**20:.1f} MiB after the restore, {before / 2**20:.1f} before"
     H.expect_pass(harness.run_case(CASE, r.target), r.target, r)
     assert r.target.wait_exit(15) == 0, r.target.describe()
+
+
+def test_show_counts_inherited_pages(harness: H.Harness) -> None:
+    """`show` counts the copy-on-write pages a child keeps from its parent (cow.json "inherited", stored in no
+    file of the child's) apart from its own, naming the parent: per vma and per task, in JSON and in text."""
+    target, pids, _, _ = started(harness)
+    image = harness.image_dir()
+    res = harness.dump(target, image)
+    assert res.returncode == 0, res.stderr
+    cow = json.loads((image / "cow.json").read_text())
+    parent_of = {n["pid"]: n["ppid"] for n in json.loads((image / "inventory.json").read_text())["tree"]}
+    shown = harness.lazarus("show", "--json", str(image))
+    assert shown.returncode == 0, shown.stderr
+    tasks = {t["pid"]: t for t in json.loads(shown.stdout)["tasks"]}
+    parent, child, grandchild = pids
+    checked = []
+    for pid in pids:
+        want = sum(n for _, n in (cow.get(str(pid)) or {}).get("inherited", []))
+        t = tasks[pid]
+        assert t.get("inherited_pages", 0) == want, (pid, t.get("inherited_pages"), want)
+        assert sum(v.get("inherited", 0) for v in t["vmas"]) == want, pid
+        if want:
+            assert t["inherited_from"] == parent_of[pid], (pid, t["inherited_from"])
+            assert all(v["inherited_from"] == parent_of[pid] for v in t["vmas"] if v.get("inherited")), pid
+            checked.append(pid)
+    # cow_tree.c: the child rewrote one page in eight of its parent's region, the grandchild one in 64 of those
+    assert child in checked and tasks[child]["inherited_pages"] >= (MIB << 20) // PAGE // 2, tasks[child]
+    assert grandchild in checked and parent not in checked, checked
+    text = harness.lazarus("show", str(image))
+    assert text.returncode == 0, text.stderr
+    assert f"inherited from pid {parent}" in text.stdout and f"inherited from pid {child}" in text.stdout, text.stdout

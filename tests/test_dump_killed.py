@@ -440,3 +440,59 @@ def test_batched_dump_keeps_an_ignored_and_pending_sigtrap(harness: H.Harness) -
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def pending_conts(pid: int) -> list[tuple[str, int, int, int]]:
+    """(queue, si_code, si_pid, si_value) of each SIGCONT queued in `pid`: its process queue ("process") and each
+    thread's ("thread" for the main thread, "thread 2", ... for the others by tid order), read through ptrace
+    (seize, interrupt, peek, detach: no signal is generated, nothing changes)."""
+    tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    out = []
+    for n, tid in enumerate([pid, *(t for t in tids if t != pid)]):
+        ptrace.seize(tid, 0)
+        try:
+            ptrace.interrupt(tid)
+            st = ptrace.wait(tid)
+            assert st.stopped, f"tid {tid}: {st}"
+            queues = [("thread" if n == 0 else f"thread {n + 1}", False)] + ([("process", True)] if n == 0 else [])
+            for queue, shared in queues:
+                for info in ptrace.peek_siginfo(tid, shared):
+                    signo, _, code = (int.from_bytes(info[k:k + 4], "little", signed=True) for k in (0, 4, 8))
+                    if signo == signal.SIGCONT:
+                        out.append((queue, code, int.from_bytes(info[16:20], "little"),
+                                    int.from_bytes(info[24:28], "little")))
+        finally:
+            ptrace.detach(tid)
+    return out
+
+
+@pytest.mark.parametrize("how", ("fail", "kill"))
+@pytest.mark.parametrize("mode", ("pending", "none", "thread"))
+def test_blocked_sigcont_kept_when_the_dump_fails_or_dies(harness: H.Harness, how: str, mode: str) -> None:
+    """A blocked SIGCONT pending in the original (sigcont.c: one on the process queue, one on the thread queue)
+    (mode "thread": and one on a second thread's queue, which the target's own final check asks for) is still
+    pending with its siginfo after a dump that fails, or is killed, at each of its ptrace calls, and
+    after a complete --leave-running dump; with none pending, none is (the SIGCONT ending the dump's stop is not
+    left behind). The dump's SIGSTOP would have discarded them (dump/sigcont.py)."""
+    target = harness.start_target("sigcont", *((mode,) if mode != "pending" else ()))
+    want = pending_conts(target.pid)
+    pid = target.pid
+    assert want == ([] if mode == "none" else [("thread", -6, pid, 0), ("process", -1, pid, 4711)]
+                    + ([("thread 2", -6, pid, 0)] if mode == "thread" else [])), want
+    image = harness.image_dir()
+    status, watchdog, total = forked_dump(pid, image, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and total, f"a clean dump failed: {status:#x}"
+    wait_running(target, "clean dump", watchdog)
+    assert pending_conts(pid) == want, "after a complete --leave-running dump"
+    shutil.rmtree(image)
+    for k in range(1, total + 1):
+        status, watchdog, _ = forked_dump(pid, image, k, fail=how == "fail")
+        wait_running(target, f"dump {how}ing at ptrace call {k}", watchdog)
+        assert pending_conts(pid) == want, f"K={k} of {total} ({how})"
+        if image.exists():
+            shutil.rmtree(image)
+        for d in tmp_dirs(image):
+            shutil.rmtree(image.parent / d)
+    target.mark()
+    target.signal(signal.SIGUSR2)
+    assert target.wait_result() == "PASS", target.describe()

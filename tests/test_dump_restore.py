@@ -30,7 +30,7 @@ MODES = ("eager", "lazy")
 # Targets whose checks leave the outside world as they found it, so that one image can be run
 # more than once. Not memory: its checks write through its shared file mapping (and put the bytes
 # back), which changes the file's mtime, and restore rightly refuses a mapped file changed since.
-RERUNNABLE = ("regs", "signals", "fds", "misc", "sleeper-pause", "files2", "locks", "prctl", "threads")
+RERUNNABLE = ("regs", "signals", "sigcont", "sigcont-none", "sigcont-thread", "fds", "misc", "sleeper-pause", "files2", "locks", "prctl", "threads")
 
 
 def dump_ok(h: H.Harness, target: H.Target, *extra: str) -> Path:

@@ -365,10 +365,10 @@ def test_root_only_file_not_opened_for_nobody(harness: H.Harness, images: dict[s
     """An open-file record for a root-only 0600 file, in a process whose credentials the image set to 65534:
     the task opens its files as those credentials could, so this one is refused, naming fd, path and uid (the
     old restore opened it read-write, as root, into the unprivileged process)."""
-    secret = harness.work / "secret"
+    secret = (harness.open_work or harness.work) / "secret"
     secret.write_bytes(b"root only\n")
     os.chmod(secret, 0o600)
-    H.searchable_by_all(harness.work)  # the file itself must be what stops uid 65534, not its directories
+    H.searchable_by_all(secret.parent)  # the file itself must be what stops uid 65534, not its directories
     H.searchable_by_all(target_bins["fds"].parent)
     st = secret.stat()
     image = H.copy_image(images["fds"], harness.image_dir())

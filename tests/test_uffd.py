@@ -492,6 +492,12 @@ class StandInPageFile:
         self.verified += 1
         self._inline[chunk] = 1
 
+    def check_size(self) -> None:
+        """As images.PageFile.check_size: ImageError if the file is shorter now than when it was mapped."""
+        now = os.fstat(self._fd).st_size
+        if now < self.size:
+            raise ImageError(f"{self.name}: truncated to {now} bytes while in use, expected {self.size}")
+
     @property
     def nchunks(self) -> int:
         return len(self._sums)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lazarus.dump import cow, sharefds
+from lazarus.dump import cow, sharefds, sigcont
 from lazarus.dump.core import Reads, dump_registers, dump_thread, queue_misc, queue_signals, queue_xcomp_perm
 from lazarus.dump.files import dump_cwd, dump_files
 from lazarus.dump.membership import check_namespaces, check_session, dump_cgroups
@@ -90,7 +90,8 @@ def check_resources(pid: int, status: procfs.Status) -> None:
 _STOP_SIGNALS = (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 
 
-def freeze(pid: int, watchdog: Watchdog, threads: list[int], *, stopped: bool = False) -> None:
+def freeze(pid: int, watchdog: Watchdog, threads: list[int], *, stopped: bool = False,
+           held: sigcont.Held | None = None) -> None:
     """Seize every thread and put the process in a group stop (SIGSTOP) that outlives us (see watchdog.py).
 
     `threads` receives the ids of the other threads as they are seized (the caller lets go of them on failure).
@@ -101,6 +102,8 @@ def freeze(pid: int, watchdog: Watchdog, threads: list[int], *, stopped: bool = 
 
     `stopped`: the process is in a job-control stop already; seizing makes each thread report it, and a
     SIGSTOP of ours would only wait in its queue and come out at the first injected call.
+
+    `held` receives the blocked SIGCONTs pending before our SIGSTOP, which discards them (dump/sigcont.py).
     """
     try:
         ptrace.seize(pid, abi.PTRACE_O_TRACESYSGOOD)
@@ -111,7 +114,14 @@ def freeze(pid: int, watchdog: Watchdog, threads: list[int], *, stopped: bool = 
     _seize_new_threads(pid, threads)
     watchdog.stopping()
     if not stopped:
+        got, trapped = sigcont.hold(pid, threads)
+        if got:
+            watchdog.held_cont(got)
+            if held is not None:
+                held.update(got)
         os.kill(pid, signal.SIGSTOP)
+        for tid in trapped:  # in our event stop since hold(): on into the group stop
+            ptrace.cont(tid)
     waiting = [pid, *threads]
     while waiting:
         for tid in _wait_group_stop(pid, waiting):
@@ -301,7 +311,8 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: b
                     _let_go(fr.threads)
                     ptrace.detach(fr.pid)  # back into the job-control stop it was in
                 else:
-                    continue_quietly(fr.pid, masks[fr.pid])
+                    continue_quietly(fr.pid, masks[fr.pid], syscall_ip=fr.watchdog.state.syscall_ip, held=fr.held,
+                                     threads=fr.threads, watchdog=fr.watchdog)
                     _let_go(fr.threads)
             except (LazarusError, OSError):
                 # The image is complete: only letting the original go failed. Not an error of the dump.
@@ -352,7 +363,7 @@ def _freeze_tree(root: int, root_wd: Watchdog, frozen: dict[int, Frozen], nodes:
             wd.was_stopped()
         frozen[p] = fr
         try:
-            freeze(p, wd, fr.threads, stopped=was_stopped)
+            freeze(p, wd, fr.threads, stopped=was_stopped, held=fr.held)
         except NoSuchTask:
             if p == root:
                 raise
@@ -417,6 +428,7 @@ def _dump_task(pid: int, fr: Frozen, writer: ImageWriter, shell_job: bool,
         remote.close()
         remote = None
         watchdog.clean()
+        sigcont.into_image(fr.held, pid, signals, thread_recs)
     except BaseException:
         if remote is not None:
             with contextlib.suppress(Exception):
@@ -497,7 +509,8 @@ def _resume_after_failure(pid: int, watchdog: Watchdog, seized: bool, threads: l
                 _let_go(threads)
                 ptrace.detach(pid)
             else:
-                continue_quietly(pid, st.mask)
+                continue_quietly(pid, st.mask, syscall_ip=st.syscall_ip, held=st.held, threads=threads,
+                                 watchdog=watchdog)
                 _let_go(threads)
             watchdog.release()
             return

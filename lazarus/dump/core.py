@@ -12,7 +12,7 @@ from lazarus.errors import KernelError, Unsupported
 from lazarus.kernel import abi, ptrace
 from lazarus.kernel.procfs import Status, read_limits, read_stat, read_status
 from lazarus.kernel.syscall import get_robust_list
-from lazarus.remote import RemoteTask, restart_after_freeze
+from lazarus.remote import RemoteTask, call_error, is_error, restart_after_freeze
 
 
 def dump_registers(pid: int) -> dict[str, Any]:
@@ -54,8 +54,8 @@ class Reads:
     def checked(self, i: int, what: str) -> int:
         """The result of call `i`, or KernelError as an unbatched RemoteTask.syscall would raise."""
         ret = self._results[i]
-        if -4096 < ret < 0:
-            raise KernelError(f"{what} in task {self.task.pid}", -ret, pid=self.task.pid)
+        if is_error(ret):
+            raise call_error(ret, -1, what, self.task.pid)
         return ret
 
     def data(self, addr: int, size: int) -> bytes:

@@ -35,6 +35,7 @@ class Frozen:
     watchdog: Watchdog
     was_stopped: bool  # in a job-control stop before the dump: stays stopped whatever happens
     threads: list[int] = field(default_factory=list)
+    held: dict[int, list[str]] = field(default_factory=dict)  # pending SIGCONTs our SIGSTOP discards (dump/sigcont.py)
 
 
 def precheck_child(pid: int) -> procfs.Stat:

@@ -17,7 +17,9 @@ and the original crashes or runs deaf. Two things prevent it:
    of ours) needs memory we can only make by an injection that is itself unprotected.
    The price of the stop is that it is a real job-control stop: the parent gets SIGCHLD with CLD_STOPPED and
    then CLD_CONTINUED (a shell sees its job stop and continue). The program itself does not see the SIGCONT
-   (continue_quietly() takes it away at its delivery stop) unless it blocks SIGCONT (then it stays pending).
+   (continue_quietly() takes it away at its delivery stop, or, if the program blocks SIGCONT, by an injected
+   rt_sigtimedwait, with the SIGCONTs it had pending queued back: dump/sigcont.py; the dump leaves those
+   injections to the watchdog, Watchdog.resume, since they run after the stop has ended).
 2. A watchdog process, forked before the seize (double fork, own session: not our child, not in our
    process group, and small, so neither a kill of the dump's group nor the OOM killer's choice takes it), is
    told the original registers, mask and syscall address before any of them change, and every scratch
@@ -81,11 +83,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from lazarus.dump import sigcont
 from lazarus.errors import KernelError, LazarusError, NoSuchTask
 from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.syscall import keep_only_fd
 from lazarus.logs import getLogger
-from lazarus.remote import RemoteTask, restart_after_freeze, scratch_present
+from lazarus.remote import RemoteTask, find_syscall_insn, restart_after_freeze, scratch_present
 
 log = getLogger(__name__)
 
@@ -114,6 +117,9 @@ class JournalState:
     # Descriptors the dump gave the task (dump/selfwrite.py): (address in scratch of the socket pair's two fd
     # numbers, -1 until made; st_dev and st_ino of the page file), until they are closed again.
     target_fds: tuple[int, int, int] | None = None
+    # Blocked SIGCONTs pending before our SIGSTOP discarded them (dump/sigcont.py): queued back when let go.
+    held: sigcont.Held = field(default_factory=dict)
+    resume: bool = False  # asked to let the original go (Watchdog.resume), not repairing after a death
 
     def apply(self, msg: dict) -> None:
         kind = msg.get("t")
@@ -128,6 +134,8 @@ class JournalState:
             self.stopping = True
         elif kind == "was-stopped":
             self.was_stopped = True
+        elif kind == "held-cont":
+            self.held = sigcont.from_json(msg["held"])
         elif kind == "saved":
             self.clean = False  # a new injection session (the fd code's injector after the main one)
             self.regs = bytes.fromhex(msg["regs"])
@@ -145,6 +153,8 @@ class JournalState:
             self.target_fds = None
         elif kind == "release":
             self.released = True
+        elif kind == "resume":
+            self.resume = True
 
 
 class Watchdog:
@@ -226,6 +236,9 @@ class Watchdog:
         """The task was stopped before the dump: repair() leaves it in its stop instead of continuing it."""
         self._send({"t": "was-stopped"})
 
+    def held_cont(self, held: sigcont.Held) -> None:
+        self._send({"t": "held-cont", "held": sigcont.to_json(held)})
+
     def saved(self, regs: abi.user_regs_struct, mask: int, syscall_ip: int) -> None:
         self._send({"t": "saved", "regs": bytes(regs).hex(), "mask": mask, "ip": syscall_ip})
 
@@ -249,6 +262,23 @@ class Watchdog:
     def for_thread(self, tid: int) -> ThreadJournal:
         """The journal of an injection into another thread of the process (its registers and mask)."""
         return ThreadJournal(self, tid)
+
+    def resume(self, timeout: float = 10.0) -> str:
+        """Have the watchdog let the original go (repair(): its state is clean, it is detached in our group stop),
+        and wait until it did. For a task that blocks SIGCONT, whose letting go takes injected calls after our
+        stop has ended (dump/sigcont.py put_back): should the dump die then, the task would run on injected
+        registers; the watchdog outlives such a death. Returns what it did; raises if it gave no answer."""
+        self._send({"t": "resume"})
+        try:
+            r, _, _ = select.select([self._sock], [], [], timeout)
+            answer = self._sock.recv(_MAX_MSG) if r else b""
+        except OSError:
+            answer = b""
+        self.close()
+        if not answer.startswith(b"resumed:"):
+            raise LazarusError(f"the dump's watchdog (pid {self.pid}) did not let pid {self.state.pid} go",
+                               pid=self.state.pid)
+        return answer[len(b"resumed:"):].decode(errors="replace")
 
     def release(self) -> None:
         """The original is as it was (or killed on purpose): the watchdog exits without touching it."""
@@ -341,7 +371,7 @@ def repair(st: JournalState) -> str:
         return "gone"
     if why is not None:
         if why.startswith("not stopped") and (st.regs is None or st.clean):
-            return f"nothing changed in it; {why}"
+            return f"nothing changed in it; {why}" + _requeue_held(st)
         return f"cannot repair: {why}"
     for _ in range(1000):
         try:
@@ -376,7 +406,13 @@ def repair(st: JournalState) -> str:
     if st.was_stopped:
         ptrace.detach(st.pid)  # back into the stop it was in before the dump
         return "registers and signal mask put back, left stopped as it was" + undone
-    continue_quietly(st.pid, remote.saved_mask)
+    extra = _seize_held_threads(st)
+    try:
+        continue_quietly(st.pid, remote.saved_mask, syscall_ip=st.syscall_ip, held=st.held, threads=extra)
+    finally:
+        for tid in extra:
+            with contextlib.suppress(LazarusError):
+                ptrace.detach(tid)
     if st.clean:
         return "continued (its state was already put back)"
     what = "registers and signal mask put back" if st.regs is not None else "continued"
@@ -405,6 +441,54 @@ def _close_target_fds(remote: RemoteTask, fds: tuple[int, int, int], scratch: bo
     for k in sorted(set(mine)):
         remote.raw(abi.SYS.close, k)
     return f", closed fds {', '.join(map(str, sorted(set(mine))))} the dump gave it" if mine else ""
+
+
+def _seize_held_threads(st: JournalState) -> list[int]:
+    """The other threads with held SIGCONTs of their own (dump/sigcont.py), seized in our group stop for
+    put_back(); those that cannot be are left out (their SIGCONT is then lost)."""
+    out = []
+    for tid in st.held:
+        if tid in (0, st.pid):
+            continue
+        try:
+            ptrace.seize(tid, abi.PTRACE_O_TRACESYSGOOD)
+            _wait_event_stop(tid)
+        except LazarusError:
+            continue
+        out.append(tid)
+    return out
+
+
+def _requeue_held(st: JournalState) -> str:
+    """In a task our SIGSTOP never stopped (its delivery failed) but whose pending SIGCONTs it discarded: queue
+    those back (dump/sigcont.py). A SIGCONT still pending (no SIGSTOP was sent) keeps its place: a standard
+    signal is queued once."""
+    if not st.held:
+        return ""
+    seized: list[int] = []
+    try:
+        for tid in [st.pid, *(t for t in st.held if t not in (0, st.pid))]:
+            try:
+                ptrace.seize(tid, abi.PTRACE_O_TRACESYSGOOD)
+            except NoSuchTask:
+                continue  # a thread that has exited
+            except KernelError as e:
+                # Still ours: a failed dump could not detach a thread it had let run (this runs in the dump then).
+                if e.errno != errno.EPERM or procfs.read_status(st.pid, tid).tracer_pid != os.getpid():
+                    raise
+            seized.append(tid)
+            ptrace.interrupt(tid)
+            _wait_event_stop(tid)
+        ip = st.syscall_ip or _vdso_syscall(st.pid)
+        if ip:
+            sigcont.put_back(st.pid, ip, st.held, [t for t in seized if t != st.pid])
+    except LazarusError as e:
+        return f"; its pending SIGCONT could not be queued back: {e}"
+    finally:
+        for tid in seized:
+            with contextlib.suppress(LazarusError):
+                ptrace.detach(tid)
+    return "; its pending SIGCONT queued back"
 
 
 def _repair_threads(st: JournalState) -> str:
@@ -438,17 +522,33 @@ def _repair_threads(st: JournalState) -> str:
     return f", threads {', '.join(map(str, done))} put back" if done else ""
 
 
-def continue_quietly(pid: int, mask: int) -> None:
+def continue_quietly(pid: int, mask: int, *, syscall_ip: int = 0, held: sigcont.Held | None = None,
+                     threads: list[int] | None = None, watchdog: Watchdog | None = None) -> None:
     """End our group stop and detach, without the program receiving the SIGCONT that ends it.
 
     We are the tracer; the task is in an event stop with its own registers and mask back. While traced, the
     SIGCONT waits in the queue for us: we take it at its signal-delivery stop and detach suppressing it, so a
-    SIGCONT handler does not run for our stop. A blocked SIGCONT cannot be taken that way: it then stays
-    pending, as after `kill -CONT`. Should we die in between, the kernel delivers it: the state is back by then.
+    SIGCONT handler does not run for our stop. A blocked SIGCONT cannot be taken that way: it stays pending, so
+    it is taken away by an injected rt_sigtimedwait, and the SIGCONTs the program had pending before our
+    SIGSTOP discarded them (`held`, dump/sigcont.py) are queued back (`threads`: its other threads, still
+    seized, for those on their own queues). Should we die in between, the kernel delivers it: the state is
+    back by then. `watchdog`: the dump's, alive; the calls that need injection after our stop has ended are left
+    to it (Watchdog.resume), with `threads` let go first into our stop.
     """
-    if mask & (1 << (signal.SIGCONT - 1)):
+    if mask & sigcont.CONT_BIT:
+        if watchdog is not None and watchdog.alive:
+            for tid in threads or []:
+                with contextlib.suppress(NoSuchTask):  # exited, or let go already (a second try)
+                    ptrace.detach(tid)  # else raise: a thread still ours could not be reached by the watchdog
+            ptrace.detach(pid)  # its state is back: in our group stop, as after a death of the dump
+            watchdog.resume()
+            return
+        ip = syscall_ip or _vdso_syscall(pid)
+        if ip:
+            sigcont.put_back(pid, ip, held or {}, threads or [])  # ends the group stop
+        else:  # pragma: no cover - no vdso: ours stays pending
+            os.kill(pid, signal.SIGCONT)
         ptrace.detach(pid)
-        os.kill(pid, signal.SIGCONT)
         return
     os.kill(pid, signal.SIGCONT)
     deliver = 0
@@ -471,6 +571,15 @@ def continue_quietly(pid: int, mask: int) -> None:
                 return
             deliver = s.stop_sig  # another signal came first: deliver it as the kernel would
     ptrace.detach(pid)  # pragma: no cover - a signal storm: give up being quiet
+
+
+def _vdso_syscall(pid: int) -> int:
+    """A `syscall` instruction in the task's vdso, or 0."""
+    with contextlib.suppress(LazarusError, OSError):
+        for v in procfs.read_maps(pid):
+            if v.path == "[vdso]":
+                return find_syscall_insn(pid, v.start, v.end) or 0
+    return 0
 
 
 def _wait_event_stop(pid: int) -> None:
@@ -516,10 +625,16 @@ def _watchdog_main(sock_fd: int, pid: int, start: int) -> int:
             st.apply(json.loads(data))
         if st.released:
             return 0
+        if st.resume:
+            break
     try:
         what = repair(st)
     except LazarusError as e:
         what = f"repair failed: {e}"
+    if st.resume:
+        with contextlib.suppress(OSError):
+            sock.send(f"resumed:{what}".encode())
+        return 0
     with contextlib.suppress(OSError):
         sys.stderr.write(f"lazarus: watchdog: the dump of pid {pid} died; pid {pid}: {what}\n")
         sys.stderr.flush()

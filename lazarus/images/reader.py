@@ -213,16 +213,22 @@ class PageFile:
         start = chunk * CHUNK_SIZE
         if self._fd >= 0 and time.monotonic() - self._size_checked > 0.002:
             # At most every 2 ms: an fstat per 64 KiB chunk cost the lazy server up to 10% of its rate.
-            try:
-                now = os.fstat(self._fd).st_size
-            except OSError as e:
-                raise ImageError(f"{self.name}: cannot stat: {e.strerror}") from e
-            if now < self.size:
-                raise ImageError(f"{self.name}: truncated to {now} bytes while in use, expected {self.size}")
-            self._size_checked = time.monotonic()
+            self.check_size()
         if xxhash.xxh3_64_intdigest(mv[start:start + CHUNK_SIZE]) != self._sums[chunk]:
             raise _chunk_error(self.name, chunk, self.size)
         self._verified[chunk >> 3] |= 1 << (chunk & 7)
+
+    def check_size(self) -> None:
+        """Raise ImageError if the file is now shorter than when it was opened (cut short while mapped)."""
+        if self._fd < 0:
+            return
+        try:
+            now = os.fstat(self._fd).st_size
+        except OSError as e:
+            raise ImageError(f"{self.name}: cannot stat: {e.strerror}") from e
+        if now < self.size:
+            raise ImageError(f"{self.name}: truncated to {now} bytes while in use, expected {self.size}")
+        self._size_checked = time.monotonic()
 
     @property
     def nchunks(self) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lazarus.images.format import PAGE_SIZE
+
 
 def fd_target(f: dict[str, Any]) -> str:
     """What `show` prints as an fd's target."""
@@ -36,6 +38,16 @@ def _shared_target(f: dict[str, Any], shared: dict[str, dict[str, Any]]) -> str:
     return f"{f.get('shared')} ({fd_target(d)})" if isinstance(d, dict) and "type" in d else str(f.get("shared"))
 
 
+def _pages_within(ranges: list[list[int]], start: int, end: int) -> int:
+    """Pages of the [start, npages] ranges that lie in [start, end)."""
+    n = 0
+    for s, count in ranges:
+        lo, hi = max(s, start), min(s + count * PAGE_SIZE, end)
+        if hi > lo:
+            n += (hi - lo) // PAGE_SIZE
+    return n
+
+
 def summary(img: Any) -> dict[str, Any]:
     """The summary of opened image `img`: format, tasks (registers, threads, VMAs, fds, signals), files.
 
@@ -59,8 +71,13 @@ def summary(img: Any) -> dict[str, Any]:
     from lazarus.images.shared import fd_table_tops
     tops = fd_table_tops(img.json("shared.json") if "shared.json" in img.files else None,
                          {p: n.ppid for p, n in img.tree.nodes.items()})
+    from lazarus.images.format import COW_FILE
+    # Copy-on-write pages a child keeps from its parent at restore (dump/cow.py): in no page file of the child's.
+    cow = img.json(COW_FILE) if COW_FILE in img.files else {}
     for pid in img.tasks:
         t = img.task(pid)
+        inherited = (cow.get(str(pid)) or {}).get("inherited") or []
+        parent = img.tree.nodes[pid].ppid if pid in img.tree.nodes else 0
         check_threads(t, f"task-{pid}.json")
         lazy_ids = lazy_object_ids(t["mm"], t["files"])
         objects = {o["id"]: o for o in t["mm"]["objects"]}
@@ -77,6 +94,9 @@ def summary(img: Any) -> dict[str, Any]:
             if obj is not None and "content" in obj:
                 # Its pages are in the storing process's file: count them there, say whose.
                 vma.update(pages=stored.get(obj.get("shared"), 0), stored_by=obj["content"])
+            kept = _pages_within(inherited, v["start"], v["end"])
+            if kept:
+                vma.update(inherited=kept, inherited_from=parent)
             vmas.append(vma)
         fds = [{"fd": f["fd"], "type": f["type"], "target": _shared_target(f, shared),
                 "flags": f"{f['flags']:o}", "pos": f["pos"], "cloexec": f["cloexec"]} for f in t["files"]]
@@ -94,6 +114,8 @@ def summary(img: Any) -> dict[str, Any]:
                         "pending": len(t["signals"]["pending_thread"]) + len(t["signals"]["pending_shared"]),
                         "handlers": sum(1 for a in t["signals"]["actions"] if a[0] > 1)},
         })
+        if inherited:
+            out["tasks"][-1].update(inherited_pages=sum(v.get("inherited", 0) for v in vmas), inherited_from=parent)
         if any("stored_by" in v for v in vmas):
             # "pages" counts what its own page file holds; the objects another process stores apart.
             mine = [v for v in vmas if "stored_by" not in v]

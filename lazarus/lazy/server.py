@@ -41,6 +41,7 @@ threads of one parent forking at once). Until then the child is served anonymous
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import select
@@ -459,7 +460,7 @@ class LazyServer:
                 self._lose(p, str(e))
                 return
             except KernelError as e:
-                self._lose(p, f"{p.source.name}: UFFDIO_COPY failed: {e}")
+                self._lose(p, self._copy_failure(p, e))
                 return
             if out is Outcome.DONE:
                 self._latencies.append(perf_counter_ns() - t_read)
@@ -565,7 +566,7 @@ class LazyServer:
         except PageSourceLost as e:
             self._lose(p, str(e))
         except KernelError as e:
-            self._lose(p, f"{p.source.name}: UFFDIO_COPY failed: {e}")
+            self._lose(p, self._copy_failure(p, e))
         return None
 
     def _fill_slow(self, p: _Proc, start: int, npages: int, fidx: int, n: int, out: Outcome,
@@ -716,7 +717,7 @@ class LazyServer:
             return Outcome.GONE
         for (start, npages, fidx), r in ((first, r1), (second, r2)):
             if isinstance(r, KernelError):
-                self._lose(p, f"{p.source.name}: UFFDIO_COPY failed: {r}")
+                self._lose(p, self._copy_failure(p, r))
                 return Outcome.GONE
             if p.key not in self._procs:
                 return Outcome.GONE
@@ -996,6 +997,19 @@ class LazyServer:
             src.close()
         except Exception as e:  # noqa: BLE001 - never the end of serving the others
             log.debug("%s: closing the page source failed: %s", src.name, e)
+
+    @staticmethod
+    def _copy_failure(p: _Proc, e: KernelError) -> str:
+        """Why a UFFDIO_COPY from p's source failed. An unreadable source (EFAULT, EIO) is asked first: a page
+        file cut short under a chunk verified before shows only as EFAULT here, and the cause must not depend on
+        whether its size was looked at since (images/reader.py checks it at most every 2 ms)."""
+        why = getattr(p.source, "why_unreadable", None)
+        if e.errno in (errno.EFAULT, errno.EIO) and why is not None:
+            with contextlib.suppress(Exception):
+                cause = why()
+                if cause:
+                    return cause
+        return f"{p.source.name}: UFFDIO_COPY failed: {e}"
 
     def _lose(self, p: _Proc, reason: str) -> None:
         """The page source failed for p: kill it (and wait, bounded, for it to be gone) before its uffd is

@@ -150,6 +150,14 @@ class ImagePageSource:
         except ImageError as e:
             raise PageSourceLost(f"{self.name}: {e}") from e
 
+    def why_unreadable(self) -> str | None:
+        """What is wrong with the page file, now that a copy from it failed (None: nothing seen)."""
+        try:
+            self._pf.check_size()
+        except ImageError as e:
+            return f"{self.name}: {e}"
+        return None
+
     def _verify_chunks(self, first: int, last: int, file_index: int) -> None:
         v = self._verified
         if last >= len(v):

@@ -286,11 +286,7 @@ class SpaceBuilder:
         high = t.syscall(abi.SYS.fcntl, fd, abi.F_DUPFD, hold_above)
         t.syscall(abi.SYS.close, fd)
         if content["pages"] and obj["id"] not in lazy_ids:
-            wfd = os.open(f"/proc/{self.pid}/fd/{high}", os.O_WRONLY)
-            try:
-                _write_runs(wfd, content, page_file, self.verify)
-            finally:
-                os.close(wfd)
+            _write_runs_into(f"/proc/{self.pid}/fd/{high}", os.O_WRONLY, content, page_file, self.verify)
         if obj["kind"] == "memfd":
             self._owner_and_mode(f"/proc/{self.pid}/fd/{high}", obj)
             if seals != SEALS_NONE:
@@ -325,15 +321,11 @@ class SpaceBuilder:
         path = private.name_in(top, obj["path"], "file")
         try:
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                _write_runs_into(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 content or obj, page_file, self.verify, create=obj["size"])
             except OSError as e:
                 raise RestoreError(f"cannot recreate deleted file {obj['path']}: {e.strerror}",
                                    stage="memory", path=obj["path"]) from e
-            try:
-                os.ftruncate(fd, obj["size"])
-                _write_runs(fd, content or obj, page_file, self.verify)
-            finally:
-                os.close(fd)
             t = self.task
             tfd = t.syscall(abi.SYS.openat, abi.AT_FDCWD & _NEG1, t.cstring(path), abi.O_RDWR | abi.O_NOFOLLOW, 0,
                             what=f"open recreated {path}")
@@ -422,11 +414,7 @@ class SpaceBuilder:
         """The content of a segment this task made, written once through one of its attaches (map_files)."""
         v = next(v for v in vmas if v.get("object") == obj["id"])
         path = f"/proc/{self.pid}/map_files/{v['start']:x}-{v['end']:x}"
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            _write_runs(fd, content, page_file, self.verify)
-        finally:
-            os.close(fd)
+        _write_runs_into(path, os.O_RDWR | os.O_CLOEXEC, content, page_file, self.verify)
 
     def _map_all(self, vmas: list[dict[str, Any]], fds: dict[int, int]) -> None:
         b = self.task.batch()
@@ -594,6 +582,19 @@ class SpaceBuilder:
             if clipped:
                 picked.append({**v, "pages": clipped})
         return self.write_pages(picked, page_file, skip_lazy=False)
+
+
+def _write_runs_into(path: str, flags: int, obj: dict[str, Any], page_file: Any, verify: bool, *,
+                     create: int | None = None) -> None:
+    """Open `path` (the object's file: the task's fd of it, its mapping, or a new file of `create` bytes, mode
+    0600), write the object's saved runs into it (_write_runs), close it."""
+    fd = os.open(path, flags, 0o600)
+    try:
+        if create is not None:
+            os.ftruncate(fd, create)
+        _write_runs(fd, obj, page_file, verify)
+    finally:
+        os.close(fd)
 
 
 def _write_runs(fd: int, obj: dict[str, Any], page_file: Any, verify: bool) -> None:
