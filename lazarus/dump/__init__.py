@@ -9,9 +9,7 @@ import errno
 import os
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from lazarus.dump import cow, sharefds, sigcont
 from lazarus.dump.core import Reads, dump_registers, dump_thread, queue_misc, queue_signals, queue_xcomp_perm
@@ -43,12 +41,17 @@ from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.syscall import start_writeback
 from lazarus.kernel.xstate import parse_xstate
 from lazarus.logs import getLogger
+from lazarus.records import record
 from lazarus.remote import RemoteTask, find_syscall_insn, restart_after_freeze
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 log = getLogger(__name__)
 
 
-@dataclass
+@record
 class DumpResult:
     pid: int
     directory: Path

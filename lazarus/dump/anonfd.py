@@ -17,13 +17,16 @@ import os
 import re
 import termios
 import time
-from typing import Any
 
 from lazarus.errors import KernelError, Unsupported
 from lazarus.kernel import abi
 from lazarus.kernel.anonfd import epoll_target_is, open_by_handle, timerfd_gettime
 from lazarus.kernel.pidfd import PidFd
 from lazarus.kernel.procfs import FdInfo
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 KINDS = {"anon_inode:[eventfd]": "eventfd", "anon_inode:[signalfd]": "signalfd",
          "anon_inode:[timerfd]": "timerfd", "anon_inode:[eventpoll]": "epoll", "anon_inode:inotify": "inotify"}

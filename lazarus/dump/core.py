@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable
-from typing import Any
 
 from lazarus.dump.timers import dump_timers
 from lazarus.errors import KernelError, Unsupported
@@ -13,6 +12,10 @@ from lazarus.kernel import abi, ptrace
 from lazarus.kernel.procfs import Status, read_limits, read_stat, read_status
 from lazarus.kernel.syscall import get_robust_list
 from lazarus.remote import RemoteTask, call_error, is_error, restart_after_freeze
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def dump_registers(pid: int) -> dict[str, Any]:

@@ -15,7 +15,6 @@ import re
 import stat as statmod
 import struct
 from collections.abc import Callable
-from typing import Any
 
 from lazarus.dump.anonfd import check_epolls, describe_anon
 from lazarus.dump.unixsk import UnixSockets
@@ -27,6 +26,10 @@ from lazarus.kernel.pidfd import pidfd_getfd, pidfd_open
 from lazarus.kernel.procfs import FdInfo, fd_locks, parse_lock, read_fdinfo, read_mount_points, read_stat
 from lazarus.kernel.syscall import same_fd_table, same_file_description, tee
 from lazarus.remote import RemoteTask
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 # (major, minor) of character devices whose open file carries no state worth saving.
 _PIPE = re.compile(r"pipe:\[(\d+)\]")

@@ -5,11 +5,14 @@ led by another process is refused unless the user asks for it to be replaced (`-
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from lazarus.errors import Unsupported
 from lazarus.kernel import cgroups
 from lazarus.kernel.procfs import Stat
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def check_namespaces(pid: int) -> None:

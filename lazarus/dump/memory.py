@@ -39,8 +39,6 @@ import os
 import stat as statmod
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
 
 from lazarus.dump import selfwrite
 from lazarus.dump.thp import huge_runs
@@ -52,6 +50,10 @@ from lazarus.kernel.pagemap import Pagemap
 from lazarus.kernel.procfs import Vma
 from lazarus.kernel.syscall import buffer_address, populate_write
 from lazarus.remote import RemoteTask
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 SPECIAL = {"[vdso]": "vdso", "[vvar]": "vvar", "[vvar_vclock]": "vvar_vclock"}
 # Bytes a copy thread reads, hashes and writes at a time (a multiple of the 64 KiB chunk). Measured on 512 MiB:
@@ -137,19 +139,21 @@ def _pread_file(fd: int, view: memoryview, batch: list[tuple[int, int]]) -> None
             off, pos, n = off + got, pos + got, n - got
 
 
-@dataclass
 class _Source:
     """A stretch of the page file to fill: task memory (`runs` of (address, length), read with
     process_vm_readv, or through /proc/PID/mem if the task cannot read it itself) or an object's file
     (`fd` and runs of (offset, length))."""
 
-    runs: list[tuple[int, int]]
-    readable: bool = True
-    fd: int = -1
-    nbytes: int = field(init=False)
+    __slots__ = ("runs", "readable", "fd", "nbytes")
 
-    def __post_init__(self) -> None:
+    def __init__(self, runs: list[tuple[int, int]], readable: bool = True, fd: int = -1) -> None:
+        self.runs = runs
+        self.readable = readable
+        self.fd = fd
         self.nbytes = sum(n for _, n in self.runs)
+
+    def __repr__(self) -> str:
+        return f"_Source(runs={self.runs!r}, readable={self.readable!r}, fd={self.fd!r}, nbytes={self.nbytes!r})"
 
 
 Piece = tuple[int, list[tuple["_Source", list[tuple[int, int]]]], int]

@@ -8,9 +8,12 @@ and period are not readable through os, and admission control may refuse it else
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from lazarus.errors import Unsupported
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 SCHED_RESET_ON_FORK = 0x40000000
 # SCHED_OTHER, SCHED_FIFO, SCHED_RR, SCHED_BATCH, SCHED_IDLE (include/uapi/linux/sched.h)

@@ -21,20 +21,20 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from dataclasses import dataclass
 
 from lazarus.dump.sharing import Sharing, detect, refusals
 from lazarus.errors import LazarusError, NoSuchTask, Unsupported
 from lazarus.kernel import procfs
 from lazarus.kernel.kcmp import same_resource
 from lazarus.kernel.syscall import same_fd_table, same_file_across
+from lazarus.records import record
 
 _LATER = "objects shared between processes are not supported yet"
 # Open file descriptions a restore makes once and gives to every holder (dump/sharefds.py, restore/sharefds.py).
 SHAREABLE = ("file", "pipe", "fifo")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _Fd:
     pid: int
     fd: int

@@ -19,7 +19,6 @@ compares (restore/files.py verify), so each holder proves it got the one descrip
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from lazarus.dump.files import peek_pipe, peek_pipe_fd
 from lazarus.dump.shared import SHAREABLE
@@ -27,6 +26,10 @@ from lazarus.dump.sharing import Sharing
 from lazarus.errors import Unsupported
 from lazarus.kernel import abi
 from lazarus.kernel.pidfd import pidfd_getfd, pidfd_open
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 SHARED_JSON = "shared.json"
 # What stays with each fd; everything else of a record belongs to the description.

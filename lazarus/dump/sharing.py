@@ -27,15 +27,19 @@ import stat as statmod
 from array import array
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
 
 from lazarus.errors import KernelError, NoSuchTask
 from lazarus.images.ranges import Range, merge, subtract
 from lazarus.kernel import abi, kcmp, pfn, procfs
 from lazarus.kernel.procfs import Vma
+from lazarus.records import record
 
-T = TypeVar("T")
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
+    T = TypeVar("T")
+
 Holder = tuple[int, int]  # (pid, fd)
 SameFile = Callable[[Holder, Holder], bool]
 SameState = Callable[[int, int, str], bool]
@@ -43,7 +47,7 @@ STATE_KINDS = ("files", "fs", "vm", "sighand")
 
 
 # -- what procfs reports ----------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class FdSnap:
     """One fd as procfs shows it: the link target, the inode it opens (stat through the link), the status flags
     of its open file description (fdinfo, O_CLOEXEC left out: that one is the fd's) and its offset."""
@@ -56,7 +60,7 @@ class FdSnap:
     pos: int
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class TaskSnap:
     pid: int
     ppid: int
@@ -64,7 +68,7 @@ class TaskSnap:
     vmas: tuple[Vma, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class PageFrames:
     """The pagemap entries of one private mapping of a task: entries[i] is the page at start + i pages."""
     pid: int
@@ -109,7 +113,7 @@ def frames(snap: TaskSnap) -> list[PageFrames]:
 
 
 # -- records -------------------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class FileDescription:
     """One open file description held through fds of several tasks (or an end of a shared pipe)."""
     id: str
@@ -125,7 +129,7 @@ class FileDescription:
         return tuple(sorted({p for p, _ in self.holders}))
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Pipe:
     """A pipe or FIFO with fds in several tasks: its open file descriptions (ids), read ends then write ends.
     Its buffered data belongs to the pipe, not to a task: it is saved once."""
@@ -137,7 +141,7 @@ class Pipe:
     pids: tuple[int, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Mapping:
     pid: int
     start: int
@@ -146,7 +150,7 @@ class Mapping:
     shared: bool
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class MemoryObject:
     """Shared anonymous memory, SysV shm, a memfd or a deleted file, mapped (or held through fds) by several
     tasks: one object, one content, created once."""
@@ -162,7 +166,7 @@ class MemoryObject:
         return tuple(sorted({m.pid for m in self.mappings} | {p for p, _ in self.fds}))
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class SharedState:
     """Tasks sharing one fd table (CLONE_FILES), fs state (CLONE_FS), address space (CLONE_VM) or signal
     handler table (CLONE_SIGHAND) without being threads of one process."""
@@ -171,7 +175,7 @@ class SharedState:
     pids: tuple[int, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class SharedPages:
     """A run of `npages` private pages that several tasks map as the very same physical pages (copy-on-write
     after fork, written by none since). `at` gives where each holder maps the first one (consecutive pages
@@ -189,7 +193,7 @@ class SharedPages:
         return tuple(p for p, _ in self.at)
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Sharing:
     descriptions: tuple[FileDescription, ...] = ()
     pipes: tuple[Pipe, ...] = ()

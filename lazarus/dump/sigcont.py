@@ -22,11 +22,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from typing import Any
 
 from lazarus.errors import LazarusError, NoSuchTask
 from lazarus.kernel import abi, procfs, ptrace
 from lazarus.remote import RemoteTask
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 Held = dict[int, list[str]]  # tid -> SIGCONT siginfos (hex) on its queue; 0 -> the process queue
 

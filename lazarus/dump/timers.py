@@ -7,19 +7,21 @@ of the last delivered signal. A restore recreates each timer with its id (restor
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
-
 from lazarus.errors import DumpError, Unsupported
 from lazarus.kernel import abi
+from lazarus.records import fields, record
 from lazarus.remote import RemoteTask
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 _NOTIFY_KINDS = {"signal": abi.SIGEV_SIGNAL, "none": abi.SIGEV_NONE, "thread": abi.SIGEV_THREAD}
 _HRTIMER_CLOCKS = {abi.CLOCK_REALTIME: "CLOCK_REALTIME", abi.CLOCK_MONOTONIC: "CLOCK_MONOTONIC",
                    abi.CLOCK_BOOTTIME: "CLOCK_BOOTTIME", abi.CLOCK_TAI: "CLOCK_TAI"}
 
 
-@dataclass
+@record
 class ProcTimer:
     id: int
     signo: int
@@ -103,7 +105,7 @@ def dump_timers(task: RemoteTask) -> list[dict[str, Any]]:
             # (restore/timers.py); a new process's CPU clock has no such past.
             raise Unsupported(f"pid {pid}: POSIX timer {t.id} on {name} has overrun count {overrun}, which "
                               "cannot be restored on a CPU-time clock", pid=pid)
-        rec = asdict(t)
+        rec = {f.name: getattr(t, f.name) for f in fields(t)}
         rec.update({
             "clock_name": name,
             "interval": [spec.it_interval.tv_sec, spec.it_interval.tv_nsec],

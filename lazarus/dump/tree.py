@@ -15,19 +15,18 @@ group member whose group or session is not its parent's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from lazarus.dump.membership import check_namespaces
 from lazarus.dump.watchdog import Watchdog
 from lazarus.errors import DumpError, LazarusError, NoSuchTask, Unsupported
 from lazarus.images.tree import Node
 from lazarus.kernel import kcmp, procfs
 from lazarus.logs import getLogger
+from lazarus.records import field, record
 
 log = getLogger(__name__)
 
 
-@dataclass
+@record
 class Frozen:
     """A process of the tree in our group stop: its watchdog and the other threads we seized."""
 

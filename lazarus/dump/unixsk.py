@@ -12,13 +12,16 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from typing import Any
 
 from lazarus.errors import KernelError, Unsupported
 from lazarus.kernel import abi
 from lazarus.kernel.pidfd import PidFd
 from lazarus.kernel.procfs import FdInfo
 from lazarus.kernel.sockdiag import UnixSock, unix_sockets
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 # Integer options saved and set again where they differ from a new socket's (SOL_SOCKET level).
 INT_OPTIONS = {"sndbuf": abi.SO_SNDBUF, "rcvbuf": abi.SO_RCVBUF, "passcred": abi.SO_PASSCRED,

@@ -81,13 +81,13 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
 
 from lazarus.dump import sigcont
 from lazarus.errors import KernelError, LazarusError, NoSuchTask
 from lazarus.kernel import abi, procfs, ptrace
 from lazarus.kernel.syscall import keep_only_fd
 from lazarus.logs import getLogger
+from lazarus.records import field, record
 from lazarus.remote import RemoteTask, find_syscall_insn, restart_after_freeze, scratch_present
 
 log = getLogger(__name__)
@@ -97,7 +97,7 @@ _READY_TIMEOUT = 5.0
 _STOP_WAIT = 5.0  # how long repair() waits for the old tracer to be gone and the task to be in its stop
 
 
-@dataclass
+@record
 class JournalState:
     """Everything the watchdog was told; enough to put the original back."""
 

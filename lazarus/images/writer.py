@@ -14,7 +14,6 @@ from array import array
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 import xxhash
 
@@ -45,6 +44,10 @@ from lazarus.images.format import (
     xxh3,
 )
 from lazarus.images.reader import Image
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def _write_all(fd: int, data: memoryview, fname: str, pos: int | None = None, *, raw: bool = False) -> None:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-from dataclasses import dataclass
 
 from lazarus.errors import KernelError
 from lazarus.kernel import abi
+from lazarus.records import record
 
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _REQ = struct.Struct("=BBHIIIII")  # include/uapi/linux/unix_diag.h: struct unix_diag_req
@@ -21,7 +21,7 @@ _MSG = struct.Struct("=BBBBIII")  # struct unix_diag_msg
 _RTA = struct.Struct("=HH")
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class UnixSock:
     ino: int
     type: int  # SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET
