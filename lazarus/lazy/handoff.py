@@ -245,7 +245,9 @@ class Listener:
             uffd.close()
             pidfd.close()
             raise
-        self.server.add_process(pid, uffd, source, pidfd=pidfd)
+        # start_later: the verify-ahead fork of a large page file waits for the loop, after the answer, so that
+        # the process runs first (1 GiB then costs the restore what 64 MiB does)
+        self.server.add_process(pid, uffd, source, pidfd=pidfd, start_later=True)
         log.info("lazy-pages: serving pid %d from %s", pid, images)
 
     def _drop(self, conn: socket.socket) -> None:
