@@ -11,7 +11,11 @@
                                                  uffd is that task's (one page through it), add_process()
                                                  (the guard now holds a copy of the uffd and the pidfd)
     <----------------------------------------- {"ok": true} | {"ok": false, "error": "..."}
-    detach the task: it runs
+    detach the task: it runs                     then (its loop) the verify-ahead fork of a large page file
+
+A private daemon's request also carries "checked" (the self_check of the image the restore checked) and
+"features" (the uffd's, from the restore's UFFDIO_API): taken from its parent only (a socketpair), they spare
+it a second image check and the fdinfo read on the way to the answer.
 
 The restore lets the task run only after the server has answered, so there is no moment when the task runs
 and nobody holds its uffd. The server opens the image itself (metadata checks again, ~2 ms). Who may talk to
