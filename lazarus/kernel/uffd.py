@@ -420,18 +420,24 @@ class Uffd:
         return self
 
     @classmethod
-    def adopt(cls, fd: int, *, require_api: bool = True) -> Uffd:
+    def adopt(cls, fd: int, *, require_api: bool = True, features: int | None = None) -> Uffd:
         """Own a uffd fd obtained from elsewhere (pidfd_getfd, SCM_RIGHTS, a Fork event).
 
         The fd is made O_NONBLOCK (poll on a blocking uffd reports POLLERR) and close-on-exec. Its enabled
-        features are read from /proc/self/fdinfo.
+        features are read from /proc/self/fdinfo, unless `features` gives them: the caller was told them by
+        whoever made the uffd and did its UFFDIO_API (a restore handing it to its private daemon), and that
+        read (~0.4 ms) is on the way to the restored process's start.
         Raises:
             KernelError (ENOTTY) if fd is not a userfaultfd; KernelError(EINVAL) if require_api and no
             UFFDIO_API was done on it.
         """
-        info = fdinfo(os.getpid(), fd)
-        if require_api and not info.initialized:
-            raise KernelError(f"userfaultfd fd {fd}: no UFFDIO_API handshake was done on it", errno.EINVAL)
+        if features is None:
+            info = fdinfo(os.getpid(), fd)
+            if require_api and not info.initialized:
+                raise KernelError(f"userfaultfd fd {fd}: no UFFDIO_API handshake was done on it", errno.EINVAL)
+            features, initialized = info.features, info.initialized
+        else:
+            initialized = True
         try:
             fl = fcntl.fcntl(fd, fcntl.F_GETFL)
             if not fl & os.O_NONBLOCK:
@@ -439,7 +445,7 @@ class Uffd:
             os.set_inheritable(fd, False)
         except OSError as e:
             raise KernelError(f"fcntl userfaultfd fd {fd}", e.errno or errno.EIO) from None
-        return cls(fd, info.features, initialized=info.initialized)
+        return cls(fd, features, initialized=initialized)
 
     def api(self, features: int) -> int:
         """UFFDIO_API handshake enabling exactly `features`. Returns the enabled features (from fdinfo).

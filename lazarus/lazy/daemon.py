@@ -279,7 +279,7 @@ class Hand:
     def send(self, pid: int, uffd: Any) -> None:
         from lazarus.lazy.handoff import send_only
         try:
-            send_only(self.sock, pid, self.images, uffd.fd, self.checked)
+            send_only(self.sock, pid, self.images, uffd.fd, self.checked, uffd.features)
             self.pending.append(pid)
         finally:
             uffd.close()  # the server holds its own copy now

@@ -11,7 +11,11 @@
                                                  uffd is that task's (one page through it), add_process()
                                                  (the guard now holds a copy of the uffd and the pidfd)
     <----------------------------------------- {"ok": true} | {"ok": false, "error": "..."}
-    detach the task: it runs
+    detach the task: it runs                     then (its loop) the verify-ahead fork of a large page file
+
+A private daemon's request also carries "checked" (the self_check of the image the restore checked) and
+"features" (the uffd's, from the restore's UFFDIO_API): taken from its parent only (a socketpair), they spare
+it a second image check and the fdinfo read on the way to the answer.
 
 The restore lets the task run only after the server has answered, so there is no moment when the task runs
 and nobody holds its uffd. The server opens the image itself (metadata checks again, ~2 ms). Who may talk to
@@ -56,14 +60,19 @@ def send_process(sock: socket.socket, pid: int, images: Path, uffd_fd: int) -> N
     await_reply(sock, pid)
 
 
-def send_only(sock: socket.socket, pid: int, images: Path, uffd_fd: int, checked: str | None = None) -> None:
+def send_only(sock: socket.socket, pid: int, images: Path, uffd_fd: int, checked: str | None = None,
+              features: int | None = None) -> None:
     """The request of send_process() without waiting for its answer: a tree sends each process as soon as it is
     built, and the server checks it while the restore builds the next (await_reply() once per process, in
     order, before any of them runs). `checked`: the self_check of the inventory whose image the restore
-    checked whole (validate_image), which spares the private daemon that check of the same image."""
+    checked whole (validate_image), which spares the private daemon that check of the same image. `features`:
+    the uffd's enabled features (the restore did its UFFDIO_API), which spares the private daemon reading them
+    from fdinfo."""
     req: dict[str, Any] = {"pid": pid, "images": str(Path(images).resolve())}
     if checked is not None:
         req["checked"] = checked
+    if features is not None:
+        req["features"] = features
     msg = json.dumps(req).encode()
     sock.settimeout(REPLY_TIMEOUT)
     try:
@@ -179,8 +188,12 @@ class Listener:
                 raise ProtocolError(f"expected one userfaultfd, got {len(fds)} descriptors")
             req = json.loads(msg)
             checked = req.get("checked")
+            # What the uffd's features are is taken from our parent, the restore behind a socketpair (connected),
+            # which made it; any other peer's uffd is read (fdinfo) for them and for being a uffd at all.
+            features = req.get("features") if self.connected else None
             self._add(peer, int(req["pid"]), Path(req["images"]), fds.pop(),
-                      checked if isinstance(checked, str) else None)
+                      checked if isinstance(checked, str) else None,
+                      features if type(features) is int and features >= 0 else None)
             self.received += 1
             self._idle_since = None
         except (LazarusError, ValueError, KeyError, TypeError) as e:
@@ -196,7 +209,8 @@ class Listener:
         # A connection stays open for the next process of the same restore (a tree hands them over one after
         # the other); it is dropped when the restore closes it (above).
 
-    def _add(self, peer: Peer, pid: int, images: Path, fd: int, checked: str | None = None) -> None:
+    def _add(self, peer: Peer, pid: int, images: Path, fd: int, checked: str | None = None,
+             features: int | None = None) -> None:
         from lazarus.images import Image
         from lazarus.images.mm import lazy_object_ids, served_vmas
         from lazarus.images.validate import validate_image
@@ -209,7 +223,7 @@ class Listener:
             os.close(fd)
             raise
         try:
-            uffd = Uffd.adopt(fd)
+            uffd = Uffd.adopt(fd, features=features)
         except BaseException:
             os.close(fd)
             pidfd.close()
@@ -232,7 +246,7 @@ class Listener:
                 self._images[str(images)] = (ident, img)
             # The image knows the task by its own pid, which differs from `pid` (ours) under restore --pidns;
             # `pid` is held by pidfd and stopped, so its number cannot have moved to another task.
-            ipid = own_pid(pid)
+            ipid = _own_pid(pid)
             task = img.task(ipid)
             mm = task["mm"]
             uffd.task_fd = find_anchor(pid, uffd.fd)  # the task has not run yet: its only copy is the anchor
@@ -245,7 +259,9 @@ class Listener:
             uffd.close()
             pidfd.close()
             raise
-        self.server.add_process(pid, uffd, source, pidfd=pidfd)
+        # start_later: the verify-ahead fork of a large page file waits for the loop, after the answer, so that
+        # the process runs first (1 GiB then costs the restore what 64 MiB does)
+        self.server.add_process(pid, uffd, source, pidfd=pidfd, start_later=True)
         log.info("lazy-pages: serving pid %d from %s", pid, images)
 
     def _drop(self, conn: socket.socket) -> None:
@@ -256,6 +272,22 @@ class Listener:
         if self.open:
             self.open = False
             self._drop(self.sock)
+
+
+_OUR_PIDNS: list[str] = []  # the link of our own /proc/self/ns/pid, read once
+
+
+def _own_pid(pid: int) -> int:
+    """procfs.own_pid(pid), without reading and parsing the task's status (~0.15 ms) when it is in our own PID
+    namespace (its ns/pid link is ours: the plain restore), where its id there is `pid` itself."""
+    try:
+        if not _OUR_PIDNS:
+            _OUR_PIDNS.append(os.readlink("/proc/self/ns/pid"))
+        if os.readlink(f"/proc/{pid}/ns/pid") == _OUR_PIDNS[0]:
+            return pid
+    except OSError:
+        pass  # own_pid reports it
+    return own_pid(pid)
 
 
 def _inventory_id(directory: str) -> tuple[int, int, int]:

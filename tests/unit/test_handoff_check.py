@@ -40,11 +40,11 @@ def add(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
     checks: list[Any] = []
     monkeypatch.setattr(validate, "validate_image", checks.append)
     monkeypatch.setattr(trust, "verify_named_task", lambda _peer, _pid: _Closable())
-    monkeypatch.setattr(handoff.Uffd, "adopt", staticmethod(lambda _fd: _Closable()))
+    monkeypatch.setattr(handoff.Uffd, "adopt", staticmethod(lambda _fd, **_kw: _Closable()))
 
     def stop(_pid: int) -> int:
         raise Reached
-    monkeypatch.setattr(handoff, "own_pid", stop)
+    monkeypatch.setattr(handoff, "_own_pid", stop)
     (tmp_path / "inventory.json").write_text("{}")
     img = SimpleNamespace(inventory={"self_check": "0123456789abcdef"})
     socks: list[socket.socket] = []
