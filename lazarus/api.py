@@ -81,16 +81,14 @@ class Restoration:
     seeded: bool = False  # cloned from the seed prepare_restore() made (restore/seed.py)
     _serving: Serving | None = field(default=None, repr=False)
 
-    def serve(self, status: socket.socket | None = None, *, hold: float = 0.0) -> dict[str, Any]:
+    def serve(self, status: socket.socket | None = None) -> dict[str, Any]:
         """A lazy restore served here: serve its pages until it has them all (or exited), then stop the
         server. Returns the transfer statistics. Nothing to do (empty stats) otherwise. `status`: a listening
         SOCK_SEQPACKET socket (trust.listen_private) on which to answer status requests meanwhile
-        (lazy/daemon.py query_status). `hold`: seconds during which only faults are served, before the
-        background transfer starts (LazyServer.hold_background)."""
+        (lazy/daemon.py query_status)."""
         if self._serving is None:
             return {}
         try:
-            self._serving.server.hold_background = hold
             if status is not None:
                 self._serving.answer_status(status)
             return self._serving.run()

@@ -70,10 +70,6 @@ log = getLogger("lazarus.service")
 
 MAX_BODY = 1 << 20
 REFILL_DELAY = 0.25  # seconds a spare's replacement waits at most for the request it replaces to be answered
-# Seconds after the answer during which a lazy restore's pages come only by fault: the client is woken with
-# its answer and the process starts then; the background transfer (and a verifier's fork) would take a CPU
-# from them on 2 CPUs. Faults are served at once meanwhile.
-BACKGROUND_HOLD = 0.005
 _ANSWERED = 1 << 31  # on the pool's pipe: the worker whose pid this flags has answered its client
 REQUEST_TIMEOUT = 30.0
 _ID = re.compile(r"[0-9a-f]{16}")
@@ -383,7 +379,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         # The client has its answer; a failure from here on has no one to go to but the log.
         try:
             if status is not None:
-                r.serve(status=status.sock, hold=BACKGROUND_HOLD)
+                r.serve(status=status.sock)
         except Exception:  # noqa: BLE001 - the guard saw to the process if its pages were lost
             log.exception("restore %s (pid %d): serving its pages failed", rid, r.pid)
         finally:

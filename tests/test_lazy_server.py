@@ -182,45 +182,6 @@ def test_a_source_started_later_starts_with_the_loop(helpers, page_file, monkeyp
     assert pf.unchecked_chunks() == [], "chunks copied in without a checksum check"
 
 
-def test_background_held_serves_faults_meanwhile(helpers, page_file, monkeypatch):
-    """hold_background (the service's, right after its answer): for that long only faults are served, at once;
-    no background step and no deferred source start (a verifier's fork) before it ends. One process faults
-    its pages in meanwhile; another touches nothing, so its pages can only come by the background after it."""
-    monkeypatch.setattr(ImagePageSource, "VERIFY_AHEAD_MIN", 0)
-    hold = 0.3
-    h1 = helpers(npages=512, hole_every=0, seed=21, scenario="rread")
-    h2 = helpers(npages=512, hole_every=5, seed=22, scenario="idle")
-    pf1, pf2 = page_file(512, 0, 21), page_file(512, 5, 22)
-    server = LazyServer(background=True)
-    server.hold_background = hold
-    add(server, h1, pf1)
-    source2 = ImagePageSource(h2.vmas(), pf2, name=pf2.name)
-    server.add_process(h2.pid, h2.take_uffd(), source2, start_later=True)
-    events: list[tuple[str, float]] = []
-
-    def traced(name, fn):
-        def call(*a, **kw):
-            events.append((name, time.monotonic()))
-            return fn(*a, **kw)
-        return call
-    for name, attr in (("step", "_background_step"), ("fault", "_serve_fault"), ("start", "_start_sources")):
-        monkeypatch.setattr(server, attr, traced(name, getattr(server, attr)))
-    t0 = time.monotonic()
-    stats = serve(server, [h1])  # h2 waits for its SIGUSR2 until every page of it is in
-    expect_pass(h1)
-    h2.go()
-    expect_pass(h2)
-    procs = {p["pid"]: p for p in stats["processes"]}
-    assert procs[h1.pid]["pages_fault"] > 0 and procs[h2.pid]["state"] == "complete"
-    assert procs[h2.pid]["pages_background"] == image_pages(512, 5) and procs[h2.pid]["pages_fault"] == 0
-    faults = [t for k, t in events if k == "fault"]
-    assert faults and faults[0] - t0 < hold, "no fault served while the background transfer was held"
-    later = [t for k, t in events if k in ("step", "start")]
-    assert later and min(later) - t0 >= hold - 0.005, "background work before the hold ended"
-    assert source2.verified_ahead
-    assert pf2.unchecked_chunks() == [], "chunks copied in without a checksum check"
-
-
 def test_faults_only_never_wait_for_a_hash(helpers, page_file, monkeypatch):
     """Without background transfer faults come anywhere: the verify-ahead process checks the whole page file,
     unpaced, so that a fault finds its chunk checked instead of hashing 64 KiB before its copy."""

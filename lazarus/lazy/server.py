@@ -227,10 +227,6 @@ class LazyServer:
         # handoff): their anchor is removed from the loop once they are free, never waited for in it.
         self._anchor_later: list[_Proc] = []
         self._start_later: list[PageSource] = []  # sources whose start() waits for the loop (add_process)
-        # Seconds from run()'s start during which only faults are served: no background step, no deferred
-        # source start (a verifier's fork and hashing). The service sets it: its client is being woken with
-        # the answer then, and the process is starting, and on 2 CPUs the transfer would compete with both.
-        self.hold_background = 0.0
 
     # -- setup ---------------------------------------------------------------------------------------------
 
@@ -320,19 +316,13 @@ class LazyServer:
             if not p.pending:
                 self._finish(p, "complete")
         procs = self._procs
-        held_until = now + self.hold_background if self.hold_background > 0 else 0.0
-        held = held_until > 0
         while procs or (self.keep_alive is not None and self.keep_alive()):
-            if held and time.monotonic() >= held_until:
-                held = False
-            if self._start_later and not held:
+            if self._start_later:
                 self._start_sources()
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"lazy server: {len(procs)} process(es) still served after {timeout}s")
             if self._ndeferred:
                 wait: float = 0.001
-            elif held:
-                wait = max(0.0, held_until - time.monotonic())
             elif self.background and self._bg_possible():
                 wait = 0
             elif self._waiting_parents:
@@ -361,8 +351,6 @@ class LazyServer:
                         self._finish(p, "exited")
             elif self._ndeferred:
                 self._retry_deferred()
-            elif held:
-                pass
             elif self.background:
                 self._background_step()
             else:
