@@ -8,6 +8,7 @@ import mmap
 import os
 import re
 import stat
+import sys
 import time
 from array import array
 from pathlib import Path
@@ -364,11 +365,15 @@ class Image:
             if entry["xxh3"] is None:
                 _stat_size(path / name, name, entry["size"])
                 continue
+            m = _SUMS_RE.fullmatch(name)
+            if m is not None and entry["size"] % 8 == 0:
+                sums[int(m.group(1))] = _read_sums(path / name, name, entry["size"], entry["xxh3"])
+                continue
             data = _read_checked(path / name, name, entry["size"], entry["xxh3"], keep=name.endswith(".json")
-                                 or _SUMS_RE.fullmatch(name) is not None)
+                                 or m is not None)
             if name.endswith(".json"):
                 jsons[name] = _parse_json(name, data)
-            elif m := _SUMS_RE.fullmatch(name):
+            elif m is not None:
                 sums[int(m.group(1))] = sums_from_bytes(data)
 
         for pid in inv["tasks"]:
@@ -583,6 +588,35 @@ def _read_checked(path: Path, name: str, expected_size: int, expected_xxh3: str,
     if hex64(hasher.intdigest()) != expected_xxh3:
         raise ImageError(f"{name}: checksum mismatch")
     return b"".join(parts)
+
+
+def _read_sums(path: Path, name: str, size: int, expected_xxh3: str) -> array:
+    """A chunk-sums file (`size` a multiple of 8), read straight into the array it becomes and hashed there:
+    one buffer, not three (read, join, frombytes). At 4 GiB of pages the file is 512 KiB, and each fresh
+    buffer of that size costs a lazy restore ~128 page faults before its process runs."""
+    _stat_size(path, name, size)
+    sums = array("Q", [0]) * (size // 8)
+    buf = memoryview(sums).cast("B")
+    total = 0
+    try:
+        with open(path, "rb", buffering=0) as f:
+            while total < size:
+                n = f.readinto(buf[total:])
+                if not n:
+                    break
+                total += n
+            if total == size and f.read(1):
+                total += 1  # longer than listed
+    except OSError as e:
+        raise ImageError(f"{name}: cannot read: {e.strerror}") from e
+    if total != size:
+        raise _size_error(name, total, size)
+    if hex64(xxhash.xxh3_64_intdigest(buf)) != expected_xxh3:
+        raise ImageError(f"{name}: checksum mismatch")
+    buf.release()
+    if sys.byteorder != "little":
+        sums.byteswap()
+    return sums
 
 
 __all__ = ["Image", "PageFile", "validate_task"]
