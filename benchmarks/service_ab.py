@@ -15,13 +15,9 @@ load. One untimed round first. For A/B comparisons on a busy machine: both sides
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import os
 import select
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,21 +28,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import service  # noqa: E402  (benchmarks/service.py)
 from common import REPO, TARGETS, BenchError, Target, build, set_child_subreaper, wait_pid_gone  # noqa: E402
 
 
-class _Conn(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=600)
-        self.unix_path = path
+class Service(service.Service):
+    """service.py's, started from another checkout's venv (request and close are service.py's)."""
 
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(self.unix_path)
-        self.sock = s
-
-
-class Service:
     def __init__(self, repo: Path, work: Path, name: str) -> None:
         d = work / name
         d.mkdir(mode=0o700)
@@ -61,30 +49,6 @@ class Service:
         if "listening on" not in line:
             self.close()
             raise BenchError(f"{name}: service did not start: {line}")
-
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[dict[str, Any], float]:
-        t0 = time.perf_counter()
-        c = _Conn(self.socket)
-        try:
-            c.request(method, path, body=json.dumps(body).encode() if body is not None else None)
-            resp = c.getresponse()
-            data = resp.read()
-        finally:
-            c.close()
-        wall = time.perf_counter() - t0
-        ans = json.loads(data)
-        if resp.status != 200:
-            raise BenchError(f"{self.name}: {method} {path}: {resp.status} {ans.get('error')}")
-        return ans, wall
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 def one_restore(svc: Service, binary: Path, work: Path, mib: int, lazy: bool) -> tuple[float, dict[str, Any]]:
