@@ -1035,3 +1035,35 @@ def dump_with_then_restore(harness: Harness, case: Case, lazy: bool, *dump_args:
     assert r.target is not None
     expect_pass(harness.run_case(case, r.target), r.target, r)
     assert r.target.wait_exit(15) == 0, r.target.describe()
+
+
+def fork_dump(body: Callable[[int], int]) -> tuple[int, list[int]]:
+    """Run body(w) in a forked child whose dump reports its watchdog's pid on the pipe `w` first (Watchdog.start
+    wrapped); the child exits with body's return value, or 1 if it raised (the error printed). Returns the
+    child's wait status and the integers written to `w` (the watchdog's pid, then whatever body wrote)."""
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            os.close(r)
+            from lazarus.dump.watchdog import Watchdog
+
+            start = Watchdog.start
+
+            def tell_pid(target_pid: int) -> Watchdog:
+                wd = start(target_pid)
+                os.write(w, f"{wd.pid}\n".encode())
+                return wd
+
+            Watchdog.start = tell_pid  # type: ignore[method-assign]
+            code = body(w)
+        except BaseException as e:  # noqa: BLE001 - report anything, the parent asserts
+            print(f"dump failed: {e}", file=sys.stderr)
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        got = [int(x) for x in f.read().split()]
+    _, status = os.waitpid(child, 0)
+    return status, got

@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 
 from lazarus.dump import dump  # imported here once, not in every forked dump
-from lazarus.dump.watchdog import Watchdog
 from lazarus.kernel import ptrace
 
 try:
@@ -92,38 +91,19 @@ def forked_dump(pid: int, image: Path, kill_at: int, fail: bool = False,
     call (fail: whose kill_at-th call fails instead). Returns the child's wait status, the pid of its watchdog
     (adopted by pytest, the subreaper) and, if the dump returned, how many ptrace calls it made.
     batch=False: the injected calls are made one by one, as in a task whose SIGTRAP is ignored or pending."""
-    r, w = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        code = 1
-        try:
-            os.close(r)
-            start = Watchdog.start
+    def body(w: int) -> int:  # pragma: no cover - runs in the child
+        if not batch:
+            # the package (`lazarus.dump` as an attribute is the api's function)
+            sys.modules["lazarus.dump"]._may_batch = lambda _pid: False  # type: ignore[attr-defined]
+        if fail:
+            ptrace.set_test_fail(kill_at)
+        else:
+            ptrace.set_test_kill(kill_at)
+        dump(pid, image, leave_running=True)
+        os.write(w, f"{ptrace.call_count()}\n".encode())
+        return 0
 
-            def tell_pid(target_pid: int) -> Watchdog:
-                wd = start(target_pid)
-                os.write(w, f"{wd.pid}\n".encode())
-                return wd
-
-            Watchdog.start = tell_pid  # type: ignore[method-assign]
-            if not batch:
-                # the package (`lazarus.dump` as an attribute is the api's function)
-                sys.modules["lazarus.dump"]._may_batch = lambda _pid: False  # type: ignore[attr-defined]
-            if fail:
-                ptrace.set_test_fail(kill_at)
-            else:
-                ptrace.set_test_kill(kill_at)
-            dump(pid, image, leave_running=True)
-            os.write(w, f"{ptrace.call_count()}\n".encode())
-            code = 0
-        except BaseException as e:  # noqa: BLE001 - report anything, the parent asserts
-            print(f"dump failed: {e}", file=sys.stderr)
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        got = [int(x) for x in f.read().split()]
-    _, status = os.waitpid(child, 0)
+    status, got = H.fork_dump(body)
     return status, got[0] if got else None, got[1] if len(got) > 1 else None
 
 
@@ -328,51 +308,36 @@ def _dump_killed_in_batch(pid: int, image: Path, moment: str) -> tuple[int, int 
     took that stop's signal away, "pending" there too with another SIGSTOP left pending (as when the task sent
     its own while the group stop of a dead dumper came first). Returns the child's wait status and its
     watchdog's pid."""
-    r, w = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        try:
-            os.close(r)
-            from lazarus import remote as remote_mod
+    def body(w: int) -> int:  # pragma: no cover - runs in the child
+        from lazarus import remote as remote_mod
 
-            start = Watchdog.start
+        real_cont, real_wait = ptrace.cont, ptrace.wait
 
-            def tell_pid(target_pid: int) -> Watchdog:
-                wd = start(target_pid)
-                os.write(w, f"{wd.pid}\n".encode())
-                return wd
+        def cont(p: int, sig: int = 0) -> None:
+            real_cont(p, sig)
+            if moment == "running":
+                os.kill(os.getpid(), signal.SIGKILL)
 
-            Watchdog.start = tell_pid  # type: ignore[method-assign]
-            real_cont, real_wait = ptrace.cont, ptrace.wait
+        def wait(p: int, timeout: float = 10.0) -> ptrace.WaitStatus:
+            st = real_wait(p, timeout)
+            if moment == "pending":
+                os.kill(p, signal.SIGSTOP)
+            if moment in ("ended", "pending"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return st
 
-            def cont(p: int, sig: int = 0) -> None:
-                real_cont(p, sig)
-                if moment == "running":
-                    os.kill(os.getpid(), signal.SIGKILL)
+        run = remote_mod.RemoteTask.run_batch_code
 
-            def wait(p: int, timeout: float = 10.0) -> ptrace.WaitStatus:
-                st = real_wait(p, timeout)
-                if moment == "pending":
-                    os.kill(p, signal.SIGSTOP)
-                if moment in ("ended", "pending"):
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return st
+        def run_batch_code(self: remote_mod.RemoteTask, *a: int) -> int:
+            # only inside the batch: ptrace.cont/wait as remote.py sees them
+            remote_mod.ptrace.cont, remote_mod.ptrace.wait = cont, wait  # type: ignore[assignment]
+            return run(self, *a)
 
-            run = remote_mod.RemoteTask.run_batch_code
+        remote_mod.RemoteTask.run_batch_code = run_batch_code  # type: ignore[method-assign]
+        dump(pid, image, leave_running=True)
+        return 1  # the dump got past its batch without being killed: the parent fails the test
 
-            def run_batch_code(self: remote_mod.RemoteTask, *a: int) -> int:
-                # only inside the batch: ptrace.cont/wait as remote.py sees them
-                remote_mod.ptrace.cont, remote_mod.ptrace.wait = cont, wait  # type: ignore[assignment]
-                return run(self, *a)
-
-            remote_mod.RemoteTask.run_batch_code = run_batch_code  # type: ignore[method-assign]
-            dump(pid, image, leave_running=True)
-        finally:
-            os._exit(1)  # the dump got past its batch without being killed: the parent fails the test
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        got = [int(x) for x in f.read().split()]
-    _, status = os.waitpid(child, 0)
+    status, got = H.fork_dump(body)
     return status, got[0] if got else None
 
 

@@ -12,14 +12,12 @@ import os
 import resource
 import shutil
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 
 from lazarus.dump import memory as memory_mod
 from lazarus.dump import selfwrite
-from lazarus.dump.watchdog import Watchdog
 
 try:
     import harness as H
@@ -137,58 +135,40 @@ def _dump_killed_while_writing(pid: int, image: Path, moment: str) -> tuple[int,
     """Fork a dump (leave_running) that SIGKILLs itself at `moment`: "given" once the task holds the page file,
     "writing" once its first piece is written, "closing" when the task's descriptor is about to be closed.
     Returns the child's wait status and its watchdog's pid."""
-    r, w = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        try:
-            os.close(r)
-            start = Watchdog.start
+    def body(w: int) -> int:  # pragma: no cover - runs in the child
+        def die() -> None:
+            os.kill(os.getpid(), signal.SIGKILL)
 
-            def tell_pid(target_pid: int) -> Watchdog:
-                wd = start(target_pid)
-                os.write(w, f"{wd.pid}\n".encode())
-                return wd
+        real_open, real_write, real_close = (selfwrite.SelfWriter.open, selfwrite.SelfWriter.write,
+                                             selfwrite.SelfWriter.close)
 
-            Watchdog.start = tell_pid  # type: ignore[method-assign]
+        def opened(self: selfwrite.SelfWriter) -> bool:
+            ok = real_open(self)
+            if moment == "given" and ok:
+                die()
+            return ok
 
-            def die() -> None:
-                os.kill(os.getpid(), signal.SIGKILL)
+        def write(self: selfwrite.SelfWriter, calls, done, stop):  # type: ignore[no-untyped-def]
+            def done_then_die(piece: int) -> None:
+                done(piece)
+                die()
+            return real_write(self, calls, done_then_die if moment == "writing" else done, stop)
 
-            real_open, real_write, real_close = (selfwrite.SelfWriter.open, selfwrite.SelfWriter.write,
-                                                 selfwrite.SelfWriter.close)
+        def close(self: selfwrite.SelfWriter) -> None:
+            if moment == "closing":
+                die()
+            real_close(self)
 
-            def opened(self: selfwrite.SelfWriter) -> bool:
-                ok = real_open(self)
-                if moment == "given" and ok:
-                    die()
-                return ok
+        # 1 MiB pieces, two per stop: the task still holds the page file after its first piece.
+        selfwrite.PIECE = 1 << 20
+        selfwrite.SelfWriter.open = opened  # type: ignore[method-assign]
+        selfwrite.SelfWriter.write = write  # type: ignore[method-assign]
+        selfwrite.SelfWriter.close = close  # type: ignore[method-assign]
+        from lazarus.dump import dump
+        dump(pid, image, leave_running=True)
+        return 1  # got past the moment without being killed: the parent fails the test
 
-            def write(self: selfwrite.SelfWriter, calls, done, stop):  # type: ignore[no-untyped-def]
-                def done_then_die(piece: int) -> None:
-                    done(piece)
-                    die()
-                return real_write(self, calls, done_then_die if moment == "writing" else done, stop)
-
-            def close(self: selfwrite.SelfWriter) -> None:
-                if moment == "closing":
-                    die()
-                real_close(self)
-
-            # 1 MiB pieces, two per stop: the task still holds the page file after its first piece.
-            selfwrite.PIECE = 1 << 20
-            selfwrite.SelfWriter.open = opened  # type: ignore[method-assign]
-            selfwrite.SelfWriter.write = write  # type: ignore[method-assign]
-            selfwrite.SelfWriter.close = close  # type: ignore[method-assign]
-            from lazarus.dump import dump
-            dump(pid, image, leave_running=True)
-        except BaseException as e:  # noqa: BLE001 - the parent sees the exit status
-            print(f"dump failed: {e}", file=sys.stderr)
-        finally:
-            os._exit(1)  # got past the moment without being killed: the parent fails the test
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        got = [int(x) for x in f.read().split()]
-    _, status = os.waitpid(child, 0)
+    status, got = H.fork_dump(body)
     return status, got[0] if got else None
 
 
