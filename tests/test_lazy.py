@@ -295,15 +295,10 @@ _OFF_THE_COMMAND_PATH = ("socket", "selectors", "threading", "logging", "argpars
                          "lazarus.restore.thp", "lazarus.lazy.server", "lazarus.lazy.guard")
 
 
-def test_restore_command_keeps_its_import_set(harness: H.Harness, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """Start-up cost, on a real `restore --lazy -d` (python -S, as the launcher starts it): at its exit, once
-    the process ran, the command had loaded none of the modules taken off its path, and its process was served
-    and checked itself PASS."""
-    spy, seen = tmp_path / "spy.py", tmp_path / "seen"
-    spy.write_text(f"PATHS = {[str(H.REPO_ROOT), *sys.path]!r}\n"
-                   + _IMPORT_SPY.replace('AVOIDED = ("dataclasses", "inspect", "typing", "ast", "dis", "tokenize")',
-                                         f"AVOIDED = {_OFF_THE_COMMAND_PATH!r}"))
+def _restore_lazy_under_spy(harness: H.Harness, monkeypatch: pytest.MonkeyPatch, spy: Path,
+                            seen: Path) -> list[int]:
+    """Dump lazy_events, then `restore --lazy -d` it with every lazarus command started as `python -S spy seen
+    ...` (the import spy); the restored process must check itself PASS and exit 0. Returns the commands' pids."""
     commands: list[int] = []
 
     def lazarus(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
@@ -320,6 +315,19 @@ def test_restore_command_keeps_its_import_set(harness: H.Harness, tmp_path: Path
     r.target.signal(signal.SIGUSR2)
     H.expect_pass(r.target.wait_result(60), r.target, r)
     assert r.target.wait_exit(15) == 0
+    return commands
+
+
+def test_restore_command_keeps_its_import_set(harness: H.Harness, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start-up cost, on a real `restore --lazy -d` (python -S, as the launcher starts it): at its exit, once
+    the process ran, the command had loaded none of the modules taken off its path, and its process was served
+    and checked itself PASS."""
+    spy, seen = tmp_path / "spy.py", tmp_path / "seen"
+    spy.write_text(f"PATHS = {[str(H.REPO_ROOT), *sys.path]!r}\n"
+                   + _IMPORT_SPY.replace('AVOIDED = ("dataclasses", "inspect", "typing", "ast", "dis", "tokenize")',
+                                         f"AVOIDED = {_OFF_THE_COMMAND_PATH!r}"))
+    commands = _restore_lazy_under_spy(harness, monkeypatch, spy, seen)
     lines = dict(line.split(" ", 1) for line in seen.read_text().splitlines())
     assert lines.get(str(commands[0]), "").strip() == "-", lines  # the command: none of them
 
@@ -331,22 +339,7 @@ def test_restore_command_and_its_daemon_never_import_dataclasses_or_typing(
     while it serves (lazarus/records.py)."""
     spy, seen = tmp_path / "spy.py", tmp_path / "seen"
     spy.write_text(f"PATHS = {[str(H.REPO_ROOT), *sys.path]!r}\n" + _IMPORT_SPY)
-    commands: list[int] = []
-
-    def lazarus(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
-        p = subprocess.Popen([sys.executable, "-S", str(spy), str(seen), *args], cwd=H.REPO_ROOT, text=True,
-                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        commands.append(p.pid)
-        out, err = p.communicate(timeout=timeout)
-        return subprocess.CompletedProcess(p.args, p.returncode, out, err)
-
-    target, image = dumped(harness, "lazy_events", "all")
-    monkeypatch.setattr(harness, "lazarus", lazarus)
-    r = harness.restore(image, lazy=True, like=target)
-    assert r.returncode == 0, r.stderr
-    r.target.signal(signal.SIGUSR2)
-    H.expect_pass(r.target.wait_result(60), r.target, r)
-    assert r.target.wait_exit(15) == 0
+    commands = _restore_lazy_under_spy(harness, monkeypatch, spy, seen)
     deadline = time.monotonic() + 20  # the daemon ends once its process has ended
     while time.monotonic() < deadline and len(seen.read_text().splitlines()) < 2:
         time.sleep(0.05)
