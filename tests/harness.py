@@ -41,6 +41,7 @@ C_TARGETS: dict[str, tuple[str, ...]] = {
     "misc": (),
     "unsupported": ("-pthread",),
     "lazy_events": (),
+    "lazy_churn": (),
     "forkwait": (),
     "cgroup": (),
     "thp": (),

@@ -30,6 +30,7 @@ SELF_CASES: tuple[H.Case, ...] = (
     H.Case("pypool", "pypool", ("60",), "none", None),
     H.Case("pyshared", "pyshared", ("120",), "none", None),
     H.Case("thp", "thp"),
+    H.Case("lazy-churn", "lazy_churn", ("200",)),
     H.Case("guestperm-plain", "guestperm", ("plain",)),
 )
 BATCH = 6

@@ -147,7 +147,10 @@ def decode_events(buf: bytes | bytearray | memoryview) -> list[UffdEvent]:
 
 class Outcome(enum.Enum):
     DONE = "done"          # the whole range was filled
-    PARTIAL = "partial"    # EAGAIN with bytes > 0: filled up to a page that is already present; skip it
+    PARTIAL = "partial"    # EAGAIN with bytes > 0: a prefix was filled, and the kernel does not say why it
+                           # stopped (a page already present, or the layout changing: it returns EAGAIN with
+                           # the count either way). Never skip the next page on this alone: copy the rest again,
+                           # which tells EXISTS from RETRY
     EXISTS = "exists"      # EEXIST: the first page is already present (nothing done)
     RETRY = "retry"        # EAGAIN with nothing done: the layout is changing (an event is pending); read
                            # events first, then retry

@@ -21,7 +21,8 @@ checked ahead by the verifier process, not hashed here). Every copy is reported 
 drops the pages from its mapping every few MiB: the server's RSS does not grow with what it serves.
 
 Outcomes of a fill (kernel/uffd.Outcome) and what is done about them:
-    PARTIAL  keep the bytes done, skip the page found present, continue after it
+    PARTIAL  keep the bytes done, copy the rest again: the kernel reports a prefix with EAGAIN whether it
+             stopped at a present page or at a layout change (mmap_changing), so the next copy tells which
     EXISTS   the page is there (a race with the process, or a fork child sharing it): treat it as done
     RETRY    the layout is changing: an event is queued; read events, then retry (faults are deferred)
     NOENT    no registered vma across the range: split it; a single page without a vma is dropped
@@ -127,6 +128,7 @@ class _Proc:
     pages_background: int = 0
     zero_pages: int = 0
     dropped_pages: int = 0        # removed/unmapped before being filled
+    copies_cut: int = 0           # copies the kernel stopped after a prefix (PARTIAL): the rest copied again
     deferred: list[tuple[PageFault, int]] = field(default_factory=list)
     fork_time: float | None = None
     last_fault_ns: int = 0
@@ -593,14 +595,22 @@ class LazyServer:
                         p.pages_fault += pages
                 if out is Outcome.DONE:
                     break
-                if out is Outcome.PARTIAL or out is Outcome.EXISTS:
+                if out is Outcome.PARTIAL:
+                    p.copies_cut += 1
+                    # A prefix is in; why the copy stopped is unknown (a present page or a layout change alike):
+                    # the rest is copied again, never taken as present on this alone (a page taken so would be
+                    # left missing, and read as zeros once the process is complete and unregistered).
+                    start += n
+                    npages -= n // PAGE_SIZE
+                    fidx += n // PAGE_SIZE
+                    continue
+                if out is Outcome.EXISTS:
                     # skip the page found present (the process or a sibling has it)
-                    skip = n + PAGE_SIZE
-                    p.pending.take(start + n, PAGE_SIZE)
+                    p.pending.take(start, PAGE_SIZE)
                     self._skipped = True
-                    start += skip
-                    npages -= skip // PAGE_SIZE
-                    fidx += skip // PAGE_SIZE
+                    start += PAGE_SIZE
+                    npages -= 1
+                    fidx += 1
                     continue
                 if out is Outcome.RETRY:
                     return Outcome.RETRY
@@ -1066,7 +1076,8 @@ class LazyServer:
                 "key": p.key, "pid": p.pid, "parent_pid": p.parent_pid, "state": p.state, "reason": p.reason,
                 "pages_total": p.total_pages, "pages_fault": p.pages_fault,
                 "pages_background": p.pages_background, "zero_pages": p.zero_pages,
-                "dropped_pages": p.dropped_pages, "faults": p.faults, "fault_threads": len(p.fault_tids),
+                "dropped_pages": p.dropped_pages, "copies_cut": p.copies_cut, "faults": p.faults,
+                "fault_threads": len(p.fault_tids),
                 "seconds": None if p.ended is None else round(p.ended - p.started, 6),
             })
         return out
@@ -1087,6 +1098,7 @@ class LazyServer:
             "pages_fault": sum(p["pages_fault"] for p in procs),
             "pages_background": sum(p["pages_background"] for p in procs),
             "zero_pages": sum(p["zero_pages"] for p in procs),
+            "copies_cut": sum(p["copies_cut"] for p in procs),
             "fault_latency_us": {"median": pct(0.5), "p99": pct(0.99), "max": pct(1.0),
                                  "mean": round(sum(lat) / len(lat) / 1000, 2) if lat else None},
             "time_to_complete_s": None if self._t0 is None else round(end - self._t0, 6),
