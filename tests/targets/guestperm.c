@@ -45,8 +45,14 @@ int main(int argc, char **argv)
 
 	laz_wait_usr2();
 
-	if (laz_corrupt("guest_perm") && !amx && (supp & (1UL << XFEATURE_XTILEDATA)))
-		syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_GUEST_PERM, XFEATURE_XTILEDATA);
+	if (laz_corrupt("guest_perm")) {
+		/* Change the permission itself where the CPU has AMX to request; elsewhere (no AMX: nothing can be
+		 * requested) the remembered value, so that the check can fail on every CPU. */
+		if (!amx && (supp & (1UL << XFEATURE_XTILEDATA)))
+			syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_GUEST_PERM, XFEATURE_XTILEDATA);
+		else
+			before ^= 1UL << XFEATURE_XTILEDATA;
+	}
 	after = guest_perm();
 	LAZ_CHECK(after == before, "guest XSTATE permission %#lx, expected %#lx", after, before);
 	laz_finish();

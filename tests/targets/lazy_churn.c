@@ -1,5 +1,6 @@
 /*
- * lazy_churn.c - page copies cut short by events, under a lazy restore with the background transfer.
+ * lazy_churn.c - exercises page copies cut short by events, under a lazy restore with the background
+ * transfer.
  *
  *   lazy_churn LOGFILE [ROUNDS]
  *
