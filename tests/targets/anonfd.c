@@ -435,8 +435,8 @@ static void setup_refused(const char *mode)
 
 		if (socketpair(AF_UNIX, SOCK_STREAM, 0, st))
 			laz_die("socketpair");
+		laz_tmpfile("taken", taken, sizeof(taken)); /* makes LOGFILE.d: before the test reads the line */
 		laz_log("# socket %d %d", st[0], st[1]);
-		laz_tmpfile("taken", taken, sizeof(taken));
 		for (int i = 0; access(taken, F_OK); i++) {
 			if (i > 1000)
 				laz_die("nobody took the socket");
