@@ -37,6 +37,23 @@ def dumped(h: H.Harness, name: str, *args: str) -> tuple[H.Target, Path]:
     return target, image
 
 
+def restored_passing(h: H.Harness, image: Path, target: H.Target, stats: Path,
+                     *extra: str) -> tuple[H.Restored, dict]:
+    """Restore lazily with --stats, trigger the target, expect its PASS and exit 0; then the server's final
+    statistics (written when it ended), in which no process may have been lost."""
+    r = h.restore(image, "--stats", str(stats), *extra, lazy=True, like=target)
+    assert r.returncode == 0, r.stderr
+    r.target.signal(signal.SIGUSR2)
+    H.expect_pass(r.target.wait_result(60), r.target, r)
+    assert r.target.wait_exit(15) == 0
+    deadline = time.monotonic() + 20
+    while not stats.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    s = json.loads(stats.read_text())
+    assert s["lost"] == [], s["lost"]
+    return r, s
+
+
 def test_copies_cut_short_by_events_lose_no_page(harness: H.Harness, tmp_path: Path) -> None:
     """A UFFDIO_COPY that drops its locks mid-way and then meets a pending event stops with EAGAIN and the bytes
     done, exactly as one that met a page already present: the rest must be copied again, not taken as present.
@@ -45,17 +62,7 @@ def test_copies_cut_short_by_events_lose_no_page(harness: H.Harness, tmp_path: P
     target, image = dumped(harness, "lazy_churn")
     cut = 0
     for attempt in range(3):
-        stats = tmp_path / f"stats-{attempt}.json"
-        r = harness.restore(image, "--stats", str(stats), lazy=True, like=target)
-        assert r.returncode == 0, r.stderr
-        r.target.signal(signal.SIGUSR2)
-        H.expect_pass(r.target.wait_result(60), r.target, r)
-        assert r.target.wait_exit(15) == 0
-        deadline = time.monotonic() + 20
-        while not stats.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        s = json.loads(stats.read_text())
-        assert s["lost"] == [], s["lost"]
+        _, s = restored_passing(harness, image, target, tmp_path / f"stats-{attempt}.json")
         cut += s["copies_cut"]
         if cut:
             break
@@ -66,20 +73,9 @@ def test_copies_cut_short_by_events_lose_no_page(harness: H.Harness, tmp_path: P
 @pytest.mark.parametrize("mode", EVENTS)
 def test_events_on_missing_memory(harness: H.Harness, mode: str, background: bool, tmp_path: Path) -> None:
     target, image = dumped(harness, "lazy_events", mode)
-    stats = tmp_path / "stats.json"
-    extra = ["--stats", str(stats)] + ([] if background else ["--no-background"])
-    r = harness.restore(image, *extra, lazy=True, like=target)
-    assert r.returncode == 0, r.stderr
+    r, s = restored_passing(harness, image, target, tmp_path / "stats.json",
+                            *([] if background else ["--no-background"]))
     assert r.pid == target.pid
-    r.target.signal(signal.SIGUSR2)
-    H.expect_pass(r.target.wait_result(60), r.target, r)
-    assert r.target.wait_exit(15) == 0
-    # The server wrote its statistics when it ended: every process it served ended complete or exited.
-    deadline = time.monotonic() + 20
-    while not stats.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    s = json.loads(stats.read_text())
-    assert s["lost"] == [], s["lost"]
     if not background:
         # Without background transfer every page came by fault (or was dropped by an event): the target
         # really ran on memory that was not there yet.
