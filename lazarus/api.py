@@ -55,7 +55,7 @@ def dump(pid: int, directory: str | Path, *, leave_running: bool = False, shell_
     """
     from lazarus.dump import dump as _dump
     return _dump(pid, Path(directory), leave_running=leave_running, shell_job=shell_job, direct=direct,
-                 sync=sync)
+                 sync=sync, watchdog=_prepared.pop("watchdog", None))
 
 
 @record
@@ -296,11 +296,23 @@ def prepare_restore() -> None:
     seed.prepare(TRAMPOLINE_SIZE)
 
 
+def prepare_dump() -> None:
+    """Fork now, ahead of the next dump() in this process, the watchdog it would fork on its way (a double fork:
+    ~5-10 ms in a process of a service worker's size; dump/watchdog.py Watchdog.prepare). Call it while the
+    process has no thread, and release_prepared() when done."""
+    from lazarus.dump.watchdog import Watchdog
+    if "watchdog" not in _prepared:
+        _prepared["watchdog"] = Watchdog.prepare()
+
+
 def release_prepared(wait: bool = True) -> None:
     """Stop what prepare_restore() made and restore() did not use, and the spent seeds. wait=False: without
     waiting for them to exit (for a process about to exit: they are then init's, or its subreaper's, to reap)."""
     from lazarus.restore import seed
     guard = _prepared.pop("guard", None)
+    watchdog = _prepared.pop("watchdog", None)
+    if watchdog is not None:
+        watchdog.close()  # it watched nothing yet: it exits
     try:
         if guard is not None:
             guard.close(timeout=10.0 if wait else 0.0)
@@ -380,5 +392,5 @@ def show(directory: str | Path) -> dict[str, Any]:
 
 
 __all__ = ["CheckResult", "Restoration", "UsageError", "check", "dump", "prepare_restore", "preopen_image",
-           "release_prepared",
+           "prepare_dump", "release_prepared",
            "require_lazy_features", "restore", "show"]

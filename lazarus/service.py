@@ -452,11 +452,15 @@ class _Pool:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             # What a restore would fork on its way (the lazy server's guard, the seed its process is cloned
             # from), forked now, while the worker waits: a restore request then forks nothing of ours.
-            from lazarus.api import prepare_restore, release_prepared
+            from lazarus.api import prepare_dump, prepare_restore, release_prepared
             try:
                 prepare_restore()
             except LazarusError as e:
                 log.warning("worker %d: restores will fork on their way: %s", os.getpid(), e)
+            try:
+                prepare_dump()  # and a dump's watchdog
+            except LazarusError as e:
+                log.warning("worker %d: dumps will fork their watchdog on their way: %s", os.getpid(), e)
             # The copy-on-write faults a fresh fork takes on its first request (~600, 2-10 ms here), taken now;
             # after the forks above, which share every page again (the guard keeps them: each write of the
             # request would copy one).

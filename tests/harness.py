@@ -1052,8 +1052,8 @@ def fork_dump(body: Callable[[int], int]) -> tuple[int, list[int]]:
 
             start = Watchdog.start
 
-            def tell_pid(target_pid: int) -> Watchdog:
-                wd = start(target_pid)
+            def tell_pid(target_pid: int, prepared: Watchdog | None = None) -> Watchdog:
+                wd = start(target_pid, prepared)
                 os.write(w, f"{wd.pid}\n".encode())
                 return wd
 

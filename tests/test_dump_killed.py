@@ -86,12 +86,15 @@ def check_ok(target: H.Target, n: int, what: str) -> int:
 
 
 def forked_dump(pid: int, image: Path, kill_at: int, fail: bool = False,
-                batch: bool = True) -> tuple[int, int | None, int | None]:
+                batch: bool = True, prepared: bool = False) -> tuple[int, int | None, int | None]:
     """Run lazarus.dump.dump(leave_running) in a forked child that SIGKILLs itself before its kill_at-th ptrace
     call (fail: whose kill_at-th call fails instead). Returns the child's wait status, the pid of its watchdog
     (adopted by pytest, the subreaper) and, if the dump returned, how many ptrace calls it made.
-    batch=False: the injected calls are made one by one, as in a task whose SIGTRAP is ignored or pending."""
+    batch=False: the injected calls are made one by one, as in a task whose SIGTRAP is ignored or pending.
+    prepared: the watchdog is forked ahead, with no target yet (as in a service worker: Watchdog.prepare)."""
     def body(w: int) -> int:  # pragma: no cover - runs in the child
+        from lazarus.dump.watchdog import Watchdog
+        wd = Watchdog.prepare() if prepared else None
         if not batch:
             # the package (`lazarus.dump` as an attribute is the api's function)
             sys.modules["lazarus.dump"]._may_batch = lambda _pid: False  # type: ignore[attr-defined]
@@ -99,7 +102,7 @@ def forked_dump(pid: int, image: Path, kill_at: int, fail: bool = False,
             ptrace.set_test_fail(kill_at)
         else:
             ptrace.set_test_kill(kill_at)
-        dump(pid, image, leave_running=True)
+        dump(pid, image, leave_running=True, watchdog=wd)
         os.write(w, f"{ptrace.call_count()}\n".encode())
         return 0
 
@@ -158,6 +161,33 @@ def test_dump_killed_at_every_ptrace_call(harness: H.Harness, batch: bool) -> No
     # calls, after it sent SIGCONT and before it took it, lets the kernel deliver it.
     assert check_ok(target, k, "after the complete dump") == conts, "the complete dump let SIGCONT through"
     assert all(k >= total - 3 for k in cont_seen), f"SIGCONT handler ran after kills at {cont_seen} of {total}"
+    target.mark()
+    target.signal(signal.SIGUSR2)
+    assert target.wait_result() == "PASS", target.describe()
+
+
+def test_prepared_watchdog_repairs_a_killed_dump(harness: H.Harness) -> None:
+    """A watchdog forked ahead with no target (a service worker's: api.prepare_dump) and told it by the dump
+    puts the original back as one forked by the dump does: the dump killed at every ptrace call of a batched
+    dump, then one that completes."""
+    target = harness.start_target("survivor")
+    image = harness.image_dir()
+    k = 0
+    while True:
+        k += 1
+        assert k < 500, "the dump never completed"
+        status, watchdog, _ = forked_dump(target.pid, image, k, prepared=True)
+        assert watchdog is not None, f"K={k}: the dump reported no watchdog"
+        wait_running(target, f"dump with a prepared watchdog killed at ptrace call {k}", watchdog)
+        if os.WIFEXITED(status):
+            assert os.WEXITSTATUS(status) == 0, f"the dump with no kill failed (K={k}): {target.describe()}"
+            break
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"K={k}: status {status:#x}"
+        check_ok(target, k, f"dump with a prepared watchdog killed at ptrace call {k}")
+        if image.exists():
+            shutil.rmtree(image)
+    assert k - 1 > _min_calls(True), f"only {k - 1} ptrace calls: the kill hook does not see the dump's calls"
+    assert image.is_dir() and tmp_dirs(image) == []
     target.mark()
     target.signal(signal.SIGUSR2)
     assert target.wait_result() == "PASS", target.describe()

@@ -220,18 +220,24 @@ def check_image_dir(directory: Path) -> None:
 
 
 def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: bool = False,
-         direct: bool = False, sync: bool = True) -> DumpResult:
+         direct: bool = False, sync: bool = True, watchdog: Watchdog | None = None) -> DumpResult:
     """Dump process `pid` and every descendant into `directory`. The originals are killed only once the image
     is complete and verified; on any failure each is resumed exactly as it was (stopped ones stay stopped).
     direct: write the page data with O_DIRECT (images/writer.py; faster for large processes here, but the
     image is then not in the page cache).
     sync: fsync the image before the originals are killed (or let go). False leaves the page data to the
     kernel's writeback, as CRIU does: faster, but a write error the disk reports later (or a crash before the
-    writeback) loses the image after the original is gone (docs/CONTRACTS.md, "Durability of a dump")."""
+    writeback) loses the image after the original is gone (docs/CONTRACTS.md, "Durability of a dump").
+    watchdog: one forked ahead (Watchdog.prepare()) for the root; the dump owns it from now on."""
     t0 = time.monotonic()
-    check_image_dir(directory)
-    precheck(pid)
-    root_wd = Watchdog.start(pid)  # before any thread exists: it is forked
+    try:
+        check_image_dir(directory)
+        precheck(pid)
+    except BaseException:
+        if watchdog is not None:
+            watchdog.close()
+        raise
+    root_wd = Watchdog.start(pid, watchdog)  # before any thread exists: it is forked (unless `watchdog` was)
     try:
         # Without sync the writeback is not started piece by piece either: nothing waits for it.
         writer = ImageWriter(directory, fsync=sync, writeback=start_writeback if sync else None, direct=direct)
