@@ -10,7 +10,8 @@ import sys
 import types
 
 __version__ = "0.1.0"
-_API = ("dump", "restore", "check", "show", "Restoration", "CheckResult", "prepare_restore", "release_prepared")
+_API = ("dump", "restore", "check", "show", "Restoration", "CheckResult", "prepare_restore", "prepare_dump",
+        "release_prepared")
 
 
 def __getattr__(name: str) -> object:

@@ -13,7 +13,8 @@ Process model, and why (docs/SERVICE.md says more):
     service (one thread)           imports done and the kernel probed once at start; forks spares, reaps
       |-- spare workers            forked ahead, each waiting in accept() for one connection, its
       |                            copy-on-write faults taken already (kernel/prefault.py), the lazy server's
-      |                            guard and a seed task forked ahead (api.prepare_restore, restore/seed.py);
+      |                            guard, a seed task and a dump's watchdog forked ahead (api.prepare_restore,
+      |                            restore/seed.py, api.prepare_dump);
       |                            the service forks a new spare once one has answered its request (at once
       |                            when no spare is left), or when one dies idle
       |-- worker (one connection)  reads the request, checks the peer, does the work, answers, exits
