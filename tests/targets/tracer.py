@@ -17,6 +17,13 @@ import sys
 PTRACE_SEIZE = 0x4206
 
 
+def _tell(path: str, text: str) -> None:
+    # Whole or not at all: the test polls for the file and reads it as soon as it exists.
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def main(argv: list[str]) -> int:
     pid, ready = int(argv[1]), argv[2]
     libc = ctypes.CDLL(None, use_errno=True)
@@ -24,11 +31,9 @@ def main(argv: list[str]) -> int:
     libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
     if libc.ptrace(PTRACE_SEIZE, pid, None, None) != 0:
         err = ctypes.get_errno()
-        with open(ready, "w") as f:
-            f.write(f"ERROR {err} {os.strerror(err)}\n")
+        _tell(ready, f"ERROR {err} {os.strerror(err)}\n")
         return 1
-    with open(ready, "w") as f:
-        f.write("SEIZED\n")
+    _tell(ready, "SEIZED\n")
     while True:
         signal.pause()
 
