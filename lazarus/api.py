@@ -306,7 +306,8 @@ def prepare_dump() -> None:
 
 
 def release_prepared(wait: bool = True) -> None:
-    """Stop what prepare_restore() made and restore() did not use, and the spent seeds. wait=False: without
+    """Stop what prepare_restore() and prepare_dump() made and restore() or dump() did not use, and the spent
+    seeds. wait=False: without
     waiting for them to exit (for a process about to exit: they are then init's, or its subreaper's, to reap)."""
     from lazarus.restore import seed
     guard = _prepared.pop("guard", None)

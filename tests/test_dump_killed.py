@@ -119,8 +119,11 @@ def _min_calls(batch: bool) -> int:
     return 20 if batch else 250
 
 
-@BATCHED
-def test_dump_killed_at_every_ptrace_call(harness: H.Harness, batch: bool) -> None:
+@pytest.mark.parametrize(("batch", "prepared"), ((True, False), (False, False), (True, True)),
+                         ids=("batched", "one-by-one", "batched-prepared-watchdog"))
+def test_dump_killed_at_every_ptrace_call(harness: H.Harness, batch: bool, prepared: bool) -> None:
+    """prepared: the watchdog was forked ahead with no target (a service worker's, api.prepare_dump) and is told
+    it by the dump: it must put the original back as one the dump forks does."""
     target = harness.start_target("survivor")
     image = harness.image_dir()
     slow: list[tuple[int, float]] = []
@@ -132,7 +135,7 @@ def test_dump_killed_at_every_ptrace_call(harness: H.Harness, batch: bool) -> No
     while True:
         k += 1
         assert k < 2000, "the dump never completed"
-        status, watchdog, _ = forked_dump(target.pid, image, k, batch=batch)
+        status, watchdog, _ = forked_dump(target.pid, image, k, batch=batch, prepared=prepared)
         took = wait_running(target, f"dump killed at ptrace call {k}", watchdog)
         if took > RECOVER_BUDGET:
             slow.append((k, took))
@@ -161,33 +164,6 @@ def test_dump_killed_at_every_ptrace_call(harness: H.Harness, batch: bool) -> No
     # calls, after it sent SIGCONT and before it took it, lets the kernel deliver it.
     assert check_ok(target, k, "after the complete dump") == conts, "the complete dump let SIGCONT through"
     assert all(k >= total - 3 for k in cont_seen), f"SIGCONT handler ran after kills at {cont_seen} of {total}"
-    target.mark()
-    target.signal(signal.SIGUSR2)
-    assert target.wait_result() == "PASS", target.describe()
-
-
-def test_prepared_watchdog_repairs_a_killed_dump(harness: H.Harness) -> None:
-    """A watchdog forked ahead with no target (a service worker's: api.prepare_dump) and told it by the dump
-    puts the original back as one forked by the dump does: the dump killed at every ptrace call of a batched
-    dump, then one that completes."""
-    target = harness.start_target("survivor")
-    image = harness.image_dir()
-    k = 0
-    while True:
-        k += 1
-        assert k < 500, "the dump never completed"
-        status, watchdog, _ = forked_dump(target.pid, image, k, prepared=True)
-        assert watchdog is not None, f"K={k}: the dump reported no watchdog"
-        wait_running(target, f"dump with a prepared watchdog killed at ptrace call {k}", watchdog)
-        if os.WIFEXITED(status):
-            assert os.WEXITSTATUS(status) == 0, f"the dump with no kill failed (K={k}): {target.describe()}"
-            break
-        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"K={k}: status {status:#x}"
-        check_ok(target, k, f"dump with a prepared watchdog killed at ptrace call {k}")
-        if image.exists():
-            shutil.rmtree(image)
-    assert k - 1 > _min_calls(True), f"only {k - 1} ptrace calls: the kill hook does not see the dump's calls"
-    assert image.is_dir() and tmp_dirs(image) == []
     target.mark()
     target.signal(signal.SIGUSR2)
     assert target.wait_result() == "PASS", target.describe()

@@ -233,11 +233,11 @@ def dump(pid: int, directory: Path, *, leave_running: bool = False, shell_job: b
     try:
         check_image_dir(directory)
         precheck(pid)
+        root_wd = Watchdog.start(pid, watchdog)  # before any thread exists: it is forked (unless `watchdog` was)
     except BaseException:
         if watchdog is not None:
-            watchdog.close()
+            watchdog.close()  # start() may have closed it already (found gone): closing again is harmless
         raise
-    root_wd = Watchdog.start(pid, watchdog)  # before any thread exists: it is forked (unless `watchdog` was)
     try:
         # Without sync the writeback is not started piece by piece either: nothing waits for it.
         writer = ImageWriter(directory, fsync=sync, writeback=start_writeback if sync else None, direct=direct)

@@ -170,13 +170,9 @@ class Watchdog:
     @classmethod
     def start(cls, target_pid: int, prepared: Watchdog | None = None) -> Watchdog:
         """The watchdog for `target_pid`: `prepared` (Watchdog.prepare(), forked earlier) told its target, or one
-        forked now (call before any thread exists), ready either way."""
-        try:
-            start = procfs.start_time(target_pid)
-        except BaseException:
-            if prepared is not None:
-                prepared.close()
-            raise
+        forked now (call before any thread exists), ready either way. Should this raise, `prepared` is still the
+        caller's to close."""
+        start = procfs.start_time(target_pid)
         if prepared is not None:
             if prepared.state.pid == 0 and prepared.check_alive():
                 prepared.state = JournalState(target_pid, start)
