@@ -1,4 +1,4 @@
-"""The compiled code of the modules a command imports, in one file read once at start-up (the `lazarus` launcher).
+"""The compiled code of the modules a command imports, in one file mapped at start-up (the `lazarus` launcher).
 
 A `lazarus restore` imports ~100 modules from source files (lazarus's own and the standard library's). Each
 costs the import system ~40-50 us before its code runs: a search through sys.path (directory listings, stats),
@@ -25,13 +25,14 @@ from _frozen_importlib import ModuleSpec
 # is_package, size, mtime_ns, offset, length)}), then each module's marshalled code at offset (after the index).
 MAGIC = "lazarus-codecache-2"
 
-# Imported to find what goes into the file: the command whose start-up counts (a restore, its lazy-pages daemon
-# and guard), with everything they import at module level. Reading the file costs ~1 ms per MB (page faults of
-# the buffer), so it holds no more than that: the dump, whose own work dwarfs its start-up, is left out.
+# Imported to find what goes into the file: every command's modules (restore, its lazy-pages daemon and guard,
+# dump and its watchdog, the service, show), with everything they import at module level. The file is mapped,
+# so what one command does not import costs it nothing.
 ENTRY_MODULES = (
     "lazarus.cli", "lazarus.api", "lazarus.restore", "lazarus.restore.uffd", "lazarus.lazy.daemon",
     "lazarus.lazy.handoff", "lazarus.lazy.server", "lazarus.lazy.guard", "lazarus.lazy.trust",
-    "lazarus.lazy.anchor", "lazarus.kernel.uffd",
+    "lazarus.lazy.anchor", "lazarus.kernel.uffd", "lazarus.dump", "lazarus.dump.watchdog",
+    "lazarus.images.summary", "lazarus.service", "argparse", "gettext", "textwrap", "locale",
 )
 
 
@@ -77,16 +78,22 @@ def install(path: str) -> CodeCache | None:
     this sys.path; None (nothing changed) otherwise."""
     if os.environ.get("PYTHONPATH"):
         return None
+    import mmap  # an extension module the restore loads anyway (its page files)
     try:
-        with open(path, "rb", buffering=0) as f:
-            data = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            # Mapped, not read: a command faults in the pages of the modules it imports and no others, so the
+            # file can hold every command's modules (write() replaces it by a rename, never in place).
+            data = memoryview(mmap.mmap(fd, 0, mmap.MAP_PRIVATE, mmap.PROT_READ))
+        finally:
+            os.close(fd)
         n = int.from_bytes(data[:4], "little")
-        magic, executable, paths, entries = marshal.loads(memoryview(data)[4:4 + n])
+        magic, executable, paths, entries = marshal.loads(data[4:4 + n])
     except (OSError, ValueError, EOFError, TypeError):
         return None
     if magic != MAGIC or executable != sys.executable or paths != sys.path[1:]:
         return None
-    cache = CodeCache(entries, memoryview(data)[4 + n:])
+    cache = CodeCache(entries, data[4 + n:])
     sys.meta_path.insert(0, cache)
     return cache
 

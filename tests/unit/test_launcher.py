@@ -47,8 +47,8 @@ def test_written_launcher_runs_the_command_without_site(tmp_path: Path) -> None:
 
 
 def test_written_launcher_imports_from_its_code_cache(tmp_path: Path) -> None:
-    """The launcher reads the code of the restore's modules from one file (lazarus/codecache.py): the modules
-    come from there, with the __file__ of their source, and the command works."""
+    """The launcher maps the code of every command's modules (restore, dump) from one file (lazarus/codecache.py):
+    the modules come from there, with the __file__ of their source, and the command works."""
     script = tmp_path / "bin" / "lazarus"
     script.parent.mkdir()
     assert launcher.write(str(script))
@@ -58,15 +58,15 @@ def test_written_launcher_imports_from_its_code_cache(tmp_path: Path) -> None:
     probe.write_text(script.read_text().replace(
         f"install({str(cache)!r})", f"cache = install({str(cache)!r})").replace(
         "from lazarus.cli import entry\nentry()\n",
-        "import lazarus.cli, lazarus.restore, lazarus.lazy.daemon, json\n"
+        "import lazarus.cli, lazarus.restore, lazarus.lazy.daemon, json, lazarus.dump.memory\n"
         "r = sys.modules['lazarus.restore']\n"
         "print(len(cache.served), 'lazarus.restore' in cache.served, 'json' in cache.served,\n"
-        "      r.__file__ == r.__spec__.origin, r.__file__)\n"))
+        "      'lazarus.dump.memory' in cache.served, r.__file__ == r.__spec__.origin, r.__file__)\n"))
     probe.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([str(probe)], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
-    served, restore, json_, same, where = out.stdout.split()
-    assert int(served) > 50 and restore == json_ == same == "True", out.stderr
+    served, restore, json_, dump, same, where = out.stdout.split()
+    assert int(served) > 50 and restore == json_ == dump == same == "True", out.stderr
     import lazarus.restore  # noqa: F401 - the package (lazarus.restore names the API's function)
     assert where == sys.modules["lazarus.restore"].__file__
     # PYTHONPATH may put other modules first: the cache then stays out of the way
