@@ -21,7 +21,6 @@ A lazy restore forks helpers; call it while the calling process has no thread (f
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from lazarus.errors import FeatureMissing, LazarusError, UsageError
 from lazarus.records import field, record
@@ -29,6 +28,7 @@ from lazarus.records import field, record
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     import socket
+    from pathlib import Path
     from typing import Any
 
     from lazarus.dump import DumpResult
@@ -53,6 +53,8 @@ def dump(pid: int, directory: str | Path, *, leave_running: bool = False, shell_
     Raises:
         DumpError / Unsupported naming what could not be saved; the process then runs on as it was.
     """
+    from pathlib import Path
+
     from lazarus.dump import dump as _dump
     return _dump(pid, Path(directory), leave_running=leave_running, shell_job=shell_job, direct=direct,
                  sync=sync, watchdog=_prepared.pop("watchdog", None))
@@ -161,7 +163,8 @@ def restore(directory: str | Path, *, lazy: bool = False, detach: bool = False, 
     Raises:
         UsageError for options that need `lazy`; FeatureMissing; ImageError; RestoreError; Untrusted.
     """
-    directory = Path(directory)
+    # A str, not a Path: the restore command imports no pathlib (cli._RESTORE_VALUES)
+    directory = os.fspath(directory)
     if lazy and detach and lazy_pages_socket is None:
         return _restore_detached(directory, background=background, stats_path=stats_path, lazy_log=lazy_log,
                                  status=status, pidns=pidns)
@@ -178,7 +181,7 @@ def restore(directory: str | Path, *, lazy: bool = False, detach: bool = False, 
     return r
 
 
-def _restore_impl(directory: Path, *, lazy: bool, detach: bool, background: bool, stats_path: Path | None,
+def _restore_impl(directory: str, *, lazy: bool, detach: bool, background: bool, stats_path: Path | None,
                   lazy_log: Path | None, lazy_pages_socket: Path | None, on_progress: ProgressCallback | None,
                   status: Any, pidns: bool, stamp: Any) -> Restoration:
     from lazarus.restore import restore as _restore
@@ -233,14 +236,14 @@ _opened: dict[str, tuple[Any, Any]] = {}
 _SETTLED_NS = 100_000_000  # a file changed less than this before is not trusted to stay as read (timestamps are coarse)
 
 
-def _signature(directory: Path) -> Any:
+def _signature(directory: str) -> Any:
     """What must not change for an image opened earlier to be used: the directory's and each file's inode, size,
     mtime and ctime. None when it cannot be read, or changed too recently to tell."""
     try:
         st = os.stat(directory)
         sig = [(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)]
         for name in sorted(os.listdir(directory)):
-            f = os.lstat(directory / name)
+            f = os.lstat(os.path.join(directory, name))
             sig.append((name, f.st_ino, f.st_size, f.st_mtime_ns, f.st_ctime_ns))
     except OSError:
         return None
@@ -255,7 +258,7 @@ def preopen_image(directory: str | Path) -> bool:
     creates anything), for a lazy restore of it later in this process, which uses it if no file of the image
     has changed since (inode, size, mtime and ctime of each, and of the directory). For a process that waits
     for restores (a service worker). Returns whether it is kept."""
-    directory = Path(directory)
+    directory = os.fspath(directory)
     sig = _signature(directory)
     if sig is None:
         return False
@@ -271,7 +274,7 @@ def preopen_image(directory: str | Path) -> bool:
     return True
 
 
-def _checked_image(directory: Path) -> Any:
+def _checked_image(directory: str) -> Any:
     """The image in `directory`, opened and checked (page data excepted): the one preopen_image() kept if its
     files are as they were, else opened now."""
     entry = _opened.pop(str(directory), None)
@@ -321,7 +324,7 @@ def release_prepared(wait: bool = True) -> None:
         seed.discard(wait)
 
 
-def _restore_detached(directory: Path, *, background: bool, stats_path: Path | None, lazy_log: Path | None,
+def _restore_detached(directory: str, *, background: bool, stats_path: Path | None, lazy_log: Path | None,
                       status: Any, pidns: bool) -> Restoration:
     """restore(lazy=True, detach=True): served by a private daemon. The daemon is forked first, before this
     process imports the restore or reads the image, so that its own start-up (its imports, its guard's fork,
@@ -349,8 +352,8 @@ def _restore_detached(directory: Path, *, background: bool, stats_path: Path | N
                        init=res.init, ns_pid=res.ns_pid)
 
 
-def _daemon_log(directory: Path) -> Path:
-    return directory / "lazy-pages.log" if os.access(directory, os.W_OK) else Path(os.devnull)
+def _daemon_log(directory: str) -> str:
+    return os.path.join(directory, "lazy-pages.log") if os.access(directory, os.W_OK) else os.devnull
 
 
 @record
@@ -385,7 +388,7 @@ def show(directory: str | Path) -> dict[str, Any]:
     """
     from lazarus.images import Image
     from lazarus.images.summary import summary
-    img = Image.open(Path(directory))
+    img = Image.open(os.fspath(directory))
     try:
         return summary(img)
     finally:

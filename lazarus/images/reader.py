@@ -11,7 +11,6 @@ import stat
 import sys
 import time
 from array import array
-from pathlib import Path
 from types import TracebackType
 
 import xxhash
@@ -102,7 +101,7 @@ class PageFile:
     is kept in a bitmap shared with the Image, so a chunk is hashed at most once.
     """
 
-    def __init__(self, directory: Path | None, pid: int, expected_size: int, sums: array,
+    def __init__(self, directory: str | None, pid: int, expected_size: int, sums: array,
                  verified: bytearray) -> None:
         """Map DIRECTORY/pages-PID.img, which must be `expected_size` bytes; directory None stands for a task
         without page data (no file, nothing mapped)."""
@@ -122,7 +121,7 @@ class PageFile:
             assert expected_size == 0
             return
         try:
-            fd = os.open(directory / self.name, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(os.path.join(directory, self.name), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise ImageError(f"{self.name}: missing") from None
         except OSError as e:
@@ -303,7 +302,7 @@ class PageFile:
 class Image:
     """A validated image directory. Use Image.open(); close() (or `with`) unmaps any page files."""
 
-    def __init__(self, path: Path, inventory: dict[str, Any], jsons: dict[str, Any],
+    def __init__(self, path: str, inventory: dict[str, Any], jsons: dict[str, Any],
                  sums: dict[int, array]) -> None:
         self.path = path
         self.inventory = inventory
@@ -319,13 +318,13 @@ class Image:
     # -- opening ----------------------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: Path | str) -> Image:
+    def open(cls, path: str | os.PathLike[str]) -> Image:
         """Open and validate an image: inventory, presence and size of every file, checksums of all but page
         data, task json schemas. Page data is checked by verify_pages() or PageFile.verify_*.
 
         Raises: ImageError, one line naming the file and what is wrong with it.
         """
-        path = Path(path)
+        path = os.fspath(path)  # a str: the restore command imports no pathlib (cli._RESTORE_VALUES)
         try:
             return cls._open(path)
         except ImageError as e:
@@ -334,7 +333,7 @@ class Image:
             raise
 
     @classmethod
-    def _open(cls, path: Path) -> Image:
+    def _open(cls, path: str) -> Image:
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -363,13 +362,13 @@ class Image:
         for name in sorted(files):
             entry = files[name]
             if entry["xxh3"] is None:
-                _stat_size(path / name, name, entry["size"])
+                _stat_size(os.path.join(path, name), name, entry["size"])
                 continue
             m = _SUMS_RE.fullmatch(name)
             if m is not None and entry["size"] % 8 == 0:
-                sums[int(m.group(1))] = _read_sums(path / name, name, entry["size"], entry["xxh3"])
+                sums[int(m.group(1))] = _read_sums(os.path.join(path, name), name, entry["size"], entry["xxh3"])
                 continue
-            data = _read_checked(path / name, name, entry["size"], entry["xxh3"], keep=name.endswith(".json")
+            data = _read_checked(os.path.join(path, name), name, entry["size"], entry["xxh3"], keep=name.endswith(".json")
                                  or m is not None)
             if name.endswith(".json"):
                 jsons[name] = _parse_json(name, data)
@@ -386,9 +385,10 @@ class Image:
         return cls(path, inv, jsons, sums)
 
     @staticmethod
-    def _read_inventory(path: Path) -> dict[str, Any]:
+    def _read_inventory(path: str) -> dict[str, Any]:
         try:
-            raw = (path / INVENTORY).read_bytes()
+            with open(os.path.join(path, INVENTORY), "rb") as f:
+                raw = f.read()
         except OSError as e:
             raise ImageError(f"{INVENTORY}: cannot read: {e.strerror}") from e
         inv = _parse_json(INVENTORY, raw)
@@ -448,7 +448,7 @@ class Image:
         if entry is None:
             raise ImageError(f"{fname}: not in this image", path=str(self.path))
         try:
-            return _read_checked(self.path / fname, fname, entry["size"], entry["xxh3"], keep=True)
+            return _read_checked(os.path.join(self.path, fname), fname, entry["size"], entry["xxh3"], keep=True)
         except ImageError as e:
             e.path = str(self.path)
             raise
@@ -550,7 +550,7 @@ def check_name_or_fail(name: str) -> None:
         raise ImageError(f"{INVENTORY}: lists itself in 'files'")
 
 
-def _stat_size(path: Path, name: str, expected: int) -> None:
+def _stat_size(path: str, name: str, expected: int) -> None:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -563,7 +563,7 @@ def _stat_size(path: Path, name: str, expected: int) -> None:
         raise _size_error(name, st.st_size, expected)
 
 
-def _read_checked(path: Path, name: str, expected_size: int, expected_xxh3: str, *, keep: bool) -> bytes:
+def _read_checked(path: str, name: str, expected_size: int, expected_xxh3: str, *, keep: bool) -> bytes:
     """Hash the file as it streams past; returns its bytes if `keep`, else b""."""
     _stat_size(path, name, expected_size)
     hasher = xxhash.xxh3_64()
@@ -590,7 +590,7 @@ def _read_checked(path: Path, name: str, expected_size: int, expected_xxh3: str,
     return b"".join(parts)
 
 
-def _read_sums(path: Path, name: str, size: int, expected_xxh3: str) -> array:
+def _read_sums(path: str, name: str, size: int, expected_xxh3: str) -> array:
     """A chunk-sums file (`size` a multiple of 8), read straight into the array it becomes and hashed there:
     one buffer, not three (read, join, frombytes). At 4 GiB of pages the file is 512 KiB, and each fresh
     buffer of that size costs a lazy restore ~128 page faults before its process runs."""

@@ -28,7 +28,6 @@ import operator
 import os
 import stat
 from collections.abc import Callable
-from pathlib import Path
 
 from lazarus.errors import ImageError
 from lazarus.images.format import (
@@ -46,6 +45,7 @@ from lazarus.images.shared import SHARED_JSON, check_shared, check_shared_memory
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import Any
 
 PAGE_SIZE = 4096
@@ -500,7 +500,7 @@ def _all_within(inner: list[tuple[int, int]], outer: list[tuple[int, int]]) -> b
     return within == len(inner)
 
 
-def check_ownership(path: Path, names: list[str] | None = None) -> None:
+def check_ownership(path: str | Path, names: list[str] | None = None) -> None:
     """Refuse an image that someone other than root (or the restorer itself) could have written: its directory
     and each file must belong to uid 0 or our euid and be writable by nobody else, and every file must be a
     regular file, not a symlink. A restore runs as root and builds a process from whatever the image says, so
@@ -508,7 +508,7 @@ def check_ownership(path: Path, names: list[str] | None = None) -> None:
     me = os.geteuid()
     entries = [(str(path), os.stat(path))]
     for name in sorted(names if names is not None else os.listdir(path)):
-        entries.append((f"{path}/{name}", os.lstat(path / name)))
+        entries.append((f"{path}/{name}", os.lstat(os.path.join(path, name))))
     for where, st in entries:
         if st.st_uid not in (0, me):
             raise ImageError(f"{where}: owned by uid {st.st_uid}; an image must belong to root", path=where)

@@ -34,7 +34,6 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 from lazarus.errors import LazarusError
 from lazarus.logs import getLogger
@@ -43,6 +42,7 @@ from lazarus.records import field, record
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     import socket
+    from pathlib import Path
     from typing import Any
 
 log = getLogger("lazarus.lazy")
@@ -177,7 +177,7 @@ class Daemon:
             time.sleep(0.002)
 
 
-def fork_daemon(images: Path, log_path: Path, *, background: bool = True, stats_path: Path | None = None,
+def fork_daemon(images: str, log_path: str, *, background: bool = True, stats_path: Path | None = None,
                 status: Any = None, close_fds: tuple[int, ...] = (), image: Any = None) -> Daemon:
     """Fork a lazy-pages daemon that serves the one process a restore will hand it over the returned socket,
     then exits. Call it while this process has no thread. `status`: a trust.PrivateSocket to answer status
@@ -222,7 +222,7 @@ def fork_daemon(images: Path, log_path: Path, *, background: bool = True, stats_
                   f"resume it with `lazarus lazy-pages --adopt PID -D {images}`", file=sys.stderr, flush=True)
             try:
                 from lazarus.lazy.handoff import Listener
-                seeded = {str(images.resolve()): image} if image is not None else None
+                seeded = {os.path.realpath(images): image} if image is not None else None
                 Listener(serving.server, theirs, connected=True, images=seeded, unchecked=unchecked)
                 if status is not None:
                     serving.answer_status(status.sock)
@@ -242,7 +242,7 @@ def fork_daemon(images: Path, log_path: Path, *, background: bool = True, stats_
     return Daemon(pid, ours)
 
 
-def _open_image(images: Path) -> Any:
+def _open_image(images: str) -> Any:
     """The image a daemon forked before the restore opened it will serve, opened (its files read, each matching
     the checksum its inventory lists) now, while the restore process has its own start-up to do, rather than at
     the handoff, which the restore waits for. Not checked (validate_image): the restore checks its own copy
@@ -268,7 +268,7 @@ class Hand:
 
     wants_source = False  # the server builds its own page source from the image
 
-    def __init__(self, sock: socket.socket, images: Path, checked: str | None = None) -> None:
+    def __init__(self, sock: socket.socket, images: str | Path, checked: str | None = None) -> None:
         self.sock, self.images, self.checked = sock, images, checked
         self.pending: list[int] = []
 
@@ -291,7 +291,7 @@ class Hand:
             await_reply(self.sock, self.pending.pop(0))
 
 
-def hand_over(sock: socket.socket, images: Path, checked: str | None = None) -> Hand:
+def hand_over(sock: socket.socket, images: str | Path, checked: str | None = None) -> Hand:
     """The restore's on_lazy callback that hands the task's uffd to the server behind `sock`. `checked`: the
     inventory self_check of the image the restore checked (handoff.send_only)."""
     return Hand(sock, images, checked)

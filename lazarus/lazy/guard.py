@@ -36,7 +36,6 @@ import signal
 import socket
 import sys
 import time
-from pathlib import Path
 
 from lazarus.errors import LazarusError, NoSuchTask
 from lazarus.kernel.pidfd import pidfd_exited, pidfd_info, pidfd_open, pidfd_send_signal
@@ -47,6 +46,7 @@ from lazarus.records import record
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     import subprocess
+    from pathlib import Path
 
 log = getLogger("lazarus.lazy")
 

@@ -30,7 +30,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 from lazarus.errors import LazarusError, ProtocolError
 from lazarus.kernel.procfs import own_pid
@@ -40,6 +39,7 @@ from lazarus.logs import getLogger
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     import socket
+    from pathlib import Path
 
     # trust.py is the server's side: a restore handing a process over (send_process) does not load it
     from typing import Any
@@ -68,7 +68,7 @@ def send_only(sock: socket.socket, pid: int, images: Path, uffd_fd: int, checked
     checked whole (validate_image), which spares the private daemon that check of the same image. `features`:
     the uffd's enabled features (the restore did its UFFDIO_API), which spares the private daemon reading them
     from fdinfo."""
-    req: dict[str, Any] = {"pid": pid, "images": str(Path(images).resolve())}
+    req: dict[str, Any] = {"pid": pid, "images": os.path.realpath(images)}
     if checked is not None:
         req["checked"] = checked
     if features is not None:
@@ -191,7 +191,7 @@ class Listener:
             # What the uffd's features are is taken from our parent, the restore behind a socketpair (connected),
             # which made it; any other peer's uffd is read (fdinfo) for them and for being a uffd at all.
             features = req.get("features") if self.connected else None
-            self._add(peer, int(req["pid"]), Path(req["images"]), fds.pop(),
+            self._add(peer, int(req["pid"]), str(req["images"]), fds.pop(),
                       checked if isinstance(checked, str) else None,
                       features if type(features) is int and features >= 0 else None)
             self.received += 1
@@ -209,7 +209,7 @@ class Listener:
         # A connection stays open for the next process of the same restore (a tree hands them over one after
         # the other); it is dropped when the restore closes it (above).
 
-    def _add(self, peer: Peer, pid: int, images: Path, fd: int, checked: str | None = None,
+    def _add(self, peer: Peer, pid: int, images: str, fd: int, checked: str | None = None,
              features: int | None = None) -> None:
         from lazarus.images import Image
         from lazarus.images.mm import lazy_object_ids, served_vmas
@@ -253,7 +253,7 @@ class Listener:
             served = served_vmas(img, ipid, lazy_object_ids(mm, task["files"]))
             # one mapping of a page file for every restore of it this server serves (lazy/pagefiles.py)
             source = self.server.page_files.source(served, img.page_file(ipid),
-                                                   name=f"{images.name}/pages-{ipid}.img")
+                                                   name=f"{os.path.basename(images)}/pages-{ipid}.img")
             verify_uffd_owner(pidfd, uffd, source)
         except BaseException:
             uffd.close()

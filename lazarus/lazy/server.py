@@ -50,7 +50,6 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
 from time import monotonic_ns, perf_counter_ns
 
 from lazarus.errors import KernelError, LazarusError, NoSuchTask, PageSourceLost
@@ -83,6 +82,8 @@ from lazarus.records import field, record
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from lazarus.lazy.sources import PageSource
 
 log = getLogger("lazarus.lazy")
@@ -180,7 +181,7 @@ class LazyServer:
         if fault_batch < 1 or fault_batch & (fault_batch - 1):
             raise ValueError("fault_batch must be a power of two")
         self.background = background
-        self.stats_path = Path(stats_path) if stats_path else None
+        self.stats_path = os.fspath(stats_path) if stats_path else None
         self.progress = progress
         self.guard = guard
         self.fault_batch = fault_batch
@@ -1116,9 +1117,9 @@ class LazyServer:
 
     def write_stats(self, path: str | Path) -> None:
         """Write stats() as JSON (atomically: temp file + rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.stats(), indent=2) + "\n")
+        tmp = f"{os.fspath(path)}.tmp"
+        with open(tmp, "w") as f:
+            f.write(json.dumps(self.stats(), indent=2) + "\n")
         os.replace(tmp, path)
 
     def _report_progress(self, final: bool = False) -> None:

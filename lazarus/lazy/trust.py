@@ -33,7 +33,6 @@ import os
 import socket
 import stat
 import struct
-from pathlib import Path
 
 from lazarus.errors import KernelError, LazarusError, NoSuchTask, Untrusted
 from lazarus.kernel import abi
@@ -43,6 +42,7 @@ from lazarus.records import record
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import Any
 
 PAGE_SIZE = abi.PAGE_SIZE
@@ -55,7 +55,13 @@ _PM_SWAPPED = 1 << 62
 # -- the socket file -------------------------------------------------------------------------------------------
 
 
-def open_checked_dir(directory: Path) -> int:
+def _split(path: str | Path) -> tuple[str, str]:
+    """(directory, name) of `path`, as Path's parent and name (os.path: the daemon imports no pathlib)."""
+    head, name = os.path.split(os.fspath(path).rstrip("/") or "/")
+    return head or ".", name
+
+
+def open_checked_dir(directory: str | Path) -> int:
     """An O_PATH fd of `directory` once it is owned by root and not writable by group or others.
 
     Raises:
@@ -113,7 +119,7 @@ class PrivateSocket:
         self.sock.close()
 
 
-def listen_private(path: Path, backlog: int = 16, kind: int = socket.SOCK_SEQPACKET) -> PrivateSocket:
+def listen_private(path: str | Path, backlog: int = 16, kind: int = socket.SOCK_SEQPACKET) -> PrivateSocket:
     """Listen on `path`: mode 0600 whatever the umask, in a directory only root can write. `kind`: the socket
     type (SOCK_STREAM for the restore service's HTTP).
 
@@ -121,9 +127,8 @@ def listen_private(path: Path, backlog: int = 16, kind: int = socket.SOCK_SEQPAC
     Raises:
         Untrusted for the directory; LazarusError for what is in the way.
     """
-    path = Path(path)
-    dirfd = open_checked_dir(path.parent)
-    name = path.name
+    parent, name = _split(path)
+    dirfd = open_checked_dir(parent)
     try:
         _clear_stale(dirfd, name, path, kind)
         sock = socket.socket(socket.AF_UNIX, kind)
@@ -166,17 +171,17 @@ def _clear_stale(dirfd: int, name: str, path: Path, kind: int = socket.SOCK_SEQP
     raise LazarusError(f"{path}: a server already listens there", path=str(path))
 
 
-def connect_trusted(path: Path) -> socket.socket:
+def connect_trusted(path: str | Path) -> socket.socket:
     """Connect to the lazy-pages server at `path` after checking that only root could be listening there.
 
     Raises:
         Untrusted (directory, socket file or server not root's); LazarusError if nobody answers.
     """
-    path = Path(path)
-    dirfd = open_checked_dir(path.parent)
+    parent, name = _split(path)
+    dirfd = open_checked_dir(parent)
     try:
         try:
-            st = os.stat(path.name, dir_fd=dirfd, follow_symlinks=False)
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
         except OSError as e:
             raise LazarusError(f"cannot reach the lazy-pages server at {path}: {e.strerror}") from None
         if not stat.S_ISSOCK(st.st_mode):
@@ -185,7 +190,7 @@ def connect_trusted(path: Path) -> socket.socket:
             raise Untrusted(f"{path} is owned by uid {st.st_uid}, not root: not handing a process to it")
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            s.connect(_via(dirfd, path.name))
+            s.connect(_via(dirfd, name))
             pid, uid, _gid = peer_ucred(s)
             if uid != 0:
                 raise Untrusted(f"the lazy-pages server at {path} (pid {pid}) runs as uid {uid}, not root: "

@@ -11,7 +11,6 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from lazarus.errors import ImageError, KernelError, LazarusError, RestoreError
 from lazarus.images import Image
@@ -52,6 +51,7 @@ from lazarus.restore.uffd import LAZY_FEATURES, copy_all, lazy_ranges, uffd_in_t
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import Any
 
     from lazarus.restore.cow import CowPlan
@@ -83,7 +83,7 @@ class Restored:
     seeded: bool = False  # cloned from a seed made ahead (restore/seed.py), not from this process
 
 
-def open_image(directory: Path, *, verify_pages: bool) -> Image:
+def open_image(directory: str | Path, *, verify_pages: bool) -> Image:
     img = Image.open(directory)
     validate_image(img)
     for pid in img.tasks:
@@ -638,7 +638,7 @@ def set_mm(remote: RemoteTask, mm: dict[str, Any], batch: Batch | None = None, *
         b.run()
 
 
-def restore(directory: Path, *, lazy: bool = False, on_lazy: LazyHandoff | None = None,
+def restore(directory: str | Path, *, lazy: bool = False, on_lazy: LazyHandoff | None = None,
             image: Image | None = None, pidns: bool = False) -> Restored:
     """Restore the process (or process tree) in `directory`. `image`: the same image already opened with
     open_image() (a caller that must know the image is sound before it starts helpers of its own, as a lazy

@@ -16,9 +16,11 @@ import lazarus
 COMMAND_MODULES = ("lazarus.cli", "lazarus.api", "lazarus.lazy.daemon", "lazarus.kernel.uffd", "lazarus.restore.uffd",
                    "lazarus.restore", "lazarus.lazy.handoff", "lazarus.lazy.anchor")
 # Off the path: socket (its enum conversions, selectors; the handoff uses _socket), threading (the lazy server's
-# copy helper only), what only a tree, --pidns, an eager restore or the daemon use, and what the clifast
-# branches took off before (logging, argparse for a plain restore line, the dump, dataclasses and typing).
+# copy helper only), what only a tree, --pidns, an eager restore or the daemon use, what the clifast branches
+# took off before (logging, argparse for a plain restore line, the dump, dataclasses and typing), and pathlib
+# with what it loads (urllib.parse, ipaddress: ~4-7 ms here; directories are str on this path).
 OFF_PATH = ("socket", "selectors", "threading", "logging", "argparse", "dataclasses", "typing", "inspect",
+            "pathlib", "urllib.parse", "ipaddress",
             "lazarus.dump", "lazarus.restore.tree", "lazarus.restore.sharefds", "lazarus.restore.cow",
             "lazarus.restore.thp", "lazarus.lazy.server", "lazarus.lazy.guard", "lazarus.lazy.trust")
 
@@ -41,9 +43,18 @@ def test_restore_command_imports_none_of_the_modules_taken_off_its_path() -> Non
     assert structs == []  # kernel/abi.py makes its ctypes structs on first use
 
 
+def test_the_lazy_daemon_imports_no_pathlib() -> None:
+    """The private lazy-pages daemon is forked from the command and imports the server's side while the command
+    restores: its start-up is on the command's path as well."""
+    mods, _ = _imported((*COMMAND_MODULES, "lazarus.lazy.server", "lazarus.lazy.guard", "lazarus.lazy.trust",
+                         "lazarus.images.validate", "lazarus.images.mm"))
+    assert not {"pathlib", "urllib.parse", "ipaddress"} & set(mods)
+
+
 def test_the_modules_taken_off_are_still_reachable() -> None:
-    """The list above means something: the lazy server does load socket, a tree restore its modules."""
-    mods, _ = _imported(("lazarus.restore", "lazarus.lazy.server"))
-    assert {"socket", "lazarus.lazy.guard"} <= set(mods)
+    """The list above means something: the lazy server does load socket, a tree restore its modules, the dump
+    pathlib."""
+    mods, _ = _imported(("lazarus.restore", "lazarus.lazy.server", "lazarus.dump"))
+    assert {"socket", "lazarus.lazy.guard", "pathlib", "urllib.parse"} <= set(mods)
     import lazarus.restore.sharefds  # noqa: F401
     import lazarus.restore.tree  # noqa: F401 - imported where restore_tree runs
