@@ -225,7 +225,9 @@ def test_restore_failing_mid_tree_leaves_nothing(harness: H.Harness) -> None:
     assert not [pid for pid in want if H.is_alive(pid)], "processes of the tree left behind"
 
 
-@pytest.mark.parametrize("kill_at", [40, 300, 700])
+# The restore of this tree makes ~690 ptrace calls (714 before misc, signals, uffd and credentials shared a batch):
+# the last point is near its end. A restore that finishes first fails the test, saying so.
+@pytest.mark.parametrize("kill_at", [40, 300, 600])
 def test_restore_killed_mid_tree_leaves_nothing(harness: H.Harness, kill_at: int) -> None:
     """The restorer SIGKILLed half-way: every task it made dies with it (PTRACE_O_EXITKILL, inherited by the
     children it clones traced)."""

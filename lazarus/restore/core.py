@@ -61,6 +61,13 @@ def restore_rlimits(pid: int, rlimits: list[list[int]]) -> None:
                                stage="misc", pid=pid) from e
 
 
+def signals_in_one_batch(sig: dict[str, Any]) -> bool:
+    """Whether restore_signals() has nothing to do after its batch (no SIGTRAP ignored, no POSIX timer, no
+    queued signal): its calls may then share a batch with later ones (queue_signal_actions)."""
+    return (sig["actions"][abi.SIGTRAP - 1][0] != abi.SIG_IGN and not sig.get("timers")
+            and not sig.get("pending_thread") and not sig.get("pending_shared"))
+
+
 def restore_signals(task: RemoteTask, sig: dict[str, Any], batch: Batch | None = None, *,
                     defaults_known: bool = False) -> None:
     """batch: calls queued by the caller, run first in the same injection as the signal actions.
@@ -68,6 +75,14 @@ def restore_signals(task: RemoteTask, sig: dict[str, Any], batch: Batch | None =
     restore/seed.py), so only the others are set."""
     t = task
     b = batch if batch is not None else t.batch()
+    trap_ignored = queue_signal_actions(b, sig, defaults_known=defaults_known)
+    b.run()
+    _after_signal_actions(t, sig, trap_ignored)
+
+
+def queue_signal_actions(b: Batch, sig: dict[str, Any], *, defaults_known: bool = False) -> bool:
+    """Queue the signal actions, alternate stack and interval timers in `b`; True if SIGTRAP is to be ignored,
+    which restore_signals() sets after the batch."""
     trap_ignored = False
     for signo, (handler, flags, restorer, mask) in enumerate(sig["actions"], start=1):
         if signo in (abi.SIGKILL, abi.SIGSTOP):
@@ -87,7 +102,10 @@ def restore_signals(task: RemoteTask, sig: dict[str, Any], batch: Batch | None =
         if isec or iusec or vsec or vusec:
             it = abi.itimerval(abi.timeval(isec, iusec), abi.timeval(vsec, vusec))
             b.call(abi.SYS.setitimer, which, b.put_struct(it), 0)
-    b.run()
+    return trap_ignored
+
+
+def _after_signal_actions(t: RemoteTask, sig: dict[str, Any], trap_ignored: bool) -> None:
     if trap_ignored:
         handler, flags, restorer, mask = sig["actions"][abi.SIGTRAP - 1]
         t.syscall(abi.SYS.rt_sigaction, abi.SIGTRAP, t.put_struct(abi.kernel_sigaction(handler, flags, restorer,
@@ -312,11 +330,16 @@ def run_creds_batch(b: Batch, misc: dict[str, Any]) -> None:
     try:
         b.run()
     except KernelError as e:
-        caps = misc.get("caps")
-        if caps and b.entries_failed_what == "capset":
-            raise RestoreError(f"cannot set capabilities (permitted {caps['prm']:#x}, effective {caps['eff']:#x}, "
-                               f"inheritable {caps['inh']:#x}): {e.strerror}", stage="caps", pid=b.task.pid) from e
-        raise
+        raise creds_error(b, misc, e) from e
+
+
+def creds_error(b: Batch, misc: dict[str, Any], e: KernelError) -> BaseException:
+    """What a batch holding restore_after_creds's calls raises when it failed with `e`."""
+    caps = misc.get("caps")
+    if caps and b.entries_failed_what == "capset":
+        return RestoreError(f"cannot set capabilities (permitted {caps['prm']:#x}, effective {caps['eff']:#x}, "
+                            f"inheritable {caps['inh']:#x}): {e.strerror}", stage="caps", pid=b.task.pid)
+    return e
 
 
 def restore_creds(task: RemoteTask, creds: dict[str, Any], batch: Batch | None = None) -> None:
@@ -352,11 +375,16 @@ def restore_all_creds(task: RemoteTask, misc: dict[str, Any], *, is_root: bool =
     """restore_caps_before_creds, restore_creds, restore_after_creds and restore_dumpable, in that order, by one
     batch. is_root: the task is the restore's root (its parent is the restorer)."""
     b = task.batch()
+    queue_all_creds(task, misc, b, is_root=is_root)
+    run_creds_batch(b, misc)
+
+
+def queue_all_creds(task: RemoteTask, misc: dict[str, Any], b: Batch, *, is_root: bool = True) -> None:
+    """restore_all_creds's calls queued in `b`, to run last in it (run_creds_batch)."""
     restore_caps_before_creds(task, misc, b)
     restore_creds(task, misc["creds"], b)
     restore_after_creds(task, misc, b, is_root=is_root)
     restore_dumpable(task, misc, b)
-    run_creds_batch(b, misc)
 
 
 # Machine code run once in a restored task whose image holds AMX tile data. The kernel gives a task an XSTATE

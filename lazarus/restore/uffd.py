@@ -20,8 +20,10 @@ from lazarus.remote import Ref, RemoteTask
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
     from typing import Any
+
+    from lazarus.remote import Batch
 
 LAZY_FEATURES = (abi.UFFD_FEATURE_EVENT_FORK | abi.UFFD_FEATURE_EVENT_REMAP | abi.UFFD_FEATURE_EVENT_REMOVE
                  | abi.UFFD_FEATURE_EVENT_UNMAP | abi.UFFD_FEATURE_MISSING_SHMEM
@@ -29,14 +31,19 @@ LAZY_FEATURES = (abi.UFFD_FEATURE_EVENT_FORK | abi.UFFD_FEATURE_EVENT_REMAP | ab
 
 
 def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int, *,
-                 taken: Iterable[int] = ()) -> Uffd:
+                 taken: Iterable[int] = (), batch: Batch | None = None,
+                 then: Callable[[Batch], None] | None = None) -> Uffd:
     """Create a uffd inside `task`, register `ranges` ([start, end)) for missing faults, and take it out.
 
     A uffd with fork events is a lazy restore's, handed to a lazy-pages server: the task keeps a copy of it
     (close-on-exec) at the highest fd its RLIMIT_NOFILE allows (the anchor, lazy/anchor.py: should every
     Lazarus process serving it die, its faults wait rather than read zeros), recorded as the returned Uffd's
     task_fd. Its fds must be in place already (F_DUPFD_CLOEXEC never takes one, as dup3 would). `taken`:
-    anchor numbers of other processes sharing its fd table (CLONE_FILES), left to them."""
+    anchor numbers of other processes sharing its fd table (CLONE_FILES), left to them. `batch`: calls queued
+    by the caller, run first in the same injection; `then(batch)` queues calls run after the uffd's in it
+    (the credentials, which the uffd must precede): one stop for all three.
+
+    Raises: KernelError (the failing call's `what` in batch.entries_failed_what), RestoreError."""
     # In one batch as far as scratch allows: the uffd, its handshake, the ranges, and for a lazy restore the
     # anchor's copy and the close of the original (usually the number wanted is free).
     anchor = bool(features & abi.UFFD_FEATURE_EVENT_FORK)
@@ -44,7 +51,7 @@ def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int,
     if anchor:
         from lazarus.lazy.anchor import anchor_fd_number  # lazy restores only (it brings socket)
         want = anchor_fd_number(prlimit(task.pid, RLIMIT_NOFILE)[0], taken)
-    b = task.batch()
+    b = batch if batch is not None else task.batch()
     made = b.call(abi.SYS.userfaultfd, os.O_CLOEXEC | os.O_NONBLOCK, what="userfaultfd")
     b.call(abi.SYS.ioctl, made, abi.UFFDIO_API, b.put_struct(abi.uffdio_api(abi.UFFD_API, features, 0)),
            what="UFFDIO_API")
@@ -53,23 +60,29 @@ def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int,
     try:
         for start, end in ranges:
             if not b.fits(1, 64):
-                fd = b.run()[0] if isinstance(fd, Ref) else fd
+                fd = b.run()[made.index] if isinstance(fd, Ref) else fd
             reg = abi.uffdio_register(abi.uffdio_range(start, end - start), abi.UFFDIO_REGISTER_MODE_MISSING, 0)
             b.call(abi.SYS.ioctl, fd, abi.UFFDIO_REGISTER, b.put_struct(reg),
                    what=f"UFFDIO_REGISTER {start:#x}-{end:#x}")
         dup = None
         if anchor:
             if not b.fits(2):
-                fd = b.run()[0] if isinstance(fd, Ref) else fd
+                fd = b.run()[made.index] if isinstance(fd, Ref) else fd
             dup = b.call(abi.SYS.fcntl, fd, _F_DUPFD_CLOEXEC, want, check=False)
             b.call(abi.SYS.close, fd, check=False)
-        got = b.run()
-        fd = got[0] if isinstance(fd, Ref) else fd
+        got = None
+        if then is not None:
+            if not b.fits(*_THEN_ROOM):
+                got = b.run()  # the uffd's calls by themselves: the later ones do not fit after them
+            then(b)
+        last = b.run()
+        got = last if got is None else got
+        fd = got[made.index] if isinstance(fd, Ref) else fd
         if dup is not None:
             fd = got[dup.index]  # the original is closed: the copy (if made) is the task's uffd now
     except BaseException:
-        if isinstance(fd, Ref) and b.results and b.results[0] >= 0:
-            fd = b.results[0]  # made, then a later call failed
+        if isinstance(fd, Ref) and len(b.results) > made.index and b.results[made.index] >= 0:
+            fd = b.results[made.index]  # made, then a later call failed
         if isinstance(fd, Ref):
             raise
         task.raw(abi.SYS.close, fd)
@@ -101,6 +114,7 @@ def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int,
 
 
 RLIMIT_NOFILE = 7  # <asm-generic/resource.h>
+_THEN_ROOM = (24, 2048)  # calls and bytes of data kept for uffd_in_task's `then` (the credentials: ~10 calls)
 _F_DUPFD_CLOEXEC = 1030  # <linux/fcntl.h>: F_LINUX_SPECIFIC_BASE + 6
 
 
