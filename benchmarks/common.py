@@ -28,7 +28,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 TARGETS = REPO / "benchmarks" / "targets"
 REFERENCE = REPO.parent / "shared" / "guide" / "BENCHMARKS.md"   # ../shared/guide/BENCHMARKS.md
-LAZARUS = [sys.executable, "-m", "lazarus"]
+# The `lazarus` command as `make install` installs it (lazarus/launcher.py: no site, the code cache), which is
+# what a user runs; `python -m lazarus` where it is missing (a run's JSON says which: lazarus_command).
+_SCRIPT = Path(sys.executable).with_name("lazarus")
+LAZARUS = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "lazarus"]
 MiB = 1 << 20
 PR_SET_CHILD_SUBREAPER = 36  # include/uapi/linux/prctl.h
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from common import (
+    LAZARUS,
     TARGETS,
     BenchError,
     MiB,
@@ -183,7 +184,7 @@ def report(out: Out, results: list[dict[str, Any]], ref: Any, criu: tuple[str, s
                fmt(m["restore_wall"]), fmt(m["restore_total"]), fmt(m["restore_tool"]), fmt(rr),
                _x(rr, m["restore_wall"])]
         rows.append(row)
-    caption = (f"median seconds; wall = the whole `python -m lazarus` command (python start-up alone: "
+    caption = (f"median seconds; wall = the whole `{' '.join(LAZARUS)}` command (python start-up alone: "
                f"{startup:.3f} s); tool = the time lazarus reports (restore: from creating the task until it runs); "
                f"total = from the start of the command, as lazarus reports it; CRIU/ours > 1: we are faster (wall)")
     if not criu:

@@ -73,8 +73,7 @@ from common import (
 
 WAYS = ("inproc", "command", "criu")
 # The plain CLI as installed; `python -m lazarus` without an install beside this interpreter.
-_SCRIPT = Path(sys.executable).with_name("lazarus")
-COMMAND = [str(_SCRIPT)] if _SCRIPT.is_file() else LAZARUS
+COMMAND = LAZARUS
 PHASES = ("create", "map", "pages", "threads", "running")
 
 
