@@ -502,7 +502,8 @@ class TaskBuild:
             try:
                 handover = uffd_in_task(remote, ranges, LAZY_FEATURES,
                                         taken=self.table.anchors if self.table else (), batch=joined,
-                                        then=creds if joined is not None else None)
+                                        then=creds if joined is not None else None,
+                                        then_room=(16, 512 + 4 * len(task["misc"]["creds"]["groups"])))
             except KernelError as e:
                 err = rcore.creds_error(joined, task["misc"], e) if joined is not None else e
                 if err is e:
@@ -512,6 +513,8 @@ class TaskBuild:
                 self.table.anchors.append(handover.task_fd)
             timings["uffd"] = time.monotonic() - t0
         elif joined is not None:
+            if not joined.fits(16, 512 + 4 * len(task["misc"]["creds"]["groups"])):
+                joined.run()
             creds(joined)
             rcore.run_creds_batch(joined, task["misc"])
         if joined is None:

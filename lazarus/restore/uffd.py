@@ -32,7 +32,7 @@ LAZY_FEATURES = (abi.UFFD_FEATURE_EVENT_FORK | abi.UFFD_FEATURE_EVENT_REMAP | ab
 
 def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int, *,
                  taken: Iterable[int] = (), batch: Batch | None = None,
-                 then: Callable[[Batch], None] | None = None) -> Uffd:
+                 then: Callable[[Batch], None] | None = None, then_room: tuple[int, int] = (16, 512)) -> Uffd:
     """Create a uffd inside `task`, register `ranges` ([start, end)) for missing faults, and take it out.
 
     A uffd with fork events is a lazy restore's, handed to a lazy-pages server: the task keeps a copy of it
@@ -41,7 +41,9 @@ def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int,
     task_fd. Its fds must be in place already (F_DUPFD_CLOEXEC never takes one, as dup3 would). `taken`:
     anchor numbers of other processes sharing its fd table (CLONE_FILES), left to them. `batch`: calls queued
     by the caller, run first in the same injection; `then(batch)` queues calls run after the uffd's in it
-    (the credentials, which the uffd must precede): one stop for all three.
+    (the credentials, which the uffd must precede): one stop for all three. `then_room`: (calls, bytes of
+    data) `then` queues at most; where they do not fit after the uffd's, the batch runs first (then must not
+    run it itself).
 
     Raises: KernelError (the failing call's `what` in batch.entries_failed_what), RestoreError."""
     # In one batch as far as scratch allows: the uffd, its handshake, the ranges, and for a lazy restore the
@@ -72,7 +74,7 @@ def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int,
             b.call(abi.SYS.close, fd, check=False)
         got = None
         if then is not None:
-            if not b.fits(*_THEN_ROOM):
+            if not b.fits(*then_room):
                 got = b.run()  # the uffd's calls by themselves: the later ones do not fit after them
             then(b)
         last = b.run()
@@ -114,7 +116,6 @@ def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int,
 
 
 RLIMIT_NOFILE = 7  # <asm-generic/resource.h>
-_THEN_ROOM = (24, 2048)  # calls and bytes of data kept for uffd_in_task's `then` (the credentials: ~10 calls)
 _F_DUPFD_CLOEXEC = 1030  # <linux/fcntl.h>: F_LINUX_SPECIFIC_BASE + 6
 
 
