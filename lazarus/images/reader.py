@@ -360,15 +360,15 @@ class Image:
         jsons: dict[str, Any] = {}
         sums: dict[int, array] = {}
         for name in sorted(files):
-            entry = files[name]
+            entry, where = files[name], os.path.join(path, name)
             if entry["xxh3"] is None:
-                _stat_size(os.path.join(path, name), name, entry["size"])
+                _stat_size(where, name, entry["size"])
                 continue
             m = _SUMS_RE.fullmatch(name)
             if m is not None and entry["size"] % 8 == 0:
-                sums[int(m.group(1))] = _read_sums(os.path.join(path, name), name, entry["size"], entry["xxh3"])
+                sums[int(m.group(1))] = _read_sums(where, name, entry["size"], entry["xxh3"])
                 continue
-            data = _read_checked(os.path.join(path, name), name, entry["size"], entry["xxh3"], keep=name.endswith(".json")
+            data = _read_checked(where, name, entry["size"], entry["xxh3"], keep=name.endswith(".json")
                                  or m is not None)
             if name.endswith(".json"):
                 jsons[name] = _parse_json(name, data)

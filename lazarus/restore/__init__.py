@@ -496,6 +496,7 @@ class TaskBuild:
         timings["threads"] = time.monotonic() - t0
         def creds(b: Batch) -> None:
             rcore.queue_all_creds(remote, task["misc"], b, is_root=self.is_root)
+        creds_room = (16, 512 + 4 * len(task["misc"]["creds"]["groups"]))  # calls and bytes creds() queues at most
 
         if lazy and ranges:
             # In a shared fd table each member's anchor takes a number of its own.
@@ -503,7 +504,7 @@ class TaskBuild:
                 handover = uffd_in_task(remote, ranges, LAZY_FEATURES,
                                         taken=self.table.anchors if self.table else (), batch=joined,
                                         then=creds if joined is not None else None,
-                                        then_room=(16, 512 + 4 * len(task["misc"]["creds"]["groups"])))
+                                        then_room=creds_room)
             except KernelError as e:
                 err = rcore.creds_error(joined, task["misc"], e) if joined is not None else e
                 if err is e:
@@ -513,7 +514,7 @@ class TaskBuild:
                 self.table.anchors.append(handover.task_fd)
             timings["uffd"] = time.monotonic() - t0
         elif joined is not None:
-            if not joined.fits(16, 512 + 4 * len(task["misc"]["creds"]["groups"])):
+            if not joined.fits(*creds_room):
                 joined.run()
             creds(joined)
             rcore.run_creds_batch(joined, task["misc"])

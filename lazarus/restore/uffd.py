@@ -72,16 +72,15 @@ def uffd_in_task(task: RemoteTask, ranges: list[tuple[int, int]], features: int,
                 fd = b.run()[made.index] if isinstance(fd, Ref) else fd
             dup = b.call(abi.SYS.fcntl, fd, _F_DUPFD_CLOEXEC, want, check=False)
             b.call(abi.SYS.close, fd, check=False)
-        got = None
+        def resolved(got: list[int]) -> int:
+            """The task's uffd once these results made it: the copy (if made) where the original is closed."""
+            return got[dup.index] if dup is not None else got[made.index] if isinstance(fd, Ref) else fd
+
+        if then is not None and not b.fits(*then_room):
+            fd, dup = resolved(b.run()), None  # the uffd's calls by themselves: the later ones do not fit after them
         if then is not None:
-            if not b.fits(*then_room):
-                got = b.run()  # the uffd's calls by themselves: the later ones do not fit after them
             then(b)
-        last = b.run()
-        got = last if got is None else got
-        fd = got[made.index] if isinstance(fd, Ref) else fd
-        if dup is not None:
-            fd = got[dup.index]  # the original is closed: the copy (if made) is the task's uffd now
+        fd = resolved(b.run())
     except BaseException:
         if isinstance(fd, Ref) and len(b.results) > made.index and b.results[made.index] >= 0:
             fd = b.results[made.index]  # made, then a later call failed
