@@ -1,8 +1,13 @@
 # Lazarus: `make demo` and `make test` do all set-up on a fresh Debian 12 machine (as root).
-PYTHON ?= python3
+# The distribution's interpreter where it is 3.11 or newer (Debian 12's is), else python3 from PATH: Debian
+# builds it with PGO and LTO, and every command starts and imports faster on it than on a default source build
+# (pyenv's, first on PATH on our CI machines): `restore --lazy -d` 44.6 against 51.2 ms (docs/BENCHMARKS.md).
+PYTHON ?= $(shell /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+	&& echo /usr/bin/python3 || echo python3)
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# Named for the interpreter: another PYTHON makes the venv again, from it.
+STAMP := $(VENV)/.installed$(subst /,-,$(PYTHON))
 LAUNCHER := $(VENV)/.launcher
 DEB_PACKAGES := gcc libc6-dev make python3-venv
 # Real programs the tests dump mid-work (tests/test_real_*.py): xz; gzip, grep and seq (coreutils) are essential.
@@ -14,7 +19,7 @@ TEST_PROGRAMS := xz gzip grep seq
 $(STAMP): pyproject.toml
 	@# Debian's python3 has the venv module but no ensurepip until python3-venv is installed.
 	@command -v gcc >/dev/null && $(PYTHON) -c 'import ensurepip' >/dev/null 2>&1 || $(MAKE) deb-deps
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv --clear $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@# A path in a .pth file rather than setuptools' default editable finder, which every Python start-up
 	@# (every command) imports with pathlib and urllib.parse (~1-3 ms). `compat` is transitional in setuptools:

@@ -38,12 +38,13 @@ def one_restore(image: Path, tree: Tree, profile: str | None) -> dict[str, Any]:
 
     import lazarus.api as api
     import lazarus.lazy.daemon as daemon
+    import lazarus.lazy.spawn as spawn
     rst = importlib.import_module("lazarus.restore")
 
     builds: list[Any] = []
     settle_s = [0.0]
     daemon_pid = [0]
-    orig_release, orig_settle, orig_fork = rst.TaskBuild.release, daemon.Hand.settle, daemon.fork_daemon
+    orig_release, orig_settle, orig_fork = rst.TaskBuild.release, daemon.Hand.settle, spawn.fork_daemon
 
     def release(self: Any) -> None:
         builds.append(self)
@@ -61,7 +62,7 @@ def one_restore(image: Path, tree: Tree, profile: str | None) -> dict[str, Any]:
         daemon_pid[0] = d.pid
         return d
 
-    rst.TaskBuild.release, daemon.Hand.settle, daemon.fork_daemon = release, settle, fork
+    rst.TaskBuild.release, daemon.Hand.settle, spawn.fork_daemon = release, settle, fork
     orig_checked = api._checked_image
     image_s = [0.0]
 
@@ -104,7 +105,7 @@ def one_restore(image: Path, tree: Tree, profile: str | None) -> dict[str, Any]:
         r1 = os.times()
         dcpu = cpu_of(daemon_pid[0])
     finally:
-        rst.TaskBuild.release, daemon.Hand.settle, daemon.fork_daemon = orig_release, orig_settle, orig_fork
+        rst.TaskBuild.release, daemon.Hand.settle, spawn.fork_daemon = orig_release, orig_settle, orig_fork
         api._checked_image = orig_checked
         for owner, name, orig in wrapped:
             setattr(owner, name, orig)

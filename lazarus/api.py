@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from lazarus.dump import DumpResult
     from lazarus.kernel.features import Feature
     from lazarus.lazy.daemon import ProgressCallback, Serving
+    from lazarus.lazy.spawn import Daemon
 
 
 def dump(pid: int, directory: str | Path, *, leave_running: bool = False, shell_job: bool = False,
@@ -146,7 +147,8 @@ def require_lazy_features() -> None:
 
 def restore(directory: str | Path, *, lazy: bool = False, detach: bool = False, background: bool = True,
             stats_path: Path | None = None, lazy_log: Path | None = None, lazy_pages_socket: Path | None = None,
-            on_progress: ProgressCallback | None = None, status: Any = None, pidns: bool = False) -> Restoration:
+            on_progress: ProgressCallback | None = None, status: Any = None, pidns: bool = False,
+            daemon: Daemon | None = None) -> Restoration:
     """Restore the process saved in `directory`; returns once it runs.
 
     Parameters:
@@ -160,6 +162,12 @@ def restore(directory: str | Path, *, lazy: bool = False, detach: bool = False, 
         status: (lazy, detach) a trust.PrivateSocket the daemon answers status requests on.
         pidns: restore into a new PID namespace under a small init of ours, where the process keeps its pid
             (any number of restores of one image at once); `pid` is then its pid out here, `ns_pid` inside.
+        daemon: (lazy, detach) the private daemon to hand the process to, forked ahead by the caller with
+            lazy.spawn.fork_daemon(directory, log, background=, stats_path=, status=) before its own imports, so
+            that the daemon's start-up overlaps them (the CLI does). `background`, `stats_path` and `lazy_log`
+            are then the daemon's and not used here; pass the `status` it was given, for status(). It is ended
+            if the restore fails, as one forked here is, and at once for a restore that is not lazy and
+            detached (UsageError).
     Raises:
         UsageError for options that need `lazy`; FeatureMissing; ImageError; RestoreError; Untrusted.
     """
@@ -167,7 +175,10 @@ def restore(directory: str | Path, *, lazy: bool = False, detach: bool = False, 
     directory = os.fspath(directory)
     if lazy and detach and lazy_pages_socket is None:
         return _restore_detached(directory, background=background, stats_path=stats_path, lazy_log=lazy_log,
-                                 status=status, pidns=pidns)
+                                 status=status, pidns=pidns, daemon=daemon)
+    if daemon is not None:
+        daemon.end()
+        raise UsageError("a daemon forked ahead is for a lazy, detached restore without --lazy-pages-socket")
     import time
     t0 = time.monotonic()
     stamps: dict[str, float] = {}
@@ -325,15 +336,17 @@ def release_prepared(wait: bool = True) -> None:
 
 
 def _restore_detached(directory: str, *, background: bool, stats_path: Path | None, lazy_log: Path | None,
-                      status: Any, pidns: bool) -> Restoration:
+                      status: Any, pidns: bool, daemon: Daemon | None) -> Restoration:
     """restore(lazy=True, detach=True): served by a private daemon. The daemon is forked first, before this
     process imports the restore or reads the image, so that its own start-up (its imports, its guard's fork,
     reading and checking the image) runs beside this process's instead of after it, while the restore waits
     for its answer at the handoff. Anything that fails before the handoff (features missing, a bad image, the
     restore itself) ends the daemon before the error is raised: nothing of ours is left."""
-    from lazarus.lazy.daemon import fork_daemon, hand_over
-    daemon = fork_daemon(directory, lazy_log or _daemon_log(directory), background=background,
-                         stats_path=stats_path, status=status)
+    from lazarus.lazy.daemon import hand_over
+    if daemon is None:
+        from lazarus.lazy.spawn import daemon_log, fork_daemon
+        daemon = fork_daemon(directory, lazy_log or daemon_log(directory), background=background,
+                             stats_path=stats_path, status=status)
     try:
         require_lazy_features()
         from lazarus.restore import restore as _restore
@@ -350,10 +363,6 @@ def _restore_detached(directory: str, *, background: bool, stats_path: Path | No
     return Restoration(res.pid, res.seconds, res.pages_written, tasks=res.tasks, lazy=True, served_by="daemon",
                        daemon_pid=daemon.pid, status_path=status.path if status is not None else None,
                        init=res.init, ns_pid=res.ns_pid)
-
-
-def _daemon_log(directory: str) -> str:
-    return os.path.join(directory, "lazy-pages.log") if os.access(directory, os.W_OK) else os.devnull
 
 
 @record

@@ -359,15 +359,27 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from lazarus import api
     if not args.lazy and (args.no_background or args.stats or args.lazy_pages_socket):
         raise UsageError("--no-background, --stats and --lazy-pages-socket need --lazy")
+    daemon = None
+    if args.lazy and args.detach and not args.lazy_pages_socket:
+        # Forked before this process imports the API and the restore (lazy/spawn.py): the daemon's start-up
+        # runs beside those imports. api.restore takes it over, and ends it should the restore fail.
+        from lazarus.lazy.spawn import daemon_log, fork_daemon
+        daemon = fork_daemon(args.dir, args.lazy_log or daemon_log(args.dir), background=not args.no_background,
+                             stats_path=args.stats)
+    try:
+        from lazarus import api
+    except BaseException:
+        if daemon is not None:
+            daemon.end()
+        raise
     served_here = args.lazy and not args.detach and not args.lazy_pages_socket
     bar, on_progress = _progress_bar() if served_here and sys.stderr.isatty() else (None, None)
     try:
         res = api.restore(args.dir, lazy=args.lazy, detach=args.detach, background=not args.no_background,
                           stats_path=args.stats, lazy_log=args.lazy_log, lazy_pages_socket=args.lazy_pages_socket,
-                          on_progress=on_progress, pidns=args.pidns)
+                          on_progress=on_progress, pidns=args.pidns, daemon=daemon)
         if not args.detach:
             gc.enable()  # the process runs: what follows (serving its pages, waiting for it) may last
         try:

@@ -31,7 +31,7 @@ MAGIC = "lazarus-codecache-2"
 ENTRY_MODULES = (
     "lazarus.cli", "lazarus.api", "lazarus.restore", "lazarus.restore.uffd", "lazarus.lazy.daemon",
     "lazarus.lazy.handoff", "lazarus.lazy.server", "lazarus.lazy.guard", "lazarus.lazy.trust",
-    "lazarus.lazy.anchor", "lazarus.kernel.uffd", "lazarus.dump", "lazarus.dump.watchdog",
+    "lazarus.lazy.anchor", "lazarus.lazy.spawn", "lazarus.kernel.uffd", "lazarus.dump", "lazarus.dump.watchdog",
     "lazarus.images.summary", "lazarus.service", "argparse", "gettext", "textwrap", "locale",
 )
 

@@ -39,6 +39,14 @@ elif mode == "here":
     stats = r.serve(status=status.sock)
     status.close()
     print(json.dumps({"stats": stats, "exit": r.wait()}), flush=True)
+elif mode == "ahead":
+    # The daemon forked before the restore, as the CLI does (lazy/spawn.py), then handed to it.
+    from lazarus.lazy.spawn import daemon_log, fork_daemon
+    status = listen_private(sock)
+    d = fork_daemon(str(image), daemon_log(str(image)), background=False, status=status)
+    r = lazarus.restore(image, lazy=True, detach=True, daemon=d, status=status)
+    print(json.dumps({"pid": r.pid, "lazy": r.lazy, "served_by": r.served_by, "daemon": r.daemon_pid,
+                      "ahead": d.pid, "status": r.status()}), flush=True)
 else:
     r = lazarus.restore(image, lazy=True, detach=True, status=listen_private(sock), background=False)
     print(json.dumps({"pid": r.pid, "lazy": r.lazy, "served_by": r.served_by, "daemon": r.daemon_pid,
@@ -62,7 +70,7 @@ def _private(tmp_path: Path) -> Path:
     return d / "status.sock"
 
 
-@pytest.mark.parametrize("mode", ["eager", "here", "daemon"])
+@pytest.mark.parametrize("mode", ["eager", "here", "daemon", "ahead"])
 def test_restore_through_the_library(harness: H.Harness, tmp_path: Path, mode: str) -> None:
     case, target, image = _dumped(harness)
     since = target.log.stat().st_size
@@ -75,17 +83,19 @@ def test_restore_through_the_library(harness: H.Harness, tmp_path: Path, mode: s
     assert first.get("pid") == target.pid, (first, proc.stderr.read() if proc.poll() is not None else "")
     harness.register(first["pid"], "restored process")
     assert first["lazy"] == (mode != "eager")
-    assert first["served_by"] == {"eager": None, "here": "here", "daemon": "daemon"}[mode]
+    assert first["served_by"] == {"eager": None, "here": "here", "daemon": "daemon", "ahead": "daemon"}[mode]
+    if mode == "ahead":
+        assert first["daemon"] == first["ahead"], first  # the daemon forked ahead served it, no second one
     if mode != "eager":
         st = first["status"]
         assert st["bytes_total"] > 0 and st["stats"]["processes"][0]["pid"] == target.pid, st
     restored = H.Target(target.name, first["pid"], target.log, target.exe, None, since, target.args)
     H.wait_restored(restored)
-    if mode == "daemon":
+    if mode in ("daemon", "ahead"):
         assert proc.wait(30) == 0, proc.stderr.read()
         harness.register(first["daemon"], "lazy-pages daemon")
     H.expect_pass(harness.run_case(case, restored), restored)
-    if mode == "daemon":
+    if mode in ("daemon", "ahead"):
         assert restored.wait_exit(15) == 0, restored.describe()
         return
     last = json.loads(proc.stdout.readline() or "{}")
@@ -114,6 +124,28 @@ def test_library_errors_are_lazarus_errors(tmp_path: Path) -> None:
     assert lines[0].startswith("error ") and "missing" in lines[0]
     assert lines[1].startswith("error ") and "missing" in lines[1]
     assert lines[2].startswith("usage ") and "need --lazy" in lines[2]
+
+
+def test_a_daemon_forked_ahead_is_ended_when_the_restore_cannot_use_it(tmp_path: Path) -> None:
+    """restore(daemon=) for a restore that is not lazy and detached: a UsageError, and the daemon is reaped (it
+    is the caller's child: waitpid then finds no such child), not left waiting for a handoff."""
+    code = ("import lazarus, os, sys\n"
+            "from lazarus.errors import UsageError\n"
+            "from lazarus.lazy.spawn import fork_daemon\n"
+            "d = fork_daemon(sys.argv[1], os.devnull)\n"
+            "try:\n"
+            "    lazarus.restore(sys.argv[1], daemon=d)\n"
+            "except UsageError as e:\n"
+            "    print('usage', e)\n"
+            "try:\n"
+            "    print('still a child', os.waitpid(d.pid, os.WNOHANG))\n"
+            "except ChildProcessError:\n"
+            "    print('reaped')\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60,
+                         cwd=H.REPO_ROOT)
+    assert out.stdout.splitlines() == [
+        "usage a daemon forked ahead is for a lazy, detached restore without --lazy-pages-socket", "reaped"], \
+        (out.stdout, out.stderr)
 
 
 def test_preopened_image_is_used_only_while_its_files_are_unchanged(harness: H.Harness) -> None:

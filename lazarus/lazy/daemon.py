@@ -6,13 +6,14 @@ background step, i.e. inside run(). So every fork happens before the first run()
 
     served here (restore --lazy)                 served by a private daemon (restore --lazy -d)
     ----------------------------                 ----------------------------------------------
-    start_serving(): Guard.start() forks         fork_daemon(): socketpair(SEQPACKET), fork (no thread yet),
-                     the guard, LazyServer         first thing (api.py), so that the daemon's start-up runs
-    restore(on_lazy=server.add_process)            beside the restore's imports and image checks
-    Serving.run(): the copy thread starts          daemon: setsid, stdio to /dev/null, opens and checks the
-                                                           image, stderr to its log (only then), start_serving()
-                                                           (forks its guard), Listener, serve until the process
-                                                           is complete (or the restore closes its end), exit
+    start_serving(): Guard.start() forks         spawn.fork_daemon(): socketpair(SEQPACKET), fork (no thread
+                     the guard, LazyServer         yet), first thing (the CLI, before its heavy imports; else
+    restore(on_lazy=server.add_process)            api.py), so that the daemon's start-up runs beside the
+    Serving.run(): the copy thread starts          restore's imports and image checks
+                                                 daemon (run_daemon): setsid, stdio to /dev/null, opens the
+                                                   image, stderr to its log (only then), start_serving()
+                                                   (forks its guard), Listener, serve until the process is
+                                                   complete (or the restore closes its end), exit
                                                  restore(on_lazy=hand_over(...)): the uffd goes over the
                                                  socketpair (handoff.py); the daemon checks the task and
                                                  answers before the task runs; the restore returns then.
@@ -36,6 +37,7 @@ import sys
 from collections.abc import Callable
 
 from lazarus.errors import LazarusError
+from lazarus.lazy.spawn import Daemon, fork_daemon
 from lazarus.logs import getLogger
 from lazarus.records import field, record
 
@@ -148,98 +150,51 @@ def query_status(path: Path, timeout: float = 5.0) -> dict[str, Any]:
     return json.loads(data)
 
 
-@record
-class Daemon:
-    """A private lazy-pages daemon forked for one restore; `sock` carries the handoff (handoff.send_process)."""
-
-    pid: int
-    sock: socket.socket
-
-    def end(self, timeout: float = 5.0) -> None:
-        """The restore failed: close our end (the daemon then has nothing to serve and exits, closing its guard)
-        and reap it; killed if it has not exited within `timeout` seconds."""
-        import time
-        self.sock.close()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                pid, _ = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid:
-                return
-            if time.monotonic() > deadline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.pid, 9)
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(self.pid, 0)
-                return
-            time.sleep(0.002)
-
-
-def fork_daemon(images: str, log_path: str, *, background: bool = True, stats_path: Path | None = None,
-                status: Any = None, close_fds: tuple[int, ...] = (), image: Any = None) -> Daemon:
-    """Fork a lazy-pages daemon that serves the one process a restore will hand it over the returned socket,
-    then exits. Call it while this process has no thread. `status`: a trust.PrivateSocket to answer status
-    requests on (closed, and its file removed, when the daemon is done). `close_fds`: fds the daemon closes at
-    once, what its parent's callers wait on (a connection); their objects stay referenced by the frames the
-    daemon never returns to, so no finaliser closes those numbers again. `image`: the Image of `images` the
-    restore opened and validated (restore.open_image), which the daemon serves from without reading it again;
-    without it (the daemon forked before the restore read the image, so that both start at once) the daemon
-    opens and checks it itself before it waits for the handoff.
-    """
-    # _socket's pair, not socket's: `socket` (the enum conversion of its constants, selectors) costs the restore
-    # command ~2 ms of start-up, and the restore only sends one message and reads the answer (handoff.py).
-    ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the daemon child; the tests observe it from outside
-        ours.close()
-        import socket
-        theirs = socket.socket(fileno=theirs.detach())  # what the server's side expects
-        code = 0
+def run_daemon(sock: Any, images: str, log_path: str, *, background: bool, stats_path: Path | None, status: Any,
+               close_fds: tuple[int, ...], image: Any) -> int:
+    """The body of the daemon spawn.fork_daemon forks (see there for the arguments); its exit code."""
+    import socket
+    theirs = socket.socket(fileno=sock.detach())  # what the server's side expects
+    try:
+        # Its own session: the caller's terminal or process group going away does not involve it.
+        os.setsid()
+        # Detach from the caller's pipes (a caller reading our output to EOF must not wait for the daemon); what
+        # the daemon and its guard report (a process killed for a lost page source) goes to the log.
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        for fd in close_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        unchecked = image is None
+        if image is None:
+            image = _open_image(images)
+        # The log only for an image that can be served: a restore refused for a bad image leaves no file in its
+        # directory (the handoff, if one comes, reports the image's error to the restore itself).
+        if image is not None:
+            os.dup2(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600), 2)
+        serving = start_serving(background=background, stats_path=stats_path)
+        print(f"lazarus: lazy-pages daemon {os.getpid()} (guard {serving.guard.pid}) serves the lazy restore "
+              f"from {images}. Should both die before the process has all its pages, it waits for them: "
+              f"resume it with `lazarus lazy-pages --adopt PID -D {images}`", file=sys.stderr, flush=True)
         try:
-            # Its own session: the caller's terminal or process group going away does not involve it.
-            os.setsid()
-            # Detach from the caller's pipes (a caller reading our output to EOF must not wait for the daemon);
-            # what the daemon and its guard report (a process killed for a lost page source) goes to the log.
-            devnull = os.open(os.devnull, os.O_RDWR)
-            os.dup2(devnull, 0)
-            os.dup2(devnull, 1)
-            os.dup2(devnull, 2)
-            for fd in close_fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            unchecked = image is None
-            if image is None:
-                image = _open_image(images)
-            # The log only for an image that can be served: a restore refused for a bad image leaves no file in
-            # its directory (the handoff, if one comes, reports the image's error to the restore itself).
-            if image is not None:
-                os.dup2(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600), 2)
-            serving = start_serving(background=background, stats_path=stats_path)
-            print(f"lazarus: lazy-pages daemon {os.getpid()} (guard {serving.guard.pid}) serves the lazy restore "
-                  f"from {images}. Should both die before the process has all its pages, it waits for them: "
-                  f"resume it with `lazarus lazy-pages --adopt PID -D {images}`", file=sys.stderr, flush=True)
-            try:
-                from lazarus.lazy.handoff import Listener
-                seeded = {os.path.realpath(images): image} if image is not None else None
-                Listener(serving.server, theirs, connected=True, images=seeded, unchecked=unchecked)
-                if status is not None:
-                    serving.answer_status(status.sock)
-                serving.run()
-            finally:
-                try:
-                    serving.close()
-                finally:
-                    if status is not None:
-                        status.close()
-        except BaseException as e:  # noqa: BLE001 - a daemon reports and exits
-            print(f"lazarus: lazy-pages: error: {e}", file=sys.stderr)
-            code = 1
+            from lazarus.lazy.handoff import Listener
+            seeded = {os.path.realpath(images): image} if image is not None else None
+            Listener(serving.server, theirs, connected=True, images=seeded, unchecked=unchecked)
+            if status is not None:
+                serving.answer_status(status.sock)
+            serving.run()
         finally:
-            os._exit(code)
-    theirs.close()
-    return Daemon(pid, ours)
+            try:
+                serving.close()
+            finally:
+                if status is not None:
+                    status.close()
+    except BaseException as e:  # noqa: BLE001 - a daemon reports and exits
+        print(f"lazarus: lazy-pages: error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _open_image(images: str) -> Any:
@@ -334,5 +289,5 @@ def adopt_and_serve(pid: int, images: Path, *, background: bool = True, stats_pa
         serving.close()
 
 
-__all__ = ["Daemon", "Hand", "Serving", "adopt_and_serve", "fork_daemon", "hand_over", "query_status", "serve_socket",
-           "start_serving"]
+__all__ = ["Daemon", "Hand", "Serving", "adopt_and_serve", "fork_daemon", "hand_over", "query_status", "run_daemon",
+           "serve_socket", "start_serving"]

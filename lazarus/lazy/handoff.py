@@ -141,7 +141,16 @@ class Listener:
         # copies are the same bytes, each file matching the checksum the inventory lists); it is the restore,
         # our parent, behind a socketpair (connected), that says so.
         self._unchecked: set[str] = set(self._images) if unchecked and connected else set()
+        # The peer of a socketpair is fixed when the pair is made: our parent, the restore. It is checked once,
+        # here, while the restore still imports and builds its process, rather than at the handoff, which the
+        # restore waits for (~0.5 ms); a refusal is still the handoff's answer.
+        self._pair_peer: Peer | LazarusError | None = None
         if connected:
+            from lazarus.lazy.trust import check_peer
+            try:
+                self._pair_peer = check_peer(sock)
+            except LazarusError as e:
+                self._pair_peer = e
             server.add_watch(sock.fileno(), lambda: self._receive(sock))
         else:
             server.add_watch(sock.fileno(), self._accept)
@@ -183,7 +192,12 @@ class Listener:
         peer: Peer | None = None
         try:
             # Who is asking comes first: nothing of the request is acted on before.
-            peer = check_peer(conn)
+            if conn is self.sock and self._pair_peer is not None:
+                if isinstance(self._pair_peer, LazarusError):
+                    raise self._pair_peer
+                peer = self._pair_peer
+            else:
+                peer = check_peer(conn)
             if len(fds) != 1:
                 raise ProtocolError(f"expected one userfaultfd, got {len(fds)} descriptors")
             req = json.loads(msg)
@@ -202,7 +216,7 @@ class Listener:
         finally:
             for fd in fds:
                 os.close(fd)
-            if peer is not None:
+            if peer is not None and peer is not self._pair_peer:
                 peer.close()
         with contextlib.suppress(OSError):
             conn.send(json.dumps(reply).encode())
@@ -272,6 +286,8 @@ class Listener:
         if self.open:
             self.open = False
             self._drop(self.sock)
+            if self._pair_peer is not None and not isinstance(self._pair_peer, LazarusError):
+                self._pair_peer.close()
 
 
 _OUR_PIDNS: list[str] = []  # the link of our own /proc/self/ns/pid, read once

@@ -13,7 +13,7 @@ import lazarus
 
 # What the command imports at module level on its way to a single process's lazy restore (cli._plain_restore,
 # api._restore_detached, lazy/daemon.fork_daemon, the restore, its uffd and the handoff).
-COMMAND_MODULES = ("lazarus.cli", "lazarus.api", "lazarus.lazy.daemon", "lazarus.kernel.uffd", "lazarus.restore.uffd",
+COMMAND_MODULES = ("lazarus.cli", "lazarus.lazy.spawn", "lazarus.api", "lazarus.lazy.daemon", "lazarus.kernel.uffd", "lazarus.restore.uffd",
                    "lazarus.restore", "lazarus.lazy.handoff", "lazarus.lazy.anchor")
 # Off the path: socket (its enum conversions, selectors; the handoff uses _socket), threading (the lazy server's
 # copy helper only), what only a tree, --pidns, an eager restore or the daemon use, what the clifast branches
@@ -29,8 +29,8 @@ def _imported(modules: tuple[str, ...]) -> tuple[list[str], list[str]]:
     root = lazarus.__path__[0].rsplit("/", 1)[0]
     code = (f"import sys; sys.path[:0] = {[root, *sys.path]!r}\n"
             f"for m in {modules!r}: __import__(m)\n"
-            "abi = sys.modules['lazarus.kernel.abi']\n"
-            "got = [sorted(sys.modules), [n for n in abi._MAKERS if n in vars(abi)]]\n"
+            "abi = sys.modules.get('lazarus.kernel.abi')\n"
+            "got = [sorted(sys.modules), [n for n in abi._MAKERS if n in vars(abi)] if abi else []]\n"
             "import json; print(json.dumps(got))")
     out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True).stdout
     mods, structs = json.loads(out.splitlines()[-1])
@@ -41,6 +41,16 @@ def test_restore_command_imports_none_of_the_modules_taken_off_its_path() -> Non
     mods, structs = _imported(COMMAND_MODULES)
     assert not set(OFF_PATH) & set(mods), sorted(set(OFF_PATH) & set(mods))
     assert structs == []  # kernel/abi.py makes its ctypes structs on first use
+
+
+def test_the_daemon_is_forked_before_the_heavy_imports() -> None:
+    """cli.cmd_restore forks the private daemon from lazy/spawn.py before it imports the API: what the command
+    has loaded by then is all the daemon shares with it, and the daemon's start-up runs beside the rest."""
+    mods, _ = _imported(("lazarus.cli", "lazarus.lazy.spawn"))
+    heavy = {"json", "re", "enum", "socket", "lazarus.api", "lazarus.lazy.daemon", "lazarus.restore",
+             "lazarus.kernel.uffd", "lazarus.images"}
+    assert not heavy & set(mods), sorted(heavy & set(mods))
+    assert "lazarus.lazy.spawn" in mods
 
 
 def test_the_lazy_daemon_imports_no_pathlib() -> None:
