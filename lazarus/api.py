@@ -28,6 +28,7 @@ from lazarus.records import field, record
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     import socket
+    from collections.abc import Callable
     from pathlib import Path
     from typing import Any
 
@@ -97,6 +98,18 @@ class Restoration:
             return self._serving.run()
         finally:
             self.close()
+
+    def hold_background(self, seconds: float, until_readable: int = -1,
+                        on_release: Callable[[], None] | None = None) -> None:
+        """A lazy restore served here, before serve(): its background copy waits up to `seconds`, or until
+        `until_readable` is readable (a service's client connection, closed once the client has its answer);
+        faults are served meanwhile (lazy/server.py). `on_release` is called when the hold ends. Nothing to do
+        otherwise (on_release is called at once)."""
+        if self._serving is None:
+            if on_release is not None:
+                on_release()
+            return
+        self._serving.server.hold_background(seconds, until_readable, on_release)
 
     def status(self) -> dict[str, Any]:
         """Progress (bytes done / total) and statistics of the lazy transfer, where they can be known:

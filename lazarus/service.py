@@ -73,6 +73,10 @@ MAX_BODY = 1 << 20
 REFILL_DELAY = 0.25  # seconds a spare's replacement waits at most for the request it replaces to be answered
 _ANSWERED = 1 << 31  # on the pool's pipe: the worker whose pid this flags has answered its client
 REQUEST_TIMEOUT = 30.0
+# A lazy restore's background copy, and the spare that replaces its worker, wait for the client to close its
+# connection (it has read the answer), this long at most: on two CPUs either would take the CPU the client
+# needs to read it (lazy/server.py hold_background). Faults are served meanwhile.
+CLIENT_HOLD = 0.02
 _ID = re.compile(r"[0-9a-f]{16}")
 _ROUTES = {"/check": ("GET",), "/dump": ("POST",), "/restore": ("POST",), "/images": ("GET",)}
 
@@ -203,7 +207,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         error = message or explain or http.HTTPStatus(code).phrase
         self._reply(400 if code == 505 else code, {"error": error})
 
-    def _reply(self, status: int, obj: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+    def _reply(self, status: int, obj: dict[str, Any], headers: dict[str, str] | None = None,
+               tell_pool: bool = True) -> None:
         data = json.dumps(obj).encode() + b"\n"
         self.close_connection = True
         try:
@@ -221,13 +226,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
         except OSError as e:
             log.info("client went away before its answer: %s", e)
-        self.server.answered()
+        if tell_pool:
+            self.server.answered()
 
-    def _hang_up(self) -> None:
-        """Let the client go (it has its answer) while this worker goes on (serving, waiting)."""
+    def _hang_up(self, reading: bool = False) -> None:
+        """Let the client go (it has its answer) while this worker goes on (serving, waiting). `reading`: shut
+        only our side, so that the connection turns readable when the client closes its own."""
         with contextlib.suppress(OSError):
             self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_RDWR)
+            self.connection.shutdown(socket.SHUT_WR if reading else socket.SHUT_RDWR)
 
     # -- dispatch --------------------------------------------------------------------------------------
 
@@ -368,8 +375,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except BaseException:
             r.close()  # a lazy one cannot be served without its record: the guard's rule applies (killed)
             raise
-        self._reply(200, rec)
-        self._hang_up()
+        hold = status is not None and f["background"]
+        self._reply(200, rec, tell_pool=not hold)
+        self._hang_up(reading=hold)
         if f["detach"] and status is None:
             # Nothing left to do here: exit at once (what was prepared is killed on the way out, not waited
             # for), so that the process, should it exit soon, is re-parented rather than left our zombie.
@@ -379,6 +387,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             release_prepared()
         # The client has its answer; a failure from here on has no one to go to but the log.
         try:
+            if hold:
+                r.hold_background(CLIENT_HOLD, self.connection.fileno(), self.server.answered)
             if status is not None:
                 r.serve(status=status.sock)
         except Exception:  # noqa: BLE001 - the guard saw to the process if its pages were lost
