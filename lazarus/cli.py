@@ -115,47 +115,79 @@ def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return p
 
 
-# `restore`'s options for _plain_restore: flag -> attribute, and option with a value -> attribute (a str: the
-# restore command imports no pathlib, ~4 ms of its start-up with what it pulls in: urllib.parse, ipaddress)
-_RESTORE_FLAGS = {"-d": "detach", "--detach": "detach", "--lazy": "lazy", "--no-background": "no_background",
-                  "--pidns": "pidns"}
-_RESTORE_VALUES = {"-D": "dir", "--images-dir": "dir", "--pidfile": "pidfile", "--stats": "stats",
-                   "--lazy-log": "lazy_log", "--lazy-pages-socket": "lazy_pages_socket"}
+def _path(value: str) -> Any:
+    from pathlib import Path
+    return Path(value)
 
 
-def _plain_restore(argv: list[str]) -> Any:
-    """The arguments of a plain, well-formed `restore` line (the command a restore's start-up time is measured
-    on), read without argparse, which with gettext and locale and the parser's construction costs ~4-6 ms;
-    the same namespace _parser() would make (tests/unit/test_cli_fastpath.py compares them). None for anything
-    else (another command, help, an unknown or abbreviated option, `--opt=value`, a value that looks like an
-    option, -D missing): argparse then parses it, and words its errors."""
+def _decimal(value: str) -> int:
+    if not (value.isascii() and value.isdigit()):
+        raise ValueError(value)  # argparse words the error
+    return int(value)
+
+
+# The plain lines _plain_line reads, per command: (defaults, flag -> (attribute, value), option with a value ->
+# (attribute, conversion), attributes required). What argparse would make of them (_dump_parser, _restore_parser);
+# restore's values stay str: the restore command imports no pathlib (~4 ms of its start-up with what it pulls
+# in: urllib.parse, ipaddress).
+_PLAIN: dict[str, tuple[dict[str, Any], dict[str, tuple[str, Any]], dict[str, tuple[str, Any]], tuple[str, ...]]] = {
+    "restore": (
+        {"dir": None, "detach": False, "pidfile": None, "lazy": False, "no_background": False, "stats": None,
+         "lazy_log": None, "lazy_pages_socket": None, "pidns": False},
+        {"-d": ("detach", True), "--detach": ("detach", True), "--lazy": ("lazy", True),
+         "--no-background": ("no_background", True), "--pidns": ("pidns", True)},
+        {"-D": ("dir", str), "--images-dir": ("dir", str), "--pidfile": ("pidfile", str), "--stats": ("stats", str),
+         "--lazy-log": ("lazy_log", str), "--lazy-pages-socket": ("lazy_pages_socket", str)},
+        ("dir",)),
+    "dump": (
+        {"pid": None, "dir": None, "leave_running": False, "shell_job": False, "direct": False, "sync": True},
+        {"--leave-running": ("leave_running", True), "--shell-job": ("shell_job", True),
+         "--direct": ("direct", True), "--no-sync": ("sync", False)},
+        {"-t": ("pid", _decimal), "--tree": ("pid", _decimal), "-D": ("dir", _path), "--images-dir": ("dir", _path)},
+        ("pid", "dir")),
+}
+
+
+def _plain_line(argv: list[str]) -> Any:
+    """The arguments of a plain, well-formed `restore` or `dump` line (the commands whose time is measured), read
+    without argparse, which with gettext and locale and the parser's construction costs ~10 ms of a command
+    (measured for the dump); the same namespace _parser() would make (tests/unit/test_cli_fastpath.py compares
+    them). None for anything else (another command, help, an unknown or abbreviated option, `--opt=value`, a
+    value that looks like an option or does not convert, a required option missing): argparse then parses it,
+    and words its errors."""
     import types
-    args = types.SimpleNamespace(verbose=0, debug=False, command="restore", dir=None, detach=False, pidfile=None,
-                                 lazy=False, no_background=False, stats=None, lazy_log=None,
-                                 lazy_pages_socket=None, pidns=False)
+    args = types.SimpleNamespace(verbose=0, debug=False, command=None)
     words = iter(argv)
     for word in words:
         if word in ("-v", "--verbose"):
             args.verbose += 1
         elif word == "--debug":
             args.debug = True
-        elif word == "restore":
+        elif word in _PLAIN:
+            args.command = word
             break
         else:
             return None
     else:
         return None
+    defaults, flags, values, required = _PLAIN[args.command]
+    vars(args).update(defaults)
     for word in words:
-        if word in _RESTORE_FLAGS:
-            setattr(args, _RESTORE_FLAGS[word], True)
-        elif word in _RESTORE_VALUES:
-            value = next(words, None)
-            if value is None or value.startswith("-") or not value:
+        if word in flags:
+            name, value = flags[word]
+            setattr(args, name, value)
+        elif word in values:
+            name, convert = values[word]
+            text = next(words, None)
+            if text is None or text.startswith("-") or not text:
                 return None
-            setattr(args, _RESTORE_VALUES[word], value)
+            try:
+                setattr(args, name, convert(text))
+            except ValueError:
+                return None
         else:
             return None
-    return args if args.dir is not None else None
+    return args if all(getattr(args, name) is not None for name in required) else None
 
 
 def _dump_parser(sub: Any, fmt: type) -> None:
@@ -269,7 +301,7 @@ def _gc_off() -> None:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = _plain_restore(sys.argv[1:] if argv is None else argv)
+    args = _plain_line(sys.argv[1:] if argv is None else argv)
     if args is None:
         args = _parser(argv).parse_args(argv)
     _setup_logging(args.verbose)

@@ -11,7 +11,7 @@ import sys
 
 import lazarus
 
-# What the command imports at module level on its way to a single process's lazy restore (cli._plain_restore,
+# What the command imports at module level on its way to a single process's lazy restore (cli._plain_line,
 # api._restore_detached, lazy/daemon.fork_daemon, the restore, its uffd and the handoff).
 COMMAND_MODULES = ("lazarus.cli", "lazarus.lazy.spawn", "lazarus.api", "lazarus.lazy.daemon", "lazarus.kernel.uffd", "lazarus.restore.uffd",
                    "lazarus.restore", "lazarus.lazy.handoff", "lazarus.lazy.anchor")
