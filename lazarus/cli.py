@@ -381,8 +381,9 @@ def cmd_check() -> int:
 
 def cmd_dump(args: argparse.Namespace) -> int:
     from lazarus.api import dump
+    # This process exits next: the killed original goes on exiting without us (wait_gone), as after CRIU's.
     res = dump(args.pid, args.dir, leave_running=args.leave_running, shell_job=args.shell_job,
-               direct=args.direct, sync=args.sync)
+               direct=args.direct, sync=args.sync, wait_gone=False)
     fate = "left running" if res.left_running else "killed"
     tree = f" and its tree ({res.processes} processes)" if res.processes > 1 else ""
     print(f"dumped pid {res.pid}{tree} to {res.directory}: {res.pages} pages "

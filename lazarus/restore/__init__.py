@@ -166,8 +166,7 @@ def validate(img: Image, pid: int, task: dict[str, Any], *, pidns: bool = False)
             raise RestoreError(f"mapped file {path} changed since the dump (inode, size, mtime or ctime differ)",
                                stage="validate", path=path)
     for rec in task.get("threads", []) if not pidns else []:
-        if os.path.exists(f"/proc/{rec['tid']}"):
-            raise RestoreError(f"thread id {rec['tid']} is already in use", stage="validate", pid=pid)
+        _wait_pid_free(rec["tid"], label="thread id")
     for f in task["files"] if pidns else []:
         if f.get("handle"):
             # It is reopened through /proc/<restorer>/fd, which the namespace's own /proc does not show.
@@ -183,21 +182,30 @@ def validate(img: Image, pid: int, task: dict[str, Any], *, pidns: bool = False)
     precheck(task)  # the files it will open, tried under its credentials (restore/access.py)
 
 
-def _wait_pid_free(pid: int, what: str = "") -> None:
-    deadline = time.monotonic() + 2.0
+def _wait_pid_free(pid: int, what: str = "", label: str = "pid") -> None:
+    deadline = time.monotonic() + 5.0
     while os.path.exists(f"/proc/{pid}"):
-        # A just-killed original may still be a zombie for a moment, until its parent reaps it.
-        if not _is_zombie(pid) or time.monotonic() > deadline:
-            raise RestoreError(f"pid {pid}{f' ({what})' if what else ''} is already in use", stage="validate",
+        # A just-killed original may still be exiting (`lazarus dump` returns once it is sent SIGKILL: freeing a
+        # large memory takes a while), or a zombie until its parent reaps it.
+        if not _is_going(pid) or time.monotonic() > deadline:
+            raise RestoreError(f"{label} {pid}{f' ({what})' if what else ''} is already in use", stage="validate",
                                pid=pid)
-        time.sleep(0.01)
+        time.sleep(0.005)
 
 
-def _is_zombie(pid: int) -> bool:
+_PF_EXITING = 0x4
+_SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
+
+
+def _is_going(pid: int) -> bool:
+    """A zombie, a task in its exit, or one with SIGKILL pending (killed, not in its exit yet)."""
     try:
-        return procfs.read_stat(pid).state in ("Z", "X")
+        st = procfs.read_stat(pid)
+        if st.state in ("Z", "X") or st.flags & _PF_EXITING:
+            return True
+        return bool(procfs.read_status(pid).shd_pnd & _SIGKILL_BIT)
     except LazarusError:
-        return False
+        return True  # gone meanwhile: the loop sees it
 
 
 def restore_task(img: Image, pid: int, *, lazy: bool = False, on_lazy: LazyHandoff | None = None,
