@@ -229,40 +229,39 @@ def test_faults_and_background_together(helpers, page_file, background):
         assert stats["pages_fault"] == n
 
 
+def _served_held(h, pf, *, hung_up: bool, go: bool) -> tuple[dict, list[float], float]:
+    """Serve h with its background copy held (60 s) until a pipe turns readable; written at once if
+    `hung_up` (the client closed its connection). Returns (stats, release times, start)."""
+    server = LazyServer(background=True, chunk_size=256 << 10)
+    add(server, h, pf)
+    r, w = os.pipe()
+    released: list[float] = []
+    try:
+        server.hold_background(60, r, lambda: released.append(time.monotonic()))
+        if hung_up:
+            os.write(w, b"x")
+        t0 = time.monotonic()
+        stats = serve(server, [h], go=go, timeout=30)
+    finally:
+        os.close(r)
+        os.close(w)
+    return stats, released, t0
+
+
 def test_background_held_until_the_client_hangs_up(helpers, page_file):
     """hold_background (a service's client still reading its answer): while held, only faults are served (every
     page of a process reading them all comes by fault, PASS); the hold ends when the watched fd turns readable
     (the client closed its connection), and on_release is called once."""
     n = 1024
-    h = helpers(npages=n, hole_every=0, scenario="rread")
     pf = page_file(n, 0)
-    server = LazyServer(background=True, chunk_size=256 << 10)
-    add(server, h, pf)
-    r, w = os.pipe()
-    released = []
-    try:
-        server.hold_background(60, r, lambda: released.append(time.monotonic()))
-        stats = serve(server, [h])
-    finally:
-        os.close(r)
-        os.close(w)
+    h = helpers(npages=n, hole_every=0, scenario="rread")
+    stats, released, _ = _served_held(h, pf, hung_up=False, go=True)
     expect_pass(h)
     assert stats["pages_background"] == 0 and stats["pages_fault"] == n, stats
     assert len(released) == 1  # by close(): the fd never turned readable
 
     h2 = helpers(npages=n, hole_every=0, scenario="idle")
-    server = LazyServer(background=True, chunk_size=256 << 10)
-    add(server, h2, pf)
-    r, w = os.pipe()
-    released = []
-    try:
-        server.hold_background(60, r, lambda: released.append(time.monotonic()))
-        os.write(w, b"x")  # readable: the client hung up
-        t0 = time.monotonic()
-        stats = serve(server, [h2], go=False, timeout=30)  # it touches nothing until go(): all by background
-    finally:
-        os.close(r)
-        os.close(w)
+    stats, released, t0 = _served_held(h2, pf, hung_up=True, go=False)  # it touches nothing until go()
     h2.go()
     expect_pass(h2)
     assert stats["pages_background"] == n, stats  # released at once: the background copy brought them all
