@@ -15,15 +15,13 @@ import fcntl
 import os
 import stat
 import struct
-import termios
 from collections.abc import Callable
 
 from lazarus.errors import ImageError, KernelError, RestoreError
 from lazarus.kernel import abi
-from lazarus.kernel.handles import open_by_handle
 from lazarus.kernel.procfs import read_fdinfo
 from lazarus.remote import Batch, Ref, RemoteTask
-from lazarus.restore import anonfd, private, unixsk
+from lazarus.restore import private
 from lazarus.restore.access import Access, kind_problem
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
@@ -36,6 +34,11 @@ _O_NOCTTY = 0o400
 # without arming the signal, and a later F_SETFL then sees no change): it is set afterwards.
 _OPEN_MASK = ~(abi.O_CLOEXEC | abi.O_CREAT | abi.O_EXCL | abi.O_TRUNC | _O_NOCTTY | abi.O_ASYNC)
 _LOCK_TYPES = {"read": abi.F_RDLCK, "write": abi.F_WRLCK}
+# restore/anonfd.KINDS, and the kinds its check_anon checks (its SCHEMAS): tests/unit/test_anonfd_parse.py keeps
+# them equal. anonfd.py, unixsk.py, kernel/handles.py and termios are imported where a task has such a file, not
+# by every restore (~1.5 ms of the command's start-up).
+_ANON_KINDS = frozenset(("eventfd", "signalfd", "timerfd", "epoll", "inotify"))
+_CHECKED_KINDS = _ANON_KINDS | {"unix"}
 
 
 def _by_handle(rec: dict[str, Any]) -> int:
@@ -51,6 +54,7 @@ def _by_handle(rec: dict[str, Any]) -> int:
         if os.fstat(mfd).st_dev != rec["dev"]:
             raise RestoreError(f"{where}: {h['mount']} is another filesystem now", stage="validate",
                                path=rec["path"])
+        from lazarus.kernel.handles import open_by_handle
         try:
             fd = open_by_handle(mfd, h["type"], bytes.fromhex(h["bytes"]), abi.O_PATH | abi.O_CLOEXEC)
         except KernelError as e:
@@ -71,7 +75,9 @@ def check_files(fds: list[dict[str, Any]]) -> None:
     opens check the inode again (restore/access.py). /proc files of the task itself are reopened once the task
     exists, so they are not looked for here."""
     for f in fds:
-        anonfd.check_anon(f)
+        if f["type"] in _CHECKED_KINDS:
+            from lazarus.restore import anonfd
+            anonfd.check_anon(f)
         if "dup_of" in f or "same_inode" in f or f.get("proc_self"):
             continue
         if f.get("handle"):
@@ -257,7 +263,8 @@ class FdRestorer:
                 self._place(tmp, rec, seek=True)
             elif kind == "pipe":
                 pipes.setdefault(rec["pipe"], []).append(rec)
-            elif kind in anonfd.KINDS:  # restore/anonfd.py; epoll registrations come last, below
+            elif kind in _ANON_KINDS:  # restore/anonfd.py; epoll registrations come last, below
+                from lazarus.restore import anonfd
                 self._place(anonfd.create(t, rec, self.pid), rec)
             elif kind == "unix":
                 sockets.append(rec)
@@ -265,8 +272,10 @@ class FdRestorer:
                 raise RestoreError(f"fd {rec['fd']}: unknown type {kind!r}", stage="files")
         for ends in pipes.values():
             self._pipe(ends)
-        for pair in unixsk.pairs(sockets):
-            unixsk.restore_pair(t, self.image, self.pid, pair, self.high_base)
+        if sockets:
+            from lazarus.restore import unixsk
+            for pair in unixsk.pairs(sockets):
+                unixsk.restore_pair(t, self.image, self.pid, pair, self.high_base)
         b = t.batch()
         for rec in dups:
             if not b.fits(2):
@@ -278,6 +287,7 @@ class FdRestorer:
         if epolls:
             b.run()
             # After every fd and dup exists: the registrations name them.
+            from lazarus.restore import anonfd
             anonfd.register_epolls(t, epolls)
         # Without epolls the dups and the status calls below are one injection (run in the order queued).
         for rec in fds:
@@ -424,6 +434,7 @@ class FdRestorer:
                 with contextlib.suppress(OSError):
                     fcntl.fcntl(keep, abi.F_SETPIPE_SZ, first["pipe_size"])
             data = self.image.blob(first["data"]) if first.get("data") else b""
+            import termios
             queued = struct.unpack("i", fcntl.ioctl(keep, termios.FIONREAD, bytes(4)))[0]
             if queued:
                 # Another process kept this FIFO open since the dump: its buffer, the process's too, is still

@@ -86,3 +86,11 @@ def test_damaged_records_named(rec: dict, field: str) -> None:
     from lazarus.restore.anonfd import check_anon
     with pytest.raises(ImageError, match=re.escape(f"'{field}'")):
         check_anon(rec)
+
+
+def test_the_restores_copy_of_the_anonymous_kinds_is_anonfds() -> None:
+    """restore/files.py imports restore/anonfd.py only for a task with such files: its own lists must be the
+    kinds anonfd creates and those whose records it checks."""
+    from lazarus.restore import anonfd, files
+    assert set(anonfd.KINDS) == files._ANON_KINDS
+    assert set(anonfd.SCHEMAS) == files._CHECKED_KINDS

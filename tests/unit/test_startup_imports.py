@@ -22,7 +22,8 @@ COMMAND_MODULES = ("lazarus.cli", "lazarus.lazy.spawn", "lazarus.api", "lazarus.
 OFF_PATH = ("socket", "selectors", "threading", "logging", "argparse", "dataclasses", "typing", "inspect",
             "pathlib", "urllib.parse", "ipaddress",
             "lazarus.dump", "lazarus.restore.tree", "lazarus.restore.sharefds", "lazarus.restore.cow",
-            "lazarus.restore.thp", "lazarus.lazy.server", "lazarus.lazy.guard", "lazarus.lazy.trust")
+            "lazarus.restore.thp", "lazarus.lazy.server", "lazarus.lazy.guard", "lazarus.lazy.trust",
+            "lazarus.restore.anonfd", "lazarus.restore.unixsk", "lazarus.kernel.handles", "termios")
 
 
 def _imported(modules: tuple[str, ...]) -> tuple[list[str], list[str]]:
