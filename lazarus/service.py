@@ -45,6 +45,7 @@ restore, 405 wrong method, 413 too large, 422 the dump or restore failed (the me
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import http.server
 import json
@@ -77,6 +78,11 @@ REQUEST_TIMEOUT = 30.0
 # connection (it has read the answer), this long at most: on two CPUs either would take the CPU the client
 # needs to read it (lazy/server.py hold_background). Faults are served meanwhile.
 CLIENT_HOLD = 0.02
+# A new spare prepares (forks its seed and watchdog, takes its copy-on-write faults: ~10-20 ms of CPU) once no
+# request has been in flight for QUIET seconds, waiting QUIET_MAX at most: forked when a dump is answered, it
+# would otherwise prepare while the restore that a client sends right after its dump runs (on two CPUs).
+QUIET = 0.005
+QUIET_MAX = 0.05
 _ID = re.compile(r"[0-9a-f]{16}")
 _ROUTES = {"/check": ("GET",), "/dump": ("POST",), "/restore": ("POST",), "/images": ("GET",)}
 
@@ -226,6 +232,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
         except OSError as e:
             log.info("client went away before its answer: %s", e)
+        self.server.replied()
         if tell_pool:
             self.server.answered()
 
@@ -416,6 +423,7 @@ class _Server(socketserver.UnixStreamServer):
         self.socket = sock
         self.state_dir = state_dir
         self.answered: Callable[[], None] = lambda: None  # a worker tells the pool (_Pool._answered)
+        self.replied: Callable[[], None] = lambda: None  # its request is no longer in flight (_Pool._work)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.exception("worker failed")
@@ -439,6 +447,10 @@ class _Pool:
         self._r, self._w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self._r, False)
         self._wake_r, self.wakeup_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)  # signal.set_wakeup_fd
+        # Requests in flight, as flock()s on one memfd: a worker holds a shared lock from its accept to its
+        # answer; a new spare waits until an exclusive one is free (QUIET). Each worker opens the memfd again
+        # (its own open file description: flock() locks belong to those).
+        self._busy = os.memfd_create("lazarus-requests", os.MFD_CLOEXEC)
 
     def fill(self) -> None:
         now = time.monotonic()
@@ -461,6 +473,9 @@ class _Pool:
                 os.close(fd)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            busy = os.open(f"/proc/self/fd/{self._busy}", os.O_RDWR | os.O_CLOEXEC)
+            os.close(self._busy)
+            _wait_quiet(busy)
             # What a restore would fork on its way (the lazy server's guard, the seed its process is cloned
             # from), forked now, while the worker waits: a restore request then forks nothing of ours.
             from lazarus.api import prepare_dump, prepare_restore, release_prepared
@@ -488,6 +503,8 @@ class _Pool:
                     break
                 except InterruptedError:
                     continue
+            fcntl.flock(busy, fcntl.LOCK_SH)  # in flight until replied (held against exclusive probes only)
+            self.server.replied = lambda: fcntl.flock(busy, fcntl.LOCK_UN)
             os.write(self._w, os.getpid().to_bytes(4, "little"))
             self.server.answered = self._answered
             self.server.socket.close()
@@ -561,8 +578,24 @@ class _Pool:
         for pid in self.idle:
             _kill_idle(pid)
         self.idle.clear()
-        for fd in (self._r, self._w, self._wake_r, self.wakeup_w):
+        for fd in (self._r, self._w, self._wake_r, self.wakeup_w, self._busy):
             os.close(fd)
+
+
+def _wait_quiet(busy: int) -> None:
+    """Return once no request has been in flight for QUIET seconds (no worker holds its lock on `busy`), or
+    after QUIET_MAX."""
+    start = quiet_since = time.monotonic()
+    while True:
+        now = time.monotonic()
+        try:
+            fcntl.flock(busy, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(busy, fcntl.LOCK_UN)
+        except BlockingIOError:
+            quiet_since = now
+        if now - quiet_since >= QUIET or now - start >= QUIET_MAX:
+            return
+        time.sleep(0.001)
 
 
 def _kill_idle(pid: int) -> None:
