@@ -1,10 +1,11 @@
 """Whole `dump` commands of Lazarus variants and CRIU, alternating on fresh memhogs (same window).
 
     .venv/bin/python benchmarks/dump_ab.py --criu PATH [--other /work/main] [--mib 512 2048] [--runs 3]
+                                          [--skip sync no-sync other other-no-sync]
 
 Each round starts one memhog per tool and times `lazarus dump -t PID -D DIR` of this checkout (with the fsync,
 the default, and with `--no-sync`, CRIU's durability), of the other checkout if --other is given (its
-.venv/bin/lazarus), and `criu dump -t PID -D DIR`; every dump kills the original. Prints the medians of the wall
+.venv/bin/lazarus, both ways too), and `criu dump -t PID -D DIR`; every dump kills the original. Prints the medians of the wall
 time and of the command's CPU time (user + system, from the kernel's accounting of the reaped child: on this
 shared 2-vCPU VM the wall time waits for other sessions, the CPU time much less), CRIU/ours, and the load.
 """
@@ -40,6 +41,8 @@ def main() -> None:
     ap.add_argument("--mib", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dir", default="/var/tmp")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["sync", "no-sync", "other", "other-no-sync"],
+                    help="variants not to run")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dump-ab-", dir=a.dir))
     exe = build(TARGETS / "memhog.c", work)
@@ -47,6 +50,9 @@ def main() -> None:
         "sync": (list(LAZARUS), []), "no-sync": (list(LAZARUS), ["--no-sync"]), "criu": ([a.criu], [])}
     if a.other:
         tools["other"] = ([str(Path(a.other) / ".venv/bin/lazarus")], [])
+        tools["other-no-sync"] = ([str(Path(a.other) / ".venv/bin/lazarus")], ["--no-sync"])
+    for name in a.skip:
+        tools.pop(name, None)
     print(f"load {_load()}", flush=True)
     try:
         for mib in a.mib:

@@ -112,8 +112,8 @@ def test_a_failing_pwritev_leaves_the_rest_to_the_old_copy(harness: H.Harness, m
     seen: list[str] = []
     real = memory_mod.MemoryDumper._copy_small
 
-    def spy(self: memory_mod.MemoryDumper, ext: object, total: int) -> None:
-        real(self, ext, total)
+    def spy(self: memory_mod.MemoryDumper, ext: object, total: int, split: int) -> None:
+        real(self, ext, total, split)
         seen.append(self.selfwrite)
 
     monkeypatch.setattr(PagesWriter, "fileno", read_only)
@@ -127,6 +127,43 @@ def test_a_failing_pwritev_leaves_the_rest_to_the_old_copy(harness: H.Harness, m
     target.signal(signal.SIGKILL)
     assert target.wait_exit(10) is not None
     r = harness.restore(image, like=target)
+    assert r.returncode == 0 and r.target is not None, f"restore failed: {r.stderr}"
+    H.expect_pass(harness.run_case(CASE, r.target), r.target, r)
+
+
+@pytest.mark.parametrize("mode", ("eager", "lazy"))
+def test_a_split_page_file_the_task_writes_half_of(harness: H.Harness, mode: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large dump's split page file, scaled down (1 MiB pieces): the task writes the first part while our
+    thread copies the second (the rseq area's piece included, wherever it falls), and the image restores."""
+    from lazarus import dump as api_dump
+
+    monkeypatch.setattr(memory_mod, "_SPLIT_MIN", 1 << 20)
+    monkeypatch.setattr(memory_mod, "_SPLIT_SHARE", 0.3)
+    monkeypatch.setattr(selfwrite, "PIECE", 1 << 20)
+    seen: list[str] = []
+    real = memory_mod.MemoryDumper._copy_small
+
+    def spy(self: memory_mod.MemoryDumper, ext: object, total: int, split: int) -> None:
+        real(self, ext, total, split)
+        seen.append(f"{split} {self.selfwrite}")
+
+    monkeypatch.setattr(memory_mod.MemoryDumper, "_copy_small", spy)
+    target = harness.start_case(CASE)
+    fds = fd_table(target.pid)
+    before = wchar(target.pid)
+    image = harness.image_dir()
+    api_dump(target.pid, image, leave_running=True)
+    wrote = wchar(target.pid) - before
+    split, words = int(seen[0].split()[0]), seen[0].split()[1:]
+    assert split and words[1:5] == ["bytes", "by", "the", "task"], seen
+    assert selfwrite.MIN <= int(words[0]) <= split and wrote >= int(words[0]), (seen, wrote)
+    assert (image / f"pages-{target.pid}.1.img").stat().st_size > 0
+    assert fd_table(target.pid) == fds
+    assert not pending(target.pid) & _SIGXFSZ
+    target.signal(signal.SIGKILL)
+    assert target.wait_exit(10) is not None
+    r = harness.restore(image, lazy=mode == "lazy", like=target)
     assert r.returncode == 0 and r.target is not None, f"restore failed: {r.stderr}"
     H.expect_pass(harness.run_case(CASE, r.target), r.target, r)
 

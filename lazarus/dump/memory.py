@@ -73,6 +73,14 @@ _MAPPED = False
 # The piece of a thread that writes from its own buffer into the page cache (not direct): 256 KiB stays in the
 # L2 cache from process_vm_readv to pwrite (8 MiB buffers measured 1.6x the CPU at 64 MiB).
 _SMALL = 256 << 10
+# From this size on, buffered page data is split in two files (images/writer.py PagesWriter, format
+# PARTS_VERSION), so that two writers fill the page cache at once (buffered writes to one file serialise on its
+# inode lock): the task writes the first part itself (dump/selfwrite.py) while a thread of ours copies the
+# second. Fresh page cache costs the most here, not the copy: on a VM that hands freed memory back to its host
+# (free page reporting), each first touch of a page is a fault in the host, and two CPUs take them at once (a
+# bare 2 GiB write: 1 writer 2.1-3.0 s, 2 writers into 2 files 1.2-1.5 s, alternating rounds; docs/BENCHMARKS.md).
+_SPLIT_MIN = 64 << 20
+_SPLIT_SHARE = 0.5  # of the pages, in the second part (whole selfwrite pieces)
 _PAGE = abi.PAGE_SIZE
 
 
@@ -185,6 +193,14 @@ def _pieces(sources: list[_Source], size: int) -> Iterator[Piece]:
 
 
 _spare: list[mmap.mmap] = []
+
+
+def _split(total: int) -> int:
+    """Where a buffered page file of `total` bytes is split (0: not): on a selfwrite piece boundary."""
+    if total < _SPLIT_MIN:
+        return 0
+    at = round(total * (1 - _SPLIT_SHARE) / selfwrite.PIECE) * selfwrite.PIECE
+    return at if 0 < at < total else 0
 
 
 def _buffers(n: int) -> list[mmap.mmap]:
@@ -442,7 +458,8 @@ class MemoryDumper:
         total = sum(src.nbytes for src in self._sources)
         if not total:
             return
-        with self.pages.extend(total) as ext:
+        split = 0 if self.pages.direct or _MAPPED else _split(total)
+        with self.pages.extend(total, split=split) as ext:
             lock = threading.Lock()
             failed: list[BaseException] = []
 
@@ -484,7 +501,7 @@ class MemoryDumper:
                     view.release()
 
             if mapped is None and not self.pages.direct:
-                self._copy_small(ext, total)
+                self._copy_small(ext, total, split)
                 self._spot_check(ext.offset)
                 return
             nthreads = min(_THREADS, -(-total // step))
@@ -499,11 +516,13 @@ class MemoryDumper:
                 raise failed[0]
             self._spot_check(ext.offset)
 
-    def _copy_small(self, ext: Any, total: int) -> None:
+    def _copy_small(self, ext: Any, total: int, split: int) -> None:
         """Buffered: where it may (dump/selfwrite.py), the task writes its own runs of readable memory into the
         page file, 16 MiB pieces at a time, while a helper thread hashes each piece written (read back from the
         page cache) and copies what the task cannot (objects, unreadable mappings) the old way; else two threads
-        copy everything the old way (process_vm_readv into a small buffer, hash, pwrite)."""
+        copy everything the old way (process_vm_readv into a small buffer, hash, pwrite). A split file's second
+        part (from byte `split` of the extent on, 0: none) is all copied the old way, by the helper while the
+        task writes the first."""
         plan = list(_pieces(self._sources, selfwrite.PIECE))
         # Per piece: the task's pwritev calls (its readable memory), the rest (extent offset, source, runs), and
         # the pages holding its rseq area (written once it runs no more: the kernel rewrites them as it runs).
@@ -511,6 +530,13 @@ class MemoryDumper:
         raw: dict[int, list[tuple[int, _Source, list[tuple[int, int]]]]] = {}
         late: dict[int, list[tuple[int, _Source, list[tuple[int, int]]]]] = {}
         hot = [(v & ~(_PAGE - 1), (v + vn + _PAGE - 1) & ~(_PAGE - 1)) for v, vn in self.volatile]
+
+        def readable(i: int, start: int, runs: list[tuple[int, int]], src: _Source) -> None:
+            if split and plan[i][0] >= split:  # the second part is ours to copy; the task writes the first
+                raw.setdefault(i, []).append((start, src, runs))
+            else:
+                own.setdefault(i, []).extend(selfwrite.calls_for(i, ext.offset + start, runs))
+
         for i, (off, parts, _) in enumerate(plan):
             pos = off
             for src, batch in parts:
@@ -523,14 +549,14 @@ class MemoryDumper:
                     for sa, sn, is_hot in _cut(a, n, hot):
                         if is_hot:
                             if runs:
-                                own.setdefault(i, []).extend(selfwrite.calls_for(i, ext.offset + start, runs))
+                                readable(i, start, runs, src)
                             late.setdefault(i, []).append((pos, src, [(sa, sn)]))
                             start, runs = pos + sn, []
                         else:
                             runs.append((sa, sn))
                         pos += sn
                 if runs:
-                    own.setdefault(i, []).extend(selfwrite.calls_for(i, ext.offset + start, runs))
+                    readable(i, start, runs, src)
         writer: selfwrite.SelfWriter | None = None
         why = "not asked"
         if self.inject is not None:
@@ -549,10 +575,17 @@ class MemoryDumper:
         left: dict[int, int] = {}  # piece -> its parts (the task's calls, the raw rest) not written yet
 
         def old_way(pieces: list[int]) -> None:
+            # A split file's two parts taken in turn: two threads copying at once then write different files.
+            by_part: tuple[list[tuple[str, int, Any, int]], ...] = ([], [])
             for i in pieces:
                 off, parts, _ = plan[i]
                 srcs = [_Source(batch, readable=src.readable, fd=src.fd) for src, batch in parts]
-                tasks.extend(("copy", off + o, sub, m) for o, sub, m in _pieces(srcs, _SMALL))
+                by_part[bool(split) and off >= split].extend(("copy", off + o, sub, m)
+                                                             for o, sub, m in _pieces(srcs, _SMALL))
+            first, second = by_part
+            k = min(len(first), len(second))
+            tasks.extend(t for pair in zip(first[:k], second[:k], strict=True) for t in pair)
+            tasks.extend(first[k:] + second[k:])
 
         def finish(i: int) -> None:
             with cond:
@@ -595,6 +628,9 @@ class MemoryDumper:
                 opened = writer.open()
                 if not opened:
                     self.selfwrite = f"not used: {writer.failure}"
+            # Pieces done in parts (the task's calls, the rest, the rseq area once the task stops): those the task
+            # writes in, and those of the second part that hold the rseq area (the kernel rewrites it while the
+            # task runs); every other piece is copied whole the old way.
             mine = set(own) | set(late) if opened else set()
             old_way([i for i in range(len(plan)) if i not in mine])
             for i in mine:

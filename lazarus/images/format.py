@@ -30,7 +30,12 @@ COW_FILE = "cow.json"
 # are stored once: the other holders' records carry "content" (the storing pid) and no runs, so a reader of
 # version 4 would restore them empty; it must refuse these images. Written only by a dump with such objects.
 SHMEM_VERSION = 5
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+# 6: a task's page data may be split in two files, pages-PID.img then pages-PID.1.img, which together are the one
+# run of pages the task json indexes (written at once by two writers: buffered writes to one file serialise on
+# its inode lock, dump/memory.py). A reader of version 5 refuses such images anyway (the second file has no
+# checksum of its own); the version says why. Written only by a dump that splits.
+PARTS_VERSION = 6
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 
 PAGE_SIZE = 4096
 # The unit of page-data checksumming: small enough that the lazy server verifies little more than it serves,
@@ -54,6 +59,23 @@ def task_name(pid: int) -> str:
 
 def pages_name(pid: int) -> str:
     return f"pages-{pid}.img"
+
+
+def pages_part_name(pid: int) -> str:
+    """The second part of a split page file (PARTS_VERSION): its pages follow those of pages-PID.img."""
+    return f"pages-{pid}.1.img"
+
+
+def pages_parts(files: dict[str, Any], pid: int) -> list[tuple[str, int]]:
+    """(name, size) of each part of PID's page data listed in an inventory's files, in order ([] if none)."""
+    first = files.get(pages_name(pid))
+    if first is None:
+        return []
+    parts = [(pages_name(pid), first["size"])]
+    second = files.get(pages_part_name(pid))
+    if second is not None:
+        parts.append((pages_part_name(pid), second["size"]))
+    return parts
 
 
 def sums_name(pid: int) -> str:

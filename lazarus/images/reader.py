@@ -24,6 +24,7 @@ from lazarus.images.format import (
     INVENTORY_SCHEMA,
     PAGE_SIZE,
     PAGES_PER_CHUNK,
+    PARTS_VERSION,
     READABLE_VERSIONS,
     TASK_SCHEMA,
     blob_name,
@@ -36,6 +37,7 @@ from lazarus.images.format import (
     json_type_name,
     nchunks,
     pages_name,
+    pages_parts,
     sums_from_bytes,
     sums_name,
     task_name,
@@ -47,7 +49,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 _TASK_RE = re.compile(r"task-([0-9]+)\.json")
-_PAGES_RE = re.compile(r"pages-([0-9]+)\.img")
+_PAGES_RE = re.compile(r"pages-([0-9]+)(\.1)?\.img")
 _SUMS_RE = re.compile(r"pages-([0-9]+)\.sums")
 _HEX64_RE = re.compile(r"[0-9a-f]{16}")
 _READ_SIZE = 1 << 20
@@ -93,6 +95,34 @@ def _size_error(name: str, size: int, expected: int) -> ImageError:
 _MADV_POPULATE_READ = 22  # include/uapi/asm-generic/mman-common.h (Linux 5.14)
 
 
+def _open_part(directory: str, name: str) -> int:
+    try:
+        return os.open(os.path.join(directory, name), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ImageError(f"{name}: missing") from None
+    except OSError as e:
+        raise ImageError(f"{name}: cannot open: {e.strerror}") from e
+
+
+def _map_parts(fds: list[int], sizes: list[int], total: int) -> mmap.mmap:
+    """One private mapping of `total` bytes whose stretches are the parts, in order: an anonymous reservation
+    (the mmap object, which unmaps all of it when closed), each part mapped over its stretch (MAP_FIXED)."""
+    # The one place images/ needs the kernel layer to read (mmap cannot place a mapping): only for split files.
+    from lazarus.kernel.syscall import buffer_address, map_file_at
+
+    mm = mmap.mmap(-1, total, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        base, at = buffer_address(mm), 0
+        for fd, n in zip(fds, sizes, strict=True):
+            if n:
+                map_file_at(base + at, n, fd)
+            at += n
+    except BaseException:  # a KernelError is an OSError: PageFile names the file
+        mm.close()
+        raise
+    return mm
+
+
 class PageFile:
     """pages-PID.img mapped read-only (copy-on-write and never written, see address()).
 
@@ -101,13 +131,14 @@ class PageFile:
     is kept in a bitmap shared with the Image, so a chunk is hashed at most once.
     """
 
-    def __init__(self, directory: str | None, pid: int, expected_size: int, sums: array,
+    def __init__(self, directory: str | None, pid: int, parts: list[tuple[str, int]], sums: array,
                  verified: bytearray) -> None:
-        """Map DIRECTORY/pages-PID.img, which must be `expected_size` bytes; directory None stands for a task
-        without page data (no file, nothing mapped)."""
+        """Map the task's page file, DIRECTORY/pages-PID.img, each part (name, expected size) in order: a split
+        one (format.PARTS_VERSION) is mapped as one contiguous run of pages. directory None or no parts stands
+        for a task without page data (no file, nothing mapped)."""
         self.pid = pid
         self.name = pages_name(pid)
-        self.size = expected_size
+        self.size = expected_size = sum(n for _, n in parts)
         self.npages = expected_size // PAGE_SIZE
         self._sums = sums
         self._verified = verified
@@ -115,35 +146,42 @@ class PageFile:
         self._mm: mmap.mmap | None = None
         self._mv: memoryview | None = None
         self._fd = -1
+        # (fd, name, size) of a second part: checked like the first (check_size)
+        self._more: list[tuple[int, str, int]] = []
         self._size_checked = 0.0
         self.closed = False
-        if directory is None:
+        if directory is None or not parts:
             assert expected_size == 0
             return
+        fds: list[int] = []
         try:
-            fd = os.open(os.path.join(directory, self.name), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise ImageError(f"{self.name}: missing") from None
-        except OSError as e:
-            raise ImageError(f"{self.name}: cannot open: {e.strerror}") from e
-        try:
-            size = os.fstat(fd).st_size
-            if size != expected_size:
-                raise _size_error(self.name, size, expected_size)
-            if size:
+            for name, want in parts:
+                fd = _open_part(directory, name)
+                fds.append(fd)
+                size = os.fstat(fd).st_size
+                if size != want:
+                    raise _size_error(name, size, want)
+            if len(parts) == 1 and expected_size:
                 # MAP_PRIVATE + PROT_WRITE only so that the writable-buffer address helper accepts the mapping;
                 # nothing writes to it, so no page is ever copied and the file is never modified.
-                self._mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                self._mm = mmap.mmap(fds[0], expected_size, flags=mmap.MAP_PRIVATE,
+                                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            elif expected_size:
+                self._mm = _map_parts(fds, [n for _, n in parts], expected_size)
+            if self._mm is not None:
                 self._mv = memoryview(self._mm)
         except OSError as e:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
             raise ImageError(f"{self.name}: cannot map: {e.strerror}") from e
         except BaseException:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
             raise
         # Kept open to notice a page file truncated under us before reading a mapped page past its new end
         # (which would kill this process with SIGBUS instead of reporting the loss).
-        self._fd = fd
+        self._fd = fds[0]
+        self._more = [(fd, name, n) for fd, (name, n) in zip(fds[1:], parts[1:], strict=True)]
 
     def populate(self, first: int = 0, n: int | None = None) -> None:
         """Map file pages [first, first+n) (default: all) in at once, for a reader about to read them all: one
@@ -222,12 +260,14 @@ class PageFile:
         """Raise ImageError if the file is now shorter than when it was opened (cut short while mapped)."""
         if self._fd < 0:
             return
-        try:
-            now = os.fstat(self._fd).st_size
-        except OSError as e:
-            raise ImageError(f"{self.name}: cannot stat: {e.strerror}") from e
-        if now < self.size:
-            raise ImageError(f"{self.name}: truncated to {now} bytes while in use, expected {self.size}")
+        first = self.size - sum(n for _, _, n in self._more)
+        for fd, name, want in ((self._fd, self.name, first), *self._more):
+            try:
+                now = os.fstat(fd).st_size
+            except OSError as e:
+                raise ImageError(f"{name}: cannot stat: {e.strerror}") from e
+            if now < want:
+                raise ImageError(f"{name}: truncated to {now} bytes while in use, expected {want}")
         self._size_checked = time.monotonic()
 
     @property
@@ -282,6 +322,9 @@ class PageFile:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        for fd, _, _ in self._more:
+            os.close(fd)
+        self._more = []
         if self._mv is not None:
             self._mv.release()
             self._mv = None
@@ -378,7 +421,7 @@ class Image:
         for pid in inv["tasks"]:
             validate_task(jsons[task_name(pid)], task_name(pid))
         for pid, s in sums.items():
-            size = files[pages_name(pid)]["size"]
+            size = sum(n for _, n in pages_parts(files, pid))
             if len(s) != nchunks(size):
                 raise ImageError(f"{sums_name(pid)}: {len(s)} chunk sums, {pages_name(pid)} has "
                                  f"{nchunks(size)} chunks")
@@ -421,7 +464,7 @@ class Image:
             raise ImageError(f"{INVENTORY}: field 'tasks' lists a pid twice")
         if inv["root_pid"] not in tasks:
             raise ImageError(f"{INVENTORY}: root_pid {inv['root_pid']} is not in 'tasks'")
-        _check_files(inv["files"], set(tasks))
+        _check_files(inv["files"], set(tasks), inv["version"])
         parse_tree(inv)
         return inv
 
@@ -478,10 +521,9 @@ class Image:
             raise ImageError(f"{pages_name(pid)}: pid {pid} is not in this image", path=str(self.path))
         try:
             if self.has_pages(pid):
-                pf = PageFile(self.path, pid, self.files[pages_name(pid)]["size"], self._sums[pid],
-                              self._verified[pid])
+                pf = PageFile(self.path, pid, pages_parts(self.files, pid), self._sums[pid], self._verified[pid])
             else:
-                pf = PageFile(None, pid, 0, array("Q"), bytearray())
+                pf = PageFile(None, pid, [], array("Q"), bytearray())
         except ImageError as e:
             e.path = str(self.path)
             raise
@@ -512,7 +554,7 @@ class Image:
         return f"<Image {self.path} tasks={self.tasks}>"
 
 
-def _check_files(files: dict[str, Any], tasks: set[int]) -> None:
+def _check_files(files: dict[str, Any], tasks: set[int], version: int) -> None:
     for name, entry in files.items():
         check_name_or_fail(name)
         if not isinstance(entry, dict):
@@ -530,6 +572,12 @@ def _check_files(files: dict[str, Any], tasks: set[int]) -> None:
                 raise ImageError(f"{INVENTORY}: entry of {name} has size {size}, not a multiple of {PAGE_SIZE}")
             if sums_name(int(m.group(1))) not in files:
                 raise ImageError(f"{sums_name(int(m.group(1)))}: not listed in {INVENTORY}")
+            if m.group(2) and pages_name(int(m.group(1))) not in files:
+                raise ImageError(f"{name}: second part of {pages_name(int(m.group(1)))}, which is not listed in "
+                                 f"{INVENTORY}")
+            if m.group(2) and version < PARTS_VERSION:
+                raise ImageError(f"{name}: in a version {version} image (split page files came with version "
+                                 f"{PARTS_VERSION})")
         elif not isinstance(digest, str) or not _HEX64_RE.fullmatch(digest):
             raise ImageError(f"{INVENTORY}: entry of {name} has xxh3 {digest!r}, not 16 hex digits")
         if (m := _SUMS_RE.fullmatch(name)) and pages_name(int(m.group(1))) not in files:

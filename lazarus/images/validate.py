@@ -38,7 +38,7 @@ from lazarus.images.format import (
     VMA_SCHEMA,
     blob_name,
     check_schema,
-    pages_name,
+    pages_parts,
     task_name,
 )
 from lazarus.images.shared import SHARED_JSON, check_shared, check_shared_memory
@@ -351,7 +351,7 @@ def validate_image(img: Any) -> None:
         for i, rec in enumerate(task.get("threads") or []):
             if isinstance(rec, dict):
                 check_sched(rec.get("sched"), task_name(pid), f"threads[{i}].sched")
-        size = img.files[pages_name(pid)]["size"] if img.has_pages(pid) else 0
+        size = sum(n for _, n in pages_parts(img.files, pid))
         check_task(task, task_name(pid), size // PAGE_SIZE,
                    lambda name: isinstance(name, str) and blob_name(name) in img.files, pid)
     check_shared(img.json(SHARED_JSON) if SHARED_JSON in img.files else None,

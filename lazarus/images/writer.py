@@ -26,6 +26,7 @@ from lazarus.images.format import (
     INVENTORY,
     INVENTORY_SCHEMA,
     PAGE_SIZE,
+    PARTS_VERSION,
     blob_name,
     canonical_json,
     check_name,
@@ -36,6 +37,7 @@ from lazarus.images.format import (
     inventory_self_check,
     json_bytes,
     pages_name,
+    pages_part_name,
     sums_name,
     sums_to_bytes,
     task_name,
@@ -139,6 +141,11 @@ class PagesWriter:
 
         file:  | appended ........ | extent 1 ........ | extent 2 ... | appended ...
                                    ^ on a 64 KiB chunk boundary: extend() refuses anywhere else
+
+    `extend(n, split=k)` puts the extent's bytes from k on (and all that comes after) into a second file,
+    pages-PID.1.img (format.PARTS_VERSION), so that two writers can fill the page cache at once: buffered
+    writes to one file serialise on its inode lock. Offsets stay those of the whole (the two files in a row);
+    the writer sends each write to its file.
     """
 
     WRITEBACK_STEP = 32 << 20
@@ -164,6 +171,9 @@ class PagesWriter:
         if direct:
             with contextlib.suppress(OSError):
                 self._dfd = os.open(self._path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        # The second part (extend's split): its descriptor, and the byte of the whole where it begins.
+        self._fd1 = -1
+        self.boundary: int | None = None
         self._lock = threading.Lock()
         self._size = 0
         self._sums = array("Q")
@@ -222,16 +232,17 @@ class PagesWriter:
         if n == 0:
             return first
         self.appended = True
-        _write_all(self._fd, mv, self.name, self._size)
+        self._write_at(mv, self._size)
         self._hash(mv)
         self._size += n
         if self._writeback is not None and self._size - self._flushed >= self.WRITEBACK_STEP:
-            self._writeback(self._fd, self._flushed, self._size - self._flushed)
+            self._writeback_range(self._flushed, self._size - self._flushed)
             self._flushed = self._size
         return first
 
-    def extend(self, nbytes: int) -> PageExtent:
-        """Reserve the next `nbytes` (a multiple of 4096) of the file for PageExtent.put().
+    def extend(self, nbytes: int, split: int = 0) -> PageExtent:
+        """Reserve the next `nbytes` (a multiple of 4096) of the file for PageExtent.put(); with `split` (a
+        multiple of 64 KiB inside the extent), its bytes from `split` on go to the second part (class docstring).
 
         Returns: a PageExtent whose first page is file page `extent.first`; close() it once every chunk is in
             (or use it as a context manager).
@@ -245,14 +256,53 @@ class PagesWriter:
             raise ImageError(f"{self.name}: an extent must start on a {CHUNK_SIZE}-byte chunk boundary, "
                              f"not at byte {self._size}")
         off = self._size
-        try:
-            # Blocks allocated up front (unwritten extents: no zeroes are written): O_DIRECT writes into them
-            # need not extend the file one by one (which ext4 serialises), and ENOSPC shows here, once.
-            os.posix_fallocate(self._fd, off, nbytes)
-        except OSError as e:
-            raise ImageError(f"{self.name}: cannot allocate {nbytes} bytes at {off}: {e.strerror}") from e
+        if split:
+            if split % CHUNK_SIZE or not 0 < split < nbytes or self.boundary is not None or self._dfd >= 0:
+                raise ImageError(f"{self.name}: cannot split an extent of {nbytes} bytes at {split}")
+            part = pages_part_name(self.pid)
+            try:
+                self._fd1 = os.open(self._path.with_name(part), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                    0o600)
+            except OSError as e:
+                raise ImageError(f"{part}: cannot create: {e.strerror}") from e
+            self.boundary = off + split
+        # Blocks allocated up front (unwritten extents: no zeroes are written): O_DIRECT writes into them need not
+        # extend the file one by one (which ext4 serialises), and ENOSPC shows here, once.
+        for fd, pos, n, name in self._spans(off, nbytes):
+            try:
+                os.posix_fallocate(fd, pos, n)
+            except OSError as e:
+                self._broken = bool(split)  # a half-made split: nothing more may be written
+                raise ImageError(f"{name}: cannot allocate {n} bytes at {pos}: {e.strerror}") from e
         self._extent = PageExtent(self, off, nbytes)
         return self._extent
+
+    def _spans(self, pos: int, n: int) -> list[tuple[int, int, int, str]]:
+        """Bytes [pos, pos+n) of the whole as (fd, offset in that file, length, file name), one per part."""
+        b = self.boundary
+        if b is None or pos + n <= b:
+            return [(self._fd, pos, n, self.name)]
+        part = pages_part_name(self.pid)
+        if pos >= b:
+            return [(self._fd1, pos - b, n, part)]
+        return [(self._fd, pos, b - pos, self.name), (self._fd1, 0, pos + n - b, part)]
+
+    def _write_at(self, mv: memoryview, pos: int) -> None:
+        at = 0
+        for fd, fpos, n, name in self._spans(pos, len(mv)):
+            _write_all(fd, mv[at:at + n], name, fpos)
+            at += n
+
+    def _writeback_range(self, pos: int, n: int) -> None:
+        assert self._writeback is not None
+        for fd, fpos, k, _ in self._spans(pos, n):
+            self._writeback(fd, fpos, k)
+
+    def part_sizes(self) -> list[tuple[str, int]]:
+        """(file name, size) of each part written, in order."""
+        if self.boundary is None:
+            return [(self.name, self._size)]
+        return [(self.name, self.boundary), (pages_part_name(self.pid), self._size - self.boundary)]
 
     def _write_extent(self, mv: memoryview, pos: int) -> None:
         """pwrite for PageExtent.put, from any thread: O_DIRECT if possible, else buffered with writeback."""
@@ -269,7 +319,7 @@ class PagesWriter:
                     if self._dfd == dfd:
                         self._dfd = -1
                         os.close(dfd)
-        _write_all(self._fd, mv, self.name, pos)
+        self._write_at(mv, pos)
         if self._writeback is not None:
             # Once per WRITEBACK_WINDOW of the file (small puts would make one call each): the window that
             # this put completes, whatever other threads have written of it by now (advisory).
@@ -278,7 +328,7 @@ class PagesWriter:
             if len(mv) >= win or end // win != pos // win:
                 start = pos if len(mv) >= win else end // win * win - win
                 with contextlib.suppress(OSError):
-                    self._writeback(self._fd, start, end - start)
+                    self._writeback_range(start, end - start)
 
     def _extent_closed(self, ext: PageExtent) -> None:
         self._extent = None
@@ -330,6 +380,9 @@ class PagesWriter:
             if self._dfd >= 0:
                 os.close(self._dfd)
                 self._dfd = -1
+            if self._fd1 >= 0:
+                os.close(self._fd1)
+                self._fd1 = -1
             os.close(self._fd)
         except OSError as e:
             raise ImageError(f"{self.name}: close failed: {e.strerror}") from e
@@ -352,8 +405,9 @@ class PagesWriter:
         try:
             for i, pos in enumerate(positions):
                 page = mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
-                if os.preadv(fd, [page], pos) != PAGE_SIZE:
-                    raise ImageError(f"{self.name}: short read at byte {pos}")
+                at, fpos, _, name = self._spans(pos, PAGE_SIZE)[0]
+                if os.preadv(fd if opened >= 0 else at, [page], fpos) != PAGE_SIZE:
+                    raise ImageError(f"{name}: short read at byte {fpos}")
         finally:
             mv.release()
             if opened >= 0:
@@ -363,11 +417,11 @@ class PagesWriter:
         self._extent = None
         if not self._closed:
             self._closed = True
-            for fd in (self._dfd, self._fd):
+            for fd in (self._dfd, self._fd1, self._fd):
                 if fd >= 0:
                     with contextlib.suppress(OSError):
                         os.close(fd)
-            self._dfd = -1
+            self._dfd = self._fd1 = -1
 
 
 class PageExtent:
@@ -425,6 +479,8 @@ class PageExtent:
     def mapping(self) -> mmap.mmap:
         """The extent mapped shared and writable (made on first call; unmapped by close)."""
         if self._mm is None:
+            if self._writer.boundary is not None:
+                raise ImageError(f"{self._writer.name}: a split extent cannot be mapped as one")
             try:
                 self._mm = mmap.mmap(self._writer._fd, self.nbytes, flags=mmap.MAP_SHARED,
                                      prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=self.offset)
@@ -450,7 +506,7 @@ class PageExtent:
         wb = self._writer._writeback
         if wb is not None:
             with contextlib.suppress(OSError):
-                wb(self._writer._fd, self.offset + off, n)
+                wb(self._writer._fd, self.offset + off, n)  # never split (mapping())
 
     def write(self, off: int, buf: Any) -> None:
         """Write `buf` at byte `off` of the extent without hashing it: part of a stretch someone else wrote the
@@ -458,18 +514,21 @@ class PageExtent:
         mv = memoryview(buf).cast("B")
         if off < 0 or off + len(mv) > self.nbytes:
             raise ImageError(f"{self._writer.name}: write of {len(mv)} bytes at {off} of a {self.nbytes}-byte extent")
-        _write_all(self._writer._fd, mv, self._writer.name, self.offset + off)
+        self._writer._write_at(mv, self.offset + off)
 
     def written(self, off: int, n: int, buf: Any) -> None:
         """Bytes [off, off+n) of the extent are in the file, written through another descriptor of it (the
         dumped task's own pwritev, dump/selfwrite.py): hash them as the file holds them (read back from the page
         cache through `buf`, a multiple of 64 KiB long) and start their writeback. Same alignment rules and
-        thread safety as put()."""
-        fd = self._writer._fd
+        thread safety as put(); the bytes must lie in one part of a split file."""
+        spans = self._writer._spans(self.offset + off, n)
+        if len(spans) > 1:
+            raise ImageError(f"{self._writer.name}: written() across the split at byte {self._writer.boundary}")
+        fd, start, _, name = spans[0]
         if _WRITTEN_MAPPED:
             # Hashed straight from the page cache through a read-only mapping: no copy into a buffer first.
             try:
-                mm = mmap.mmap(fd, n, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=self.offset + off)
+                mm = mmap.mmap(fd, n, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=start)
             except OSError:
                 mm = None
             if mm is not None:
@@ -482,7 +541,7 @@ class PageExtent:
                 wb = self._writer._writeback
                 if wb is not None and _WRITTEN_WRITEBACK:
                     with contextlib.suppress(OSError):
-                        wb(fd, self.offset + off, n)
+                        wb(fd, start, n)
                 return
         mv = memoryview(buf).cast("B")
         step = len(mv)
@@ -491,9 +550,9 @@ class PageExtent:
                 k = min(step, off + n - o)
                 got = 0
                 while got < k:
-                    r = os.preadv(fd, [mv[got:k]], self.offset + o + got)
+                    r = os.preadv(fd, [mv[got:k]], start + o - off + got)
                     if r <= 0:
-                        raise ImageError(f"{self._writer.name}: short read at byte {self.offset + o + got}")
+                        raise ImageError(f"{name}: short read at byte {start + o - off + got}")
                     got += r
                 self._record(o, mv[:k])
         finally:
@@ -501,7 +560,7 @@ class PageExtent:
         wb = self._writer._writeback
         if wb is not None:
             with contextlib.suppress(OSError):
-                wb(fd, self.offset + off, n)
+                wb(fd, start, n)
 
     def missing(self) -> int | None:
         """The first chunk not put yet, or None."""
@@ -696,7 +755,8 @@ class ImageWriter:
                 files[name] = {"size": size, "xxh3": hex64(digest)}
             for pid, pw in self._pages.items():
                 assert pw.sums_entry is not None
-                files[pw.name] = {"size": pw.size, "xxh3": None}
+                for name, size in pw.part_sizes():
+                    files[name] = {"size": size, "xxh3": None}
                 files[sums_name(pid)] = {"size": pw.sums_entry[0], "xxh3": hex64(pw.sums_entry[1])}
             inv["self_check"] = inventory_self_check(inv)
             _write_file(self.tmp_dir / INVENTORY, inventory_bytes(inv))
@@ -736,7 +796,8 @@ class ImageWriter:
             canonical_json(fields)
         except (TypeError, ValueError) as e:
             raise ImageError(f"{INVENTORY}: cannot encode as JSON: {e}") from e
-        version = max(COW_VERSION if COW_FILE in self._files else FORMAT_VERSION, self.min_version)
+        version = max(COW_VERSION if COW_FILE in self._files else FORMAT_VERSION, self.min_version,
+                      PARTS_VERSION if any(pw.boundary is not None for pw in self._pages.values()) else 0)
         inv: dict[str, Any] = {"format": FORMAT_NAME, "version": version, "page_chunk": CHUNK_SIZE,
                                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                **fields, "files": {}, "self_check": ""}

@@ -72,6 +72,17 @@ def buffer_address(buf: object) -> int:
     return C.addressof(C.c_char.from_buffer(buf))  # type: ignore[arg-type]
 
 
+def map_file_at(addr: int, length: int, fd: int) -> None:
+    """Map `length` bytes of file `fd` from its start over [addr, addr+length), which the caller owns (a part of
+    a larger mapping of its own): MAP_PRIVATE | MAP_FIXED, read and write (never written: see images.PageFile).
+    Raises KernelError."""
+    from lazarus.kernel.abi import MAP_FIXED, MAP_PRIVATE, SYS
+
+    got = syscall(SYS.mmap, addr, length, 3, MAP_PRIVATE | MAP_FIXED, fd, 0, what="mmap of a page file part")
+    if got != addr:
+        raise KernelError(f"mmap of a page file part at {addr:#x} landed at {got:#x}", errno.EFAULT)
+
+
 def os_error(e: OSError, what: str, *, pid: int | None = None, path: str | None = None) -> KernelError:
     return error(what, e.errno or errno.EIO, pid=pid, path=path)
 

@@ -5,6 +5,7 @@ privilege)."""
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import random
@@ -268,3 +269,97 @@ def test_dumper_without_a_shared_mapping_writes_from_buffers(tmp_path: Path, mon
     for vaddr, n, index in rec["pages"]:
         off = vaddr - region.start
         assert pagefile[index * PAGE_SIZE:(index + n) * PAGE_SIZE] == region.raw[off:off + n * PAGE_SIZE]
+
+
+def _split_image(d: Path) -> bytes:
+    """An image whose page file is split: a chunk appended, an extent of 12 chunks split after 5 of them (put out
+    of order, one put across the split), 3 pages appended after it (into the second part). Returns the data."""
+    head, body, tail = data(PAGES_PER_CHUNK, 1), data(12 * PAGES_PER_CHUNK, 2), data(3, 3)
+    with ImageWriter(d, fsync=False) as w:
+        pw = w.pages(42)
+        pw.append(head)
+        with pw.extend(len(body), split=5 * CHUNK_SIZE) as ext:
+            for off, end in ((8, 12), (0, 4), (4, 8)):  # chunks [4, 8) cross the split
+                ext.put(off * CHUNK_SIZE, body[off * CHUNK_SIZE:end * CHUNK_SIZE])
+        pw.append(tail)
+        w.write_task(42, TASK)
+        w.commit(FIELDS)
+    return head + body + tail
+
+
+def test_a_split_page_file_reads_as_one(tmp_path: Path) -> None:
+    d = tmp_path / "img"
+    expect = _split_image(d)
+    first = (d / "pages-42.img").read_bytes()
+    assert len(first) == 6 * CHUNK_SIZE, "the first part ends at the split"
+    assert first + (d / "pages-42.1.img").read_bytes() == expect
+    with Image.open(d) as img:
+        assert img.inventory["version"] == 6
+        pf = img.page_file(42)
+        assert pf.npages == len(expect) // PAGE_SIZE
+        assert bytes(pf.view(0, pf.npages)) == expect  # one contiguous mapping of both parts
+        img.verify_pages(42)
+        pf.check_size()
+
+
+@pytest.mark.parametrize("damage", ["missing", "short", "byte"])
+def test_a_damaged_second_part_is_named(tmp_path: Path, damage: str) -> None:
+    d = tmp_path / "img"
+    _split_image(d)
+    part = d / "pages-42.1.img"
+    if damage == "missing":
+        part.unlink()
+    elif damage == "short":
+        os.truncate(part, part.stat().st_size - PAGE_SIZE)
+    else:
+        with open(part, "r+b") as f:
+            f.seek(CHUNK_SIZE + 7)
+            f.write(b"\xff")
+    want = {"missing": r"pages-42\.1\.img: missing", "short": r"pages-42\.1\.img: truncated at byte",
+            "byte": r"pages-42\.img: .*chunk 7"}[damage]
+    with pytest.raises(ImageError, match=want), Image.open(d) as img:
+        img.verify_pages(42)
+
+
+def test_a_split_extent_refuses_what_would_mix_the_parts(tmp_path: Path) -> None:
+    with ImageWriter(tmp_path / "img", fsync=False) as w:
+        pw = w.pages(42)
+        with pytest.raises(ImageError, match="cannot split"):
+            pw.extend(4 * CHUNK_SIZE, split=CHUNK_SIZE + PAGE_SIZE)  # not on a chunk
+        ext = pw.extend(4 * CHUNK_SIZE, split=2 * CHUNK_SIZE)
+        with pytest.raises(ImageError, match="across the split"):
+            ext.written(CHUNK_SIZE, 2 * CHUNK_SIZE, bytearray(CHUNK_SIZE))
+        with pytest.raises(ImageError, match="cannot be mapped"):
+            ext.mapping()
+
+
+def test_dumper_splits_a_large_page_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The split as a large dump makes it, scaled down: 1 MiB pieces, from 4 MiB on; no task to write its own
+    # pages here, so two threads copy, taking the parts in turn.
+    monkeypatch.setattr(dump_memory, "_SPLIT_MIN", 4 << 20)
+    monkeypatch.setattr(dump_memory.selfwrite, "PIECE", 1 << 20)
+    region = _Region(3000)
+    rec, d = _dump_region(tmp_path, region, direct=False)
+    assert (d / "pages-42.1.img").stat().st_size > 0
+    assert (d / "pages-42.img").stat().st_size % (1 << 20) == 0, "split on a piece boundary"
+    with Image.open(d) as img:
+        assert img.inventory["version"] == 6
+        img.verify_pages(42)
+        pf = img.page_file(42)
+        for vaddr, n, index in rec["pages"]:
+            off = vaddr - region.start
+            assert bytes(pf.view(index, n)) == region.raw[off:off + n * PAGE_SIZE]
+
+
+def test_a_second_part_in_an_older_version_is_refused(tmp_path: Path) -> None:
+    from lazarus.images.format import inventory_bytes, inventory_self_check
+
+    d = tmp_path / "img"
+    _split_image(d)
+    inv = json.loads((d / "inventory.json").read_text())
+    inv["version"] = 5
+    inv["self_check"] = inventory_self_check(inv)
+    (d / "inventory.json").write_bytes(inventory_bytes(inv))
+    with pytest.raises(ImageError, match=r"pages-42\.1\.img: in a version 5 image \(split page files came with "
+                                         r"version 6\)"):
+        Image.open(d)
