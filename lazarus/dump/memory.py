@@ -742,8 +742,8 @@ class MemoryDumper:
             self.pages.read_back([fo for _, fo, _ in want], disk)
             for i, (a, fo, _) in enumerate(want):
                 if got[i * _PAGE:(i + 1) * _PAGE] != dview[i * _PAGE:(i + 1) * _PAGE]:
-                    raise DumpError(f"pid {self.pid}: page {a:#x} differs from its copy at byte {fo} of "
-                                    f"{self.pages.name}; the image would be wrong", pid=self.pid)
+                    raise DumpError(f"pid {self.pid}: page {a:#x} differs from its copy at {self.pages.where(fo)}; "
+                                    f"the image would be wrong", pid=self.pid)
         finally:
             got.release()
             dview.release()

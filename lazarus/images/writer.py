@@ -298,6 +298,11 @@ class PagesWriter:
         for fd, fpos, k, _ in self._spans(pos, n):
             self._writeback(fd, fpos, k)
 
+    def where(self, pos: int) -> str:
+        """Byte `pos` of the whole, as "byte N of FILE" (the part that holds it)."""
+        _, fpos, _, name = self._spans(pos, 1)[0]
+        return f"byte {fpos} of {name}"
+
     def part_sizes(self) -> list[tuple[str, int]]:
         """(file name, size) of each part written, in order."""
         if self.boundary is None:

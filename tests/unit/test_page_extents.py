@@ -363,3 +363,23 @@ def test_a_second_part_in_an_older_version_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match=r"pages-42\.1\.img: in a version 5 image \(split page files came with "
                                          r"version 6\)"):
         Image.open(d)
+
+
+def test_spot_check_names_the_part_that_holds_a_wrong_page(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The last page of a split file, spoilt before it is hashed: the message names the second part and the byte
+    # in it.
+    real = PageExtent.put
+
+    def corrupt(self: PageExtent, off: int, buf: memoryview) -> None:
+        if off + len(buf) == self.nbytes:
+            buf[-1] ^= 0xFF
+        real(self, off, buf)
+
+    monkeypatch.setattr(PageExtent, "put", corrupt)
+    monkeypatch.setattr(dump_memory, "_SPLIT_MIN", 4 << 20)
+    monkeypatch.setattr(dump_memory.selfwrite, "PIECE", 1 << 20)
+    region = _Region(3000)  # 2999 pages written: the second part holds 2999 - 1536 of them
+    with pytest.raises(DumpError, match=rf"differs from its copy at byte {(2999 - 1536 - 1) * PAGE_SIZE} of "
+                                        r"pages-42\.1\.img"):
+        _dump_region(tmp_path, region, direct=False)
+    assert not (tmp_path / "img").exists()
