@@ -410,8 +410,8 @@ class PagesWriter:
         try:
             for i, pos in enumerate(positions):
                 page = mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
-                at, fpos, _, name = self._spans(pos, PAGE_SIZE)[0]
-                if os.preadv(fd if opened >= 0 else at, [page], fpos) != PAGE_SIZE:
+                part_fd, fpos, _, name = self._spans(pos, PAGE_SIZE)[0]
+                if os.preadv(fd if opened >= 0 else part_fd, [page], fpos) != PAGE_SIZE:
                     raise ImageError(f"{name}: short read at byte {fpos}")
         finally:
             mv.release()

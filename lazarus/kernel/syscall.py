@@ -8,7 +8,7 @@ import gc
 import os
 
 from lazarus.errors import KernelError, NoSuchTask
-from lazarus.kernel.abi import MADV_POPULATE_WRITE
+from lazarus.kernel.abi import MADV_POPULATE_WRITE, MAP_FIXED, MAP_PRIVATE, PROT_READ, PROT_WRITE, SYS
 
 libc = C.CDLL(None, use_errno=True)
 _syscall = libc.syscall
@@ -76,9 +76,8 @@ def map_file_at(addr: int, length: int, fd: int) -> None:
     """Map `length` bytes of file `fd` from its start over [addr, addr+length), which the caller owns (a part of
     a larger mapping of its own): MAP_PRIVATE | MAP_FIXED, read and write (never written: see images.PageFile).
     Raises KernelError."""
-    from lazarus.kernel.abi import MAP_FIXED, MAP_PRIVATE, SYS
-
-    got = syscall(SYS.mmap, addr, length, 3, MAP_PRIVATE | MAP_FIXED, fd, 0, what="mmap of a page file part")
+    got = syscall(SYS.mmap, addr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, fd, 0,
+                  what="mmap of a page file part")
     if got != addr:
         raise KernelError(f"mmap of a page file part at {addr:#x} landed at {got:#x}", errno.EFAULT)
 
