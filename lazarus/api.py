@@ -86,6 +86,7 @@ class Restoration:
     timings: dict[str, float] = field(default_factory=dict)  # phases, seconds since the call (restore())
     stops: int = 0  # times the new task(s) ran for injected calls (one call or one batch each)
     seeded: bool = False  # cloned from the seed prepare_restore() made (restore/seed.py)
+    image_ahead: bool = False  # its image was the one preopen_image() had opened and checked (unchanged since)
     _serving: Serving | None = field(default=None, repr=False)
 
     def serve(self, status: socket.socket | None = None) -> dict[str, Any]:
@@ -223,7 +224,7 @@ def _restore_impl(directory: str, *, lazy: bool, detach: bool, background: bool,
     stamp("features")
     # The image is checked whole before any helper of ours (server, guard) exists: a bad image is refused with
     # nothing created.
-    image = _checked_image(directory)
+    image, ahead = _checked_image(directory)
     stamp("image")
     if lazy_pages_socket is not None:
         from lazarus.lazy.daemon import hand_over
@@ -253,7 +254,7 @@ def _restore_impl(directory: str, *, lazy: bool, detach: bool, background: bool,
         raise
     return Restoration(res.pid, res.seconds, res.pages_written, tasks=res.tasks, lazy=True, served_by="here",
                        _serving=serving, init=res.init, ns_pid=res.ns_pid, timings=res.timings, stops=res.stops,
-                       seeded=res.seeded)
+                       seeded=res.seeded, image_ahead=ahead)
 
 
 # What prepare_restore() made for the next restore here.
@@ -261,11 +262,13 @@ _prepared: dict[str, Any] = {}
 # Images opened and checked ahead (preopen_image): directory -> (signature of its files then, Image).
 _opened: dict[str, tuple[Any, Any]] = {}
 _SETTLED_NS = 100_000_000  # a file changed less than this before is not trusted to stay as read (timestamps are coarse)
+PREOPEN_KEEP = 4  # images kept opened ahead at most
 
 
-def _signature(directory: str) -> Any:
+def _signature(directory: str, *, to_keep: bool = False) -> Any:
     """What must not change for an image opened earlier to be used: the directory's and each file's inode, size,
-    mtime and ctime. None when it cannot be read, or changed too recently to tell."""
+    mtime and ctime. None when it cannot be read, or (`to_keep`: taken ahead of opening the image to keep it)
+    when a change made now might not show in them."""
     try:
         st = os.stat(directory)
         sig = [(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)]
@@ -274,9 +277,14 @@ def _signature(directory: str) -> Any:
             sig.append((name, f.st_ino, f.st_size, f.st_mtime_ns, f.st_ctime_ns))
     except OSError:
         return None
-    import time
-    if max(x[-1] for x in sig) > time.time_ns() - _SETTLED_NS:
-        return None
+    if to_keep:
+        # Times come from a clock that ticks (a jiffy, or coarser): a file changed in the tick of its last
+        # change may keep its times, unless the filesystem stamps a change made after this stat finely.
+        import time
+        if max(x[-1] for x in sig) > time.time_ns() - _SETTLED_NS:
+            from lazarus.kernel.features import changes_always_seen
+            if not changes_always_seen(directory):
+                return None
     return tuple(sig)
 
 
@@ -286,7 +294,7 @@ def preopen_image(directory: str | Path) -> bool:
     has changed since (inode, size, mtime and ctime of each, and of the directory). For a process that waits
     for restores (a service worker). Returns whether it is kept."""
     directory = os.fspath(directory)
-    sig = _signature(directory)
+    sig = _signature(directory, to_keep=True)
     if sig is None:
         return False
     from lazarus.restore import open_image
@@ -294,24 +302,26 @@ def preopen_image(directory: str | Path) -> bool:
         img = open_image(directory, verify_pages=False)
     except LazarusError:
         return False  # refused again, with its message, when a restore asks for it
-    old = _opened.pop(str(directory), None)
+    old = _opened.pop(directory, None)
     if old is not None:
         old[1].close()
-    _opened[str(directory)] = (sig, img)
+    _opened[directory] = (sig, img)
+    while len(_opened) > PREOPEN_KEEP:  # the least recently opened go first
+        _opened.pop(next(iter(_opened)))[1].close()
     return True
 
 
-def _checked_image(directory: str) -> Any:
-    """The image in `directory`, opened and checked (page data excepted): the one preopen_image() kept if its
-    files are as they were, else opened now."""
+def _checked_image(directory: str) -> tuple[Any, bool]:
+    """The image in `directory`, opened and checked (page data excepted), and whether it was opened ahead: the
+    one preopen_image() kept if its files are as they were, else opened now."""
     entry = _opened.pop(str(directory), None)
     if entry is not None:
         sig, img = entry
         if sig == _signature(directory):
-            return img
+            return img, True
         img.close()
     from lazarus.restore import open_image
-    return open_image(directory, verify_pages=False)
+    return open_image(directory, verify_pages=False), False
 
 
 def prepare_restore() -> None:
@@ -366,7 +376,7 @@ def _restore_detached(directory: str, *, background: bool, stats_path: Path | No
     try:
         require_lazy_features()
         from lazarus.restore import restore as _restore
-        image = _checked_image(directory)
+        image, _ = _checked_image(directory)
         res = _restore(directory, lazy=True, image=image, pidns=pidns,
                        on_lazy=hand_over(daemon.sock, directory, image.inventory.get("self_check")))
     except BaseException:

@@ -11,7 +11,7 @@
 Process model, and why (docs/SERVICE.md says more):
 
     service (one thread)           imports done and the kernel probed once at start; forks spares, reaps
-      |-- spare workers            forked ahead, each waiting in accept() for one connection, its
+      |-- spare workers            forked ahead, each waiting (epoll) for one connection, its
       |                            copy-on-write faults taken already (kernel/prefault.py), the lazy server's
       |                            guard, a seed task and a dump's watchdog forked ahead (api.prepare_restore,
       |                            restore/seed.py, api.prepare_dump);
@@ -31,9 +31,10 @@ the service is as it was. A request wakes a process that is ready: neither a for
 its path. Everything a later request needs to know (a restore's pid, state, exit code, its lazy transfer's
 progress) lives in the state directory, 0700, root's:
 
-    ID.json          the restore's record, rewritten when its process exits (detach=false)
-    ID.sock          while its pages are served: a status socket (lazy/daemon.py) answering progress and stats
-    ID.stats.json    its lazy transfer's final statistics
+    ID.json            the restore's record, rewritten when its process exits (detach=false)
+    ID.sock            while its pages are served: a status socket (lazy/daemon.py) answering progress and stats
+    ID.stats.json      its lazy transfer's final statistics
+    dumps/latest.json  the directory of the latest dump answered, whose image idle workers open and check ahead
 
 The HTTP layer is the standard library's http.server: requests are tiny and one per connection, parsing them
 costs ~0.15 ms against a restore's milliseconds, and it adds no dependency to a root service (see
@@ -134,7 +135,7 @@ def _image_dir(name: str, value: str) -> Path:
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # writers in several workers at once
     tmp.write_text(json.dumps(obj) + "\n")
     os.replace(tmp, path)
 
@@ -341,6 +342,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         from lazarus.api import dump
         res = dump(f["pid"], _image_dir("dir", f["dir"]), leave_running=f["leave_running"],
                    shell_job=f["shell_job"], sync=f["sync"])
+        # Before the answer: the idle workers open and check this image now (_accept), so that a restore of it
+        # asked for next finds it done.
+        with contextlib.suppress(OSError):
+            _write_json(self.server.state_dir / DUMPED, {"dir": str(res.directory)})
         return 200, {"pid": res.pid, "dir": str(res.directory), "pages": res.pages,
                      "seconds": round(res.seconds, 6), "left_running": res.left_running}
 
@@ -376,7 +381,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                "state": "detached" if f["detach"] else "running", "exit_code": None,
                "seconds": round(r.seconds, 6), "pages_written": r.pages_written,
                "service_seconds": round(t_done - self.t_start, 6),
-               "stops": r.stops, "seeded": r.seeded, "phases": {k: round(v, 6) for k, v in phases.items()}}
+               "stops": r.stops, "seeded": r.seeded, "image_ahead": r.image_ahead, "phases": {k: round(v, 6) for k, v in phases.items()}}
         try:
             _write_json(state / f"{rid}.json", rec)
         except BaseException:
@@ -493,16 +498,10 @@ class _Pool:
             from lazarus.kernel.prefault import unshare_present_pages
             with contextlib.suppress(Exception):
                 unshare_present_pages()
-            # The images restored lazily of late, opened and checked now: a lazy restore of one of them again
-            # (unchanged) skips that work (~1.5 ms in a fresh worker).
-            with contextlib.suppress(Exception):
-                _preopen_recent(self.server.state_dir)
-            while True:
-                try:
-                    conn, _ = self.server.socket.accept()
-                    break
-                except InterruptedError:
-                    continue
+            # The images of the latest dump and of the lazy restores of late are opened and checked in _accept,
+            # and so is that of each dump answered while this worker waits: a lazy restore of one of them
+            # (unchanged since) skips that work.
+            conn = _accept(self.server.socket, self.server.state_dir, busy)
             fcntl.flock(busy, fcntl.LOCK_SH)  # in flight until replied (held against exclusive probes only)
             self.server.replied = lambda: fcntl.flock(busy, fcntl.LOCK_UN)
             os.write(self._w, os.getpid().to_bytes(4, "little"))
@@ -628,11 +627,28 @@ def _kill_idle(pid: int) -> None:
 
 PREOPEN_IMAGES = 2  # distinct image directories of the latest lazy restores that an idle worker opens ahead
 _PREOPEN_RECORDS = 16  # records looked at for them
+# In the state directory: {dir} of the latest dump answered (its image complete and checked). A directory of its
+# own, watched by idle workers: the restores' records written beside it do not wake them.
+DUMPS = "dumps"
+DUMPED = f"{DUMPS}/latest.json"
 
 
-def _preopen_recent(state: Path) -> None:
-    """Open ahead the image directories of the latest lazy restores recorded in the state directory."""
+def _dumped_dir(state: Path) -> tuple[str | None, Any]:
+    """(the latest dump's image directory, what identifies that record) from the state directory."""
+    try:
+        path = state / DUMPED
+        st = os.stat(path)
+        d = json.loads(path.read_text()).get("dir")
+    except (OSError, ValueError, AttributeError):
+        return None, None
+    return (d if isinstance(d, str) and d.startswith("/") else None), (st.st_ino, st.st_mtime_ns)
+
+
+def _preopen_recent(state: Path) -> Any:
+    """Open ahead the image directory of the latest dump, and those of the latest lazy restores recorded in the
+    state directory; returns what identifies the dump record seen (for _accept)."""
     from lazarus.api import preopen_image
+    dumped, seen_dump = _dumped_dir(state)
     with os.scandir(state) as it:
         recs = [(e.stat().st_mtime_ns, e.path) for e in it if e.name.endswith(".json")
                 and _ID.fullmatch(e.name[:-5])]
@@ -644,12 +660,89 @@ def _preopen_recent(state: Path) -> None:
         except (OSError, ValueError):
             continue
         d = rec.get("dir") if isinstance(rec, dict) and rec.get("lazy") else None
-        if not isinstance(d, str) or not d.startswith("/") or d in seen:
+        if not isinstance(d, str) or not d.startswith("/") or d in seen or d == dumped:
             continue
         seen.append(d)
-        preopen_image(d)
         if len(seen) >= PREOPEN_IMAGES:
-            return
+            break
+    for d in reversed(seen):  # the latest opened last: kept longest (api.PREOPEN_KEEP)
+        preopen_image(d)
+    if dumped is not None:
+        preopen_image(dumped)
+    return seen_dump
+
+
+_kept_fds: list[int] = []
+
+
+def _accept(sock: socket.socket, state: Path, busy: int) -> socket.socket:
+    """accept() one connection on the service's socket; while none comes, open ahead the image of each dump
+    the service answers (a restore of it asked for next then skips opening and checking it: ~1.5-2.5 ms of
+    its path in a fresh worker). An idle worker is woken by one or the other: inotify (on the state directory's
+    dumps/), and the listening socket with EPOLLEXCLUSIVE (a connection wakes one waiting worker, or a few:
+    the socket does not block, and those that find the connection taken wait again).
+    While it opens one, the worker holds its lock on `busy` as a request does: a new spare does not prepare
+    meanwhile (_wait_quiet), as it would not while the dump was answered nor while the restore that follows is."""
+    # Watched first: a dump answered while the recent ones are opened is seen after.
+    try:
+        from lazarus.kernel import abi
+        from lazarus.kernel.syscall import watch_directory
+        notes = watch_directory(str(state / DUMPS), abi.IN_MOVED_TO)
+    except LazarusError as e:
+        log.warning("worker %d: dumps' images will not be opened ahead: %s", os.getpid(), e)
+        notes = -1
+    seen = None
+    with contextlib.suppress(Exception):
+        seen = _preopen_recent(state)
+    if notes < 0:
+        while True:
+            select.select([sock], [], [])
+            with contextlib.suppress(BlockingIOError):
+                return _accepted(sock)
+    try:
+        conn = _wait(sock, state, busy, notes, seen)
+    except BaseException:
+        os.close(notes)
+        raise
+    # Not closed here: closing an inotify fd that had a watch waits for an SRCU grace period (fsnotify), 13-22
+    # ms measured on the request's path. It is close-on-exec, and closed when this worker exits.
+    _kept_fds.append(notes)
+    return conn
+
+
+def _accepted(sock: socket.socket) -> socket.socket:
+    conn = sock.accept()[0]
+    conn.setblocking(True)
+    return conn
+
+
+def _wait(sock: socket.socket, state: Path, busy: int, notes: int, seen: Any) -> socket.socket:
+    ep = select.epoll(2)
+    try:
+        ep.register(sock.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        ep.register(notes, select.EPOLLIN)
+        while True:
+            ready = {fd for fd, _ in ep.poll()}
+            if notes in ready:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(notes, 4096):
+                        pass
+                dumped, ident = _dumped_dir(state)
+                if dumped is not None and ident != seen:
+                    seen = ident
+                    from lazarus.api import preopen_image
+                    fcntl.flock(busy, fcntl.LOCK_SH)
+                    try:
+                        with contextlib.suppress(Exception):
+                            preopen_image(dumped)
+                    finally:
+                        fcntl.flock(busy, fcntl.LOCK_UN)
+                    continue  # a connection that came meanwhile is still there to take
+            if sock.fileno() in ready:
+                with contextlib.suppress(BlockingIOError):  # another worker woken with this one took it
+                    return _accepted(sock)
+    finally:
+        ep.close()
 
 
 def systemd_socket() -> socket.socket | None:
@@ -751,7 +844,9 @@ def serve(socket_path: Path | None, *, state_dir: Path | None = None, spares: in
     else:
         where = sock.getsockname() or "(systemd socket)"
     made_state = state_dir is None
-    sock.setblocking(True)  # workers wait in accept()
+    # Workers wait in epoll and accept without blocking (service._accept): one woken with others for a
+    # connection another took must not then sit in accept(), deaf to the dumps it opens images for.
+    sock.setblocking(False)
     try:
         if state_dir is None:
             base = Path(where).parent if where.startswith("/") else Path(tempfile.gettempdir())
@@ -760,6 +855,7 @@ def serve(socket_path: Path | None, *, state_dir: Path | None = None, spares: in
             from lazarus.lazy.trust import open_checked_dir
             state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.close(open_checked_dir(state_dir))  # status sockets are made there: root's, not writable by others
+        (state_dir / DUMPS).mkdir(mode=0o700, exist_ok=True)
         warm_up()
         server = _Server(sock, state_dir)
         _warm_requests(server)

@@ -161,11 +161,12 @@ def test_preopened_image_is_used_only_while_its_files_are_unchanged(harness: H.H
     try:
         assert api.preopen_image(image)
         kept = api._opened[str(image)][1]
-        assert api._checked_image(image) is kept
+        assert api._checked_image(image) == (kept, True)
         assert api.preopen_image(image)
         kept = api._opened[str(image)][1]
         os.utime(image / "inventory.json")
-        fresh = api._checked_image(image)
+        fresh, ahead = api._checked_image(image)
+        assert not ahead
         assert fresh is not kept and fresh.tasks == kept.tasks
         fresh.close()
         time.sleep(0.2)
@@ -174,5 +175,48 @@ def test_preopened_image_is_used_only_while_its_files_are_unchanged(harness: H.H
             f.write(b" ")
         with pytest.raises(ImageError, match="inventory.json"):
             api._checked_image(image)
+    finally:
+        api._opened.clear()
+
+
+def test_an_image_just_written_is_opened_ahead_and_a_change_right_after_is_seen(harness: H.Harness) -> None:
+    """On a filesystem with multigrain timestamps (Linux 6.13: ext4, xfs, btrfs, tmpfs), a change made after
+    preopen_image's stat always shows in the file's ctime: an image is opened ahead as soon as it is written (a
+    service worker does so after each dump), and a byte appended within the same clock tick is still seen."""
+    from lazarus import api
+    from lazarus.errors import ImageError
+    from lazarus.kernel.features import changes_always_seen
+    _, target, image = _dumped(harness)
+    if not changes_always_seen(str(image)):
+        pytest.skip(f"{image}: not a filesystem with multigrain timestamps on this kernel")
+    try:
+        assert api.preopen_image(image), "a freshly written image was not opened ahead"
+        with open(image / "inventory.json", "ab") as f:  # at once: within the tick of the preopen's stat
+            f.write(b" ")
+        with pytest.raises(ImageError, match="inventory.json"):
+            api._checked_image(str(image))
+        assert str(image) not in api._opened
+    finally:
+        api._opened.clear()
+        target.wait_exit(10)
+
+
+def test_images_opened_ahead_are_bounded(harness: H.Harness) -> None:
+    """At most api.PREOPEN_KEEP images stay opened ahead; the oldest is closed first."""
+    from lazarus import api
+    from lazarus.kernel.features import changes_always_seen
+    _, target, image = _dumped(harness)
+    target.wait_exit(10)
+    if not changes_always_seen(str(image)):
+        pytest.skip(f"{image}: not a filesystem with multigrain timestamps on this kernel")
+    copies = []
+    for i in range(api.PREOPEN_KEEP + 2):
+        d = harness.image_dir(f"copy{i}")
+        subprocess.run(["cp", "-a", str(image), str(d)], check=True, timeout=60)
+        copies.append(str(d))
+    try:
+        for d in copies:
+            assert api.preopen_image(d)
+        assert list(api._opened) == copies[-api.PREOPEN_KEEP:]
     finally:
         api._opened.clear()

@@ -499,3 +499,41 @@ def test_seeded_restore_brings_back_every_signal_action(service: Service, harnes
     H.expect_pass(harness.run_case(case, restored), restored)
     assert restored.wait_exit(15) == 0, restored.describe()
     _no_workers_left(service)
+
+
+def test_a_lazy_restore_after_a_dump_uses_the_image_idle_workers_checked(service: Service,
+                                                                        harness: H.Harness) -> None:
+    """After each dump it answers, the service's idle workers open and check its image (dumps/latest.json,
+    watched with inotify): a lazy restore of it asked for next skips that work (`image_ahead`) and brings the
+    process back all the same. An image changed after its dump is checked again, and refused when bad."""
+    from lazarus.kernel.features import changes_always_seen
+    if not changes_always_seen(str(harness.image_dir().parent)):
+        pytest.skip("the images' filesystem has no multigrain timestamps here: a fresh image is not opened ahead")
+    case = H.CASES_BY_ID["memory-keep"]
+    target = harness.start_case(case)
+    image = harness.image_dir()
+    status, dumped, _ = service.request("POST", "/dump", {"pid": target.pid, "dir": str(image), "sync": False})
+    assert status == 200, dumped
+    assert json.loads((service.state / "dumps" / "latest.json").read_text()) == {"dir": str(image)}
+    assert target.wait_exit(10) is not None, "the original still runs after the dump"
+    since = target.log.stat().st_size
+    status, r, _ = service.request("POST", "/restore", {"dir": str(image), "lazy": True, "detach": True})
+    assert status == 200, r
+    assert r["image_ahead"] is True, r
+    harness.register(r["pid"], "restored process")
+    restored = H.Target(target.name, r["pid"], target.log, target.exe, None, since, target.args)
+    H.wait_restored(restored)
+    H.expect_pass(harness.run_case(case, restored), restored)
+    assert restored.wait_exit(15) == 0, restored.describe()
+
+    other = harness.start_case(case)
+    image2 = harness.image_dir("img2")
+    status, dumped, _ = service.request("POST", "/dump", {"pid": other.pid, "dir": str(image2), "sync": False})
+    assert status == 200, dumped
+    with open(image2 / "inventory.json", "ab") as f:  # right after the answer: the workers opened it, or will
+        f.write(b"x")
+    assert other.wait_exit(10) is not None
+    status, body, _ = service.request("POST", "/restore", {"dir": str(image2), "lazy": True, "detach": True})
+    assert status == 422 and "inventory.json" in body["error"], body
+    _no_workers_left(service)
+    service.alive_and_serving()

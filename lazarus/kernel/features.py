@@ -66,6 +66,26 @@ def kernel_release() -> str:
     return os.uname().release
 
 
+# Filesystems that stamp a change made after its file's times were read with a fine-grained time, so that the
+# change always shows (multigrain timestamps, Linux 6.13: Documentation/filesystems/multigrain-ts.rst). Elsewhere
+# a change within the same clock tick (a jiffy; seconds on some filesystems) as the last one may leave the
+# times as they were.
+_MULTIGRAIN_FS = frozenset({"ext4", "xfs", "btrfs", "tmpfs"})
+
+
+def changes_always_seen(path: str) -> bool:
+    """Whether any change to a file under `path` made after an os.stat() of it gives it a different ctime."""
+    release = kernel_release().split(".")
+    try:
+        version = (int(release[0]), int("".join(c for c in release[1][:3] if c.isdigit()) or 0))
+    except (IndexError, ValueError):
+        return False
+    if version < (6, 13):
+        return False
+    from lazarus.kernel.procfs import fstype_of
+    return fstype_of(path) in _MULTIGRAIN_FS
+
+
 # ---------------------------------------------------------------------------------------------
 # userfaultfd
 

@@ -668,6 +668,28 @@ def unescape_mount(s: str) -> str:
     return "".join(out)
 
 
+def parse_fstype_of_device(text: str, dev: int) -> str | None:
+    """/proc/pid/mountinfo -> the filesystem type of a mount of device `dev` (st_dev), or None when none is
+    (btrfs subvolumes, overlayfs: their st_dev is not the one mountinfo shows)."""
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    for line in text.splitlines():
+        left, _, right = line.partition(" - ")
+        f = left.split(" ", 3)
+        if len(f) >= 3 and f[2] == want and right:
+            return right.split(" ", 1)[0]
+    return None
+
+
+def fstype_of(path: str) -> str | None:
+    """The filesystem type (as mountinfo names it: ext4, xfs, tmpfs, ...) holding `path`, or None."""
+    try:
+        dev = os.stat(path).st_dev
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            return parse_fstype_of_device(f.read(), dev)
+    except OSError:
+        return None
+
+
 def read_mount_points(pid: int) -> dict[int, str]:
     return parse_mount_points(read_text(f"/proc/{pid}/mountinfo", pid))
 

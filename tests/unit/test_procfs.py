@@ -332,3 +332,25 @@ def test_mount_points() -> None:
             "27 22 0:5 / /mnt/with\\040space rw - tmpfs tmpfs rw\n")
     assert procfs.parse_mount_points(text) == {22: "/", 27: "/mnt/with space"}
     assert "/" in procfs.read_mount_points(os.getpid()).values()
+
+
+def test_fstype_of_device_from_mountinfo() -> None:
+    text = ("22 1 259:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
+            "25 22 0:21 / /dev/shm rw,nosuid,nodev shared:3 - tmpfs tmpfs rw\n"
+            "30 22 0:45 / /mnt/with\\040space rw - xfs /dev/vdb rw\n"
+            "31 22 0:46 / /opt rw shared:7 master:2 - btrfs /dev/vdc rw\n")
+    assert procfs.parse_fstype_of_device(text, os.makedev(259, 1)) == "ext4"
+    assert procfs.parse_fstype_of_device(text, os.makedev(0, 21)) == "tmpfs"
+    assert procfs.parse_fstype_of_device(text, os.makedev(0, 45)) == "xfs"
+    assert procfs.parse_fstype_of_device(text, os.makedev(0, 46)) == "btrfs"
+    assert procfs.parse_fstype_of_device(text, os.makedev(0, 99)) is None  # not mounted (a btrfs subvolume's)
+    assert procfs.parse_fstype_of_device(text, os.makedev(1, 259)) is None  # major and minor not swapped
+
+
+def test_fstype_of_this_machine_s_root() -> None:
+    st = os.stat("/")
+    with open("/proc/self/mountinfo") as f:
+        rows = [line.split(" - ")[1].split()[0] for line in f
+                if line.split()[2] == f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"]
+    assert procfs.fstype_of("/") in rows
+    assert procfs.fstype_of("/no/such/path") is None
