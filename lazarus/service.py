@@ -435,7 +435,7 @@ class _Server(socketserver.UnixStreamServer):
 
 
 class _Pool:
-    """Workers forked ahead of need, each blocked in accept() for one connection: a request wakes a process
+    """Workers forked ahead of need, each waiting (epoll, service._accept) for one connection: a request wakes a process
     that is ready (no fork, and no wakeup of the service, on its path). A worker that takes a connection says
     so (its pid on a pipe) and the service forks a spare to replace it; a worker that dies idle is replaced too.
     """
