@@ -456,6 +456,8 @@ class _Pool:
         # answer; a new spare waits until an exclusive one is free (QUIET). Each worker opens the memfd again
         # (its own open file description: flock() locks belong to those).
         self._busy = os.memfd_create("lazarus-requests", os.MFD_CLOEXEC)
+        # The latest dump whose image an idle worker took on to open ahead (service._claim): one does it.
+        self._claims = os.memfd_create("lazarus-preopen", os.MFD_CLOEXEC)
 
     def fill(self) -> None:
         now = time.monotonic()
@@ -480,6 +482,8 @@ class _Pool:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             busy = os.open(f"/proc/self/fd/{self._busy}", os.O_RDWR | os.O_CLOEXEC)
             os.close(self._busy)
+            claims = os.open(f"/proc/self/fd/{self._claims}", os.O_RDWR | os.O_CLOEXEC)
+            os.close(self._claims)
             _wait_quiet(busy)
             # What a restore would fork on its way (the lazy server's guard, the seed its process is cloned
             # from), forked now, while the worker waits: a restore request then forks nothing of ours.
@@ -501,7 +505,7 @@ class _Pool:
             # The images of the latest dump and of the lazy restores of late are opened and checked in _accept,
             # and so is that of each dump answered while this worker waits: a lazy restore of one of them
             # (unchanged since) skips that work.
-            conn = _accept(self.server.socket, self.server.state_dir, busy)
+            conn = _accept(self.server.socket, self.server.state_dir, busy, claims)
             fcntl.flock(busy, fcntl.LOCK_SH)  # in flight until replied (held against exclusive probes only)
             self.server.replied = lambda: fcntl.flock(busy, fcntl.LOCK_UN)
             os.write(self._w, os.getpid().to_bytes(4, "little"))
@@ -577,7 +581,7 @@ class _Pool:
         for pid in self.idle:
             _kill_idle(pid)
         self.idle.clear()
-        for fd in (self._r, self._w, self._wake_r, self.wakeup_w, self._busy):
+        for fd in (self._r, self._w, self._wake_r, self.wakeup_w, self._busy, self._claims):
             os.close(fd)
 
 
@@ -675,7 +679,7 @@ def _preopen_recent(state: Path) -> Any:
 _kept_fds: list[int] = []
 
 
-def _accept(sock: socket.socket, state: Path, busy: int) -> socket.socket:
+def _accept(sock: socket.socket, state: Path, busy: int, claims: int) -> socket.socket:
     """accept() one connection on the service's socket; while none comes, open ahead the image of each dump
     the service answers (a restore of it asked for next then skips opening and checking it: ~1.5-2.5 ms of
     its path in a fresh worker). An idle worker is woken by one or the other: inotify (on the state directory's
@@ -700,7 +704,7 @@ def _accept(sock: socket.socket, state: Path, busy: int) -> socket.socket:
             with contextlib.suppress(BlockingIOError):
                 return _accepted(sock)
     try:
-        conn = _wait(sock, state, busy, notes, seen)
+        conn = _wait(sock, state, busy, claims, notes, seen)
     except BaseException:
         os.close(notes)
         raise
@@ -716,10 +720,25 @@ def _accepted(sock: socket.socket) -> socket.socket:
     return conn
 
 
-def _wait(sock: socket.socket, state: Path, busy: int, notes: int, seen: Any) -> socket.socket:
-    ep = select.epoll(2)
+def _claim(claims: int, ident: Any) -> bool:
+    """Whether this worker is the one to open the image of the dump `ident` ahead (the first to ask)."""
+    mark = repr(ident).encode()
+    fcntl.flock(claims, fcntl.LOCK_EX)
     try:
-        ep.register(sock.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        if os.pread(claims, len(mark) + 1, 0) == mark:
+            return False
+        os.ftruncate(claims, 0)
+        os.pwrite(claims, mark, 0)
+        return True
+    finally:
+        fcntl.flock(claims, fcntl.LOCK_UN)
+
+
+def _wait(sock: socket.socket, state: Path, busy: int, claims: int, notes: int, seen: Any) -> socket.socket:
+    ep = select.epoll(2)
+    listening = select.EPOLLIN | select.EPOLLEXCLUSIVE
+    try:
+        ep.register(sock.fileno(), listening)
         ep.register(notes, select.EPOLLIN)
         while True:
             ready = {fd for fd, _ in ep.poll()}
@@ -730,6 +749,15 @@ def _wait(sock: socket.socket, state: Path, busy: int, notes: int, seen: Any) ->
                 dumped, ident = _dumped_dir(state)
                 if dumped is not None and ident != seen:
                     seen = ident
+                    if not _claim(claims, ident):
+                        # Another idle worker opens it. Registered again, this one goes to the back of the
+                        # socket's queue of exclusive waiters, which a connection wakes from the front, skipping
+                        # a worker not waiting: a restore asked for meanwhile is taken here at once (its image
+                        # checked on its way, as without any of this), and one asked for after goes to the
+                        # worker that opened it.
+                        ep.unregister(sock.fileno())
+                        ep.register(sock.fileno(), listening)
+                        continue
                     from lazarus.api import preopen_image
                     fcntl.flock(busy, fcntl.LOCK_SH)
                     try:

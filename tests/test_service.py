@@ -503,9 +503,10 @@ def test_seeded_restore_brings_back_every_signal_action(service: Service, harnes
 
 def test_a_lazy_restore_after_a_dump_uses_the_image_idle_workers_checked(service: Service,
                                                                         harness: H.Harness) -> None:
-    """After each dump it answers, the service's idle workers open and check its image (dumps/latest.json,
-    watched with inotify): a lazy restore of it asked for next skips that work (`image_ahead`) and brings the
-    process back all the same. An image changed after its dump is checked again, and refused when bad."""
+    """After each dump it answers, one of the service's idle workers opens and checks its image
+    (dumps/latest.json, watched with inotify) and is the next to take a connection: a lazy restore of it asked for
+    next skips that work (`image_ahead`) and brings the process back all the same. An image changed after its dump
+    is checked again, and refused when bad."""
     from lazarus.kernel.features import changes_always_seen
     if not changes_always_seen(str(harness.image_dir().parent)):
         pytest.skip("the images' filesystem has no multigrain timestamps here: a fresh image is not opened ahead")
@@ -516,6 +517,9 @@ def test_a_lazy_restore_after_a_dump_uses_the_image_idle_workers_checked(service
     assert status == 200, dumped
     assert json.loads((service.state / "dumps" / "latest.json").read_text()) == {"dir": str(image)}
     assert target.wait_exit(10) is not None, "the original still runs after the dump"
+    # One idle worker opens it (a restore asked for while it does is taken by another, which checks the image
+    # itself); the others let it take the next connection. 0.5 s is ample for the opening of this small image.
+    time.sleep(0.5)
     since = target.log.stat().st_size
     status, r, _ = service.request("POST", "/restore", {"dir": str(image), "lazy": True, "detach": True})
     assert status == 200, r
