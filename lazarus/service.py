@@ -381,7 +381,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                "state": "detached" if f["detach"] else "running", "exit_code": None,
                "seconds": round(r.seconds, 6), "pages_written": r.pages_written,
                "service_seconds": round(t_done - self.t_start, 6),
-               "stops": r.stops, "seeded": r.seeded, "image_ahead": r.image_ahead, "phases": {k: round(v, 6) for k, v in phases.items()}}
+               "stops": r.stops, "seeded": r.seeded, "image_ahead": r.image_ahead,
+               "phases": {k: round(v, 6) for k, v in phases.items()}}
         try:
             _write_json(state / f"{rid}.json", rec)
         except BaseException:
@@ -435,8 +436,8 @@ class _Server(socketserver.UnixStreamServer):
 
 
 class _Pool:
-    """Workers forked ahead of need, each waiting (epoll, service._accept) for one connection: a request wakes a process
-    that is ready (no fork, and no wakeup of the service, on its path). A worker that takes a connection says
+    """Workers forked ahead of need, each waiting (epoll, service._accept) for one connection: a request wakes a
+    process that is ready (no fork, and no wakeup of the service, on its path). A worker that takes a connection says
     so (its pid on a pipe) and the service forks a spare to replace it; a worker that dies idle is replaced too.
     """
 
@@ -676,9 +677,6 @@ def _preopen_recent(state: Path) -> Any:
     return seen_dump
 
 
-_kept_fds: list[int] = []
-
-
 def _accept(sock: socket.socket, state: Path, busy: int, claims: int) -> socket.socket:
     """accept() one connection on the service's socket; while none comes, open ahead the image of each dump
     the service answers (a restore of it asked for next then skips opening and checking it: ~1.5-2.5 ms of
@@ -708,9 +706,8 @@ def _accept(sock: socket.socket, state: Path, busy: int, claims: int) -> socket.
     except BaseException:
         os.close(notes)
         raise
-    # Not closed here: closing an inotify fd that had a watch waits for an SRCU grace period (fsnotify), 13-22
-    # ms measured on the request's path. It is close-on-exec, and closed when this worker exits.
-    _kept_fds.append(notes)
+    # `notes` is not closed here: closing an inotify fd that had a watch waits for an SRCU grace period
+    # (fsnotify), 13-22 ms measured on the request's path. It is close-on-exec, and closed when this worker exits.
     return conn
 
 

@@ -75,12 +75,9 @@ _MULTIGRAIN_FS = frozenset({"ext4", "xfs", "btrfs", "tmpfs"})
 
 def changes_always_seen(path: str) -> bool:
     """Whether any change to a file under `path` made after an os.stat() of it gives it a different ctime."""
-    release = kernel_release().split(".")
-    try:
-        version = (int(release[0]), int("".join(c for c in release[1][:3] if c.isdigit()) or 0))
-    except (IndexError, ValueError):
-        return False
-    if version < (6, 13):
+    import re
+    m = re.match(r"(\d+)\.(\d+)", kernel_release())
+    if m is None or (int(m[1]), int(m[2])) < (6, 13):
         return False
     from lazarus.kernel.procfs import fstype_of
     return fstype_of(path) in _MULTIGRAIN_FS
