@@ -333,11 +333,11 @@ def test_dump_then_restore_through_the_service(service: Service, harness: H.Harn
     status, r, _ = service.request("POST", "/restore", {"dir": str(image), "lazy": mode == "lazy",
                                                         "detach": detach})
     assert status == 200, r
+    harness.register(r["pid"], "restored process")  # first: killed at the end even if an assert below fails
     assert r["pid"] == target.pid and r["lazy"] == (mode == "lazy") and r["detach"] == detach
     # cloned from the worker's seed (restore/seed.py), with the request's phases in order
     assert r["seeded"] is True and r["stops"] > 0, r
     assert 0 < r["phases"]["restore.create"] < r["phases"]["restore.running"] <= r["phases"]["answer"], r
-    harness.register(r["pid"], "restored process")
     restored = H.Target(target.name, r["pid"], target.log, target.exe, None, since, target.args)
     H.wait_restored(restored)
     status, st, _ = service.request("GET", f"/restores/{r['id']}")
@@ -492,8 +492,9 @@ def test_seeded_restore_brings_back_every_signal_action(service: Service, harnes
     since = target.log.stat().st_size
     status, r, _ = service.request("POST", "/restore", {"dir": str(image), "lazy": mode == "lazy",
                                                         "detach": True})
-    assert status == 200 and r["seeded"] is True, r
-    harness.register(r["pid"], "restored process")
+    assert status == 200, r
+    harness.register(r["pid"], "restored process")  # first: killed at the end even if an assert below fails
+    assert r["seeded"] is True, r
     restored = H.Target(target.name, r["pid"], target.log, target.exe, None, since, target.args)
     H.wait_restored(restored)
     H.expect_pass(harness.run_case(case, restored), restored)
@@ -523,8 +524,8 @@ def test_a_lazy_restore_after_a_dump_uses_the_image_idle_workers_checked(service
     since = target.log.stat().st_size
     status, r, _ = service.request("POST", "/restore", {"dir": str(image), "lazy": True, "detach": True})
     assert status == 200, r
+    harness.register(r["pid"], "restored process")  # first: killed at the end even if an assert below fails
     assert r["image_ahead"] is True, r
-    harness.register(r["pid"], "restored process")
     restored = H.Target(target.name, r["pid"], target.log, target.exe, None, since, target.args)
     H.wait_restored(restored)
     H.expect_pass(harness.run_case(case, restored), restored)
