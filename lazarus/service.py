@@ -17,7 +17,10 @@ Process model, and why (docs/SERVICE.md says more):
       |                            restore/seed.py, api.prepare_dump);
       |                            the service forks a new spare once one has answered its request (at once
       |                            when no spare is left), or when one dies idle
-      |-- worker (one connection)  reads the request, checks the peer, does the work, answers, exits
+      |-- worker (one connection)  reads the request, checks the peer, does the work, answers, exits; after a
+      |                            dump it opens and checks the image, answers, and waits for the next
+      |                            connection, first in line (a restore of that image, most often), up to
+      |                            WORKER_REQUESTS requests
             |-- restored process   the worker's child (cloned from the seed with CLONE_PARENT); the worker
             |                      serves its lazy pages (it is a process of its
             |                      own already: no daemon, no handoff), then with detach=false waits for it and
@@ -34,7 +37,8 @@ progress) lives in the state directory, 0700, root's:
     ID.json            the restore's record, rewritten when its process exits (detach=false)
     ID.sock            while its pages are served: a status socket (lazy/daemon.py) answering progress and stats
     ID.stats.json      its lazy transfer's final statistics
-    dumps/latest.json  the directory of the latest dump answered, whose image idle workers open and check ahead
+    dumps/latest.json  the latest dump answered: {dir, opened_by}: its image, and the worker that stayed with it
+                       opened (idle workers leave it the next connection), or null (one of them opens it)
 
 The HTTP layer is the standard library's http.server: requests are tiny and one per connection, parsing them
 costs ~0.15 ms against a restore's milliseconds, and it adds no dependency to a root service (see
@@ -74,6 +78,7 @@ log = getLogger("lazarus.service")
 MAX_BODY = 1 << 20
 REFILL_DELAY = 0.25  # seconds a spare's replacement waits at most for the request it replaces to be answered
 _ANSWERED = 1 << 31  # on the pool's pipe: the worker whose pid this flags has answered its client
+_IDLE_AGAIN = 1 << 30  # on the pool's pipe: the worker whose pid this flags has answered a dump and waits again
 REQUEST_TIMEOUT = 30.0
 # A lazy restore's background copy, and the spare that replaces its worker, wait for the client to close its
 # connection (it has read the answer), this long at most: on two CPUs either would take the CPU the client
@@ -84,6 +89,12 @@ CLIENT_HOLD = 0.02
 # would otherwise prepare while the restore that a client sends right after its dump runs (on two CPUs).
 QUIET = 0.005
 QUIET_MAX = 0.05
+# After a dump whose worker stays for the next request (_Pool._stay), the idle workers leave new connections to it
+# this long: it is back waiting within a millisecond or two of its answer.
+STAY_LEAD = 0.02
+# Requests a worker takes at most: it stays for another only after a dump, so what dumps leave in it (a few MiB of
+# heap after one of 2 GiB) stays bounded, and so does any fault of ours they might leave behind.
+WORKER_REQUESTS = 4
 _ID = re.compile(r"[0-9a-f]{16}")
 _ROUTES = {"/check": ("GET",), "/dump": ("POST",), "/restore": ("POST",), "/images": ("GET",)}
 
@@ -317,6 +328,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise HttpError(405, f"{path} takes {' or '.join(allowed)}, not {self.command}",
                             {"Allow": ", ".join(allowed)})
         query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
+        if path != "/dump":
+            self.server.close_listening()  # only a dump's worker may wait for another request (_Pool._stay)
         if m:
             if not _ID.fullmatch(m.group(1)):
                 raise HttpError(404, f"no restore {m.group(1)[:40]!r}")
@@ -342,10 +355,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         from lazarus.api import dump
         res = dump(f["pid"], _image_dir("dir", f["dir"]), leave_running=f["leave_running"],
                    shell_job=f["shell_job"], sync=f["sync"])
-        # Before the answer: the idle workers open and check this image now (_accept), so that a restore of it
-        # asked for next finds it done.
+        # Before the answer: this worker opens and checks the image and waits for the next request, first in
+        # line (_Pool._stay); or, where it cannot, an idle worker does (_wait). Either way a restore of it asked
+        # for next finds it done.
+        stays = self.server.stay(res.directory)
         with contextlib.suppress(OSError):
-            _write_json(self.server.state_dir / DUMPED, {"dir": str(res.directory)})
+            _write_json(self.server.state_dir / DUMPED, {"dir": str(res.directory),
+                                                         "opened_by": os.getpid() if stays else None})
         return 200, {"pid": res.pid, "dir": str(res.directory), "pages": res.pages,
                      "seconds": round(res.seconds, 6), "left_running": res.left_running}
 
@@ -430,6 +446,9 @@ class _Server(socketserver.UnixStreamServer):
         self.state_dir = state_dir
         self.answered: Callable[[], None] = lambda: None  # a worker tells the pool (_Pool._answered)
         self.replied: Callable[[], None] = lambda: None  # its request is no longer in flight (_Pool._work)
+        self.stay: Callable[[Path], bool] = lambda directory: False  # after a dump (_Pool._stay)
+        # In a worker: let go of the listening socket (the service's own stays open: its warm-up requests)
+        self.close_listening: Callable[[], None] = lambda: None
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.exception("worker failed")
@@ -459,6 +478,8 @@ class _Pool:
         self._busy = os.memfd_create("lazarus-requests", os.MFD_CLOEXEC)
         # The latest dump whose image an idle worker took on to open ahead (service._claim): one does it.
         self._claims = os.memfd_create("lazarus-preopen", os.MFD_CLOEXEC)
+        self._requests = 0  # in a worker: requests taken
+        self._again: Any = None  # in a worker that stays after its dump: its epoll on the listening socket
 
     def fill(self) -> None:
         now = time.monotonic()
@@ -506,23 +527,67 @@ class _Pool:
             # The images of the latest dump and of the lazy restores of late are opened and checked in _accept,
             # and so is that of each dump answered while this worker waits: a lazy restore of one of them
             # (unchanged since) skips that work.
-            conn = _accept(self.server.socket, self.server.state_dir, busy, claims)
-            fcntl.flock(busy, fcntl.LOCK_SH)  # in flight until replied (held against exclusive probes only)
+            conn: socket.socket | None = _accept(self.server.socket, self.server.state_dir, busy, claims)
             self.server.replied = lambda: fcntl.flock(busy, fcntl.LOCK_UN)
-            os.write(self._w, os.getpid().to_bytes(4, "little"))
-            self.server.answered = self._answered
-            self.server.socket.close()
-            try:
-                self.server.finish_request(conn, "")
-                code = 0
-            except Exception:  # noqa: BLE001 - reported, and the worker ends
-                self.server.handle_error(conn, "")
-            finally:
-                self.server.shutdown_request(conn)
-                with contextlib.suppress(Exception):
-                    release_prepared(wait=False)
+            self.server.stay = self._stay
+            self.server.close_listening = self.server.socket.close  # closing twice is harmless
+            while conn is not None:
+                fcntl.flock(busy, fcntl.LOCK_SH)  # in flight until replied (held against exclusive probes only)
+                os.write(self._w, os.getpid().to_bytes(4, "little"))
+                self.server.answered = self._answered
+                self._requests += 1
+                code = 1
+                try:
+                    self.server.finish_request(conn, "")
+                    code = 0
+                except Exception:  # noqa: BLE001 - reported, and the worker ends
+                    self.server.handle_error(conn, "")
+                finally:
+                    self.server.shutdown_request(conn)
+                conn = self._next_request()
+            self.server.close_listening()
+            with contextlib.suppress(Exception):
+                release_prepared(wait=False)
         finally:
             os._exit(code)
+
+    def _stay(self, directory: Path) -> bool:
+        """In a worker that has just dumped into `directory`, before its answer: whether it stays for one more
+        request, first in line for it, with the image opened and checked (a restore of it is what a client asks
+        for next, most often). The spare that would have replaced it is not forked, and the restore waits
+        neither for another worker opening the image nor for one being forked and prepared (on two CPUs, the
+        largest part of its wait). Not after WORKER_REQUESTS requests, nor with a thread left (a restore forks)."""
+        import threading
+        if self._requests >= WORKER_REQUESTS or threading.active_count() > 1 or self.server.socket.fileno() < 0:
+            return False
+        from lazarus.api import preopen_image
+        if not preopen_image(directory):
+            return False
+        # Registered before the dump is announced: the idle workers, seeing it (_wait), register again,
+        # behind this one, so a connection wakes this one first (the socket's exclusive waiters are woken in
+        # the order they registered).
+        ep = select.epoll(1)
+        ep.register(self.server.socket.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        self._again = ep
+        self.server.answered = self._idle_again
+        return True
+
+    def _idle_again(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._w, (os.getpid() | _IDLE_AGAIN).to_bytes(4, "little"))
+
+    def _next_request(self) -> socket.socket | None:
+        """The next connection, for a worker that stays after its dump (_stay); else None."""
+        ep, self._again = self._again, None
+        if ep is None:
+            return None
+        try:
+            while True:
+                ep.poll()
+                with contextlib.suppress(BlockingIOError):  # another worker woken with this one took it
+                    return _accepted(self.server.socket)
+        finally:
+            ep.close()
 
     def _answered(self) -> None:
         """In a worker: its client has the answer (the service may fork a spare now)."""
@@ -545,6 +610,13 @@ class _Pool:
                 pid = int.from_bytes(data[i:i + 4], "little")
                 if pid & _ANSWERED:
                     self.answering.pop(pid & ~_ANSWERED, None)
+                    continue
+                if pid & _IDLE_AGAIN:
+                    pid &= ~_IDLE_AGAIN
+                    self.answering.pop(pid, None)
+                    if pid in self.busy:  # not if it has ended and been reaped meanwhile
+                        self.busy.discard(pid)
+                        self.idle.add(pid)
                     continue
                 self.idle.discard(pid)
                 self.busy.add(pid)
@@ -638,22 +710,24 @@ DUMPS = "dumps"
 DUMPED = f"{DUMPS}/latest.json"
 
 
-def _dumped_dir(state: Path) -> tuple[str | None, Any]:
-    """(the latest dump's image directory, what identifies that record) from the state directory."""
+def _dumped_dir(state: Path) -> tuple[str | None, Any, bool]:
+    """(the latest dump's image directory, what identifies that record, whether its own worker opened it) from
+    the state directory."""
     try:
         path = state / DUMPED
         st = os.stat(path)
-        d = json.loads(path.read_text()).get("dir")
+        rec = json.loads(path.read_text())
+        d, by = rec.get("dir"), rec.get("opened_by")
     except (OSError, ValueError, AttributeError):
-        return None, None
-    return (d if isinstance(d, str) and d.startswith("/") else None), (st.st_ino, st.st_mtime_ns)
+        return None, None, False
+    return (d if isinstance(d, str) and d.startswith("/") else None), (st.st_ino, st.st_mtime_ns), by is not None
 
 
 def _preopen_recent(state: Path) -> Any:
     """Open ahead the image directory of the latest dump, and those of the latest lazy restores recorded in the
     state directory; returns what identifies the dump record seen (for _accept)."""
     from lazarus.api import preopen_image
-    dumped, seen_dump = _dumped_dir(state)
+    dumped, seen_dump, _ = _dumped_dir(state)
     with os.scandir(state) as it:
         recs = [(e.stat().st_mtime_ns, e.path) for e in it if e.name.endswith(".json")
                 and _ID.fullmatch(e.name[:-5])]
@@ -678,11 +752,13 @@ def _preopen_recent(state: Path) -> Any:
 
 
 def _accept(sock: socket.socket, state: Path, busy: int, claims: int) -> socket.socket:
-    """accept() one connection on the service's socket; while none comes, open ahead the image of each dump
-    the service answers (a restore of it asked for next then skips opening and checking it: ~1.5-2.5 ms of
-    its path in a fresh worker). An idle worker is woken by one or the other: inotify (on the state directory's
-    dumps/), and the listening socket with EPOLLEXCLUSIVE (a connection wakes one waiting worker, or a few:
-    the socket does not block, and those that find the connection taken wait again).
+    """accept() one connection on the service's socket; while none comes, see to the image of each dump the
+    service answers (a restore of it asked for next then skips opening and checking it: ~1.5-2.5 ms of its
+    path in a fresh worker): where the dump's own worker stayed with it opened (_Pool._stay), step aside for
+    STAY_LEAD so that it takes the next connection; else open it ahead (one idle worker does). An idle worker
+    is woken by one or the other: inotify (on the state directory's dumps/), and the listening socket with
+    EPOLLEXCLUSIVE (a connection wakes one waiting worker, or a few: the socket does not block, and those that
+    find the connection taken wait again).
     While it opens one, the worker holds its lock on `busy` as a request does: a new spare does not prepare
     meanwhile (_wait_quiet), as it would not while the dump was answered nor while the restore that follows is."""
     # Watched first: a dump answered while the recent ones are opened is seen after.
@@ -734,26 +810,41 @@ def _claim(claims: int, ident: Any) -> bool:
 def _wait(sock: socket.socket, state: Path, busy: int, claims: int, notes: int, seen: Any) -> socket.socket:
     ep = select.epoll(2)
     listening = select.EPOLLIN | select.EPOLLEXCLUSIVE
+    aside_until = None  # while set, this worker leaves connections to a dump's worker that stays (_Pool._stay)
     try:
         ep.register(sock.fileno(), listening)
         ep.register(notes, select.EPOLLIN)
         while True:
-            ready = {fd for fd, _ in ep.poll()}
+            timeout = -1.0 if aside_until is None else max(0.0, aside_until - time.monotonic())
+            ready = {fd for fd, _ in ep.poll(timeout)}
+            if aside_until is not None and time.monotonic() >= aside_until:
+                aside_until = None
+                ep.register(sock.fileno(), listening)  # a connection waiting meanwhile wakes it at once
             if notes in ready:
                 with contextlib.suppress(BlockingIOError):
                     while os.read(notes, 4096):
                         pass
-                dumped, ident = _dumped_dir(state)
+                dumped, ident, opened = _dumped_dir(state)
                 if dumped is not None and ident != seen:
                     seen = ident
+                    if opened:
+                        # The dump's worker opened its image and waits for the next request, registered on the
+                        # socket before this one. Were this one to stay there, a connection made while that
+                        # worker is not yet back in epoll_wait (it is answering; a wakeup of the service may
+                        # preempt it) would come here. Stepping aside for a moment, it does not.
+                        if aside_until is None:
+                            ep.unregister(sock.fileno())
+                        aside_until = time.monotonic() + STAY_LEAD
+                        continue
                     if not _claim(claims, ident):
                         # Another idle worker opens it. Registered again, this one goes to the back of the
                         # socket's queue of exclusive waiters, which a connection wakes from the front, skipping
                         # a worker not waiting: a restore asked for meanwhile is taken here at once (its image
                         # checked on its way, as without any of this), and one asked for after goes to the
                         # worker that opened it.
-                        ep.unregister(sock.fileno())
-                        ep.register(sock.fileno(), listening)
+                        if aside_until is None:
+                            ep.unregister(sock.fileno())
+                            ep.register(sock.fileno(), listening)
                         continue
                     from lazarus.api import preopen_image
                     fcntl.flock(busy, fcntl.LOCK_SH)
