@@ -37,8 +37,8 @@ progress) lives in the state directory, 0700, root's:
     ID.json            the restore's record, rewritten when its process exits (detach=false)
     ID.sock            while its pages are served: a status socket (lazy/daemon.py) answering progress and stats
     ID.stats.json      its lazy transfer's final statistics
-    dumps/latest.json  the latest dump answered: {dir, opened_by}: its image, and the worker that stayed with it
-                       opened (idle workers leave it the next connection), or null (one of them opens it)
+
+(The latest dump answered is told to idle workers through the pool's memfd and eventfd, not a file: _announce.)
 
 The HTTP layer is the standard library's http.server: requests are tiny and one per connection, parsing them
 costs ~0.15 ms against a restore's milliseconds, and it adds no dependency to a root service (see
@@ -358,10 +358,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         # Before the answer: this worker opens and checks the image and waits for the next request, first in
         # line (_Pool._stay); or, where it cannot, an idle worker does (_wait). Either way a restore of it asked
         # for next finds it done.
-        stays = self.server.stay(res.directory)
-        with contextlib.suppress(OSError):
-            _write_json(self.server.state_dir / DUMPED, {"dir": str(res.directory),
-                                                         "opened_by": os.getpid() if stays else None})
+        self.server.dumped(res.directory)
         return 200, {"pid": res.pid, "dir": str(res.directory), "pages": res.pages,
                      "seconds": round(res.seconds, 6), "left_running": res.left_running}
 
@@ -446,7 +443,7 @@ class _Server(socketserver.UnixStreamServer):
         self.state_dir = state_dir
         self.answered: Callable[[], None] = lambda: None  # a worker tells the pool (_Pool._answered)
         self.replied: Callable[[], None] = lambda: None  # its request is no longer in flight (_Pool._work)
-        self.stay: Callable[[Path], bool] = lambda directory: False  # after a dump (_Pool._stay)
+        self.dumped: Callable[[Path], None] = lambda directory: None  # after a dump (_Pool._dumped)
         # In a worker: let go of the listening socket (the service's own stays open: its warm-up requests)
         self.close_listening: Callable[[], None] = lambda: None
 
@@ -476,8 +473,13 @@ class _Pool:
         # answer; a new spare waits until an exclusive one is free (QUIET). Each worker opens the memfd again
         # (its own open file description: flock() locks belong to those).
         self._busy = os.memfd_create("lazarus-requests", os.MFD_CLOEXEC)
-        # The latest dump whose image an idle worker took on to open ahead (service._claim): one does it.
-        self._claims = os.memfd_create("lazarus-preopen", os.MFD_CLOEXEC)
+        # The latest dump answered, told to the idle workers (_announce): its directory, whether its worker
+        # stays with its image opened, and which idle worker took on to open it otherwise (_claim); and an eventfd
+        # written at each, which wakes every idle worker (each has it in its epoll, edge-triggered). Not a file in
+        # the state directory: creating or renaming one on ext4 right after a large dump (its page data still
+        # dirty) waited for the journal, 0.25-0.85 s on the dump's answer here.
+        self._dumps = os.memfd_create("lazarus-dumps", os.MFD_CLOEXEC)
+        self._dumped = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._requests = 0  # in a worker: requests taken
         self._again: Any = None  # in a worker that stays after its dump: its epoll on the listening socket
 
@@ -504,8 +506,9 @@ class _Pool:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             busy = os.open(f"/proc/self/fd/{self._busy}", os.O_RDWR | os.O_CLOEXEC)
             os.close(self._busy)
-            claims = os.open(f"/proc/self/fd/{self._claims}", os.O_RDWR | os.O_CLOEXEC)
-            os.close(self._claims)
+            dumps = os.open(f"/proc/self/fd/{self._dumps}", os.O_RDWR | os.O_CLOEXEC)
+            os.close(self._dumps)
+            self._dumps = dumps
             _wait_quiet(busy)
             # What a restore would fork on its way (the lazy server's guard, the seed its process is cloned
             # from), forked now, while the worker waits: a restore request then forks nothing of ours.
@@ -527,9 +530,10 @@ class _Pool:
             # The images of the latest dump and of the lazy restores of late are opened and checked in _accept,
             # and so is that of each dump answered while this worker waits: a lazy restore of one of them
             # (unchanged since) skips that work.
-            conn: socket.socket | None = _accept(self.server.socket, self.server.state_dir, busy, claims)
+            conn: socket.socket | None = _accept(self.server.socket, self.server.state_dir, busy, dumps,
+                                                 self._dumped)
             self.server.replied = lambda: fcntl.flock(busy, fcntl.LOCK_UN)
-            self.server.stay = self._stay
+            self.server.dumped = self._dumped_into
             self.server.close_listening = self.server.socket.close  # closing twice is harmless
             while conn is not None:
                 fcntl.flock(busy, fcntl.LOCK_SH)  # in flight until replied (held against exclusive probes only)
@@ -551,6 +555,13 @@ class _Pool:
         finally:
             os._exit(code)
 
+    def _dumped_into(self, directory: Path) -> None:
+        """In a worker, a dump into `directory` done: stay with its image opened if it can (_stay), and tell the
+        idle workers, before the answer."""
+        stays = self._stay(directory)
+        with contextlib.suppress(OSError):
+            _announce(self._dumps, self._dumped, str(directory), os.getpid() if stays else None)
+
     def _stay(self, directory: Path) -> bool:
         """In a worker that has just dumped into `directory`, before its answer: whether it stays for one more
         request, first in line for it, with the image opened and checked (a restore of it is what a client asks
@@ -566,9 +577,9 @@ class _Pool:
         # What the dump made and kept is never collected: a full collection (~1 ms after a 4 GiB dump) does not
         # fall in the next request, and the objects' pages are not written again.
         gc.freeze()
-        # Registered before the dump is announced: the idle workers, seeing it (_wait), register again,
-        # behind this one, so a connection wakes this one first (the socket's exclusive waiters are woken in
-        # the order they registered).
+        # Registered before the dump is announced: the idle workers, seeing it (_wait), step aside and register
+        # again, behind this one, so a connection wakes this one first (the socket's exclusive waiters are woken
+        # in the order they registered).
         ep = select.epoll(1)
         ep.register(self.server.socket.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
         self._again = ep
@@ -657,7 +668,7 @@ class _Pool:
         for pid in self.idle:
             _kill_idle(pid)
         self.idle.clear()
-        for fd in (self._r, self._w, self._wake_r, self.wakeup_w, self._busy, self._claims):
+        for fd in (self._r, self._w, self._wake_r, self.wakeup_w, self._busy, self._dumps, self._dumped):
             os.close(fd)
 
 
@@ -707,30 +718,62 @@ def _kill_idle(pid: int) -> None:
 
 PREOPEN_IMAGES = 2  # distinct image directories of the latest lazy restores that an idle worker opens ahead
 _PREOPEN_RECORDS = 16  # records looked at for them
-# In the state directory: {dir} of the latest dump answered (its image complete and checked). A directory of its
-# own, watched by idle workers: the restores' records written beside it do not wake them.
-DUMPS = "dumps"
-DUMPED = f"{DUMPS}/latest.json"
-
-
-def _dumped_dir(state: Path) -> tuple[str | None, Any, bool]:
-    """(the latest dump's image directory, what identifies that record, whether its own worker opened it) from
-    the state directory."""
+def _announce(dumps: int, dumped: int, directory: str, opened_by: int | None) -> None:
+    """Tell the idle workers of a dump into `directory` just answered (`opened_by`: the pid of its worker, which
+    stays with the image opened, or None): written into the pool's memfd `dumps`, and the eventfd `dumped`
+    written, which wakes them all."""
+    fcntl.flock(dumps, fcntl.LOCK_EX)
     try:
-        path = state / DUMPED
-        st = os.stat(path)
-        rec = json.loads(path.read_text())
-        d, by = rec.get("dir"), rec.get("opened_by")
-    except (OSError, ValueError, AttributeError):
-        return None, None, False
-    return (d if isinstance(d, str) and d.startswith("/") else None), (st.st_ino, st.st_mtime_ns), by is not None
+        seq = _read_dump(dumps).get("seq", 0) + 1
+        data = json.dumps({"seq": seq, "dir": directory, "opened_by": opened_by, "claimed_by": None}).encode()
+        os.ftruncate(dumps, 0)
+        os.pwrite(dumps, data, 0)
+    finally:
+        fcntl.flock(dumps, fcntl.LOCK_UN)
+    os.eventfd_write(dumped, 1)
 
 
-def _preopen_recent(state: Path) -> Any:
+def _read_dump(dumps: int) -> dict[str, Any]:
+    try:
+        rec = json.loads(os.pread(dumps, 1 << 16, 0) or b"{}")
+    except ValueError:
+        return {}
+    return rec if isinstance(rec, dict) and isinstance(rec.get("seq", 0), int) else {}
+
+
+def _latest_dump(dumps: int) -> dict[str, Any]:
+    """The latest dump announced ({seq, dir, opened_by, claimed_by}), or {}."""
+    fcntl.flock(dumps, fcntl.LOCK_SH)
+    try:
+        rec = _read_dump(dumps)
+    finally:
+        fcntl.flock(dumps, fcntl.LOCK_UN)
+    d = rec.get("dir")
+    return rec if isinstance(d, str) and d.startswith("/") else {}
+
+
+def _claim(dumps: int, seq: int) -> bool:
+    """Whether this worker is the one to open the image of the dump `seq` ahead (the first to ask)."""
+    fcntl.flock(dumps, fcntl.LOCK_EX)
+    try:
+        rec = _read_dump(dumps)
+        if rec.get("seq") != seq or rec.get("claimed_by") is not None:
+            return False
+        rec["claimed_by"] = os.getpid()
+        data = json.dumps(rec).encode()
+        os.ftruncate(dumps, 0)
+        os.pwrite(dumps, data, 0)
+        return True
+    finally:
+        fcntl.flock(dumps, fcntl.LOCK_UN)
+
+
+def _preopen_recent(state: Path, dumps: int) -> int:
     """Open ahead the image directory of the latest dump, and those of the latest lazy restores recorded in the
-    state directory; returns what identifies the dump record seen (for _accept)."""
+    state directory; returns the latest dump's number (for _accept)."""
     from lazarus.api import preopen_image
-    dumped, seen_dump, _ = _dumped_dir(state)
+    latest = _latest_dump(dumps)
+    dumped = latest.get("dir")
     with os.scandir(state) as it:
         recs = [(e.stat().st_mtime_ns, e.path) for e in it if e.name.endswith(".json")
                 and _ID.fullmatch(e.name[:-5])]
@@ -751,86 +794,41 @@ def _preopen_recent(state: Path) -> Any:
         preopen_image(d)
     if dumped is not None:
         preopen_image(dumped)
-    return seen_dump
+    return int(latest.get("seq", 0))
 
 
-def _accept(sock: socket.socket, state: Path, busy: int, claims: int) -> socket.socket:
+def _accept(sock: socket.socket, state: Path, busy: int, dumps: int, dumped: int) -> socket.socket:
     """accept() one connection on the service's socket; while none comes, see to the image of each dump the
     service answers (a restore of it asked for next then skips opening and checking it: ~1.5-2.5 ms of its
     path in a fresh worker): where the dump's own worker stayed with it opened (_Pool._stay), step aside for
     STAY_LEAD so that it takes the next connection; else open it ahead (one idle worker does). An idle worker
-    is woken by one or the other: inotify (on the state directory's dumps/), and the listening socket with
+    is woken by one or the other: the pool's eventfd `dumped` (_announce), and the listening socket with
     EPOLLEXCLUSIVE (a connection wakes one waiting worker, or a few: the socket does not block, and those that
     find the connection taken wait again).
     While it opens one, the worker holds its lock on `busy` as a request does: a new spare does not prepare
     meanwhile (_wait_quiet), as it would not while the dump was answered nor while the restore that follows is."""
-    # Watched first: a dump answered while the recent ones are opened is seen after.
-    try:
-        from lazarus.kernel import abi
-        from lazarus.kernel.syscall import watch_directory
-        notes = watch_directory(str(state / DUMPS), abi.IN_MOVED_TO)
-    except LazarusError as e:
-        log.warning("worker %d: dumps' images will not be opened ahead: %s", os.getpid(), e)
-        notes = -1
-    seen = None
+    seen = 0
     with contextlib.suppress(Exception):
-        seen = _preopen_recent(state)
-    if notes < 0:
-        while True:
-            select.select([sock], [], [])
-            with contextlib.suppress(BlockingIOError):
-                return _accepted(sock)
-    try:
-        conn = _wait(sock, state, busy, claims, notes, seen)
-    except BaseException:
-        os.close(notes)
-        raise
-    # `notes` is not closed here: closing an inotify fd that had a watch waits for an SRCU grace period
-    # (fsnotify), 13-22 ms measured on the request's path. It is close-on-exec, and closed when this worker exits.
-    return conn
-
-
-def _accepted(sock: socket.socket) -> socket.socket:
-    conn = sock.accept()[0]
-    conn.setblocking(True)
-    return conn
-
-
-def _claim(claims: int, ident: Any) -> bool:
-    """Whether this worker is the one to open the image of the dump `ident` ahead (the first to ask)."""
-    mark = repr(ident).encode()
-    fcntl.flock(claims, fcntl.LOCK_EX)
-    try:
-        if os.pread(claims, len(mark) + 1, 0) == mark:
-            return False
-        os.ftruncate(claims, 0)
-        os.pwrite(claims, mark, 0)
-        return True
-    finally:
-        fcntl.flock(claims, fcntl.LOCK_UN)
-
-
-def _wait(sock: socket.socket, state: Path, busy: int, claims: int, notes: int, seen: Any) -> socket.socket:
+        seen = _preopen_recent(state, dumps)
     ep = select.epoll(2)
     listening = select.EPOLLIN | select.EPOLLEXCLUSIVE
     aside_until = None  # while set, this worker leaves connections to a dump's worker that stays (_Pool._stay)
     try:
         ep.register(sock.fileno(), listening)
-        ep.register(notes, select.EPOLLIN)
+        # Edge-triggered: each write wakes every idle worker once, and none has to read it.
+        ep.register(dumped, select.EPOLLIN | select.EPOLLET)
         while True:
             timeout = -1.0 if aside_until is None else max(0.0, aside_until - time.monotonic())
             ready = {fd for fd, _ in ep.poll(timeout)}
             if aside_until is not None and time.monotonic() >= aside_until:
                 aside_until = None
                 ep.register(sock.fileno(), listening)  # a connection waiting meanwhile wakes it at once
-            if notes in ready:
-                with contextlib.suppress(BlockingIOError):
-                    while os.read(notes, 4096):
-                        pass
-                dumped, ident, opened = _dumped_dir(state)
-                if dumped is not None and ident != seen:
-                    seen = ident
-                    if opened:
+            if dumped in ready:
+                latest = _latest_dump(dumps)
+                seq = int(latest.get("seq", 0))
+                if latest and seq != seen:
+                    seen = seq
+                    if latest.get("opened_by") is not None:
                         # The dump's worker opened its image and waits for the next request, registered on the
                         # socket before this one. Were this one to stay there, a connection made while that
                         # worker is not yet back in epoll_wait (it is answering; a wakeup of the service may
@@ -839,7 +837,7 @@ def _wait(sock: socket.socket, state: Path, busy: int, claims: int, notes: int, 
                             ep.unregister(sock.fileno())
                         aside_until = time.monotonic() + STAY_LEAD
                         continue
-                    if not _claim(claims, ident):
+                    if not _claim(dumps, seq):
                         # Another idle worker opens it. Registered again, this one goes to the back of the
                         # socket's queue of exclusive waiters, which a connection wakes from the front, skipping
                         # a worker not waiting: a restore asked for meanwhile is taken here at once (its image
@@ -853,7 +851,7 @@ def _wait(sock: socket.socket, state: Path, busy: int, claims: int, notes: int, 
                     fcntl.flock(busy, fcntl.LOCK_SH)
                     try:
                         with contextlib.suppress(Exception):
-                            preopen_image(dumped)
+                            preopen_image(latest["dir"])
                     finally:
                         fcntl.flock(busy, fcntl.LOCK_UN)
                     continue  # a connection that came meanwhile is still there to take
@@ -862,6 +860,12 @@ def _wait(sock: socket.socket, state: Path, busy: int, claims: int, notes: int, 
                     return _accepted(sock)
     finally:
         ep.close()
+
+
+def _accepted(sock: socket.socket) -> socket.socket:
+    conn = sock.accept()[0]
+    conn.setblocking(True)
+    return conn
 
 
 def systemd_socket() -> socket.socket | None:
@@ -974,7 +978,6 @@ def serve(socket_path: Path | None, *, state_dir: Path | None = None, spares: in
             from lazarus.lazy.trust import open_checked_dir
             state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.close(open_checked_dir(state_dir))  # status sockets are made there: root's, not writable by others
-        (state_dir / DUMPS).mkdir(mode=0o700, exist_ok=True)
         warm_up()
         server = _Server(sock, state_dir)
         _warm_requests(server)

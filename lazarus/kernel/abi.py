@@ -621,7 +621,6 @@ TFD_TIMER_ABSTIME, TFD_TIMER_CANCEL_ON_SET = 1, 2  # include/uapi/linux/timerfd.
 TFD_IOC_SET_TICKS = _IOC(_IOC_WRITE, ord("T"), 0, 8)  # include/uapi/linux/timerfd.h: _IOW('T', 0, __u64)
 EPOLL_CTL_ADD = 1  # include/uapi/linux/eventpoll.h
 IN_ATTRIB = 0x4  # include/uapi/linux/inotify.h
-IN_MOVED_TO = 0x80
 KCMP_EPOLL_TFD = 7  # include/uapi/linux/kcmp.h
 AF_UNIX = 1  # include/linux/socket.h
 SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET = 1, 2, 5  # include/linux/net.h

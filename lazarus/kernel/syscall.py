@@ -72,16 +72,6 @@ def buffer_address(buf: object) -> int:
     return C.addressof(C.c_char.from_buffer(buf))  # type: ignore[arg-type]
 
 
-def watch_directory(path: str, mask: int) -> int:
-    """An inotify fd (non-blocking, close-on-exec) watching the directory `path` for the events in `mask`."""
-    fd = syscall(SYS.inotify_init1, os.O_NONBLOCK | os.O_CLOEXEC, what="inotify_init1")
-    ret, err = raw_syscall(SYS.inotify_add_watch, fd, os.fsencode(path), mask)
-    if ret == -1:
-        os.close(fd)
-        raise error(f"inotify_add_watch on {path}", err, path=path)
-    return fd
-
-
 def map_file_at(addr: int, length: int, fd: int) -> None:
     """Map `length` bytes of file `fd` from its start over [addr, addr+length), which the caller owns (a part of
     a larger mapping of its own): MAP_PRIVATE | MAP_FIXED, read and write (never written: see images.PageFile).
