@@ -489,13 +489,8 @@ def test_seeded_restore_brings_back_every_signal_action(service: Service, harnes
     status, dumped, _ = service.request("POST", "/dump", {"pid": target.pid, "dir": str(image)})
     assert status == 200, dumped
     assert target.wait_exit(10) is not None, "the original still runs after the dump"
-    since = target.log.stat().st_size
-    status, r, _ = service.request("POST", "/restore", {"dir": str(image), "lazy": mode == "lazy",
-                                                        "detach": True})
-    assert status == 200, r
-    harness.register(r["pid"], "restored process")  # first: killed at the end even if an assert below fails
+    r, restored = _restore_through(service, harness, target, image, lazy=mode == "lazy", detach=True)
     assert r["seeded"] is True, r
-    restored = H.Target(target.name, r["pid"], target.log, target.exe, None, since, target.args)
     H.wait_restored(restored)
     H.expect_pass(harness.run_case(case, restored), restored)
     assert restored.wait_exit(15) == 0, restored.describe()
@@ -513,6 +508,18 @@ def _ppid(pid: int) -> int:
         if line.startswith("PPid:"):
             return int(line.split()[1])
     raise AssertionError(f"no PPid in /proc/{pid}/status")
+
+
+def _restore_through(service: Service, harness: H.Harness, target: H.Target, image: Path,
+                     **fields: Any) -> tuple[dict[str, Any], H.Target]:
+    """POST /restore of `image` (the dump of `target`) with `fields`: the answer, and the restored process,
+    registered with the harness before anything is asserted on the answer (killed at the end even if an assert
+    fails)."""
+    since = target.log.stat().st_size
+    status, r, _ = service.request("POST", "/restore", {"dir": str(image), **fields})
+    assert status == 200, r
+    harness.register(r["pid"], "restored process")
+    return r, H.Target(target.name, r["pid"], target.log, target.exe, None, since, target.args)
 
 
 def test_the_dumps_worker_stays_and_serves_the_restore_that_follows(service: Service, harness: H.Harness) -> None:
@@ -535,13 +542,9 @@ def test_the_dumps_worker_stays_and_serves_the_restore_that_follows(service: Ser
     # ended, the service would have forked another).
     time.sleep(max(0.5, 10 * STAY_LEAD))
     assert _service_children(service) == workers, "a worker was replaced after the dump"
-    since = target.log.stat().st_size
-    status, r, _ = service.request("POST", "/restore", {"dir": str(image), "lazy": True, "detach": False})
-    assert status == 200, r
-    harness.register(r["pid"], "restored process")  # first: killed at the end even if an assert below fails
+    r, restored = _restore_through(service, harness, target, image, lazy=True, detach=False)
     assert r["image_ahead"] is True, r
     assert _ppid(r["pid"]) in workers, "restored by a worker forked after the dump"
-    restored = H.Target(target.name, r["pid"], target.log, target.exe, None, since, target.args)
     H.wait_restored(restored)
     H.expect_pass(harness.run_case(case, restored), restored)
     final = _wait_state(service, r["id"], "exited")
@@ -589,13 +592,8 @@ def test_after_its_last_request_a_dumps_image_is_opened_by_an_idle_worker(servic
     # One idle worker opens its image (a restore asked for while it does is taken by another, which checks the
     # image itself); the others let it take the next connection. 0.5 s is ample for this small image.
     time.sleep(0.5)
-    target = targets[-1]
-    since = target.log.stat().st_size
-    status, r, _ = service.request("POST", "/restore", {"dir": str(image), "lazy": True, "detach": True})
-    assert status == 200, r
-    harness.register(r["pid"], "restored process")
+    r, restored = _restore_through(service, harness, targets[-1], image, lazy=True, detach=True)
     assert r["image_ahead"] is True, r
-    restored = H.Target(target.name, r["pid"], target.log, target.exe, None, since, target.args)
     H.wait_restored(restored)
     H.expect_pass(harness.run_case(case, restored), restored)
     assert restored.wait_exit(15) == 0, restored.describe()
