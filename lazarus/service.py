@@ -79,6 +79,7 @@ MAX_BODY = 1 << 20
 REFILL_DELAY = 0.25  # seconds a spare's replacement waits at most for the request it replaces to be answered
 _ANSWERED = 1 << 31  # on the pool's pipe: the worker whose pid this flags has answered its client
 _IDLE_AGAIN = 1 << 30  # on the pool's pipe: the worker whose pid this flags has answered a dump and waits again
+_DUMPING = 1 << 29  # on the pool's pipe: the worker whose pid this flags dumps (it may well wait again after)
 REQUEST_TIMEOUT = 30.0
 # A lazy restore's background copy, and the spare that replaces its worker, wait for the client to close its
 # connection (it has read the answer), this long at most: on two CPUs either would take the CPU the client
@@ -353,6 +354,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if f["pid"] <= 0:
             raise HttpError(400, f"field 'pid' must be positive, not {f['pid']}")
         from lazarus.api import dump
+        self.server.dumping()
         res = dump(f["pid"], _image_dir("dir", f["dir"]), leave_running=f["leave_running"],
                    shell_job=f["shell_job"], sync=f["sync"])
         # Before the answer: this worker opens and checks the image and waits for the next request, first in
@@ -443,7 +445,8 @@ class _Server(socketserver.UnixStreamServer):
         self.state_dir = state_dir
         self.answered: Callable[[], None] = lambda: None  # a worker tells the pool (_Pool._answered)
         self.replied: Callable[[], None] = lambda: None  # its request is no longer in flight (_Pool._work)
-        self.dumped: Callable[[Path], None] = lambda directory: None  # after a dump (_Pool._dumped)
+        self.dumping: Callable[[], None] = lambda: None  # a dump begins (_Pool._dumping)
+        self.dumped: Callable[[Path], None] = lambda directory: None  # after a dump (_Pool._dumped_into)
         # In a worker: let go of the listening socket (the service's own stays open: its warm-up requests)
         self.close_listening: Callable[[], None] = lambda: None
 
@@ -533,25 +536,28 @@ class _Pool:
             conn: socket.socket | None = _accept(self.server.socket, self.server.state_dir, busy, dumps,
                                                  self._dumped)
             self.server.replied = lambda: fcntl.flock(busy, fcntl.LOCK_UN)
+            self.server.dumping = self._dumping
             self.server.dumped = self._dumped_into
             self.server.close_listening = self.server.socket.close  # closing twice is harmless
-            while conn is not None:
-                fcntl.flock(busy, fcntl.LOCK_SH)  # in flight until replied (held against exclusive probes only)
-                os.write(self._w, os.getpid().to_bytes(4, "little"))
-                self.server.answered = self._answered
-                self._requests += 1
-                code = 1
-                try:
-                    self.server.finish_request(conn, "")
-                    code = 0
-                except Exception:  # noqa: BLE001 - reported, and the worker ends
-                    self.server.handle_error(conn, "")
-                finally:
-                    self.server.shutdown_request(conn)
-                conn = self._next_request()
-            self.server.close_listening()
-            with contextlib.suppress(Exception):
-                release_prepared(wait=False)
+            try:
+                while conn is not None:
+                    fcntl.flock(busy, fcntl.LOCK_SH)  # in flight until replied (held against exclusive probes)
+                    os.write(self._w, os.getpid().to_bytes(4, "little"))
+                    self.server.answered = self._answered
+                    self._requests += 1
+                    code = 1
+                    try:
+                        self.server.finish_request(conn, "")
+                        code = 0
+                    except Exception:  # noqa: BLE001 - reported, and the worker ends
+                        self.server.handle_error(conn, "")
+                    finally:
+                        self.server.shutdown_request(conn)
+                    conn = self._next_request()
+            finally:
+                self.server.close_listening()
+                with contextlib.suppress(Exception):
+                    release_prepared(wait=False)
         finally:
             os._exit(code)
 
@@ -572,19 +578,32 @@ class _Pool:
         if self._requests >= WORKER_REQUESTS or threading.active_count() > 1 or self.server.socket.fileno() < 0:
             return False
         from lazarus.api import preopen_image
-        if not preopen_image(directory):
+        ep = None
+        try:
+            if not preopen_image(directory):
+                return False
+            # What the dump made and kept is never collected: a full collection (~1 ms after a 4 GiB dump) does
+            # not fall in the next request, and the objects' pages are not written again.
+            gc.freeze()
+            # Registered before the dump is announced: the idle workers, seeing it (_accept), step aside and
+            # register again, behind this one, so a connection wakes this one first (the socket's exclusive
+            # waiters are woken in the order they registered).
+            ep = select.epoll(1)
+            ep.register(self.server.socket.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        except Exception:  # noqa: BLE001 - the dump is done: its answer must not fail for this
+            log.exception("worker %d: not staying after the dump", os.getpid())
+            if ep is not None:
+                ep.close()
             return False
-        # What the dump made and kept is never collected: a full collection (~1 ms after a 4 GiB dump) does not
-        # fall in the next request, and the objects' pages are not written again.
-        gc.freeze()
-        # Registered before the dump is announced: the idle workers, seeing it (_wait), step aside and register
-        # again, behind this one, so a connection wakes this one first (the socket's exclusive waiters are woken
-        # in the order they registered).
-        ep = select.epoll(1)
-        ep.register(self.server.socket.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
         self._again = ep
         self.server.answered = self._idle_again
         return True
+
+    def _dumping(self) -> None:
+        """In a worker: it dumps. The pool keeps its replacement back even past REFILL_DELAY: the worker most
+        often stays (_stay), and a spare forked meanwhile would be one too many."""
+        with contextlib.suppress(OSError):
+            os.write(self._w, (os.getpid() | _DUMPING).to_bytes(4, "little"))
 
     def _idle_again(self) -> None:
         with contextlib.suppress(OSError):
@@ -600,6 +619,9 @@ class _Pool:
                 ep.poll()
                 with contextlib.suppress(BlockingIOError):  # another worker woken with this one took it
                     return _accepted(self.server.socket)
+        except OSError as e:  # EMFILE, ...: this worker ends (and the pool replaces it)
+            log.warning("worker %d: no next request: %s", os.getpid(), e)
+            return None
         finally:
             ep.close()
 
@@ -625,6 +647,11 @@ class _Pool:
                 if pid & _ANSWERED:
                     self.answering.pop(pid & ~_ANSWERED, None)
                     continue
+                if pid & _DUMPING:
+                    pid &= ~_DUMPING
+                    if pid in self.answering:
+                        self.answering[pid] = float("inf")  # never due (fill): it answers, or ends
+                    continue
                 if pid & _IDLE_AGAIN:
                     pid &= ~_IDLE_AGAIN
                     self.answering.pop(pid, None)
@@ -638,9 +665,10 @@ class _Pool:
 
     def timeout(self) -> float:
         """How long the service may sleep: until the first replacement held back for an answer is due."""
-        if not self.answering:
+        due = [since for since in self.answering.values() if since != float("inf")]
+        if not due:
             return 1.0
-        return max(0.001, min(self.answering.values()) + REFILL_DELAY - time.monotonic())
+        return max(0.001, min(due) + REFILL_DELAY - time.monotonic())
 
     def wait(self, timeout: float) -> None:
         """Wait (up to `timeout`) for workers taking connections, reap those that ended, and fill up again."""
@@ -823,6 +851,11 @@ def _accept(sock: socket.socket, state: Path, busy: int, dumps: int, dumped: int
             if aside_until is not None and time.monotonic() >= aside_until:
                 aside_until = None
                 ep.register(sock.fileno(), listening)  # a connection waiting meanwhile wakes it at once
+            if sock.fileno() in ready:
+                # First: a connection that woke this worker came before the dump was told (or this worker
+                # would not be registered); its wakeup went to none other.
+                with contextlib.suppress(BlockingIOError):  # another worker woken with this one took it
+                    return _accepted(sock)
             if dumped in ready:
                 latest = _latest_dump(dumps)
                 seq = int(latest.get("seq", 0))
@@ -855,9 +888,6 @@ def _accept(sock: socket.socket, state: Path, busy: int, dumps: int, dumped: int
                     finally:
                         fcntl.flock(busy, fcntl.LOCK_UN)
                     continue  # a connection that came meanwhile is still there to take
-            if sock.fileno() in ready:
-                with contextlib.suppress(BlockingIOError):  # another worker woken with this one took it
-                    return _accepted(sock)
     finally:
         ep.close()
 
