@@ -65,7 +65,7 @@ import socketserver
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -358,7 +358,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         res = dump(f["pid"], _image_dir("dir", f["dir"]), leave_running=f["leave_running"],
                    shell_job=f["shell_job"], sync=f["sync"])
         # Before the answer: this worker opens and checks the image and waits for the next request, first in
-        # line (_Pool._stay); or, where it cannot, an idle worker does (_wait). Either way a restore of it asked
+        # line (_Pool._stay); or, where it cannot, an idle worker does (_accept). Either way a restore of it asked
         # for next finds it done.
         self.server.dumped(res.directory)
         return 200, {"pid": res.pid, "dir": str(res.directory), "pages": res.pages,
@@ -746,18 +746,24 @@ def _kill_idle(pid: int) -> None:
 
 PREOPEN_IMAGES = 2  # distinct image directories of the latest lazy restores that an idle worker opens ahead
 _PREOPEN_RECORDS = 16  # records looked at for them
+
+
+@contextlib.contextmanager
+def _flocked(fd: int, how: int) -> Iterator[None]:
+    fcntl.flock(fd, how)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
 def _announce(dumps: int, dumped: int, directory: str, opened_by: int | None) -> None:
     """Tell the idle workers of a dump into `directory` just answered (`opened_by`: the pid of its worker, which
     stays with the image opened, or None): written into the pool's memfd `dumps`, and the eventfd `dumped`
     written, which wakes them all."""
-    fcntl.flock(dumps, fcntl.LOCK_EX)
-    try:
+    with _flocked(dumps, fcntl.LOCK_EX):
         seq = _read_dump(dumps).get("seq", 0) + 1
-        data = json.dumps({"seq": seq, "dir": directory, "opened_by": opened_by, "claimed_by": None}).encode()
-        os.ftruncate(dumps, 0)
-        os.pwrite(dumps, data, 0)
-    finally:
-        fcntl.flock(dumps, fcntl.LOCK_UN)
+        _write_dump(dumps, {"seq": seq, "dir": directory, "opened_by": opened_by, "claimed_by": None})
     os.eventfd_write(dumped, 1)
 
 
@@ -769,31 +775,27 @@ def _read_dump(dumps: int) -> dict[str, Any]:
     return rec if isinstance(rec, dict) and isinstance(rec.get("seq", 0), int) else {}
 
 
+def _write_dump(dumps: int, rec: dict[str, Any]) -> None:
+    os.ftruncate(dumps, 0)
+    os.pwrite(dumps, json.dumps(rec).encode(), 0)
+
+
 def _latest_dump(dumps: int) -> dict[str, Any]:
     """The latest dump announced ({seq, dir, opened_by, claimed_by}), or {}."""
-    fcntl.flock(dumps, fcntl.LOCK_SH)
-    try:
+    with _flocked(dumps, fcntl.LOCK_SH):
         rec = _read_dump(dumps)
-    finally:
-        fcntl.flock(dumps, fcntl.LOCK_UN)
     d = rec.get("dir")
     return rec if isinstance(d, str) and d.startswith("/") else {}
 
 
 def _claim(dumps: int, seq: int) -> bool:
     """Whether this worker is the one to open the image of the dump `seq` ahead (the first to ask)."""
-    fcntl.flock(dumps, fcntl.LOCK_EX)
-    try:
+    with _flocked(dumps, fcntl.LOCK_EX):
         rec = _read_dump(dumps)
         if rec.get("seq") != seq or rec.get("claimed_by") is not None:
             return False
-        rec["claimed_by"] = os.getpid()
-        data = json.dumps(rec).encode()
-        os.ftruncate(dumps, 0)
-        os.pwrite(dumps, data, 0)
+        _write_dump(dumps, {**rec, "claimed_by": os.getpid()})
         return True
-    finally:
-        fcntl.flock(dumps, fcntl.LOCK_UN)
 
 
 def _preopen_recent(state: Path, dumps: int) -> int:
@@ -881,12 +883,8 @@ def _accept(sock: socket.socket, state: Path, busy: int, dumps: int, dumped: int
                             ep.register(sock.fileno(), listening)
                         continue
                     from lazarus.api import preopen_image
-                    fcntl.flock(busy, fcntl.LOCK_SH)
-                    try:
-                        with contextlib.suppress(Exception):
-                            preopen_image(latest["dir"])
-                    finally:
-                        fcntl.flock(busy, fcntl.LOCK_UN)
+                    with _flocked(busy, fcntl.LOCK_SH), contextlib.suppress(Exception):
+                        preopen_image(latest["dir"])
                     continue  # a connection that came meanwhile is still there to take
     finally:
         ep.close()
